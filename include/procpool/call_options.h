@@ -1,0 +1,32 @@
+// CallOptions: per-call settings for map and its relatives.
+//
+//   pool.map(jobs, {.chunksize = 64, .task_timeout = absl::Seconds(2)});
+
+#ifndef PROCPOOL_CALL_OPTIONS_H_
+#define PROCPOOL_CALL_OPTIONS_H_
+
+#include <cstddef>
+#include <functional>
+#include <optional>
+
+#include "absl/time/time.h"
+
+namespace procpool {
+
+struct CallOptions {
+  // Tasks sent to a worker in one frame. 0 chooses like Python's Pool: about four chunks per
+  // worker for map, 1 for lazy calls.
+  size_t chunksize = 0;
+  // Overrides PoolOptions::task_timeout for this call's tasks.
+  std::optional<absl::Duration> task_timeout;
+  // Runs a task again, up to this many times, when its worker died while running it (not when it
+  // returned an error or timed out).
+  int retries = 0;
+  // Called after each task finishes, with (tasks finished, total). Runs on the pool thread: keep
+  // it quick and do not call back into the pool from it.
+  std::function<void(size_t done, size_t total)> progress;
+};
+
+}  // namespace procpool
+
+#endif  // PROCPOOL_CALL_OPTIONS_H_

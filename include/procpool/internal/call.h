@@ -1,0 +1,55 @@
+// Call: one user call (a map, an imap, an apply_async) as the pool core sees it.
+//
+// The core schedules tasks by (call, index) and never sees user types: it asks the call to encode
+// job `index` when it builds a batch, and hands back exactly one outcome per submitted index, as
+// a value to decode or a status. Both callbacks run on the pool's thread with the core's lock
+// held: they must be quick and must never call back into the pool.
+
+#ifndef PROCPOOL_INTERNAL_CALL_H_
+#define PROCPOOL_INTERNAL_CALL_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "lib/protocol.capnp.h"
+
+namespace procpool::internal {
+
+struct CallSettings {
+  // Tasks per batch sent to a worker; 0 lets the core choose.
+  size_t chunksize = 1;
+  // Per-task timeout for this call; the pool's when unset (InfiniteDuration means none).
+  absl::Duration task_timeout = absl::InfiniteDuration();
+  bool has_task_timeout = false;
+  // How many times a task whose worker died is run again before it fails.
+  int retries = 0;
+  // For plain-function pools: addresses valid in every worker (a fork of this image).
+  uint64_t trampoline = 0;
+  uint64_t function = 0;
+};
+
+class Call {
+ public:
+  explicit Call(CallSettings settings) : settings_(settings) {}
+  virtual ~Call() = default;
+  Call(const Call&) = delete;
+  Call& operator=(const Call&) = delete;
+
+  // Writes job `index` into `out`. A thrown exception fails that task with kInvalidArgument.
+  virtual void encode_job(size_t index, wire::Value::Builder out) = 0;
+  // The task's worker returned this value. Decoding errors are the call's to report.
+  virtual void on_value(size_t index, wire::Value::Reader value) = 0;
+  // The task failed.
+  virtual void on_error(size_t index, absl::Status status) = 0;
+
+  const CallSettings& settings() const { return settings_; }
+
+ private:
+  CallSettings settings_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_INTERNAL_CALL_H_

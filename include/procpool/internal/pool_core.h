@@ -1,0 +1,56 @@
+// PoolCore: the type-erased engine behind ProcessPool and Pool.
+//
+// It owns the worker processes and one thread of its own (the pool thread) that runs a poll loop
+// over every worker's socket and pidfd: it batches queued tasks to idle workers, reads their
+// results, notices deaths and timeouts, respawns, and drives close-then-join. Everything typed
+// lives in Call and WorkerBody implementations. Thread-safe: any thread may submit, cancel,
+// close, join or read stats.
+
+#ifndef PROCPOOL_INTERNAL_POOL_CORE_H_
+#define PROCPOOL_INTERNAL_POOL_CORE_H_
+
+#include <memory>
+
+#include "absl/status/status.h"
+#include "procpool/internal/call.h"
+#include "procpool/internal/worker_body.h"
+#include "procpool/pool_options.h"
+#include "procpool/pool_stats.h"
+
+namespace procpool::internal {
+
+class PoolCore {
+ public:
+  // Forks the workers (before the pool thread starts, when called on the main thread) and starts
+  // the pool thread. Never fails: a failure to fork or start is reported by every later call.
+  PoolCore(PoolOptions options, WorkerBodyFactory factory);
+  // close() + join().
+  ~PoolCore();
+  PoolCore(const PoolCore&) = delete;
+  PoolCore& operator=(const PoolCore&) = delete;
+
+  // Queues tasks [first, first + count) of `call`. kFailedPrecondition after close(), or the
+  // pool's failure (e.g. a worker's enter() failed). On failure no task was queued.
+  absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
+  // Drops the call's tasks that no worker has started; each gets on_error(kCancelled).
+  void cancel(const Call* call);
+
+  absl::Status close();
+  absl::Status join();
+  void terminate();
+
+  int worker_count() const;
+  PoolStats stats() const;
+  const PoolOptions& options() const;
+
+  // Logs through the pool's sink, stamped with the parent's name and the time since start.
+  void log(LogSeverity severity, std::string message) const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_INTERNAL_POOL_CORE_H_

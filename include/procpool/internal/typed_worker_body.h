@@ -1,0 +1,103 @@
+// TypedWorkerBody<W>: the WorkerBody for a user worker type W.
+//
+// Lives in the worker process. enter() builds W (through the user's factory, or W's default
+// constructor) and runs W::enter if it has one; run() decodes the job, calls W::run and encodes
+// what it returns; exit() runs W::exit and destroys W. Every exception user code throws is caught
+// here and becomes a status: the worker keeps serving.
+
+#ifndef PROCPOOL_INTERNAL_TYPED_WORKER_BODY_H_
+#define PROCPOOL_INTERNAL_TYPED_WORKER_BODY_H_
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "procpool/codec.h"
+#include "procpool/internal/worker_body.h"
+#include "procpool/internal/worker_traits.h"
+
+namespace procpool::internal {
+
+template <typename W>
+class TypedWorkerBody final : public WorkerBody {
+ public:
+  using Traits = WorkerTraits<W>;
+  using Job = typename Traits::Job;
+  using Result = typename Traits::Result;
+  using Factory = std::function<std::unique_ptr<W>()>;
+
+  explicit TypedWorkerBody(const Factory* factory) : factory_(factory) {}
+
+  absl::Status enter() override {
+    try {
+      worker_ = (*factory_)();
+      if (worker_ == nullptr) return absl::InternalError("the worker factory returned null");
+      if constexpr (Traits::kHasEnter) {
+        return run_hook([this] { return worker_->enter(); });
+      }
+      return absl::OkStatus();
+    } catch (...) {
+      return absl::UnknownError(absl::StrCat("exception: ", describe_current_exception()));
+    }
+  }
+
+  void run(wire::TaskBatch::Reader, wire::Value::Reader job,
+           wire::Outcome::Builder out) override {
+    absl::StatusOr<Job> decoded = decode_value<Job>(job);
+    if (!decoded.ok()) {
+      set_error(out, absl::DataLossError(
+                         absl::StrCat("could not decode the job: ", decoded.status().message())));
+      return;
+    }
+    std::optional<Result> result;
+    try {
+      if constexpr (Traits::kRunReturnsStatusOr) {
+        absl::StatusOr<Result> returned = invoke_run(*worker_, *decoded);
+        if (!returned.ok()) {
+          set_error(out, returned.status());
+          return;
+        }
+        result.emplace(*std::move(returned));
+      } else {
+        result.emplace(invoke_run(*worker_, *decoded));
+      }
+    } catch (...) {
+      set_error(out, absl::UnknownError(describe_current_exception()));
+      return;
+    }
+    try {
+      encode_value(*result, out.initOk());
+    } catch (...) {
+      set_error(out, absl::InvalidArgumentError(
+                         absl::StrCat("could not encode the result: ", describe_current_exception())));
+    }
+  }
+
+  absl::Status exit() override {
+    absl::Status status;
+    try {
+      if constexpr (Traits::kHasExit) {
+        if (worker_ != nullptr) status = run_hook([this] { return worker_->exit(); });
+      }
+    } catch (...) {
+      status = absl::UnknownError(absl::StrCat("exception: ", describe_current_exception()));
+    }
+    try {
+      worker_.reset();
+    } catch (...) {
+      if (status.ok()) status = absl::UnknownError(describe_current_exception());
+    }
+    return status;
+  }
+
+ private:
+  const Factory* factory_;
+  std::unique_ptr<W> worker_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_INTERNAL_TYPED_WORKER_BODY_H_

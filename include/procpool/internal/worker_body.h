@@ -1,0 +1,45 @@
+// WorkerBody: the type-erased face of the user's worker object, as the worker process sees it.
+//
+// The worker loop (lib/worker_main.cc) knows frames, not user types. A WorkerBody is made in the
+// worker process after fork(), and owns the user's `W`; its three calls are the three hooks.
+// Implementations must not let exceptions escape: they turn them into statuses and outcomes.
+
+#ifndef PROCPOOL_INTERNAL_WORKER_BODY_H_
+#define PROCPOOL_INTERNAL_WORKER_BODY_H_
+
+#include <functional>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "lib/protocol.capnp.h"
+
+namespace procpool::internal {
+
+class WorkerBody {
+ public:
+  virtual ~WorkerBody() = default;
+  // Constructs the user's worker and runs its enter() hook, once, before any task.
+  virtual absl::Status enter() = 0;
+  // Runs one job of `batch`, writing its result or error into `out`.
+  virtual void run(wire::TaskBatch::Reader batch, wire::Value::Reader job,
+                   wire::Outcome::Builder out) = 0;
+  // Runs the exit() hook, once, at an orderly shutdown, then destroys the user's worker.
+  virtual absl::Status exit() = 0;
+};
+
+// Called in the worker process, after fork(), to make its body.
+using WorkerBodyFactory = std::function<std::unique_ptr<WorkerBody>()>;
+
+// Writes `status` as the outcome's error.
+void set_error(wire::Outcome::Builder out, const absl::Status& status);
+
+// Reads a wire error back into a status.
+absl::Status status_from_wire(wire::Error::Reader error);
+void status_to_wire(const absl::Status& status, wire::Error::Builder out);
+
+// "std::runtime_error: disk full" for a caught exception; the type name demangled.
+std::string describe_current_exception();
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_INTERNAL_WORKER_BODY_H_

@@ -1,0 +1,72 @@
+// PoolOptions: how a ProcessPool (or Pool) is sized, timed and observed.
+//
+// Designed for designated initializers:
+//
+//   procpool::ProcessPool<Indexer> pool({.workers = 4, .join_timeout = absl::Seconds(5)});
+//
+// Every field has a safe default; a default-constructed PoolOptions gives one worker per CPU,
+// no task timeout and a 30-second bound on shutdown.
+
+#ifndef PROCPOOL_POOL_OPTIONS_H_
+#define PROCPOOL_POOL_OPTIONS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/time/time.h"
+
+namespace procpool {
+
+enum class LogSeverity { kInfo, kWarning, kError };
+
+// One structured event from the pool: worker started or stopped, a task failed, an escalation.
+struct LogEvent {
+  LogSeverity severity = LogSeverity::kInfo;
+  std::string process;          // "procpool-w3" for a worker, "procpool-parent" for the pool
+  int pid = 0;                  // the worker's pid, or the parent's
+  absl::Duration since_start;   // time since the pool was created
+  std::string message;
+};
+
+// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it must
+// be quick and must not call back into the pool.
+using LogSink = std::function<void(const LogEvent&)>;
+
+// The default sink: warnings and errors to stderr, one line each, as
+// "[procpool +1.234s procpool-w3 pid 4242] warning: ...".
+void log_to_stderr(const LogEvent& event);
+
+// How worker processes are made.
+enum class StartMethod {
+  // fork() the calling process (Python's "fork"): fastest; a worker inherits the parent's memory
+  // as it is at that moment.
+  kFork,
+};
+
+struct PoolOptions {
+  // Number of worker processes; 0 means one per CPU this process may run on.
+  int workers = 0;
+  // join() (and so the destructor) waits this long for work in flight and every exit() hook,
+  // then sends SIGTERM, waits `kill_grace`, then SIGKILL.
+  absl::Duration join_timeout = absl::Seconds(30);
+  // A task running longer than this has its worker killed and fails with kDeadlineExceeded.
+  // Overridable per call. Infinite by default.
+  absl::Duration task_timeout = absl::InfiniteDuration();
+  // How long a worker asked to stop with SIGTERM gets before SIGKILL.
+  absl::Duration kill_grace = absl::Seconds(1);
+  // The largest frame either side accepts; a larger one is kDataLoss. Raise it for big payloads.
+  size_t max_frame_bytes = size_t{256} << 20;
+  // Recycle a worker after it ran this many tasks (0: never), like Python's maxtasksperchild.
+  int64_t max_tasks_per_worker = 0;
+  // Prefix of worker process names (prctl PR_SET_NAME; at most 15 bytes are kept): "procpool-w3".
+  std::string name = "procpool";
+  StartMethod start_method = StartMethod::kFork;
+  // Where events go; the default writes warnings and errors to stderr.
+  LogSink log_sink = log_to_stderr;
+};
+
+}  // namespace procpool
+
+#endif  // PROCPOOL_POOL_OPTIONS_H_

@@ -1,0 +1,167 @@
+// ProcessPool<W>: a pool of worker processes, each owning one W, that runs W::run over jobs.
+//
+// What Python's multiprocessing.Pool is to Python, for C++: N processes are forked once and kept;
+// each builds its own W after the fork, runs W::enter() once (open files, connections), W::run(job)
+// for every task it is handed, and W::exit() once at shutdown (flush, close). Jobs and results
+// cross the process boundary as Cap'n Proto messages over one socketpair per worker (see codec.h
+// for the types that can cross, and how to teach it yours).
+//
+//   struct Squarer {
+//     using Job = int64_t;
+//     using Result = int64_t;
+//     int64_t run(int64_t x) { return x * x; }
+//   };
+//
+//   {
+//     procpool::ProcessPool<Squarer> pool({.workers = 4});
+//     absl::StatusOr<std::vector<int64_t>> squares = pool.map(jobs);
+//   }  // close() then join(): every worker's exit() has finished here
+//
+// Worker type. `run(const Job&)` returns Result or absl::StatusOr<Result>; `enter()` and `exit()`
+// are optional and return void or absl::Status. Job and Result can be deduced from a
+// non-overloaded run (worker_traits.h). An exception thrown by run becomes that task's kUnknown
+// status with the exception's type and what(); the worker carries on.
+//
+// Errors. One mapping everywhere: a task past its timeout is kDeadlineExceeded; a worker that died
+// is kAborted naming pid and signal or exit status; calls after close() are kFailedPrecondition; a
+// frame or value that cannot be decoded is kDataLoss; a user exception is kUnknown. A worker whose
+// enter() fails breaks the pool: that call and every later one returns its error, naming the
+// worker. Nothing waits forever: dead workers fail their tasks at once and are replaced.
+//
+// Lifetime. The destructor is close() + join(): work already given finishes, every exit() runs,
+// every child is reaped, all within PoolOptions::join_timeout; past it workers are killed. It never
+// calls terminate().
+//
+// Threads. All methods are thread-safe. The pool runs one thread of its own (the pool thread),
+// which does all I/O with the workers; calls block their caller only.
+//
+// Fork safety. Workers are fork()s of this process, made in the constructor before the pool thread
+// starts when it runs on the main thread (else by the pool thread, which outlives none of them);
+// replacements are forked by the pool thread. A worker gets a copy of the parent's memory as it is
+// then, and only stdin, stdout, stderr and its channel of its descriptors: it closes the rest.
+// It ignores SIGINT (the parent decides what Ctrl-C means) and dies with the parent
+// (PR_SET_PDEATHSIG, plus end of file on its channel). If other threads of the program may hold
+// locks that W's constructor or hooks need while a fork happens, create the pool before them.
+
+#ifndef PROCPOOL_PROCESS_POOL_H_
+#define PROCPOOL_PROCESS_POOL_H_
+
+#include <concepts>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "procpool/call_options.h"
+#include "procpool/codec.h"
+#include "procpool/internal/map_call.h"
+#include "procpool/internal/pool_core.h"
+#include "procpool/internal/typed_worker_body.h"
+#include "procpool/internal/worker_traits.h"
+#include "procpool/pool_options.h"
+#include "procpool/pool_stats.h"
+
+namespace procpool {
+
+template <typename W>
+class ProcessPool {
+ public:
+  using Job = typename internal::WorkerTraits<W>::Job;
+  using Result = typename internal::WorkerTraits<W>::Result;
+  static_assert(Encodable<Job>, "Job has no procpool::Codec (see procpool/codec.h)");
+  static_assert(Encodable<Result>, "Result has no procpool::Codec (see procpool/codec.h)");
+
+  // Starts the workers; each default-constructs its W.
+  explicit ProcessPool(PoolOptions options = {})
+    requires std::default_initializable<W>
+      : ProcessPool(std::move(options), [] { return std::make_unique<W>(); }) {}
+
+  // Starts the workers; each gets its W from `factory`, called in the worker process after fork
+  // (so it may capture constructor arguments). `factory` returns W or std::unique_ptr<W>.
+  template <typename Factory>
+    requires std::invocable<Factory&>
+  ProcessPool(PoolOptions options, Factory factory)
+      : make_worker_(adapt_factory(std::move(factory))),
+        core_(std::move(options), [this] {
+          return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_);
+        }) {}
+
+  // close() + join(); never terminate().
+  ~ProcessPool() = default;
+
+  ProcessPool(const ProcessPool&) = delete;
+  ProcessPool& operator=(const ProcessPool&) = delete;
+
+  // Runs W::run on every job and returns the results in job order. Blocks until every job has an
+  // outcome. If any failed, returns the failure of the first failing job in job order, its message
+  // prefixed with "job <index>: ". kFailedPrecondition after close().
+  absl::StatusOr<std::vector<Result>> map(absl::Span<const Job> jobs, CallOptions options = {}) {
+    auto call = std::make_shared<internal::MapCall<Job, Result>>(
+        settings_for(options, jobs.size()), jobs);
+    if (options.progress) call->set_progress(std::move(options.progress));
+    if (absl::Status submitted = core_.submit(call, 0, jobs.size()); !submitted.ok()) {
+      return submitted;
+    }
+    call->wait();
+    return call->take();
+  }
+
+  // No new work is accepted; work already given still runs. Idempotent.
+  absl::Status close() { return core_.close(); }
+
+  // Waits for the work in flight, asks every worker to run exit() and leave, and reaps them, all
+  // within PoolOptions::join_timeout; past it sends SIGTERM, then SIGKILL after kill_grace, and
+  // returns kDeadlineExceeded naming the workers it killed. Also reports exit() failures.
+  // kFailedPrecondition unless close() or terminate() was called first.
+  absl::Status join() { return core_.join(); }
+
+  // Stops every worker at once (SIGTERM, then SIGKILL after kill_grace) without running exit();
+  // tasks not finished fail with kCancelled. Blocks until all are reaped.
+  void terminate() { core_.terminate(); }
+
+  int workers() const { return core_.worker_count(); }
+  PoolStats stats() const { return core_.stats(); }
+
+ private:
+  using WorkerFactory = std::function<std::unique_ptr<W>()>;
+
+  template <typename Factory>
+  static WorkerFactory adapt_factory(Factory factory) {
+    using Made = std::remove_cvref_t<std::invoke_result_t<Factory&>>;
+    if constexpr (std::is_same_v<Made, std::unique_ptr<W>>) {
+      return WorkerFactory(std::move(factory));
+    } else {
+      static_assert(std::is_same_v<Made, W>, "the factory must return W or std::unique_ptr<W>");
+      return [factory = std::move(factory)]() mutable { return std::make_unique<W>(factory()); };
+    }
+  }
+
+  internal::CallSettings settings_for(const CallOptions& options, size_t job_count) const {
+    internal::CallSettings settings;
+    settings.chunksize = options.chunksize;
+    if (settings.chunksize == 0) {
+      // Python's rule: about four chunks per worker.
+      const size_t parts = static_cast<size_t>(core_.worker_count()) * 4;
+      settings.chunksize = std::max<size_t>(1, (job_count + parts - 1) / parts);
+    }
+    if (options.task_timeout) {
+      settings.has_task_timeout = true;
+      settings.task_timeout = *options.task_timeout;
+    }
+    settings.retries = options.retries;
+    return settings;
+  }
+
+  // Declared before core_: the workers forked by core_'s constructor read it.
+  WorkerFactory make_worker_;
+  internal::PoolCore core_;
+};
+
+}  // namespace procpool
+
+#endif  // PROCPOOL_PROCESS_POOL_H_

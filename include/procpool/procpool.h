@@ -1,0 +1,21 @@
+// procpool: Python's multiprocessing.Pool for C++, faster, safer under faults and honest about
+// errors. This umbrella header is all a user needs:
+//
+//   #include "procpool/procpool.h"
+//
+// ProcessPool<W> (process_pool.h) runs a worker class in N processes; PoolOptions (pool_options.h)
+// sizes and times it; CallOptions (call_options.h) tunes one call; Codec (codec.h) says which
+// types cross the process boundary; CapnpStruct (capnp_struct.h) carries your own Cap'n Proto
+// structs; PoolStats (pool_stats.h) shows what the workers do.
+
+#ifndef PROCPOOL_PROCPOOL_H_
+#define PROCPOOL_PROCPOOL_H_
+
+#include "procpool/call_options.h"
+#include "procpool/capnp_struct.h"
+#include "procpool/codec.h"
+#include "procpool/pool_options.h"
+#include "procpool/pool_stats.h"
+#include "procpool/process_pool.h"
+
+#endif  // PROCPOOL_PROCPOOL_H_

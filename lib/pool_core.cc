@@ -1,0 +1,843 @@
+#include "procpool/internal/pool_core.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <mutex>
+#include <cerrno>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "capnp/message.h"
+#include "capnp/serialize.h"
+#include "kj/exception.h"
+#include "lib/frame_io.h"
+#include "lib/protocol.capnp.h"
+#include "lib/status_page.h"
+#include "lib/unique_fd.h"
+#include "lib/worker_main.h"
+#include "lib/worker_process.h"
+
+namespace procpool::internal {
+namespace {
+
+// Batches a worker may hold at once: one running, one waiting in its socket, so it never idles
+// between batches.
+constexpr size_t kBatchesPerWorker = 2;
+// A batch stops growing past this many bytes of encoded jobs, however large its chunksize.
+constexpr size_t kBatchByteBudget = size_t{1} << 20;
+// Crash-loop guard: more deaths than this within kDeathWindow stop respawning.
+constexpr absl::Duration kDeathWindow = absl::Seconds(10);
+// The loop wakes at least this often even with nothing to wait for, as a safety net.
+constexpr int kMaxPollMs = 1000;
+
+int cpu_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+}  // namespace
+
+class PoolCore::Impl {
+ public:
+  Impl(PoolOptions options, WorkerBodyFactory factory);
+  ~Impl();
+
+  absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
+  void cancel(const Call* call);
+  absl::Status close();
+  absl::Status join();
+  void terminate();
+  PoolStats stats() const;
+  void log(LogSeverity severity, std::string process, int pid, std::string message) const;
+
+  const PoolOptions options_;
+  const int worker_count_;
+
+ private:
+  // A contiguous run of tasks of one call, all on the same attempt.
+  struct TaskRange {
+    std::shared_ptr<Call> call;
+    size_t first = 0;
+    size_t count = 0;
+    int attempt = 0;
+  };
+  // A range sent to a worker as one frame.
+  struct Batch {
+    uint64_t seq = 0;
+    TaskRange tasks;
+    uint32_t reported = 0;  // outcomes received so far, in order
+    absl::Duration timeout = absl::InfiniteDuration();
+  };
+  struct Slot {
+    int index = 0;
+    std::string name;
+    WorkerProcess process;
+    bool alive = false;           // forked and not yet reaped
+    bool ready = false;           // enter() succeeded
+    bool shutdown_sent = false;
+    std::optional<absl::Status> kill_reason;  // why we are killing it; set once
+    int64_t kill_deadline_ns = 0;             // SIGKILL when passed (after a SIGTERM)
+    bool killed_hard = false;
+    std::deque<Batch> batches;
+    FrameWriter writer;
+    FrameReader reader{0};
+    int64_t tasks_assigned = 0;   // by this process, for recycling
+    bool recycling = false;
+    absl::Status exit_hook_status;
+    absl::Time started;
+  };
+
+  void loop();
+  void spawn(Slot& slot);
+  void dispatch();
+  Slot* pick_worker();
+  void send_batch(Slot& slot);
+  void read_from(Slot& slot);
+  void handle_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words)
+     ;
+  void handle_results(Slot& slot, wire::ResultBatch::Reader results)
+     ;
+  void handle_exit(Slot& slot, int wait_status);
+  void kill_worker(Slot& slot, absl::Status reason, int signal);
+  int check_deadlines();
+  void break_pool(absl::Status status);
+  void fail_pending(const absl::Status& status);
+  void fail(const TaskRange& range, size_t first, size_t count, const absl::Status& status)
+     ;
+  void deliver_value(Call& call, size_t index, wire::Value::Reader value)
+     ;
+  void maybe_send_shutdowns();
+  bool work_outstanding() const;
+  bool any_alive() const;
+  void wake();
+  std::string describe(const Slot& slot) const;
+  void log_worker(const Slot& slot, LogSeverity severity, std::string message) const;
+
+  const WorkerBodyFactory factory_;
+  const absl::Time start_time_ = absl::Now();
+  UniqueFd wake_fd_;
+  bool fork_from_pool_thread_ = false;
+
+  // Guards everything below. The pool thread holds it except while in poll(); members whose
+  // comment or name says "requires mu_" are called with it held.
+  mutable std::mutex mu_;
+  std::condition_variable loop_done_cv_;
+  std::vector<Slot> slots_;
+  std::deque<TaskRange> pending_;
+  uint64_t next_seq_ = 1;
+  bool closed_ = false;
+  bool joining_ = false;
+  bool terminating_ = false;
+  bool loop_done_ = false;
+  int64_t join_deadline_ns_ = 0;
+  bool join_deadline_passed_ = false;
+  absl::Status broken_;
+  std::vector<std::string> join_problems_;
+  absl::StatusCode join_code_ = absl::StatusCode::kOk;
+  std::deque<absl::Time> recent_deaths_;
+  int64_t tasks_submitted_ = 0;
+  int64_t tasks_done_ = 0;
+  int64_t tasks_failed_ = 0;
+  int64_t workers_restarted_ = 0;
+
+  std::thread thread_;
+};
+
+PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
+    : options_(std::move(options)),
+      worker_count_(options_.workers > 0 ? options_.workers : cpu_count()),
+      factory_(std::move(factory)) {
+  std::unique_lock lock(mu_);
+  slots_.resize(worker_count_);
+  for (int i = 0; i < worker_count_; ++i) {
+    slots_[i].index = i;
+    slots_[i].name = absl::StrCat(options_.name, "-w", i).substr(0, 15);
+    slots_[i].reader = FrameReader(options_.max_frame_bytes);
+  }
+  absl::StatusOr<UniqueFd> wake = make_event_fd();
+  if (!wake.ok()) {
+    broken_ = wake.status();
+    loop_done_ = true;
+    return;
+  }
+  wake_fd_ = *std::move(wake);
+  // PR_SET_PDEATHSIG follows the thread that forked, not the process. The main thread lives as
+  // long as the program, so fork from it here, before the pool has any thread of its own. Any
+  // other thread may end before the pool does: then the pool thread forks, first thing.
+  fork_from_pool_thread_ = ::gettid() != ::getpid();
+  if (!fork_from_pool_thread_) {
+    for (Slot& slot : slots_) spawn(slot);
+  }
+  thread_ = std::thread([this] { loop(); });
+}
+
+PoolCore::Impl::~Impl() {
+  if (thread_.joinable()) {
+    close().IgnoreError();
+    join().IgnoreError();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+void PoolCore::Impl::wake() {
+  uint64_t one = 1;
+  if (wake_fd_.valid()) (void)!::write(wake_fd_.get(), &one, sizeof(one));
+}
+
+std::string PoolCore::Impl::describe(const Slot& slot) const {
+  return absl::StrFormat("worker %d (pid %d)", slot.index, slot.process.pid());
+}
+
+void PoolCore::Impl::log(LogSeverity severity, std::string process, int pid,
+                         std::string message) const {
+  if (!options_.log_sink) return;
+  LogEvent event;
+  event.severity = severity;
+  event.process = std::move(process);
+  event.pid = pid;
+  event.since_start = absl::Now() - start_time_;
+  event.message = std::move(message);
+  options_.log_sink(event);
+}
+
+void PoolCore::Impl::log_worker(const Slot& slot, LogSeverity severity, std::string message) const {
+  log(severity, slot.name, slot.process.pid(), std::move(message));
+}
+
+void PoolCore::Impl::spawn(Slot& slot) {
+  WorkerLaunch launch;
+  launch.slot = slot.index;
+  launch.process_name = slot.name;
+  launch.parent_death_signal = true;
+  launch.max_frame_bytes = options_.max_frame_bytes;
+  launch.factory = &factory_;
+  absl::StatusOr<WorkerProcess> process = WorkerProcess::spawn(launch);
+  if (!process.ok()) {
+    break_pool(absl::Status(process.status().code(),
+                            absl::StrCat("could not start worker ", slot.index, ": ",
+                                         process.status().message())));
+    return;
+  }
+  slot.process = *std::move(process);
+  slot.alive = true;
+  slot.ready = false;
+  slot.shutdown_sent = false;
+  slot.kill_reason.reset();
+  slot.kill_deadline_ns = 0;
+  slot.killed_hard = false;
+  slot.writer.clear();
+  slot.reader = FrameReader(options_.max_frame_bytes);
+  slot.tasks_assigned = 0;
+  slot.recycling = false;
+  slot.exit_hook_status = absl::OkStatus();
+  slot.started = absl::Now();
+  log_worker(slot, LogSeverity::kInfo, "started");
+}
+
+absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
+  {
+    std::unique_lock lock(mu_);
+    if (closed_) return absl::FailedPreconditionError("the pool is closed");
+    if (!broken_.ok()) return broken_;
+    if (count == 0) return absl::OkStatus();
+    tasks_submitted_ += static_cast<int64_t>(count);
+    pending_.push_back(TaskRange{std::move(call), first, count, 0});
+  }
+  wake();
+  return absl::OkStatus();
+}
+
+void PoolCore::Impl::cancel(const Call* call) {
+  std::unique_lock lock(mu_);
+  const absl::Status cancelled = absl::CancelledError("cancelled before it started");
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    if (it->call.get() == call) {
+      TaskRange range = std::move(*it);
+      it = pending_.erase(it);
+      fail(range, range.first, range.count, cancelled);
+    } else {
+      ++it;
+    }
+  }
+}
+
+absl::Status PoolCore::Impl::close() {
+  std::unique_lock lock(mu_);
+  closed_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status PoolCore::Impl::join() {
+  {
+    std::unique_lock lock(mu_);
+    if (!closed_) return absl::FailedPreconditionError("join() needs close() or terminate() first");
+    if (!joining_) {
+      joining_ = true;
+      join_deadline_ns_ = monotonic_now_ns() + absl::ToInt64Nanoseconds(options_.join_timeout);
+      if (options_.join_timeout == absl::InfiniteDuration()) {
+        join_deadline_ns_ = std::numeric_limits<int64_t>::max();
+      }
+    }
+  }
+  wake();
+  std::unique_lock lock(mu_);
+  loop_done_cv_.wait(lock, [this] { return loop_done_; });
+  if (join_problems_.empty()) return absl::OkStatus();
+  return absl::Status(join_code_, absl::StrCat("join: ", absl::StrJoin(join_problems_, "; ")));
+}
+
+void PoolCore::Impl::terminate() {
+  {
+    std::unique_lock lock(mu_);
+    closed_ = true;
+    if (terminating_ || loop_done_) return;
+    terminating_ = true;
+    joining_ = true;
+    join_deadline_ns_ = monotonic_now_ns();
+    fail_pending(absl::CancelledError("the pool was terminated"));
+    for (Slot& slot : slots_) {
+      if (slot.alive) kill_worker(slot, absl::CancelledError("the pool was terminated"), SIGTERM);
+    }
+  }
+  wake();
+  std::unique_lock lock(mu_);
+  loop_done_cv_.wait(lock, [this] { return loop_done_; });
+}
+
+PoolStats PoolCore::Impl::stats() const {
+  std::unique_lock lock(mu_);
+  PoolStats stats;
+  stats.tasks_submitted = tasks_submitted_;
+  stats.tasks_done = tasks_done_;
+  stats.tasks_failed = tasks_failed_;
+  stats.workers_restarted = workers_restarted_;
+  for (const Slot& slot : slots_) {
+    WorkerStats worker;
+    worker.slot = slot.index;
+    worker.pid = slot.alive ? slot.process.pid() : 0;
+    if (!slot.alive) {
+      worker.state = WorkerState::kDead;
+    } else if (slot.shutdown_sent || slot.kill_reason) {
+      worker.state = WorkerState::kExiting;
+    } else if (!slot.ready) {
+      worker.state = WorkerState::kStarting;
+    } else if (slot.batches.empty()) {
+      worker.state = WorkerState::kIdle;
+    } else {
+      worker.state = WorkerState::kBusy;
+    }
+    if (slot.alive) {
+      StatusPage* page = slot.process.page();
+      worker.tasks_done = page->tasks_done.load(std::memory_order_relaxed);
+      worker.time_busy = absl::Nanoseconds(page->busy_ns.load(std::memory_order_relaxed));
+      if (!slot.batches.empty() && page->running.load(std::memory_order_acquire) &&
+          page->batch_seq.load(std::memory_order_relaxed) == slot.batches.front().seq) {
+        worker.current_task =
+            slot.batches.front().tasks.first + page->task_index.load(std::memory_order_relaxed);
+      }
+    }
+    stats.workers.push_back(worker);
+  }
+  return stats;
+}
+
+void PoolCore::Impl::fail(const TaskRange& range, size_t first, size_t count,
+                          const absl::Status& status) {
+  for (size_t i = first; i < first + count; ++i) range.call->on_error(i, status);
+  tasks_failed_ += static_cast<int64_t>(count);
+}
+
+void PoolCore::Impl::fail_pending(const absl::Status& status) {
+  while (!pending_.empty()) {
+    TaskRange range = std::move(pending_.front());
+    pending_.pop_front();
+    fail(range, range.first, range.count, status);
+  }
+}
+
+void PoolCore::Impl::break_pool(absl::Status status) {
+  if (broken_.ok()) {
+    broken_ = status;
+    log(LogSeverity::kError, "procpool", ::getpid(), std::string(status.message()));
+  }
+  fail_pending(broken_);
+}
+
+bool PoolCore::Impl::work_outstanding() const {
+  if (!pending_.empty()) return true;
+  for (const Slot& slot : slots_) {
+    if (!slot.batches.empty()) return true;
+  }
+  return false;
+}
+
+bool PoolCore::Impl::any_alive() const {
+  for (const Slot& slot : slots_) {
+    if (slot.alive) return true;
+  }
+  return false;
+}
+
+PoolCore::Impl::Slot* PoolCore::Impl::pick_worker() {
+  Slot* best = nullptr;
+  for (Slot& slot : slots_) {
+    if (!slot.alive || !slot.ready || slot.shutdown_sent || slot.kill_reason || slot.recycling) {
+      continue;
+    }
+    if (slot.batches.size() >= kBatchesPerWorker) continue;
+    if (best == nullptr || slot.batches.size() < best->batches.size()) best = &slot;
+    if (best->batches.empty()) break;
+  }
+  return best;
+}
+
+void PoolCore::Impl::dispatch() {
+  while (!pending_.empty()) {
+    Slot* slot = pick_worker();
+    if (slot == nullptr) return;
+    send_batch(*slot);
+  }
+}
+
+void PoolCore::Impl::send_batch(Slot& slot) {
+  TaskRange& range = pending_.front();
+  size_t want = std::min(range.count, std::max<size_t>(1, range.call->settings().chunksize));
+  if (options_.max_tasks_per_worker > 0) {
+    want = std::min<size_t>(want, options_.max_tasks_per_worker - slot.tasks_assigned);
+  }
+
+  auto message = std::make_unique<capnp::MallocMessageBuilder>();
+  auto tasks = message->initRoot<wire::ToWorker>().initTasks();
+  const uint64_t seq = next_seq_++;
+  tasks.setSeq(seq);
+  tasks.setTrampoline(range.call->settings().trampoline);
+  tasks.setFunction(range.call->settings().function);
+  auto jobs = message->getOrphanage().newOrphan<capnp::List<wire::Value>>(want);
+  size_t taken = 0;
+  bool encode_failed = false;
+  while (taken < want) {
+    try {
+      range.call->encode_job(range.first + taken, jobs.get()[taken]);
+    } catch (...) {
+      // This job cannot be sent: it fails alone; the batch ends before it.
+      range.call->on_error(range.first + taken,
+                           absl::InvalidArgumentError(absl::StrCat(
+                               "could not encode the job: ", describe_current_exception())));
+      ++tasks_failed_;
+      encode_failed = true;
+      break;
+    }
+    ++taken;
+    if (message->sizeInWords() * sizeof(capnp::word) > kBatchByteBudget) break;
+  }
+
+  TaskRange sent{range.call, range.first, taken, range.attempt};
+  const size_t consumed = taken + (encode_failed ? 1 : 0);
+  range.first += consumed;
+  range.count -= consumed;
+  if (range.count == 0) pending_.pop_front();
+  if (taken == 0) return;
+
+  jobs.truncate(taken);
+  tasks.adoptJobs(kj::mv(jobs));
+  Batch batch;
+  batch.seq = seq;
+  batch.tasks = std::move(sent);
+  const CallSettings& settings = batch.tasks.call->settings();
+  batch.timeout = settings.has_task_timeout ? settings.task_timeout : options_.task_timeout;
+  slot.batches.push_back(std::move(batch));
+  slot.tasks_assigned += static_cast<int64_t>(taken);
+  if (options_.max_tasks_per_worker > 0 && slot.tasks_assigned >= options_.max_tasks_per_worker) {
+    slot.recycling = true;
+  }
+  slot.writer.push(std::move(message));
+  // Write now rather than on the next POLLOUT: saves a loop iteration on the latency path. A
+  // failure means the worker is gone; its pidfd will tell.
+  (void)slot.writer.write_some(slot.process.channel_fd());
+}
+
+void PoolCore::Impl::maybe_send_shutdowns() {
+  for (Slot& slot : slots_) {
+    if (!slot.alive || slot.shutdown_sent || slot.kill_reason || !slot.batches.empty()) continue;
+    const bool recycle_now = slot.recycling && slot.ready;
+    const bool pool_done = joining_ && pending_.empty();
+    if (!recycle_now && !pool_done) continue;
+    // A worker still starting gets its shutdown after enter(): frames are read in order.
+    auto message = std::make_unique<capnp::MallocMessageBuilder>(16);
+    message->initRoot<wire::ToWorker>().setShutdown();
+    slot.writer.push(std::move(message));
+    (void)slot.writer.write_some(slot.process.channel_fd());
+    slot.shutdown_sent = true;
+  }
+}
+
+void PoolCore::Impl::read_from(Slot& slot) {
+  // Bounded: a flood from one worker must not starve the others.
+  for (int round = 0; round < 16 && slot.alive && slot.process.channel_fd() >= 0; ++round) {
+    absl::StatusOr<FrameReader::Fill> filled = slot.reader.fill(slot.process.channel_fd());
+    if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
+      // The worker closed its end: it is exiting. Its pidfd reports when it is gone.
+      slot.process.close_channel();
+      return;
+    }
+    if (*filled == FrameReader::Fill::kWouldBlock) return;
+    while (slot.alive && !slot.kill_reason) {
+      absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = slot.reader.next();
+      if (!frame.ok()) {
+        kill_worker(slot,
+                    absl::DataLossError(absl::StrCat(describe(slot), " sent a bad frame: ",
+                                                     frame.status().message())),
+                    SIGKILL);
+        return;
+      }
+      if (frame->size() == 0) break;
+      handle_frame(slot, *frame);
+    }
+  }
+}
+
+void PoolCore::Impl::handle_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words) {
+  // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
+  try {
+    capnp::FlatArrayMessageReader message(words, slot.reader.options());
+    auto frame = message.getRoot<wire::FromWorker>();
+    switch (frame.which()) {
+      case wire::FromWorker::READY:
+        slot.ready = true;
+        break;
+      case wire::FromWorker::ENTER_FAILED: {
+        absl::Status failure = status_from_wire(frame.getEnterFailed());
+        log_worker(slot, LogSeverity::kError, absl::StrCat("enter() failed: ", failure.ToString()));
+        if (failure.ok()) failure = absl::UnknownError("enter() failed without a status");
+        break_pool(absl::Status(failure.code(), absl::StrCat(describe(slot), " failed enter(): ",
+                                                             failure.message())));
+        break;
+      }
+      case wire::FromWorker::RESULTS:
+        handle_results(slot, frame.getResults());
+        break;
+      case wire::FromWorker::EXITED:
+        slot.exit_hook_status = status_from_wire(frame.getExited());
+        break;
+    }
+  } catch (const kj::Exception& e) {
+    kill_worker(slot,
+                absl::DataLossError(absl::StrCat(describe(slot), " sent a malformed frame: ",
+                                                 e.getDescription().cStr())),
+                SIGKILL);
+  }
+}
+
+void PoolCore::Impl::deliver_value(Call& call, size_t index, wire::Value::Reader value) {
+  call.on_value(index, value);
+  ++tasks_done_;
+}
+
+void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader results) {
+  if (slot.batches.empty() || slot.batches.front().seq != results.getSeq()) {
+    kill_worker(slot, absl::DataLossError(absl::StrCat(describe(slot),
+                                                       " reported results for a batch it was "
+                                                       "not running")),
+                SIGKILL);
+    return;
+  }
+  Batch& batch = slot.batches.front();
+  auto outcomes = results.getOutcomes();
+  if (results.getStart() != batch.reported ||
+      batch.reported + outcomes.size() > batch.tasks.count) {
+    kill_worker(slot, absl::DataLossError(absl::StrCat(describe(slot),
+                                                       " reported results out of order")),
+                SIGKILL);
+    return;
+  }
+  for (auto outcome : outcomes) {
+    const size_t index = batch.tasks.first + batch.reported;
+    ++batch.reported;
+    if (outcome.which() == wire::Outcome::OK) {
+      deliver_value(*batch.tasks.call, index, outcome.getOk());
+    } else {
+      absl::Status status = status_from_wire(outcome.getError());
+      if (status.ok()) status = absl::UnknownError("the task failed without a status");
+      batch.tasks.call->on_error(index, std::move(status));
+      ++tasks_failed_;
+    }
+  }
+  if (batch.reported == batch.tasks.count) slot.batches.pop_front();
+}
+
+void PoolCore::Impl::kill_worker(Slot& slot, absl::Status reason, int signal) {
+  if (!slot.alive) return;
+  if (!slot.kill_reason) {
+    slot.kill_reason = std::move(reason);
+    log_worker(slot, LogSeverity::kWarning,
+               absl::StrCat("stopping with SIG", sigabbrev_np(signal), ": ",
+                            slot.kill_reason->message()));
+  }
+  slot.process.kill(signal);
+  if (signal == SIGKILL) {
+    slot.killed_hard = true;
+  } else if (slot.kill_deadline_ns == 0) {
+    slot.kill_deadline_ns = monotonic_now_ns() + absl::ToInt64Nanoseconds(options_.kill_grace);
+  }
+}
+
+void PoolCore::Impl::handle_exit(Slot& slot, int wait_status) {
+  slot.alive = false;
+  slot.process.close_channel();
+  const bool clean_exit = WIFEXITED(wait_status) &&
+                          (WEXITSTATUS(wait_status) == kWorkerExitOk ||
+                           WEXITSTATUS(wait_status) == kWorkerExitExitHookFailed);
+  const bool expected = slot.shutdown_sent && clean_exit && !slot.kill_reason;
+  const std::string how = absl::StrCat(describe(slot), " ", describe_wait_status(wait_status));
+  log_worker(slot, expected ? LogSeverity::kInfo : LogSeverity::kWarning, how);
+  if (!slot.exit_hook_status.ok()) {
+    join_problems_.push_back(absl::StrCat(describe(slot), ": exit() failed: ",
+                                          slot.exit_hook_status.message()));
+    if (join_code_ == absl::StatusCode::kOk) join_code_ = slot.exit_hook_status.code();
+  }
+
+  // Settle every task the worker held: the one that was running fails, the ones it finished but
+  // never reported are lost, the ones it never started go back to the front of the queue.
+  const absl::Status died = slot.kill_reason.value_or(
+      absl::AbortedError(absl::StrCat(how, " while running this task")));
+  StatusPage* page = slot.process.page();
+  const uint64_t page_seq = page->batch_seq.load(std::memory_order_acquire);
+  const bool page_running = page->running.load(std::memory_order_acquire) != 0;
+  const uint32_t page_index = page->task_index.load(std::memory_order_relaxed);
+  std::vector<TaskRange> requeue;
+  for (size_t b = 0; b < slot.batches.size(); ++b) {
+    Batch& batch = slot.batches[b];
+    TaskRange& tasks = batch.tasks;
+    size_t not_started = batch.reported;
+    if (b == 0 && page_seq == batch.seq) {
+      const size_t stopped_at = std::max<size_t>(page_index, batch.reported);
+      if (stopped_at > batch.reported) {
+        fail(tasks, tasks.first + batch.reported, stopped_at - batch.reported,
+             absl::AbortedError(absl::StrCat(how, " after this task finished but before its "
+                                             "result was sent")));
+      }
+      not_started = stopped_at;
+      if (page_running && stopped_at < tasks.count) {
+        const size_t index = tasks.first + stopped_at;
+        if (tasks.attempt < tasks.call->settings().retries && !slot.kill_reason) {
+          requeue.push_back(TaskRange{tasks.call, index, 1, tasks.attempt + 1});
+        } else {
+          fail(tasks, index, 1, died);
+        }
+        not_started = stopped_at + 1;
+      } else if (!page_running) {
+        not_started = std::max<size_t>(not_started, page_index + 1);
+        if (page_index + 1 > batch.reported && page_index < tasks.count) {
+          // page_index finished (running == 0) but was not reported: already failed above only
+          // up to stopped_at; fail it too.
+          fail(tasks, tasks.first + page_index, 1,
+               absl::AbortedError(absl::StrCat(how, " after this task finished but before its "
+                                               "result was sent")));
+        }
+      }
+    }
+    if (not_started < tasks.count) {
+      requeue.push_back(
+          TaskRange{tasks.call, tasks.first + not_started, tasks.count - not_started, tasks.attempt});
+    }
+  }
+  slot.batches.clear();
+  slot.writer.clear();
+  for (auto it = requeue.rbegin(); it != requeue.rend(); ++it) pending_.push_front(std::move(*it));
+
+  if (joining_ && join_deadline_passed_) {
+    join_problems_.push_back(
+        absl::StrCat(how, " after join_timeout (", absl::FormatDuration(options_.join_timeout),
+                     ") passed"));
+    join_code_ = absl::StatusCode::kDeadlineExceeded;
+  }
+
+  // Replace it, unless the pool is stopping or the worker was recycled out with nothing to do.
+  const bool stopping = terminating_ || join_deadline_passed_ || !broken_.ok();
+  const bool needed = !expected || slot.recycling || work_outstanding();
+  if (stopping || (expected && !slot.recycling) || !needed) {
+    if (!pending_.empty() && !any_alive()) {
+      fail_pending(broken_.ok() ? died : broken_);
+    }
+    return;
+  }
+  if (!expected) {
+    const absl::Time now = absl::Now();
+    recent_deaths_.push_back(now);
+    while (!recent_deaths_.empty() && now - recent_deaths_.front() > kDeathWindow) {
+      recent_deaths_.pop_front();
+    }
+    const size_t limit = std::max<size_t>(8, 2 * slots_.size());
+    if (recent_deaths_.size() > limit) {
+      break_pool(absl::AbortedError(absl::StrFormat(
+          "workers keep dying (%d deaths within %s); not restarting them. Last: %s",
+          recent_deaths_.size(), absl::FormatDuration(kDeathWindow), how)));
+      return;
+    }
+  }
+  ++workers_restarted_;
+  spawn(slot);
+}
+
+int PoolCore::Impl::check_deadlines() {
+  const int64_t now = monotonic_now_ns();
+  int64_t next = now + int64_t{kMaxPollMs} * 1'000'000;
+  if (joining_ && !join_deadline_passed_) {
+    if (now >= join_deadline_ns_) {
+      join_deadline_passed_ = true;
+      for (Slot& slot : slots_) {
+        if (!slot.alive) continue;
+        kill_worker(slot,
+                    terminating_ ? absl::CancelledError("the pool was terminated")
+                                 : absl::DeadlineExceededError(absl::StrCat(
+                                       "the pool's join_timeout (",
+                                       absl::FormatDuration(options_.join_timeout), ") passed")),
+                    SIGTERM);
+      }
+      fail_pending(terminating_ ? absl::CancelledError("the pool was terminated")
+                                : absl::DeadlineExceededError("join_timeout passed before this "
+                                                              "task could start"));
+    } else {
+      next = std::min(next, join_deadline_ns_);
+    }
+  }
+  for (Slot& slot : slots_) {
+    if (!slot.alive) continue;
+    if (slot.kill_deadline_ns != 0 && !slot.killed_hard) {
+      if (now >= slot.kill_deadline_ns) {
+        kill_worker(slot, absl::OkStatus(), SIGKILL);
+      } else {
+        next = std::min(next, slot.kill_deadline_ns);
+      }
+    }
+    if (slot.batches.empty() || slot.kill_reason) continue;
+    const Batch& batch = slot.batches.front();
+    if (batch.timeout == absl::InfiniteDuration()) continue;
+    StatusPage* page = slot.process.page();
+    if (!page->running.load(std::memory_order_acquire) ||
+        page->batch_seq.load(std::memory_order_relaxed) != batch.seq) {
+      // Not started yet, or between tasks: look again soon.
+      next = std::min(next, now + 1'000'000);
+      continue;
+    }
+    const int64_t deadline = page->started_ns.load(std::memory_order_relaxed) +
+                             absl::ToInt64Nanoseconds(batch.timeout);
+    if (now >= deadline) {
+      const size_t index = batch.tasks.first + page->task_index.load(std::memory_order_relaxed);
+      kill_worker(slot,
+                  absl::DeadlineExceededError(absl::StrFormat(
+                      "task %d ran past its timeout of %s; %s was killed", index,
+                      absl::FormatDuration(batch.timeout), describe(slot))),
+                  SIGTERM);
+      next = std::min(next, slot.kill_deadline_ns);
+    } else {
+      next = std::min(next, deadline);
+    }
+  }
+  const int64_t wait_ns = std::max<int64_t>(0, next - now);
+  return static_cast<int>(std::min<int64_t>((wait_ns + 999'999) / 1'000'000, kMaxPollMs));
+}
+
+void PoolCore::Impl::loop() {
+  std::unique_lock lock(mu_);
+  if (fork_from_pool_thread_) {
+    for (Slot& slot : slots_) {
+      if (broken_.ok()) spawn(slot);
+    }
+  }
+  std::vector<pollfd> fds;
+  std::vector<int> owners;  // slot index per pollfd, -1 for the wake fd
+  while (true) {
+    dispatch();
+    maybe_send_shutdowns();
+    const int timeout_ms = check_deadlines();
+    if (joining_ && !any_alive()) {
+      if (!pending_.empty()) fail_pending(broken_.ok() ? absl::AbortedError("no worker is left") : broken_);
+      break;
+    }
+    if (!broken_.ok() && !any_alive() && !joining_) {
+      // Nothing can run; wait for close/join.
+    }
+
+    fds.clear();
+    owners.clear();
+    fds.push_back({wake_fd_.get(), POLLIN, 0});
+    owners.push_back(-1);
+    for (Slot& slot : slots_) {
+      if (!slot.alive) continue;
+      if (slot.process.channel_fd() >= 0) {
+        short events = POLLIN;
+        if (!slot.writer.empty()) events |= POLLOUT;
+        fds.push_back({slot.process.channel_fd(), events, 0});
+        owners.push_back(slot.index);
+      }
+      fds.push_back({slot.process.pidfd(), POLLIN, 0});
+      owners.push_back(slot.index);
+    }
+
+    lock.unlock();
+    int ready = ::poll(fds.data(), fds.size(), timeout_ms);
+    lock.lock();
+    if (ready < 0) continue;  // EINTR
+
+    for (size_t i = 0; i < fds.size(); ++i) {
+      if (fds[i].revents == 0) continue;
+      if (owners[i] < 0) {
+        uint64_t count;
+        (void)!::read(wake_fd_.get(), &count, sizeof(count));
+        continue;
+      }
+      Slot& slot = slots_[owners[i]];
+      if (!slot.alive) continue;
+      if (fds[i].fd == slot.process.pidfd()) {
+        // Drain what it sent before it died: results it reported are real.
+        if (slot.process.channel_fd() >= 0) read_from(slot);
+        if (std::optional<int> status = slot.process.try_reap()) handle_exit(slot, *status);
+        continue;
+      }
+      if (fds[i].fd != slot.process.channel_fd()) continue;
+      if (fds[i].revents & POLLOUT) {
+        if (!slot.writer.write_some(slot.process.channel_fd()).ok()) slot.writer.clear();
+      }
+      if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) read_from(slot);
+    }
+  }
+  loop_done_ = true;
+  loop_done_cv_.notify_all();
+}
+
+PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory)
+    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory))) {}
+PoolCore::~PoolCore() = default;
+absl::Status PoolCore::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
+  return impl_->submit(std::move(call), first, count);
+}
+void PoolCore::cancel(const Call* call) { impl_->cancel(call); }
+absl::Status PoolCore::close() { return impl_->close(); }
+absl::Status PoolCore::join() { return impl_->join(); }
+void PoolCore::terminate() { impl_->terminate(); }
+int PoolCore::worker_count() const { return impl_->worker_count_; }
+PoolStats PoolCore::stats() const { return impl_->stats(); }
+const PoolOptions& PoolCore::options() const { return impl_->options_; }
+void PoolCore::log(LogSeverity severity, std::string message) const {
+  impl_->log(severity, "procpool", ::getpid(), std::move(message));
+}
+
+}  // namespace procpool::internal

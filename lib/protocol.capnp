@@ -1,0 +1,77 @@
+# The wire protocol between a procpool parent and its worker processes.
+#
+# Every frame is one Cap'n Proto message in the standard stream framing (segment table, then
+# segments) on the worker's socketpair. The parent only ever sends `ToWorker` and the worker only
+# ever sends `FromWorker`. Jobs and results travel as `Value`s, written and read by the codec layer
+# (include/procpool/codec.h); nothing else about user types is known here.
+
+@0xcbd725a24a759c7f;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("procpool::wire");
+
+# One job or result. The codec for a C++ type picks the member it writes; reading a member the
+# writer did not set is a decoding error (kDataLoss), never a crash.
+struct Value {
+  union {
+    none @0 :Void;              # std::nullopt, an empty tuple
+    int @1 :Int64;              # signed integers, enums
+    uint @2 :UInt64;            # unsigned integers
+    float @3 :Float64;          # float, double
+    bool @4 :Bool;
+    bytes @5 :Data;             # std::string (binary-safe)
+    list @6 :List(Value);       # std::vector, std::pair, std::tuple, std::map (as pairs), optional
+    struct @7 :AnyPointer;      # a Cap'n Proto struct from the user's own schema
+    ints @8 :List(Int64);       # packed std::vector of signed integers
+    uints @9 :List(UInt64);     # packed std::vector of unsigned integers
+    floats @10 :List(Float64);  # packed std::vector of floating point
+  }
+}
+
+# An error crossing the process boundary: an absl::StatusCode and its message.
+struct Error {
+  code @0 :UInt32;
+  message @1 :Text;
+}
+
+# The outcome of one task.
+struct Outcome {
+  union {
+    ok @0 :Value;
+    error @1 :Error;
+  }
+}
+
+# A chunk of tasks of one call, run in order by one worker.
+struct TaskBatch {
+  seq @0 :UInt64;               # the parent's number for this batch; results name it
+  jobs @1 :List(Value);
+  # For procpool::Pool (plain functions): addresses, valid in the worker because it is a fork of
+  # the parent's image, of the typed trampoline and of the user's function. Zero otherwise.
+  trampoline @2 :UInt64;
+  function @3 :UInt64;
+}
+
+# Outcomes of the tasks [start, start + outcomes.size()) of batch `seq`. A worker may report one
+# batch in several pieces, in order.
+struct ResultBatch {
+  seq @0 :UInt64;
+  start @1 :UInt32;
+  outcomes @2 :List(Outcome);
+}
+
+struct ToWorker {
+  union {
+    tasks @0 :TaskBatch;
+    shutdown @1 :Void;          # finish nothing more: run exit(), report, exit with status 0
+  }
+}
+
+struct FromWorker {
+  union {
+    ready @0 :Void;             # enter() succeeded; the worker takes tasks
+    enterFailed @1 :Error;      # enter() failed or threw; the worker exits next
+    results @2 :ResultBatch;
+    exited @3 :Error;           # exit() ran; code 0 when it succeeded
+  }
+}

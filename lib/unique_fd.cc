@@ -1,0 +1,44 @@
+#include "lib/unique_fd.h"
+
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/status/status.h"
+
+namespace procpool::internal {
+
+void UniqueFd::reset(int fd) {
+  if (fd_ >= 0) {
+    // close() may fail with EINTR, but on Linux the descriptor is released anyway: never retry.
+    ::close(fd_);
+  }
+  fd_ = fd;
+}
+
+absl::StatusOr<SocketPair> make_socket_pair() {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+    return absl::ErrnoToStatus(errno, "socketpair");
+  }
+  return SocketPair{UniqueFd(fds[0]), UniqueFd(fds[1])};
+}
+
+absl::Status set_nonblocking(int fd, bool nonblocking) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return absl::ErrnoToStatus(errno, "fcntl(F_GETFL)");
+  flags = nonblocking ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+  if (::fcntl(fd, F_SETFL, flags) != 0) return absl::ErrnoToStatus(errno, "fcntl(F_SETFL)");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<UniqueFd> make_event_fd() {
+  int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) return absl::ErrnoToStatus(errno, "eventfd");
+  return UniqueFd(fd);
+}
+
+}  // namespace procpool::internal

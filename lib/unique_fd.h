@@ -1,0 +1,57 @@
+// UniqueFd: the one owner of a file descriptor.
+//
+// Every descriptor procpool opens is held by exactly one UniqueFd, created with O_CLOEXEC (or
+// SOCK_CLOEXEC), and closed when its owner goes away. A raw `int` taken from `get()` only borrows.
+// Not thread-safe: share the owner, not the number.
+
+#ifndef PROCPOOL_LIB_UNIQUE_FD_H_
+#define PROCPOOL_LIB_UNIQUE_FD_H_
+
+#include <utility>
+
+#include "absl/status/statusor.h"
+
+namespace procpool::internal {
+
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept {
+    if (this != &other) reset(std::exchange(other.fd_, -1));
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  explicit operator bool() const { return valid(); }
+
+  // Gives up ownership without closing.
+  int release() { return std::exchange(fd_, -1); }
+  // Closes the current descriptor (if any) and takes `fd`.
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+// A connected pair of SOCK_STREAM unix sockets, both CLOEXEC.
+struct SocketPair {
+  UniqueFd parent_end;
+  UniqueFd child_end;
+};
+absl::StatusOr<SocketPair> make_socket_pair();
+
+// Sets or clears O_NONBLOCK.
+absl::Status set_nonblocking(int fd, bool nonblocking);
+
+// An eventfd (CLOEXEC, non-blocking) used to wake a poll loop from another thread.
+absl::StatusOr<UniqueFd> make_event_fd();
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_UNIQUE_FD_H_

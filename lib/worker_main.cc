@@ -1,0 +1,167 @@
+#include "lib/worker_main.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <memory>
+
+#include "capnp/message.h"
+#include "capnp/serialize.h"
+#include "kj/exception.h"
+#include "lib/frame_io.h"
+#include "lib/protocol.capnp.h"
+
+namespace procpool::internal {
+namespace {
+
+constexpr int kChannelFd = 3;
+// A worker sends finished results early when a batch has run this long since the last send, so
+// the parent learns of progress (and loses little if the worker dies) without a write per task.
+constexpr int64_t kFlushIntervalNs = 2'000'000;
+
+int64_t coarse_now_ns() {
+  timespec now;
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
+
+[[noreturn]] void leave(int status) {
+  // Our own stdio output only: the parent flushed its buffers before fork().
+  std::fflush(nullptr);
+  ::_exit(status);
+}
+
+void prepare_process(int channel_fd, const WorkerLaunch& launch, pid_t parent_pid) {
+  ::prctl(PR_SET_NAME, launch.process_name.c_str(), 0, 0, 0);
+  if (launch.parent_death_signal) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    // The parent may have died before the line above: then nobody will signal us.
+    if (::getppid() != parent_pid) ::_exit(kWorkerExitOk);
+  }
+  for (int signal = 1; signal < NSIG; ++signal) {
+    if (signal == SIGKILL || signal == SIGSTOP) continue;
+    std::signal(signal, SIG_DFL);
+  }
+  std::signal(SIGINT, SIG_IGN);
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+
+  if (channel_fd != kChannelFd) {
+    ::dup3(channel_fd, kChannelFd, O_CLOEXEC);
+  }
+  // Every other descriptor the parent had open (its other workers' channels, its files) closes.
+  ::syscall(SYS_close_range, kChannelFd + 1, ~0U, 0);
+}
+
+bool send(capnp::MessageBuilder& message) { return write_frame(kChannelFd, message).ok(); }
+
+void send_error_frame(bool enter_failed, const absl::Status& status) {
+  capnp::MallocMessageBuilder message(64);
+  auto root = message.initRoot<wire::FromWorker>();
+  status_to_wire(status, enter_failed ? root.initEnterFailed() : root.initExited());
+  send(message);
+}
+
+// Runs the tasks of one batch in order, sending their outcomes in one or more frames.
+void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page) {
+  const auto jobs = batch.getJobs();
+  const uint32_t count = jobs.size();
+  const uint64_t seq = batch.getSeq();
+  uint32_t first_unsent = 0;
+  int64_t last_send = coarse_now_ns();
+
+  auto message = std::make_unique<capnp::MallocMessageBuilder>();
+  auto results = message->initRoot<wire::FromWorker>().initResults();
+  auto outcomes = message->getOrphanage().newOrphan<capnp::List<wire::Outcome>>(count);
+
+  for (uint32_t i = 0; i < count; ++i) {
+    const int64_t started = monotonic_now_ns();
+    page->batch_seq.store(seq, std::memory_order_relaxed);
+    page->task_index.store(i, std::memory_order_relaxed);
+    page->started_ns.store(started, std::memory_order_relaxed);
+    page->running.store(1, std::memory_order_release);
+
+    body.run(batch, jobs[i], outcomes.get()[i - first_unsent]);
+
+    page->running.store(0, std::memory_order_release);
+    page->tasks_done.fetch_add(1, std::memory_order_relaxed);
+    const int64_t now = coarse_now_ns();
+    page->busy_ns.fetch_add(monotonic_now_ns() - started, std::memory_order_relaxed);
+
+    const bool last = i + 1 == count;
+    if (last || now - last_send >= kFlushIntervalNs) {
+      const uint32_t sent = i + 1 - first_unsent;
+      outcomes.truncate(sent);
+      results.setSeq(seq);
+      results.setStart(first_unsent);
+      results.adoptOutcomes(kj::mv(outcomes));
+      if (!send(*message)) leave(kWorkerExitOk);  // the parent is gone
+      first_unsent = i + 1;
+      last_send = now;
+      if (!last) {
+        message = std::make_unique<capnp::MallocMessageBuilder>();
+        results = message->initRoot<wire::FromWorker>().initResults();
+        outcomes = message->getOrphanage().newOrphan<capnp::List<wire::Outcome>>(count - first_unsent);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void worker_main(int channel_fd, StatusPage* page, const WorkerLaunch& launch, pid_t parent_pid) {
+  prepare_process(channel_fd, launch, parent_pid);
+
+  std::unique_ptr<WorkerBody> body = (*launch.factory)();
+  absl::Status entered = body->enter();
+  if (!entered.ok()) {
+    send_error_frame(/*enter_failed=*/true, entered);
+    leave(kWorkerExitEnterFailed);
+  }
+  {
+    capnp::MallocMessageBuilder ready(16);
+    ready.initRoot<wire::FromWorker>().setReady();
+    if (!send(ready)) leave(kWorkerExitOk);
+  }
+
+  FrameReader reader(launch.max_frame_bytes);
+  while (true) {
+    absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader.read_blocking(kChannelFd);
+    // End of file: the parent died or dropped us without asking. No hooks: nobody waits for them.
+    if (!frame.ok()) leave(frame.status().code() == absl::StatusCode::kUnavailable
+                               ? kWorkerExitOk : kWorkerExitProtocolError);
+    bool shutdown = false;
+    try {
+      capnp::FlatArrayMessageReader message(*frame, reader.options());
+      auto request = message.getRoot<wire::ToWorker>();
+      switch (request.which()) {
+        case wire::ToWorker::TASKS:
+          run_batch(*body, request.getTasks(), page);
+          break;
+        case wire::ToWorker::SHUTDOWN:
+          shutdown = true;
+          break;
+      }
+    } catch (const kj::Exception& e) {
+      // A frame we cannot read means the parent and we disagree: stop; the parent sees the exit.
+      std::fprintf(stderr, "[procpool %s] malformed frame from the parent: %s\n",
+                   launch.process_name.c_str(), e.getDescription().cStr());
+      leave(kWorkerExitProtocolError);
+    }
+    if (shutdown) {
+      absl::Status exited = body->exit();
+      body.reset();
+      send_error_frame(/*enter_failed=*/false, exited);
+      leave(exited.ok() ? kWorkerExitOk : kWorkerExitExitHookFailed);
+    }
+  }
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,51 @@
+// Helpers for tests that fork real workers: temporary directories, event files written by
+// workers, and checks on the children a process has.
+
+#ifndef PROCPOOL_TESTS_TEST_SUPPORT_H_
+#define PROCPOOL_TESTS_TEST_SUPPORT_H_
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
+namespace procpool::testing {
+
+// A fresh directory under $TEST_TMPDIR (or /tmp), removed with its files when destroyed.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Appends one line to a file with a single write(), so lines from many processes never mix.
+void append_line(const std::string& path, const std::string& line);
+std::vector<std::string> read_lines(const std::string& path);
+bool file_exists(const std::string& path);
+
+// Pids of this process's children (including zombies), from /proc.
+std::vector<pid_t> child_pids(pid_t parent);
+// True if `pid` exists (a zombie counts).
+bool process_exists(pid_t pid);
+// Polls `condition` every few ms until it holds or `timeout` passes; returns whether it held.
+template <typename F>
+bool wait_until(F condition, absl::Duration timeout = absl::Seconds(10)) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    if (condition()) return true;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return condition();
+}
+
+}  // namespace procpool::testing
+
+#endif  // PROCPOOL_TESTS_TEST_SUPPORT_H_

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The single "run every test" command of procpool:
+#   1. bazel test //... (keeps going past failures); extra arguments are passed to it,
+#      e.g. `bash tools/test.sh --config=asan`;
+#   2. builds and runs the separate consumer workspace examples/consumer (one more check).
+# The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+BAZEL="${BAZEL:-bazel}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+BEP="$WORK/bep.json"
+
+passed=0
+failed=0
+
+# --- 1. Bazel tests --------------------------------------------------------------------------
+echo "=== bazel test //... $*"
+set +e
+"$BAZEL" test //... --keep_going --test_output=errors --build_event_json_file="$BEP" "$@" </dev/null
+bazel_rc=$?
+set -e
+
+# Count test targets from the build event protocol: a test passes if its summary is PASSED or
+# FLAKY; a test with any other summary, or with none (it failed to build), fails.
+read -r bp bf < <(python3 - "$BEP" <<'PY'
+import json, sys
+
+tests, status = set(), {}
+try:
+    with open(sys.argv[1]) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            ev = json.loads(line)
+            eid = ev.get("id", {})
+            if "targetConfigured" in eid:
+                conf = ev.get("configured", {})
+                if "testSize" in conf or conf.get("targetKind", "").endswith("_test rule"):
+                    tests.add(eid["targetConfigured"]["label"])
+            elif "testSummary" in eid:
+                label = eid["testSummary"]["label"]
+                tests.add(label)
+                status[label] = ev.get("testSummary", {}).get("overallStatus", "NO_STATUS")
+except FileNotFoundError:
+    pass
+ok = sum(1 for t in tests if status.get(t) in ("PASSED", "FLAKY"))
+bad = sorted(t for t in tests if status.get(t) not in ("PASSED", "FLAKY"))
+for t in bad:
+    print("FAILED: %s (%s)" % (t, status.get(t, "no result: failed to build?")), file=sys.stderr)
+print(ok, len(bad))
+PY
+)
+passed=$((passed + bp))
+failed=$((failed + bf))
+# 0: all passed; 3: some tests failed (counted above); 4: no test targets.
+if [[ $bazel_rc -ne 0 && $bazel_rc -ne 3 && $bazel_rc -ne 4 && $bf -eq 0 ]]; then
+  echo "FAILED: bazel test exited with status $bazel_rc (build or analysis error)" >&2
+  failed=$((failed + 1))
+fi
+
+# --- 2. Consumer workspace -------------------------------------------------------------------
+echo "=== examples/consumer: bazel build //... && bazel run //:main"
+if (cd examples/consumer && "$BAZEL" build //... </dev/null && "$BAZEL" run //:main </dev/null); then
+  passed=$((passed + 1))
+else
+  echo "FAILED: examples/consumer" >&2
+  failed=$((failed + 1))
+fi
+
+echo "${passed} passed, ${failed} failed"
+[[ $failed -eq 0 ]]

@@ -1,0 +1,130 @@
+// Frame I/O: whole Cap'n Proto frames over a socketpair, in pieces, in bulk, and when the peer
+// misbehaves.
+
+#include "lib/frame_io.h"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "capnp/message.h"
+#include "capnp/serialize.h"
+#include "doctest/doctest.h"
+#include "lib/protocol.capnp.h"
+#include "lib/unique_fd.h"
+
+namespace procpool::internal {
+namespace {
+
+std::unique_ptr<capnp::MallocMessageBuilder> text_frame(const std::string& text) {
+  auto message = std::make_unique<capnp::MallocMessageBuilder>();
+  message->initRoot<wire::Value>().setBytes(
+      kj::arrayPtr(reinterpret_cast<const kj::byte*>(text.data()), text.size()));
+  return message;
+}
+
+std::string text_of(kj::ArrayPtr<const capnp::word> words, const capnp::ReaderOptions& options) {
+  capnp::FlatArrayMessageReader message(words, options);
+  auto bytes = message.getRoot<wire::Value>().getBytes();
+  return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+}
+
+TEST_CASE("frames written by a FrameWriter come out of a FrameReader whole and in order") {
+  SocketPair pair = *make_socket_pair();
+  REQUIRE(set_nonblocking(pair.parent_end.get(), true).ok());
+  FrameWriter writer;
+  std::vector<std::string> sent;
+  for (int i = 0; i < 200; ++i) {
+    // Sizes from a few bytes to 300 KB: bigger than a socket buffer, so writes are partial.
+    sent.push_back(std::string(static_cast<size_t>(i) * i * 7 + 1, static_cast<char>('a' + i % 26)));
+    writer.push(text_frame(sent.back()));
+  }
+  std::vector<std::string> received;
+  std::thread reader_thread([&] {
+    FrameReader reader(size_t{1} << 20);
+    while (received.size() < sent.size()) {
+      auto frame = reader.read_blocking(pair.child_end.get());
+      REQUIRE(frame.ok());
+      received.push_back(text_of(*frame, reader.options()));
+    }
+  });
+  while (!writer.empty()) {
+    REQUIRE(writer.write_some(pair.parent_end.get()).ok());
+    if (!writer.empty()) usleep(100);
+  }
+  CHECK(writer.queued_bytes() == 0);
+  reader_thread.join();
+  CHECK(received == sent);
+}
+
+TEST_CASE("a blocking write_frame and several frames arriving in one read") {
+  SocketPair pair = *make_socket_pair();
+  for (int i = 0; i < 5; ++i) REQUIRE(write_frame(pair.parent_end.get(), *text_frame(std::to_string(i))).ok());
+  FrameReader reader(4096);
+  for (int i = 0; i < 5; ++i) {
+    auto frame = reader.read_blocking(pair.child_end.get());
+    REQUIRE(frame.ok());
+    CHECK(text_of(*frame, reader.options()) == std::to_string(i));
+  }
+}
+
+TEST_CASE("end of file is kUnavailable; a peer that is gone is an error, not SIGPIPE") {
+  SocketPair pair = *make_socket_pair();
+  pair.parent_end.reset();
+  FrameReader reader(4096);
+  CHECK(reader.read_blocking(pair.child_end.get()).status().code() == absl::StatusCode::kUnavailable);
+  CHECK_FALSE(write_frame(pair.child_end.get(), *text_frame("x")).ok());
+}
+
+TEST_CASE("a frame larger than the limit is kDataLoss before it is buffered") {
+  SocketPair pair = *make_socket_pair();
+  std::thread writer([&] { (void)write_frame(pair.parent_end.get(), *text_frame(std::string(100000, 'x'))); });
+  FrameReader reader(64 * 1024);
+  auto frame = reader.read_blocking(pair.child_end.get());
+  CHECK(frame.status().code() == absl::StatusCode::kDataLoss);
+  CHECK(std::string(frame.status().message()).find("max_frame_bytes") != std::string::npos);
+  pair.child_end.reset();
+  writer.join();
+}
+
+TEST_CASE("garbage is kDataLoss, never a crash") {
+  SocketPair pair = *make_socket_pair();
+  SUBCASE("an absurd segment count") {
+    uint32_t header[2] = {0xfffffff0u, 1};
+    REQUIRE(::write(pair.parent_end.get(), header, sizeof(header)) == sizeof(header));
+    FrameReader reader(1 << 20);
+    CHECK(reader.read_blocking(pair.child_end.get()).status().code() == absl::StatusCode::kDataLoss);
+  }
+  SUBCASE("a segment size past the limit") {
+    uint32_t header[2] = {0, 0x7fffffffu};
+    REQUIRE(::write(pair.parent_end.get(), header, sizeof(header)) == sizeof(header));
+    FrameReader reader(1 << 20);
+    CHECK(reader.read_blocking(pair.child_end.get()).status().code() == absl::StatusCode::kDataLoss);
+  }
+  SUBCASE("a well-framed message whose content is garbage throws only inside the reader") {
+    uint64_t frame[3] = {0, 0, 0};
+    uint32_t header[2] = {0, 2};
+    std::memcpy(frame, header, sizeof(header));
+    frame[1] = 0xdeadbeefcafebabeull;  // a root pointer pointing far outside the segment
+    REQUIRE(::write(pair.parent_end.get(), frame, sizeof(frame)) == sizeof(frame));
+    FrameReader reader(1 << 20);
+    auto words = reader.read_blocking(pair.child_end.get());
+    REQUIRE(words.ok());
+    bool threw = false;
+    try {
+      capnp::FlatArrayMessageReader message(*words, reader.options());
+      (void)message.getRoot<wire::Value>().which();
+    } catch (const kj::Exception&) {
+      threw = true;
+    }
+    CHECK(threw);
+  }
+}
+
+}  // namespace
+}  // namespace procpool::internal

@@ -28,5 +28,5 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
   "${missing[@]}" </dev/null

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The single "run every test" command of procpool:
+#   0. installs the Debian packages it needs, if any is missing;
 #   1. bazel test //... (keeps going past failures); extra arguments are passed to it,
 #      e.g. `bash tools/test.sh --config=asan`;
 #   2. builds and runs the separate consumer workspace examples/consumer (one more check).
@@ -8,6 +9,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+bash tools/install_deps.sh
 
 BAZEL="${BAZEL:-bazel}"
 WORK="$(mktemp -d)"

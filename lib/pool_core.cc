@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <cerrno>
+#include <cstdio>
 #include <cstdint>
 #include <deque>
 #include <limits>
@@ -36,14 +37,29 @@ namespace procpool::internal {
 namespace {
 
 // Batches a worker may hold at once: one running, one waiting in its socket, so it never idles
-// between batches.
+// between batches. The second is queued only behind tasks known to be short (the call's tasks
+// have averaged under kPrefetchTaskNs, and the running one started less than that ago): a long
+// task must not hold back work that another worker could start now.
 constexpr size_t kBatchesPerWorker = 2;
+constexpr int64_t kPrefetchTaskNs = 1'000'000;
 // A batch stops growing past this many bytes of encoded jobs, however large its chunksize.
 constexpr size_t kBatchByteBudget = size_t{1} << 20;
 // Crash-loop guard: more deaths than this within kDeathWindow stop respawning.
 constexpr absl::Duration kDeathWindow = absl::Seconds(10);
 // The loop wakes at least this often even with nothing to wait for, as a safety net.
 constexpr int kMaxPollMs = 1000;
+
+constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
+
+// Resident set size of a process, from /proc; 0 if unknown.
+size_t resident_bytes(pid_t pid) {
+  std::FILE* statm = std::fopen(absl::StrCat("/proc/", pid, "/statm").c_str(), "re");
+  if (statm == nullptr) return 0;
+  unsigned long size = 0, resident = 0;
+  const int read = std::fscanf(statm, "%lu %lu", &size, &resident);
+  std::fclose(statm);
+  return read == 2 ? resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE)) : 0;
+}
 
 int cpu_count() {
   cpu_set_t set;
@@ -65,6 +81,7 @@ class PoolCore::Impl {
   absl::Status join();
   void terminate();
   PoolStats stats() const;
+  void post_callback(std::function<void()> callback);
   void log(LogSeverity severity, std::string process, int pid, std::string message) const;
 
   const PoolOptions options_;
@@ -100,6 +117,7 @@ class PoolCore::Impl {
     FrameReader reader{0};
     int64_t tasks_assigned = 0;   // by this process, for recycling
     bool recycling = false;
+    int64_t last_memory_check_ns = 0;
     absl::Status exit_hook_status;
     absl::Time started;
   };
@@ -115,6 +133,7 @@ class PoolCore::Impl {
   void handle_results(Slot& slot, wire::ResultBatch::Reader results)
      ;
   void handle_exit(Slot& slot, int wait_status);
+  void check_memory(Slot& slot);
   void kill_worker(Slot& slot, absl::Status reason, int signal);
   int check_deadlines();
   void break_pool(absl::Status status);
@@ -158,6 +177,14 @@ class PoolCore::Impl {
   int64_t workers_restarted_ = 0;
 
   std::thread thread_;
+
+  // The callback thread: runs user callbacks away from the pool thread, so they may use the pool.
+  void run_callbacks();
+  std::mutex callback_mu_;
+  std::condition_variable callback_cv_;
+  std::deque<std::function<void()>> callbacks_;
+  bool callbacks_stopping_ = false;
+  std::thread callback_thread_;
 };
 
 PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
@@ -194,6 +221,39 @@ PoolCore::Impl::~Impl() {
     join().IgnoreError();
   }
   if (thread_.joinable()) thread_.join();
+  {
+    std::lock_guard lock(callback_mu_);
+    callbacks_stopping_ = true;
+  }
+  callback_cv_.notify_all();
+  if (callback_thread_.joinable()) callback_thread_.join();
+}
+
+void PoolCore::Impl::post_callback(std::function<void()> callback) {
+  {
+    std::lock_guard lock(callback_mu_);
+    callbacks_.push_back(std::move(callback));
+    if (!callback_thread_.joinable()) callback_thread_ = std::thread([this] { run_callbacks(); });
+  }
+  callback_cv_.notify_one();
+}
+
+void PoolCore::Impl::run_callbacks() {
+  std::unique_lock lock(callback_mu_);
+  while (true) {
+    callback_cv_.wait(lock, [this] { return callbacks_stopping_ || !callbacks_.empty(); });
+    if (callbacks_.empty()) return;  // stopping, and everything ran
+    std::function<void()> callback = std::move(callbacks_.front());
+    callbacks_.pop_front();
+    lock.unlock();
+    try {
+      callback();
+    } catch (...) {
+      log(LogSeverity::kError, "procpool", ::getpid(),
+          absl::StrCat("a callback threw: ", describe_current_exception()));
+    }
+    lock.lock();
+  }
 }
 
 void PoolCore::Impl::wake() {
@@ -396,14 +456,21 @@ bool PoolCore::Impl::any_alive() const {
 }
 
 PoolCore::Impl::Slot* PoolCore::Impl::pick_worker() {
+  const Call& next = *pending_.front().call;
+  const bool short_tasks = next.observed_tasks > 0 &&
+                           next.observed_busy_ns < kPrefetchTaskNs * next.observed_tasks;
+  const int64_t now = short_tasks ? monotonic_now_ns() : 0;
   Slot* best = nullptr;
   for (Slot& slot : slots_) {
     if (!slot.alive || !slot.ready || slot.shutdown_sent || slot.kill_reason || slot.recycling) {
       continue;
     }
-    if (slot.batches.size() >= kBatchesPerWorker) continue;
-    if (best == nullptr || slot.batches.size() < best->batches.size()) best = &slot;
-    if (best->batches.empty()) break;
+    if (slot.batches.empty()) return &slot;
+    if (best != nullptr || !short_tasks || slot.batches.size() >= kBatchesPerWorker) continue;
+    const StatusPage* page = slot.process.page();
+    const bool running_long = page->running.load(std::memory_order_acquire) &&
+                              now - page->started_ns.load(std::memory_order_relaxed) > kPrefetchTaskNs;
+    if (!running_long) best = &slot;
   }
   return best;
 }
@@ -567,6 +634,8 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
                 SIGKILL);
     return;
   }
+  batch.tasks.call->observed_tasks += outcomes.size();
+  batch.tasks.call->observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
   for (auto outcome : outcomes) {
     const size_t index = batch.tasks.first + batch.reported;
     ++batch.reported;
@@ -579,7 +648,24 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
       ++tasks_failed_;
     }
   }
-  if (batch.reported == batch.tasks.count) slot.batches.pop_front();
+  if (batch.reported == batch.tasks.count) {
+    slot.batches.pop_front();
+    check_memory(slot);
+  }
+}
+
+void PoolCore::Impl::check_memory(Slot& slot) {
+  if (options_.max_worker_rss_bytes == 0 || slot.recycling) return;
+  const int64_t now = monotonic_now_ns();
+  if (now - slot.last_memory_check_ns < kMemoryCheckIntervalNs) return;
+  slot.last_memory_check_ns = now;
+  const size_t rss = resident_bytes(slot.process.pid());
+  if (rss > options_.max_worker_rss_bytes) {
+    slot.recycling = true;
+    log_worker(slot, LogSeverity::kInfo,
+               absl::StrFormat("recycling: resident memory %d bytes exceeds max_worker_rss_bytes %d",
+                               rss, options_.max_worker_rss_bytes));
+  }
 }
 
 void PoolCore::Impl::kill_worker(Slot& slot, absl::Status reason, int signal) {
@@ -671,8 +757,8 @@ void PoolCore::Impl::handle_exit(Slot& slot, int wait_status) {
 
   // Replace it, unless the pool is stopping or the worker was recycled out with nothing to do.
   const bool stopping = terminating_ || join_deadline_passed_ || !broken_.ok();
-  const bool needed = !expected || slot.recycling || work_outstanding();
-  if (stopping || (expected && !slot.recycling) || !needed) {
+  const bool wanted = (!expected || slot.recycling) && (!joining_ || work_outstanding());
+  if (stopping || !wanted) {
     if (!pending_.empty() && !any_alive()) {
       fail_pending(broken_.ok() ? died : broken_);
     }
@@ -830,6 +916,9 @@ absl::Status PoolCore::submit(std::shared_ptr<Call> call, size_t first, size_t c
   return impl_->submit(std::move(call), first, count);
 }
 void PoolCore::cancel(const Call* call) { impl_->cancel(call); }
+void PoolCore::post_callback(std::function<void()> callback) {
+  impl_->post_callback(std::move(callback));
+}
 absl::Status PoolCore::close() { return impl_->close(); }
 absl::Status PoolCore::join() { return impl_->join(); }
 void PoolCore::terminate() { impl_->terminate(); }

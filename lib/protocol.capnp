@@ -58,6 +58,7 @@ struct ResultBatch {
   seq @0 :UInt64;
   start @1 :UInt32;
   outcomes @2 :List(Outcome);
+  busyNs @3 :UInt64;            # time the worker spent running these tasks
 }
 
 struct ToWorker {

@@ -76,6 +76,7 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
   const uint64_t seq = batch.getSeq();
   uint32_t first_unsent = 0;
   int64_t last_send = coarse_now_ns();
+  int64_t unsent_busy_ns = 0;
 
   auto message = std::make_unique<capnp::MallocMessageBuilder>();
   auto results = message->initRoot<wire::FromWorker>().initResults();
@@ -93,7 +94,9 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
     page->running.store(0, std::memory_order_release);
     page->tasks_done.fetch_add(1, std::memory_order_relaxed);
     const int64_t now = coarse_now_ns();
-    page->busy_ns.fetch_add(monotonic_now_ns() - started, std::memory_order_relaxed);
+    const int64_t busy = monotonic_now_ns() - started;
+    page->busy_ns.fetch_add(busy, std::memory_order_relaxed);
+    unsent_busy_ns += busy;
 
     const bool last = i + 1 == count;
     if (last || now - last_send >= kFlushIntervalNs) {
@@ -101,6 +104,8 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
       outcomes.truncate(sent);
       results.setSeq(seq);
       results.setStart(first_unsent);
+      results.setBusyNs(static_cast<uint64_t>(unsent_busy_ns));
+      unsent_busy_ns = 0;
       results.adoptOutcomes(kj::mv(outcomes));
       if (!send(*message)) leave(kWorkerExitOk);  // the parent is gone
       first_unsent = i + 1;

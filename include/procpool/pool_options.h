@@ -58,8 +58,13 @@ struct PoolOptions {
   absl::Duration kill_grace = absl::Seconds(1);
   // The largest frame either side accepts; a larger one is kDataLoss. Raise it for big payloads.
   size_t max_frame_bytes = size_t{256} << 20;
-  // Recycle a worker after it ran this many tasks (0: never), like Python's maxtasksperchild.
+  // Recycle a worker after it ran this many tasks (0: never), like Python's maxtasksperchild. A
+  // recycled worker finishes its tasks and runs exit(); a fresh one runs enter(). No task is lost
+  // or run twice.
   int64_t max_tasks_per_worker = 0;
+  // Recycle a worker once its resident memory exceeds this many bytes (0: never). Checked when it
+  // finishes a batch, at most every 50 ms per worker; the batch it ran is not lost.
+  size_t max_worker_rss_bytes = 0;
   // Prefix of worker process names (prctl PR_SET_NAME; at most 15 bytes are kept): "procpool-w3".
   std::string name = "procpool";
   StartMethod start_method = StartMethod::kFork;

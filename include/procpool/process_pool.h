@@ -50,6 +50,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <ranges>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -57,10 +58,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "procpool/async_result.h"
 #include "procpool/call_options.h"
 #include "procpool/codec.h"
-#include "procpool/internal/map_call.h"
 #include "procpool/internal/pool_core.h"
+#include "procpool/imap_range.h"
+#include "procpool/internal/typed_calls.h"
 #include "procpool/internal/typed_worker_body.h"
 #include "procpool/internal/worker_traits.h"
 #include "procpool/pool_options.h"
@@ -99,16 +102,47 @@ class ProcessPool {
 
   // Runs W::run on every job and returns the results in job order. Blocks until every job has an
   // outcome. If any failed, returns the failure of the first failing job in job order, its message
-  // prefixed with "job <index>: ". kFailedPrecondition after close().
+  // prefixed with "job <index>: ". kFailedPrecondition after close(). `jobs` is read, not copied.
   absl::StatusOr<std::vector<Result>> map(absl::Span<const Job> jobs, CallOptions options = {}) {
-    auto call = std::make_shared<internal::MapCall<Job, Result>>(
-        settings_for(options, jobs.size()), jobs);
-    if (options.progress) call->set_progress(std::move(options.progress));
-    if (absl::Status submitted = core_.submit(call, 0, jobs.size()); !submitted.ok()) {
-      return submitted;
-    }
-    call->wait();
-    return call->take();
+    return Calls::map(core_, jobs, std::move(options), {});
+  }
+
+  // map for a worker whose run takes several parameters: each job is a std::tuple of them.
+  absl::StatusOr<std::vector<Result>> starmap(absl::Span<const Job> jobs, CallOptions options = {})
+    requires internal::WorkerTraits<W>::kRunTakesTuple
+  {
+    return map(jobs, std::move(options));
+  }
+
+  // map without blocking: the jobs are copied, the result arrives in the AsyncResult.
+  AsyncResult<std::vector<Result>> map_async(std::vector<Job> jobs, CallOptions options = {},
+                                             Callbacks<std::vector<Result>> callbacks = {}) {
+    return Calls::map_async(core_, std::move(jobs), std::move(options), std::move(callbacks), {});
+  }
+
+  // Runs one job and blocks for its result.
+  absl::StatusOr<Result> apply(Job job, CallOptions options = {}) {
+    return Calls::apply(core_, std::move(job), std::move(options), {});
+  }
+
+  // Runs one job; the result arrives in the AsyncResult (and the callbacks, if any).
+  AsyncResult<Result> apply_async(Job job, CallOptions options = {},
+                                  Callbacks<Result> callbacks = {}) {
+    return Calls::apply_async(core_, std::move(job), std::move(options), std::move(callbacks), {});
+  }
+
+  // Lazily maps any input range (a container, a view, an endless generator): results in input
+  // order as an input range of absl::StatusOr<Result>, with at most options.max_in_flight jobs
+  // taken and not yet consumed (imap_range.h). chunksize defaults to 1.
+  template <std::ranges::input_range Input>
+  auto imap(Input&& input, CallOptions options = {}) {
+    return Calls::imap(core_, std::forward<Input>(input), std::move(options), /*ordered=*/true, {});
+  }
+
+  // As imap, but yields results as they complete.
+  template <std::ranges::input_range Input>
+  auto imap_unordered(Input&& input, CallOptions options = {}) {
+    return Calls::imap(core_, std::forward<Input>(input), std::move(options), /*ordered=*/false, {});
   }
 
   // No new work is accepted; work already given still runs. Idempotent.
@@ -129,6 +163,7 @@ class ProcessPool {
 
  private:
   using WorkerFactory = std::function<std::unique_ptr<W>()>;
+  using Calls = internal::TypedCalls<Job, Result>;
 
   template <typename Factory>
   static WorkerFactory adapt_factory(Factory factory) {
@@ -139,22 +174,6 @@ class ProcessPool {
       static_assert(std::is_same_v<Made, W>, "the factory must return W or std::unique_ptr<W>");
       return [factory = std::move(factory)]() mutable { return std::make_unique<W>(factory()); };
     }
-  }
-
-  internal::CallSettings settings_for(const CallOptions& options, size_t job_count) const {
-    internal::CallSettings settings;
-    settings.chunksize = options.chunksize;
-    if (settings.chunksize == 0) {
-      // Python's rule: about four chunks per worker.
-      const size_t parts = static_cast<size_t>(core_.worker_count()) * 4;
-      settings.chunksize = std::max<size_t>(1, (job_count + parts - 1) / parts);
-    }
-    if (options.task_timeout) {
-      settings.has_task_timeout = true;
-      settings.task_timeout = *options.task_timeout;
-    }
-    settings.retries = options.retries;
-    return settings;
   }
 
   // Declared before core_: the workers forked by core_'s constructor read it.

@@ -3,7 +3,9 @@
 //
 //   #include "procpool/procpool.h"
 //
-// ProcessPool<W> (process_pool.h) runs a worker class in N processes; PoolOptions (pool_options.h)
+// ProcessPool<W> (process_pool.h) runs a worker class in N processes; Pool (pool.h) runs plain
+// functions; AsyncResult (async_result.h) and ImapRange (imap_range.h) are what the asynchronous
+// and lazy calls return; PoolOptions (pool_options.h)
 // sizes and times it; CallOptions (call_options.h) tunes one call; Codec (codec.h) says which
 // types cross the process boundary; CapnpStruct (capnp_struct.h) carries your own Cap'n Proto
 // structs; PoolStats (pool_stats.h) shows what the workers do.
@@ -11,9 +13,12 @@
 #ifndef PROCPOOL_PROCPOOL_H_
 #define PROCPOOL_PROCPOOL_H_
 
+#include "procpool/async_result.h"
 #include "procpool/call_options.h"
 #include "procpool/capnp_struct.h"
 #include "procpool/codec.h"
+#include "procpool/imap_range.h"
+#include "procpool/pool.h"
 #include "procpool/pool_options.h"
 #include "procpool/pool_stats.h"
 #include "procpool/process_pool.h"

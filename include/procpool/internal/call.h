@@ -46,6 +46,11 @@ class Call {
 
   const CallSettings& settings() const { return settings_; }
 
+  // What the pool core has seen of this call's tasks, to decide whether to queue a second batch
+  // behind a running one. Owned by the core: read and written only under its lock.
+  int64_t observed_tasks = 0;
+  int64_t observed_busy_ns = 0;
+
  private:
   CallSettings settings_;
 };

@@ -5,7 +5,6 @@
 #ifndef PROCPOOL_INTERNAL_MAP_CALL_H_
 #define PROCPOOL_INTERNAL_MAP_CALL_H_
 
-#include <condition_variable>
 #include <cstddef>
 #include <functional>
 #include <limits>
@@ -17,21 +16,35 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "procpool/codec.h"
 #include "procpool/internal/call.h"
+#include "procpool/internal/completion.h"
 
 namespace procpool::internal {
 
 template <typename Job, typename Result>
-class MapCall final : public Call {
+class MapCall final : public Call, public Completion<std::vector<Result>> {
  public:
   using Progress = std::function<void(size_t done, size_t total)>;
 
+  // Borrows `jobs` (they must outlive the call) unless `owned` is given, then reads those.
   MapCall(CallSettings settings, absl::Span<const Job> jobs, std::vector<Job> owned = {})
-      : Call(settings), owned_(std::move(owned)), jobs_(owned_.empty() ? jobs : absl::MakeConstSpan(owned_)),
-        slots_(jobs_.size()), remaining_(jobs_.size()) {}
+      : Call(settings),
+        owned_(std::move(owned)),
+        jobs_(owned_.empty() ? jobs : absl::MakeConstSpan(owned_)),
+        slots_(jobs_.size()),
+        remaining_(jobs_.size()) {}
+
+  // An empty call has no task to finish it: completes it (after callbacks were set).
+  void complete_if_empty() {
+    if (jobs_.empty()) this->complete(std::vector<Result>());
+  }
+
+  void set_progress(Progress progress) { progress_ = std::move(progress); }
+
+  // The pool refused the call: it completes with that status, without any task.
+  void fail_unsubmitted(absl::Status status) { this->complete(std::move(status)); }
 
   void encode_job(size_t index, wire::Value::Builder out) override { encode_value(jobs_[index], out); }
 
@@ -57,28 +70,23 @@ class MapCall final : public Call {
     finish_one();
   }
 
-  void set_progress(Progress progress) { progress_ = std::move(progress); }
+ private:
+  static constexpr size_t kNoError = std::numeric_limits<size_t>::max();
 
-  // Blocks until every task has an outcome, or `timeout` passes (then false).
-  bool wait(absl::Duration timeout = absl::InfiniteDuration()) {
-    std::unique_lock lock(mu_);
-    auto done = [this] { return remaining_ == 0; };
-    if (timeout == absl::InfiniteDuration()) {
-      cv_.wait(lock, done);
-      return true;
+  void finish_one() {
+    size_t done;
+    bool last;
+    {
+      std::lock_guard lock(mu_);
+      done = jobs_.size() - --remaining_;
+      last = remaining_ == 0;
     }
-    return cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), done);
-  }
-
-  bool ready() const {
-    std::lock_guard lock(mu_);
-    return remaining_ == 0;
+    if (progress_) progress_(done, jobs_.size());
+    if (last) this->complete(gather());
   }
 
   // The results in job order, or the first failing job's status (in job order), naming its index.
-  // Call once, after wait() returned true.
-  absl::StatusOr<std::vector<Result>> take() {
-    std::lock_guard lock(mu_);
+  absl::StatusOr<std::vector<Result>> gather() {
     if (first_error_index_ != kNoError) {
       return absl::Status(first_error_.code(),
                           absl::StrCat("job ", first_error_index_, ": ", first_error_.message()));
@@ -89,30 +97,39 @@ class MapCall final : public Call {
     return results;
   }
 
-  size_t size() const { return jobs_.size(); }
-
- private:
-  static constexpr size_t kNoError = std::numeric_limits<size_t>::max();
-
-  void finish_one() {
-    size_t done;
-    {
-      std::lock_guard lock(mu_);
-      done = jobs_.size() - --remaining_;
-      if (remaining_ == 0) cv_.notify_all();
-    }
-    if (progress_) progress_(done, jobs_.size());
-  }
-
   std::vector<Job> owned_;
   absl::Span<const Job> jobs_;
-  std::vector<std::optional<Result>> slots_;  // written by the pool thread only, before remaining_ drops
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
+  // Written by the pool thread only; read once, by the pool thread, when the last one is in.
+  std::vector<std::optional<Result>> slots_;
+  std::mutex mu_;
   size_t remaining_;
   size_t first_error_index_ = kNoError;
   absl::Status first_error_;
   Progress progress_;
+};
+
+// A Call for one job (apply, apply_async).
+template <typename Job, typename Result>
+class ApplyCall final : public Call, public Completion<Result> {
+ public:
+  ApplyCall(CallSettings settings, Job job) : Call(settings), job_(std::move(job)) {}
+
+  void encode_job(size_t, wire::Value::Builder out) override { encode_value(job_, out); }
+
+  void on_value(size_t, wire::Value::Reader value) override {
+    absl::StatusOr<Result> decoded = decode_value<Result>(value);
+    if (!decoded.ok()) {
+      this->complete(absl::DataLossError(
+          absl::StrCat("could not decode the result: ", decoded.status().message())));
+      return;
+    }
+    this->complete(*std::move(decoded));
+  }
+
+  void on_error(size_t, absl::Status status) override { this->complete(std::move(status)); }
+
+ private:
+  Job job_;
 };
 
 }  // namespace procpool::internal

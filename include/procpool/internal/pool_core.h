@@ -9,6 +9,7 @@
 #ifndef PROCPOOL_INTERNAL_POOL_CORE_H_
 #define PROCPOOL_INTERNAL_POOL_CORE_H_
 
+#include <functional>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -38,6 +39,10 @@ class PoolCore {
   absl::Status close();
   absl::Status join();
   void terminate();
+
+  // Runs `callback` on the pool's callback thread (started on first use), one at a time, in the
+  // order posted. Callbacks still queued when the pool is destroyed run before it is gone.
+  void post_callback(std::function<void()> callback);
 
   int worker_count() const;
   PoolStats stats() const;

@@ -21,6 +21,43 @@
 
 namespace procpool::internal {
 
+// Decodes `job` as Job, calls `invoke(job)` (returning R or absl::StatusOr<R>) and writes its
+// result, or the error, into `out`. Nothing escapes: user exceptions become kUnknown, codec
+// failures kDataLoss (job) or kInvalidArgument (result).
+template <typename Job, typename Invoke>
+void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Invoke&& invoke) {
+  absl::StatusOr<Job> decoded = decode_value<Job>(job);
+  if (!decoded.ok()) {
+    set_error(out, absl::DataLossError(
+                       absl::StrCat("could not decode the job: ", decoded.status().message())));
+    return;
+  }
+  using Returned = std::remove_cvref_t<decltype(invoke(*decoded))>;
+  using Result = typename UnwrapStatusOr<Returned>::type;
+  std::optional<Result> result;
+  try {
+    if constexpr (IsStatusOr<Returned>::value) {
+      absl::StatusOr<Result> returned = invoke(*decoded);
+      if (!returned.ok()) {
+        set_error(out, returned.status());
+        return;
+      }
+      result.emplace(*std::move(returned));
+    } else {
+      result.emplace(invoke(*decoded));
+    }
+  } catch (...) {
+    set_error(out, absl::UnknownError(describe_current_exception()));
+    return;
+  }
+  try {
+    encode_value(*result, out.initOk());
+  } catch (...) {
+    set_error(out, absl::InvalidArgumentError(
+                       absl::StrCat("could not encode the result: ", describe_current_exception())));
+  }
+}
+
 template <typename W>
 class TypedWorkerBody final : public WorkerBody {
  public:
@@ -46,34 +83,9 @@ class TypedWorkerBody final : public WorkerBody {
 
   void run(wire::TaskBatch::Reader, wire::Value::Reader job,
            wire::Outcome::Builder out) override {
-    absl::StatusOr<Job> decoded = decode_value<Job>(job);
-    if (!decoded.ok()) {
-      set_error(out, absl::DataLossError(
-                         absl::StrCat("could not decode the job: ", decoded.status().message())));
-      return;
-    }
-    std::optional<Result> result;
-    try {
-      if constexpr (Traits::kRunReturnsStatusOr) {
-        absl::StatusOr<Result> returned = invoke_run(*worker_, *decoded);
-        if (!returned.ok()) {
-          set_error(out, returned.status());
-          return;
-        }
-        result.emplace(*std::move(returned));
-      } else {
-        result.emplace(invoke_run(*worker_, *decoded));
-      }
-    } catch (...) {
-      set_error(out, absl::UnknownError(describe_current_exception()));
-      return;
-    }
-    try {
-      encode_value(*result, out.initOk());
-    } catch (...) {
-      set_error(out, absl::InvalidArgumentError(
-                         absl::StrCat("could not encode the result: ", describe_current_exception())));
-    }
+    run_task<Job>(job, out, [this](const Job& decoded) -> decltype(auto) {
+      return invoke_run(*worker_, decoded);
+    });
   }
 
   absl::Status exit() override {

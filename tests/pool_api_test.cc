@@ -1,0 +1,396 @@
+// The Pool surface beyond map: imap, imap_unordered, apply, apply_async, map_async, starmap, the
+// plain-function Pool, worker recycling, concurrent callers, progress, stats and logging.
+
+#include "procpool/procpool.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <ranges>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "doctest/doctest.h"
+#include "tests/test_support.h"
+
+namespace procpool {
+namespace {
+
+PoolOptions quiet(PoolOptions options) {
+  options.log_sink = nullptr;
+  return options;
+}
+
+struct Squarer {
+  int64_t run(int64_t x) {
+    if (x < 0) throw std::invalid_argument("negative");
+    return x * x;
+  }
+};
+
+// Sleeps `job` milliseconds, returns the job.
+struct Sleeper {
+  int64_t run(int64_t milliseconds) {
+    absl::SleepFor(absl::Milliseconds(milliseconds));
+    return milliseconds;
+  }
+};
+
+TEST_CASE("imap yields results in input order, over a container") {
+  ProcessPool<Squarer> pool(quiet({.workers = 2}));
+  std::vector<int64_t> jobs;
+  for (int64_t i = 0; i < 200; ++i) jobs.push_back(i);
+  SUBCASE("chunksize 1") {
+    int64_t expected = 0;
+    for (absl::StatusOr<int64_t> square : pool.imap(jobs)) {
+      REQUIRE(square.ok());
+      CHECK(*square == expected * expected);
+      ++expected;
+    }
+    CHECK(expected == 200);
+  }
+  SUBCASE("chunksize 7, an rvalue input, and a failing job in the middle") {
+    std::vector<int64_t> with_error = jobs;
+    with_error[50] = -1;
+    int64_t index = 0;
+    for (const absl::StatusOr<int64_t>& square : pool.imap(std::move(with_error), {.chunksize = 7})) {
+      if (index == 50) {
+        CHECK(square.status().code() == absl::StatusCode::kUnknown);
+      } else {
+        REQUIRE(square.ok());
+        CHECK(*square == index * index);
+      }
+      ++index;
+    }
+    CHECK(index == 200);
+  }
+}
+
+TEST_CASE("imap over an endless lazy input keeps a bounded number in flight and can stop early") {
+  ProcessPool<Squarer> pool(quiet({.workers = 2}));
+  std::atomic<int64_t> produced{0};
+  auto endless = std::views::iota(int64_t{0}) | std::views::transform([&produced](int64_t i) {
+                   produced.fetch_add(1);
+                   return i;
+                 });
+  constexpr size_t kMaxInFlight = 8;
+  auto results = pool.imap(endless, {.max_in_flight = kMaxInFlight});
+  int64_t consumed = 0;
+  for (absl::StatusOr<int64_t> square : results) {
+    REQUIRE(square.ok());
+    CHECK(*square == consumed * consumed);
+    ++consumed;
+    // The input is pulled only as results are consumed: never more than max_in_flight ahead.
+    CHECK(produced.load() <= consumed + static_cast<int64_t>(kMaxInFlight));
+    CHECK(results.in_flight() <= kMaxInFlight);
+    if (consumed == 1000) break;
+  }
+  CHECK(consumed == 1000);
+  // Leaving the loop cancelled what had not started; the pool is still usable.
+  std::vector<int64_t> jobs = {1, 2, 3};
+  CHECK(*pool.map(jobs) == std::vector<int64_t>{1, 4, 9});
+}
+
+TEST_CASE("the first imap result arrives while the input is still being produced") {
+  ProcessPool<Squarer> pool(quiet({.workers = 2}));
+  std::atomic<int64_t> produced{0};
+  auto input = std::views::iota(int64_t{0}, int64_t{100000}) |
+               std::views::transform([&produced](int64_t i) {
+                 produced.fetch_add(1);
+                 return i;
+               });
+  for (absl::StatusOr<int64_t> first : pool.imap(input)) {
+    REQUIRE(first.ok());
+    CHECK(produced.load() < 100);
+    break;
+  }
+}
+
+TEST_CASE("imap_unordered yields every result once, as they complete") {
+  ProcessPool<Sleeper> pool(quiet({.workers = 2}));
+  std::vector<int64_t> jobs = {300, 1, 1, 1, 1, 1};
+  std::vector<int64_t> order;
+  for (absl::StatusOr<int64_t> done : pool.imap_unordered(jobs)) {
+    REQUIRE(done.ok());
+    order.push_back(*done);
+  }
+  CHECK(std::multiset<int64_t>(order.begin(), order.end()) ==
+        std::multiset<int64_t>(jobs.begin(), jobs.end()));
+  CHECK(order.back() == 300);  // the slow job finishes last, not first
+}
+
+TEST_CASE("apply and apply_async") {
+  ProcessPool<Sleeper> pool(quiet({.workers = 2}));
+  CHECK(*pool.apply(5) == 5);
+
+  SUBCASE("get(timeout) expires with kDeadlineExceeded; the task keeps running") {
+    AsyncResult<int64_t> pending = pool.apply_async(400);
+    CHECK_FALSE(pending.ready());
+    absl::StatusOr<int64_t> early = pending.get(absl::Milliseconds(20));
+    CHECK(early.status().code() == absl::StatusCode::kDeadlineExceeded);
+    CHECK(pending.wait(absl::Seconds(10)));
+    CHECK(pending.ready());
+    CHECK(*pending.get() == 400);
+    CHECK(*pending.get(absl::ZeroDuration()) == 400);  // every get returns the result
+  }
+  SUBCASE("callbacks fire exactly once, on a thread that may use the pool") {
+    std::atomic<int> successes{0};
+    std::atomic<int> errors{0};
+    std::atomic<int64_t> nested{-1};
+    AsyncResult<int64_t> done = pool.apply_async(
+        10, {}, {.on_success = [&](const int64_t& value) {
+                   // A blocking call from a callback must not deadlock the pool.
+                   nested = *pool.apply(value + 1);
+                   successes.fetch_add(1);
+                 },
+                 .on_error = [&](const absl::Status&) { errors.fetch_add(1); }});
+    CHECK(*done.get() == 10);
+    REQUIRE(testing::wait_until([&] { return successes.load() == 1; }));
+    CHECK(nested.load() == 11);
+    absl::SleepFor(absl::Milliseconds(50));
+    CHECK(successes.load() == 1);
+    CHECK(errors.load() == 0);
+  }
+}
+
+TEST_CASE("error callbacks, and map_async with its callback") {
+  ProcessPool<Squarer> pool(quiet({.workers = 2}));
+  std::atomic<int> errors{0};
+  absl::Status seen;
+  std::mutex mu;
+  AsyncResult<int64_t> failed = pool.apply_async(-1, {}, {.on_error = [&](const absl::Status& s) {
+                                                   std::lock_guard lock(mu);
+                                                   seen = s;
+                                                   errors.fetch_add(1);
+                                                 }});
+  CHECK(failed.get().status().code() == absl::StatusCode::kUnknown);
+  REQUIRE(testing::wait_until([&] { return errors.load() == 1; }));
+  {
+    std::lock_guard lock(mu);
+    CHECK(std::string(seen.message()).find("negative") != std::string::npos);
+  }
+
+  std::atomic<size_t> delivered{0};
+  std::vector<int64_t> jobs = {1, 2, 3, 4};
+  AsyncResult<std::vector<int64_t>> all = pool.map_async(
+      jobs, {}, {.on_success = [&](const std::vector<int64_t>& r) { delivered = r.size(); }});
+  CHECK(*all.get() == std::vector<int64_t>{1, 4, 9, 16});
+  REQUIRE(testing::wait_until([&] { return delivered.load() == 4; }));
+
+  AsyncResult<std::vector<int64_t>> empty = pool.map_async({});
+  CHECK(empty.get()->empty());
+  REQUIRE(pool.close().ok());
+  CHECK(pool.map_async(jobs).get().status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(pool.apply_async(1).get().status().code() == absl::StatusCode::kFailedPrecondition);
+}
+
+struct Formatter {
+  std::string run(const std::string& name, int64_t count, double ratio) {
+    return absl::StrCat(name, "/", count, "/", ratio);
+  }
+};
+
+TEST_CASE("starmap unpacks each tuple into run's parameters") {
+  ProcessPool<Formatter> pool(quiet({.workers = 2}));
+  static_assert(std::is_same_v<ProcessPool<Formatter>::Job, std::tuple<std::string, int64_t, double>>);
+  std::vector<std::tuple<std::string, int64_t, double>> jobs = {{"a", 1, 0.5}, {"b", 2, 1.5}};
+  absl::StatusOr<std::vector<std::string>> formatted = pool.starmap(jobs);
+  REQUIRE(formatted.ok());
+  CHECK(*formatted == std::vector<std::string>{"a/1/0.5", "b/2/1.5"});
+}
+
+int64_t cube(const int64_t& x) { return x * x * x; }
+absl::StatusOr<std::string> describe(int64_t x) {
+  if (x == 13) return absl::InvalidArgumentError("unlucky");
+  return absl::StrCat("#", x);
+}
+double weighted(int64_t value, double weight) { return static_cast<double>(value) * weight; }
+
+TEST_CASE("Pool runs plain functions and captureless lambdas, like pool.map(f, xs)") {
+  Pool pool(quiet({.workers = 2}));
+  std::vector<int64_t> jobs = {1, 2, 3};
+  CHECK(*pool.map(cube, jobs) == std::vector<int64_t>{1, 8, 27});
+  CHECK(*pool.map(&cube, jobs, {.chunksize = 1}) == std::vector<int64_t>{1, 8, 27});
+  CHECK(*pool.map([](const int64_t& x) { return x + 100; }, jobs) == std::vector<int64_t>{101, 102, 103});
+  CHECK(*pool.apply(describe, 7) == "#7");
+  CHECK(pool.apply(describe, 13).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(*pool.apply_async(cube, 4).get() == 64);
+  std::vector<std::tuple<int64_t, double>> pairs = {{2, 0.5}, {10, 0.1}};
+  absl::StatusOr<std::vector<double>> products = pool.starmap(weighted, pairs);
+  REQUIRE(products.ok());
+  CHECK((*products)[0] == doctest::Approx(1.0));
+  CHECK((*products)[1] == doctest::Approx(1.0));
+  std::vector<int64_t> cubes;
+  for (absl::StatusOr<int64_t> c : pool.imap(cube, std::views::iota(int64_t{0}, int64_t{5}))) cubes.push_back(*c);
+  CHECK(cubes == std::vector<int64_t>{0, 1, 8, 27, 64});
+  std::set<std::string> described;
+  for (absl::StatusOr<std::string> d : pool.imap_unordered(describe, jobs)) described.insert(*d);
+  CHECK(described == std::set<std::string>{"#1", "#2", "#3"});
+}
+
+// Records enter, each run and exit, per pid.
+struct Recorder {
+  explicit Recorder(std::string log) : log_(std::move(log)) {}
+  void enter() { testing::append_line(log_, absl::StrCat("enter ", getpid())); }
+  int64_t run(int64_t job) {
+    testing::append_line(log_, absl::StrCat("run ", getpid(), " ", job));
+    return job;
+  }
+  void exit() { testing::append_line(log_, absl::StrCat("exit ", getpid())); }
+  std::string log_;
+};
+
+TEST_CASE("max_tasks_per_worker recycles workers; no task is lost or run twice") {
+  testing::TempDir dir;
+  const std::string log = dir.file("events");
+  std::vector<int64_t> jobs;
+  for (int64_t i = 0; i < 40; ++i) jobs.push_back(i);
+  int64_t restarted = 0;
+  {
+    ProcessPool<Recorder> pool(quiet({.workers = 2, .max_tasks_per_worker = 3}),
+                               [log] { return Recorder(log); });
+    absl::StatusOr<std::vector<int64_t>> echoed = pool.map(jobs);  // automatic chunks of 5 > 3
+    REQUIRE(echoed.ok());
+    CHECK(*echoed == jobs);
+    restarted = pool.stats().workers_restarted;
+  }
+  std::map<std::string, std::map<std::string, int>> per_pid;  // pid -> kind -> count
+  std::map<int64_t, int> runs;
+  for (const std::string& line : testing::read_lines(log)) {
+    std::vector<std::string> parts = absl::StrSplit(line, ' ');
+    ++per_pid[parts[1]][parts[0]];
+    if (parts[0] == "run") {
+      int64_t job;
+      REQUIRE(absl::SimpleAtoi(parts[2], &job));
+      ++runs[job];
+    }
+  }
+  CHECK(runs.size() == jobs.size());
+  for (const auto& [job, count] : runs) CHECK(count == 1);
+  CHECK(per_pid.size() >= 40 / 3);
+  for (auto& [pid, kinds] : per_pid) {
+    CAPTURE(pid);
+    CHECK(kinds["run"] <= 3);
+    CHECK(kinds["enter"] == 1);
+    CHECK(kinds["exit"] == 1);
+  }
+  CHECK(restarted >= 40 / 3 - 2);
+}
+
+struct Hog {
+  int64_t run(int64_t megabytes) {
+    // Touch the memory so it is resident, and keep it.
+    static std::vector<std::string> kept;
+    kept.emplace_back(static_cast<size_t>(megabytes) << 20, 'x');
+    return getpid();
+  }
+};
+
+TEST_CASE("max_worker_rss_bytes recycles a worker that grew too big") {
+  ProcessPool<Hog> pool(quiet({.workers = 1, .max_worker_rss_bytes = size_t{64} << 20}));
+  std::set<int64_t> pids;
+  for (int i = 0; i < 12; ++i) {
+    absl::StatusOr<int64_t> pid = pool.apply(16);
+    REQUIRE(pid.ok());
+    pids.insert(*pid);
+    absl::SleepFor(absl::Milliseconds(60));  // past the 50 ms check interval
+  }
+  CHECK(pids.size() >= 2);
+  CHECK(pool.stats().workers_restarted >= 1);
+}
+
+TEST_CASE("two threads can map on one pool at once; results do not mix") {
+  ProcessPool<Squarer> pool(quiet({.workers = 2}));
+  auto work = [&pool](int64_t base, bool* ok) {
+    std::vector<int64_t> jobs;
+    for (int64_t i = 0; i < 5000; ++i) jobs.push_back(base + i);
+    for (int round = 0; round < 5; ++round) {
+      absl::StatusOr<std::vector<int64_t>> squares = pool.map(jobs, {.chunksize = 16});
+      if (!squares.ok() || squares->size() != jobs.size()) return;
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        if ((*squares)[i] != jobs[i] * jobs[i]) return;
+      }
+    }
+    *ok = true;
+  };
+  bool first = false, second = false;
+  std::thread a(work, 0, &first);
+  std::thread b(work, 1'000'000, &second);
+  a.join();
+  b.join();
+  CHECK(first);
+  CHECK(second);
+}
+
+TEST_CASE("progress callbacks and stats add up after a run with failures") {
+  std::vector<LogEvent> events;
+  std::mutex events_mu;
+  PoolOptions options{.workers = 2};
+  options.log_sink = [&](const LogEvent& event) {
+    std::lock_guard lock(events_mu);
+    events.push_back(event);
+  };
+  {
+    ProcessPool<Squarer> pool(options);
+    std::vector<int64_t> jobs;
+    for (int64_t i = 0; i < 100; ++i) jobs.push_back(i % 10 == 0 ? -i - 1 : i);
+    std::atomic<size_t> calls{0};
+    std::atomic<size_t> last_done{0};
+    absl::StatusOr<std::vector<int64_t>> result =
+        pool.map(jobs, {.progress = [&](size_t done, size_t total) {
+                          CHECK(total == 100);
+                          calls.fetch_add(1);
+                          last_done = std::max(last_done.load(), done);
+                        }});
+    CHECK_FALSE(result.ok());
+    CHECK(calls.load() == 100);
+    CHECK(last_done.load() == 100);
+    PoolStats stats = pool.stats();
+    CHECK(stats.tasks_submitted == 100);
+    CHECK(stats.tasks_done == 90);
+    CHECK(stats.tasks_failed == 10);
+    CHECK(stats.workers_restarted == 0);
+    REQUIRE(stats.workers.size() == 2);
+    int64_t done_by_workers = 0;
+    for (const WorkerStats& worker : stats.workers) {
+      CHECK(worker.pid > 0);
+      CHECK(worker.state == WorkerState::kIdle);
+      CHECK_FALSE(worker.current_task.has_value());
+      done_by_workers += worker.tasks_done;
+    }
+    CHECK(done_by_workers == 100);
+  }
+  std::lock_guard lock(events_mu);
+  int started = 0, stopped = 0;
+  for (const LogEvent& event : events) {
+    CHECK(event.process.rfind("procpool", 0) == 0);
+    CHECK(event.since_start >= absl::ZeroDuration());
+    if (event.message == "started") ++started;
+    if (event.message.find("exited with status 0") != std::string::npos) ++stopped;
+  }
+  CHECK(started == 2);
+  CHECK(stopped == 2);
+}
+
+TEST_CASE("stats show a busy worker and its current task") {
+  ProcessPool<Sleeper> pool(quiet({.workers = 1}));
+  AsyncResult<int64_t> slow = pool.apply_async(300);
+  REQUIRE(testing::wait_until([&] { return pool.stats().workers[0].current_task.has_value(); }));
+  WorkerStats worker = pool.stats().workers[0];
+  CHECK(worker.state == WorkerState::kBusy);
+  CHECK(*worker.current_task == 0);
+  CHECK(*slow.get() == 300);
+  CHECK(pool.stats().workers[0].time_busy >= absl::Milliseconds(250));
+}
+
+}  // namespace
+}  // namespace procpool

@@ -27,6 +27,7 @@
 #include "capnp/serialize.h"
 #include "kj/exception.h"
 #include "lib/frame_io.h"
+#include "lib/pool_registry.h"
 #include "lib/protocol.capnp.h"
 #include "lib/status_page.h"
 #include "lib/unique_fd.h"
@@ -77,6 +78,7 @@ class PoolCore::Impl {
 
   absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
   void cancel(const Call* call);
+  void cancel_pending(absl::Status status);
   absl::Status close();
   absl::Status join();
   void terminate();
@@ -287,6 +289,7 @@ void PoolCore::Impl::spawn(Slot& slot) {
   launch.process_name = slot.name;
   launch.parent_death_signal = true;
   launch.max_frame_bytes = options_.max_frame_bytes;
+  launch.pool_pid = ::getpid();
   launch.factory = &factory_;
   absl::StatusOr<WorkerProcess> process = WorkerProcess::spawn(launch);
   if (!process.ok()) {
@@ -336,6 +339,11 @@ void PoolCore::Impl::cancel(const Call* call) {
       ++it;
     }
   }
+}
+
+void PoolCore::Impl::cancel_pending(absl::Status status) {
+  std::unique_lock lock(mu_);
+  fail_pending(status);
 }
 
 absl::Status PoolCore::Impl::close() {
@@ -910,8 +918,15 @@ void PoolCore::Impl::loop() {
 }
 
 PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory)
-    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory))) {}
-PoolCore::~PoolCore() = default;
+    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory))) {
+  register_pool(this);
+}
+PoolCore::~PoolCore() {
+  // First, so the signal thread never acts on a pool being destroyed.
+  unregister_pool(this);
+  impl_.reset();
+}
+void PoolCore::cancel_pending(absl::Status status) { impl_->cancel_pending(std::move(status)); }
 absl::Status PoolCore::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
   return impl_->submit(std::move(call), first, count);
 }

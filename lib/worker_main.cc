@@ -31,6 +31,16 @@ int64_t coarse_now_ns() {
   return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
 }
 
+// SIGTERM counts only when the pool sent it (a timeout, terminate(), join's deadline). One sent
+// to the whole process group, by a terminal or a supervisor, is the parent's to act on.
+pid_t pool_pid = 0;
+
+void on_sigterm(int signal, siginfo_t* info, void*) {
+  if (info != nullptr && info->si_code == SI_USER && info->si_pid != pool_pid) return;
+  ::signal(signal, SIG_DFL);
+  ::raise(signal);
+}
+
 [[noreturn]] void leave(int status) {
   // Our own stdio output only: the parent flushed its buffers before fork().
   std::fflush(nullptr);
@@ -49,6 +59,12 @@ void prepare_process(int channel_fd, const WorkerLaunch& launch, pid_t parent_pi
     std::signal(signal, SIG_DFL);
   }
   std::signal(SIGINT, SIG_IGN);
+  pool_pid = launch.pool_pid;
+  struct sigaction term {};
+  term.sa_sigaction = on_sigterm;
+  term.sa_flags = SA_SIGINFO;
+  sigemptyset(&term.sa_mask);
+  ::sigaction(SIGTERM, &term, nullptr);
   sigset_t none;
   sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);

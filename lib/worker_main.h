@@ -3,7 +3,7 @@
 // destructors and atexit handlers, so every way out is _exit().
 //
 // In order: name the process, arrange to die with the parent, reset signal handlers (SIGINT is
-// ignored: the parent decides what a Ctrl-C means), close every inherited descriptor but the
+// ignored and SIGTERM obeyed only from the pool: the parent decides what a Ctrl-C means), close every inherited descriptor but the
 // channel, make the body and run enter(), then serve batches until told to shut down (exit()
 // runs, status 0) or until the channel reaches end of file (the parent is gone: exit at once).
 

@@ -27,6 +27,7 @@ struct WorkerLaunch {
   bool parent_death_signal = true;      // PR_SET_PDEATHSIG: only when the forking thread lives
                                         // as long as the pool (the signal follows that thread)
   size_t max_frame_bytes = 0;
+  pid_t pool_pid = 0;                   // the only process whose SIGTERM the worker obeys
   const WorkerBodyFactory* factory = nullptr;
 };
 

@@ -22,5 +22,6 @@
 #include "procpool/pool_options.h"
 #include "procpool/pool_stats.h"
 #include "procpool/process_pool.h"
+#include "procpool/signals.h"
 
 #endif  // PROCPOOL_PROCPOOL_H_

@@ -35,6 +35,8 @@ class PoolCore {
   absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
   // Drops the call's tasks that no worker has started; each gets on_error(kCancelled).
   void cancel(const Call* call);
+  // Drops every queued task that no worker has started, of every call; each gets on_error(status).
+  void cancel_pending(absl::Status status);
 
   absl::Status close();
   absl::Status join();

@@ -1,0 +1,124 @@
+// SIGINT and SIGTERM sent to a whole process group, as a terminal or a supervisor does, against
+// a real program using procpool::install_signal_handlers() (tests/signal_helper.cc).
+
+#include "procpool/signals.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "doctest/doctest.h"
+#include "tests/test_support.h"
+
+namespace procpool {
+namespace {
+
+std::string helper_path() {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (srcdir != nullptr && workspace != nullptr) {
+    return absl::StrCat(srcdir, "/", workspace, "/tests/signal_helper");
+  }
+  return "bazel-bin/tests/signal_helper";
+}
+
+struct Helper {
+  pid_t pid = -1;
+  FILE* out = nullptr;
+};
+
+// Starts the helper in a process group of its own, its stdout on a pipe.
+Helper start(const std::string& dir, int task_ms) {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const std::string path = helper_path();
+  const std::string ms = std::to_string(task_ms);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    ::dup2(fds[1], STDOUT_FILENO);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    ::execl(path.c_str(), path.c_str(), dir.c_str(), ms.c_str(), nullptr);
+    ::_exit(127);
+  }
+  ::setpgid(pid, pid);  // both sides, so it holds whoever runs first
+  ::close(fds[1]);
+  return Helper{pid, ::fdopen(fds[0], "r")};
+}
+
+std::string read_line(FILE* in) {
+  char buffer[256] = {};
+  if (std::fgets(buffer, sizeof(buffer), in) == nullptr) return "";
+  std::string line(buffer);
+  if (!line.empty() && line.back() == '\n') line.pop_back();
+  return line;
+}
+
+int exit_files(const std::string& dir) {
+  int count = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("exit.", 0) == 0) ++count;
+  }
+  return count;
+}
+
+TEST_CASE("one SIGINT to the process group mid-map: cancelled, every exit() ran, clean exit") {
+  testing::TempDir dir;
+  Helper helper = start(dir.path(), 50);
+  REQUIRE(read_line(helper.out) == "started");
+  REQUIRE(::kill(-helper.pid, SIGINT) == 0);
+  const std::string last = read_line(helper.out);
+  int status = 0;
+  REQUIRE(::waitpid(helper.pid, &status, 0) == helper.pid);
+  std::fclose(helper.out);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(last == absl::StrCat("map CANCELLED signal ", SIGINT));
+  CHECK(exit_files(dir.path()) == 3);  // every worker's exit() hook ran
+  CHECK(testing::read_lines(dir.file("runs")).size() < 200);  // queued tasks were cancelled
+  // No worker outlived the program (they were its children; the group is empty now).
+  CHECK(testing::wait_until([&] { return ::kill(-helper.pid, 0) != 0; }, absl::Seconds(2)));
+}
+
+TEST_CASE("SIGTERM to the process group does the same; workers obey only their pool") {
+  testing::TempDir dir;
+  Helper helper = start(dir.path(), 50);
+  REQUIRE(read_line(helper.out) == "started");
+  REQUIRE(::kill(-helper.pid, SIGTERM) == 0);
+  const std::string last = read_line(helper.out);
+  int status = 0;
+  REQUIRE(::waitpid(helper.pid, &status, 0) == helper.pid);
+  std::fclose(helper.out);
+  CHECK(WIFEXITED(status));
+  CHECK(last == absl::StrCat("map CANCELLED signal ", SIGTERM));
+  CHECK(exit_files(dir.path()) == 3);
+}
+
+TEST_CASE("a second SIGINT terminates: running tasks stop, no exit hooks") {
+  testing::TempDir dir;
+  Helper helper = start(dir.path(), 60000);  // tasks that would run a minute
+  REQUIRE(read_line(helper.out) == "started");
+  REQUIRE(testing::wait_until([&] { return testing::read_lines(dir.file("runs")).size() == 3; }));
+  REQUIRE(::kill(-helper.pid, SIGINT) == 0);
+  absl::SleepFor(absl::Milliseconds(100));  // let the first be handled as the first
+  REQUIRE(::kill(-helper.pid, SIGINT) == 0);
+  const std::string last = read_line(helper.out);
+  int status = 0;
+  REQUIRE(::waitpid(helper.pid, &status, 0) == helper.pid);
+  std::fclose(helper.out);
+  CHECK(WIFEXITED(status));
+  CHECK(last == absl::StrCat("map CANCELLED signal ", SIGINT));
+  CHECK(exit_files(dir.path()) == 0);
+}
+
+}  // namespace
+}  // namespace procpool

@@ -26,6 +26,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "kj/exception.h"
+#include "lib/fork_server.h"
 #include "lib/frame_io.h"
 #include "lib/pool_registry.h"
 #include "lib/protocol.capnp.h"
@@ -109,6 +110,7 @@ class PoolCore::Impl {
     std::string name;
     WorkerProcess process;
     bool alive = false;           // forked and not yet reaped
+    uint64_t generation = 0;      // counts the processes this slot has had
     bool ready = false;           // enter() succeeded
     bool shutdown_sent = false;
     std::optional<absl::Status> kill_reason;  // why we are killing it; set once
@@ -151,7 +153,11 @@ class PoolCore::Impl {
   std::string describe(const Slot& slot) const;
   void log_worker(const Slot& slot, LogSeverity severity, std::string message) const;
 
+  void start_fork_server();
+  void handle_fork_server_reports();
+
   const WorkerBodyFactory factory_;
+  std::unique_ptr<ForkServer> fork_server_;
   const absl::Time start_time_ = absl::Now();
   UniqueFd wake_fd_;
   bool fork_from_pool_thread_ = false;
@@ -212,7 +218,10 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
   // other thread may end before the pool does: then the pool thread forks, first thing.
   fork_from_pool_thread_ = ::gettid() != ::getpid();
   if (!fork_from_pool_thread_) {
-    for (Slot& slot : slots_) spawn(slot);
+    start_fork_server();
+    for (Slot& slot : slots_) {
+      if (broken_.ok()) spawn(slot);
+    }
   }
   thread_ = std::thread([this] { loop(); });
 }
@@ -283,6 +292,50 @@ void PoolCore::Impl::log_worker(const Slot& slot, LogSeverity severity, std::str
   log(severity, slot.name, slot.process.pid(), std::move(message));
 }
 
+void PoolCore::Impl::start_fork_server() {
+  if (options_.start_method != StartMethod::kForkServer) return;
+  WorkerLaunch launch;
+  launch.process_name = absl::StrCat(options_.name, "-fs").substr(0, 15);
+  launch.parent_death_signal = true;
+  launch.max_frame_bytes = options_.max_frame_bytes;
+  launch.pool_pid = ::getpid();
+  launch.factory = &factory_;
+  absl::StatusOr<std::unique_ptr<ForkServer>> server = ForkServer::start(launch);
+  if (!server.ok()) {
+    break_pool(absl::Status(server.status().code(), absl::StrCat("could not start the fork server: ",
+                                                                 server.status().message())));
+    return;
+  }
+  fork_server_ = *std::move(server);
+  log(LogSeverity::kInfo, launch.process_name, fork_server_->pid(), "fork server started");
+}
+
+void PoolCore::Impl::handle_fork_server_reports() {
+  std::vector<std::pair<pid_t, int>> exits;
+  absl::Status alive = fork_server_->take_exits(exits);
+  for (const auto& [pid, status] : exits) {
+    for (Slot& slot : slots_) {
+      if (!slot.alive || slot.process.pid() != pid) continue;
+      // Results it sent before it died are real: read them first.
+      if (slot.process.channel_fd() >= 0) read_from(slot);
+      slot.process.mark_reaped();
+      handle_exit(slot, status);
+      break;
+    }
+  }
+  if (!alive.ok()) {
+    // Its workers die with it (PR_SET_PDEATHSIG); no report will come for them.
+    break_pool(absl::AbortedError("the fork server died; no worker can be started"));
+    for (Slot& slot : slots_) {
+      if (!slot.alive) continue;
+      if (!slot.kill_reason) slot.kill_reason = absl::AbortedError("the fork server died");
+      slot.process.mark_reaped();
+      handle_exit(slot, SIGKILL);  // a wait status: killed by SIGKILL
+    }
+    fork_server_.reset();
+  }
+}
+
 void PoolCore::Impl::spawn(Slot& slot) {
   WorkerLaunch launch;
   launch.slot = slot.index;
@@ -291,7 +344,8 @@ void PoolCore::Impl::spawn(Slot& slot) {
   launch.max_frame_bytes = options_.max_frame_bytes;
   launch.pool_pid = ::getpid();
   launch.factory = &factory_;
-  absl::StatusOr<WorkerProcess> process = WorkerProcess::spawn(launch);
+  absl::StatusOr<WorkerProcess> process =
+      fork_server_ ? fork_server_->spawn(launch) : WorkerProcess::spawn(launch);
   if (!process.ok()) {
     break_pool(absl::Status(process.status().code(),
                             absl::StrCat("could not start worker ", slot.index, ": ",
@@ -299,6 +353,7 @@ void PoolCore::Impl::spawn(Slot& slot) {
     return;
   }
   slot.process = *std::move(process);
+  ++slot.generation;
   slot.alive = true;
   slot.ready = false;
   slot.shutdown_sent = false;
@@ -852,12 +907,21 @@ int PoolCore::Impl::check_deadlines() {
 void PoolCore::Impl::loop() {
   std::unique_lock lock(mu_);
   if (fork_from_pool_thread_) {
+    start_fork_server();
     for (Slot& slot : slots_) {
       if (broken_.ok()) spawn(slot);
     }
   }
+  // What each pollfd is. A slot's entries carry its generation: when handling one event respawns
+  // a worker, the slot's later entries (whose fd numbers the new worker may reuse) are stale.
+  enum class Source { kWake, kForkServer, kChannel, kPidfd };
+  struct Owner {
+    Source source;
+    int slot = -1;
+    uint64_t generation = 0;
+  };
   std::vector<pollfd> fds;
-  std::vector<int> owners;  // slot index per pollfd, -1 for the wake fd
+  std::vector<Owner> owners;
   while (true) {
     dispatch();
     maybe_send_shutdowns();
@@ -866,24 +930,28 @@ void PoolCore::Impl::loop() {
       if (!pending_.empty()) fail_pending(broken_.ok() ? absl::AbortedError("no worker is left") : broken_);
       break;
     }
-    if (!broken_.ok() && !any_alive() && !joining_) {
-      // Nothing can run; wait for close/join.
-    }
 
     fds.clear();
     owners.clear();
     fds.push_back({wake_fd_.get(), POLLIN, 0});
-    owners.push_back(-1);
+    owners.push_back({Source::kWake});
+    if (fork_server_) {
+      fds.push_back({fork_server_->fd(), POLLIN, 0});
+      owners.push_back({Source::kForkServer});
+    }
     for (Slot& slot : slots_) {
       if (!slot.alive) continue;
       if (slot.process.channel_fd() >= 0) {
         short events = POLLIN;
         if (!slot.writer.empty()) events |= POLLOUT;
         fds.push_back({slot.process.channel_fd(), events, 0});
-        owners.push_back(slot.index);
+        owners.push_back({Source::kChannel, slot.index, slot.generation});
       }
-      fds.push_back({slot.process.pidfd(), POLLIN, 0});
-      owners.push_back(slot.index);
+      // A fork server's worker is not our child: the server reports its exit.
+      if (!fork_server_) {
+        fds.push_back({slot.process.pidfd(), POLLIN, 0});
+        owners.push_back({Source::kPidfd, slot.index, slot.generation});
+      }
     }
 
     lock.unlock();
@@ -893,20 +961,25 @@ void PoolCore::Impl::loop() {
 
     for (size_t i = 0; i < fds.size(); ++i) {
       if (fds[i].revents == 0) continue;
-      if (owners[i] < 0) {
+      const Owner& owner = owners[i];
+      if (owner.source == Source::kWake) {
         uint64_t count;
         (void)!::read(wake_fd_.get(), &count, sizeof(count));
         continue;
       }
-      Slot& slot = slots_[owners[i]];
-      if (!slot.alive) continue;
-      if (fds[i].fd == slot.process.pidfd()) {
+      if (owner.source == Source::kForkServer) {
+        if (fork_server_) handle_fork_server_reports();
+        continue;
+      }
+      Slot& slot = slots_[owner.slot];
+      if (!slot.alive || slot.generation != owner.generation) continue;
+      if (owner.source == Source::kPidfd) {
         // Drain what it sent before it died: results it reported are real.
         if (slot.process.channel_fd() >= 0) read_from(slot);
         if (std::optional<int> status = slot.process.try_reap()) handle_exit(slot, *status);
         continue;
       }
-      if (fds[i].fd != slot.process.channel_fd()) continue;
+      if (slot.process.channel_fd() < 0) continue;
       if (fds[i].revents & POLLOUT) {
         if (!slot.writer.write_some(slot.process.channel_fd()).ok()) slot.writer.clear();
       }

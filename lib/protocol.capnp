@@ -76,3 +76,24 @@ struct FromWorker {
     exited @3 :Error;           # exit() ran; code 0 when it succeeded
   }
 }
+
+# Parent <-> fork server (StartMethod::kForkServer), one message per SOCK_SEQPACKET packet. A
+# spawn request carries the new worker's channel and status-page memfd as SCM_RIGHTS.
+struct ForkServerRequest {
+  slot @0 :UInt32;
+  name @1 :Text;                # the worker's process name
+}
+
+struct ForkServerReport {
+  union {
+    spawned :group {
+      slot @0 :UInt32;
+      pid @1 :Int32;
+    }
+    exited :group {             # a worker of the server's was reaped
+      pid @2 :Int32;
+      waitStatus @3 :Int32;
+    }
+    failed @4 :Error;           # the spawn request could not be served
+  }
+}

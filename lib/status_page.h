@@ -2,8 +2,9 @@
 //
 // The worker stamps which task it is running, and since when, before each task; the parent reads
 // it without a syscall to tell, after a crash, which task died and which never started, and to
-// enforce task timeouts. It is a separate MAP_SHARED mapping per worker, so a worker can only
-// scribble on its own page, and the parent never trusts it for more than those decisions.
+// enforce task timeouts. It is a separate MAP_SHARED mapping of a memfd per worker, so a worker
+// can only scribble on its own page, and the parent never trusts it for more than those
+// decisions. The memfd lets a page made by the parent reach a worker forked by the fork server.
 
 #ifndef PROCPOOL_LIB_STATUS_PAGE_H_
 #define PROCPOOL_LIB_STATUS_PAGE_H_
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "absl/status/statusor.h"
+#include "lib/unique_fd.h"
 
 namespace procpool::internal {
 
@@ -26,10 +28,14 @@ struct StatusPage {
   std::atomic<int64_t> busy_ns{0};            // total time spent in tasks
 };
 
-// Owns one mapping of a StatusPage (anonymous, shared with children forked after it).
+// Owns one mapping of a StatusPage, and (in the parent) the memfd behind it.
 class StatusPageMapping {
  public:
+  // A fresh, zeroed page in a new memfd.
   static absl::StatusOr<StatusPageMapping> create();
+  // Maps the page of an existing memfd (in a worker forked by the fork server). Does not take
+  // `fd`: the caller closes it; the mapping stays.
+  static absl::StatusOr<StatusPageMapping> map(int fd);
   StatusPageMapping() = default;
   StatusPageMapping(StatusPageMapping&& other) noexcept;
   StatusPageMapping& operator=(StatusPageMapping&& other) noexcept;
@@ -37,9 +43,11 @@ class StatusPageMapping {
 
   StatusPage* get() const { return page_; }
   StatusPage* operator->() const { return page_; }
+  int fd() const { return fd_.get(); }
 
  private:
   StatusPage* page_ = nullptr;
+  UniqueFd fd_;
 };
 
 int64_t monotonic_now_ns();

@@ -54,20 +54,7 @@ void prepare_process(int channel_fd, const WorkerLaunch& launch, pid_t parent_pi
     // The parent may have died before the line above: then nobody will signal us.
     if (::getppid() != parent_pid) ::_exit(kWorkerExitOk);
   }
-  for (int signal = 1; signal < NSIG; ++signal) {
-    if (signal == SIGKILL || signal == SIGSTOP) continue;
-    std::signal(signal, SIG_DFL);
-  }
-  std::signal(SIGINT, SIG_IGN);
-  pool_pid = launch.pool_pid;
-  struct sigaction term {};
-  term.sa_sigaction = on_sigterm;
-  term.sa_flags = SA_SIGINFO;
-  sigemptyset(&term.sa_mask);
-  ::sigaction(SIGTERM, &term, nullptr);
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  reset_signals_for_child(launch.pool_pid);
 
   if (channel_fd != kChannelFd) {
     ::dup3(channel_fd, kChannelFd, O_CLOEXEC);
@@ -136,6 +123,24 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
 }
 
 }  // namespace
+
+void reset_signals_for_child(pid_t pool) {
+  for (int signal = 1; signal < NSIG; ++signal) {
+    if (signal == SIGKILL || signal == SIGSTOP) continue;
+    std::signal(signal, SIG_DFL);
+  }
+  std::signal(SIGINT, SIG_IGN);
+  pool_pid = pool;
+  struct sigaction term {};
+  term.sa_sigaction = on_sigterm;
+  term.sa_flags = SA_SIGINFO;
+  sigemptyset(&term.sa_mask);
+  ::sigaction(SIGTERM, &term, nullptr);
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+
+}
 
 void worker_main(int channel_fd, StatusPage* page, const WorkerLaunch& launch, pid_t parent_pid) {
   prepare_process(channel_fd, launch, parent_pid);

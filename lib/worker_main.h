@@ -23,6 +23,10 @@ inline constexpr int kWorkerExitEnterFailed = 70;
 inline constexpr int kWorkerExitExitHookFailed = 71;
 inline constexpr int kWorkerExitProtocolError = 72;
 
+// Every handler back to its default, the signal mask empty, SIGINT ignored, and SIGTERM obeyed
+// only when `pool` sent it. For worker processes and the fork server.
+void reset_signals_for_child(pid_t pool);
+
 [[noreturn]] void worker_main(int channel_fd, StatusPage* page, const WorkerLaunch& launch,
                               pid_t parent_pid);
 

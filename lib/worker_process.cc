@@ -58,9 +58,27 @@ absl::StatusOr<WorkerProcess> WorkerProcess::spawn(const WorkerLaunch& launch) {
   return worker;
 }
 
+absl::StatusOr<WorkerProcess> WorkerProcess::adopt(pid_t pid, UniqueFd channel,
+                                                   StatusPageMapping page) {
+  WorkerProcess worker;
+  worker.pid_ = pid;
+  worker.channel_ = std::move(channel);
+  worker.page_ = std::move(page);
+  // It may already be gone (ESRCH): then the fork server's report says so shortly.
+  worker.pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (absl::Status nonblocking = set_nonblocking(worker.channel_.get(), true); !nonblocking.ok()) {
+    worker.kill(SIGKILL);
+    return nonblocking;
+  }
+  return worker;
+}
+
 void WorkerProcess::kill(int signal) const {
   if (reaped_ || pid_ <= 0) return;
-  if (::syscall(SYS_pidfd_send_signal, pidfd_.get(), signal, nullptr, 0) != 0 && errno == ENOSYS) {
+  // Through the pidfd: a pid reaped and reused meanwhile cannot be hit.
+  if (pidfd_.valid()) {
+    ::syscall(SYS_pidfd_send_signal, pidfd_.get(), signal, nullptr, 0);
+  } else {
     ::kill(pid_, signal);
   }
 }

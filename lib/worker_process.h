@@ -34,6 +34,9 @@ struct WorkerLaunch {
 class WorkerProcess {
  public:
   static absl::StatusOr<WorkerProcess> spawn(const WorkerLaunch& launch);
+  // A worker forked by the fork server: not our child, so its exit status comes from the server
+  // (mark_reaped) rather than waitpid.
+  static absl::StatusOr<WorkerProcess> adopt(pid_t pid, UniqueFd channel, StatusPageMapping page);
 
   WorkerProcess() = default;
   WorkerProcess(WorkerProcess&&) = default;
@@ -49,6 +52,10 @@ class WorkerProcess {
   // The wait status once the process has exited (reaping it), nullopt while it runs.
   std::optional<int> try_reap();
   bool reaped() const { return reaped_; }
+  void mark_reaped() {
+    reaped_ = true;
+    pidfd_.reset();
+  }
   void close_channel() { channel_.reset(); }
 
  private:

@@ -41,8 +41,15 @@ void log_to_stderr(const LogEvent& event);
 // How worker processes are made.
 enum class StartMethod {
   // fork() the calling process (Python's "fork"): fastest; a worker inherits the parent's memory
-  // as it is at that moment.
+  // as it is at that moment. Replacements are forked from the pool's thread: if the program's
+  // other threads may hold locks then that a worker needs (in W's constructor, hooks, tasks), use
+  // kForkServer.
   kFork,
+  // A single-threaded fork server ("zygote") is forked when the pool is made, and forks every
+  // worker, replacements included (Python's "forkserver"). A worker never inherits a lock held by
+  // another thread of the program, however many threads it runs later. Workers see the memory as
+  // it was when the pool was made. Costs one more process and a round trip per fork.
+  kForkServer,
 };
 
 struct PoolOptions {

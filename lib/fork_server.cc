@@ -1,0 +1,308 @@
+#include "lib/fork_server.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "capnp/message.h"
+#include "capnp/serialize.h"
+#include "kj/exception.h"
+#include "lib/protocol.capnp.h"
+#include "lib/status_page.h"
+#include "lib/worker_main.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool::internal {
+namespace {
+
+constexpr int kControlFd = 3;
+constexpr size_t kMaxPacket = 4096;
+constexpr int kSpawnReplyTimeoutMs = 10'000;
+
+// Sends one Cap'n Proto message as one packet, with `fds` attached.
+bool send_packet(int socket, capnp::MessageBuilder& message, const int* fds, size_t fd_count) {
+  kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
+  auto bytes = words.asBytes();
+  iovec piece{bytes.begin(), bytes.size()};
+  msghdr header{};
+  header.msg_iov = &piece;
+  header.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  if (fd_count > 0) {
+    header.msg_control = control;
+    header.msg_controllen = CMSG_SPACE(fd_count * sizeof(int));
+    cmsghdr* cmsg = CMSG_FIRSTHDR(&header);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(fd_count * sizeof(int));
+    std::memcpy(CMSG_DATA(cmsg), fds, fd_count * sizeof(int));
+  }
+  while (true) {
+    if (::sendmsg(socket, &header, MSG_NOSIGNAL) >= 0) return true;
+    if (errno != EINTR) return false;
+  }
+}
+
+// Receives one packet into `words` (word-aligned) and up to two fds. Returns bytes, 0 at EOF,
+// -1 on error.
+ssize_t receive_packet(int socket, capnp::word* words, int* fds, size_t* fd_count) {
+  iovec piece{words, kMaxPacket};
+  msghdr header{};
+  header.msg_iov = &piece;
+  header.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  header.msg_control = control;
+  header.msg_controllen = sizeof(control);
+  ssize_t got;
+  do {
+    got = ::recvmsg(socket, &header, MSG_CMSG_CLOEXEC);
+  } while (got < 0 && errno == EINTR);
+  *fd_count = 0;
+  for (cmsghdr* cmsg = CMSG_FIRSTHDR(&header); cmsg != nullptr; cmsg = CMSG_NXTHDR(&header, cmsg)) {
+    if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+      const size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < count; ++i) {
+        int fd;
+        std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+        if (*fd_count < 2) {
+          fds[(*fd_count)++] = fd;
+        } else {
+          ::close(fd);
+        }
+      }
+    }
+  }
+  return got;
+}
+
+void report_exit(pid_t pid, int status) {
+  capnp::MallocMessageBuilder message(32);
+  auto exited = message.initRoot<wire::ForkServerReport>().initExited();
+  exited.setPid(pid);
+  exited.setWaitStatus(status);
+  send_packet(kControlFd, message, nullptr, 0);
+}
+
+void reap_children() {
+  int status;
+  pid_t pid;
+  while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) report_exit(pid, status);
+}
+
+// Serves one spawn request: forks the worker (which never returns here) and reports its pid.
+void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_count,
+                   const WorkerLaunch& base, int signal_fd) {
+  capnp::MallocMessageBuilder reply(32);
+  auto report = reply.initRoot<wire::ForkServerReport>();
+  try {
+    capnp::FlatArrayMessageReader message(kj::arrayPtr(words, bytes / sizeof(capnp::word)));
+    auto request = message.getRoot<wire::ForkServerRequest>();
+    if (fd_count != 2) throw std::runtime_error("a spawn request needs two descriptors");
+    WorkerLaunch launch = base;
+    launch.slot = static_cast<int>(request.getSlot());
+    launch.process_name = request.getName().cStr();
+    launch.parent_death_signal = true;  // this process is single-threaded and outlives its workers
+    std::fflush(nullptr);
+    const pid_t self = ::getpid();
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(signal_fd);
+      absl::StatusOr<StatusPageMapping> page = StatusPageMapping::map(fds[1]);
+      if (!page.ok()) ::_exit(kWorkerExitProtocolError);
+      ::close(fds[1]);
+      StatusPage* mapped = page->get();
+      // The mapping must outlive this scope: the worker never returns.
+      new StatusPageMapping(*std::move(page));
+      worker_main(fds[0], mapped, launch, self);
+    }
+    if (pid < 0) {
+      status_to_wire(absl::ErrnoToStatus(errno, "fork in the fork server"), report.initFailed());
+    } else {
+      auto spawned = report.initSpawned();
+      spawned.setSlot(launch.slot);
+      spawned.setPid(pid);
+    }
+  } catch (const kj::Exception& e) {
+    status_to_wire(absl::DataLossError(e.getDescription().cStr()), report.initFailed());
+  } catch (const std::exception& e) {
+    status_to_wire(absl::InvalidArgumentError(e.what()), report.initFailed());
+  }
+  for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
+  send_packet(kControlFd, reply, nullptr, 0);
+}
+
+[[noreturn]] void fork_server_main(int control_fd, const WorkerLaunch& base, pid_t parent_pid,
+                                   bool parent_death_signal) {
+  ::prctl(PR_SET_NAME, base.process_name.c_str(), 0, 0, 0);
+  if (parent_death_signal) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (::getppid() != parent_pid) ::_exit(0);
+  }
+  reset_signals_for_child(base.pool_pid);
+  if (control_fd != kControlFd) ::dup3(control_fd, kControlFd, O_CLOEXEC);
+  ::syscall(SYS_close_range, kControlFd + 1, ~0U, 0);
+
+  sigset_t child;
+  sigemptyset(&child);
+  sigaddset(&child, SIGCHLD);
+  ::sigprocmask(SIG_BLOCK, &child, nullptr);
+  const int signal_fd = ::signalfd(-1, &child, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (signal_fd < 0) ::_exit(1);
+
+  alignas(capnp::word) capnp::word packet[kMaxPacket / sizeof(capnp::word)];
+  while (true) {
+    pollfd fds[2] = {{kControlFd, POLLIN, 0}, {signal_fd, POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) continue;
+    if (fds[1].revents != 0) {
+      signalfd_siginfo info;
+      while (::read(signal_fd, &info, sizeof(info)) == sizeof(info)) {
+      }
+      reap_children();
+    }
+    if (fds[0].revents != 0) {
+      int received[2];
+      size_t received_count = 0;
+      const ssize_t got = receive_packet(kControlFd, packet, received, &received_count);
+      // End of file: the pool is gone. Leaving takes our workers with us (PDEATHSIG).
+      if (got <= 0) ::_exit(0);
+      serve_request(packet, static_cast<size_t>(got), received, received_count, base, signal_fd);
+      reap_children();
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ForkServer>> ForkServer::start(const WorkerLaunch& launch) {
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+    return absl::ErrnoToStatus(errno, "socketpair for the fork server");
+  }
+  UniqueFd ours(pair[0]);
+  UniqueFd theirs(pair[1]);
+  std::fflush(nullptr);
+  sigset_t all, previous;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ours.release();
+    fork_server_main(theirs.release(), launch, parent, launch.parent_death_signal);
+  }
+  const int fork_errno = errno;
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  if (pid < 0) return absl::ErrnoToStatus(fork_errno, "fork of the fork server");
+  auto server = std::unique_ptr<ForkServer>(new ForkServer());
+  server->pid_ = pid;
+  server->control_ = std::move(ours);
+  server->pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  return server;
+}
+
+ForkServer::~ForkServer() {
+  control_.reset();  // the zygote sees end of file and exits
+  if (pid_ <= 0) return;
+  if (pidfd_) {
+    pollfd exited{pidfd_.get(), POLLIN, 0};
+    if (::poll(&exited, 1, 2000) == 0) {
+      ::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
+    }
+  }
+  while (::waitpid(pid_, nullptr, 0) < 0 && errno == EINTR) {
+  }
+}
+
+absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, absl::Status* failed) {
+  pollfd ready{control_.get(), POLLIN, 0};
+  int polled;
+  do {
+    polled = ::poll(&ready, 1, timeout_ms);
+  } while (polled < 0 && errno == EINTR);
+  if (polled == 0) return false;
+  alignas(capnp::word) capnp::word packet[kMaxPacket / sizeof(capnp::word)];
+  int fds[2];
+  size_t fd_count = 0;
+  const ssize_t got = receive_packet(control_.get(), packet, fds, &fd_count);
+  for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
+  if (got <= 0) return absl::UnavailableError("the fork server is gone");
+  try {
+    capnp::FlatArrayMessageReader message(kj::arrayPtr(packet, static_cast<size_t>(got) / sizeof(capnp::word)));
+    auto report = message.getRoot<wire::ForkServerReport>();
+    switch (report.which()) {
+      case wire::ForkServerReport::SPAWNED:
+        *spawned = report.getSpawned().getPid();
+        break;
+      case wire::ForkServerReport::EXITED:
+        exits_.emplace_back(report.getExited().getPid(), report.getExited().getWaitStatus());
+        break;
+      case wire::ForkServerReport::FAILED:
+        *failed = status_from_wire(report.getFailed());
+        break;
+    }
+  } catch (const kj::Exception& e) {
+    return absl::DataLossError(absl::StrCat("malformed report from the fork server: ",
+                                            e.getDescription().cStr()));
+  }
+  return true;
+}
+
+absl::StatusOr<WorkerProcess> ForkServer::spawn(const WorkerLaunch& launch) {
+  absl::StatusOr<SocketPair> channel = make_socket_pair();
+  if (!channel.ok()) return channel.status();
+  absl::StatusOr<StatusPageMapping> page = StatusPageMapping::create();
+  if (!page.ok()) return page.status();
+  capnp::MallocMessageBuilder request(32);
+  auto root = request.initRoot<wire::ForkServerRequest>();
+  root.setSlot(static_cast<uint32_t>(launch.slot));
+  root.setName(launch.process_name);
+  const int fds[2] = {channel->child_end.get(), page->fd()};
+  if (!send_packet(control_.get(), request, fds, 2)) {
+    return absl::ErrnoToStatus(errno, "sending a spawn request to the fork server");
+  }
+  channel->child_end.reset();
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(kSpawnReplyTimeoutMs);
+  pid_t pid = -1;
+  absl::Status failed;
+  while (pid < 0 && failed.ok()) {
+    const int left = static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
+    if (left <= 0) return absl::DeadlineExceededError("the fork server did not answer a spawn request");
+    absl::StatusOr<bool> read = read_report(left, &pid, &failed);
+    if (!read.ok()) return read.status();
+  }
+  if (!failed.ok()) return failed;
+  return WorkerProcess::adopt(pid, std::move(channel->parent_end), *std::move(page));
+}
+
+absl::Status ForkServer::take_exits(std::vector<std::pair<pid_t, int>>& exits) {
+  while (true) {
+    pid_t spawned = -1;
+    absl::Status failed;
+    absl::StatusOr<bool> read = read_report(0, &spawned, &failed);
+    if (!read.ok()) {
+      exits.insert(exits.end(), exits_.begin(), exits_.end());
+      exits_.clear();
+      return read.status();
+    }
+    if (!*read) break;
+  }
+  exits.insert(exits.end(), exits_.begin(), exits_.end());
+  exits_.clear();
+  return absl::OkStatus();
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,61 @@
+// ForkServer: StartMethod::kForkServer's zygote, a single-threaded process forked when the pool
+// is made, that forks every worker (replacements too) on request.
+//
+// Why: a process with threads can be forked at a moment another thread holds a lock (in malloc,
+// in a logging library, in the user's code); the child inherits the lock held, with no thread
+// left to release it, and deadlocks when it takes it. The zygote has no threads, so a worker
+// forked from it never inherits a lock held by another thread, however busy the program's threads
+// are by then. The workers are the zygote's children: it reaps them and reports their wait
+// status to the parent. If the zygote dies its workers die with it (PR_SET_PDEATHSIG); if the
+// parent dies the zygote sees end of file and exits.
+
+#ifndef PROCPOOL_LIB_FORK_SERVER_H_
+#define PROCPOOL_LIB_FORK_SERVER_H_
+
+#include <sys/types.h>
+
+#include <deque>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "lib/unique_fd.h"
+#include "lib/worker_process.h"
+
+namespace procpool::internal {
+
+class ForkServer {
+ public:
+  // Forks the zygote from the calling thread. `launch` is what every worker starts with (its
+  // factory, limits, pool pid); `launch.process_name` names the zygote itself.
+  static absl::StatusOr<std::unique_ptr<ForkServer>> start(const WorkerLaunch& launch);
+  // Closes the control socket and reaps the zygote (SIGKILL after a short grace).
+  ~ForkServer();
+
+  // Asks the zygote for a worker for `launch.slot`, named `launch.process_name`; waits (at most
+  // a few seconds) for its pid.
+  absl::StatusOr<WorkerProcess> spawn(const WorkerLaunch& launch);
+
+  // Poll this for reports.
+  int fd() const { return control_.get(); }
+  // Collects the (pid, wait status) of workers reaped since the last call. kUnavailable once the
+  // zygote is gone.
+  absl::Status take_exits(std::vector<std::pair<pid_t, int>>& exits);
+
+  pid_t pid() const { return pid_; }
+
+ private:
+  ForkServer() = default;
+  // Reads one report, blocking up to `timeout_ms` (0: not at all). kUnavailable at end of file.
+  absl::StatusOr<bool> read_report(int timeout_ms, pid_t* spawned, absl::Status* failed);
+
+  pid_t pid_ = -1;
+  UniqueFd control_;
+  UniqueFd pidfd_;
+  std::vector<std::pair<pid_t, int>> exits_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_FORK_SERVER_H_

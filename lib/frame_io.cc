@@ -164,6 +164,14 @@ absl::StatusOr<FrameReader::Fill> FrameReader::fill(int fd) {
   }
 }
 
+void FrameReader::append(const void* data, size_t size) {
+  begin_ += std::exchange(consume_, 0);
+  if (begin_ == end_) begin_ = end_ = 0;
+  make_room(end_ - begin_ + size);
+  std::memcpy(reinterpret_cast<char*>(buffer_.get()) + end_, data, size);
+  end_ += size;
+}
+
 absl::StatusOr<kj::ArrayPtr<const capnp::word>> FrameReader::next() {
   begin_ += std::exchange(consume_, 0);
   if (begin_ == end_) begin_ = end_ = 0;

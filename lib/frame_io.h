@@ -67,6 +67,8 @@ class FrameReader {
   enum class Fill { kData, kWouldBlock, kEndOfFile };
   // One read() into the buffer. Blocks only if the socket does.
   absl::StatusOr<Fill> fill(int fd);
+  // Appends bytes that came some other way (a test, a fuzzer), as fill() would.
+  void append(const void* data, size_t size);
 
   // The words of the next complete frame, or an empty array when more bytes are needed. Parse
   // them with `capnp::FlatArrayMessageReader(words, options())`. The words borrow the buffer: drop

@@ -76,6 +76,9 @@ class PoolCore::Impl {
  public:
   Impl(PoolOptions options, WorkerBodyFactory factory);
   ~Impl();
+  // close() + join(), then runs the callbacks still queued and stops the callback thread.
+  // Idempotent. Called while the PoolCore is whole: callbacks may still reach it through it.
+  void shutdown();
 
   absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
   void cancel(const Call* call);
@@ -124,6 +127,7 @@ class PoolCore::Impl {
     int64_t last_memory_check_ns = 0;
     absl::Status exit_hook_status;
     absl::Time started;
+    int64_t started_ns = 0;
   };
 
   void loop();
@@ -226,7 +230,9 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
   thread_ = std::thread([this] { loop(); });
 }
 
-PoolCore::Impl::~Impl() {
+PoolCore::Impl::~Impl() { shutdown(); }
+
+void PoolCore::Impl::shutdown() {
   if (thread_.joinable()) {
     close().IgnoreError();
     join().IgnoreError();
@@ -242,7 +248,12 @@ PoolCore::Impl::~Impl() {
 
 void PoolCore::Impl::post_callback(std::function<void()> callback) {
   {
-    std::lock_guard lock(callback_mu_);
+    std::unique_lock lock(callback_mu_);
+    if (callbacks_stopping_ && !callback_thread_.joinable()) {
+      lock.unlock();
+      callback();  // the callback thread is gone: nothing else can run it
+      return;
+    }
     callbacks_.push_back(std::move(callback));
     if (!callback_thread_.joinable()) callback_thread_ = std::thread([this] { run_callbacks(); });
   }
@@ -366,6 +377,7 @@ void PoolCore::Impl::spawn(Slot& slot) {
   slot.recycling = false;
   slot.exit_hook_status = absl::OkStatus();
   slot.started = absl::Now();
+  slot.started_ns = monotonic_now_ns();
   log_worker(slot, LogSeverity::kInfo, "started");
 }
 
@@ -876,6 +888,19 @@ int PoolCore::Impl::check_deadlines() {
         next = std::min(next, slot.kill_deadline_ns);
       }
     }
+    if (!slot.ready && !slot.kill_reason && options_.enter_timeout != absl::InfiniteDuration()) {
+      const int64_t deadline = slot.started_ns + absl::ToInt64Nanoseconds(options_.enter_timeout);
+      if (now >= deadline) {
+        absl::Status late = absl::DeadlineExceededError(absl::StrCat(
+            describe(slot), " did not finish enter() within enter_timeout (",
+            absl::FormatDuration(options_.enter_timeout), ")"));
+        kill_worker(slot, late, SIGTERM);
+        break_pool(late);
+        next = std::min(next, slot.kill_deadline_ns);
+      } else {
+        next = std::min(next, deadline);
+      }
+    }
     if (slot.batches.empty() || slot.kill_reason) continue;
     const Batch& batch = slot.batches.front();
     if (batch.timeout == absl::InfiniteDuration()) continue;
@@ -892,7 +917,7 @@ int PoolCore::Impl::check_deadlines() {
       const size_t index = batch.tasks.first + page->task_index.load(std::memory_order_relaxed);
       kill_worker(slot,
                   absl::DeadlineExceededError(absl::StrFormat(
-                      "task %d ran past its timeout of %s; %s was killed", index,
+                      "task %d of its call ran past its timeout of %s; %s was killed", index,
                       absl::FormatDuration(batch.timeout), describe(slot))),
                   SIGTERM);
       next = std::min(next, slot.kill_deadline_ns);
@@ -997,6 +1022,9 @@ PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory)
 PoolCore::~PoolCore() {
   // First, so the signal thread never acts on a pool being destroyed.
   unregister_pool(this);
+  // Before impl_ is reset: until the pool thread has stopped, it may still deliver results whose
+  // completions post callbacks through this PoolCore.
+  impl_->shutdown();
   impl_.reset();
 }
 void PoolCore::cancel_pending(absl::Status status) { impl_->cancel_pending(std::move(status)); }

@@ -215,6 +215,24 @@ TEST_CASE("a failing enter() is a clear error on the next call, naming the worke
   CHECK(worker_children().empty());
 }
 
+struct HangingEnter {
+  void enter() {
+    while (true) pause();
+  }
+  int64_t run(int64_t x) { return x; }
+};
+
+TEST_CASE("an enter() that hangs is killed at enter_timeout; calls fail instead of waiting") {
+  ProcessPool<HangingEnter> pool(quiet({.workers = 2,
+                                        .enter_timeout = absl::Milliseconds(200),
+                                        .kill_grace = absl::Milliseconds(100)}));
+  std::vector<int64_t> jobs = {1, 2};
+  absl::StatusOr<std::vector<int64_t>> result = pool.map(jobs);
+  CHECK(result.status().code() == absl::StatusCode::kDeadlineExceeded);
+  CHECK(std::string(result.status().message()).find("enter_timeout") != std::string::npos);
+  CHECK(pool.map(jobs).status().code() == absl::StatusCode::kDeadlineExceeded);
+}
+
 struct SlowExit {
   explicit SlowExit(std::string marker) : marker_(std::move(marker)) {}
   int64_t run(int64_t x) { return x; }
@@ -326,8 +344,9 @@ TEST_CASE("no child process is left after the pool is destroyed") {
     ProcessPool<Squarer> pool(quiet({.workers = 3}));
     std::vector<int64_t> jobs(100, 7);
     REQUIRE(pool.map(jobs).ok());
+    // A worker names itself just after fork: wait for the names rather than race them.
+    CHECK(testing::wait_until([&] { return worker_children().size() == 3; }));
     pids = worker_children();
-    CHECK(pids.size() == 3);
   }
   CHECK(worker_children().empty());
   for (pid_t pid : pids) CHECK_FALSE(testing::process_exists(pid));
@@ -430,7 +449,7 @@ TEST_CASE("a worker killed with SIGKILL mid-map does not hang map; the pool carr
   std::vector<int64_t> more = {2, 3};
   CHECK(*pool.map(more) == std::vector<int64_t>{4, 9});
   CHECK(pool.stats().workers_restarted == 1);
-  CHECK(worker_children().size() == 2);
+  CHECK(testing::wait_until([] { return worker_children().size() == 2; }));
 }
 
 }  // namespace

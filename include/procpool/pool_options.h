@@ -61,6 +61,10 @@ struct PoolOptions {
   // A task running longer than this has its worker killed and fails with kDeadlineExceeded.
   // Overridable per call. Infinite by default.
   absl::Duration task_timeout = absl::InfiniteDuration();
+  // A worker whose constructor and enter() take longer than this is killed, and the pool fails
+  // with kDeadlineExceeded naming it (as it does for a failing enter()): a hung initializer must
+  // not leave calls waiting for a worker that never comes.
+  absl::Duration enter_timeout = absl::Seconds(60);
   // How long a worker asked to stop with SIGTERM gets before SIGKILL.
   absl::Duration kill_grace = absl::Seconds(1);
   // The largest frame either side accepts; a larger one is kDataLoss. Raise it for big payloads.

@@ -82,7 +82,7 @@ class FrameReader {
 
   const capnp::ReaderOptions& options() const { return options_; }
 
-  bool has_partial_frame() const { return end_ != begin_; }
+  bool has_partial_frame() const { return end_ - begin_ > consume_; }
 
  private:
   void make_room(size_t bytes_needed);

@@ -107,6 +107,7 @@ class PoolCore::Impl {
     TaskRange tasks;
     uint32_t reported = 0;  // outcomes received so far, in order
     absl::Duration timeout = absl::InfiniteDuration();
+    int64_t front_since_ns = 0;  // when it became the worker's first batch in hand
   };
   struct Slot {
     int index = 0;
@@ -565,30 +566,50 @@ void PoolCore::Impl::send_batch(Slot& slot) {
     want = std::min<size_t>(want, options_.max_tasks_per_worker - slot.tasks_assigned);
   }
 
-  auto message = std::make_unique<capnp::MallocMessageBuilder>();
-  auto tasks = message->initRoot<wire::ToWorker>().initTasks();
   const uint64_t seq = next_seq_++;
-  tasks.setSeq(seq);
-  tasks.setTrampoline(range.call->settings().trampoline);
-  tasks.setFunction(range.call->settings().function);
-  auto jobs = message->getOrphanage().newOrphan<capnp::List<wire::Value>>(want);
+  std::unique_ptr<capnp::MallocMessageBuilder> message;
+  wire::TaskBatch::Builder tasks = nullptr;
+  capnp::Orphan<capnp::List<wire::Value>> jobs;
   size_t taken = 0;
-  bool encode_failed = false;
-  while (taken < want) {
-    try {
-      range.call->encode_job(range.first + taken, jobs.get()[taken]);
-    } catch (...) {
-      // This job cannot be sent: it fails alone; the batch ends before it.
-      range.call->on_error(range.first + taken,
-                           absl::InvalidArgumentError(absl::StrCat(
-                               "could not encode the job: ", describe_current_exception())));
-      ++tasks_failed_;
-      encode_failed = true;
+  std::optional<absl::Status> unencodable;  // the job right after the batch cannot be encoded
+  while (true) {
+    message = std::make_unique<capnp::MallocMessageBuilder>();
+    tasks = message->initRoot<wire::ToWorker>().initTasks();
+    tasks.setSeq(seq);
+    tasks.setTrampoline(range.call->settings().trampoline);
+    tasks.setFunction(range.call->settings().function);
+    jobs = message->getOrphanage().newOrphan<capnp::List<wire::Value>>(want);
+    taken = 0;
+    unencodable.reset();
+    while (taken < want) {
+      try {
+        range.call->encode_job(range.first + taken, jobs.get()[taken]);
+      } catch (...) {
+        unencodable = absl::InvalidArgumentError(
+            absl::StrCat("could not encode the job: ", describe_current_exception()));
+        break;
+      }
+      ++taken;
+      if (message->sizeInWords() * sizeof(capnp::word) > kBatchByteBudget) break;
+    }
+    // A frame the worker would refuse: send fewer jobs, or fail a job too big on its own.
+    const size_t frame_bytes = capnp::computeSerializedSizeInWords(*message) * sizeof(capnp::word);
+    if (frame_bytes <= options_.max_frame_bytes || taken == 0) break;
+    if (taken == 1) {
+      taken = 0;
+      unencodable = absl::InvalidArgumentError(absl::StrFormat(
+          "the job encodes to %d bytes, over max_frame_bytes (%d)", frame_bytes,
+          options_.max_frame_bytes));
       break;
     }
-    ++taken;
-    if (message->sizeInWords() * sizeof(capnp::word) > kBatchByteBudget) break;
+    want = taken - 1;
   }
+  if (unencodable) {
+    // It fails alone; the batch ends before it.
+    range.call->on_error(range.first + taken, *unencodable);
+    ++tasks_failed_;
+  }
+  const bool encode_failed = unencodable.has_value();
 
   TaskRange sent{range.call, range.first, taken, range.attempt};
   const size_t consumed = taken + (encode_failed ? 1 : 0);
@@ -604,6 +625,7 @@ void PoolCore::Impl::send_batch(Slot& slot) {
   batch.tasks = std::move(sent);
   const CallSettings& settings = batch.tasks.call->settings();
   batch.timeout = settings.has_task_timeout ? settings.task_timeout : options_.task_timeout;
+  if (slot.batches.empty()) batch.front_since_ns = monotonic_now_ns();
   slot.batches.push_back(std::move(batch));
   slot.tasks_assigned += static_cast<int64_t>(taken);
   if (options_.max_tasks_per_worker > 0 && slot.tasks_assigned >= options_.max_tasks_per_worker) {
@@ -635,7 +657,12 @@ void PoolCore::Impl::read_from(Slot& slot) {
   for (int round = 0; round < 16 && slot.alive && slot.process.channel_fd() >= 0; ++round) {
     absl::StatusOr<FrameReader::Fill> filled = slot.reader.fill(slot.process.channel_fd());
     if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
-      // The worker closed its end: it is exiting. Its pidfd reports when it is gone.
+      // The worker closed its end: it is exiting. Its pidfd reports when it is gone. Part of a
+      // frame left over means it wrote garbage, not that it merely died.
+      if (slot.reader.has_partial_frame() && !slot.kill_reason) {
+        slot.kill_reason = absl::DataLossError(
+            absl::StrCat(describe(slot), " sent a truncated frame before it exited"));
+      }
       slot.process.close_channel();
       return;
     }
@@ -688,8 +715,11 @@ void PoolCore::Impl::handle_frame(Slot& slot, kj::ArrayPtr<const capnp::word> wo
 }
 
 void PoolCore::Impl::deliver_value(Call& call, size_t index, wire::Value::Reader value) {
-  call.on_value(index, value);
-  ++tasks_done_;
+  if (call.on_value(index, value)) {
+    ++tasks_done_;
+  } else {
+    ++tasks_failed_;
+  }
 }
 
 void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader results) {
@@ -709,6 +739,8 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
                 SIGKILL);
     return;
   }
+  // Work gets done: whatever deaths came before were no crash loop.
+  recent_deaths_.clear();
   batch.tasks.call->observed_tasks += outcomes.size();
   batch.tasks.call->observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
   for (auto outcome : outcomes) {
@@ -725,6 +757,7 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
   }
   if (batch.reported == batch.tasks.count) {
     slot.batches.pop_front();
+    if (!slot.batches.empty()) slot.batches.front().front_since_ns = monotonic_now_ns();
     check_memory(slot);
   }
 }
@@ -774,45 +807,54 @@ void PoolCore::Impl::handle_exit(Slot& slot, int wait_status) {
     if (join_code_ == absl::StatusCode::kOk) join_code_ = slot.exit_hook_status.code();
   }
 
-  // Settle every task the worker held: the one that was running fails, the ones it finished but
-  // never reported are lost, the ones it never started go back to the front of the queue.
+  // Settle every task the worker held. Ones it never started go back to the front of the queue.
+  // The one it was running fails; so do ones it finished but whose results died with it (a
+  // worker holds back results of short tasks for up to 2 ms). Both run again instead while the
+  // call's retries allow (the user's consent to running a task twice), unless we killed the
+  // worker on purpose: a timeout or bad frames would only repeat.
   const absl::Status died = slot.kill_reason.value_or(
       absl::AbortedError(absl::StrCat(how, " while running this task")));
+  const bool bad_frames =
+      slot.kill_reason && slot.kill_reason->code() == absl::StatusCode::kDataLoss;
   StatusPage* page = slot.process.page();
   const uint64_t page_seq = page->batch_seq.load(std::memory_order_acquire);
   const bool page_running = page->running.load(std::memory_order_acquire) != 0;
-  const uint32_t page_index = page->task_index.load(std::memory_order_relaxed);
+  const size_t page_index = page->task_index.load(std::memory_order_relaxed);
   std::vector<TaskRange> requeue;
   for (size_t b = 0; b < slot.batches.size(); ++b) {
     Batch& batch = slot.batches[b];
     TaskRange& tasks = batch.tasks;
-    size_t not_started = batch.reported;
+    size_t unreported_end = batch.reported;  // [reported, unreported_end) finished, unreported
+    std::optional<size_t> running;
     if (b == 0 && page_seq == batch.seq) {
-      const size_t stopped_at = std::max<size_t>(page_index, batch.reported);
-      if (stopped_at > batch.reported) {
-        fail(tasks, tasks.first + batch.reported, stopped_at - batch.reported,
+      const size_t finished = std::min(page_running ? page_index : page_index + 1, tasks.count);
+      unreported_end = std::max<size_t>(finished, batch.reported);
+      if (page_running && page_index >= batch.reported && page_index < tasks.count) {
+        running = page_index;
+      }
+    }
+    if (unreported_end > batch.reported) {
+      const size_t count = unreported_end - batch.reported;
+      if (bad_frames) {
+        fail(tasks, tasks.first + batch.reported, count, died);
+      } else if (tasks.attempt < tasks.call->settings().retries) {
+        requeue.push_back(
+            TaskRange{tasks.call, tasks.first + batch.reported, count, tasks.attempt + 1});
+      } else {
+        fail(tasks, tasks.first + batch.reported, count,
              absl::AbortedError(absl::StrCat(how, " after this task finished but before its "
                                              "result was sent")));
       }
-      not_started = stopped_at;
-      if (page_running && stopped_at < tasks.count) {
-        const size_t index = tasks.first + stopped_at;
-        if (tasks.attempt < tasks.call->settings().retries && !slot.kill_reason) {
-          requeue.push_back(TaskRange{tasks.call, index, 1, tasks.attempt + 1});
-        } else {
-          fail(tasks, index, 1, died);
-        }
-        not_started = stopped_at + 1;
-      } else if (!page_running) {
-        not_started = std::max<size_t>(not_started, page_index + 1);
-        if (page_index + 1 > batch.reported && page_index < tasks.count) {
-          // page_index finished (running == 0) but was not reported: already failed above only
-          // up to stopped_at; fail it too.
-          fail(tasks, tasks.first + page_index, 1,
-               absl::AbortedError(absl::StrCat(how, " after this task finished but before its "
-                                               "result was sent")));
-        }
+    }
+    size_t not_started = unreported_end;
+    if (running) {
+      const size_t index = tasks.first + *running;
+      if (!slot.kill_reason && tasks.attempt < tasks.call->settings().retries) {
+        requeue.push_back(TaskRange{tasks.call, index, 1, tasks.attempt + 1});
+      } else {
+        fail(tasks, index, 1, died);
       }
+      not_started = *running + 1;
     }
     if (not_started < tasks.count) {
       requeue.push_back(
@@ -839,7 +881,10 @@ void PoolCore::Impl::handle_exit(Slot& slot, int wait_status) {
     }
     return;
   }
-  if (!expected) {
+  // A crash loop is workers dying on their own before finishing a single task, with no result
+  // arriving in between: a worker that finished tasks, or one we killed (a timeout, a bad
+  // frame), says nothing about the next one.
+  if (!expected && !slot.kill_reason && page->tasks_done.load(std::memory_order_relaxed) == 0) {
     const absl::Time now = absl::Now();
     recent_deaths_.push_back(now);
     while (!recent_deaths_.empty() && now - recent_deaths_.front() > kDeathWindow) {
@@ -905,10 +950,24 @@ int PoolCore::Impl::check_deadlines() {
     const Batch& batch = slot.batches.front();
     if (batch.timeout == absl::InfiniteDuration()) continue;
     StatusPage* page = slot.process.page();
-    if (!page->running.load(std::memory_order_acquire) ||
-        page->batch_seq.load(std::memory_order_relaxed) != batch.seq) {
-      // Not started yet, or between tasks: look again soon.
-      next = std::min(next, now + 1'000'000);
+    const bool started = page->batch_seq.load(std::memory_order_relaxed) == batch.seq;
+    if (!started || !page->running.load(std::memory_order_acquire)) {
+      // Not started yet, or between tasks. A worker that stays so past the timeout (and the
+      // grace) is stuck or stopped: it holds tasks it will never run, so it goes too.
+      int64_t idle_since = batch.front_since_ns;
+      if (started) idle_since = std::max(idle_since, page->started_ns.load(std::memory_order_relaxed));
+      const int64_t deadline = idle_since + absl::ToInt64Nanoseconds(batch.timeout) +
+                               absl::ToInt64Nanoseconds(options_.kill_grace);
+      if (now >= deadline) {
+        kill_worker(slot,
+                    absl::DeadlineExceededError(absl::StrFormat(
+                        "%s did not start its next task within the task timeout of %s; it is "
+                        "stuck or stopped and was killed",
+                        describe(slot), absl::FormatDuration(batch.timeout))),
+                    SIGKILL);
+      } else {
+        next = std::min(next, std::min(deadline, now + 1'000'000));
+      }
       continue;
     }
     const int64_t deadline = page->started_ns.load(std::memory_order_relaxed) +

@@ -24,6 +24,9 @@ constexpr int kChannelFd = 3;
 // A worker sends finished results early when a batch has run this long since the last send, so
 // the parent learns of progress (and loses little if the worker dies) without a write per task.
 constexpr int64_t kFlushIntervalNs = 2'000'000;
+// The result of a task that took this long is sent at once: a write costs little next to it,
+// and a crash of the worker later cannot lose it.
+constexpr int64_t kSendAtOnceNs = 200'000;
 
 int64_t coarse_now_ns() {
   timespec now;
@@ -102,7 +105,7 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
     unsent_busy_ns += busy;
 
     const bool last = i + 1 == count;
-    if (last || now - last_send >= kFlushIntervalNs) {
+    if (last || now - last_send >= kFlushIntervalNs || busy >= kSendAtOnceNs) {
       const uint32_t sent = i + 1 - first_unsent;
       outcomes.truncate(sent);
       results.setSeq(seq);

@@ -39,8 +39,9 @@ class Call {
 
   // Writes job `index` into `out`. A thrown exception fails that task with kInvalidArgument.
   virtual void encode_job(size_t index, wire::Value::Builder out) = 0;
-  // The task's worker returned this value. Decoding errors are the call's to report.
-  virtual void on_value(size_t index, wire::Value::Reader value) = 0;
+  // The task's worker returned this value. Returns true if it decoded; false if the call
+  // reported a decoding error for the task instead (then it counts as failed).
+  virtual bool on_value(size_t index, wire::Value::Reader value) = 0;
   // The task failed.
   virtual void on_error(size_t index, absl::Status status) = 0;
 

@@ -51,13 +51,15 @@ class ImapCall final : public Call {
     encode_value(jobs_.at(index), out);
   }
 
-  void on_value(size_t index, wire::Value::Reader value) override {
+  bool on_value(size_t index, wire::Value::Reader value) override {
     absl::StatusOr<Result> decoded = decode_value<Result>(value);
-    if (!decoded.ok()) {
+    const bool ok = decoded.ok();
+    if (!ok) {
       decoded = absl::DataLossError(
           absl::StrCat("could not decode the result: ", decoded.status().message()));
     }
     finish(index, std::move(decoded));
+    return ok;
   }
 
   void on_error(size_t index, absl::Status status) override { finish(index, std::move(status)); }

@@ -48,15 +48,16 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
 
   void encode_job(size_t index, wire::Value::Builder out) override { encode_value(jobs_[index], out); }
 
-  void on_value(size_t index, wire::Value::Reader value) override {
+  bool on_value(size_t index, wire::Value::Reader value) override {
     absl::StatusOr<Result> decoded = decode_value<Result>(value);
     if (!decoded.ok()) {
       on_error(index, absl::DataLossError(absl::StrCat("could not decode the result: ",
                                                        decoded.status().message())));
-      return;
+      return false;
     }
     slots_[index].emplace(*std::move(decoded));
     finish_one();
+    return true;
   }
 
   void on_error(size_t index, absl::Status status) override {
@@ -116,14 +117,15 @@ class ApplyCall final : public Call, public Completion<Result> {
 
   void encode_job(size_t, wire::Value::Builder out) override { encode_value(job_, out); }
 
-  void on_value(size_t, wire::Value::Reader value) override {
+  bool on_value(size_t, wire::Value::Reader value) override {
     absl::StatusOr<Result> decoded = decode_value<Result>(value);
     if (!decoded.ok()) {
       this->complete(absl::DataLossError(
           absl::StrCat("could not decode the result: ", decoded.status().message())));
-      return;
+      return false;
     }
     this->complete(*std::move(decoded));
+    return true;
   }
 
   void on_error(size_t, absl::Status status) override { this->complete(std::move(status)); }

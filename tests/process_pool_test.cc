@@ -2,12 +2,14 @@
 
 #include "procpool/process_pool.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -350,6 +352,45 @@ TEST_CASE("no child process is left after the pool is destroyed") {
   }
   CHECK(worker_children().empty());
   for (pid_t pid : pids) CHECK_FALSE(testing::process_exists(pid));
+}
+
+// Lists the worker's open descriptors.
+struct FdLister {
+  std::vector<int64_t> run(int64_t) {
+    std::vector<int64_t> fds;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+      fds.push_back(std::stoll(entry.path().filename().string()));
+    }
+    std::sort(fds.begin(), fds.end());
+    return fds;
+  }
+};
+
+TEST_CASE("a worker holds only stdin, stdout, stderr and its channel; the parent's fds are CLOEXEC") {
+  // Descriptors of the parent's that a worker must not inherit.
+  int leaked[2];
+  REQUIRE(::pipe(leaked) == 0);
+  {
+    ProcessPool<FdLister> pool(quiet({.workers = 2}));
+    absl::StatusOr<std::vector<std::vector<int64_t>>> lists = pool.map(std::vector<int64_t>{0, 1});
+    REQUIRE(lists.ok());
+    for (const std::vector<int64_t>& fds : *lists) {
+      // 0-2, the channel (3), and the directory being listed (the lowest free number, 4): the
+      // pipe above, the other worker's channel and the pool's own descriptors are all closed.
+      CHECK(fds == std::vector<int64_t>{0, 1, 2, 3, 4});
+    }
+    // Every descriptor the pool opened in this process is close-on-exec.
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+      const int fd = std::stoi(entry.path().filename().string());
+      if (fd <= 2 || fd == leaked[0] || fd == leaked[1]) continue;
+      const int flags = ::fcntl(fd, F_GETFD);
+      if (flags < 0) continue;  // the directory iterator's own, already closed
+      CAPTURE(fd);
+      CHECK((flags & FD_CLOEXEC) != 0);
+    }
+  }
+  ::close(leaked[0]);
+  ::close(leaked[1]);
 }
 
 struct Namer {

@@ -33,7 +33,10 @@ set -e
 read -r bp bf < <(python3 - "$BEP" <<'PY'
 import json, sys
 
-tests, status = set(), {}
+# A test counts by its summary (PASSED or FLAKY pass, anything else fails). A test target that
+# did not build has no summary: it fails too. A test left out by --test_tag_filters builds fine
+# and has no summary: it does not count.
+tests, status, built = set(), {}, {}
 try:
     with open(sys.argv[1]) as f:
         for line in f:
@@ -46,17 +49,22 @@ try:
                 conf = ev.get("configured", {})
                 if "testSize" in conf or conf.get("targetKind", "").endswith("_test rule"):
                     tests.add(eid["targetConfigured"]["label"])
+            elif "targetCompleted" in eid:
+                label = eid["targetCompleted"]["label"]
+                built[label] = bool(ev.get("completed", {}).get("success", False))
             elif "testSummary" in eid:
                 label = eid["testSummary"]["label"]
                 tests.add(label)
                 status[label] = ev.get("testSummary", {}).get("overallStatus", "NO_STATUS")
 except FileNotFoundError:
     pass
-ok = sum(1 for t in tests if status.get(t) in ("PASSED", "FLAKY"))
-bad = sorted(t for t in tests if status.get(t) not in ("PASSED", "FLAKY"))
+ok = sorted(t for t in tests if status.get(t) in ("PASSED", "FLAKY"))
+bad = sorted(t for t in tests
+             if (t in status and status[t] not in ("PASSED", "FLAKY"))
+             or (t not in status and not built.get(t, False)))
 for t in bad:
-    print("FAILED: %s (%s)" % (t, status.get(t, "no result: failed to build?")), file=sys.stderr)
-print(ok, len(bad))
+    print("FAILED: %s (%s)" % (t, status.get(t, "did not build")), file=sys.stderr)
+print(len(ok), len(bad))
 PY
 )
 passed=$((passed + bp))

@@ -194,23 +194,17 @@ absl::StatusOr<std::unique_ptr<ForkServer>> ForkServer::start(const WorkerLaunch
   }
   UniqueFd ours(pair[0]);
   UniqueFd theirs(pair[1]);
-  std::fflush(nullptr);
-  sigset_t all, previous;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &previous);
   const pid_t parent = ::getpid();
-  const pid_t pid = ::fork();
-  if (pid == 0) {
+  absl::StatusOr<pid_t> pid = fork_child("the fork server");
+  if (!pid.ok()) return pid.status();
+  if (*pid == 0) {
     ours.release();
     fork_server_main(theirs.release(), launch, parent, launch.parent_death_signal);
   }
-  const int fork_errno = errno;
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-  if (pid < 0) return absl::ErrnoToStatus(fork_errno, "fork of the fork server");
   auto server = std::unique_ptr<ForkServer>(new ForkServer());
-  server->pid_ = pid;
+  server->pid_ = *pid;
   server->control_ = std::move(ours);
-  server->pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  server->pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, *pid, 0)));
   return server;
 }
 

@@ -10,17 +10,13 @@
 #include <cstring>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "lib/worker_main.h"
 
 namespace procpool::internal {
 
-absl::StatusOr<WorkerProcess> WorkerProcess::spawn(const WorkerLaunch& launch) {
-  absl::StatusOr<SocketPair> channel = make_socket_pair();
-  if (!channel.ok()) return channel.status();
-  absl::StatusOr<StatusPageMapping> page = StatusPageMapping::create();
-  if (!page.ok()) return page.status();
-
+absl::StatusOr<pid_t> fork_child(const char* what) {
   // Anything buffered in stdio now would be written twice: once by us, once by the child.
   std::fflush(nullptr);
   // Block every signal across fork() so no handler of the parent's runs in the child before the
@@ -28,31 +24,43 @@ absl::StatusOr<WorkerProcess> WorkerProcess::spawn(const WorkerLaunch& launch) {
   sigset_t all, previous;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &previous);
-  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
-  if (pid == 0) {
+  if (pid == 0) return pid;
+  const int fork_errno = errno;
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  if (pid < 0) return absl::ErrnoToStatus(fork_errno, absl::StrCat("fork of ", what));
+  return pid;
+}
+
+absl::StatusOr<WorkerProcess> WorkerProcess::spawn(const WorkerLaunch& launch) {
+  absl::StatusOr<SocketPair> channel = make_socket_pair();
+  if (!channel.ok()) return channel.status();
+  absl::StatusOr<StatusPageMapping> page = StatusPageMapping::create();
+  if (!page.ok()) return page.status();
+
+  const pid_t parent = ::getpid();
+  absl::StatusOr<pid_t> pid = fork_child("a worker");
+  if (!pid.ok()) return pid.status();
+  if (*pid == 0) {
     channel->parent_end.release();  // closed below with every other inherited descriptor
     worker_main(channel->child_end.release(), page->get(), launch, parent);
   }
-  const int fork_errno = errno;
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-  if (pid < 0) return absl::ErrnoToStatus(fork_errno, "fork of a worker");
 
   WorkerProcess worker;
-  worker.pid_ = pid;
+  worker.pid_ = *pid;
   worker.channel_ = std::move(channel->parent_end);
   worker.page_ = *std::move(page);
-  int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));  // always O_CLOEXEC
+  int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, *pid, 0));  // always O_CLOEXEC
   if (pidfd < 0) {
     const int open_errno = errno;
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
+    ::kill(*pid, SIGKILL);
+    ::waitpid(*pid, nullptr, 0);
     return absl::ErrnoToStatus(open_errno, "pidfd_open of a new worker");
   }
   worker.pidfd_.reset(pidfd);
   if (absl::Status nonblocking = set_nonblocking(worker.channel_.get(), true); !nonblocking.ok()) {
     worker.kill(SIGKILL);
-    ::waitpid(pid, nullptr, 0);
+    ::waitpid(*pid, nullptr, 0);
     return nonblocking;
   }
   return worker;

@@ -66,6 +66,12 @@ class WorkerProcess {
   bool reaped_ = false;
 };
 
+// fork() for our children: stdio flushed first (else buffered output is written twice) and every
+// signal blocked across it (no handler of the parent's may run in the child before the child
+// resets them). Returns 0 in the child, whose mask is still all-blocked; the child's pid in the
+// parent, whose mask is restored.
+absl::StatusOr<pid_t> fork_child(const char* what);
+
 // "exited with status 3", "was killed by signal 9 (Killed)".
 std::string describe_wait_status(int wait_status);
 

@@ -63,6 +63,24 @@ std::string read_line(FILE* in) {
   return line;
 }
 
+struct Ending {
+  int wait_status = 0;
+  std::string last_line;  // "map <status code> signal <n>"
+};
+
+// Sends `signals` to the helper's whole process group, `gap` apart, and reaps the helper.
+Ending signal_group(Helper& helper, std::vector<int> signals, absl::Duration gap = absl::ZeroDuration()) {
+  for (size_t i = 0; i < signals.size(); ++i) {
+    if (i > 0) absl::SleepFor(gap);
+    REQUIRE(::kill(-helper.pid, signals[i]) == 0);
+  }
+  Ending ending;
+  ending.last_line = read_line(helper.out);
+  REQUIRE(::waitpid(helper.pid, &ending.wait_status, 0) == helper.pid);
+  std::fclose(helper.out);
+  return ending;
+}
+
 int exit_files(const std::string& dir) {
   int count = 0;
   for (const auto& entry : std::filesystem::directory_iterator(dir)) {
@@ -75,14 +93,10 @@ TEST_CASE("one SIGINT to the process group mid-map: cancelled, every exit() ran,
   testing::TempDir dir;
   Helper helper = start(dir.path(), 50);
   REQUIRE(read_line(helper.out) == "started");
-  REQUIRE(::kill(-helper.pid, SIGINT) == 0);
-  const std::string last = read_line(helper.out);
-  int status = 0;
-  REQUIRE(::waitpid(helper.pid, &status, 0) == helper.pid);
-  std::fclose(helper.out);
-  CHECK(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 0);
-  CHECK(last == absl::StrCat("map CANCELLED signal ", SIGINT));
+  Ending ending = signal_group(helper, {SIGINT});
+  CHECK(WIFEXITED(ending.wait_status));
+  CHECK(WEXITSTATUS(ending.wait_status) == 0);
+  CHECK(ending.last_line == absl::StrCat("map CANCELLED signal ", SIGINT));
   CHECK(exit_files(dir.path()) == 3);  // every worker's exit() hook ran
   CHECK(testing::read_lines(dir.file("runs")).size() < 200);  // queued tasks were cancelled
   // No worker outlived the program (they were its children; the group is empty now).
@@ -93,13 +107,9 @@ TEST_CASE("SIGTERM to the process group does the same; workers obey only their p
   testing::TempDir dir;
   Helper helper = start(dir.path(), 50);
   REQUIRE(read_line(helper.out) == "started");
-  REQUIRE(::kill(-helper.pid, SIGTERM) == 0);
-  const std::string last = read_line(helper.out);
-  int status = 0;
-  REQUIRE(::waitpid(helper.pid, &status, 0) == helper.pid);
-  std::fclose(helper.out);
-  CHECK(WIFEXITED(status));
-  CHECK(last == absl::StrCat("map CANCELLED signal ", SIGTERM));
+  Ending ending = signal_group(helper, {SIGTERM});
+  CHECK(WIFEXITED(ending.wait_status));
+  CHECK(ending.last_line == absl::StrCat("map CANCELLED signal ", SIGTERM));
   CHECK(exit_files(dir.path()) == 3);
 }
 
@@ -108,15 +118,10 @@ TEST_CASE("a second SIGINT terminates: running tasks stop, no exit hooks") {
   Helper helper = start(dir.path(), 60000);  // tasks that would run a minute
   REQUIRE(read_line(helper.out) == "started");
   REQUIRE(testing::wait_until([&] { return testing::read_lines(dir.file("runs")).size() == 3; }));
-  REQUIRE(::kill(-helper.pid, SIGINT) == 0);
-  absl::SleepFor(absl::Milliseconds(100));  // let the first be handled as the first
-  REQUIRE(::kill(-helper.pid, SIGINT) == 0);
-  const std::string last = read_line(helper.out);
-  int status = 0;
-  REQUIRE(::waitpid(helper.pid, &status, 0) == helper.pid);
-  std::fclose(helper.out);
-  CHECK(WIFEXITED(status));
-  CHECK(last == absl::StrCat("map CANCELLED signal ", SIGINT));
+  // 100 ms apart, so the first is handled as the first.
+  Ending ending = signal_group(helper, {SIGINT, SIGINT}, absl::Milliseconds(100));
+  CHECK(WIFEXITED(ending.wait_status));
+  CHECK(ending.last_line == absl::StrCat("map CANCELLED signal ", SIGINT));
   CHECK(exit_files(dir.path()) == 0);
 }
 

@@ -389,7 +389,22 @@ absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, si
     if (!broken_.ok()) return broken_;
     if (count == 0) return absl::OkStatus();
     tasks_submitted_ += static_cast<int64_t>(count);
+    const bool queue_was_empty = pending_.empty();
     pending_.push_back(TaskRange{std::move(call), first, count, 0});
+    if (queue_was_empty && !joining_) {
+      // Send to an idle worker from this thread: one thread hand-off fewer on the latency path.
+      // The pool thread already polls every channel for the result; it needs waking only to
+      // watch a socket that did not take the whole frame, or a task's deadline.
+      dispatch();
+      bool pool_thread_needed = !pending_.empty();
+      for (const Slot& slot : slots_) {
+        if (!slot.writer.empty() ||
+            (!slot.batches.empty() && slot.batches.back().timeout != absl::InfiniteDuration())) {
+          pool_thread_needed = true;
+        }
+      }
+      if (!pool_thread_needed) return absl::OkStatus();
+    }
   }
   wake();
   return absl::OkStatus();
@@ -566,43 +581,60 @@ void PoolCore::Impl::send_batch(Slot& slot) {
     want = std::min<size_t>(want, options_.max_tasks_per_worker - slot.tasks_assigned);
   }
 
+  // Size the batch before building it (shrinking a Cap'n Proto list in place is slow): from one
+  // job's encoded size, as many as fit the byte budget.
+  if (want > 1) {
+    capnp::MallocMessageBuilder probe;
+    try {
+      range.call->encode_job(range.first, probe.initRoot<wire::Value>());
+      const size_t job_bytes = probe.sizeInWords() * sizeof(capnp::word);
+      want = std::clamp<size_t>(kBatchByteBudget / std::max<size_t>(job_bytes, 1), 1, want);
+    } catch (...) {
+      want = 1;  // the build below reports it
+    }
+  }
+
   const uint64_t seq = next_seq_++;
   std::unique_ptr<capnp::MallocMessageBuilder> message;
-  wire::TaskBatch::Builder tasks = nullptr;
-  capnp::Orphan<capnp::List<wire::Value>> jobs;
   size_t taken = 0;
   std::optional<absl::Status> unencodable;  // the job right after the batch cannot be encoded
   while (true) {
     message = std::make_unique<capnp::MallocMessageBuilder>();
-    tasks = message->initRoot<wire::ToWorker>().initTasks();
+    auto tasks = message->initRoot<wire::ToWorker>().initTasks();
     tasks.setSeq(seq);
     tasks.setTrampoline(range.call->settings().trampoline);
     tasks.setFunction(range.call->settings().function);
-    jobs = message->getOrphanage().newOrphan<capnp::List<wire::Value>>(want);
+    auto jobs = tasks.initJobs(static_cast<unsigned>(want));
     taken = 0;
-    unencodable.reset();
+    bool failed_here = false;
     while (taken < want) {
       try {
-        range.call->encode_job(range.first + taken, jobs.get()[taken]);
+        range.call->encode_job(range.first + taken, jobs[taken]);
       } catch (...) {
         unencodable = absl::InvalidArgumentError(
             absl::StrCat("could not encode the job: ", describe_current_exception()));
+        failed_here = true;
         break;
       }
       ++taken;
-      if (message->sizeInWords() * sizeof(capnp::word) > kBatchByteBudget) break;
+    }
+    if (failed_here) {
+      if (taken == 0) break;
+      want = taken;  // build again without it (and what follows); it fails alone below
+      continue;
     }
     // A frame the worker would refuse: send fewer jobs, or fail a job too big on its own.
     const size_t frame_bytes = capnp::computeSerializedSizeInWords(*message) * sizeof(capnp::word);
-    if (frame_bytes <= options_.max_frame_bytes || taken == 0) break;
-    if (taken == 1) {
+    if (frame_bytes <= options_.max_frame_bytes) break;
+    if (want == 1) {
       taken = 0;
       unencodable = absl::InvalidArgumentError(absl::StrFormat(
           "the job encodes to %d bytes, over max_frame_bytes (%d)", frame_bytes,
           options_.max_frame_bytes));
       break;
     }
-    want = taken - 1;
+    want = want / 2;
+    unencodable.reset();  // no longer right after the batch: a later batch meets it again
   }
   if (unencodable) {
     // It fails alone; the batch ends before it.
@@ -618,8 +650,6 @@ void PoolCore::Impl::send_batch(Slot& slot) {
   if (range.count == 0) pending_.pop_front();
   if (taken == 0) return;
 
-  jobs.truncate(taken);
-  tasks.adoptJobs(kj::mv(jobs));
   Batch batch;
   batch.seq = seq;
   batch.tasks = std::move(sent);
@@ -731,9 +761,10 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
     return;
   }
   Batch& batch = slot.batches.front();
-  auto outcomes = results.getOutcomes();
-  if (results.getStart() != batch.reported ||
-      batch.reported + outcomes.size() > batch.tasks.count) {
+  auto listed = results.getOutcomes();
+  const uint32_t count = results.getCount();
+  if (results.getStart() != batch.reported || count > listed.size() ||
+      batch.reported + count > batch.tasks.count) {
     kill_worker(slot, absl::DataLossError(absl::StrCat(describe(slot),
                                                        " reported results out of order")),
                 SIGKILL);
@@ -741,9 +772,10 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
   }
   // Work gets done: whatever deaths came before were no crash loop.
   recent_deaths_.clear();
-  batch.tasks.call->observed_tasks += outcomes.size();
+  batch.tasks.call->observed_tasks += count;
   batch.tasks.call->observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
-  for (auto outcome : outcomes) {
+  for (uint32_t i = 0; i < count; ++i) {
+    const wire::Outcome::Reader outcome = listed[i];
     const size_t index = batch.tasks.first + batch.reported;
     ++batch.reported;
     if (outcome.which() == wire::Outcome::OK) {

@@ -52,13 +52,15 @@ struct TaskBatch {
   function @3 :UInt64;
 }
 
-# Outcomes of the tasks [start, start + outcomes.size()) of batch `seq`. A worker may report one
-# batch in several pieces, in order.
+# Outcomes of the tasks [start, start + count) of batch `seq`: the first `count` entries of
+# `outcomes` (a piece sent early leaves the rest of its list unused rather than shrink it). A
+# worker reports a batch in one or more pieces, in order.
 struct ResultBatch {
   seq @0 :UInt64;
   start @1 :UInt32;
   outcomes @2 :List(Outcome);
   busyNs @3 :UInt64;            # time the worker spent running these tasks
+  count @4 :UInt32;
 }
 
 struct ToWorker {

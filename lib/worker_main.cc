@@ -9,6 +9,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <algorithm>
 #include <memory>
 
 #include "capnp/message.h"
@@ -27,12 +28,8 @@ constexpr int64_t kFlushIntervalNs = 2'000'000;
 // The result of a task that took this long is sent at once: a write costs little next to it,
 // and a crash of the worker later cannot lose it.
 constexpr int64_t kSendAtOnceNs = 200'000;
-
-int64_t coarse_now_ns() {
-  timespec now;
-  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
-  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
-}
+// The most outcomes one result frame carries.
+constexpr uint32_t kMaxPieceOutcomes = 4096;
 
 // SIGTERM counts only when the pool sent it (a timeout, terminate(), join's deadline). One sent
 // to the whole process group, by a terminal or a supervisor, is the parent's to act on.
@@ -81,46 +78,52 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
   const uint32_t count = jobs.size();
   const uint64_t seq = batch.getSeq();
   uint32_t first_unsent = 0;
-  int64_t last_send = coarse_now_ns();
+  int64_t last_send = monotonic_now_ns();
   int64_t unsent_busy_ns = 0;
 
-  auto message = std::make_unique<capnp::MallocMessageBuilder>();
-  auto results = message->initRoot<wire::FromWorker>().initResults();
-  auto outcomes = message->getOrphanage().newOrphan<capnp::List<wire::Outcome>>(count);
+  // Outcomes go into a list of at most kMaxPieceOutcomes entries; a piece sent before its list
+  // is full says how many entries it used (shrinking a Cap'n Proto list in place is slow).
+  std::unique_ptr<capnp::MallocMessageBuilder> message;
+  wire::ResultBatch::Builder results = nullptr;
+  capnp::List<wire::Outcome>::Builder outcomes = nullptr;
+  auto start_piece = [&] {
+    message = std::make_unique<capnp::MallocMessageBuilder>();
+    results = message->initRoot<wire::FromWorker>().initResults();
+    results.setSeq(seq);
+    results.setStart(first_unsent);
+    outcomes = results.initOutcomes(std::min(count - first_unsent, kMaxPieceOutcomes));
+  };
+  start_piece();
 
+  // One clock read per task: the end of one task is the start of the next.
+  int64_t started = monotonic_now_ns();
   for (uint32_t i = 0; i < count; ++i) {
-    const int64_t started = monotonic_now_ns();
     page->batch_seq.store(seq, std::memory_order_relaxed);
     page->task_index.store(i, std::memory_order_relaxed);
     page->started_ns.store(started, std::memory_order_relaxed);
     page->running.store(1, std::memory_order_release);
 
-    body.run(batch, jobs[i], outcomes.get()[i - first_unsent]);
+    body.run(batch, jobs[i], outcomes[i - first_unsent]);
 
     page->running.store(0, std::memory_order_release);
     page->tasks_done.fetch_add(1, std::memory_order_relaxed);
-    const int64_t now = coarse_now_ns();
-    const int64_t busy = monotonic_now_ns() - started;
+    const int64_t now = monotonic_now_ns();
+    const int64_t busy = now - started;
+    started = now;
     page->busy_ns.fetch_add(busy, std::memory_order_relaxed);
     unsent_busy_ns += busy;
 
+    const uint32_t in_piece = i + 1 - first_unsent;
     const bool last = i + 1 == count;
-    if (last || now - last_send >= kFlushIntervalNs || busy >= kSendAtOnceNs) {
-      const uint32_t sent = i + 1 - first_unsent;
-      outcomes.truncate(sent);
-      results.setSeq(seq);
-      results.setStart(first_unsent);
+    if (last || in_piece == outcomes.size() || now - last_send >= kFlushIntervalNs ||
+        busy >= kSendAtOnceNs) {
+      results.setCount(in_piece);
       results.setBusyNs(static_cast<uint64_t>(unsent_busy_ns));
       unsent_busy_ns = 0;
-      results.adoptOutcomes(kj::mv(outcomes));
       if (!send(*message)) leave(kWorkerExitOk);  // the parent is gone
       first_unsent = i + 1;
-      last_send = now;
-      if (!last) {
-        message = std::make_unique<capnp::MallocMessageBuilder>();
-        results = message->initRoot<wire::FromWorker>().initResults();
-        outcomes = message->getOrphanage().newOrphan<capnp::List<wire::Outcome>>(count - first_unsent);
-      }
+      if (!last) start_piece();
+      started = last_send = monotonic_now_ns();  // the send is not the next task's time
     }
   }
 }

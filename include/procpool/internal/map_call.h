@@ -61,12 +61,9 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
   }
 
   void on_error(size_t index, absl::Status status) override {
-    {
-      std::lock_guard lock(mu_);
-      if (index < first_error_index_) {
-        first_error_index_ = index;
-        first_error_ = std::move(status);
-      }
+    if (index < first_error_index_) {
+      first_error_index_ = index;
+      first_error_ = std::move(status);
     }
     finish_one();
   }
@@ -75,15 +72,9 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
   static constexpr size_t kNoError = std::numeric_limits<size_t>::max();
 
   void finish_one() {
-    size_t done;
-    bool last;
-    {
-      std::lock_guard lock(mu_);
-      done = jobs_.size() - --remaining_;
-      last = remaining_ == 0;
-    }
-    if (progress_) progress_(done, jobs_.size());
-    if (last) this->complete(gather());
+    --remaining_;
+    if (progress_) progress_(jobs_.size() - remaining_, jobs_.size());
+    if (remaining_ == 0) this->complete(gather());
   }
 
   // The results in job order, or the first failing job's status (in job order), naming its index.
@@ -100,9 +91,8 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
 
   std::vector<Job> owned_;
   absl::Span<const Job> jobs_;
-  // Written by the pool thread only; read once, by the pool thread, when the last one is in.
+  // Touched only by the callbacks above (serialized by the core's lock; see call.h).
   std::vector<std::optional<Result>> slots_;
-  std::mutex mu_;
   size_t remaining_;
   size_t first_error_index_ = kNoError;
   absl::Status first_error_;

@@ -38,12 +38,12 @@
 namespace procpool::internal {
 namespace {
 
-// Batches a worker may hold at once: one running, one waiting in its socket, so it never idles
-// between batches. The second is queued only behind tasks known to be short (the call's tasks
-// have averaged under kPrefetchTaskNs, and the running one started less than that ago): a long
-// task must not hold back work that another worker could start now.
-constexpr size_t kBatchesPerWorker = 2;
-constexpr int64_t kPrefetchTaskNs = 1'000'000;
+// Batches a worker may hold at once. Beyond the one it runs, it gets more queued in its socket,
+// so it never sleeps between batches, but only as much as it will work through in about
+// kQueuedWorkNs (from the call's average task time), and none behind a task that has already
+// run that long: queued work is work an idle worker could not take.
+constexpr size_t kMaxBatchesPerWorker = 16;
+constexpr int64_t kQueuedWorkNs = 1'000'000;
 // A batch stops growing past this many bytes of encoded jobs, however large its chunksize.
 constexpr size_t kBatchByteBudget = size_t{1} << 20;
 // Crash-loop guard: more deaths than this within kDeathWindow stop respawning.
@@ -548,29 +548,44 @@ bool PoolCore::Impl::any_alive() const {
 
 PoolCore::Impl::Slot* PoolCore::Impl::pick_worker() {
   const Call& next = *pending_.front().call;
-  const bool short_tasks = next.observed_tasks > 0 &&
-                           next.observed_busy_ns < kPrefetchTaskNs * next.observed_tasks;
-  const int64_t now = short_tasks ? monotonic_now_ns() : 0;
+  size_t depth = 1;  // until the call's tasks have been timed
+  if (next.observed_tasks > 0) {
+    const int64_t task_ns = next.observed_busy_ns / next.observed_tasks;
+    const int64_t batch_ns =
+        task_ns * static_cast<int64_t>(std::max<size_t>(1, next.settings().chunksize));
+    depth = batch_ns <= 0 ? kMaxBatchesPerWorker
+                          : std::clamp<size_t>(1 + kQueuedWorkNs / batch_ns, 1, kMaxBatchesPerWorker);
+  }
+  const int64_t now = depth > 1 ? monotonic_now_ns() : 0;
   Slot* best = nullptr;
   for (Slot& slot : slots_) {
     if (!slot.alive || !slot.ready || slot.shutdown_sent || slot.kill_reason || slot.recycling) {
       continue;
     }
     if (slot.batches.empty()) return &slot;
-    if (best != nullptr || !short_tasks || slot.batches.size() >= kBatchesPerWorker) continue;
+    if (slot.batches.size() >= depth) continue;
+    if (best != nullptr && best->batches.size() <= slot.batches.size()) continue;
     const StatusPage* page = slot.process.page();
     const bool running_long = page->running.load(std::memory_order_acquire) &&
-                              now - page->started_ns.load(std::memory_order_relaxed) > kPrefetchTaskNs;
+                              now - page->started_ns.load(std::memory_order_relaxed) > kQueuedWorkNs;
     if (!running_long) best = &slot;
   }
   return best;
 }
 
 void PoolCore::Impl::dispatch() {
+  bool sent = false;
   while (!pending_.empty()) {
     Slot* slot = pick_worker();
-    if (slot == nullptr) return;
+    if (slot == nullptr) break;
     send_batch(*slot);
+    sent = true;
+  }
+  if (!sent) return;
+  // Write now rather than on the next POLLOUT, one sendmsg per worker for all it was given. A
+  // failure means the worker is gone; its pidfd will tell.
+  for (Slot& slot : slots_) {
+    if (slot.alive && !slot.writer.empty()) (void)slot.writer.write_some(slot.process.channel_fd());
   }
 }
 
@@ -661,10 +676,7 @@ void PoolCore::Impl::send_batch(Slot& slot) {
   if (options_.max_tasks_per_worker > 0 && slot.tasks_assigned >= options_.max_tasks_per_worker) {
     slot.recycling = true;
   }
-  slot.writer.push(std::move(message));
-  // Write now rather than on the next POLLOUT: saves a loop iteration on the latency path. A
-  // failure means the worker is gone; its pidfd will tell.
-  (void)slot.writer.write_some(slot.process.channel_fd());
+  slot.writer.push(std::move(message));  // dispatch() writes it
 }
 
 void PoolCore::Impl::maybe_send_shutdowns() {
@@ -852,13 +864,21 @@ void PoolCore::Impl::handle_exit(Slot& slot, int wait_status) {
   const uint64_t page_seq = page->batch_seq.load(std::memory_order_acquire);
   const bool page_running = page->running.load(std::memory_order_acquire) != 0;
   const size_t page_index = page->task_index.load(std::memory_order_relaxed);
+  // The batch the worker was on: batches before it are finished (their results may have been on
+  // the way), batches after it never started.
+  size_t current = slot.batches.size();
+  for (size_t b = 0; b < slot.batches.size(); ++b) {
+    if (slot.batches[b].seq == page_seq) current = b;
+  }
   std::vector<TaskRange> requeue;
   for (size_t b = 0; b < slot.batches.size(); ++b) {
     Batch& batch = slot.batches[b];
     TaskRange& tasks = batch.tasks;
     size_t unreported_end = batch.reported;  // [reported, unreported_end) finished, unreported
     std::optional<size_t> running;
-    if (b == 0 && page_seq == batch.seq) {
+    if (b < current && current < slot.batches.size()) {
+      unreported_end = tasks.count;
+    } else if (b == current) {
       const size_t finished = std::min(page_running ? page_index : page_index + 1, tasks.count);
       unreported_end = std::max<size_t>(finished, batch.reported);
       if (page_running && page_index >= batch.reported && page_index < tasks.count) {

@@ -23,8 +23,8 @@ struct CallOptions {
   // returned an error or timed out).
   int retries = 0;
   // imap and imap_unordered only: at most this many tasks are taken from the input and not yet
-  // consumed at once; 0 means 4 per worker (at least two chunks). Bounds the parent's memory on an
-  // endless input.
+  // consumed at once; 0 means 4 per worker, or 2 chunks per worker and one more if that is more.
+  // Bounds the parent's memory on an endless input.
   size_t max_in_flight = 0;
   // Called after each task finishes, with (tasks finished, total). Runs on the pool thread: keep
   // it quick and do not call back into the pool from it.

@@ -98,9 +98,11 @@ class ImapRange {
     ++consumed_;
   }
 
-  // Takes jobs from the input, a chunk at a time, while fewer than max_in_flight are out.
+  // Takes jobs from the input, a chunk at a time, while a whole chunk more fits in
+  // max_in_flight.
   void refill() {
-    while (!input_done_ && submitted_ - consumed_ < max_in_flight_) {
+    // Whole chunks only: refilling as soon as one slot frees would send chunks of one task.
+    while (!input_done_ && submitted_ - consumed_ + chunksize_ <= max_in_flight_) {
       size_t first = 0;
       size_t count = 0;
       while (count < chunksize_ && submitted_ + count - consumed_ < max_in_flight_) {

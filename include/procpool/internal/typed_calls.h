@@ -99,7 +99,8 @@ struct TypedCalls {
     const size_t max_in_flight =
         options.max_in_flight != 0
             ? options.max_in_flight
-            : std::max<size_t>(4 * static_cast<size_t>(core.worker_count()), 2 * settings.chunksize);
+            : std::max<size_t>(4 * static_cast<size_t>(core.worker_count()),
+                               (2 * static_cast<size_t>(core.worker_count()) + 1) * settings.chunksize);
     auto call = std::make_shared<ImapCall<Job, Result>>(settings, ordered);
     return ImapRange<Job, Result, View>(&core, std::move(call),
                                         std::views::all(std::forward<Input>(input)),

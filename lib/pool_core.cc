@@ -81,6 +81,7 @@ class PoolCore::Impl {
   void shutdown();
 
   absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
+  absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
   void cancel(const Call* call);
   void cancel_pending(absl::Status status);
   absl::Status close();
@@ -125,6 +126,8 @@ class PoolCore::Impl {
     FrameReader reader{0};
     int64_t tasks_assigned = 0;   // by this process, for recycling
     bool recycling = false;
+    bool borrowed = false;        // a caller of run_one() reads this worker's channel itself
+    bool missing_from_poll = false;  // the pool thread's current poll set lacks its channel
     int64_t last_memory_check_ns = 0;
     absl::Status exit_hook_status;
     absl::Time started;
@@ -376,6 +379,7 @@ void PoolCore::Impl::spawn(Slot& slot) {
   slot.reader = FrameReader(options_.max_frame_bytes);
   slot.tasks_assigned = 0;
   slot.recycling = false;
+  slot.borrowed = false;
   slot.exit_hook_status = absl::OkStatus();
   slot.started = absl::Now();
   slot.started_ns = monotonic_now_ns();
@@ -398,7 +402,7 @@ absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, si
       dispatch();
       bool pool_thread_needed = !pending_.empty();
       for (const Slot& slot : slots_) {
-        if (!slot.writer.empty() ||
+        if (!slot.writer.empty() || (!slot.batches.empty() && slot.missing_from_poll) ||
             (!slot.batches.empty() && slot.batches.back().timeout != absl::InfiniteDuration())) {
           pool_thread_needed = true;
         }
@@ -407,6 +411,61 @@ absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, si
     }
   }
   wake();
+  return absl::OkStatus();
+}
+
+absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
+                                     const std::function<bool()>& done) {
+  std::unique_lock lock(mu_);
+  if (closed_) return absl::FailedPreconditionError("the pool is closed");
+  if (!broken_.ok()) return broken_;
+  Slot* slot = nullptr;
+  if (pending_.empty() && !joining_) {
+    for (Slot& candidate : slots_) {
+      if (candidate.alive && candidate.ready && candidate.batches.empty() && !candidate.borrowed &&
+          !candidate.shutdown_sent && !candidate.kill_reason && !candidate.recycling &&
+          candidate.process.channel_fd() >= 0) {
+        slot = &candidate;
+        break;
+      }
+    }
+  }
+  const bool has_timeout = call->settings().has_task_timeout
+                               ? call->settings().task_timeout != absl::InfiniteDuration()
+                               : options_.task_timeout != absl::InfiniteDuration();
+  if (slot == nullptr || has_timeout) {
+    lock.unlock();
+    return submit(std::move(call), 0, 1);
+  }
+  // Borrow the idle worker: send the task and read its result on this thread, sparing the two
+  // hand-offs through the pool thread. The pool thread still watches the worker's pidfd; if the
+  // worker dies, the channel ends and the pool thread settles the task as for any other.
+  ++tasks_submitted_;
+  pending_.push_back(TaskRange{std::move(call), 0, 1, 0});
+  send_batch(*slot);
+  (void)slot->writer.write_some(slot->process.channel_fd());
+  const uint64_t generation = slot->generation;
+  const int fd = slot->process.channel_fd();
+  slot->borrowed = true;
+  while (slot->generation == generation && slot->alive && slot->process.channel_fd() >= 0 &&
+         !slot->batches.empty() && !done()) {
+    pollfd ready{fd, static_cast<short>(POLLIN | (slot->writer.empty() ? 0 : POLLOUT)), 0};
+    lock.unlock();
+    // Bounded, so a stop of the pool (which needs no wake-up here) is noticed.
+    ::poll(&ready, 1, 100);
+    lock.lock();
+    if (slot->generation != generation || !slot->alive || slot->process.channel_fd() < 0) break;
+    if (ready.revents & POLLOUT) (void)slot->writer.write_some(fd);
+    if (ready.revents & (POLLIN | POLLHUP | POLLERR)) read_from(*slot);
+    if (terminating_) break;
+  }
+  if (slot->generation == generation) slot->borrowed = false;
+  const bool pool_thread_needed = !slot->writer.empty() || !slot->alive || !pending_.empty() ||
+                                  slot->process.channel_fd() < 0 || !slot->batches.empty();
+  lock.unlock();
+  // The pool thread polls without this channel until it is woken; it must see it again if
+  // anything more is owed on it.
+  if (pool_thread_needed) wake();
   return absl::OkStatus();
 }
 
@@ -559,7 +618,8 @@ PoolCore::Impl::Slot* PoolCore::Impl::pick_worker() {
   const int64_t now = depth > 1 ? monotonic_now_ns() : 0;
   Slot* best = nullptr;
   for (Slot& slot : slots_) {
-    if (!slot.alive || !slot.ready || slot.shutdown_sent || slot.kill_reason || slot.recycling) {
+    if (!slot.alive || !slot.ready || slot.shutdown_sent || slot.kill_reason || slot.recycling ||
+        slot.borrowed) {
       continue;
     }
     if (slot.batches.empty()) return &slot;
@@ -598,12 +658,13 @@ void PoolCore::Impl::send_batch(Slot& slot) {
 
   // Size the batch before building it (shrinking a Cap'n Proto list in place is slow): from one
   // job's encoded size, as many as fit the byte budget.
-  if (want > 1) {
-    capnp::MallocMessageBuilder probe;
+  size_t job_words = 8;
+  {
+    capnp::MallocMessageBuilder probe(64);
     try {
       range.call->encode_job(range.first, probe.initRoot<wire::Value>());
-      const size_t job_bytes = probe.sizeInWords() * sizeof(capnp::word);
-      want = std::clamp<size_t>(kBatchByteBudget / std::max<size_t>(job_bytes, 1), 1, want);
+      job_words = probe.sizeInWords();
+      want = std::clamp<size_t>(kBatchByteBudget / (job_words * sizeof(capnp::word)), 1, want);
     } catch (...) {
       want = 1;  // the build below reports it
     }
@@ -614,7 +675,9 @@ void PoolCore::Impl::send_batch(Slot& slot) {
   size_t taken = 0;
   std::optional<absl::Status> unencodable;  // the job right after the batch cannot be encoded
   while (true) {
-    message = std::make_unique<capnp::MallocMessageBuilder>();
+    // A first segment the batch fits in: the default (8 KiB, zeroed) costs a small task dearly.
+    message = std::make_unique<capnp::MallocMessageBuilder>(
+        static_cast<unsigned>(std::min<size_t>(16 + want * job_words, size_t{1} << 20)));
     auto tasks = message->initRoot<wire::ToWorker>().initTasks();
     tasks.setSeq(seq);
     tasks.setTrampoline(range.call->settings().trampoline);
@@ -720,6 +783,11 @@ void PoolCore::Impl::read_from(Slot& slot) {
       }
       if (frame->size() == 0) break;
       handle_frame(slot, *frame);
+    }
+    // Nothing owed and nothing half-read: a further read could only say EAGAIN.
+    if (slot.ready && slot.batches.empty() && !slot.shutdown_sent &&
+        !slot.reader.has_partial_frame()) {
+      return;
     }
   }
 }
@@ -1077,7 +1145,8 @@ void PoolCore::Impl::loop() {
     }
     for (Slot& slot : slots_) {
       if (!slot.alive) continue;
-      if (slot.process.channel_fd() >= 0) {
+      slot.missing_from_poll = slot.borrowed;
+      if (slot.process.channel_fd() >= 0 && !slot.borrowed) {
         short events = POLLIN;
         if (!slot.writer.empty()) events |= POLLOUT;
         fds.push_back({slot.process.channel_fd(), events, 0});
@@ -1109,6 +1178,8 @@ void PoolCore::Impl::loop() {
       }
       Slot& slot = slots_[owner.slot];
       if (!slot.alive || slot.generation != owner.generation) continue;
+      // Its borrower reads the channel; this poll set predates the borrow.
+      if (owner.source == Source::kChannel && slot.borrowed) continue;
       if (owner.source == Source::kPidfd) {
         // Drain what it sent before it died: results it reported are real.
         if (slot.process.channel_fd() >= 0) read_from(slot);
@@ -1141,6 +1212,9 @@ PoolCore::~PoolCore() {
 void PoolCore::cancel_pending(absl::Status status) { impl_->cancel_pending(std::move(status)); }
 absl::Status PoolCore::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
   return impl_->submit(std::move(call), first, count);
+}
+absl::Status PoolCore::run_one(std::shared_ptr<Call> call, const std::function<bool()>& done) {
+  return impl_->run_one(std::move(call), done);
 }
 void PoolCore::cancel(const Call* call) { impl_->cancel(call); }
 void PoolCore::post_callback(std::function<void()> callback) {

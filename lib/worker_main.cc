@@ -87,11 +87,13 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
   wire::ResultBatch::Builder results = nullptr;
   capnp::List<wire::Outcome>::Builder outcomes = nullptr;
   auto start_piece = [&] {
-    message = std::make_unique<capnp::MallocMessageBuilder>();
+    const uint32_t entries = std::min(count - first_unsent, kMaxPieceOutcomes);
+    // A first segment sized for small results (the default 8 KiB is zeroed on every piece).
+    message = std::make_unique<capnp::MallocMessageBuilder>(16 + 6 * entries);
     results = message->initRoot<wire::FromWorker>().initResults();
     results.setSeq(seq);
     results.setStart(first_unsent);
-    outcomes = results.initOutcomes(std::min(count - first_unsent, kMaxPieceOutcomes));
+    outcomes = results.initOutcomes(entries);
   };
   start_piece();
 

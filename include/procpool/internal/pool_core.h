@@ -33,6 +33,11 @@ class PoolCore {
   // Queues tasks [first, first + count) of `call`. kFailedPrecondition after close(), or the
   // pool's failure (e.g. a worker's enter() failed). On failure no task was queued.
   absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
+  // Runs the single task of `call` (index 0), on an idle worker whose channel this thread then
+  // reads itself until `done()` (checked under the core's lock) says the call has its outcome;
+  // otherwise (no idle worker, a task timeout to enforce) it is queued as by submit. Either way
+  // the call gets exactly one outcome. Errors as for submit.
+  absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
   // Drops the call's tasks that no worker has started; each gets on_error(kCancelled).
   void cancel(const Call* call);
   // Drops every queued task that no worker has started, of every call; each gets on_error(status).

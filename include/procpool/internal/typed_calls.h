@@ -77,7 +77,8 @@ struct TypedCalls {
                                       CallSettings base) {
     auto call = std::make_shared<ApplyCall<Job, Result>>(make_settings(core, options, 1, base),
                                                          std::move(job));
-    if (absl::Status submitted = core.submit(call, 0, 1); !submitted.ok()) return submitted;
+    absl::Status submitted = core.run_one(call, [&call] { return call->ready(); });
+    if (!submitted.ok()) return submitted;
     call->wait(absl::InfiniteDuration());
     return call->take_result();
   }

@@ -19,8 +19,10 @@ struct CallOptions {
   size_t chunksize = 0;
   // Overrides PoolOptions::task_timeout for this call's tasks.
   std::optional<absl::Duration> task_timeout;
-  // Runs a task again, up to this many times, when its worker died while running it (not when it
-  // returned an error or timed out).
+  // Runs a task again, up to this many times, when its worker died while running it, or after
+  // running it but before its result reached the parent (a worker holds back the results of
+  // tasks shorter than 200 us for up to 2 ms). Not when it returned an error or timed out.
+  // Tasks that may run twice must be idempotent.
   int retries = 0;
   // imap and imap_unordered only: at most this many tasks are taken from the input and not yet
   // consumed at once; 0 means 4 per worker, or 2 chunks per worker and one more if that is more.

@@ -28,6 +28,13 @@
 // enter() fails breaks the pool: that call and every later one returns its error, naming the
 // worker. Nothing waits forever: dead workers fail their tasks at once and are replaced.
 //
+// Faults. When a worker dies (a signal, an exit, a kill at the task timeout), the task it was
+// running fails (kAborted naming pid and signal or status; kDeadlineExceeded for a timeout); tasks
+// it had not started run on another worker; tasks it finished whose results had not reached us
+// yet (only short ones: a result of a task over 200 us is sent at once) fail with kAborted too.
+// CallOptions::retries runs such tasks again instead. Workers that keep dying before finishing a
+// single task are not restarted forever: the pool fails with one clear kAborted error.
+//
 // Lifetime. The destructor is close() + join(): work already given finishes, every exit() runs,
 // every child is reaped, all within PoolOptions::join_timeout; past it workers are killed. It never
 // calls terminate().

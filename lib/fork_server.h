@@ -43,6 +43,10 @@ class ForkServer {
   // zygote is gone.
   absl::Status take_exits(std::vector<std::pair<pid_t, int>>& exits);
 
+  // True when reports read while waiting for a spawn reply are queued: the socket will not poll
+  // readable for them, so take_exits() must be called without waiting for it.
+  bool has_queued_exits() const { return !exits_.empty(); }
+
   pid_t pid() const { return pid_; }
 
  private:

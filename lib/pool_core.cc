@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -34,6 +35,7 @@
 #include "lib/unique_fd.h"
 #include "lib/worker_main.h"
 #include "lib/worker_process.h"
+#include "procpool/internal/packed.h"
 
 namespace procpool::internal {
 namespace {
@@ -61,6 +63,16 @@ size_t resident_bytes(pid_t pid) {
   const int read = std::fscanf(statm, "%lu %lu", &size, &resident);
   std::fclose(statm);
   return read == 2 ? resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE)) : 0;
+}
+
+// How far CLOCK_MONOTONIC_COARSE may lag CLOCK_MONOTONIC.
+int64_t coarse_clock_slack_ns() {
+  static const int64_t slack = [] {
+    timespec resolution{};
+    ::clock_getres(CLOCK_MONOTONIC_COARSE, &resolution);
+    return int64_t{resolution.tv_sec} * 1'000'000'000 + resolution.tv_nsec;
+  }();
+  return slack;
 }
 
 int cpu_count() {
@@ -658,8 +670,12 @@ void PoolCore::Impl::send_batch(Slot& slot) {
 
   // Size the batch before building it (shrinking a Cap'n Proto list in place is slow): from one
   // job's encoded size, as many as fit the byte budget.
+  const bool packed = range.call->packs_jobs();
   size_t job_words = 8;
-  {
+  if (packed) {
+    want = std::min(want, kBatchByteBudget / sizeof(capnp::word));
+    job_words = 1;
+  } else {
     capnp::MallocMessageBuilder probe(64);
     try {
       range.call->encode_job(range.first, probe.initRoot<wire::Value>());
@@ -682,9 +698,13 @@ void PoolCore::Impl::send_batch(Slot& slot) {
     tasks.setSeq(seq);
     tasks.setTrampoline(range.call->settings().trampoline);
     tasks.setFunction(range.call->settings().function);
-    auto jobs = tasks.initJobs(static_cast<unsigned>(want));
     taken = 0;
     bool failed_here = false;
+    if (packed) {
+      range.call->encode_jobs_packed(range.first, want, tasks.initPackedJobs());
+      taken = want;
+    }
+    auto jobs = tasks.initJobs(packed ? 0 : static_cast<unsigned>(want));
     while (taken < want) {
       try {
         range.call->encode_job(range.first + taken, jobs[taken]);
@@ -843,7 +863,9 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
   Batch& batch = slot.batches.front();
   auto listed = results.getOutcomes();
   const uint32_t count = results.getCount();
-  if (results.getStart() != batch.reported || count > listed.size() ||
+  const bool packed = results.hasPackedResults();
+  const size_t entries = packed ? packed_size(results.getPackedResults()) : listed.size();
+  if (results.getStart() != batch.reported || count > entries ||
       batch.reported + count > batch.tasks.count) {
     kill_worker(slot, absl::DataLossError(absl::StrCat(describe(slot),
                                                        " reported results out of order")),
@@ -854,7 +876,14 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
   recent_deaths_.clear();
   batch.tasks.call->observed_tasks += count;
   batch.tasks.call->observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
-  for (uint32_t i = 0; i < count; ++i) {
+  if (packed) {
+    const size_t values = batch.tasks.call->on_packed_results(
+        batch.tasks.first + batch.reported, count, results.getPackedResults(), results.getErrors());
+    tasks_done_ += static_cast<int64_t>(values);
+    tasks_failed_ += static_cast<int64_t>(count - values);
+    batch.reported += count;
+  }
+  for (uint32_t i = 0; i < (packed ? 0 : count); ++i) {
     const wire::Outcome::Reader outcome = listed[i];
     const size_t index = batch.tasks.first + batch.reported;
     ++batch.reported;
@@ -1090,8 +1119,10 @@ int PoolCore::Impl::check_deadlines() {
       }
       continue;
     }
+    // Workers stamp scalar tasks with the coarse clock, which runs behind by up to its
+    // resolution: never kill a task before its time.
     const int64_t deadline = page->started_ns.load(std::memory_order_relaxed) +
-                             absl::ToInt64Nanoseconds(batch.timeout);
+                             absl::ToInt64Nanoseconds(batch.timeout) + coarse_clock_slack_ns();
     if (now >= deadline) {
       const size_t index = batch.tasks.first + page->task_index.load(std::memory_order_relaxed);
       kill_worker(slot,
@@ -1127,6 +1158,8 @@ void PoolCore::Impl::loop() {
   std::vector<pollfd> fds;
   std::vector<Owner> owners;
   while (true) {
+    // Exit reports a spawn read ahead of its reply: the fork server's socket will not say so.
+    while (fork_server_ && fork_server_->has_queued_exits()) handle_fork_server_reports();
     dispatch();
     maybe_send_shutdowns();
     const int timeout_ms = check_deadlines();

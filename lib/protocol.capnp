@@ -50,6 +50,9 @@ struct TaskBatch {
   # the parent's image, of the typed trampoline and of the user's function. Zero otherwise.
   trampoline @2 :UInt64;
   function @3 :UInt64;
+  # Jobs of a scalar type (integers, floating point) with a scalar result may come instead as one
+  # packed list here (`ints`, `uints` or `floats`), and `jobs` is empty: no Value per job.
+  packedJobs @4 :Value;
 }
 
 # Outcomes of the tasks [start, start + count) of batch `seq`: the first `count` entries of
@@ -61,6 +64,15 @@ struct ResultBatch {
   outcomes @2 :List(Outcome);
   busyNs @3 :UInt64;            # time the worker spent running these tasks
   count @4 :UInt32;
+  # For a batch of packedJobs: the results as one packed list instead of `outcomes`, entry i for
+  # task start + i, except the tasks `errors` names (by i, ascending), whose entries are unused.
+  packedResults @5 :Value;
+  errors @6 :List(TaskError);
+}
+
+struct TaskError {
+  index @0 :UInt32;
+  error @1 :Error;
 }
 
 struct ToWorker {

@@ -11,12 +11,15 @@
 #include <cstdio>
 #include <algorithm>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "kj/exception.h"
 #include "lib/frame_io.h"
 #include "lib/protocol.capnp.h"
+#include "procpool/internal/packed.h"
 
 namespace procpool::internal {
 namespace {
@@ -28,8 +31,9 @@ constexpr int64_t kFlushIntervalNs = 2'000'000;
 // The result of a task that took this long is sent at once: a write costs little next to it,
 // and a crash of the worker later cannot lose it.
 constexpr int64_t kSendAtOnceNs = 200'000;
-// The most outcomes one result frame carries.
+// The most outcomes one result frame carries (a packed one: results).
 constexpr uint32_t kMaxPieceOutcomes = 4096;
+constexpr uint32_t kMaxPackedPieceResults = 65536;
 
 // SIGTERM counts only when the pool sent it (a timeout, terminate(), join's deadline). One sent
 // to the whole process group, by a terminal or a supervisor, is the parent's to act on.
@@ -39,6 +43,12 @@ void on_sigterm(int signal, siginfo_t* info, void*) {
   if (info != nullptr && info->si_code == SI_USER && info->si_pid != pool_pid) return;
   ::signal(signal, SIG_DFL);
   ::raise(signal);
+}
+
+int64_t coarse_now_ns() {
+  timespec now;
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
 }
 
 [[noreturn]] void leave(int status) {
@@ -70,6 +80,74 @@ void send_error_frame(bool enter_failed, const absl::Status& status) {
   auto root = message.initRoot<wire::FromWorker>();
   status_to_wire(status, enter_failed ? root.initEnterFailed() : root.initExited());
   send(message);
+}
+
+// Runs the tasks of a packed batch (TaskBatch.packedJobs) in order: as run_batch, but results go
+// into one packed list per frame, and only failures get an entry of their own. Scalar tasks are
+// typically tiny, so time comes from the coarse clock (a few ns to read, a few ms resolution):
+// task timeouts and the send-at-once rule for slow tasks keep working at that resolution.
+void run_packed_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page) {
+  const PackedReader jobs(batch.getPackedJobs());
+  const uint32_t count = jobs.size();
+  const uint64_t seq = batch.getSeq();
+  uint32_t first_unsent = 0;
+  int64_t unsent_busy_ns = 0;
+
+  std::unique_ptr<capnp::MallocMessageBuilder> message;
+  wire::ResultBatch::Builder results = nullptr;
+  PackedWriter values;
+  uint32_t entries = 0;
+  std::vector<std::pair<uint32_t, absl::Status>> errors;
+  auto start_piece = [&] {
+    entries = std::min(count - first_unsent, kMaxPackedPieceResults);
+    message = std::make_unique<capnp::MallocMessageBuilder>(32 + entries);
+    results = message->initRoot<wire::FromWorker>().initResults();
+    results.setSeq(seq);
+    results.setStart(first_unsent);
+    values = body.init_packed_results(results.initPackedResults(), entries);
+    errors.clear();
+  };
+  start_piece();
+
+  int64_t started = coarse_now_ns();
+  int64_t last_send = started;
+  for (uint32_t i = 0; i < count; ++i) {
+    page->batch_seq.store(seq, std::memory_order_relaxed);
+    page->task_index.store(i, std::memory_order_relaxed);
+    page->started_ns.store(started, std::memory_order_relaxed);
+    page->running.store(1, std::memory_order_release);
+
+    absl::Status ran = body.run_packed(jobs, i, values, i - first_unsent);
+    if (!ran.ok()) errors.emplace_back(i - first_unsent, std::move(ran));
+
+    page->running.store(0, std::memory_order_release);
+    page->tasks_done.fetch_add(1, std::memory_order_relaxed);
+    const int64_t now = coarse_now_ns();
+    const int64_t busy = now - started;
+    started = now;
+    page->busy_ns.fetch_add(busy, std::memory_order_relaxed);
+    unsent_busy_ns += busy;
+
+    const uint32_t in_piece = i + 1 - first_unsent;
+    const bool last = i + 1 == count;
+    if (last || in_piece == entries || now - last_send >= kFlushIntervalNs ||
+        busy >= kSendAtOnceNs) {
+      results.setCount(in_piece);
+      results.setBusyNs(static_cast<uint64_t>(unsent_busy_ns));
+      unsent_busy_ns = 0;
+      if (!errors.empty()) {
+        auto listed = results.initErrors(static_cast<uint32_t>(errors.size()));
+        for (uint32_t e = 0; e < errors.size(); ++e) {
+          listed[e].setIndex(errors[e].first);
+          status_to_wire(errors[e].second, listed[e].initError());
+        }
+      }
+      if (!send(*message)) leave(kWorkerExitOk);  // the parent is gone
+      first_unsent = i + 1;
+      if (!last) start_piece();
+      started = last_send = coarse_now_ns();  // the send is not the next task's time
+    }
+  }
 }
 
 // Runs the tasks of one batch in order, sending their outcomes in one or more frames.
@@ -177,7 +255,11 @@ void worker_main(int channel_fd, StatusPage* page, const WorkerLaunch& launch, p
       auto request = message.getRoot<wire::ToWorker>();
       switch (request.which()) {
         case wire::ToWorker::TASKS:
-          run_batch(*body, request.getTasks(), page);
+          if (request.getTasks().hasPackedJobs()) {
+            run_packed_batch(*body, request.getTasks(), page);
+          } else {
+            run_batch(*body, request.getTasks(), page);
+          }
           break;
         case wire::ToWorker::SHUTDOWN:
           shutdown = true;

@@ -45,6 +45,18 @@ class Call {
   // The task failed.
   virtual void on_error(size_t index, absl::Status status) = 0;
 
+  // The packed path, for calls whose jobs and results are scalars (integers, floating point):
+  // true if this call sends its jobs as one packed list per batch.
+  virtual bool packs_jobs() const { return false; }
+  // Writes jobs [first, first + count) as one packed list into `out`.
+  virtual void encode_jobs_packed(size_t first, size_t count, wire::Value::Builder out) {}
+  // Outcomes of tasks [first, first + count) sent packed (see ResultBatch in protocol.capnp).
+  // Returns how many were values that decoded; the rest went to on_error.
+  virtual size_t on_packed_results(size_t first, uint32_t count, wire::Value::Reader values,
+                                   capnp::List<wire::TaskError>::Reader errors) {
+    return 0;
+  }
+
   const CallSettings& settings() const { return settings_; }
 
   // What the pool core has seen of this call's tasks, to decide whether to queue a second batch

@@ -20,6 +20,8 @@
 #include "procpool/codec.h"
 #include "procpool/internal/call.h"
 #include "procpool/internal/completion.h"
+#include "procpool/internal/packed.h"
+#include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
 
@@ -58,6 +60,51 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
     slots_[index].emplace(*std::move(decoded));
     finish_one();
     return true;
+  }
+
+  // Scalars go packed, unless a plain function (whose trampoline has no packed form) runs them.
+  bool packs_jobs() const override {
+    return Scalar<Job> && Scalar<Result> && settings().trampoline == 0;
+  }
+
+  void encode_jobs_packed(size_t first, size_t count, wire::Value::Builder out) override {
+    if constexpr (Scalar<Job>) {
+      PackedWriter writer = PackedWriter::make<Job>(out, static_cast<uint32_t>(count));
+      for (size_t i = 0; i < count; ++i) writer.set<Job>(static_cast<uint32_t>(i), jobs_[first + i]);
+    }
+  }
+
+  size_t on_packed_results(size_t first, uint32_t count, wire::Value::Reader values,
+                           capnp::List<wire::TaskError>::Reader errors) override {
+    if constexpr (Scalar<Result>) {
+      // `errors` is ascending by index: skip those entries while reading the values.
+      auto is_error = [&errors](size_t& cursor, uint32_t i) {
+        while (cursor < errors.size() && errors[cursor].getIndex() < i) ++cursor;
+        return cursor < errors.size() && errors[cursor].getIndex() == i;
+      };
+      size_t cursor = 0;
+      absl::Status read = for_each_packed<Result>(values, [&](uint32_t i, Result value) {
+        if (i < count && !is_error(cursor, i)) slots_[first + i].emplace(value);
+      });
+      size_t decoded = 0;
+      cursor = 0;
+      for (uint32_t i = 0; i < count; ++i) {
+        if (is_error(cursor, i)) {
+          absl::Status failed = status_from_wire(errors[cursor].getError());
+          on_error(first + i, failed.ok() ? absl::UnknownError("failed without a status") : failed);
+        } else if (slots_[first + i].has_value()) {
+          ++decoded;
+          finish_one();
+        } else {
+          on_error(first + i, absl::DataLossError(absl::StrCat(
+                                  "could not decode the result: ",
+                                  read.ok() ? absl::string_view("missing") : read.message())));
+        }
+      }
+      return decoded;
+    } else {
+      return Call::on_packed_results(first, count, values, errors);
+    }
   }
 
   void on_error(size_t index, absl::Status status) override {

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "procpool/codec.h"
+#include "procpool/internal/packed.h"
 #include "procpool/internal/worker_body.h"
 #include "procpool/internal/worker_traits.h"
 
@@ -65,6 +66,7 @@ class TypedWorkerBody final : public WorkerBody {
   using Job = typename Traits::Job;
   using Result = typename Traits::Result;
   using Factory = std::function<std::unique_ptr<W>()>;
+  static constexpr bool kPacked = Scalar<Job> && Scalar<Result>;
 
   explicit TypedWorkerBody(const Factory* factory) : factory_(factory) {}
 
@@ -86,6 +88,35 @@ class TypedWorkerBody final : public WorkerBody {
     run_task<Job>(job, out, [this](const Job& decoded) -> decltype(auto) {
       return invoke_run(*worker_, decoded);
     });
+  }
+
+  PackedWriter init_packed_results(wire::Value::Builder out, uint32_t count) override {
+    if constexpr (kPacked) return PackedWriter::make<Result>(out, count);
+    return PackedWriter();
+  }
+
+  absl::Status run_packed(const PackedReader& jobs, uint32_t index, PackedWriter& results,
+                          uint32_t slot) override {
+    if constexpr (kPacked) {
+      Job job{};
+      if (absl::Status read = jobs.get(index, job); !read.ok()) {
+        return absl::DataLossError(absl::StrCat("could not decode the job: ", read.message()));
+      }
+      try {
+        if constexpr (Traits::kRunReturnsStatusOr) {
+          absl::StatusOr<Result> returned = invoke_run(*worker_, job);
+          if (!returned.ok()) return returned.status();
+          results.set<Result>(slot, *returned);
+        } else {
+          results.set<Result>(slot, invoke_run(*worker_, job));
+        }
+      } catch (...) {
+        return absl::UnknownError(describe_current_exception());
+      }
+      return absl::OkStatus();
+    } else {
+      return WorkerBody::run_packed(jobs, index, results, slot);
+    }
   }
 
   absl::Status exit() override {

@@ -40,12 +40,16 @@
 namespace procpool::internal {
 namespace {
 
-// Batches a worker may hold at once. Beyond the one it runs, it gets more queued in its socket,
-// so it never sleeps between batches, but only as much as it will work through in about
-// kQueuedWorkNs (from the call's average task time), and none behind a task that has already
-// run that long: queued work is work an idle worker could not take.
+// Batches a worker may hold at once. A worker whose call's tasks are short (under
+// kShortTaskNs on average, where the round trip between batches would be a real share of the
+// time) gets more batches queued in its socket so it never sleeps between them: as many as it
+// works through in about kQueuedWorkNs, and none behind a task that has already run longer than
+// kLongRunningNs. Longer tasks are never queued behind a running one: queued work is work an idle
+// worker could not take.
 constexpr size_t kMaxBatchesPerWorker = 16;
-constexpr int64_t kQueuedWorkNs = 1'000'000;
+constexpr int64_t kShortTaskNs = 100'000;
+constexpr int64_t kQueuedWorkNs = 5'000'000;
+constexpr int64_t kLongRunningNs = 1'000'000;
 // A batch stops growing past this many bytes of encoded jobs, however large its chunksize.
 constexpr size_t kBatchByteBudget = size_t{1} << 20;
 // Crash-loop guard: more deaths than this within kDeathWindow stop respawning.
@@ -619,9 +623,10 @@ bool PoolCore::Impl::any_alive() const {
 
 PoolCore::Impl::Slot* PoolCore::Impl::pick_worker() {
   const Call& next = *pending_.front().call;
-  size_t depth = 1;  // until the call's tasks have been timed
-  if (next.observed_tasks > 0) {
-    const int64_t task_ns = next.observed_busy_ns / next.observed_tasks;
+  size_t depth = 1;  // until the call's tasks have been timed, and for long ones
+  const int64_t task_ns =
+      next.observed_tasks > 0 ? next.observed_busy_ns / next.observed_tasks : kShortTaskNs;
+  if (task_ns < kShortTaskNs) {
     const int64_t batch_ns =
         task_ns * static_cast<int64_t>(std::max<size_t>(1, next.settings().chunksize));
     depth = batch_ns <= 0 ? kMaxBatchesPerWorker
@@ -639,7 +644,7 @@ PoolCore::Impl::Slot* PoolCore::Impl::pick_worker() {
     if (best != nullptr && best->batches.size() <= slot.batches.size()) continue;
     const StatusPage* page = slot.process.page();
     const bool running_long = page->running.load(std::memory_order_acquire) &&
-                              now - page->started_ns.load(std::memory_order_relaxed) > kQueuedWorkNs;
+                              now - page->started_ns.load(std::memory_order_relaxed) > kLongRunningNs;
     if (!running_long) best = &slot;
   }
   return best;

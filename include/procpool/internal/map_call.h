@@ -57,7 +57,7 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
                                                        decoded.status().message())));
       return false;
     }
-    slots_[index].emplace(*std::move(decoded));
+    slots_[index] = *std::move(decoded);
     finish_one();
     return true;
   }
@@ -83,16 +83,24 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
         return cursor < errors.size() && errors[cursor].getIndex() == i;
       };
       size_t cursor = 0;
+      uint32_t readable = 0;  // entries [0, readable) were read (failed tasks' entries included)
       absl::Status read = for_each_packed<Result>(values, [&](uint32_t i, Result value) {
-        if (i < count && !is_error(cursor, i)) slots_[first + i].emplace(value);
+        if (i >= count) return;
+        slots_[first + i] = value;  // a failed task's entry is unused; its error wins below
+        readable = i + 1;
       });
+      if (errors.size() == 0 && readable == count && !progress_) {
+        // Every task of the piece has its value: settle them at once.
+        remaining_ -= count;
+        if (remaining_ == 0) this->complete(gather());
+        return count;
+      }
       size_t decoded = 0;
-      cursor = 0;
       for (uint32_t i = 0; i < count; ++i) {
         if (is_error(cursor, i)) {
           absl::Status failed = status_from_wire(errors[cursor].getError());
           on_error(first + i, failed.ok() ? absl::UnknownError("failed without a status") : failed);
-        } else if (slots_[first + i].has_value()) {
+        } else if (i < readable) {
           ++decoded;
           finish_one();
         } else {
@@ -130,16 +138,21 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
       return absl::Status(first_error_.code(),
                           absl::StrCat("job ", first_error_index_, ": ", first_error_.message()));
     }
-    std::vector<Result> results;
-    results.reserve(slots_.size());
-    for (std::optional<Result>& slot : slots_) results.push_back(*std::move(slot));
-    return results;
+    if constexpr (Scalar<Result>) {
+      return std::move(slots_);
+    } else {
+      std::vector<Result> results;
+      results.reserve(slots_.size());
+      for (std::optional<Result>& slot : slots_) results.push_back(*std::move(slot));
+      return results;
+    }
   }
 
   std::vector<Job> owned_;
   absl::Span<const Job> jobs_;
   // Touched only by the callbacks above (serialized by the core's lock; see call.h).
-  std::vector<std::optional<Result>> slots_;
+  // Scalars are stored as they are (and handed over whole); anything else may lack a default.
+  std::vector<std::conditional_t<Scalar<Result>, Result, std::optional<Result>>> slots_;
   size_t remaining_;
   size_t first_error_index_ = kNoError;
   absl::Status first_error_;

@@ -82,6 +82,48 @@ void send_error_frame(bool enter_failed, const absl::Status& status) {
   send(message);
 }
 
+// The bookkeeping around each task of a batch, the same for both kinds of batch: the status
+// page stamps the parent reads, the task's time, and whether the results held so far must go out.
+template <int64_t (*kNow)()>
+class TaskPacer {
+ public:
+  TaskPacer(StatusPage* page, uint64_t seq)
+      : page_(page), seq_(seq), started_(kNow()), last_send_(started_) {}
+
+  void begin(uint32_t index) {
+    page_->batch_seq.store(seq_, std::memory_order_relaxed);
+    page_->task_index.store(index, std::memory_order_relaxed);
+    page_->started_ns.store(started_, std::memory_order_relaxed);
+    page_->running.store(1, std::memory_order_release);
+  }
+
+  // Ends the task begun last. True if the results held so far should be sent now: the task was
+  // slow, or the last send was a while ago. (One clock read per task: a task's end is the next
+  // one's start.)
+  bool end() {
+    page_->running.store(0, std::memory_order_release);
+    page_->tasks_done.fetch_add(1, std::memory_order_relaxed);
+    const int64_t now = kNow();
+    const int64_t busy = now - started_;
+    started_ = now;
+    page_->busy_ns.fetch_add(busy, std::memory_order_relaxed);
+    unsent_busy_ns_ += busy;
+    return now - last_send_ >= kFlushIntervalNs || busy >= kSendAtOnceNs;
+  }
+
+  // Time spent on the tasks since the last send; call when sending.
+  int64_t take_busy_ns() { return std::exchange(unsent_busy_ns_, 0); }
+  // After a send: the time it took is not the next task's.
+  void sent() { started_ = last_send_ = kNow(); }
+
+ private:
+  StatusPage* page_;
+  uint64_t seq_;
+  int64_t started_;
+  int64_t last_send_;
+  int64_t unsent_busy_ns_ = 0;
+};
+
 // Runs the tasks of a packed batch (TaskBatch.packedJobs) in order: as run_batch, but results go
 // into one packed list per frame, and only failures get an entry of their own. Scalar tasks are
 // typically tiny, so time comes from the coarse clock (a few ns to read, a few ms resolution):
@@ -91,7 +133,6 @@ void run_packed_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPag
   const uint32_t count = jobs.size();
   const uint64_t seq = batch.getSeq();
   uint32_t first_unsent = 0;
-  int64_t unsent_busy_ns = 0;
 
   std::unique_ptr<capnp::MallocMessageBuilder> message;
   wire::ResultBatch::Builder results = nullptr;
@@ -109,32 +150,18 @@ void run_packed_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPag
   };
   start_piece();
 
-  int64_t started = coarse_now_ns();
-  int64_t last_send = started;
+  TaskPacer<coarse_now_ns> pacer(page, seq);
   for (uint32_t i = 0; i < count; ++i) {
-    page->batch_seq.store(seq, std::memory_order_relaxed);
-    page->task_index.store(i, std::memory_order_relaxed);
-    page->started_ns.store(started, std::memory_order_relaxed);
-    page->running.store(1, std::memory_order_release);
-
+    pacer.begin(i);
     absl::Status ran = body.run_packed(jobs, i, values, i - first_unsent);
     if (!ran.ok()) errors.emplace_back(i - first_unsent, std::move(ran));
-
-    page->running.store(0, std::memory_order_release);
-    page->tasks_done.fetch_add(1, std::memory_order_relaxed);
-    const int64_t now = coarse_now_ns();
-    const int64_t busy = now - started;
-    started = now;
-    page->busy_ns.fetch_add(busy, std::memory_order_relaxed);
-    unsent_busy_ns += busy;
+    const bool due = pacer.end();
 
     const uint32_t in_piece = i + 1 - first_unsent;
     const bool last = i + 1 == count;
-    if (last || in_piece == entries || now - last_send >= kFlushIntervalNs ||
-        busy >= kSendAtOnceNs) {
+    if (last || in_piece == entries || due) {
       results.setCount(in_piece);
-      results.setBusyNs(static_cast<uint64_t>(unsent_busy_ns));
-      unsent_busy_ns = 0;
+      results.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
       if (!errors.empty()) {
         auto listed = results.initErrors(static_cast<uint32_t>(errors.size()));
         for (uint32_t e = 0; e < errors.size(); ++e) {
@@ -145,7 +172,7 @@ void run_packed_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPag
       if (!send(*message)) leave(kWorkerExitOk);  // the parent is gone
       first_unsent = i + 1;
       if (!last) start_piece();
-      started = last_send = coarse_now_ns();  // the send is not the next task's time
+      pacer.sent();
     }
   }
 }
@@ -156,8 +183,6 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
   const uint32_t count = jobs.size();
   const uint64_t seq = batch.getSeq();
   uint32_t first_unsent = 0;
-  int64_t last_send = monotonic_now_ns();
-  int64_t unsent_busy_ns = 0;
 
   // Outcomes go into a list of at most kMaxPieceOutcomes entries; a piece sent before its list
   // is full says how many entries it used (shrinking a Cap'n Proto list in place is slow).
@@ -175,35 +200,21 @@ void run_batch(WorkerBody& body, wire::TaskBatch::Reader batch, StatusPage* page
   };
   start_piece();
 
-  // One clock read per task: the end of one task is the start of the next.
-  int64_t started = monotonic_now_ns();
+  TaskPacer<monotonic_now_ns> pacer(page, seq);
   for (uint32_t i = 0; i < count; ++i) {
-    page->batch_seq.store(seq, std::memory_order_relaxed);
-    page->task_index.store(i, std::memory_order_relaxed);
-    page->started_ns.store(started, std::memory_order_relaxed);
-    page->running.store(1, std::memory_order_release);
-
+    pacer.begin(i);
     body.run(batch, jobs[i], outcomes[i - first_unsent]);
-
-    page->running.store(0, std::memory_order_release);
-    page->tasks_done.fetch_add(1, std::memory_order_relaxed);
-    const int64_t now = monotonic_now_ns();
-    const int64_t busy = now - started;
-    started = now;
-    page->busy_ns.fetch_add(busy, std::memory_order_relaxed);
-    unsent_busy_ns += busy;
+    const bool due = pacer.end();
 
     const uint32_t in_piece = i + 1 - first_unsent;
     const bool last = i + 1 == count;
-    if (last || in_piece == outcomes.size() || now - last_send >= kFlushIntervalNs ||
-        busy >= kSendAtOnceNs) {
+    if (last || in_piece == outcomes.size() || due) {
       results.setCount(in_piece);
-      results.setBusyNs(static_cast<uint64_t>(unsent_busy_ns));
-      unsent_busy_ns = 0;
+      results.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
       if (!send(*message)) leave(kWorkerExitOk);  // the parent is gone
       first_unsent = i + 1;
       if (!last) start_piece();
-      started = last_send = monotonic_now_ns();  // the send is not the next task's time
+      pacer.sent();
     }
   }
 }

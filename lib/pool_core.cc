@@ -477,7 +477,8 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
   }
   if (slot->generation == generation) slot->borrowed = false;
   const bool pool_thread_needed = !slot->writer.empty() || !slot->alive || !pending_.empty() ||
-                                  slot->process.channel_fd() < 0 || !slot->batches.empty();
+                                  slot->process.channel_fd() < 0 || !slot->batches.empty() ||
+                                  closed_;  // a join may wait to send this worker its shutdown
   lock.unlock();
   // The pool thread polls without this channel until it is woken; it must see it again if
   // anything more is owed on it.

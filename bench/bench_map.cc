@@ -18,12 +18,6 @@
 
 using namespace procpool_bench;
 
-struct Squarer {
-  using Job = int64_t;
-  using Result = int64_t;
-  int64_t run(int64_t x) { return x * x; }
-};
-
 int main(int argc, char** argv) {
   Args args(argc, argv);
   const int reps = static_cast<int>(args.get_int("reps", 5));

@@ -20,6 +20,13 @@
 
 namespace procpool_bench {
 
+// The trivial worker of the map benchmarks: x*x over int64 jobs.
+struct Squarer {
+  using Job = int64_t;
+  using Result = int64_t;
+  int64_t run(int64_t x) { return x * x; }
+};
+
 inline int64_t now_ns() {
   timespec ts;
   ::clock_gettime(CLOCK_MONOTONIC, &ts);

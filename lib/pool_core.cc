@@ -870,7 +870,7 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
   auto listed = results.getOutcomes();
   const uint32_t count = results.getCount();
   const bool packed = results.hasPackedResults();
-  const size_t entries = packed ? packed_size(results.getPackedResults()) : listed.size();
+  const size_t entries = packed ? PackedReader(results.getPackedResults()).size() : listed.size();
   if (results.getStart() != batch.reported || count > entries ||
       batch.reported + count > batch.tasks.count) {
     kill_worker(slot, absl::DataLossError(absl::StrCat(describe(slot),

@@ -242,18 +242,6 @@ pid_t wait_for_worker_running(const Pool& pool, uint64_t task) {
   return found;
 }
 
-// Our own children named like pool workers ("procpool-w3"), zombies included.
-std::vector<pid_t> worker_children() {
-  std::vector<pid_t> workers;
-  for (pid_t pid : testing::child_pids(getpid())) {
-    std::ifstream comm(absl::StrCat("/proc/", pid, "/comm"));
-    std::string name;
-    std::getline(comm, name);
-    if (name.rfind("procpool", 0) == 0) workers.push_back(pid);
-  }
-  return workers;
-}
-
 bool message_has(const absl::Status& status, absl::string_view text) {
   return absl::StrContains(status.message(), text);
 }
@@ -611,7 +599,7 @@ TEST_CASE("a worker type that always crashes stops being respawned; calls fail w
   const int64_t restarted = pool.stats().workers_restarted;
   CHECK(restarted >= 1);
   CHECK(restarted <= 10);
-  CHECK(worker_children().size() <= 2);
+  CHECK(testing::worker_children().size() <= 2);
 
   // Later calls fail at once with the storm's own error.
   const absl::Time again = absl::Now();
@@ -621,7 +609,7 @@ TEST_CASE("a worker type that always crashes stops being respawned; calls fail w
   CHECK(message_has(later.status(), "workers keep dying"));
   CHECK(pool.stats().workers_restarted == restarted);
   pool.terminate();
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
 }
 
 TEST_CASE("workers that crash in enter() stop being respawned; map fails with a clear error") {
@@ -634,7 +622,7 @@ TEST_CASE("workers that crash in enter() stop being respawned; map fails with a 
   CHECK(message_has(result.status(), "workers keep dying"));
   CHECK(message_has(result.status(), "signal 11"));
   CHECK(pool.stats().workers_restarted <= 10);
-  CHECK(wait_until([&] { return worker_children().empty(); }, absl::Seconds(5)));
+  CHECK(wait_until([&] { return testing::worker_children().empty(); }, absl::Seconds(5)));
 }
 
 // ============================================================================================
@@ -748,7 +736,7 @@ TEST_CASE("when the parent is SIGKILLed, every worker exits within a second") {
   MESSAGE(mode, ": every worker gone ", absl::FormatDuration(absl::Now() - killed),
           " after the parent's SIGKILL");
   // Nothing of theirs is left to reap.
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
 }
 
 // Returns its own pid: tells which process served a task.
@@ -936,7 +924,7 @@ TEST_CASE("join() with a SIGSTOPped worker returns within join_timeout + kill_gr
   CHECK_FALSE(message_has(joined, "worker 0"));
   CHECK(took >= join_timeout);
   CHECK(took < join_timeout + grace + absl::Seconds(1));
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
 }
 
 // ============================================================================================

@@ -77,17 +77,6 @@ std::vector<Event> read_events(const std::string& path) {
   return events;
 }
 
-std::vector<pid_t> worker_children() {
-  std::vector<pid_t> workers;
-  for (pid_t pid : testing::child_pids(getpid())) {
-    std::ifstream comm(absl::StrCat("/proc/", pid, "/comm"));
-    std::string name;
-    std::getline(comm, name);
-    if (name.rfind("procpool", 0) == 0) workers.push_back(pid);
-  }
-  return workers;
-}
-
 PoolOptions quiet(PoolOptions options) {
   options.log_sink = nullptr;
   return options;
@@ -128,7 +117,7 @@ TEST_CASE("map runs every job exactly once, in order, between one enter and one 
   }
   REQUIRE(runs_per_job.size() == jobs.size());
   for (const auto& [job, runs] : runs_per_job) CHECK(runs == 2);  // once per map call
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
 }
 
 struct Squarer {
@@ -214,7 +203,7 @@ TEST_CASE("a failing enter() is a clear error on the next call, naming the worke
     CHECK(std::string(result.status().message()).find("cannot open config") != std::string::npos);
     CHECK(std::string(result.status().message()).find("std::logic_error") != std::string::npos);
   }
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
 }
 
 struct HangingEnter {
@@ -287,7 +276,7 @@ TEST_CASE("a hanging exit() is killed at join_timeout and reported") {
   CHECK(message.find("join_timeout") != std::string::npos);
   CHECK(took >= absl::Milliseconds(300));
   CHECK(took < absl::Seconds(5));
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
 }
 
 struct SigtermProof {
@@ -306,7 +295,7 @@ TEST_CASE("terminate() stops workers at once, without exit hooks, and fails thei
   std::vector<int64_t> jobs = {1, 2, 3};
   REQUIRE(pool->map(jobs).ok());
   pool->terminate();
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
   CHECK(pool->map(jobs).status().code() == absl::StatusCode::kFailedPrecondition);
   pool.reset();  // the destructor after terminate() must not hang or fail
   for (const Event& event : read_events(log)) CHECK(event.kind != "exit");
@@ -337,7 +326,7 @@ TEST_CASE("every call after close() is kFailedPrecondition; join() needs close()
   CHECK(result.status().code() == absl::StatusCode::kFailedPrecondition);
   CHECK(pool.join().ok());
   CHECK(pool.join().ok());  // idempotent
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
 }
 
 TEST_CASE("no child process is left after the pool is destroyed") {
@@ -347,10 +336,10 @@ TEST_CASE("no child process is left after the pool is destroyed") {
     std::vector<int64_t> jobs(100, 7);
     REQUIRE(pool.map(jobs).ok());
     // A worker names itself just after fork: wait for the names rather than race them.
-    CHECK(testing::wait_until([&] { return worker_children().size() == 3; }));
-    pids = worker_children();
+    CHECK(testing::wait_until([&] { return testing::worker_children().size() == 3; }));
+    pids = testing::worker_children();
   }
-  CHECK(worker_children().empty());
+  CHECK(testing::worker_children().empty());
   for (pid_t pid : pids) CHECK_FALSE(testing::process_exists(pid));
 }
 
@@ -490,7 +479,7 @@ TEST_CASE("a worker killed with SIGKILL mid-map does not hang map; the pool carr
   std::vector<int64_t> more = {2, 3};
   CHECK(*pool.map(more) == std::vector<int64_t>{4, 9});
   CHECK(pool.stats().workers_restarted == 1);
-  CHECK(testing::wait_until([] { return worker_children().size() == 2; }));
+  CHECK(testing::wait_until([] { return testing::worker_children().size() == 2; }));
 }
 
 }  // namespace

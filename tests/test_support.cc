@@ -60,6 +60,17 @@ std::vector<pid_t> child_pids(pid_t parent) {
   return children;
 }
 
+std::vector<pid_t> worker_children() {
+  std::vector<pid_t> workers;
+  for (pid_t pid : child_pids(::getpid())) {
+    std::ifstream comm("/proc/" + std::to_string(pid) + "/comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name.rfind("procpool", 0) == 0) workers.push_back(pid);
+  }
+  return workers;
+}
+
 bool process_exists(pid_t pid) { return ::kill(pid, 0) == 0 || errno != ESRCH; }
 
 }  // namespace procpool::testing

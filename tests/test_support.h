@@ -33,6 +33,9 @@ bool file_exists(const std::string& path);
 
 // Pids of this process's children (including zombies), from /proc.
 std::vector<pid_t> child_pids(pid_t parent);
+// This process's children named like pool workers or fork servers ("procpool-w3"), zombies
+// included. A child names itself just after fork: wait for the count rather than race it.
+std::vector<pid_t> worker_children();
 // True if `pid` exists (a zombie counts).
 bool process_exists(pid_t pid);
 // Polls `condition` every few ms until it holds or `timeout` passes; returns whether it held.

@@ -83,12 +83,13 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
         return cursor < errors.size() && errors[cursor].getIndex() == i;
       };
       size_t cursor = 0;
-      uint32_t readable = 0;  // entries [0, readable) were read (failed tasks' entries included)
-      absl::Status read = for_each_packed<Result>(values, [&](uint32_t i, Result value) {
-        if (i >= count) return;
-        slots_[first + i] = value;  // a failed task's entry is unused; its error wins below
-        readable = i + 1;
-      });
+      // Entries [0, readable) were read (failed tasks' entries too: unused, their errors win).
+      const PackedReader packed(values);
+      uint32_t readable = 0;
+      absl::Status read;
+      while (readable < count && (read = packed.get(readable, slots_[first + readable])).ok()) {
+        ++readable;
+      }
       if (errors.size() == 0 && readable == count && !progress_) {
         // Every task of the piece has its value: settle them at once.
         remaining_ -= count;

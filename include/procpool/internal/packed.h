@@ -17,50 +17,6 @@ namespace procpool::internal {
 template <typename T>
 concept Scalar = Packed<T>;
 
-// Elements of a packed list, or 0 for any other Value.
-inline uint32_t packed_size(wire::Value::Reader in) {
-  switch (in.which()) {
-    case wire::Value::INTS: return in.getInts().size();
-    case wire::Value::UINTS: return in.getUints().size();
-    case wire::Value::FLOATS: return in.getFloats().size();
-    default: return 0;
-  }
-}
-
-// Calls `each(i, value)` for every element of the packed list `in` read as T; stops at the first
-// element that does not fit T (or a list of the wrong kind) and returns kDataLoss.
-template <Scalar T, typename Each>
-absl::Status for_each_packed(wire::Value::Reader in, Each&& each) {
-  auto walk = [&](auto list) -> absl::Status {
-    for (uint32_t i = 0; i < list.size(); ++i) {
-      T value{};
-      absl::Status fits;
-      if constexpr (Floating<T>) {
-        fits = narrow_float(list[i], value);
-      } else {
-        fits = narrow(list[i], value);
-      }
-      if (!fits.ok()) return absl::Status(fits.code(), absl::StrCat("element ", i, ": ", fits.message()));
-      each(i, value);
-    }
-    return absl::OkStatus();
-  };
-  switch (in.which()) {
-    case wire::Value::INTS:
-      if constexpr (Integer<T>) return walk(in.getInts());
-      break;
-    case wire::Value::UINTS:
-      if constexpr (Integer<T>) return walk(in.getUints());
-      break;
-    case wire::Value::FLOATS:
-      if constexpr (Floating<T>) return walk(in.getFloats());
-      break;
-    default:
-      break;
-  }
-  return absl::DataLossError("expected a packed list of the job or result type");
-}
-
 // A packed list, resolved once: every accessor call on a Cap'n Proto reader counts against its
 // traversal limit (a list's whole size each time), so per-element calls would exhaust it.
 class PackedReader {

@@ -21,7 +21,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "kj/exception.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "lib/status_page.h"
 #include "lib/worker_main.h"
 #include "procpool/internal/worker_body.h"

@@ -30,7 +30,7 @@
 #include "lib/fork_server.h"
 #include "lib/frame_io.h"
 #include "lib/pool_registry.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "lib/status_page.h"
 #include "lib/unique_fd.h"
 #include "lib/worker_main.h"

@@ -18,7 +18,7 @@
 #include "capnp/serialize.h"
 #include "kj/exception.h"
 #include "lib/frame_io.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/packed.h"
 
 namespace procpool::internal {

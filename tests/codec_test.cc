@@ -21,7 +21,7 @@
 #include "doctest/doctest.h"
 #include "kj/array.h"
 #include "kj/exception.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "procpool/capnp_struct.h"
 #include "tests/codec_test.capnp.h"
 

@@ -37,7 +37,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "doctest/doctest.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "tests/fault_support.h"
 #include "tests/test_support.h"
 

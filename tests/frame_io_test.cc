@@ -15,7 +15,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "doctest/doctest.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "lib/unique_fd.h"
 
 namespace procpool::internal {

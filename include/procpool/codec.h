@@ -97,7 +97,7 @@
 #include "capnp/list.h"
 #include "kj/debug.h"
 #include "kj/exception.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 
 namespace procpool {
 

@@ -19,7 +19,7 @@
 #include "capnp/serialize.h"
 #include "kj/exception.h"
 #include "lib/frame_io.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "procpool/codec.h"
 #include "procpool/internal/worker_body.h"
 

@@ -13,7 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 
 namespace procpool::internal {
 

@@ -9,7 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "procpool/codec.h"
 
 namespace procpool::internal {

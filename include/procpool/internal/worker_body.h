@@ -11,7 +11,7 @@
 #include <memory>
 
 #include "absl/status/status.h"
-#include "lib/protocol.capnp.h"
+#include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/packed.h"
 
 namespace procpool::internal {

@@ -1,6 +1,7 @@
 // The default log sink and the names of worker states (declared in pool_options.h, pool_stats.h).
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "absl/strings/str_format.h"
@@ -10,7 +11,7 @@
 namespace procpool {
 
 void log_to_stderr(const LogEvent& event) {
-  if (event.severity == LogSeverity::kInfo) return;
+  if (event.severity == LogSeverity::kInfo && !getenv("PROCPOOL_LOG_ALL")) return;
   const char* level = event.severity == LogSeverity::kError ? "error" : "warning";
   // One write per line, so lines from several processes do not interleave mid-line.
   std::string line = absl::StrFormat("[procpool +%.3fs %s pid %d] %s: %s\n",

@@ -16,7 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "lib/pool_registry.h"
-#include "lib/unique_fd.h"
+#include "lib/common/unique_fd.h"
 
 namespace procpool {
 namespace {

@@ -566,7 +566,7 @@ TEST_CASE("a timed-out task that ignores SIGTERM is SIGKILLed after kill_grace")
 }
 
 // ============================================================================================
-// 4. Respawn storms are bounded.
+// 4. Respawn storms are bounded, and only start failures count.
 
 struct AlwaysCrashes {
   int64_t run(int64_t) {
@@ -580,48 +580,49 @@ struct CrashesInEnter {
   int64_t run(int64_t x) { return x; }
 };
 
-TEST_CASE("a worker type that always crashes stops being respawned; calls fail with one clear "
-          "error, quickly") {
+TEST_CASE("a worker type whose every task crashes fails every task, each with its own death; the "
+          "pool never gives up") {
   int retries = 0;
   SUBCASE("no retries") {}
-  SUBCASE("retries cannot defeat the guard") { retries = 1000; }
-  ProcessPool<AlwaysCrashes> pool(quiet({.workers = 2}));
-  std::vector<int64_t> jobs(200, 1);
+  SUBCASE("retries run each task again, then it fails") { retries = 2; }
+  OutcomePool<AlwaysCrashes> pool(quiet({.workers = 2}),
+                                  [] { return std::make_unique<AlwaysCrashes>(); });
+  std::vector<int64_t> jobs(50, 1);
   const absl::Time start = absl::Now();
-  auto result = map_within(pool, jobs, {.chunksize = 1, .retries = retries}, absl::Seconds(10));
-  const absl::Duration took = absl::Now() - start;
-  REQUIRE_FALSE(result.ok());
-  CHECK(result.status().code() == absl::StatusCode::kAborted);
-  CHECK(took < absl::Seconds(5));
-  MESSAGE("first call failed after ", absl::FormatDuration(took), ": ", result.status().message());
-  // Bounded: the guard allows max(8, 2 * workers) deaths in its window, then stops. A worker that
-  // had not crashed yet may stay, idle, until the pool is destroyed.
-  const int64_t restarted = pool.stats().workers_restarted;
-  CHECK(restarted >= 1);
-  CHECK(restarted <= 10);
-  CHECK(testing::worker_children().size() <= 2);
-
-  // Later calls fail at once with the storm's own error.
-  const absl::Time again = absl::Now();
-  auto later = map_within(pool, jobs, {}, absl::Seconds(10));
-  CHECK(absl::Now() - again < absl::Seconds(1));
-  CHECK(later.status().code() == absl::StatusCode::kAborted);
-  CHECK(message_has(later.status(), "workers keep dying"));
-  CHECK(pool.stats().workers_restarted == restarted);
-  pool.terminate();
-  CHECK(testing::worker_children().empty());
+  auto call = pool.submit(jobs, {.chunksize = 1, .retries = retries});
+  REQUIRE(call.ok());
+  REQUIRE((*call)->wait(absl::Seconds(60)));
+  MESSAGE("50 crashing tasks with retries = ", retries, ": ", absl::FormatDuration(absl::Now() - start));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*call)->outcome_count(i) == 1);
+    CHECK((*call)->outcome(i).status().code() == absl::StatusCode::kAborted);
+    CHECK(message_has((*call)->outcome(i).status(), "signal 9"));
+  }
+  // Every attempt killed one worker, and each was replaced.
+  CHECK(pool.stats().workers_restarted >= static_cast<int64_t>(jobs.size()) * (retries + 1) - 2);
+  CHECK(wait_until([&] { return all_ready(pool.stats()); }, absl::Seconds(5)));
 }
 
-TEST_CASE("workers that crash in enter() stop being respawned; map fails with a clear error") {
-  ProcessPool<CrashesInEnter> pool(quiet({.workers = 2}));
+TEST_CASE("workers that crash in enter() are restarted with growing delays; calls fail fast with "
+          "the cause") {
+  ProcessPool<CrashesInEnter> pool(quiet({.workers = 2,
+                                          .respawn_delay = absl::Milliseconds(50),
+                                          .respawn_max_delay = absl::Milliseconds(400)}));
   std::vector<int64_t> jobs = {1, 2, 3};
   const absl::Time start = absl::Now();
   auto result = map_within(pool, jobs, {}, absl::Seconds(10));
   CHECK(absl::Now() - start < absl::Seconds(5));
   CHECK(result.status().code() == absl::StatusCode::kAborted);
-  CHECK(message_has(result.status(), "workers keep dying"));
+  CHECK(message_has(result.status(), "before it was ready"));
   CHECK(message_has(result.status(), "signal 11"));
-  CHECK(pool.stats().workers_restarted <= 10);
+  // Two seconds of delays that double from 50 ms up to 400 ms: at most a handful of starts.
+  absl::SleepFor(absl::Seconds(2));
+  const int64_t restarted = pool.stats().workers_restarted;
+  MESSAGE("restarts in about 2 s: ", restarted);
+  CHECK(restarted >= 2);
+  CHECK(restarted <= 20);
+  pool.terminate();
   CHECK(wait_until([&] { return testing::worker_children().empty(); }, absl::Seconds(5)));
 }
 
@@ -1046,8 +1047,25 @@ TEST_CASE("a worker that writes a bad frame fails its task with kDataLoss and is
   }
 }
 
-TEST_CASE("a result larger than max_frame_bytes fails its task with kDataLoss") {
-  check_bad_frame(kHugeResult, "max_frame_bytes");
+TEST_CASE("a result larger than max_frame_bytes fails its task with kResourceExhausted; its worker "
+          "lives") {
+  TempDir dir;
+  OutcomePool<FrameVandal> pool(quiet({.workers = 2, .max_frame_bytes = kSmallFrameLimit}),
+                                [path = dir.path()] { return std::make_unique<FrameVandal>(path); });
+  const std::vector<int64_t> jobs = jobs_with(10, {{4, kHugeResult}});
+  auto call = pool.submit(jobs, {.chunksize = 3});
+  REQUIRE(call.ok());
+  REQUIRE((*call)->wait(absl::Seconds(10)));
+  const absl::Status& failed = (*call)->outcome(4).status();
+  MESSAGE("task 4: ", failed.ToString());
+  CHECK(failed.code() == absl::StatusCode::kResourceExhausted);
+  CHECK(message_has(failed, "max_frame_bytes"));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*call)->outcome_count(i) == 1);
+    if (i != 4) CHECK((*call)->outcome(i).value_or("?") == absl::StrCat(i));
+  }
+  CHECK(pool.stats().workers_restarted == 0);
 }
 
 TEST_CASE("a truncated frame followed by the worker's exit fails its task with kDataLoss") {
@@ -1065,8 +1083,7 @@ TEST_CASE("a job larger than max_frame_bytes fails alone and the pool carries on
   REQUIRE_FALSE(result.ok());
   MESSAGE("a 2 MiB job with max_frame_bytes = 1 MiB: ", result.status());
   CHECK(message_has(result.status(), "job 1: "));
-  CHECK((result.status().code() == absl::StatusCode::kInvalidArgument ||
-         result.status().code() == absl::StatusCode::kDataLoss));
+  CHECK(result.status().code() == absl::StatusCode::kResourceExhausted);
   std::vector<std::string> fine = {"a", "bb"};
   auto next = map_within(pool, fine, {}, absl::Seconds(10));
   REQUIRE_MESSAGE(next.ok(), next.status());

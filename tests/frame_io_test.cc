@@ -1,7 +1,7 @@
 // Frame I/O: whole Cap'n Proto frames over a socketpair, in pieces, in bulk, and when the peer
 // misbehaves.
 
-#include "lib/frame_io.h"
+#include "lib/wire/frame_io.h"
 
 #include <sys/socket.h>
 #include <unistd.h>
@@ -16,7 +16,7 @@
 #include "capnp/serialize.h"
 #include "doctest/doctest.h"
 #include "procpool/internal/protocol.capnp.h"
-#include "lib/unique_fd.h"
+#include "lib/common/unique_fd.h"
 
 namespace procpool::internal {
 namespace {

@@ -192,9 +192,10 @@ TEST_CASE("a failing enter() is a clear error on the next call, naming the worke
     CHECK(message.find("worker ") != std::string::npos);
     CHECK(message.find("pid ") != std::string::npos);
     CHECK(message.find("database is down") != std::string::npos);
-    // Later calls keep saying so, at once, rather than respawning forever.
+    // Later calls keep saying so, at once; the pool retries with growing delays (the crash
+    // guard), never in a loop.
     CHECK(pool.map(jobs).status().code() == absl::StatusCode::kUnavailable);
-    CHECK(pool.stats().workers_restarted == 0);
+    CHECK(pool.stats().workers_restarted <= 4);
   }
   SUBCASE("enter throws") {
     ProcessPool<ThrowingEnter> pool(quiet({.workers = 1}));

@@ -35,7 +35,8 @@ struct LogEvent {
 using LogSink = std::function<void(const LogEvent&)>;
 
 // The default sink: warnings and errors to stderr, one line each, as
-// "[procpool +1.234s procpool-w3 pid 4242] warning: ...".
+// "[procpool +1.234s procpool-w3 pid 4242] warning: ...". With PROCPOOL_LOG_ALL set in the
+// environment it writes informational events too (workers started and stopped).
 void log_to_stderr(const LogEvent& event);
 
 // How worker processes are made.
@@ -81,6 +82,17 @@ struct PoolOptions {
   StartMethod start_method = StartMethod::kFork;
   // Where events go; the default writes warnings and errors to stderr.
   LogSink log_sink = log_to_stderr;
+  // A frame a worker has begun to send must be complete within this; otherwise its stream is
+  // broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge
+  // the pool by writing half a frame.
+  absl::Duration frame_timeout = absl::Seconds(10);
+  // The crash guard (README, "When workers cannot start"). A worker that could not be started
+  // (fork failed), or that died or failed before it was ready (its constructor, enter(),
+  // enter_timeout), is started again after respawn_delay, doubled for every consecutive such
+  // failure in the pool, up to respawn_max_delay. A worker that starts cleanly resets the delay.
+  // Workers that die while running a task are replaced at once: the task failed, not the pool.
+  absl::Duration respawn_delay = absl::Milliseconds(100);
+  absl::Duration respawn_max_delay = absl::Seconds(5);
 };
 
 }  // namespace procpool

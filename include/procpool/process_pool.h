@@ -22,18 +22,20 @@
 // non-overloaded run (worker_traits.h). An exception thrown by run becomes that task's kUnknown
 // status with the exception's type and what(); the worker carries on.
 //
-// Errors. One mapping everywhere: a task past its timeout is kDeadlineExceeded; a worker that died
-// is kAborted naming pid and signal or exit status; calls after close() are kFailedPrecondition; a
-// frame or value that cannot be decoded is kDataLoss; a user exception is kUnknown. A worker whose
-// enter() fails breaks the pool: that call and every later one returns its error, naming the
-// worker. Nothing waits forever: dead workers fail their tasks at once and are replaced.
+// Errors. One mapping everywhere (README, "Errors: one code per cause"): a task past its timeout
+// is kDeadlineExceeded; a worker that died is kAborted naming pid and signal or exit status; calls
+// after close() are kFailedPrecondition; a frame or value that cannot be decoded is kDataLoss; a
+// job or result over max_frame_bytes is kResourceExhausted; a user exception is kUnknown; a bad
+// option is kInvalidArgument. Nothing waits forever.
 //
-// Faults. When a worker dies (a signal, an exit, a kill at the task timeout), the task it was
-// running fails (kAborted naming pid and signal or status; kDeadlineExceeded for a timeout); tasks
-// it had not started run on another worker; tasks it finished whose results had not reached us
-// yet (only short ones: a result of a task over 200 us is sent at once) fail with kAborted too.
-// CallOptions::retries runs such tasks again instead. Workers that keep dying before finishing a
-// single task are not restarted forever: the pool fails with one clear kAborted error.
+// Faults. A worker that dies while running a task (a signal, an exit, a kill at the task timeout)
+// fails that task (kAborted naming pid and signal or status; kDeadlineExceeded for a timeout) and
+// is replaced at once; tasks it had not started run on another worker; tasks it finished whose
+// results had not reached us yet (only short ones: a result of a task over 200 us is sent at
+// once) fail with kAborted too. CallOptions::retries runs such tasks again instead. Only start
+// failures (fork failed, death or failure before enter() returned) count against the pool: they
+// are retried with growing delays (PoolOptions::respawn_delay), and while no worker can start,
+// calls fail at once with the cause; the pool recovers by itself.
 //
 // Lifetime. The destructor is close() + join(): work already given finishes, every exit() runs,
 // every child is reaped, all within PoolOptions::join_timeout; past it workers are killed. It never

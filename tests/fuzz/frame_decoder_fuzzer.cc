@@ -18,7 +18,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "kj/exception.h"
-#include "lib/frame_io.h"
+#include "lib/wire/frame_io.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/codec.h"
 #include "procpool/internal/worker_body.h"

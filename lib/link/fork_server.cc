@@ -1,4 +1,4 @@
-#include "lib/fork_server.h"
+#include "lib/link/fork_server.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -21,15 +21,15 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "kj/exception.h"
+#include "lib/link/worker_process.h"
+#include "lib/worker/child_setup.h"
+#include "lib/worker/worker_main.h"
 #include "procpool/internal/protocol.capnp.h"
-#include "lib/status_page.h"
-#include "lib/worker_main.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
 namespace {
 
-constexpr int kControlFd = 3;
 constexpr size_t kMaxPacket = 4096;
 constexpr int kSpawnReplyTimeoutMs = 10'000;
 
@@ -94,7 +94,7 @@ void report_exit(pid_t pid, int status) {
   auto exited = message.initRoot<wire::ForkServerReport>().initExited();
   exited.setPid(pid);
   exited.setWaitStatus(status);
-  send_packet(kControlFd, message, nullptr, 0);
+  send_packet(kChildChannelFd, message, nullptr, 0);
 }
 
 void reap_children() {
@@ -116,21 +116,19 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
     launch.slot = static_cast<int>(request.getSlot());
     launch.process_name = request.getName().cStr();
     launch.parent_death_signal = true;  // this process is single-threaded and outlives its workers
-    std::fflush(nullptr);
     const pid_t self = ::getpid();
-    const pid_t pid = ::fork();
+    absl::StatusOr<pid_t> forked = fork_child("a worker in the fork server");
+    const pid_t pid = forked.ok() ? *forked : -1;
     if (pid == 0) {
       ::close(signal_fd);
-      absl::StatusOr<StatusPageMapping> page = StatusPageMapping::map(fds[1]);
+      absl::StatusOr<ControlPageMapping> page = ControlPageMapping::map(fds[1]);
       if (!page.ok()) ::_exit(kWorkerExitProtocolError);
       ::close(fds[1]);
-      StatusPage* mapped = page->get();
-      // The mapping must outlive this scope: the worker never returns.
-      new StatusPageMapping(*std::move(page));
-      worker_main(fds[0], mapped, launch, self);
+      // The mapping outlives this scope: the worker never returns.
+      worker_main(fds[0], page->release(), launch, self);
     }
     if (pid < 0) {
-      status_to_wire(absl::ErrnoToStatus(errno, "fork in the fork server"), report.initFailed());
+      status_to_wire(forked.status(), report.initFailed());
     } else {
       auto spawned = report.initSpawned();
       spawned.setSlot(launch.slot);
@@ -142,19 +140,18 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
     status_to_wire(absl::InvalidArgumentError(e.what()), report.initFailed());
   }
   for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
-  send_packet(kControlFd, reply, nullptr, 0);
+  send_packet(kChildChannelFd, reply, nullptr, 0);
 }
 
 [[noreturn]] void fork_server_main(int control_fd, const WorkerLaunch& base, pid_t parent_pid,
                                    bool parent_death_signal) {
-  ::prctl(PR_SET_NAME, base.process_name.c_str(), 0, 0, 0);
-  if (parent_death_signal) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    if (::getppid() != parent_pid) ::_exit(0);
-  }
-  reset_signals_for_child(base.pool_pid);
-  if (control_fd != kControlFd) ::dup3(control_fd, kControlFd, O_CLOEXEC);
-  ::syscall(SYS_close_range, kControlFd + 1, ~0U, 0);
+  prepare_child({.process_name = base.process_name,
+                 .parent_death_signal = parent_death_signal,
+                 .parent_pid = parent_pid,
+                 .pool_pid = base.pool_pid,
+                 .channel_fd = control_fd,
+                 .page = nullptr});
+  constexpr int kControlFd = kChildChannelFd;
 
   sigset_t child;
   sigemptyset(&child);
@@ -192,8 +189,8 @@ absl::StatusOr<std::unique_ptr<ForkServer>> ForkServer::start(const WorkerLaunch
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
     return absl::ErrnoToStatus(errno, "socketpair for the fork server");
   }
-  UniqueFd ours(pair[0]);
-  UniqueFd theirs(pair[1]);
+  UniqueFd ours = own_fd(pair[0]);
+  UniqueFd theirs = own_fd(pair[1]);
   const pid_t parent = ::getpid();
   absl::StatusOr<pid_t> pid = fork_child("the fork server");
   if (!pid.ok()) return pid.status();
@@ -204,7 +201,7 @@ absl::StatusOr<std::unique_ptr<ForkServer>> ForkServer::start(const WorkerLaunch
   auto server = std::unique_ptr<ForkServer>(new ForkServer());
   server->pid_ = *pid;
   server->control_ = std::move(ours);
-  server->pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, *pid, 0)));
+  server->pidfd_ = own_fd(static_cast<int>(::syscall(SYS_pidfd_open, *pid, 0)));
   return server;
 }
 
@@ -255,10 +252,10 @@ absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, abs
   return true;
 }
 
-absl::StatusOr<WorkerProcess> ForkServer::spawn(const WorkerLaunch& launch) {
+absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch) {
   absl::StatusOr<SocketPair> channel = make_socket_pair();
   if (!channel.ok()) return channel.status();
-  absl::StatusOr<StatusPageMapping> page = StatusPageMapping::create();
+  absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
   if (!page.ok()) return page.status();
   capnp::MallocMessageBuilder request(32);
   auto root = request.initRoot<wire::ForkServerRequest>();
@@ -279,7 +276,7 @@ absl::StatusOr<WorkerProcess> ForkServer::spawn(const WorkerLaunch& launch) {
     if (!read.ok()) return read.status();
   }
   if (!failed.ok()) return failed;
-  return WorkerProcess::adopt(pid, std::move(channel->parent_end), *std::move(page));
+  return Spawned{pid, std::move(channel->parent_end), *std::move(page)};
 }
 
 absl::Status ForkServer::take_exits(std::vector<std::pair<pid_t, int>>& exits) {

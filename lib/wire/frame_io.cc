@@ -1,4 +1,4 @@
-#include "lib/frame_io.h"
+#include "lib/wire/frame_io.h"
 
 #include <sys/socket.h>
 #include <unistd.h>

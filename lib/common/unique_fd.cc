@@ -1,4 +1,4 @@
-#include "lib/unique_fd.h"
+#include "lib/common/unique_fd.h"
 
 #include <fcntl.h>
 #include <sys/eventfd.h>
@@ -19,12 +19,24 @@ void UniqueFd::reset(int fd) {
   fd_ = fd;
 }
 
+UniqueFd own_fd(int fd) {
+  if (fd >= 0 && fd <= 2) {
+    const int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    // Out of descriptors: keep the low one rather than lose it; the pool still works.
+    if (moved >= 0) {
+      ::close(fd);
+      fd = moved;
+    }
+  }
+  return UniqueFd(fd);
+}
+
 absl::StatusOr<SocketPair> make_socket_pair() {
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
     return absl::ErrnoToStatus(errno, "socketpair");
   }
-  return SocketPair{UniqueFd(fds[0]), UniqueFd(fds[1])};
+  return SocketPair{own_fd(fds[0]), own_fd(fds[1])};
 }
 
 absl::Status set_nonblocking(int fd, bool nonblocking) {
@@ -38,7 +50,7 @@ absl::Status set_nonblocking(int fd, bool nonblocking) {
 absl::StatusOr<UniqueFd> make_event_fd() {
   int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (fd < 0) return absl::ErrnoToStatus(errno, "eventfd");
-  return UniqueFd(fd);
+  return own_fd(fd);
 }
 
 }  // namespace procpool::internal

@@ -53,6 +53,11 @@ struct TaskBatch {
   # Jobs of a scalar type (integers, floating point) with a scalar result may come instead as one
   # packed list here (`ints`, `uints` or `floats`), and `jobs` is empty: no Value per job.
   packedJobs @4 :Value;
+  # Where the worker claims each task before it starts it (lib/wire/control_page.h): the slot of
+  # the claim table, and the batch's tag there. A claim that fails means the parent took the
+  # rest of the batch back: the worker starts none of it.
+  claimSlot @5 :UInt32;
+  claimTag @6 :UInt16;
 }
 
 # Outcomes of the tasks [start, start + count) of batch `seq`: the first `count` entries of

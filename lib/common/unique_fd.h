@@ -3,9 +3,12 @@
 // Every descriptor procpool opens is held by exactly one UniqueFd, created with O_CLOEXEC (or
 // SOCK_CLOEXEC), and closed when its owner goes away. A raw `int` taken from `get()` only borrows.
 // Not thread-safe: share the owner, not the number.
+//
+// Descriptors procpool makes never take the numbers 0, 1 and 2 (see `own_fd`): a program that
+// closed its standard streams would otherwise find its next printf written into a worker's channel.
 
-#ifndef PROCPOOL_LIB_UNIQUE_FD_H_
-#define PROCPOOL_LIB_UNIQUE_FD_H_
+#ifndef PROCPOOL_LIB_COMMON_UNIQUE_FD_H_
+#define PROCPOOL_LIB_COMMON_UNIQUE_FD_H_
 
 #include <utility>
 
@@ -39,6 +42,11 @@ class UniqueFd {
   int fd_ = -1;
 };
 
+// Takes ownership of a descriptor procpool just made (CLOEXEC already set). One that landed on
+// 0, 1 or 2 (the program had closed its standard streams) is moved to 3 or above first, so that
+// the program's stdio can never reach it. A negative `fd` gives an invalid UniqueFd.
+UniqueFd own_fd(int fd);
+
 // A connected pair of SOCK_STREAM unix sockets, both CLOEXEC.
 struct SocketPair {
   UniqueFd parent_end;
@@ -54,4 +62,4 @@ absl::StatusOr<UniqueFd> make_event_fd();
 
 }  // namespace procpool::internal
 
-#endif  // PROCPOOL_LIB_UNIQUE_FD_H_
+#endif  // PROCPOOL_LIB_COMMON_UNIQUE_FD_H_

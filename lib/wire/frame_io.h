@@ -9,8 +9,8 @@
 // Frames larger than the reader's limit are refused with kDataLoss before any of them is buffered,
 // so a peer cannot make us allocate without bound. Not thread-safe; one owner per socket.
 
-#ifndef PROCPOOL_LIB_FRAME_IO_H_
-#define PROCPOOL_LIB_FRAME_IO_H_
+#ifndef PROCPOOL_LIB_WIRE_FRAME_IO_H_
+#define PROCPOOL_LIB_WIRE_FRAME_IO_H_
 
 #include <sys/uio.h>
 
@@ -98,4 +98,4 @@ class FrameReader {
 
 }  // namespace procpool::internal
 
-#endif  // PROCPOOL_LIB_FRAME_IO_H_
+#endif  // PROCPOOL_LIB_WIRE_FRAME_IO_H_

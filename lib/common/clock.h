@@ -1,0 +1,39 @@
+// Monotonic clocks, read without a syscall (vDSO). The precise one for deadlines; the coarse one
+// (a few ns to read, resolution of a scheduler tick) for per-task stamps of tiny tasks.
+
+#ifndef PROCPOOL_LIB_COMMON_CLOCK_H_
+#define PROCPOOL_LIB_COMMON_CLOCK_H_
+
+#include <time.h>
+
+#include <cstdint>
+
+#include "absl/time/time.h"
+
+namespace procpool::internal {
+
+inline int64_t monotonic_now_ns() {
+  timespec now;
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
+
+inline int64_t coarse_now_ns() {
+  timespec now;
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
+
+// How far CLOCK_MONOTONIC_COARSE may lag CLOCK_MONOTONIC: a deadline measured from a coarse stamp
+// adds this, so no task is ever killed before its time.
+int64_t coarse_clock_slack_ns();
+
+// A duration as nanoseconds to add to a monotonic stamp: InfiniteDuration saturates.
+inline int64_t to_ns(absl::Duration d) {
+  if (d == absl::InfiniteDuration()) return INT64_MAX / 2;
+  return absl::ToInt64Nanoseconds(d);
+}
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_COMMON_CLOCK_H_

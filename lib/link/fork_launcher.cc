@@ -1,0 +1,119 @@
+#include "lib/link/fork_launcher.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "lib/wire/control_page.h"
+
+namespace procpool::internal {
+
+ForkLauncher::ForkLauncher(Config config) : config_(std::move(config)), pool_pid_(::getpid()) {}
+
+WorkerLaunch ForkLauncher::launch_for(int slot) const {
+  WorkerLaunch launch;
+  launch.slot = slot;
+  launch.process_name = absl::StrCat(config_.process_name_prefix, "-w", slot).substr(0, 15);
+  launch.parent_death_signal = true;
+  launch.max_frame_bytes = config_.max_frame_bytes;
+  launch.pool_pid = pool_pid_;
+  launch.factory = config_.factory;
+  return launch;
+}
+
+absl::Status ForkLauncher::ensure_server() {
+  if (!config_.fork_server || server_ != nullptr) return absl::OkStatus();
+  WorkerLaunch launch = launch_for(0);
+  launch.process_name = absl::StrCat(config_.process_name_prefix, "-fs").substr(0, 15);
+  absl::StatusOr<std::unique_ptr<ForkServer>> server = ForkServer::start(launch);
+  if (!server.ok()) {
+    return absl::Status(server.status().code(), absl::StrCat("could not start the fork server: ",
+                                                             server.status().message()));
+  }
+  server_ = *std::move(server);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
+                                                                 const std::string& name) {
+  const WorkerLaunch launch = launch_for(slot);
+  const ForkLink::Limits limits{config_.max_frame_bytes, config_.frame_timeout};
+  if (config_.fork_server) {
+    if (absl::Status started = ensure_server(); !started.ok()) return started;
+    absl::StatusOr<ForkServer::Spawned> spawned = server_->spawn(launch);
+    if (!spawned.ok()) return spawned.status();
+    auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", spawned->pid, ")"),
+                                           WorkerProcess(spawned->pid, /*adopted=*/true),
+                                           std::move(spawned->channel), std::move(spawned->page),
+                                           limits);
+    const pid_t pid = spawned->pid;
+    adopted_[pid] = link.get();
+    link->on_destroy([this, pid] { adopted_.erase(pid); });
+    return link;
+  }
+
+  absl::StatusOr<SocketPair> channel = make_socket_pair();
+  if (!channel.ok()) return channel.status();
+  absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
+  if (!page.ok()) return page.status();
+  const pid_t parent = ::getpid();
+  absl::StatusOr<pid_t> pid = fork_child("a worker");
+  if (!pid.ok()) return pid.status();
+  if (*pid == 0) {
+    channel->parent_end.release();  // closed in the child with every other inherited descriptor
+    worker_main(channel->child_end.release(), page->get(), launch, parent);
+  }
+  WorkerProcess process(*pid, /*adopted=*/false);
+  if (process.pidfd() < 0) {
+    const int error = errno;
+    ::kill(*pid, SIGKILL);
+    ::waitpid(*pid, nullptr, 0);
+    return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
+  }
+  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), std::move(process),
+                                    std::move(channel->parent_end), *std::move(page), limits);
+}
+
+void ForkLauncher::add_pollfds(std::vector<pollfd>& fds) {
+  polled_server_ = server_ != nullptr;
+  if (polled_server_) fds.push_back({server_->fd(), POLLIN, 0});
+}
+
+void ForkLauncher::service(const pollfd* polled, size_t count, LauncherEvents& events) {
+  // Reports read ahead while waiting for a spawn reply are queued: take them without waiting for
+  // the socket to say so.
+  if ((polled_server_ && count > 0 && polled[0].revents != 0) || has_pending_events()) {
+    take_server_reports(events);
+  }
+}
+
+bool ForkLauncher::has_pending_events() const {
+  return server_ != nullptr && server_->has_queued_exits();
+}
+
+void ForkLauncher::take_server_reports(LauncherEvents& events) {
+  if (server_ == nullptr) return;
+  std::vector<std::pair<pid_t, int>> exits;
+  const absl::Status alive = server_->take_exits(exits);
+  for (const auto& [pid, status] : exits) {
+    auto it = adopted_.find(pid);
+    if (it != adopted_.end()) it->second->on_reaped_by_server(status, events.events_of(*it->second));
+  }
+  if (!alive.ok()) {
+    // Its workers die with it (PR_SET_PDEATHSIG); no report will come for them. The next
+    // launch() starts a new server.
+    std::vector<ForkLink*> orphans;
+    for (const auto& [pid, link] : adopted_) orphans.push_back(link);
+    for (ForkLink* link : orphans) {
+      link->stop(StopMode::kKill);
+      link->on_reaped_by_server(W_EXITCODE(0, SIGKILL), events.events_of(*link));
+    }
+    server_.reset();
+  }
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,168 @@
+#include "lib/link/fork_link.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "lib/common/clock.h"
+
+namespace procpool::internal {
+
+ForkLink::ForkLink(std::string name, WorkerProcess process, UniqueFd channel,
+                   ControlPageMapping page, Limits limits)
+    : name_(std::move(name)),
+      process_(std::move(process)),
+      channel_(std::move(channel)),
+      page_(std::move(page)),
+      limits_(limits),
+      reader_(limits.max_frame_bytes) {
+  if (channel_) (void)set_nonblocking(channel_.get(), true);
+}
+
+ForkLink::~ForkLink() {
+  if (on_destroy_) on_destroy_();
+}
+
+void ForkLink::send(std::unique_ptr<capnp::MessageBuilder> frame) {
+  if (ended_ || !channel_) return;
+  writer_.push(std::move(frame));
+}
+
+void ForkLink::flush() {
+  if (ended_ || !channel_ || writer_.empty()) return;
+  // A failure means the worker is gone; its pidfd will tell.
+  if (!writer_.write_some(channel_.get()).ok()) writer_.clear();
+}
+
+void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
+  polled_channel_ = with_channel && channel_ && !broken_ && !ended_;
+  // A fork server's worker is not our child: the server reports its exit.
+  polled_pidfd_ = !ended_ && !process_.adopted() && process_.pidfd() >= 0;
+  if (polled_channel_) {
+    fds.push_back({channel_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
+  }
+  if (polled_pidfd_) fds.push_back({process_.pidfd(), POLLIN, 0});
+}
+
+void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
+                       LinkEvents& events) {
+  size_t next = 0;
+  if (polled_channel_ && next < count) {
+    const short revents = polled[next++].revents;
+    if (revents != 0 && with_channel) pump(revents, events);
+  }
+  if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
+    // Gone: what it sent before it died is real, read it first.
+    read_channel(events);
+    if (std::optional<int> status = process_.try_reap()) end(*status, events);
+  }
+}
+
+void ForkLink::pump(short revents, LinkEvents& events) {
+  if (ended_ || !channel_) return;
+  if ((revents & POLLOUT) && !writer_.write_some(channel_.get()).ok()) writer_.clear();
+  if (revents & (POLLIN | POLLHUP | POLLERR)) read_channel(events);
+}
+
+void ForkLink::read_channel(LinkEvents& events) {
+  // Bounded: a flood from one worker must not starve the others.
+  for (int round = 0; round < 16 && channel_ && !broken_; ++round) {
+    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(channel_.get());
+    if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
+      // The worker closed its end: it is exiting; its pidfd reports when it is gone. Part of a
+      // frame left over means it wrote garbage, not that it merely died.
+      if (reader_.has_partial_frame()) {
+        broken_ = true;
+        events.on_broken_stream(absl::DataLossError(
+            absl::StrCat(name_, " sent a truncated frame before it closed its channel")));
+      }
+      channel_.reset();
+      writer_.clear();
+      return;
+    }
+    if (*filled == FrameReader::Fill::kWouldBlock) break;
+    bool completed = false;
+    while (!broken_ && !ended_) {
+      absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
+      if (!frame.ok()) {
+        broken_ = true;
+        events.on_broken_stream(absl::DataLossError(
+            absl::StrCat(name_, " sent a bad frame: ", frame.status().message())));
+        return;
+      }
+      if (frame->size() == 0) break;
+      completed = true;
+      events.on_frame(*frame);
+    }
+    if (!reader_.has_partial_frame()) {
+      partial_since_ns_ = 0;
+    } else if (completed || partial_since_ns_ == 0) {
+      partial_since_ns_ = monotonic_now_ns();
+    }
+  }
+}
+
+int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
+  if (partial_since_ns_ == 0 || broken_ || ended_) return INT64_MAX;
+  const int64_t deadline = partial_since_ns_ + to_ns(limits_.frame_timeout);
+  if (now_ns < deadline) return deadline;
+  broken_ = true;
+  events.on_broken_stream(absl::DataLossError(absl::StrCat(
+      name_, " began a frame and did not finish it within frame_timeout (",
+      absl::FormatDuration(limits_.frame_timeout), ")")));
+  return INT64_MAX;
+}
+
+WorkerProgress ForkLink::progress() const {
+  const ControlPage& page = *page_.get();
+  WorkerProgress progress;
+  progress.running = page.running.load(std::memory_order_acquire) != 0;
+  progress.batch_seq = page.batch_seq.load(std::memory_order_relaxed);
+  progress.task_index = page.task_index.load(std::memory_order_relaxed);
+  progress.started_ns = page.started_ns.load(std::memory_order_relaxed);
+  progress.tasks_done = page.tasks_done.load(std::memory_order_relaxed);
+  progress.busy_ns = page.busy_ns.load(std::memory_order_relaxed);
+  return progress;
+}
+
+size_t ForkLink::resident_bytes() const {
+  std::FILE* statm = std::fopen(absl::StrCat("/proc/", process_.pid(), "/statm").c_str(), "re");
+  if (statm == nullptr) return 0;
+  unsigned long size = 0, resident = 0;
+  const int read = std::fscanf(statm, "%lu %lu", &size, &resident);
+  std::fclose(statm);
+  return read == 2 ? resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE)) : 0;
+}
+
+void ForkLink::open_claims(uint32_t slot, uint16_t tag, uint32_t count) {
+  internal::open_claims(*page_.get(), slot, tag, count);
+}
+
+void ForkLink::revoke(uint32_t slot, uint16_t tag, LinkEvents& events) {
+  events.on_revoked(slot, tag, revoke_claims(*page_.get(), slot, tag));
+}
+
+void ForkLink::stop(StopMode mode) {
+  process_.kill(mode == StopMode::kKill ? SIGKILL : SIGTERM);
+}
+
+void ForkLink::on_reaped_by_server(int wait_status, LinkEvents& events) {
+  if (ended_) return;
+  read_channel(events);
+  process_.mark_reaped();
+  end(wait_status, events);
+}
+
+void ForkLink::end(int wait_status, LinkEvents& events) {
+  ended_ = true;
+  channel_.reset();
+  writer_.clear();
+  events.on_ended(WorkerEnd{describe_exit(wait_status, page_.get()),
+                            clean_exit(wait_status, page_.get())});
+}
+
+}  // namespace procpool::internal

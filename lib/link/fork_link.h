@@ -1,0 +1,81 @@
+// ForkLink: the WorkerLink of a forked worker process (worker_link.h).
+//
+// Frames go over a socketpair, non-blocking on this side. The worker's exit is seen on a pidfd
+// (or, for a worker forked by the fork server, reported by the server); its progress and claims
+// live in a control page shared with it (control_page.h); it is stopped with signals sent through
+// the pidfd. A frame the worker begins must complete within frame_timeout, or the stream is
+// reported broken: a worker cannot wedge the pool by writing half a frame.
+
+#ifndef PROCPOOL_LIB_LINK_FORK_LINK_H_
+#define PROCPOOL_LIB_LINK_FORK_LINK_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "lib/common/unique_fd.h"
+#include "lib/link/worker_link.h"
+#include "lib/link/worker_process.h"
+#include "lib/wire/control_page.h"
+#include "lib/wire/frame_io.h"
+
+namespace procpool::internal {
+
+class ForkLink final : public WorkerLink {
+ public:
+  struct Limits {
+    size_t max_frame_bytes = 0;
+    absl::Duration frame_timeout = absl::Seconds(10);
+  };
+  // `channel` is the parent's end (made non-blocking here).
+  ForkLink(std::string name, WorkerProcess process, UniqueFd channel, ControlPageMapping page,
+           Limits limits);
+  ~ForkLink() override;
+
+  const std::string& name() const override { return name_; }
+  int pid() const override { return process_.pid(); }
+  void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
+  void flush() override;
+  bool has_unsent() const override { return !writer_.empty(); }
+  void add_pollfds(std::vector<pollfd>& fds, bool with_channel) override;
+  void service(const pollfd* polled, size_t count, bool with_channel,
+               LinkEvents& events) override;
+  int64_t check(int64_t now_ns, LinkEvents& events) override;
+  int channel_fd() const override { return channel_.get(); }
+  void pump(short revents, LinkEvents& events) override;
+  WorkerProgress progress() const override;
+  size_t resident_bytes() const override;
+  void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
+  void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
+  void stop(StopMode mode) override;
+
+  // For a worker forked by the fork server: the server reaped it with `wait_status`.
+  void on_reaped_by_server(int wait_status, LinkEvents& events);
+  // Called when the link is destroyed (the fork server's launcher forgets the pid).
+  void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
+
+ private:
+  void read_channel(LinkEvents& events);
+  void end(int wait_status, LinkEvents& events);
+
+  const std::string name_;
+  WorkerProcess process_;
+  UniqueFd channel_;
+  ControlPageMapping page_;
+  const Limits limits_;
+  FrameWriter writer_;
+  FrameReader reader_;
+  int64_t partial_since_ns_ = 0;  // a frame has begun and not ended since then; 0: none
+  bool broken_ = false;           // the stream was reported broken: read no more of it
+  bool ended_ = false;
+  bool polled_channel_ = false;   // what add_pollfds added, for service()
+  bool polled_pidfd_ = false;
+  std::function<void()> on_destroy_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_LINK_FORK_LINK_H_

@@ -1,0 +1,50 @@
+// Launcher: makes the workers of one pool, each behind its WorkerLink.
+//
+// Supervision asks for a worker for a slot; the launcher makes one (forks it, or has a cluster
+// engine start it and waits for it to dial in) and returns its link. Some launchers have
+// descriptors of their own the event loop watches (the fork server's reports, a TCP listener);
+// what they learn there arrives through LauncherEvents.
+
+#ifndef PROCPOOL_LIB_LINK_LAUNCHER_H_
+#define PROCPOOL_LIB_LINK_LAUNCHER_H_
+
+#include <poll.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "lib/link/worker_link.h"
+
+namespace procpool::internal {
+
+class LauncherEvents {
+ public:
+  virtual ~LauncherEvents() = default;
+  // Where events of `link` go (the launcher learned something about one of its workers).
+  virtual LinkEvents& events_of(WorkerLink& link) = 0;
+  // A worker arrived on its own (dialled in), not in answer to launch().
+  virtual void on_arrived(std::unique_ptr<WorkerLink> link) = 0;
+};
+
+class Launcher {
+ public:
+  virtual ~Launcher() = default;
+
+  // Makes a worker for `slot`, named `name` ("worker 3"): its link, in the starting state (its
+  // READY frame follows), or why none could be made (kResourceExhausted for a full process
+  // table, ...). Called from the thread the launcher's rules allow (see implementations).
+  virtual absl::StatusOr<std::unique_ptr<WorkerLink>> launch(int slot, const std::string& name) = 0;
+
+  // The event loop: the launcher's own descriptors, and what to do when they are ready.
+  virtual void add_pollfds(std::vector<pollfd>& fds) {}
+  virtual void service(const pollfd* polled, size_t count, LauncherEvents& events) {}
+  // Work the launcher has without its descriptors being ready (reports read ahead).
+  virtual bool has_pending_events() const { return false; }
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_LINK_LAUNCHER_H_

@@ -1,0 +1,117 @@
+// WorkerLink: one worker as the pool sees it, whatever carries its frames.
+//
+// The scheduler and supervision reach a worker only through this interface, as Cap'n Proto's RPC
+// reaches its peer only through a connection that carries messages and reports disconnection:
+// they never see an fd, a pid or a signal. Two links implement it: ForkLink (a forked process: a
+// socketpair, a pidfd, a shared control page, signals) and TcpLink (a worker program on any host:
+// a TCP connection, a handshake, heartbeats).
+//
+// Ordering. Frames are delivered to the worker in the order they are sent, and the worker's
+// frames reach `LinkEvents::on_frame` in the order it wrote them. After `on_ended`, the link
+// delivers nothing more, and frames sent to it are dropped. Every frame the worker wrote before
+// it ended is delivered before `on_ended`.
+//
+// Threads: not thread-safe; the pool calls a link with its lock held.
+
+#ifndef PROCPOOL_LIB_LINK_WORKER_LINK_H_
+#define PROCPOOL_LIB_LINK_WORKER_LINK_H_
+
+#include <poll.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "capnp/message.h"
+#include "lib/wire/control_page.h"
+
+namespace procpool::internal {
+
+// How a worker ended, as its link saw it.
+struct WorkerEnd {
+  std::string how;     // "was killed by signal 6 (SIGABRT)", "exited with status 3", ...
+  bool clean = false;  // left on its own, with a status the protocol expects after a shutdown
+};
+
+// What a worker is doing, as far as its link knows.
+struct WorkerProgress {
+  uint64_t batch_seq = ControlPage::kNoBatch;  // the batch of the task below
+  uint32_t task_index = 0;                     // the last task it started in that batch
+  bool running = false;                        // that task is still running
+  int64_t started_ns = 0;                      // when that task started (CLOCK_MONOTONIC)
+  int64_t tasks_done = 0;
+  int64_t busy_ns = 0;
+  // False when the link learns of progress late (over TCP): tasks after the one above may have
+  // started. True when it is read from shared memory, as the worker writes it.
+  bool exact = true;
+};
+
+// Where a link reports what happened. The pool implements it for each link.
+class LinkEvents {
+ public:
+  virtual ~LinkEvents() = default;
+  // One whole frame from the worker (FromWorker), borrowed for the call.
+  virtual void on_frame(kj::ArrayPtr<const capnp::word> frame) = 0;
+  // The worker's stream can no longer be trusted: a frame too big, garbage, a frame begun and
+  // not finished within frame_timeout. The pool stops the worker; kDataLoss names the cause.
+  virtual void on_broken_stream(absl::Status why) = 0;
+  // The answer to revoke(): `claimed` tasks of the batch were claimed and will run or ran.
+  virtual void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) = 0;
+  // The worker is gone for good.
+  virtual void on_ended(WorkerEnd end) = 0;
+};
+
+enum class StopMode {
+  kTerminate,  // ask the process to end now (SIGTERM), without its exit() hook
+  kKill,       // end it, no questions (SIGKILL; for TCP, drop the connection)
+};
+
+class WorkerLink {
+ public:
+  virtual ~WorkerLink() = default;
+
+  // "worker 3 (pid 4242)", for messages.
+  virtual const std::string& name() const = 0;
+  // The worker's process id where one is known and meaningful here, else 0.
+  virtual int pid() const = 0;
+
+  // Queues a frame (ToWorker); flush() writes what the transport takes now, and the rest goes as
+  // the event loop finds it writable. Dropped after the link ended.
+  virtual void send(std::unique_ptr<capnp::MessageBuilder> frame) = 0;
+  virtual void flush() = 0;
+  virtual bool has_unsent() const = 0;
+
+  // The event loop. add_pollfds appends what to wait for (the channel only if `with_channel`:
+  // a caller may be reading it itself, see borrow below); service() handles what poll() said of
+  // them (the entries this link added, in order), leaving the channel alone unless
+  // `with_channel` (a borrow may have begun since); check() handles the link's own deadlines and
+  // returns when it wants to be called again (CLOCK_MONOTONIC ns).
+  virtual void add_pollfds(std::vector<pollfd>& fds, bool with_channel) = 0;
+  virtual void service(const pollfd* polled, size_t count, bool with_channel,
+                       LinkEvents& events) = 0;
+  virtual int64_t check(int64_t now_ns, LinkEvents& events) = 0;
+
+  // Borrowing: a caller thread (apply) may wait on the channel itself, for one round trip less.
+  // channel_fd() is what to poll; pump() reads and writes what is ready.
+  virtual int channel_fd() const = 0;
+  virtual void pump(short revents, LinkEvents& events) = 0;
+
+  // What the worker is doing (control_page.h for what the fields mean).
+  virtual WorkerProgress progress() const = 0;
+  // Its resident memory in bytes, where known (0 if not): for max_worker_rss_bytes.
+  virtual size_t resident_bytes() const = 0;
+  // Claims (control_page.h): open a batch's claims before sending it; take its unstarted tasks
+  // back. The answer to revoke comes through events.on_revoked, during the call (shared memory)
+  // or later (a round trip).
+  virtual void open_claims(uint32_t slot, uint16_t tag, uint32_t count) = 0;
+  virtual void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) = 0;
+
+  // Stops the worker without its exit() hook (the polite way is a shutdown frame). Idempotent.
+  virtual void stop(StopMode mode) = 0;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_LINK_WORKER_LINK_H_

@@ -1,0 +1,129 @@
+#include "lib/link/worker_process.h"
+
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "lib/fault_injection.h"
+#include "lib/worker/child_setup.h"
+
+namespace procpool::internal {
+namespace {
+
+std::string signal_name(int signal) {
+  const char* name = ::sigabbrev_np(signal);
+  return absl::StrFormat("signal %d (SIG%s)", signal, name ? name : "?");
+}
+
+}  // namespace
+
+WorkerProcess::WorkerProcess(pid_t pid, bool adopted) : pid_(pid), adopted_(adopted) {
+  // Always O_CLOEXEC. An adopted process may be gone already (ESRCH): its server reports it.
+  pidfd_ = own_fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+}
+
+void WorkerProcess::kill(int signal) const {
+  if (reaped_ || pid_ <= 0) return;
+  // Through the pidfd: a pid reaped and reused meanwhile cannot be hit.
+  if (pidfd_.valid()) {
+    ::syscall(SYS_pidfd_send_signal, pidfd_.get(), signal, nullptr, 0);
+  } else if (!adopted_) {
+    ::kill(pid_, signal);
+  }
+}
+
+std::optional<int> WorkerProcess::try_reap() {
+  if (reaped_ || adopted_) return std::nullopt;
+  int status = 0;
+  while (true) {
+    const pid_t got = ::waitpid(pid_, &status, WNOHANG);
+    if (got == pid_) break;
+    if (got == 0) {
+      // Still running, unless the pidfd says it has exited and someone else reaped it: with
+      // SIGCHLD ignored, waitpid only reports ECHILD once it is gone, so check the pidfd too.
+      return std::nullopt;
+    }
+    if (errno == EINTR) continue;
+    // ECHILD: the program reaped our child itself. It is gone; how, waitpid cannot say.
+    status = kNoWaitStatus;
+    break;
+  }
+  reaped_ = true;
+  pidfd_.reset();
+  return status;
+}
+
+absl::StatusOr<pid_t> fork_child(const char* what) {
+  if (const int injected = take_injected_fork_failure(); injected != 0) {
+    errno = injected;
+  } else {
+    // Anything buffered now would be written by us; the child discards its copy (child_setup.h).
+    std::fflush(nullptr);
+    // Block every signal across fork() so no handler of the parent's runs in the child before
+    // the child has reset them.
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    const pid_t pid = ::fork();
+    if (pid == 0) return pid;
+    const int fork_errno = errno;
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    if (pid > 0) return pid;
+    errno = fork_errno;
+  }
+  const int error = errno;
+  if (error == EAGAIN || error == ENOMEM) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "could not fork ", what, ": ", std::strerror(error),
+        error == EAGAIN ? " (the process limit is reached: RLIMIT_NPROC or the pids cgroup's "
+                          "pids.max)"
+                        : ""));
+  }
+  return absl::ErrnoToStatus(error, absl::StrCat("could not fork ", what));
+}
+
+std::string describe_exit(int wait_status, const ControlPage* page) {
+  if (wait_status == WorkerProcess::kNoWaitStatus) {
+    if (page != nullptr) {
+      if (const int signal = page->fatal_signal.load(std::memory_order_relaxed); signal != 0) {
+        return absl::StrCat("was killed by ", signal_name(signal));
+      }
+      if (const int status = page->exit_status.load(std::memory_order_relaxed); status >= 0) {
+        return absl::StrFormat("exited with status %d", status);
+      }
+    }
+    return "ended, how is unknown: this program reaps its children itself (SIGCHLD ignored, or "
+           "a waitpid(-1) of its own), and the worker recorded no exit or fatal signal; most "
+           "likely it was killed by SIGKILL";
+  }
+  if (WIFSIGNALED(wait_status)) {
+    return absl::StrCat("was killed by ", signal_name(WTERMSIG(wait_status)),
+                        WCOREDUMP(wait_status) ? ", core dumped" : "");
+  }
+  if (WIFEXITED(wait_status)) {
+    return absl::StrFormat("exited with status %d", WEXITSTATUS(wait_status));
+  }
+  return absl::StrFormat("ended with wait status %d", wait_status);
+}
+
+bool clean_exit(int wait_status, const ControlPage* page) {
+  int status = -1;
+  if (wait_status == WorkerProcess::kNoWaitStatus) {
+    if (page != nullptr && page->fatal_signal.load(std::memory_order_relaxed) == 0) {
+      status = page->exit_status.load(std::memory_order_relaxed);
+    }
+  } else if (WIFEXITED(wait_status)) {
+    status = WEXITSTATUS(wait_status);
+  }
+  return status == kWorkerExitOk || status == kWorkerExitExitHookFailed;
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,77 @@
+#include "lib/options_check.h"
+
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+
+namespace procpool::internal {
+namespace {
+
+absl::Status positive(const char* field, absl::Duration value) {
+  if (value > absl::ZeroDuration()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("PoolOptions::", field, " must be positive, not ",
+                                                 absl::FormatDuration(value)));
+}
+
+absl::Status not_negative(const char* field, absl::Duration value) {
+  if (value >= absl::ZeroDuration()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("PoolOptions::", field,
+                                                 " must not be negative, not ",
+                                                 absl::FormatDuration(value)));
+}
+
+}  // namespace
+
+absl::Status check_pool_options(const PoolOptions& options) {
+  if (options.workers < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PoolOptions::workers must be 0 (one per CPU) or more, not ", options.workers));
+  }
+  if (options.workers > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PoolOptions::workers is at most 4096, not ", options.workers));
+  }
+  if (options.max_frame_bytes < kMinFrameBytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PoolOptions::max_frame_bytes (%d) is below the smallest that works, %d bytes",
+        options.max_frame_bytes, kMinFrameBytes));
+  }
+  if (options.max_frame_bytes > (size_t{1} << 40)) {
+    return absl::InvalidArgumentError("PoolOptions::max_frame_bytes is over 1 TiB");
+  }
+  if (options.max_tasks_per_worker < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PoolOptions::max_tasks_per_worker must be 0 (never recycle) or more, not ",
+        options.max_tasks_per_worker));
+  }
+  for (absl::Status s : {not_negative("join_timeout", options.join_timeout),
+                         positive("task_timeout", options.task_timeout),
+                         positive("enter_timeout", options.enter_timeout),
+                         not_negative("kill_grace", options.kill_grace),
+                         positive("frame_timeout", options.frame_timeout),
+                         not_negative("respawn_delay", options.respawn_delay),
+                         not_negative("respawn_max_delay", options.respawn_max_delay)}) {
+    if (!s.ok()) return s;
+  }
+  if (options.respawn_max_delay < options.respawn_delay) {
+    return absl::InvalidArgumentError(
+        "PoolOptions::respawn_max_delay must not be less than respawn_delay");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status check_call_settings(const CallSettings& settings) {
+  if (settings.retries < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CallOptions::retries must not be negative, not ", settings.retries));
+  }
+  if (settings.has_task_timeout && settings.task_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("CallOptions::task_timeout must be positive, not ",
+                                                   absl::FormatDuration(settings.task_timeout)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,23 @@
+// Checks of PoolOptions and per-call settings: a value that cannot work is kInvalidArgument
+// naming the field, returned by the first call rather than discovered as a hang or a respawn loop.
+
+#ifndef PROCPOOL_LIB_OPTIONS_CHECK_H_
+#define PROCPOOL_LIB_OPTIONS_CHECK_H_
+
+#include <cstddef>
+
+#include "absl/status/status.h"
+#include "procpool/internal/call.h"
+#include "procpool/pool_options.h"
+
+namespace procpool::internal {
+
+// The smallest max_frame_bytes any frame fits in, with room for a one-task batch.
+inline constexpr size_t kMinFrameBytes = 4096;
+
+absl::Status check_pool_options(const PoolOptions& options);
+absl::Status check_call_settings(const CallSettings& settings);
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_OPTIONS_CHECK_H_

@@ -1,0 +1,183 @@
+// Scheduler: choosing a worker for the next batch, and cutting and encoding that batch.
+
+#include <algorithm>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "capnp/serialize.h"
+#include "lib/common/clock.h"
+#include "lib/scheduler/scheduler.h"
+#include "lib/wire/control_page.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool::internal {
+namespace {
+
+// A worker whose call's tasks are short (under kShortTaskNs on average, where the round trip
+// between batches would be a real share of the time) gets more batches queued in its socket so it
+// never sleeps between them: as many as it works through in about kQueuedWorkNs, and none behind
+// a task that has already run longer than kLongRunningNs. Longer tasks are never queued behind a
+// running one: queued work is work an idle worker could not take.
+constexpr int64_t kShortTaskNs = 100'000;
+constexpr int64_t kQueuedWorkNs = 5'000'000;
+constexpr int64_t kLongRunningNs = 1'000'000;
+// A batch stops growing past this many bytes of encoded jobs, however large its chunksize.
+constexpr size_t kBatchByteBudget = size_t{1} << 20;
+
+}  // namespace
+
+int Scheduler::pick_worker() {
+  const Call& next = *pending_.front().call;
+  size_t depth = 1;  // until the call's tasks have been timed, and for long ones
+  const int64_t task_ns =
+      next.observed_tasks > 0 ? next.observed_busy_ns / next.observed_tasks : kShortTaskNs;
+  if (task_ns < kShortTaskNs) {
+    const int64_t batch_ns =
+        task_ns * static_cast<int64_t>(std::max<size_t>(1, next.settings().chunksize));
+    depth = batch_ns <= 0 ? config_.max_batches_per_worker
+                          : std::clamp<size_t>(1 + kQueuedWorkNs / batch_ns, 1,
+                                               config_.max_batches_per_worker);
+  }
+  depth = std::min(depth, config_.max_batches_per_worker);
+  const int64_t now = depth > 1 ? monotonic_now_ns() : 0;
+  int best = -1;
+  int suspect = -1;  // a worker whose work was taken back for stalling: only if no other can
+  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
+    const Worker& worker = workers_[slot];
+    if (!worker.accepting) continue;
+    if (config_.max_tasks_per_worker > 0 && worker.tasks_assigned >= config_.max_tasks_per_worker) {
+      continue;
+    }
+    // The claim slot the next batch would take must be free (a batch taken back whole may leave
+    // gaps: slots are the batch's number mod kClaimSlots).
+    if (worker.claim_slots_used & (1u << (worker.batches_sent % ControlPage::kClaimSlots))) continue;
+    if (worker.suspect) {
+      if (worker.batches.empty()) suspect = slot;
+      continue;
+    }
+    if (worker.batches.empty()) return slot;
+    if (worker.batches.size() >= depth) continue;
+    if (best >= 0 && workers_[best].batches.size() <= worker.batches.size()) continue;
+    const WorkerProgress progress = worker.port->progress();
+    const bool running_long = progress.running && now - progress.started_ns > kLongRunningNs;
+    if (!running_long) best = slot;
+  }
+  return best >= 0 ? best : suspect;
+}
+
+void Scheduler::send_batch(int slot) {
+  Worker& worker = workers_[slot];
+  TaskRange& range = pending_.front();
+  size_t want = std::min(range.count, std::max<size_t>(1, range.call->settings().chunksize));
+  want = std::min<size_t>(want, ControlPage::kMaxBatchTasks);
+  if (config_.max_tasks_per_worker > 0) {
+    want = std::min<size_t>(want, config_.max_tasks_per_worker - worker.tasks_assigned);
+  }
+
+  // Size the batch before building it (shrinking a Cap'n Proto list in place is slow): from one
+  // job's encoded size, as many as fit the byte budget.
+  const bool packed = range.call->packs_jobs();
+  size_t job_words = 8;
+  const size_t budget = std::min(kBatchByteBudget, config_.max_frame_bytes / 2);
+  if (packed) {
+    want = std::clamp<size_t>(budget / sizeof(capnp::word), 1, want);
+    job_words = 1;
+  } else {
+    capnp::MallocMessageBuilder probe(64);
+    try {
+      range.call->encode_job(range.first, probe.initRoot<wire::Value>());
+      job_words = probe.sizeInWords();
+      want = std::clamp<size_t>(budget / (job_words * sizeof(capnp::word)), 1, want);
+    } catch (...) {
+      want = 1;  // the build below reports it
+    }
+  }
+
+  const uint64_t seq = next_seq_++;
+  const uint32_t claim_slot = static_cast<uint32_t>(worker.batches_sent % ControlPage::kClaimSlots);
+  const uint16_t claim_tag = static_cast<uint16_t>(worker.batches_sent);
+  std::unique_ptr<capnp::MallocMessageBuilder> message;
+  size_t taken = 0;
+  std::optional<absl::Status> unencodable;  // the job right after the batch cannot be sent
+  while (true) {
+    // A first segment the batch fits in: the default (8 KiB, zeroed) costs a small task dearly.
+    message = std::make_unique<capnp::MallocMessageBuilder>(
+        static_cast<unsigned>(std::min<size_t>(16 + want * job_words, size_t{1} << 20)));
+    auto tasks = message->initRoot<wire::ToWorker>().initTasks();
+    tasks.setSeq(seq);
+    tasks.setClaimSlot(claim_slot);
+    tasks.setClaimTag(claim_tag);
+    tasks.setTrampoline(range.call->settings().trampoline);
+    tasks.setFunction(range.call->settings().function);
+    taken = 0;
+    bool failed_here = false;
+    if (packed) {
+      range.call->encode_jobs_packed(range.first, want, tasks.initPackedJobs());
+      taken = want;
+    }
+    auto jobs = tasks.initJobs(packed ? 0 : static_cast<unsigned>(want));
+    while (taken < want) {
+      try {
+        range.call->encode_job(range.first + taken, jobs[taken]);
+      } catch (...) {
+        unencodable = absl::InvalidArgumentError(
+            absl::StrCat("could not encode the job: ", describe_current_exception()));
+        failed_here = true;
+        break;
+      }
+      ++taken;
+    }
+    if (failed_here) {
+      if (taken == 0) break;
+      want = taken;  // build again without it (and what follows); it fails alone below
+      continue;
+    }
+    // A frame the worker would refuse: send fewer jobs, or fail a job too big on its own.
+    const size_t frame_bytes = capnp::computeSerializedSizeInWords(*message) * sizeof(capnp::word);
+    if (frame_bytes <= config_.max_frame_bytes) break;
+    if (want == 1) {
+      taken = 0;
+      unencodable = absl::ResourceExhaustedError(absl::StrFormat(
+          "the job encodes to a frame of %d bytes, over max_frame_bytes (%d)", frame_bytes,
+          config_.max_frame_bytes));
+      break;
+    }
+    want = want / 2;
+    unencodable.reset();  // no longer right after the batch: a later batch meets it again
+  }
+  if (unencodable) {
+    // It fails alone; the batch ends before it.
+    range.call->on_error(range.first + taken, *unencodable);
+    ++tasks_failed_;
+  }
+
+  TaskRange sent{range.call, range.first, taken, range.attempt};
+  const size_t consumed = taken + (unencodable ? 1 : 0);
+  range.first += consumed;
+  range.count -= consumed;
+  if (range.count == 0) pending_.pop_front();
+  if (taken == 0) return;
+
+  Batch batch;
+  batch.seq = seq;
+  batch.claim_slot = claim_slot;
+  batch.claim_tag = claim_tag;
+  batch.tasks = std::move(sent);
+  batch.limit = static_cast<uint32_t>(taken);
+  const CallSettings& settings = batch.tasks.call->settings();
+  batch.timeout = settings.has_task_timeout ? settings.task_timeout : config_.task_timeout;
+  if (worker.batches.empty()) {
+    batch.front_since_ns = monotonic_now_ns();
+    worker.stall_taken_back = false;
+  }
+  ++worker.batches_sent;
+  worker.claim_slots_used |= 1u << claim_slot;
+  worker.tasks_assigned += static_cast<int64_t>(taken);
+  worker.port->open_claims(claim_slot, claim_tag, batch.limit);
+  worker.batches.push_back(std::move(batch));
+  worker.port->send(std::move(message));  // dispatch() flushes
+}
+
+}  // namespace procpool::internal

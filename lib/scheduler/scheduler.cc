@@ -1,0 +1,299 @@
+// Scheduler: calls, dispatch, results and deadlines (scheduler.h). Batches are cut in
+// batch_encoder.cc; what a lost worker or a take-back leaves behind is settled in settlement.cc.
+
+#include "lib/scheduler/scheduler.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "lib/common/clock.h"
+#include "procpool/internal/packed.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool::internal {
+
+Scheduler::Scheduler(Config config) : config_(config), workers_(config.workers) {}
+Scheduler::~Scheduler() = default;
+
+void Scheduler::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
+  tasks_submitted_ += static_cast<int64_t>(count);
+  pending_.push_back(TaskRange{std::move(call), first, count, 0});
+}
+
+bool Scheduler::work_outstanding() const {
+  if (!pending_.empty()) return true;
+  for (const Worker& worker : workers_) {
+    if (!worker.batches.empty()) return true;
+  }
+  return false;
+}
+
+void Scheduler::cancel(const Call* call, const absl::Status& status) {
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    if (it->call.get() == call) {
+      TaskRange range = std::move(*it);
+      it = pending_.erase(it);
+      fail(range, range.first, range.count, status);
+    } else {
+      ++it;
+    }
+  }
+  // Batches already at workers: take back what has not started. Collected first: a revoke may
+  // be answered (and the batch settled and erased) within the call.
+  std::vector<std::pair<int, uint64_t>> targets;
+  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
+    for (const Batch& batch : workers_[slot].batches) {
+      if (batch.tasks.call.get() == call && batch.take_back == TakeBack::kNone) {
+        targets.emplace_back(slot, batch.seq);
+      }
+    }
+  }
+  for (const auto& [slot, seq] : targets) {
+    for (Batch& batch : workers_[slot].batches) {
+      if (batch.seq == seq) {
+        take_back(slot, batch, TakeBack::kFail, status);
+        break;
+      }
+    }
+  }
+}
+
+void Scheduler::cancel_all(const absl::Status& status) {
+  fail_pending(status);
+  std::vector<std::pair<int, uint64_t>> targets;
+  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
+    for (const Batch& batch : workers_[slot].batches) {
+      if (batch.take_back == TakeBack::kNone) targets.emplace_back(slot, batch.seq);
+    }
+  }
+  for (const auto& [slot, seq] : targets) {
+    for (Batch& batch : workers_[slot].batches) {
+      if (batch.seq == seq) {
+        take_back(slot, batch, TakeBack::kFail, status);
+        break;
+      }
+    }
+  }
+}
+
+void Scheduler::abandon_all(const absl::Status& status) {
+  abandoned_ = true;
+  fail_pending(status);
+  for (Worker& worker : workers_) {
+    for (Batch& batch : worker.batches) {
+      if (batch.limit > batch.reported) {
+        fail(batch.tasks, batch.tasks.first + batch.reported, batch.limit - batch.reported, status);
+      }
+    }
+    worker.batches.clear();
+    worker.claim_slots_used = 0;
+  }
+}
+
+void Scheduler::attach(int slot, WorkerPort* port) {
+  Worker& worker = workers_[slot];
+  worker = Worker();
+  worker.port = port;
+  worker.accepting = !abandoned_;
+}
+
+void Scheduler::stop_accepting(int slot) { workers_[slot].accepting = false; }
+bool Scheduler::accepting(int slot) const { return workers_[slot].accepting; }
+bool Scheduler::idle(int slot) const { return workers_[slot].batches.empty(); }
+
+bool Scheduler::quota_used(int slot) const {
+  return config_.max_tasks_per_worker > 0 &&
+         workers_[slot].tasks_assigned >= config_.max_tasks_per_worker;
+}
+
+void Scheduler::dispatch() {
+  std::vector<char> touched(workers_.size(), 0);
+  bool any = false;
+  while (!pending_.empty()) {
+    const int slot = pick_worker();
+    if (slot < 0) break;
+    send_batch(slot);
+    touched[slot] = 1;
+    any = true;
+  }
+  if (!any) return;
+  // One write per worker for all it was given.
+  for (size_t slot = 0; slot < workers_.size(); ++slot) {
+    if (touched[slot] && workers_[slot].port != nullptr) workers_[slot].port->flush();
+  }
+}
+
+std::optional<int> Scheduler::dispatch_to_idle(std::shared_ptr<Call> call) {
+  if (!pending_.empty()) return std::nullopt;
+  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
+    const Worker& worker = workers_[slot];
+    if (!worker.accepting || !worker.batches.empty() || worker.suspect || quota_used(slot)) continue;
+    submit(std::move(call), 0, 1);
+    send_batch(slot);
+    workers_[slot].port->flush();
+    return slot;
+  }
+  return std::nullopt;
+}
+
+absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results) {
+  Worker& worker = workers_[slot];
+  if (worker.batches.empty() || worker.batches.front().seq != results.getSeq()) {
+    // After terminate() the batches were settled already: late results are dropped.
+    if (abandoned_) return absl::OkStatus();
+    return absl::DataLossError(
+        absl::StrCat(worker.port->name(), " reported results for a batch it was not running"));
+  }
+  Batch& batch = worker.batches.front();
+  auto listed = results.getOutcomes();
+  const uint32_t count = results.getCount();
+  const bool packed = results.hasPackedResults();
+  const size_t entries = packed ? PackedReader(results.getPackedResults()).size() : listed.size();
+  if (results.getStart() != batch.reported || count > entries ||
+      batch.reported + count > batch.limit) {
+    return absl::DataLossError(absl::StrCat(worker.port->name(), " reported results out of order"));
+  }
+  worker.suspect = false;
+  Call& call = *batch.tasks.call;
+  call.observed_tasks += count;
+  call.observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
+  if (packed) {
+    const size_t values = call.on_packed_results(batch.tasks.first + batch.reported, count,
+                                                 results.getPackedResults(), results.getErrors());
+    tasks_done_ += static_cast<int64_t>(values);
+    tasks_failed_ += static_cast<int64_t>(count - values);
+    batch.reported += count;
+  }
+  for (uint32_t i = 0; i < (packed ? 0 : count); ++i) {
+    const wire::Outcome::Reader outcome = listed[i];
+    const size_t index = batch.tasks.first + batch.reported;
+    ++batch.reported;
+    if (outcome.which() == wire::Outcome::OK) {
+      if (call.on_value(index, outcome.getOk())) {
+        ++tasks_done_;
+      } else {
+        ++tasks_failed_;
+      }
+    } else {
+      absl::Status status = status_from_wire(outcome.getError());
+      if (status.ok()) status = absl::UnknownError("the task failed without a status");
+      call.on_error(index, std::move(status));
+      ++tasks_failed_;
+    }
+  }
+  if (batch.reported == batch.limit && batch.take_back == TakeBack::kNone) {
+    erase_batch(worker, 0);
+  }
+  return absl::OkStatus();
+}
+
+void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t claimed) {
+  Worker& worker = workers_[slot];
+  for (size_t i = 0; i < worker.batches.size(); ++i) {
+    Batch& batch = worker.batches[i];
+    if (batch.claim_slot != claim_slot || batch.claim_tag != tag) continue;
+    settle_taken_back(worker, batch, claimed);
+    if (batch.reported >= batch.limit) erase_batch(worker, i);
+    return;
+  }
+}
+
+void Scheduler::erase_batch(Worker& worker, size_t index) {
+  worker.claim_slots_used &= ~(1u << worker.batches[index].claim_slot);
+  worker.batches.erase(worker.batches.begin() + static_cast<ptrdiff_t>(index));
+  if (index == 0 && !worker.batches.empty()) {
+    worker.batches.front().front_since_ns = monotonic_now_ns();
+    worker.stall_taken_back = false;
+  }
+}
+
+std::optional<uint64_t> Scheduler::current_task(int slot) const {
+  const Worker& worker = workers_[slot];
+  if (worker.batches.empty() || worker.port == nullptr) return std::nullopt;
+  const WorkerProgress progress = worker.port->progress();
+  const Batch& front = worker.batches.front();
+  if (!progress.running || progress.batch_seq != front.seq) return std::nullopt;
+  return front.tasks.first + progress.task_index;
+}
+
+int64_t Scheduler::check(int64_t now_ns) {
+  int64_t next = INT64_MAX;
+  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
+    if (workers_[slot].port != nullptr && !workers_[slot].batches.empty()) {
+      check_worker(slot, now_ns, next);
+    }
+  }
+  return next;
+}
+
+void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
+  Worker& worker = workers_[slot];
+  const Batch& front = worker.batches.front();
+  const WorkerProgress progress = worker.port->progress();
+  const bool on_front = progress.batch_seq == front.seq;
+  const bool running = on_front && progress.running;
+  // Since when the worker has not started a task: its running task's start, or (between tasks or
+  // before its first) the later of that and when the front batch became its front.
+  const int64_t waiting_since =
+      running ? progress.started_ns
+              : std::max(front.front_since_ns, on_front ? progress.started_ns : int64_t{0});
+
+  // Task timeouts.
+  if (front.timeout != absl::InfiniteDuration()) {
+    if (running) {
+      // Packed tasks are stamped with the coarse clock, which runs behind by up to its
+      // resolution: never kill a task before its time.
+      const int64_t deadline = progress.started_ns + to_ns(front.timeout) + coarse_clock_slack_ns();
+      if (now >= deadline) {
+        worker.port->stop(absl::DeadlineExceededError(absl::StrFormat(
+            "task %d of its call ran past its timeout of %s; %s was stopped",
+            front.tasks.first + progress.task_index, absl::FormatDuration(front.timeout),
+            worker.port->name())));
+        return;
+      }
+      next = std::min(next, deadline);
+    } else {
+      // Not started yet, or between tasks. A worker that stays so past the timeout (and the
+      // grace) is stuck or stopped: it holds tasks it will never run, so it goes too.
+      const int64_t deadline =
+          waiting_since + to_ns(front.timeout) + to_ns(config_.kill_grace);
+      if (now >= deadline) {
+        worker.port->stop(absl::DeadlineExceededError(absl::StrFormat(
+            "%s did not start its next task within the task timeout of %s; it is stuck or "
+            "stopped and was stopped",
+            worker.port->name(), absl::FormatDuration(front.timeout))));
+        return;
+      }
+      next = std::min(next, std::min(deadline, now + 1'000'000));
+    }
+  }
+
+  // The stall rule (scheduler.h).
+  if (worker.stall_taken_back) return;
+  const Call& call = *front.tasks.call;
+  const int64_t mean = call.observed_tasks > 0 ? call.observed_busy_ns / call.observed_tasks : 0;
+  const int64_t threshold = std::max(kStallFloorNs, kStallFactor * mean);
+  const int64_t stall_at = waiting_since + threshold;
+  if (now < stall_at) {
+    next = std::min(next, stall_at);
+    return;
+  }
+  worker.stall_taken_back = true;
+  worker.suspect = true;
+  std::vector<uint64_t> seqs;
+  for (const Batch& batch : worker.batches) {
+    if (batch.take_back == TakeBack::kNone) seqs.push_back(batch.seq);
+  }
+  for (uint64_t seq : seqs) {
+    for (Batch& batch : worker.batches) {
+      if (batch.seq == seq) {
+        take_back(slot, batch, TakeBack::kRequeue, absl::OkStatus());
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,205 @@
+// Scheduler: which task runs where and when, and what becomes of each task's outcome.
+//
+// It knows calls, batches, pacing, ordering, retries, cancellation and the order of shutdown; it
+// reaches workers only through WorkerPort (a narrow view of a WorkerLink), and knows nothing of
+// how a worker is made, what process it is, or how it is stopped.
+//
+// The path of a task: submit() queues it in `pending_`, as a range of a call's indices;
+// dispatch() cuts the front range into a batch for a worker that can take one (pick_worker),
+// encodes it (batch_encoder.cc), opens its claims and sends it; the worker's results come back to
+// on_results(), which hands each outcome to its call. A task leaves the scheduler with exactly one
+// outcome: a value, its own error, or the failure of what ran it (settlement.cc: the worker died,
+// timed out, or its stream broke), unless it had not started: then it goes back to the front of
+// the queue (a worker's death, a stalled worker's queue taken back) or fails kCancelled (its call
+// was cancelled). "Had not started" is exact: the worker claims every task before it starts it,
+// and the scheduler takes tasks back with the same claims (control_page.h).
+//
+// Threads: not thread-safe; the pool calls it with its lock held. The Call callbacks it makes run
+// with that lock held too (call.h).
+
+#ifndef PROCPOOL_LIB_SCHEDULER_SCHEDULER_H_
+#define PROCPOOL_LIB_SCHEDULER_SCHEDULER_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "capnp/message.h"
+#include "lib/link/worker_link.h"
+#include "procpool/internal/call.h"
+#include "procpool/internal/protocol.capnp.h"
+
+namespace procpool::internal {
+
+// What the scheduler may do with a worker.
+class WorkerPort {
+ public:
+  virtual ~WorkerPort() = default;
+  virtual const std::string& name() const = 0;
+  // Queues a frame; flush() writes what was queued (one write for several batches).
+  virtual void send(std::unique_ptr<capnp::MessageBuilder> frame) = 0;
+  virtual void flush() = 0;
+  virtual WorkerProgress progress() const = 0;
+  virtual void open_claims(uint32_t slot, uint16_t tag, uint32_t count) = 0;
+  // The answer comes to Scheduler::on_revoked, during the call or later.
+  virtual void revoke(uint32_t slot, uint16_t tag) = 0;
+  // Have the worker stopped: the task it runs fails with `reason` (settled by on_worker_lost).
+  virtual void stop(absl::Status reason) = 0;
+};
+
+// How a worker was lost, for settling what it held.
+struct LostWorker {
+  // How it ended, for messages: "worker 1 (pid 42) was killed by signal 9 (SIGKILL)".
+  std::string ended;
+  // The failure of the task it was running when it ended (kAborted naming the death,
+  // kDeadlineExceeded for a timeout, kCancelled for a terminate).
+  absl::Status running_failure;
+  // The task its stream broke on (kDataLoss), if any was running then, and that failure.
+  std::optional<std::pair<uint64_t, uint32_t>> blamed_task;  // (batch seq, index)
+  absl::Status blamed_failure;
+  // False when the pool stopped it on purpose (a timeout, a broken stream): running the task it
+  // was running again would only repeat that. (Tasks whose results were lost with it are run
+  // again under the call's retries either way: they did nothing wrong.)
+  bool retry_allowed = true;
+  // Its last progress, read after it ended.
+  WorkerProgress last;
+};
+
+class Scheduler {
+ public:
+  struct Config {
+    int workers = 1;
+    size_t max_frame_bytes = 0;
+    int64_t max_tasks_per_worker = 0;  // 0: no limit
+    absl::Duration task_timeout = absl::InfiniteDuration();
+    absl::Duration kill_grace = absl::Seconds(1);
+    // The most batches a worker may hold at once (one for links that cannot take tasks back
+    // at once, TCP).
+    size_t max_batches_per_worker = 16;
+  };
+  explicit Scheduler(Config config);
+  ~Scheduler();
+
+  // --- Calls -----------------------------------------------------------------------------------
+  // Queues tasks [first, first + count) of `call` (count > 0).
+  void submit(std::shared_ptr<Call> call, size_t first, size_t count);
+  // The call's tasks that have not started fail with `status`; queued ones at once, ones sent to
+  // a worker as soon as they are taken back (immediately for shared-memory links).
+  void cancel(const Call* call, const absl::Status& status);
+  // The same for every call.
+  void cancel_all(const absl::Status& status);
+  // terminate(): every task without an outcome fails with `status` now, started or not; results
+  // that arrive later are dropped.
+  void abandon_all(const absl::Status& status);
+  bool has_pending() const { return !pending_.empty(); }
+  bool work_outstanding() const;
+
+  // --- Workers ---------------------------------------------------------------------------------
+  // A worker is ready for work in `slot`, reached through `port` (which outlives its use here).
+  void attach(int slot, WorkerPort* port);
+  // The worker takes no new work (it is being recycled, shut down or stopped); what it holds
+  // finishes. Also the state after attach until ready, and after on_worker_lost.
+  void stop_accepting(int slot);
+  bool accepting(int slot) const;
+  // Nothing in flight at this worker.
+  bool idle(int slot) const;
+  // It was given max_tasks_per_worker tasks: it should be recycled once idle.
+  bool quota_used(int slot) const;
+
+  // Gives queued tasks to workers that can take them, and writes what was sent.
+  void dispatch();
+  // For apply's fast path: if nothing is queued and a worker is idle, sends `call`'s one task to
+  // it now and returns its slot; the caller may then read that worker's results itself.
+  std::optional<int> dispatch_to_idle(std::shared_ptr<Call> call);
+
+  // A results frame from the worker in `slot`. A non-OK status means it broke the protocol
+  // (results for a batch it was not running, out of order): the pool stops it as for a bad frame.
+  absl::Status on_results(int slot, wire::ResultBatch::Reader results);
+  // The answer to a revoke.
+  void on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t claimed);
+  // The worker in `slot` is gone: settles every task it held (settlement.cc), and detaches it.
+  void on_worker_lost(int slot, const LostWorker& how);
+
+  // Deadlines: task timeouts (the worker is stopped through its port) and the stall rule
+  // (unstarted tasks of a worker that stopped making progress are taken back). Returns when it
+  // wants to be called again (CLOCK_MONOTONIC ns).
+  int64_t check(int64_t now_ns);
+
+  // For stats(): the call-relative index of the task the worker in `slot` runs, if any.
+  std::optional<uint64_t> current_task(int slot) const;
+  int64_t tasks_submitted() const { return tasks_submitted_; }
+  int64_t tasks_done() const { return tasks_done_; }
+  int64_t tasks_failed() const { return tasks_failed_; }
+
+  // The stall rule, documented in README ("A stalled worker"): a worker whose current task has
+  // run (or whose next batch has waited to start) longer than max(kStallFloor, kStallFactor x the
+  // mean time of that call's tasks so far) has every task it holds and has not started taken back
+  // and given to other workers.
+  static constexpr int64_t kStallFloorNs = 100'000'000;
+  static constexpr int64_t kStallFactor = 8;
+
+ private:
+  // A contiguous run of tasks of one call, all on the same attempt.
+  struct TaskRange {
+    std::shared_ptr<Call> call;
+    size_t first = 0;
+    size_t count = 0;
+    int attempt = 0;
+  };
+  // What becomes of a batch's tasks taken back by a revoke.
+  enum class TakeBack { kNone, kRequeue, kFail };
+  // A range sent to a worker as one frame.
+  struct Batch {
+    uint64_t seq = 0;
+    uint32_t claim_slot = 0;
+    uint16_t claim_tag = 0;
+    TaskRange tasks;
+    uint32_t reported = 0;  // outcomes received so far, in order
+    uint32_t limit = 0;     // tasks.count, or the tasks claimed when the rest were taken back
+    TakeBack take_back = TakeBack::kNone;  // a revoke is in flight
+    absl::Status take_back_status;         // for kFail
+    absl::Duration timeout = absl::InfiniteDuration();
+    int64_t front_since_ns = 0;  // when it became the worker's first batch in hand
+  };
+  struct Worker {
+    WorkerPort* port = nullptr;  // while attached
+    bool accepting = false;
+    std::deque<Batch> batches;
+    uint64_t batches_sent = 0;   // by this worker process: claim slots and tags follow it
+    uint32_t claim_slots_used = 0;  // bit i: a batch in `batches` owns claim slot i
+    int64_t tasks_assigned = 0;
+    bool stall_taken_back = false;  // the stall rule acted on its current front batch
+    bool suspect = false;           // its work was taken back for stalling; no results since
+  };
+
+  // batch_encoder.cc
+  int pick_worker();
+  void send_batch(int slot);
+  // settlement.cc
+  void fail(const TaskRange& range, size_t first, size_t count, const absl::Status& status);
+  void fail_pending(const absl::Status& status);
+  void requeue_front(std::vector<TaskRange> ranges);
+  void take_back(int slot, Batch& batch, TakeBack how, const absl::Status& status);
+  void settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed);
+  void erase_batch(Worker& worker, size_t index);
+  void check_worker(int slot, int64_t now, int64_t& next);
+
+  const Config config_;
+  std::vector<Worker> workers_;
+  std::deque<TaskRange> pending_;
+  uint64_t next_seq_ = 1;
+  bool abandoned_ = false;
+  int64_t tasks_submitted_ = 0;
+  int64_t tasks_done_ = 0;
+  int64_t tasks_failed_ = 0;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_SCHEDULER_SCHEDULER_H_

@@ -1,0 +1,131 @@
+// Scheduler: what becomes of tasks a worker cannot deliver. A worker that is lost (it died, was
+// stopped for a timeout or a broken stream) leaves tasks in three states, told apart by its last
+// progress: finished but unreported (their results died with it), the one it was running, and
+// not started. Tasks taken back by a revoke are exactly the unstarted ones.
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "lib/scheduler/scheduler.h"
+
+namespace procpool::internal {
+
+void Scheduler::fail(const TaskRange& range, size_t first, size_t count,
+                     const absl::Status& status) {
+  for (size_t i = first; i < first + count; ++i) range.call->on_error(i, status);
+  tasks_failed_ += static_cast<int64_t>(count);
+}
+
+void Scheduler::fail_pending(const absl::Status& status) {
+  while (!pending_.empty()) {
+    TaskRange range = std::move(pending_.front());
+    pending_.pop_front();
+    fail(range, range.first, range.count, status);
+  }
+}
+
+void Scheduler::requeue_front(std::vector<TaskRange> ranges) {
+  for (auto it = ranges.rbegin(); it != ranges.rend(); ++it) {
+    if (it->count > 0) pending_.push_front(std::move(*it));
+  }
+}
+
+void Scheduler::take_back(int slot, Batch& batch, TakeBack how, const absl::Status& status) {
+  batch.take_back = how;
+  batch.take_back_status = status;
+  const uint32_t claim_slot = batch.claim_slot;
+  const uint16_t tag = batch.claim_tag;
+  // The answer may come during this call, and settle and erase `batch`: do not touch it after.
+  workers_[slot].port->revoke(claim_slot, tag);
+}
+
+void Scheduler::settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed) {
+  claimed = std::clamp(claimed, batch.reported, batch.limit);
+  if (claimed < batch.limit) {
+    TaskRange rest{batch.tasks.call, batch.tasks.first + claimed, batch.limit - claimed,
+                   batch.tasks.attempt};
+    if (batch.take_back == TakeBack::kFail) {
+      fail(rest, rest.first, rest.count, batch.take_back_status);
+    } else {
+      requeue_front({std::move(rest)});
+    }
+  }
+  batch.limit = claimed;
+  batch.take_back = TakeBack::kNone;
+}
+
+void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
+  Worker& worker = workers_[slot];
+  const WorkerProgress& last = how.last;
+  // The batch it was on: batches before it finished (their results may have been on the way),
+  // batches after it never started (if its progress is exact; otherwise they may have).
+  size_t current = worker.batches.size();
+  for (size_t b = 0; b < worker.batches.size(); ++b) {
+    if (worker.batches[b].seq == last.batch_seq) current = b;
+  }
+  const absl::Status lost_result = absl::AbortedError(
+      absl::StrCat(how.ended, " after this task finished but before its result was sent"));
+  std::vector<TaskRange> requeue;
+  // Tasks [from, to) of `batch` that ran (or were running): run again if the call allows (and,
+  // for the task running when the pool stopped the worker on purpose, it was not that task's own
+  // doing), else fail with `failure`. The task its stream broke on fails alone with kDataLoss:
+  // nothing of its doing reaches its chunk-mates.
+  auto settle_ran = [&](const Batch& batch, uint32_t from, uint32_t to, const absl::Status& failure,
+                        bool retry_allowed) {
+    const TaskRange& tasks = batch.tasks;
+    for (uint32_t p = from; p < to;) {
+      if (how.blamed_task && how.blamed_task->first == batch.seq && how.blamed_task->second == p) {
+        fail(tasks, tasks.first + p, 1, how.blamed_failure);
+        ++p;
+        continue;
+      }
+      uint32_t q = p + 1;
+      while (q < to && !(how.blamed_task && how.blamed_task->first == batch.seq &&
+                         how.blamed_task->second == q)) {
+        ++q;
+      }
+      if (retry_allowed && tasks.attempt < tasks.call->settings().retries) {
+        requeue.push_back(TaskRange{tasks.call, tasks.first + p, q - p, tasks.attempt + 1});
+      } else {
+        fail(tasks, tasks.first + p, q - p, failure);
+      }
+      p = q;
+    }
+  };
+  for (size_t b = 0; b < worker.batches.size(); ++b) {
+    const Batch& batch = worker.batches[b];
+    const uint32_t end = batch.limit;  // tasks past it were settled when taken back
+    uint32_t finished = batch.reported;
+    std::optional<uint32_t> running;
+    if (b < current && current < worker.batches.size()) {
+      finished = end;
+    } else if (b == current) {
+      const uint32_t started = last.task_index;
+      finished = std::max(batch.reported, std::min(last.running ? started : started + 1, end));
+      if (last.running && started >= batch.reported && started < end) running = started;
+      // Late progress (TCP): what came after the last task it told of may have run too.
+      if (!last.exact) finished = end;
+    } else if (!last.exact && b == 0) {
+      finished = end;  // it may have started its first batch without saying so yet
+    }
+    if (running && *running < finished) running.reset();
+    settle_ran(batch, batch.reported, finished, lost_result, /*retry_allowed=*/true);
+    uint32_t not_started = finished;
+    if (running) {
+      settle_ran(batch, *running, *running + 1, how.running_failure, how.retry_allowed);
+      not_started = *running + 1;
+    }
+    if (not_started < end) {
+      requeue.push_back(TaskRange{batch.tasks.call, batch.tasks.first + not_started,
+                                  end - not_started, batch.tasks.attempt});
+    }
+  }
+  worker.batches.clear();
+  worker.claim_slots_used = 0;
+  worker.port = nullptr;
+  worker.accepting = false;
+  requeue_front(std::move(requeue));
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,529 @@
+#include "lib/supervision/supervisor.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "capnp/serialize.h"
+#include "kj/exception.h"
+#include "lib/common/clock.h"
+#include "procpool/internal/protocol.capnp.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool::internal {
+namespace {
+
+// A worker's resident memory is read at most this often (a /proc read).
+constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
+
+}  // namespace
+
+// Where a slot's link reports (worker_link.h).
+class Supervisor::Events final : public LinkEvents {
+ public:
+  Events(Supervisor& owner, Slot& slot) : owner_(owner), slot_(slot) {}
+  void on_frame(kj::ArrayPtr<const capnp::word> frame) override { owner_.on_frame(slot_, frame); }
+  void on_broken_stream(absl::Status why) override { owner_.on_broken_stream(slot_, why); }
+  void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override;
+  void on_ended(WorkerEnd end) override { owner_.on_ended(slot_, std::move(end)); }
+
+ private:
+  Supervisor& owner_;
+  Slot& slot_;
+};
+
+// What the scheduler may do with a slot's worker (scheduler.h).
+class Supervisor::Port final : public WorkerPort {
+ public:
+  Port(Supervisor& owner, Slot& slot) : owner_(owner), slot_(slot) {}
+  const std::string& name() const override;
+  void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
+  void flush() override;
+  WorkerProgress progress() const override;
+  void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
+  void revoke(uint32_t slot, uint16_t tag) override;
+  void stop(absl::Status reason) override;
+
+ private:
+  Supervisor& owner_;
+  Slot& slot_;
+};
+
+struct Supervisor::Slot {
+  Slot(Supervisor& owner, int index)
+      : index(index), name(absl::StrCat("worker ", index)), events(owner, *this), port(owner, *this) {}
+
+  const int index;
+  const std::string name;  // "worker 3"; the link's name adds the pid
+  Events events;
+  Port port;
+  std::unique_ptr<WorkerLink> link;  // null while none
+  State state = State::kEmpty;
+  uint64_t generation = 0;           // counts the links this slot has had
+  int64_t next_start_ns = 0;         // kEmpty: when to start the next one
+  int64_t started_ns = 0;
+  bool start_failed = false;         // its start failure is counted already
+  bool borrowed = false;
+  bool recycling = false;
+  int64_t last_memory_check_ns = 0;
+  std::optional<absl::Status> stop_reason;  // why the pool stops it; set once
+  int64_t kill_at_ns = 0;                   // SIGKILL once passed (after a SIGTERM); 0: none
+  bool killed = false;
+  std::optional<std::pair<uint64_t, uint32_t>> blamed;  // the task its stream broke on
+  absl::Status blamed_failure;
+  absl::Status exit_hook_status;
+
+  const std::string& display() const { return link ? link->name() : name; }
+};
+
+void Supervisor::Events::on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) {
+  owner_.scheduler_.on_revoked(slot_.index, slot, tag, claimed);
+}
+
+const std::string& Supervisor::Port::name() const { return slot_.display(); }
+void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
+  if (slot_.link) slot_.link->send(std::move(frame));
+}
+void Supervisor::Port::flush() {
+  if (slot_.link) slot_.link->flush();
+}
+WorkerProgress Supervisor::Port::progress() const {
+  return slot_.link ? slot_.link->progress() : WorkerProgress();
+}
+void Supervisor::Port::open_claims(uint32_t slot, uint16_t tag, uint32_t count) {
+  if (slot_.link) slot_.link->open_claims(slot, tag, count);
+}
+void Supervisor::Port::revoke(uint32_t slot, uint16_t tag) {
+  if (slot_.link) slot_.link->revoke(slot, tag, slot_.events);
+}
+void Supervisor::Port::stop(absl::Status reason) {
+  owner_.stop(slot_, std::move(reason), StopMode::kTerminate);
+}
+
+Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler)
+    : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler) {
+  for (int i = 0; i < config_.workers; ++i) slots_.push_back(std::make_unique<Slot>(*this, i));
+}
+
+Supervisor::~Supervisor() = default;
+
+std::string Supervisor::process_name(const Slot& slot) const {
+  return absl::StrCat(config_.process_name_prefix, "-w", slot.index).substr(0, 15);
+}
+
+void Supervisor::log(const Slot& slot, LogSeverity severity, const std::string& message) const {
+  if (config_.log) config_.log(severity, process_name(slot), slot.link ? slot.link->pid() : 0, message);
+}
+
+LinkEvents& Supervisor::events_of(WorkerLink& link) {
+  for (auto& slot : slots_) {
+    if (slot->link.get() == &link) return slot->events;
+  }
+  // A launcher reports only on links it made for us, which are in a slot until they end.
+  return slots_.front()->events;
+}
+
+void Supervisor::on_arrived(std::unique_ptr<WorkerLink> link) {
+  for (auto& slot : slots_) {
+    if (slot->state == State::kEmpty && wanted()) {
+      slot->link = std::move(link);
+      slot->state = State::kStarting;
+      slot->started_ns = monotonic_now_ns();
+      ++slot->generation;
+      log(*slot, LogSeverity::kInfo, "connected");
+      return;
+    }
+  }
+  // No slot wants it: it is told to leave.
+  auto shutdown = std::make_unique<capnp::MallocMessageBuilder>(16);
+  shutdown->initRoot<wire::ToWorker>().setShutdown();
+  link->send(std::move(shutdown));
+  link->flush();
+  ended_links_.push_back(std::move(link));
+}
+
+bool Supervisor::wanted() const {
+  return !terminating_ && !join_deadline_passed_ && (!joining_ || scheduler_.work_outstanding());
+}
+
+void Supervisor::start_due(int64_t now_ns) {
+  for (auto& slot : slots_) {
+    if (slot->state != State::kEmpty || now_ns < slot->next_start_ns) continue;
+    // Recycled workers are replaced even at join when work is left; others only when wanted.
+    if (!wanted()) continue;
+    launch(*slot, now_ns);
+  }
+  fail_queued_if_unavailable();
+}
+
+void Supervisor::launch(Slot& slot, int64_t now_ns) {
+  absl::StatusOr<std::unique_ptr<WorkerLink>> link = launcher_.launch(slot.index, slot.name);
+  if (!link.ok()) {
+    record_start_failure(slot, absl::Status(link.status().code(),
+                                            absl::StrCat(slot.name, ": ", link.status().message())),
+                         now_ns);
+    return;
+  }
+  if (slot.generation > 0) ++workers_restarted_;
+  slot.link = *std::move(link);
+  ++slot.generation;
+  slot.state = State::kStarting;
+  slot.started_ns = now_ns;
+  slot.start_failed = false;
+  slot.borrowed = false;
+  slot.recycling = false;
+  slot.last_memory_check_ns = now_ns;
+  slot.stop_reason.reset();
+  slot.kill_at_ns = 0;
+  slot.killed = false;
+  slot.blamed.reset();
+  slot.exit_hook_status = absl::OkStatus();
+  log(slot, LogSeverity::kInfo, "started");
+}
+
+void Supervisor::record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns) {
+  slot.start_failed = true;
+  ++consecutive_start_failures_;
+  last_start_failure_ = failure;
+  // respawn_delay, doubled per consecutive failure, up to respawn_max_delay.
+  absl::Duration delay = config_.respawn_delay;
+  for (int i = 1; i < consecutive_start_failures_ && delay < config_.respawn_max_delay; ++i) {
+    delay *= 2;
+  }
+  delay = std::min(delay, config_.respawn_max_delay);
+  slot.next_start_ns = now_ns + to_ns(delay);
+  log(slot, LogSeverity::kError,
+      absl::StrCat(failure.message(), "; next start in ", absl::FormatDuration(delay)));
+  fail_queued_if_unavailable();
+}
+
+absl::Status Supervisor::availability() const {
+  if (last_start_failure_.ok()) return absl::OkStatus();
+  for (const auto& slot : slots_) {
+    if (slot->state != State::kEmpty && !slot->start_failed && !slot->stop_reason) {
+      return absl::OkStatus();
+    }
+  }
+  return last_start_failure_;
+}
+
+void Supervisor::fail_queued_if_unavailable() {
+  if (absl::Status available = availability(); !available.ok()) scheduler_.cancel_all(available);
+}
+
+bool Supervisor::any_alive() const {
+  for (const auto& slot : slots_) {
+    if (slot->link) return true;
+  }
+  return false;
+}
+
+void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words) {
+  // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
+  try {
+    capnp::ReaderOptions options;
+    options.traversalLimitInWords = std::max<size_t>(config_.max_frame_bytes / sizeof(capnp::word), 1024);
+    capnp::FlatArrayMessageReader message(words, options);
+    auto frame = message.getRoot<wire::FromWorker>();
+    switch (frame.which()) {
+      case wire::FromWorker::READY:
+        if (slot.state != State::kStarting) break;
+        slot.state = State::kReady;
+        consecutive_start_failures_ = 0;
+        last_start_failure_ = absl::OkStatus();
+        scheduler_.attach(slot.index, &slot.port);
+        break;
+      case wire::FromWorker::ENTER_FAILED: {
+        absl::Status failure = status_from_wire(frame.getEnterFailed());
+        if (failure.ok()) failure = absl::UnknownError("enter() failed without a status");
+        record_start_failure(slot,
+                             absl::Status(failure.code(), absl::StrCat(slot.display(), " failed enter(): ",
+                                                                       failure.message())),
+                             monotonic_now_ns());
+        break;
+      }
+      case wire::FromWorker::RESULTS:
+        if (absl::Status ok = scheduler_.on_results(slot.index, frame.getResults()); !ok.ok()) {
+          on_broken_stream(slot, ok);
+        }
+        break;
+      case wire::FromWorker::EXITED:
+        slot.exit_hook_status = status_from_wire(frame.getExited());
+        break;
+    }
+  } catch (const kj::Exception& e) {
+    on_broken_stream(slot, absl::DataLossError(absl::StrCat(
+                               slot.display(), " sent a malformed frame: ", e.getDescription().cStr())));
+  }
+}
+
+void Supervisor::on_broken_stream(Slot& slot, absl::Status why) {
+  if (!slot.link || slot.stop_reason) return;
+  // Only the task running when the stream broke is charged with it.
+  const WorkerProgress progress = slot.link->progress();
+  if (progress.running) {
+    slot.blamed = std::make_pair(progress.batch_seq, progress.task_index);
+    slot.blamed_failure = why;
+  }
+  log(slot, LogSeverity::kError, std::string(why.message()));
+  stop(slot, absl::AbortedError(absl::StrCat(slot.display(), " was stopped after its stream broke (",
+                                             why.message(), ")")),
+       StopMode::kKill);
+}
+
+void Supervisor::stop(Slot& slot, absl::Status reason, StopMode mode) {
+  if (!slot.link) return;
+  scheduler_.stop_accepting(slot.index);
+  if (!slot.stop_reason) {
+    slot.stop_reason = std::move(reason);
+    // A deliberate stop (terminate) is not news; anything else is.
+    const bool deliberate = slot.stop_reason->code() == absl::StatusCode::kCancelled;
+    log(slot, deliberate ? LogSeverity::kInfo : LogSeverity::kWarning,
+        absl::StrCat("stopping: ", slot.stop_reason->message()));
+  }
+  if (mode == StopMode::kKill) {
+    slot.killed = true;
+    slot.link->stop(StopMode::kKill);
+    return;
+  }
+  slot.link->stop(StopMode::kTerminate);
+  if (slot.kill_at_ns == 0) slot.kill_at_ns = monotonic_now_ns() + to_ns(config_.kill_grace);
+}
+
+void Supervisor::send_shutdown(Slot& slot) {
+  auto message = std::make_unique<capnp::MallocMessageBuilder>(16);
+  message->initRoot<wire::ToWorker>().setShutdown();
+  slot.link->send(std::move(message));
+  slot.link->flush();
+  slot.state = State::kShutdownSent;
+  scheduler_.stop_accepting(slot.index);
+}
+
+void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
+  const int64_t now = monotonic_now_ns();
+  const State state = slot.state;
+  const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
+  const std::string how = absl::StrCat(slot.display(), " ", end.how);
+  log(slot, expected || terminating_ ? LogSeverity::kInfo : LogSeverity::kWarning, how);
+
+  // join() reports what went wrong with a worker's exit().
+  if (!slot.exit_hook_status.ok()) {
+    join_problems_.push_back(
+        absl::StrCat(slot.display(), ": exit() failed: ", slot.exit_hook_status.message()));
+    if (join_code_ == absl::StatusCode::kOk) join_code_ = slot.exit_hook_status.code();
+  }
+  if (joining_ && !terminating_) {
+    if (join_deadline_passed_ && slot.stop_reason &&
+        slot.stop_reason->code() == absl::StatusCode::kDeadlineExceeded) {
+      join_problems_.push_back(absl::StrCat(how, " after join_timeout (",
+                                            absl::FormatDuration(config_.join_timeout), ") passed"));
+      join_code_ = absl::StatusCode::kDeadlineExceeded;
+    } else if (state == State::kShutdownSent && !end.clean && !slot.stop_reason) {
+      join_problems_.push_back(absl::StrCat(how, " during exit()"));
+      if (join_code_ == absl::StatusCode::kOk) join_code_ = absl::StatusCode::kAborted;
+    }
+  }
+
+  if (state == State::kStarting && !slot.start_failed) {
+    record_start_failure(slot, absl::AbortedError(absl::StrCat(how, " before it was ready")), now);
+  }
+  if (state == State::kReady || state == State::kDraining || state == State::kShutdownSent) {
+    LostWorker lost;
+    lost.ended = how;
+    lost.running_failure = slot.stop_reason.value_or(
+        absl::AbortedError(absl::StrCat(how, " while running this task")));
+    lost.blamed_task = slot.blamed;
+    lost.blamed_failure = slot.blamed_failure;
+    lost.retry_allowed = !slot.stop_reason;
+    lost.last = slot.link->progress();
+    scheduler_.on_worker_lost(slot.index, lost);
+  }
+  ended_links_.push_back(std::move(slot.link));
+  slot.state = State::kEmpty;
+  slot.borrowed = false;
+  if (!slot.start_failed) slot.next_start_ns = now;
+  // A worker that left as asked at join is not replaced (start_due checks wanted()).
+  if (expected && !slot.recycling) slot.next_start_ns = INT64_MAX;
+  if (!wanted() && !any_alive() && scheduler_.has_pending()) {
+    scheduler_.cancel_all(last_start_failure_.ok() ? absl::AbortedError("no worker is left")
+                                                   : last_start_failure_);
+  }
+}
+
+void Supervisor::add_pollfds(std::vector<pollfd>& fds) {
+  launcher_offset_ = fds.size();
+  launcher_.add_pollfds(fds);
+  launcher_pollfds_ = fds.size() - launcher_offset_;
+  polled_.clear();
+  for (auto& slot : slots_) {
+    if (!slot->link) continue;
+    const size_t offset = fds.size();
+    slot->link->add_pollfds(fds, !slot->borrowed);
+    polled_.push_back({slot->index, slot->generation, offset, fds.size() - offset});
+  }
+}
+
+void Supervisor::service(const std::vector<pollfd>& fds) {
+  launcher_.service(fds.data() + launcher_offset_, launcher_pollfds_, *this);
+  for (const Polled& polled : polled_) {
+    Slot& slot = *slots_[polled.slot];
+    // A link that ended meanwhile (its server reported it) has nothing more to say.
+    if (!slot.link || slot.generation != polled.generation) continue;
+    slot.link->service(fds.data() + polled.offset, polled.count, !slot.borrowed, slot.events);
+  }
+}
+
+bool Supervisor::launcher_has_pending_events() const { return launcher_.has_pending_events(); }
+
+int64_t Supervisor::check(int64_t now_ns) {
+  int64_t next = INT64_MAX;
+  if (joining_ && !join_deadline_passed_) {
+    if (now_ns >= join_deadline_ns_) {
+      join_deadline_passed_ = true;
+      const absl::Status late = absl::DeadlineExceededError(absl::StrCat(
+          "the pool's join_timeout (", absl::FormatDuration(config_.join_timeout), ") passed"));
+      scheduler_.cancel_all(
+          absl::DeadlineExceededError("join_timeout passed before this task could start"));
+      for (auto& slot : slots_) {
+        if (slot->link) stop(*slot, late, StopMode::kTerminate);
+      }
+    } else {
+      next = std::min(next, join_deadline_ns_);
+    }
+  }
+  for (auto& slot : slots_) check_slot(*slot, now_ns, next);
+  next = std::min(next, scheduler_.check(now_ns));
+  return next;
+}
+
+void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
+  if (!slot.link) {
+    if (slot.state == State::kEmpty && slot.next_start_ns != INT64_MAX && wanted()) {
+      next = std::min(next, slot.next_start_ns);
+    }
+    return;
+  }
+  if (slot.kill_at_ns != 0 && !slot.killed) {
+    if (now >= slot.kill_at_ns) {
+      slot.killed = true;
+      slot.link->stop(StopMode::kKill);
+    } else {
+      next = std::min(next, slot.kill_at_ns);
+    }
+  }
+  if (slot.state == State::kStarting && !slot.stop_reason &&
+      config_.enter_timeout != absl::InfiniteDuration()) {
+    const int64_t deadline = slot.started_ns + to_ns(config_.enter_timeout);
+    if (now >= deadline) {
+      const absl::Status late = absl::DeadlineExceededError(absl::StrCat(
+          slot.display(), " did not finish enter() within enter_timeout (",
+          absl::FormatDuration(config_.enter_timeout), ")"));
+      record_start_failure(slot, late, now);
+      stop(slot, late, StopMode::kTerminate);
+    } else {
+      next = std::min(next, deadline);
+    }
+  }
+  if (config_.max_worker_rss_bytes > 0 && slot.state == State::kReady && !slot.recycling &&
+      now - slot.last_memory_check_ns >= kMemoryCheckIntervalNs) {
+    slot.last_memory_check_ns = now;
+    const size_t rss = slot.link->resident_bytes();
+    if (rss > config_.max_worker_rss_bytes) {
+      slot.recycling = true;
+      slot.state = State::kDraining;
+      scheduler_.stop_accepting(slot.index);
+      log(slot, LogSeverity::kInfo,
+          absl::StrFormat("recycling: resident memory %d bytes exceeds max_worker_rss_bytes %d", rss,
+                          config_.max_worker_rss_bytes));
+    }
+  }
+  if (!slot.link) return;
+  next = std::min(next, slot.link->check(now, slot.events));
+}
+
+void Supervisor::after_events() {
+  for (auto& slot : slots_) {
+    if (!slot->link || slot->stop_reason || slot->borrowed) continue;
+    const bool serving = slot->state == State::kReady || slot->state == State::kDraining;
+    if (serving && scheduler_.quota_used(slot->index) && !slot->recycling) {
+      slot->recycling = true;
+      slot->state = State::kDraining;
+      scheduler_.stop_accepting(slot->index);
+    }
+    const bool idle = scheduler_.idle(slot->index);
+    const bool pool_done = joining_ && !scheduler_.has_pending();
+    // A worker still starting gets its shutdown after enter(): frames are read in order.
+    if ((serving && idle && (slot->recycling || pool_done)) ||
+        (slot->state == State::kStarting && pool_done)) {
+      send_shutdown(*slot);
+    }
+  }
+  ended_links_.clear();
+}
+
+void Supervisor::begin_join(int64_t deadline_ns) {
+  if (joining_) return;
+  joining_ = true;
+  join_deadline_ns_ = deadline_ns;
+}
+
+absl::Status Supervisor::join_result() const {
+  if (join_problems_.empty()) return absl::OkStatus();
+  return absl::Status(join_code_, absl::StrCat("join: ", absl::StrJoin(join_problems_, "; ")));
+}
+
+void Supervisor::terminate() {
+  if (terminating_) return;
+  terminating_ = true;
+  joining_ = true;
+  const absl::Status cancelled = absl::CancelledError("the pool was terminated");
+  scheduler_.abandon_all(cancelled);
+  for (auto& slot : slots_) {
+    if (slot->link) stop(*slot, cancelled, StopMode::kTerminate);
+  }
+}
+
+WorkerLink* Supervisor::borrow(int slot) {
+  slots_[slot]->borrowed = true;
+  return slots_[slot]->link.get();
+}
+
+void Supervisor::give_back(int slot) { slots_[slot]->borrowed = false; }
+
+void Supervisor::pump_borrowed(int slot, short revents) {
+  Slot& s = *slots_[slot];
+  if (s.link) s.link->pump(revents, s.events);
+}
+
+uint64_t Supervisor::generation(int slot) const { return slots_[slot]->generation; }
+
+void Supervisor::fill_stats(PoolStats& stats) const {
+  stats.workers_restarted = workers_restarted_;
+  for (const auto& slot : slots_) {
+    WorkerStats worker;
+    worker.slot = slot->index;
+    worker.pid = slot->link ? slot->link->pid() : 0;
+    if (!slot->link) {
+      worker.state = WorkerState::kDead;
+    } else if (slot->state == State::kShutdownSent || slot->stop_reason) {
+      worker.state = WorkerState::kExiting;
+    } else if (slot->state == State::kStarting) {
+      worker.state = WorkerState::kStarting;
+    } else if (scheduler_.idle(slot->index)) {
+      worker.state = WorkerState::kIdle;
+    } else {
+      worker.state = WorkerState::kBusy;
+    }
+    if (slot->link) {
+      const WorkerProgress progress = slot->link->progress();
+      worker.tasks_done = progress.tasks_done;
+      worker.time_busy = absl::Nanoseconds(progress.busy_ns);
+      worker.current_task = scheduler_.current_task(slot->index);
+    }
+    stats.workers.push_back(worker);
+  }
+}
+
+}  // namespace procpool::internal

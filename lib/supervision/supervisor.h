@@ -1,0 +1,153 @@
+// Supervisor: the lives of a pool's workers, whatever their link.
+//
+// It starts a worker for every slot (through the Launcher), hands it to the scheduler once it is
+// ready, replaces it when it ends, recycles it (max_tasks_per_worker, max_worker_rss_bytes), and
+// stops it: politely with a shutdown frame at join, or by force (SIGTERM, then SIGKILL after
+// kill_grace) for a timeout, a broken stream, join_timeout or terminate().
+//
+// The crash guard. A worker that dies while running a task is that task's failure, never the
+// pool's: it is replaced at once, always. Only start failures count against the pool: a worker
+// that could not be made (fork failed), died or failed before it was ready (its constructor,
+// enter(), enter_timeout). After each, that slot's next start waits respawn_delay, doubled for
+// every consecutive start failure pool-wide, up to respawn_max_delay; one worker starting
+// cleanly resets it. While no worker is ready or starting and the last start failed, queued
+// tasks and new calls fail at once with that failure (calls never wait for a worker that may
+// never come), and the guard keeps trying: the pool recovers by itself when the cause goes away.
+//
+// It is also the one place a worker's frames are parsed (READY, ENTER_FAILED, RESULTS, EXITED):
+// whatever a malformed frame makes Cap'n Proto throw becomes kDataLoss there.
+//
+// Threads: not thread-safe; the pool calls it with its lock held.
+
+#ifndef PROCPOOL_LIB_SUPERVISION_SUPERVISOR_H_
+#define PROCPOOL_LIB_SUPERVISION_SUPERVISOR_H_
+
+#include <poll.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "lib/link/launcher.h"
+#include "lib/link/worker_link.h"
+#include "lib/scheduler/scheduler.h"
+#include "procpool/pool_options.h"
+#include "procpool/pool_stats.h"
+
+namespace procpool::internal {
+
+class Supervisor final : private LauncherEvents {
+ public:
+  struct Config {
+    int workers = 1;
+    size_t max_frame_bytes = 0;
+    absl::Duration enter_timeout;
+    absl::Duration kill_grace;
+    absl::Duration join_timeout;
+    absl::Duration respawn_delay;
+    absl::Duration respawn_max_delay;
+    size_t max_worker_rss_bytes = 0;
+    std::string process_name_prefix;  // workers are "<prefix>-w3" in logs
+    // (severity, process, pid, message)
+    std::function<void(LogSeverity, const std::string&, int, const std::string&)> log;
+  };
+  Supervisor(Config config, Launcher& launcher, Scheduler& scheduler);
+  ~Supervisor() override;
+
+  // Starts the workers that are due: every slot at first, then replacements whose delay passed.
+  // Call from a thread the launcher allows (fork_launcher.h).
+  void start_due(int64_t now_ns);
+
+  // The event loop. add_pollfds appends every descriptor to wait for; service() handles what
+  // poll() said of them (the same vector); check() handles deadlines and returns when it wants
+  // to be called again. after_events() sends shutdowns that became due and drops ended links;
+  // call it after service/check, before the next poll.
+  void add_pollfds(std::vector<pollfd>& fds);
+  void service(const std::vector<pollfd>& fds);
+  int64_t check(int64_t now_ns);
+  void after_events();
+  bool launcher_has_pending_events() const;
+
+  // OK, or the start failure calls fail with while no worker is ready or starting.
+  absl::Status availability() const;
+  // A worker process exists (starting, serving or stopping).
+  bool any_alive() const;
+
+  // Close-then-join: workers with nothing to do are asked to run exit() and leave; past
+  // `deadline_ns` the rest are stopped by force.
+  void begin_join(int64_t deadline_ns);
+  bool join_deadline_passed() const { return join_deadline_passed_; }
+  // OK if every worker left after its exit() returned OK; else what went wrong, naming them.
+  absl::Status join_result() const;
+  // Every worker is stopped at once, without exit(); every task without an outcome fails
+  // kCancelled. Deliberate: nothing is logged above kInfo, and join() then returns OK.
+  void terminate();
+  bool terminating() const { return terminating_; }
+
+  // apply's fast path: the caller reads `slot`'s channel itself until it gives it back.
+  WorkerLink* borrow(int slot);
+  void give_back(int slot);
+  // Reads and writes what is ready on a borrowed channel (`revents` from the caller's poll).
+  void pump_borrowed(int slot, short revents);
+  // Counts the processes `slot` had: a caller that borrowed it sees whether it is the same one.
+  uint64_t generation(int slot) const;
+
+  void fill_stats(PoolStats& stats) const;
+
+ private:
+  enum class State { kEmpty, kStarting, kReady, kDraining, kShutdownSent };
+  class Events;
+  class Port;
+  struct Slot;
+
+  LinkEvents& events_of(WorkerLink& link) override;
+  void on_arrived(std::unique_ptr<WorkerLink> link) override;
+
+  void launch(Slot& slot, int64_t now_ns);
+  void on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words);
+  void on_broken_stream(Slot& slot, absl::Status why);
+  void on_ended(Slot& slot, WorkerEnd end);
+  void stop(Slot& slot, absl::Status reason, StopMode mode);
+  void record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns);
+  void send_shutdown(Slot& slot);
+  void check_slot(Slot& slot, int64_t now_ns, int64_t& next);
+  void fail_queued_if_unavailable();
+  bool wanted() const;
+  std::string process_name(const Slot& slot) const;
+  void log(const Slot& slot, LogSeverity severity, const std::string& message) const;
+
+  const Config config_;
+  Launcher& launcher_;
+  Scheduler& scheduler_;
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::vector<std::unique_ptr<WorkerLink>> ended_links_;  // dropped in after_events()
+  // What add_pollfds added, for service(): the launcher's entries first, then each link's.
+  struct Polled {
+    int slot;
+    uint64_t generation;
+    size_t offset;
+    size_t count;
+  };
+  size_t launcher_offset_ = 0;
+  size_t launcher_pollfds_ = 0;
+  std::vector<Polled> polled_;
+
+  int consecutive_start_failures_ = 0;
+  absl::Status last_start_failure_;
+  bool joining_ = false;
+  int64_t join_deadline_ns_ = 0;
+  bool join_deadline_passed_ = false;
+  bool terminating_ = false;
+  std::vector<std::string> join_problems_;
+  absl::StatusCode join_code_ = absl::StatusCode::kOk;
+  int64_t workers_restarted_ = 0;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_SUPERVISION_SUPERVISOR_H_

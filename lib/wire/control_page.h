@@ -1,0 +1,106 @@
+// ControlPage: a few words of memory shared by one worker and the parent, and the claim protocol
+// that decides, without a message, whether a task sent to a worker may still start.
+//
+// Stamps. The worker writes which task of which batch it is running, and since when, before each
+// task; the parent reads them without a syscall to tell, after a crash, which task died and which
+// never started, and to enforce task timeouts. At its end the worker records its exit status, or
+// the fatal signal that is killing it, so a death is described right even when the program
+// reaps its own children (SIGCHLD ignored, or waitpid(-1) in a handler) and waitpid cannot.
+//
+// Claims. Each batch in flight at a worker owns one claim word: (tag, limit, next). The parent
+// writes (tag, count, 0) before it sends the batch; the worker claims tasks in order with a
+// compare-and-swap that advances `next` while `next < limit`; the parent takes unstarted tasks
+// back with a compare-and-swap that lowers `limit` to `next`. Whichever lands first wins, so a
+// task is either started by the worker or taken back by the parent, never both, and the parent
+// learns exactly where the worker stopped. The tag (the batch's number at that worker, mod 2^16)
+// keeps a worker that reads a batch late from claiming in a slot reused by a later batch.
+//
+// One page per worker, its own MAP_SHARED mapping of a memfd: a worker can scribble only on its
+// own page, and the parent never trusts it for more than the decisions above. Over TCP there is no
+// shared memory: the worker keeps the same page in its own memory and answers revocations with a
+// frame (lib/link/tcp_link.h).
+
+#ifndef PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_
+#define PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_
+
+#include <atomic>
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "lib/common/unique_fd.h"
+
+namespace procpool::internal {
+
+struct ControlPage {
+  static constexpr uint64_t kNoBatch = ~uint64_t{0};
+  static constexpr int32_t kNoExit = -1;
+  static constexpr uint32_t kClaimSlots = 32;
+  // The most tasks one batch may hold (the claim word's 24-bit fields).
+  static constexpr uint32_t kMaxBatchTasks = (uint32_t{1} << 24) - 1;
+
+  // Written by the worker only.
+  std::atomic<uint64_t> batch_seq{kNoBatch};  // batch of the task below
+  std::atomic<uint32_t> task_index{0};        // index in that batch of the last task started
+  std::atomic<uint32_t> running{0};           // 1 while that task runs
+  std::atomic<int64_t> started_ns{0};         // CLOCK_MONOTONIC(_COARSE) when it started
+  std::atomic<int64_t> tasks_done{0};
+  std::atomic<int64_t> busy_ns{0};            // total time spent in tasks
+  std::atomic<int32_t> exit_status{kNoExit};  // the status of a clean _exit, set just before it
+  std::atomic<int32_t> fatal_signal{0};       // set by the worker's fatal-signal handler
+
+  // Written by both, by compare-and-swap only.
+  std::atomic<uint64_t> claims[kClaimSlots] = {};
+};
+
+// A claim word: [tag:16][limit:24][next:24].
+constexpr uint64_t pack_claim(uint16_t tag, uint32_t limit, uint32_t next) {
+  return (uint64_t{tag} << 48) | (uint64_t{limit & ControlPage::kMaxBatchTasks} << 24) |
+         (next & ControlPage::kMaxBatchTasks);
+}
+constexpr uint16_t claim_tag(uint64_t word) { return static_cast<uint16_t>(word >> 48); }
+constexpr uint32_t claim_limit(uint64_t word) {
+  return static_cast<uint32_t>(word >> 24) & ControlPage::kMaxBatchTasks;
+}
+constexpr uint32_t claim_next(uint64_t word) {
+  return static_cast<uint32_t>(word) & ControlPage::kMaxBatchTasks;
+}
+
+// Parent, before sending a batch of `count` tasks in claim slot `slot` with tag `tag`.
+void open_claims(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t count);
+
+// Worker, before starting task `next` of the batch in (`slot`, `tag`): claims up to `want` tasks
+// from `next` on and returns how many it got. 0 means the batch ends before `next`: the parent
+// took the rest back (or the slot holds another batch: this one was taken back whole).
+uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t next, uint32_t want);
+
+// Parent: ends the batch in (`slot`, `tag`) after the tasks already claimed, and returns how many
+// were claimed; the worker will start none of the rest.
+uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag);
+
+// Owns one mapping of a ControlPage, and (in the parent) the memfd behind it.
+class ControlPageMapping {
+ public:
+  // A fresh page in a new memfd.
+  static absl::StatusOr<ControlPageMapping> create();
+  // Maps the page of an existing memfd (in a worker forked by the fork server). Does not take
+  // `fd`: the caller closes it; the mapping stays.
+  static absl::StatusOr<ControlPageMapping> map(int fd);
+  ControlPageMapping() = default;
+  ControlPageMapping(ControlPageMapping&& other) noexcept;
+  ControlPageMapping& operator=(ControlPageMapping&& other) noexcept;
+  ~ControlPageMapping();
+
+  ControlPage* get() const { return page_; }
+  ControlPage* operator->() const { return page_; }
+  int fd() const { return fd_.get(); }
+  // Forgets the mapping without unmapping it (a worker that never returns keeps it).
+  ControlPage* release();
+
+ private:
+  ControlPage* page_ = nullptr;
+  UniqueFd fd_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_

@@ -1,0 +1,55 @@
+// What every child procpool forks does first (workers and the fork server), and how it leaves.
+//
+// A child is a copy of a program that may run threads, hold buffered output and have its standard
+// descriptors closed. Before it runs anything of its own it:
+//   - discards every stdio buffer it inherited: bytes the program's threads buffered between the
+//     flush before fork() and fork() itself belong to the parent, and flushing them here would
+//     write them twice;
+//   - names itself (prctl PR_SET_NAME), and dies with its parent (PR_SET_PDEATHSIG, where the
+//     forking thread lives as long as the pool);
+//   - resets every signal handler: SIGINT is ignored (the parent decides what Ctrl-C means),
+//     SIGTERM is obeyed only when its pool sent it, and fatal signals are recorded in its control
+//     page before they kill it (so a death is described right even when the program reaps
+//     children itself and waitpid cannot tell the parent);
+//   - keeps exactly one inherited descriptor, its channel, at fd 3, closes every other, and opens
+//     /dev/null on whichever of 0, 1, 2 is closed, so a printf can never reach the channel.
+
+#ifndef PROCPOOL_LIB_WORKER_CHILD_SETUP_H_
+#define PROCPOOL_LIB_WORKER_CHILD_SETUP_H_
+
+#include <sys/types.h>
+
+#include <string>
+
+#include "lib/wire/control_page.h"
+
+namespace procpool::internal {
+
+// The channel's descriptor in every child.
+inline constexpr int kChildChannelFd = 3;
+
+// Exit statuses a worker uses itself.
+inline constexpr int kWorkerExitOk = 0;
+inline constexpr int kWorkerExitEnterFailed = 70;
+inline constexpr int kWorkerExitExitHookFailed = 71;
+inline constexpr int kWorkerExitProtocolError = 72;
+
+struct ChildSetup {
+  std::string process_name;         // at most 15 bytes are kept
+  bool parent_death_signal = true;  // PR_SET_PDEATHSIG: only when the forking thread outlives us
+  pid_t parent_pid = 0;             // who forked us: if it is already gone, leave at once
+  pid_t pool_pid = 0;               // the only process whose SIGTERM is obeyed
+  int channel_fd = -1;              // moved to kChildChannelFd
+  ControlPage* page = nullptr;      // where exits and fatal signals are recorded (may be null)
+};
+
+// Call first thing after fork() returns 0 (signals are still all blocked there: fork_child).
+void prepare_child(const ChildSetup& setup);
+
+// Leaves the process with `status`, recorded in the control page first; flushes only the child's
+// own stdio output (the inherited buffers were discarded at the start).
+[[noreturn]] void leave(int status);
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_WORKER_CHILD_SETUP_H_

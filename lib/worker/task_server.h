@@ -1,0 +1,41 @@
+// The worker's side of the protocol, the same whatever carries the frames (a socketpair from a
+// fork, or a TCP connection): make the user's worker, run enter(), report ready, then run the
+// batches the parent sends, claiming each task before it starts (control_page.h) and sending
+// outcomes in pieces, until told to shut down (exit() runs) or until the parent is gone.
+//
+// A worker never sends a frame the parent would refuse: a result that would make its frame larger
+// than max_frame_bytes becomes that task's kResourceExhausted error instead.
+
+#ifndef PROCPOOL_LIB_WORKER_TASK_SERVER_H_
+#define PROCPOOL_LIB_WORKER_TASK_SERVER_H_
+
+#include <cstddef>
+
+#include "absl/status/statusor.h"
+#include "capnp/message.h"
+#include "lib/wire/control_page.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool::internal {
+
+// How a worker reads and writes frames. Used from one thread.
+class WorkerTransport {
+ public:
+  virtual ~WorkerTransport() = default;
+  // The next frame from the parent, borrowed until the next call. kUnavailable when the parent
+  // is gone; another error when the stream cannot be read.
+  virtual absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() = 0;
+  // Sends one frame whole. False when the parent is gone.
+  virtual bool send(capnp::MessageBuilder& message) = 0;
+};
+
+// Runs the worker to its end and returns the exit status to leave with (child_setup.h): OK after
+// an orderly shutdown, kWorkerExitEnterFailed, kWorkerExitExitHookFailed, or
+// kWorkerExitProtocolError. A parent that is gone ends it with kWorkerExitOk at once, without
+// exit(): nobody waits for the hook.
+int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
+               size_t max_frame_bytes);
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_WORKER_TASK_SERVER_H_

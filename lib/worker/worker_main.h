@@ -1,0 +1,36 @@
+// worker_main: what a forked worker process does from the moment fork() returns in the child
+// until it exits. It never returns: a worker must not unwind into the parent's stack or run the
+// parent's destructors and atexit handlers, so every way out is _exit() (child_setup.h: leave).
+
+#ifndef PROCPOOL_LIB_WORKER_WORKER_MAIN_H_
+#define PROCPOOL_LIB_WORKER_WORKER_MAIN_H_
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <string>
+
+#include "lib/wire/control_page.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool::internal {
+
+// What a forked worker starts with.
+struct WorkerLaunch {
+  int slot = 0;
+  std::string process_name;         // prctl(PR_SET_NAME) in the child
+  bool parent_death_signal = true;  // PR_SET_PDEATHSIG: only when the forking thread lives as
+                                    // long as the pool (the signal follows that thread)
+  size_t max_frame_bytes = 0;
+  pid_t pool_pid = 0;               // the only process whose SIGTERM the worker obeys
+  const WorkerBodyFactory* factory = nullptr;
+};
+
+// Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it
+// (task_server.h) and leaves with the status that gives.
+[[noreturn]] void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch,
+                              pid_t parent_pid);
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_WORKER_WORKER_MAIN_H_

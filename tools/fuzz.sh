@@ -11,9 +11,9 @@ trap 'rm -rf "$OUT"' EXIT
 
 # The generated header goes where the sources include it from: procpool/internal/.
 mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus"
-capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib" \
-  "$ROOT/lib/protocol.capnp"
-SOURCES=(lib/frame_io.cc lib/wire_status.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
+capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
+  "$ROOT/lib/wire/protocol.capnp"
+SOURCES=(lib/wire/frame_io.cc lib/wire/wire_status.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
 LIBS=(-lcapnp -lkj -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal
       -labsl_str_format_internal -labsl_int128 -labsl_cord -labsl_cord_internal -labsl_cordz_info

@@ -18,10 +18,12 @@
 # has a deadline; on failure it prints the daemons' log tails and exits non-zero.
 #
 # The cluster: one node named after `hostname -s` at 127.0.0.1, CPUs = nproc, one default
-# partition "procpool" that may be oversubscribed (jobs that pass --oversubscribe share CPUs),
+# partition "procpool" where jobs that pass --oversubscribe share CPUs (up to 16 jobs a CPU),
 # ProctrackType=proctrack/linuxproc, TaskPlugin=task/none, select/cons_tres with CR_CPU (memory is
-# not a consumable resource: with Slurm's default CR_Core_Memory a job without --mem takes the whole
-# node's memory and every other job queues behind it).
+# not a consumable resource: with Slurm's default CR_Core_Memory a job without --mem takes the
+# whole node's memory and every other job queues behind it). Private ports 16817 (slurmctld) and
+# 16818 (slurmd) keep it apart from a system Slurm; PROCPOOL_SLURM_{DIR,CTLD_PORT,SLURMD_PORT}
+# override the defaults (pass the same values to `env`, `status` and `down`).
 set -euo pipefail
 
 DIR="${PROCPOOL_SLURM_DIR:-/run/procpool-slurm}"
@@ -152,7 +154,8 @@ stop_pids() {
   kill -TERM "${pids[@]}" 2>/dev/null || true
   for pid in "${pids[@]}"; do
     if ! wait_gone "$STOP_DEADLINE" "$pid"; then
-      log "$(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) ignored SIGTERM for ${STOP_DEADLINE}s; SIGKILL"
+      log "$(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) ignored SIGTERM for" \
+        "${STOP_DEADLINE}s; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
       wait_gone 5 "$pid" || log "pid $pid is still there after SIGKILL"
     fi
@@ -174,9 +177,8 @@ wait_gone() {
 install_packages() {
   local missing=() pkg
   for pkg in "${PACKAGES[@]}"; do
-    if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" != "install ok installed" ]]; then
+    [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" == "install ok installed" ]] ||
       missing+=("$pkg")
-    fi
   done
   if [[ ${#missing[@]} -eq 0 ]]; then
     return 0
@@ -187,8 +189,11 @@ install_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >/dev/null ||
     die "apt-get update failed"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" \
-    </dev/null >"$DIR.apt.log" 2>&1 || { tail -n 30 "$DIR.apt.log" >&2; die "apt-get install failed"; }
-  rm -f "$DIR.apt.log"
+    </dev/null >"$DIR/apt.log" 2>&1 || {
+    tail -n 30 "$DIR/apt.log" >&2
+    die "apt-get install failed"
+  }
+  rm -f "$DIR/apt.log"
 }
 
 node_name() {
@@ -238,10 +243,9 @@ JobCompType=jobcomp/none
 ReturnToService=2
 # Seconds between SIGTERM and SIGKILL when a job is cancelled or runs out of time (default 30).
 KillWait=5
-InactiveLimit=0
 MailProg=/bin/true
 NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
-PartitionName=procpool Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=procpool Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES:16
 EOF
 }
 
@@ -262,7 +266,8 @@ start_munged() {
     --pid-file="$MUNGE_DIR/munged.pid" --log-file="$MUNGE_DIR/munged.log" \
     --seed-file="$MUNGE_DIR/munged.seed" </dev/null >>"$MUNGE_DIR/munged.log" 2>&1 ||
     die "munged did not start"
-  wait_for "$DAEMON_DEADLINE" bash -c "munge -n --socket='$MUNGE_SOCKET' | unmunge --socket='$MUNGE_SOCKET'" ||
+  wait_for "$DAEMON_DEADLINE" \
+    bash -c "munge -n --socket='$MUNGE_SOCKET' | unmunge --socket='$MUNGE_SOCKET'" ||
     die "munged does not answer on $MUNGE_SOCKET after ${DAEMON_DEADLINE}s"
 }
 
@@ -276,7 +281,8 @@ start_slurmctld() {
 node_state() { sinfo -h -N -n "$(node_name)" -o %T 2>/dev/null | head -n 1; }
 
 start_slurmd() {
-  slurmd -f "$CONF" -N "$(node_name)" </dev/null >>"$DIR/slurmd.log" 2>&1 || die "slurmd did not start"
+  slurmd -f "$CONF" -N "$(node_name)" </dev/null >>"$DIR/slurmd.log" 2>&1 ||
+    die "slurmd did not start"
   wait_for "$DAEMON_DEADLINE" bash -c "[[ \"\$(sinfo -h -N -n '$(node_name)' -o %T)\" == idle ]]" ||
     die "node $(node_name) is not idle after ${DAEMON_DEADLINE}s (state: $(node_state))"
 }
@@ -415,7 +421,10 @@ cmd="${1:-}"
 case "$cmd" in
   up | down)
     if [[ "$(id -u)" -ne 0 ]]; then
-      command -v sudo >/dev/null 2>&1 || { echo "slurm_local: $cmd needs root or sudo" >&2; exit 1; }
+      if ! command -v sudo >/dev/null 2>&1; then
+        echo "slurm_local: $cmd needs root or sudo" >&2
+        exit 1
+      fi
       exec sudo -n env PROCPOOL_SLURM_DIR="$DIR" PROCPOOL_SLURM_CTLD_PORT="$CTLD_PORT" \
         PROCPOOL_SLURM_SLURMD_PORT="$SLURMD_PORT" bash "${BASH_SOURCE[0]}" "$cmd" </dev/null
     fi

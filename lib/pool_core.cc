@@ -100,8 +100,10 @@ class PoolCore::Impl {
   absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
   void cancel(const Call* call);
   void cancel_pending(absl::Status status);
+  bool cancel_call(Call* call, const absl::Status& status, const std::function<bool()>& settle);
   absl::Status close();
   absl::Status join();
+  absl::Status join_for(absl::Duration timeout);
   void terminate();
   PoolStats stats() const;
   void post_callback(std::function<void()> callback);
@@ -162,6 +164,9 @@ class PoolCore::Impl {
      ;
   void handle_exit(Slot& slot, int wait_status);
   void check_memory(Slot& slot);
+  void stop_cancelled_work(Slot& slot);
+  void requeue_or_drop(std::vector<TaskRange>& requeue);
+  absl::Status join_outcome() const;
   void kill_worker(Slot& slot, absl::Status reason, int signal);
   int check_deadlines();
   void break_pool(absl::Status status);
@@ -195,6 +200,8 @@ class PoolCore::Impl {
   uint64_t next_seq_ = 1;
   bool closed_ = false;
   bool joining_ = false;
+  // join_deadline_ns_ is from join_timeout; false while only join(timeout) has asked to join.
+  bool join_deadline_armed_ = false;
   bool terminating_ = false;
   bool loop_done_ = false;
   int64_t join_deadline_ns_ = 0;
@@ -216,6 +223,7 @@ class PoolCore::Impl {
   std::condition_variable callback_cv_;
   std::deque<std::function<void()>> callbacks_;
   bool callbacks_stopping_ = false;
+  bool callback_thread_done_ = false;  // it has left its loop: it runs nothing more
   std::thread callback_thread_;
 };
 
@@ -269,7 +277,8 @@ void PoolCore::Impl::shutdown() {
 void PoolCore::Impl::post_callback(std::function<void()> callback) {
   {
     std::unique_lock lock(callback_mu_);
-    if (callbacks_stopping_ && !callback_thread_.joinable()) {
+    // Once the callback thread has left its loop (or never ran), nothing else would run it.
+    if (callbacks_stopping_ && (callback_thread_done_ || !callback_thread_.joinable())) {
       lock.unlock();
       callback();  // the callback thread is gone: nothing else can run it
       return;
@@ -284,7 +293,10 @@ void PoolCore::Impl::run_callbacks() {
   std::unique_lock lock(callback_mu_);
   while (true) {
     callback_cv_.wait(lock, [this] { return callbacks_stopping_ || !callbacks_.empty(); });
-    if (callbacks_.empty()) return;  // stopping, and everything ran
+    if (callbacks_.empty()) {  // stopping, and everything ran
+      callback_thread_done_ = true;
+      return;
+    }
     std::function<void()> callback = std::move(callbacks_.front());
     callbacks_.pop_front();
     lock.unlock();
@@ -500,6 +512,57 @@ void PoolCore::Impl::cancel(const Call* call) {
   }
 }
 
+// Issue 11 (AsyncResult::cancel, like Pebble's future.cancel()). See pool_core.h.
+bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,
+                                 const std::function<bool()>& settle) {
+  {
+    std::unique_lock lock(mu_);
+    if (!settle()) return false;
+    call->cancelled = true;
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->call.get() == call) {
+        TaskRange range = std::move(*it);
+        it = pending_.erase(it);
+        fail(range, range.first, range.count, status);
+      } else {
+        ++it;
+      }
+    }
+    for (Slot& slot : slots_) stop_cancelled_work(slot);
+  }
+  wake();  // a stopped worker's kill deadline, and its tasks of other calls, need the pool thread
+  return true;
+}
+
+// Stops the slot's worker if the batch it is on, or is about to start, belongs to a cancelled
+// call. Its status page names the batch it is on; if that is none of the batches it holds, it has
+// not started any and will start the first. A worker busy with another call's batch is left
+// alone: handle_results calls this again when that batch is done. handle_exit then settles what
+// the worker held (requeue_or_drop). Requires mu_.
+void PoolCore::Impl::stop_cancelled_work(Slot& slot) {
+  if (!slot.alive || slot.kill_reason || slot.batches.empty()) return;
+  const uint64_t on = slot.process.page()->batch_seq.load(std::memory_order_acquire);
+  const Batch* current = &slot.batches.front();
+  for (const Batch& batch : slot.batches) {
+    if (batch.seq == on) current = &batch;
+  }
+  if (!current->tasks.call->cancelled) return;
+  kill_worker(slot, absl::CancelledError("the task was cancelled; its worker was stopped"), SIGTERM);
+}
+
+// Puts tasks a dead worker had not finished back at the front of the queue, in order, except those
+// of cancelled calls: those fail (kCancelled; the call has its outcome and ignores it). Requires
+// mu_.
+void PoolCore::Impl::requeue_or_drop(std::vector<TaskRange>& requeue) {
+  for (auto it = requeue.rbegin(); it != requeue.rend(); ++it) {
+    if (it->call->cancelled) {
+      fail(*it, it->first, it->count, absl::CancelledError("cancelled before it started"));
+    } else {
+      pending_.push_front(std::move(*it));
+    }
+  }
+}
+
 void PoolCore::Impl::cancel_pending(absl::Status status) {
   std::unique_lock lock(mu_);
   fail_pending(status);
@@ -515,8 +578,10 @@ absl::Status PoolCore::Impl::join() {
   {
     std::unique_lock lock(mu_);
     if (!closed_) return absl::FailedPreconditionError("join() needs close() or terminate() first");
-    if (!joining_) {
+    // A join(timeout) before may have started joining without a deadline: arm it now.
+    if (!joining_ || !join_deadline_armed_) {
       joining_ = true;
+      join_deadline_armed_ = true;
       join_deadline_ns_ = monotonic_now_ns() + absl::ToInt64Nanoseconds(options_.join_timeout);
       if (options_.join_timeout == absl::InfiniteDuration()) {
         join_deadline_ns_ = std::numeric_limits<int64_t>::max();
@@ -526,8 +591,41 @@ absl::Status PoolCore::Impl::join() {
   wake();
   std::unique_lock lock(mu_);
   loop_done_cv_.wait(lock, [this] { return loop_done_; });
+  return join_outcome();
+}
+
+// join()'s result once the pool thread is done: OK, or what went wrong, joined. Requires mu_.
+absl::Status PoolCore::Impl::join_outcome() const {
   if (join_problems_.empty()) return absl::OkStatus();
   return absl::Status(join_code_, absl::StrCat("join: ", absl::StrJoin(join_problems_, "; ")));
+}
+
+// Issue 11 (Pebble's join(timeout)): starts the same shutdown as join(), waits at most `timeout`
+// for it, and stops nobody. The join_timeout clock is left to join(): a caller that polls with
+// join(timeout) must not have its workers killed behind its back.
+absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
+  {
+    std::unique_lock lock(mu_);
+    if (!closed_) return absl::FailedPreconditionError("join() needs close() or terminate() first");
+    if (!joining_) {
+      joining_ = true;
+      join_deadline_ns_ = std::numeric_limits<int64_t>::max();
+    }
+  }
+  wake();
+  std::unique_lock lock(mu_);
+  const bool done =
+      timeout == absl::InfiniteDuration()
+          ? (loop_done_cv_.wait(lock, [this] { return loop_done_; }), true)
+          : loop_done_cv_.wait_for(lock,
+                                   absl::ToChronoNanoseconds(std::max(timeout, absl::ZeroDuration())),
+                                   [this] { return loop_done_; });
+  if (done) return join_outcome();
+  int alive = 0;
+  for (const Slot& slot : slots_) alive += slot.alive ? 1 : 0;
+  return absl::DeadlineExceededError(absl::StrFormat(
+      "join: %d worker(s) still running after %s; none was stopped, the shutdown goes on", alive,
+      absl::FormatDuration(timeout)));
 }
 
 void PoolCore::Impl::terminate() {
@@ -537,6 +635,7 @@ void PoolCore::Impl::terminate() {
     if (terminating_ || loop_done_) return;
     terminating_ = true;
     joining_ = true;
+    join_deadline_armed_ = true;
     join_deadline_ns_ = monotonic_now_ns();
     fail_pending(absl::CancelledError("the pool was terminated"));
     for (Slot& slot : slots_) {
@@ -904,7 +1003,11 @@ void PoolCore::Impl::handle_results(Slot& slot, wire::ResultBatch::Reader result
   }
   if (batch.reported == batch.tasks.count) {
     slot.batches.pop_front();
-    if (!slot.batches.empty()) slot.batches.front().front_since_ns = monotonic_now_ns();
+    if (!slot.batches.empty()) {
+      slot.batches.front().front_since_ns = monotonic_now_ns();
+      // It may now be on a batch of a call cancelled while it sat in this worker's queue.
+      if (slot.batches.front().tasks.call->cancelled) stop_cancelled_work(slot);
+    }
     check_memory(slot);
   }
 }
@@ -1018,7 +1121,7 @@ void PoolCore::Impl::handle_exit(Slot& slot, int wait_status) {
   }
   slot.batches.clear();
   slot.writer.clear();
-  for (auto it = requeue.rbegin(); it != requeue.rend(); ++it) pending_.push_front(std::move(*it));
+  requeue_or_drop(requeue);
 
   if (joining_ && join_deadline_passed_) {
     join_problems_.push_back(
@@ -1238,6 +1341,7 @@ void PoolCore::Impl::loop() {
 
 PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory)
     : impl_(std::make_unique<Impl>(std::move(options), std::move(factory))) {
+  link_->core_ = this;
   register_pool(this);
 }
 PoolCore::~PoolCore() {
@@ -1246,6 +1350,12 @@ PoolCore::~PoolCore() {
   // Before impl_ is reset: until the pool thread has stopped, it may still deliver results whose
   // completions post callbacks through this PoolCore.
   impl_->shutdown();
+  // AsyncResults that outlive the pool now run their callbacks themselves (CoreLink); this waits
+  // for one in progress.
+  {
+    std::lock_guard lock(link_->mu_);
+    link_->core_ = nullptr;
+  }
   impl_.reset();
 }
 void PoolCore::cancel_pending(absl::Status status) { impl_->cancel_pending(std::move(status)); }
@@ -1256,11 +1366,15 @@ absl::Status PoolCore::run_one(std::shared_ptr<Call> call, const std::function<b
   return impl_->run_one(std::move(call), done);
 }
 void PoolCore::cancel(const Call* call) { impl_->cancel(call); }
+bool PoolCore::cancel_call(Call* call, absl::Status status, const std::function<bool()>& settle) {
+  return impl_->cancel_call(call, status, settle);
+}
 void PoolCore::post_callback(std::function<void()> callback) {
   impl_->post_callback(std::move(callback));
 }
 absl::Status PoolCore::close() { return impl_->close(); }
 absl::Status PoolCore::join() { return impl_->join(); }
+absl::Status PoolCore::join(absl::Duration timeout) { return impl_->join_for(timeout); }
 void PoolCore::terminate() { impl_->terminate(); }
 int PoolCore::worker_count() const { return impl_->worker_count_; }
 PoolStats PoolCore::stats() const { return impl_->stats(); }

@@ -108,21 +108,19 @@ void ProgressBar::operator()(size_t done, size_t total) const {
   State& s = *state_;
   const absl::Time now = s.now();
   const bool last = done >= total;
-  {
-    std::lock_guard lock(s.mu);
-    if (s.finished) return;
-    const absl::Duration interval =
-        s.terminal ? s.options.redraw_interval : s.options.line_interval;
-    if (!last && now - s.last_drawn < interval) return;
-    s.last_drawn = now;
-    s.finished = last;
-    const std::string line = render(done, total, now - s.start);
-    // A terminal line is redrawn in place: carriage return, the line, clear what is left of the
-    // previous one. A plain line stands alone.
-    const std::string text = s.terminal ? absl::StrCat("\r", line, "\033[K", last ? "\n" : "") : absl::StrCat(line, "\n");
-    // Written under the lock, so two threads' drawings never interleave or arrive out of order.
-    write_all(s.options.fd, text);
-  }
+  std::lock_guard lock(s.mu);
+  if (s.finished) return;
+  const absl::Duration interval = s.terminal ? s.options.redraw_interval : s.options.line_interval;
+  if (!last && now - s.last_drawn < interval) return;
+  s.last_drawn = now;
+  s.finished = last;
+  const std::string line = render(done, total, now - s.start);
+  // A terminal line is redrawn in place: carriage return, the line, clear what is left of the
+  // previous one. A plain line stands alone.
+  const std::string text = s.terminal ? absl::StrCat("\r", line, "\033[K", last ? "\n" : "")
+                                      : absl::StrCat(line, "\n");
+  // Written under the lock, so two threads' drawings never interleave or arrive out of order.
+  write_all(s.options.fd, text);
 }
 
 }  // namespace procpool

@@ -139,6 +139,7 @@ class AnyAsyncResult {
   AnyAsyncResult(const AsyncResult<T>& result)  // NOLINT: implicit by design
       : state_(result.state_) {}
 
+  // As AsyncResult's done(), successful(), wait(timeout) and cancel(), with the same contracts.
   bool done() const { return state_->ready(); }
   bool successful() const { return state_->succeeded(); }
   bool wait(absl::Duration timeout) const { return state_->wait(timeout); }

@@ -772,12 +772,15 @@ struct Codec<std::variant<Ts...>> {
         return internal::with_context(s, "variant index: ");
       }
       if (index >= kAlternatives) {
-        return absl::DataLossError(absl::StrCat("variant index ", index, " out of range for a variant of ",
-                                                kAlternatives, " alternatives"));
+        return absl::DataLossError(absl::StrCat("variant index ", index,
+                                                " out of range for a variant of ", kAlternatives,
+                                                " alternatives"));
       }
       absl::Status status = decode_alternative(list[1], out, static_cast<std::size_t>(index),
                                                std::index_sequence_for<Ts...>{});
-      if (!status.ok()) return internal::with_context(status, absl::StrCat("variant alternative ", index, ": "));
+      if (!status.ok()) {
+        return internal::with_context(status, absl::StrCat("variant alternative ", index, ": "));
+      }
       return absl::OkStatus();
     });
   }

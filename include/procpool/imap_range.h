@@ -46,7 +46,7 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
  public:
   // absl::StatusOr<Result>, or absl::Status for a void Result.
   using Outcome = internal::OutcomeOf<Result>;
-  using Call = internal::ImapCall<Job, internal::Stored<Result>>;
+  using ImapCallType = internal::ImapCall<Job, internal::Stored<Result>>;
 
   class iterator {
    public:
@@ -76,8 +76,9 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
   };
 
   ImapRange() = default;
-  ImapRange(internal::PoolCore* core, std::shared_ptr<Call> call, Input input, size_t chunksize,
-            size_t max_in_flight)
+  // Made by imap and imap_unordered.
+  ImapRange(internal::PoolCore* core, std::shared_ptr<ImapCallType> call, Input input,
+            size_t chunksize, size_t max_in_flight)
       : state_(std::make_unique<State>(core, std::move(call), std::move(input), chunksize,
                                        max_in_flight)) {}
   ImapRange(ImapRange&&) noexcept = default;
@@ -92,7 +93,7 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
 
  private:
   struct State {
-    State(internal::PoolCore* core_in, std::shared_ptr<Call> call_in, Input input_in,
+    State(internal::PoolCore* core_in, std::shared_ptr<ImapCallType> call_in, Input input_in,
           size_t chunksize_in, size_t max_in_flight_in)
         : core(core_in),
           call(std::move(call_in)),
@@ -160,7 +161,7 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
     }
 
     internal::PoolCore* core;
-    std::shared_ptr<Call> call;
+    std::shared_ptr<ImapCallType> call;
     Input input;
     std::ranges::iterator_t<Input> next;
     const size_t chunksize;

@@ -133,7 +133,8 @@ class Pool {
   // kFailedPrecondition after close().
   template <internal::TaskFunction F>
   internal::OutcomeOf<ResultOf<F>> apply(F f, JobOf<F> job, CallOptions options = {}) {
-    return Calls<F>::apply(core_, std::move(job), std::move(options), internal::function_settings(f));
+    return Calls<F>::apply(core_, std::move(job), std::move(options),
+                           internal::function_settings(f));
   }
 
   // Runs f(job) without blocking; the outcome arrives in the AsyncResult (AsyncResult<void> for f

@@ -27,6 +27,7 @@
 #define PROCPOOL_WAIT_H_
 
 #include <cstddef>
+#include <deque>
 #include <initializer_list>
 #include <iterator>
 #include <memory>
@@ -68,7 +69,8 @@ struct WaitResult {
 // Blocks until `return_when` holds for `results`, or `timeout` passes; then returns which results
 // are in and which are not (a timeout is no error: not_done says what is missing). Never cancels
 // anything. Returns at once for an empty input.
-WaitResult wait(absl::Span<const AnyAsyncResult> results, WaitFor return_when = WaitFor::kAllCompleted,
+WaitResult wait(absl::Span<const AnyAsyncResult> results,
+                WaitFor return_when = WaitFor::kAllCompleted,
                 absl::Duration timeout = absl::InfiniteDuration());
 
 // As above, for any range whose elements convert to AnyAsyncResult (std::vector<AsyncResult<T>>,

@@ -105,7 +105,9 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
     });
   }
 
-  void encode_job(size_t index, wire::Value::Builder out) override { encode_value(jobs_[index], out); }
+  void encode_job(size_t index, wire::Value::Builder out) override {
+    encode_value(jobs_[index], out);
+  }
 
   bool on_value(size_t index, wire::Value::Reader value) override {
     if (cancelled_) return true;

@@ -152,7 +152,9 @@ struct TypedCalls {
                                                          std::move(job));
     call->bind(&core);
     set_callbacks<Result>(*call, std::move(callbacks));
-    if (absl::Status submitted = core.submit(call, 0, 1); !submitted.ok()) call->on_error(0, submitted);
+    if (absl::Status submitted = core.submit(call, 0, 1); !submitted.ok()) {
+      call->on_error(0, submitted);
+    }
     return AsyncResult<Result>(call);
   }
 

@@ -73,8 +73,8 @@ void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Invoke&& invo
     try {
       encode_value(*result, out.initOk());
     } catch (...) {
-      set_error(out, absl::InvalidArgumentError(
-                         absl::StrCat("could not encode the result: ", describe_current_exception())));
+      set_error(out, absl::InvalidArgumentError(absl::StrCat("could not encode the result: ",
+                                                             describe_current_exception())));
     }
   }
 }

@@ -60,8 +60,10 @@ class PoolCore::Impl {
   absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
   void cancel(const Call* call);
   void cancel_pending(absl::Status status);
+  bool cancel_call(Call* call, const absl::Status& status, const std::function<bool()>& settle);
   absl::Status close();
   absl::Status join();
+  absl::Status join_for(absl::Duration timeout);
   void terminate();
   PoolStats stats() const;
   void post_callback(std::function<void()> callback);
@@ -79,6 +81,8 @@ class PoolCore::Impl {
   absl::Status foreign_error() const;
   absl::Status admit(const CallSettings& settings) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ensure_thread() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Starts close-then-join (once); `with_deadline` arms join_timeout's clock (once).
+  absl::Status begin_join(bool with_deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void loop(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void run_loop_to_end(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void wake();
@@ -101,6 +105,7 @@ class PoolCore::Impl {
   std::unique_ptr<Supervisor> supervisor_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool joining_ ABSL_GUARDED_BY(mu_) = false;
+  bool join_deadline_armed_ ABSL_GUARDED_BY(mu_) = false;
   bool loop_running_ ABSL_GUARDED_BY(mu_) = false;
   bool loop_done_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status thread_failure_ ABSL_GUARDED_BY(mu_);
@@ -348,6 +353,25 @@ void PoolCore::Impl::cancel_pending(absl::Status status) {
   wake();
 }
 
+bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,
+                                 const std::function<bool()>& settle) {
+  if (foreign()) return false;
+  {
+    MutexLock lock(mu_);
+    if (!settle()) return false;
+    call->cancelled = true;
+    if (scheduler_) {
+      // Tasks not started are taken back (exactly, through their claims); a worker running one
+      // is stopped and replaced, like Pebble's future.cancel().
+      scheduler_->cancel(call, status);
+      scheduler_->stop_running(call, absl::CancelledError(
+                                         "the task was cancelled; its worker was stopped"));
+    }
+  }
+  wake();
+  return true;
+}
+
 absl::Status PoolCore::Impl::close() {
   if (foreign()) return foreign_error();
   MutexLock lock(mu_);
@@ -355,24 +379,59 @@ absl::Status PoolCore::Impl::close() {
   return absl::OkStatus();
 }
 
+absl::Status PoolCore::Impl::begin_join(bool with_deadline) {
+  if (!closed_) return absl::FailedPreconditionError("join() needs close() or terminate() first");
+  joining_ = true;
+  if (supervisor_ == nullptr) return absl::OkStatus();  // invalid options: nothing was started
+  if (with_deadline && !join_deadline_armed_) {
+    join_deadline_armed_ = true;
+    supervisor_->begin_join(options_.join_timeout == absl::InfiniteDuration()
+                                ? INT64_MAX
+                                : monotonic_now_ns() + to_ns(options_.join_timeout));
+  } else {
+    supervisor_->begin_join(INT64_MAX);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status PoolCore::Impl::join() {
   if (foreign()) return foreign_error();
   {
     MutexLock lock(mu_);
-    if (!closed_) return absl::FailedPreconditionError("join() needs close() or terminate() first");
-    if (!supervisor_) return absl::OkStatus();  // invalid options: nothing was started
-    if (!joining_) {
-      joining_ = true;
-      const int64_t deadline = options_.join_timeout == absl::InfiniteDuration()
-                                   ? INT64_MAX
-                                   : monotonic_now_ns() + to_ns(options_.join_timeout);
-      supervisor_->begin_join(deadline);
-    }
+    if (absl::Status begun = begin_join(/*with_deadline=*/true); !begun.ok()) return begun;
+    if (supervisor_ == nullptr) return absl::OkStatus();
   }
   wake();
   MutexLock lock(mu_);
   run_loop_to_end(lock);
   return supervisor_->join_result();
+}
+
+absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
+  if (foreign()) return foreign_error();
+  {
+    MutexLock lock(mu_);
+    // Pebble's join(timeout): the shutdown starts, but join_timeout's clock is left to join():
+    // a caller that polls with join(timeout) must not have its workers killed behind its back.
+    if (absl::Status begun = begin_join(/*with_deadline=*/false); !begun.ok()) return begun;
+    if (supervisor_ == nullptr) return absl::OkStatus();
+    if (!loop_running_ && !loop_done_) {
+      // No pool thread: this thread runs the shutdown to its end (it cannot give up midway).
+      run_loop_to_end(lock);
+      return supervisor_->join_result();
+    }
+  }
+  wake();
+  MutexLock lock(mu_);
+  std::unique_lock<std::mutex> native(mu_.native(), std::adopt_lock);
+  const bool done = loop_done_cv_.wait_for(
+      native, absl::ToChronoNanoseconds(std::clamp(timeout, absl::ZeroDuration(), absl::Hours(24 * 365))),
+      [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
+  native.release();
+  if (done) return supervisor_->join_result();
+  return absl::DeadlineExceededError(absl::StrCat(
+      "join: workers still running after ", absl::FormatDuration(timeout),
+      "; none was stopped, the shutdown goes on"));
 }
 
 void PoolCore::Impl::terminate() {
@@ -403,6 +462,7 @@ PoolStats PoolCore::Impl::stats() const {
 
 PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory)
     : impl_(std::make_unique<Impl>(std::move(options), std::move(factory))) {
+  link_->core_ = this;
   register_pool(this);
 }
 
@@ -419,6 +479,12 @@ PoolCore::~PoolCore() {
   // Before impl_ is reset: until the pool thread has stopped, it may still deliver results whose
   // completions post callbacks through this PoolCore.
   impl_->shutdown();
+  // AsyncResults that outlive the pool now run their callbacks themselves (CoreLink); this waits
+  // for one in progress.
+  {
+    std::lock_guard lock(link_->mu_);
+    link_->core_ = nullptr;
+  }
   impl_.reset();
 }
 
@@ -435,6 +501,10 @@ void PoolCore::post_callback(std::function<void()> callback) {
 }
 absl::Status PoolCore::close() { return impl_->close(); }
 absl::Status PoolCore::join() { return impl_->join(); }
+absl::Status PoolCore::join(absl::Duration timeout) { return impl_->join_for(timeout); }
+bool PoolCore::cancel_call(Call* call, absl::Status status, const std::function<bool()>& settle) {
+  return impl_->cancel_call(call, status, settle);
+}
 void PoolCore::terminate() { impl_->terminate(); }
 int PoolCore::worker_count() const { return impl_->worker_count_; }
 PoolStats PoolCore::stats() const { return impl_->stats(); }

@@ -1,5 +1,6 @@
 #include "procpool/codec.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -7,15 +8,19 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "doctest/doctest.h"
@@ -605,6 +610,133 @@ TEST_CASE("Cap'n Proto structs from the user's schema") {
   }
 }
 
+TEST_CASE("sets round-trip, written like vectors; a duplicate element is kDataLoss") {
+  SUBCASE("std::set") {
+    check_round_trip(std::set<std::string>{"b", "a", ""});
+    check_round_trip(std::set<int64_t>{-5, 0, INT64_MAX});
+    check_round_trip(std::set<bool>{false, true});
+    check_round_trip(std::set<std::pair<int, std::string>>{{1, "x"}, {1, "y"}});
+    check_round_trip(std::set<int>{});
+    CHECK(member_of(std::set<int64_t>{1, 2}) == wire::Value::INTS);
+    CHECK(*round_trip_as<std::vector<int>>(std::set<int>{3, 1, 2}) == std::vector<int>{1, 2, 3});
+  }
+  SUBCASE("std::unordered_set") {
+    check_round_trip(std::unordered_set<std::uint64_t>{UINT64_MAX, 0, 7});
+    check_round_trip(std::unordered_set<std::string>{"x", "yy"});
+    check_round_trip(std::unordered_set<double>{});
+  }
+  SUBCASE("malformed") {
+    CHECK(decode_error<std::set<int>>(std::vector<int>{1, 2, 1}) == "set element 2: duplicate");
+    CHECK(decode_error<std::unordered_set<std::string>>(std::vector<std::string>{"a", "a"}) ==
+          "set element 1: duplicate");
+    CHECK(decode_error<std::set<std::string>>(std::vector<int>{1}) ==
+          "expected a list, found a packed list of integers");
+    CHECK(decode_error<std::set<int>>(std::string("x")) == "expected a list, found bytes");
+    CHECK(decode_error<std::set<std::uint8_t>>(std::vector<int>{1, 300}) ==
+          "element 1: integer 300 out of range for uint8_t");
+  }
+}
+
+TEST_CASE("variants round-trip with their index; a bad index is kDataLoss") {
+  using V = std::variant<int, std::string, std::vector<double>, std::monostate>;
+  SUBCASE("each alternative") {
+    check_round_trip(V(42));
+    check_round_trip(V(std::string("text")));
+    check_round_trip(V(std::vector<double>{1.5, -2}));
+    check_round_trip(V(std::monostate()));
+    // Two alternatives of one type stay apart by index.
+    using Twins = std::variant<int, int>;
+    absl::StatusOr<Twins> second = round_trip(Twins(std::in_place_index<1>, 9));
+    REQUIRE(second.ok());
+    CHECK(second->index() == 1);
+    CHECK(std::get<1>(*second) == 9);
+    check_round_trip(std::vector<std::variant<bool, std::optional<int>>>{true, std::nullopt, 3});
+  }
+  SUBCASE("written as (index, value)") {
+    absl::StatusOr<std::tuple<std::uint64_t, std::string>> raw =
+        round_trip_as<std::tuple<std::uint64_t, std::string>>(V(std::string("s")));
+    REQUIRE(raw.ok());
+    CHECK(*raw == std::tuple<std::uint64_t, std::string>{1, "s"});
+  }
+  SUBCASE("malformed") {
+    CHECK(decode_error<V>(std::tuple<int, int>(4, 0)) ==
+          "variant index 4 out of range for a variant of 4 alternatives");
+    CHECK(decode_error<V>(std::tuple<std::uint64_t, int>(UINT64_MAX, 0)) ==
+          "variant index 18446744073709551615 out of range for a variant of 4 alternatives");
+    CHECK(decode_error<V>(std::tuple<int, int>(-1, 0)) ==
+          "variant index: integer -1 out of range for uint64_t");
+    CHECK(decode_error<V>(std::tuple<int, int>(1, 5)) ==
+          "variant alternative 1: expected bytes, found an integer");
+    CHECK(decode_error<V>(std::tuple<int>(0)) ==
+          "expected a list (a variant) of 2 elements, found one of 1 elements");
+    CHECK(decode_error<V>(7) ==
+          "expected a list of 2 elements (a variant: index, value), found an integer");
+    CHECK(decode_error<V>(std::tuple<std::string, int>("0", 1)) ==
+          "variant index: expected an integer, found bytes");
+  }
+}
+
+TEST_CASE("absl::Duration and absl::Time round-trip exactly, infinities included") {
+  SUBCASE("durations") {
+    for (absl::Duration d :
+         {absl::ZeroDuration(), absl::Nanoseconds(1), absl::Nanoseconds(1) / 4,
+          -absl::Nanoseconds(1) / 4, absl::Seconds(-1), absl::Milliseconds(-1500),
+          absl::Hours(24 * 365 * 1000) + absl::Nanoseconds(3), absl::InfiniteDuration(),
+          -absl::InfiniteDuration(), absl::Seconds(std::numeric_limits<int64_t>::max()),
+          absl::Seconds(std::numeric_limits<int64_t>::max()) + absl::Nanoseconds(999'999'999),
+          absl::Seconds(std::numeric_limits<int64_t>::min()),
+          absl::Seconds(std::numeric_limits<int64_t>::min()) + absl::Nanoseconds(1) / 4}) {
+      CAPTURE(absl::FormatDuration(d));
+      check_round_trip(d);
+    }
+    CHECK(member_of(absl::InfiniteDuration()) == wire::Value::FLOAT);
+    CHECK(*round_trip_as<std::tuple<int64_t, int64_t>>(absl::Milliseconds(-1500)) ==
+          std::tuple<int64_t, int64_t>{-2, 2'000'000'000});
+  }
+  SUBCASE("times") {
+    check_round_trip(absl::UnixEpoch());
+    check_round_trip(absl::Now());
+    check_round_trip(absl::FromUnixSeconds(-86400) + absl::Nanoseconds(5));
+    check_round_trip(absl::InfiniteFuture());
+    check_round_trip(absl::InfinitePast());
+  }
+  SUBCASE("malformed") {
+    CHECK(decode_error<absl::Duration>(1.5) ==
+          "expected a list of 2 integers or an infinite float (a duration), found the float 1.5");
+    CHECK(decode_error<absl::Duration>(std::nan("")).find("found the float nan") !=
+          std::string::npos);
+    CHECK(decode_error<absl::Duration>(std::tuple<int, int64_t>(0, 4'000'000'000)) ==
+          "duration: quarter nanoseconds 4000000000 out of range [0, 4e9)");
+    CHECK(decode_error<absl::Duration>(std::tuple<int, int>(0, -1)) ==
+          "duration: quarter nanoseconds -1 out of range [0, 4e9)");
+    CHECK(decode_error<absl::Duration>(std::tuple<std::uint64_t, int>(UINT64_MAX, 0)) ==
+          "duration: tuple element 0: integer 18446744073709551615 out of range for int64_t");
+    CHECK(decode_error<absl::Duration>(std::tuple<int>(1)) ==
+          "duration: expected a list (a tuple) of 2 elements, found one of 1 elements");
+    CHECK(decode_error<absl::Time>(std::string("now")) ==
+          "duration: expected a list of 2 elements (a tuple), found bytes");
+  }
+}
+
+TEST_CASE("std::chrono durations and time points round-trip through their count") {
+  check_round_trip(std::chrono::nanoseconds(-123456789));
+  check_round_trip(std::chrono::hours(7));
+  check_round_trip(std::chrono::duration<double, std::milli>(2.5));
+  check_round_trip(std::chrono::duration<std::uint8_t>(255));
+  check_round_trip(std::chrono::system_clock::now());
+  check_round_trip(std::chrono::steady_clock::now());
+  check_round_trip(std::vector<std::chrono::milliseconds>{std::chrono::milliseconds(1)});
+  CHECK(*round_trip_as<int64_t>(std::chrono::seconds(9)) == 9);
+  SUBCASE("malformed") {
+    CHECK(decode_error<std::chrono::duration<std::uint8_t>>(300) ==
+          "std::chrono::duration: integer 300 out of range for uint8_t");
+    CHECK(decode_error<std::chrono::seconds>(2.0) ==
+          "std::chrono::duration: expected an integer, found a float");
+    CHECK(decode_error<std::chrono::system_clock::time_point>(std::string("x")) ==
+          "std::chrono::duration: expected an integer, found bytes");
+  }
+}
+
 // Word `index` of a flat message (its segment table included), as an integer.
 std::uint64_t& word_at(kj::Array<capnp::word>& flat, std::size_t index) {
   return *reinterpret_cast<std::uint64_t*>(flat.begin() + index);
@@ -676,6 +808,10 @@ TEST_CASE("malformed messages are kDataLoss, never an exception") {
         CHECK_NOTHROW((void)decode_value<std::string>(value));
         CHECK_NOTHROW((void)decode_value<std::vector<int>>(value));
         CHECK_NOTHROW((void)decode_value<CapnpStruct<Document>>(value));
+        CHECK_NOTHROW((void)decode_value<std::variant<int, std::string, std::set<int>>>(value));
+        CHECK_NOTHROW((void)decode_value<std::unordered_set<std::string>>(value));
+        CHECK_NOTHROW((void)decode_value<absl::Duration>(value));
+        CHECK_NOTHROW((void)decode_value<absl::Time>(value));
         ++decoded_anything;
       } catch (const kj::Exception&) {
         // The reader itself refused the frame (bad segment table or root pointer).

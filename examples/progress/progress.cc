@@ -1,17 +1,12 @@
-// A live progress bar for a long map: CallOptions::progress is called after every task with
-// (done, total), on the pool's thread, so it only records; the main thread draws, from
-// pool.stats() too (which worker runs which task). Run: bazel run //examples/progress
+// A live progress bar for a long map: procpool::ProgressBar is a ready-made CallOptions::progress
+// callback. On a terminal it redraws one line in place (done/total, rate, elapsed, ETA); piped to
+// a file or a CI log it writes a plain line every few seconds and the final one.
+// Run: bazel run //examples/progress    (or pipe it: bazel run //examples/progress 2>&1 | cat)
 
-#include <unistd.h>
-
-#include <atomic>
+#include <cstdint>
 #include <cstdio>
-#include <string>
-#include <thread>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "procpool/procpool.h"
 
@@ -25,43 +20,18 @@ struct SlowSum {
   }
 };
 
-std::string bar(size_t done, size_t total, int width) {
-  const int filled = total == 0 ? width : static_cast<int>(width * done / total);
-  return absl::StrCat("[", std::string(filled, '#'), std::string(width - filled, '.'), "]");
-}
-
 int main() {
-  const bool terminal = ::isatty(STDOUT_FILENO);
   std::vector<int64_t> jobs(400, 100000);
   procpool::ProcessPool<SlowSum> pool({.workers = 4});
 
-  std::atomic<size_t> done{0};
-  std::atomic<size_t> total{jobs.size()};
-  procpool::AsyncResult<std::vector<int64_t>> sums = pool.map_async(
-      jobs, {.chunksize = 4, .progress = [&](size_t finished, size_t all) {
-               done = finished;
-               total = all;
-             }});
-
-  const absl::Time start = absl::Now();
-  while (!sums.wait(absl::Milliseconds(100))) {
-    std::string busy;
-    for (const procpool::WorkerStats& worker : pool.stats().workers) {
-      absl::StrAppend(&busy, " w", worker.slot, ":", std::string(procpool::to_string(worker.state)));
-    }
-    const std::string line = absl::StrFormat("%s %zu/%zu %5.1fs%s", bar(done, total, 40), done.load(),
-                                             total.load(), absl::ToDoubleSeconds(absl::Now() - start), busy);
-    // On a terminal, redraw one line; in a log, print a line now and then.
-    std::printf(terminal ? "\r%s\033[K" : "%s\n", line.c_str());
-    std::fflush(stdout);
-  }
-  absl::StatusOr<std::vector<int64_t>> result = sums.get();
-  std::printf("%s%s %zu/%zu done in %.2fs\n", terminal ? "\r\033[K" : "", bar(total, total, 40).c_str(),
-              total.load(), total.load(), absl::ToDoubleSeconds(absl::Now() - start));
-  if (!result.ok()) {
-    std::fprintf(stderr, "map failed: %s\n", result.status().ToString().c_str());
+  // Draws on stderr; give ProgressBar::Options{.fd = ...} to draw elsewhere.
+  absl::StatusOr<std::vector<int64_t>> sums =
+      pool.map(jobs, {.chunksize = 4, .progress = procpool::ProgressBar("summing")});
+  if (!sums.ok()) {
+    std::fprintf(stderr, "map failed: %s\n", sums.status().ToString().c_str());
     return 1;
   }
+
   procpool::PoolStats stats = pool.stats();
   std::printf("tasks done %lld, failed %lld; per worker:", static_cast<long long>(stats.tasks_done),
               static_cast<long long>(stats.tasks_failed));

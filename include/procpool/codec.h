@@ -21,6 +21,17 @@
 //     so `std::optional<std::optional<T>>` round-trips exactly;
 //   * `std::map` and `std::unordered_map`: a `list` of two-element `list`s (key, value), exactly
 //     as a `std::pair<K, V>` is written;
+//   * `std::set` and `std::unordered_set`: written as a `std::vector` of their elements is (packed
+//     for numbers); a duplicate element does not decode;
+//   * `std::variant<Ts...>`: a `list` of 2, the alternative's index (`uint`) and its value; an
+//     index past the last alternative does not decode. The alternatives must be
+//     default-constructible;
+//   * `absl::Duration`: a `list` of 2 `int`s, whole seconds (rounded down) and quarter nanoseconds
+//     (0 to 3999999999), exactly absl's resolution; `absl::InfiniteDuration()` and its negative as
+//     a `float` of +inf and -inf. `absl::Time` as the `absl::Duration` since the Unix epoch
+//     (`absl::InfiniteFuture()` and `absl::InfinitePast()` as the infinite durations);
+//   * `std::chrono::duration<Rep, Period>` as its `count()` (a `Rep`; both sides share the
+//     Period), and `std::chrono::time_point<Clock, Duration>` as its `time_since_epoch()`;
 //   * Cap'n Proto structs from your own schema, through `CapnpStruct<T>`
 //     (include/procpool/capnp_struct.h).
 //
@@ -74,6 +85,7 @@
 #define PROCPOOL_CODEC_H_
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
@@ -82,10 +94,12 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -94,6 +108,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "capnp/list.h"
 #include "kj/debug.h"
 #include "kj/exception.h"
@@ -690,6 +705,205 @@ struct Codec<std::unordered_map<K, V, Hash, Equal, Alloc>> {
         return out.try_emplace(std::move(key), std::move(value)).second;
       });
     });
+  }
+};
+
+// std::set and std::unordered_set, as a std::vector of their elements (packed for numbers, in the
+// set's iteration order). A duplicate element is an error.
+template <Encodable T, typename SetT>
+struct SetCodec {
+  static void encode(const SetT& value, wire::Value::Builder out) {
+    if constexpr (internal::Packed<T>) {
+      internal::encode_packed(value.begin(), value.size(), out);
+    } else {
+      internal::encode_list(value.begin(), value.size(), out);
+    }
+  }
+  static absl::Status decode(wire::Value::Reader in, SetT& out) {
+    out.clear();
+    std::vector<T> elements;
+    if (absl::Status s = Codec<std::vector<T>>::decode(in, elements); !s.ok()) return s;
+    if constexpr (requires { out.reserve(elements.size()); }) out.reserve(elements.size());
+    for (std::size_t i = 0; i < elements.size(); ++i) {
+      if (!out.insert(std::move(elements[i])).second) {
+        return absl::DataLossError(absl::StrCat("set element ", i, ": duplicate"));
+      }
+    }
+    return absl::OkStatus();
+  }
+};
+
+template <Encodable T, typename Compare, typename Alloc>
+struct Codec<std::set<T, Compare, Alloc>> : SetCodec<T, std::set<T, Compare, Alloc>> {};
+
+template <Encodable T, typename Hash, typename Equal, typename Alloc>
+struct Codec<std::unordered_set<T, Hash, Equal, Alloc>>
+    : SetCodec<T, std::unordered_set<T, Hash, Equal, Alloc>> {};
+
+// std::variant<Ts...>, as a `list` of 2: the index of the alternative it holds (`uint`), then that
+// alternative's value. An index past the last alternative is an error. Encoding a variant that is
+// valueless_by_exception throws kj::Exception, as Cap'n Proto does for what it cannot write.
+template <Encodable... Ts>
+  requires(sizeof...(Ts) > 0 && (std::default_initializable<Ts> && ...))
+struct Codec<std::variant<Ts...>> {
+  using Variant = std::variant<Ts...>;
+  static constexpr std::size_t kAlternatives = sizeof...(Ts);
+
+  static void encode(const Variant& value, wire::Value::Builder out) {
+    KJ_REQUIRE(!value.valueless_by_exception(), "procpool::Codec: a valueless std::variant");
+    auto list = out.initList(2);
+    list[0].setUint(value.index());
+    std::visit(
+        [&list](const auto& alternative) {
+          encode_value(alternative, list[1]);
+        },
+        value);
+  }
+
+  static absl::Status decode(wire::Value::Reader in, Variant& out) {
+    return internal::guarded([&]() -> absl::Status {
+      if (in.which() != wire::Value::LIST) {
+        return internal::mismatch("a list of 2 elements (a variant: index, value)", in);
+      }
+      auto list = in.getList();
+      if (list.size() != 2) return internal::wrong_size("a list (a variant)", 2, list.size());
+      std::uint64_t index = 0;
+      if (absl::Status s = Codec<std::uint64_t>::decode(list[0], index); !s.ok()) {
+        return internal::with_context(s, "variant index: ");
+      }
+      if (index >= kAlternatives) {
+        return absl::DataLossError(absl::StrCat("variant index ", index,
+                                                " out of range for a variant of ", kAlternatives,
+                                                " alternatives"));
+      }
+      absl::Status status = decode_alternative(list[1], out, static_cast<std::size_t>(index),
+                                               std::index_sequence_for<Ts...>{});
+      if (!status.ok()) {
+        return internal::with_context(status, absl::StrCat("variant alternative ", index, ": "));
+      }
+      return absl::OkStatus();
+    });
+  }
+
+ private:
+  template <std::size_t... I>
+  static absl::Status decode_alternative(wire::Value::Reader in, Variant& out, std::size_t index,
+                                         std::index_sequence<I...>) {
+    absl::Status status;
+    // Exactly one I matches `index` (checked above).
+    ((I == index ? (status = decode_as<I>(in, out), true) : false) || ...);
+    return status;
+  }
+
+  template <std::size_t I>
+  static absl::Status decode_as(wire::Value::Reader in, Variant& out) {
+    auto& alternative = out.template emplace<I>();
+    return Codec<std::variant_alternative_t<I, Variant>>::decode(in, alternative);
+  }
+};
+
+// absl::Duration, exactly: a `list` of 2 `int`s, whole seconds rounded toward negative infinity
+// and the rest in quarter nanoseconds (absl's resolution), 0 <= rest < 4'000'000'000. The
+// infinite durations are a `float` of +inf or -inf.
+template <>
+struct Codec<absl::Duration> {
+  static constexpr std::int64_t kTicksPerSecond = 4'000'000'000;
+
+  static void encode(const absl::Duration& value, wire::Value::Builder out) {
+    if (value == absl::InfiniteDuration() || value == -absl::InfiniteDuration()) {
+      out.setFloat(value > absl::ZeroDuration() ? std::numeric_limits<double>::infinity()
+                                                : -std::numeric_limits<double>::infinity());
+      return;
+    }
+    absl::Duration rest;
+    std::int64_t seconds = absl::IDivDuration(value, absl::Seconds(1), &rest);  // toward zero
+    if (rest < absl::ZeroDuration()) {
+      seconds -= 1;  // cannot overflow: a rest below zero means seconds > INT64_MIN
+      rest += absl::Seconds(1);
+    }
+    const std::int64_t ticks = absl::IDivDuration(rest, tick(), &rest);
+    auto list = out.initList(2);
+    list[0].setInt(seconds);
+    list[1].setInt(ticks);
+  }
+
+  static absl::Status decode(wire::Value::Reader in, absl::Duration& out) {
+    return internal::guarded([&]() -> absl::Status {
+      if (in.which() == wire::Value::FLOAT) {
+        const double f = in.getFloat();
+        if (!std::isinf(f)) {
+          return absl::DataLossError(absl::StrCat(
+              "expected a list of 2 integers or an infinite float (a duration), found the float ",
+              f));
+        }
+        out = f > 0 ? absl::InfiniteDuration() : -absl::InfiniteDuration();
+        return absl::OkStatus();
+      }
+      std::tuple<std::int64_t, std::int64_t> parts;
+      if (absl::Status s = Codec<decltype(parts)>::decode(in, parts); !s.ok()) {
+        return internal::with_context(s, "duration: ");
+      }
+      const auto [seconds, ticks] = parts;
+      if (ticks < 0 || ticks >= kTicksPerSecond) {
+        return absl::DataLossError(
+            absl::StrCat("duration: quarter nanoseconds ", ticks, " out of range [0, 4e9)"));
+      }
+      out = absl::Seconds(seconds) + tick() * ticks;  // exact: ticks add under one second
+      return absl::OkStatus();
+    });
+  }
+
+ private:
+  static absl::Duration tick() { return absl::Nanoseconds(1) / 4; }
+};
+
+// absl::Time, as the absl::Duration since the Unix epoch (infinite for the infinite times).
+template <>
+struct Codec<absl::Time> {
+  static void encode(const absl::Time& value, wire::Value::Builder out) {
+    Codec<absl::Duration>::encode(value - absl::UnixEpoch(), out);
+  }
+  static absl::Status decode(wire::Value::Reader in, absl::Time& out) {
+    absl::Duration since_epoch;
+    if (absl::Status s = Codec<absl::Duration>::decode(in, since_epoch); !s.ok()) return s;
+    out = absl::UnixEpoch() + since_epoch;
+    return absl::OkStatus();
+  }
+};
+
+// std::chrono::duration<Rep, Period>, as its count(), a Rep: the Period is part of the type, which
+// both sides share.
+template <Encodable Rep, typename Period>
+struct Codec<std::chrono::duration<Rep, Period>> {
+  using Duration = std::chrono::duration<Rep, Period>;
+  static void encode(const Duration& value, wire::Value::Builder out) {
+    Codec<Rep>::encode(value.count(), out);
+  }
+  static absl::Status decode(wire::Value::Reader in, Duration& out) {
+    Rep count{};
+    if (absl::Status s = Codec<Rep>::decode(in, count); !s.ok()) {
+      return internal::with_context(s, "std::chrono::duration: ");
+    }
+    out = Duration(count);
+    return absl::OkStatus();
+  }
+};
+
+// std::chrono::time_point<Clock, Duration>, as its time_since_epoch(). Meaningful across the
+// process boundary for clocks whose epoch the processes share (system_clock, steady_clock: workers
+// run on the same machine).
+template <typename Clock, typename Duration>
+  requires Encodable<Duration>
+struct Codec<std::chrono::time_point<Clock, Duration>> {
+  using TimePoint = std::chrono::time_point<Clock, Duration>;
+  static void encode(const TimePoint& value, wire::Value::Builder out) {
+    Codec<Duration>::encode(value.time_since_epoch(), out);
+  }
+  static absl::Status decode(wire::Value::Reader in, TimePoint& out) {
+    Duration since_epoch{};
+    if (absl::Status s = Codec<Duration>::decode(in, since_epoch); !s.ok()) return s;
+    out = TimePoint(since_epoch);
+    return absl::OkStatus();
   }
 };
 

@@ -1,23 +1,29 @@
-// ImapRange: what imap and imap_unordered return, an input range of absl::StatusOr<Result>.
+// ImapRange: what imap and imap_unordered return, an input range (and a move-only view) of
+// absl::StatusOr<Result> (absl::Status when the tasks return no value).
 //
 //   for (absl::StatusOr<int64_t> square : pool.imap(std::views::iota(0))) {
 //     if (!square.ok()) ...;
 //     if (*square > 1000) break;  // cancels what was not started; the pool stays usable
 //   }
+//   for (absl::StatusOr<int64_t> square : pool.imap(jobs) | std::views::take(10)) ...
 //
 // The input is pulled lazily, on the consuming thread, as results are consumed: at most
 // `max_in_flight` jobs are taken and not yet consumed, so an endless input keeps the parent's
-// memory flat and the first result arrives while the input is still being produced. The input
-// (a container, a view, a generator-like range) is held by reference when an lvalue, by value
-// when an rvalue. Leaving the loop early, or destroying the range, cancels tasks not yet started;
-// tasks already running finish in the background and are discarded.
+// memory flat and the first result arrives while the input is still being produced. Each element
+// is waited for only when it is looked at (dereferenced or compared with end()), so a
+// std::views::take(n) stops after n results without waiting for one more. The input (a container,
+// a view, a generator-like range) is held by reference when an lvalue, by value when an rvalue.
+// Leaving the loop early, or destroying the range, cancels tasks not yet started; tasks already
+// running finish in the background and are discarded.
 //
-// One pass, one consuming thread. The range must not outlive its pool. If the pool is closed
-// while a range is in use, the next element is the kFailedPrecondition status and the range ends.
+// One pass, one consuming thread. Moving the range keeps its iterators valid. The range must not
+// outlive its pool. If the pool is closed while a range is in use, the next element is the
+// kFailedPrecondition status and the range ends.
 
 #ifndef PROCPOOL_IMAP_RANGE_H_
 #define PROCPOOL_IMAP_RANGE_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <iterator>
 #include <memory>
@@ -25,116 +31,150 @@
 #include <ranges>
 #include <utility>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "procpool/internal/imap_call.h"
 #include "procpool/internal/pool_core.h"
+#include "procpool/internal/worker_traits.h"
 
 namespace procpool {
 
 template <typename Job, typename Result, std::ranges::input_range Input>
-class ImapRange {
+class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Input>> {
+  struct State;
+
  public:
+  // absl::StatusOr<Result>, or absl::Status for a void Result.
+  using Outcome = internal::OutcomeOf<Result>;
+  using ImapCallType = internal::ImapCall<Job, internal::Stored<Result>>;
+
   class iterator {
    public:
+    using iterator_concept = std::input_iterator_tag;
     using iterator_category = std::input_iterator_tag;
     using difference_type = std::ptrdiff_t;
-    using value_type = absl::StatusOr<Result>;
+    using value_type = Outcome;
 
     iterator() = default;
-    explicit iterator(ImapRange* range) : range_(range) {}
-    value_type& operator*() const { return *range_->current_; }
-    value_type* operator->() const { return &*range_->current_; }
+    // Blocks until the element is in (the first time it is looked at).
+    value_type& operator*() const { return *state_->fetch(); }
+    value_type* operator->() const { return &*state_->fetch(); }
     iterator& operator++() {
-      range_->advance();
+      state_->consume();
       return *this;
     }
-    void operator++(int) { range_->advance(); }
-    friend bool operator==(const iterator& it, std::default_sentinel_t) { return it.at_end(); }
+    void operator++(int) { state_->consume(); }
+    // Blocks like operator*: whether there is a next element is known only when it is in.
+    friend bool operator==(const iterator& it, std::default_sentinel_t) {
+      return it.state_ == nullptr || !it.state_->fetch().has_value();
+    }
 
    private:
-    bool at_end() const { return range_ == nullptr || !range_->current_.has_value(); }
-
-    ImapRange* range_ = nullptr;
+    friend class ImapRange;
+    explicit iterator(State* state) : state_(state) {}
+    State* state_ = nullptr;
   };
 
-  ImapRange(internal::PoolCore* core, std::shared_ptr<internal::ImapCall<Job, Result>> call,
-            Input input, size_t chunksize, size_t max_in_flight)
-      : core_(core),
-        call_(std::move(call)),
-        input_(std::move(input)),
-        next_(std::ranges::begin(input_)),
-        chunksize_(std::max<size_t>(1, chunksize)),
-        max_in_flight_(std::max(max_in_flight, chunksize_)) {}
+  ImapRange() = default;
+  // Made by imap and imap_unordered.
+  ImapRange(internal::PoolCore* core, std::shared_ptr<ImapCallType> call, Input input,
+            size_t chunksize, size_t max_in_flight)
+      : state_(std::make_unique<State>(core, std::move(call), std::move(input), chunksize,
+                                       max_in_flight)) {}
+  ImapRange(ImapRange&&) noexcept = default;
+  ImapRange& operator=(ImapRange&&) noexcept = default;
 
-  ImapRange(const ImapRange&) = delete;
-  ImapRange& operator=(const ImapRange&) = delete;
-
-  ~ImapRange() {
-    if (submitted_ > consumed_) core_->cancel(call_.get());
-  }
-
-  // Starts the iteration: pulls the first jobs and waits for the first outcome. Call once.
-  iterator begin() {
-    advance();
-    return iterator(this);
-  }
+  // Starts the iteration. Call once. Takes no job before the first element is looked at.
+  iterator begin() { return iterator(state_.get()); }
   std::default_sentinel_t end() const { return {}; }
 
   // Jobs taken from the input whose outcome has not been consumed yet (for tests and monitors).
-  size_t in_flight() const { return submitted_ - consumed_; }
+  size_t in_flight() const { return state_ == nullptr ? 0 : state_->submitted - state_->consumed; }
 
  private:
-  void advance() {
-    current_.reset();
-    refill();
-    if (failure_) {
-      current_.emplace(*std::move(failure_));
-      failure_.reset();
-      input_done_ = true;
-      return;
+  struct State {
+    State(internal::PoolCore* core_in, std::shared_ptr<ImapCallType> call_in, Input input_in,
+          size_t chunksize_in, size_t max_in_flight_in)
+        : core(core_in),
+          call(std::move(call_in)),
+          input(std::move(input_in)),
+          next(std::ranges::begin(input)),
+          chunksize(std::max<size_t>(1, chunksize_in)),
+          max_in_flight(std::max(max_in_flight_in, chunksize)) {}
+    State(const State&) = delete;
+    State& operator=(const State&) = delete;
+    ~State() {
+      if (submitted > consumed) core->cancel(call.get());
     }
-    if (submitted_ == consumed_) return;  // input exhausted and everything consumed
-    current_.emplace(call_->next());
-    ++consumed_;
-  }
 
-  // Takes jobs from the input, a chunk at a time, while a whole chunk more fits in
-  // max_in_flight.
-  void refill() {
-    // Whole chunks only: refilling as soon as one slot frees would send chunks of one task.
-    while (!input_done_ && submitted_ - consumed_ + chunksize_ <= max_in_flight_) {
-      size_t first = 0;
-      size_t count = 0;
-      while (count < chunksize_ && submitted_ + count - consumed_ < max_in_flight_) {
-        if (next_ == std::ranges::end(input_)) {
-          input_done_ = true;
-          break;
-        }
-        const size_t index = call_->add_job(Job(*next_));
-        if (count == 0) first = index;
-        ++count;
-        ++next_;
+    std::optional<Outcome>& fetch() {
+      if (need_fetch) {
+        need_fetch = false;
+        advance();
       }
-      if (count == 0) break;
-      if (absl::Status submitted = core_->submit(call_, first, count); !submitted.ok()) {
-        failure_ = submitted;
+      return current;
+    }
+
+    void consume() {
+      fetch();  // a step past an element nobody looked at still takes it
+      need_fetch = true;
+    }
+
+    void advance() {
+      current.reset();
+      refill();
+      if (failure) {
+        current.emplace(*std::move(failure));
+        failure.reset();
+        input_done = true;
         return;
       }
-      submitted_ += count;
+      if (submitted == consumed) return;  // input exhausted and everything consumed
+      current.emplace(internal::to_outcome<Result>(call->next()));
+      ++consumed;
     }
-  }
 
-  internal::PoolCore* core_;
-  std::shared_ptr<internal::ImapCall<Job, Result>> call_;
-  Input input_;
-  std::ranges::iterator_t<Input> next_;
-  const size_t chunksize_;
-  const size_t max_in_flight_;
-  size_t submitted_ = 0;
-  size_t consumed_ = 0;
-  bool input_done_ = false;
-  std::optional<absl::Status> failure_;
-  std::optional<absl::StatusOr<Result>> current_;
+    // Takes jobs from the input, a chunk at a time, while a whole chunk more fits in
+    // max_in_flight.
+    void refill() {
+      // Whole chunks only: refilling as soon as one slot frees would send chunks of one task.
+      while (!input_done && submitted - consumed + chunksize <= max_in_flight) {
+        size_t first = 0;
+        size_t count = 0;
+        while (count < chunksize && submitted + count - consumed < max_in_flight) {
+          if (next == std::ranges::end(input)) {
+            input_done = true;
+            break;
+          }
+          const size_t index = call->add_job(Job(*next));
+          if (count == 0) first = index;
+          ++count;
+          ++next;
+        }
+        if (count == 0) break;
+        if (absl::Status submitted_now = core->submit(call, first, count); !submitted_now.ok()) {
+          failure = submitted_now;
+          return;
+        }
+        submitted += count;
+      }
+    }
+
+    internal::PoolCore* core;
+    std::shared_ptr<ImapCallType> call;
+    Input input;
+    std::ranges::iterator_t<Input> next;
+    const size_t chunksize;
+    const size_t max_in_flight;
+    size_t submitted = 0;
+    size_t consumed = 0;
+    bool input_done = false;
+    bool need_fetch = true;
+    std::optional<absl::Status> failure;
+    std::optional<Outcome> current;
+  };
+
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace procpool

@@ -7,7 +7,8 @@
 //   absl::StatusOr<std::string> name = pool.apply(+[](const int& id) { return lookup(id); }, 7);
 //
 // Any function, function pointer or lambda without captures works: `R f(const J&)` (or taking J by
-// value), R may be absl::StatusOr<T>; with several parameters, starmap takes tuples. J and R need
+// value), R may be absl::StatusOr<T>, or void or absl::Status for tasks with no value (map then
+// returns absl::Status); with several parameters, starmap takes tuples. J and R need
 // a procpool::Codec (codec.h). Each call may use a different function on the same workers.
 //
 // Why no registration is needed: a worker is a fork() of this process, so it runs the same image
@@ -24,6 +25,7 @@
 #ifndef PROCPOOL_POOL_H_
 #define PROCPOOL_POOL_H_
 
+#include <concepts>
 #include <memory>
 #include <ranges>
 #include <utility>
@@ -58,34 +60,85 @@ class Pool {
       : core_(std::move(options), [] { return std::make_unique<internal::FunctionWorkerBody>(); }) {}
 
   // Runs f on every job; results in job order, or the first failing job's status (see
-  // ProcessPool::map).
+  // ProcessPool::map). For f returning void or absl::Status, returns absl::Status. Blocks until
+  // every job has an outcome; kFailedPrecondition after close(). `jobs` is read in place.
   template <internal::TaskFunction F>
-  absl::StatusOr<std::vector<ResultOf<F>>> map(F f, absl::Span<const JobOf<F>> jobs,
-                                               CallOptions options = {}) {
-    return Calls<F>::map(core_, jobs, std::move(options), internal::function_settings(f));
+  internal::MapOutcome<ResultOf<F>> map(F f, absl::Span<const JobOf<F>> jobs,
+                                        CallOptions options = {}) {
+    return Calls<F>::map(core_, internal::JobList<JobOf<F>>(jobs), std::move(options),
+                         internal::function_settings(f));
+  }
+
+  // map over any sized input range whose elements convert to f's job type (copied unless it is a
+  // contiguous range of exactly that type), as ProcessPool::map.
+  template <internal::TaskFunction F, typename Jobs>
+    requires internal::JobRange<Jobs, JobOf<F>> &&
+             (!std::convertible_to<Jobs, absl::Span<const JobOf<F>>>)
+  internal::MapOutcome<ResultOf<F>> map(F f, Jobs&& jobs, CallOptions options = {}) {
+    return Calls<F>::map(core_, internal::borrow_or_copy<JobOf<F>>(std::forward<Jobs>(jobs)),
+                         std::move(options), internal::function_settings(f));
   }
 
   // map for a function of several parameters: each job is a std::tuple of its arguments.
   template <internal::TaskFunction F>
     requires Traits<F>::kTakesTuple
-  absl::StatusOr<std::vector<ResultOf<F>>> starmap(F f, absl::Span<const JobOf<F>> jobs,
-                                                   CallOptions options = {}) {
+  internal::MapOutcome<ResultOf<F>> starmap(F f, absl::Span<const JobOf<F>> jobs,
+                                            CallOptions options = {}) {
     return map(f, jobs, std::move(options));
   }
+  template <internal::TaskFunction F, typename Jobs>
+    requires Traits<F>::kTakesTuple && internal::JobRange<Jobs, JobOf<F>> &&
+             (!std::convertible_to<Jobs, absl::Span<const JobOf<F>>>)
+  internal::MapOutcome<ResultOf<F>> starmap(F f, Jobs&& jobs, CallOptions options = {}) {
+    return map(f, std::forward<Jobs>(jobs), std::move(options));
+  }
 
+  // map without blocking (see ProcessPool::map_async): the jobs are copied (or moved from an
+  // rvalue vector); AsyncResult<void> for f returning void or absl::Status.
   template <internal::TaskFunction F>
-  AsyncResult<std::vector<ResultOf<F>>> map_async(F f, std::vector<JobOf<F>> jobs,
-                                                  CallOptions options = {},
-                                                  Callbacks<std::vector<ResultOf<F>>> callbacks = {}) {
+  AsyncResult<internal::Mapped<ResultOf<F>>> map_async(
+      F f, std::vector<JobOf<F>> jobs, CallOptions options = {},
+      Callbacks<internal::Mapped<ResultOf<F>>> callbacks = {}) {
     return Calls<F>::map_async(core_, std::move(jobs), std::move(options), std::move(callbacks),
                                internal::function_settings(f));
   }
-
-  template <internal::TaskFunction F>
-  absl::StatusOr<ResultOf<F>> apply(F f, JobOf<F> job, CallOptions options = {}) {
-    return Calls<F>::apply(core_, std::move(job), std::move(options), internal::function_settings(f));
+  template <internal::TaskFunction F, typename Jobs>
+    requires internal::JobRange<Jobs, JobOf<F>> &&
+             (!std::convertible_to<Jobs, std::vector<JobOf<F>>>)
+  AsyncResult<internal::Mapped<ResultOf<F>>> map_async(
+      F f, Jobs&& jobs, CallOptions options = {},
+      Callbacks<internal::Mapped<ResultOf<F>>> callbacks = {}) {
+    return map_async(f, internal::job_vector<JobOf<F>>(std::forward<Jobs>(jobs)),
+                     std::move(options), std::move(callbacks));
   }
 
+  // map_async for a function of several parameters: each job is a std::tuple of its arguments.
+  template <internal::TaskFunction F>
+    requires Traits<F>::kTakesTuple
+  AsyncResult<internal::Mapped<ResultOf<F>>> starmap_async(
+      F f, std::vector<JobOf<F>> jobs, CallOptions options = {},
+      Callbacks<internal::Mapped<ResultOf<F>>> callbacks = {}) {
+    return map_async(f, std::move(jobs), std::move(options), std::move(callbacks));
+  }
+  template <internal::TaskFunction F, typename Jobs>
+    requires Traits<F>::kTakesTuple && internal::JobRange<Jobs, JobOf<F>> &&
+             (!std::convertible_to<Jobs, std::vector<JobOf<F>>>)
+  AsyncResult<internal::Mapped<ResultOf<F>>> starmap_async(
+      F f, Jobs&& jobs, CallOptions options = {},
+      Callbacks<internal::Mapped<ResultOf<F>>> callbacks = {}) {
+    return map_async(f, std::forward<Jobs>(jobs), std::move(options), std::move(callbacks));
+  }
+
+  // Runs f(job) and blocks for its outcome (absl::Status for f returning void or absl::Status);
+  // kFailedPrecondition after close().
+  template <internal::TaskFunction F>
+  internal::OutcomeOf<ResultOf<F>> apply(F f, JobOf<F> job, CallOptions options = {}) {
+    return Calls<F>::apply(core_, std::move(job), std::move(options),
+                           internal::function_settings(f));
+  }
+
+  // Runs f(job) without blocking; the outcome arrives in the AsyncResult (AsyncResult<void> for f
+  // returning void or absl::Status) and the callbacks.
   template <internal::TaskFunction F>
   AsyncResult<ResultOf<F>> apply_async(F f, JobOf<F> job, CallOptions options = {},
                                        Callbacks<ResultOf<F>> callbacks = {}) {
@@ -93,6 +146,7 @@ class Pool {
                                  internal::function_settings(f));
   }
 
+  // Lazy maps, as ProcessPool::imap and imap_unordered.
   template <internal::TaskFunction F, std::ranges::input_range Input>
   auto imap(F f, Input&& input, CallOptions options = {}) {
     return Calls<F>::imap(core_, std::forward<Input>(input), std::move(options), /*ordered=*/true,
@@ -105,8 +159,10 @@ class Pool {
                           internal::function_settings(f));
   }
 
+  // As ProcessPool's close, join, join(timeout) and terminate.
   absl::Status close() { return core_.close(); }
   absl::Status join() { return core_.join(); }
+  absl::Status join(absl::Duration timeout) { return core_.join(timeout); }
   void terminate() { core_.terminate(); }
   int workers() const { return core_.worker_count(); }
   PoolStats stats() const { return core_.stats(); }

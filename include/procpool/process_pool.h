@@ -17,8 +17,10 @@
 //     absl::StatusOr<std::vector<int64_t>> squares = pool.map(jobs);
 //   }  // close() then join(): every worker's exit() has finished here
 //
-// Worker type. `run(const Job&)` returns Result or absl::StatusOr<Result>; `enter()` and `exit()`
-// are optional and return void or absl::Status. Job and Result can be deduced from a
+// Worker type. `run(const Job&)` returns Result or absl::StatusOr<Result>, or void or absl::Status
+// for tasks with no value (then map returns absl::Status, apply absl::Status, apply_async and
+// map_async AsyncResult<void>, imap yields absl::Status); `enter()` and `exit()` are optional and
+// return void or absl::Status. Job and Result can be deduced from a
 // non-overloaded run (worker_traits.h). An exception thrown by run becomes that task's kUnknown
 // status with the exception's type and what(); the worker carries on.
 //
@@ -84,9 +86,17 @@ template <typename W>
 class ProcessPool {
  public:
   using Job = typename internal::WorkerTraits<W>::Job;
+  // What one task yields; void when W::run returns void or absl::Status.
   using Result = typename internal::WorkerTraits<W>::Result;
+  // What map and starmap return: absl::StatusOr<std::vector<Result>>, or absl::Status when
+  // Result is void.
+  using MapOutcome = internal::MapOutcome<Result>;
+  // What apply returns (and imap yields): absl::StatusOr<Result>, or absl::Status when Result is
+  // void.
+  using Outcome = internal::OutcomeOf<Result>;
   static_assert(Encodable<Job>, "Job has no procpool::Codec (see procpool/codec.h)");
-  static_assert(Encodable<Result>, "Result has no procpool::Codec (see procpool/codec.h)");
+  static_assert(Encodable<internal::Stored<Result>>,
+                "Result has no procpool::Codec (see procpool/codec.h)");
 
   // Starts the workers; each default-constructs its W.
   explicit ProcessPool(PoolOptions options = {})
@@ -109,40 +119,91 @@ class ProcessPool {
   ProcessPool(const ProcessPool&) = delete;
   ProcessPool& operator=(const ProcessPool&) = delete;
 
-  // Runs W::run on every job and returns the results in job order. Blocks until every job has an
-  // outcome. If any failed, returns the failure of the first failing job in job order, its message
-  // prefixed with "job <index>: ". kFailedPrecondition after close(). `jobs` is read, not copied.
-  absl::StatusOr<std::vector<Result>> map(absl::Span<const Job> jobs, CallOptions options = {}) {
-    return Calls::map(core_, jobs, std::move(options), {});
+  // Runs W::run on every job and returns the results in job order (absl::Status for a void
+  // Result: OK if every task succeeded). Blocks until every job has an outcome. If any failed,
+  // returns the failure of the first failing job in job order, its message prefixed with
+  // "job <index>: ". kFailedPrecondition after close(). `jobs` is read, not copied: keep it
+  // unchanged until map returns.
+  MapOutcome map(absl::Span<const Job> jobs, CallOptions options = {}) {
+    return Calls::map(core_, internal::JobList<Job>(jobs), std::move(options), {});
   }
 
-  // map for a worker whose run takes several parameters: each job is a std::tuple of them.
-  absl::StatusOr<std::vector<Result>> starmap(absl::Span<const Job> jobs, CallOptions options = {})
+  // map over any sized input range whose elements convert to Job: a std::vector<int> for int64_t
+  // jobs, std::views::iota(0, n), a std::vector<bool>, a std::set. A contiguous range of exactly
+  // Job is read in place, anything else copied first. Same outcome and errors as above.
+  template <typename Jobs>
+    requires internal::JobRange<Jobs, Job> &&
+             (!std::convertible_to<Jobs, absl::Span<const Job>>)
+  MapOutcome map(Jobs&& jobs, CallOptions options = {}) {
+    return Calls::map(core_, internal::borrow_or_copy<Job>(std::forward<Jobs>(jobs)),
+                      std::move(options), {});
+  }
+
+  // map for a worker whose run takes several parameters: each job is a std::tuple of them. Same
+  // outcome, errors and blocking as map.
+  MapOutcome starmap(absl::Span<const Job> jobs, CallOptions options = {})
     requires internal::WorkerTraits<W>::kRunTakesTuple
   {
     return map(jobs, std::move(options));
   }
-
-  // map without blocking: the jobs are copied, the result arrives in the AsyncResult.
-  AsyncResult<std::vector<Result>> map_async(std::vector<Job> jobs, CallOptions options = {},
-                                             Callbacks<std::vector<Result>> callbacks = {}) {
-    return Calls::map_async(core_, std::move(jobs), std::move(options), std::move(callbacks), {});
+  template <typename Jobs>
+    requires internal::WorkerTraits<W>::kRunTakesTuple && internal::JobRange<Jobs, Job> &&
+             (!std::convertible_to<Jobs, absl::Span<const Job>>)
+  MapOutcome starmap(Jobs&& jobs, CallOptions options = {}) {
+    return map(std::forward<Jobs>(jobs), std::move(options));
   }
 
-  // Runs one job and blocks for its result.
-  absl::StatusOr<Result> apply(Job job, CallOptions options = {}) {
+  // map without blocking: the jobs are copied (moved from an rvalue std::vector<Job>) and the
+  // outcome arrives in the AsyncResult: std::vector<Result>, or AsyncResult<void> for a void
+  // Result; the first failing job's status as for map; kFailedPrecondition after close(). The
+  // callbacks run as async_result.h says. AsyncResult::cancel() cancels every unfinished task.
+  AsyncResult<internal::Mapped<Result>> map_async(
+      std::vector<Job> jobs, CallOptions options = {},
+      Callbacks<internal::Mapped<Result>> callbacks = {}) {
+    return Calls::map_async(core_, std::move(jobs), std::move(options), std::move(callbacks), {});
+  }
+  template <typename Jobs>
+    requires internal::JobRange<Jobs, Job> && (!std::convertible_to<Jobs, std::vector<Job>>)
+  AsyncResult<internal::Mapped<Result>> map_async(
+      Jobs&& jobs, CallOptions options = {}, Callbacks<internal::Mapped<Result>> callbacks = {}) {
+    return map_async(internal::job_vector<Job>(std::forward<Jobs>(jobs)), std::move(options),
+                     std::move(callbacks));
+  }
+
+  // map_async for a worker whose run takes several parameters: each job is a std::tuple of them.
+  AsyncResult<internal::Mapped<Result>> starmap_async(
+      std::vector<Job> jobs, CallOptions options = {},
+      Callbacks<internal::Mapped<Result>> callbacks = {})
+    requires internal::WorkerTraits<W>::kRunTakesTuple
+  {
+    return map_async(std::move(jobs), std::move(options), std::move(callbacks));
+  }
+  template <typename Jobs>
+    requires internal::WorkerTraits<W>::kRunTakesTuple && internal::JobRange<Jobs, Job> &&
+             (!std::convertible_to<Jobs, std::vector<Job>>)
+  AsyncResult<internal::Mapped<Result>> starmap_async(
+      Jobs&& jobs, CallOptions options = {}, Callbacks<internal::Mapped<Result>> callbacks = {}) {
+    return map_async(std::forward<Jobs>(jobs), std::move(options), std::move(callbacks));
+  }
+
+  // Runs one job and blocks until its outcome is in: the result (absl::Status for a void Result),
+  // the task's error, or kFailedPrecondition after close().
+  Outcome apply(Job job, CallOptions options = {}) {
     return Calls::apply(core_, std::move(job), std::move(options), {});
   }
 
-  // Runs one job; the result arrives in the AsyncResult (and the callbacks, if any).
+  // Runs one job without blocking; the outcome arrives in the AsyncResult (AsyncResult<void> for
+  // a void Result) and the callbacks, if any. kFailedPrecondition (in the AsyncResult) after
+  // close().
   AsyncResult<Result> apply_async(Job job, CallOptions options = {},
                                   Callbacks<Result> callbacks = {}) {
     return Calls::apply_async(core_, std::move(job), std::move(options), std::move(callbacks), {});
   }
 
   // Lazily maps any input range (a container, a view, an endless generator): results in input
-  // order as an input range of absl::StatusOr<Result>, with at most options.max_in_flight jobs
-  // taken and not yet consumed (imap_range.h). chunksize defaults to 1.
+  // order as an input range of absl::StatusOr<Result> (absl::Status for a void Result), with at
+  // most options.max_in_flight jobs taken and not yet consumed (imap_range.h). chunksize
+  // defaults to 1. Blocks only while iterating, for the next result; errors arrive as elements.
   template <std::ranges::input_range Input>
   auto imap(Input&& input, CallOptions options = {}) {
     return Calls::imap(core_, std::forward<Input>(input), std::move(options), /*ordered=*/true, {});
@@ -154,14 +215,22 @@ class ProcessPool {
     return Calls::imap(core_, std::forward<Input>(input), std::move(options), /*ordered=*/false, {});
   }
 
-  // No new work is accepted; work already given still runs. Idempotent.
+  // No new work is accepted; work already given still runs. Idempotent; always OK.
   absl::Status close() { return core_.close(); }
 
   // Waits for the work in flight, asks every worker to run exit() and leave, and reaps them, all
-  // within PoolOptions::join_timeout; past it sends SIGTERM, then SIGKILL after kill_grace, and
-  // returns kDeadlineExceeded naming the workers it killed. Also reports exit() failures.
-  // kFailedPrecondition unless close() or terminate() was called first.
+  // within PoolOptions::join_timeout (its clock starts at the first join()); past it sends SIGTERM,
+  // then SIGKILL after kill_grace, and returns kDeadlineExceeded naming the workers it killed.
+  // Also reports exit() failures. kFailedPrecondition unless close() or terminate() was called
+  // first. Blocks until every worker is reaped.
   absl::Status join() { return core_.join(); }
+
+  // Pebble's join(timeout): as join(), but waits at most `timeout` and then returns
+  // kDeadlineExceeded without stopping anyone: workers finish their work, run exit() and leave as
+  // they would, and a later join() or join(timeout) waits for them again (and can still end
+  // cleanly). join_timeout is not enforced by this call. kFailedPrecondition unless close() or
+  // terminate() was called first.
+  absl::Status join(absl::Duration timeout) { return core_.join(timeout); }
 
   // Stops every worker at once (SIGTERM, then SIGKILL after kill_grace) without running exit();
   // tasks not finished fail with kCancelled. Blocks until all are reaped.

@@ -5,7 +5,8 @@
 //
 // ProcessPool<W> (process_pool.h) runs a worker class in N processes; Pool (pool.h) runs plain
 // functions; AsyncResult (async_result.h) and ImapRange (imap_range.h) are what the asynchronous
-// and lazy calls return; PoolOptions (pool_options.h)
+// and lazy calls return, and wait and as_completed (wait.h) wait on many AsyncResults at once;
+// ProgressBar (progress_bar.h) draws a map's progress; PoolOptions (pool_options.h)
 // sizes and times it; CallOptions (call_options.h) tunes one call; Codec (codec.h) says which
 // types cross the process boundary; CapnpStruct (capnp_struct.h) carries your own Cap'n Proto
 // structs; PoolStats (pool_stats.h) shows what the workers do.
@@ -22,6 +23,8 @@
 #include "procpool/pool_options.h"
 #include "procpool/pool_stats.h"
 #include "procpool/process_pool.h"
+#include "procpool/progress_bar.h"
 #include "procpool/signals.h"
+#include "procpool/wait.h"
 
 #endif  // PROCPOOL_PROCPOOL_H_

@@ -78,6 +78,21 @@ void Scheduler::cancel_all(const absl::Status& status) {
   }
 }
 
+void Scheduler::stop_running(const Call* call, const absl::Status& reason) {
+  for (Worker& worker : workers_) {
+    if (worker.port == nullptr) continue;
+    const WorkerProgress progress = worker.port->progress();
+    if (!progress.running) continue;
+    for (const Batch& batch : worker.batches) {
+      if (batch.seq == progress.batch_seq && batch.tasks.call.get() == call &&
+          progress.task_index >= batch.reported && progress.task_index < batch.limit) {
+        worker.port->stop(reason);
+        break;
+      }
+    }
+  }
+}
+
 void Scheduler::abandon_all(const absl::Status& status) {
   abandoned_ = true;
   fail_pending(status);

@@ -94,6 +94,9 @@ class Scheduler {
   void cancel(const Call* call, const absl::Status& status);
   // The same for every call.
   void cancel_all(const absl::Status& status);
+  // Stops (through its port) every worker running a task of `call` now, with `reason` for that
+  // task. With cancel(), this is AsyncResult::cancel(): nothing of the call runs on.
+  void stop_running(const Call* call, const absl::Status& reason);
   // terminate(): every task without an outcome fails with `status` now, started or not; results
   // that arrive later are dropped.
   void abandon_all(const absl::Status& status);

@@ -27,7 +27,13 @@ void Scheduler::fail_pending(const absl::Status& status) {
 
 void Scheduler::requeue_front(std::vector<TaskRange> ranges) {
   for (auto it = ranges.rbegin(); it != ranges.rend(); ++it) {
-    if (it->count > 0) pending_.push_front(std::move(*it));
+    if (it->count == 0) continue;
+    // A cancelled call has its outcome: its tasks are never queued again.
+    if (it->call->cancelled) {
+      fail(*it, it->first, it->count, absl::CancelledError("cancelled before it started"));
+    } else {
+      pending_.push_front(std::move(*it));
+    }
   }
 }
 

@@ -464,9 +464,8 @@ void Supervisor::after_events() {
 }
 
 void Supervisor::begin_join(int64_t deadline_ns) {
-  if (joining_) return;
+  join_deadline_ns_ = joining_ ? std::min(join_deadline_ns_, deadline_ns) : deadline_ns;
   joining_ = true;
-  join_deadline_ns_ = deadline_ns;
 }
 
 absl::Status Supervisor::join_result() const {

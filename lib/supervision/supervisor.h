@@ -79,7 +79,7 @@ class Supervisor final : private LauncherEvents {
   bool any_alive() const;
 
   // Close-then-join: workers with nothing to do are asked to run exit() and leave; past
-  // `deadline_ns` the rest are stopped by force.
+  // `deadline_ns` the rest are stopped by force. Called again, keeps the earlier deadline.
   void begin_join(int64_t deadline_ns);
   bool join_deadline_passed() const { return join_deadline_passed_; }
   // OK if every worker left after its exit() returned OK; else what went wrong, naming them.

@@ -33,7 +33,7 @@ struct FunctionTraits<R (*)(Args...)> {
   using Job = std::conditional_t<sizeof...(Args) == 1,
                                  std::remove_cvref_t<std::tuple_element_t<0, std::tuple<Args...>>>,
                                  std::tuple<std::remove_cvref_t<Args>...>>;
-  using Result = typename UnwrapStatusOr<std::remove_cvref_t<R>>::type;
+  using Result = typename ResultOfReturn<std::remove_cvref_t<R>>::type;  // void for void, Status
   static constexpr bool kTakesTuple = sizeof...(Args) > 1;
 
   static void trampoline(uint64_t function, wire::Value::Reader job, wire::Outcome::Builder out) {

@@ -1,6 +1,6 @@
 // MapCall: a Call whose results are gathered into a vector, in job order (map, map_async,
 // starmap). Jobs are read through a Span the caller keeps alive until the call is done, or owned
-// by the call (map_async copies them).
+// by the call (map_async, and inputs that are not a contiguous range of Job, are copied).
 
 #ifndef PROCPOOL_INTERNAL_MAP_CALL_H_
 #define PROCPOOL_INTERNAL_MAP_CALL_H_
@@ -10,7 +10,9 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -22,25 +24,70 @@
 #include "procpool/internal/completion.h"
 #include "procpool/internal/packed.h"
 #include "procpool/internal/worker_body.h"
+#include "procpool/internal/worker_traits.h"
 
 namespace procpool::internal {
 
-template <typename Job, typename Result>
-class MapCall final : public Call, public Completion<std::vector<Result>> {
+// The jobs of a MapCall: borrowed through a Span the caller keeps alive until the call is done,
+// or owned. Owned bools live in a std::vector<bool>, so element access returns bool by value.
+template <typename Job>
+class JobList {
  public:
+  using Ref = std::conditional_t<std::is_same_v<Job, bool>, bool, const Job&>;
+
+  explicit JobList(absl::Span<const Job> borrowed) : borrowed_(borrowed), size_(borrowed.size()) {}
+  explicit JobList(std::vector<Job> owned)
+      : owned_(std::move(owned)), owns_(true), size_(owned_.size()) {}
+
+  size_t size() const { return size_; }
+  Ref operator[](size_t i) const { return owns_ ? Ref(owned_[i]) : Ref(borrowed_[i]); }
+
+ private:
+  absl::Span<const Job> borrowed_;
+  std::vector<Job> owned_;
+  bool owns_ = false;
+  size_t size_ = 0;
+};
+
+// What a map gathers: the results in job order, or nothing (std::monostate) for a void Result.
+template <typename Result>
+using Gathered = std::conditional_t<std::is_void_v<Result>, std::monostate, std::vector<Result>>;
+
+// Cancels `call` through its pool (PoolCore::cancel_call): `settle` runs under the core's lock and
+// returns false if the call's outcome was already in. False too once the pool is gone (it settles
+// every call before it goes).
+template <typename T>
+bool cancel_call_through_core(Call* call, const Completion<T>& completion,
+                              const std::function<bool()>& settle) {
+  const std::shared_ptr<CoreLink>& link = completion.link();
+  if (link == nullptr) return false;
+  bool cancelled = false;
+  link->with_core([&](PoolCore& core) {
+    cancelled = core.cancel_call(call, absl::CancelledError("cancelled"), settle);
+  });
+  return cancelled;
+}
+
+inline absl::Status cancelled_by_user() {
+  return absl::CancelledError("cancelled by AsyncResult::cancel()");
+}
+
+// Result may be void: then each task's value is `none` and the call gathers nothing.
+template <typename Job, typename Result>
+class MapCall final : public Call, public Completion<Gathered<Result>> {
+ public:
+  using Value = Stored<Result>;
   using Progress = std::function<void(size_t done, size_t total)>;
 
-  // Borrows `jobs` (they must outlive the call) unless `owned` is given, then reads those.
-  MapCall(CallSettings settings, absl::Span<const Job> jobs, std::vector<Job> owned = {})
+  MapCall(CallSettings settings, JobList<Job> jobs)
       : Call(settings),
-        owned_(std::move(owned)),
-        jobs_(owned_.empty() ? jobs : absl::MakeConstSpan(owned_)),
-        slots_(jobs_.size()),
+        jobs_(std::move(jobs)),
+        slots_(std::is_void_v<Result> ? 0 : jobs_.size()),
         remaining_(jobs_.size()) {}
 
   // An empty call has no task to finish it: completes it (after callbacks were set).
   void complete_if_empty() {
-    if (jobs_.empty()) this->complete(std::vector<Result>());
+    if (jobs_.size() == 0) this->complete(Gathered<Result>());
   }
 
   void set_progress(Progress progress) { progress_ = std::move(progress); }
@@ -48,23 +95,36 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
   // The pool refused the call: it completes with that status, without any task.
   void fail_unsubmitted(absl::Status status) { this->complete(std::move(status)); }
 
-  void encode_job(size_t index, wire::Value::Builder out) override { encode_value(jobs_[index], out); }
+  // Every unfinished task is cancelled and the call's result becomes kCancelled; outcomes that
+  // still arrive are dropped. False if the result was already in.
+  bool cancel() override {
+    return cancel_call_through_core<Gathered<Result>>(this, *this, [this] {
+      if (!this->complete(cancelled_by_user())) return false;
+      cancelled_ = true;
+      return true;
+    });
+  }
+
+  void encode_job(size_t index, wire::Value::Builder out) override {
+    encode_value(jobs_[index], out);
+  }
 
   bool on_value(size_t index, wire::Value::Reader value) override {
-    absl::StatusOr<Result> decoded = decode_value<Result>(value);
+    if (cancelled_) return true;
+    absl::StatusOr<Value> decoded = decode_value<Value>(value);
     if (!decoded.ok()) {
       on_error(index, absl::DataLossError(absl::StrCat("could not decode the result: ",
                                                        decoded.status().message())));
       return false;
     }
-    slots_[index] = *std::move(decoded);
+    if constexpr (!std::is_void_v<Result>) slots_[index] = *std::move(decoded);
     finish_one();
     return true;
   }
 
   // Scalars go packed, unless a plain function (whose trampoline has no packed form) runs them.
   bool packs_jobs() const override {
-    return Scalar<Job> && Scalar<Result> && settings().trampoline == 0;
+    return Scalar<Job> && Scalar<Value> && settings().trampoline == 0;
   }
 
   void encode_jobs_packed(size_t first, size_t count, wire::Value::Builder out) override {
@@ -76,7 +136,8 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
 
   size_t on_packed_results(size_t first, uint32_t count, wire::Value::Reader values,
                            capnp::List<wire::TaskError>::Reader errors) override {
-    if constexpr (Scalar<Result>) {
+    if (cancelled_) return count;
+    if constexpr (Scalar<Value>) {
       // `errors` is ascending by index: skip those entries while reading the values.
       auto is_error = [&errors](size_t& cursor, uint32_t i) {
         while (cursor < errors.size() && errors[cursor].getIndex() < i) ++cursor;
@@ -117,6 +178,7 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
   }
 
   void on_error(size_t index, absl::Status status) override {
+    if (cancelled_) return;
     if (index < first_error_index_) {
       first_error_index_ = index;
       first_error_ = std::move(status);
@@ -134,12 +196,14 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
   }
 
   // The results in job order, or the first failing job's status (in job order), naming its index.
-  absl::StatusOr<std::vector<Result>> gather() {
+  absl::StatusOr<Gathered<Result>> gather() {
     if (first_error_index_ != kNoError) {
       return absl::Status(first_error_.code(),
                           absl::StrCat("job ", first_error_index_, ": ", first_error_.message()));
     }
-    if constexpr (Scalar<Result>) {
+    if constexpr (std::is_void_v<Result>) {
+      return std::monostate();
+    } else if constexpr (Scalar<Result>) {
       return std::move(slots_);
     } else {
       std::vector<Result> results;
@@ -149,37 +213,47 @@ class MapCall final : public Call, public Completion<std::vector<Result>> {
     }
   }
 
-  std::vector<Job> owned_;
-  absl::Span<const Job> jobs_;
-  // Touched only by the callbacks above (serialized by the core's lock; see call.h).
-  // Scalars are stored as they are (and handed over whole); anything else may lack a default.
-  std::vector<std::conditional_t<Scalar<Result>, Result, std::optional<Result>>> slots_;
+  JobList<Job> jobs_;
+  // Touched only by the callbacks above and cancel()'s settle (serialized by the core's lock; see
+  // call.h). Scalars are stored as they are (and handed over whole); anything else may lack a
+  // default. Empty for a void Result.
+  std::vector<std::conditional_t<Scalar<Value>, Value, std::optional<Value>>> slots_;
   size_t remaining_;
   size_t first_error_index_ = kNoError;
   absl::Status first_error_;
   Progress progress_;
+  bool cancelled_ = false;
 };
 
-// A Call for one job (apply, apply_async).
+// A Call for one job (apply, apply_async). Result may be void (the value is `none`).
 template <typename Job, typename Result>
-class ApplyCall final : public Call, public Completion<Result> {
+class ApplyCall final : public Call, public Completion<Stored<Result>> {
  public:
+  using Value = Stored<Result>;
+
   ApplyCall(CallSettings settings, Job job) : Call(settings), job_(std::move(job)) {}
 
   void encode_job(size_t, wire::Value::Builder out) override { encode_value(job_, out); }
 
   bool on_value(size_t, wire::Value::Reader value) override {
-    absl::StatusOr<Result> decoded = decode_value<Result>(value);
+    absl::StatusOr<Value> decoded = decode_value<Value>(value);
     if (!decoded.ok()) {
       this->complete(absl::DataLossError(
           absl::StrCat("could not decode the result: ", decoded.status().message())));
       return false;
     }
-    this->complete(*std::move(decoded));
+    this->complete(*std::move(decoded));  // dropped if cancel() came first
     return true;
   }
 
   void on_error(size_t, absl::Status status) override { this->complete(std::move(status)); }
+
+  // The task is dropped if not started, its worker stopped if running; the result becomes
+  // kCancelled. False if the result was already in.
+  bool cancel() override {
+    return cancel_call_through_core<Value>(this, *this,
+                                           [this] { return this->complete(cancelled_by_user()); });
+  }
 
  private:
   Job job_;

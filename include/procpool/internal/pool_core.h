@@ -11,14 +11,40 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "procpool/internal/call.h"
 #include "procpool/internal/worker_body.h"
 #include "procpool/pool_options.h"
 #include "procpool/pool_stats.h"
 
 namespace procpool::internal {
+
+class PoolCore;
+
+// A reference to a PoolCore that may outlive it. AsyncResults keep one so that cancel() and
+// add_done_callback() stay safe after their pool is gone: the pool clears it once its callback
+// thread has stopped, and waits for a with_core() in progress before it goes on being destroyed.
+class CoreLink {
+ public:
+  // Runs fn(core) with the link's lock held, so the pool cannot finish being destroyed meanwhile,
+  // and returns true; returns false without running it once the pool is gone. `fn` may take the
+  // core's lock, never the other way round: the pool thread never takes a link's lock.
+  template <typename Fn>
+  bool with_core(Fn&& fn) {
+    std::lock_guard lock(mu_);
+    if (core_ == nullptr) return false;
+    fn(*core_);
+    return true;
+  }
+
+ private:
+  friend class PoolCore;
+  std::mutex mu_;
+  PoolCore* core_ = nullptr;
+};
 
 class PoolCore {
  public:
@@ -43,8 +69,29 @@ class PoolCore {
   // Drops every queued task that no worker has started, of every call; each gets on_error(status).
   void cancel_pending(absl::Status status);
 
+  // --- Added for AsyncResult::cancel() and join(timeout) (issue 11); see lib/pool_core.cc. ---
+
+  // Cancels every task of `call` that has no outcome yet. Under the core's lock, first runs
+  // `settle` (the call records its cancelled outcome and returns true, or returns false if its
+  // outcome was already in: then nothing else happens). Then: the call's queued tasks are dropped
+  // (on_error(status), which a settled call ignores); a worker running one of its tasks, or about
+  // to start one, is stopped (SIGTERM, SIGKILL after kill_grace) and replaced, and its tasks of
+  // other calls that had not started run elsewhere; tasks of the call a worker holds behind another
+  // call's work are stopped the same way when the worker reaches them. Marks the call cancelled
+  // (Call::cancelled): none of its tasks is queued again. Returns what `settle` returned.
+  // Thread-safe; does not wait for the worker to exit.
+  bool cancel_call(Call* call, absl::Status status, const std::function<bool()>& settle);
+
+  // A link that outlives this core (see CoreLink). The same one every time.
+  std::shared_ptr<CoreLink> link() const { return link_; }
+
   absl::Status close();
   absl::Status join();
+  // As join(), but gives up after `timeout` with kDeadlineExceeded and stops nobody: the shutdown
+  // goes on (workers finish their work, run exit() and leave), and a later join() or
+  // join(timeout) waits for it again. PoolOptions::join_timeout is not enforced here: its clock
+  // starts at the first join(). kFailedPrecondition unless close() or terminate() came first.
+  absl::Status join(absl::Duration timeout);
   void terminate();
 
   // Runs `callback` on the pool's callback thread (started on first use), one at a time, in the
@@ -61,6 +108,7 @@ class PoolCore {
  private:
   class Impl;
   std::unique_ptr<Impl> impl_;
+  std::shared_ptr<CoreLink> link_ = std::make_shared<CoreLink>();
 };
 
 }  // namespace procpool::internal

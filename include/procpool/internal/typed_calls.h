@@ -1,5 +1,5 @@
 // TypedCalls<Job, Result>: the typed calls (map, map_async, apply, apply_async, imap,
-// imap_unordered) over a PoolCore, shared by ProcessPool<W> and the plain-function Pool. `base`
+// imap_unordered; starmap and starmap_async are map and map_async) over a PoolCore, shared by ProcessPool<W> and the plain-function Pool. `base`
 // carries what the pool kind adds to every call (the function to run, for Pool).
 
 #ifndef PROCPOOL_INTERNAL_TYPED_CALLS_H_
@@ -8,8 +8,12 @@
 #include <algorithm>
 #include <cstddef>
 #include <memory>
+#include <concepts>
+#include <functional>
 #include <ranges>
+#include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -22,6 +26,7 @@
 #include "procpool/internal/imap_call.h"
 #include "procpool/internal/map_call.h"
 #include "procpool/internal/pool_core.h"
+#include "procpool/internal/worker_traits.h"
 
 namespace procpool::internal {
 
@@ -43,52 +48,113 @@ inline CallSettings make_settings(const PoolCore& core, const CallOptions& optio
   return settings;
 }
 
+// What a map of Result gathers, as the public API names it: std::vector<Result>, or void.
+template <typename Result>
+using Mapped = std::conditional_t<std::is_void_v<Result>, void, std::vector<Result>>;
+
+// What map returns: absl::StatusOr<std::vector<Result>>, or absl::Status for a void Result.
+template <typename Result>
+using MapOutcome = OutcomeOf<Mapped<Result>>;
+
+// An input map accepts: a sized input range whose elements convert (implicitly) to Job.
+template <typename R, typename Job>
+concept JobRange = std::ranges::input_range<R> && std::ranges::sized_range<R> &&
+                   std::convertible_to<std::ranges::range_reference_t<R>, Job>;
+
+// The jobs as a vector: moved when they are an rvalue std::vector<Job>, else copied.
+template <typename Job, typename R>
+  requires JobRange<R, Job>
+std::vector<Job> job_vector(R&& jobs) {
+  if constexpr (std::is_same_v<std::remove_cvref_t<R>, std::vector<Job>> &&
+                !std::is_lvalue_reference_v<R>) {
+    return std::move(jobs);
+  } else {
+    std::vector<Job> copied;
+    copied.reserve(std::ranges::size(jobs));
+    for (auto&& job : jobs) copied.emplace_back(std::forward<decltype(job)>(job));  // one copy
+    return copied;
+  }
+}
+
+// The jobs of a blocking map: borrowed (zero-copy) when they are a contiguous range of exactly Job,
+// else copied. Borrowed jobs must stay alive and unchanged until the map returns.
+template <typename Job, typename R>
+  requires JobRange<R, Job>
+JobList<Job> borrow_or_copy(R&& jobs) {
+  if constexpr (std::ranges::contiguous_range<R> &&
+                std::is_same_v<std::ranges::range_value_t<R>, Job>) {
+    return JobList<Job>(absl::Span<const Job>(std::ranges::data(jobs), std::ranges::size(jobs)));
+  } else {
+    return JobList<Job>(job_vector<Job>(std::forward<R>(jobs)));
+  }
+}
+
+// Hands Callbacks<T> to a Completion<Stored<T>> (a void T's on_success takes no value).
+template <typename T>
+void set_callbacks(Completion<Stored<T>>& completion, Callbacks<T> callbacks) {
+  if constexpr (std::is_void_v<T>) {
+    std::function<void(const std::monostate&)> on_success;
+    if (callbacks.on_success) {
+      on_success = [f = std::move(callbacks.on_success)](const std::monostate&) { f(); };
+    }
+    completion.set_callbacks(std::move(on_success), std::move(callbacks.on_error));
+  } else {
+    completion.set_callbacks(std::move(callbacks.on_success), std::move(callbacks.on_error));
+  }
+}
+
+// Result may be void (tasks with no value): see Mapped, MapOutcome and OutcomeOf for what the
+// calls then return.
 template <typename Job, typename Result>
 struct TypedCalls {
-  static absl::StatusOr<std::vector<Result>> map(PoolCore& core, absl::Span<const Job> jobs,
-                                                 CallOptions options, CallSettings base) {
-    auto call = std::make_shared<MapCall<Job, Result>>(make_settings(core, options, jobs.size(), base),
-                                                       jobs);
-    if (options.progress) call->set_progress(std::move(options.progress));
-    if (absl::Status submitted = core.submit(call, 0, jobs.size()); !submitted.ok()) return submitted;
-    call->complete_if_empty();
-    call->wait(absl::InfiniteDuration());
-    return call->take_result();
-  }
-
-  static AsyncResult<std::vector<Result>> map_async(PoolCore& core, std::vector<Job> jobs,
-                                                    CallOptions options,
-                                                    Callbacks<std::vector<Result>> callbacks,
-                                                    CallSettings base) {
+  static MapOutcome<Result> map(PoolCore& core, JobList<Job> jobs, CallOptions options,
+                                CallSettings base) {
     const size_t count = jobs.size();
     auto call = std::make_shared<MapCall<Job, Result>>(make_settings(core, options, count, base),
-                                                       absl::Span<const Job>(), std::move(jobs));
+                                                       std::move(jobs));
     if (options.progress) call->set_progress(std::move(options.progress));
-    call->set_callbacks(&core, std::move(callbacks.on_success), std::move(callbacks.on_error));
+    if (absl::Status submitted = core.submit(call, 0, count); !submitted.ok()) return submitted;
+    call->complete_if_empty();
+    call->wait(absl::InfiniteDuration());
+    return to_outcome<Mapped<Result>>(call->take_result());
+  }
+
+  static AsyncResult<Mapped<Result>> map_async(PoolCore& core, std::vector<Job> jobs,
+                                               CallOptions options,
+                                               Callbacks<Mapped<Result>> callbacks,
+                                               CallSettings base) {
+    const size_t count = jobs.size();
+    auto call = std::make_shared<MapCall<Job, Result>>(make_settings(core, options, count, base),
+                                                       JobList<Job>(std::move(jobs)));
+    if (options.progress) call->set_progress(std::move(options.progress));
+    call->bind(&core);
+    set_callbacks<Mapped<Result>>(*call, std::move(callbacks));
     if (absl::Status submitted = core.submit(call, 0, count); !submitted.ok()) {
       call->fail_unsubmitted(std::move(submitted));
     } else {
       call->complete_if_empty();
     }
-    return AsyncResult<std::vector<Result>>(call);
+    return AsyncResult<Mapped<Result>>(call);
   }
 
-  static absl::StatusOr<Result> apply(PoolCore& core, Job job, CallOptions options,
-                                      CallSettings base) {
+  static OutcomeOf<Result> apply(PoolCore& core, Job job, CallOptions options, CallSettings base) {
     auto call = std::make_shared<ApplyCall<Job, Result>>(make_settings(core, options, 1, base),
                                                          std::move(job));
     absl::Status submitted = core.run_one(call, [&call] { return call->ready(); });
     if (!submitted.ok()) return submitted;
     call->wait(absl::InfiniteDuration());
-    return call->take_result();
+    return to_outcome<Result>(call->take_result());
   }
 
   static AsyncResult<Result> apply_async(PoolCore& core, Job job, CallOptions options,
                                          Callbacks<Result> callbacks, CallSettings base) {
     auto call = std::make_shared<ApplyCall<Job, Result>>(make_settings(core, options, 1, base),
                                                          std::move(job));
-    call->set_callbacks(&core, std::move(callbacks.on_success), std::move(callbacks.on_error));
-    if (absl::Status submitted = core.submit(call, 0, 1); !submitted.ok()) call->on_error(0, submitted);
+    call->bind(&core);
+    set_callbacks<Result>(*call, std::move(callbacks));
+    if (absl::Status submitted = core.submit(call, 0, 1); !submitted.ok()) {
+      call->on_error(0, submitted);
+    }
     return AsyncResult<Result>(call);
   }
 
@@ -102,7 +168,7 @@ struct TypedCalls {
             ? options.max_in_flight
             : std::max<size_t>(4 * static_cast<size_t>(core.worker_count()),
                                (2 * static_cast<size_t>(core.worker_count()) + 1) * settings.chunksize);
-    auto call = std::make_shared<ImapCall<Job, Result>>(settings, ordered);
+    auto call = std::make_shared<ImapCall<Job, Stored<Result>>>(settings, ordered);
     return ImapRange<Job, Result, View>(&core, std::move(call),
                                         std::views::all(std::forward<Input>(input)),
                                         settings.chunksize, max_in_flight);

@@ -22,9 +22,10 @@
 
 namespace procpool::internal {
 
-// Decodes `job` as Job, calls `invoke(job)` (returning R or absl::StatusOr<R>) and writes its
-// result, or the error, into `out`. Nothing escapes: user exceptions become kUnknown, codec
-// failures kDataLoss (job) or kInvalidArgument (result).
+// Decodes `job` as Job, calls `invoke(job)` (returning R, absl::StatusOr<R>, void or absl::Status)
+// and writes its result (`none` for void and absl::Status), or the error, into `out`. Nothing
+// escapes: user exceptions become kUnknown, codec failures kDataLoss (job) or kInvalidArgument
+// (result).
 template <typename Job, typename Invoke>
 void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Invoke&& invoke) {
   absl::StatusOr<Job> decoded = decode_value<Job>(job);
@@ -34,28 +35,47 @@ void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Invoke&& invo
     return;
   }
   using Returned = std::remove_cvref_t<decltype(invoke(*decoded))>;
-  using Result = typename UnwrapStatusOr<Returned>::type;
-  std::optional<Result> result;
-  try {
-    if constexpr (IsStatusOr<Returned>::value) {
-      absl::StatusOr<Result> returned = invoke(*decoded);
-      if (!returned.ok()) {
-        set_error(out, returned.status());
-        return;
+  if constexpr (std::is_void_v<Returned> || std::is_same_v<Returned, absl::Status>) {
+    absl::Status status;
+    try {
+      if constexpr (std::is_void_v<Returned>) {
+        invoke(*decoded);
+      } else {
+        status = invoke(*decoded);
       }
-      result.emplace(*std::move(returned));
-    } else {
-      result.emplace(invoke(*decoded));
+    } catch (...) {
+      status = absl::UnknownError(describe_current_exception());
     }
-  } catch (...) {
-    set_error(out, absl::UnknownError(describe_current_exception()));
+    if (status.ok()) {
+      out.initOk().setNone();
+    } else {
+      set_error(out, status);
+    }
     return;
-  }
-  try {
-    encode_value(*result, out.initOk());
-  } catch (...) {
-    set_error(out, absl::InvalidArgumentError(
-                       absl::StrCat("could not encode the result: ", describe_current_exception())));
+  } else {
+    using Result = typename UnwrapStatusOr<Returned>::type;
+    std::optional<Result> result;
+    try {
+      if constexpr (IsStatusOr<Returned>::value) {
+        absl::StatusOr<Result> returned = invoke(*decoded);
+        if (!returned.ok()) {
+          set_error(out, returned.status());
+          return;
+        }
+        result.emplace(*std::move(returned));
+      } else {
+        result.emplace(invoke(*decoded));
+      }
+    } catch (...) {
+      set_error(out, absl::UnknownError(describe_current_exception()));
+      return;
+    }
+    try {
+      encode_value(*result, out.initOk());
+    } catch (...) {
+      set_error(out, absl::InvalidArgumentError(absl::StrCat("could not encode the result: ",
+                                                             describe_current_exception())));
+    }
   }
 }
 

@@ -3,6 +3,8 @@
 // A worker declares `using Job = ...; using Result = ...;` or lets them be deduced from a single,
 // non-overloaded `run`: one parameter gives Job = that parameter's type; several give
 // Job = std::tuple of them (for starmap). `run` may return Result or absl::StatusOr<Result>.
+// `run` may also return void or absl::Status: a task with no value (Result is then void, and
+// std::monostate, written as the wire's `none`, crosses the boundary).
 // `enter()` and `exit()` are optional and may return void or absl::Status.
 
 #ifndef PROCPOOL_INTERNAL_WORKER_TRAITS_H_
@@ -12,6 +14,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -33,6 +36,40 @@ template <typename T>
 struct UnwrapStatusOr<absl::StatusOr<T>> {
   using type = T;
 };
+
+// The Result a task's return type gives: T for T and absl::StatusOr<T>; void for void and
+// absl::Status (a task with no value).
+template <typename R>
+struct ResultOfReturn {
+  using type = typename UnwrapStatusOr<R>::type;
+};
+template <>
+struct ResultOfReturn<void> {
+  using type = void;
+};
+template <>
+struct ResultOfReturn<absl::Status> {
+  using type = void;
+};
+
+// What holds a Result in the parent and on the wire: the Result, or std::monostate (`none`) for
+// void.
+template <typename R>
+using Stored = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
+
+// What a call that yields one Result returns: absl::StatusOr<Result>, or absl::Status for void.
+template <typename R>
+using OutcomeOf = std::conditional_t<std::is_void_v<R>, absl::Status, absl::StatusOr<R>>;
+
+// A stored outcome as its OutcomeOf: drops the std::monostate of a void Result.
+template <typename R>
+OutcomeOf<R> to_outcome(absl::StatusOr<Stored<R>> stored) {
+  if constexpr (std::is_void_v<R>) {
+    return stored.status();
+  } else {
+    return stored;
+  }
+}
 
 template <typename F>
 struct MemberFunction;
@@ -91,7 +128,7 @@ template <typename W>
 struct WorkerTraits {
   using Job = typename JobOf<W>::type;
   using RunReturn = std::remove_cvref_t<decltype(invoke_run(std::declval<W&>(), std::declval<const Job&>()))>;
-  using Result = typename UnwrapStatusOr<RunReturn>::type;
+  using Result = typename ResultOfReturn<RunReturn>::type;
   static constexpr bool kRunReturnsStatusOr = IsStatusOr<RunReturn>::value;
   static constexpr bool kHasEnter = requires(W& w) { w.enter(); };
   static constexpr bool kHasExit = requires(W& w) { w.exit(); };

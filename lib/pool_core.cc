@@ -59,6 +59,7 @@ class PoolCore::Impl {
   absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
   absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
   void cancel(const Call* call);
+  void release_borrowed(const Call* call);
   void cancel_pending(absl::Status status);
   bool cancel_call(Call* call, const absl::Status& status, const std::function<bool()>& settle);
   absl::Status close();
@@ -344,6 +345,12 @@ void PoolCore::Impl::cancel(const Call* call) {
   wake();
 }
 
+void PoolCore::Impl::release_borrowed(const Call* call) {
+  if (foreign()) return;
+  MutexLock lock(mu_);
+  if (supervisor_) supervisor_->release_borrowed(call);
+}
+
 void PoolCore::Impl::cancel_pending(absl::Status status) {
   if (foreign()) return;
   {
@@ -496,6 +503,7 @@ absl::Status PoolCore::run_one(std::shared_ptr<Call> call, const std::function<b
   return impl_->run_one(std::move(call), done);
 }
 void PoolCore::cancel(const Call* call) { impl_->cancel(call); }
+void PoolCore::release_borrowed(const Call* call) { impl_->release_borrowed(call); }
 void PoolCore::post_callback(std::function<void()> callback) {
   impl_->post_callback(std::move(callback));
 }

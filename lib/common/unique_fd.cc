@@ -31,10 +31,15 @@ UniqueFd own_fd(int fd) {
   return UniqueFd(fd);
 }
 
-absl::StatusOr<SocketPair> make_socket_pair() {
+absl::StatusOr<SocketPair> make_socket_pair(int send_buffer_bytes) {
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
     return absl::ErrnoToStatus(errno, "socketpair");
+  }
+  if (send_buffer_bytes > 0) {
+    for (int fd : fds) {
+      (void)::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &send_buffer_bytes, sizeof(send_buffer_bytes));
+    }
   }
   return SocketPair{own_fd(fds[0]), own_fd(fds[1])};
 }

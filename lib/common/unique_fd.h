@@ -52,7 +52,11 @@ struct SocketPair {
   UniqueFd parent_end;
   UniqueFd child_end;
 };
-absl::StatusOr<SocketPair> make_socket_pair();
+// A connected AF_UNIX stream pair, CLOEXEC. With `send_buffer_bytes` > 0, both ends ask for send
+// buffers that large (best effort; the kernel caps them at net.core.wmem_max): on a Unix socket
+// the sender's buffer bounds what may wait unread, so a bigger one lets a large frame cross in
+// one write instead of several rounds of write, wake, read.
+absl::StatusOr<SocketPair> make_socket_pair(int send_buffer_bytes = 0);
 
 // Sets or clears O_NONBLOCK.
 absl::Status set_nonblocking(int fd, bool nonblocking);

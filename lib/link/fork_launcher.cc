@@ -56,7 +56,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     return link;
   }
 
-  absl::StatusOr<SocketPair> channel = make_socket_pair();
+  absl::StatusOr<SocketPair> channel = make_socket_pair(kChannelSendBufferBytes);
   if (!channel.ok()) return channel.status();
   absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
   if (!page.ok()) return page.status();

@@ -21,6 +21,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "kj/exception.h"
+#include "lib/link/fork_link.h"
 #include "lib/link/worker_process.h"
 #include "lib/worker/child_setup.h"
 #include "lib/worker/worker_main.h"
@@ -253,7 +254,7 @@ absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, abs
 }
 
 absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch) {
-  absl::StatusOr<SocketPair> channel = make_socket_pair();
+  absl::StatusOr<SocketPair> channel = make_socket_pair(kChannelSendBufferBytes);
   if (!channel.ok()) return channel.status();
   absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
   if (!page.ok()) return page.status();

@@ -83,6 +83,14 @@ class WorkerLink {
   virtual void flush() = 0;
   virtual bool has_unsent() const = 0;
 
+  // Zero-copy sends. True if frames given to send() may reference memory a call lends (external
+  // segments of a BorrowingMessageBuilder, frame_io.h): the link then promises that
+  // release_borrowed(borrower) copies whatever it has not sent yet of such frames, so that memory
+  // is never read after release_borrowed returns. A link that cannot promise that keeps the
+  // default, false, and is only given frames that own their bytes.
+  virtual bool can_borrow() const { return false; }
+  virtual void release_borrowed(const void* borrower) {}
+
   // The event loop. add_pollfds appends what to wait for (the channel only if `with_channel`:
   // a caller may be reading it itself, see borrow below); service() handles what poll() said of
   // them (the entries this link added, in order), leaving the channel alone unless

@@ -10,6 +10,7 @@
 #include "lib/common/clock.h"
 #include "lib/scheduler/scheduler.h"
 #include "lib/wire/control_page.h"
+#include "lib/wire/frame_io.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
@@ -77,14 +78,15 @@ void Scheduler::send_batch(int slot) {
   }
 
   // Size the batch before building it (shrinking a Cap'n Proto list in place is slow): from one
-  // job's encoded size, as many as fit the byte budget.
+  // job's encoded size, as many as fit the byte budget. One task needs no sizing.
   const bool packed = range.call->packs_jobs();
+  const bool borrow = packed && worker.port->can_borrow();
   size_t job_words = 8;
   const size_t budget = std::min(kBatchByteBudget, config_.max_frame_bytes / 2);
   if (packed) {
     want = std::clamp<size_t>(budget / sizeof(capnp::word), 1, want);
-    job_words = 1;
-  } else {
+    job_words = borrow ? 0 : 1;  // borrowed words are not in the builder's segments
+  } else if (want > 1) {
     capnp::MallocMessageBuilder probe(64);
     try {
       range.call->encode_job(range.first, probe.initRoot<wire::Value>());
@@ -98,14 +100,27 @@ void Scheduler::send_batch(int slot) {
   const uint64_t seq = next_seq_++;
   const uint32_t claim_slot = static_cast<uint32_t>(worker.batches_sent % ControlPage::kClaimSlots);
   const uint16_t claim_tag = static_cast<uint16_t>(worker.batches_sent);
+  const CallSettings& settings = range.call->settings();
+  const absl::Duration timeout =
+      settings.has_task_timeout ? settings.task_timeout : config_.task_timeout;
   std::unique_ptr<capnp::MallocMessageBuilder> message;
   size_t taken = 0;
   std::optional<absl::Status> unencodable;  // the job right after the batch cannot be sent
   while (true) {
     // A first segment the batch fits in: the default (8 KiB, zeroed) costs a small task dearly.
-    message = std::make_unique<capnp::MallocMessageBuilder>(
-        static_cast<unsigned>(std::min<size_t>(16 + want * job_words, size_t{1} << 20)));
+    const auto first_segment =
+        static_cast<unsigned>(std::min<size_t>(24 + want * job_words, size_t{1} << 20));
+    if (borrow) {
+      // The frame references the call's jobs in place; the frame keeps the call (and so jobs it
+      // owns) alive, and PoolCore::release_borrowed copies what is unsent before a caller's
+      // array goes away.
+      message = std::make_unique<BorrowingMessageBuilder>(first_segment, range.call.get(),
+                                                          range.call);
+    } else {
+      message = std::make_unique<capnp::MallocMessageBuilder>(first_segment);
+    }
     auto tasks = message->initRoot<wire::ToWorker>().initTasks();
+    tasks.setTimed(timeout != absl::InfiniteDuration());
     tasks.setSeq(seq);
     tasks.setClaimSlot(claim_slot);
     tasks.setClaimTag(claim_tag);
@@ -114,7 +129,7 @@ void Scheduler::send_batch(int slot) {
     taken = 0;
     bool failed_here = false;
     if (packed) {
-      range.call->encode_jobs_packed(range.first, want, tasks.initPackedJobs());
+      range.call->encode_job_words(range.first, want, tasks, message->getOrphanage(), borrow);
       taken = want;
     }
     auto jobs = tasks.initJobs(packed ? 0 : static_cast<unsigned>(want));
@@ -166,8 +181,7 @@ void Scheduler::send_batch(int slot) {
   batch.claim_tag = claim_tag;
   batch.tasks = std::move(sent);
   batch.limit = static_cast<uint32_t>(taken);
-  const CallSettings& settings = batch.tasks.call->settings();
-  batch.timeout = settings.has_task_timeout ? settings.task_timeout : config_.task_timeout;
+  batch.timeout = timeout;
   if (worker.batches.empty()) {
     batch.front_since_ns = monotonic_now_ns();
     worker.stall_taken_back = false;

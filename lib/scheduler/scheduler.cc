@@ -164,8 +164,14 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results) 
   Batch& batch = worker.batches.front();
   auto listed = results.getOutcomes();
   const uint32_t count = results.getCount();
-  const bool packed = results.hasPackedResults();
-  const size_t entries = packed ? PackedReader(results.getPackedResults()).size() : listed.size();
+  const bool packed = results.hasWordResults();
+  uint32_t word_count = 0;
+  const uint64_t* words = packed ? words_of(results.getWordResults(), word_count) : nullptr;
+  if (packed && words == nullptr) {
+    return absl::DataLossError(
+        absl::StrCat(worker.port->name(), " sent results that are not whole aligned words"));
+  }
+  const size_t entries = packed ? word_count : listed.size();
   if (results.getStart() != batch.reported || count > entries ||
       batch.reported + count > batch.limit) {
     return absl::DataLossError(absl::StrCat(worker.port->name(), " reported results out of order"));
@@ -175,8 +181,9 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results) 
   call.observed_tasks += count;
   call.observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
   if (packed) {
-    const size_t values = call.on_packed_results(batch.tasks.first + batch.reported, count,
-                                                 results.getPackedResults(), results.getErrors());
+    const size_t values =
+        call.on_word_results(batch.tasks.first + batch.reported, count, words,
+                             results.getWordKind(), results.getErrors());
     tasks_done_ += static_cast<int64_t>(values);
     tasks_failed_ += static_cast<int64_t>(count - values);
     batch.reported += count;

@@ -45,6 +45,8 @@ class WorkerPort {
   // Queues a frame; flush() writes what was queued (one write for several batches).
   virtual void send(std::unique_ptr<capnp::MessageBuilder> frame) = 0;
   virtual void flush() = 0;
+  // Frames may reference memory a call lends (WorkerLink::can_borrow).
+  virtual bool can_borrow() const { return false; }
   virtual WorkerProgress progress() const = 0;
   virtual void open_claims(uint32_t slot, uint16_t tag, uint32_t count) = 0;
   // The answer comes to Scheduler::on_revoked, during the call or later.

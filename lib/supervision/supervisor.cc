@@ -41,6 +41,7 @@ class Supervisor::Port final : public WorkerPort {
   const std::string& name() const override;
   void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
   void flush() override;
+  bool can_borrow() const override;
   WorkerProgress progress() const override;
   void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
   void revoke(uint32_t slot, uint16_t tag) override;
@@ -89,6 +90,7 @@ void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
 void Supervisor::Port::flush() {
   if (slot_.link) slot_.link->flush();
 }
+bool Supervisor::Port::can_borrow() const { return slot_.link && slot_.link->can_borrow(); }
 WorkerProgress Supervisor::Port::progress() const {
   return slot_.link ? slot_.link->progress() : WorkerProgress();
 }
@@ -494,6 +496,13 @@ void Supervisor::give_back(int slot) { slots_[slot]->borrowed = false; }
 void Supervisor::pump_borrowed(int slot, short revents) {
   Slot& s = *slots_[slot];
   if (s.link) s.link->pump(revents, s.events);
+}
+
+void Supervisor::release_borrowed(const void* borrower) {
+  for (auto& slot : slots_) {
+    if (slot->link) slot->link->release_borrowed(borrower);
+  }
+  for (auto& link : ended_links_) link->release_borrowed(borrower);
 }
 
 uint64_t Supervisor::generation(int slot) const { return slots_[slot]->generation; }

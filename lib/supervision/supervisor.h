@@ -97,6 +97,10 @@ class Supervisor final : private LauncherEvents {
   // Counts the processes `slot` had: a caller that borrowed it sees whether it is the same one.
   uint64_t generation(int slot) const;
 
+  // Every link copies the unsent bytes of frames that reference memory `borrower` lent
+  // (WorkerLink::release_borrowed): nothing of that memory is read after this returns.
+  void release_borrowed(const void* borrower);
+
   void fill_stats(PoolStats& stats) const;
 
  private:

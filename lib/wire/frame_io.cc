@@ -83,6 +83,9 @@ void FrameWriter::push(std::unique_ptr<capnp::MessageBuilder> message) {
   frame.table = segment_table(segments);
   frame.pieces = frame_pieces(frame.table, segments);
   // The table vector's buffer does not move when `frame` is moved, so the first piece stays valid.
+  if (const auto* borrowing = dynamic_cast<const BorrowingMessageBuilder*>(message.get())) {
+    frame.borrower = borrowing->borrower();
+  }
   frame.message = std::move(message);
   for (const iovec& piece : frame.pieces) queued_bytes_ += piece.iov_len;
   frames_.push_back(std::move(frame));
@@ -116,6 +119,26 @@ absl::Status FrameWriter::write_some(int fd) {
     }
   }
   return absl::OkStatus();
+}
+
+void FrameWriter::release_borrowed(const void* borrower) {
+  for (Frame& frame : frames_) {
+    if (frame.borrower != borrower) continue;
+    size_t unsent = 0;
+    for (size_t i = frame.next_piece; i < frame.pieces.size(); ++i) unsent += frame.pieces[i].iov_len;
+    auto copy = std::make_unique_for_overwrite<char[]>(unsent);
+    char* at = copy.get();
+    for (size_t i = frame.next_piece; i < frame.pieces.size(); ++i) {
+      std::memcpy(at, frame.pieces[i].iov_base, frame.pieces[i].iov_len);
+      at += frame.pieces[i].iov_len;
+    }
+    frame.pieces.assign(1, iovec{copy.get(), unsent});
+    frame.next_piece = 0;
+    frame.unsent_copy = std::move(copy);
+    frame.message.reset();
+    frame.table.clear();
+    frame.borrower = nullptr;
+  }
 }
 
 void FrameWriter::clear() {

@@ -27,6 +27,24 @@
 
 namespace procpool::internal {
 
+// A message whose segments may reference memory it does not own (Cap'n Proto external data, e.g. a
+// caller's array of jobs sent in place), lent by `borrower`, which `keep_alive` (if any) keeps
+// alive. A FrameWriter that queues it copies what it has not sent yet when
+// release_borrowed(borrower) is called, so lent memory is never read after that returns.
+class BorrowingMessageBuilder final : public capnp::MallocMessageBuilder {
+ public:
+  BorrowingMessageBuilder(unsigned first_segment_words, const void* borrower,
+                          std::shared_ptr<const void> keep_alive)
+      : capnp::MallocMessageBuilder(first_segment_words),
+        borrower_(borrower),
+        keep_alive_(std::move(keep_alive)) {}
+  const void* borrower() const { return borrower_; }
+
+ private:
+  const void* borrower_;
+  std::shared_ptr<const void> keep_alive_;
+};
+
 // Writes one whole message to a blocking socket, retrying on EINTR and short writes.
 absl::Status write_frame(int fd, capnp::MessageBuilder& message);
 
@@ -47,9 +65,15 @@ class FrameWriter {
   size_t queued_bytes() const { return queued_bytes_; }
   void clear();
 
+  // Frames of `borrower` (BorrowingMessageBuilder) still queued get a copy of their unsent bytes
+  // and drop their message: nothing `borrower` lent is read after this returns.
+  void release_borrowed(const void* borrower);
+
  private:
   struct Frame {
     std::unique_ptr<capnp::MessageBuilder> message;
+    const void* borrower = nullptr;         // who lent memory its segments reference
+    std::unique_ptr<char[]> unsent_copy;    // after release_borrowed: the bytes left to send
     std::vector<uint32_t> table;  // the segment table that precedes the segments
     std::vector<iovec> pieces;    // table, then each segment; consumed from the front
     size_t next_piece = 0;

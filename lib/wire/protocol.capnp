@@ -58,6 +58,23 @@ struct TaskBatch {
   # rest of the batch back: the worker starts none of it.
   claimSlot @5 :UInt32;
   claimTag @6 :UInt16;
+  # Scalar jobs as raw 8-byte little-endian words of kind `wordKind` (the packed path): one blob
+  # instead of `packedJobs`, which the parent can send straight from the caller's array (an
+  # external segment) and the worker can read, and overwrite with the results, in place. Its
+  # size must be a multiple of 8; `jobs` is empty.
+  wordJobs @7 :Data;
+  wordKind @8 :WordKind;
+  # The batch's tasks have a timeout: the worker stamps the start of every task (task timeouts
+  # are measured from it). Without one it stamps packed tasks per stride (see task_server.cc).
+  timed @9 :Bool;
+}
+
+# What the 8-byte words of `wordJobs` / `wordResults` hold.
+enum WordKind {
+  none @0;
+  ints @1;     # Int64
+  uints @2;    # UInt64
+  floats @3;   # Float64
 }
 
 # Outcomes of the tasks [start, start + count) of batch `seq`: the first `count` entries of
@@ -73,6 +90,10 @@ struct ResultBatch {
   # task start + i, except the tasks `errors` names (by i, ascending), whose entries are unused.
   packedResults @5 :Value;
   errors @6 :List(TaskError);
+  # For a batch of wordJobs: the results as raw 8-byte words of kind `wordKind`, entry i for task
+  # start + i (entries of failed tasks, named by `errors`, are unused). Size: a multiple of 8.
+  wordResults @7 :Data;
+  wordKind @8 :WordKind;
 }
 
 struct TaskError {

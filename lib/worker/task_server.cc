@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "capnp/serialize.h"
+#include "kj/debug.h"
 #include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "lib/worker/child_setup.h"
@@ -38,6 +39,11 @@ constexpr size_t kPieceByteBudget = size_t{1} << 20;
 // this time.
 constexpr int64_t kClaimStrideNs = 20'000;
 constexpr uint32_t kMaxClaimStride = 1024;
+// Word tasks that take at least this long on average get a clock read and a start stamp each
+// (a few ns: a few percent of such a task); quicker ones are timed per stride. The first stride
+// after tiny tasks turn slow is timed per stride: it may hold the results of the tasks in it
+// until it ends, and the stall rule may see its tasks as started at the stride's start.
+constexpr int64_t kPerTaskClockNs = 100;
 
 size_t frame_bytes(capnp::MessageBuilder& message) {
   return capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
@@ -123,7 +129,7 @@ class BatchRunner {
 
   // False when the parent is gone.
   bool run(wire::TaskBatch::Reader batch) {
-    return batch.hasPackedJobs() ? run_packed(batch) : run_listed(batch);
+    return batch.hasWordJobs() ? run_words(batch) : run_listed(batch);
   }
 
  private:
@@ -217,77 +223,124 @@ class BatchRunner {
     return true;
   }
 
-  // Scalar jobs and results travel as one packed list each (TaskBatch.packedJobs): only failures
-  // get an entry of their own. Tasks are timed with the coarse clock (a few ns to read, a few ms
-  // resolution): task timeouts and the send-at-once rule for slow tasks work at that resolution.
-  bool run_packed(wire::TaskBatch::Reader batch) {
-    const PackedReader jobs(batch.getPackedJobs());
-    const uint32_t count = jobs.size();
+  // Scalar jobs and results travel as one blob of words each (TaskBatch.wordJobs): the body's
+  // typed loop runs a stride of tasks per call, reading each job and writing its result in place
+  // (in the receive buffer when the transport allows, else in a reused buffer), and the results
+  // go back as an external segment over that memory. Per task, the loop stores only the task's
+  // index in the control page (crash attribution stays exact); claims, the running flag, the
+  // start stamp, the counters and the clock are per stride, whose length adapts to take about
+  // kClaimStrideNs. A batch with a timeout stamps every task's start too (coarse clock), so
+  // timeouts are measured from the task's own start as before.
+  bool run_words(wire::TaskBatch::Reader batch) {
+    uint32_t count = 0;
+    const uint64_t* jobs = words_of(batch.getWordJobs(), count);
+    KJ_REQUIRE(jobs != nullptr || batch.getWordJobs().size() == 0,
+               "wordJobs is not a whole number of aligned words");
     seq_ = batch.getSeq();
     first_unsent_ = 0;
+    const wire::WordKind kind = batch.getWordKind();
+    const wire::WordKind result_kind = body_.result_word_kind();
+    uint64_t* results = nullptr;
+    if (transport_.frames_writable()) {
+      // The frame is this process's own buffer until the next frame is read.
+      results = const_cast<uint64_t*>(jobs);
+    } else {
+      if (scratch_.size() < count) scratch_.resize(count);
+      results = scratch_.data();
+    }
     const uint32_t max_entries = static_cast<uint32_t>(std::clamp<size_t>(
-        (max_frame_bytes_ - 512) / sizeof(capnp::word), 1, kMaxPackedPieceResults));
-    Claims claims(page_, batch);
-    TaskPacer<coarse_now_ns> pacer(page_, seq_);
-    uint32_t stride = 1;
-    uint32_t stride_end = 0;
-    int64_t stride_started = 0;
-
-    uint32_t entries = 0;
-    PackedWriter values;
+        (std::max<size_t>(max_frame_bytes_, 2048) - 1024) / sizeof(capnp::word), 1,
+        kMaxPackedPieceResults));
+    const uint32_t claim_slot = batch.getClaimSlot();
+    const uint16_t claim_tag = batch.getClaimTag();
+    const bool timed = batch.getTimed();
     errors_.clear();
-    auto start_piece = [&] {
-      entries = std::min(count - first_unsent_, max_entries);
-      message_ = std::make_unique<capnp::MallocMessageBuilder>(32 + entries);
-      results_ = message_->initRoot<wire::FromWorker>().initResults();
-      results_.setSeq(seq_);
-      results_.setStart(first_unsent_);
-      values = body_.init_packed_results(results_.initPackedResults(), entries);
-      errors_.clear();
-    };
-    auto send_piece = [&](uint32_t in_piece) {
-      results_.setCount(in_piece);
-      results_.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
-      if (!errors_.empty()) {
-        auto listed = results_.initErrors(static_cast<uint32_t>(errors_.size()));
-        for (uint32_t e = 0; e < errors_.size(); ++e) {
-          listed[e].setIndex(errors_[e].first);
-          status_to_wire(errors_[e].second, listed[e].initError());
-        }
-      }
-      if (!transport_.send(*message_)) return false;
-      first_unsent_ += in_piece;
-      pacer.sent();
-      return true;
-    };
-    start_piece();
+    error_bytes_ = 0;
+    int64_t last_send = monotonic_now_ns();
+    int64_t unsent_busy = 0;
+    page_.batch_seq.store(seq_, std::memory_order_relaxed);
 
     uint32_t i = 0;
-    for (; i < count; ++i) {
-      if (i >= stride_end) {
-        // Size the next stride from how long the last one took.
-        if (stride_end > 0) {
-          const int64_t took = monotonic_now_ns() - stride_started;
-          if (took < kClaimStrideNs / 2) stride = std::min(stride * 2, kMaxClaimStride);
-          if (took > kClaimStrideNs * 2) stride = std::max<uint32_t>(stride / 2, 1);
-        }
-        if (!claims.may_start(i, stride)) break;
-        stride_end = i + stride;
-        stride_started = monotonic_now_ns();
-      } else if (!claims.may_start(i)) {
-        break;
+    uint32_t claimed_until = 0;
+    while (i < count) {
+      if (i >= claimed_until) {
+        const uint32_t want = std::min({stride_, count - i, first_unsent_ + max_entries - i});
+        const uint32_t got = claim_tasks(page_, claim_slot, claim_tag, i, want);
+        if (got == 0) break;  // the parent took the rest back
+        claimed_until = i + got;
       }
-      pacer.begin(i);
-      absl::Status ran = body_.run_packed(jobs, i, values, i - first_unsent_);
-      if (!ran.ok()) errors_.emplace_back(i - first_unsent_, std::move(ran));
-      const bool due = pacer.end();
-      const uint32_t in_piece = i + 1 - first_unsent_;
-      if (i + 1 == count || in_piece == entries || due) {
-        if (!send_piece(in_piece)) return false;
-        if (i + 1 < count) start_piece();
+      // Tasks that take a while get each its own stamp and clock read (cheap next to them), so a
+      // slow one's result, and those before it, go out as soon as it ends; tiny ones only their
+      // index (see WordStamps).
+      const bool per_task = timed || per_task_clock_;
+      const int64_t start = monotonic_now_ns();
+      page_.task_index.store(i, std::memory_order_relaxed);
+      page_.started_ns.store(start, std::memory_order_relaxed);
+      page_.running.store(1, std::memory_order_release);
+      const WordStamps stamps{&page_.task_index, per_task ? &page_.started_ns : nullptr,
+                              coarse_now_ns, per_task ? coarse_now_ns() : 0, kSendAtOnceNs};
+      const size_t errors_before = errors_.size();
+      const uint32_t ran =
+          body_.run_words(jobs, kind, results, i, claimed_until, stamps, errors_);
+      page_.running.store(0, std::memory_order_release);
+      const int64_t end = monotonic_now_ns();
+      const int64_t took = end - start;
+      const uint32_t n = ran - i;
+      const bool cut = ran < claimed_until;
+      i = ran;
+      // The worker is the only writer of these: plain read-modify-writes, not locked ones.
+      page_.tasks_done.store(page_.tasks_done.load(std::memory_order_relaxed) + n,
+                             std::memory_order_relaxed);
+      page_.busy_ns.store(page_.busy_ns.load(std::memory_order_relaxed) + took,
+                          std::memory_order_relaxed);
+      unsent_busy += took;
+      for (size_t e = errors_before; e < errors_.size(); ++e) {
+        error_bytes_ += errors_[e].second.message().size() + 16;
+      }
+      if (n > 0) per_task_clock_ = took / n >= kPerTaskClockNs;
+      if (took < kClaimStrideNs / 2) {
+        stride_ = std::min(stride_ * 2, kMaxClaimStride);
+      } else if (took > kClaimStrideNs * 2) {
+        // In proportion, at least halved: one slow stride brings it down at once.
+        stride_ = static_cast<uint32_t>(std::clamp<int64_t>(int64_t{stride_} * kClaimStrideNs / took,
+                                                            1, std::max<uint32_t>(stride_ / 2, 1)));
+      }
+      const uint32_t in_piece = i - first_unsent_;
+      if (i == count || in_piece == max_entries || end - last_send >= kFlushIntervalNs ||
+          took >= kSendAtOnceNs || cut || error_bytes_ >= piece_budget_) {
+        if (in_piece > 0 && !send_words(results, result_kind, in_piece, unsent_busy)) return false;
+        last_send = monotonic_now_ns();
+        unsent_busy = 0;
       }
     }
-    if (i < count && i > first_unsent_) return send_piece(i - first_unsent_);
+    // Taken back before task i: what ran and was not sent goes now.
+    if (i > first_unsent_) return send_words(results, result_kind, i - first_unsent_, unsent_busy);
+    return true;
+  }
+
+  // Sends the results of tasks [first_unsent_, first_unsent_ + n): their words in place (an
+  // external segment: the kernel copies them from `results`), and the failures among them.
+  bool send_words(const uint64_t* results, wire::WordKind kind, uint32_t n, int64_t busy_ns) {
+    capnp::MallocMessageBuilder message(64);
+    auto piece = message.initRoot<wire::FromWorker>().initResults();
+    piece.setSeq(seq_);
+    piece.setStart(first_unsent_);
+    piece.setCount(n);
+    piece.setBusyNs(static_cast<uint64_t>(busy_ns));
+    piece.setWordKind(kind);
+    piece.adoptWordResults(message.getOrphanage().referenceExternalData(capnp::Data::Reader(
+        reinterpret_cast<const kj::byte*>(results + first_unsent_), size_t{n} * sizeof(uint64_t))));
+    if (!errors_.empty()) {
+      auto listed = piece.initErrors(static_cast<uint32_t>(errors_.size()));
+      for (uint32_t e = 0; e < errors_.size(); ++e) {
+        listed[e].setIndex(errors_[e].first - first_unsent_);
+        status_to_wire(errors_[e].second, listed[e].initError());
+      }
+    }
+    if (!transport_.send(message)) return false;
+    first_unsent_ += n;
+    errors_.clear();
+    error_bytes_ = 0;
     return true;
   }
 
@@ -301,7 +354,11 @@ class BatchRunner {
   std::unique_ptr<capnp::MallocMessageBuilder> message_;
   wire::ResultBatch::Builder results_ = nullptr;
   capnp::List<wire::Outcome>::Builder outcomes_ = nullptr;
-  std::vector<std::pair<uint32_t, absl::Status>> errors_;
+  WordErrors errors_;
+  size_t error_bytes_ = 0;             // of the messages in errors_
+  std::vector<uint64_t> scratch_;      // results, when the frame cannot be written in place
+  uint32_t stride_ = 1;                // tasks per claim; kept across batches
+  bool per_task_clock_ = true;         // the last stride's tasks took kPerTaskClockNs or more
 };
 
 bool send_status_frame(WorkerTransport& transport, bool enter_failed, const absl::Status& status) {

@@ -27,6 +27,9 @@ class WorkerTransport {
   virtual absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() = 0;
   // Sends one frame whole. False when the parent is gone.
   virtual bool send(capnp::MessageBuilder& message) = 0;
+  // True if the worker may overwrite the frame next_frame() returned, until the next call (it is
+  // a buffer of this thread's own): the word path then computes its results in place.
+  virtual bool frames_writable() const { return false; }
 };
 
 // Runs the worker to its end and returns the exit status to leave with (child_setup.h): OK after

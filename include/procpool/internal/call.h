@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "capnp/orphan.h"
 #include "procpool/internal/protocol.capnp.h"
 
 namespace procpool::internal {
@@ -45,15 +46,21 @@ class Call {
   // The task failed.
   virtual void on_error(size_t index, absl::Status status) = 0;
 
-  // The packed path, for calls whose jobs and results are scalars (integers, floating point):
-  // true if this call sends its jobs as one packed list per batch.
+  // The word path, for calls whose jobs and results are scalars (integers, floating point): true
+  // if this call sends its jobs as one blob of 8-byte words per batch (TaskBatch.wordJobs).
   virtual bool packs_jobs() const { return false; }
-  // Writes jobs [first, first + count) as one packed list into `out`.
-  virtual void encode_jobs_packed(size_t first, size_t count, wire::Value::Builder out) {}
-  // Outcomes of tasks [first, first + count) sent packed (see ResultBatch in protocol.capnp).
-  // Returns how many were values that decoded; the rest went to on_error.
-  virtual size_t on_packed_results(size_t first, uint32_t count, wire::Value::Reader values,
-                                   capnp::List<wire::TaskError>::Reader errors) {
+  // Writes jobs [first, first + count) as words into `tasks` (wordJobs, wordKind). With `borrow`,
+  // the blob may be this call's own array of jobs, referenced in place as an external segment
+  // made with `orphanage` (zero copy): the pool then releases it (PoolCore::release_borrowed)
+  // before the memory may go away.
+  virtual void encode_job_words(size_t first, size_t count, wire::TaskBatch::Builder tasks,
+                                capnp::Orphanage orphanage, bool borrow) {}
+  // Outcomes of tasks [first, first + count) sent as words (see ResultBatch in protocol.capnp):
+  // words[i] is task first + i's result of `kind`, unless `errors` (ascending) names i. Returns
+  // how many were values that decoded; the rest went to on_error.
+  virtual size_t on_word_results(size_t first, uint32_t count, const uint64_t* words,
+                                 wire::WordKind kind,
+                                 capnp::List<wire::TaskError>::Reader errors) {
     return 0;
   }
 

@@ -9,6 +9,7 @@
 #include <functional>
 #include <limits>
 #include <mutex>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -22,6 +23,7 @@
 #include "procpool/codec.h"
 #include "procpool/internal/call.h"
 #include "procpool/internal/completion.h"
+#include "procpool/internal/memory.h"
 #include "procpool/internal/packed.h"
 #include "procpool/internal/worker_body.h"
 #include "procpool/internal/worker_traits.h"
@@ -41,6 +43,12 @@ class JobList {
 
   size_t size() const { return size_; }
   Ref operator[](size_t i) const { return owns_ ? Ref(owned_[i]) : Ref(borrowed_[i]); }
+  // The jobs as one array (not for bool, whose owned jobs are bits).
+  const Job* data() const
+    requires(!std::is_same_v<Job, bool>)
+  {
+    return owns_ ? owned_.data() : borrowed_.data();
+  }
 
  private:
   absl::Span<const Job> borrowed_;
@@ -80,10 +88,15 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
   using Progress = std::function<void(size_t done, size_t total)>;
 
   MapCall(CallSettings settings, JobList<Job> jobs)
-      : Call(settings),
-        jobs_(std::move(jobs)),
-        slots_(std::is_void_v<Result> ? 0 : jobs_.size()),
-        remaining_(jobs_.size()) {}
+      : Call(settings), jobs_(std::move(jobs)), remaining_(jobs_.size()) {
+    if constexpr (!std::is_void_v<Result>) {
+      // Reserved, advised, then filled: a large result vector is faulted in as huge pages (a
+      // first-touch fault per 4 KiB page costs more than the map's own work).
+      slots_.reserve(jobs_.size());
+      advise_huge_pages(slots_.data(), jobs_.size() * sizeof(slots_[0]));
+      slots_.resize(jobs_.size());
+    }
+  }
 
   // An empty call has no task to finish it: completes it (after callbacks were set).
   void complete_if_empty() {
@@ -122,58 +135,72 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
     return true;
   }
 
-  // Scalars go packed, unless a plain function (whose trampoline has no packed form) runs them.
+  // Scalars go as words, unless a plain function (whose trampoline has no word form) runs them.
   bool packs_jobs() const override {
     return Scalar<Job> && Scalar<Value> && settings().trampoline == 0;
   }
 
-  void encode_jobs_packed(size_t first, size_t count, wire::Value::Builder out) override {
+  void encode_job_words(size_t first, size_t count, wire::TaskBatch::Builder tasks,
+                        capnp::Orphanage orphanage, bool borrow) override {
     if constexpr (Scalar<Job>) {
-      PackedWriter writer = PackedWriter::make<Job>(out, static_cast<uint32_t>(count));
-      for (size_t i = 0; i < count; ++i) writer.set<Job>(static_cast<uint32_t>(i), jobs_[first + i]);
+      tasks.setWordKind(word_kind<Job>());
+      if constexpr (kWordIsNative<Job>) {
+        if (borrow) {
+          // The jobs as they lie: no copy here; the kernel reads them from here.
+          tasks.adoptWordJobs(orphanage.referenceExternalData(capnp::Data::Reader(
+              reinterpret_cast<const kj::byte*>(jobs_.data() + first), count * sizeof(uint64_t))));
+          return;
+        }
+      }
+      auto blob = tasks.initWordJobs(static_cast<unsigned>(count * sizeof(uint64_t)));
+      auto* words = reinterpret_cast<uint64_t*>(blob.begin());  // a blob starts on a word
+      for (size_t i = 0; i < count; ++i) words[i] = to_word<Job>(jobs_[first + i]);
     }
   }
 
-  size_t on_packed_results(size_t first, uint32_t count, wire::Value::Reader values,
-                           capnp::List<wire::TaskError>::Reader errors) override {
+  size_t on_word_results(size_t first, uint32_t count, const uint64_t* words, wire::WordKind kind,
+                         capnp::List<wire::TaskError>::Reader errors) override {
     if (cancelled_) return count;
     if constexpr (Scalar<Value>) {
-      // `errors` is ascending by index: skip those entries while reading the values.
-      auto is_error = [&errors](size_t& cursor, uint32_t i) {
-        while (cursor < errors.size() && errors[cursor].getIndex() < i) ++cursor;
-        return cursor < errors.size() && errors[cursor].getIndex() == i;
-      };
-      size_t cursor = 0;
-      // Entries [0, readable) were read (failed tasks' entries too: unused, their errors win).
-      const PackedReader packed(values);
-      uint32_t readable = 0;
-      absl::Status read;
-      while (readable < count && (read = packed.get(readable, slots_[first + readable])).ok()) {
-        ++readable;
-      }
-      if (errors.size() == 0 && readable == count && !progress_) {
+      Value* out = slots_.data() + first;
+      if (errors.size() == 0 && !progress_) {
         // Every task of the piece has its value: settle them at once.
-        remaining_ -= count;
-        if (remaining_ == 0) this->complete(gather());
-        return count;
+        bool all = true;
+        if constexpr (kWordIsNative<Value>) {
+          if (kind == word_kind<Value>()) {
+            std::memcpy(out, words, size_t{count} * sizeof(uint64_t));
+          } else {
+            all = false;
+          }
+        } else {
+          for (uint32_t i = 0; i < count && all; ++i) all = from_word(words[i], kind, out[i]);
+        }
+        if (all) {
+          remaining_ -= count;
+          if (remaining_ == 0) this->complete(gather());
+          return count;
+        }
       }
+      // `errors` is ascending by index: step through it beside the values.
+      size_t cursor = 0;
       size_t decoded = 0;
       for (uint32_t i = 0; i < count; ++i) {
-        if (is_error(cursor, i)) {
+        while (cursor < errors.size() && errors[cursor].getIndex() < i) ++cursor;
+        if (cursor < errors.size() && errors[cursor].getIndex() == i) {
           absl::Status failed = status_from_wire(errors[cursor].getError());
           on_error(first + i, failed.ok() ? absl::UnknownError("failed without a status") : failed);
-        } else if (i < readable) {
+        } else if (from_word(words[i], kind, out[i])) {
           ++decoded;
           finish_one();
         } else {
           on_error(first + i, absl::DataLossError(absl::StrCat(
                                   "could not decode the result: ",
-                                  read.ok() ? absl::string_view("missing") : read.message())));
+                                  word_error<Value>(words[i], kind).message())));
         }
       }
       return decoded;
     } else {
-      return Call::on_packed_results(first, count, values, errors);
+      return Call::on_word_results(first, count, words, kind, errors);
     }
   }
 

@@ -66,6 +66,11 @@ class PoolCore {
   absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
   // Drops the call's tasks that no worker has started; each gets on_error(kCancelled).
   void cancel(const Call* call);
+  // The call's frames still queued for a worker stop referencing memory it lent (its caller's
+  // array of jobs, sent in place): their unsent bytes are copied. Call before that memory may go
+  // away, after the call has its outcome (then no new frame of it is made). Does not block on
+  // workers.
+  void release_borrowed(const Call* call);
   // Drops every queued task that no worker has started, of every call; each gets on_error(status).
   void cancel_pending(absl::Status status);
 

@@ -116,6 +116,9 @@ struct TypedCalls {
     if (absl::Status submitted = core.submit(call, 0, count); !submitted.ok()) return submitted;
     call->complete_if_empty();
     call->wait(absl::InfiniteDuration());
+    // Frames may still hold the caller's jobs (sent in place) where a worker stalled: copy them
+    // out before the caller may free the jobs.
+    core.release_borrowed(call.get());
     return to_outcome<Mapped<Result>>(call->take_result());
   }
 

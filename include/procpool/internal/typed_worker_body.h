@@ -79,6 +79,53 @@ void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Invoke&& invo
   }
 }
 
+// The worker's loop over word jobs [first, end): `run(job)` is the user's run, returning R or
+// absl::StatusOr<R>; result i goes to results[i] (which may be jobs[i]). Per task it costs the
+// job's conversion, the call and one relaxed store of the task's index (plus, kTimed, a coarse
+// clock read and a second store): crash attribution stays exact (the control page names the task
+// that was running), while the rest of the bookkeeping is the caller's, per stride. Returns one
+// past the last task run (see WordStamps for when that is before `end`).
+template <Scalar Job, bool kTimed, typename Run>
+uint32_t run_word_loop(const uint64_t* jobs, wire::WordKind kind, uint64_t* results,
+                       uint32_t first, uint32_t end, const WordStamps& stamps, WordErrors& errors,
+                       Run& run) {
+  uint32_t i = first;
+  while (i < end) {
+    try {
+      for (; i < end; ++i) {
+        if constexpr (kTimed) {
+          const int64_t now = stamps.now();
+          if (i > first && now - stamps.stride_start_ns >= stamps.cut_after_ns) return i;
+          stamps.started_ns->store(now, std::memory_order_relaxed);
+        }
+        stamps.task_index->store(i, std::memory_order_relaxed);
+        Job job;
+        if (!from_word(jobs[i], kind, job)) [[unlikely]] {
+          absl::Status why = word_error<Job>(jobs[i], kind);
+          errors.emplace_back(i, absl::DataLossError(
+                                     absl::StrCat("could not decode the job: ", why.message())));
+          continue;
+        }
+        using Returned = std::remove_cvref_t<decltype(run(job))>;
+        if constexpr (IsStatusOr<Returned>::value) {
+          Returned returned = run(job);
+          if (!returned.ok()) [[unlikely]] {
+            errors.emplace_back(i, std::move(returned).status());
+            continue;
+          }
+          results[i] = to_word(*returned);
+        } else {
+          results[i] = to_word(run(job));
+        }
+      }
+    } catch (...) {
+      errors.emplace_back(i, absl::UnknownError(describe_current_exception()));
+      ++i;
+    }
+  }
+  return end;
+}
+
 template <typename W>
 class TypedWorkerBody final : public WorkerBody {
  public:
@@ -110,32 +157,22 @@ class TypedWorkerBody final : public WorkerBody {
     });
   }
 
-  PackedWriter init_packed_results(wire::Value::Builder out, uint32_t count) override {
-    if constexpr (kPacked) return PackedWriter::make<Result>(out, count);
-    return PackedWriter();
+  wire::WordKind result_word_kind() const override {
+    if constexpr (kPacked) return word_kind<Result>();
+    return wire::WordKind::NONE;
   }
 
-  absl::Status run_packed(const PackedReader& jobs, uint32_t index, PackedWriter& results,
-                          uint32_t slot) override {
+  uint32_t run_words(const uint64_t* jobs, wire::WordKind kind, uint64_t* results,
+                     uint32_t first, uint32_t end, const WordStamps& stamps,
+                     WordErrors& errors) override {
     if constexpr (kPacked) {
-      Job job{};
-      if (absl::Status read = jobs.get(index, job); !read.ok()) {
-        return absl::DataLossError(absl::StrCat("could not decode the job: ", read.message()));
+      auto run = [this](const Job& job) -> decltype(auto) { return invoke_run(*worker_, job); };
+      if (stamps.started_ns != nullptr) {
+        return run_word_loop<Job, true>(jobs, kind, results, first, end, stamps, errors, run);
       }
-      try {
-        if constexpr (Traits::kRunReturnsStatusOr) {
-          absl::StatusOr<Result> returned = invoke_run(*worker_, job);
-          if (!returned.ok()) return returned.status();
-          results.set<Result>(slot, *returned);
-        } else {
-          results.set<Result>(slot, invoke_run(*worker_, job));
-        }
-      } catch (...) {
-        return absl::UnknownError(describe_current_exception());
-      }
-      return absl::OkStatus();
+      return run_word_loop<Job, false>(jobs, kind, results, first, end, stamps, errors, run);
     } else {
-      return WorkerBody::run_packed(jobs, index, results, slot);
+      return WorkerBody::run_words(jobs, kind, results, first, end, stamps, errors);
     }
   }
 

@@ -24,16 +24,21 @@ class WorkerBody {
   // Runs one job of `batch`, writing its result or error into `out`.
   virtual void run(wire::TaskBatch::Reader batch, wire::Value::Reader job,
                    wire::Outcome::Builder out) = 0;
-  // The packed path (see TaskBatch.packedJobs): makes `out` a packed list of `count` results of
-  // this body's scalar Result type.
-  virtual PackedWriter init_packed_results(wire::Value::Builder out, uint32_t count) {
-    return PackedWriter();
-  }
-  // Runs job `index` of `jobs`, storing its result at `slot` of `results` (made by
-  // init_packed_results), or returns its error.
-  virtual absl::Status run_packed(const PackedReader& jobs, uint32_t index, PackedWriter& results,
-                                  uint32_t slot) {
-    return absl::InternalError("this worker has no packed path");
+  // The word path (TaskBatch.wordJobs): the kind of word this body writes its results as, or
+  // WordKind::NONE if it has no word path.
+  virtual wire::WordKind result_word_kind() const { return wire::WordKind::NONE; }
+  // Runs jobs [first, end) of `jobs` (8-byte words of `kind`), in order, writing task i's result
+  // to results[i] (`results` may be `jobs`: each job is read before its result is written), and
+  // appending each failure as (i, status). Stamps each task as `stamps` says before it starts,
+  // and returns one past the last task it ran: `end`, or earlier if `stamps` cut it short.
+  // Nothing escapes: user exceptions become kUnknown, a word that is not a Job kDataLoss.
+  virtual uint32_t run_words(const uint64_t* jobs, wire::WordKind kind, uint64_t* results,
+                             uint32_t first, uint32_t end, const WordStamps& stamps,
+                             WordErrors& errors) {
+    for (uint32_t i = first; i < end; ++i) {
+      errors.emplace_back(i, absl::InternalError("this worker has no word path"));
+    }
+    return end;
   }
   // Runs the exit() hook, once, at an orderly shutdown, then destroys the user's worker.
   virtual absl::Status exit() = 0;

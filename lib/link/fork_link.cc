@@ -3,7 +3,9 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 #include <utility>
 
@@ -56,9 +58,12 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
     if (revents != 0 && with_channel) pump(revents, events);
   }
   if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
-    // Gone: what it sent before it died is real, read it first.
+    // Gone: what it sent before it died is real, read it first, then what it held.
     read_channel(events);
-    if (std::optional<int> status = process_.try_reap()) end(*status, events);
+    if (std::optional<int> status = process_.try_reap()) {
+      recover_held(events);
+      end(*status, events);
+    }
   }
 }
 
@@ -106,10 +111,99 @@ void ForkLink::read_channel(LinkEvents& events) {
   }
 }
 
+void ForkLink::take_held(LinkEvents& events) {
+  HeldFrames* held = page_.held();
+  uint32_t expected = HeldFrames::kFree;
+  // Never wait for the worker: it holds the lock only to append a frame or write what it holds.
+  if (!held->lock.compare_exchange_strong(expected, HeldFrames::kParent,
+                                          std::memory_order_acquire)) {
+    return;
+  }
+  // Frames it wrote before holding these are in the channel: they go first.
+  read_channel(events);
+  const uint32_t taken = held->taken.load(std::memory_order_relaxed);
+  const uint32_t bytes = held->bytes.load(std::memory_order_relaxed);
+  std::vector<capnp::word> words;
+  if (taken <= bytes && bytes <= HeldFrames::capacity() && taken % sizeof(capnp::word) == 0 &&
+      bytes % sizeof(capnp::word) == 0) {
+    words.resize((bytes - taken) / sizeof(capnp::word));
+    if (!words.empty()) std::memcpy(words.data(), held->data + taken, bytes - taken);
+    held->taken.store(bytes, std::memory_order_relaxed);
+    held->since_ns.store(0, std::memory_order_relaxed);
+  }
+  held->lock.store(HeldFrames::kFree, std::memory_order_release);
+  if (taken > bytes || bytes > HeldFrames::capacity() || bytes % sizeof(capnp::word) != 0) {
+    broken_ = true;
+    events.on_broken_stream(
+        absl::DataLossError(absl::StrCat(name_, " left its held frames in a bad state")));
+    return;
+  }
+  deliver_held(std::move(words), /*recovered=*/false, events);
+}
+
+void ForkLink::recover_held(LinkEvents& events) {
+  HeldFrames* held = page_.held();
+  if (held == nullptr) return;
+  // The worker is dead: the area is ours, whatever the lock says. Nothing in it is trusted.
+  const uint32_t taken = held->taken.load(std::memory_order_acquire);
+  const uint32_t bytes = held->bytes.load(std::memory_order_acquire);
+  if (taken > bytes || bytes > HeldFrames::capacity() || taken % sizeof(capnp::word) != 0 ||
+      bytes % sizeof(capnp::word) != 0 || taken == bytes) {
+    return;
+  }
+  std::vector<capnp::word> words((bytes - taken) / sizeof(capnp::word));
+  std::memcpy(words.data(), held->data + taken, bytes - taken);
+  held->bytes.store(0, std::memory_order_relaxed);
+  held->taken.store(0, std::memory_order_relaxed);
+  deliver_held(std::move(words), /*recovered=*/true, events);
+}
+
+void ForkLink::deliver_held(std::vector<capnp::word> words, bool recovered, LinkEvents& events) {
+  if (words.empty()) return;
+  // The same checks as frames from the channel: sizes against the buffer and the frame limit.
+  FrameReader reader(limits_.max_frame_bytes);
+  reader.append(words.data(), words.size() * sizeof(capnp::word));
+  while (!ended_ && (recovered || !broken_)) {
+    absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader.next();
+    if (!frame.ok() || (frame->size() == 0 && reader.has_partial_frame())) {
+      if (!recovered) {
+        broken_ = true;
+        events.on_broken_stream(absl::DataLossError(absl::StrCat(
+            name_, " held a bad frame: ",
+            frame.ok() ? absl::string_view("truncated") : frame.status().message())));
+      }
+      return;
+    }
+    if (frame->size() == 0) return;
+    if (recovered) {
+      events.on_recovered_frame(*frame);
+    } else {
+      events.on_frame(*frame);
+    }
+  }
+}
+
 int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
-  if (partial_since_ns_ == 0 || broken_ || ended_) return INT64_MAX;
+  int64_t next = INT64_MAX;
+  if (!ended_ && !broken_ && channel_) {
+    // Results held by a worker now busy in a long task would wait for the task: take them.
+    const HeldFrames* held = page_.held();
+    const int64_t since = held->since_ns.load(std::memory_order_relaxed);
+    if (held->bytes.load(std::memory_order_relaxed) != held->taken.load(std::memory_order_relaxed) &&
+        since != 0) {
+      if (now_ns - since >= kTakeHeldAfterNs) {
+        take_held(events);
+      } else {
+        next = since + kTakeHeldAfterNs;
+      }
+    }
+    if (page_->running.load(std::memory_order_relaxed) != 0) {
+      next = std::min(next, now_ns + kHeldCheckIntervalNs);
+    }
+  }
+  if (partial_since_ns_ == 0 || broken_ || ended_) return next;
   const int64_t deadline = partial_since_ns_ + to_ns(limits_.frame_timeout);
-  if (now_ns < deadline) return deadline;
+  if (now_ns < deadline) return std::min(next, deadline);
   broken_ = true;
   events.on_broken_stream(absl::DataLossError(absl::StrCat(
       name_, " began a frame and did not finish it within frame_timeout (",
@@ -153,6 +247,7 @@ void ForkLink::stop(StopMode mode) {
 void ForkLink::on_reaped_by_server(int wait_status, LinkEvents& events) {
   if (ended_) return;
   read_channel(events);
+  recover_held(events);
   process_.mark_reaped();
   end(wait_status, events);
 }

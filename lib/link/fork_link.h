@@ -24,6 +24,11 @@
 
 namespace procpool::internal {
 
+// Frames a worker has held back longer than this are taken by the pool from shared memory (the
+// worker is busy with a long task); a worker that runs a task is looked at this often for them.
+inline constexpr int64_t kTakeHeldAfterNs = 2'000'000;
+inline constexpr int64_t kHeldCheckIntervalNs = 10'000'000;
+
 // The send buffer each end of a worker's socketpair asks for (the kernel doubles it, up to
 // net.core.wmem_max; 4 MiB on Debian): a batch of 1 MiB of jobs, or a piece of results, crosses
 // in one write instead of five rounds through the default 208 KiB. Kernel memory is used only by
@@ -67,6 +72,11 @@ class ForkLink final : public WorkerLink {
 
  private:
   void read_channel(LinkEvents& events);
+  // Held frames (control_page.h): takes those a live worker has held for long (after reading the
+  // channel, so order is kept), or recovers those of a dead one.
+  void take_held(LinkEvents& events);
+  void recover_held(LinkEvents& events);
+  void deliver_held(std::vector<capnp::word> words, bool recovered, LinkEvents& events);
   void end(int wait_status, LinkEvents& events);
 
   const std::string name_;

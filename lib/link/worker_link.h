@@ -54,6 +54,11 @@ class LinkEvents {
   virtual ~LinkEvents() = default;
   // One whole frame from the worker (FromWorker), borrowed for the call.
   virtual void on_frame(kj::ArrayPtr<const capnp::word> frame) = 0;
+  // A frame the worker held back (in shared memory) and the link found after the worker died:
+  // it may repeat one delivered by on_frame already (the worker may have died between writing it
+  // and clearing it), so the receiver skips what it has seen; and the worker is gone, so a frame
+  // that does not fit is dropped, never held against a task. Comes before on_ended.
+  virtual void on_recovered_frame(kj::ArrayPtr<const capnp::word> frame) {}
   // The worker's stream can no longer be trusted: a frame too big, garbage, a frame begun and
   // not finished within frame_timeout. The pool stops the worker; kDataLoss names the cause.
   virtual void on_broken_stream(absl::Status why) = 0;

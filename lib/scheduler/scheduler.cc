@@ -153,8 +153,13 @@ std::optional<int> Scheduler::dispatch_to_idle(std::shared_ptr<Call> call) {
   return std::nullopt;
 }
 
-absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results) {
+absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, bool recovered) {
   Worker& worker = workers_[slot];
+  if (recovered && (worker.batches.empty() || results.getSeq() < worker.batches.front().seq ||
+                    (results.getSeq() == worker.batches.front().seq &&
+                     results.getStart() < worker.batches.front().reported))) {
+    return absl::OkStatus();  // came through the channel already
+  }
   if (worker.batches.empty() || worker.batches.front().seq != results.getSeq()) {
     // After terminate() the batches were settled already: late results are dropped.
     if (abandoned_) return absl::OkStatus();

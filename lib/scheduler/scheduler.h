@@ -125,7 +125,9 @@ class Scheduler {
 
   // A results frame from the worker in `slot`. A non-OK status means it broke the protocol
   // (results for a batch it was not running, out of order): the pool stops it as for a bad frame.
-  absl::Status on_results(int slot, wire::ResultBatch::Reader results);
+  // `recovered`: found after the worker died (WorkerLink's held frames); results already
+  // received are skipped.
+  absl::Status on_results(int slot, wire::ResultBatch::Reader results, bool recovered = false);
   // The answer to a revoke.
   void on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t claimed);
   // The worker in `slot` is gone: settles every task it held (settlement.cc), and detaches it.

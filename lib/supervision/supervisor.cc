@@ -25,6 +25,9 @@ class Supervisor::Events final : public LinkEvents {
  public:
   Events(Supervisor& owner, Slot& slot) : owner_(owner), slot_(slot) {}
   void on_frame(kj::ArrayPtr<const capnp::word> frame) override { owner_.on_frame(slot_, frame); }
+  void on_recovered_frame(kj::ArrayPtr<const capnp::word> frame) override {
+    owner_.on_frame(slot_, frame, /*recovered=*/true);
+  }
   void on_broken_stream(absl::Status why) override { owner_.on_broken_stream(slot_, why); }
   void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override;
   void on_ended(WorkerEnd end) override { owner_.on_ended(slot_, std::move(end)); }
@@ -222,7 +225,7 @@ bool Supervisor::any_alive() const {
   return false;
 }
 
-void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words) {
+void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered) {
   // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
   try {
     capnp::ReaderOptions options;
@@ -247,6 +250,14 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words) {
         break;
       }
       case wire::FromWorker::RESULTS:
+        if (recovered) {
+          // The worker is gone: only results not seen yet count, and nothing is blamed.
+          if (slot.state == State::kReady || slot.state == State::kDraining ||
+              slot.state == State::kShutdownSent) {
+            (void)scheduler_.on_results(slot.index, frame.getResults(), /*recovered=*/true);
+          }
+          break;
+        }
         if (absl::Status ok = scheduler_.on_results(slot.index, frame.getResults()); !ok.ok()) {
           on_broken_stream(slot, ok);
         }
@@ -256,6 +267,7 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words) {
         break;
     }
   } catch (const kj::Exception& e) {
+    if (recovered) return;
     on_broken_stream(slot, absl::DataLossError(absl::StrCat(
                                slot.display(), " sent a malformed frame: ", e.getDescription().cStr())));
   }

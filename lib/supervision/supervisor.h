@@ -113,7 +113,7 @@ class Supervisor final : private LauncherEvents {
   void on_arrived(std::unique_ptr<WorkerLink> link) override;
 
   void launch(Slot& slot, int64_t now_ns);
-  void on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words);
+  void on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered = false);
   void on_broken_stream(Slot& slot, absl::Status why);
   void on_ended(Slot& slot, WorkerEnd end);
   void stop(Slot& slot, absl::Status reason, StopMode mode);

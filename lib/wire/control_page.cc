@@ -46,18 +46,22 @@ uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag) {
 absl::StatusOr<ControlPageMapping> ControlPageMapping::create() {
   UniqueFd fd = own_fd(::memfd_create("procpool-control", MFD_CLOEXEC));
   if (!fd) return absl::ErrnoToStatus(errno, "memfd_create for a worker's control page");
-  if (::ftruncate(fd.get(), sizeof(ControlPage)) != 0) {
+  static_assert(sizeof(ControlPage) <= HeldFrames::kOffset);
+  if (::ftruncate(fd.get(), kControlMappingBytes) != 0) {
     return absl::ErrnoToStatus(errno, "ftruncate of a worker's control page");
   }
   absl::StatusOr<ControlPageMapping> mapping = map(fd.get());
   if (!mapping.ok()) return mapping.status();
-  new (mapping->page_) ControlPage();
+  // Default-initialized, not value-initialized: the memfd is zero already, and the held frames'
+  // data must not be touched (a page fault each) before it is used.
+  new (mapping->page_) ControlPage;
+  new (held_frames(mapping->page_)) HeldFrames;
   mapping->fd_ = std::move(fd);
   return mapping;
 }
 
 absl::StatusOr<ControlPageMapping> ControlPageMapping::map(int fd) {
-  void* memory = ::mmap(nullptr, sizeof(ControlPage), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* memory = ::mmap(nullptr, kControlMappingBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (memory == MAP_FAILED) return absl::ErrnoToStatus(errno, "mmap of a worker's control page");
   ControlPageMapping mapping;
   mapping.page_ = static_cast<ControlPage*>(memory);
@@ -69,7 +73,7 @@ ControlPageMapping::ControlPageMapping(ControlPageMapping&& other) noexcept
 
 ControlPageMapping& ControlPageMapping::operator=(ControlPageMapping&& other) noexcept {
   if (this != &other) {
-    if (page_ != nullptr) ::munmap(page_, sizeof(ControlPage));
+    if (page_ != nullptr) ::munmap(page_, kControlMappingBytes);
     page_ = std::exchange(other.page_, nullptr);
     fd_ = std::move(other.fd_);
   }
@@ -77,7 +81,7 @@ ControlPageMapping& ControlPageMapping::operator=(ControlPageMapping&& other) no
 }
 
 ControlPageMapping::~ControlPageMapping() {
-  if (page_ != nullptr) ::munmap(page_, sizeof(ControlPage));
+  if (page_ != nullptr) ::munmap(page_, kControlMappingBytes);
 }
 
 ControlPage* ControlPageMapping::release() {

@@ -15,6 +15,12 @@
 // learns exactly where the worker stopped. The tag (the batch's number at that worker, mod 2^16)
 // keeps a worker that reads a batch late from claiming in a slot reused by a later batch.
 //
+// Held frames. After the page, in the same mapping, a worker on a fork link keeps the results it
+// holds back to write several in one go (WorkerTransport::hold, task_server.h): held there, they
+// survive the worker. The parent takes them from the area when the worker dies, or when they have
+// waited long (the worker is busy in a long task), and the worker writes only what the parent has
+// not taken. Every byte of it is read like a frame from the channel: size-checked, untrusted.
+//
 // One page per worker, its own MAP_SHARED mapping of a memfd: a worker can scribble only on its
 // own page, and the parent never trusts it for more than the decisions above. Over TCP there is no
 // shared memory: the worker keeps the same page in its own memory and answers revocations with a
@@ -24,6 +30,7 @@
 #define PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/statusor.h"
@@ -51,6 +58,36 @@ struct ControlPage {
   // Written by both, by compare-and-swap only.
   std::atomic<uint64_t> claims[kClaimSlots] = {};
 };
+
+// Held frames of one worker (see the top of this file). The worker appends whole frames at
+// `bytes`; frames [taken, bytes) are held: written by neither side yet. A side changes the area
+// only while it owns `lock` (a compare-and-swap from 0), except the parent once the worker is dead.
+struct HeldFrames {
+  static constexpr uint32_t kFree = 0;
+  static constexpr uint32_t kWorker = 1;
+  static constexpr uint32_t kParent = 2;
+  // The mapping holds the page, then this; the frames fill the rest of kControlMappingBytes.
+  static constexpr size_t kOffset = 4096;
+
+  std::atomic<uint32_t> lock{kFree};
+  std::atomic<uint32_t> bytes{0};
+  std::atomic<uint32_t> taken{0};
+  std::atomic<int64_t> since_ns{0};  // CLOCK_MONOTONIC when the oldest held frame was held; 0: none
+  alignas(64) unsigned char data[1];  // really capacity() bytes
+
+  static constexpr size_t capacity();
+};
+
+// Size of a worker's control mapping: the page, the held frames.
+inline constexpr size_t kControlMappingBytes = size_t{64} << 10;
+constexpr size_t HeldFrames::capacity() {
+  return kControlMappingBytes - kOffset - offsetof(HeldFrames, data);
+}
+
+// The held frames in the same mapping as `page` (a page mapped by ControlPageMapping only).
+inline HeldFrames* held_frames(ControlPage* page) {
+  return reinterpret_cast<HeldFrames*>(reinterpret_cast<char*>(page) + HeldFrames::kOffset);
+}
 
 // A claim word: [tag:16][limit:24][next:24].
 constexpr uint64_t pack_claim(uint16_t tag, uint32_t limit, uint32_t next) {
@@ -91,6 +128,7 @@ class ControlPageMapping {
   ~ControlPageMapping();
 
   ControlPage* get() const { return page_; }
+  HeldFrames* held() const { return page_ == nullptr ? nullptr : held_frames(page_); }
   ControlPage* operator->() const { return page_; }
   int fd() const { return fd_.get(); }
   // Forgets the mapping without unmapping it (a worker that never returns keeps it).

@@ -64,10 +64,14 @@ void advance(std::vector<iovec>& pieces, size_t& next, size_t bytes) {
 
 }  // namespace
 
-absl::Status write_frame(int fd, capnp::MessageBuilder& message) {
+absl::Status write_frame(int fd, capnp::MessageBuilder& message,
+                         kj::ArrayPtr<const kj::byte> prefix) {
   auto segments = message.getSegmentsForOutput();
   std::vector<uint32_t> table = segment_table(segments);
   std::vector<iovec> pieces = frame_pieces(table, segments);
+  if (prefix.size() > 0) {
+    pieces.insert(pieces.begin(), iovec{const_cast<kj::byte*>(prefix.begin()), prefix.size()});
+  }
   size_t next = 0;
   while (next < pieces.size()) {
     absl::StatusOr<size_t> sent = send_pieces(fd, &pieces[next], pieces.size() - next, 0);
@@ -75,6 +79,17 @@ absl::Status write_frame(int fd, capnp::MessageBuilder& message) {
     advance(pieces, next, *sent);
   }
   return absl::OkStatus();
+}
+
+void append_frame(capnp::MessageBuilder& message, std::vector<kj::byte>& out) {
+  auto segments = message.getSegmentsForOutput();
+  const std::vector<uint32_t> table = segment_table(segments);
+  const auto* table_bytes = reinterpret_cast<const kj::byte*>(table.data());
+  out.insert(out.end(), table_bytes, table_bytes + table.size() * sizeof(uint32_t));
+  for (auto segment : segments) {
+    const auto* bytes = reinterpret_cast<const kj::byte*>(segment.begin());
+    out.insert(out.end(), bytes, bytes + segment.size() * sizeof(capnp::word));
+  }
 }
 
 void FrameWriter::push(std::unique_ptr<capnp::MessageBuilder> message) {
@@ -220,6 +235,15 @@ absl::StatusOr<kj::ArrayPtr<const capnp::word>> FrameReader::next() {
   }
   consume_ = expected_words * sizeof(capnp::word);
   return kj::ArrayPtr<const capnp::word>(start, expected_words);
+}
+
+bool FrameReader::has_complete_frame() const {
+  const size_t begin = begin_ + consume_;
+  const size_t available_words = (end_ - begin) / sizeof(capnp::word);
+  if (available_words == 0) return false;
+  const capnp::word* start = buffer_.get() + begin / sizeof(capnp::word);
+  return capnp::expectedSizeInWordsFromPrefix(
+             kj::ArrayPtr<const capnp::word>(start, available_words)) <= available_words;
 }
 
 absl::StatusOr<kj::ArrayPtr<const capnp::word>> FrameReader::read_blocking(int fd) {

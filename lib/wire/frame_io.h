@@ -45,8 +45,13 @@ class BorrowingMessageBuilder final : public capnp::MallocMessageBuilder {
   std::shared_ptr<const void> keep_alive_;
 };
 
-// Writes one whole message to a blocking socket, retrying on EINTR and short writes.
-absl::Status write_frame(int fd, capnp::MessageBuilder& message);
+// Writes one whole message to a blocking socket, retrying on EINTR and short writes; with
+// `prefix`, those bytes (whole frames held earlier) go first, in the same write.
+absl::Status write_frame(int fd, capnp::MessageBuilder& message,
+                         kj::ArrayPtr<const kj::byte> prefix = nullptr);
+
+// Appends one whole message, framed, to `out` (to be written later).
+void append_frame(capnp::MessageBuilder& message, std::vector<kj::byte>& out);
 
 // A queue of outgoing messages for one non-blocking socket.
 class FrameWriter {
@@ -107,6 +112,8 @@ class FrameReader {
   const capnp::ReaderOptions& options() const { return options_; }
 
   bool has_partial_frame() const { return end_ - begin_ > consume_; }
+  // True if next() would return a whole frame (or an error) without more bytes.
+  bool has_complete_frame() const;
 
  private:
   void make_room(size_t bytes_needed);

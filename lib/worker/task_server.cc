@@ -32,6 +32,8 @@ constexpr int64_t kSendAtOnceNs = 200'000;
 // The most outcomes one result frame carries (a packed one: results).
 constexpr uint32_t kMaxPieceOutcomes = 4096;
 constexpr uint32_t kMaxPackedPieceResults = 65536;
+// The largest frame held back to be written with later ones (task_server.h: hold).
+constexpr size_t kHoldBytes = size_t{64} << 10;
 // A piece is sent once it holds this many bytes, whatever else says.
 constexpr size_t kPieceByteBudget = size_t{1} << 20;
 // Packed tasks are claimed in strides sized to take about this long, so a claim (an atomic
@@ -154,7 +156,7 @@ class BatchRunner {
         continue;
       }
       if (i + 1 == count || in_piece == outcomes_.size() || due || bytes >= piece_budget_) {
-        if (!send_listed(in_piece, pacer)) return false;
+        if (!send_listed(in_piece, pacer, /*may_hold=*/i + 1 == count && !due)) return false;
         if (i + 1 < count) start_listed_piece(count);
       }
     }
@@ -174,10 +176,10 @@ class BatchRunner {
   }
 
   template <typename Pacer>
-  bool send_listed(uint32_t in_piece, Pacer& pacer) {
+  bool send_listed(uint32_t in_piece, Pacer& pacer, bool may_hold = false) {
     results_.setCount(in_piece);
     results_.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
-    if (!transport_.send(*message_)) return false;
+    if (!deliver(*message_, may_hold)) return false;
     first_unsent_ += in_piece;
     pacer.sent();
     return true;
@@ -308,7 +310,10 @@ class BatchRunner {
       const uint32_t in_piece = i - first_unsent_;
       if (i == count || in_piece == max_entries || end - last_send >= kFlushIntervalNs ||
           took >= kSendAtOnceNs || cut || error_bytes_ >= piece_budget_) {
-        if (in_piece > 0 && !send_words(results, result_kind, in_piece, unsent_busy)) return false;
+        const bool may_hold = i == count && took < kSendAtOnceNs;
+        if (in_piece > 0 && !send_words(results, result_kind, in_piece, unsent_busy, may_hold)) {
+          return false;
+        }
         last_send = monotonic_now_ns();
         unsent_busy = 0;
       }
@@ -320,7 +325,8 @@ class BatchRunner {
 
   // Sends the results of tasks [first_unsent_, first_unsent_ + n): their words in place (an
   // external segment: the kernel copies them from `results`), and the failures among them.
-  bool send_words(const uint64_t* results, wire::WordKind kind, uint32_t n, int64_t busy_ns) {
+  bool send_words(const uint64_t* results, wire::WordKind kind, uint32_t n, int64_t busy_ns,
+                  bool may_hold = false) {
     capnp::MallocMessageBuilder message(64);
     auto piece = message.initRoot<wire::FromWorker>().initResults();
     piece.setSeq(seq_);
@@ -337,11 +343,25 @@ class BatchRunner {
         status_to_wire(errors_[e].second, listed[e].initError());
       }
     }
-    if (!transport_.send(message)) return false;
+    if (!deliver(message, may_hold)) return false;
     first_unsent_ += n;
     errors_.clear();
     error_bytes_ = 0;
     return true;
+  }
+
+  // Sends a piece of results; the last piece of a quick batch may instead be held, to go out in
+  // one write with the next ones, while the next batch is already read (the worker will not wait
+  // for it) and no held result is older than kFlushIntervalNs. Fewer writes, and fewer wake-ups
+  // of the parent, when many small batches are queued at the worker.
+  bool deliver(capnp::MessageBuilder& message, bool may_hold) {
+    if (may_hold && transport_.frame_buffered() && frame_bytes(message) <= kHoldBytes) {
+      const int64_t since = transport_.held_since_ns();
+      if (since == 0 || monotonic_now_ns() - since < kFlushIntervalNs) {
+        return transport_.hold(message);
+      }
+    }
+    return transport_.send(message);
   }
 
   WorkerBody& body_;
@@ -386,6 +406,8 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
 
   BatchRunner runner(*body, transport, page, max_frame_bytes);
   while (true) {
+    // Results held for one write go out before the worker would wait for the parent.
+    if (!transport.frame_buffered() && !transport.flush()) return kWorkerExitOk;
     absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = transport.next_frame();
     // The parent died or dropped us without asking. No hooks: nobody waits for them.
     if (!frame.ok()) {

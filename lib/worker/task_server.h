@@ -25,8 +25,17 @@ class WorkerTransport {
   // The next frame from the parent, borrowed until the next call. kUnavailable when the parent
   // is gone; another error when the stream cannot be read.
   virtual absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() = 0;
-  // Sends one frame whole. False when the parent is gone.
+  // Sends one frame whole, after any frames held. False when the parent is gone.
   virtual bool send(capnp::MessageBuilder& message) = 0;
+  // Output coalescing: keeps a copy of the frame to go out in one write with the next send() or
+  // flush(). The default sends it at once.
+  virtual bool hold(capnp::MessageBuilder& message) { return send(message); }
+  // Sends the frames held, if any. False when the parent is gone.
+  virtual bool flush() { return true; }
+  // When the oldest frame held was held (CLOCK_MONOTONIC ns), or 0 if none is.
+  virtual int64_t held_since_ns() const { return 0; }
+  // True if next_frame() has a whole frame already and will not wait for one.
+  virtual bool frame_buffered() const { return false; }
   // True if the worker may overwrite the frame next_frame() returned, until the next call (it is
   // a buffer of this thread's own): the word path then computes its results in place.
   virtual bool frames_writable() const { return false; }

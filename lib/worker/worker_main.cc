@@ -1,5 +1,17 @@
 #include "lib/worker/worker_main.h"
 
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <sched.h>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "capnp/serialize.h"
+
+#include "lib/common/clock.h"
 #include "lib/wire/frame_io.h"
 #include "lib/worker/child_setup.h"
 #include "lib/worker/task_server.h"
@@ -8,19 +20,121 @@ namespace procpool::internal {
 namespace {
 
 // Frames over the inherited socketpair: blocking reads and writes, nothing else to wait for.
+// Frames held for one write wait in the shared held-frames area (control_page.h), where the
+// parent finds them if this worker dies, or takes them if they wait long.
 class ChannelTransport final : public WorkerTransport {
  public:
-  ChannelTransport(int fd, size_t max_frame_bytes) : fd_(fd), reader_(max_frame_bytes) {}
+  ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held)
+      : fd_(fd), reader_(max_frame_bytes), held_(*held) {}
+
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
-    return reader_.read_blocking(fd_);
+    while (!reader_.has_complete_frame()) {
+      // Wait in poll() for input only, never in read(): a reader blocked in read() is woken each
+      // time the parent consumes what this worker sent (the kernel signals write space on the
+      // same wait queue), a context switch for nothing per result frame. poll() filters those.
+      pollfd readable{fd_, POLLIN, 0};
+      if (::poll(&readable, 1, -1) < 0 && errno != EINTR) {
+        return absl::ErrnoToStatus(errno, "waiting for the parent");
+      }
+      absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd_);
+      if (!filled.ok()) return filled.status();
+      if (*filled == FrameReader::Fill::kEndOfFile) {
+        return absl::UnavailableError("the peer closed the channel");
+      }
+    }
+    return reader_.next();
   }
-  bool send(capnp::MessageBuilder& message) override { return write_frame(fd_, message).ok(); }
+
+  bool send(capnp::MessageBuilder& message) override { return write_held(&message); }
+
+  bool hold(capnp::MessageBuilder& message) override {
+    const size_t size = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
+    if (size > HeldFrames::capacity()) return send(message);
+    lock();
+    uint32_t bytes = held_.bytes.load(std::memory_order_relaxed);
+    if (bytes + size > HeldFrames::capacity()) {
+      unlock();
+      if (!flush()) return false;
+      lock();
+      bytes = held_.bytes.load(std::memory_order_relaxed);
+    }
+    if (bytes == held_.taken.load(std::memory_order_relaxed)) {
+      held_.since_ns.store(monotonic_now_ns(), std::memory_order_relaxed);
+    }
+    unsigned char* at = held_.data + bytes;
+    auto segments = message.getSegmentsForOutput();
+    // The segment table: count - 1, each size, padded to a whole word.
+    const size_t table_entries = (segments.size() + 2) & ~size_t{1};
+    auto* table = reinterpret_cast<uint32_t*>(at);
+    table[0] = static_cast<uint32_t>(segments.size() - 1);
+    for (size_t i = 0; i < segments.size(); ++i) table[i + 1] = segments[i].size();
+    if (table_entries > segments.size() + 1) table[table_entries - 1] = 0;
+    at += table_entries * sizeof(uint32_t);
+    for (auto segment : segments) {
+      std::memcpy(at, segment.begin(), segment.size() * sizeof(capnp::word));
+      at += segment.size() * sizeof(capnp::word);
+    }
+    held_.bytes.store(bytes + static_cast<uint32_t>(size), std::memory_order_release);
+    unlock();
+    return true;
+  }
+
+  bool flush() override {
+    if (held_.bytes.load(std::memory_order_relaxed) == 0) return true;
+    return write_held(nullptr);
+  }
+
+  int64_t held_since_ns() const override {
+    return held_.bytes.load(std::memory_order_relaxed) == 0
+               ? 0
+               : held_.since_ns.load(std::memory_order_relaxed);
+  }
+  bool frame_buffered() const override { return reader_.has_complete_frame(); }
   // The reader's buffer is ours alone.
   bool frames_writable() const override { return true; }
 
  private:
+  // The parent takes the lock only briefly and never waits for it.
+  void lock() {
+    uint32_t expected = HeldFrames::kFree;
+    while (!held_.lock.compare_exchange_weak(expected, HeldFrames::kWorker,
+                                             std::memory_order_acquire)) {
+      expected = HeldFrames::kFree;
+      ::sched_yield();
+    }
+  }
+  void unlock() { held_.lock.store(HeldFrames::kFree, std::memory_order_release); }
+
+  // Writes the frames held that the parent has not taken, then `message` if any, in one write,
+  // and empties the area: all under the lock, so the parent never takes a frame written here.
+  bool write_held(capnp::MessageBuilder* message) {
+    lock();
+    const uint32_t taken = held_.taken.load(std::memory_order_relaxed);
+    const uint32_t bytes = held_.bytes.load(std::memory_order_relaxed);
+    const kj::ArrayPtr<const kj::byte> prefix(held_.data + taken, bytes - taken);
+    bool sent = true;
+    if (message != nullptr) {
+      sent = write_frame(fd_, *message, prefix).ok();
+    } else {
+      for (size_t at = 0; sent && at < prefix.size();) {
+        const ssize_t put = ::send(fd_, prefix.begin() + at, prefix.size() - at, MSG_NOSIGNAL);
+        if (put > 0) {
+          at += static_cast<size_t>(put);
+        } else if (put < 0 && errno != EINTR) {
+          sent = false;
+        }
+      }
+    }
+    held_.since_ns.store(0, std::memory_order_relaxed);
+    held_.taken.store(0, std::memory_order_relaxed);
+    held_.bytes.store(0, std::memory_order_release);
+    unlock();
+    return sent;
+  }
+
   int fd_;
   FrameReader reader_;
+  HeldFrames& held_;
 };
 
 }  // namespace
@@ -32,7 +146,7 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
                  .pool_pid = launch.pool_pid,
                  .channel_fd = channel_fd,
                  .page = page});
-  ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes);
+  ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes, held_frames(page));
   leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes));
 }
 

@@ -27,7 +27,8 @@ struct WorkerLaunch {
 };
 
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it
-// (task_server.h) and leaves with the status that gives.
+// (task_server.h) and leaves with the status that gives. `page` was mapped by ControlPageMapping:
+// its held frames (control_page.h) follow it.
 [[noreturn]] void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch,
                               pid_t parent_pid);
 

@@ -1,6 +1,6 @@
 // Parent memory while imap consumes a lazy input of 10,000,000 items (std::views::iota: nothing
 // is materialized):
-//   bench_imap_memory items=10000000 chunksize=1000 reps=3 max_seconds=45
+//   bench_imap_memory items=10000000 chunksize=1000 reps=3 max_seconds=45 [unordered=1]
 // Each repetition forks a fresh pool (workers = cores), warms it up, records the parent's RSS
 // (VmRSS) and resets its peak (VmHWM, via /proc/self/clear_refs), runs the whole imap, reading
 // and summing every result, then reads the peak. Prints peak - start in MiB, with both. A
@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   const size_t max_in_flight = static_cast<size_t>(args.get_int("max_in_flight", 0));
   const int workers = static_cast<int>(args.get_int("workers", 0));
   const double max_seconds = static_cast<double>(args.get_int("max_seconds", 0));
+  const bool unordered = args.get_int("unordered", 0) != 0;
 
   for (int rep = 0; rep < reps; ++rep) {
     procpool::ProcessPool<Squarer> pool({.workers = workers});
@@ -35,14 +36,25 @@ int main(int argc, char** argv) {
     const int64_t start = now_ns();
     int64_t count = 0;
     uint64_t sum = 0;
-    for (absl::StatusOr<int64_t> square :
-         pool.imap(std::views::iota(int64_t{0}, items),
-                   {.chunksize = chunksize, .max_in_flight = max_in_flight})) {
-      if (!square.ok()) die(square.status().ToString());
-      if (*square != count * count) die("wrong result or order");
-      sum += static_cast<uint64_t>(*square);
-      ++count;
-      if (max_seconds > 0 && (count & 0xffff) == 0 && seconds_since(start) > max_seconds) break;
+    auto consume = [&](auto&& results) {
+      for (absl::StatusOr<int64_t> square : results) {
+        if (!square.ok()) die(square.status().ToString());
+        if (!unordered && *square != count * count) die("wrong result or order");
+        sum += static_cast<uint64_t>(*square);
+        ++count;
+        if (max_seconds > 0 && (count & 0xffff) == 0 && seconds_since(start) > max_seconds) break;
+      }
+    };
+    const procpool::CallOptions options{.chunksize = chunksize, .max_in_flight = max_in_flight};
+    if (unordered) {
+      consume(pool.imap_unordered(std::views::iota(int64_t{0}, items), options));
+    } else {
+      consume(pool.imap(std::views::iota(int64_t{0}, items), options));
+    }
+    // Every square once: the sum of i^2 for i < items.
+    const unsigned __int128 n = static_cast<unsigned __int128>(items);
+    if (count == items && sum != static_cast<uint64_t>((n - 1) * n * (2 * n - 1) / 6)) {
+      die("wrong sum of results");
     }
     const double seconds = seconds_since(start);
     const int64_t peak_kib = proc_status_kib("VmHWM");
@@ -50,7 +62,7 @@ int main(int argc, char** argv) {
     if (!complete && !(max_seconds > 0 && seconds >= max_seconds)) {
       die("imap yielded the wrong number of results");
     }
-    emit("imap_memory", "peak_minus_start_mib", (peak_kib - start_kib) / 1024.0, "MiB",
+    emit(unordered ? "imap_unordered_memory" : "imap_memory", "peak_minus_start_mib", (peak_kib - start_kib) / 1024.0, "MiB",
          {{"start_mib", start_kib / 1024.0}, {"peak_mib", peak_kib / 1024.0},
           {"seconds", seconds}, {"items_per_s", count / seconds}, {"items_done", double(count)},
           {"complete", complete ? 1.0 : 0.0}, {"workers", pool.workers()}});

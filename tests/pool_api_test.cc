@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -15,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -126,6 +128,86 @@ TEST_CASE("imap_unordered yields every result once, as they complete") {
   CHECK(std::multiset<int64_t>(order.begin(), order.end()) ==
         std::multiset<int64_t>(jobs.begin(), jobs.end()));
   CHECK(order.back() == 300);  // the slow job finishes last, not first
+}
+
+TEST_CASE("imap_unordered flows past a straggler that holds its block; imap waits for it in order") {
+  // One slow task, then many quick ones, with a small max_in_flight: the straggler keeps its
+  // chunk's slots (imap_call.h) while the rest are reused again and again.
+  std::vector<int64_t> jobs(400, 0);
+  jobs[0] = 400;
+  for (size_t chunksize : {size_t{1}, size_t{3}}) {
+    CAPTURE(chunksize);
+    ProcessPool<Sleeper> pool(quiet({.workers = 2}));
+    SUBCASE("unordered: every quick result before the slow one") {
+      std::vector<int64_t> order;
+      for (absl::StatusOr<int64_t> done :
+           pool.imap_unordered(jobs, {.chunksize = chunksize, .max_in_flight = 8})) {
+        REQUIRE(done.ok());
+        order.push_back(*done);
+      }
+      REQUIRE(order.size() == jobs.size());
+      CHECK(order.back() == 400);
+      CHECK(std::count(order.begin(), order.end(), 0) == 399);
+    }
+    SUBCASE("ordered: input order, whatever finished first") {
+      size_t i = 0;
+      auto results = pool.imap(jobs, {.chunksize = chunksize, .max_in_flight = 8});
+      for (absl::StatusOr<int64_t> done : results) {
+        REQUIRE(done.ok());
+        CHECK(*done == jobs[i]);
+        CHECK(results.in_flight() <= 8);
+        ++i;
+      }
+      CHECK(i == jobs.size());
+    }
+  }
+}
+
+TEST_CASE("imap delivers each task's own error among values, for scalars and other types") {
+  ProcessPool<Squarer> pool(quiet({.workers = 2}));
+  std::vector<int64_t> jobs;
+  for (int64_t i = 0; i < 3000; ++i) jobs.push_back(i % 7 == 3 ? -i : i);
+  for (bool ordered : {true, false}) {
+    CAPTURE(ordered);
+    std::set<int64_t> ok_seen;
+    size_t errors = 0;
+    auto check = [&](const absl::StatusOr<int64_t>& r) {
+      if (r.ok()) {
+        ok_seen.insert(*r);
+      } else {
+        CHECK(r.status().code() == absl::StatusCode::kUnknown);
+        CHECK(absl::StrContains(r.status().message(), "negative"));
+        ++errors;
+      }
+    };
+    if (ordered) {
+      size_t i = 0;
+      for (absl::StatusOr<int64_t> r : pool.imap(jobs, {.chunksize = 50})) {
+        CHECK(r.ok() == (jobs[i] >= 0 || jobs[i] == 0));
+        check(r);
+        ++i;
+      }
+    } else {
+      for (absl::StatusOr<int64_t> r : pool.imap_unordered(jobs, {.chunksize = 50})) check(r);
+    }
+    CHECK(errors == static_cast<size_t>(std::count_if(jobs.begin(), jobs.end(),
+                                                       [](int64_t j) { return j < 0; })));
+    CHECK(ok_seen.size() + errors == jobs.size());
+  }
+  // Strings go the listed way (not as words): the same storage, another path.
+  struct Shout {
+    std::string run(const std::string& s) {
+      if (s.empty()) throw std::invalid_argument("empty");
+      return s + "!";
+    }
+  };
+  ProcessPool<Shout> shout(quiet({.workers = 2}));
+  std::vector<std::string> words = {"a", "", "b", "c", "", "d"};
+  std::vector<std::string> got;
+  for (absl::StatusOr<std::string> r : shout.imap(words, {.chunksize = 2, .max_in_flight = 2})) {
+    got.push_back(r.ok() ? *r : "error");
+  }
+  CHECK(got == std::vector<std::string>{"a!", "error", "b!", "c!", "error", "d!"});
 }
 
 TEST_CASE("apply and apply_async") {

@@ -135,24 +135,28 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
     }
 
     // Takes jobs from the input, a chunk at a time, while a whole chunk more fits in
-    // max_in_flight.
+    // max_in_flight (and the call has a free block for it: see imap_call.h).
     void refill() {
       // Whole chunks only: refilling as soon as one slot frees would send chunks of one task.
       while (!input_done && submitted - consumed + chunksize <= max_in_flight) {
-        size_t first = 0;
+        const std::optional<size_t> first = call->take_block();
+        if (!first) break;
         size_t count = 0;
-        while (count < chunksize && submitted + count - consumed < max_in_flight) {
+        while (count < chunksize) {
           if (next == std::ranges::end(input)) {
             input_done = true;
             break;
           }
-          const size_t index = call->add_job(Job(*next));
-          if (count == 0) first = index;
+          call->job(*first + count) = Job(*next);
           ++count;
           ++next;
         }
-        if (count == 0) break;
-        if (absl::Status submitted_now = core->submit(call, first, count); !submitted_now.ok()) {
+        if (count == 0) {
+          call->give_back(*first);
+          break;
+        }
+        call->submitted(*first, count);
+        if (absl::Status submitted_now = core->submit(call, *first, count); !submitted_now.ok()) {
           failure = submitted_now;
           return;
         }

@@ -24,6 +24,8 @@
 #include "lib/callback_runner.h"
 #include "lib/common/clock.h"
 #include "lib/common/mutex.h"
+#include "lib/common/process_id.h"
+#include "lib/common/spin.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/fork_launcher.h"
 #include "lib/options_check.h"
@@ -73,7 +75,7 @@ class PoolCore::Impl {
 
   // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
   // not even its lock, which another thread may have held at the fork.
-  bool foreign() const { return ::getpid() != owner_pid_; }
+  bool foreign() const { return current_pid() != owner_pid_; }
 
   const PoolOptions options_;
   const int worker_count_;
@@ -110,6 +112,7 @@ class PoolCore::Impl {
   bool loop_running_ ABSL_GUARDED_BY(mu_) = false;
   bool loop_done_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status thread_failure_ ABSL_GUARDED_BY(mu_);
+  SpinPolicy spin_ ABSL_GUARDED_BY(mu_);  // for apply's borrowed round trips
   std::thread thread_;
 
   CallbackRunner callbacks_;
@@ -323,16 +326,44 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
   while (fd >= 0 && supervisor_->generation(*slot) == generation && !done() &&
          !supervisor_->terminating()) {
     pollfd ready{fd, static_cast<short>(POLLIN | (link->has_unsent() ? POLLOUT : 0)), 0};
+    const int64_t spin_ns = spin_.budget_ns();
+    const bool spin_enabled = spin_.enabled();
     lock.unlock();
-    ::poll(&ready, 1, kBorrowPollMs);
+    // The reply usually comes within microseconds: look for it a little before sleeping.
+    int ready_count = 0;
+    if (spin_ns > 0) {
+      const int64_t until = monotonic_now_ns() + spin_ns;
+      while ((ready_count = ::poll(&ready, 1, 0)) == 0 && monotonic_now_ns() < until) {
+        SpinPolicy::relax();
+      }
+    }
+    int64_t blocked_ns = -1;
+    if (ready_count == 0) {
+      const int64_t since = spin_enabled ? monotonic_now_ns() : 0;
+      ready_count = ::poll(&ready, 1, kBorrowPollMs);
+      blocked_ns = spin_enabled ? monotonic_now_ns() - since : 0;
+    }
     lock.lock();
+    if (spin_ns > 0 && blocked_ns < 0) spin_.spun(true);
+    if (blocked_ns >= 0) {
+      if (spin_ns > 0) spin_.spun(false);
+      if (ready_count > 0) spin_.blocked(blocked_ns);
+    }
     if (supervisor_->generation(*slot) != generation || link->channel_fd() != fd) break;
     supervisor_->pump_borrowed(*slot, ready.revents);
   }
-  if (supervisor_->generation(*slot) == generation) supervisor_->give_back(*slot);
+  bool quiet = false;
+  if (supervisor_->generation(*slot) == generation) {
+    supervisor_->give_back(*slot);
+    // An idle worker sends nothing until it is given work, and whoever gives it work next wakes
+    // the pool thread (submit) or reads the channel itself (another borrow): the pool thread
+    // need not be woken now just to poll the channel again. (Pinned to one CPU, that wake-up was
+    // a third of a round trip.)
+    quiet = !closed_ && !joining_ && scheduler_->idle(*slot) && !scheduler_->has_pending();
+  }
   lock.unlock();
   // The pool thread polls without this channel while it is borrowed: it must see it again.
-  wake();
+  if (!quiet) wake();
   return absl::OkStatus();
 }
 

@@ -108,6 +108,8 @@ void ForkLink::read_channel(LinkEvents& events) {
     } else if (completed || partial_since_ns_ == 0) {
       partial_since_ns_ = monotonic_now_ns();
     }
+    // A short read took all there was: another would only say EAGAIN (poll tells of more).
+    if (reader_.drained()) break;
   }
 }
 

@@ -68,7 +68,7 @@ int Scheduler::pick_worker() {
   return best >= 0 ? best : suspect;
 }
 
-void Scheduler::send_batch(int slot) {
+void Scheduler::send_batch(int slot, bool awaited) {
   Worker& worker = workers_[slot];
   TaskRange& range = pending_.front();
   size_t want = std::min(range.count, std::max<size_t>(1, range.call->settings().chunksize));
@@ -121,6 +121,7 @@ void Scheduler::send_batch(int slot) {
     }
     auto tasks = message->initRoot<wire::ToWorker>().initTasks();
     tasks.setTimed(timeout != absl::InfiniteDuration());
+    tasks.setAwaited(awaited);
     tasks.setSeq(seq);
     tasks.setClaimSlot(claim_slot);
     tasks.setClaimTag(claim_tag);

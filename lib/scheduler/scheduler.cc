@@ -146,7 +146,7 @@ std::optional<int> Scheduler::dispatch_to_idle(std::shared_ptr<Call> call) {
     const Worker& worker = workers_[slot];
     if (!worker.accepting || !worker.batches.empty() || worker.suspect || quota_used(slot)) continue;
     submit(std::move(call), 0, 1);
-    send_batch(slot);
+    send_batch(slot, /*awaited=*/true);
     workers_[slot].port->flush();
     return slot;
   }

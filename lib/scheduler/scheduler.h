@@ -187,7 +187,8 @@ class Scheduler {
 
   // batch_encoder.cc
   int pick_worker();
-  void send_batch(int slot);
+  // `awaited`: a caller waits for this batch (TaskBatch.awaited).
+  void send_batch(int slot, bool awaited = false);
   // settlement.cc
   void fail(const TaskRange& range, size_t first, size_t count, const absl::Status& status);
   void fail_pending(const absl::Status& status);

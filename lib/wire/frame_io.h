@@ -94,8 +94,10 @@ class FrameReader {
   explicit FrameReader(size_t max_frame_bytes);
 
   enum class Fill { kData, kWouldBlock, kEndOfFile };
-  // One read() into the buffer. Blocks only if the socket does.
-  absl::StatusOr<Fill> fill(int fd);
+  // One read() into the buffer. Blocks only if the socket does, and `dont_wait` is false.
+  absl::StatusOr<Fill> fill(int fd, bool dont_wait = false);
+  // The last fill() read less than the room it offered: the socket had no more then.
+  bool drained() const { return drained_; }
   // Appends bytes that came some other way (a test, a fuzzer), as fill() would.
   void append(const void* data, size_t size);
 
@@ -125,6 +127,7 @@ class FrameReader {
   size_t begin_ = 0;      // first unconsumed byte; always word-aligned
   size_t end_ = 0;        // one past the last byte read
   size_t consume_ = 0;    // bytes the frame handed out last will free on the next call
+  bool drained_ = false;
 };
 
 }  // namespace procpool::internal

@@ -67,6 +67,9 @@ struct TaskBatch {
   # The batch's tasks have a timeout: the worker stamps the start of every task (task timeouts
   # are measured from it). Without one it stamps packed tasks per stride (see task_server.cc).
   timed @9 :Bool;
+  # A caller waits for this batch's result (apply): another request may follow within
+  # microseconds, and the worker may poll for it a little before it sleeps.
+  awaited @10 :Bool;
 }
 
 # What the 8-byte words of `wordJobs` / `wordResults` hold.

@@ -425,6 +425,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
       switch (request.which()) {
         case wire::ToWorker::TASKS:
           if (!runner.run(request.getTasks())) return kWorkerExitOk;  // the parent is gone
+          transport.expect_next_frame_soon(request.getTasks().getAwaited());
           break;
         case wire::ToWorker::SHUTDOWN:
           shutdown = true;

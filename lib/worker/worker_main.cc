@@ -12,6 +12,7 @@
 #include "capnp/serialize.h"
 
 #include "lib/common/clock.h"
+#include "lib/common/spin.h"
 #include "lib/wire/frame_io.h"
 #include "lib/worker/child_setup.h"
 #include "lib/worker/task_server.h"
@@ -28,14 +29,29 @@ class ChannelTransport final : public WorkerTransport {
       : fd_(fd), reader_(max_frame_bytes), held_(*held) {}
 
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
+    if (spin_next_ && !reader_.has_complete_frame() && spin_.budget_ns() > 0) {
+      // The next batch usually follows within microseconds (spin.h).
+      const int64_t until = monotonic_now_ns() + spin_.budget_ns();
+      do {
+        absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd_, /*dont_wait=*/true);
+        if (!filled.ok()) return filled.status();
+        if (*filled == FrameReader::Fill::kEndOfFile) {
+          return absl::UnavailableError("the peer closed the channel");
+        }
+        if (*filled == FrameReader::Fill::kWouldBlock) SpinPolicy::relax();
+      } while (!reader_.has_complete_frame() && monotonic_now_ns() < until);
+      spin_.spun(reader_.has_complete_frame());
+    }
     while (!reader_.has_complete_frame()) {
       // Wait in poll() for input only, never in read(): a reader blocked in read() is woken each
       // time the parent consumes what this worker sent (the kernel signals write space on the
       // same wait queue), a context switch for nothing per result frame. poll() filters those.
       pollfd readable{fd_, POLLIN, 0};
+      const int64_t waiting_since = spin_.enabled() ? monotonic_now_ns() : 0;
       if (::poll(&readable, 1, -1) < 0 && errno != EINTR) {
         return absl::ErrnoToStatus(errno, "waiting for the parent");
       }
+      if (spin_.enabled()) spin_.blocked(monotonic_now_ns() - waiting_since);
       absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd_);
       if (!filled.ok()) return filled.status();
       if (*filled == FrameReader::Fill::kEndOfFile) {
@@ -90,6 +106,7 @@ class ChannelTransport final : public WorkerTransport {
                : held_.since_ns.load(std::memory_order_relaxed);
   }
   bool frame_buffered() const override { return reader_.has_complete_frame(); }
+  void expect_next_frame_soon(bool soon) override { spin_next_ = soon; }
   // The reader's buffer is ours alone.
   bool frames_writable() const override { return true; }
 
@@ -135,6 +152,8 @@ class ChannelTransport final : public WorkerTransport {
   int fd_;
   FrameReader reader_;
   HeldFrames& held_;
+  SpinPolicy spin_;
+  bool spin_next_ = false;  // the parent's caller waited for the last batch (TaskBatch.awaited)
 };
 
 }  // namespace

@@ -1,0 +1,36 @@
+#include "lib/common/spin.h"
+
+#include <sched.h>
+
+#include <algorithm>
+
+namespace procpool::internal {
+
+SpinPolicy::SpinPolicy() {
+  cpu_set_t set;
+  enabled_ = ::sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 1;
+  budget_ns_ = enabled_ ? kMaxSpinNs : 0;
+}
+
+void SpinPolicy::spun(bool found) {
+  if (!enabled_) return;
+  if (found) {
+    budget_ns_ = kMaxSpinNs;
+  } else {
+    budget_ns_ = budget_ns_ / 2 < 1'000 ? 0 : budget_ns_ / 2;
+  }
+}
+
+void SpinPolicy::blocked(int64_t waited_ns) {
+  if (enabled_ && waited_ns <= kMaxSpinNs) budget_ns_ = kMaxSpinNs;
+}
+
+void SpinPolicy::relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+}  // namespace procpool::internal

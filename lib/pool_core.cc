@@ -166,7 +166,14 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
           .log = [this](LogSeverity severity, const std::string& process, int pid,
                         const std::string& message) { log(severity, process, pid, message); }},
       *launcher_, *scheduler_);
-  if (!fork_from_pool_thread_) supervisor_->start_due(monotonic_now_ns());
+  if (!fork_from_pool_thread_) {
+    supervisor_->start_due(monotonic_now_ns());
+    // Forked here; the pool thread starts with the first call (or stats(), join(timeout)): a
+    // pool made and joined without a call never pays for a thread (its creation, first-touch
+    // faults on its stack, its exit), and join() runs the shutdown on the joining thread. Until
+    // then the workers start on their own and wait; a worker lost meanwhile is noticed then.
+    return;
+  }
   ensure_thread().IgnoreError();  // a failure is every call's error until a retry succeeds
 }
 
@@ -453,6 +460,9 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
     // a caller that polls with join(timeout) must not have its workers killed behind its back.
     if (absl::Status begun = begin_join(/*with_deadline=*/false); !begun.ok()) return begun;
     if (supervisor_ == nullptr) return absl::OkStatus();
+    // A bounded wait needs the shutdown to run elsewhere: on the pool thread, started now if no
+    // call has started it yet.
+    (void)ensure_thread();
     if (!loop_running_ && !loop_done_) {
       // No pool thread: this thread runs the shutdown to its end (it cannot give up midway).
       run_loop_to_end(lock);
@@ -491,6 +501,8 @@ PoolStats PoolCore::Impl::stats() const {
   if (foreign()) return stats;
   MutexLock lock(mu_);
   if (!scheduler_) return stats;
+  // Reading the state of workers means running the loop that learns it (see the constructor).
+  if (!closed_) (void)const_cast<Impl*>(this)->ensure_thread();
   stats.tasks_submitted = scheduler_->tasks_submitted();
   stats.tasks_done = scheduler_->tasks_done();
   stats.tasks_failed = scheduler_->tasks_failed();

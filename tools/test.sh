@@ -3,7 +3,8 @@
 #   0. installs the Debian packages it needs, if any is missing;
 #   1. bazel test //... (keeps going past failures); extra arguments are passed to it,
 #      e.g. `bash tools/test.sh --config=asan`;
-#   2. builds and runs the separate consumer workspace examples/consumer (one more check).
+#   2. runs //tests:static_link_test built with --config=static (one more check);
+#   3. builds and runs the separate consumer workspace examples/consumer (one more check).
 # The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
 set -euo pipefail
 
@@ -75,7 +76,18 @@ if [[ $bazel_rc -ne 0 && $bazel_rc -ne 3 && $bazel_rc -ne 4 && $bf -eq 0 ]]; the
   failed=$((failed + 1))
 fi
 
-# --- 2. Consumer workspace -------------------------------------------------------------------
+# --- 2. The static build option ------------------------------------------------------------
+# --config=static links Abseil and Cap'n Proto from their static archives (deps.bzl); this test
+# fails if anything of them is still mapped as a shared object, or if a pool does not work.
+echo "=== bazel test --config=static //tests:static_link_test $*"
+if "$BAZEL" test --config=static //tests:static_link_test --test_output=errors "$@" </dev/null; then
+  passed=$((passed + 1))
+else
+  echo "FAILED: //tests:static_link_test with --config=static" >&2
+  failed=$((failed + 1))
+fi
+
+# --- 3. Consumer workspace -------------------------------------------------------------------
 if [[ "${SKIP_CONSUMER:-0}" == 1 ]]; then
   echo "${passed} passed, ${failed} failed"
   [[ $failed -eq 0 ]]

@@ -52,7 +52,7 @@ int cpu_count() {
 
 class PoolCore::Impl {
  public:
-  Impl(PoolOptions options, WorkerBodyFactory factory);
+  Impl(PoolOptions options, WorkerBodyFactory factory, PoolCore::Features features);
   ~Impl();
   // close() + join(), then runs the callbacks still queued and stops the callback thread.
   // Idempotent. Called while the PoolCore is whole: callbacks may still reach it through it.
@@ -118,7 +118,8 @@ class PoolCore::Impl {
   CallbackRunner callbacks_;
 };
 
-PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
+PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory,
+                     PoolCore::Features features)
     : options_(std::move(options)),
       worker_count_(options_.workers > 0 ? options_.workers : cpu_count()),
       owner_pid_(::getpid()),
@@ -145,7 +146,8 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
       .fork_server = options_.start_method == StartMethod::kForkServer,
       .max_frame_bytes = options_.max_frame_bytes,
       .frame_timeout = options_.frame_timeout,
-      .factory = &factory_});
+      .factory = &factory_,
+      .blob_regions = features.blob_regions});
   scheduler_ = std::make_unique<Scheduler>(Scheduler::Config{
       .workers = worker_count_,
       .max_frame_bytes = options_.max_frame_bytes,
@@ -510,8 +512,8 @@ PoolStats PoolCore::Impl::stats() const {
   return stats;
 }
 
-PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory)
-    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory))) {
+PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, Features features)
+    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory), features)) {
   link_->core_ = this;
   register_pool(this);
 }

@@ -13,7 +13,8 @@ trap 'rm -rf "$OUT"' EXIT
 mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus"
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
-SOURCES=(lib/wire/frame_io.cc lib/wire/wire_status.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
+SOURCES=(lib/wire/frame_io.cc lib/wire/shared_region.cc lib/wire/wire_status.cc lib/common/unique_fd.cc
+         "$OUT/gen/procpool/internal/protocol.capnp.c++")
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
 LIBS=(-lcapnp -lkj -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal
       -labsl_str_format_internal -labsl_int128 -labsl_cord -labsl_cord_internal -labsl_cordz_info

@@ -112,6 +112,7 @@
 #include "capnp/list.h"
 #include "kj/debug.h"
 #include "kj/exception.h"
+#include "procpool/internal/blob_region.h"
 #include "procpool/internal/protocol.capnp.h"
 
 namespace procpool {
@@ -188,6 +189,8 @@ inline std::string describe(wire::Value::Reader in) {
       return "a packed list of unsigned integers";
     case wire::Value::FLOATS:
       return "a packed list of floats";
+    case wire::Value::BLOB:
+      return "bytes (in a shared region)";
   }
   return absl::StrCat("an unknown union member (", static_cast<int>(in.which()), ")");
 }
@@ -483,21 +486,82 @@ struct Codec<T> {
   }
 };
 
-// std::string, as `bytes`: any bytes, NULs included.
+namespace internal {
+
+// Writes `size` bytes as `bytes`, or (kBlobMinBytes or more, with a region current) as a `blob`
+// in the shared region of the worker the frame is for or from (internal/blob_region.h).
+inline void encode_byte_string(const char* data, std::size_t size, wire::Value::Builder out) {
+  BlobContext* context = current_blob_context();
+  if (context != nullptr && context->region != nullptr && size >= kBlobMinBytes) {
+    if (context->sizing) {
+      out.initBlob().setSize(size);  // where it goes is decided when the batch is built
+      return;
+    }
+    if (std::optional<uint64_t> offset = context->region->put(data, size)) {
+      auto blob = out.initBlob();
+      blob.setOffset(*offset);
+      blob.setSize(size);
+      context->region_bytes += size;
+      return;
+    }
+  }
+  if (context != nullptr && context->sizing) {
+    out.initBytes(0);  // sized, not written: a batch being sized never holds the bytes
+    context->sized_bytes += (size + 7) / 8 * 8;
+    return;
+  }
+  auto bytes = out.initBytes(list_size(size));
+  if (size > 0) std::memcpy(bytes.begin(), data, size);
+}
+
+// Where the bytes of a `bytes` or `blob` value lie, or kDataLoss. A blob is found only in the
+// region of the current context, and only inside the area its writer may use.
+inline absl::Status find_byte_string(wire::Value::Reader in, const char*& data,
+                                     std::size_t& size) {
+  if (in.which() == wire::Value::BLOB) {
+    BlobContext* context = current_blob_context();
+    const auto blob = in.getBlob();
+    if (context == nullptr || context->region == nullptr) {
+      return absl::DataLossError("a blob where no shared region is in use");
+    }
+    if (blob.getSize() > context->max_blob_bytes) {
+      return absl::DataLossError(absl::StrCat("a blob of ", blob.getSize(),
+                                              " bytes, over max_frame_bytes (",
+                                              context->max_blob_bytes, ")"));
+    }
+    data = context->region->get(blob.getOffset(), blob.getSize());
+    if (data == nullptr) {
+      return absl::DataLossError(absl::StrCat("a blob of ", blob.getSize(), " bytes at ",
+                                              blob.getOffset(), " outside the shared region"));
+    }
+    size = static_cast<std::size_t>(blob.getSize());
+    return absl::OkStatus();
+  }
+  if (in.which() != wire::Value::BYTES) return mismatch("bytes", in);
+  return guarded([&] {
+    auto bytes = in.getBytes();
+    data = reinterpret_cast<const char*>(bytes.begin());
+    size = bytes.size();
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace internal
+
+// std::string, as `bytes`: any bytes, NULs included (large ones as a `blob` where a shared region
+// is in use: internal/blob_region.h).
 template <typename Traits, typename Alloc>
 struct Codec<std::basic_string<char, Traits, Alloc>> {
   using String = std::basic_string<char, Traits, Alloc>;
   static void encode(const String& value, wire::Value::Builder out) {
-    auto bytes = out.initBytes(internal::list_size(value.size()));
-    if (!value.empty()) std::memcpy(bytes.begin(), value.data(), value.size());
+    internal::encode_byte_string(value.data(), value.size(), out);
   }
   static absl::Status decode(wire::Value::Reader in, String& out) {
-    if (in.which() != wire::Value::BYTES) return internal::mismatch("bytes", in);
-    return internal::guarded([&] {
-      auto bytes = in.getBytes();
-      out.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
-      return absl::OkStatus();
-    });
+    const char* data = nullptr;
+    std::size_t size = 0;
+    if (absl::Status found = internal::find_byte_string(in, data, size); !found.ok()) return found;
+    out.assign(data, size);
+    return absl::OkStatus();
   }
 };
 
@@ -906,6 +970,49 @@ struct Codec<std::chrono::time_point<Clock, Duration>> {
     return absl::OkStatus();
   }
 };
+
+namespace internal {
+
+// True for types whose values never hold a byte string (numbers, times, and containers of only
+// those): a pool whose jobs and results are all Blobless gives its workers no blob region
+// (blob_region.h). Anything else (strings, procpool::Bytes, Cap'n Proto structs, types with a
+// Codec of their own) may, and gets one.
+template <typename T>
+struct Blobless : std::bool_constant<std::is_arithmetic_v<T> || std::is_enum_v<T>> {};
+template <>
+struct Blobless<std::monostate> : std::true_type {};
+template <>
+struct Blobless<absl::Duration> : std::true_type {};
+template <>
+struct Blobless<absl::Time> : std::true_type {};
+template <typename Rep, typename Period>
+struct Blobless<std::chrono::duration<Rep, Period>> : std::true_type {};
+template <typename Clock, typename Duration>
+struct Blobless<std::chrono::time_point<Clock, Duration>> : std::true_type {};
+template <typename T, typename Alloc>
+struct Blobless<std::vector<T, Alloc>> : Blobless<T> {};
+template <typename T, std::size_t N>
+struct Blobless<std::array<T, N>> : Blobless<T> {};
+template <typename T>
+struct Blobless<std::optional<T>> : Blobless<T> {};
+template <typename A, typename B>
+struct Blobless<std::pair<A, B>> : std::bool_constant<Blobless<A>::value && Blobless<B>::value> {};
+template <typename... Ts>
+struct Blobless<std::tuple<Ts...>> : std::bool_constant<(Blobless<Ts>::value && ...)> {};
+template <typename... Ts>
+struct Blobless<std::variant<Ts...>> : std::bool_constant<(Blobless<Ts>::value && ...)> {};
+template <typename T, typename Compare, typename Alloc>
+struct Blobless<std::set<T, Compare, Alloc>> : Blobless<T> {};
+template <typename T, typename Hash, typename Equal, typename Alloc>
+struct Blobless<std::unordered_set<T, Hash, Equal, Alloc>> : Blobless<T> {};
+template <typename K, typename V, typename Compare, typename Alloc>
+struct Blobless<std::map<K, V, Compare, Alloc>>
+    : std::bool_constant<Blobless<K>::value && Blobless<V>::value> {};
+template <typename K, typename V, typename Hash, typename Equal, typename Alloc>
+struct Blobless<std::unordered_map<K, V, Hash, Equal, Alloc>>
+    : std::bool_constant<Blobless<K>::value && Blobless<V>::value> {};
+
+}  // namespace internal
 
 }  // namespace procpool
 

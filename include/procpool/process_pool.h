@@ -109,9 +109,10 @@ class ProcessPool {
     requires std::invocable<Factory&>
   ProcessPool(PoolOptions options, Factory factory)
       : make_worker_(adapt_factory(std::move(factory))),
-        core_(std::move(options), [this] {
-          return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_);
-        }) {}
+        core_(std::move(options),
+              [this] { return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_); },
+              {.blob_regions = !internal::Blobless<Job>::value ||
+                               !internal::Blobless<internal::Stored<Result>>::value}) {}
 
   // close() + join(); never terminate().
   ~ProcessPool() = default;

@@ -15,6 +15,7 @@
 #define PROCPOOL_PROCPOOL_H_
 
 #include "procpool/async_result.h"
+#include "procpool/bytes.h"
 #include "procpool/call_options.h"
 #include "procpool/capnp_struct.h"
 #include "procpool/codec.h"

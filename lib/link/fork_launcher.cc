@@ -60,12 +60,20 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
   if (!channel.ok()) return channel.status();
   absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
   if (!page.ok()) return page.status();
+  std::unique_ptr<SharedRegion> region;
+  if (config_.blob_regions) {
+    absl::StatusOr<std::unique_ptr<SharedRegion>> made = SharedRegion::create();
+    if (!made.ok()) return made.status();
+    region = *std::move(made);
+  }
   const pid_t parent = ::getpid();
   absl::StatusOr<pid_t> pid = fork_child("a worker");
   if (!pid.ok()) return pid.status();
   if (*pid == 0) {
     channel->parent_end.release();  // closed in the child with every other inherited descriptor
-    worker_main(channel->child_end.release(), page->get(), launch, parent);
+    // The region is mapped at the same address here; its descriptor closes with the others.
+    if (region) region->forget_fd();
+    worker_main(channel->child_end.release(), page->get(), launch, parent, region.get());
   }
   WorkerProcess process(*pid, /*adopted=*/false);
   if (process.pidfd() < 0) {
@@ -75,7 +83,8 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
   }
   return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), std::move(process),
-                                    std::move(channel->parent_end), *std::move(page), limits);
+                                    std::move(channel->parent_end), *std::move(page), limits,
+                                    std::move(region));
 }
 
 void ForkLauncher::add_pollfds(std::vector<pollfd>& fds) {

@@ -31,6 +31,9 @@ class ForkLauncher final : public Launcher {
     size_t max_frame_bytes = 0;
     absl::Duration frame_timeout;
     const WorkerBodyFactory* factory = nullptr;  // must outlive the launcher and its workers
+    // Give each worker forked here a shared region for blobs (lib/wire/shared_region.h): for pools
+    // whose jobs or results may hold byte strings. (Workers of the fork server have none.)
+    bool blob_regions = false;
   };
   explicit ForkLauncher(Config config);
 

@@ -15,12 +15,13 @@
 namespace procpool::internal {
 
 ForkLink::ForkLink(std::string name, WorkerProcess process, UniqueFd channel,
-                   ControlPageMapping page, Limits limits)
+                   ControlPageMapping page, Limits limits, std::unique_ptr<SharedRegion> region)
     : name_(std::move(name)),
       process_(std::move(process)),
       channel_(std::move(channel)),
       page_(std::move(page)),
       limits_(limits),
+      region_(std::move(region)),
       reader_(limits.max_frame_bytes) {
   if (channel_) (void)set_nonblocking(channel_.get(), true);
 }

@@ -43,7 +43,7 @@ class ForkLink final : public WorkerLink {
   };
   // `channel` is the parent's end (made non-blocking here).
   ForkLink(std::string name, WorkerProcess process, UniqueFd channel, ControlPageMapping page,
-           Limits limits);
+           Limits limits, std::unique_ptr<SharedRegion> region = nullptr);
   ~ForkLink() override;
 
   const std::string& name() const override { return name_; }
@@ -53,6 +53,7 @@ class ForkLink final : public WorkerLink {
   bool has_unsent() const override { return !writer_.empty(); }
   bool can_borrow() const override { return true; }
   void release_borrowed(const void* borrower) override { writer_.release_borrowed(borrower); }
+  SharedRegion* shared_region() override { return region_.get(); }
   void add_pollfds(std::vector<pollfd>& fds, bool with_channel) override;
   void service(const pollfd* polled, size_t count, bool with_channel,
                LinkEvents& events) override;
@@ -84,6 +85,7 @@ class ForkLink final : public WorkerLink {
   UniqueFd channel_;
   ControlPageMapping page_;
   const Limits limits_;
+  std::unique_ptr<SharedRegion> region_;  // unmapped and closed with the link
   FrameWriter writer_;
   FrameReader reader_;
   int64_t partial_since_ns_ = 0;  // a frame has begun and not ended since then; 0: none

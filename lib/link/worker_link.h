@@ -26,6 +26,7 @@
 #include "absl/status/status.h"
 #include "capnp/message.h"
 #include "lib/wire/control_page.h"
+#include "lib/wire/shared_region.h"
 
 namespace procpool::internal {
 
@@ -95,6 +96,9 @@ class WorkerLink {
   // default, false, and is only given frames that own their bytes.
   virtual bool can_borrow() const { return false; }
   virtual void release_borrowed(const void* borrower) {}
+  // The worker's shared region for blobs (lib/wire/shared_region.h), if its link has one; it
+  // lives as long as the link. Null (the default): blobs travel in frames.
+  virtual SharedRegion* shared_region() { return nullptr; }
 
   // The event loop. add_pollfds appends what to wait for (the channel only if `with_channel`:
   // a caller may be reading it itself, see borrow below); service() handles what poll() said of

@@ -11,6 +11,8 @@
 #include "lib/scheduler/scheduler.h"
 #include "lib/wire/control_page.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/shared_region.h"
+#include "procpool/internal/blob_region.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
@@ -26,6 +28,10 @@ constexpr int64_t kQueuedWorkNs = 5'000'000;
 constexpr int64_t kLongRunningNs = 1'000'000;
 // A batch stops growing past this many bytes of encoded jobs, however large its chunksize.
 constexpr size_t kBatchByteBudget = size_t{1} << 20;
+// ... or past this many bytes of blobs put in the worker's shared region.
+constexpr size_t kBatchBlobBudget = size_t{16} << 20;
+// No batch is queued behind others at a worker that holds this many bytes of blobs already.
+constexpr size_t kQueuedBlobBudget = size_t{16} << 20;
 
 }  // namespace
 
@@ -60,6 +66,9 @@ int Scheduler::pick_worker() {
     }
     if (worker.batches.empty()) return slot;
     if (worker.batches.size() >= depth) continue;
+    // Large payloads are not queued deep: what waits in a worker's shared region waits in memory
+    // (and a region that stays small stays in memory: shared_region.h).
+    if (worker.blob_bytes >= kQueuedBlobBudget) continue;
     if (best >= 0 && workers_[best].batches.size() <= worker.batches.size()) continue;
     const WorkerProgress progress = worker.port->progress();
     const bool running_long = progress.running && now - progress.started_ns > kLongRunningNs;
@@ -81,16 +90,21 @@ void Scheduler::send_batch(int slot, bool awaited) {
   // job's encoded size, as many as fit the byte budget. One task needs no sizing.
   const bool packed = range.call->packs_jobs();
   const bool borrow = packed && worker.port->can_borrow();
+  // Blobs (large byte strings) of the jobs go to the worker's shared region where it has one.
+  SharedRegion* const region = packed ? nullptr : worker.port->shared_region();
   size_t job_words = 8;
   const size_t budget = std::min(kBatchByteBudget, config_.max_frame_bytes / 2);
   if (packed) {
     want = std::clamp<size_t>(budget / sizeof(capnp::word), 1, want);
     job_words = borrow ? 0 : 1;  // borrowed words are not in the builder's segments
   } else if (want > 1) {
+    // Sized, not built: the blobs of the job are counted, never copied (blob_region.h).
+    BlobContext sizing{.region = region != nullptr ? &region->parent() : nullptr, .sizing = true};
+    BlobScope scope(&sizing);
     capnp::MallocMessageBuilder probe(64);
     try {
       range.call->encode_job(range.first, probe.initRoot<wire::Value>());
-      job_words = probe.sizeInWords();
+      job_words = probe.sizeInWords() + sizing.sized_bytes / sizeof(capnp::word);
       want = std::clamp<size_t>(budget / (job_words * sizeof(capnp::word)), 1, want);
     } catch (...) {
       want = 1;  // the build below reports it
@@ -106,6 +120,9 @@ void Scheduler::send_batch(int slot, bool awaited) {
   std::unique_ptr<capnp::MallocMessageBuilder> message;
   size_t taken = 0;
   std::optional<absl::Status> unencodable;  // the job right after the batch cannot be sent
+  BlobContext blobs{.region = region != nullptr ? &region->parent() : nullptr};
+  BlobScope blob_scope(&blobs);
+  if (region != nullptr) region->begin_batch(seq);
   while (true) {
     // A first segment the batch fits in: the default (8 KiB, zeroed) costs a small task dearly.
     const auto first_segment =
@@ -135,6 +152,11 @@ void Scheduler::send_batch(int slot, bool awaited) {
     }
     auto jobs = tasks.initJobs(packed ? 0 : static_cast<unsigned>(want));
     while (taken < want) {
+      if (taken > 0 && blobs.region_bytes >= kBatchBlobBudget) {
+        // Enough in the region for one batch: the rest go in the next (it may be another
+        // worker's). Rebuilt with fewer jobs, as for a frame over the limit.
+        break;
+      }
       try {
         range.call->encode_job(range.first + taken, jobs[taken]);
       } catch (...) {
@@ -148,10 +170,19 @@ void Scheduler::send_batch(int slot, bool awaited) {
     if (failed_here) {
       if (taken == 0) break;
       want = taken;  // build again without it (and what follows); it fails alone below
+      if (region != nullptr) region->release_batch(seq);  // its blobs are put again
       continue;
     }
-    // A frame the worker would refuse: send fewer jobs, or fail a job too big on its own.
-    const size_t frame_bytes = capnp::computeSerializedSizeInWords(*message) * sizeof(capnp::word);
+    if (taken < want) {
+      want = taken;  // cut at the blob budget: build again with the jobs that fit
+      if (region != nullptr) region->release_batch(seq);
+      blobs.region_bytes = 0;
+      continue;
+    }
+    // A frame the worker would refuse: send fewer jobs, or fail a job too big on its own. Blobs in
+    // the region count as if they were in the frame.
+    const size_t frame_bytes =
+        capnp::computeSerializedSizeInWords(*message) * sizeof(capnp::word) + blobs.region_bytes;
     if (frame_bytes <= config_.max_frame_bytes) break;
     if (want == 1) {
       taken = 0;
@@ -162,6 +193,8 @@ void Scheduler::send_batch(int slot, bool awaited) {
     }
     want = want / 2;
     unencodable.reset();  // no longer right after the batch: a later batch meets it again
+    if (region != nullptr) region->release_batch(seq);
+    blobs.region_bytes = 0;
   }
   if (unencodable) {
     // It fails alone; the batch ends before it.
@@ -174,7 +207,10 @@ void Scheduler::send_batch(int slot, bool awaited) {
   range.first += consumed;
   range.count -= consumed;
   if (range.count == 0) pending_.pop_front();
-  if (taken == 0) return;
+  if (taken == 0) {
+    if (region != nullptr) region->release_batch(seq);
+    return;
+  }
 
   Batch batch;
   batch.seq = seq;
@@ -183,6 +219,8 @@ void Scheduler::send_batch(int slot, bool awaited) {
   batch.tasks = std::move(sent);
   batch.limit = static_cast<uint32_t>(taken);
   batch.timeout = timeout;
+  batch.blob_bytes = blobs.region_bytes;
+  worker.blob_bytes += batch.blob_bytes;
   if (worker.batches.empty()) {
     batch.front_since_ns = monotonic_now_ns();
     worker.stall_taken_back = false;

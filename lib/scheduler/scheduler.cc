@@ -9,6 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "lib/common/clock.h"
+#include "lib/wire/shared_region.h"
+#include "procpool/internal/blob_region.h"
 #include "procpool/internal/packed.h"
 #include "procpool/internal/worker_body.h"
 
@@ -104,6 +106,7 @@ void Scheduler::abandon_all(const absl::Status& status) {
     }
     worker.batches.clear();
     worker.claim_slots_used = 0;
+    worker.blob_bytes = 0;
   }
 }
 
@@ -182,6 +185,12 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
     return absl::DataLossError(absl::StrCat(worker.port->name(), " reported results out of order"));
   }
   worker.suspect = false;
+  // Blobs of the results are read from the worker's region (copied out as they are decoded),
+  // then its area is given back up to where this frame's blobs end.
+  SharedRegion* const region = worker.port->shared_region();
+  BlobContext blobs{.region = region != nullptr ? &region->parent() : nullptr,
+                    .max_blob_bytes = config_.max_frame_bytes};
+  BlobScope blob_scope(&blobs);
   Call& call = *batch.tasks.call;
   call.observed_tasks += count;
   call.observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
@@ -210,6 +219,7 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
       ++tasks_failed_;
     }
   }
+  if (region != nullptr) region->release_results(results.getBlobsEnd());
   if (batch.reported == batch.limit && batch.take_back == TakeBack::kNone) {
     erase_batch(worker, 0);
   }
@@ -229,6 +239,13 @@ void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t
 
 void Scheduler::erase_batch(Worker& worker, size_t index) {
   worker.claim_slots_used &= ~(1u << worker.batches[index].claim_slot);
+  worker.blob_bytes -= worker.batches[index].blob_bytes;
+  // The worker has no further use for the blobs of the batch's jobs.
+  if (worker.port != nullptr) {
+    if (SharedRegion* region = worker.port->shared_region()) {
+      region->release_batch(worker.batches[index].seq);
+    }
+  }
   worker.batches.erase(worker.batches.begin() + static_cast<ptrdiff_t>(index));
   if (index == 0 && !worker.batches.empty()) {
     worker.batches.front().front_since_ns = monotonic_now_ns();

@@ -47,6 +47,8 @@ class WorkerPort {
   virtual void flush() = 0;
   // Frames may reference memory a call lends (WorkerLink::can_borrow).
   virtual bool can_borrow() const { return false; }
+  // The worker's blob region, if any (WorkerLink::shared_region).
+  virtual SharedRegion* shared_region() { return nullptr; }
   virtual WorkerProgress progress() const = 0;
   virtual void open_claims(uint32_t slot, uint16_t tag, uint32_t count) = 0;
   // The answer comes to Scheduler::on_revoked, during the call or later.
@@ -173,6 +175,7 @@ class Scheduler {
     absl::Status take_back_status;         // for kFail
     absl::Duration timeout = absl::InfiniteDuration();
     int64_t front_since_ns = 0;  // when it became the worker's first batch in hand
+    size_t blob_bytes = 0;       // its jobs' bytes in the worker's shared region
   };
   struct Worker {
     WorkerPort* port = nullptr;  // while attached
@@ -181,6 +184,7 @@ class Scheduler {
     uint64_t batches_sent = 0;   // by this worker process: claim slots and tags follow it
     uint32_t claim_slots_used = 0;  // bit i: a batch in `batches` owns claim slot i
     int64_t tasks_assigned = 0;
+    size_t blob_bytes = 0;  // in its shared region, for the batches it holds
     bool stall_taken_back = false;  // the stall rule acted on its current front batch
     bool suspect = false;           // its work was taken back for stalling; no results since
   };

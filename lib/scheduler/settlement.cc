@@ -129,6 +129,7 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
   }
   worker.batches.clear();
   worker.claim_slots_used = 0;
+  worker.blob_bytes = 0;
   worker.port = nullptr;
   worker.accepting = false;
   requeue_front(std::move(requeue));

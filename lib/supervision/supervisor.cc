@@ -45,6 +45,7 @@ class Supervisor::Port final : public WorkerPort {
   void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
   void flush() override;
   bool can_borrow() const override;
+  SharedRegion* shared_region() override;
   WorkerProgress progress() const override;
   void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
   void revoke(uint32_t slot, uint16_t tag) override;
@@ -92,6 +93,9 @@ void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
 }
 void Supervisor::Port::flush() {
   if (slot_.link) slot_.link->flush();
+}
+SharedRegion* Supervisor::Port::shared_region() {
+  return slot_.link ? slot_.link->shared_region() : nullptr;
 }
 bool Supervisor::Port::can_borrow() const { return slot_.link && slot_.link->can_borrow(); }
 WorkerProgress Supervisor::Port::progress() const {

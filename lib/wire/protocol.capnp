@@ -25,7 +25,16 @@ struct Value {
     ints @8 :List(Int64);       # packed std::vector of signed integers
     uints @9 :List(UInt64);     # packed std::vector of unsigned integers
     floats @10 :List(Float64);  # packed std::vector of floating point
+    blob @11 :BlobRef;          # bytes (std::string, procpool::Bytes) left in the worker's shared
+                                # region instead of the frame (lib/wire/shared_region.h)
   }
+}
+
+# Where a blob lies in the shared region of the worker a frame is for or from: bytes
+# [offset, offset + size). The reader checks that they lie inside the area the writer may use.
+struct BlobRef {
+  offset @0 :UInt64;
+  size @1 :UInt64;
 }
 
 # An error crossing the process boundary: an absl::StatusCode and its message.
@@ -97,6 +106,9 @@ struct ResultBatch {
   # start + i (entries of failed tasks, named by `errors`, are unused). Size: a multiple of 8.
   wordResults @7 :Data;
   wordKind @8 :WordKind;
+  # Where the worker's blobs of these results (BlobRef) end in its result area: once the parent
+  # has read them, the worker may reuse the area up to here (lib/wire/shared_region.h).
+  blobsEnd @9 :UInt64;
 }
 
 struct TaskError {

@@ -17,6 +17,7 @@
 #include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "lib/worker/child_setup.h"
+#include "procpool/internal/blob_region.h"
 #include "procpool/internal/packed.h"
 #include "procpool/internal/protocol.capnp.h"
 
@@ -125,8 +126,9 @@ class Claims {
 class BatchRunner {
  public:
   BatchRunner(WorkerBody& body, WorkerTransport& transport, ControlPage& page,
-              size_t max_frame_bytes)
-      : body_(body), transport_(transport), page_(page), max_frame_bytes_(max_frame_bytes),
+              size_t max_frame_bytes, SharedRegion* region)
+      : body_(body), transport_(transport), page_(page), region_(region),
+        max_frame_bytes_(max_frame_bytes),
         piece_budget_(std::min(kPieceByteBudget, max_frame_bytes / 2)) {}
 
   // False when the parent is gone.
@@ -146,10 +148,14 @@ class BatchRunner {
     uint32_t i = 0;
     for (; i < count && claims.may_start(i); ++i) {
       pacer.begin(i);
+      const size_t blobs_before = blob_bytes();
       body_.run(batch, jobs[i], outcomes_[i - first_unsent_]);
+      last_blob_bytes_ = blob_bytes() - blobs_before;
+      piece_blob_bytes_ += last_blob_bytes_;
       const bool due = pacer.end();
       const uint32_t in_piece = i + 1 - first_unsent_;
-      const size_t bytes = frame_bytes(*message_);
+      // Results' blobs in the region count as if they were in the frame.
+      const size_t bytes = frame_bytes(*message_) + piece_blob_bytes_;
       if (bytes > max_frame_bytes_) {
         if (!send_oversized(in_piece, pacer)) return false;
         if (i + 1 < count) start_listed_piece(count);
@@ -165,7 +171,14 @@ class BatchRunner {
     return true;
   }
 
+  // Bytes this worker has put in its region so far (0 without one).
+  static size_t blob_bytes() {
+    const BlobContext* context = current_blob_context();
+    return context == nullptr ? 0 : context->region_bytes;
+  }
+
   void start_listed_piece(uint32_t count) {
+    piece_blob_bytes_ = 0;
     const uint32_t entries = std::min(count - first_unsent_, kMaxPieceOutcomes);
     // A first segment sized for small results (the default 8 KiB is zeroed on every piece).
     message_ = std::make_unique<capnp::MallocMessageBuilder>(16 + 6 * entries);
@@ -179,6 +192,7 @@ class BatchRunner {
   bool send_listed(uint32_t in_piece, Pacer& pacer, bool may_hold = false) {
     results_.setCount(in_piece);
     results_.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
+    mark_blobs(results_);
     if (!deliver(*message_, may_hold)) return false;
     first_unsent_ += in_piece;
     pacer.sent();
@@ -195,6 +209,7 @@ class BatchRunner {
       results.setSeq(seq_);
       results.setStart(first_unsent_ + from);
       results.setCount(n);
+      mark_blobs(results);
       auto listed = results.initOutcomes(n);
       for (uint32_t j = 0; j < n; ++j) listed.setWithCaveats(j, outcomes_[from + j].asReader());
       return results;
@@ -208,7 +223,7 @@ class BatchRunner {
     std::unique_ptr<capnp::MallocMessageBuilder> last;
     auto alone = copy(before, 1, last);
     alone.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
-    if (const size_t bytes = frame_bytes(*last); bytes > max_frame_bytes_) {
+    if (const size_t bytes = frame_bytes(*last) + last_blob_bytes_; bytes > max_frame_bytes_) {
       // Its error goes instead, in a builder of its own (this one still holds the value).
       capnp::MallocMessageBuilder small(64);
       auto results = small.initRoot<wire::FromWorker>().initResults();
@@ -364,9 +379,16 @@ class BatchRunner {
     return transport_.send(message);
   }
 
+  // Every results frame says where the blobs written so far end (ResultBatch.blobsEnd): the
+  // parent gives that much of the result area back once it has read the frame.
+  void mark_blobs(wire::ResultBatch::Builder results) {
+    if (region_ != nullptr) results.setBlobsEnd(region_->results_end());
+  }
+
   WorkerBody& body_;
   WorkerTransport& transport_;
   ControlPage& page_;
+  SharedRegion* const region_;
   const size_t max_frame_bytes_;
   const size_t piece_budget_;
   uint64_t seq_ = 0;
@@ -376,6 +398,8 @@ class BatchRunner {
   capnp::List<wire::Outcome>::Builder outcomes_ = nullptr;
   WordErrors errors_;
   size_t error_bytes_ = 0;             // of the messages in errors_
+  size_t piece_blob_bytes_ = 0;        // the piece's results' blobs in the region
+  size_t last_blob_bytes_ = 0;         // the last task's
   std::vector<uint64_t> scratch_;      // results, when the frame cannot be written in place
   uint32_t stride_ = 1;                // tasks per claim; kept across batches
   bool per_task_clock_ = true;         // the last stride's tasks took kPerTaskClockNs or more
@@ -391,7 +415,13 @@ bool send_status_frame(WorkerTransport& transport, bool enter_failed, const absl
 }  // namespace
 
 int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
-               size_t max_frame_bytes) {
+               size_t max_frame_bytes, SharedRegion* region) {
+  // Jobs' blobs are read where the parent left them (a Bytes job views them there: its bytes
+  // stay put until the batch's results are in); results' blobs are written to the results area.
+  BlobContext blobs{.region = region != nullptr ? &region->worker() : nullptr,
+                    .views = true,
+                    .max_blob_bytes = max_frame_bytes};
+  BlobScope blob_scope(&blobs);
   std::unique_ptr<WorkerBody> body = factory();
   absl::Status entered = body->enter();
   if (!entered.ok()) {
@@ -404,7 +434,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
     if (!transport.send(ready)) return kWorkerExitOk;
   }
 
-  BatchRunner runner(*body, transport, page, max_frame_bytes);
+  BatchRunner runner(*body, transport, page, max_frame_bytes, region);
   while (true) {
     // Results held for one write go out before the worker would wait for the parent.
     if (!transport.frame_buffered() && !transport.flush()) return kWorkerExitOk;

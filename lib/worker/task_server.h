@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "capnp/message.h"
 #include "lib/wire/control_page.h"
+#include "lib/wire/shared_region.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
@@ -49,8 +50,10 @@ class WorkerTransport {
 // an orderly shutdown, kWorkerExitEnterFailed, kWorkerExitExitHookFailed, or
 // kWorkerExitProtocolError. A parent that is gone ends it with kWorkerExitOk at once, without
 // exit(): nobody waits for the hook.
+// `region`: where the parent leaves large byte strings of jobs and finds those of results
+// (lib/wire/shared_region.h); null where there is none (blobs then travel in frames).
 int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
-               size_t max_frame_bytes);
+               size_t max_frame_bytes, SharedRegion* region = nullptr);
 
 }  // namespace procpool::internal
 

@@ -158,7 +158,8 @@ class ChannelTransport final : public WorkerTransport {
 
 }  // namespace
 
-void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, pid_t parent_pid) {
+void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, pid_t parent_pid,
+                 SharedRegion* region) {
   prepare_child({.process_name = launch.process_name,
                  .parent_death_signal = launch.parent_death_signal,
                  .parent_pid = parent_pid,
@@ -166,7 +167,7 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
                  .channel_fd = channel_fd,
                  .page = page});
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes, held_frames(page));
-  leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes));
+  leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region));
 }
 
 }  // namespace procpool::internal

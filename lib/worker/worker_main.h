@@ -11,6 +11,7 @@
 #include <string>
 
 #include "lib/wire/control_page.h"
+#include "lib/wire/shared_region.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
@@ -29,8 +30,9 @@ struct WorkerLaunch {
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it
 // (task_server.h) and leaves with the status that gives. `page` was mapped by ControlPageMapping:
 // its held frames (control_page.h) follow it.
+// `region`: the worker's blob region (lib/wire/shared_region.h), or null.
 [[noreturn]] void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch,
-                              pid_t parent_pid);
+                              pid_t parent_pid, SharedRegion* region = nullptr);
 
 }  // namespace procpool::internal
 

@@ -38,7 +38,8 @@ struct FunctionTraits<R (*)(Args...)> {
 
   static void trampoline(uint64_t function, wire::Value::Reader job, wire::Outcome::Builder out) {
     auto pointer = reinterpret_cast<Pointer>(function);
-    run_task<Job>(job, out, [pointer](const Job& decoded) -> decltype(auto) {
+    static Job scratch;  // one per job type, in the worker (run_task)
+    run_task<Job>(job, out, scratch, [pointer](const Job& decoded) -> decltype(auto) {
       if constexpr (kTakesTuple) {
         return std::apply(pointer, decoded);
       } else {

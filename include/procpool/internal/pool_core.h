@@ -48,9 +48,17 @@ class CoreLink {
 
 class PoolCore {
  public:
+  // What the typed layer knows of a pool's jobs and results.
+  struct Features {
+    // They may hold byte strings: each forked worker gets a shared region for large ones
+    // (internal/blob_region.h).
+    bool blob_regions = true;
+  };
   // Forks the workers (before the pool thread starts, when called on the main thread) and starts
   // the pool thread. Never fails: a failure to fork or start is reported by every later call.
-  PoolCore(PoolOptions options, WorkerBodyFactory factory);
+  PoolCore(PoolOptions options, WorkerBodyFactory factory, Features features);
+  PoolCore(PoolOptions options, WorkerBodyFactory factory)
+      : PoolCore(std::move(options), std::move(factory), Features{}) {}
   // close() + join().
   ~PoolCore();
   PoolCore(const PoolCore&) = delete;

@@ -22,18 +22,19 @@
 
 namespace procpool::internal {
 
-// Decodes `job` as Job, calls `invoke(job)` (returning R, absl::StatusOr<R>, void or absl::Status)
-// and writes its result (`none` for void and absl::Status), or the error, into `out`. Nothing
-// escapes: user exceptions become kUnknown, codec failures kDataLoss (job) or kInvalidArgument
-// (result).
+// Decodes `job` into `scratch`, calls `invoke(scratch)` (returning R, absl::StatusOr<R>, void or
+// absl::Status) and writes its result (`none` for void and absl::Status), or the error, into
+// `out`. Nothing escapes: user exceptions become kUnknown, codec failures kDataLoss (job) or
+// kInvalidArgument (result). `scratch` is the worker's one Job object, decoded into again for every
+// task: decoders overwrite all of a value and may keep its memory (codec.h), so a large string
+// job reuses the buffer of the last one instead of faulting in fresh pages every task.
 template <typename Job, typename Invoke>
-void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Invoke&& invoke) {
-  absl::StatusOr<Job> decoded = decode_value<Job>(job);
-  if (!decoded.ok()) {
-    set_error(out, absl::DataLossError(
-                       absl::StrCat("could not decode the job: ", decoded.status().message())));
+void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Job& scratch, Invoke&& invoke) {
+  if (absl::Status read = decode_value(job, scratch); !read.ok()) {
+    set_error(out, absl::DataLossError(absl::StrCat("could not decode the job: ", read.message())));
     return;
   }
+  Job* decoded = &scratch;
   using Returned = std::remove_cvref_t<decltype(invoke(*decoded))>;
   if constexpr (std::is_void_v<Returned> || std::is_same_v<Returned, absl::Status>) {
     absl::Status status;
@@ -152,7 +153,8 @@ class TypedWorkerBody final : public WorkerBody {
 
   void run(wire::TaskBatch::Reader, wire::Value::Reader job,
            wire::Outcome::Builder out) override {
-    run_task<Job>(job, out, [this](const Job& decoded) -> decltype(auto) {
+    if (!scratch_) scratch_.emplace();
+    run_task<Job>(job, out, *scratch_, [this](const Job& decoded) -> decltype(auto) {
       return invoke_run(*worker_, decoded);
     });
   }
@@ -196,6 +198,7 @@ class TypedWorkerBody final : public WorkerBody {
  private:
   const Factory* factory_;
   std::unique_ptr<W> worker_;
+  std::optional<Job> scratch_;  // every task's job is decoded into it (run_task)
 };
 
 }  // namespace procpool::internal

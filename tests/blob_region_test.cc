@@ -1,0 +1,214 @@
+// Large byte strings through a worker's shared region (issue 10): procpool::Bytes jobs read in
+// place, std::string and Bytes jobs and results of every size arriving intact, a worker's blob
+// outside its region refused, and regions that live exactly as long as their worker.
+
+#include "procpool/bytes.h"
+
+#include <dirent.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "doctest/doctest.h"
+#include "lib/wire/shared_region.h"
+#include "procpool/process_pool.h"
+#include "tests/test_support.h"
+
+// A result type whose codec writes a blob reference of the worker's choosing: what a worker that
+// scribbles on its frames could send.
+struct Forged {
+  uint64_t offset = 0;
+  uint64_t size = 0;
+};
+
+namespace procpool {
+template <>
+struct Codec<Forged> {
+  static void encode(const Forged& value, wire::Value::Builder out) {
+    auto blob = out.initBlob();
+    blob.setOffset(value.offset);
+    blob.setSize(value.size);
+  }
+  static absl::Status decode(wire::Value::Reader in, Forged& out) {
+    const char* data = nullptr;
+    size_t size = 0;
+    return internal::find_byte_string(in, data, size);
+  }
+};
+}  // namespace procpool
+
+namespace procpool {
+namespace {
+
+using testing::wait_until;
+
+PoolOptions quiet(PoolOptions options) {
+  options.log_sink = nullptr;
+  return options;
+}
+
+// How many mappings of blob regions this process has, and descriptors of them.
+int region_mappings() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  int count = 0;
+  while (std::getline(maps, line)) count += line.find("procpool-blobs") != std::string::npos;
+  return count;
+}
+int region_descriptors() {
+  int count = 0;
+  DIR* dir = ::opendir("/proc/self/fd");
+  while (dirent* entry = ::readdir(dir)) {
+    char target[256] = {};
+    const std::string path = std::string("/proc/self/fd/") + entry->d_name;
+    if (::readlink(path.c_str(), target, sizeof(target) - 1) > 0 &&
+        absl::StrContains(target, "procpool-blobs")) {
+      ++count;
+    }
+  }
+  ::closedir(dir);
+  return count;
+}
+
+std::string pattern(size_t size, int seed) {
+  std::string s(size, 0);
+  for (size_t i = 0; i < size; ++i) s[i] = static_cast<char>((i * 131 + seed * 7) & 0xff);
+  return s;
+}
+
+// Says how it got its payload, and sends a transformed copy back as a Bytes result.
+struct Inspector {
+  Bytes run(const Bytes& payload) {
+    std::string out = absl::StrCat(payload.owns() ? "owned:" : "view:", payload.size(), ":");
+    out.append(payload.data(), payload.size());
+    for (size_t i = out.find(':', 5) + 1; i < out.size(); ++i) out[i] = static_cast<char>(out[i] ^ 0x5a);
+    return Bytes(std::move(out));
+  }
+};
+
+TEST_CASE("Bytes jobs reach run() as views where they lie; results of every size arrive owned") {
+  ProcessPool<Inspector> pool(quiet({.workers = 2}));
+  std::vector<std::string> payloads;
+  for (size_t size : {size_t{0}, size_t{10}, size_t{64 << 10} - 1, size_t{64 << 10},
+                      size_t{3 << 20}, size_t{17 << 20}}) {
+    payloads.push_back(pattern(size, static_cast<int>(payloads.size())));
+  }
+  std::vector<Bytes> jobs;
+  for (const std::string& p : payloads) jobs.push_back(Bytes::borrow(p));
+  for (size_t chunksize : {size_t{1}, size_t{3}}) {
+    CAPTURE(chunksize);
+    auto results = pool.map(jobs, {.chunksize = chunksize});
+    REQUIRE(results.ok());
+    for (size_t i = 0; i < payloads.size(); ++i) {
+      CAPTURE(payloads[i].size());
+      const Bytes& result = (*results)[i];
+      CHECK(result.owns());
+      const std::string header = absl::StrCat("view:", payloads[i].size(), ":");
+      REQUIRE(result.size() == header.size() + payloads[i].size());
+      CHECK(result.view().substr(0, header.size()) == header);
+      bool same = true;
+      for (size_t k = 0; k < payloads[i].size() && same; ++k) {
+        same = static_cast<char>(result.data()[header.size() + k] ^ 0x5a) == payloads[i][k];
+      }
+      CHECK(same);
+    }
+  }
+}
+
+struct Echo {
+  std::string run(const std::string& s) { return s + "!"; }
+};
+
+TEST_CASE("std::string jobs and results of every size cross intact, again and again") {
+  ProcessPool<Echo> pool(quiet({.workers = 2}));
+  std::vector<std::string> jobs;
+  for (int round = 0; round < 3; ++round) {
+    for (size_t size : {size_t{1}, size_t{100 << 10}, size_t{5 << 20}, size_t{64 << 10}}) {
+      jobs.push_back(pattern(size, round));
+    }
+  }
+  for (int again = 0; again < 3; ++again) {
+    auto results = pool.map(jobs);
+    REQUIRE(results.ok());
+    for (size_t i = 0; i < jobs.size(); ++i) CHECK((*results)[i] == jobs[i] + "!");
+  }
+  // Through apply and imap too.
+  CHECK(*pool.apply(jobs[2]) == jobs[2] + "!");
+  size_t i = 0;
+  for (absl::StatusOr<std::string> r : pool.imap(jobs, {.chunksize = 2})) {
+    REQUIRE(r.ok());
+    CHECK(*r == jobs[i++] + "!");
+  }
+}
+
+struct Forger {
+  Forged run(int64_t which) {
+    switch (which) {
+      case 0: return {0, 100};                                    // inside: fine
+      case 1: return {internal::SharedRegion::kAreaBytes, 1};     // just past the end
+      case 2: return {internal::SharedRegion::kAreaBytes - 5, 6};  // straddles the end
+      default: return {~uint64_t{0} - 3, 8};                      // wraps around
+    }
+  }
+};
+
+TEST_CASE("a blob a worker places outside its region fails that task with kDataLoss") {
+  ProcessPool<Forger> pool(quiet({.workers = 1}));
+  std::vector<int64_t> jobs = {0, 1, 2, 3, 0};
+  auto call = pool.map_async(jobs, {.chunksize = 1});
+  (void)call.wait(absl::Seconds(10));
+  for (int64_t job : {1, 2, 3}) {
+    auto one = pool.apply(job);
+    REQUIRE_FALSE(one.ok());
+    CHECK(one.status().code() == absl::StatusCode::kDataLoss);
+    CHECK(absl::StrContains(one.status().message(), "outside the shared region"));
+  }
+  CHECK(pool.apply(0).ok());
+  CHECK(pool.stats().workers_restarted == 0);
+}
+
+struct Nap {
+  int64_t run(const std::string& s) { return static_cast<int64_t>(s.size()); }
+};
+struct Numbers {
+  int64_t run(int64_t x) { return x; }
+};
+
+TEST_CASE("a worker's region is mapped while it lives and unmapped and closed with it") {
+  const int before = region_mappings();
+  {
+    ProcessPool<Nap> pool(quiet({.workers = 2}));
+    CHECK(region_mappings() == before + 2);
+    CHECK(region_descriptors() == 2);
+    std::vector<std::string> jobs(4, std::string(1 << 20, 'x'));
+    REQUIRE(pool.map(jobs).ok());
+    // A worker killed from outside: its replacement has a region of its own, the old one goes.
+    const pid_t victim = pool.stats().workers[0].pid;
+    REQUIRE(::kill(victim, SIGKILL) == 0);
+    REQUIRE(wait_until([&] {
+      const PoolStats stats = pool.stats();
+      return stats.workers_restarted == 1 && stats.workers[0].pid != victim &&
+             stats.workers[0].state == WorkerState::kIdle;
+    }));
+    REQUIRE(pool.map(jobs).ok());
+    CHECK(region_mappings() == before + 2);
+    CHECK(region_descriptors() == 2);
+  }
+  CHECK(region_mappings() == before);
+  CHECK(region_descriptors() == 0);
+  {
+    // Jobs and results of numbers only: no region at all.
+    ProcessPool<Numbers> pool(quiet({.workers = 2}));
+    CHECK(region_mappings() == before);
+  }
+}
+
+}  // namespace
+}  // namespace procpool

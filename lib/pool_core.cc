@@ -356,7 +356,7 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
     if (spin_ns > 0 && blocked_ns < 0) spin_.spun(true);
     if (blocked_ns >= 0) {
       if (spin_ns > 0) spin_.spun(false);
-      if (ready_count > 0) spin_.blocked(blocked_ns);
+      spin_.blocked(blocked_ns);
     }
     if (supervisor_->generation(*slot) != generation || link->channel_fd() != fd) break;
     supervisor_->pump_borrowed(*slot, ready.revents);

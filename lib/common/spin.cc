@@ -18,11 +18,13 @@ void SpinPolicy::spun(bool found) {
     budget_ns_ = kMaxSpinNs;
   } else {
     budget_ns_ = budget_ns_ / 2 < 1'000 ? 0 : budget_ns_ / 2;
+    if (budget_ns_ == 0) waits_until_retry_ = kRetryAfter;
   }
 }
 
-void SpinPolicy::blocked(int64_t waited_ns) {
-  if (enabled_ && waited_ns <= kMaxSpinNs) budget_ns_ = kMaxSpinNs;
+void SpinPolicy::blocked(int64_t) {
+  if (!enabled_ || budget_ns_ > 0) return;
+  if (--waits_until_retry_ <= 0) budget_ns_ = kMaxSpinNs;
 }
 
 void SpinPolicy::relax() {

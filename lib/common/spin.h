@@ -4,9 +4,12 @@
 // Blocking costs a sleep and a wake-up on each side, and on a virtual machine waking an idle
 // virtual CPU costs tens of microseconds (the raw socketpair ping-pong is 4x slower between two
 // CPUs than on one). Polling for a few microseconds first skips both when the reply comes in
-// time. The budget adapts: a spin that finds nothing halves the next one; a blocking wait short
-// enough that a full spin would have caught it restores it. Where this process may use one CPU
-// only, the other end cannot run while we spin: never spin there.
+// time. The budget adapts to whether spinning pays: a spin that finds what it waits for keeps the
+// full budget, one that finds nothing halves it, down to none; with none, every kRetryAfter-th
+// wait tries a full spin again. (When other programs keep the other CPU busy, the other end can
+// only run where we would spin: then spins fail and stop, and cost one spin in kRetryAfter
+// waits.) Where this process may use one CPU only, the other end cannot run while we spin: never
+// spin there.
 //
 // Not thread-safe: one per waiting thread, or guarded by the caller's lock.
 
@@ -29,15 +32,17 @@ class SpinPolicy {
   bool enabled() const { return enabled_; }
   // After a spin: whether it found what it waited for.
   void spun(bool found);
-  // After a blocking wait that ended with what it waited for, `waited_ns` later.
+  // After a blocking wait (whether or not a spin came first).
   void blocked(int64_t waited_ns);
 
   // Lets the CPU know we spin (a pause); cheap.
   static void relax();
 
  private:
+  static constexpr int kRetryAfter = 64;
   bool enabled_ = false;
   int64_t budget_ns_ = 0;
+  int waits_until_retry_ = 0;
 };
 
 }  // namespace procpool::internal

@@ -30,6 +30,8 @@ constexpr int64_t kLongRunningNs = 1'000'000;
 constexpr size_t kBatchByteBudget = size_t{1} << 20;
 // ... or past this many bytes of blobs put in the worker's shared region.
 constexpr size_t kBatchBlobBudget = size_t{16} << 20;
+// First segments of this many words or more come from the SegmentPool.
+constexpr size_t kPooledSegmentWords = 4096;
 // No batch is queued behind others at a worker that holds this many bytes of blobs already.
 constexpr size_t kQueuedBlobBudget = size_t{16} << 20;
 
@@ -41,8 +43,10 @@ int Scheduler::pick_worker() {
   const int64_t task_ns =
       next.observed_tasks > 0 ? next.observed_busy_ns / next.observed_tasks : kShortTaskNs;
   if (task_ns < kShortTaskNs) {
-    const int64_t batch_ns =
-        task_ns * static_cast<int64_t>(std::max<size_t>(1, next.settings().chunksize));
+    // A batch is chunksize tasks, or fewer where a byte budget cut it: as the last one was.
+    size_t batch_tasks = std::max<size_t>(1, next.settings().chunksize);
+    if (next.last_batch_tasks > 0) batch_tasks = std::min(batch_tasks, next.last_batch_tasks);
+    const int64_t batch_ns = task_ns * static_cast<int64_t>(batch_tasks);
     depth = batch_ns <= 0 ? config_.max_batches_per_worker
                           : std::clamp<size_t>(1 + kQueuedWorkNs / batch_ns, 1,
                                                config_.max_batches_per_worker);
@@ -133,6 +137,10 @@ void Scheduler::send_batch(int slot, bool awaited) {
       // array goes away.
       message = std::make_unique<BorrowingMessageBuilder>(first_segment, range.call.get(),
                                                           range.call);
+    } else if (first_segment >= kPooledSegmentWords) {
+      // Large: in a reused, already faulted-in buffer (frame_io.h, SegmentPool).
+      message = std::make_unique<PooledMessageBuilder>(segment_pool_,
+                                                       segment_pool_->take(first_segment));
     } else {
       message = std::make_unique<capnp::MallocMessageBuilder>(first_segment);
     }
@@ -202,6 +210,7 @@ void Scheduler::send_batch(int slot, bool awaited) {
     ++tasks_failed_;
   }
 
+  if (taken > 0) range.call->last_batch_tasks = taken;
   TaskRange sent{range.call, range.first, taken, range.attempt};
   const size_t consumed = taken + (unencodable ? 1 : 0);
   range.first += consumed;

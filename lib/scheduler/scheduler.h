@@ -32,6 +32,7 @@
 #include "absl/time/time.h"
 #include "capnp/message.h"
 #include "lib/link/worker_link.h"
+#include "lib/wire/frame_io.h"
 #include "procpool/internal/call.h"
 #include "procpool/internal/protocol.capnp.h"
 
@@ -203,6 +204,9 @@ class Scheduler {
   void check_worker(int slot, int64_t now, int64_t& next);
 
   const Config config_;
+  // Buffers for the first segments of large batches, reused (frame_io.h). Shared: a batch's frame
+  // may outlive the scheduler in a link's queue.
+  std::shared_ptr<SegmentPool> segment_pool_ = std::make_shared<SegmentPool>();
   std::vector<Worker> workers_;
   std::deque<TaskRange> pending_;
   uint64_t next_seq_ = 1;

@@ -104,6 +104,41 @@ absl::Status write_frame(int fd, capnp::MessageBuilder& message,
   return absl::OkStatus();
 }
 
+kj::Array<capnp::word> SegmentPool::take(size_t words) {
+  // Sizes in powers of two, so that buffers serve messages of similar sizes alike.
+  size_t size = 512;
+  while (size < words) size *= 2;
+  for (size_t i = 0; i < kept_.size(); ++i) {
+    if (kept_[i].size() == size) {
+      kj::Array<capnp::word> buffer = std::move(kept_[i]);
+      kept_.erase(kept_.begin() + static_cast<ptrdiff_t>(i));
+      return buffer;
+    }
+  }
+  kj::Array<capnp::word> fresh = kj::heapArray<capnp::word>(size);
+  std::memset(fresh.begin(), 0, size * sizeof(capnp::word));
+  return fresh;
+}
+
+void SegmentPool::give(kj::Array<capnp::word> buffer, size_t used_words) {
+  std::memset(buffer.begin(), 0, std::min(used_words, buffer.size()) * sizeof(capnp::word));
+  if (kept_.size() >= kMaxKept) kept_.erase(kept_.begin());  // the oldest goes
+  kept_.push_back(std::move(buffer));
+}
+
+PooledMessageBuilder::PooledMessageBuilder(std::shared_ptr<SegmentPool> pool,
+                                           kj::Array<capnp::word> first)
+    : PooledSegment(std::move(pool), std::move(first)),
+      capnp::MallocMessageBuilder(PooledSegment::first.asPtr()) {}
+
+PooledMessageBuilder::~PooledMessageBuilder() {
+  // How much of the first segment to zero again when it goes back (after this builder is gone).
+  auto segments = getSegmentsForOutput();
+  if (segments.size() > 0 && segments[0].begin() == PooledSegment::first.begin()) {
+    used = segments[0].size();
+  }
+}
+
 void append_frame(capnp::MessageBuilder& message, std::vector<kj::byte>& out) {
   auto segments = message.getSegmentsForOutput();
   const std::vector<uint32_t> table = segment_table(segments);

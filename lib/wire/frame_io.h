@@ -45,6 +45,43 @@ class BorrowingMessageBuilder final : public capnp::MallocMessageBuilder {
   std::shared_ptr<const void> keep_alive_;
 };
 
+// Zeroed buffers for the first segments of large messages, reused: a fresh one of a megabyte costs
+// hundreds of first-touch page faults, more than building the message in it. Cap'n Proto needs a
+// first segment zeroed; a buffer given back is zeroed again only as far as it was used.
+// Not thread-safe: one owner (the pool's lock guards the scheduler that uses it).
+class SegmentPool : public std::enable_shared_from_this<SegmentPool> {
+ public:
+  // A zeroed buffer of at least `words` words.
+  kj::Array<capnp::word> take(size_t words);
+  // Takes `buffer` back, of which the first `used_words` words may be non-zero.
+  void give(kj::Array<capnp::word> buffer, size_t used_words);
+
+ private:
+  static constexpr size_t kMaxKept = 8;
+  std::vector<kj::Array<capnp::word>> kept_;
+};
+
+namespace frame_io_internal {
+// Holds a pooled first segment; a base of PooledMessageBuilder so that it outlives the builder.
+struct PooledSegment {
+  PooledSegment(std::shared_ptr<SegmentPool> pool, kj::Array<capnp::word> segment)
+      : pool(std::move(pool)), first(std::move(segment)), used(first.size()) {}
+  ~PooledSegment() { pool->give(std::move(first), used); }
+  std::shared_ptr<SegmentPool> pool;
+  kj::Array<capnp::word> first;
+  size_t used;
+};
+}  // namespace frame_io_internal
+
+// A message whose first segment comes from a SegmentPool and goes back to it when the message is
+// destroyed (for example once a FrameWriter has written it).
+class PooledMessageBuilder final : private frame_io_internal::PooledSegment,
+                                   public capnp::MallocMessageBuilder {
+ public:
+  PooledMessageBuilder(std::shared_ptr<SegmentPool> pool, kj::Array<capnp::word> first);
+  ~PooledMessageBuilder() override;
+};
+
 // Writes one whole message to a blocking socket, retrying on EINTR and short writes; with
 // `prefix`, those bytes (whole frames held earlier) go first, in the same write.
 absl::Status write_frame(int fd, capnp::MessageBuilder& message,

@@ -70,6 +70,8 @@ class Call {
   // behind a running one. Owned by the core: read and written only under its lock.
   int64_t observed_tasks = 0;
   int64_t observed_busy_ns = 0;
+  // Tasks in the last batch cut for this call (its size after the byte budgets), 0 until one is.
+  size_t last_batch_tasks = 0;
   // Set by PoolCore::cancel_call: the call has its outcome; its tasks are never queued again and
   // a worker found running one is stopped. Owned by the core, like the two above.
   bool cancelled = false;

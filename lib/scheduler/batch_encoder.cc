@@ -63,7 +63,8 @@ int Scheduler::pick_worker() {
     }
     // The claim slot the next batch would take must be free (a batch taken back whole may leave
     // gaps: slots are the batch's number mod kClaimSlots).
-    if (worker.claim_slots_used & (1u << (worker.batches_sent % ControlPage::kClaimSlots))) continue;
+    const uint64_t next_slot = uint64_t{1} << (worker.batches_sent % ControlPage::kClaimSlots);
+    if (worker.claim_slots_used & next_slot) continue;
     if (worker.suspect) {
       if (worker.batches.empty()) suspect = slot;
       continue;
@@ -235,11 +236,15 @@ void Scheduler::send_batch(int slot, bool awaited) {
     worker.stall_taken_back = false;
   }
   ++worker.batches_sent;
-  worker.claim_slots_used |= 1u << claim_slot;
+  worker.claim_slots_used |= uint64_t{1} << claim_slot;
   worker.tasks_assigned += static_cast<int64_t>(taken);
   worker.port->open_claims(claim_slot, claim_tag, batch.limit);
   worker.batches.push_back(std::move(batch));
+  const bool large = dynamic_cast<const PooledMessageBuilder*>(message.get()) != nullptr;
   worker.port->send(std::move(message));  // dispatch() flushes
+  // A large frame goes out now: its buffer returns to the pool as soon as the socket has taken it,
+  // for the next batch of this dispatch (a write per megabyte costs nothing).
+  if (large) worker.port->flush();
 }
 
 }  // namespace procpool::internal

@@ -238,7 +238,7 @@ void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t
 }
 
 void Scheduler::erase_batch(Worker& worker, size_t index) {
-  worker.claim_slots_used &= ~(1u << worker.batches[index].claim_slot);
+  worker.claim_slots_used &= ~(uint64_t{1} << worker.batches[index].claim_slot);
   worker.blob_bytes -= worker.batches[index].blob_bytes;
   // The worker has no further use for the blobs of the batch's jobs.
   if (worker.port != nullptr) {

@@ -86,7 +86,7 @@ class Scheduler {
     absl::Duration kill_grace = absl::Seconds(1);
     // The most batches a worker may hold at once (one for links that cannot take tasks back
     // at once, TCP).
-    size_t max_batches_per_worker = 16;
+    size_t max_batches_per_worker = 64;
   };
   explicit Scheduler(Config config);
   ~Scheduler();
@@ -183,7 +183,7 @@ class Scheduler {
     bool accepting = false;
     std::deque<Batch> batches;
     uint64_t batches_sent = 0;   // by this worker process: claim slots and tags follow it
-    uint32_t claim_slots_used = 0;  // bit i: a batch in `batches` owns claim slot i
+    uint64_t claim_slots_used = 0;  // bit i: a batch in `batches` owns claim slot i
     int64_t tasks_assigned = 0;
     size_t blob_bytes = 0;  // in its shared region, for the batches it holds
     bool stall_taken_back = false;  // the stall rule acted on its current front batch

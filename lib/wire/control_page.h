@@ -41,7 +41,7 @@ namespace procpool::internal {
 struct ControlPage {
   static constexpr uint64_t kNoBatch = ~uint64_t{0};
   static constexpr int32_t kNoExit = -1;
-  static constexpr uint32_t kClaimSlots = 32;
+  static constexpr uint32_t kClaimSlots = 64;
   // The most tasks one batch may hold (the claim word's 24-bit fields).
   static constexpr uint32_t kMaxBatchTasks = (uint32_t{1} << 24) - 1;
 

@@ -6,13 +6,15 @@
 
 namespace procpool::internal {
 
-SpinPolicy::SpinPolicy() {
+void SpinPolicy::initialize() {
   cpu_set_t set;
   enabled_ = ::sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 1;
   budget_ns_ = enabled_ ? kMaxSpinNs : 0;
+  initialized_ = true;
 }
 
 void SpinPolicy::spun(bool found) {
+  init();
   if (!enabled_) return;
   if (found) {
     budget_ns_ = kMaxSpinNs;
@@ -23,6 +25,7 @@ void SpinPolicy::spun(bool found) {
 }
 
 void SpinPolicy::blocked(int64_t) {
+  init();
   if (!enabled_ || budget_ns_ > 0) return;
   if (--waits_until_retry_ <= 0) budget_ns_ = kMaxSpinNs;
 }

@@ -24,12 +24,20 @@ class SpinPolicy {
  public:
   static constexpr int64_t kMaxSpinNs = 30'000;
 
-  SpinPolicy();
+  // Asks how many CPUs this process may use on first use, not here: a forked worker that never
+  // spins never pays for the system call.
+  SpinPolicy() = default;
 
   // How long to spin before blocking, now; 0: block at once.
-  int64_t budget_ns() const { return budget_ns_; }
+  int64_t budget_ns() {
+    init();
+    return budget_ns_;
+  }
   // False where this process has one CPU: then nothing needs timing for blocked().
-  bool enabled() const { return enabled_; }
+  bool enabled() {
+    init();
+    return enabled_;
+  }
   // After a spin: whether it found what it waited for.
   void spun(bool found);
   // After a blocking wait (whether or not a spin came first).
@@ -40,6 +48,11 @@ class SpinPolicy {
 
  private:
   static constexpr int kRetryAfter = 64;
+  void init() {
+    if (!initialized_) initialize();
+  }
+  void initialize();
+  bool initialized_ = false;
   bool enabled_ = false;
   int64_t budget_ns_ = 0;
   int waits_until_retry_ = 0;

@@ -47,11 +47,14 @@ class ChannelTransport final : public WorkerTransport {
       // time the parent consumes what this worker sent (the kernel signals write space on the
       // same wait queue), a context switch for nothing per result frame. poll() filters those.
       pollfd readable{fd_, POLLIN, 0};
-      const int64_t waiting_since = spin_.enabled() ? monotonic_now_ns() : 0;
+      // Only waits for a batch that may come soon count towards spinning (and none ask the
+      // kernel how many CPUs there are before one does).
+      const bool timed = spin_next_ && spin_.enabled();
+      const int64_t waiting_since = timed ? monotonic_now_ns() : 0;
       if (::poll(&readable, 1, -1) < 0 && errno != EINTR) {
         return absl::ErrnoToStatus(errno, "waiting for the parent");
       }
-      if (spin_.enabled()) spin_.blocked(monotonic_now_ns() - waiting_since);
+      if (timed) spin_.blocked(monotonic_now_ns() - waiting_since);
       absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd_);
       if (!filled.ok()) return filled.status();
       if (*filled == FrameReader::Fill::kEndOfFile) {

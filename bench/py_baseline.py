@@ -4,7 +4,8 @@ concurrent.futures.ProcessPoolExecutor ("ppe") on the same workloads as the C++ 
 
     python3 bench/py_baseline.py WORKLOAD IMPL [key=value ...]
 
-WORKLOAD: apply (cpu=N: pinned) | map_auto | map_chunk1 | cpu_sha512 | payload | startstop | imap_memory
+WORKLOAD: apply (cpu=N: pinned) | map_auto | map_chunk1 | cpu_sha512 | payload | startstop |
+          imap_memory (unordered=1: imap_unordered)
 IMPL: pool | ppe. Prints one JSON line per repetition, like the C++ programs.
 
 Settings are Python's defaults or its best ordinary ones, never worse: the default start method
@@ -205,6 +206,7 @@ def bench_imap_memory(impl, args):
     chunksize = int(args.get("chunksize", 1000))
     reps = int(args.get("reps", 3))
     w = workers()
+    unordered = args.get("unordered", "0") == "1"
     if impl != "pool":
         raise SystemExit("imap_memory: only multiprocessing.Pool has a lazy imap")
     for _ in range(reps):
@@ -214,15 +216,23 @@ def bench_imap_memory(impl, args):
         reset_peak_rss()
         start = time.perf_counter()
         count = 0
-        for value in ex.imap(square, range(n), chunksize=chunksize):
-            if value != count * count:
-                raise AssertionError("wrong result or order")
-            count += 1
+        total = 0
+        if unordered:
+            for value in ex.imap_unordered(square, range(n), chunksize=chunksize):
+                total += value
+                count += 1
+        else:
+            for value in ex.imap(square, range(n), chunksize=chunksize):
+                if value != count * count:
+                    raise AssertionError("wrong result or order")
+                total += value
+                count += 1
         seconds = time.perf_counter() - start
         peak_kib = proc_status_kib("VmHWM")
         shut(impl, ex)
-        assert count == n
-        emit("imap_memory", impl, "peak_minus_start_mib", (peak_kib - start_kib) / 1024, "MiB",
+        assert count == n and total == (n - 1) * n * (2 * n - 1) // 6
+        emit("imap_unordered_memory" if unordered else "imap_memory", impl,
+             "peak_minus_start_mib", (peak_kib - start_kib) / 1024, "MiB",
              start_mib=start_kib / 1024, peak_mib=peak_kib / 1024, seconds=seconds,
              items_per_s=n / seconds, workers=w)
 

@@ -359,6 +359,10 @@ def evaluate(results, cores):
             missed.append("%s: not measured (%s)" % (name, what))
             return "MISS (not measured)"
         if not holds:
+            others = max(results[name]["others"]) if results[name]["others"] else 0.0
+            if others > 0.10:
+                why = ("other programs used %.0f%% of the CPUs while it ran (load average %.2f)%s"
+                       % (100 * others, results[name]["load"], ("; " + why) if why else ""))
             missed.append("%s: %s%s" % (name, what, (". " + why) if why else ""))
             return "**MISS**"
         return "ok"
@@ -489,11 +493,18 @@ def evaluate(results, cores):
         else:
             status = "figure"
             target = "(the option's figure)"
-            if per_rep.ok and c.ok and raw.ok:
-                notes.append("startstop_static: the static build halves fork()'s cost (floor %s "
-                             "against the default build's); procpool's own part of a start+stop "
-                             "(%s) does not shrink with it, so its ratio to this smaller floor is "
-                             "larger" % (raw.fmt(ms), ms(c.median - raw.median)))
+            default = results.get("startstop")
+            if per_rep.ok and c.ok and raw.ok and default:
+                d_c = fig(default["cxx"])
+                d_raw = fig(default["cxx"], "raw_ms")
+                if d_c.ok and d_raw.ok:
+                    notes.append(
+                        "startstop_static: start + close + join %s against the default build's %s "
+                        "(%.2f×); the fork+exit+reap floor %s against %s (%.2f×). procpool's own "
+                        "part (%s static, %s default) is what the ratio to the floor measures"
+                        % (ms(c.median), ms(d_c.median), c.median / d_c.median, ms(raw.median),
+                           ms(d_raw.median), raw.median / d_raw.median,
+                           ms(c.median - raw.median), ms(d_c.median - d_raw.median)))
         row(label, "ms", c.fmt(ms), raw.fmt(ms) + " fork+exit+reap",
             pool.fmt(ms) if "pool" in e else "–", ppe.fmt(ms) if "ppe" in e else "–",
             "%s floor%s" % (fmt_ratio(per_rep), extra), target, status, e)

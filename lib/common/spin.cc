@@ -16,6 +16,7 @@ void SpinPolicy::initialize() {
 void SpinPolicy::spun(bool found) {
   init();
   if (!enabled_) return;
+  last_spin_failed_ = !found;
   if (found) {
     budget_ns_ = kMaxSpinNs;
   } else {
@@ -24,9 +25,16 @@ void SpinPolicy::spun(bool found) {
   }
 }
 
-void SpinPolicy::blocked(int64_t) {
+void SpinPolicy::blocked(int64_t waited_ns) {
   init();
-  if (!enabled_ || budget_ns_ > 0) return;
+  if (!enabled_) return;
+  if (last_spin_failed_ && waited_ns < kContendedWaitNs) {
+    // What we waited for came as soon as we stopped spinning: our spin held it up.
+    budget_ns_ = 0;
+    waits_until_retry_ = kContendedRetryAfter;
+  }
+  last_spin_failed_ = false;
+  if (budget_ns_ > 0) return;
   if (--waits_until_retry_ <= 0) budget_ns_ = kMaxSpinNs;
 }
 

@@ -6,10 +6,10 @@
 // CPUs than on one). Polling for a few microseconds first skips both when the reply comes in
 // time. The budget adapts to whether spinning pays: a spin that finds what it waits for keeps the
 // full budget, one that finds nothing halves it, down to none; with none, every kRetryAfter-th
-// wait tries a full spin again. (When other programs keep the other CPU busy, the other end can
-// only run where we would spin: then spins fail and stop, and cost one spin in kRetryAfter
-// waits.) Where this process may use one CPU only, the other end cannot run while we spin: never
-// spin there.
+// wait tries a full spin again. A failed spin whose blocking wait then ends at once says that the
+// other end could only run where we spun (other programs keep the other CPU busy): spinning stops
+// for kContendedRetryAfter waits. Where this process may use one CPU only, the other end cannot
+// run while we spin: never spin there.
 //
 // Not thread-safe: one per waiting thread, or guarded by the caller's lock.
 
@@ -48,6 +48,9 @@ class SpinPolicy {
 
  private:
   static constexpr int kRetryAfter = 64;
+  static constexpr int kContendedRetryAfter = 4096;
+  // The blocking wait after a failed spin ended sooner than this: the spin was in the way.
+  static constexpr int64_t kContendedWaitNs = 20'000;
   void init() {
     if (!initialized_) initialize();
   }
@@ -56,6 +59,7 @@ class SpinPolicy {
   bool enabled_ = false;
   int64_t budget_ns_ = 0;
   int waits_until_retry_ = 0;
+  bool last_spin_failed_ = false;
 };
 
 }  // namespace procpool::internal

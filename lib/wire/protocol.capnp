@@ -59,8 +59,8 @@ struct TaskBatch {
   # the parent's image, of the typed trampoline and of the user's function. Zero otherwise.
   trampoline @2 :UInt64;
   function @3 :UInt64;
-  # Jobs of a scalar type (integers, floating point) with a scalar result may come instead as one
-  # packed list here (`ints`, `uints` or `floats`), and `jobs` is empty: no Value per job.
+  # Retired: scalar jobs once came as one packed list here. They come as `wordJobs` now; nothing
+  # sends this field, which keeps its ordinal.
   packedJobs @4 :Value;
   # Where the worker claims each task before it starts it (lib/wire/control_page.h): the slot of
   # the claim table, and the batch's tag there. A claim that fails means the parent took the
@@ -98,9 +98,10 @@ struct ResultBatch {
   outcomes @2 :List(Outcome);
   busyNs @3 :UInt64;            # time the worker spent running these tasks
   count @4 :UInt32;
-  # For a batch of packedJobs: the results as one packed list instead of `outcomes`, entry i for
-  # task start + i, except the tasks `errors` names (by i, ascending), whose entries are unused.
+  # Retired (see TaskBatch.packedJobs): results of word jobs come as `wordResults`.
   packedResults @5 :Value;
+  # For a batch of wordJobs: the tasks that failed, by i (task start + i, ascending); their
+  # entries of `wordResults` are unused.
   errors @6 :List(TaskError);
   # For a batch of wordJobs: the results as raw 8-byte words of kind `wordKind`, entry i for task
   # start + i (entries of failed tasks, named by `errors`, are unused). Size: a multiple of 8.

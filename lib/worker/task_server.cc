@@ -30,9 +30,9 @@ constexpr int64_t kFlushIntervalNs = 2'000'000;
 // The result of a task that took this long is sent at once: a write costs little next to it,
 // and a crash of the worker later cannot lose it.
 constexpr int64_t kSendAtOnceNs = 200'000;
-// The most outcomes one result frame carries (a packed one: results).
+// The most outcomes one result frame carries (a word piece: results).
 constexpr uint32_t kMaxPieceOutcomes = 4096;
-constexpr uint32_t kMaxPackedPieceResults = 65536;
+constexpr uint32_t kMaxWordPieceResults = 65536;
 // The largest frame held back to be written with later ones (task_server.h: hold).
 constexpr size_t kHoldBytes = size_t{64} << 10;
 // A piece is sent once it holds this many bytes, whatever else says.
@@ -101,7 +101,7 @@ class TaskPacer {
   int64_t unsent_busy_ns_ = 0;
 };
 
-// Claims of one batch, taken before each task (or stride of packed tasks).
+// Claims of one batch of listed tasks, taken before each task (word batches claim per stride).
 class Claims {
  public:
   Claims(ControlPage& page, wire::TaskBatch::Reader batch)
@@ -267,7 +267,7 @@ class BatchRunner {
     }
     const uint32_t max_entries = static_cast<uint32_t>(std::clamp<size_t>(
         (std::max<size_t>(max_frame_bytes_, 2048) - 1024) / sizeof(capnp::word), 1,
-        kMaxPackedPieceResults));
+        kMaxWordPieceResults));
     const uint32_t claim_slot = batch.getClaimSlot();
     const uint16_t claim_tag = batch.getClaimTag();
     const bool timed = batch.getTimed();

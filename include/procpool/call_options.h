@@ -25,7 +25,7 @@ struct CallOptions {
   // Tasks that may run twice must be idempotent.
   int retries = 0;
   // imap and imap_unordered only: at most this many tasks are taken from the input and not yet
-  // consumed at once; 0 means 4 per worker, or 2 chunks per worker and one more if that is more.
+  // consumed at once; 0 means 4 per worker, or 4 chunks per worker and one more if that is more.
   // Bounds the parent's memory on an endless input.
   size_t max_in_flight = 0;
   // Called after each task finishes, with (tasks finished, total). Runs on the pool thread: keep

@@ -170,7 +170,7 @@ struct TypedCalls {
         options.max_in_flight != 0
             ? options.max_in_flight
             : std::max<size_t>(4 * static_cast<size_t>(core.worker_count()),
-                               (2 * static_cast<size_t>(core.worker_count()) + 1) * settings.chunksize);
+                               (4 * static_cast<size_t>(core.worker_count()) + 1) * settings.chunksize);
     auto call = std::make_shared<ImapCall<Job, Stored<Result>>>(settings, ordered,
                                                                 settings.chunksize, max_in_flight);
     return ImapRange<Job, Result, View>(&core, std::move(call),

@@ -4,7 +4,8 @@
 // Each repetition forks a fresh pool (workers = cores), warms it up with one small map, then
 // times one map over all the jobs (fork time excluded); for automatic chunking, then measures the
 // raw floor of the same map (raw_floor.h: packed int64 chunks of the same size over plain
-// socketpairs to as many children). Prints items/s per repetition.
+// socketpairs to as many children), with a fresh result array as a map returns, and once more
+// with a result array made and faulted in before the clock starts. Prints items/s per repetition.
 
 #include <cstdint>
 #include <string>
@@ -47,8 +48,10 @@ int main(int argc, char** argv) {
       // The floor of the automatic map (with chunksize 1 the same one-in-flight protocol is no
       // floor: procpool pipelines single tasks better).
       const size_t parts = static_cast<size_t>(used) * 4;
-      extras.emplace_back("raw_items_per_s",
-                          raw_map_items_per_s(jobs, used, (jobs.size() + parts - 1) / parts));
+      const size_t chunk = (jobs.size() + parts - 1) / parts;
+      extras.emplace_back("raw_items_per_s", raw_map_items_per_s(jobs, used, chunk));
+      extras.emplace_back("raw_prefaulted_items_per_s",
+                          raw_map_items_per_s(jobs, used, chunk, /*fresh_results=*/false));
     }
     emit(name, "items_per_s", static_cast<double>(n) / seconds, "items/s", extras);
   }

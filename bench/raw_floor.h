@@ -27,8 +27,11 @@ double raw_copy_seconds(const std::vector<std::string>& payloads, int warmup);
 // children forked before the clock starts, each sent chunks of `chunk` jobs as packed int64
 // arrays (8-byte count, then the values) over its own socketpair, one chunk in flight per child
 // (blocking sockets); a child squares a chunk in place and sends it back, and the parent stores each
-// result at its index. `jobs` must outlive the call; results are checked.
-double raw_map_items_per_s(const std::vector<int64_t>& jobs, int workers, size_t chunk);
+// result at its index. With `fresh_results` the result array is made within the timing, as a
+// map's must be; else before it, its pages already faulted in. `jobs` must outlive the call;
+// results are checked.
+double raw_map_items_per_s(const std::vector<int64_t>& jobs, int workers, size_t chunk,
+                           bool fresh_results = true);
 
 // Milliseconds to fork `children` children that exit at once, and reap them all: the floor of a
 // pool's start + join.

@@ -8,7 +8,8 @@
 // full budget, one that finds nothing halves it, down to none; with none, every kRetryAfter-th
 // wait tries a full spin again. A failed spin whose blocking wait then ends at once says that the
 // other end could only run where we spun (other programs keep the other CPU busy): spinning stops
-// for kContendedRetryAfter waits. Where this process may use one CPU only, the other end cannot
+// for kContendedRetryAfter waits. The budget outlasts the wake-up of an idle virtual CPU (~35 us
+// here), so that the first spins, before the other end spins too, do not look like that. Where this process may use one CPU only, the other end cannot
 // run while we spin: never spin there.
 //
 // Not thread-safe: one per waiting thread, or guarded by the caller's lock.
@@ -22,7 +23,7 @@ namespace procpool::internal {
 
 class SpinPolicy {
  public:
-  static constexpr int64_t kMaxSpinNs = 30'000;
+  static constexpr int64_t kMaxSpinNs = 50'000;
 
   // Asks how many CPUs this process may use on first use, not here: a forked worker that never
   // spins never pays for the system call.
@@ -50,7 +51,7 @@ class SpinPolicy {
   static constexpr int kRetryAfter = 64;
   static constexpr int kContendedRetryAfter = 4096;
   // The blocking wait after a failed spin ended sooner than this: the spin was in the way.
-  static constexpr int64_t kContendedWaitNs = 20'000;
+  static constexpr int64_t kContendedWaitNs = 10'000;
   void init() {
     if (!initialized_) initialize();
   }

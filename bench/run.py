@@ -224,7 +224,8 @@ def machine():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lib", "include", "bench"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lib", "include", "bench",
+                                ":!bench/RESULTS.md"],
                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
         if dirty:
             commit += " + uncommitted changes in lib/, include/ or bench/"

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -123,6 +124,79 @@ TEST_CASE("garbage is kDataLoss, never a crash") {
       threw = true;
     }
     CHECK(threw);
+  }
+}
+
+// Frame contents that differ from frame to frame and byte to byte, so that a misplaced or stale
+// byte after the buffer moves shows up.
+std::string patterned(size_t size, uint32_t seed) {
+  std::string text(size, '\0');
+  uint32_t x = seed * 2654435761u + 1;
+  for (char& c : text) {
+    x = x * 1664525u + 1013904223u;
+    c = static_cast<char>(x >> 24);
+  }
+  return text;
+}
+
+TEST_CASE("a reader with huge buffers grows past 512 KiB into a mapping and keeps frames whole") {
+  constexpr size_t kHuge = size_t{2} << 20;
+  // Small frames around two large ones: the first large one moves the buffer from the heap to a
+  // mapping, the second from that mapping to a bigger one, each while frames are part-read.
+  const std::vector<size_t> sizes = {3000, 40000, 17,     600000, 5000,  123457, 2500000,
+                                     9,    70000, 333333, 1,      700001, 64};
+  std::vector<std::string> sent;
+  std::string stream;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    sent.push_back(patterned(sizes[i], static_cast<uint32_t>(i)));
+    kj::Array<capnp::word> flat = capnp::messageToFlatArray(*text_frame(sent.back()));
+    stream.append(reinterpret_cast<const char*>(flat.begin()), flat.size() * sizeof(capnp::word));
+  }
+
+  SUBCASE("bytes appended in pieces that end inside frames") {
+    for (bool huge : {true, false}) {
+      CAPTURE(huge);
+      FrameReader reader(size_t{8} << 20, huge);
+      std::vector<std::string> received;
+      for (size_t at = 0; at < stream.size();) {
+        const size_t piece = std::min<size_t>(100003, stream.size() - at);
+        reader.append(stream.data() + at, piece);
+        at += piece;
+        while (true) {
+          auto frame = reader.next();
+          REQUIRE(frame.ok());
+          if (frame->size() == 0) break;
+          received.push_back(text_of(*frame, reader.options()));
+        }
+      }
+      CHECK(received == sent);
+      CHECK(reader.capacity() > (size_t{512} << 10));
+      // Where asked for, the buffer is a mapping of whole huge pages; elsewhere it stays on the heap.
+      CHECK(reader.buffer_is_mapped() == huge);
+      if (huge) CHECK(reader.capacity() % kHuge == 0);
+    }
+  }
+
+  SUBCASE("frames read from a socket in partial reads") {
+    SocketPair pair = *make_socket_pair();
+    std::thread writer([&] {
+      for (size_t at = 0; at < stream.size();) {
+        ssize_t wrote = ::write(pair.parent_end.get(), stream.data() + at, stream.size() - at);
+        if (wrote <= 0) return;
+        at += static_cast<size_t>(wrote);
+      }
+    });
+    FrameReader reader(size_t{8} << 20, /*huge_buffers=*/true);
+    std::vector<std::string> received;
+    while (received.size() < sent.size()) {
+      auto frame = reader.read_blocking(pair.child_end.get());
+      REQUIRE(frame.ok());
+      received.push_back(text_of(*frame, reader.options()));
+    }
+    writer.join();
+    CHECK(received == sent);
+    CHECK(reader.buffer_is_mapped());
+    CHECK(reader.capacity() % kHuge == 0);
   }
 }
 

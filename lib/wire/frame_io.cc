@@ -1,5 +1,6 @@
 #include "lib/wire/frame_io.h"
 
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -8,12 +9,41 @@
 #include <cstring>
 
 #include "absl/strings/str_format.h"
+#include "procpool/internal/memory.h"
 
 namespace procpool::internal {
 namespace {
 
 constexpr size_t kInitialReadBuffer = 64 * 1024;
+// FrameReader(huge_buffers): buffers of half a megabyte or more are whole 2 MiB huge pages.
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kHugeReadBufferFrom = size_t{512} << 10;
 constexpr size_t kMaxPiecesPerSend = 64;
+
+// A read buffer of `bytes`. With `huge` and `bytes` of kHugeReadBufferFrom or more (a multiple of
+// 2 MiB then): a fresh mapping aligned to huge pages and advised before it is touched (memory.h),
+// so that the kernel faults it in as whole huge pages.
+// Fresh, not the heap: heap memory may still be shared with the parent since the fork, and is then
+// copied on write page by page whatever it is advised. Falls back to new[] if mmap() fails.
+ReadBuffer allocate_read_buffer(size_t bytes, bool huge) {
+  if (huge && bytes >= kHugeReadBufferFrom) {
+    // Map one huge page more than needed and trim both ends, leaving an aligned mapping of exactly
+    // `bytes`.
+    void* mapped = ::mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapped != MAP_FAILED) {
+      const uintptr_t start = reinterpret_cast<uintptr_t>(mapped);
+      const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
+      if (aligned > start) ::munmap(mapped, aligned - start);
+      if (start + kHugePage > aligned) {
+        ::munmap(reinterpret_cast<void*>(aligned + bytes), start + kHugePage - aligned);
+      }
+      advise_huge_pages(reinterpret_cast<void*>(aligned), bytes, kHugePage);
+      return ReadBuffer(reinterpret_cast<capnp::word*>(aligned), ReadBufferRelease{bytes});
+    }
+  }
+  return ReadBuffer(new capnp::word[bytes / sizeof(capnp::word)], ReadBufferRelease{0});
+}
 
 // The stream framing: (segment count - 1), each segment's size in words, padded to a word.
 std::vector<uint32_t> segment_table(kj::ArrayPtr<const kj::ArrayPtr<const capnp::word>> segments) {
@@ -219,7 +249,16 @@ void FrameWriter::clear() {
   queued_bytes_ = 0;
 }
 
-FrameReader::FrameReader(size_t max_frame_bytes) : max_frame_bytes_(max_frame_bytes) {
+void ReadBufferRelease::operator()(capnp::word* words) const {
+  if (mapped > 0) {
+    ::munmap(words, mapped);
+  } else {
+    delete[] words;
+  }
+}
+
+FrameReader::FrameReader(size_t max_frame_bytes, bool huge_buffers)
+    : max_frame_bytes_(max_frame_bytes), huge_buffers_(huge_buffers) {
   // Each frame gets its own reader, so the traversal limit bounds the work one frame can cause.
   options_.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
 }
@@ -234,8 +273,13 @@ void FrameReader::make_room(size_t bytes_needed) {
   if (capacity_ < bytes_needed || end_ == capacity_) {
     size_t capacity = std::max({bytes_needed, capacity_ * 2, kInitialReadBuffer});
     capacity = (capacity + sizeof(capnp::word) - 1) / sizeof(capnp::word) * sizeof(capnp::word);
-    auto bigger = std::make_unique_for_overwrite<capnp::word[]>(capacity / sizeof(capnp::word));
-    if (pending > 0) std::memcpy(bigger.get(), reinterpret_cast<char*>(buffer_.get()) + begin_, pending);
+    if (huge_buffers_ && capacity >= kHugeReadBufferFrom) {
+      capacity = (capacity + kHugePage - 1) / kHugePage * kHugePage;
+    }
+    ReadBuffer bigger = allocate_read_buffer(capacity, huge_buffers_);
+    if (pending > 0) {
+      std::memcpy(bigger.get(), reinterpret_cast<char*>(buffer_.get()) + begin_, pending);
+    }
     buffer_ = std::move(bigger);
     capacity_ = capacity;
     begin_ = 0;

@@ -124,11 +124,21 @@ class FrameWriter {
   size_t queued_bytes_ = 0;
 };
 
+// Frees a FrameReader's buffer: from new[], or a mapping of `mapped` bytes.
+struct ReadBufferRelease {
+  size_t mapped = 0;
+  void operator()(capnp::word* words) const;
+};
+using ReadBuffer = std::unique_ptr<capnp::word[], ReadBufferRelease>;
+
 // Collects bytes from a socket and yields complete frames.
 class FrameReader {
  public:
-  // `max_frame_bytes`: a frame that declares itself larger is a kDataLoss error.
-  explicit FrameReader(size_t max_frame_bytes);
+  // `max_frame_bytes`: a frame that declares itself larger is a kDataLoss error. With
+  // `huge_buffers`, a buffer that grows to half a megabyte or more is a fresh mapping of whole
+  // 2 MiB huge pages (where the system gives them): one page fault instead of hundreds, for a
+  // process that keeps one large buffer for its life (a worker).
+  explicit FrameReader(size_t max_frame_bytes, bool huge_buffers = false);
 
   enum class Fill { kData, kWouldBlock, kEndOfFile };
   // One read() into the buffer. Blocks only if the socket does, and `dont_wait` is false.
@@ -154,12 +164,18 @@ class FrameReader {
   // True if next() would return a whole frame (or an error) without more bytes.
   bool has_complete_frame() const;
 
+  // The buffer's size in bytes, and whether it is a huge-page mapping (for tests).
+  size_t capacity() const { return capacity_; }
+  bool buffer_is_mapped() const { return buffer_.get_deleter().mapped > 0; }
+
  private:
   void make_room(size_t bytes_needed);
 
   size_t max_frame_bytes_;
   capnp::ReaderOptions options_;
-  std::unique_ptr<capnp::word[]> buffer_;
+  // The buffer: from new[], or (huge_buffers_) a mapping (ReadBufferRelease).
+  ReadBuffer buffer_;
+  bool huge_buffers_ = false;
   size_t capacity_ = 0;   // bytes
   size_t begin_ = 0;      // first unconsumed byte; always word-aligned
   size_t end_ = 0;        // one past the last byte read

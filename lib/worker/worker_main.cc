@@ -26,7 +26,7 @@ namespace {
 class ChannelTransport final : public WorkerTransport {
  public:
   ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held)
-      : fd_(fd), reader_(max_frame_bytes), held_(*held) {}
+      : fd_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(*held) {}
 
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
     if (spin_next_ && !reader_.has_complete_frame() && spin_.budget_ns() > 0) {

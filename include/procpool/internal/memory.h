@@ -20,9 +20,10 @@ inline constexpr size_t kHugePageAdviceMinBytes = size_t{4} << 20;
 
 // Asks for huge pages for the whole 2 MiB pages inside [data, data + bytes), before they are
 // first touched. Advice only: harmless where THP is off, and for memory already touched.
-inline void advise_huge_pages(const void* data, size_t bytes) {
+inline void advise_huge_pages(const void* data, size_t bytes,
+                              size_t min_bytes = kHugePageAdviceMinBytes) {
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (data == nullptr || bytes < kHugePageAdviceMinBytes) return;
+  if (data == nullptr || bytes < min_bytes) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);

@@ -15,7 +15,8 @@ bench/RESULTS.md with the machine, the date and the commit. A row that misses it
 why, from what was measured.
 
 Exit status: 0 when every benchmark ran (whether or not targets held: the table says), 2 when a
-benchmark failed or could not be built; with --check, 1 when a target was missed. Stdlib only.
+benchmark failed, could not be built or left a row without a figure; with --check, 1 when a
+target was missed. Stdlib only.
 """
 
 import argparse
@@ -349,8 +350,8 @@ def run_all(binaries, static_binaries, only, quick):
 # ---- the table --------------------------------------------------------------------------------
 
 def evaluate(results, cores):
-    """Rows of the table, the list of missed targets, notes."""
-    rows, missed, notes = [], [], []
+    """Rows of the table, the list of missed targets, notes, and the rows without a figure."""
+    rows, missed, notes, unmeasured = [], [], [], []
 
     def py(entry, impl, key="value"):
         return fig(entry.get(impl, []), key, entry.get(impl + "_note"))
@@ -365,6 +366,7 @@ def evaluate(results, cores):
     def check(name, holds, what, why=None):
         if holds is None:
             missed.append("%s: not measured (%s)" % (name, what))
+            unmeasured.append(missed[-1])
             return "MISS (not measured)"
         if not holds:
             others = max(results[name]["others"]) if results[name]["others"] else 0.0
@@ -561,7 +563,7 @@ def evaluate(results, cores):
             "≥ 0.95 × cores (%.2f×)" % need,
             check("cpu_sha512", holds, "speedup %s, target ≥ %.2f× on %d cores"
                   % (c.fmt(times), need, cores)), e)
-    return rows, missed, notes
+    return rows, missed, notes, unmeasured
 
 
 def render(rows, missed, notes, info, command, started, elapsed, busy_before, others):
@@ -679,7 +681,7 @@ def main():
     busy_end, ours_end = busy_seconds()
     others = max(0.0, (busy_end - busy_start) - (ours_end - ours_start)) / max(
         time.monotonic() - t_run, 1e-9) / CORES
-    rows, missed, notes = evaluate(results, info["cores"])
+    rows, missed, notes, unmeasured = evaluate(results, info["cores"])
     text = render(rows, missed, notes, info, args.command, started, time.monotonic() - t0, busy,
                   others)
     print()
@@ -687,6 +689,12 @@ def main():
     with open(args.output, "w") as f:
         f.write(text)
     print("wrote %s" % os.path.relpath(args.output, ROOT))
+    if unmeasured:
+        # A row without a figure did not run, whatever the reason: the table is incomplete.
+        print("benchmark failed: %d row(s) without a figure" % len(unmeasured), file=sys.stderr)
+        for m in unmeasured:
+            print("  " + m, file=sys.stderr)
+        return 2
     if missed:
         print("targets missed: %d (see the table)" % len(missed), file=sys.stderr)
         for m in missed:

@@ -8,7 +8,8 @@
 // and lazy calls return; PoolOptions (pool_options.h)
 // sizes and times it; CallOptions (call_options.h) tunes one call; Codec (codec.h) says which
 // types cross the process boundary; CapnpStruct (capnp_struct.h) carries your own Cap'n Proto
-// structs; PoolStats (pool_stats.h) shows what the workers do.
+// structs; PoolStats (pool_stats.h) shows what the workers do; version.h says which procpool
+// this is.
 
 #ifndef PROCPOOL_PROCPOOL_H_
 #define PROCPOOL_PROCPOOL_H_
@@ -23,5 +24,6 @@
 #include "procpool/pool_stats.h"
 #include "procpool/process_pool.h"
 #include "procpool/signals.h"
+#include "procpool/version.h"
 
 #endif  // PROCPOOL_PROCPOOL_H_

@@ -3,7 +3,8 @@
 #   0. installs the Debian packages it needs, if any is missing;
 #   1. bazel test //... (keeps going past failures); extra arguments are passed to it,
 #      e.g. `bash tools/test.sh --config=asan`;
-#   2. builds and runs the separate consumer workspace examples/consumer (one more check).
+#   2. builds and runs the separate consumer workspaces examples/consumer (one more check) and
+#      examples/consumer_own_deps (procpool_deps(absl_repo=, capnp_repo=); one more check).
 # The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
 set -euo pipefail
 
@@ -86,6 +87,13 @@ if (cd examples/consumer && "$BAZEL" build //... </dev/null && "$BAZEL" run //:m
   passed=$((passed + 1))
 else
   echo "FAILED: examples/consumer" >&2
+  failed=$((failed + 1))
+fi
+echo "=== examples/consumer_own_deps: procpool on the workspace's own Abseil and Cap'n Proto"
+if (cd examples/consumer_own_deps && "$BAZEL" run //:main </dev/null); then
+  passed=$((passed + 1))
+else
+  echo "FAILED: examples/consumer_own_deps" >&2
   failed=$((failed + 1))
 fi
 

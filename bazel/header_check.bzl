@@ -9,10 +9,10 @@
     )
 
 For each header `include/procpool/x.h` it writes a translation unit holding only
-`#include "procpool/x.h"`, and builds them all into one cc_test that passes if it builds. So a header
-that is not self-contained (needs an include it lacks), that includes something its deps do not
-provide (e.g. "lib/..." that an install would not have), or that warns under `copts`, fails the
-test. The headers come from a glob: new ones are checked without editing anything.
+`#include "procpool/x.h"`, and builds them all into one cc_test that passes if it builds. So a
+header that is not self-contained (needs an include it lacks), that includes something its deps do
+not provide (e.g. "lib/..." that an install would not have), or that warns under `copts`, fails
+the test. The headers come from a glob: new ones are checked without editing anything.
 """
 
 def _header_sources_impl(ctx):

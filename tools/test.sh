@@ -125,7 +125,7 @@ fi
 # Every command of the check; the first that fails fails it.
 consumer_cmake() {
   local prefix="$WORK/prefix" build="$WORK/consumer-cmake-build"
-  cmake --install "$CMAKE_BUILD" --prefix "$prefix" </dev/null || return 1
+  cmake --install "$CMAKE_BUILD" --prefix "$prefix" </dev/null >/dev/null || return 1
   cmake -S examples/consumer_cmake -B "$build" "${CMAKE_GEN[@]}" --log-level=NOTICE \
     -DCMAKE_PREFIX_PATH="$prefix" \
     </dev/null || return 1

@@ -232,6 +232,7 @@ def _maybe(rule, name, **kwargs):
 _ABSL_UPSTREAM_TARGETS = [
     "//absl/base",
     "//absl/base:core_headers",
+    "//absl/container:flat_hash_map",
     "//absl/status",
     "//absl/status:statusor",
     "//absl/strings",

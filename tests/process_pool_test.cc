@@ -160,8 +160,16 @@ TEST_CASE("an exception thrown by run becomes that task's status and the worker 
     CHECK(std::string(failed.status().message()) == "job 1: no such job");
   }
   SUBCASE("the same processes keep serving") {
+    // map returns at its first failure, possibly before the second worker has entered: wait for
+    // both enter() events rather than race them.
     std::set<pid_t> before;
-    for (const Event& e : read_events(dir.file("events"))) before.insert(e.pid);
+    CHECK(testing::wait_until([&] {
+      before.clear();
+      for (const Event& e : read_events(dir.file("events"))) {
+        if (e.kind == "enter") before.insert(e.pid);
+      }
+      return before.size() == 2;
+    }));
     std::vector<int64_t> ok = {6, 7, 8};
     CHECK(*pool.map(ok) == std::vector<int64_t>{36, 49, 64});
     std::set<pid_t> after;

@@ -160,8 +160,16 @@ TEST_CASE("an exception thrown by run becomes that task's status and the worker 
     CHECK(std::string(failed.status().message()) == "job 1: no such job");
   }
   SUBCASE("the same processes keep serving") {
+    // map returns at its first failure, possibly before the second worker has entered: wait for
+    // both enter() events rather than race them.
     std::set<pid_t> before;
-    for (const Event& e : read_events(dir.file("events"))) before.insert(e.pid);
+    CHECK(testing::wait_until([&] {
+      before.clear();
+      for (const Event& e : read_events(dir.file("events"))) {
+        if (e.kind == "enter") before.insert(e.pid);
+      }
+      return before.size() == 2;
+    }));
     std::vector<int64_t> ok = {6, 7, 8};
     CHECK(*pool.map(ok) == std::vector<int64_t>{36, 49, 64});
     std::set<pid_t> after;
@@ -360,6 +368,13 @@ TEST_CASE("a worker holds only stdin, stdout, stderr and its channel; the parent
   // Descriptors of the parent's that a worker must not inherit.
   int leaked[2];
   REQUIRE(::pipe(leaked) == 0);
+  // What this process had open before the pool: the pipe, and whatever the test runner passed
+  // down (ctest under make or ninja does: the jobserver's fds). Only the pool's are checked below.
+  std::set<int> before;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    before.insert(std::stoi(entry.path().filename().string()));
+  }
+  std::erase_if(before, [](int fd) { return ::fcntl(fd, F_GETFD) < 0; });  // the listing's own
   {
     ProcessPool<FdLister> pool(quiet({.workers = 2}));
     absl::StatusOr<std::vector<std::vector<int64_t>>> lists = pool.map(std::vector<int64_t>{0, 1});
@@ -372,7 +387,7 @@ TEST_CASE("a worker holds only stdin, stdout, stderr and its channel; the parent
     // Every descriptor the pool opened in this process is close-on-exec.
     for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
       const int fd = std::stoi(entry.path().filename().string());
-      if (fd <= 2 || fd == leaked[0] || fd == leaked[1]) continue;
+      if (fd <= 2 || before.contains(fd)) continue;
       const int flags = ::fcntl(fd, F_GETFD);
       if (flags < 0) continue;  // the directory iterator's own, already closed
       CAPTURE(fd);

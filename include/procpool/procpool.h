@@ -9,7 +9,8 @@
 // ProgressBar (progress_bar.h) draws a map's progress; PoolOptions (pool_options.h)
 // sizes and times it; CallOptions (call_options.h) tunes one call; Codec (codec.h) says which
 // types cross the process boundary; CapnpStruct (capnp_struct.h) carries your own Cap'n Proto
-// structs; PoolStats (pool_stats.h) shows what the workers do.
+// structs; PoolStats (pool_stats.h) shows what the workers do; version.h says which procpool
+// this is.
 
 #ifndef PROCPOOL_PROCPOOL_H_
 #define PROCPOOL_PROCPOOL_H_
@@ -25,6 +26,7 @@
 #include "procpool/process_pool.h"
 #include "procpool/progress_bar.h"
 #include "procpool/signals.h"
+#include "procpool/version.h"
 #include "procpool/wait.h"
 
 #endif  // PROCPOOL_PROCPOOL_H_

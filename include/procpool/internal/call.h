@@ -49,11 +49,13 @@ class Call {
   // true if this call sends its jobs as one packed list per batch.
   virtual bool packs_jobs() const { return false; }
   // Writes jobs [first, first + count) as one packed list into `out`.
-  virtual void encode_jobs_packed(size_t first, size_t count, wire::Value::Builder out) {}
+  virtual void encode_jobs_packed(size_t /*first*/, size_t /*count*/,
+                                  wire::Value::Builder /*out*/) {}
   // Outcomes of tasks [first, first + count) sent packed (see ResultBatch in protocol.capnp).
   // Returns how many were values that decoded; the rest went to on_error.
-  virtual size_t on_packed_results(size_t first, uint32_t count, wire::Value::Reader values,
-                                   capnp::List<wire::TaskError>::Reader errors) {
+  virtual size_t on_packed_results(size_t /*first*/, uint32_t /*count*/,
+                                   wire::Value::Reader /*values*/,
+                                   capnp::List<wire::TaskError>::Reader /*errors*/) {
     return 0;
   }
 

@@ -26,13 +26,13 @@ class WorkerBody {
                    wire::Outcome::Builder out) = 0;
   // The packed path (see TaskBatch.packedJobs): makes `out` a packed list of `count` results of
   // this body's scalar Result type.
-  virtual PackedWriter init_packed_results(wire::Value::Builder out, uint32_t count) {
+  virtual PackedWriter init_packed_results(wire::Value::Builder /*out*/, uint32_t /*count*/) {
     return PackedWriter();
   }
   // Runs job `index` of `jobs`, storing its result at `slot` of `results` (made by
   // init_packed_results), or returns its error.
-  virtual absl::Status run_packed(const PackedReader& jobs, uint32_t index, PackedWriter& results,
-                                  uint32_t slot) {
+  virtual absl::Status run_packed(const PackedReader& /*jobs*/, uint32_t /*index*/,
+                                  PackedWriter& /*results*/, uint32_t /*slot*/) {
     return absl::InternalError("this worker has no packed path");
   }
   // Runs the exit() hook, once, at an orderly shutdown, then destroys the user's worker.

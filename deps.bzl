@@ -221,6 +221,16 @@ _DOCTEST_MAIN = '''#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 '''
 
+_OPENSSL_BUILD = '''
+package(default_visibility = ["//visibility:public"])
+
+# System OpenSSL 3 (Debian libssl-dev): headers in /usr/include/openssl.
+cc_library(
+    name = "crypto",
+    linkopts = ["-lcrypto"],
+)
+'''
+
 def _maybe(rule, name, **kwargs):
     """Declares repository `name` unless the workspace already has one by that name."""
     if not native.existing_rule(name):
@@ -325,4 +335,11 @@ def procpool_deps(absl_repo = None, capnp_repo = None):
         "WORKSPACE": 'workspace(name = "procpool_doctest")\n',
         "BUILD.bazel": _DOCTEST_BUILD,
         "doctest_main.cc": _DOCTEST_MAIN,
+    })
+    # OpenSSL's libcrypto (Debian libssl-dev): HMAC for the remote workers' handshake. A workspace
+    # with its own OpenSSL (BoringSSL) declares "procpool_openssl" itself, with a cc_library
+    # "crypto" exposing <openssl/hmac.h> and <openssl/rand.h>.
+    _maybe(_files_repo, "procpool_openssl", files = {
+        "WORKSPACE": 'workspace(name = "procpool_openssl")\n',
+        "BUILD.bazel": _OPENSSL_BUILD,
     })

@@ -26,6 +26,7 @@
 #include "lib/common/mutex.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/fork_launcher.h"
+#include "lib/link/remote_launcher.h"
 #include "lib/options_check.h"
 #include "lib/pool_registry.h"
 #include "lib/scheduler/scheduler.h"
@@ -50,7 +51,7 @@ int cpu_count() {
 
 class PoolCore::Impl {
  public:
-  Impl(PoolOptions options, WorkerBodyFactory factory);
+  Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type);
   ~Impl();
   // close() + join(), then runs the callbacks still queued and stops the callback thread.
   // Idempotent. Called while the PoolCore is whole: callbacks may still reach it through it.
@@ -66,6 +67,7 @@ class PoolCore::Impl {
   absl::Status join_for(absl::Duration timeout);
   void terminate();
   PoolStats stats() const;
+  std::string remote_address() const;
   void post_callback(std::function<void()> callback);
   void log(LogSeverity severity, const std::string& process, int pid,
            const std::string& message) const;
@@ -114,11 +116,11 @@ class PoolCore::Impl {
   CallbackRunner callbacks_;
 };
 
-PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
+PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type)
     : options_(std::move(options)),
       worker_count_(options_.workers > 0 ? options_.workers : cpu_count()),
       owner_pid_(::getpid()),
-      invalid_options_(check_pool_options(options_)),
+      invalid_options_(check_pool_options(options_, /*remote_allowed=*/!worker_type.empty())),
       factory_(std::move(factory)),
       fork_from_pool_thread_(::gettid() != ::getpid()),
       callbacks_([this](const std::string& what) {
@@ -136,12 +138,30 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory)
     return;
   }
   wake_fd_ = *std::move(wake);
-  launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
-      .process_name_prefix = options_.name,
-      .fork_server = options_.start_method == StartMethod::kForkServer,
-      .max_frame_bytes = options_.max_frame_bytes,
-      .frame_timeout = options_.frame_timeout,
-      .factory = &factory_});
+  if (options_.remote) {
+    absl::StatusOr<std::unique_ptr<RemoteLauncher>> remote =
+        RemoteLauncher::start(RemoteLauncher::Config{.remote = *options_.remote,
+                                                     .max_frame_bytes = options_.max_frame_bytes,
+                                                     .kill_grace = options_.kill_grace,
+                                                     .frame_timeout = options_.frame_timeout,
+                                                     .name = options_.name,
+                                                     .worker_type = worker_type});
+    if (!remote.ok()) {
+      thread_failure_ = remote.status();
+      loop_done_ = true;
+      return;
+    }
+    log(LogSeverity::kInfo, "procpool", ::getpid(),
+        absl::StrCat("listening for remote workers; they dial ", (*remote)->address()));
+    launcher_ = *std::move(remote);
+  } else {
+    launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
+        .process_name_prefix = options_.name,
+        .fork_server = options_.start_method == StartMethod::kForkServer,
+        .max_frame_bytes = options_.max_frame_bytes,
+        .frame_timeout = options_.frame_timeout,
+        .factory = &factory_});
+  }
   scheduler_ = std::make_unique<Scheduler>(Scheduler::Config{
       .workers = worker_count_,
       .max_frame_bytes = options_.max_frame_bytes,
@@ -268,6 +288,7 @@ void PoolCore::Impl::loop(MutexLock& lock) {
     supervisor_->service(fds);
   }
   scheduler_->cancel_all(absl::AbortedError("no worker is left to run this task"));
+  launcher_->finish();
   loop_done_ = true;
   loop_done_cv_.notify_all();
 }
@@ -448,6 +469,13 @@ void PoolCore::Impl::terminate() {
   run_loop_to_end(lock);
 }
 
+std::string PoolCore::Impl::remote_address() const {
+  if (foreign()) return "";
+  MutexLock lock(mu_);
+  if (auto* remote = dynamic_cast<const RemoteLauncher*>(launcher_.get())) return remote->address();
+  return "";
+}
+
 PoolStats PoolCore::Impl::stats() const {
   PoolStats stats;
   if (foreign()) return stats;
@@ -460,8 +488,8 @@ PoolStats PoolCore::Impl::stats() const {
   return stats;
 }
 
-PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory)
-    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory))) {
+PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string worker_type)
+    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory), std::move(worker_type))) {
   link_->core_ = this;
   register_pool(this);
 }
@@ -508,6 +536,7 @@ bool PoolCore::cancel_call(Call* call, absl::Status status, const std::function<
 void PoolCore::terminate() { impl_->terminate(); }
 int PoolCore::worker_count() const { return impl_->worker_count_; }
 PoolStats PoolCore::stats() const { return impl_->stats(); }
+std::string PoolCore::remote_address() const { return impl_->remote_address(); }
 const PoolOptions& PoolCore::options() const { return impl_->options_; }
 void PoolCore::log(LogSeverity severity, std::string message) const {
   impl_->log(severity, "procpool", ::getpid(), message);

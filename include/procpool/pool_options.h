@@ -13,7 +13,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 
@@ -51,6 +53,44 @@ enum class StartMethod {
   // another thread of the program, however many threads it runs later. Workers see the memory as
   // it was when the pool was made. Costs one more process and a round trip per fork.
   kForkServer,
+};
+
+// Workers on other machines (PoolOptions::remote). The worker program calls procpool::serve<W>
+// (serve.h); a cluster engine (Slurm's srun, ssh, mpirun, Kubernetes) starts it, the pool (with
+// `launch`) or something else (an `srun -n 64 ./indexer` of its own); it dials `listen`, proves
+// the token, and then serves exactly as a forked worker does: same calls, hooks, errors and
+// shutdown. Traffic is authenticated (a challenge-response on the token: the token itself never
+// crosses the wire) but not encrypted: across an untrusted network, tunnel it (ssh -L, a VPN).
+//
+//   procpool::ProcessPool<Indexer> pool({
+//       .workers = 64,
+//       .remote = procpool::RemoteOptions{
+//           .listen = "0.0.0.0:7000",
+//           .token = secret,
+//           .launch = {"srun", "-n1", "./indexer", "--procpool-connect={address}"}}});
+struct RemoteOptions {
+  // "host:port" to listen on; port 0 picks a free one. Loopback by default: listening on any
+  // other address needs a token.
+  std::string listen = "127.0.0.1:0";
+  // The shared secret workers must prove (they read it from PROCPOOL_TOKEN). Required unless
+  // `listen` is a loopback address.
+  std::string token;
+  // Optional: the command the pool runs once per worker it needs (replacements included), as an
+  // argv; "{address}" in any argument becomes the address workers dial. It runs with
+  // PROCPOOL_TOKEN and PROCPOOL_CONNECT in its environment and stdin on /dev/null. Without it,
+  // workers started by anything else dial in on their own.
+  std::vector<std::string> launch;
+  // The pool waits this long for workers: without `launch`, for the first ones after it is made
+  // (calls then wait for them); with it, for each launched one. Past it, calls fail with
+  // kUnavailable saying why (none came, or each was refused and why).
+  absl::Duration connect_timeout = absl::Seconds(60);
+  // A worker host silent this long is gone (its running task fails kAborted, or runs again under
+  // retries; its unstarted ones go elsewhere); a worker host that hears nothing from the pool for
+  // as long stops its worker and exits, so nothing is left running when the pool's host dies.
+  absl::Duration heartbeat_timeout = absl::Seconds(10);
+  // The address workers dial, for {address} and PROCPOOL_CONNECT: by default `listen`, with this
+  // host's name in place of a wildcard address.
+  std::string advertise;
 };
 
 struct PoolOptions {
@@ -93,6 +133,10 @@ struct PoolOptions {
   // Workers that die while running a task are replaced at once: the task failed, not the pool.
   absl::Duration respawn_delay = absl::Milliseconds(100);
   absl::Duration respawn_max_delay = absl::Seconds(5);
+  // Run the workers on other machines (RemoteOptions above) instead of forking them here. Only
+  // ProcessPool<W> can (procpool::Pool refuses it with kInvalidArgument: function addresses mean
+  // nothing in another program); `workers` must then be given (not 0).
+  std::optional<RemoteOptions> remote;
 };
 
 }  // namespace procpool

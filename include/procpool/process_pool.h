@@ -109,9 +109,10 @@ class ProcessPool {
     requires std::invocable<Factory&>
   ProcessPool(PoolOptions options, Factory factory)
       : make_worker_(adapt_factory(std::move(factory))),
-        core_(std::move(options), [this] {
-          return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_);
-        }) {}
+        core_(
+            std::move(options),
+            [this] { return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_); },
+            internal::worker_type_name<W>()) {}
 
   // close() + join(); never terminate().
   ~ProcessPool() = default;
@@ -237,6 +238,10 @@ class ProcessPool {
   void terminate() { core_.terminate(); }
 
   int workers() const { return core_.worker_count(); }
+  // With PoolOptions::remote: the address remote workers dial ("host:port", the port the pool
+  // got when it listened on port 0), for programs that start their workers themselves. Empty for
+  // a pool of forked workers, or when it could not listen (then every call says why).
+  std::string remote_address() const { return core_.remote_address(); }
   PoolStats stats() const { return core_.stats(); }
 
  private:

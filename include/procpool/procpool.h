@@ -25,6 +25,7 @@
 #include "procpool/pool_stats.h"
 #include "procpool/process_pool.h"
 #include "procpool/progress_bar.h"
+#include "procpool/serve.h"
 #include "procpool/signals.h"
 #include "procpool/version.h"
 #include "procpool/wait.h"

@@ -32,6 +32,12 @@ void ForkLink::send(std::unique_ptr<capnp::MessageBuilder> frame) {
   writer_.push(std::move(frame));
 }
 
+void ForkLink::send_copy(kj::ArrayPtr<const capnp::word> frame) {
+  if (ended_ || !channel_) return;
+  writer_.push_copy(frame);
+  flush();
+}
+
 void ForkLink::flush() {
   if (ended_ || !channel_ || writer_.empty()) return;
   // A failure means the worker is gone; its pidfd will tell.

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,9 @@ namespace procpool::internal {
 struct WorkerEnd {
   std::string how;     // "was killed by signal 6 (SIGABRT)", "exited with status 3", ...
   bool clean = false;  // left on its own, with a status the protocol expects after a shutdown
+  // Why it was stopped, when the link knows better than its death says (a remote worker's
+  // watchdog stopped it for a task timeout): the failure of the task it was running.
+  std::optional<absl::Status> cause;
 };
 
 // What a worker is doing, as far as its link knows.

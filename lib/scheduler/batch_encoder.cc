@@ -109,6 +109,10 @@ void Scheduler::send_batch(int slot) {
     tasks.setSeq(seq);
     tasks.setClaimSlot(claim_slot);
     tasks.setClaimTag(claim_tag);
+    const CallSettings& call_settings = range.call->settings();
+    const absl::Duration timeout =
+        call_settings.has_task_timeout ? call_settings.task_timeout : config_.task_timeout;
+    if (timeout != absl::InfiniteDuration()) tasks.setTimeoutNs(to_ns(timeout));
     tasks.setTrampoline(range.call->settings().trampoline);
     tasks.setFunction(range.call->settings().function);
     taken = 0;

@@ -125,23 +125,13 @@ LinkEvents& Supervisor::events_of(WorkerLink& link) {
   return slots_.front()->events;
 }
 
-void Supervisor::on_arrived(std::unique_ptr<WorkerLink> link) {
+void Supervisor::on_capacity() {
+  const int64_t now = monotonic_now_ns();
   for (auto& slot : slots_) {
-    if (slot->state == State::kEmpty && wanted()) {
-      slot->link = std::move(link);
-      slot->state = State::kStarting;
-      slot->started_ns = monotonic_now_ns();
-      ++slot->generation;
-      log(*slot, LogSeverity::kInfo, "connected");
-      return;
+    if (slot->state == State::kEmpty && slot->next_start_ns != INT64_MAX) {
+      slot->next_start_ns = std::min(slot->next_start_ns, now);
     }
   }
-  // No slot wants it: it is told to leave.
-  auto shutdown = std::make_unique<capnp::MallocMessageBuilder>(16);
-  shutdown->initRoot<wire::ToWorker>().setShutdown();
-  link->send(std::move(shutdown));
-  link->flush();
-  ended_links_.push_back(std::move(link));
 }
 
 bool Supervisor::wanted() const {
@@ -303,6 +293,7 @@ void Supervisor::send_shutdown(Slot& slot) {
 
 void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const int64_t now = monotonic_now_ns();
+  if (end.cause && !slot.stop_reason) slot.stop_reason = *end.cause;
   const State state = slot.state;
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
@@ -327,7 +318,8 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   }
 
   if (state == State::kStarting && !slot.start_failed) {
-    record_start_failure(slot, absl::AbortedError(absl::StrCat(how, " before it was ready")), now);
+    record_start_failure(
+        slot, end.cause.value_or(absl::AbortedError(absl::StrCat(how, " before it was ready"))), now);
   }
   if (state == State::kReady || state == State::kDraining || state == State::kShutdownSent) {
     LostWorker lost;
@@ -393,6 +385,7 @@ int64_t Supervisor::check(int64_t now_ns) {
       next = std::min(next, join_deadline_ns_);
     }
   }
+  next = std::min(next, launcher_.check(now_ns, *this));
   for (auto& slot : slots_) check_slot(*slot, now_ns, next);
   next = std::min(next, scheduler_.check(now_ns));
   return next;

@@ -106,7 +106,7 @@ class Supervisor final : private LauncherEvents {
   struct Slot;
 
   LinkEvents& events_of(WorkerLink& link) override;
-  void on_arrived(std::unique_ptr<WorkerLink> link) override;
+  void on_capacity() override;
 
   void launch(Slot& slot, int64_t now_ns);
   void on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words);

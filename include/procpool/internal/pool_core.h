@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -50,7 +51,9 @@ class PoolCore {
  public:
   // Forks the workers (before the pool thread starts, when called on the main thread) and starts
   // the pool thread. Never fails: a failure to fork or start is reported by every later call.
-  PoolCore(PoolOptions options, WorkerBodyFactory factory);
+  // `worker_type` names the worker type for remote workers' handshake (worker_type_name()); an
+  // empty one means the pool cannot have remote workers (PoolOptions::remote is then refused).
+  PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string worker_type = "");
   // close() + join().
   ~PoolCore();
   PoolCore(const PoolCore&) = delete;
@@ -99,6 +102,8 @@ class PoolCore {
   void post_callback(std::function<void()> callback);
 
   int worker_count() const;
+  // Where remote workers dial ("host:port"); empty for a pool without PoolOptions::remote.
+  std::string remote_address() const;
   PoolStats stats() const;
   const PoolOptions& options() const;
 

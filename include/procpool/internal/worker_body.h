@@ -9,6 +9,8 @@
 
 #include <functional>
 #include <memory>
+#include <string>
+#include <typeinfo>
 
 #include "absl/status/status.h"
 #include "procpool/internal/protocol.capnp.h"
@@ -51,6 +53,12 @@ void status_to_wire(const absl::Status& status, wire::Error::Builder out);
 
 // "std::runtime_error: disk full" for a caught exception; the type name demangled.
 std::string describe_current_exception();
+
+// "Indexer (std::string -> long)": the identity of a worker type, its Job and its Result, as a
+// remote worker's handshake compares it (demangled, so the same types name the same in any
+// program built by a compatible compiler).
+std::string describe_worker_type(const std::type_info& worker, const std::type_info& job,
+                                 const std::type_info& result);
 
 }  // namespace procpool::internal
 

@@ -1,0 +1,81 @@
+// serve(): the main of a worker program that serves a pool from another machine.
+//
+//   // indexer.cc, the worker program (started by srun, ssh, mpirun, a Kubernetes Job, ...):
+//   int main(int argc, char** argv) { return procpool::serve<Indexer>(argc, argv); }
+//
+//   // A program that is both the pool and its workers checks first:
+//   int main(int argc, char** argv) {
+//     if (procpool::launched_as_worker(argc, argv)) return procpool::serve<Indexer>(argc, argv);
+//     procpool::ProcessPool<Indexer> pool({.workers = 64, .remote = procpool::RemoteOptions{...}});
+//     ...
+//   }
+//
+// serve() dials the pool named by --procpool-connect=HOST:PORT in argv (or PROCPOOL_CONNECT in
+// the environment), retrying for up to 60 s (PROCPOOL_CONNECT_TIMEOUT seconds) while the pool is
+// not yet listening; proves the token read from PROCPOOL_TOKEN (never from argv: argv shows in
+// ps) without sending it; and then forks the worker process the pool asks for. That worker builds
+// W (from its default constructor or from `factory`), runs enter(), serves tasks and runs exit()
+// at the pool's close-then-join, exactly as a forked worker does; if it dies, the pool charges the
+// task it ran and asks for another on the same connection. serve() returns when the pool closes
+// the connection (0), refuses this program (2: a different W or protocol version, a wrong token;
+// stderr says which), or cannot be reached or goes silent for its heartbeat_timeout (1). Either
+// way, the worker it forked is gone when it returns: nothing is left running on the host.
+//
+// Blocks until then. Call it from the main thread, before starting threads of your own: it forks.
+
+#ifndef PROCPOOL_SERVE_H_
+#define PROCPOOL_SERVE_H_
+
+#include <concepts>
+#include <functional>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "procpool/internal/typed_worker_body.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool {
+
+namespace internal {
+int run_relay(int argc, char** argv, const WorkerBodyFactory& factory,
+              const std::string& worker_type);
+bool relay_requested(int argc, char** argv);
+}  // namespace internal
+
+// True if this process was started to serve a pool: argv has --procpool-connect=..., or
+// PROCPOOL_CONNECT is set.
+inline bool launched_as_worker(int argc, char** argv) {
+  return internal::relay_requested(argc, argv);
+}
+
+// Serves a pool of W workers; each worker process gets its W from `factory` (W or
+// std::unique_ptr<W>), called in that process. Returns the program's exit status (see above).
+template <typename W, typename Factory>
+  requires std::invocable<Factory&>
+int serve(int argc, char** argv, Factory factory) {
+  using Made = std::remove_cvref_t<std::invoke_result_t<Factory&>>;
+  std::function<std::unique_ptr<W>()> make_worker;
+  if constexpr (std::is_same_v<Made, std::unique_ptr<W>>) {
+    make_worker = std::move(factory);
+  } else {
+    static_assert(std::is_same_v<Made, W>, "the factory must return W or std::unique_ptr<W>");
+    make_worker = [factory = std::move(factory)]() mutable { return std::make_unique<W>(factory()); };
+  }
+  const internal::WorkerBodyFactory body = [&make_worker] {
+    return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker);
+  };
+  return internal::run_relay(argc, argv, body, internal::worker_type_name<W>());
+}
+
+// Serves a pool of W workers, each default-constructing its W.
+template <typename W>
+  requires std::default_initializable<W>
+int serve(int argc, char** argv) {
+  return serve<W>(argc, argv, [] { return std::make_unique<W>(); });
+}
+
+}  // namespace procpool
+
+#endif  // PROCPOOL_SERVE_H_

@@ -145,7 +145,9 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .kill_grace = options_.kill_grace,
                                                      .frame_timeout = options_.frame_timeout,
                                                      .name = options_.name,
-                                                     .worker_type = worker_type});
+                                                     .worker_type = worker_type,
+                                                     .report_resident_bytes =
+                                                         options_.max_worker_rss_bytes > 0});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;
@@ -167,7 +169,10 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
       .max_frame_bytes = options_.max_frame_bytes,
       .max_tasks_per_worker = options_.max_tasks_per_worker,
       .task_timeout = options_.task_timeout,
-      .kill_grace = options_.kill_grace});
+      .kill_grace = options_.kill_grace,
+      // A remote worker's progress reaches the pool late: a batch queued behind its running one
+      // could not be told apart from one it started if its host were lost. One batch at a time.
+      .max_batches_per_worker = options_.remote ? size_t{1} : size_t{16}});
   supervisor_ = std::make_unique<Supervisor>(
       Supervisor::Config{
           .workers = worker_count_,

@@ -152,7 +152,9 @@ class OutcomePool {
         core_(
             std::move(options),
             [this] { return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_); },
-            internal::worker_type_name<W>()) {}
+            internal::worker_type_name<W>()) {
+    (void)internal::WorkerRegistration<W>::registered;  // a remote worker program can serve W
+  }
 
   absl::StatusOr<std::shared_ptr<Call>> submit(std::vector<Job> jobs, const CallOptions& options) {
     internal::CallSettings settings;

@@ -27,6 +27,7 @@
 #include "doctest/doctest.h"
 #include "procpool/capnp_struct.h"
 #include "tests/codec_test.capnp.h"
+#include "tests/test_link.h"
 #include "tests/test_support.h"
 
 namespace procpool {
@@ -79,10 +80,11 @@ std::vector<Event> read_events(const std::string& path) {
 
 PoolOptions quiet(PoolOptions options) {
   options.log_sink = nullptr;
-  return options;
+  return testing::on_link(std::move(options));
 }
 
 TEST_CASE("map runs every job exactly once, in order, between one enter and one exit per worker") {
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory, which a remote program cannot run");
   TempDir dir;
   const std::string log = dir.file("events");
   std::vector<int64_t> jobs;
@@ -135,12 +137,14 @@ TEST_CASE("a default-constructed worker with deduced types, and an empty map") {
 }
 
 TEST_CASE("workers=0 means one per CPU") {
+  PROCPOOL_LOCAL_ONLY("remote pools must name their number of workers");
   ProcessPool<Squarer> pool(quiet({}));
   CHECK(pool.workers() >= 1);
   CHECK(static_cast<long>(pool.workers()) <= sysconf(_SC_NPROCESSORS_ONLN));
 }
 
 TEST_CASE("an exception thrown by run becomes that task's status and the worker carries on") {
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory");
   TempDir dir;
   ProcessPool<RecordingWorker> pool(quiet({.workers = 2}),
                                     [log = dir.file("events")] { return RecordingWorker(log); });
@@ -244,6 +248,7 @@ struct SlowExit {
 };
 
 TEST_CASE("a slow exit() has finished when the pool's scope ends") {
+  PROCPOOL_LOCAL_ONLY("SlowExit is built by a factory");
   TempDir dir;
   const std::string marker = dir.file("exit");
   std::vector<pid_t> pids;
@@ -297,6 +302,7 @@ struct SigtermProof {
 };
 
 TEST_CASE("terminate() stops workers at once, without exit hooks, and fails their tasks") {
+  PROCPOOL_LOCAL_ONLY("it counts the test's child processes");
   TempDir dir;
   const std::string log = dir.file("events");
   auto pool = std::make_unique<ProcessPool<RecordingWorker>>(quiet({.workers = 2}),
@@ -339,6 +345,7 @@ TEST_CASE("every call after close() is kFailedPrecondition; join() needs close()
 }
 
 TEST_CASE("no child process is left after the pool is destroyed") {
+  PROCPOOL_LOCAL_ONLY("it counts the test's child processes");
   std::vector<pid_t> pids;
   {
     ProcessPool<Squarer> pool(quiet({.workers = 3}));
@@ -365,6 +372,7 @@ struct FdLister {
 };
 
 TEST_CASE("a worker holds only stdin, stdout, stderr and its channel; the parent's fds are CLOEXEC") {
+  PROCPOOL_LOCAL_ONLY("it inspects descriptors inherited by fork");
   // Descriptors of the parent's that a worker must not inherit.
   int leaked[2];
   REQUIRE(::pipe(leaked) == 0);
@@ -407,6 +415,7 @@ struct Namer {
 };
 
 TEST_CASE("workers name themselves so ps and htop show them") {
+  PROCPOOL_LOCAL_ONLY("it reads the names of the test's child processes");
   ProcessPool<Namer> pool(quiet({.workers = 2, .name = "indexer"}));
   std::vector<int64_t> jobs(20, 0);
   absl::StatusOr<std::vector<std::string>> names = pool.map(jobs, {.chunksize = 1});
@@ -471,6 +480,7 @@ TEST_CASE("a user's Cap'n Proto struct as Job") {
 }
 
 TEST_CASE("a worker killed with SIGKILL mid-map does not hang map; the pool carries on") {
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory");
   TempDir dir;
   const std::string log = dir.file("events");
   ProcessPool<RecordingWorker> pool(quiet({.workers = 2}), [log] { return RecordingWorker(log); });

@@ -401,7 +401,7 @@ TEST_CASE("a protocol version mismatch is refused with a clear error, on both si
     capnp::FlatArrayMessageReader message(*answer);
     auto root = message.getRoot<wire::ToWorker>();
     REQUIRE(root.isRefused());
-    MESSAGE(root.getRefused().cStr());
+    MESSAGE(std::string(root.getRefused().cStr()));
     CHECK(absl::StrContains(root.getRefused().cStr(), "protocol version"));
     auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(10));
     CHECK(message_has(result.status(), "protocol version"));

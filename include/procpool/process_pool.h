@@ -76,6 +76,7 @@
 #include "procpool/imap_range.h"
 #include "procpool/internal/typed_calls.h"
 #include "procpool/internal/typed_worker_body.h"
+#include "procpool/internal/worker_registry.h"
 #include "procpool/internal/worker_traits.h"
 #include "procpool/pool_options.h"
 #include "procpool/pool_stats.h"
@@ -112,7 +113,10 @@ class ProcessPool {
         core_(
             std::move(options),
             [this] { return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_); },
-            internal::worker_type_name<W>()) {}
+            internal::worker_type_name<W>()) {
+    // Makes W known to procpool::serve(argc, argv) in every process of this program.
+    (void)internal::WorkerRegistration<W>::registered;
+  }
 
   // close() + join(); never terminate().
   ~ProcessPool() = default;

@@ -3,7 +3,8 @@
 //   // indexer.cc, the worker program (started by srun, ssh, mpirun, a Kubernetes Job, ...):
 //   int main(int argc, char** argv) { return procpool::serve<Indexer>(argc, argv); }
 //
-//   // A program that is both the pool and its workers checks first:
+//   // A program that is both the pool and its workers checks first (serve(argc, argv) without a
+//   // type serves whichever of its ProcessPool types the pool asks for):
 //   int main(int argc, char** argv) {
 //     if (procpool::launched_as_worker(argc, argv)) return procpool::serve<Indexer>(argc, argv);
 //     procpool::ProcessPool<Indexer> pool({.workers = 64, .remote = procpool::RemoteOptions{...}});
@@ -39,9 +40,11 @@
 namespace procpool {
 
 namespace internal {
-int run_relay(int argc, char** argv, const WorkerBodyFactory& factory,
-              const std::string& worker_type);
+int run_relay(int argc, char** argv,
+              const std::function<const WorkerBodyFactory*(const std::string&)>& find,
+              const std::string& offered_type);
 bool relay_requested(int argc, char** argv);
+int serve_registered(int argc, char** argv);
 }  // namespace internal
 
 // True if this process was started to serve a pool: argv has --procpool-connect=..., or
@@ -66,7 +69,10 @@ int serve(int argc, char** argv, Factory factory) {
   const internal::WorkerBodyFactory body = [&make_worker] {
     return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker);
   };
-  return internal::run_relay(argc, argv, body, internal::worker_type_name<W>());
+  const std::string type = internal::worker_type_name<W>();
+  return internal::run_relay(
+      argc, argv,
+      [&](const std::string& wanted) { return wanted == type ? &body : nullptr; }, type);
 }
 
 // Serves a pool of W workers, each default-constructing its W.
@@ -75,6 +81,11 @@ template <typename W>
 int serve(int argc, char** argv) {
   return serve<W>(argc, argv, [] { return std::make_unique<W>(); });
 }
+
+// Serves a pool of whichever worker type it asks for, among the ProcessPool<W> types this program
+// uses with a default-constructible W (a program that is both the pool and its workers, with
+// several pools). A pool of a type it does not have is refused (exit status 2).
+inline int serve(int argc, char** argv) { return internal::serve_registered(argc, argv); }
 
 }  // namespace procpool
 

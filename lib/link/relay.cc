@@ -29,6 +29,7 @@
 #include "lib/link/remote_frames.h"
 #include "lib/wire/frame_io.h"
 #include "procpool/internal/protocol.capnp.h"
+#include "procpool/internal/worker_registry.h"
 
 namespace procpool::internal {
 namespace {
@@ -36,6 +37,11 @@ namespace {
 constexpr absl::Duration kDefaultConnectTimeout = absl::Seconds(60);
 constexpr absl::Duration kHandshakeTimeout = absl::Seconds(20);
 constexpr char kConnectFlag[] = "--procpool-connect=";
+constexpr int64_t kProgressIntervalNs = 1'000'000;
+// While its worker has work, the relay looks at its progress this often, and tells the pool when
+// it changed (a task started or ended): the pool's view of a remote worker lags by about this.
+constexpr int64_t kProgressWatchNs = 10'000'000;
+constexpr int64_t kResidentBytesIntervalNs = 50'000'000;
 
 void say(const std::string& message) {
   const std::string line = absl::StrCat("[procpool worker pid ", ::getpid(), "] ", message, "\n");
@@ -80,10 +86,9 @@ absl::StatusOr<UniqueFd> dial(const HostPort& address, absl::Duration timeout) {
 
 class Relay final : private LinkEvents {
  public:
-  Relay(UniqueFd socket, const WorkerBodyFactory& factory, std::string token,
-        std::string worker_type)
+  Relay(UniqueFd socket, const WorkerTypeFinder& find, std::string token, std::string worker_type)
       : socket_(std::move(socket)),
-        factory_(factory),
+        find_(find),
         token_(std::move(token)),
         worker_type_(std::move(worker_type)),
         reader_(kHandshakeFrameBytes) {}
@@ -101,9 +106,25 @@ class Relay final : private LinkEvents {
   void spawn(uint32_t slot);
   void stop_child(StopMode mode);
   int64_t watchdog(int64_t now);
+  // Reports the worker's progress when it changed; returns when to look again.
+  int64_t watch_progress(int64_t now);
 
-  // The worker's events (worker_link.h).
-  void on_frame(kj::ArrayPtr<const capnp::word> frame) override { writer_.push_copy(frame); }
+  // The worker's events (worker_link.h). Its progress follows what it sends (at most every
+  // kProgressIntervalNs): the pool then knows, within that, which tasks it has started.
+  void on_frame(kj::ArrayPtr<const capnp::word> frame) override {
+    // A frame whose root cannot be read is the worker's fault, found here where its progress is
+    // exact: the pool is told with the worker's end (ended.brokenStream), not by forwarding it.
+    try {
+      capnp::FlatArrayMessageReader message(frame, reader_.options());
+      (void)message.getRoot<wire::FromWorker>().which();
+    } catch (const kj::Exception& e) {
+      on_broken_stream(absl::DataLossError(
+          absl::StrCat("sent a malformed frame: ", e.getDescription().cStr())));
+      return;
+    }
+    writer_.push_copy(frame);
+    if (monotonic_now_ns() - last_progress_ns_ >= kProgressIntervalNs) send_pong();
+  }
   void on_broken_stream(absl::Status why) override {
     if (broken_.empty()) {
       // The pool names the worker itself: keep what it did, not the name the relay gave it.
@@ -124,7 +145,8 @@ class Relay final : private LinkEvents {
   void on_ended(WorkerEnd end) override;
 
   UniqueFd socket_;
-  const WorkerBodyFactory& factory_;
+  const WorkerTypeFinder& find_;
+  const WorkerBodyFactory* factory_ = nullptr;  // the pool's worker type, found in the handshake
   const std::string token_;
   const std::string worker_type_;
   FrameReader reader_;
@@ -142,6 +164,11 @@ class Relay final : private LinkEvents {
   std::string broken_;                      // the worker's stream broke: why
   int64_t kill_at_ns_ = 0;
   int64_t last_received_ns_ = 0;
+  int64_t last_progress_ns_ = 0;
+  int64_t tasks_forwarded_ = 0;   // by this relay to its current worker
+  uint64_t reported_signature_ = 0;  // of the progress last sent
+  int64_t last_rss_read_ns_ = 0;
+  size_t resident_bytes_ = 0;
 };
 
 absl::Status Relay::handshake() {
@@ -176,6 +203,16 @@ absl::Status Relay::handshake() {
                                                     kProtocolVersion));
     }
     pool_nonce = as_string(challenge.getNonce());
+    const std::string wanted = challenge.getWorkerType();
+    factory_ = find_(wanted);
+    if (factory_ == nullptr) {
+      return refuse_peer(socket_.get(),
+                         worker_type_.empty()
+                             ? absl::StrCat("this program does not serve ", wanted,
+                                            " (none of its ProcessPool types is that one)")
+                             : absl::StrCat("this worker serves ", worker_type_,
+                                            ", but the pool's workers are ", wanted));
+    }
     if (!token_.empty() && !proof_matches(token_, "pool", nonce, pool_nonce, as_string(challenge.getProof()))) {
       return refuse_peer(socket_.get(), challenge.getProof().size() == 0
                                             ? "the pool proved no token, and this worker has one"
@@ -239,7 +276,7 @@ int Relay::run() {
       .fork_server = false,
       .max_frame_bytes = limits_.max_frame_bytes,
       .frame_timeout = limits_.frame_timeout,
-      .factory = &factory_});
+      .factory = factory_});
   last_received_ns_ = monotonic_now_ns();
   // Frames that came with the welcome are buffered already: poll() will not say so.
   if (!take_pool_frames()) return 1;
@@ -261,6 +298,7 @@ int Relay::run() {
         next = std::min(next, kill_at_ns_);
       }
       next = std::min(next, watchdog(now));
+      if (child_) next = std::min(next, watch_progress(now));
       if (child_) next = std::min(next, child_->check(now, *this));
     }
     fds.clear();
@@ -300,6 +338,7 @@ bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
         const uint32_t count = batch_size(batch);
         child_->open_claims(batch.getClaimSlot(), batch.getClaimTag(), count);
         if (batch.getTimeoutNs() > 0) watched_.push_back({batch.getSeq(), batch.getTimeoutNs()});
+        tasks_forwarded_ += count;
         if (auto* link = dynamic_cast<ForkLink*>(child_.get())) link->send_copy(words);
         return true;
       }
@@ -329,9 +368,15 @@ bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
 }
 
 void Relay::send_pong() {
+  const int64_t now = monotonic_now_ns();
+  last_progress_ns_ = now;
+  if (child_ && limits_.resident_bytes && now - last_rss_read_ns_ >= kResidentBytesIntervalNs) {
+    last_rss_read_ns_ = now;
+    resident_bytes_ = child_->resident_bytes();  // a /proc read: not on every frame
+  }
   capnp::MallocMessageBuilder message(64);
   auto pong = message.initRoot<wire::FromWorker>().initPong();
-  if (child_) write_progress(child_->progress(), child_->resident_bytes(), pong);
+  if (child_) write_progress(child_->progress(), resident_bytes_, pong);
   queue(message);
 }
 
@@ -358,6 +403,18 @@ void Relay::stop_child(StopMode mode) {
   if (mode == StopMode::kTerminate && kill_at_ns_ == 0) {
     kill_at_ns_ = monotonic_now_ns() + to_ns(limits_.kill_grace);
   }
+}
+
+int64_t Relay::watch_progress(int64_t now) {
+  const WorkerProgress progress = child_->progress();
+  if (progress.tasks_done >= tasks_forwarded_) return INT64_MAX;  // nothing in hand
+  const uint64_t signature = progress.batch_seq * 1'000'003 + progress.task_index * 2 +
+                             (progress.running ? 1 : 0);
+  if (signature != reported_signature_) {
+    reported_signature_ = signature;
+    send_pong();
+  }
+  return now + kProgressWatchNs;
 }
 
 int64_t Relay::watchdog(int64_t now) {
@@ -390,6 +447,7 @@ void Relay::on_ended(WorkerEnd end) {
   broken_.clear();
   kill_at_ns_ = 0;
   watched_.clear();
+  tasks_forwarded_ = 0;
   retired_ = std::move(child_);
 }
 
@@ -397,8 +455,12 @@ void Relay::on_ended(WorkerEnd end) {
 
 bool relay_requested(int argc, char** argv) { return connect_address(argc, argv).has_value(); }
 
-int run_relay(int argc, char** argv, const WorkerBodyFactory& factory,
-              const std::string& worker_type) {
+int serve_registered(int argc, char** argv) {
+  return run_relay(argc, argv, [](const std::string& wanted) { return find_worker_type(wanted); },
+                   "");
+}
+
+int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::string& offered_type) {
   std::optional<std::string> address_text = connect_address(argc, argv);
   if (!address_text) {
     say("no pool to connect to: pass --procpool-connect=HOST:PORT or set PROCPOOL_CONNECT");
@@ -415,7 +477,7 @@ int run_relay(int argc, char** argv, const WorkerBodyFactory& factory,
     say(std::string(socket.status().message()));
     return 1;
   }
-  Relay relay(*std::move(socket), factory, token != nullptr ? token : "", worker_type);
+  Relay relay(*std::move(socket), find, token != nullptr ? token : "", offered_type);
   return relay.run();
 }
 

@@ -17,22 +17,29 @@
 #ifndef PROCPOOL_LIB_LINK_RELAY_H_
 #define PROCPOOL_LIB_LINK_RELAY_H_
 
+#include <functional>
 #include <string>
 
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
 
+// What a worker program can serve: the factory of the worker type the pool names, or null.
+using WorkerTypeFinder = std::function<const WorkerBodyFactory*(const std::string& worker_type)>;
+
 // Runs a remote worker to its end: `argv` names the pool's address (--procpool-connect=HOST:PORT,
-// or PROCPOOL_CONNECT), the environment the token (PROCPOOL_TOKEN). `worker_type` identifies W
-// (worker_type_name in serve.h). Returns the program's exit status: 0 after the pool closed the
-// connection, 2 when the pool refused this worker (a message on stderr says why), 1 when it could
-// not be reached or the connection broke.
-int run_relay(int argc, char** argv, const WorkerBodyFactory& factory,
-              const std::string& worker_type);
+// or PROCPOOL_CONNECT), the environment the token (PROCPOOL_TOKEN). `offered_type` is the one
+// worker type this program serves (worker_type_name), or empty when it serves whichever `find`
+// knows. Returns the program's exit status: 0 after the pool closed the connection, 2 when the
+// pool refused this worker or this worker the pool (a message on stderr says why), 1 when it
+// could not be reached or the connection broke.
+int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::string& offered_type);
 
 // True if argv or the environment name a pool to dial (a process started as a remote worker).
 bool relay_requested(int argc, char** argv);
+
+// run_relay() for whichever registered worker type the pool asks for (worker_registry.h).
+int serve_registered(int argc, char** argv);
 
 }  // namespace procpool::internal
 

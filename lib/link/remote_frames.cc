@@ -17,6 +17,7 @@ void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out) {
   out.setKillGraceNs(to_ns(limits.kill_grace));
   out.setFrameTimeoutNs(to_ns(limits.frame_timeout));
   out.setName(limits.name);
+  out.setResidentBytes(limits.resident_bytes);
 }
 
 RelayLimits relay_limits(wire::Welcome::Reader welcome) {
@@ -31,6 +32,7 @@ RelayLimits relay_limits(wire::Welcome::Reader welcome) {
   limits.frame_timeout = clamp_ns(welcome.getFrameTimeoutNs(), absl::Milliseconds(10), absl::Hours(24));
   std::string name = welcome.getName();
   limits.name = name.empty() ? "procpool" : name.substr(0, 12);
+  limits.resident_bytes = welcome.getResidentBytes();
   return limits;
 }
 

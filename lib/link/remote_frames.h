@@ -25,6 +25,7 @@ struct RelayLimits {
   absl::Duration kill_grace = absl::Seconds(1);
   absl::Duration frame_timeout = absl::Seconds(10);
   std::string name = "procpool";
+  bool resident_bytes = false;  // the pool recycles workers by memory: report it
 };
 void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out);
 // Values out of range are clamped into it: a welcome cannot make the relay misbehave.

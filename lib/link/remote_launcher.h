@@ -43,6 +43,7 @@ class RemoteLauncher final : public Launcher {
     absl::Duration frame_timeout;
     std::string name;         // process name prefix of the workers
     std::string worker_type;  // what hosts must serve (serve.h: worker_type_name)
+    bool report_resident_bytes = false;  // max_worker_rss_bytes is set
   };
   // Listens; kInvalidArgument for a listen address that cannot be parsed, an errno status when
   // it cannot be bound.

@@ -155,7 +155,8 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
                                  ", the pool version ", kProtocolVersion,
                                  ": build both from the same procpool"));
     }
-    if (std::string(hello.getWorkerType().cStr()) != config_.worker_type) {
+    if (hello.getWorkerType().size() > 0 &&
+        std::string(hello.getWorkerType().cStr()) != config_.worker_type) {
       return refuse(absl::StrCat("the worker serves ", hello.getWorkerType().cStr(),
                                  ", but the pool's workers are ", config_.worker_type));
     }
@@ -165,6 +166,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
     capnp::MallocMessageBuilder reply(64);
     auto challenge = reply.initRoot<wire::ToWorker>().initChallenge();
     challenge.setVersion(kProtocolVersion);
+    challenge.setWorkerType(config_.worker_type);
     challenge.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(pool_nonce_.data()),
                                            pool_nonce_.size()));
     const std::string proof = prove(config_.token, "pool", worker_nonce_, pool_nonce_);
@@ -288,10 +290,19 @@ void TcpLink::bind(RemoteHost* host) {
   if (host == nullptr) return;
   name_ = absl::StrCat(slot_name_, " (on ", host->host_name(), " ", host->peer(), ")");
   host->bind(this, slot_);
+  // What was sent while it waited (a shutdown at join) follows the spawn, in order.
+  for (auto& frame : unsent_) host->queue(std::move(frame));
+  unsent_.clear();
+  host->flush();
 }
 
 void TcpLink::send(std::unique_ptr<capnp::MessageBuilder> frame) {
-  if (host_ != nullptr && !ended_) host_->queue(std::move(frame));
+  if (ended_) return;
+  if (host_ != nullptr) {
+    host_->queue(std::move(frame));
+  } else {
+    unsent_.push_back(std::move(frame));
+  }
 }
 
 void TcpLink::flush() {
@@ -335,7 +346,7 @@ void TcpLink::stop(StopMode mode) {
 void TcpLink::on_spawned(int pid) {
   pid_ = pid;
   if (host_ != nullptr) {
-    name_ = absl::StrCat(slot_name_, " (pid ", pid, " on ", host_->host_name(), ")");
+    name_ = absl::StrCat(slot_name_, " on ", host_->host_name(), " (pid ", pid, ")");
   }
 }
 

@@ -151,6 +151,7 @@ class TcpLink final : public WorkerLink {
   bool ended_ = false;
   WorkerProgress progress_;
   size_t resident_bytes_ = 0;
+  std::vector<std::unique_ptr<capnp::MessageBuilder>> unsent_;  // sent while waiting for a host
   std::function<void()> on_destroy_;
 };
 

@@ -65,6 +65,7 @@ struct Supervisor::Slot {
   int64_t next_start_ns = 0;         // kEmpty: when to start the next one
   int64_t started_ns = 0;
   bool start_failed = false;         // its start failure is counted already
+  bool no_capacity = false;          // its last start failed for want of a host (launch() said)
   bool borrowed = false;
   bool recycling = false;
   int64_t last_memory_check_ns = 0;
@@ -72,6 +73,7 @@ struct Supervisor::Slot {
   int64_t kill_at_ns = 0;                   // SIGKILL once passed (after a SIGTERM); 0: none
   bool killed = false;
   std::optional<std::pair<uint64_t, uint32_t>> blamed;  // the task its stream broke on
+  bool blame_at_end = false;  // find that task from its last progress, once it has ended
   absl::Status blamed_failure;
   absl::Status exit_hook_status;
 
@@ -127,8 +129,10 @@ LinkEvents& Supervisor::events_of(WorkerLink& link) {
 
 void Supervisor::on_capacity() {
   const int64_t now = monotonic_now_ns();
+  // Only slots that could not get a worker at all: a worker that failed to start waits out its
+  // delay whatever else arrives.
   for (auto& slot : slots_) {
-    if (slot->state == State::kEmpty && slot->next_start_ns != INT64_MAX) {
+    if (slot->state == State::kEmpty && slot->no_capacity && slot->next_start_ns != INT64_MAX) {
       slot->next_start_ns = std::min(slot->next_start_ns, now);
     }
   }
@@ -150,6 +154,7 @@ void Supervisor::start_due(int64_t now_ns) {
 
 void Supervisor::launch(Slot& slot, int64_t now_ns) {
   absl::StatusOr<std::unique_ptr<WorkerLink>> link = launcher_.launch(slot.index, slot.name);
+  slot.no_capacity = !link.ok();
   if (!link.ok()) {
     record_start_failure(slot, absl::Status(link.status().code(),
                                             absl::StrCat(slot.name, ": ", link.status().message())),
@@ -169,6 +174,7 @@ void Supervisor::launch(Slot& slot, int64_t now_ns) {
   slot.kill_at_ns = 0;
   slot.killed = false;
   slot.blamed.reset();
+  slot.blame_at_end = false;
   slot.exit_hook_status = absl::OkStatus();
   log(slot, LogSeverity::kInfo, "started");
 }
@@ -251,11 +257,15 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words) {
 
 void Supervisor::on_broken_stream(Slot& slot, absl::Status why) {
   if (!slot.link || slot.stop_reason) return;
-  // Only the task running when the stream broke is charged with it.
+  // Only the task running when the stream broke is charged with it. A link that learns of
+  // progress late (a remote worker) is asked again when the worker has ended: it is stopped at
+  // once, so the task it ran then is the one it ran now.
   const WorkerProgress progress = slot.link->progress();
-  if (progress.running) {
+  slot.blamed_failure = why;
+  if (!progress.exact) {
+    slot.blame_at_end = true;
+  } else if (progress.running) {
     slot.blamed = std::make_pair(progress.batch_seq, progress.task_index);
-    slot.blamed_failure = why;
   }
   log(slot, LogSeverity::kError, std::string(why.message()));
   stop(slot, absl::AbortedError(absl::StrCat(slot.display(), " was stopped after its stream broke (",
@@ -326,10 +336,13 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     lost.ended = how;
     lost.running_failure = slot.stop_reason.value_or(
         absl::AbortedError(absl::StrCat(how, " while running this task")));
+    lost.last = slot.link->progress();
+    if (slot.blame_at_end && lost.last.running) {
+      slot.blamed = std::make_pair(lost.last.batch_seq, lost.last.task_index);
+    }
     lost.blamed_task = slot.blamed;
     lost.blamed_failure = slot.blamed_failure;
     lost.retry_allowed = !slot.stop_reason;
-    lost.last = slot.link->progress();
     scheduler_.on_worker_lost(slot.index, lost);
   }
   ended_links_.push_back(std::move(slot.link));

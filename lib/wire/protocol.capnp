@@ -120,7 +120,8 @@ struct FromWorker {
 
 struct Hello {
   version @0 :UInt32;
-  workerType @1 :Text;          # W, its Job and its Result: the pool refuses another type
+  workerType @1 :Text;          # W, its Job and its Result (the pool refuses another type), or
+                                # empty: the program serves whatever the pool asks for, if it can
   host @2 :Text;
   pid @3 :Int32;                # the relay's
   nonce @4 :Data;
@@ -130,6 +131,7 @@ struct Challenge {
   version @0 :UInt32;
   nonce @1 :Data;
   proof @2 :Data;               # HMAC(token, "pool", the worker's nonce, this nonce); empty: no token
+  workerType @3 :Text;          # what the pool's workers are: a program serving several picks it
 }
 
 struct Welcome {
@@ -138,6 +140,7 @@ struct Welcome {
   killGraceNs @2 :Int64;
   frameTimeoutNs @3 :Int64;
   name @4 :Text;                # process name prefix: workers are "<name>-w3"
+  residentBytes @5 :Bool;       # report the worker's resident memory (max_worker_rss_bytes)
 }
 
 struct ClaimRef {

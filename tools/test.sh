@@ -30,8 +30,9 @@ failed=0
 # --- 1. Bazel tests --------------------------------------------------------------------------
 echo "=== bazel test //... $*"
 set +e
-# Tests tagged "soak" are long; CI runs them on their own (pass --test_tag_filters=soak for them).
-"$BAZEL" test //... --keep_going --test_output=errors --test_tag_filters=-soak \
+# Tests tagged "soak" are long, and those tagged "slurm" need a Slurm cluster
+# (tools/slurm_local.sh): CI runs both on their own (pass --test_tag_filters=soak or =slurm).
+"$BAZEL" test //... --keep_going --test_output=errors --test_tag_filters=-soak,-slurm \
   --build_event_json_file="$BEP" "$@" </dev/null
 bazel_rc=$?
 set -e

@@ -1,6 +1,6 @@
-// PoolCore: the pool's lock, its thread and event loop, and the public entry points, over the
-// scheduler (lib/scheduler), supervision (lib/supervision) and the launcher of its links
-// (lib/link). docs/ARCHITECTURE.md follows a job through these layers.
+// PoolCore: the pool's lock, its thread and event loop, over the scheduler (lib/scheduler),
+// supervision (lib/supervision) and the launcher of its links (lib/link); what callers' threads do
+// is in pool_calls.cc. docs/ARCHITECTURE.md follows a job through these layers.
 
 #include "procpool/internal/pool_core.h"
 
@@ -31,14 +31,13 @@
 #include "lib/pool_registry.h"
 #include "lib/scheduler/scheduler.h"
 #include "lib/supervision/supervisor.h"
+#include "lib/pool_core_impl.h"
 
 namespace procpool::internal {
 namespace {
 
 // The loop wakes at least this often even with nothing to wait for, as a safety net.
 constexpr int64_t kMaxPollNs = 1'000'000'000;
-// A caller reading a borrowed worker's channel (apply) wakes this often to notice a stop.
-constexpr int kBorrowPollMs = 100;
 
 int cpu_count() {
   cpu_set_t set;
@@ -48,73 +47,6 @@ int cpu_count() {
 }
 
 }  // namespace
-
-class PoolCore::Impl {
- public:
-  Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type);
-  ~Impl();
-  // close() + join(), then runs the callbacks still queued and stops the callback thread.
-  // Idempotent. Called while the PoolCore is whole: callbacks may still reach it through it.
-  void shutdown();
-
-  absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
-  absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
-  void cancel(const Call* call);
-  void cancel_pending(absl::Status status);
-  bool cancel_call(Call* call, const absl::Status& status, const std::function<bool()>& settle);
-  absl::Status close();
-  absl::Status join();
-  absl::Status join_for(absl::Duration timeout);
-  void terminate();
-  PoolStats stats() const;
-  std::string remote_address() const;
-  void post_callback(std::function<void()> callback);
-  void log(LogSeverity severity, const std::string& process, int pid,
-           const std::string& message) const;
-
-  // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
-  // not even its lock, which another thread may have held at the fork.
-  bool foreign() const { return ::getpid() != owner_pid_; }
-
-  const PoolOptions options_;
-  const int worker_count_;
-
- private:
-  absl::Status foreign_error() const;
-  absl::Status admit(const CallSettings& settings) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status ensure_thread() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Starts close-then-join (once); `with_deadline` arms join_timeout's clock (once).
-  absl::Status begin_join(bool with_deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void loop(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void run_loop_to_end(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void wake();
-
-  const pid_t owner_pid_;
-  const absl::Status invalid_options_;
-  const WorkerBodyFactory factory_;
-  const absl::Time start_time_ = absl::Now();
-  // PR_SET_PDEATHSIG follows the thread that forked, not the process. The main thread lives as
-  // long as the program, so the constructor forks from it when it runs there, before the pool
-  // has a thread of its own; any other thread may end before the pool does, and then the pool
-  // thread forks, first thing.
-  const bool fork_from_pool_thread_;
-  UniqueFd wake_fd_;
-
-  mutable Mutex mu_;
-  std::condition_variable loop_done_cv_;
-  std::unique_ptr<Launcher> launcher_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<Scheduler> scheduler_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<Supervisor> supervisor_ ABSL_GUARDED_BY(mu_);
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;
-  bool joining_ ABSL_GUARDED_BY(mu_) = false;
-  bool join_deadline_armed_ ABSL_GUARDED_BY(mu_) = false;
-  bool loop_running_ ABSL_GUARDED_BY(mu_) = false;
-  bool loop_done_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status thread_failure_ ABSL_GUARDED_BY(mu_);
-  std::thread thread_;
-
-  CallbackRunner callbacks_;
-};
 
 PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type)
     : options_(std::move(options)),
@@ -305,192 +237,6 @@ void PoolCore::Impl::run_loop_to_end(MutexLock& lock) {
     loop(lock);
   }
   wait_on(loop_done_cv_, mu_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
-}
-
-absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
-  if (foreign()) return foreign_error();
-  {
-    MutexLock lock(mu_);
-    if (absl::Status admitted = admit(call->settings()); !admitted.ok()) return admitted;
-    if (count == 0) return absl::OkStatus();
-    scheduler_->submit(std::move(call), first, count);
-    // Send to an idle worker from this thread: one thread hand-off fewer on the latency path.
-    // The pool thread polls every channel already; it needs waking for what it must watch anew.
-    scheduler_->dispatch();
-  }
-  wake();
-  return absl::OkStatus();
-}
-
-absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
-                                     const std::function<bool()>& done) {
-  if (foreign()) return foreign_error();
-  MutexLock lock(mu_);
-  if (absl::Status admitted = admit(call->settings()); !admitted.ok()) return admitted;
-  const bool has_timeout = call->settings().has_task_timeout
-                               ? call->settings().task_timeout != absl::InfiniteDuration()
-                               : options_.task_timeout != absl::InfiniteDuration();
-  std::optional<int> slot;
-  if (!has_timeout && !joining_) slot = scheduler_->dispatch_to_idle(call);
-  if (!slot) {
-    scheduler_->submit(std::move(call), 0, 1);
-    scheduler_->dispatch();
-    lock.unlock();
-    wake();
-    return absl::OkStatus();
-  }
-  // Borrow the worker: read its result on this thread, sparing the two hand-offs through the
-  // pool thread. The pool thread still watches for the worker's end; if it dies, the pool thread
-  // settles the task as for any other.
-  const uint64_t generation = supervisor_->generation(*slot);
-  WorkerLink* link = supervisor_->borrow(*slot);
-  const int fd = link != nullptr ? link->channel_fd() : -1;
-  while (fd >= 0 && supervisor_->generation(*slot) == generation && !done() &&
-         !supervisor_->terminating()) {
-    pollfd ready{fd, static_cast<short>(POLLIN | (link->has_unsent() ? POLLOUT : 0)), 0};
-    lock.unlock();
-    ::poll(&ready, 1, kBorrowPollMs);
-    lock.lock();
-    if (supervisor_->generation(*slot) != generation || link->channel_fd() != fd) break;
-    supervisor_->pump_borrowed(*slot, ready.revents);
-  }
-  if (supervisor_->generation(*slot) == generation) supervisor_->give_back(*slot);
-  lock.unlock();
-  // The pool thread polls without this channel while it is borrowed: it must see it again.
-  wake();
-  return absl::OkStatus();
-}
-
-void PoolCore::Impl::cancel(const Call* call) {
-  if (foreign()) return;
-  {
-    MutexLock lock(mu_);
-    if (scheduler_) scheduler_->cancel(call, absl::CancelledError("cancelled before it started"));
-  }
-  wake();
-}
-
-void PoolCore::Impl::cancel_pending(absl::Status status) {
-  if (foreign()) return;
-  {
-    MutexLock lock(mu_);
-    if (scheduler_) scheduler_->cancel_all(status);
-  }
-  wake();
-}
-
-bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,
-                                 const std::function<bool()>& settle) {
-  if (foreign()) return false;
-  {
-    MutexLock lock(mu_);
-    if (!settle()) return false;
-    call->cancelled = true;
-    if (scheduler_) {
-      // Tasks not started are taken back (exactly, through their claims); a worker running one
-      // is stopped and replaced, like Pebble's future.cancel().
-      scheduler_->cancel(call, status);
-      scheduler_->stop_running(call, absl::CancelledError(
-                                         "the task was cancelled; its worker was stopped"));
-    }
-  }
-  wake();
-  return true;
-}
-
-absl::Status PoolCore::Impl::close() {
-  if (foreign()) return foreign_error();
-  MutexLock lock(mu_);
-  closed_ = true;
-  return absl::OkStatus();
-}
-
-absl::Status PoolCore::Impl::begin_join(bool with_deadline) {
-  if (!closed_) return absl::FailedPreconditionError("join() needs close() or terminate() first");
-  joining_ = true;
-  if (supervisor_ == nullptr) return absl::OkStatus();  // invalid options: nothing was started
-  if (with_deadline && !join_deadline_armed_) {
-    join_deadline_armed_ = true;
-    supervisor_->begin_join(options_.join_timeout == absl::InfiniteDuration()
-                                ? INT64_MAX
-                                : monotonic_now_ns() + to_ns(options_.join_timeout));
-  } else {
-    supervisor_->begin_join(INT64_MAX);
-  }
-  return absl::OkStatus();
-}
-
-absl::Status PoolCore::Impl::join() {
-  if (foreign()) return foreign_error();
-  {
-    MutexLock lock(mu_);
-    if (absl::Status begun = begin_join(/*with_deadline=*/true); !begun.ok()) return begun;
-    if (supervisor_ == nullptr) return absl::OkStatus();
-  }
-  wake();
-  MutexLock lock(mu_);
-  run_loop_to_end(lock);
-  return supervisor_->join_result();
-}
-
-absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
-  if (foreign()) return foreign_error();
-  {
-    MutexLock lock(mu_);
-    // Pebble's join(timeout): the shutdown starts, but join_timeout's clock is left to join():
-    // a caller that polls with join(timeout) must not have its workers killed behind its back.
-    if (absl::Status begun = begin_join(/*with_deadline=*/false); !begun.ok()) return begun;
-    if (supervisor_ == nullptr) return absl::OkStatus();
-    if (!loop_running_ && !loop_done_) {
-      // No pool thread: this thread runs the shutdown to its end (it cannot give up midway).
-      run_loop_to_end(lock);
-      return supervisor_->join_result();
-    }
-  }
-  wake();
-  MutexLock lock(mu_);
-  std::unique_lock<std::mutex> native(mu_.native(), std::adopt_lock);
-  const bool done = loop_done_cv_.wait_for(
-      native, absl::ToChronoNanoseconds(std::clamp(timeout, absl::ZeroDuration(), absl::Hours(24 * 365))),
-      [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
-  native.release();
-  if (done) return supervisor_->join_result();
-  return absl::DeadlineExceededError(absl::StrCat(
-      "join: workers still running after ", absl::FormatDuration(timeout),
-      "; none was stopped, the shutdown goes on"));
-}
-
-void PoolCore::Impl::terminate() {
-  if (foreign()) return;
-  {
-    MutexLock lock(mu_);
-    closed_ = true;
-    if (!supervisor_ || loop_done_) return;
-    joining_ = true;
-    supervisor_->terminate();
-  }
-  wake();
-  MutexLock lock(mu_);
-  run_loop_to_end(lock);
-}
-
-std::string PoolCore::Impl::remote_address() const {
-  if (foreign()) return "";
-  MutexLock lock(mu_);
-  if (auto* remote = dynamic_cast<const RemoteLauncher*>(launcher_.get())) return remote->address();
-  return "";
-}
-
-PoolStats PoolCore::Impl::stats() const {
-  PoolStats stats;
-  if (foreign()) return stats;
-  MutexLock lock(mu_);
-  if (!scheduler_) return stats;
-  stats.tasks_submitted = scheduler_->tasks_submitted();
-  stats.tasks_done = scheduler_->tasks_done();
-  stats.tasks_failed = scheduler_->tasks_failed();
-  supervisor_->fill_stats(stats);
-  return stats;
 }
 
 PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string worker_type)

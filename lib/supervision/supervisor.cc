@@ -1,4 +1,5 @@
 #include "lib/supervision/supervisor.h"
+#include "lib/supervision/slot.h"
 
 #include <algorithm>
 #include <utility>
@@ -19,91 +20,6 @@ namespace {
 constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
 
 }  // namespace
-
-// Where a slot's link reports (worker_link.h).
-class Supervisor::Events final : public LinkEvents {
- public:
-  Events(Supervisor& owner, Slot& slot) : owner_(owner), slot_(slot) {}
-  void on_frame(kj::ArrayPtr<const capnp::word> frame) override { owner_.on_frame(slot_, frame); }
-  void on_broken_stream(absl::Status why) override { owner_.on_broken_stream(slot_, why); }
-  void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override;
-  void on_ended(WorkerEnd end) override { owner_.on_ended(slot_, std::move(end)); }
-
- private:
-  Supervisor& owner_;
-  Slot& slot_;
-};
-
-// What the scheduler may do with a slot's worker (scheduler.h).
-class Supervisor::Port final : public WorkerPort {
- public:
-  Port(Supervisor& owner, Slot& slot) : owner_(owner), slot_(slot) {}
-  const std::string& name() const override;
-  void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
-  void flush() override;
-  WorkerProgress progress() const override;
-  void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
-  void revoke(uint32_t slot, uint16_t tag) override;
-  void stop(absl::Status reason) override;
-
- private:
-  Supervisor& owner_;
-  Slot& slot_;
-};
-
-struct Supervisor::Slot {
-  Slot(Supervisor& owner, int index)
-      : index(index), name(absl::StrCat("worker ", index)), events(owner, *this), port(owner, *this) {}
-
-  const int index;
-  const std::string name;  // "worker 3"; the link's name adds the pid
-  Events events;
-  Port port;
-  std::unique_ptr<WorkerLink> link;  // null while none
-  State state = State::kEmpty;
-  uint64_t generation = 0;           // counts the links this slot has had
-  int64_t next_start_ns = 0;         // kEmpty: when to start the next one
-  int64_t started_ns = 0;
-  bool start_failed = false;         // its start failure is counted already
-  bool no_capacity = false;          // its last start failed for want of a host (launch() said)
-  bool borrowed = false;
-  bool recycling = false;
-  int64_t last_memory_check_ns = 0;
-  std::optional<absl::Status> stop_reason;  // why the pool stops it; set once
-  int64_t kill_at_ns = 0;                   // SIGKILL once passed (after a SIGTERM); 0: none
-  bool killed = false;
-  std::optional<std::pair<uint64_t, uint32_t>> blamed;  // the task its stream broke on
-  bool blame_at_end = false;  // find that task from its last progress, once it has ended
-  absl::Status blamed_failure;
-  absl::Status exit_hook_status;
-
-  const std::string& display() const { return link ? link->name() : name; }
-};
-
-void Supervisor::Events::on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) {
-  owner_.scheduler_.on_revoked(slot_.index, slot, tag, claimed);
-}
-
-const std::string& Supervisor::Port::name() const { return slot_.display(); }
-void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
-  if (slot_.link) slot_.link->send(std::move(frame));
-}
-void Supervisor::Port::flush() {
-  if (slot_.link) slot_.link->flush();
-}
-WorkerProgress Supervisor::Port::progress() const {
-  return slot_.link ? slot_.link->progress() : WorkerProgress();
-}
-void Supervisor::Port::open_claims(uint32_t slot, uint16_t tag, uint32_t count) {
-  if (slot_.link) slot_.link->open_claims(slot, tag, count);
-}
-void Supervisor::Port::revoke(uint32_t slot, uint16_t tag) {
-  if (slot_.link) slot_.link->revoke(slot, tag, slot_.events);
-}
-void Supervisor::Port::stop(absl::Status reason) {
-  owner_.stop(slot_, std::move(reason), StopMode::kTerminate);
-}
-
 Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler)
     : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler) {
   for (int i = 0; i < config_.workers; ++i) slots_.push_back(std::make_unique<Slot>(*this, i));
@@ -214,63 +130,6 @@ bool Supervisor::any_alive() const {
     if (slot->link) return true;
   }
   return false;
-}
-
-void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words) {
-  // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
-  try {
-    capnp::ReaderOptions options;
-    options.traversalLimitInWords = std::max<size_t>(config_.max_frame_bytes / sizeof(capnp::word), 1024);
-    capnp::FlatArrayMessageReader message(words, options);
-    auto frame = message.getRoot<wire::FromWorker>();
-    switch (frame.which()) {
-      case wire::FromWorker::READY:
-        if (slot.state != State::kStarting) break;
-        slot.state = State::kReady;
-        consecutive_start_failures_ = 0;
-        last_start_failure_ = absl::OkStatus();
-        scheduler_.attach(slot.index, &slot.port);
-        break;
-      case wire::FromWorker::ENTER_FAILED: {
-        absl::Status failure = status_from_wire(frame.getEnterFailed());
-        if (failure.ok()) failure = absl::UnknownError("enter() failed without a status");
-        record_start_failure(slot,
-                             absl::Status(failure.code(), absl::StrCat(slot.display(), " failed enter(): ",
-                                                                       failure.message())),
-                             monotonic_now_ns());
-        break;
-      }
-      case wire::FromWorker::RESULTS:
-        if (absl::Status ok = scheduler_.on_results(slot.index, frame.getResults()); !ok.ok()) {
-          on_broken_stream(slot, ok);
-        }
-        break;
-      case wire::FromWorker::EXITED:
-        slot.exit_hook_status = status_from_wire(frame.getExited());
-        break;
-    }
-  } catch (const kj::Exception& e) {
-    on_broken_stream(slot, absl::DataLossError(absl::StrCat(
-                               slot.display(), " sent a malformed frame: ", e.getDescription().cStr())));
-  }
-}
-
-void Supervisor::on_broken_stream(Slot& slot, absl::Status why) {
-  if (!slot.link || slot.stop_reason) return;
-  // Only the task running when the stream broke is charged with it. A link that learns of
-  // progress late (a remote worker) is asked again when the worker has ended: it is stopped at
-  // once, so the task it ran then is the one it ran now.
-  const WorkerProgress progress = slot.link->progress();
-  slot.blamed_failure = why;
-  if (!progress.exact) {
-    slot.blame_at_end = true;
-  } else if (progress.running) {
-    slot.blamed = std::make_pair(progress.batch_seq, progress.task_index);
-  }
-  log(slot, LogSeverity::kError, std::string(why.message()));
-  stop(slot, absl::AbortedError(absl::StrCat(slot.display(), " was stopped after its stream broke (",
-                                             why.message(), ")")),
-       StopMode::kKill);
 }
 
 void Supervisor::stop(Slot& slot, absl::Status reason, StopMode mode) {
@@ -487,47 +346,6 @@ void Supervisor::terminate() {
   scheduler_.abandon_all(cancelled);
   for (auto& slot : slots_) {
     if (slot->link) stop(*slot, cancelled, StopMode::kTerminate);
-  }
-}
-
-WorkerLink* Supervisor::borrow(int slot) {
-  slots_[slot]->borrowed = true;
-  return slots_[slot]->link.get();
-}
-
-void Supervisor::give_back(int slot) { slots_[slot]->borrowed = false; }
-
-void Supervisor::pump_borrowed(int slot, short revents) {
-  Slot& s = *slots_[slot];
-  if (s.link) s.link->pump(revents, s.events);
-}
-
-uint64_t Supervisor::generation(int slot) const { return slots_[slot]->generation; }
-
-void Supervisor::fill_stats(PoolStats& stats) const {
-  stats.workers_restarted = workers_restarted_;
-  for (const auto& slot : slots_) {
-    WorkerStats worker;
-    worker.slot = slot->index;
-    worker.pid = slot->link ? slot->link->pid() : 0;
-    if (!slot->link) {
-      worker.state = WorkerState::kDead;
-    } else if (slot->state == State::kShutdownSent || slot->stop_reason) {
-      worker.state = WorkerState::kExiting;
-    } else if (slot->state == State::kStarting) {
-      worker.state = WorkerState::kStarting;
-    } else if (scheduler_.idle(slot->index)) {
-      worker.state = WorkerState::kIdle;
-    } else {
-      worker.state = WorkerState::kBusy;
-    }
-    if (slot->link) {
-      const WorkerProgress progress = slot->link->progress();
-      worker.tasks_done = progress.tasks_done;
-      worker.time_busy = absl::Nanoseconds(progress.busy_ns);
-      worker.current_task = scheduler_.current_task(slot->index);
-    }
-    stats.workers.push_back(worker);
   }
 }
 

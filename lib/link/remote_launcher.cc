@@ -164,10 +164,14 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
 std::string RemoteLauncher::unavailable_reason() const {
   int busy = 0;
   for (const auto& host : hosts_) busy += host->state() == RemoteHost::State::kBusy;
-  std::string why = connected_ever_ == 0
-                        ? absl::StrCat("no remote worker has connected to ", address_, " (within ",
-                                       absl::FormatDuration(config_.remote.connect_timeout), ")")
-                        : absl::StrCat("no remote worker is free: ", busy, " connected, all busy");
+  std::string why =
+      connected_ever_ == 0
+          ? absl::StrCat("no remote worker has connected to ", address_, " (within ",
+                         absl::FormatDuration(config_.remote.connect_timeout), ")")
+      : busy == 0
+          ? absl::StrCat("every remote worker that connected to ", address_, " (", connected_ever_,
+                         ") is gone, and none connected again")
+          : absl::StrCat("no remote worker is free: ", busy, " connected, all busy");
   if (!refusals_.empty()) {
     std::vector<std::string> parts;
     for (const auto& [reason, count] : refusals_) parts.push_back(absl::StrCat(count, " x ", reason));

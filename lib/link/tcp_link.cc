@@ -376,7 +376,7 @@ void TcpLink::on_lost(const std::string& why, LinkEvents& events) {
 }
 
 void TcpLink::end_waiting(LinkEvents& events, absl::Status cause) {
-  WorkerEnd end_of{std::string(cause.message()), false};
+  WorkerEnd end_of{absl::StrCat("got no worker host: ", cause.message()), false};
   end_of.cause = std::move(cause);
   end(std::move(end_of), events);
 }

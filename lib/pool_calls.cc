@@ -144,7 +144,7 @@ absl::Status PoolCore::Impl::join() {
   }
   wake();
   MutexLock lock(mu_);
-  run_loop_to_end(lock);
+  run_loop_to_end();
   return supervisor_->join_result();
 }
 
@@ -158,7 +158,7 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
     if (supervisor_ == nullptr) return absl::OkStatus();
     if (!loop_running_ && !loop_done_) {
       // No pool thread: this thread runs the shutdown to its end (it cannot give up midway).
-      run_loop_to_end(lock);
+      run_loop_to_end();
       return supervisor_->join_result();
     }
   }
@@ -186,7 +186,7 @@ void PoolCore::Impl::terminate() {
   }
   wake();
   MutexLock lock(mu_);
-  run_loop_to_end(lock);
+  run_loop_to_end();
 }
 
 std::string PoolCore::Impl::remote_address() const {

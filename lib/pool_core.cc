@@ -136,7 +136,7 @@ absl::Status PoolCore::Impl::ensure_thread() {
   try {
     thread_ = std::thread([this] {
       MutexLock lock(mu_);
-      loop(lock);
+      loop();
     });
     loop_running_ = true;
     thread_failure_ = absl::OkStatus();
@@ -189,7 +189,7 @@ void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int p
   options_.log_sink(event);
 }
 
-void PoolCore::Impl::loop(MutexLock& lock) {
+void PoolCore::Impl::loop() {
   if (fork_from_pool_thread_) supervisor_->start_due(monotonic_now_ns());
   std::vector<pollfd> fds;
   while (true) {
@@ -214,9 +214,9 @@ void PoolCore::Impl::loop(MutexLock& lock) {
     int timeout_ms = static_cast<int>(std::max<int64_t>(0, (next - now + 999'999) / 1'000'000));
     if (supervisor_->launcher_has_pending_events()) timeout_ms = 0;
 
-    lock.unlock();
+    mu_.unlock();
     const int ready = ::poll(fds.data(), fds.size(), timeout_ms);
-    lock.lock();
+    mu_.lock();
     if (ready < 0) continue;  // EINTR
     if (fds[0].revents != 0) {
       uint64_t count;
@@ -230,11 +230,11 @@ void PoolCore::Impl::loop(MutexLock& lock) {
   loop_done_cv_.notify_all();
 }
 
-void PoolCore::Impl::run_loop_to_end(MutexLock& lock) {
+void PoolCore::Impl::run_loop_to_end() {
   if (!loop_running_ && !loop_done_) {
     // No pool thread could be started: the calling thread runs the loop to its end itself.
     loop_running_ = true;
-    loop(lock);
+    loop();
   }
   wait_on(loop_done_cv_, mu_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
 }

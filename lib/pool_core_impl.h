@@ -61,8 +61,9 @@ class PoolCore::Impl {
   absl::Status ensure_thread() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Starts close-then-join (once); `with_deadline` arms join_timeout's clock (once).
   absl::Status begin_join(bool with_deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void loop(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void run_loop_to_end(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs the event loop until the pool is done; releases mu_ only around poll().
+  void loop() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void run_loop_to_end() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void wake();
 
   const pid_t owner_pid_;

@@ -271,7 +271,10 @@ TEST_CASE("a SIGSTOPped worker host is gone after heartbeat_timeout; map returns
   std::vector<int64_t> jobs = {testing::kRemoteSleep300, 1, 2, 3};
   const pid_t victim = pool.stats().workers[0].pid;
   const pid_t host = parent_of(victim);
+  // The whole host stops answering, as a partitioned or frozen machine does: its relay and its
+  // worker (whose data connection goes straight to the pool).
   REQUIRE(::kill(host, SIGSTOP) == 0);
+  REQUIRE(::kill(victim, SIGSTOP) == 0);
   const absl::Time start = absl::Now();
   auto call = pool.submit(jobs, {.chunksize = 1});
   REQUIRE(call.ok());
@@ -283,6 +286,8 @@ TEST_CASE("a SIGSTOPped worker host is gone after heartbeat_timeout; map returns
     const auto& outcome = (*call)->outcome(i);
     CHECK((outcome.ok() || outcome.status().code() == absl::StatusCode::kAborted));
   }
+  CHECK(absl::Now() - start >= heartbeat / 2);  // it was silent since a little before `start`
+  ::kill(victim, SIGCONT);
   ::kill(host, SIGCONT);
   // Woken, the host finds its connection closed and leaves with its worker.
   CHECK(wait_until([&] { return !testing::process_alive(victim); }, absl::Seconds(10)));

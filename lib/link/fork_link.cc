@@ -132,6 +132,7 @@ WorkerProgress ForkLink::progress() const {
   progress.started_ns = page.started_ns.load(std::memory_order_relaxed);
   progress.tasks_done = page.tasks_done.load(std::memory_order_relaxed);
   progress.busy_ns = page.busy_ns.load(std::memory_order_relaxed);
+  progress.timeout_ns = page.timeout_ns.load(std::memory_order_relaxed);
   return progress;
 }
 

@@ -14,6 +14,13 @@
 //                    or refused {why}  (the pool's proof was wrong, or its version differs)
 //   pool -> worker   welcome    {limits, heartbeat, names}   or refused {why}
 //
+// Each worker the relay forks then gets a connection of its own (its data connection), asked for
+// by the pool's `spawn` with a fresh random id; its first frame is
+//
+//   worker -> pool   attach     {id, HMAC(token, "data", id)}
+//
+// which the pool accepts once, for the spawn that is waiting for it.
+//
 // Without a token (a pool listening on loopback only) both proofs are empty, and a side that has
 // a token refuses a peer that proves nothing. Traffic after the handshake is authenticated only by
 // this exchange, not encrypted: tunnel it (ssh -L, WireGuard, a VPN) across untrusted networks.

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
 #include <memory>
 #include <optional>
 #include <string>
@@ -36,10 +35,10 @@ namespace {
 
 constexpr absl::Duration kDefaultConnectTimeout = absl::Seconds(60);
 constexpr absl::Duration kHandshakeTimeout = absl::Seconds(20);
+constexpr absl::Duration kDataConnectTimeout = absl::Seconds(10);
 constexpr char kConnectFlag[] = "--procpool-connect=";
-constexpr int64_t kProgressIntervalNs = 1'000'000;
-// While its worker has work, the relay looks at its progress this often, and tells the pool when
-// it changed (a task started or ended): the pool's view of a remote worker lags by about this.
+// While it has a worker, the relay looks at its progress this often and tells the pool when it
+// changed (a task started or ended): the pool's view of a remote worker lags by about this.
 constexpr int64_t kProgressWatchNs = 10'000'000;
 constexpr int64_t kResidentBytesIntervalNs = 50'000'000;
 
@@ -86,8 +85,10 @@ absl::StatusOr<UniqueFd> dial(const HostPort& address, absl::Duration timeout) {
 
 class Relay final : private LinkEvents {
  public:
-  Relay(UniqueFd socket, const WorkerTypeFinder& find, std::string token, std::string worker_type)
+  Relay(UniqueFd socket, HostPort pool, const WorkerTypeFinder& find, std::string token,
+        std::string worker_type)
       : socket_(std::move(socket)),
+        pool_(std::move(pool)),
         find_(find),
         token_(std::move(token)),
         worker_type_(std::move(worker_type)),
@@ -103,37 +104,17 @@ class Relay final : private LinkEvents {
   // Handles every whole frame buffered; false when one broke the protocol.
   bool take_pool_frames();
   void send_pong();
-  void spawn(uint32_t slot);
+  void spawn(wire::Spawn::Reader request);
   void stop_child(StopMode mode);
+  // The watchdog: a task past its batch's timeout stops the worker. Returns when to look again.
   int64_t watchdog(int64_t now);
   // Reports the worker's progress when it changed; returns when to look again.
   int64_t watch_progress(int64_t now);
 
-  // The worker's events (worker_link.h). Its progress follows what it sends (at most every
-  // kProgressIntervalNs): the pool then knows, within that, which tasks it has started.
-  void on_frame(kj::ArrayPtr<const capnp::word> frame) override {
-    // A frame whose root cannot be read is the worker's fault, found here where its progress is
-    // exact: the pool is told with the worker's end (ended.brokenStream), not by forwarding it.
-    try {
-      capnp::FlatArrayMessageReader message(frame, reader_.options());
-      (void)message.getRoot<wire::FromWorker>().which();
-    } catch (const kj::Exception& e) {
-      on_broken_stream(absl::DataLossError(
-          absl::StrCat("sent a malformed frame: ", e.getDescription().cStr())));
-      return;
-    }
-    writer_.push_copy(frame);
-    if (monotonic_now_ns() - last_progress_ns_ >= kProgressIntervalNs) send_pong();
-  }
-  void on_broken_stream(absl::Status why) override {
-    if (broken_.empty()) {
-      // The pool names the worker itself: keep what it did, not the name the relay gave it.
-      absl::string_view what = why.message();
-      if (child_ && absl::StartsWith(what, child_->name())) what.remove_prefix(child_->name().size() + 1);
-      broken_ = std::string(what);
-    }
-    stop_child(StopMode::kKill);
-  }
+  // The worker's events (worker_link.h). It has no channel here (its frames go straight to the
+  // pool over its data connection): only its end and revocations come this way.
+  void on_frame(kj::ArrayPtr<const capnp::word>) override {}
+  void on_broken_stream(absl::Status) override {}
   void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override {
     capnp::MallocMessageBuilder message(32);
     auto revoked = message.initRoot<wire::FromWorker>().initRevoked();
@@ -145,6 +126,7 @@ class Relay final : private LinkEvents {
   void on_ended(WorkerEnd end) override;
 
   UniqueFd socket_;
+  const HostPort pool_;
   const WorkerTypeFinder& find_;
   const WorkerBodyFactory* factory_ = nullptr;  // the pool's worker type, found in the handshake
   const std::string token_;
@@ -155,20 +137,12 @@ class Relay final : private LinkEvents {
   std::unique_ptr<ForkLauncher> launcher_;
   std::unique_ptr<WorkerLink> child_;
   std::unique_ptr<WorkerLink> retired_;  // ended during this loop turn; dropped after it
-  struct Watched {
-    uint64_t seq;
-    int64_t timeout_ns;
-  };
-  std::deque<Watched> watched_;             // batches sent to the worker with a task timeout
-  std::optional<std::string> timed_out_;    // the watchdog stopped the worker: why
-  std::string broken_;                      // the worker's stream broke: why
+  std::optional<std::string> timed_out_;  // the watchdog stopped the worker: why
   int64_t kill_at_ns_ = 0;
   int64_t last_received_ns_ = 0;
-  int64_t last_progress_ns_ = 0;
-  int64_t tasks_forwarded_ = 0;   // by this relay to its current worker
-  uint64_t reported_signature_ = 0;  // of the progress last sent
   int64_t last_rss_read_ns_ = 0;
   size_t resident_bytes_ = 0;
+  uint64_t reported_signature_ = 0;  // of the progress last sent
 };
 
 absl::Status Relay::handshake() {
@@ -203,6 +177,12 @@ absl::Status Relay::handshake() {
                                                     kProtocolVersion));
     }
     pool_nonce = as_string(challenge.getNonce());
+    if (!token_.empty() && !proof_matches(token_, "pool", nonce, pool_nonce, as_string(challenge.getProof()))) {
+      return refuse_peer(socket_.get(), challenge.getProof().size() == 0
+                                            ? "the pool proved no token, and this worker has one"
+                                            : "wrong token: the pool's proof does not match this "
+                                              "worker's PROCPOOL_TOKEN");
+    }
     const std::string wanted = challenge.getWorkerType();
     factory_ = find_(wanted);
     if (factory_ == nullptr) {
@@ -212,12 +192,6 @@ absl::Status Relay::handshake() {
                                             " (none of its ProcessPool types is that one)")
                              : absl::StrCat("this worker serves ", worker_type_,
                                             ", but the pool's workers are ", wanted));
-    }
-    if (!token_.empty() && !proof_matches(token_, "pool", nonce, pool_nonce, as_string(challenge.getProof()))) {
-      return refuse_peer(socket_.get(), challenge.getProof().size() == 0
-                                            ? "the pool proved no token, and this worker has one"
-                                            : "wrong token: the pool's proof does not match this "
-                                              "worker's PROCPOOL_TOKEN");
     }
   }
   {
@@ -244,14 +218,10 @@ bool Relay::take_pool_frames() {
     absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
     if (!frame.ok()) {
       say(absl::StrCat("the pool sent a bad frame: ", frame.status().message()));
-      if (child_) child_->stop(StopMode::kKill);
       return false;
     }
     if (frame->size() == 0) return true;
-    if (!on_pool_frame(*frame)) {
-      if (child_) child_->stop(StopMode::kKill);
-      return false;
-    }
+    if (!on_pool_frame(*frame)) return false;
   }
 }
 
@@ -278,16 +248,19 @@ int Relay::run() {
       .frame_timeout = limits_.frame_timeout,
       .factory = factory_});
   last_received_ns_ = monotonic_now_ns();
-  // Frames that came with the welcome are buffered already: poll() will not say so.
-  if (!take_pool_frames()) return 1;
+  // Whatever ends the relay ends its worker: it would die with us anyway (PR_SET_PDEATHSIG).
+  auto leave = [this](int status) {
+    if (child_) child_->stop(StopMode::kKill);
+    return status;
+  };
+  if (!take_pool_frames()) return leave(1);
   std::vector<pollfd> fds;
   while (true) {
     const int64_t now = monotonic_now_ns();
     if (now - last_received_ns_ > to_ns(limits_.heartbeat_timeout)) {
       say(absl::StrCat("nothing from the pool for ", absl::FormatDuration(limits_.heartbeat_timeout),
                        ": it is gone; stopping"));
-      if (child_) child_->stop(StopMode::kKill);
-      return 1;
+      return leave(1);
     }
     int64_t next = last_received_ns_ + to_ns(limits_.heartbeat_timeout);
     if (child_) {
@@ -298,30 +271,24 @@ int Relay::run() {
         next = std::min(next, kill_at_ns_);
       }
       next = std::min(next, watchdog(now));
-      if (child_) next = std::min(next, watch_progress(now));
-      if (child_) next = std::min(next, child_->check(now, *this));
+      next = std::min(next, watch_progress(now));
     }
     fds.clear();
     fds.push_back({socket_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
     const size_t child_offset = fds.size();
-    if (child_) child_->add_pollfds(fds, true);
+    if (child_) child_->add_pollfds(fds, false);
     const int timeout_ms = static_cast<int>(std::clamp<int64_t>((next - now + 999'999) / 1'000'000, 0, 1000));
     if (::poll(fds.data(), fds.size(), timeout_ms) < 0) continue;
 
-    if (fds[0].revents & POLLOUT) {
-      if (!writer_.write_some(socket_.get()).ok()) writer_.clear();
-    }
+    if ((fds[0].revents & POLLOUT) && !writer_.write_some(socket_.get()).ok()) writer_.clear();
     if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       absl::StatusOr<FrameReader::Fill> filled = reader_.fill(socket_.get());
-      if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
-        // The pool is done with us (or gone): the worker goes too (it would die with us anyway).
-        if (child_) child_->stop(StopMode::kKill);
-        return 0;
-      }
+      // The pool is done with us (or gone).
+      if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) return leave(0);
       if (*filled == FrameReader::Fill::kData) last_received_ns_ = monotonic_now_ns();
-      if (!take_pool_frames()) return 1;
+      if (!take_pool_frames()) return leave(1);
     }
-    if (child_) child_->service(fds.data() + child_offset, fds.size() - child_offset, true, *this);
+    if (child_) child_->service(fds.data() + child_offset, fds.size() - child_offset, false, *this);
     retired_.reset();
     if (!writer_.empty() && !writer_.write_some(socket_.get()).ok()) writer_.clear();
   }
@@ -332,19 +299,6 @@ bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
     capnp::FlatArrayMessageReader message(words, reader_.options());
     auto root = message.getRoot<wire::ToWorker>();
     switch (root.which()) {
-      case wire::ToWorker::TASKS: {
-        if (!child_) return true;  // it ended meanwhile; the pool settles from its report
-        auto batch = root.getTasks();
-        const uint32_t count = batch_size(batch);
-        child_->open_claims(batch.getClaimSlot(), batch.getClaimTag(), count);
-        if (batch.getTimeoutNs() > 0) watched_.push_back({batch.getSeq(), batch.getTimeoutNs()});
-        tasks_forwarded_ += count;
-        if (auto* link = dynamic_cast<ForkLink*>(child_.get())) link->send_copy(words);
-        return true;
-      }
-      case wire::ToWorker::SHUTDOWN:
-        if (auto* link = dynamic_cast<ForkLink*>(child_.get())) link->send_copy(words);
-        return true;
       case wire::ToWorker::PING:
         send_pong();
         return true;
@@ -358,7 +312,7 @@ bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
         if (child_) child_->revoke(root.getRevoke().getSlot(), root.getRevoke().getTag(), *this);
         return true;
       default:
-        say("the pool sent a frame a worker does not expect after the handshake");
+        say("the pool sent a frame a worker host does not expect after the handshake");
         return false;
     }
   } catch (const kj::Exception& e) {
@@ -369,10 +323,9 @@ bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
 
 void Relay::send_pong() {
   const int64_t now = monotonic_now_ns();
-  last_progress_ns_ = now;
   if (child_ && limits_.resident_bytes && now - last_rss_read_ns_ >= kResidentBytesIntervalNs) {
     last_rss_read_ns_ = now;
-    resident_bytes_ = child_->resident_bytes();  // a /proc read: not on every frame
+    resident_bytes_ = child_->resident_bytes();  // a /proc read: not on every pong
   }
   capnp::MallocMessageBuilder message(64);
   auto pong = message.initRoot<wire::FromWorker>().initPong();
@@ -380,21 +333,35 @@ void Relay::send_pong() {
   queue(message);
 }
 
-void Relay::spawn(uint32_t slot) {
+void Relay::spawn(wire::Spawn::Reader request) {
   if (child_) return;  // one worker at a time; the pool knows it has one
-  absl::StatusOr<std::unique_ptr<WorkerLink>> child =
-      launcher_->launch(static_cast<int>(slot), absl::StrCat("worker ", slot));
-  capnp::MallocMessageBuilder message(64);
-  auto root = message.initRoot<wire::FromWorker>();
-  if (!child.ok()) {
+  const int slot = static_cast<int>(request.getSlot());
+  capnp::MallocMessageBuilder reply(64);
+  auto root = reply.initRoot<wire::FromWorker>();
+  auto fail = [&](absl::string_view why) {
     auto ended = root.initEnded();
-    ended.setHow(absl::StrCat("could not be started on its host: ", child.status().message()));
+    ended.setHow(absl::StrCat("could not be started on its host: ", why));
     ended.setClean(false);
-  } else {
-    child_ = *std::move(child);
-    root.setSpawned(child_->pid());
+    queue(reply);
+  };
+  // The worker's own connection to the pool: it presents the spawn's id, and proves the token.
+  absl::StatusOr<UniqueFd> data = connect_tcp(pool_, kDataConnectTimeout);
+  if (!data.ok()) return fail(data.status().message());
+  {
+    capnp::MallocMessageBuilder attach(64);
+    auto a = attach.initRoot<wire::FromWorker>().initAttach();
+    a.setDataId(request.getDataId());
+    const std::string proof = prove(token_, "data", as_string(request.getDataId()), "");
+    a.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+    if (absl::Status sent = write_frame(data->get(), attach); !sent.ok()) return fail(sent.message());
   }
-  queue(message);
+  absl::StatusOr<std::unique_ptr<ForkLink>> child =
+      launcher_->launch_on(slot, absl::StrCat("worker ", slot), *std::move(data));
+  if (!child.ok()) return fail(child.status().message());
+  child_ = *std::move(child);
+  reported_signature_ = 0;
+  root.setSpawned(child_->pid());
+  queue(reply);
 }
 
 void Relay::stop_child(StopMode mode) {
@@ -407,7 +374,6 @@ void Relay::stop_child(StopMode mode) {
 
 int64_t Relay::watch_progress(int64_t now) {
   const WorkerProgress progress = child_->progress();
-  if (progress.tasks_done >= tasks_forwarded_) return INT64_MAX;  // nothing in hand
   const uint64_t signature = progress.batch_seq * 1'000'003 + progress.task_index * 2 +
                              (progress.running ? 1 : 0);
   if (signature != reported_signature_) {
@@ -418,17 +384,14 @@ int64_t Relay::watch_progress(int64_t now) {
 }
 
 int64_t Relay::watchdog(int64_t now) {
-  if (timed_out_ || watched_.empty()) return INT64_MAX;
+  if (timed_out_) return INT64_MAX;
   const WorkerProgress progress = child_->progress();
-  while (!watched_.empty() && watched_.front().seq < progress.batch_seq) watched_.pop_front();
-  if (!progress.running || watched_.empty() || watched_.front().seq != progress.batch_seq) {
-    return watched_.empty() ? INT64_MAX : now + 1'000'000;
-  }
-  const int64_t deadline = progress.started_ns + watched_.front().timeout_ns + coarse_clock_slack_ns();
+  if (!progress.running || progress.timeout_ns <= 0) return INT64_MAX;
+  const int64_t deadline = progress.started_ns + progress.timeout_ns + coarse_clock_slack_ns();
   if (now < deadline) return deadline;
   timed_out_ = absl::StrCat("task ", progress.task_index, " of batch ", progress.batch_seq,
                             " ran past its timeout of ",
-                            absl::FormatDuration(absl::Nanoseconds(watched_.front().timeout_ns)),
+                            absl::FormatDuration(absl::Nanoseconds(progress.timeout_ns)),
                             "; its host's watchdog stopped it");
   stop_child(StopMode::kTerminate);
   return kill_at_ns_;
@@ -440,14 +403,10 @@ void Relay::on_ended(WorkerEnd end) {
   ended.setHow(end.how);
   ended.setClean(end.clean);
   if (timed_out_) ended.setTimedOut(*timed_out_);
-  ended.setBrokenStream(broken_);
   write_progress(child_->progress(), 0, ended.initProgress());
   queue(message);
   timed_out_.reset();
-  broken_.clear();
   kill_at_ns_ = 0;
-  watched_.clear();
-  tasks_forwarded_ = 0;
   retired_ = std::move(child_);
 }
 
@@ -477,7 +436,7 @@ int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::st
     say(std::string(socket.status().message()));
     return 1;
   }
-  Relay relay(*std::move(socket), find, token != nullptr ? token : "", offered_type);
+  Relay relay(*std::move(socket), *address, find, token != nullptr ? token : "", offered_type);
   return relay.run();
 }
 

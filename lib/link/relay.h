@@ -2,13 +2,15 @@
 //
 // A remote worker program (`procpool::serve<W>(argc, argv)`) dials the pool, proves the token
 // (handshake.h), and becomes a relay: a single-threaded loop that forks the actual worker process
-// on request (with a ForkLauncher, exactly as a local pool does) and passes frames between the
-// pool's TCP connection and that worker's socketpair. The relay is to its worker what a local
-// pool is to its workers: it reads the worker's control page, so it answers heartbeats with the
-// worker's progress, takes tasks back through the same claims when asked, stops the worker on a
-// task timeout of its own (the watchdog) or when told, and reports the worker's end exactly (its
-// wait status, its last progress). A task that kills its worker is so only that task's failure:
-// the relay forks a new worker when the pool asks, on the same connection.
+// on request (with a ForkLauncher, exactly as a local pool does) and supervises it. The worker
+// talks to the pool over a TCP connection of its own, which the relay opens for it before the
+// fork (presenting the spawn's id and proving the token): the relay is not on the data path. It
+// is to its worker what a local pool is to its workers: it reads the worker's control page, so it
+// reports the worker's progress as it changes, takes tasks back through the same claims when
+// asked, stops the worker on a task timeout of its own (the watchdog) or when told, and reports
+// the worker's end exactly (its wait status, its last progress). A task that kills its worker is
+// so only that task's failure: the relay forks a new worker when the pool asks, on the same
+// control connection.
 //
 // Its life ends with the pool's: at end of file on the connection, or after heartbeat_timeout
 // without a byte from the pool (the pool's host vanished), it kills its worker and returns. No

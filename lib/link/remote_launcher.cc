@@ -15,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "lib/common/clock.h"
+#include "lib/link/handshake.h"
 
 extern char** environ;
 
@@ -70,7 +71,7 @@ absl::StatusOr<std::unique_ptr<RemoteLauncher>> RemoteLauncher::start(Config con
 RemoteLauncher::~RemoteLauncher() {
   // Every relay sees end of file, ends its worker and exits; then what we launched (an srun
   // step, an ssh) ends with it.
-  for (TcpLink* link : waiting_) link->on_destroy(nullptr);
+  for (TcpLink* link : links_) link->on_destroy(nullptr);
   hosts_.clear();
   if (launched_.empty()) return;
   const int64_t give_up = monotonic_now_ns() + 2'000'000'000;
@@ -138,27 +139,54 @@ absl::Status RemoteLauncher::run_launch_command() {
 
 absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
                                                                    const std::string& name) {
-  for (auto& host : hosts_) {
-    if (host->state() != RemoteHost::State::kIdle) continue;
-    auto link = std::make_unique<TcpLink>(name, slot, 0);
-    link->bind(host.get());
-    return link;
-  }
-  const int64_t now = monotonic_now_ns();
+  RemoteHost* free_host = nullptr;
   int64_t wait_until = 0;
-  if (!config_.remote.launch.empty()) {
-    if (absl::Status ran = run_launch_command(); !ran.ok()) return ran;
-    wait_until = now + to_ns(config_.remote.connect_timeout);
-  } else if (now < first_wait_until_ns_) {
-    wait_until = first_wait_until_ns_;
-  } else {
-    return absl::UnavailableError(unavailable_reason());
+  for (auto& host : hosts_) {
+    if (host->state() == RemoteHost::State::kIdle) {
+      free_host = host.get();
+      break;
+    }
   }
-  auto link = std::make_unique<TcpLink>(name, slot, wait_until);
-  TcpLink* waiting = link.get();
-  waiting_.push_back(waiting);
-  link->on_destroy([this, waiting] { std::erase(waiting_, waiting); });
+  if (free_host == nullptr) {
+    const int64_t now = monotonic_now_ns();
+    if (!config_.remote.launch.empty()) {
+      if (absl::Status ran = run_launch_command(); !ran.ok()) return ran;
+      wait_until = now + to_ns(config_.remote.connect_timeout);
+    } else if (now < first_wait_until_ns_) {
+      wait_until = first_wait_until_ns_;
+    } else {
+      return absl::UnavailableError(unavailable_reason());
+    }
+  }
+  auto link = std::make_unique<TcpLink>(name, slot, wait_until, host_config_.limits);
+  TcpLink* raw = link.get();
+  links_.push_back(raw);
+  link->on_destroy([this, raw] {
+    std::erase(waiting_, raw);
+    std::erase(links_, raw);
+  });
+  if (free_host != nullptr) {
+    raw->bind(free_host);
+  } else {
+    waiting_.push_back(raw);
+  }
   return link;
+}
+
+void RemoteLauncher::hand_over_data(RemoteHost& host, LauncherEvents& events) {
+  TcpLink* owner = nullptr;
+  for (TcpLink* link : links_) {
+    if (!link->data_id().empty() && link->data_id() == host.data_id()) owner = link;
+  }
+  if (!proof_matches(host_config_.token, "data", host.data_id(), "", host.data_proof())) {
+    host.refuse(host_config_.token.empty()
+                    ? "a worker's data connection proved a token, and this pool has none"
+                    : "wrong token: a worker's data connection did not prove the pool's token");
+    return;
+  }
+  // A spawn nobody waits for any more (its link ended before its worker dialled): dropped.
+  UniqueFd socket = host.take_socket();
+  if (owner != nullptr) owner->attach(std::move(socket), host.take_reader(), events.events_of(*owner));
 }
 
 std::string RemoteLauncher::unavailable_reason() const {
@@ -218,6 +246,7 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
     const bool was_handshaking = host->state() == RemoteHost::State::kHandshake;
     if (polled[1 + i].revents != 0) host->service(polled[1 + i].revents, events_of);
     if (was_handshaking && host->state() == RemoteHost::State::kIdle) ++connected_ever_;
+    if (host->state() == RemoteHost::State::kData) hand_over_data(*host, events);
   }
   if (polled_launched_ > 0) reap_launched();
   // Closed hosts go, their refusals counted; free ones take waiting links.

@@ -64,6 +64,8 @@ class RemoteLauncher final : public Launcher {
   explicit RemoteLauncher(Config config);
   absl::Status run_launch_command();
   void match_free_hosts(LauncherEvents& events);
+  // A connection that presented a spawn's id: to the link that asked for it, if its proof holds.
+  void hand_over_data(RemoteHost& host, LauncherEvents& events);
   void reap_launched();
   std::string unavailable_reason() const;
 
@@ -73,6 +75,7 @@ class RemoteLauncher final : public Launcher {
   std::string address_;
   int64_t first_wait_until_ns_ = 0;  // without `launch`: slots wait for hosts until then
   std::vector<std::unique_ptr<RemoteHost>> hosts_;
+  std::vector<TcpLink*> links_;      // every live link, for data connections to find theirs
   std::deque<TcpLink*> waiting_;     // links without a host yet, oldest first
   struct Launched {
     pid_t pid;

@@ -1,17 +1,18 @@
-// TcpLink: the WorkerLink of a remote worker, and RemoteHost: the TCP connection to the relay on
-// its host (relay.h) that carries it.
+// TcpLink: the WorkerLink of a remote worker, and RemoteHost: a TCP connection from a worker
+// host — the control connection of a relay (relay.h), or, briefly, a data connection until it is
+// handed to the link it belongs to.
 //
-// A RemoteHost is one connected worker program (one `procpool::serve` process): it does the
-// pool's side of the handshake (handshake.h), sends heartbeats and declares the host gone when
-// nothing has come from it for heartbeat_timeout. A TcpLink is one worker process that relay
-// forks for a slot: the pool asks for it (`spawn`), talks to it through the relay, and learns of
-// its end from the relay (`ended`, with its exact last progress) or from the connection's loss
-// (then its progress is what the last heartbeat said: `WorkerProgress::exact` is false). When a
-// link ends its host is free for the slot's next worker: a task that kills its worker costs the
-// pool no connection.
-//
-// Frames are read and written by the remote launcher's event loop (remote_launcher.h), which
-// polls every host; a TcpLink itself has no descriptor to poll and cannot be borrowed.
+// A relay's control connection carries the handshake (handshake.h), heartbeats, the pool's
+// requests (spawn, stop, revoke) and the relay's reports (progress, revocations, a worker's end).
+// It is declared gone when nothing has come over it for heartbeat_timeout. A TcpLink is one worker
+// process that relay forks for a slot: the pool asks for it with a fresh random id (`spawn`), the
+// relay opens a data connection that presents the id and the token's proof (`attach`), and the
+// worker then speaks the same frames over it as a forked worker over its socketpair — so apply's
+// fast path can borrow it, and frames never pass through the relay. The link ends when the relay
+// reports the worker's end (`ended`, with its exact last progress) and the data connection has
+// delivered everything before its end of file; or when the control connection is lost (then its
+// progress is what the relay last said: `WorkerProgress::exact` is false). Its host is then free
+// for the slot's next worker: a task that kills its worker costs the pool no connection.
 
 #ifndef PROCPOOL_LIB_LINK_TCP_LINK_H_
 #define PROCPOOL_LIB_LINK_TCP_LINK_H_
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,9 +46,12 @@ struct RemoteHostConfig {
   absl::Duration handshake_timeout = absl::Seconds(20);
 };
 
+using EventsOf = std::function<LinkEvents&(WorkerLink&)>;
+
 class RemoteHost {
  public:
-  enum class State { kHandshake, kIdle, kBusy, kClosed };
+  // kData: the connection presented a spawn's id; the launcher hands it to that link.
+  enum class State { kHandshake, kIdle, kBusy, kData, kClosed };
   RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config);
   ~RemoteHost();
 
@@ -60,26 +65,31 @@ class RemoteHost {
   int fd() const { return socket_.get(); }
   short poll_events() const;
   // Reads and writes what poll() said is ready; reports to the bound link through `events_of`.
-  void service(short revents, const std::function<LinkEvents&(WorkerLink&)>& events_of);
+  void service(short revents, const EventsOf& events_of);
   // Handshake deadline, heartbeats; returns when it wants to be called again.
-  int64_t check(int64_t now_ns, const std::function<LinkEvents&(WorkerLink&)>& events_of);
+  int64_t check(int64_t now_ns, const EventsOf& events_of);
 
-  // A free host takes `link`: it asks its relay to fork a worker for `slot`.
-  void bind(TcpLink* link, int slot);
+  // A free host takes `link`: it asks its relay to fork a worker for `slot`, whose data
+  // connection will present `data_id`.
+  void bind(TcpLink* link, int slot, const std::string& data_id);
   // The link is done with this host (it ended, or is being destroyed).
   void unbind(TcpLink* link);
-  void queue(std::unique_ptr<capnp::MessageBuilder> frame);
   void queue(capnp::MessageBuilder& message);
   void flush();
-  bool has_unsent() const { return !writer_.empty(); }
   // Closes the connection; a bound link ends ("was lost: <why>").
-  void close(const std::string& why, const std::function<LinkEvents&(WorkerLink&)>& events_of);
+  void close(const std::string& why, const EventsOf& events_of);
+  // Refuses the peer (a frame saying why) and closes.
+  void refuse(const std::string& why);
+
+  // kData: what the connection presented, and the connection itself (with what was read).
+  const std::string& data_id() const { return data_id_; }
+  const std::string& data_proof() const { return data_proof_; }
+  UniqueFd take_socket();
+  FrameReader take_reader();
 
  private:
-  void on_frame(kj::ArrayPtr<const capnp::word> words,
-                const std::function<LinkEvents&(WorkerLink&)>& events_of);
+  void on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of);
   void handshake_frame(kj::ArrayPtr<const capnp::word> words);
-  void refuse(const std::string& why);
 
   UniqueFd socket_;
   const std::string peer_;
@@ -90,46 +100,50 @@ class RemoteHost {
   std::string host_name_;
   std::string worker_nonce_;
   std::string pool_nonce_;
-  bool proved_ = false;  // the handshake got as far as the proof
+  std::string data_id_;
+  std::string data_proof_;
   bool refused_ = false;
   std::string closed_reason_;
   int64_t handshake_deadline_ns_ = 0;
   int64_t last_received_ns_ = 0;
   int64_t last_ping_ns_ = 0;
-  int64_t partial_since_ns_ = 0;
   TcpLink* link_ = nullptr;
 };
 
 class TcpLink final : public WorkerLink {
  public:
   // A link for `slot`, waiting for a host until `wait_until_ns` (its launcher then ends it).
-  TcpLink(std::string slot_name, int slot, int64_t wait_until_ns);
+  TcpLink(std::string slot_name, int slot, int64_t wait_until_ns, RelayLimits limits);
   ~TcpLink() override;
 
   int slot() const { return slot_; }
   bool waiting() const { return host_ == nullptr && !ended_; }
   int64_t wait_until_ns() const { return wait_until_ns_; }
-  // Called by the launcher: a host for this waiting link.
+  // Called by the launcher: a host for this waiting link (it asks the relay for a worker).
   void bind(RemoteHost* host);
+  // The spawn's id the worker's data connection will present (set by bind).
+  const std::string& data_id() const { return data_id_; }
+  // Called by the launcher: the worker's data connection, with what was read from it so far.
+  void attach(UniqueFd data, FrameReader reader, LinkEvents& events);
 
   const std::string& name() const override { return name_; }
   int pid() const override { return pid_; }
   void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
   void flush() override;
   bool has_unsent() const override;
-  void add_pollfds(std::vector<pollfd>&, bool) override {}
-  void service(const pollfd*, size_t, bool, LinkEvents&) override {}
+  void add_pollfds(std::vector<pollfd>& fds, bool with_channel) override;
+  void service(const pollfd* polled, size_t count, bool with_channel, LinkEvents& events) override;
   int64_t check(int64_t now_ns, LinkEvents& events) override;
-  int channel_fd() const override { return -1; }
-  void pump(short, LinkEvents&) override {}
+  int channel_fd() const override { return data_.get(); }
+  void pump(short revents, LinkEvents& events) override;
   WorkerProgress progress() const override { return progress_; }
   size_t resident_bytes() const override { return resident_bytes_; }
-  void open_claims(uint32_t, uint16_t, uint32_t) override {}  // its relay opens them
+  void open_claims(uint32_t, uint16_t, uint32_t) override {}  // the worker's page is its relay's
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
   void stop(StopMode mode) override;
 
   // From its host.
-  void on_spawned(int pid);
+  void on_spawned(int pid, LinkEvents& events);
   void on_pong(wire::Progress::Reader progress);
   void on_ended(wire::Ended::Reader ended, LinkEvents& events);
   void on_lost(const std::string& why, LinkEvents& events);
@@ -139,19 +153,34 @@ class TcpLink final : public WorkerLink {
   void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
 
  private:
+  void read_data(LinkEvents& events);
+  void close_data();
   void end(WorkerEnd end, LinkEvents& events);
 
   const std::string slot_name_;
   const int slot_;
+  const RelayLimits limits_;
   std::string name_;
   RemoteHost* host_ = nullptr;
   int pid_ = 0;
   int64_t wait_until_ns_;
+  std::string data_id_;
+  // The worker's data connection: frames both ways, as over a forked worker's socketpair.
+  UniqueFd data_;
+  FrameReader reader_;
+  FrameWriter writer_;
+  bool attached_ = false;
+  bool data_closed_ = false;     // end of file (or broken): everything it sent was delivered
+  bool polled_data_ = false;     // what add_pollfds added, for service()
+  int64_t partial_since_ns_ = 0;
+  std::vector<std::unique_ptr<capnp::MessageBuilder>> unsent_;  // sent before it attached
+  // The relay reported the worker's end; it is delivered once the data connection has closed.
+  std::optional<WorkerEnd> ended_report_;
+  int64_t ended_report_ns_ = 0;
   int64_t drop_at_ns_ = 0;  // stopped by force and not ended by then: drop the connection
   bool ended_ = false;
   WorkerProgress progress_;
   size_t resident_bytes_ = 0;
-  std::vector<std::unique_ptr<capnp::MessageBuilder>> unsent_;  // sent while waiting for a host
   std::function<void()> on_destroy_;
 };
 

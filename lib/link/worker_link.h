@@ -47,6 +47,7 @@ struct WorkerProgress {
   int64_t started_ns = 0;                      // when that task started (CLOCK_MONOTONIC)
   int64_t tasks_done = 0;
   int64_t busy_ns = 0;
+  int64_t timeout_ns = 0;  // the task timeout of the batch it runs (0: none)
   // False when the link learns of progress late (over TCP): tasks after the one above may have
   // started. True when it is read from shared memory, as the worker writes it.
   bool exact = true;

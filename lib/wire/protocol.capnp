@@ -94,7 +94,7 @@ struct ToWorker {
     refused @4 :Text;           # why the pool will not have this worker; it closes next
     # After it:
     ping @5 :Void;              # answered with a pong
-    spawn @6 :UInt32;           # fork a worker for this slot; answered with spawned or ended
+    spawn @6 :Spawn;            # fork a worker; answered with spawned (or ended, if it cannot)
     stop @7 :UInt8;             # signal the worker: 15 (SIGTERM) or 9 (SIGKILL)
     revoke @8 :ClaimRef;        # take a batch's unstarted tasks back; answered with revoked
   }
@@ -114,8 +114,22 @@ struct FromWorker {
     pong @7 :Progress;
     spawned @8 :Int32;          # the worker's pid on its host
     revoked @9 :Revoked;
-    ended @10 :Ended;           # the worker is gone; everything it sent came before this
+    ended @10 :Ended;           # the worker is gone (its data connection closes with it)
+    # The first frame of a worker's data connection (see Spawn): which spawn it is, and proof.
+    attach @11 :Attach;
   }
+}
+
+# A remote worker's frames (tasks, results, ready, exited) go over a connection of its own, opened
+# by its relay for each worker it forks: the relay supervises, and stays off the data path.
+struct Spawn {
+  slot @0 :UInt32;
+  dataId @1 :Data;              # random, one per spawn: the relay presents it on the new connection
+}
+
+struct Attach {
+  dataId @0 :Data;
+  proof @1 :Data;               # HMAC(token, "data", dataId); empty without a token
 }
 
 struct Hello {

@@ -95,8 +95,12 @@ class TaskPacer {
 // Claims of one batch, taken before each task (or stride of packed tasks).
 class Claims {
  public:
-  Claims(ControlPage& page, wire::TaskBatch::Reader batch)
-      : page_(page), slot_(batch.getClaimSlot()), tag_(batch.getClaimTag()) {}
+  Claims(ControlPage& page, wire::TaskBatch::Reader batch, uint32_t count)
+      : page_(page), slot_(batch.getClaimSlot()), tag_(batch.getClaimTag()) {
+    if (page.worker_opens_claims.load(std::memory_order_relaxed) != 0) {
+      open_claims_on_arrival(page, slot_, tag_, count);
+    }
+  }
 
   // True if task `index` (the next in order) may start.
   bool may_start(uint32_t index, uint32_t stride = 1) {
@@ -123,6 +127,7 @@ class BatchRunner {
 
   // False when the parent is gone.
   bool run(wire::TaskBatch::Reader batch) {
+    page_.timeout_ns.store(batch.getTimeoutNs(), std::memory_order_relaxed);
     return batch.hasPackedJobs() ? run_packed(batch) : run_listed(batch);
   }
 
@@ -132,7 +137,7 @@ class BatchRunner {
     const uint32_t count = jobs.size();
     seq_ = batch.getSeq();
     first_unsent_ = 0;
-    Claims claims(page_, batch);
+    Claims claims(page_, batch, count);
     TaskPacer<monotonic_now_ns> pacer(page_, seq_);
     start_listed_piece(count);
     uint32_t i = 0;
@@ -227,7 +232,7 @@ class BatchRunner {
     first_unsent_ = 0;
     const uint32_t max_entries = static_cast<uint32_t>(std::clamp<size_t>(
         (max_frame_bytes_ - 512) / sizeof(capnp::word), 1, kMaxPackedPieceResults));
-    Claims claims(page_, batch);
+    Claims claims(page_, batch, count);
     TaskPacer<coarse_now_ns> pacer(page_, seq_);
     uint32_t stride = 1;
     uint32_t stride_end = 0;

@@ -86,11 +86,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     write_frame(peer.get(), proof);
     pump(*host, events);
     if (host->state() == RemoteHost::State::kIdle) {
-      link = std::make_unique<TcpLink>("worker 0", 0, 0);
+      link = std::make_unique<TcpLink>("worker 0", 0, 0, config.limits);
       link->bind(host.get());
     }
     char drain[4096];
     while (::read(peer.get(), drain, sizeof(drain)) > 0) {
+    }
+  }
+  if ((data[0] & 3) == 2) {
+    // A worker's data connection: it presents a spawn's id, then the input is its frames.
+    capnp::MallocMessageBuilder attach;
+    attach.initRoot<procpool::wire::FromWorker>().initAttach().setDataId(
+        capnp::Data::Reader(reinterpret_cast<const capnp::byte*>("id"), 2));
+    write_frame(peer.get(), attach);
+    pump(*host, events);
+    if (host->state() == RemoteHost::State::kData) {
+      link = std::make_unique<TcpLink>("worker 0", 0, 0, config.limits);
+      link->attach(host->take_socket(), host->take_reader(), events);
+      (void)!::write(peer.get(), data + 1, size - 1);
+      peer.reset();
+      for (int round = 0; round < 8; ++round) link->pump(POLLIN, events);
+      (void)link->check(INT64_MAX / 2, events);
     }
   }
   (void)!::write(peer.get(), data + 1, size - 1);

@@ -10,8 +10,10 @@
 #   4. installs that build into a temporary prefix and builds and runs examples/consumer_cmake
 #      against it through find_package(procpool), builds the same program with
 #      `pkg-config --cflags --libs procpool` and runs it, and checks that version.h, the CMake
-#      package, procpool.pc and CHANGELOG.md name the same version (one check).
-# SKIP_CONSUMER=1 leaves out steps 2-4 (CI's soak and sanitizer runs: they only vary Bazel flags).
+#      package, procpool.pc and CHANGELOG.md name the same version (one check);
+#   5. compiles every C++ snippet of README.md and docs/guide.md, each as its own translation unit
+#      (tools/check_snippets.py; one check).
+# SKIP_CONSUMER=1 leaves out steps 2-5 (CI's soak and sanitizer runs: they only vary Bazel flags).
 # The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
 set -euo pipefail
 
@@ -165,6 +167,15 @@ if [[ $cmake_built -eq 1 ]] && (consumer_cmake); then
   passed=$((passed + 1))
 else
   echo "FAILED: examples/consumer_cmake (installed procpool)" >&2
+  failed=$((failed + 1))
+fi
+
+# --- 5. The documentation's C++ snippets compile ---------------------------------------------
+echo "=== README.md and docs/guide.md: every C++ snippet compiles"
+if python3 tools/check_snippets.py README.md docs/guide.md </dev/null; then
+  passed=$((passed + 1))
+else
+  echo "FAILED: a C++ snippet of README.md or docs/guide.md does not compile" >&2
   failed=$((failed + 1))
 fi
 

@@ -6,7 +6,7 @@
 #   2. builds and runs the separate consumer workspaces examples/consumer (one more check) and
 #      examples/consumer_own_deps (procpool_deps(absl_repo=, capnp_repo=); one more check);
 #   3. the CMake build: configures and builds everything (library, tests, examples, benchmarks)
-#      into a temporary directory and runs `ctest -LE soak` (one check);
+#      into a temporary directory and runs `ctest -LE 'soak|slurm'` (one check);
 #   4. installs that build into a temporary prefix and builds and runs examples/consumer_cmake
 #      against it through find_package(procpool), builds the same program with
 #      `pkg-config --cflags --libs procpool` and runs it, and checks that version.h, the CMake
@@ -112,13 +112,14 @@ JOBS="$(nproc)"
 CMAKE_GEN=()
 if command -v ninja >/dev/null 2>&1; then CMAKE_GEN=(-G Ninja); fi
 CMAKE_BUILD="$WORK/cmake-build"
-echo "=== CMake: configure, build, ctest -LE soak"
+echo "=== CMake: configure, build, ctest -LE 'soak|slurm'"
 # Debug (-O0 -g): this build is for correctness, and takes about 60% of the compile time of the
 # default RelWithDebInfo.
 if cmake -S . -B "$CMAKE_BUILD" "${CMAKE_GEN[@]}" --log-level=NOTICE -DCMAKE_BUILD_TYPE=Debug \
     </dev/null \
     && cmake --build "$CMAKE_BUILD" -j "$JOBS" </dev/null \
-    && ctest --test-dir "$CMAKE_BUILD" -LE soak -j "$JOBS" --output-on-failure </dev/null; then
+    && ctest --test-dir "$CMAKE_BUILD" -LE 'soak|slurm' -j "$JOBS" --output-on-failure \
+      </dev/null; then
   passed=$((passed + 1))
   cmake_built=1
 else

@@ -6,12 +6,14 @@
 #   2. builds and runs the separate consumer workspaces examples/consumer (one more check) and
 #      examples/consumer_own_deps (procpool_deps(absl_repo=, capnp_repo=); one more check);
 #   3. the CMake build: configures and builds everything (library, tests, examples, benchmarks)
-#      into a temporary directory and runs `ctest -LE soak` (one check);
+#      into a temporary directory and runs `ctest -LE 'soak|slurm'` (one check);
 #   4. installs that build into a temporary prefix and builds and runs examples/consumer_cmake
 #      against it through find_package(procpool), builds the same program with
 #      `pkg-config --cflags --libs procpool` and runs it, and checks that version.h, the CMake
-#      package, procpool.pc and CHANGELOG.md name the same version (one check).
-# SKIP_CONSUMER=1 leaves out steps 2-4 (CI's soak and sanitizer runs: they only vary Bazel flags).
+#      package, procpool.pc and CHANGELOG.md name the same version (one check);
+#   5. compiles every C++ snippet of README.md and docs/guide.md, each as its own translation unit
+#      (tools/check_snippets.py; one check).
+# SKIP_CONSUMER=1 leaves out steps 2-5 (CI's soak and sanitizer runs: they only vary Bazel flags).
 # The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
 set -euo pipefail
 
@@ -110,13 +112,14 @@ JOBS="$(nproc)"
 CMAKE_GEN=()
 if command -v ninja >/dev/null 2>&1; then CMAKE_GEN=(-G Ninja); fi
 CMAKE_BUILD="$WORK/cmake-build"
-echo "=== CMake: configure, build, ctest -LE soak"
+echo "=== CMake: configure, build, ctest -LE 'soak|slurm'"
 # Debug (-O0 -g): this build is for correctness, and takes about 60% of the compile time of the
 # default RelWithDebInfo.
 if cmake -S . -B "$CMAKE_BUILD" "${CMAKE_GEN[@]}" --log-level=NOTICE -DCMAKE_BUILD_TYPE=Debug \
     </dev/null \
     && cmake --build "$CMAKE_BUILD" -j "$JOBS" </dev/null \
-    && ctest --test-dir "$CMAKE_BUILD" -LE soak -j "$JOBS" --output-on-failure </dev/null; then
+    && ctest --test-dir "$CMAKE_BUILD" -LE 'soak|slurm' -j "$JOBS" --output-on-failure \
+      </dev/null; then
   passed=$((passed + 1))
   cmake_built=1
 else
@@ -165,6 +168,15 @@ if [[ $cmake_built -eq 1 ]] && (consumer_cmake); then
   passed=$((passed + 1))
 else
   echo "FAILED: examples/consumer_cmake (installed procpool)" >&2
+  failed=$((failed + 1))
+fi
+
+# --- 5. The documentation's C++ snippets compile ---------------------------------------------
+echo "=== README.md and docs/guide.md: every C++ snippet compiles"
+if python3 tools/check_snippets.py README.md docs/guide.md </dev/null; then
+  passed=$((passed + 1))
+else
+  echo "FAILED: a C++ snippet of README.md or docs/guide.md does not compile" >&2
   failed=$((failed + 1))
 fi
 

@@ -2,8 +2,9 @@
 # Builds the fuzz targets with clang (libFuzzer + ASan + UBSan) and runs each for a bounded time:
 #   bash tools/fuzz.sh [seconds per target, default 60]
 # - frame_decoder: whatever bytes a worker writes, the pool's frame decoding ends in a status;
-# - remote_host:   whatever a peer dialling a remote pool sends, the pool's handshake and its
-#                  reading of a worker host's frames end in a refusal or a closed connection.
+# - remote_host:   whatever a peer dialling a remote pool sends, the pool's handshake, its
+#                  reading of a worker host's frames and of a worker's data connection end in a
+#                  refusal, a closed connection or a failed task.
 # Exits non-zero if either finds a crash, leak or UB. Outside Bazel on purpose: the Bazel build
 # uses GCC, and libFuzzer is clang's.
 set -euo pipefail
@@ -35,11 +36,13 @@ clang++ "${FLAGS[@]}" "${SANITIZE[@]}" tests/fuzz/frame_decoder_fuzzer.cc "${WIR
   -o "$OUT/frame_decoder"
 clang++ "${FLAGS[@]}" "${SANITIZE[@]}" tests/fuzz/remote_host_fuzzer.cc "${REMOTE[@]}" "${WIRE[@]}" \
   "${LIBS[@]}" -o "$OUT/remote_host"
-# Seeds for the remote host: the first byte picks the handshake (0) or a connected host (1).
+# Seeds for the remote host: the first byte picks the handshake (0), a connected host (1) or a
+# worker's data connection after its attach frame (2).
 printf '\x00' >"$OUT/corpus-remote_host/handshake"
 cp "$OUT"/corpus-frame_decoder/* "$OUT/corpus-remote_host/" 2>/dev/null || true
 for seed in "$OUT"/corpus-frame_decoder/*; do
   { printf '\x01'; cat "$seed"; } >"$OUT/corpus-remote_host/connected-$(basename "$seed")"
+  { printf '\x02'; cat "$seed"; } >"$OUT/corpus-remote_host/data-$(basename "$seed")"
 done
 
 failed=0

@@ -103,6 +103,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (host->state() == RemoteHost::State::kData) {
       link = std::make_unique<TcpLink>("worker 0", 0, 0, config.limits);
       link->attach(host->take_socket(), host->take_reader(), events);
+      link->on_spawned(4242, events);  // its frames are read once its pid is known
       (void)!::write(peer.get(), data + 1, size - 1);
       peer.reset();
       for (int round = 0; round < 8; ++round) link->pump(POLLIN, events);

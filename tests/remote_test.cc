@@ -477,6 +477,30 @@ TEST_CASE("no worker within connect_timeout: calls fail kUnavailable saying none
   CHECK(message_has(result.status(), "no remote worker has connected"));
 }
 
+TEST_CASE("terminate() and join_timeout end a slot still waiting for a worker host at once, not "
+          "at connect_timeout") {
+  SUBCASE("terminate") {
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(30)}));
+    absl::SleepFor(absl::Milliseconds(100));
+    const absl::Time start = absl::Now();
+    pool.terminate();
+    MESSAGE("terminate() returned after ", absl::FormatDuration(absl::Now() - start));
+    CHECK(absl::Now() - start < absl::Seconds(5));
+    CHECK(pool.join().ok());
+  }
+  SUBCASE("join_timeout") {
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(30)},
+                                               {.join_timeout = absl::Milliseconds(500)}));
+    REQUIRE(pool.close().ok());
+    const absl::Time start = absl::Now();
+    const absl::Status joined = pool.join();
+    MESSAGE("join() returned after ", absl::FormatDuration(absl::Now() - start), ": ", joined);
+    CHECK(absl::Now() - start < absl::Seconds(5));
+    CHECK(joined.code() == absl::StatusCode::kDeadlineExceeded);
+    CHECK(message_has(joined, "waited for a worker host"));
+  }
+}
+
 TEST_CASE("remote options are checked") {
   SUBCASE("a listen address beyond loopback needs a token") {
     ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.listen = "0.0.0.0:0"}));

@@ -265,10 +265,11 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
   const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
   int64_t next = INT64_MAX;
   for (auto& host : hosts_) next = std::min(next, host->check(now_ns, events_of));
-  // Links that waited for a host long enough end: a start failure, saying why.
+  // Links that waited for a host long enough end: a start failure, saying why. Links stopped
+  // while waiting (terminate, join_timeout, enter_timeout) end now: no worker of theirs exists.
   std::vector<TcpLink*> expired;
   for (TcpLink* link : waiting_) {
-    if (now_ns >= link->wait_until_ns()) {
+    if (link->stopped_waiting() || now_ns >= link->wait_until_ns()) {
       expired.push_back(link);
     } else {
       next = std::min(next, link->wait_until_ns());
@@ -276,6 +277,10 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
   }
   for (TcpLink* link : expired) {
     std::erase(waiting_, link);
+    if (link->stopped_waiting()) {
+      link->end_stopped(events.events_of(*link));
+      continue;
+    }
     const std::string why =
         config_.remote.launch.empty()
             ? unavailable_reason()

@@ -415,7 +415,11 @@ void TcpLink::revoke(uint32_t slot, uint16_t tag, LinkEvents&) {
 }
 
 void TcpLink::stop(StopMode mode) {
-  if (host_ == nullptr || ended_) return;
+  if (ended_) return;
+  if (host_ == nullptr) {
+    stopped_waiting_ = true;
+    return;
+  }
   capnp::MallocMessageBuilder message(16);
   message.initRoot<wire::ToWorker>().setStop(mode == StopMode::kKill ? 9 : 15);
   host_->queue(message);
@@ -465,6 +469,10 @@ void TcpLink::end_waiting(LinkEvents& events, absl::Status cause) {
   WorkerEnd end_of{absl::StrCat("got no worker host: ", cause.message()), false};
   end_of.cause = std::move(cause);
   end(std::move(end_of), events);
+}
+
+void TcpLink::end_stopped(LinkEvents& events) {
+  end({"was stopped while it waited for a worker host", false}, events);
 }
 
 void TcpLink::end(WorkerEnd end_of, LinkEvents& events) {

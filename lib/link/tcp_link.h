@@ -149,6 +149,10 @@ class TcpLink final : public WorkerLink {
   void on_lost(const std::string& why, LinkEvents& events);
   // No host came in time: it ends, and `cause` is its start failure.
   void end_waiting(LinkEvents& events, absl::Status cause);
+  // stop() before any host took it: there is no worker to stop, and no host may take it now; its
+  // launcher ends it at once (end_stopped), rather than at wait_until_ns.
+  bool stopped_waiting() const { return stopped_waiting_ && waiting(); }
+  void end_stopped(LinkEvents& events);
   // Called when the link is destroyed (the launcher forgets it).
   void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
 
@@ -179,6 +183,7 @@ class TcpLink final : public WorkerLink {
   int64_t ended_report_ns_ = 0;
   int64_t drop_at_ns_ = 0;  // stopped by force and not ended by then: drop the connection
   bool ended_ = false;
+  bool stopped_waiting_ = false;
   WorkerProgress progress_;
   size_t resident_bytes_ = 0;
   std::function<void()> on_destroy_;

@@ -441,6 +441,29 @@ TEST_CASE("a protocol version mismatch is refused with a clear error, on both si
   }
 }
 
+TEST_CASE("what unauthenticated peers make the pool remember is bounded: refusals in its errors") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(500)}));
+  // Each peer names another worker type, 10 KB long: the pool refuses each, and says why in its
+  // errors; it must not keep (nor repeat) all of them.
+  for (int i = 0; i < 100; ++i) {
+    Peer peer = dial(pool.remote_address());
+    send_hello(peer, internal::kProtocolVersion, absl::StrCat(i, std::string(10'000, 'x')),
+               internal::make_nonce());
+    auto answer = peer.read();
+    REQUIRE(answer.ok());
+    capnp::FlatArrayMessageReader message(*answer);
+    CHECK(message.getRoot<wire::ToWorker>().isRefused());
+  }
+  absl::StatusOr<int64_t> result = absl::InternalError("not run");
+  REQUIRE(wait_until([&] {
+    result = pool.apply(1);
+    return message_has(result.status(), "refused");
+  }, absl::Seconds(10)));
+  MESSAGE(result.status().message().size(), " bytes: ", result.status().message().substr(0, 300));
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(result.status().message().size() < 4096);
+}
+
 TEST_CASE("garbage and half frames over a worker's TCP connection drop that connection only") {
   std::string what;
   SUBCASE("garbage") { what = "garbage"; }

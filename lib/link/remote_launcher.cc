@@ -24,6 +24,11 @@ namespace {
 
 // Connections still in their handshake: more are closed at once (a flood cannot exhaust us).
 constexpr size_t kMaxHandshaking = 256;
+// Why hosts were refused goes into calls' errors. Peers that need no token to be refused choose
+// much of it (the worker type they name), and any number may dial: a few reasons are kept, each
+// cut short, and the rest only counted.
+constexpr size_t kMaxRefusalReasons = 8;
+constexpr size_t kMaxRefusalBytes = 200;
 
 }  // namespace
 
@@ -189,6 +194,16 @@ void RemoteLauncher::hand_over_data(RemoteHost& host, LauncherEvents& events) {
   if (owner != nullptr) owner->attach(std::move(socket), host.take_reader(), events.events_of(*owner));
 }
 
+void RemoteLauncher::count_refusal(const std::string& why) {
+  std::string reason = why.size() > kMaxRefusalBytes
+                           ? absl::StrCat(why.substr(0, kMaxRefusalBytes), "...")
+                           : why;
+  if (refusals_.size() >= kMaxRefusalReasons && !refusals_.contains(reason)) {
+    reason = "other reasons";
+  }
+  ++refusals_[reason];
+}
+
 std::string RemoteLauncher::unavailable_reason() const {
   int busy = 0;
   for (const auto& host : hosts_) busy += host->state() == RemoteHost::State::kBusy;
@@ -252,7 +267,7 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
   // Closed hosts go, their refusals counted; free ones take waiting links.
   for (auto it = hosts_.begin(); it != hosts_.end();) {
     if ((*it)->state() == RemoteHost::State::kClosed) {
-      if ((*it)->refused()) ++refusals_[(*it)->closed_reason()];
+      if ((*it)->refused()) count_refusal((*it)->closed_reason());
       it = hosts_.erase(it);
     } else {
       ++it;

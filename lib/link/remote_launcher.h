@@ -67,6 +67,7 @@ class RemoteLauncher final : public Launcher {
   // A connection that presented a spawn's id: to the link that asked for it, if its proof holds.
   void hand_over_data(RemoteHost& host, LauncherEvents& events);
   void reap_launched();
+  void count_refusal(const std::string& why);
   std::string unavailable_reason() const;
 
   Config config_;

@@ -524,6 +524,22 @@ TEST_CASE("terminate() and join_timeout end a slot still waiting for a worker ho
   }
 }
 
+TEST_CASE("a remote worker's enter_timeout counts from its start on a host: calls wait "
+          "connect_timeout for the host") {
+  // The host comes after enter_timeout has passed since the pool asked for it, well within
+  // connect_timeout: the call waits for it and succeeds.
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1,
+      RemoteOptions{.launch = {"/bin/sh", "-c",
+                               absl::StrCat("sleep 1.5; exec ", worker_program(),
+                                            " --procpool-connect={address}")},
+                    .connect_timeout = absl::Seconds(20)},
+      {.enter_timeout = absl::Milliseconds(500)}));
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
+  CHECK_MESSAGE(result.ok(), result.status());
+  CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+}
+
 TEST_CASE("remote options are checked") {
   SUBCASE("a listen address beyond loopback needs a token") {
     ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.listen = "0.0.0.0:0"}));

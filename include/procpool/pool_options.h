@@ -130,7 +130,9 @@ struct PoolOptions {
   absl::Duration task_timeout = absl::InfiniteDuration();
   /// A worker whose constructor and enter() take longer than this is killed, and the pool fails
   /// with kDeadlineExceeded naming it (as it does for a failing enter()): a hung initializer must
-  /// not leave calls waiting for a worker that never comes. Positive.
+  /// not leave calls waiting for a worker that never comes. A remote worker's counts from when a
+  /// worker host was asked to start it (the wait for a host is RemoteOptions::connect_timeout's).
+  /// Positive.
   absl::Duration enter_timeout = absl::Seconds(60);
   /// How long a worker asked to stop with SIGTERM gets before SIGKILL. Not negative.
   absl::Duration kill_grace = absl::Seconds(1);

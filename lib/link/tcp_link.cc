@@ -271,6 +271,7 @@ void TcpLink::bind(RemoteHost* host) {
   host_ = host;
   if (host == nullptr) return;
   name_ = absl::StrCat(slot_name_, " on ", host->host_name());
+  placed_ns_ = monotonic_now_ns();
   data_id_ = make_nonce();
   host->bind(this, slot_, data_id_);
 }

@@ -141,6 +141,7 @@ class TcpLink final : public WorkerLink {
   void open_claims(uint32_t, uint16_t, uint32_t) override {}  // the worker's page is its relay's
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
   void stop(StopMode mode) override;
+  int64_t placed_ns() const override { return placed_ns_; }
 
   // From its host.
   void on_spawned(int pid, LinkEvents& events);
@@ -168,6 +169,7 @@ class TcpLink final : public WorkerLink {
   RemoteHost* host_ = nullptr;
   int pid_ = 0;
   int64_t wait_until_ns_;
+  int64_t placed_ns_ = INT64_MAX;  // when a host took it
   std::string data_id_;
   // The worker's data connection: frames both ways, as over a forked worker's socketpair.
   UniqueFd data_;

@@ -115,6 +115,11 @@ class WorkerLink {
 
   // Stops the worker without its exit() hook (the polite way is a shutdown frame). Idempotent.
   virtual void stop(StopMode mode) = 0;
+
+  // When its worker was asked for (CLOCK_MONOTONIC ns), from which enter_timeout counts: 0 for a
+  // link made with its worker (a fork), INT64_MAX while there is nowhere to run it yet (a remote
+  // link waiting for a worker host, a wait connect_timeout bounds instead).
+  virtual int64_t placed_ns() const { return 0; }
 };
 
 }  // namespace procpool::internal

@@ -278,9 +278,12 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
       next = std::min(next, slot.kill_at_ns);
     }
   }
+  // Counted from when the worker was asked for: a remote slot's wait for a host is bounded by
+  // connect_timeout, not by this.
+  const int64_t placed = slot.link->placed_ns();
   if (slot.state == State::kStarting && !slot.stop_reason &&
-      config_.enter_timeout != absl::InfiniteDuration()) {
-    const int64_t deadline = slot.started_ns + to_ns(config_.enter_timeout);
+      config_.enter_timeout != absl::InfiniteDuration() && placed != INT64_MAX) {
+    const int64_t deadline = std::max(slot.started_ns, placed) + to_ns(config_.enter_timeout);
     if (now >= deadline) {
       const absl::Status late = absl::DeadlineExceededError(absl::StrCat(
           slot.display(), " did not finish enter() within enter_timeout (",

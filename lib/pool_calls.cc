@@ -66,7 +66,12 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
     lock.unlock();
     ::poll(&ready, 1, kBorrowPollMs);
     lock.lock();
-    if (supervisor_->generation(*slot) != generation || link->channel_fd() != fd) break;
+    // The worker may have ended meanwhile, and the pool thread dropped its link: look at the
+    // slot's link before touching ours.
+    if (supervisor_->generation(*slot) != generation || supervisor_->link(*slot) != link ||
+        link->channel_fd() != fd) {
+      break;
+    }
     supervisor_->pump_borrowed(*slot, ready.revents);
   }
   if (supervisor_->generation(*slot) == generation) supervisor_->give_back(*slot);

@@ -331,6 +331,44 @@ TEST_CASE("terminate() stops workers at once, without exit hooks, and fails thei
   }
 }
 
+// Its negative jobs never return.
+struct Pauser {
+  int64_t run(int64_t x) {
+    while (x < 0) ::pause();
+    return x;
+  }
+};
+
+TEST_CASE("a worker ended under an apply() that waits on it does not crash the caller") {
+  // apply() reads its idle worker's channel on the caller's thread. When the worker ends and no
+  // other takes its place, the pool thread drops its link: the caller must not touch it after.
+  std::string how;
+  SUBCASE("terminate()") { how = "terminate"; }
+  SUBCASE("killed while join() waits") { how = "join"; }
+  for (int round = 0; round < 10; ++round) {
+    CAPTURE(round);
+    ProcessPool<Pauser> pool(quiet({.workers = 1}));
+    REQUIRE(pool.apply(1).ok());  // a ready worker: the next apply borrows it
+    absl::StatusOr<int64_t> got;
+    std::thread caller([&] { got = pool.apply(-1); });
+    REQUIRE(testing::wait_until([&] { return pool.stats().workers[0].state == WorkerState::kBusy; }));
+    if (how == "terminate") {
+      pool.terminate();
+      caller.join();
+      CHECK(got.status().code() == absl::StatusCode::kCancelled);
+    } else {
+      const pid_t pid = pool.stats().workers[0].pid;
+      REQUIRE(pool.close().ok());
+      std::thread joiner([&] { (void)pool.join(); });
+      absl::SleepFor(absl::Milliseconds(20));
+      REQUIRE(::kill(pid, SIGKILL) == 0);
+      caller.join();
+      joiner.join();
+      CHECK(got.status().code() == absl::StatusCode::kAborted);
+    }
+  }
+}
+
 TEST_CASE("every call after close() is kFailedPrecondition; join() needs close() first") {
   ProcessPool<Squarer> pool(quiet({.workers = 1}));
   CHECK(pool.join().code() == absl::StatusCode::kFailedPrecondition);

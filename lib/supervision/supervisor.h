@@ -96,6 +96,8 @@ class Supervisor final : private LauncherEvents {
   void pump_borrowed(int slot, short revents);
   // Counts the processes `slot` had: a caller that borrowed it sees whether it is the same one.
   uint64_t generation(int slot) const;
+  // The link `slot` has now; null once it ended (the pool thread then drops it, borrowed or not).
+  WorkerLink* link(int slot) const;
 
   void fill_stats(PoolStats& stats) const;
 

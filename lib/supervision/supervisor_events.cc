@@ -109,6 +109,8 @@ void Supervisor::pump_borrowed(int slot, short revents) {
 
 uint64_t Supervisor::generation(int slot) const { return slots_[slot]->generation; }
 
+WorkerLink* Supervisor::link(int slot) const { return slots_[slot]->link.get(); }
+
 void Supervisor::fill_stats(PoolStats& stats) const {
   stats.workers_restarted = workers_restarted_;
   for (const auto& slot : slots_) {

@@ -186,7 +186,8 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     }
   }
 
-  if (state == State::kStarting && !slot.start_failed) {
+  // A worker terminate() stopped before it was ready did not fail to start: the pool stopped it.
+  if (state == State::kStarting && !slot.start_failed && !terminating_) {
     record_start_failure(
         slot, end.cause.value_or(absl::AbortedError(absl::StrCat(how, " before it was ready"))), now);
   }

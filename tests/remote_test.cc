@@ -464,6 +464,25 @@ TEST_CASE("what unauthenticated peers make the pool remember is bounded: refusal
   CHECK(result.status().message().size() < 4096);
 }
 
+TEST_CASE("a flood of connections that never finish their handshake delays a real worker, and "
+          "does not turn it away") {
+  // Each idle connection holds a handshake place until the handshake timeout (connect_timeout
+  // here); the real worker dialling behind them must get in once they are gone.
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(2)}));
+  std::vector<Peer> idle;
+  for (int i = 0; i < 300; ++i) idle.push_back(dial(pool.remote_address()));
+  StartedWorker worker = start_worker(pool.remote_address(), "");
+  CHECK(wait_until([&] {
+    const PoolStats stats = pool.stats();
+    return stats.workers[0].state == WorkerState::kIdle;
+  }, absl::Seconds(20)));
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
+  CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(worker.reap(absl::Seconds(10)));
+}
+
 TEST_CASE("garbage and half frames over a worker's TCP connection drop that connection only") {
   std::string what;
   SUBCASE("garbage") { what = "garbage"; }

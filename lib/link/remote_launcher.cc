@@ -22,7 +22,9 @@ extern char** environ;
 namespace procpool::internal {
 namespace {
 
-// Connections still in their handshake: more are closed at once (a flood cannot exhaust us).
+// Connections still in their handshake. While this many are, no more are accepted: the rest wait
+// in the listen backlog (a flood cannot exhaust us, and a real worker behind it gets in once the
+// flood's connections time out, rather than being turned away).
 constexpr size_t kMaxHandshaking = 256;
 // Why hosts were refused goes into calls' errors. Peers that need no token to be refused choose
 // much of it (the worker type they name), and any number may dial: a few reasons are kept, each
@@ -223,8 +225,15 @@ std::string RemoteLauncher::unavailable_reason() const {
   return why;
 }
 
+size_t RemoteLauncher::handshaking() const {
+  size_t count = 0;
+  for (const auto& host : hosts_) count += host->state() == RemoteHost::State::kHandshake;
+  return count;
+}
+
 void RemoteLauncher::add_pollfds(std::vector<pollfd>& fds) {
-  fds.push_back({listener_.get(), static_cast<short>(listener_ ? POLLIN : 0), 0});
+  const bool room = handshaking() < kMaxHandshaking;
+  fds.push_back({listener_.get(), static_cast<short>(listener_ && room ? POLLIN : 0), 0});
   polled_host_list_.clear();
   for (auto& host : hosts_) {
     if (host->state() == RemoteHost::State::kClosed) continue;
@@ -244,12 +253,9 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
   const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
   if (count == 0) return;
   if (polled[0].revents != 0 && listener_) {
-    size_t handshaking = 0;
-    for (const auto& host : hosts_) handshaking += host->state() == RemoteHost::State::kHandshake;
-    while (true) {
+    for (size_t handshaking = this->handshaking(); handshaking < kMaxHandshaking;) {
       absl::StatusOr<UniqueFd> accepted = accept_tcp(listener_.get());
       if (!accepted.ok() || !accepted->valid()) break;
-      if (handshaking >= kMaxHandshaking) continue;  // closed: too many at once
       absl::StatusOr<HostPort> peer = peer_address(accepted->get());
       hosts_.push_back(std::make_unique<RemoteHost>(
           *std::move(accepted), peer.ok() ? peer->to_string() : "?", host_config_));

@@ -68,6 +68,7 @@ class RemoteLauncher final : public Launcher {
   void hand_over_data(RemoteHost& host, LauncherEvents& events);
   void reap_launched();
   void count_refusal(const std::string& why);
+  size_t handshaking() const;
   std::string unavailable_reason() const;
 
   Config config_;

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -157,6 +159,14 @@ absl::Status PoolCore::Impl::admit(const CallSettings& settings) {
 }
 
 void PoolCore::Impl::shutdown() {
+  if (thread_.joinable() && thread_.get_id() == std::this_thread::get_id()) {
+    // Destroyed from a progress callback (which runs on the pool thread, holding its lock): the
+    // thread cannot close and join itself. Say so rather than hang.
+    std::fprintf(stderr,
+                 "procpool: a pool cannot be destroyed on its own pool thread (from a progress "
+                 "callback); destroy it from another thread or from a result callback\n");
+    std::abort();
+  }
   {
     MutexLock lock(mu_);
     closed_ = true;

@@ -25,7 +25,11 @@
 /// `wait()` return as soon as the result is in: they do not wait for callbacks, which may not have
 /// run yet (wait for an event your callback sets if you need that). A callback added after the
 /// pool is gone runs at once on the calling thread. A callback that throws is logged; the others
-/// still run.
+/// still run. A callback may hold the last reference to its pool (a `shared_ptr` it captured):
+/// the pool is then destroyed on the callback thread, close-then-join as always, and the callbacks
+/// queued behind it run there too. The callbacks and progress function of a call are released on
+/// the callback thread once the call completes. (A progress function, which runs on the pool's
+/// I/O thread, must not destroy its pool: that aborts with a message instead of hanging.)
 ///
 /// **Lifetime and threads.** Copyable; every copy shares the one result. Safe to use from any
 /// thread, and after the pool is gone (the pool gives every result its outcome before it goes),

@@ -6,6 +6,17 @@ nothing is downloaded. Call procpool_deps() from your WORKSPACE:
     local_repository(name = "procpool", path = "...")
     load("@procpool//:deps.bzl", "procpool_deps")
     procpool_deps()
+
+procpool's BUILD files reach Abseil, Cap'n Proto and doctest only through three repositories of
+its own: @procpool_absl (target :absl), @procpool_capnp (:capnp, :bin/capnp, :bin/capnpc-c++,
+:system_schemas) and @procpool_doctest (:doctest, :doctest_main). procpool_deps() declares each
+repository only if the workspace has not declared one of that name already, so a workspace can:
+
+  * keep the defaults: the system libraries (Debian's libabsl-dev, libcapnp-dev, doctest-dev);
+  * point procpool at its own Abseil or Cap'n Proto, built from source, so that one copy of each
+    is linked: procpool_deps(absl_repo = "@com_google_absl", capnp_repo = "@capnp-cpp");
+  * or declare @procpool_absl / @procpool_capnp / @procpool_doctest itself, before calling
+    procpool_deps(), with the targets above, for any other layout.
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +241,89 @@ _DOCTEST_MAIN = '''#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 '''
 
+_OPENSSL_BUILD = '''
+package(default_visibility = ["//visibility:public"])
+
+# System OpenSSL 3 (Debian libssl-dev): headers in /usr/include/openssl.
+cc_library(
+    name = "crypto",
+    linkopts = ["-lcrypto"],
+)
+'''
+
 def _maybe(rule, name, **kwargs):
+    """Declares repository `name` unless the workspace already has one by that name."""
     if not native.existing_rule(name):
         rule(name = name, **kwargs)
 
-def procpool_deps():
-    """Declares every external repository procpool needs, all local (nothing is downloaded)."""
+# What procpool uses of Abseil, as targets of a repository laid out like upstream Abseil
+# (github.com/abseil/abseil-cpp's Bazel build). CMakeLists.txt's PROCPOOL_ABSL_COMPONENTS is the
+# same list: a new kind of absl include in lib/ goes in both.
+_ABSL_UPSTREAM_TARGETS = [
+    "//absl/base",
+    "//absl/base:core_headers",
+    "//absl/container:flat_hash_map",
+    "//absl/status",
+    "//absl/status:statusor",
+    "//absl/strings",
+    "//absl/strings:str_format",
+    "//absl/synchronization",
+    "//absl/time",
+    "//absl/types:span",
+]
+
+def _absl_forward_build(absl_repo):
+    return """
+package(default_visibility = ["//visibility:public"])
+
+# procpool's view of the workspace's own Abseil, %s.
+cc_library(
+    name = "absl",
+    deps = [%s],
+)
+""" % (absl_repo, ", ".join(['"%s%s"' % (absl_repo, t) for t in _ABSL_UPSTREAM_TARGETS]))
+
+def _capnp_forward_build(capnp_repo):
+    return """
+package(default_visibility = ["//visibility:public"])
+
+# procpool's view of the workspace's own Cap'n Proto, {repo}, laid out like upstream Cap'n Proto's
+# Bazel build (its c++/ directory as the repository root).
+alias(name = "capnp", actual = "{repo}//src/capnp:capnp")
+
+# The schema compiler and its C++ plugin, built by the workspace from the same sources as the
+# library, so the generated code matches the headers.
+alias(name = "bin/capnp", actual = "{repo}//src/capnp:capnp_tool")
+
+alias(name = "bin/capnpc-c++", actual = "{repo}//src/capnp:capnpc-c++")
+
+alias(name = "capnp_tool", actual = "{repo}//src/capnp:capnp_tool")
+
+alias(name = "capnpc_cxx", actual = "{repo}//src/capnp:capnpc-c++")
+
+# /capnp/c++.capnp and the other schemas every schema may import.
+alias(name = "system_schemas", actual = "{repo}//src/capnp:capnp_system_library")
+""".format(repo = capnp_repo)
+
+def _check_repo(arg, value):
+    if value != None and (not value.startswith("@") or "//" in value or ":" in value):
+        fail("procpool_deps(%s = %r): give a repository name such as \"@com_google_absl\"" %
+             (arg, value))
+
+def procpool_deps(absl_repo = None, capnp_repo = None):
+    """Declares each external repository procpool needs that the workspace lacks (all local).
+
+    Args:
+      absl_repo: the workspace's own Abseil, e.g. "@com_google_absl", laid out like upstream
+        Abseil (//absl/status, //absl/strings:str_format, ...). procpool then uses it instead of
+        the system one, so one Abseil is linked. Declare that repository before this call.
+      capnp_repo: the workspace's own Cap'n Proto, e.g. "@capnp-cpp", laid out like upstream's
+        Bazel build (c++/ as the root: //src/capnp:capnp, :capnp_tool, :capnpc-c++,
+        :capnp_system_library). procpool then compiles its schemas with that compiler and links
+        that library instead of the system ones.
+    """
+    _check_repo("absl_repo", absl_repo)
+    _check_repo("capnp_repo", capnp_repo)
     _maybe(_files_repo, "rules_cc", files = {
         "WORKSPACE": 'workspace(name = "rules_cc")\n',
         "BUILD.bazel": "",
@@ -254,11 +342,24 @@ def procpool_deps():
     })
     _maybe(_files_repo, "procpool_absl", files = {
         "WORKSPACE": 'workspace(name = "procpool_absl")\n',
-        "BUILD.bazel": _ABSL_BUILD,
+        "BUILD.bazel": _absl_forward_build(absl_repo) if absl_repo else _ABSL_BUILD,
     })
-    _maybe(_system_capnp, "procpool_capnp")
+    if capnp_repo:
+        _maybe(_files_repo, "procpool_capnp", files = {
+            "WORKSPACE": 'workspace(name = "procpool_capnp")\n',
+            "BUILD.bazel": _capnp_forward_build(capnp_repo),
+        })
+    else:
+        _maybe(_system_capnp, "procpool_capnp")
     _maybe(_files_repo, "procpool_doctest", files = {
         "WORKSPACE": 'workspace(name = "procpool_doctest")\n',
         "BUILD.bazel": _DOCTEST_BUILD,
         "doctest_main.cc": _DOCTEST_MAIN,
+    })
+    # OpenSSL's libcrypto (Debian libssl-dev): HMAC for the remote workers' handshake. A workspace
+    # with its own OpenSSL (BoringSSL) declares "procpool_openssl" itself, with a cc_library
+    # "crypto" exposing <openssl/hmac.h> and <openssl/rand.h>.
+    _maybe(_files_repo, "procpool_openssl", files = {
+        "WORKSPACE": 'workspace(name = "procpool_openssl")\n',
+        "BUILD.bazel": _OPENSSL_BUILD,
     })

@@ -31,7 +31,8 @@ def _capnp_gen_impl(ctx):
     system_schemas = ctx.files._system_schemas
 
     # Import root for "/capnp/c++.capnp": the directory holding capnp/c++.capnp.
-    system_root = system_schemas[0].dirname[:-len("/capnp")] if system_schemas else "/usr/include"
+    cxx_schema = [f for f in system_schemas if f.basename == "c++.capnp"]
+    system_root = cxx_schema[0].dirname[:-len("/capnp")] if cxx_schema else "/usr/include"
     pkg_out = "/".join([p for p in [ctx.bin_dir.path, ctx.label.workspace_root, ctx.label.package] if p])
 
     inputs = depset(ctx.files.srcs + ctx.files.schema_deps + system_schemas)

@@ -1,5 +1,6 @@
 #include "lib/callback_runner.h"
 
+#include <cstdio>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -9,74 +10,101 @@
 namespace procpool::internal {
 
 CallbackRunner::CallbackRunner(std::function<void(const std::string&)> on_throw)
-    : on_throw_(std::move(on_throw)) {}
+    : state_(std::make_shared<State>(std::move(on_throw))) {}
 
 CallbackRunner::~CallbackRunner() { stop(); }
 
 void CallbackRunner::post(std::function<void()> callback) {
   {
-    MutexLock lock(mu_);
-    if (!stopped_) {
-      queue_.push_back(std::move(callback));
+    MutexLock lock(state_->mu);
+    if (!state_->stopped) {
+      state_->queue.push_back(std::move(callback));
       if (!thread_.joinable()) start_thread();
       lock.unlock();
-      cv_.notify_one();
+      state_->cv.notify_one();
       return;
     }
   }
-  run_one(callback);  // nothing else can run it any more
+  run_one(*state_, callback);  // nothing else can run it any more
 }
 
 void CallbackRunner::start_thread() {
   try {
-    thread_ = std::thread([this] { run(); });
+    thread_ = std::thread([state = state_] { run(state); });
   } catch (const std::system_error&) {
     // Queued: the next post tries again, and stop() runs what is left.
   }
 }
 
-void CallbackRunner::run_one(std::function<void()>& callback) {
+void CallbackRunner::run_one(State& state, std::function<void()>& callback) {
   try {
     callback();
   } catch (...) {
-    if (on_throw_) on_throw_(describe_current_exception());
+    const std::string what = describe_current_exception();
+    bool orphaned;
+    {
+      MutexLock lock(state.mu);
+      orphaned = state.orphaned;
+    }
+    if (orphaned) {
+      std::fprintf(stderr, "procpool: a callback threw after its pool was destroyed: %s\n",
+                   what.c_str());
+    } else if (state.on_throw) {
+      state.on_throw(what);
+    }
   }
 }
 
-void CallbackRunner::run() {
-  MutexLock lock(mu_);
+void CallbackRunner::run(const std::shared_ptr<State>& state) {
+  MutexLock lock(state->mu);
   while (true) {
-    wait_on(cv_, mu_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return stopping_ || !queue_.empty();
+    wait_on(state->cv, state->mu, [&state]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return state->stopping || !state->queue.empty();
     });
-    if (queue_.empty()) return;  // stopping, and everything ran
-    std::function<void()> callback = std::move(queue_.front());
-    queue_.pop_front();
-    lock.unlock();
-    run_one(callback);
+    if (state->queue.empty()) return;  // stopping, and everything ran
+    {
+      std::function<void()> callback = std::move(state->queue.front());
+      state->queue.pop_front();
+      lock.unlock();
+      run_one(*state, callback);
+      // `callback` is destroyed here, unlocked: what it holds may be the last reference to the
+      // pool, whose destruction calls stop() on this thread.
+    }
     lock.lock();
   }
 }
 
 void CallbackRunner::stop() {
   std::deque<std::function<void()>> leftovers;
+  const bool on_own_thread =
+      thread_.joinable() && thread_.get_id() == std::this_thread::get_id();
   {
-    MutexLock lock(mu_);
-    if (stopped_) return;
-    stopping_ = true;
-    // With no thread (it could not start), whatever is queued runs here.
-    if (!thread_.joinable()) leftovers.swap(queue_);
+    MutexLock lock(state_->mu);
+    if (state_->stopped) return;
+    state_->stopping = true;
+    // With no thread (it could not start), or on the thread itself, what is queued runs here.
+    if (!thread_.joinable() || on_own_thread) leftovers.swap(state_->queue);
   }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  state_->cv.notify_all();
+  if (on_own_thread) {
+    // A callback is destroying the pool: the thread cannot wait for itself. It ends when that
+    // callback returns, finding `stopping` and an empty queue, on the state it shares.
+    thread_.detach();
+  } else if (thread_.joinable()) {
+    thread_.join();
+  }
   {
-    MutexLock lock(mu_);
-    stopped_ = true;
+    MutexLock lock(state_->mu);
+    state_->stopped = true;
     // Posted while the thread was leaving: nothing would run them otherwise.
-    for (auto& callback : queue_) leftovers.push_back(std::move(callback));
-    queue_.clear();
+    for (auto& callback : state_->queue) leftovers.push_back(std::move(callback));
+    state_->queue.clear();
   }
-  for (auto& callback : leftovers) run_one(callback);
+  for (auto& callback : leftovers) run_one(*state_, callback);
+  if (on_own_thread) {
+    MutexLock lock(state_->mu);
+    state_->orphaned = true;
+  }
 }
 
 }  // namespace procpool::internal

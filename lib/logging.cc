@@ -12,7 +12,9 @@ namespace procpool {
 
 void log_to_stderr(const LogEvent& event) {
   if (event.severity == LogSeverity::kInfo && !getenv("PROCPOOL_LOG_ALL")) return;
-  const char* level = event.severity == LogSeverity::kError ? "error" : "warning";
+  const char* level = event.severity == LogSeverity::kError     ? "error"
+                      : event.severity == LogSeverity::kWarning ? "warning"
+                                                                : "info";
   // One write per line, so lines from several processes do not interleave mid-line.
   std::string line = absl::StrFormat("[procpool +%.3fs %s pid %d] %s: %s\n",
                                      absl::ToDoubleSeconds(event.since_start), event.process,

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
+#include "lib/common/socket.h"
 
 namespace procpool::internal {
 namespace {
@@ -22,9 +23,44 @@ absl::Status not_negative(const char* field, absl::Duration value) {
                                                  absl::FormatDuration(value)));
 }
 
+absl::Status check_remote_options(const PoolOptions& options, bool remote_allowed) {
+  if (!options.remote) return absl::OkStatus();
+  const RemoteOptions& remote = *options.remote;
+  if (!remote_allowed) {
+    return absl::InvalidArgumentError(
+        "PoolOptions::remote: procpool::Pool cannot have remote workers (a function's address "
+        "means nothing in another program); use ProcessPool<W> with procpool::serve<W>");
+  }
+  if (options.workers <= 0) {
+    return absl::InvalidArgumentError(
+        "PoolOptions::workers must be given (more than 0) for remote workers");
+  }
+  absl::StatusOr<HostPort> listen = parse_host_port(remote.listen);
+  if (!listen.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("RemoteOptions::listen: ", listen.status().message()));
+  }
+  if (remote.token.empty() && !is_loopback_host(listen->host)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RemoteOptions::token is required when listening on ", remote.listen,
+        " (anything but loopback): without it any program that reaches the port could serve or "
+        "read your tasks"));
+  }
+  if (remote.connect_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("RemoteOptions::connect_timeout must be positive");
+  }
+  if (remote.heartbeat_timeout < absl::Milliseconds(100)) {
+    return absl::InvalidArgumentError("RemoteOptions::heartbeat_timeout must be at least 100ms");
+  }
+  if (!remote.launch.empty() && remote.launch.front().empty()) {
+    return absl::InvalidArgumentError("RemoteOptions::launch: the command (its first word) is empty");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
-absl::Status check_pool_options(const PoolOptions& options) {
+absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed) {
+  if (absl::Status remote = check_remote_options(options, remote_allowed); !remote.ok()) return remote;
   if (options.workers < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "PoolOptions::workers must be 0 (one per CPU) or more, not ", options.workers));

@@ -15,7 +15,8 @@ namespace procpool::internal {
 // The smallest max_frame_bytes any frame fits in, with room for a one-task batch.
 inline constexpr size_t kMinFrameBytes = 4096;
 
-absl::Status check_pool_options(const PoolOptions& options);
+// `remote_allowed`: the pool can have remote workers (a ProcessPool; procpool::Pool cannot).
+absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed = true);
 absl::Status check_call_settings(const CallSettings& settings);
 
 }  // namespace procpool::internal

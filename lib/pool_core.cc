@@ -1,6 +1,6 @@
-// PoolCore: the pool's lock, its thread and event loop, and the public entry points, over the
-// scheduler (lib/scheduler), supervision (lib/supervision) and the launcher of its links
-// (lib/link). docs/ARCHITECTURE.md follows a job through these layers.
+// PoolCore: the pool's lock, its thread and event loop, over the scheduler (lib/scheduler),
+// supervision (lib/supervision) and the launcher of its links (lib/link); what callers' threads do
+// is in pool_calls.cc. docs/ARCHITECTURE.md follows a job through these layers.
 
 #include "procpool/internal/pool_core.h"
 
@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -25,21 +27,20 @@
 #include "lib/common/clock.h"
 #include "lib/common/mutex.h"
 #include "lib/common/process_id.h"
-#include "lib/common/spin.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/fork_launcher.h"
+#include "lib/link/remote_launcher.h"
 #include "lib/options_check.h"
 #include "lib/pool_registry.h"
 #include "lib/scheduler/scheduler.h"
 #include "lib/supervision/supervisor.h"
+#include "lib/pool_core_impl.h"
 
 namespace procpool::internal {
 namespace {
 
 // The loop wakes at least this often even with nothing to wait for, as a safety net.
 constexpr int64_t kMaxPollNs = 1'000'000'000;
-// A caller reading a borrowed worker's channel (apply) wakes this often to notice a stop.
-constexpr int kBorrowPollMs = 100;
 
 int cpu_count() {
   cpu_set_t set;
@@ -50,80 +51,12 @@ int cpu_count() {
 
 }  // namespace
 
-class PoolCore::Impl {
- public:
-  Impl(PoolOptions options, WorkerBodyFactory factory, PoolCore::Features features);
-  ~Impl();
-  // close() + join(), then runs the callbacks still queued and stops the callback thread.
-  // Idempotent. Called while the PoolCore is whole: callbacks may still reach it through it.
-  void shutdown();
-
-  absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
-  absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
-  void cancel(const Call* call);
-  void release_borrowed(const Call* call);
-  void cancel_pending(absl::Status status);
-  bool cancel_call(Call* call, const absl::Status& status, const std::function<bool()>& settle);
-  absl::Status close();
-  absl::Status join();
-  absl::Status join_for(absl::Duration timeout);
-  void terminate();
-  PoolStats stats() const;
-  void post_callback(std::function<void()> callback);
-  void log(LogSeverity severity, const std::string& process, int pid,
-           const std::string& message) const;
-
-  // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
-  // not even its lock, which another thread may have held at the fork.
-  bool foreign() const { return current_pid() != owner_pid_; }
-
-  const PoolOptions options_;
-  const int worker_count_;
-
- private:
-  absl::Status foreign_error() const;
-  absl::Status admit(const CallSettings& settings) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status ensure_thread() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Starts close-then-join (once); `with_deadline` arms join_timeout's clock (once).
-  absl::Status begin_join(bool with_deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void loop(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void run_loop_to_end(MutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void wake();
-
-  const pid_t owner_pid_;
-  const absl::Status invalid_options_;
-  const WorkerBodyFactory factory_;
-  const absl::Time start_time_ = absl::Now();
-  // PR_SET_PDEATHSIG follows the thread that forked, not the process. The main thread lives as
-  // long as the program, so the constructor forks from it when it runs there, before the pool
-  // has a thread of its own; any other thread may end before the pool does, and then the pool
-  // thread forks, first thing.
-  const bool fork_from_pool_thread_;
-  UniqueFd wake_fd_;
-
-  mutable Mutex mu_;
-  std::condition_variable loop_done_cv_;
-  std::unique_ptr<Launcher> launcher_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<Scheduler> scheduler_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<Supervisor> supervisor_ ABSL_GUARDED_BY(mu_);
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;
-  bool joining_ ABSL_GUARDED_BY(mu_) = false;
-  bool join_deadline_armed_ ABSL_GUARDED_BY(mu_) = false;
-  bool loop_running_ ABSL_GUARDED_BY(mu_) = false;
-  bool loop_done_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status thread_failure_ ABSL_GUARDED_BY(mu_);
-  SpinPolicy spin_ ABSL_GUARDED_BY(mu_);  // for apply's borrowed round trips
-  std::thread thread_;
-
-  CallbackRunner callbacks_;
-};
-
-PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory,
+PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type,
                      PoolCore::Features features)
     : options_(std::move(options)),
       worker_count_(options_.workers > 0 ? options_.workers : cpu_count()),
       owner_pid_(::getpid()),
-      invalid_options_(check_pool_options(options_)),
+      invalid_options_(check_pool_options(options_, /*remote_allowed=*/!worker_type.empty())),
       factory_(std::move(factory)),
       fork_from_pool_thread_(::gettid() != ::getpid()),
       callbacks_([this](const std::string& what) {
@@ -141,19 +74,43 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory,
     return;
   }
   wake_fd_ = *std::move(wake);
-  launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
-      .process_name_prefix = options_.name,
-      .fork_server = options_.start_method == StartMethod::kForkServer,
-      .max_frame_bytes = options_.max_frame_bytes,
-      .frame_timeout = options_.frame_timeout,
-      .factory = &factory_,
-      .blob_regions = features.blob_regions});
+  if (options_.remote) {
+    absl::StatusOr<std::unique_ptr<RemoteLauncher>> remote =
+        RemoteLauncher::start(RemoteLauncher::Config{.remote = *options_.remote,
+                                                     .max_frame_bytes = options_.max_frame_bytes,
+                                                     .kill_grace = options_.kill_grace,
+                                                     .frame_timeout = options_.frame_timeout,
+                                                     .name = options_.name,
+                                                     .worker_type = worker_type,
+                                                     .report_resident_bytes =
+                                                         options_.max_worker_rss_bytes > 0});
+    if (!remote.ok()) {
+      thread_failure_ = remote.status();
+      loop_done_ = true;
+      return;
+    }
+    log(LogSeverity::kInfo, "procpool", ::getpid(),
+        absl::StrCat("listening for remote workers; they dial ", (*remote)->address()));
+    launcher_ = *std::move(remote);
+  } else {
+    launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
+        .process_name_prefix = options_.name,
+        .fork_server = options_.start_method == StartMethod::kForkServer,
+        .max_frame_bytes = options_.max_frame_bytes,
+        .frame_timeout = options_.frame_timeout,
+        .factory = &factory_,
+        .blob_regions = features.blob_regions});
+  }
   scheduler_ = std::make_unique<Scheduler>(Scheduler::Config{
       .workers = worker_count_,
       .max_frame_bytes = options_.max_frame_bytes,
       .max_tasks_per_worker = options_.max_tasks_per_worker,
       .task_timeout = options_.task_timeout,
-      .kill_grace = options_.kill_grace});
+      .kill_grace = options_.kill_grace,
+      // A remote worker's progress reaches the pool late: a batch queued behind its running one
+      // could not be told apart from one it started if its host were lost. One batch at a time.
+      .max_batches_per_worker =
+          options_.remote ? size_t{1} : Scheduler::Config{}.max_batches_per_worker});
   supervisor_ = std::make_unique<Supervisor>(
       Supervisor::Config{
           .workers = worker_count_,
@@ -174,7 +131,8 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory,
     // pool made and joined without a call never pays for a thread (its creation, first-touch
     // faults on its stack, its exit), and join() runs the shutdown on the joining thread. Until
     // then the workers start on their own and wait; a worker lost meanwhile is noticed then.
-    return;
+    // Remote workers cannot wait so: their hosts dial in and are answered by the pool thread.
+    if (!options_.remote) return;
   }
   ensure_thread().IgnoreError();  // a failure is every call's error until a retry succeeds
 }
@@ -192,7 +150,7 @@ absl::Status PoolCore::Impl::ensure_thread() {
   try {
     thread_ = std::thread([this] {
       MutexLock lock(mu_);
-      loop(lock);
+      loop();
     });
     loop_running_ = true;
     thread_failure_ = absl::OkStatus();
@@ -213,6 +171,14 @@ absl::Status PoolCore::Impl::admit(const CallSettings& settings) {
 }
 
 void PoolCore::Impl::shutdown() {
+  if (thread_.joinable() && thread_.get_id() == std::this_thread::get_id()) {
+    // Destroyed from a progress callback (which runs on the pool thread, holding its lock): the
+    // thread cannot close and join itself. Say so rather than hang.
+    std::fprintf(stderr,
+                 "procpool: a pool cannot be destroyed on its own pool thread (from a progress "
+                 "callback); destroy it from another thread or from a result callback\n");
+    std::abort();
+  }
   {
     MutexLock lock(mu_);
     closed_ = true;
@@ -245,7 +211,7 @@ void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int p
   options_.log_sink(event);
 }
 
-void PoolCore::Impl::loop(MutexLock& lock) {
+void PoolCore::Impl::loop() {
   if (fork_from_pool_thread_) supervisor_->start_due(monotonic_now_ns());
   std::vector<pollfd> fds;
   while (true) {
@@ -270,9 +236,9 @@ void PoolCore::Impl::loop(MutexLock& lock) {
     int timeout_ms = static_cast<int>(std::max<int64_t>(0, (next - now + 999'999) / 1'000'000));
     if (supervisor_->launcher_has_pending_events()) timeout_ms = 0;
 
-    lock.unlock();
+    mu_.unlock();
     const int ready = ::poll(fds.data(), fds.size(), timeout_ms);
-    lock.lock();
+    mu_.lock();
     if (ready < 0) continue;  // EINTR
     if (fds[0].revents != 0) {
       uint64_t count;
@@ -281,239 +247,24 @@ void PoolCore::Impl::loop(MutexLock& lock) {
     supervisor_->service(fds);
   }
   scheduler_->cancel_all(absl::AbortedError("no worker is left to run this task"));
+  launcher_->finish();
   loop_done_ = true;
   loop_done_cv_.notify_all();
 }
 
-void PoolCore::Impl::run_loop_to_end(MutexLock& lock) {
+void PoolCore::Impl::run_loop_to_end() {
   if (!loop_running_ && !loop_done_) {
     // No pool thread could be started: the calling thread runs the loop to its end itself.
     loop_running_ = true;
-    loop(lock);
+    loop();
   }
   wait_on(loop_done_cv_, mu_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
 }
 
-absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
-  if (foreign()) return foreign_error();
-  {
-    MutexLock lock(mu_);
-    if (absl::Status admitted = admit(call->settings()); !admitted.ok()) return admitted;
-    if (count == 0) return absl::OkStatus();
-    scheduler_->submit(std::move(call), first, count);
-    // Send to an idle worker from this thread: one thread hand-off fewer on the latency path.
-    // The pool thread polls every channel already; it needs waking for what it must watch anew.
-    scheduler_->dispatch();
-  }
-  wake();
-  return absl::OkStatus();
-}
-
-absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
-                                     const std::function<bool()>& done) {
-  if (foreign()) return foreign_error();
-  MutexLock lock(mu_);
-  if (absl::Status admitted = admit(call->settings()); !admitted.ok()) return admitted;
-  const bool has_timeout = call->settings().has_task_timeout
-                               ? call->settings().task_timeout != absl::InfiniteDuration()
-                               : options_.task_timeout != absl::InfiniteDuration();
-  std::optional<int> slot;
-  if (!has_timeout && !joining_) slot = scheduler_->dispatch_to_idle(call);
-  if (!slot) {
-    scheduler_->submit(std::move(call), 0, 1);
-    scheduler_->dispatch();
-    lock.unlock();
-    wake();
-    return absl::OkStatus();
-  }
-  // Borrow the worker: read its result on this thread, sparing the two hand-offs through the
-  // pool thread. The pool thread still watches for the worker's end; if it dies, the pool thread
-  // settles the task as for any other.
-  const uint64_t generation = supervisor_->generation(*slot);
-  WorkerLink* link = supervisor_->borrow(*slot);
-  const int fd = link != nullptr ? link->channel_fd() : -1;
-  while (fd >= 0 && supervisor_->generation(*slot) == generation && !done() &&
-         !supervisor_->terminating()) {
-    pollfd ready{fd, static_cast<short>(POLLIN | (link->has_unsent() ? POLLOUT : 0)), 0};
-    const int64_t spin_ns = spin_.budget_ns();
-    const bool spin_enabled = spin_.enabled();
-    lock.unlock();
-    // The reply usually comes within microseconds: look for it a little before sleeping.
-    int ready_count = 0;
-    if (spin_ns > 0) {
-      const int64_t until = monotonic_now_ns() + spin_ns;
-      while ((ready_count = ::poll(&ready, 1, 0)) == 0 && monotonic_now_ns() < until) {
-        SpinPolicy::relax();
-      }
-    }
-    int64_t blocked_ns = -1;
-    if (ready_count == 0) {
-      const int64_t since = spin_enabled ? monotonic_now_ns() : 0;
-      ready_count = ::poll(&ready, 1, kBorrowPollMs);
-      blocked_ns = spin_enabled ? monotonic_now_ns() - since : 0;
-    }
-    lock.lock();
-    if (spin_ns > 0 && blocked_ns < 0) spin_.spun(true);
-    if (blocked_ns >= 0) {
-      if (spin_ns > 0) spin_.spun(false);
-      spin_.blocked(blocked_ns);
-    }
-    if (supervisor_->generation(*slot) != generation || link->channel_fd() != fd) break;
-    supervisor_->pump_borrowed(*slot, ready.revents);
-  }
-  bool quiet = false;
-  if (supervisor_->generation(*slot) == generation) {
-    supervisor_->give_back(*slot);
-    // An idle worker sends nothing until it is given work, and whoever gives it work next wakes
-    // the pool thread (submit) or reads the channel itself (another borrow): the pool thread
-    // need not be woken now just to poll the channel again. (Pinned to one CPU, that wake-up was
-    // a third of a round trip.)
-    quiet = !closed_ && !joining_ && scheduler_->idle(*slot) && !scheduler_->has_pending();
-  }
-  lock.unlock();
-  // The pool thread polls without this channel while it is borrowed: it must see it again.
-  if (!quiet) wake();
-  return absl::OkStatus();
-}
-
-void PoolCore::Impl::cancel(const Call* call) {
-  if (foreign()) return;
-  {
-    MutexLock lock(mu_);
-    if (scheduler_) scheduler_->cancel(call, absl::CancelledError("cancelled before it started"));
-  }
-  wake();
-}
-
-void PoolCore::Impl::release_borrowed(const Call* call) {
-  if (foreign()) return;
-  MutexLock lock(mu_);
-  if (supervisor_) supervisor_->release_borrowed(call);
-}
-
-void PoolCore::Impl::cancel_pending(absl::Status status) {
-  if (foreign()) return;
-  {
-    MutexLock lock(mu_);
-    if (scheduler_) scheduler_->cancel_all(status);
-  }
-  wake();
-}
-
-bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,
-                                 const std::function<bool()>& settle) {
-  if (foreign()) return false;
-  {
-    MutexLock lock(mu_);
-    if (!settle()) return false;
-    call->cancelled = true;
-    if (scheduler_) {
-      // Tasks not started are taken back (exactly, through their claims); a worker running one
-      // is stopped and replaced, like Pebble's future.cancel().
-      scheduler_->cancel(call, status);
-      scheduler_->stop_running(call, absl::CancelledError(
-                                         "the task was cancelled; its worker was stopped"));
-    }
-  }
-  wake();
-  return true;
-}
-
-absl::Status PoolCore::Impl::close() {
-  if (foreign()) return foreign_error();
-  MutexLock lock(mu_);
-  closed_ = true;
-  return absl::OkStatus();
-}
-
-absl::Status PoolCore::Impl::begin_join(bool with_deadline) {
-  if (!closed_) return absl::FailedPreconditionError("join() needs close() or terminate() first");
-  joining_ = true;
-  if (supervisor_ == nullptr) return absl::OkStatus();  // invalid options: nothing was started
-  if (with_deadline && !join_deadline_armed_) {
-    join_deadline_armed_ = true;
-    supervisor_->begin_join(options_.join_timeout == absl::InfiniteDuration()
-                                ? INT64_MAX
-                                : monotonic_now_ns() + to_ns(options_.join_timeout));
-  } else {
-    supervisor_->begin_join(INT64_MAX);
-  }
-  return absl::OkStatus();
-}
-
-absl::Status PoolCore::Impl::join() {
-  if (foreign()) return foreign_error();
-  {
-    MutexLock lock(mu_);
-    if (absl::Status begun = begin_join(/*with_deadline=*/true); !begun.ok()) return begun;
-    if (supervisor_ == nullptr) return absl::OkStatus();
-  }
-  wake();
-  MutexLock lock(mu_);
-  run_loop_to_end(lock);
-  return supervisor_->join_result();
-}
-
-absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
-  if (foreign()) return foreign_error();
-  {
-    MutexLock lock(mu_);
-    // Pebble's join(timeout): the shutdown starts, but join_timeout's clock is left to join():
-    // a caller that polls with join(timeout) must not have its workers killed behind its back.
-    if (absl::Status begun = begin_join(/*with_deadline=*/false); !begun.ok()) return begun;
-    if (supervisor_ == nullptr) return absl::OkStatus();
-    // A bounded wait needs the shutdown to run elsewhere: on the pool thread, started now if no
-    // call has started it yet.
-    (void)ensure_thread();
-    if (!loop_running_ && !loop_done_) {
-      // No pool thread: this thread runs the shutdown to its end (it cannot give up midway).
-      run_loop_to_end(lock);
-      return supervisor_->join_result();
-    }
-  }
-  wake();
-  MutexLock lock(mu_);
-  std::unique_lock<std::mutex> native(mu_.native(), std::adopt_lock);
-  const bool done = loop_done_cv_.wait_for(
-      native, absl::ToChronoNanoseconds(std::clamp(timeout, absl::ZeroDuration(), absl::Hours(24 * 365))),
-      [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
-  native.release();
-  if (done) return supervisor_->join_result();
-  return absl::DeadlineExceededError(absl::StrCat(
-      "join: workers still running after ", absl::FormatDuration(timeout),
-      "; none was stopped, the shutdown goes on"));
-}
-
-void PoolCore::Impl::terminate() {
-  if (foreign()) return;
-  {
-    MutexLock lock(mu_);
-    closed_ = true;
-    if (!supervisor_ || loop_done_) return;
-    joining_ = true;
-    supervisor_->terminate();
-  }
-  wake();
-  MutexLock lock(mu_);
-  run_loop_to_end(lock);
-}
-
-PoolStats PoolCore::Impl::stats() const {
-  PoolStats stats;
-  if (foreign()) return stats;
-  MutexLock lock(mu_);
-  if (!scheduler_) return stats;
-  // Reading the state of workers means running the loop that learns it (see the constructor).
-  if (!closed_) (void)const_cast<Impl*>(this)->ensure_thread();
-  stats.tasks_submitted = scheduler_->tasks_submitted();
-  stats.tasks_done = scheduler_->tasks_done();
-  stats.tasks_failed = scheduler_->tasks_failed();
-  supervisor_->fill_stats(stats);
-  return stats;
-}
-
-PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, Features features)
-    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory), features)) {
+PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string worker_type,
+                   Features features)
+    : impl_(std::make_unique<Impl>(std::move(options), std::move(factory), std::move(worker_type),
+                                   features)) {
   link_->core_ = this;
   register_pool(this);
 }
@@ -561,6 +312,7 @@ bool PoolCore::cancel_call(Call* call, absl::Status status, const std::function<
 void PoolCore::terminate() { impl_->terminate(); }
 int PoolCore::worker_count() const { return impl_->worker_count_; }
 PoolStats PoolCore::stats() const { return impl_->stats(); }
+std::string PoolCore::remote_address() const { return impl_->remote_address(); }
 const PoolOptions& PoolCore::options() const { return impl_->options_; }
 void PoolCore::log(LogSeverity severity, std::string message) const {
   impl_->log(severity, "procpool", ::getpid(), message);

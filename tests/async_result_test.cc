@@ -10,8 +10,10 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <memory>
 #include <optional>
 #include <ranges>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -304,6 +306,82 @@ TEST_CASE("a done callback added after the pool is gone runs at once on the call
   });
   CHECK(ran_on == std::this_thread::get_id());
   CHECK_FALSE(kept->cancel());
+}
+
+// A pool held by shared_ptr, as callbacks that go on using it keep it: `destroyed` is set once
+// the pool has been destroyed entirely (its members go in reverse order).
+struct SharedPool {
+  struct Mark {
+    std::atomic<bool>* destroyed;
+    ~Mark() { *destroyed = true; }
+  };
+  explicit SharedPool(std::atomic<bool>* destroyed, const Gates& gates)
+      : mark{destroyed}, pool(make_pool(gates, 1)) {}
+  Mark mark;
+  GatedPool pool;
+};
+
+TEST_CASE("a callback may hold the last reference to its pool: the pool is destroyed there") {
+  Gates gates;
+  gates.open(1);
+  std::atomic<bool> destroyed{false};
+  std::atomic<bool> released{false};
+  auto shared = std::make_shared<SharedPool>(&destroyed, gates);
+  SUBCASE("released when the callback is destroyed, after it ran") {
+    shared->pool.apply_async(1, {}, {.on_success = [shared, &released](const int64_t&) {
+      testing::wait_until([&] { return released.load(); });  // until the test let go of it
+    }});
+  }
+  SUBCASE("released by the callback itself, as it runs") {
+    AsyncResult<int64_t> result = shared->pool.apply_async(1);
+    result.add_done_callback([held = shared, &released](const absl::StatusOr<int64_t>&) mutable {
+      testing::wait_until([&] { return released.load(); });
+      held.reset();
+    });
+  }
+  SUBCASE("released by a map's progress callback, after the map completed") {
+    shared->pool.map_async(std::vector<int64_t>{1, 1},
+                           {.progress = [shared](size_t, size_t) {}});
+  }
+  SUBCASE("released by a callback that throws once it let go of it") {
+    AsyncResult<int64_t> result = shared->pool.apply_async(1);
+    result.add_done_callback([held = shared, &released](const absl::StatusOr<int64_t>&) mutable {
+      testing::wait_until([&] { return released.load(); });
+      held.reset();
+      throw std::runtime_error("thrown after the pool was destroyed");
+    });
+  }
+  shared.reset();
+  released = true;
+  CHECK(testing::wait_until([&] { return destroyed.load(); }, absl::Seconds(20)));
+}
+
+TEST_CASE("a callback that destroys its pool: callbacks queued behind it still run, once") {
+  Gates gates;
+  gates.open(1);
+  std::atomic<bool> destroyed{false};
+  std::atomic<int> later_ran{0};
+  auto shared = std::make_shared<SharedPool>(&destroyed, gates);
+  std::vector<AsyncResult<int64_t>> results;
+  for (int i = 0; i < 4; ++i) results.push_back(shared->pool.apply_async(1));
+  // Every result is in before the first callback is added: they all run in the order added.
+  for (auto& result : results) REQUIRE(result.wait(absl::Seconds(20)));
+  std::atomic<bool> go{false};
+  results[0].add_done_callback([held = shared, &go](const absl::StatusOr<int64_t>&) mutable {
+    testing::wait_until([&] { return go.load(); });
+    held.reset();  // the last reference: close, join, and the queued callbacks run here
+  });
+  for (size_t i = 1; i < results.size(); ++i) {
+    results[i].add_done_callback([&later_ran](const absl::StatusOr<int64_t>& r) {
+      if (r.ok()) ++later_ran;
+    });
+  }
+  shared.reset();
+  go = true;
+  CHECK(testing::wait_until([&] { return destroyed.load(); }, absl::Seconds(20)));
+  CHECK(testing::wait_until([&] { return later_ran.load() == 3; }, absl::Seconds(5)));
+  absl::SleepFor(absl::Milliseconds(50));
+  CHECK(later_ran.load() == 3);
 }
 
 // ---- wait ----

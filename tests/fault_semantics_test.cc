@@ -559,6 +559,32 @@ TEST_CASE("terminate(): undelivered tasks fail kCancelled, delivered ones are ke
   CHECK_MESSAGE(warnings.load() == 0, logged);
 }
 
+struct SlowEnter {
+  absl::Status enter() {
+    absl::SleepFor(absl::Seconds(5));
+    return absl::OkStatus();
+  }
+  int64_t run(int64_t x) { return x; }
+};
+
+TEST_CASE("terminate() while workers run enter() logs nothing as a warning") {
+  LogCapture log;
+  PoolOptions options{.workers = 2};
+  options.log_sink = [&log, sink = log.sink()](const LogEvent& event) {
+    if (event.severity != LogSeverity::kInfo) sink(event);
+  };
+  ProcessPool<SlowEnter> pool(options);
+  REQUIRE(wait_until([&] {
+    const PoolStats stats = pool.stats();
+    return stats.workers[0].pid != 0 && stats.workers[1].pid != 0;
+  }, absl::Seconds(5)));
+  const absl::Time start = absl::Now();
+  pool.terminate();
+  CHECK(absl::Now() - start < absl::Seconds(4));
+  CHECK(pool.join().ok());
+  CHECK_MESSAGE(log.all().empty(), log.all());
+}
+
 // =============================================================================================
 // 6. Forking never duplicates output.
 

@@ -149,9 +149,12 @@ class OutcomePool {
 
   OutcomePool(PoolOptions options, std::function<std::unique_ptr<W>()> factory)
       : make_worker_(std::move(factory)),
-        core_(std::move(options), [this] {
-          return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_);
-        }) {}
+        core_(
+            std::move(options),
+            [this] { return std::make_unique<internal::TypedWorkerBody<W>>(&make_worker_); },
+            internal::worker_type_name<W>()) {
+    (void)internal::WorkerRegistration<W>::registered;  // a remote worker program can serve W
+  }
 
   absl::StatusOr<std::shared_ptr<Call>> submit(std::vector<Job> jobs, const CallOptions& options) {
     internal::CallSettings settings;

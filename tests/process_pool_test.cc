@@ -27,6 +27,7 @@
 #include "doctest/doctest.h"
 #include "procpool/capnp_struct.h"
 #include "tests/codec_test.capnp.h"
+#include "tests/test_link.h"
 #include "tests/test_support.h"
 
 namespace procpool {
@@ -79,10 +80,11 @@ std::vector<Event> read_events(const std::string& path) {
 
 PoolOptions quiet(PoolOptions options) {
   options.log_sink = nullptr;
-  return options;
+  return testing::on_link(std::move(options));
 }
 
 TEST_CASE("map runs every job exactly once, in order, between one enter and one exit per worker") {
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory, which a remote program cannot run");
   TempDir dir;
   const std::string log = dir.file("events");
   std::vector<int64_t> jobs;
@@ -135,12 +137,14 @@ TEST_CASE("a default-constructed worker with deduced types, and an empty map") {
 }
 
 TEST_CASE("workers=0 means one per CPU") {
+  PROCPOOL_LOCAL_ONLY("remote pools must name their number of workers");
   ProcessPool<Squarer> pool(quiet({}));
   CHECK(pool.workers() >= 1);
   CHECK(static_cast<long>(pool.workers()) <= sysconf(_SC_NPROCESSORS_ONLN));
 }
 
 TEST_CASE("an exception thrown by run becomes that task's status and the worker carries on") {
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory");
   TempDir dir;
   ProcessPool<RecordingWorker> pool(quiet({.workers = 2}),
                                     [log = dir.file("events")] { return RecordingWorker(log); });
@@ -160,8 +164,16 @@ TEST_CASE("an exception thrown by run becomes that task's status and the worker 
     CHECK(std::string(failed.status().message()) == "job 1: no such job");
   }
   SUBCASE("the same processes keep serving") {
+    // map returns at its first failure, possibly before the second worker has entered: wait for
+    // both enter() events rather than race them.
     std::set<pid_t> before;
-    for (const Event& e : read_events(dir.file("events"))) before.insert(e.pid);
+    CHECK(testing::wait_until([&] {
+      before.clear();
+      for (const Event& e : read_events(dir.file("events"))) {
+        if (e.kind == "enter") before.insert(e.pid);
+      }
+      return before.size() == 2;
+    }));
     std::vector<int64_t> ok = {6, 7, 8};
     CHECK(*pool.map(ok) == std::vector<int64_t>{36, 49, 64});
     std::set<pid_t> after;
@@ -236,6 +248,7 @@ struct SlowExit {
 };
 
 TEST_CASE("a slow exit() has finished when the pool's scope ends") {
+  PROCPOOL_LOCAL_ONLY("SlowExit is built by a factory");
   TempDir dir;
   const std::string marker = dir.file("exit");
   std::vector<pid_t> pids;
@@ -289,6 +302,7 @@ struct SigtermProof {
 };
 
 TEST_CASE("terminate() stops workers at once, without exit hooks, and fails their tasks") {
+  PROCPOOL_LOCAL_ONLY("it counts the test's child processes");
   TempDir dir;
   const std::string log = dir.file("events");
   auto pool = std::make_unique<ProcessPool<RecordingWorker>>(quiet({.workers = 2}),
@@ -317,6 +331,44 @@ TEST_CASE("terminate() stops workers at once, without exit hooks, and fails thei
   }
 }
 
+// Its negative jobs never return.
+struct Pauser {
+  int64_t run(int64_t x) {
+    while (x < 0) ::pause();
+    return x;
+  }
+};
+
+TEST_CASE("a worker ended under an apply() that waits on it does not crash the caller") {
+  // apply() reads its idle worker's channel on the caller's thread. When the worker ends and no
+  // other takes its place, the pool thread drops its link: the caller must not touch it after.
+  std::string how;
+  SUBCASE("terminate()") { how = "terminate"; }
+  SUBCASE("killed while join() waits") { how = "join"; }
+  for (int round = 0; round < 10; ++round) {
+    CAPTURE(round);
+    ProcessPool<Pauser> pool(quiet({.workers = 1}));
+    REQUIRE(pool.apply(1).ok());  // a ready worker: the next apply borrows it
+    absl::StatusOr<int64_t> got;
+    std::thread caller([&] { got = pool.apply(-1); });
+    REQUIRE(testing::wait_until([&] { return pool.stats().workers[0].state == WorkerState::kBusy; }));
+    if (how == "terminate") {
+      pool.terminate();
+      caller.join();
+      CHECK(got.status().code() == absl::StatusCode::kCancelled);
+    } else {
+      const pid_t pid = pool.stats().workers[0].pid;
+      REQUIRE(pool.close().ok());
+      std::thread joiner([&] { (void)pool.join(); });
+      absl::SleepFor(absl::Milliseconds(20));
+      REQUIRE(::kill(pid, SIGKILL) == 0);
+      caller.join();
+      joiner.join();
+      CHECK(got.status().code() == absl::StatusCode::kAborted);
+    }
+  }
+}
+
 TEST_CASE("every call after close() is kFailedPrecondition; join() needs close() first") {
   ProcessPool<Squarer> pool(quiet({.workers = 1}));
   CHECK(pool.join().code() == absl::StatusCode::kFailedPrecondition);
@@ -331,6 +383,7 @@ TEST_CASE("every call after close() is kFailedPrecondition; join() needs close()
 }
 
 TEST_CASE("no child process is left after the pool is destroyed") {
+  PROCPOOL_LOCAL_ONLY("it counts the test's child processes");
   std::vector<pid_t> pids;
   {
     ProcessPool<Squarer> pool(quiet({.workers = 3}));
@@ -357,9 +410,17 @@ struct FdLister {
 };
 
 TEST_CASE("a worker holds only stdin, stdout, stderr and its channel; the parent's fds are CLOEXEC") {
+  PROCPOOL_LOCAL_ONLY("it inspects descriptors inherited by fork");
   // Descriptors of the parent's that a worker must not inherit.
   int leaked[2];
   REQUIRE(::pipe(leaked) == 0);
+  // What this process had open before the pool: the pipe, and whatever the test runner passed
+  // down (ctest under make or ninja does: the jobserver's fds). Only the pool's are checked below.
+  std::set<int> before;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    before.insert(std::stoi(entry.path().filename().string()));
+  }
+  std::erase_if(before, [](int fd) { return ::fcntl(fd, F_GETFD) < 0; });  // the listing's own
   {
     ProcessPool<FdLister> pool(quiet({.workers = 2}));
     absl::StatusOr<std::vector<std::vector<int64_t>>> lists = pool.map(std::vector<int64_t>{0, 1});
@@ -372,7 +433,7 @@ TEST_CASE("a worker holds only stdin, stdout, stderr and its channel; the parent
     // Every descriptor the pool opened in this process is close-on-exec.
     for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
       const int fd = std::stoi(entry.path().filename().string());
-      if (fd <= 2 || fd == leaked[0] || fd == leaked[1]) continue;
+      if (fd <= 2 || before.contains(fd)) continue;
       const int flags = ::fcntl(fd, F_GETFD);
       if (flags < 0) continue;  // the directory iterator's own, already closed
       CAPTURE(fd);
@@ -392,6 +453,7 @@ struct Namer {
 };
 
 TEST_CASE("workers name themselves so ps and htop show them") {
+  PROCPOOL_LOCAL_ONLY("it reads the names of the test's child processes");
   ProcessPool<Namer> pool(quiet({.workers = 2, .name = "indexer"}));
   std::vector<int64_t> jobs(20, 0);
   absl::StatusOr<std::vector<std::string>> names = pool.map(jobs, {.chunksize = 1});
@@ -456,6 +518,7 @@ TEST_CASE("a user's Cap'n Proto struct as Job") {
 }
 
 TEST_CASE("a worker killed with SIGKILL mid-map does not hang map; the pool carries on") {
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory");
   TempDir dir;
   const std::string log = dir.file("events");
   ProcessPool<RecordingWorker> pool(quiet({.workers = 2}), [log] { return RecordingWorker(log); });

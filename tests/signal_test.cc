@@ -21,13 +21,16 @@
 namespace procpool {
 namespace {
 
+// The helper binary, a `data` dependency of this test, through Bazel's runfiles tree; else next to
+// this binary (run by hand from bazel-bin, or built by CMake, which puts helpers beside tests).
 std::string helper_path() {
   const char* srcdir = std::getenv("TEST_SRCDIR");
   const char* workspace = std::getenv("TEST_WORKSPACE");
   if (srcdir != nullptr && workspace != nullptr) {
-    return absl::StrCat(srcdir, "/", workspace, "/tests/signal_helper");
+    std::string path = absl::StrCat(srcdir, "/", workspace, "/tests/signal_helper");
+    if (testing::file_exists(path)) return path;
   }
-  return "bazel-bin/tests/signal_helper";
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "signal_helper").string();
 }
 
 struct Helper {

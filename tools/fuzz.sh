@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Builds the frame-decoder fuzzer with clang (libFuzzer + ASan + UBSan) and runs it for a bounded
-# time: bash tools/fuzz.sh [seconds, default 60]. Exits non-zero if it finds a crash, leak or UB.
-# Outside Bazel on purpose: the Bazel build uses GCC, and libFuzzer is clang's.
+# Builds the fuzz targets with clang (libFuzzer + ASan + UBSan) and runs each for a bounded time:
+#   bash tools/fuzz.sh [seconds per target, default 60]
+# - frame_decoder: whatever bytes a worker writes, the pool's frame decoding ends in a status;
+# - remote_host:   whatever a peer dialling a remote pool sends, the pool's handshake, its
+#                  reading of a worker host's frames and of a worker's data connection end in a
+#                  refusal, a closed connection or a failed task.
+# Exits non-zero if either finds a crash, leak or UB. Outside Bazel on purpose: the Bazel build
+# uses GCC, and libFuzzer is clang's.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -10,37 +15,58 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
 # The generated header goes where the sources include it from: procpool/internal/.
-mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus"
+mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-remote_host"
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
-SOURCES=(lib/wire/frame_io.cc lib/wire/shared_region.cc lib/wire/wire_status.cc lib/common/unique_fd.cc
-         "$OUT/gen/procpool/internal/protocol.capnp.c++")
+WIRE=(lib/wire/frame_io.cc lib/wire/shared_region.cc lib/wire/wire_status.cc lib/common/unique_fd.cc
+      lib/common/clock.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
+REMOTE=(lib/link/tcp_link.cc lib/link/handshake.cc lib/link/remote_frames.cc)
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
-LIBS=(-lcapnp -lkj -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal
+LIBS=(-lcapnp -lkj -lcrypto -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal
       -labsl_str_format_internal -labsl_int128 -labsl_cord -labsl_cord_internal -labsl_cordz_info
       -labsl_cordz_functions -labsl_cordz_handle -labsl_raw_logging_internal -labsl_throw_delegate
       -labsl_synchronization -labsl_time -labsl_time_zone -labsl_base -labsl_spinlock_wait)
+SANITIZE=(-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all)
 
-echo "=== building the fuzzer (clang, libFuzzer, ASan, UBSan)"
-clang++ "${FLAGS[@]}" -DPROCPOOL_FUZZ_SEEDS tests/fuzz/frame_decoder_fuzzer.cc "${SOURCES[@]}" \
+echo "=== building the fuzzers (clang, libFuzzer, ASan, UBSan)"
+clang++ "${FLAGS[@]}" -DPROCPOOL_FUZZ_SEEDS tests/fuzz/frame_decoder_fuzzer.cc "${WIRE[@]}" \
   "${LIBS[@]}" -o "$OUT/seeds"
-"$OUT/seeds" "$OUT/corpus"
-clang++ "${FLAGS[@]}" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-  tests/fuzz/frame_decoder_fuzzer.cc "${SOURCES[@]}" "${LIBS[@]}" -o "$OUT/fuzzer"
+"$OUT/seeds" "$OUT/corpus-frame_decoder"
+clang++ "${FLAGS[@]}" "${SANITIZE[@]}" tests/fuzz/frame_decoder_fuzzer.cc "${WIRE[@]}" "${LIBS[@]}" \
+  -o "$OUT/frame_decoder"
+clang++ "${FLAGS[@]}" "${SANITIZE[@]}" tests/fuzz/remote_host_fuzzer.cc "${REMOTE[@]}" "${WIRE[@]}" \
+  "${LIBS[@]}" -o "$OUT/remote_host"
+# Seeds for the remote host: the first byte picks the handshake (0), a connected host (1) or a
+# worker's data connection after its attach frame (2).
+printf '\x00' >"$OUT/corpus-remote_host/handshake"
+cp "$OUT"/corpus-frame_decoder/* "$OUT/corpus-remote_host/" 2>/dev/null || true
+for seed in "$OUT"/corpus-frame_decoder/*; do
+  { printf '\x01'; cat "$seed"; } >"$OUT/corpus-remote_host/connected-$(basename "$seed")"
+  { printf '\x02'; cat "$seed"; } >"$OUT/corpus-remote_host/data-$(basename "$seed")"
+done
 
-echo "=== fuzzing the frame decoder for ${SECONDS_TO_RUN}s"
-set +e
-"$OUT/fuzzer" -max_total_time="$SECONDS_TO_RUN" -max_len=4096 -rss_limit_mb=2048 \
-  -artifact_prefix="$OUT/" -print_final_stats=1 "$OUT/corpus" >"$OUT/log" 2>&1
-status=$?
-set -e
-grep -E "^#[0-9]+ +DONE|stat::(number_of_executed_units|average_exec_per_sec|new_units_added)" "$OUT/log" || true
-if [[ $status -ne 0 ]]; then
-  tail -60 "$OUT/log"
-  for artifact in "$OUT"/crash-* "$OUT"/leak-* "$OUT"/timeout-* "$OUT"/oom-*; do
-    [[ -e "$artifact" ]] && { echo "--- $artifact (base64)"; base64 "$artifact"; }
-  done
-  echo "fuzz: FAILED (libFuzzer exit status $status)"
+failed=0
+for target in frame_decoder remote_host; do
+  echo "=== fuzzing ${target} for ${SECONDS_TO_RUN}s"
+  set +e
+  "$OUT/$target" -max_total_time="$SECONDS_TO_RUN" -max_len=4096 -rss_limit_mb=2048 \
+    -artifact_prefix="$OUT/$target-" -print_final_stats=1 "$OUT/corpus-$target" >"$OUT/log" 2>&1
+  status=$?
+  set -e
+  grep -E "^#[0-9]+ +DONE|stat::(number_of_executed_units|average_exec_per_sec|new_units_added)" \
+    "$OUT/log" || true
+  if [[ $status -ne 0 ]]; then
+    tail -60 "$OUT/log"
+    for artifact in "$OUT/$target"-crash-* "$OUT/$target"-leak-* "$OUT/$target"-timeout-* \
+                    "$OUT/$target"-oom-*; do
+      [[ -e "$artifact" ]] && { echo "--- $artifact (base64)"; base64 "$artifact"; }
+    done
+    echo "fuzz: ${target} FAILED (libFuzzer exit status $status)"
+    failed=1
+  fi
+done
+if [[ $failed -ne 0 ]]; then
+  echo "fuzz: FAILED"
   exit 1
 fi
-echo "fuzz: no finding in ${SECONDS_TO_RUN}s"
+echo "fuzz: no finding in ${SECONDS_TO_RUN}s per target"

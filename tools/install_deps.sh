@@ -3,7 +3,8 @@
 # Non-interactive; uses sudo only when not root. Usage: bash tools/install_deps.sh
 set -euo pipefail
 
-PACKAGES=(bazel-bootstrap libabsl-dev libcapnp-dev capnproto doctest-dev g++ python3 clang libclang-rt-14-dev libssl-dev)
+PACKAGES=(bazel-bootstrap libabsl-dev libcapnp-dev capnproto doctest-dev g++ python3 clang libclang-rt-14-dev libssl-dev
+  cmake pkg-config)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

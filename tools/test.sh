@@ -4,7 +4,17 @@
 #   1. bazel test //... (keeps going past failures); extra arguments are passed to it,
 #      e.g. `bash tools/test.sh --config=asan`;
 #   2. runs //tests:static_link_test built with --config=static (one more check);
-#   3. builds and runs the separate consumer workspace examples/consumer (one more check).
+#   3. builds and runs the separate consumer workspaces examples/consumer (one more check) and
+#      examples/consumer_own_deps (procpool_deps(absl_repo=, capnp_repo=); one more check);
+#   4. the CMake build: configures and builds everything (library, tests, examples, benchmarks)
+#      into a temporary directory and runs `ctest -LE 'soak|slurm'` (one check);
+#   5. installs that build into a temporary prefix and builds and runs examples/consumer_cmake
+#      against it through find_package(procpool), builds the same program with
+#      `pkg-config --cflags --libs procpool` and runs it, and checks that version.h, the CMake
+#      package, procpool.pc and CHANGELOG.md name the same version (one check);
+#   6. compiles every C++ snippet of README.md and docs/guide.md, each as its own translation unit
+#      (tools/check_snippets.py; one check).
+# SKIP_CONSUMER=1 leaves out steps 3-6 (CI's soak and sanitizer runs: they only vary Bazel flags).
 # The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
 set -euo pipefail
 
@@ -23,8 +33,9 @@ failed=0
 # --- 1. Bazel tests --------------------------------------------------------------------------
 echo "=== bazel test //... $*"
 set +e
-# Tests tagged "soak" are long; CI runs them on their own (pass --test_tag_filters=soak for them).
-"$BAZEL" test //... --keep_going --test_output=errors --test_tag_filters=-soak \
+# Tests tagged "soak" are long, and those tagged "slurm" need a Slurm cluster
+# (tools/slurm_local.sh): CI runs both on their own (pass --test_tag_filters=soak or =slurm).
+"$BAZEL" test //... --keep_going --test_output=errors --test_tag_filters=-soak,-slurm \
   --build_event_json_file="$BEP" "$@" </dev/null
 bazel_rc=$?
 set -e
@@ -87,7 +98,7 @@ else
   failed=$((failed + 1))
 fi
 
-# --- 3. Consumer workspace -------------------------------------------------------------------
+# --- 3. Consumer workspaces ------------------------------------------------------------------
 if [[ "${SKIP_CONSUMER:-0}" == 1 ]]; then
   echo "${passed} passed, ${failed} failed"
   [[ $failed -eq 0 ]]
@@ -98,6 +109,86 @@ if (cd examples/consumer && "$BAZEL" build //... </dev/null && "$BAZEL" run //:m
   passed=$((passed + 1))
 else
   echo "FAILED: examples/consumer" >&2
+  failed=$((failed + 1))
+fi
+echo "=== examples/consumer_own_deps: procpool on the workspace's own Abseil and Cap'n Proto"
+if (cd examples/consumer_own_deps && "$BAZEL" run //:main </dev/null); then
+  passed=$((passed + 1))
+else
+  echo "FAILED: examples/consumer_own_deps" >&2
+  failed=$((failed + 1))
+fi
+
+# --- 4. CMake build and ctest ----------------------------------------------------------------
+JOBS="$(nproc)"
+CMAKE_GEN=()
+if command -v ninja >/dev/null 2>&1; then CMAKE_GEN=(-G Ninja); fi
+CMAKE_BUILD="$WORK/cmake-build"
+echo "=== CMake: configure, build, ctest -LE 'soak|slurm'"
+# Debug (-O0 -g): this build is for correctness, and takes about 60% of the compile time of the
+# default RelWithDebInfo.
+if cmake -S . -B "$CMAKE_BUILD" "${CMAKE_GEN[@]}" --log-level=NOTICE -DCMAKE_BUILD_TYPE=Debug \
+    </dev/null \
+    && cmake --build "$CMAKE_BUILD" -j "$JOBS" </dev/null \
+    && ctest --test-dir "$CMAKE_BUILD" -LE 'soak|slurm' -j "$JOBS" --output-on-failure \
+      </dev/null; then
+  passed=$((passed + 1))
+  cmake_built=1
+else
+  echo "FAILED: the CMake build or its tests" >&2
+  failed=$((failed + 1))
+  cmake_built=0
+fi
+
+# --- 5. Installed procpool: find_package, pkg-config, one version ----------------------------
+# Every command of the check; the first that fails fails it.
+consumer_cmake() {
+  local prefix="$WORK/prefix" build="$WORK/consumer-cmake-build"
+  cmake --install "$CMAKE_BUILD" --prefix "$prefix" </dev/null >/dev/null || return 1
+  cmake -S examples/consumer_cmake -B "$build" "${CMAKE_GEN[@]}" --log-level=NOTICE \
+    -DCMAKE_PREFIX_PATH="$prefix" \
+    </dev/null || return 1
+  cmake --build "$build" </dev/null || return 1
+  "$build/consumer_cmake" </dev/null || return 1
+
+  # The same program through pkg-config alone, with pkg-config's version as the expected one.
+  local pcdir
+  pcdir="$(dirname "$(find "$prefix" -name procpool.pc -print -quit)")"
+  export PKG_CONFIG_PATH="$pcdir"
+  local pc_version
+  pc_version="$(pkg-config --modversion procpool)" || return 1
+  # shellcheck disable=SC2046  # pkg-config's flags are meant to be split
+  c++ -o "$WORK/consumer_pkgconfig" examples/consumer_cmake/main.cc \
+    -DPROCPOOL_EXPECTED_VERSION="\"$pc_version\"" $(pkg-config --cflags --libs procpool) \
+    || return 1
+  "$WORK/consumer_pkgconfig" </dev/null || return 1
+
+  # version.h (which CMakeLists.txt reads) and the newest CHANGELOG.md entry name one version.
+  local header_version changelog_version
+  header_version="$(sed -nE 's/^#define PROCPOOL_VERSION_(MAJOR|MINOR|PATCH) +([0-9]+)$/\2/p' \
+    include/procpool/version.h | paste -sd.)"
+  changelog_version="$(sed -nE 's/^## \[([0-9]+\.[0-9]+\.[0-9]+)\].*/\1/p' CHANGELOG.md | head -1)"
+  if [[ "$header_version" != "$pc_version" || "$header_version" != "$changelog_version" ]]; then
+    echo "version mismatch: version.h $header_version, procpool.pc $pc_version," \
+      "CHANGELOG.md $changelog_version" >&2
+    return 1
+  fi
+  echo "consumer_cmake: version $header_version in version.h, procpool.pc and CHANGELOG.md"
+}
+echo "=== examples/consumer_cmake: install, find_package(procpool), pkg-config, versions"
+if [[ $cmake_built -eq 1 ]] && (consumer_cmake); then
+  passed=$((passed + 1))
+else
+  echo "FAILED: examples/consumer_cmake (installed procpool)" >&2
+  failed=$((failed + 1))
+fi
+
+# --- 6. The documentation's C++ snippets compile ---------------------------------------------
+echo "=== README.md and docs/guide.md: every C++ snippet compiles"
+if python3 tools/check_snippets.py README.md docs/guide.md </dev/null; then
+  passed=$((passed + 1))
+else
+  echo "FAILED: a C++ snippet of README.md or docs/guide.md does not compile" >&2
   failed=$((failed + 1))
 fi
 

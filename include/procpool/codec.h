@@ -1,85 +1,89 @@
 // Copyright procpool authors.
-//
-// codec.h: turning C++ values into `procpool::wire::Value`s and back.
-//
-// Every job handed to a procpool worker and every result it sends back crosses the process
-// boundary as a Cap'n Proto `wire::Value` (see lib/protocol.capnp). `Codec<T>` is the one place
-// that knows how a C++ type `T` maps onto a `Value`. The pool calls it; users only meet it when
-// they want to send a type of their own.
-//
-// Built-in support:
-//
-//   * every integer type (signed -> `int`, unsigned -> `uint`; decoding accepts either member and
-//     range-checks against the target type), enums (through their underlying type), `bool`,
-//     `float` and `double` (`float` member; NaN and infinities round-trip);
-//   * `std::string` (`bytes`, binary safe);
-//   * `std::vector<T>` and `std::array<T, N>`: packed `ints` / `uints` / `floats` when `T` is a
-//     non-bool arithmetic type, otherwise a `list` of elements (`std::vector<bool>` included);
-//   * `std::pair`, `std::tuple` (a `list` of exactly the tuple's arity), `std::tuple<>` and
-//     `std::monostate` (`none`);
-//   * `std::optional<T>`: `none` for `std::nullopt`, else a one-element `list` holding the value,
-//     so `std::optional<std::optional<T>>` round-trips exactly;
-//   * `std::map` and `std::unordered_map`: a `list` of two-element `list`s (key, value), exactly
-//     as a `std::pair<K, V>` is written;
-//   * `std::set` and `std::unordered_set`: written as a `std::vector` of their elements is (packed
-//     for numbers); a duplicate element does not decode;
-//   * `std::variant<Ts...>`: a `list` of 2, the alternative's index (`uint`) and its value; an
-//     index past the last alternative does not decode. The alternatives must be
-//     default-constructible;
-//   * `absl::Duration`: a `list` of 2 `int`s, whole seconds (rounded down) and quarter nanoseconds
-//     (0 to 3999999999), exactly absl's resolution; `absl::InfiniteDuration()` and its negative as
-//     a `float` of +inf and -inf. `absl::Time` as the `absl::Duration` since the Unix epoch
-//     (`absl::InfiniteFuture()` and `absl::InfinitePast()` as the infinite durations);
-//   * `std::chrono::duration<Rep, Period>` as its `count()` (a `Rep`; both sides share the
-//     Period), and `std::chrono::time_point<Clock, Duration>` as its `time_since_epoch()`;
-//   * Cap'n Proto structs from your own schema, through `CapnpStruct<T>`
-//     (include/procpool/capnp_struct.h).
-//
-// Teaching the codec a type of your own: specialize `procpool::Codec` with the two static
-// functions below, usually by reusing the codecs of the type's parts. Do it right after the type is
-// defined, before anything asks whether the type is `Encodable`.
-//
-//   struct Point {
-//     int x = 0;
-//     int y = 0;
-//   };
-//
-//   namespace procpool {
-//   template <>
-//   struct Codec<Point> {
-//     static void encode(const Point& p, wire::Value::Builder out) {
-//       encode_value(std::tuple<int, int>(p.x, p.y), out);
-//     }
-//     static absl::Status decode(wire::Value::Reader in, Point& out) {
-//       std::tuple<int, int> t;
-//       if (absl::Status s = Codec<std::tuple<int, int>>::decode(in, t); !s.ok()) return s;
-//       std::tie(out.x, out.y) = t;
-//       return absl::OkStatus();
-//     }
-//   };
-//   }  // namespace procpool
-//
-//   // Point now works on its own and inside every container above:
-//   capnp::MallocMessageBuilder message;
-//   procpool::encode_value(std::vector<Point>{{1, 2}, {3, 4}},
-//                          message.initRoot<procpool::wire::Value>());
-//   absl::StatusOr<std::vector<Point>> points = procpool::decode_value<std::vector<Point>>(
-//       message.getRoot<procpool::wire::Value>().asReader());
-//
-// Facts:
-//
-//   * Thread safety: codecs are stateless; any number of threads may encode and decode at once.
-//   * Decoding never trusts its input. A `Value` of the wrong shape (wrong union member, wrong
-//     arity, an integer out of the target's range, a duplicate map key) or a malformed message
-//     (Cap'n Proto's bounds, nesting and traversal limits) yields an `absl::StatusCode::kDataLoss`
-//     status saying what was expected and what was found; built-in decoders never crash and never
-//     throw. On failure `out` is left valid but unspecified.
-//   * `decode` writes into an existing object and overwrites all of it, so a decoder can reuse
-//     memory (e.g. string capacity) across calls. User decoders must keep that contract.
-//   * Built-in containers decode their elements in place and therefore need default-constructible
-//     element types; `decode_value<T>` needs a default-constructible `T`.
-//   * Encoding throws `kj::Exception` only where Cap'n Proto itself gives up: a container or
-//     string of more than 2^29 - 1 elements or bytes, or a message past its size limits.
+
+/// \file
+/// codec.h: turning C++ values into `procpool::wire::Value`s and back.
+///
+/// Every job handed to a procpool worker and every result it sends back crosses the process
+/// boundary as a Cap'n Proto `wire::Value` (see lib/wire/protocol.capnp). `Codec<T>` is the one
+/// place that knows how a C++ type `T` maps onto a `Value`. The pool calls it; users only meet it
+/// when they want to send a type of their own.
+///
+/// Built-in support:
+///
+///   * every integer type (signed -> `int`, unsigned -> `uint`; decoding accepts either member
+///     and range-checks against the target type), enums (through their underlying type), `bool`,
+///     `float` and `double` (`float` member; NaN and infinities round-trip);
+///   * `std::string` (`bytes`, binary safe);
+///   * `std::vector<T>` and `std::array<T, N>`: packed `ints` / `uints` / `floats` when `T` is a
+///     non-bool arithmetic type, otherwise a `list` of elements (`std::vector<bool>` included);
+///   * `std::pair`, `std::tuple` (a `list` of exactly the tuple's arity), `std::tuple<>` and
+///     `std::monostate` (`none`);
+///   * `std::optional<T>`: `none` for `std::nullopt`, else a one-element `list` holding the value,
+///     so `std::optional<std::optional<T>>` round-trips exactly;
+///   * `std::map` and `std::unordered_map`: a `list` of two-element `list`s (key, value), exactly
+///     as a `std::pair<K, V>` is written;
+///   * `std::set` and `std::unordered_set`: written as a `std::vector` of their elements is
+///     (packed for numbers); a duplicate element does not decode;
+///   * `std::variant<Ts...>`: a `list` of 2, the alternative's index (`uint`) and its value; an
+///     index past the last alternative does not decode. The alternatives must be
+///     default-constructible;
+///   * `absl::Duration`: a `list` of 2 `int`s, whole seconds (rounded down) and quarter
+///     nanoseconds (0 to 3999999999), exactly absl's resolution; `absl::InfiniteDuration()` and
+///     its negative as a `float` of +inf and -inf. `absl::Time` as the `absl::Duration` since the
+///     Unix epoch (`absl::InfiniteFuture()` and `absl::InfinitePast()` as the infinite durations);
+///   * `std::chrono::duration<Rep, Period>` as its `count()` (a `Rep`; both sides share the
+///     Period), and `std::chrono::time_point<Clock, Duration>` as its `time_since_epoch()`;
+///   * Cap'n Proto structs from your own schema, through `CapnpStruct<T>`
+///     (include/procpool/capnp_struct.h).
+///
+/// Teaching the codec a type of your own: specialize `procpool::Codec` with the two static
+/// functions below, usually by reusing the codecs of the type's parts. Do it right after the type
+/// is defined, before anything asks whether the type is `Encodable`.
+///
+/// ```cpp
+/// struct Point {
+///   int x = 0;
+///   int y = 0;
+/// };
+///
+/// namespace procpool {
+/// template <>
+/// struct Codec<Point> {
+///   static void encode(const Point& p, wire::Value::Builder out) {
+///     encode_value(std::tuple<int, int>(p.x, p.y), out);
+///   }
+///   static absl::Status decode(wire::Value::Reader in, Point& out) {
+///     std::tuple<int, int> t;
+///     if (absl::Status s = Codec<std::tuple<int, int>>::decode(in, t); !s.ok()) return s;
+///     std::tie(out.x, out.y) = t;
+///     return absl::OkStatus();
+///   }
+/// };
+/// }  // namespace procpool
+///
+/// // Point now works on its own and inside every container above:
+/// capnp::MallocMessageBuilder message;
+/// procpool::encode_value(std::vector<Point>{{1, 2}, {3, 4}},
+///                        message.initRoot<procpool::wire::Value>());
+/// absl::StatusOr<std::vector<Point>> points = procpool::decode_value<std::vector<Point>>(
+///     message.getRoot<procpool::wire::Value>().asReader());
+/// ```
+///
+/// Facts:
+///
+///   * Thread safety: codecs are stateless; any number of threads may encode and decode at once.
+///   * Decoding never trusts its input. A `Value` of the wrong shape (wrong union member, wrong
+///     arity, an integer out of the target's range, a duplicate map key) or a malformed message
+///     (Cap'n Proto's bounds, nesting and traversal limits) yields an
+///     `absl::StatusCode::kDataLoss` status saying what was expected and what was found; built-in
+///     decoders never crash and never throw. On failure `out` is left valid but unspecified.
+///   * `decode` writes into an existing object and overwrites all of it, so a decoder can reuse
+///     memory (e.g. string capacity) across calls. User decoders must keep that contract.
+///   * Built-in containers decode their elements in place and therefore need
+///     default-constructible element types; `decode_value<T>` needs a default-constructible `T`.
+///   * Encoding throws `kj::Exception` only where Cap'n Proto itself gives up: a container or
+///     string of more than 2^29 - 1 elements or bytes, or a message past its size limits. In a
+///     pool, a codec that throws fails that task with kInvalidArgument.
 
 #ifndef PROCPOOL_CODEC_H_
 #define PROCPOOL_CODEC_H_
@@ -117,21 +121,27 @@
 
 namespace procpool {
 
-// The codec for `T`. Undefined for types the codec does not know; specialize it (see above) to
-// teach it one. `Enable` is there for SFINAE-style partial specializations; C++20 constrained
-// partial specializations (`template <typename T> requires ... struct Codec<T>`) work too.
-//
-// A specialization provides:
-//
-//   // Writes `value` into `out`, which is freshly initialized (or about to be overwritten).
-//   static void encode(const T& value, wire::Value::Builder out);
-//
-//   // Overwrites `out` with the value `in` holds. Returns kDataLoss when `in` does not hold a `T`.
-//   static absl::Status decode(wire::Value::Reader in, T& out);
+/// The codec for `T`. Undefined for types the codec does not know; specialize it (see the file
+/// comment) to teach it one. `Enable` is there for SFINAE-style partial specializations; C++20
+/// constrained partial specializations (`template <typename T> requires ... struct Codec<T>`)
+/// work too.
+///
+/// A specialization provides:
+///
+/// ```cpp
+/// // Writes `value` into `out`, which is freshly initialized (or about to be overwritten).
+/// static void encode(const T& value, wire::Value::Builder out);
+///
+/// // Overwrites `out` with the value `in` holds. Returns kDataLoss when `in` does not hold a `T`.
+/// static absl::Status decode(wire::Value::Reader in, T& out);
+/// ```
+///
+/// Both are called from any thread, on the pool's and the worker's side; keep them stateless.
 template <typename T, typename Enable = void>
 struct Codec;
 
-// True when `Codec<T>` provides both `encode` and `decode`.
+/// True when `Codec<T>` provides both `encode` and `decode`: the types that can be a Job or a
+/// Result.
 template <typename T>
 concept Encodable = requires(const T& value, T& out, wire::Value::Builder builder,
                              wire::Value::Reader reader) {
@@ -139,25 +149,29 @@ concept Encodable = requires(const T& value, T& out, wire::Value::Builder builde
   { Codec<T>::decode(reader, out) } -> std::same_as<absl::Status>;
 };
 
-// Writes `value` into `out` with `Codec<T>`.
+/// Writes `value` into `out` with `Codec<T>`. Throws `kj::Exception` only where Cap'n Proto
+/// gives up (see the file comment), or what a user-written encoder throws.
 template <typename T>
   requires requires(const T& value, wire::Value::Builder builder) {
     Codec<T>::encode(value, builder);
   }
 void encode_value(const T& value, wire::Value::Builder out);
 
-// Overwrites `out` with the value held by `in`. Like `Codec<T>::decode`, but also turns a
-// `kj::Exception` escaping a user-written decoder into kDataLoss.
+/// Overwrites `out` with the value held by `in`. Like `Codec<T>::decode`, but also turns a
+/// `kj::Exception` escaping a user-written decoder into kDataLoss. Returns OK or kDataLoss; on
+/// failure `out` is valid but unspecified.
 template <Encodable T>
 absl::Status decode_value(wire::Value::Reader in, T& out);
 
-// Decodes a fresh `T` (value-initialized, then overwritten) from `in`.
+/// Decodes a fresh `T` (value-initialized, then overwritten) from `in`: the value, or kDataLoss
+/// saying what was expected and what was found.
 template <Encodable T>
   requires std::default_initializable<T>
 absl::StatusOr<T> decode_value(wire::Value::Reader in);
 
 // ---- implementation details ----
 
+/// \cond
 namespace internal {
 
 // The most elements (or bytes) a Cap'n Proto list (or blob) may hold.
@@ -423,11 +437,16 @@ absl::StatusOr<T> decode_value(wire::Value::Reader in) {
   if (absl::Status s = decode_value(in, out); !s.ok()) return s;
   return out;
 }
+/// \endcond
 
-// Integers (not bool): signed -> `int`, unsigned -> `uint`. Either member decodes into any integer
-// type whose range holds the value.
+// The built-in codecs. Each `encode` throws `kj::Exception` only where Cap'n Proto gives up (see
+// the file comment); each `decode` returns OK or kDataLoss and never throws.
+
+/// Integers (not bool): signed -> `int`, unsigned -> `uint`. Either member decodes into any
+/// integer type whose range holds the value.
 template <internal::Integer T>
 struct Codec<T> {
+  /// Writes `value` as `int` (signed `T`) or `uint` (unsigned `T`).
   static void encode(const T& value, wire::Value::Builder out) {
     if constexpr (std::is_signed_v<T>) {
       out.setInt(static_cast<std::int64_t>(value));
@@ -435,6 +454,7 @@ struct Codec<T> {
       out.setUint(static_cast<std::uint64_t>(value));
     }
   }
+  /// Reads an `int` or a `uint`; kDataLoss for another member or a value out of `T`'s range.
   static absl::Status decode(wire::Value::Reader in, T& out) {
     switch (in.which()) {
       case wire::Value::INT:
@@ -447,14 +467,17 @@ struct Codec<T> {
   }
 };
 
-// Enums: as their underlying type. Values are not checked against the enumerators.
+/// Enums: as their underlying type. Values are not checked against the enumerators.
 template <typename T>
   requires std::is_enum_v<T>
 struct Codec<T> {
+  /// The enum's underlying integer type, which the wire carries.
   using Underlying = std::underlying_type_t<T>;
+  /// Writes `value` as its underlying integer.
   static void encode(const T& value, wire::Value::Builder out) {
     Codec<Underlying>::encode(static_cast<Underlying>(value), out);
   }
+  /// Reads an integer in the underlying type's range; kDataLoss otherwise.
   static absl::Status decode(wire::Value::Reader in, T& out) {
     Underlying value{};
     if (absl::Status s = Codec<Underlying>::decode(in, value); !s.ok()) return s;
@@ -463,9 +486,12 @@ struct Codec<T> {
   }
 };
 
+/// `bool`, as `bool` (never as an integer).
 template <>
 struct Codec<bool> {
+  /// Writes `value` as `bool`.
   static void encode(const bool& value, wire::Value::Builder out) { out.setBool(value); }
+  /// Reads a `bool`; kDataLoss for any other member.
   static absl::Status decode(wire::Value::Reader in, bool& out) {
     if (in.which() != wire::Value::BOOL) return internal::mismatch("a bool", in);
     out = in.getBool();
@@ -473,13 +499,15 @@ struct Codec<bool> {
   }
 };
 
-// float and double, as `float` (a Float64). A finite double outside float's range does not decode
-// into a float.
+/// `float` and `double`, as `float` (a Float64). A finite double outside float's range does not
+/// decode into a float.
 template <internal::Floating T>
 struct Codec<T> {
+  /// Writes `value` as a Float64 (exact for both types; NaN and infinities included).
   static void encode(const T& value, wire::Value::Builder out) {
     out.setFloat(static_cast<double>(value));
   }
+  /// Reads a `float`; kDataLoss for another member, or a finite value out of a `float`'s range.
   static absl::Status decode(wire::Value::Reader in, T& out) {
     if (in.which() != wire::Value::FLOAT) return internal::mismatch("a float", in);
     return internal::narrow_float(in.getFloat(), out);
@@ -548,14 +576,18 @@ inline absl::Status find_byte_string(wire::Value::Reader in, const char*& data,
 
 }  // namespace internal
 
-// std::string, as `bytes`: any bytes, NULs included (large ones as a `blob` where a shared region
-// is in use: internal/blob_region.h).
+/// `std::string`, as `bytes`: any bytes, NULs included (large ones as a `blob` where a shared
+/// region is in use: internal/blob_region.h).
 template <typename Traits, typename Alloc>
 struct Codec<std::basic_string<char, Traits, Alloc>> {
+  /// The string type.
   using String = std::basic_string<char, Traits, Alloc>;
+  /// Writes `value` as `bytes` (or a `blob`). Throws `kj::Exception` past 2^29 - 1 bytes.
   static void encode(const String& value, wire::Value::Builder out) {
     internal::encode_byte_string(value.data(), value.size(), out);
   }
+  /// Reads `bytes` (or a `blob` inside the current shared region); kDataLoss for any other
+  /// member, or a blob outside the region.
   static absl::Status decode(wire::Value::Reader in, String& out) {
     const char* data = nullptr;
     std::size_t size = 0;
@@ -565,19 +597,25 @@ struct Codec<std::basic_string<char, Traits, Alloc>> {
   }
 };
 
+/// `std::monostate` (what a task with no value yields), as `none`.
 template <>
 struct Codec<std::monostate> {
+  /// Writes `none`.
   static void encode(const std::monostate&, wire::Value::Builder out) { out.setNone(); }
+  /// Reads `none`; kDataLoss for any other member.
   static absl::Status decode(wire::Value::Reader in, std::monostate&) {
     if (in.which() != wire::Value::NONE) return internal::mismatch("none", in);
     return absl::OkStatus();
   }
 };
 
-// std::vector<T>: packed for non-bool arithmetic T, else a `list`.
+/// `std::vector<T>`: packed for non-bool arithmetic `T`, else a `list`.
 template <Encodable T, typename Alloc>
 struct Codec<std::vector<T, Alloc>> {
+  /// The vector type.
   using Vector = std::vector<T, Alloc>;
+  /// Writes `value` as `ints`, `uints` or `floats` (numbers) or a `list`. Throws `kj::Exception`
+  /// past 2^29 - 1 elements.
   static void encode(const Vector& value, wire::Value::Builder out) {
     if constexpr (internal::Packed<T>) {
       internal::encode_packed(value.begin(), value.size(), out);
@@ -585,6 +623,8 @@ struct Codec<std::vector<T, Alloc>> {
       internal::encode_list(value.begin(), value.size(), out);
     }
   }
+  /// Reads a packed list or a `list`; kDataLoss for another member or an element that does not
+  /// decode (the message names its index).
   static absl::Status decode(wire::Value::Reader in, Vector& out) {
     return internal::guarded([&] {
       return internal::decode_sequence<T>(
@@ -598,14 +638,17 @@ struct Codec<std::vector<T, Alloc>> {
   }
 };
 
-// std::vector<bool>, as a `list` of `bool`s.
+/// `std::vector<bool>`, as a `list` of `bool`s.
 template <typename Alloc>
 struct Codec<std::vector<bool, Alloc>> {
+  /// The vector type.
   using Vector = std::vector<bool, Alloc>;
+  /// Writes `value` as a `list` of `bool`s. Throws `kj::Exception` past 2^29 - 1 elements.
   static void encode(const Vector& value, wire::Value::Builder out) {
     auto list = out.initList(internal::list_size(value.size()));
     for (unsigned int i = 0; i < list.size(); ++i) list[i].setBool(value[i]);
   }
+  /// Reads a `list` of `bool`s; kDataLoss otherwise.
   static absl::Status decode(wire::Value::Reader in, Vector& out) {
     return internal::guarded([&]() -> absl::Status {
       if (in.which() != wire::Value::LIST) return internal::mismatch("a list of bools", in);
@@ -623,9 +666,10 @@ struct Codec<std::vector<bool, Alloc>> {
   }
 };
 
-// std::array<T, N>: like std::vector<T>, and exactly N elements.
+/// `std::array<T, N>`: like `std::vector<T>`, and exactly N elements.
 template <Encodable T, std::size_t N>
 struct Codec<std::array<T, N>> {
+  /// Writes `value` as `std::vector<T>` would be written.
   static void encode(const std::array<T, N>& value, wire::Value::Builder out) {
     if constexpr (internal::Packed<T>) {
       internal::encode_packed(value.begin(), N, out);
@@ -633,6 +677,7 @@ struct Codec<std::array<T, N>> {
       internal::encode_list(value.begin(), N, out);
     }
   }
+  /// Reads what `std::vector<T>` reads; kDataLoss unless it holds exactly N elements.
   static absl::Status decode(wire::Value::Reader in, std::array<T, N>& out) {
     return internal::guarded([&] {
       return internal::decode_sequence<T>(
@@ -645,23 +690,28 @@ struct Codec<std::array<T, N>> {
   }
 };
 
-// std::pair<A, B>, as a `list` of 2.
+/// `std::pair<A, B>`, as a `list` of 2.
 template <Encodable A, Encodable B>
 struct Codec<std::pair<A, B>> {
+  /// Writes a `list` of `first` and `second`.
   static void encode(const std::pair<A, B>& value, wire::Value::Builder out) {
     internal::encode_entry(value.first, value.second, out);
   }
+  /// Reads a `list` of 2; kDataLoss for another shape or an element that does not decode.
   static absl::Status decode(wire::Value::Reader in, std::pair<A, B>& out) {
     return internal::guarded([&] { return internal::decode_entry(in, out.first, out.second); });
   }
 };
 
-// std::tuple<Ts...>, as a `list` of exactly sizeof...(Ts); the empty tuple as `none`.
+/// `std::tuple<Ts...>`, as a `list` of exactly `sizeof...(Ts)`; the empty tuple as `none`.
 template <Encodable... Ts>
 struct Codec<std::tuple<Ts...>> {
+  /// The tuple type.
   using Tuple = std::tuple<Ts...>;
+  /// The number of elements on the wire.
   static constexpr std::size_t kArity = sizeof...(Ts);
 
+  /// Writes a `list` of the elements, in order (`none` for the empty tuple).
   static void encode(const Tuple& value, wire::Value::Builder out) {
     if constexpr (kArity == 0) {
       out.setNone();
@@ -673,6 +723,8 @@ struct Codec<std::tuple<Ts...>> {
     }
   }
 
+  /// Reads a `list` of exactly `kArity` elements (`none` for the empty tuple); kDataLoss for
+  /// another shape or an element that does not decode (the message names its index).
   static absl::Status decode(wire::Value::Reader in, Tuple& out) {
     if constexpr (kArity == 0) {
       if (in.which() != wire::Value::NONE) return internal::mismatch("none (an empty tuple)", in);
@@ -702,9 +754,10 @@ struct Codec<std::tuple<Ts...>> {
   }
 };
 
-// std::optional<T>: `none` for std::nullopt, else a one-element `list` holding the value.
+/// `std::optional<T>`: `none` for `std::nullopt`, else a one-element `list` holding the value.
 template <Encodable T>
 struct Codec<std::optional<T>> {
+  /// Writes `none`, or a one-element `list` holding the value.
   static void encode(const std::optional<T>& value, wire::Value::Builder out) {
     if (!value.has_value()) {
       out.setNone();
@@ -712,6 +765,8 @@ struct Codec<std::optional<T>> {
       Codec<T>::encode(*value, out.initList(1)[0]);
     }
   }
+  /// Reads `none` or a one-element `list`; kDataLoss for another shape or a value that does not
+  /// decode.
   static absl::Status decode(wire::Value::Reader in, std::optional<T>& out) {
     return internal::guarded([&]() -> absl::Status {
       switch (in.which()) {
@@ -736,13 +791,18 @@ struct Codec<std::optional<T>> {
   }
 };
 
-// std::map and std::unordered_map, as a `list` of (key, value) pairs. Duplicate keys are an error.
+/// `std::map` and `std::unordered_map`, as a `list` of (key, value) pairs. Duplicate keys are an
+/// error.
 template <Encodable K, Encodable V, typename Compare, typename Alloc>
 struct Codec<std::map<K, V, Compare, Alloc>> {
+  /// The map type.
   using Map = std::map<K, V, Compare, Alloc>;
+  /// Writes a `list` of (key, value) `list`s, in the map's order.
   static void encode(const Map& value, wire::Value::Builder out) {
     internal::encode_map(value, out);
   }
+  /// Reads a `list` of pairs; kDataLoss for another shape, an entry that does not decode, or a
+  /// duplicate key.
   static absl::Status decode(wire::Value::Reader in, Map& out) {
     out.clear();
     return internal::guarded([&] {
@@ -755,12 +815,17 @@ struct Codec<std::map<K, V, Compare, Alloc>> {
   }
 };
 
+/// `std::unordered_map`, as `std::map` is written (in the map's iteration order).
 template <Encodable K, Encodable V, typename Hash, typename Equal, typename Alloc>
 struct Codec<std::unordered_map<K, V, Hash, Equal, Alloc>> {
+  /// The map type.
   using Map = std::unordered_map<K, V, Hash, Equal, Alloc>;
+  /// Writes a `list` of (key, value) `list`s, in the map's iteration order.
   static void encode(const Map& value, wire::Value::Builder out) {
     internal::encode_map(value, out);
   }
+  /// Reads a `list` of pairs; kDataLoss for another shape, an entry that does not decode, or a
+  /// duplicate key.
   static absl::Status decode(wire::Value::Reader in, Map& out) {
     out.clear();
     return internal::guarded([&] {
@@ -772,10 +837,12 @@ struct Codec<std::unordered_map<K, V, Hash, Equal, Alloc>> {
   }
 };
 
-// std::set and std::unordered_set, as a std::vector of their elements (packed for numbers, in the
-// set's iteration order). A duplicate element is an error.
+/// The codec of `std::set` and `std::unordered_set` (`SetT`, of elements `T`): as a
+/// `std::vector` of their elements (packed for numbers, in the set's iteration order). A duplicate
+/// element is an error.
 template <Encodable T, typename SetT>
 struct SetCodec {
+  /// Writes the elements as `std::vector<T>` would be written.
   static void encode(const SetT& value, wire::Value::Builder out) {
     if constexpr (internal::Packed<T>) {
       internal::encode_packed(value.begin(), value.size(), out);
@@ -783,6 +850,8 @@ struct SetCodec {
       internal::encode_list(value.begin(), value.size(), out);
     }
   }
+  /// Reads what `std::vector<T>` reads; kDataLoss for that reader's errors or a duplicate
+  /// element.
   static absl::Status decode(wire::Value::Reader in, SetT& out) {
     out.clear();
     std::vector<T> elements;
@@ -797,22 +866,29 @@ struct SetCodec {
   }
 };
 
+/// `std::set`: see `SetCodec`.
 template <Encodable T, typename Compare, typename Alloc>
 struct Codec<std::set<T, Compare, Alloc>> : SetCodec<T, std::set<T, Compare, Alloc>> {};
 
+/// `std::unordered_set`: see `SetCodec`.
 template <Encodable T, typename Hash, typename Equal, typename Alloc>
 struct Codec<std::unordered_set<T, Hash, Equal, Alloc>>
     : SetCodec<T, std::unordered_set<T, Hash, Equal, Alloc>> {};
 
-// std::variant<Ts...>, as a `list` of 2: the index of the alternative it holds (`uint`), then that
-// alternative's value. An index past the last alternative is an error. Encoding a variant that is
-// valueless_by_exception throws kj::Exception, as Cap'n Proto does for what it cannot write.
+/// `std::variant<Ts...>`, as a `list` of 2: the index of the alternative it holds (`uint`), then
+/// that alternative's value. An index past the last alternative is an error. Encoding a variant
+/// that is `valueless_by_exception` throws `kj::Exception`, as Cap'n Proto does for what it cannot
+/// write.
 template <Encodable... Ts>
   requires(sizeof...(Ts) > 0 && (std::default_initializable<Ts> && ...))
 struct Codec<std::variant<Ts...>> {
+  /// The variant type.
   using Variant = std::variant<Ts...>;
+  /// The number of alternatives; indices on the wire are below it.
   static constexpr std::size_t kAlternatives = sizeof...(Ts);
 
+  /// Writes a `list` of the alternative's index and its value. Throws `kj::Exception` for a
+  /// valueless variant.
   static void encode(const Variant& value, wire::Value::Builder out) {
     KJ_REQUIRE(!value.valueless_by_exception(), "procpool::Codec: a valueless std::variant");
     auto list = out.initList(2);
@@ -824,6 +900,8 @@ struct Codec<std::variant<Ts...>> {
         value);
   }
 
+  /// Reads a `list` of 2; kDataLoss for another shape, an index past the last alternative, or a
+  /// value that does not decode as that alternative.
   static absl::Status decode(wire::Value::Reader in, Variant& out) {
     return internal::guarded([&]() -> absl::Status {
       if (in.which() != wire::Value::LIST) {
@@ -866,13 +944,15 @@ struct Codec<std::variant<Ts...>> {
   }
 };
 
-// absl::Duration, exactly: a `list` of 2 `int`s, whole seconds rounded toward negative infinity
-// and the rest in quarter nanoseconds (absl's resolution), 0 <= rest < 4'000'000'000. The
-// infinite durations are a `float` of +inf or -inf.
+/// `absl::Duration`, exactly: a `list` of 2 `int`s, whole seconds rounded toward negative infinity
+/// and the rest in quarter nanoseconds (absl's resolution), 0 <= rest < 4'000'000'000. The
+/// infinite durations are a `float` of +inf or -inf.
 template <>
 struct Codec<absl::Duration> {
+  /// Quarter nanoseconds per second: the second element is below it.
   static constexpr std::int64_t kTicksPerSecond = 4'000'000'000;
 
+  /// Writes (seconds, quarter nanoseconds), or an infinite `float` for an infinite duration.
   static void encode(const absl::Duration& value, wire::Value::Builder out) {
     if (value == absl::InfiniteDuration() || value == -absl::InfiniteDuration()) {
       out.setFloat(value > absl::ZeroDuration() ? std::numeric_limits<double>::infinity()
@@ -891,6 +971,8 @@ struct Codec<absl::Duration> {
     list[1].setInt(ticks);
   }
 
+  /// Reads (seconds, quarter nanoseconds) or an infinite `float`; kDataLoss for another shape, a
+  /// finite float, or quarter nanoseconds out of [0, 4e9).
   static absl::Status decode(wire::Value::Reader in, absl::Duration& out) {
     return internal::guarded([&]() -> absl::Status {
       if (in.which() == wire::Value::FLOAT) {
@@ -921,12 +1003,14 @@ struct Codec<absl::Duration> {
   static absl::Duration tick() { return absl::Nanoseconds(1) / 4; }
 };
 
-// absl::Time, as the absl::Duration since the Unix epoch (infinite for the infinite times).
+/// `absl::Time`, as the `absl::Duration` since the Unix epoch (infinite for the infinite times).
 template <>
 struct Codec<absl::Time> {
+  /// Writes `value - absl::UnixEpoch()` as an `absl::Duration`.
   static void encode(const absl::Time& value, wire::Value::Builder out) {
     Codec<absl::Duration>::encode(value - absl::UnixEpoch(), out);
   }
+  /// Reads an `absl::Duration` since the epoch; kDataLoss as for `absl::Duration`.
   static absl::Status decode(wire::Value::Reader in, absl::Time& out) {
     absl::Duration since_epoch;
     if (absl::Status s = Codec<absl::Duration>::decode(in, since_epoch); !s.ok()) return s;
@@ -935,14 +1019,17 @@ struct Codec<absl::Time> {
   }
 };
 
-// std::chrono::duration<Rep, Period>, as its count(), a Rep: the Period is part of the type, which
-// both sides share.
+/// `std::chrono::duration<Rep, Period>`, as its `count()`, a `Rep`: the Period is part of the
+/// type, which both sides share.
 template <Encodable Rep, typename Period>
 struct Codec<std::chrono::duration<Rep, Period>> {
+  /// The duration type.
   using Duration = std::chrono::duration<Rep, Period>;
+  /// Writes `value.count()` as a `Rep`.
   static void encode(const Duration& value, wire::Value::Builder out) {
     Codec<Rep>::encode(value.count(), out);
   }
+  /// Reads a `Rep`; kDataLoss as for `Rep`.
   static absl::Status decode(wire::Value::Reader in, Duration& out) {
     Rep count{};
     if (absl::Status s = Codec<Rep>::decode(in, count); !s.ok()) {
@@ -953,16 +1040,19 @@ struct Codec<std::chrono::duration<Rep, Period>> {
   }
 };
 
-// std::chrono::time_point<Clock, Duration>, as its time_since_epoch(). Meaningful across the
-// process boundary for clocks whose epoch the processes share (system_clock, steady_clock: workers
-// run on the same machine).
+/// `std::chrono::time_point<Clock, Duration>`, as its `time_since_epoch()`. Meaningful across the
+/// process boundary for clocks whose epoch the processes share: `system_clock` always;
+/// `steady_clock` only between processes on one machine (forked workers, not remote ones).
 template <typename Clock, typename Duration>
   requires Encodable<Duration>
 struct Codec<std::chrono::time_point<Clock, Duration>> {
+  /// The time point type.
   using TimePoint = std::chrono::time_point<Clock, Duration>;
+  /// Writes `value.time_since_epoch()` as a `Duration`.
   static void encode(const TimePoint& value, wire::Value::Builder out) {
     Codec<Duration>::encode(value.time_since_epoch(), out);
   }
+  /// Reads a `Duration` since the clock's epoch; kDataLoss as for `Duration`.
   static absl::Status decode(wire::Value::Reader in, TimePoint& out) {
     Duration since_epoch{};
     if (absl::Status s = Codec<Duration>::decode(in, since_epoch); !s.ok()) return s;

@@ -1,24 +1,30 @@
-// ImapRange: what imap and imap_unordered return, an input range (and a move-only view) of
-// absl::StatusOr<Result> (absl::Status when the tasks return no value).
-//
-//   for (absl::StatusOr<int64_t> square : pool.imap(std::views::iota(0))) {
-//     if (!square.ok()) ...;
-//     if (*square > 1000) break;  // cancels what was not started; the pool stays usable
-//   }
-//   for (absl::StatusOr<int64_t> square : pool.imap(jobs) | std::views::take(10)) ...
-//
-// The input is pulled lazily, on the consuming thread, as results are consumed: at most
-// `max_in_flight` jobs are taken and not yet consumed, so an endless input keeps the parent's
-// memory flat and the first result arrives while the input is still being produced. Each element
-// is waited for only when it is looked at (dereferenced or compared with end()), so a
-// std::views::take(n) stops after n results without waiting for one more. The input (a container,
-// a view, a generator-like range) is held by reference when an lvalue, by value when an rvalue.
-// Leaving the loop early, or destroying the range, cancels tasks not yet started; tasks already
-// running finish in the background and are discarded.
-//
-// One pass, one consuming thread. Moving the range keeps its iterators valid. The range must not
-// outlive its pool. If the pool is closed while a range is in use, the next element is the
-// kFailedPrecondition status and the range ends.
+/// \file
+/// `ImapRange`: what imap and imap_unordered return, an input range (and a move-only view) of
+/// `absl::StatusOr<Result>` (`absl::Status` when the tasks return no value).
+///
+/// ```cpp
+/// for (absl::StatusOr<int64_t> square : pool.imap(std::views::iota(0))) {
+///   if (!square.ok()) ...;
+///   if (*square > 1000) break;  // cancels what was not started; the pool stays usable
+/// }
+/// for (absl::StatusOr<int64_t> square : pool.imap(jobs) | std::views::take(10)) ...
+/// ```
+///
+/// The input is pulled lazily, on the consuming thread, as results are consumed: at most
+/// `max_in_flight` jobs are taken and not yet consumed, so an endless input keeps the parent's
+/// memory flat and the first result arrives while the input is still being produced. Each element
+/// is waited for only when it is looked at (dereferenced or compared with `end()`), so a
+/// `std::views::take(n)` stops after n results without waiting for one more. The input (a
+/// container, a view, a generator-like range) is held by reference when an lvalue, by value when
+/// an rvalue. Leaving the loop early, or destroying the range, cancels tasks not yet started;
+/// tasks already running finish in the background and are discarded.
+///
+/// Errors arrive as elements, never as exceptions: a task's failure is its element's status, and
+/// the range goes on.
+///
+/// One pass, one consuming thread. Moving the range keeps its iterators valid. The range must not
+/// outlive its pool. If the pool is closed while a range is in use, the next element is the
+/// kFailedPrecondition status and the range ends.
 
 #ifndef PROCPOOL_IMAP_RANGE_H_
 #define PROCPOOL_IMAP_RANGE_H_
@@ -39,32 +45,46 @@
 
 namespace procpool {
 
+/// The lazy results of one imap or imap_unordered call: an input range of `Outcome`, one per job
+/// taken from `Input` (see the file comment). Move-only; one pass, one consuming thread.
 template <typename Job, typename Result, std::ranges::input_range Input>
 class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Input>> {
   struct State;
 
  public:
-  // absl::StatusOr<Result>, or absl::Status for a void Result.
+  /// `absl::StatusOr<Result>`, or `absl::Status` for a void Result.
   using Outcome = internal::OutcomeOf<Result>;
+  /// The call behind the range (implementation detail).
   using ImapCallType = internal::ImapCall<Job, internal::Stored<Result>>;
 
+  /// The range's input iterator. Every copy refers to the range's one position.
   class iterator {
    public:
+    /// An input iterator.
     using iterator_concept = std::input_iterator_tag;
+    /// An input iterator.
     using iterator_category = std::input_iterator_tag;
+    /// Required of an iterator; never used.
     using difference_type = std::ptrdiff_t;
+    /// What it yields: the outcome of one task.
     using value_type = Outcome;
 
+    /// An iterator of no range, equal to `end()`.
     iterator() = default;
-    // Blocks until the element is in (the first time it is looked at).
+    /// The current element. Blocks, with no bound, until the element is in (the first time it is
+    /// looked at); a task's failure is the element's status, not an exception.
     value_type& operator*() const { return *state_->fetch(); }
+    /// As `operator*`.
     value_type* operator->() const { return &*state_->fetch(); }
+    /// Steps past the current element (taking it first if nobody looked at it; that may block).
     iterator& operator++() {
       state_->consume();
       return *this;
     }
+    /// As prefix `++`.
     void operator++(int) { state_->consume(); }
-    // Blocks like operator*: whether there is a next element is known only when it is in.
+    /// True at the end. Blocks like `operator*`: whether there is a next element is known only
+    /// when it is in.
     friend bool operator==(const iterator& it, std::default_sentinel_t) {
       return it.state_ == nullptr || !it.state_->fetch().has_value();
     }
@@ -75,20 +95,26 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
     State* state_ = nullptr;
   };
 
+  /// An empty range.
   ImapRange() = default;
-  // Made by imap and imap_unordered.
+  /// Made by imap and imap_unordered; not meant to be called by users.
   ImapRange(internal::PoolCore* core, std::shared_ptr<ImapCallType> call, Input input,
             size_t chunksize, size_t max_in_flight)
       : state_(std::make_unique<State>(core, std::move(call), std::move(input), chunksize,
                                        max_in_flight)) {}
+  /// Moves the range; iterators stay valid (they point into its state, which does not move).
   ImapRange(ImapRange&&) noexcept = default;
+  /// Moves the range; the range assigned to is dropped first (cancelling its unstarted tasks).
   ImapRange& operator=(ImapRange&&) noexcept = default;
 
-  // Starts the iteration. Call once. Takes no job before the first element is looked at.
+  /// Starts the iteration. Call once. Takes no job before the first element is looked at; never
+  /// blocks.
   iterator begin() { return iterator(state_.get()); }
+  /// The end sentinel.
   std::default_sentinel_t end() const { return {}; }
 
-  // Jobs taken from the input whose outcome has not been consumed yet (for tests and monitors).
+  /// Jobs taken from the input whose outcome has not been consumed yet (for tests and monitors).
+  /// Never blocks.
   size_t in_flight() const { return state_ == nullptr ? 0 : state_->submitted - state_->consumed; }
 
  private:

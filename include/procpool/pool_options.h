@@ -1,11 +1,19 @@
-// PoolOptions: how a ProcessPool (or Pool) is sized, timed and observed.
-//
-// Designed for designated initializers:
-//
-//   procpool::ProcessPool<Indexer> pool({.workers = 4, .join_timeout = absl::Seconds(5)});
-//
-// Every field has a safe default; a default-constructed PoolOptions gives one worker per CPU,
-// no task timeout and a 30-second bound on shutdown.
+/// \file
+/// `PoolOptions`: how a ProcessPool (or Pool) is sized, timed and observed; `RemoteOptions`: where
+/// its workers run when they are on other machines.
+///
+/// Designed for designated initializers:
+///
+/// ```cpp
+/// procpool::ProcessPool<Indexer> pool({.workers = 4, .join_timeout = absl::Seconds(5)});
+/// ```
+///
+/// C++ requires designated initializers in declaration order; a field out of order does not
+/// compile. The order is the one below (docs/guide.md lists it, checked against this header).
+///
+/// Every field has a safe default; a default-constructed PoolOptions gives one worker per CPU,
+/// no task timeout and a 30-second bound on shutdown. A value out of range does not fail the
+/// constructor: every call of the pool then returns kInvalidArgument naming the field.
 
 #ifndef PROCPOOL_POOL_OPTIONS_H_
 #define PROCPOOL_POOL_OPTIONS_H_
@@ -13,86 +21,156 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 
 namespace procpool {
 
-enum class LogSeverity { kInfo, kWarning, kError };
-
-// One structured event from the pool: worker started or stopped, a task failed, an escalation.
-struct LogEvent {
-  LogSeverity severity = LogSeverity::kInfo;
-  std::string process;          // "procpool-w3" for a worker, "procpool-parent" for the pool
-  int pid = 0;                  // the worker's pid, or the parent's
-  absl::Duration since_start;   // time since the pool was created
-  std::string message;
+/// How much a `LogEvent` matters.
+enum class LogSeverity {
+  kInfo,     ///< Routine: a worker started, or stopped when asked to.
+  kWarning,  ///< A worker died or was stopped unexpectedly (it is replaced); a stop signal came.
+  kError     ///< A worker could not start, a stream broke, a join failed, a callback threw.
 };
 
-// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it must
-// be quick and must not call back into the pool.
+/// One structured event from the pool: worker started or stopped, a task failed, an escalation.
+struct LogEvent {
+  LogSeverity severity = LogSeverity::kInfo;  ///< How much it matters.
+  std::string process;          ///< "procpool-w3" for a worker, "procpool-parent" for the pool
+  int pid = 0;                  ///< the worker's pid, or the parent's
+  absl::Duration since_start;   ///< time since the pool was created
+  std::string message;          ///< What happened, in words.
+};
+
+/// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it
+/// must be quick and must not call back into the pool.
 using LogSink = std::function<void(const LogEvent&)>;
 
-// The default sink: warnings and errors to stderr, one line each, as
-// "[procpool +1.234s procpool-w3 pid 4242] warning: ...". With PROCPOOL_LOG_ALL set in the
-// environment it writes informational events too (workers started and stopped).
+/// The default sink: warnings and errors to stderr, one line each, as
+/// "[procpool +1.234s procpool-w3 pid 4242] warning: ...". With PROCPOOL_LOG_ALL set in the
+/// environment it writes informational events too (workers started and stopped). Thread-safe;
+/// write errors are ignored.
 void log_to_stderr(const LogEvent& event);
 
-// How worker processes are made.
+/// How worker processes are made (`PoolOptions::start_method`).
 enum class StartMethod {
-  // fork() the calling process (Python's "fork"): fastest; a worker inherits the parent's memory
-  // as it is at that moment. Replacements are forked from the pool's thread: if the program's
-  // other threads may hold locks then that a worker needs (in W's constructor, hooks, tasks), use
-  // kForkServer.
+  /// `fork()` the calling process (Python's "fork"): fastest; a worker inherits the parent's
+  /// memory as it is at that moment. Replacements are forked from the pool's thread: if the
+  /// program's other threads may hold locks then that a worker needs (in W's constructor, hooks,
+  /// tasks), use kForkServer.
   kFork,
-  // A single-threaded fork server ("zygote") is forked when the pool is made, and forks every
-  // worker, replacements included (Python's "forkserver"). A worker never inherits a lock held by
-  // another thread of the program, however many threads it runs later. Workers see the memory as
-  // it was when the pool was made. Costs one more process and a round trip per fork.
+  /// A single-threaded fork server ("zygote") is forked when the pool is made, and forks every
+  /// worker, replacements included (Python's "forkserver"). A worker never inherits a lock held by
+  /// another thread of the program, however many threads it runs later. Workers see the memory as
+  /// it was when the pool was made. Costs one more process and a round trip per fork. Not a cure
+  /// for a lock held when the pool is made: the zygote is itself a fork of the program then.
   kForkServer,
 };
 
+/// Workers on other machines (`PoolOptions::remote`). The worker program calls
+/// `procpool::serve<W>` (serve.h); a cluster engine (Slurm's srun, ssh, mpirun, Kubernetes)
+/// starts it, the pool (with `launch`) or something else (an `srun -n 64 ./indexer` of its own);
+/// it dials `listen`, proves the token, and then serves exactly as a forked worker does: same
+/// calls, hooks, errors and shutdown. Traffic is authenticated (a challenge-response on the
+/// token: the token itself never crosses the wire) but not encrypted: across an untrusted
+/// network, tunnel it (ssh -L, a VPN).
+///
+/// ```cpp
+/// procpool::ProcessPool<Indexer> pool({
+///     .workers = 64,
+///     .remote = procpool::RemoteOptions{
+///         .listen = "0.0.0.0:7000",
+///         .token = secret,
+///         .launch = {"srun", "-n1", "./indexer", "--procpool-connect={address}"}}});
+/// ```
+///
+/// Designated initializers must follow the declaration order below. A value out of range (a
+/// `listen` that is not "host:port", no token off loopback, a `connect_timeout` that is not
+/// positive, a `heartbeat_timeout` under 100 ms, an empty command) makes every call of the pool
+/// return kInvalidArgument naming the field.
+struct RemoteOptions {
+  /// "host:port" to listen on; port 0 picks a free one. Loopback by default: listening on any
+  /// other address needs a token.
+  std::string listen = "127.0.0.1:0";
+  /// The shared secret workers must prove (they read it from PROCPOOL_TOKEN). Required unless
+  /// `listen` is a loopback address.
+  std::string token;
+  /// Optional: the command the pool runs once per worker it needs (replacements included), as an
+  /// argv; "{address}" in any argument becomes the address workers dial. It runs with
+  /// PROCPOOL_TOKEN and PROCPOOL_CONNECT in its environment and stdin on /dev/null. Without it,
+  /// workers started by anything else dial in on their own.
+  std::vector<std::string> launch;
+  /// The pool waits this long for workers: without `launch`, for the first ones after it is made
+  /// (calls then wait for them); with it, for each launched one. Past it, calls fail with
+  /// kUnavailable saying why (none came, or each was refused and why).
+  absl::Duration connect_timeout = absl::Seconds(60);
+  /// A worker host silent this long is gone (its running task fails kAborted, or runs again under
+  /// retries; its unstarted ones go elsewhere); a worker host that hears nothing from the pool for
+  /// as long stops its worker and exits, so nothing is left running when the pool's host dies.
+  /// At least 100 ms.
+  absl::Duration heartbeat_timeout = absl::Seconds(10);
+  /// The address workers dial, for {address} and PROCPOOL_CONNECT: by default `listen`, with this
+  /// host's name in place of a wildcard address.
+  std::string advertise;
+};
+
+/// How a pool is sized, timed and observed (see the file comment). Designated initializers must
+/// follow the declaration order below.
 struct PoolOptions {
-  // Number of worker processes; 0 means one per CPU this process may run on.
+  /// Number of worker processes; 0 means one per CPU this process may run on. At most 4096.
   int workers = 0;
-  // join() (and so the destructor) waits this long for work in flight and every exit() hook,
-  // then sends SIGTERM, waits `kill_grace`, then SIGKILL.
+  /// join() (and so the destructor) waits this long for work in flight and every exit() hook,
+  /// then sends SIGTERM, waits `kill_grace`, then SIGKILL. Not negative.
   absl::Duration join_timeout = absl::Seconds(30);
-  // A task running longer than this has its worker killed and fails with kDeadlineExceeded.
-  // Overridable per call. Infinite by default.
+  /// A task running longer than this has its worker killed and fails with kDeadlineExceeded.
+  /// Overridable per call. Infinite by default; positive.
   absl::Duration task_timeout = absl::InfiniteDuration();
-  // A worker whose constructor and enter() take longer than this is killed, and the pool fails
-  // with kDeadlineExceeded naming it (as it does for a failing enter()): a hung initializer must
-  // not leave calls waiting for a worker that never comes.
+  /// A worker whose constructor and enter() take longer than this is killed, and the pool fails
+  /// with kDeadlineExceeded naming it (as it does for a failing enter()): a hung initializer must
+  /// not leave calls waiting for a worker that never comes. A remote worker's counts from when a
+  /// worker host was asked to start it (the wait for a host is RemoteOptions::connect_timeout's).
+  /// Positive.
   absl::Duration enter_timeout = absl::Seconds(60);
-  // How long a worker asked to stop with SIGTERM gets before SIGKILL.
+  /// How long a worker asked to stop with SIGTERM gets before SIGKILL. Not negative.
   absl::Duration kill_grace = absl::Seconds(1);
-  // The largest frame either side accepts; a larger one is kDataLoss. Raise it for big payloads.
+  /// The largest frame either side accepts: a job or result over it fails its task with
+  /// kResourceExhausted (the worker lives); a stream that announces a larger frame is broken
+  /// (kDataLoss). Raise it for big payloads. From 4096 bytes to 1 TiB.
   size_t max_frame_bytes = size_t{256} << 20;
-  // Recycle a worker after it ran this many tasks (0: never), like Python's maxtasksperchild. A
-  // recycled worker finishes its tasks and runs exit(); a fresh one runs enter(). No task is lost
-  // or run twice.
+  /// Recycle a worker after it ran this many tasks (0: never), like Python's maxtasksperchild. A
+  /// recycled worker finishes its tasks and runs exit(); a fresh one runs enter(). No task is lost
+  /// or run twice.
   int64_t max_tasks_per_worker = 0;
-  // Recycle a worker once its resident memory exceeds this many bytes (0: never). Checked when it
-  // finishes a batch, at most every 50 ms per worker; the batch it ran is not lost.
+  /// Recycle a worker once its resident memory exceeds this many bytes (0: never). Checked when it
+  /// finishes a batch, at most every 50 ms per worker; the batch it ran is not lost.
   size_t max_worker_rss_bytes = 0;
-  // Prefix of worker process names (prctl PR_SET_NAME; at most 15 bytes are kept): "procpool-w3".
+  /// Prefix of worker process names (prctl PR_SET_NAME; at most 15 bytes are kept): "procpool-w3".
   std::string name = "procpool";
+  /// How workers are made: `StartMethod::kFork` (default) or `StartMethod::kForkServer`. Ignored
+  /// for remote workers.
   StartMethod start_method = StartMethod::kFork;
-  // Where events go; the default writes warnings and errors to stderr.
+  /// Where events go; the default writes warnings and errors to stderr.
   LogSink log_sink = log_to_stderr;
-  // A frame a worker has begun to send must be complete within this; otherwise its stream is
-  // broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge
-  // the pool by writing half a frame.
+  /// A frame a worker has begun to send must be complete within this; otherwise its stream is
+  /// broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge
+  /// the pool by writing half a frame. Positive.
   absl::Duration frame_timeout = absl::Seconds(10);
-  // The crash guard (README, "When workers cannot start"). A worker that could not be started
-  // (fork failed), or that died or failed before it was ready (its constructor, enter(),
-  // enter_timeout), is started again after respawn_delay, doubled for every consecutive such
-  // failure in the pool, up to respawn_max_delay. A worker that starts cleanly resets the delay.
-  // Workers that die while running a task are replaced at once: the task failed, not the pool.
+  /// The crash guard (README, "When workers cannot start"). A worker that could not be started
+  /// (fork failed), or that died or failed before it was ready (its constructor, enter(),
+  /// enter_timeout), is started again after respawn_delay, doubled for every consecutive such
+  /// failure in the pool, up to respawn_max_delay. A worker that starts cleanly resets the delay.
+  /// Workers that die while running a task are replaced at once: the task failed, not the pool.
+  /// Not negative.
   absl::Duration respawn_delay = absl::Milliseconds(100);
+  /// The longest delay between start attempts (see respawn_delay). Not less than respawn_delay.
   absl::Duration respawn_max_delay = absl::Seconds(5);
+  /// Run the workers on other machines (RemoteOptions above) instead of forking them here. Only
+  /// `ProcessPool<W>` can (procpool::Pool refuses it with kInvalidArgument: function addresses
+  /// mean nothing in another program); `workers` must then be given (not 0).
+  std::optional<RemoteOptions> remote;
 };
 
 }  // namespace procpool

@@ -87,6 +87,33 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                     std::move(region));
 }
 
+absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, const std::string& name,
+                                                                   UniqueFd channel) {
+  WorkerLaunch launch = launch_for(slot);
+  // Its page is ours (a relay's), not the pool's: results held in it would not reach the pool.
+  launch.hold_results = false;
+  absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
+  if (!page.ok()) return page.status();
+  // Its batches come over `channel` from elsewhere, not through us: it opens their claims.
+  page->get()->worker_opens_claims.store(1, std::memory_order_relaxed);
+  const pid_t parent = ::getpid();
+  absl::StatusOr<pid_t> pid = fork_child("a worker");
+  if (!pid.ok()) return pid.status();
+  if (*pid == 0) worker_main(channel.release(), page->get(), launch, parent);
+  // Ours closes here: the worker holds the only copy, so the connection ends with it.
+  channel.reset();
+  WorkerProcess process(*pid, /*adopted=*/false);
+  if (process.pidfd() < 0) {
+    const int error = errno;
+    ::kill(*pid, SIGKILL);
+    ::waitpid(*pid, nullptr, 0);
+    return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
+  }
+  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), std::move(process),
+                                    UniqueFd(), *std::move(page),
+                                    ForkLink::Limits{config_.max_frame_bytes, config_.frame_timeout});
+}
+
 void ForkLauncher::add_pollfds(std::vector<pollfd>& fds) {
   polled_server_ = server_ != nullptr;
   if (polled_server_) fds.push_back({server_->fd(), POLLIN, 0});

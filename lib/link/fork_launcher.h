@@ -38,6 +38,11 @@ class ForkLauncher final : public Launcher {
   explicit ForkLauncher(Config config);
 
   absl::StatusOr<std::unique_ptr<WorkerLink>> launch(int slot, const std::string& name) override;
+  // Forks a worker whose channel is `channel` (a remote worker's data connection, which its relay
+  // opened): the link returned has no channel of its own, only the process and its control page.
+  // Direct fork only.
+  absl::StatusOr<std::unique_ptr<ForkLink>> launch_on(int slot, const std::string& name,
+                                                      UniqueFd channel);
   void add_pollfds(std::vector<pollfd>& fds) override;
   void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
   bool has_pending_events() const override;

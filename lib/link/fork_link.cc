@@ -35,6 +35,12 @@ void ForkLink::send(std::unique_ptr<capnp::MessageBuilder> frame) {
   writer_.push(std::move(frame));
 }
 
+void ForkLink::send_copy(kj::ArrayPtr<const capnp::word> frame) {
+  if (ended_ || !channel_) return;
+  writer_.push_copy(frame);
+  flush();
+}
+
 void ForkLink::flush() {
   if (ended_ || !channel_ || writer_.empty()) return;
   // A failure means the worker is gone; its pidfd will tell.
@@ -223,6 +229,7 @@ WorkerProgress ForkLink::progress() const {
   progress.started_ns = page.started_ns.load(std::memory_order_relaxed);
   progress.tasks_done = page.tasks_done.load(std::memory_order_relaxed);
   progress.busy_ns = page.busy_ns.load(std::memory_order_relaxed);
+  progress.timeout_ns = page.timeout_ns.load(std::memory_order_relaxed);
   return progress;
 }
 

@@ -66,6 +66,8 @@ class ForkLink final : public WorkerLink {
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
   void stop(StopMode mode) override;
 
+  // Queues a copy of a whole frame read elsewhere (a relay passing the pool's frames on).
+  void send_copy(kj::ArrayPtr<const capnp::word> frame);
   // For a worker forked by the fork server: the server reaped it with `wait_status`.
   void on_reaped_by_server(int wait_status, LinkEvents& events);
   // Called when the link is destroyed (the fork server's launcher forgets the pid).

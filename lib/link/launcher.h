@@ -25,8 +25,9 @@ class LauncherEvents {
   virtual ~LauncherEvents() = default;
   // Where events of `link` go (the launcher learned something about one of its workers).
   virtual LinkEvents& events_of(WorkerLink& link) = 0;
-  // A worker arrived on its own (dialled in), not in answer to launch().
-  virtual void on_arrived(std::unique_ptr<WorkerLink> link) = 0;
+  // The launcher can make workers again (a remote worker dialled in): slots waiting to start
+  // one may try now rather than after their delay.
+  virtual void on_capacity() = 0;
 };
 
 class Launcher {
@@ -43,6 +44,11 @@ class Launcher {
   virtual void service(const pollfd* polled, size_t count, LauncherEvents& events) {}
   // Work the launcher has without its descriptors being ready (reports read ahead).
   virtual bool has_pending_events() const { return false; }
+  // The launcher's deadlines (handshakes, heartbeats); returns when it wants to be called again.
+  virtual int64_t check(int64_t now_ns, LauncherEvents& events) { return INT64_MAX; }
+  // The pool is done with its workers (join or terminate finished): let go of what is left (idle
+  // remote hosts, which then leave), and make no more.
+  virtual void finish() {}
 };
 
 }  // namespace procpool::internal

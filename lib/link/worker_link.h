@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,9 @@ namespace procpool::internal {
 struct WorkerEnd {
   std::string how;     // "was killed by signal 6 (SIGABRT)", "exited with status 3", ...
   bool clean = false;  // left on its own, with a status the protocol expects after a shutdown
+  // Why it was stopped, when the link knows better than its death says (a remote worker's
+  // watchdog stopped it for a task timeout): the failure of the task it was running.
+  std::optional<absl::Status> cause;
 };
 
 // What a worker is doing, as far as its link knows.
@@ -44,6 +48,7 @@ struct WorkerProgress {
   int64_t started_ns = 0;                      // when that task started (CLOCK_MONOTONIC)
   int64_t tasks_done = 0;
   int64_t busy_ns = 0;
+  int64_t timeout_ns = 0;  // the task timeout of the batch it runs (0: none)
   // False when the link learns of progress late (over TCP): tasks after the one above may have
   // started. True when it is read from shared memory, as the worker writes it.
   bool exact = true;
@@ -127,6 +132,11 @@ class WorkerLink {
 
   // Stops the worker without its exit() hook (the polite way is a shutdown frame). Idempotent.
   virtual void stop(StopMode mode) = 0;
+
+  // When its worker was asked for (CLOCK_MONOTONIC ns), from which enter_timeout counts: 0 for a
+  // link made with its worker (a fork), INT64_MAX while there is nowhere to run it yet (a remote
+  // link waiting for a worker host, a wait connect_timeout bounds instead).
+  virtual int64_t placed_ns() const { return 0; }
 };
 
 }  // namespace procpool::internal

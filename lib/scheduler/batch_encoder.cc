@@ -146,7 +146,8 @@ void Scheduler::send_batch(int slot, bool awaited) {
       message = std::make_unique<capnp::MallocMessageBuilder>(first_segment);
     }
     auto tasks = message->initRoot<wire::ToWorker>().initTasks();
-    tasks.setTimed(timeout != absl::InfiniteDuration());
+    // A timeout makes the worker stamp every task's start; a remote worker's relay watches it.
+    if (timeout != absl::InfiniteDuration()) tasks.setTimeoutNs(to_ns(timeout));
     tasks.setAwaited(awaited);
     tasks.setSeq(seq);
     tasks.setClaimSlot(claim_slot);

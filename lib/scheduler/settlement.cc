@@ -99,21 +99,21 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
       p = q;
     }
   };
+  // Late progress (TCP): tasks after the last one the worker told of may have started.
+  const absl::Status maybe_ran = absl::AbortedError(
+      absl::StrCat(how.ended, "; this task may have started before, its outcome is unknown"));
+  const bool known = current < worker.batches.size();
   for (size_t b = 0; b < worker.batches.size(); ++b) {
     const Batch& batch = worker.batches[b];
     const uint32_t end = batch.limit;  // tasks past it were settled when taken back
     uint32_t finished = batch.reported;
     std::optional<uint32_t> running;
-    if (b < current && current < worker.batches.size()) {
+    if (known && b < current) {
       finished = end;
     } else if (b == current) {
       const uint32_t started = last.task_index;
       finished = std::max(batch.reported, std::min(last.running ? started : started + 1, end));
       if (last.running && started >= batch.reported && started < end) running = started;
-      // Late progress (TCP): what came after the last task it told of may have run too.
-      if (!last.exact) finished = end;
-    } else if (!last.exact && b == 0) {
-      finished = end;  // it may have started its first batch without saying so yet
     }
     if (running && *running < finished) running.reset();
     settle_ran(batch, batch.reported, finished, lost_result, /*retry_allowed=*/true);
@@ -121,6 +121,13 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
     if (running) {
       settle_ran(batch, *running, *running + 1, how.running_failure, how.retry_allowed);
       not_started = *running + 1;
+    }
+    // Inexact progress: the rest of the batch it was on, and every batch after it (or every batch,
+    // if it told of none), may have started meanwhile.
+    const bool maybe_started = !last.exact && (b == current || !known || b > current);
+    if (maybe_started) {
+      settle_ran(batch, not_started, end, maybe_ran, /*retry_allowed=*/true);
+      continue;
     }
     if (not_started < end) {
       requeue.push_back(TaskRange{batch.tasks.call, batch.tasks.first + not_started,

@@ -1,4 +1,5 @@
 #include "lib/supervision/supervisor.h"
+#include "lib/supervision/slot.h"
 
 #include <algorithm>
 #include <utility>
@@ -19,98 +20,6 @@ namespace {
 constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
 
 }  // namespace
-
-// Where a slot's link reports (worker_link.h).
-class Supervisor::Events final : public LinkEvents {
- public:
-  Events(Supervisor& owner, Slot& slot) : owner_(owner), slot_(slot) {}
-  void on_frame(kj::ArrayPtr<const capnp::word> frame) override { owner_.on_frame(slot_, frame); }
-  void on_recovered_frame(kj::ArrayPtr<const capnp::word> frame) override {
-    owner_.on_frame(slot_, frame, /*recovered=*/true);
-  }
-  void on_broken_stream(absl::Status why) override { owner_.on_broken_stream(slot_, why); }
-  void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override;
-  void on_ended(WorkerEnd end) override { owner_.on_ended(slot_, std::move(end)); }
-
- private:
-  Supervisor& owner_;
-  Slot& slot_;
-};
-
-// What the scheduler may do with a slot's worker (scheduler.h).
-class Supervisor::Port final : public WorkerPort {
- public:
-  Port(Supervisor& owner, Slot& slot) : owner_(owner), slot_(slot) {}
-  const std::string& name() const override;
-  void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
-  void flush() override;
-  bool can_borrow() const override;
-  SharedRegion* shared_region() override;
-  WorkerProgress progress() const override;
-  void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
-  void revoke(uint32_t slot, uint16_t tag) override;
-  void stop(absl::Status reason) override;
-
- private:
-  Supervisor& owner_;
-  Slot& slot_;
-};
-
-struct Supervisor::Slot {
-  Slot(Supervisor& owner, int index)
-      : index(index), name(absl::StrCat("worker ", index)), events(owner, *this), port(owner, *this) {}
-
-  const int index;
-  const std::string name;  // "worker 3"; the link's name adds the pid
-  Events events;
-  Port port;
-  std::unique_ptr<WorkerLink> link;  // null while none
-  State state = State::kEmpty;
-  uint64_t generation = 0;           // counts the links this slot has had
-  int64_t next_start_ns = 0;         // kEmpty: when to start the next one
-  int64_t started_ns = 0;
-  bool start_failed = false;         // its start failure is counted already
-  bool borrowed = false;
-  bool recycling = false;
-  int64_t last_memory_check_ns = 0;
-  std::optional<absl::Status> stop_reason;  // why the pool stops it; set once
-  int64_t kill_at_ns = 0;                   // SIGKILL once passed (after a SIGTERM); 0: none
-  bool killed = false;
-  std::optional<std::pair<uint64_t, uint32_t>> blamed;  // the task its stream broke on
-  absl::Status blamed_failure;
-  absl::Status exit_hook_status;
-
-  const std::string& display() const { return link ? link->name() : name; }
-};
-
-void Supervisor::Events::on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) {
-  owner_.scheduler_.on_revoked(slot_.index, slot, tag, claimed);
-}
-
-const std::string& Supervisor::Port::name() const { return slot_.display(); }
-void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
-  if (slot_.link) slot_.link->send(std::move(frame));
-}
-void Supervisor::Port::flush() {
-  if (slot_.link) slot_.link->flush();
-}
-SharedRegion* Supervisor::Port::shared_region() {
-  return slot_.link ? slot_.link->shared_region() : nullptr;
-}
-bool Supervisor::Port::can_borrow() const { return slot_.link && slot_.link->can_borrow(); }
-WorkerProgress Supervisor::Port::progress() const {
-  return slot_.link ? slot_.link->progress() : WorkerProgress();
-}
-void Supervisor::Port::open_claims(uint32_t slot, uint16_t tag, uint32_t count) {
-  if (slot_.link) slot_.link->open_claims(slot, tag, count);
-}
-void Supervisor::Port::revoke(uint32_t slot, uint16_t tag) {
-  if (slot_.link) slot_.link->revoke(slot, tag, slot_.events);
-}
-void Supervisor::Port::stop(absl::Status reason) {
-  owner_.stop(slot_, std::move(reason), StopMode::kTerminate);
-}
-
 Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler)
     : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler) {
   for (int i = 0; i < config_.workers; ++i) slots_.push_back(std::make_unique<Slot>(*this, i));
@@ -134,23 +43,15 @@ LinkEvents& Supervisor::events_of(WorkerLink& link) {
   return slots_.front()->events;
 }
 
-void Supervisor::on_arrived(std::unique_ptr<WorkerLink> link) {
+void Supervisor::on_capacity() {
+  const int64_t now = monotonic_now_ns();
+  // Only slots that could not get a worker at all: a worker that failed to start waits out its
+  // delay whatever else arrives.
   for (auto& slot : slots_) {
-    if (slot->state == State::kEmpty && wanted()) {
-      slot->link = std::move(link);
-      slot->state = State::kStarting;
-      slot->started_ns = monotonic_now_ns();
-      ++slot->generation;
-      log(*slot, LogSeverity::kInfo, "connected");
-      return;
+    if (slot->state == State::kEmpty && slot->no_capacity && slot->next_start_ns != INT64_MAX) {
+      slot->next_start_ns = std::min(slot->next_start_ns, now);
     }
   }
-  // No slot wants it: it is told to leave.
-  auto shutdown = std::make_unique<capnp::MallocMessageBuilder>(16);
-  shutdown->initRoot<wire::ToWorker>().setShutdown();
-  link->send(std::move(shutdown));
-  link->flush();
-  ended_links_.push_back(std::move(link));
 }
 
 bool Supervisor::wanted() const {
@@ -169,6 +70,7 @@ void Supervisor::start_due(int64_t now_ns) {
 
 void Supervisor::launch(Slot& slot, int64_t now_ns) {
   absl::StatusOr<std::unique_ptr<WorkerLink>> link = launcher_.launch(slot.index, slot.name);
+  slot.no_capacity = !link.ok();
   if (!link.ok()) {
     record_start_failure(slot, absl::Status(link.status().code(),
                                             absl::StrCat(slot.name, ": ", link.status().message())),
@@ -188,6 +90,7 @@ void Supervisor::launch(Slot& slot, int64_t now_ns) {
   slot.kill_at_ns = 0;
   slot.killed = false;
   slot.blamed.reset();
+  slot.blame_at_end = false;
   slot.exit_hook_status = absl::OkStatus();
   log(slot, LogSeverity::kInfo, "started");
 }
@@ -229,68 +132,6 @@ bool Supervisor::any_alive() const {
   return false;
 }
 
-void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered) {
-  // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
-  try {
-    capnp::ReaderOptions options;
-    options.traversalLimitInWords = std::max<size_t>(config_.max_frame_bytes / sizeof(capnp::word), 1024);
-    capnp::FlatArrayMessageReader message(words, options);
-    auto frame = message.getRoot<wire::FromWorker>();
-    switch (frame.which()) {
-      case wire::FromWorker::READY:
-        if (slot.state != State::kStarting) break;
-        slot.state = State::kReady;
-        consecutive_start_failures_ = 0;
-        last_start_failure_ = absl::OkStatus();
-        scheduler_.attach(slot.index, &slot.port);
-        break;
-      case wire::FromWorker::ENTER_FAILED: {
-        absl::Status failure = status_from_wire(frame.getEnterFailed());
-        if (failure.ok()) failure = absl::UnknownError("enter() failed without a status");
-        record_start_failure(slot,
-                             absl::Status(failure.code(), absl::StrCat(slot.display(), " failed enter(): ",
-                                                                       failure.message())),
-                             monotonic_now_ns());
-        break;
-      }
-      case wire::FromWorker::RESULTS:
-        if (recovered) {
-          // The worker is gone: only results not seen yet count, and nothing is blamed.
-          if (slot.state == State::kReady || slot.state == State::kDraining ||
-              slot.state == State::kShutdownSent) {
-            (void)scheduler_.on_results(slot.index, frame.getResults(), /*recovered=*/true);
-          }
-          break;
-        }
-        if (absl::Status ok = scheduler_.on_results(slot.index, frame.getResults()); !ok.ok()) {
-          on_broken_stream(slot, ok);
-        }
-        break;
-      case wire::FromWorker::EXITED:
-        slot.exit_hook_status = status_from_wire(frame.getExited());
-        break;
-    }
-  } catch (const kj::Exception& e) {
-    if (recovered) return;
-    on_broken_stream(slot, absl::DataLossError(absl::StrCat(
-                               slot.display(), " sent a malformed frame: ", e.getDescription().cStr())));
-  }
-}
-
-void Supervisor::on_broken_stream(Slot& slot, absl::Status why) {
-  if (!slot.link || slot.stop_reason) return;
-  // Only the task running when the stream broke is charged with it.
-  const WorkerProgress progress = slot.link->progress();
-  if (progress.running) {
-    slot.blamed = std::make_pair(progress.batch_seq, progress.task_index);
-    slot.blamed_failure = why;
-  }
-  log(slot, LogSeverity::kError, std::string(why.message()));
-  stop(slot, absl::AbortedError(absl::StrCat(slot.display(), " was stopped after its stream broke (",
-                                             why.message(), ")")),
-       StopMode::kKill);
-}
-
 void Supervisor::stop(Slot& slot, absl::Status reason, StopMode mode) {
   if (!slot.link) return;
   scheduler_.stop_accepting(slot.index);
@@ -321,6 +162,7 @@ void Supervisor::send_shutdown(Slot& slot) {
 
 void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const int64_t now = monotonic_now_ns();
+  if (end.cause && !slot.stop_reason) slot.stop_reason = *end.cause;
   const State state = slot.state;
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
@@ -344,18 +186,23 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     }
   }
 
-  if (state == State::kStarting && !slot.start_failed) {
-    record_start_failure(slot, absl::AbortedError(absl::StrCat(how, " before it was ready")), now);
+  // A worker terminate() stopped before it was ready did not fail to start: the pool stopped it.
+  if (state == State::kStarting && !slot.start_failed && !terminating_) {
+    record_start_failure(
+        slot, end.cause.value_or(absl::AbortedError(absl::StrCat(how, " before it was ready"))), now);
   }
   if (state == State::kReady || state == State::kDraining || state == State::kShutdownSent) {
     LostWorker lost;
     lost.ended = how;
     lost.running_failure = slot.stop_reason.value_or(
         absl::AbortedError(absl::StrCat(how, " while running this task")));
+    lost.last = slot.link->progress();
+    if (slot.blame_at_end && lost.last.running) {
+      slot.blamed = std::make_pair(lost.last.batch_seq, lost.last.task_index);
+    }
     lost.blamed_task = slot.blamed;
     lost.blamed_failure = slot.blamed_failure;
     lost.retry_allowed = !slot.stop_reason;
-    lost.last = slot.link->progress();
     scheduler_.on_worker_lost(slot.index, lost);
   }
   ended_links_.push_back(std::move(slot.link));
@@ -411,6 +258,7 @@ int64_t Supervisor::check(int64_t now_ns) {
       next = std::min(next, join_deadline_ns_);
     }
   }
+  next = std::min(next, launcher_.check(now_ns, *this));
   for (auto& slot : slots_) check_slot(*slot, now_ns, next);
   next = std::min(next, scheduler_.check(now_ns));
   return next;
@@ -431,9 +279,12 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
       next = std::min(next, slot.kill_at_ns);
     }
   }
+  // Counted from when the worker was asked for: a remote slot's wait for a host is bounded by
+  // connect_timeout, not by this.
+  const int64_t placed = slot.link->placed_ns();
   if (slot.state == State::kStarting && !slot.stop_reason &&
-      config_.enter_timeout != absl::InfiniteDuration()) {
-    const int64_t deadline = slot.started_ns + to_ns(config_.enter_timeout);
+      config_.enter_timeout != absl::InfiniteDuration() && placed != INT64_MAX) {
+    const int64_t deadline = std::max(slot.started_ns, placed) + to_ns(config_.enter_timeout);
     if (now >= deadline) {
       const absl::Status late = absl::DeadlineExceededError(absl::StrCat(
           slot.display(), " did not finish enter() within enter_timeout (",
@@ -499,54 +350,6 @@ void Supervisor::terminate() {
   scheduler_.abandon_all(cancelled);
   for (auto& slot : slots_) {
     if (slot->link) stop(*slot, cancelled, StopMode::kTerminate);
-  }
-}
-
-WorkerLink* Supervisor::borrow(int slot) {
-  slots_[slot]->borrowed = true;
-  return slots_[slot]->link.get();
-}
-
-void Supervisor::give_back(int slot) { slots_[slot]->borrowed = false; }
-
-void Supervisor::pump_borrowed(int slot, short revents) {
-  Slot& s = *slots_[slot];
-  if (s.link) s.link->pump(revents, s.events);
-}
-
-void Supervisor::release_borrowed(const void* borrower) {
-  for (auto& slot : slots_) {
-    if (slot->link) slot->link->release_borrowed(borrower);
-  }
-  for (auto& link : ended_links_) link->release_borrowed(borrower);
-}
-
-uint64_t Supervisor::generation(int slot) const { return slots_[slot]->generation; }
-
-void Supervisor::fill_stats(PoolStats& stats) const {
-  stats.workers_restarted = workers_restarted_;
-  for (const auto& slot : slots_) {
-    WorkerStats worker;
-    worker.slot = slot->index;
-    worker.pid = slot->link ? slot->link->pid() : 0;
-    if (!slot->link) {
-      worker.state = WorkerState::kDead;
-    } else if (slot->state == State::kShutdownSent || slot->stop_reason) {
-      worker.state = WorkerState::kExiting;
-    } else if (slot->state == State::kStarting) {
-      worker.state = WorkerState::kStarting;
-    } else if (scheduler_.idle(slot->index)) {
-      worker.state = WorkerState::kIdle;
-    } else {
-      worker.state = WorkerState::kBusy;
-    }
-    if (slot->link) {
-      const WorkerProgress progress = slot->link->progress();
-      worker.tasks_done = progress.tasks_done;
-      worker.time_busy = absl::Nanoseconds(progress.busy_ns);
-      worker.current_task = scheduler_.current_task(slot->index);
-    }
-    stats.workers.push_back(worker);
   }
 }
 

@@ -96,6 +96,8 @@ class Supervisor final : private LauncherEvents {
   void pump_borrowed(int slot, short revents);
   // Counts the processes `slot` had: a caller that borrowed it sees whether it is the same one.
   uint64_t generation(int slot) const;
+  // The link `slot` has now; null once it ended (the pool thread then drops it, borrowed or not).
+  WorkerLink* link(int slot) const;
 
   // Every link copies the unsent bytes of frames that reference memory `borrower` lent
   // (WorkerLink::release_borrowed): nothing of that memory is read after this returns.
@@ -110,7 +112,7 @@ class Supervisor final : private LauncherEvents {
   struct Slot;
 
   LinkEvents& events_of(WorkerLink& link) override;
-  void on_arrived(std::unique_ptr<WorkerLink> link) override;
+  void on_capacity() override;
 
   void launch(Slot& slot, int64_t now_ns);
   void on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered = false);

@@ -17,6 +17,27 @@ void open_claims(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t count)
                                                       std::memory_order_release);
 }
 
+namespace {
+
+// The word of a batch taken back before its worker read it: `next` past any limit, so no claim
+// succeeds, and the tag tells the worker it is this batch's.
+constexpr uint64_t taken_back_before_arrival(uint16_t tag) {
+  return pack_claim(tag, 0, ControlPage::kMaxBatchTasks);
+}
+
+}  // namespace
+
+void open_claims_on_arrival(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t count) {
+  std::atomic<uint64_t>& word = page.claims[slot % ControlPage::kClaimSlots];
+  uint64_t seen = word.load(std::memory_order_acquire);
+  while (seen != taken_back_before_arrival(tag)) {
+    if (word.compare_exchange_weak(seen, pack_claim(tag, count, 0), std::memory_order_acq_rel,
+                                   std::memory_order_acquire)) {
+      return;
+    }
+  }
+}
+
 uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t next, uint32_t want) {
   std::atomic<uint64_t>& word = page.claims[slot % ControlPage::kClaimSlots];
   uint64_t seen = word.load(std::memory_order_acquire);
@@ -33,8 +54,20 @@ uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t ne
 uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag) {
   std::atomic<uint64_t>& word = page.claims[slot % ControlPage::kClaimSlots];
   uint64_t seen = word.load(std::memory_order_acquire);
+  const bool worker_opens = page.worker_opens_claims.load(std::memory_order_relaxed) != 0;
   while (true) {
-    if (claim_tag(seen) != tag) return 0;  // never opened for this batch
+    if (seen == taken_back_before_arrival(tag)) return 0;
+    // Opened for this batch? A fresh word is all zero, like no batch's open claims.
+    const bool opened = claim_tag(seen) == tag && seen != 0;
+    if (!opened) {
+      if (!worker_opens) return 0;  // the parent opens before it sends: never sent
+      // Not read by its worker yet (the slot is not reused while the batch is in flight).
+      if (word.compare_exchange_weak(seen, taken_back_before_arrival(tag),
+                                     std::memory_order_acq_rel, std::memory_order_acquire)) {
+        return 0;
+      }
+      continue;
+    }
     const uint32_t claimed = claim_next(seen);
     if (word.compare_exchange_weak(seen, pack_claim(tag, claimed, claimed),
                                    std::memory_order_acq_rel, std::memory_order_acquire)) {

@@ -22,9 +22,13 @@
 // not taken. Every byte of it is read like a frame from the channel: size-checked, untrusted.
 //
 // One page per worker, its own MAP_SHARED mapping of a memfd: a worker can scribble only on its
-// own page, and the parent never trusts it for more than the decisions above. Over TCP there is no
-// shared memory: the worker keeps the same page in its own memory and answers revocations with a
-// frame (lib/link/tcp_link.h).
+// own page, and the parent never trusts it for more than the decisions above.
+//
+// A remote worker shares its page with its relay, not with the pool (lib/link/relay.h), and its
+// batches come straight from the pool: the worker opens each batch's claims itself when it reads
+// it (`worker_opens_claims`), and the relay revokes on the pool's behalf. A revoke that comes
+// before its batch marks the word (tag, taken back before it came), so the worker, arriving
+// later, starts none of it: still never both.
 
 #ifndef PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_
 #define PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_
@@ -52,8 +56,13 @@ struct ControlPage {
   std::atomic<int64_t> started_ns{0};         // CLOCK_MONOTONIC(_COARSE) when it started
   std::atomic<int64_t> tasks_done{0};
   std::atomic<int64_t> busy_ns{0};            // total time spent in tasks
+  std::atomic<int64_t> timeout_ns{0};         // the running batch's task timeout (0: none), for
+                                              // a remote worker's watchdog (lib/link/relay.h)
   std::atomic<int32_t> exit_status{kNoExit};  // the status of a clean _exit, set just before it
   std::atomic<int32_t> fatal_signal{0};       // set by the worker's fatal-signal handler
+
+  // Set before the worker starts: it opens its batches' claims itself (a remote worker).
+  std::atomic<uint32_t> worker_opens_claims{0};
 
   // Written by both, by compare-and-swap only.
   std::atomic<uint64_t> claims[kClaimSlots] = {};
@@ -105,13 +114,18 @@ constexpr uint32_t claim_next(uint64_t word) {
 // Parent, before sending a batch of `count` tasks in claim slot `slot` with tag `tag`.
 void open_claims(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t count);
 
+// Worker with `worker_opens_claims`, on reading a batch: opens its claims, unless the batch was
+// taken back before it came.
+void open_claims_on_arrival(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t count);
+
 // Worker, before starting task `next` of the batch in (`slot`, `tag`): claims up to `want` tasks
 // from `next` on and returns how many it got. 0 means the batch ends before `next`: the parent
 // took the rest back (or the slot holds another batch: this one was taken back whole).
 uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t next, uint32_t want);
 
 // Parent: ends the batch in (`slot`, `tag`) after the tasks already claimed, and returns how many
-// were claimed; the worker will start none of the rest.
+// were claimed; the worker will start none of the rest. With `worker_opens_claims`, a batch the
+// worker has not read yet is taken back whole (0).
 uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag);
 
 // Owns one mapping of a ControlPage, and (in the parent) the memfd behind it.

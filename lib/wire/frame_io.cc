@@ -194,6 +194,20 @@ void FrameWriter::push(std::unique_ptr<capnp::MessageBuilder> message) {
   frames_.push_back(std::move(frame));
 }
 
+void FrameWriter::push_copy(kj::ArrayPtr<const capnp::word> frame) {
+  auto copy = kj::heapArray<capnp::word>(frame.size());
+  std::memcpy(copy.begin(), frame.begin(), frame.size() * sizeof(capnp::word));
+  push_copy(kj::mv(copy));
+}
+
+void FrameWriter::push_copy(kj::Array<capnp::word> frame) {
+  Frame queued;
+  queued.pieces.push_back({frame.begin(), frame.size() * sizeof(capnp::word)});
+  queued.copy = kj::mv(frame);
+  queued_bytes_ += queued.pieces.front().iov_len;
+  frames_.push_back(std::move(queued));
+}
+
 absl::Status FrameWriter::write_some(int fd) {
   std::vector<iovec> gathered;
   while (!frames_.empty()) {
@@ -260,6 +274,11 @@ void ReadBufferRelease::operator()(capnp::word* words) const {
 FrameReader::FrameReader(size_t max_frame_bytes, bool huge_buffers)
     : max_frame_bytes_(max_frame_bytes), huge_buffers_(huge_buffers) {
   // Each frame gets its own reader, so the traversal limit bounds the work one frame can cause.
+  options_.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
+}
+
+void FrameReader::set_max_frame_bytes(size_t max_frame_bytes) {
+  max_frame_bytes_ = max_frame_bytes;
   options_.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
 }
 

@@ -98,6 +98,10 @@ class FrameWriter {
   FrameWriter& operator=(FrameWriter&&) = default;
 
   void push(std::unique_ptr<capnp::MessageBuilder> message);
+  // Queues a copy of a whole frame (segment table included) as it was read: a relay passes
+  // frames on without building them again.
+  void push_copy(kj::ArrayPtr<const capnp::word> frame);
+  void push_copy(kj::Array<capnp::word> frame);
 
   // Writes as much as the socket accepts without blocking. OK when it wrote what it could (check
   // `empty()`); an error status (EPIPE when the peer is gone) otherwise.
@@ -116,6 +120,7 @@ class FrameWriter {
     std::unique_ptr<capnp::MessageBuilder> message;
     const void* borrower = nullptr;         // who lent memory its segments reference
     std::unique_ptr<char[]> unsent_copy;    // after release_borrowed: the bytes left to send
+    kj::Array<capnp::word> copy;            // for push_copy
     std::vector<uint32_t> table;  // the segment table that precedes the segments
     std::vector<iovec> pieces;    // table, then each segment; consumed from the front
     size_t next_piece = 0;
@@ -159,6 +164,8 @@ class FrameReader {
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_blocking(int fd);
 
   const capnp::ReaderOptions& options() const { return options_; }
+  // Changes the limit for frames not yet begun (a handshake's small limit, then the pool's).
+  void set_max_frame_bytes(size_t max_frame_bytes);
 
   bool has_partial_frame() const { return end_ - begin_ > consume_; }
   // True if next() would return a whole frame (or an error) without more bytes.

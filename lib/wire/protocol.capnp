@@ -67,15 +67,16 @@ struct TaskBatch {
   # rest of the batch back: the worker starts none of it.
   claimSlot @5 :UInt32;
   claimTag @6 :UInt16;
+  # The tasks' timeout in ns (0: none): the worker then stamps the start of every task (task
+  # timeouts are measured from it; without one it stamps packed tasks per stride, see
+  # task_server.cc), and a remote worker's relay runs its watchdog on it (lib/link/relay.h).
+  timeoutNs @7 :Int64;
   # Scalar jobs as raw 8-byte little-endian words of kind `wordKind` (the packed path): one blob
   # instead of `packedJobs`, which the parent can send straight from the caller's array (an
   # external segment) and the worker can read, and overwrite with the results, in place. Its
   # size must be a multiple of 8; `jobs` is empty.
-  wordJobs @7 :Data;
-  wordKind @8 :WordKind;
-  # The batch's tasks have a timeout: the worker stamps the start of every task (task timeouts
-  # are measured from it). Without one it stamps packed tasks per stride (see task_server.cc).
-  timed @9 :Bool;
+  wordJobs @8 :Data;
+  wordKind @9 :WordKind;
   # A caller waits for this batch's result (apply): another request may follow within
   # microseconds, and the worker may poll for it a little before it sleeps.
   awaited @10 :Bool;
@@ -121,6 +122,17 @@ struct ToWorker {
   union {
     tasks @0 :TaskBatch;
     shutdown @1 :Void;          # finish nothing more: run exit(), report, exit with status 0
+
+    # Remote workers only: the pool to the relay on the worker's host (lib/link/relay.h), over
+    # TCP. The handshake (lib/link/handshake.h):
+    challenge @2 :Challenge;
+    welcome @3 :Welcome;
+    refused @4 :Text;           # why the pool will not have this worker; it closes next
+    # After it:
+    ping @5 :Void;              # answered with a pong
+    spawn @6 :Spawn;            # fork a worker; answered with spawned (or ended, if it cannot)
+    stop @7 :UInt8;             # signal the worker: 15 (SIGTERM) or 9 (SIGKILL)
+    revoke @8 :ClaimRef;        # take a batch's unstarted tasks back; answered with revoked
   }
 }
 
@@ -130,7 +142,85 @@ struct FromWorker {
     enterFailed @1 :Error;      # enter() failed or threw; the worker exits next
     results @2 :ResultBatch;
     exited @3 :Error;           # exit() ran; code 0 when it succeeded
+
+    # Remote workers only: the relay on the worker's host to the pool.
+    hello @4 :Hello;
+    proof @5 :Data;
+    refused @6 :Text;           # why the relay will not serve this pool; it closes next
+    pong @7 :Progress;
+    spawned @8 :Int32;          # the worker's pid on its host
+    revoked @9 :Revoked;
+    ended @10 :Ended;           # the worker is gone (its data connection closes with it)
+    # The first frame of a worker's data connection (see Spawn): which spawn it is, and proof.
+    attach @11 :Attach;
   }
+}
+
+# A remote worker's frames (tasks, results, ready, exited) go over a connection of its own, opened
+# by its relay for each worker it forks: the relay supervises, and stays off the data path.
+struct Spawn {
+  slot @0 :UInt32;
+  dataId @1 :Data;              # random, one per spawn: the relay presents it on the new connection
+}
+
+struct Attach {
+  dataId @0 :Data;
+  proof @1 :Data;               # HMAC(token, "data", dataId); empty without a token
+}
+
+struct Hello {
+  version @0 :UInt32;
+  workerType @1 :Text;          # W, its Job and its Result (the pool refuses another type), or
+                                # empty: the program serves whatever the pool asks for, if it can
+  host @2 :Text;
+  pid @3 :Int32;                # the relay's
+  nonce @4 :Data;
+}
+
+struct Challenge {
+  version @0 :UInt32;
+  nonce @1 :Data;
+  proof @2 :Data;               # HMAC(token, "pool", the worker's nonce, this nonce); empty: no token
+  workerType @3 :Text;          # what the pool's workers are: a program serving several picks it
+}
+
+struct Welcome {
+  maxFrameBytes @0 :UInt64;
+  heartbeatTimeoutNs @1 :Int64; # nothing heard for this long: the other side is gone
+  killGraceNs @2 :Int64;
+  frameTimeoutNs @3 :Int64;
+  name @4 :Text;                # process name prefix: workers are "<name>-w3"
+  residentBytes @5 :Bool;       # report the worker's resident memory (max_worker_rss_bytes)
+}
+
+struct ClaimRef {
+  slot @0 :UInt32;
+  tag @1 :UInt16;
+}
+
+struct Revoked {
+  slot @0 :UInt32;
+  tag @1 :UInt16;
+  claimed @2 :UInt32;           # tasks claimed (they ran or run); the rest never start
+}
+
+# A worker's control page (lib/wire/control_page.h) as its relay reads it.
+struct Progress {
+  batchSeq @0 :UInt64;
+  taskIndex @1 :UInt32;
+  running @2 :Bool;
+  runningForNs @3 :Int64;       # how long that task has run (clocks of two hosts never compare)
+  tasksDone @4 :Int64;
+  busyNs @5 :Int64;
+  residentBytes @6 :UInt64;
+}
+
+struct Ended {
+  how @0 :Text;                 # "was killed by signal 11 (SIGSEGV)", "exited with status 0"
+  clean @1 :Bool;               # left on its own after a shutdown, as the protocol expects
+  timedOut @2 :Text;            # non-empty: the relay's watchdog stopped it, and why
+  brokenStream @3 :Text;        # non-empty: its stream broke (a bad frame), and how
+  progress @4 :Progress;        # its last, read after it ended
 }
 
 # Parent <-> fork server (StartMethod::kForkServer), one message per SOCK_SEQPACKET packet. A

@@ -42,6 +42,12 @@ void set_error(wire::Outcome::Builder out, const absl::Status& status) {
   status_to_wire(status, out.initError());
 }
 
+std::string describe_worker_type(const std::type_info& worker, const std::type_info& job,
+                                 const std::type_info& result) {
+  return absl::StrCat(demangle(worker.name()), " (", demangle(job.name()), " -> ",
+                      demangle(result.name()), ")");
+}
+
 std::string describe_current_exception() {
   std::exception_ptr current = std::current_exception();
   if (!current) return "no exception";

@@ -101,11 +101,21 @@ class TaskPacer {
   int64_t unsent_busy_ns_ = 0;
 };
 
+// A worker whose batches do not come through the pool that owns its page (a remote worker) opens
+// each batch's claims itself as it reads it (control_page.h).
+void open_claims_if_worker_opens(ControlPage& page, wire::TaskBatch::Reader batch, uint32_t count) {
+  if (page.worker_opens_claims.load(std::memory_order_relaxed) != 0) {
+    open_claims_on_arrival(page, batch.getClaimSlot(), batch.getClaimTag(), count);
+  }
+}
+
 // Claims of one batch of listed tasks, taken before each task (word batches claim per stride).
 class Claims {
  public:
-  Claims(ControlPage& page, wire::TaskBatch::Reader batch)
-      : page_(page), slot_(batch.getClaimSlot()), tag_(batch.getClaimTag()) {}
+  Claims(ControlPage& page, wire::TaskBatch::Reader batch, uint32_t count)
+      : page_(page), slot_(batch.getClaimSlot()), tag_(batch.getClaimTag()) {
+    open_claims_if_worker_opens(page, batch, count);
+  }
 
   // True if task `index` (the next in order) may start.
   bool may_start(uint32_t index, uint32_t stride = 1) {
@@ -133,6 +143,7 @@ class BatchRunner {
 
   // False when the parent is gone.
   bool run(wire::TaskBatch::Reader batch) {
+    page_.timeout_ns.store(batch.getTimeoutNs(), std::memory_order_relaxed);
     return batch.hasWordJobs() ? run_words(batch) : run_listed(batch);
   }
 
@@ -142,7 +153,7 @@ class BatchRunner {
     const uint32_t count = jobs.size();
     seq_ = batch.getSeq();
     first_unsent_ = 0;
-    Claims claims(page_, batch);
+    Claims claims(page_, batch, count);
     TaskPacer<monotonic_now_ns> pacer(page_, seq_);
     start_listed_piece(count);
     uint32_t i = 0;
@@ -270,7 +281,8 @@ class BatchRunner {
         kMaxWordPieceResults));
     const uint32_t claim_slot = batch.getClaimSlot();
     const uint16_t claim_tag = batch.getClaimTag();
-    const bool timed = batch.getTimed();
+    open_claims_if_worker_opens(page_, batch, count);
+    const bool timed = batch.getTimeoutNs() != 0;
     errors_.clear();
     error_bytes_ = 0;
     int64_t last_send = monotonic_now_ns();

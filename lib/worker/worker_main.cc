@@ -20,13 +20,14 @@
 namespace procpool::internal {
 namespace {
 
-// Frames over the inherited socketpair: blocking reads and writes, nothing else to wait for.
-// Frames held for one write wait in the shared held-frames area (control_page.h), where the
-// parent finds them if this worker dies, or takes them if they wait long.
+// Frames over the inherited socketpair (or a remote worker's TCP connection): blocking reads and
+// writes, nothing else to wait for. Frames held for one write wait in the shared held-frames area
+// (control_page.h), where the parent finds them if this worker dies, or takes them if they wait
+// long; without that area (`held` null) every frame is written at once.
 class ChannelTransport final : public WorkerTransport {
  public:
   ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held)
-      : fd_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(*held) {}
+      : fd_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held) {}
 
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
     if (spin_next_ && !reader_.has_complete_frame() && spin_.budget_ns() > 0) {
@@ -64,23 +65,27 @@ class ChannelTransport final : public WorkerTransport {
     return reader_.next();
   }
 
-  bool send(capnp::MessageBuilder& message) override { return write_held(&message); }
+  bool send(capnp::MessageBuilder& message) override {
+    if (held_ == nullptr) return write_frame(fd_, message).ok();
+    return write_held(&message);
+  }
 
   bool hold(capnp::MessageBuilder& message) override {
+    if (held_ == nullptr) return send(message);
     const size_t size = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
     if (size > HeldFrames::capacity()) return send(message);
     lock();
-    uint32_t bytes = held_.bytes.load(std::memory_order_relaxed);
+    uint32_t bytes = held_->bytes.load(std::memory_order_relaxed);
     if (bytes + size > HeldFrames::capacity()) {
       unlock();
       if (!flush()) return false;
       lock();
-      bytes = held_.bytes.load(std::memory_order_relaxed);
+      bytes = held_->bytes.load(std::memory_order_relaxed);
     }
-    if (bytes == held_.taken.load(std::memory_order_relaxed)) {
-      held_.since_ns.store(monotonic_now_ns(), std::memory_order_relaxed);
+    if (bytes == held_->taken.load(std::memory_order_relaxed)) {
+      held_->since_ns.store(monotonic_now_ns(), std::memory_order_relaxed);
     }
-    unsigned char* at = held_.data + bytes;
+    unsigned char* at = held_->data + bytes;
     auto segments = message.getSegmentsForOutput();
     // The segment table: count - 1, each size, padded to a whole word.
     const size_t table_entries = (segments.size() + 2) & ~size_t{1};
@@ -93,20 +98,20 @@ class ChannelTransport final : public WorkerTransport {
       std::memcpy(at, segment.begin(), segment.size() * sizeof(capnp::word));
       at += segment.size() * sizeof(capnp::word);
     }
-    held_.bytes.store(bytes + static_cast<uint32_t>(size), std::memory_order_release);
+    held_->bytes.store(bytes + static_cast<uint32_t>(size), std::memory_order_release);
     unlock();
     return true;
   }
 
   bool flush() override {
-    if (held_.bytes.load(std::memory_order_relaxed) == 0) return true;
+    if (held_ == nullptr || held_->bytes.load(std::memory_order_relaxed) == 0) return true;
     return write_held(nullptr);
   }
 
   int64_t held_since_ns() const override {
-    return held_.bytes.load(std::memory_order_relaxed) == 0
+    return held_ == nullptr || held_->bytes.load(std::memory_order_relaxed) == 0
                ? 0
-               : held_.since_ns.load(std::memory_order_relaxed);
+               : held_->since_ns.load(std::memory_order_relaxed);
   }
   bool frame_buffered() const override { return reader_.has_complete_frame(); }
   void expect_next_frame_soon(bool soon) override { spin_next_ = soon; }
@@ -117,21 +122,21 @@ class ChannelTransport final : public WorkerTransport {
   // The parent takes the lock only briefly and never waits for it.
   void lock() {
     uint32_t expected = HeldFrames::kFree;
-    while (!held_.lock.compare_exchange_weak(expected, HeldFrames::kWorker,
+    while (!held_->lock.compare_exchange_weak(expected, HeldFrames::kWorker,
                                              std::memory_order_acquire)) {
       expected = HeldFrames::kFree;
       ::sched_yield();
     }
   }
-  void unlock() { held_.lock.store(HeldFrames::kFree, std::memory_order_release); }
+  void unlock() { held_->lock.store(HeldFrames::kFree, std::memory_order_release); }
 
   // Writes the frames held that the parent has not taken, then `message` if any, in one write,
   // and empties the area: all under the lock, so the parent never takes a frame written here.
   bool write_held(capnp::MessageBuilder* message) {
     lock();
-    const uint32_t taken = held_.taken.load(std::memory_order_relaxed);
-    const uint32_t bytes = held_.bytes.load(std::memory_order_relaxed);
-    const kj::ArrayPtr<const kj::byte> prefix(held_.data + taken, bytes - taken);
+    const uint32_t taken = held_->taken.load(std::memory_order_relaxed);
+    const uint32_t bytes = held_->bytes.load(std::memory_order_relaxed);
+    const kj::ArrayPtr<const kj::byte> prefix(held_->data + taken, bytes - taken);
     bool sent = true;
     if (message != nullptr) {
       sent = write_frame(fd_, *message, prefix).ok();
@@ -145,16 +150,16 @@ class ChannelTransport final : public WorkerTransport {
         }
       }
     }
-    held_.since_ns.store(0, std::memory_order_relaxed);
-    held_.taken.store(0, std::memory_order_relaxed);
-    held_.bytes.store(0, std::memory_order_release);
+    held_->since_ns.store(0, std::memory_order_relaxed);
+    held_->taken.store(0, std::memory_order_relaxed);
+    held_->bytes.store(0, std::memory_order_release);
     unlock();
     return sent;
   }
 
   int fd_;
   FrameReader reader_;
-  HeldFrames& held_;
+  HeldFrames* held_;  // null: nothing is held
   SpinPolicy spin_;
   bool spin_next_ = false;  // the parent's caller waited for the last batch (TaskBatch.awaited)
 };
@@ -169,7 +174,8 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
                  .pool_pid = launch.pool_pid,
                  .channel_fd = channel_fd,
                  .page = page});
-  ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes, held_frames(page));
+  ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
+                             launch.hold_results ? held_frames(page) : nullptr);
   leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region));
 }
 

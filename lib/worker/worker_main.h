@@ -25,6 +25,10 @@ struct WorkerLaunch {
   size_t max_frame_bytes = 0;
   pid_t pool_pid = 0;               // the only process whose SIGTERM the worker obeys
   const WorkerBodyFactory* factory = nullptr;
+  // Results may be held back for one write in the held-frames area after the control page, where
+  // the pool finds them if the worker dies (control_page.h). Only where the pool maps that page:
+  // a remote worker's page is its relay's, so it sends every piece at once.
+  bool hold_results = true;
 };
 
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it

@@ -84,6 +84,9 @@ void consume(kj::ArrayPtr<const capnp::word> words, const capnp::ReaderOptions& 
         region().release_results(results.getBlobsEnd());
         break;
       }
+      default:
+        (void)frame.which();  // a remote worker host's own frames: remote_host_fuzzer.cc
+        break;
     }
   } catch (const kj::Exception&) {
     // The parent's one boundary for Cap'n Proto errors: this becomes kDataLoss there.

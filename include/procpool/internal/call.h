@@ -53,14 +53,15 @@ class Call {
   // the blob may be this call's own array of jobs, referenced in place as an external segment
   // made with `orphanage` (zero copy): the pool then releases it (PoolCore::release_borrowed)
   // before the memory may go away.
-  virtual void encode_job_words(size_t first, size_t count, wire::TaskBatch::Builder tasks,
-                                capnp::Orphanage orphanage, bool borrow) {}
+  virtual void encode_job_words(size_t /*first*/, size_t /*count*/,
+                                wire::TaskBatch::Builder /*tasks*/, capnp::Orphanage /*orphanage*/,
+                                bool /*borrow*/) {}
   // Outcomes of tasks [first, first + count) sent as words (see ResultBatch in protocol.capnp):
   // words[i] is task first + i's result of `kind`, unless `errors` (ascending) names i. Returns
   // how many were values that decoded; the rest went to on_error.
-  virtual size_t on_word_results(size_t first, uint32_t count, const uint64_t* words,
-                                 wire::WordKind kind,
-                                 capnp::List<wire::TaskError>::Reader errors) {
+  virtual size_t on_word_results(size_t /*first*/, uint32_t /*count*/, const uint64_t* /*words*/,
+                                 wire::WordKind /*kind*/,
+                                 capnp::List<wire::TaskError>::Reader /*errors*/) {
     return 0;
   }
 

@@ -206,6 +206,11 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
   const std::shared_ptr<CoreLink>& link() const { return link_; }
 
  protected:
+  // Closures of the user's that the call holds besides its callbacks (a map's progress), moved
+  // out once the call completes (under the pool's lock, after their last use), to be destroyed on
+  // the callback thread. Empty if none.
+  virtual std::function<void()> take_user_closures() { return nullptr; }
+
   // Sets the result, wakes waiters and listeners and schedules the callbacks. Only the first call
   // counts: returns false (and drops `result`) if the result was already set. Never takes a
   // CoreLink's lock: it runs on the pool thread, under the core's lock.
@@ -225,9 +230,21 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
     notify_all(listeners, ok);
     if (core_ == nullptr) return true;
     // One post each, in order: the callback thread runs posts in order, and one callback that
-    // throws (logged there) does not keep the next from running.
-    if (on_success_ || on_error_) {
-      core_->post_callback([self = this->shared_from_this()] { self->run_submission_callbacks(); });
+    // throws (logged there) does not keep the next from running. The user's closures move into
+    // the posts, so that they are destroyed on the callback thread, never on the pool thread
+    // (which may drop the call's last reference): one of them may hold the last reference to
+    // the pool, whose destruction cannot run on the pool's own thread.
+    std::function<void()> held = take_user_closures();
+    if (on_success_ || on_error_ || held) {
+      core_->post_callback([self = this->shared_from_this(), on_success = std::move(on_success_),
+                            on_error = std::move(on_error_), held = std::move(held)] {
+        const absl::StatusOr<T>& outcome = *self->result_;  // set before posting; never changes
+        if (outcome.ok()) {
+          if (on_success) on_success(*outcome);
+        } else if (on_error) {
+          on_error(outcome.status());
+        }
+      });
     }
     for (DoneCallback& callback : done_callbacks) {
       core_->post_callback([self = this->shared_from_this(), callback = std::move(callback)] {
@@ -238,15 +255,6 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
   }
 
  private:
-  void run_submission_callbacks() {
-    const absl::StatusOr<T>& outcome = *result_;  // set before posting; never changes again
-    if (outcome.ok()) {
-      if (on_success_) on_success_(*outcome);
-    } else if (on_error_) {
-      on_error_(outcome.status());
-    }
-  }
-
   std::optional<absl::StatusOr<T>> result_;  // guarded by mu_ until set; immutable after
   PoolCore* core_ = nullptr;
   std::shared_ptr<CoreLink> link_;

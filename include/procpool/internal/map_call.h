@@ -105,6 +105,14 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
 
   void set_progress(Progress progress) { progress_ = std::move(progress); }
 
+ protected:
+  std::function<void()> take_user_closures() override {
+    if (!progress_) return nullptr;
+    return [progress = std::move(progress_)] {};
+  }
+
+ public:
+
   // The pool refused the call: it completes with that status, without any task.
   void fail_unsubmitted(absl::Status status) { this->complete(std::move(status)); }
 

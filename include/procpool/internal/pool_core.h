@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -56,9 +57,13 @@ class PoolCore {
   };
   // Forks the workers (before the pool thread starts, when called on the main thread) and starts
   // the pool thread. Never fails: a failure to fork or start is reported by every later call.
-  PoolCore(PoolOptions options, WorkerBodyFactory factory, Features features);
-  PoolCore(PoolOptions options, WorkerBodyFactory factory)
-      : PoolCore(std::move(options), std::move(factory), Features{}) {}
+  // `worker_type` names the worker type for remote workers' handshake (worker_type_name()); an
+  // empty one means the pool cannot have remote workers (PoolOptions::remote is then refused).
+  // `features`: what the typed layer knows of the jobs and results (remote workers ignore it).
+  PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string worker_type,
+           Features features);
+  PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string worker_type = "")
+      : PoolCore(std::move(options), std::move(factory), std::move(worker_type), Features{}) {}
   // close() + join().
   ~PoolCore();
   PoolCore(const PoolCore&) = delete;
@@ -112,6 +117,8 @@ class PoolCore {
   void post_callback(std::function<void()> callback);
 
   int worker_count() const;
+  // Where remote workers dial ("host:port"); empty for a pool without PoolOptions::remote.
+  std::string remote_address() const;
   PoolStats stats() const;
   const PoolOptions& options() const;
 

@@ -11,6 +11,8 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
+#include <typeinfo>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -200,6 +202,13 @@ class TypedWorkerBody final : public WorkerBody {
   std::unique_ptr<W> worker_;
   std::optional<Job> scratch_;  // every task's job is decoded into it (run_task)
 };
+
+// The identity of W for a remote worker's handshake: the pool and the worker program must agree.
+template <typename W>
+std::string worker_type_name() {
+  using Traits = WorkerTraits<W>;
+  return describe_worker_type(typeid(W), typeid(typename Traits::Job), typeid(typename Traits::Result));
+}
 
 }  // namespace procpool::internal
 

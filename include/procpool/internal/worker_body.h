@@ -9,6 +9,8 @@
 
 #include <functional>
 #include <memory>
+#include <string>
+#include <typeinfo>
 
 #include "absl/status/status.h"
 #include "procpool/internal/protocol.capnp.h"
@@ -32,9 +34,9 @@ class WorkerBody {
   // appending each failure as (i, status). Stamps each task as `stamps` says before it starts,
   // and returns one past the last task it ran: `end`, or earlier if `stamps` cut it short.
   // Nothing escapes: user exceptions become kUnknown, a word that is not a Job kDataLoss.
-  virtual uint32_t run_words(const uint64_t* jobs, wire::WordKind kind, uint64_t* results,
-                             uint32_t first, uint32_t end, const WordStamps& stamps,
-                             WordErrors& errors) {
+  virtual uint32_t run_words(const uint64_t* /*jobs*/, wire::WordKind /*kind*/,
+                             uint64_t* /*results*/, uint32_t first, uint32_t end,
+                             const WordStamps& /*stamps*/, WordErrors& errors) {
     for (uint32_t i = first; i < end; ++i) {
       errors.emplace_back(i, absl::InternalError("this worker has no word path"));
     }
@@ -56,6 +58,12 @@ void status_to_wire(const absl::Status& status, wire::Error::Builder out);
 
 // "std::runtime_error: disk full" for a caught exception; the type name demangled.
 std::string describe_current_exception();
+
+// "Indexer (std::string -> long)": the identity of a worker type, its Job and its Result, as a
+// remote worker's handshake compares it (demangled, so the same types name the same in any
+// program built by a compatible compiler).
+std::string describe_worker_type(const std::type_info& worker, const std::type_info& job,
+                                 const std::type_info& result);
 
 }  // namespace procpool::internal
 

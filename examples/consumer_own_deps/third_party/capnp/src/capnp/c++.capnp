@@ -1,0 +1,1 @@
+/usr/include/capnp/c++.capnp

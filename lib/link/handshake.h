@@ -1,0 +1,55 @@
+// The handshake of a remote worker's connection, and the proof of its token.
+//
+// A remote worker (its relay, lib/link/relay.h) dials the pool and the two prove to each other
+// that they share the token, without sending it: each sends a fresh random nonce, and each
+// answers with HMAC-SHA256(token, role, the other's nonce, its own) (OpenSSL's libcrypto). A
+// recorded exchange is useless later (the nonces are new each time) and the token never crosses
+// the wire. Both sides also check the protocol version and the worker type (W, its Job and its
+// Result), and refuse a mismatch with a message saying what differs.
+//
+//   worker -> pool   hello      {version, workerType, host, pid, nonce_w}
+//   pool -> worker   challenge  {version, nonce_p, proof_p = HMAC(token, "pool", nonce_w, nonce_p)}
+//                    or refused {why}
+//   worker -> pool   proof      HMAC(token, "worker", nonce_p, nonce_w)
+//                    or refused {why}  (the pool's proof was wrong, or its version differs)
+//   pool -> worker   welcome    {limits, heartbeat, names}   or refused {why}
+//
+// Each worker the relay forks then gets a connection of its own (its data connection), asked for
+// by the pool's `spawn` with a fresh random id; its first frame is
+//
+//   worker -> pool   attach     {id, HMAC(token, "data", id)}
+//
+// which the pool accepts once, for the spawn that is waiting for it.
+//
+// Without a token (a pool listening on loopback only) both proofs are empty, and a side that has
+// a token refuses a peer that proves nothing. Traffic after the handshake is authenticated only by
+// this exchange, not encrypted: tunnel it (ssh -L, WireGuard, a VPN) across untrusted networks.
+
+#ifndef PROCPOOL_LIB_LINK_HANDSHAKE_H_
+#define PROCPOOL_LIB_LINK_HANDSHAKE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/strings/string_view.h"
+
+namespace procpool::internal {
+
+// Bump whenever protocol.capnp changes in a way an older peer would misread.
+inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr size_t kNonceBytes = 32;
+
+// A fresh random nonce (kNonceBytes, from the system's CSPRNG).
+std::string make_nonce();
+
+// HMAC-SHA256(token, role || first || second), or "" for an empty token.
+std::string prove(absl::string_view token, absl::string_view role, absl::string_view first,
+                  absl::string_view second);
+
+// True if `proof` is what prove() gives; compared in constant time.
+bool proof_matches(absl::string_view token, absl::string_view role, absl::string_view first,
+                   absl::string_view second, absl::string_view proof);
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_LINK_HANDSHAKE_H_

@@ -1,0 +1,443 @@
+#include "lib/link/relay.h"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "capnp/message.h"
+#include "capnp/serialize.h"
+#include "kj/exception.h"
+#include "lib/common/clock.h"
+#include "lib/common/socket.h"
+#include "lib/link/fork_launcher.h"
+#include "lib/link/handshake.h"
+#include "lib/link/remote_frames.h"
+#include "lib/wire/frame_io.h"
+#include "procpool/internal/protocol.capnp.h"
+#include "procpool/internal/worker_registry.h"
+
+namespace procpool::internal {
+namespace {
+
+constexpr absl::Duration kDefaultConnectTimeout = absl::Seconds(60);
+constexpr absl::Duration kHandshakeTimeout = absl::Seconds(20);
+constexpr absl::Duration kDataConnectTimeout = absl::Seconds(10);
+constexpr char kConnectFlag[] = "--procpool-connect=";
+// While it has a worker, the relay looks at its progress this often and tells the pool when it
+// changed (a task started or ended): the pool's view of a remote worker lags by about this.
+constexpr int64_t kProgressWatchNs = 10'000'000;
+constexpr int64_t kResidentBytesIntervalNs = 50'000'000;
+
+void say(const std::string& message) {
+  const std::string line = absl::StrCat("[procpool worker pid ", ::getpid(), "] ", message, "\n");
+  (void)!::write(STDERR_FILENO, line.data(), line.size());
+}
+
+std::optional<std::string> connect_address(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (absl::StartsWith(argv[i], kConnectFlag)) return std::string(argv[i] + sizeof(kConnectFlag) - 1);
+  }
+  if (const char* env = std::getenv("PROCPOOL_CONNECT"); env != nullptr && *env != '\0') {
+    return std::string(env);
+  }
+  return std::nullopt;
+}
+
+absl::Duration connect_timeout() {
+  int seconds = 0;
+  if (const char* env = std::getenv("PROCPOOL_CONNECT_TIMEOUT");
+      env != nullptr && absl::SimpleAtoi(env, &seconds) && seconds > 0) {
+    return absl::Seconds(seconds);
+  }
+  return kDefaultConnectTimeout;
+}
+
+// Dials the pool, again and again until `timeout`: the pool may not listen yet.
+absl::StatusOr<UniqueFd> dial(const HostPort& address, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::Duration pause = absl::Milliseconds(50);
+  absl::Status last;
+  while (true) {
+    absl::StatusOr<UniqueFd> fd = connect_tcp(address, std::max(deadline - absl::Now(), absl::Seconds(1)));
+    if (fd.ok()) return fd;
+    last = fd.status();
+    if (absl::Now() + pause >= deadline) break;
+    absl::SleepFor(pause);
+    pause = std::min(pause * 2, absl::Seconds(2));
+  }
+  return absl::UnavailableError(absl::StrCat(last.message(), " (kept trying for ",
+                                             absl::FormatDuration(timeout), ")"));
+}
+
+class Relay final : private LinkEvents {
+ public:
+  Relay(UniqueFd socket, HostPort pool, const WorkerTypeFinder& find, std::string token,
+        std::string worker_type)
+      : socket_(std::move(socket)),
+        pool_(std::move(pool)),
+        find_(find),
+        token_(std::move(token)),
+        worker_type_(std::move(worker_type)),
+        reader_(kHandshakeFrameBytes) {}
+
+  int run();
+
+ private:
+  absl::Status handshake();
+  void queue(capnp::MessageBuilder& message) { writer_.push_copy(capnp::messageToFlatArray(message)); }
+  // False when the pool broke the protocol.
+  bool on_pool_frame(kj::ArrayPtr<const capnp::word> words);
+  // Handles every whole frame buffered; false when one broke the protocol.
+  bool take_pool_frames();
+  void send_pong();
+  void spawn(wire::Spawn::Reader request);
+  void stop_child(StopMode mode);
+  // The watchdog: a task past its batch's timeout stops the worker. Returns when to look again.
+  int64_t watchdog(int64_t now);
+  // Reports the worker's progress when it changed; returns when to look again.
+  int64_t watch_progress(int64_t now);
+
+  // The worker's events (worker_link.h). It has no channel here (its frames go straight to the
+  // pool over its data connection): only its end and revocations come this way.
+  void on_frame(kj::ArrayPtr<const capnp::word>) override {}
+  void on_broken_stream(absl::Status) override {}
+  void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override {
+    capnp::MallocMessageBuilder message(32);
+    auto revoked = message.initRoot<wire::FromWorker>().initRevoked();
+    revoked.setSlot(slot);
+    revoked.setTag(tag);
+    revoked.setClaimed(claimed);
+    queue(message);
+  }
+  void on_ended(WorkerEnd end) override;
+
+  UniqueFd socket_;
+  const HostPort pool_;
+  const WorkerTypeFinder& find_;
+  const WorkerBodyFactory* factory_ = nullptr;  // the pool's worker type, found in the handshake
+  const std::string token_;
+  const std::string worker_type_;
+  FrameReader reader_;
+  FrameWriter writer_;
+  RelayLimits limits_;
+  std::unique_ptr<ForkLauncher> launcher_;
+  std::unique_ptr<WorkerLink> child_;
+  std::unique_ptr<WorkerLink> retired_;  // ended during this loop turn; dropped after it
+  std::optional<std::string> timed_out_;  // the watchdog stopped the worker: why
+  int64_t kill_at_ns_ = 0;
+  int64_t last_received_ns_ = 0;
+  int64_t last_rss_read_ns_ = 0;
+  size_t resident_bytes_ = 0;
+  uint64_t reported_signature_ = 0;  // of the progress last sent
+};
+
+absl::Status Relay::handshake() {
+  const std::string nonce = make_nonce();
+  {
+    capnp::MallocMessageBuilder message(64);
+    auto hello = message.initRoot<wire::FromWorker>().initHello();
+    hello.setVersion(kProtocolVersion);
+    hello.setWorkerType(worker_type_);
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    hello.setHost(host);
+    hello.setPid(::getpid());
+    hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
+    if (absl::Status sent = write_frame(socket_.get(), message); !sent.ok()) return sent;
+  }
+  const absl::Time deadline = absl::Now() + kHandshakeTimeout;
+  absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = read_frame_within(socket_.get(), reader_, deadline);
+  if (!frame.ok()) return frame.status();
+  std::string pool_nonce;
+  {
+    capnp::FlatArrayMessageReader message(*frame, reader_.options());
+    auto root = message.getRoot<wire::ToWorker>();
+    if (root.isRefused()) {
+      return absl::PermissionDeniedError(absl::StrCat("the pool refused this worker: ", root.getRefused().cStr()));
+    }
+    if (!root.isChallenge()) return absl::DataLossError("the pool answered hello with something else");
+    auto challenge = root.getChallenge();
+    if (challenge.getVersion() != kProtocolVersion) {
+      return refuse_peer(socket_.get(), absl::StrCat("protocol version ", challenge.getVersion(),
+                                                    " of the pool differs from this worker's ",
+                                                    kProtocolVersion));
+    }
+    pool_nonce = as_string(challenge.getNonce());
+    if (!token_.empty() && !proof_matches(token_, "pool", nonce, pool_nonce, as_string(challenge.getProof()))) {
+      return refuse_peer(socket_.get(), challenge.getProof().size() == 0
+                                            ? "the pool proved no token, and this worker has one"
+                                            : "wrong token: the pool's proof does not match this "
+                                              "worker's PROCPOOL_TOKEN");
+    }
+    const std::string wanted = challenge.getWorkerType();
+    factory_ = find_(wanted);
+    if (factory_ == nullptr) {
+      return refuse_peer(socket_.get(),
+                         worker_type_.empty()
+                             ? absl::StrCat("this program does not serve ", wanted,
+                                            " (none of its ProcessPool types is that one)")
+                             : absl::StrCat("this worker serves ", worker_type_,
+                                            ", but the pool's workers are ", wanted));
+    }
+  }
+  {
+    capnp::MallocMessageBuilder message(64);
+    const std::string proof = prove(token_, "worker", pool_nonce, nonce);
+    message.initRoot<wire::FromWorker>().setProof(
+        capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+    if (absl::Status sent = write_frame(socket_.get(), message); !sent.ok()) return sent;
+  }
+  frame = read_frame_within(socket_.get(), reader_, deadline);
+  if (!frame.ok()) return frame.status();
+  capnp::FlatArrayMessageReader message(*frame, reader_.options());
+  auto root = message.getRoot<wire::ToWorker>();
+  if (root.isRefused()) {
+    return absl::PermissionDeniedError(absl::StrCat("the pool refused this worker: ", root.getRefused().cStr()));
+  }
+  if (!root.isWelcome()) return absl::DataLossError("the pool answered the proof with something else");
+  limits_ = relay_limits(root.getWelcome());
+  return absl::OkStatus();
+}
+
+bool Relay::take_pool_frames() {
+  while (true) {
+    absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
+    if (!frame.ok()) {
+      say(absl::StrCat("the pool sent a bad frame: ", frame.status().message()));
+      return false;
+    }
+    if (frame->size() == 0) return true;
+    if (!on_pool_frame(*frame)) return false;
+  }
+}
+
+int Relay::run() {
+  try {
+    if (absl::Status shook = handshake(); !shook.ok()) {
+      say(std::string(shook.message()));
+      return shook.code() == absl::StatusCode::kPermissionDenied ||
+                     shook.code() == absl::StatusCode::kFailedPrecondition
+                 ? 2
+                 : 1;
+    }
+  } catch (const kj::Exception& e) {
+    say(absl::StrCat("the pool sent a malformed handshake frame: ", e.getDescription().cStr()));
+    return 1;
+  }
+  // The same reader: frames the pool sent right after its welcome may be in it already.
+  reader_.set_max_frame_bytes(limits_.max_frame_bytes);
+  (void)set_nonblocking(socket_.get(), true);
+  launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
+      .process_name_prefix = limits_.name,
+      .fork_server = false,
+      .max_frame_bytes = limits_.max_frame_bytes,
+      .frame_timeout = limits_.frame_timeout,
+      .factory = factory_});
+  last_received_ns_ = monotonic_now_ns();
+  // Whatever ends the relay ends its worker: it would die with us anyway (PR_SET_PDEATHSIG).
+  auto leave = [this](int status) {
+    if (child_) child_->stop(StopMode::kKill);
+    return status;
+  };
+  if (!take_pool_frames()) return leave(1);
+  std::vector<pollfd> fds;
+  while (true) {
+    const int64_t now = monotonic_now_ns();
+    if (now - last_received_ns_ > to_ns(limits_.heartbeat_timeout)) {
+      say(absl::StrCat("nothing from the pool for ", absl::FormatDuration(limits_.heartbeat_timeout),
+                       ": it is gone; stopping"));
+      return leave(1);
+    }
+    int64_t next = last_received_ns_ + to_ns(limits_.heartbeat_timeout);
+    if (child_) {
+      if (kill_at_ns_ != 0 && now >= kill_at_ns_) {
+        kill_at_ns_ = 0;
+        child_->stop(StopMode::kKill);
+      } else if (kill_at_ns_ != 0) {
+        next = std::min(next, kill_at_ns_);
+      }
+      next = std::min(next, watchdog(now));
+      next = std::min(next, watch_progress(now));
+    }
+    fds.clear();
+    fds.push_back({socket_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
+    const size_t child_offset = fds.size();
+    if (child_) child_->add_pollfds(fds, false);
+    const int timeout_ms = static_cast<int>(std::clamp<int64_t>((next - now + 999'999) / 1'000'000, 0, 1000));
+    if (::poll(fds.data(), fds.size(), timeout_ms) < 0) continue;
+
+    if ((fds[0].revents & POLLOUT) && !writer_.write_some(socket_.get()).ok()) writer_.clear();
+    if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      absl::StatusOr<FrameReader::Fill> filled = reader_.fill(socket_.get());
+      // The pool is done with us (or gone).
+      if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) return leave(0);
+      if (*filled == FrameReader::Fill::kData) last_received_ns_ = monotonic_now_ns();
+      if (!take_pool_frames()) return leave(1);
+    }
+    if (child_) child_->service(fds.data() + child_offset, fds.size() - child_offset, false, *this);
+    retired_.reset();
+    if (!writer_.empty() && !writer_.write_some(socket_.get()).ok()) writer_.clear();
+  }
+}
+
+bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
+  try {
+    capnp::FlatArrayMessageReader message(words, reader_.options());
+    auto root = message.getRoot<wire::ToWorker>();
+    switch (root.which()) {
+      case wire::ToWorker::PING:
+        send_pong();
+        return true;
+      case wire::ToWorker::SPAWN:
+        spawn(root.getSpawn());
+        return true;
+      case wire::ToWorker::STOP:
+        stop_child(root.getStop() == 9 ? StopMode::kKill : StopMode::kTerminate);
+        return true;
+      case wire::ToWorker::REVOKE:
+        if (child_) child_->revoke(root.getRevoke().getSlot(), root.getRevoke().getTag(), *this);
+        return true;
+      default:
+        say("the pool sent a frame a worker host does not expect after the handshake");
+        return false;
+    }
+  } catch (const kj::Exception& e) {
+    say(absl::StrCat("the pool sent a malformed frame: ", e.getDescription().cStr()));
+    return false;
+  }
+}
+
+void Relay::send_pong() {
+  const int64_t now = monotonic_now_ns();
+  if (child_ && limits_.resident_bytes && now - last_rss_read_ns_ >= kResidentBytesIntervalNs) {
+    last_rss_read_ns_ = now;
+    resident_bytes_ = child_->resident_bytes();  // a /proc read: not on every pong
+  }
+  capnp::MallocMessageBuilder message(64);
+  auto pong = message.initRoot<wire::FromWorker>().initPong();
+  if (child_) write_progress(child_->progress(), resident_bytes_, pong);
+  queue(message);
+}
+
+void Relay::spawn(wire::Spawn::Reader request) {
+  if (child_) return;  // one worker at a time; the pool knows it has one
+  const int slot = static_cast<int>(request.getSlot());
+  capnp::MallocMessageBuilder reply(64);
+  auto root = reply.initRoot<wire::FromWorker>();
+  auto fail = [&](absl::string_view why) {
+    auto ended = root.initEnded();
+    ended.setHow(absl::StrCat("could not be started on its host: ", why));
+    ended.setClean(false);
+    queue(reply);
+  };
+  // The worker's own connection to the pool: it presents the spawn's id, and proves the token.
+  absl::StatusOr<UniqueFd> data = connect_tcp(pool_, kDataConnectTimeout);
+  if (!data.ok()) return fail(data.status().message());
+  {
+    capnp::MallocMessageBuilder attach(64);
+    auto a = attach.initRoot<wire::FromWorker>().initAttach();
+    a.setDataId(request.getDataId());
+    const std::string proof = prove(token_, "data", as_string(request.getDataId()), "");
+    a.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+    if (absl::Status sent = write_frame(data->get(), attach); !sent.ok()) return fail(sent.message());
+  }
+  absl::StatusOr<std::unique_ptr<ForkLink>> child =
+      launcher_->launch_on(slot, absl::StrCat("worker ", slot), *std::move(data));
+  if (!child.ok()) return fail(child.status().message());
+  child_ = *std::move(child);
+  reported_signature_ = 0;
+  root.setSpawned(child_->pid());
+  queue(reply);
+}
+
+void Relay::stop_child(StopMode mode) {
+  if (!child_) return;
+  child_->stop(mode);
+  if (mode == StopMode::kTerminate && kill_at_ns_ == 0) {
+    kill_at_ns_ = monotonic_now_ns() + to_ns(limits_.kill_grace);
+  }
+}
+
+int64_t Relay::watch_progress(int64_t now) {
+  const WorkerProgress progress = child_->progress();
+  const uint64_t signature = progress.batch_seq * 1'000'003 + progress.task_index * 2 +
+                             (progress.running ? 1 : 0);
+  if (signature != reported_signature_) {
+    reported_signature_ = signature;
+    send_pong();
+  }
+  return now + kProgressWatchNs;
+}
+
+int64_t Relay::watchdog(int64_t now) {
+  if (timed_out_) return INT64_MAX;
+  const WorkerProgress progress = child_->progress();
+  if (!progress.running || progress.timeout_ns <= 0) return INT64_MAX;
+  const int64_t deadline = progress.started_ns + progress.timeout_ns + coarse_clock_slack_ns();
+  if (now < deadline) return deadline;
+  timed_out_ = absl::StrCat("task ", progress.task_index, " of batch ", progress.batch_seq,
+                            " ran past its timeout of ",
+                            absl::FormatDuration(absl::Nanoseconds(progress.timeout_ns)),
+                            "; its host's watchdog stopped it");
+  stop_child(StopMode::kTerminate);
+  return kill_at_ns_;
+}
+
+void Relay::on_ended(WorkerEnd end) {
+  capnp::MallocMessageBuilder message(128);
+  auto ended = message.initRoot<wire::FromWorker>().initEnded();
+  ended.setHow(end.how);
+  ended.setClean(end.clean);
+  if (timed_out_) ended.setTimedOut(*timed_out_);
+  write_progress(child_->progress(), 0, ended.initProgress());
+  queue(message);
+  timed_out_.reset();
+  kill_at_ns_ = 0;
+  retired_ = std::move(child_);
+}
+
+}  // namespace
+
+bool relay_requested(int argc, char** argv) { return connect_address(argc, argv).has_value(); }
+
+int serve_registered(int argc, char** argv) {
+  return run_relay(argc, argv, [](const std::string& wanted) { return find_worker_type(wanted); },
+                   "");
+}
+
+int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::string& offered_type) {
+  std::optional<std::string> address_text = connect_address(argc, argv);
+  if (!address_text) {
+    say("no pool to connect to: pass --procpool-connect=HOST:PORT or set PROCPOOL_CONNECT");
+    return 2;
+  }
+  absl::StatusOr<HostPort> address = parse_host_port(*address_text);
+  if (!address.ok()) {
+    say(absl::StrCat("--procpool-connect: ", address.status().message()));
+    return 2;
+  }
+  const char* token = std::getenv("PROCPOOL_TOKEN");
+  absl::StatusOr<UniqueFd> socket = dial(*address, connect_timeout());
+  if (!socket.ok()) {
+    say(std::string(socket.status().message()));
+    return 1;
+  }
+  Relay relay(*std::move(socket), *address, find, token != nullptr ? token : "", offered_type);
+  return relay.run();
+}
+
+}  // namespace procpool::internal

@@ -1,0 +1,96 @@
+#include "lib/link/remote_frames.h"
+
+#include <poll.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "lib/common/clock.h"
+#include "procpool/internal/packed.h"
+
+namespace procpool::internal {
+
+void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out) {
+  out.setMaxFrameBytes(limits.max_frame_bytes);
+  out.setHeartbeatTimeoutNs(to_ns(limits.heartbeat_timeout));
+  out.setKillGraceNs(to_ns(limits.kill_grace));
+  out.setFrameTimeoutNs(to_ns(limits.frame_timeout));
+  out.setName(limits.name);
+  out.setResidentBytes(limits.resident_bytes);
+}
+
+RelayLimits relay_limits(wire::Welcome::Reader welcome) {
+  auto clamp_ns = [](int64_t ns, absl::Duration low, absl::Duration high) {
+    return std::clamp(absl::Nanoseconds(ns), low, high);
+  };
+  RelayLimits limits;
+  limits.max_frame_bytes = std::clamp<uint64_t>(welcome.getMaxFrameBytes(), 4096, uint64_t{1} << 40);
+  limits.heartbeat_timeout =
+      clamp_ns(welcome.getHeartbeatTimeoutNs(), absl::Milliseconds(100), absl::Hours(24));
+  limits.kill_grace = clamp_ns(welcome.getKillGraceNs(), absl::ZeroDuration(), absl::Hours(1));
+  limits.frame_timeout = clamp_ns(welcome.getFrameTimeoutNs(), absl::Milliseconds(10), absl::Hours(24));
+  std::string name = welcome.getName();
+  limits.name = name.empty() ? "procpool" : name.substr(0, 12);
+  limits.resident_bytes = welcome.getResidentBytes();
+  return limits;
+}
+
+absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_frame_within(int fd, FrameReader& reader,
+                                                                   absl::Time deadline) {
+  while (true) {
+    absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader.next();
+    if (!frame.ok() || frame->size() > 0) return frame;
+    const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (left_ms <= 0) return absl::DeadlineExceededError("the peer did not answer in time");
+    pollfd ready{fd, POLLIN, 0};
+    if (::poll(&ready, 1, static_cast<int>(std::min<int64_t>(left_ms, 1000))) <= 0) continue;
+    absl::StatusOr<FrameReader::Fill> filled = reader.fill(fd);
+    if (!filled.ok()) return filled.status();
+    if (*filled == FrameReader::Fill::kEndOfFile) {
+      return absl::UnavailableError("the peer closed the connection");
+    }
+  }
+}
+
+absl::Status refuse_peer(int fd, const std::string& why) {
+  capnp::MallocMessageBuilder message(64);
+  message.initRoot<wire::FromWorker>().setRefused(why);
+  (void)write_frame(fd, message);
+  return absl::FailedPreconditionError(why);
+}
+
+std::string as_string(capnp::Data::Reader data) {
+  return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
+}
+
+uint32_t batch_size(wire::TaskBatch::Reader batch) {
+  if (batch.hasWordJobs()) return batch.getWordJobs().size() / sizeof(uint64_t);
+  return batch.getJobs().size();
+}
+
+void write_progress(const WorkerProgress& progress, size_t resident_bytes,
+                    wire::Progress::Builder out) {
+  out.setBatchSeq(progress.batch_seq);
+  out.setTaskIndex(progress.task_index);
+  out.setRunning(progress.running);
+  out.setRunningForNs(progress.running ? std::max<int64_t>(0, monotonic_now_ns() - progress.started_ns)
+                                       : 0);
+  out.setTasksDone(progress.tasks_done);
+  out.setBusyNs(progress.busy_ns);
+  out.setResidentBytes(resident_bytes);
+}
+
+WorkerProgress read_progress(wire::Progress::Reader in, int64_t received_ns) {
+  WorkerProgress progress;
+  progress.batch_seq = in.getBatchSeq();
+  progress.task_index = in.getTaskIndex();
+  progress.running = in.getRunning();
+  progress.started_ns = received_ns - std::clamp<int64_t>(in.getRunningForNs(), 0, received_ns);
+  progress.tasks_done = in.getTasksDone();
+  progress.busy_ns = in.getBusyNs();
+  progress.exact = false;
+  return progress;
+}
+
+}  // namespace procpool::internal

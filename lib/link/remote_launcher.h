@@ -1,0 +1,97 @@
+// RemoteLauncher: a pool's workers on other hosts (PoolOptions::remote), each a TcpLink.
+//
+// It listens for worker programs (`procpool::serve`) dialling in, does each one's handshake
+// (RemoteHost), and gives slots the hosts that are free. Hosts come from a cluster engine: either
+// the pool runs RemoteOptions::launch once per worker it needs (replacements included), with
+// {address} replaced by the address to dial and PROCPOOL_TOKEN and PROCPOOL_CONNECT in its
+// environment; or something else started them (an `srun -n 64`, ssh, a Kubernetes Job, mpirun)
+// and they dial in on their own. Without `launch`, a slot waits for a host until connect_timeout
+// has passed since the pool started; after that a slot with no free host fails to start at once
+// (kUnavailable, saying how many hosts are connected and why any were refused), and the crash
+// guard's delays apply, cut short whenever a host becomes free.
+//
+// Processes it launched are its children: it reaps them, and at its end, once it has closed every
+// connection (each relay then ends its worker and exits), it waits a little for them and then
+// stops them (SIGTERM, SIGKILL).
+
+#ifndef PROCPOOL_LIB_LINK_REMOTE_LAUNCHER_H_
+#define PROCPOOL_LIB_LINK_REMOTE_LAUNCHER_H_
+
+#include <sys/types.h>
+
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "lib/common/socket.h"
+#include "lib/common/unique_fd.h"
+#include "lib/link/launcher.h"
+#include "lib/link/tcp_link.h"
+#include "procpool/pool_options.h"
+
+namespace procpool::internal {
+
+class RemoteLauncher final : public Launcher {
+ public:
+  struct Config {
+    RemoteOptions remote;
+    size_t max_frame_bytes = 0;
+    absl::Duration kill_grace;
+    absl::Duration frame_timeout;
+    std::string name;         // process name prefix of the workers
+    std::string worker_type;  // what hosts must serve (serve.h: worker_type_name)
+    bool report_resident_bytes = false;  // max_worker_rss_bytes is set
+  };
+  // Listens; kInvalidArgument for a listen address that cannot be parsed, an errno status when
+  // it cannot be bound.
+  static absl::StatusOr<std::unique_ptr<RemoteLauncher>> start(Config config);
+  ~RemoteLauncher() override;
+
+  absl::StatusOr<std::unique_ptr<WorkerLink>> launch(int slot, const std::string& name) override;
+  void add_pollfds(std::vector<pollfd>& fds) override;
+  void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
+  int64_t check(int64_t now_ns, LauncherEvents& events) override;
+  void finish() override;
+
+  // The address workers dial: RemoteOptions::advertise, or the listen address with this host's
+  // name in place of a wildcard, and the port it got.
+  const std::string& address() const { return address_; }
+
+ private:
+  explicit RemoteLauncher(Config config);
+  absl::Status run_launch_command();
+  void match_free_hosts(LauncherEvents& events);
+  // A connection that presented a spawn's id: to the link that asked for it, if its proof holds.
+  void hand_over_data(RemoteHost& host, LauncherEvents& events);
+  void reap_launched();
+  void count_refusal(const std::string& why);
+  size_t handshaking() const;
+  std::string unavailable_reason() const;
+
+  Config config_;
+  RemoteHostConfig host_config_;
+  UniqueFd listener_;
+  std::string address_;
+  int64_t first_wait_until_ns_ = 0;  // without `launch`: slots wait for hosts until then
+  std::vector<std::unique_ptr<RemoteHost>> hosts_;
+  std::vector<TcpLink*> links_;      // every live link, for data connections to find theirs
+  std::deque<TcpLink*> waiting_;     // links without a host yet, oldest first
+  struct Launched {
+    pid_t pid;
+    UniqueFd pidfd;
+  };
+  std::vector<Launched> launched_;
+  std::map<std::string, int> refusals_;  // why hosts were refused, and how often
+  int connected_ever_ = 0;
+  // What add_pollfds added, for service().
+  size_t polled_hosts_ = 0;
+  size_t polled_launched_ = 0;
+  std::vector<RemoteHost*> polled_host_list_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_LINK_REMOTE_LAUNCHER_H_

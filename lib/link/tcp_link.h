@@ -1,0 +1,196 @@
+// TcpLink: the WorkerLink of a remote worker, and RemoteHost: a TCP connection from a worker
+// host — the control connection of a relay (relay.h), or, briefly, a data connection until it is
+// handed to the link it belongs to.
+//
+// A relay's control connection carries the handshake (handshake.h), heartbeats, the pool's
+// requests (spawn, stop, revoke) and the relay's reports (progress, revocations, a worker's end).
+// It is declared gone when nothing has come over it for heartbeat_timeout. A TcpLink is one worker
+// process that relay forks for a slot: the pool asks for it with a fresh random id (`spawn`), the
+// relay opens a data connection that presents the id and the token's proof (`attach`), and the
+// worker then speaks the same frames over it as a forked worker over its socketpair — so apply's
+// fast path can borrow it, and frames never pass through the relay. The link ends when the relay
+// reports the worker's end (`ended`, with its exact last progress) and the data connection has
+// delivered everything before its end of file; or when the control connection is lost (then its
+// progress is what the relay last said: `WorkerProgress::exact` is false). Its host is then free
+// for the slot's next worker: a task that kills its worker costs the pool no connection.
+
+#ifndef PROCPOOL_LIB_LINK_TCP_LINK_H_
+#define PROCPOOL_LIB_LINK_TCP_LINK_H_
+
+#include <poll.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "lib/common/socket.h"
+#include "lib/common/unique_fd.h"
+#include "lib/link/remote_frames.h"
+#include "lib/link/worker_link.h"
+#include "lib/wire/frame_io.h"
+
+namespace procpool::internal {
+
+class TcpLink;
+
+// What every host of one pool shares.
+struct RemoteHostConfig {
+  std::string token;
+  std::string worker_type;
+  RelayLimits limits;
+  absl::Duration handshake_timeout = absl::Seconds(20);
+};
+
+using EventsOf = std::function<LinkEvents&(WorkerLink&)>;
+
+class RemoteHost {
+ public:
+  // kData: the connection presented a spawn's id; the launcher hands it to that link.
+  enum class State { kHandshake, kIdle, kBusy, kData, kClosed };
+  RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config);
+  ~RemoteHost();
+
+  State state() const { return state_; }
+  const std::string& peer() const { return peer_; }           // "10.0.0.7:51234"
+  const std::string& host_name() const { return host_name_; }  // from its hello
+  // Why it closed (a refusal, a lost connection), once it has.
+  const std::string& closed_reason() const { return closed_reason_; }
+  bool refused() const { return refused_; }
+
+  int fd() const { return socket_.get(); }
+  short poll_events() const;
+  // Reads and writes what poll() said is ready; reports to the bound link through `events_of`.
+  void service(short revents, const EventsOf& events_of);
+  // Handshake deadline, heartbeats; returns when it wants to be called again.
+  int64_t check(int64_t now_ns, const EventsOf& events_of);
+
+  // A free host takes `link`: it asks its relay to fork a worker for `slot`, whose data
+  // connection will present `data_id`.
+  void bind(TcpLink* link, int slot, const std::string& data_id);
+  // The link is done with this host (it ended, or is being destroyed).
+  void unbind(TcpLink* link);
+  void queue(capnp::MessageBuilder& message);
+  void flush();
+  // Closes the connection; a bound link ends ("was lost: <why>").
+  void close(const std::string& why, const EventsOf& events_of);
+  // Refuses the peer (a frame saying why) and closes.
+  void refuse(const std::string& why);
+
+  // kData: what the connection presented, and the connection itself (with what was read).
+  const std::string& data_id() const { return data_id_; }
+  const std::string& data_proof() const { return data_proof_; }
+  UniqueFd take_socket();
+  FrameReader take_reader();
+
+ private:
+  void on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of);
+  void handshake_frame(kj::ArrayPtr<const capnp::word> words);
+
+  UniqueFd socket_;
+  const std::string peer_;
+  const RemoteHostConfig& config_;
+  State state_ = State::kHandshake;
+  FrameReader reader_;
+  FrameWriter writer_;
+  std::string host_name_;
+  std::string worker_nonce_;
+  std::string pool_nonce_;
+  std::string data_id_;
+  std::string data_proof_;
+  bool refused_ = false;
+  std::string closed_reason_;
+  int64_t handshake_deadline_ns_ = 0;
+  int64_t last_received_ns_ = 0;
+  int64_t last_ping_ns_ = 0;
+  TcpLink* link_ = nullptr;
+};
+
+class TcpLink final : public WorkerLink {
+ public:
+  // A link for `slot`, waiting for a host until `wait_until_ns` (its launcher then ends it).
+  TcpLink(std::string slot_name, int slot, int64_t wait_until_ns, RelayLimits limits);
+  ~TcpLink() override;
+
+  int slot() const { return slot_; }
+  bool waiting() const { return host_ == nullptr && !ended_; }
+  int64_t wait_until_ns() const { return wait_until_ns_; }
+  // Called by the launcher: a host for this waiting link (it asks the relay for a worker).
+  void bind(RemoteHost* host);
+  // The spawn's id the worker's data connection will present (set by bind).
+  const std::string& data_id() const { return data_id_; }
+  // Called by the launcher: the worker's data connection, with what was read from it so far.
+  void attach(UniqueFd data, FrameReader reader, LinkEvents& events);
+
+  const std::string& name() const override { return name_; }
+  int pid() const override { return pid_; }
+  void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
+  void flush() override;
+  bool has_unsent() const override;
+  void add_pollfds(std::vector<pollfd>& fds, bool with_channel) override;
+  void service(const pollfd* polled, size_t count, bool with_channel, LinkEvents& events) override;
+  int64_t check(int64_t now_ns, LinkEvents& events) override;
+  int channel_fd() const override { return data_.get(); }
+  void pump(short revents, LinkEvents& events) override;
+  WorkerProgress progress() const override { return progress_; }
+  size_t resident_bytes() const override { return resident_bytes_; }
+  void open_claims(uint32_t, uint16_t, uint32_t) override {}  // the worker's page is its relay's
+  void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
+  void stop(StopMode mode) override;
+  int64_t placed_ns() const override { return placed_ns_; }
+
+  // From its host.
+  void on_spawned(int pid, LinkEvents& events);
+  void on_pong(wire::Progress::Reader progress);
+  void on_ended(wire::Ended::Reader ended, LinkEvents& events);
+  void on_lost(const std::string& why, LinkEvents& events);
+  // No host came in time: it ends, and `cause` is its start failure.
+  void end_waiting(LinkEvents& events, absl::Status cause);
+  // stop() before any host took it: there is no worker to stop, and no host may take it now; its
+  // launcher ends it at once (end_stopped), rather than at wait_until_ns.
+  bool stopped_waiting() const { return stopped_waiting_ && waiting(); }
+  void end_stopped(LinkEvents& events);
+  // Called when the link is destroyed (the launcher forgets it).
+  void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
+
+ private:
+  void read_data(LinkEvents& events);
+  void close_data();
+  void end(WorkerEnd end, LinkEvents& events);
+
+  const std::string slot_name_;
+  const int slot_;
+  const RelayLimits limits_;
+  std::string name_;
+  RemoteHost* host_ = nullptr;
+  int pid_ = 0;
+  int64_t wait_until_ns_;
+  int64_t placed_ns_ = INT64_MAX;  // when a host took it
+  std::string data_id_;
+  // The worker's data connection: frames both ways, as over a forked worker's socketpair.
+  UniqueFd data_;
+  FrameReader reader_;
+  FrameWriter writer_;
+  bool attached_ = false;
+  bool data_closed_ = false;     // end of file (or broken): everything it sent was delivered
+  bool polled_data_ = false;     // what add_pollfds added, for service()
+  int64_t partial_since_ns_ = 0;
+  std::vector<std::unique_ptr<capnp::MessageBuilder>> unsent_;  // sent before it attached
+  // The relay reported the worker's end; it is delivered once the data connection has closed.
+  std::optional<WorkerEnd> ended_report_;
+  int64_t ended_report_ns_ = 0;
+  int64_t drop_at_ns_ = 0;  // stopped by force and not ended by then: drop the connection
+  bool ended_ = false;
+  bool stopped_waiting_ = false;
+  WorkerProgress progress_;
+  size_t resident_bytes_ = 0;
+  std::function<void()> on_destroy_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_LINK_TCP_LINK_H_

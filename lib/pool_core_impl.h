@@ -1,0 +1,103 @@
+// PoolCore::Impl: the pool core's state and its two halves. pool_core.cc builds it, runs the pool
+// thread and its event loop; pool_calls.cc has what callers' threads do (submit, apply's borrowed
+// worker, cancel, close, join, terminate, stats). Private to lib/.
+
+#ifndef PROCPOOL_LIB_POOL_CORE_IMPL_H_
+#define PROCPOOL_LIB_POOL_CORE_IMPL_H_
+
+#include <sys/types.h>
+
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "lib/callback_runner.h"
+#include "lib/common/mutex.h"
+#include "lib/common/process_id.h"
+#include "lib/common/spin.h"
+#include "lib/common/unique_fd.h"
+#include "lib/link/launcher.h"
+#include "lib/scheduler/scheduler.h"
+#include "lib/supervision/supervisor.h"
+#include "procpool/internal/pool_core.h"
+
+namespace procpool::internal {
+
+class PoolCore::Impl {
+ public:
+  Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type,
+       PoolCore::Features features);
+  ~Impl();
+  // close() + join(), then runs the callbacks still queued and stops the callback thread.
+  // Idempotent. Called while the PoolCore is whole: callbacks may still reach it through it.
+  void shutdown();
+
+  absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
+  absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
+  void cancel(const Call* call);
+  void release_borrowed(const Call* call);
+  void cancel_pending(absl::Status status);
+  bool cancel_call(Call* call, const absl::Status& status, const std::function<bool()>& settle);
+  absl::Status close();
+  absl::Status join();
+  absl::Status join_for(absl::Duration timeout);
+  void terminate();
+  PoolStats stats() const;
+  std::string remote_address() const;
+  void post_callback(std::function<void()> callback);
+  void log(LogSeverity severity, const std::string& process, int pid,
+           const std::string& message) const;
+
+  // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
+  // not even its lock, which another thread may have held at the fork.
+  bool foreign() const { return current_pid() != owner_pid_; }
+
+  const PoolOptions options_;
+  const int worker_count_;
+
+ private:
+  absl::Status foreign_error() const;
+  absl::Status admit(const CallSettings& settings) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ensure_thread() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Starts close-then-join (once); `with_deadline` arms join_timeout's clock (once).
+  absl::Status begin_join(bool with_deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs the event loop until the pool is done; releases mu_ only around poll().
+  void loop() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void run_loop_to_end() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void wake();
+
+  const pid_t owner_pid_;
+  const absl::Status invalid_options_;
+  const WorkerBodyFactory factory_;
+  const absl::Time start_time_ = absl::Now();
+  // PR_SET_PDEATHSIG follows the thread that forked, not the process. The main thread lives as
+  // long as the program, so the constructor forks from it when it runs there, before the pool
+  // has a thread of its own; any other thread may end before the pool does, and then the pool
+  // thread forks, first thing.
+  const bool fork_from_pool_thread_;
+  UniqueFd wake_fd_;
+
+  mutable Mutex mu_;
+  std::condition_variable loop_done_cv_;
+  std::unique_ptr<Launcher> launcher_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<Scheduler> scheduler_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<Supervisor> supervisor_ ABSL_GUARDED_BY(mu_);
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool joining_ ABSL_GUARDED_BY(mu_) = false;
+  bool join_deadline_armed_ ABSL_GUARDED_BY(mu_) = false;
+  bool loop_running_ ABSL_GUARDED_BY(mu_) = false;
+  bool loop_done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status thread_failure_ ABSL_GUARDED_BY(mu_);
+  SpinPolicy spin_ ABSL_GUARDED_BY(mu_);  // for apply's borrowed round trips
+  std::thread thread_;
+
+  CallbackRunner callbacks_;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_POOL_CORE_IMPL_H_

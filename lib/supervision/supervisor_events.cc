@@ -1,0 +1,161 @@
+// Supervisor: what reaches it from its workers' links (frames, broken streams, revocations) and
+// from the scheduler (its ports), apply's borrowed workers, and stats.
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "capnp/serialize.h"
+#include "kj/exception.h"
+#include "lib/common/clock.h"
+#include "lib/supervision/slot.h"
+#include "lib/supervision/supervisor.h"
+#include "procpool/internal/protocol.capnp.h"
+#include "procpool/internal/worker_body.h"
+
+namespace procpool::internal {
+
+void Supervisor::Events::on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) {
+  owner_.scheduler_.on_revoked(slot_.index, slot, tag, claimed);
+}
+
+const std::string& Supervisor::Port::name() const { return slot_.display(); }
+void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
+  if (slot_.link) slot_.link->send(std::move(frame));
+}
+void Supervisor::Port::flush() {
+  if (slot_.link) slot_.link->flush();
+}
+SharedRegion* Supervisor::Port::shared_region() {
+  return slot_.link ? slot_.link->shared_region() : nullptr;
+}
+bool Supervisor::Port::can_borrow() const { return slot_.link && slot_.link->can_borrow(); }
+WorkerProgress Supervisor::Port::progress() const {
+  return slot_.link ? slot_.link->progress() : WorkerProgress();
+}
+void Supervisor::Port::open_claims(uint32_t slot, uint16_t tag, uint32_t count) {
+  if (slot_.link) slot_.link->open_claims(slot, tag, count);
+}
+void Supervisor::Port::revoke(uint32_t slot, uint16_t tag) {
+  if (slot_.link) slot_.link->revoke(slot, tag, slot_.events);
+}
+void Supervisor::Port::stop(absl::Status reason) {
+  owner_.stop(slot_, std::move(reason), StopMode::kTerminate);
+}
+
+void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered) {
+  // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
+  try {
+    capnp::ReaderOptions options;
+    options.traversalLimitInWords = std::max<size_t>(config_.max_frame_bytes / sizeof(capnp::word), 1024);
+    capnp::FlatArrayMessageReader message(words, options);
+    auto frame = message.getRoot<wire::FromWorker>();
+    switch (frame.which()) {
+      case wire::FromWorker::READY:
+        if (slot.state != State::kStarting) break;
+        slot.state = State::kReady;
+        consecutive_start_failures_ = 0;
+        last_start_failure_ = absl::OkStatus();
+        scheduler_.attach(slot.index, &slot.port);
+        break;
+      case wire::FromWorker::ENTER_FAILED: {
+        absl::Status failure = status_from_wire(frame.getEnterFailed());
+        if (failure.ok()) failure = absl::UnknownError("enter() failed without a status");
+        record_start_failure(slot,
+                             absl::Status(failure.code(), absl::StrCat(slot.display(), " failed enter(): ",
+                                                                       failure.message())),
+                             monotonic_now_ns());
+        break;
+      }
+      case wire::FromWorker::RESULTS:
+        if (recovered) {
+          // The worker is gone: only results not seen yet count, and nothing is blamed.
+          if (slot.state == State::kReady || slot.state == State::kDraining ||
+              slot.state == State::kShutdownSent) {
+            (void)scheduler_.on_results(slot.index, frame.getResults(), /*recovered=*/true);
+          }
+          break;
+        }
+        if (absl::Status ok = scheduler_.on_results(slot.index, frame.getResults()); !ok.ok()) {
+          on_broken_stream(slot, ok);
+        }
+        break;
+      case wire::FromWorker::EXITED:
+        slot.exit_hook_status = status_from_wire(frame.getExited());
+        break;
+    }
+  } catch (const kj::Exception& e) {
+    if (recovered) return;
+    on_broken_stream(slot, absl::DataLossError(absl::StrCat(
+                               slot.display(), " sent a malformed frame: ", e.getDescription().cStr())));
+  }
+}
+
+void Supervisor::on_broken_stream(Slot& slot, absl::Status why) {
+  if (!slot.link || slot.stop_reason) return;
+  // Only the task running when the stream broke is charged with it. A link that learns of
+  // progress late (a remote worker) is asked again when the worker has ended: it is stopped at
+  // once, so the task it ran then is the one it ran now.
+  const WorkerProgress progress = slot.link->progress();
+  slot.blamed_failure = why;
+  if (!progress.exact) {
+    slot.blame_at_end = true;
+  } else if (progress.running) {
+    slot.blamed = std::make_pair(progress.batch_seq, progress.task_index);
+  }
+  log(slot, LogSeverity::kError, std::string(why.message()));
+  stop(slot, absl::AbortedError(absl::StrCat(slot.display(), " was stopped after its stream broke (",
+                                             why.message(), ")")),
+       StopMode::kKill);
+}
+
+WorkerLink* Supervisor::borrow(int slot) {
+  slots_[slot]->borrowed = true;
+  return slots_[slot]->link.get();
+}
+
+void Supervisor::give_back(int slot) { slots_[slot]->borrowed = false; }
+
+void Supervisor::pump_borrowed(int slot, short revents) {
+  Slot& s = *slots_[slot];
+  if (s.link) s.link->pump(revents, s.events);
+}
+
+void Supervisor::release_borrowed(const void* borrower) {
+  for (auto& slot : slots_) {
+    if (slot->link) slot->link->release_borrowed(borrower);
+  }
+  for (auto& link : ended_links_) link->release_borrowed(borrower);
+}
+
+uint64_t Supervisor::generation(int slot) const { return slots_[slot]->generation; }
+
+WorkerLink* Supervisor::link(int slot) const { return slots_[slot]->link.get(); }
+
+void Supervisor::fill_stats(PoolStats& stats) const {
+  stats.workers_restarted = workers_restarted_;
+  for (const auto& slot : slots_) {
+    WorkerStats worker;
+    worker.slot = slot->index;
+    worker.pid = slot->link ? slot->link->pid() : 0;
+    if (!slot->link) {
+      worker.state = WorkerState::kDead;
+    } else if (slot->state == State::kShutdownSent || slot->stop_reason) {
+      worker.state = WorkerState::kExiting;
+    } else if (slot->state == State::kStarting) {
+      worker.state = WorkerState::kStarting;
+    } else if (scheduler_.idle(slot->index)) {
+      worker.state = WorkerState::kIdle;
+    } else {
+      worker.state = WorkerState::kBusy;
+    }
+    if (slot->link) {
+      const WorkerProgress progress = slot->link->progress();
+      worker.tasks_done = progress.tasks_done;
+      worker.time_busy = absl::Nanoseconds(progress.busy_ns);
+      worker.current_task = scheduler_.current_task(slot->index);
+    }
+    stats.workers.push_back(worker);
+  }
+}
+
+}  // namespace procpool::internal

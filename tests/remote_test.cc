@@ -1,0 +1,637 @@
+// Remote workers (issue 9): a pool whose workers are programs that dial it over TCP
+// (procpool::serve), started here as local processes on 127.0.0.1. Every fault is real: workers
+// and their hosts are SIGKILLed and SIGSTOPped, tokens and types are wrong, peers send garbage.
+// Tests bind and dial loopback addresses only.
+
+#include "procpool/process_pool.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "capnp/message.h"
+#include "capnp/serialize.h"
+#include "doctest/doctest.h"
+#include "lib/common/socket.h"
+#include "lib/link/handshake.h"
+#include "lib/link/remote_frames.h"
+#include "lib/wire/frame_io.h"
+#include "procpool/internal/protocol.capnp.h"
+#include "procpool/pool.h"
+#include "tests/fault_support.h"
+#include "tests/remote_worker.h"
+#include "tests/test_support.h"
+
+extern char** environ;
+
+namespace procpool {
+namespace {
+
+using testing::LogCapture;
+using testing::OutcomePool;
+using testing::RemoteWorker;
+using testing::TempDir;
+using testing::map_within;
+using testing::wait_until;
+
+struct Setup {
+  Setup() { testing::disable_core_dumps(); }
+};
+const Setup setup;
+
+bool message_has(const absl::Status& status, absl::string_view text) {
+  return absl::StrContains(status.message(), text);
+}
+
+// A binary next to this one, through the runfiles tree (or bazel-bin when run by hand).
+std::string sibling(const std::string& name) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (srcdir != nullptr) {
+    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/", name);
+    if (testing::file_exists(path)) return path;
+  }
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / name).string();
+}
+
+std::string worker_program() { return sibling("remote_worker_helper"); }
+
+PoolOptions remote_pool(int workers, RemoteOptions remote, PoolOptions options = {}) {
+  options.workers = workers;
+  if (std::getenv("PROCPOOL_TEST_LOG") == nullptr) options.log_sink = nullptr;
+  options.remote = std::move(remote);
+  return options;
+}
+
+// Workers the pool launches itself: this test's worker program, dialling {address}.
+RemoteOptions launched(absl::Duration heartbeat = absl::Seconds(10)) {
+  return RemoteOptions{.launch = {worker_program(), "--procpool-connect={address}"},
+                       .connect_timeout = absl::Seconds(20),
+                       .heartbeat_timeout = heartbeat};
+}
+
+// A worker program started by the test, as a cluster engine would: its pid and a pipe on its
+// stderr.
+struct StartedWorker {
+  pid_t pid = -1;
+  int status = -1;  // once reaped
+  bool reap(absl::Duration timeout) {
+    return wait_until([&] { return ::waitpid(pid, &status, WNOHANG) == pid; }, timeout);
+  }
+};
+
+StartedWorker start_worker(const std::string& address, const std::string& token,
+                           std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {worker_program()};
+  for (std::string& arg : extra) args.push_back(std::move(arg));
+  std::vector<char*> argv;
+  for (std::string& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  std::vector<std::string> env = {absl::StrCat("PROCPOOL_CONNECT=", address),
+                                  absl::StrCat("PROCPOOL_TOKEN=", token)};
+  std::vector<char*> envp;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (!absl::StartsWith(*e, "PROCPOOL_")) envp.push_back(*e);
+  }
+  for (std::string& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  StartedWorker worker;
+  REQUIRE(::posix_spawn(&worker.pid, argv[0], nullptr, nullptr, argv.data(), envp.data()) == 0);
+  return worker;
+}
+
+bool all_serving(const PoolStats& stats) {
+  for (const WorkerStats& worker : stats.workers) {
+    if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
+  }
+  return true;
+}
+
+pid_t parent_of(pid_t pid) {
+  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+  std::string content;
+  std::getline(stat, content);
+  const size_t close = content.rfind(')');
+  if (close == std::string::npos) return 0;
+  char state;
+  int ppid = 0;
+  std::sscanf(content.c_str() + close + 1, " %c %d", &state, &ppid);
+  return ppid;
+}
+
+// =============================================================================================
+// The same pool, the same calls.
+
+TEST_CASE("a pool of launched remote workers maps like a forked one; every exit() runs; nothing "
+          "is left") {
+  TempDir dir;
+  ::setenv("REMOTE_EVENTS", dir.file("events").c_str(), 1);
+  std::set<pid_t> worker_pids;
+  {
+    ProcessPool<RemoteWorker> pool(remote_pool(2, launched()));
+    CHECK(absl::StartsWith(pool.remote_address(), "127.0.0.1:"));
+    std::vector<int64_t> jobs;
+    for (int64_t i = 0; i < 1000; ++i) jobs.push_back(i);
+    auto squares = map_within(pool, jobs, {}, absl::Seconds(30));
+    REQUIRE_MESSAGE(squares.ok(), squares.status());
+    for (int64_t i = 0; i < 1000; ++i) CHECK((*squares)[i] == i * i);
+    auto one = pool.apply(12);
+    CHECK(one.value_or(-1) == 144);
+    int64_t count = 0;
+    for (absl::StatusOr<int64_t> r : pool.imap(std::vector<int64_t>{1, 2, 3})) count += r.value_or(0);
+    CHECK(count == 14);
+    for (const WorkerStats& worker : pool.stats().workers) worker_pids.insert(worker.pid);
+    REQUIRE(pool.close().ok());
+    const absl::Status joined = pool.join();
+    CHECK_MESSAGE(joined.ok(), joined);
+  }
+  ::unsetenv("REMOTE_EVENTS");
+  std::map<pid_t, int> enters, exits;
+  for (const std::string& line : testing::read_lines(dir.file("events"))) {
+    std::vector<std::string> parts = absl::StrSplit(line, ' ');
+    pid_t pid = 0;
+    REQUIRE(absl::SimpleAtoi(parts[1], &pid));
+    if (parts[0] == "enter") ++enters[pid];
+    if (parts[0] == "exit") ++exits[pid];
+  }
+  CHECK(enters.size() == 2);
+  CHECK(enters == exits);  // one exit() after one enter(), in every worker
+  for (pid_t pid : worker_pids) {
+    CAPTURE(pid);
+    CHECK(wait_until([&] { return !testing::process_alive(pid); }, absl::Seconds(5)));
+  }
+  // The launched worker programs were reaped by the pool.
+  CHECK(testing::child_pids(::getpid()).empty());
+}
+
+TEST_CASE("workers started by someone else dial in; a late joiner is used") {
+  const std::string token = "s3cret-token";
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      2, RemoteOptions{.listen = "127.0.0.1:0", .token = token, .connect_timeout = absl::Seconds(20)}));
+  StartedWorker first = start_worker(pool.remote_address(), token);
+  std::vector<int64_t> jobs = {1, 2, 3, 4};
+  auto early = map_within(pool, jobs, {}, absl::Seconds(20));
+  REQUIRE_MESSAGE(early.ok(), early.status());
+  CHECK(*early == std::vector<int64_t>{1, 4, 9, 16});
+  StartedWorker second = start_worker(pool.remote_address(), token);
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  std::set<int64_t> pids;
+  std::vector<int64_t> who(40, testing::kRemotePid);
+  for (int round = 0; round < 20 && pids.size() < 2; ++round) {
+    auto served = map_within(pool, who, {.chunksize = 1}, absl::Seconds(20));
+    REQUIRE(served.ok());
+    pids.insert(served->begin(), served->end());
+  }
+  CHECK(pids.size() == 2);
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(first.reap(absl::Seconds(10)));
+  CHECK(second.reap(absl::Seconds(10)));
+  CHECK(WIFEXITED(first.status));
+  CHECK(WEXITSTATUS(first.status) == 0);
+}
+
+// =============================================================================================
+// Faults.
+
+TEST_CASE("a remote worker SIGKILLed mid-task fails that task alone; its host forks a new one on "
+          "the same connection") {
+  OutcomePool<RemoteWorker> pool(remote_pool(2, launched()), [] { return std::make_unique<RemoteWorker>(); });
+  std::vector<int64_t> jobs;
+  for (int64_t i = 0; i < 20; ++i) jobs.push_back(i == 7 ? testing::kRemoteKillSelf : i);
+  auto call = pool.submit(jobs, {.chunksize = 1});
+  REQUIRE(call.ok());
+  REQUIRE((*call)->wait(absl::Seconds(30)));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*call)->outcome_count(i) == 1);
+    if (i == 7) {
+      CHECK((*call)->outcome(i).status().code() == absl::StatusCode::kAborted);
+      CHECK(message_has((*call)->outcome(i).status(), "signal 9"));
+      MESSAGE((*call)->outcome(i).status());
+    } else {
+      CHECK((*call)->outcome(i).value_or(-1) == int64_t(i) * int64_t(i));
+    }
+  }
+  CHECK(pool.stats().workers_restarted == 1);
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(10)));
+}
+
+TEST_CASE("a remote worker's host SIGKILLed mid-task: the task fails kAborted, unstarted ones run "
+          "elsewhere, a new host is launched") {
+  OutcomePool<RemoteWorker> pool(remote_pool(2, launched()), [] { return std::make_unique<RemoteWorker>(); });
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  std::vector<int64_t> jobs = {testing::kRemoteHang, 1, 2, 3, 4, 5};
+  auto call = pool.submit(jobs, {.chunksize = 1});
+  REQUIRE(call.ok());
+  pid_t hung = 0;
+  REQUIRE(wait_until([&] {
+    for (const WorkerStats& worker : pool.stats().workers) {
+      if (worker.current_task == 0u) hung = worker.pid;
+    }
+    return hung != 0;
+  }, absl::Seconds(20)));
+  const pid_t host = parent_of(hung);
+  REQUIRE(host > 1);
+  REQUIRE(::kill(host, SIGKILL) == 0);
+  REQUIRE((*call)->wait(absl::Seconds(30)));
+  CHECK((*call)->outcome(0).status().code() == absl::StatusCode::kAborted);
+  CHECK(message_has((*call)->outcome(0).status(), "was lost"));
+  MESSAGE((*call)->outcome(0).status());
+  for (size_t i = 1; i < jobs.size(); ++i) CHECK((*call)->outcome(i).value_or(-1) == jobs[i] * jobs[i]);
+  // A host was launched in its place.
+  CHECK(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  CHECK(wait_until([&] { return !testing::process_alive(hung); }, absl::Seconds(5)));
+}
+
+TEST_CASE("a SIGSTOPped worker host is gone after heartbeat_timeout; map returns") {
+  const absl::Duration heartbeat = absl::Milliseconds(600);
+  OutcomePool<RemoteWorker> pool(remote_pool(2, launched(heartbeat)),
+                                 [] { return std::make_unique<RemoteWorker>(); });
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  std::vector<int64_t> jobs = {testing::kRemoteSleep300, 1, 2, 3};
+  const pid_t victim = pool.stats().workers[0].pid;
+  const pid_t host = parent_of(victim);
+  // The whole host stops answering, as a partitioned or frozen machine does: its relay and its
+  // worker (whose data connection goes straight to the pool).
+  REQUIRE(::kill(host, SIGSTOP) == 0);
+  REQUIRE(::kill(victim, SIGSTOP) == 0);
+  const absl::Time start = absl::Now();
+  auto call = pool.submit(jobs, {.chunksize = 1});
+  REQUIRE(call.ok());
+  REQUIRE((*call)->wait(absl::Seconds(30)));
+  MESSAGE("every outcome after ", absl::FormatDuration(absl::Now() - start));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*call)->outcome_count(i) == 1);
+    const auto& outcome = (*call)->outcome(i);
+    CHECK((outcome.ok() || outcome.status().code() == absl::StatusCode::kAborted));
+  }
+  CHECK(absl::Now() - start >= heartbeat / 2);  // it was silent since a little before `start`
+  ::kill(victim, SIGCONT);
+  ::kill(host, SIGCONT);
+  // Woken, the host finds its connection closed and leaves with its worker.
+  CHECK(wait_until([&] { return !testing::process_alive(victim); }, absl::Seconds(10)));
+}
+
+TEST_CASE("a remote task past its timeout fails kDeadlineExceeded; the pool carries on") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, launched(), {.task_timeout = absl::Milliseconds(300)}));
+  std::vector<int64_t> jobs = {1, testing::kRemoteHang, 3};
+  const absl::Time start = absl::Now();
+  auto result = map_within(pool, jobs, {.chunksize = 1}, absl::Seconds(20));
+  MESSAGE(absl::FormatDuration(absl::Now() - start), ": ", result.status());
+  CHECK(result.status().code() == absl::StatusCode::kDeadlineExceeded);
+  CHECK(message_has(result.status(), "job 1: "));
+  auto next = map_within(pool, std::vector<int64_t>{5}, {}, absl::Seconds(20));
+  CHECK(next.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{25});
+}
+
+TEST_CASE("a remote task that writes garbage on its channel fails alone with kDataLoss") {
+  OutcomePool<RemoteWorker> pool(remote_pool(1, launched()), [] { return std::make_unique<RemoteWorker>(); });
+  std::vector<int64_t> jobs = {1, testing::kRemoteGarbage, 3};
+  auto call = pool.submit(jobs, {.chunksize = 1});
+  REQUIRE(call.ok());
+  REQUIRE((*call)->wait(absl::Seconds(30)));
+  CHECK((*call)->outcome(0).value_or(-1) == 1);
+  CHECK((*call)->outcome(1).status().code() == absl::StatusCode::kDataLoss);
+  MESSAGE((*call)->outcome(1).status());
+  CHECK((*call)->outcome(2).value_or(-1) == 9);
+}
+
+// =============================================================================================
+// Who may serve.
+
+TEST_CASE("a worker with the wrong token is refused; calls fail with kUnavailable saying why") {
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, RemoteOptions{.token = "right", .connect_timeout = absl::Milliseconds(1500)}));
+  StartedWorker worker = start_worker(pool.remote_address(), "wrong");
+  CHECK(worker.reap(absl::Seconds(10)));
+  CHECK(WIFEXITED(worker.status));
+  CHECK(WEXITSTATUS(worker.status) == 2);
+  auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(10));
+  MESSAGE(result.status());
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(message_has(result.status(), "wrong token"));
+}
+
+TEST_CASE("a worker program serving another type is refused, on both sides") {
+  ProcessPool<RemoteWorker> pool(
+      remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(1500)}));
+  StartedWorker worker = start_worker(pool.remote_address(), "", {"--type=other"});
+  CHECK(worker.reap(absl::Seconds(10)));
+  CHECK(WEXITSTATUS(worker.status) == 2);
+  auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(10));
+  MESSAGE(result.status());
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(message_has(result.status(), "OtherRemoteWorker"));
+}
+
+// A fake peer for the protocol tests: a raw TCP connection speaking frames by hand.
+struct Peer {
+  internal::UniqueFd fd;
+  internal::FrameReader reader{1 << 20};
+  absl::StatusOr<kj::ArrayPtr<const capnp::word>> read(absl::Duration timeout = absl::Seconds(10)) {
+    return internal::read_frame_within(fd.get(), reader, absl::Now() + timeout);
+  }
+  void write(capnp::MessageBuilder& message) { REQUIRE(internal::write_frame(fd.get(), message).ok()); }
+};
+
+Peer dial(const std::string& address) {
+  absl::StatusOr<internal::HostPort> parsed = internal::parse_host_port(address);
+  REQUIRE(parsed.ok());
+  absl::StatusOr<internal::UniqueFd> fd = internal::connect_tcp(*parsed, absl::Seconds(5));
+  REQUIRE(fd.ok());
+  Peer peer;
+  peer.fd = *std::move(fd);
+  return peer;
+}
+
+void send_hello(Peer& peer, uint32_t version, const std::string& type, const std::string& nonce) {
+  capnp::MallocMessageBuilder message;
+  auto hello = message.initRoot<wire::FromWorker>().initHello();
+  hello.setVersion(version);
+  hello.setWorkerType(type);
+  hello.setHost("fake");
+  hello.setPid(1);
+  hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
+  peer.write(message);
+}
+
+// Does a worker's side of the handshake without a token; returns whether it was welcomed.
+bool handshake_as_worker(Peer& peer) {
+  const std::string nonce = internal::make_nonce();
+  send_hello(peer, internal::kProtocolVersion, internal::worker_type_name<RemoteWorker>(), nonce);
+  auto challenge = peer.read();
+  if (!challenge.ok()) return false;
+  {
+    capnp::FlatArrayMessageReader message(*challenge);
+    if (!message.getRoot<wire::ToWorker>().isChallenge()) return false;
+  }
+  capnp::MallocMessageBuilder proof;
+  proof.initRoot<wire::FromWorker>().setProof(capnp::Data::Reader());
+  peer.write(proof);
+  auto welcome = peer.read();
+  if (!welcome.ok()) return false;
+  capnp::FlatArrayMessageReader message(*welcome);
+  return message.getRoot<wire::ToWorker>().isWelcome();
+}
+
+TEST_CASE("a protocol version mismatch is refused with a clear error, on both sides") {
+  SUBCASE("the pool refuses a worker of another version") {
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(1)}));
+    Peer peer = dial(pool.remote_address());
+    send_hello(peer, internal::kProtocolVersion + 7, internal::worker_type_name<RemoteWorker>(),
+               internal::make_nonce());
+    auto answer = peer.read();
+    REQUIRE(answer.ok());
+    capnp::FlatArrayMessageReader message(*answer);
+    auto root = message.getRoot<wire::ToWorker>();
+    REQUIRE(root.isRefused());
+    MESSAGE(std::string(root.getRefused().cStr()));
+    CHECK(absl::StrContains(root.getRefused().cStr(), "protocol version"));
+    auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(10));
+    CHECK(message_has(result.status(), "protocol version"));
+  }
+  SUBCASE("a worker refuses a pool of another version") {
+    absl::StatusOr<internal::UniqueFd> listener =
+        internal::listen_tcp(internal::HostPort{"127.0.0.1", 0});
+    REQUIRE(listener.ok());
+    const std::string address = internal::local_address(listener->get())->to_string();
+    StartedWorker worker = start_worker(address, "");
+    pollfd ready{listener->get(), POLLIN, 0};
+    REQUIRE(::poll(&ready, 1, 10'000) == 1);
+    absl::StatusOr<internal::UniqueFd> accepted = internal::accept_tcp(listener->get());
+    REQUIRE((accepted.ok() && accepted->valid()));
+    Peer pool;
+    pool.fd = *std::move(accepted);
+    REQUIRE(pool.read().ok());  // its hello
+    capnp::MallocMessageBuilder challenge;
+    auto c = challenge.initRoot<wire::ToWorker>().initChallenge();
+    c.setVersion(internal::kProtocolVersion + 7);
+    const std::string nonce = internal::make_nonce();
+    c.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
+    pool.write(challenge);
+    auto answer = pool.read();
+    REQUIRE(answer.ok());
+    capnp::FlatArrayMessageReader message(*answer);
+    auto root = message.getRoot<wire::FromWorker>();
+    REQUIRE(root.isRefused());
+    CHECK(absl::StrContains(root.getRefused().cStr(), "protocol version"));
+    CHECK(worker.reap(absl::Seconds(10)));
+    CHECK(WEXITSTATUS(worker.status) == 2);
+  }
+}
+
+TEST_CASE("what unauthenticated peers make the pool remember is bounded: refusals in its errors") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(500)}));
+  // Each peer names another worker type, 10 KB long: the pool refuses each, and says why in its
+  // errors; it must not keep (nor repeat) all of them.
+  for (int i = 0; i < 100; ++i) {
+    Peer peer = dial(pool.remote_address());
+    send_hello(peer, internal::kProtocolVersion, absl::StrCat(i, std::string(10'000, 'x')),
+               internal::make_nonce());
+    auto answer = peer.read();
+    REQUIRE(answer.ok());
+    capnp::FlatArrayMessageReader message(*answer);
+    CHECK(message.getRoot<wire::ToWorker>().isRefused());
+  }
+  absl::StatusOr<int64_t> result = absl::InternalError("not run");
+  REQUIRE(wait_until([&] {
+    result = pool.apply(1);
+    return message_has(result.status(), "refused");
+  }, absl::Seconds(10)));
+  MESSAGE(result.status().message().size(), " bytes: ", result.status().message().substr(0, 300));
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(result.status().message().size() < 4096);
+}
+
+TEST_CASE("a flood of connections that never finish their handshake delays a real worker, and "
+          "does not turn it away") {
+  // Each idle connection holds a handshake place until the handshake timeout (connect_timeout
+  // here); the real worker dialling behind them must get in once they are gone.
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(2)}));
+  std::vector<Peer> idle;
+  for (int i = 0; i < 300; ++i) idle.push_back(dial(pool.remote_address()));
+  StartedWorker worker = start_worker(pool.remote_address(), "");
+  CHECK(wait_until([&] {
+    const PoolStats stats = pool.stats();
+    return stats.workers[0].state == WorkerState::kIdle;
+  }, absl::Seconds(20)));
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
+  CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(worker.reap(absl::Seconds(10)));
+}
+
+TEST_CASE("garbage and half frames over a worker's TCP connection drop that connection only") {
+  std::string what;
+  SUBCASE("garbage") { what = "garbage"; }
+  SUBCASE("half a frame") { what = "partial"; }
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, launched(), {.frame_timeout = absl::Milliseconds(300)}));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  Peer peer = dial(pool.remote_address());
+  REQUIRE(handshake_as_worker(peer));
+  if (what == "garbage") {
+    const char garbage[] = "\xde\xad\xbe\xef not a frame at all \xff\xff\xff\xff";
+    REQUIRE(::write(peer.fd.get(), garbage, sizeof(garbage)) > 0);
+  } else {
+    const uint32_t table[2] = {0, 1000};
+    REQUIRE(::write(peer.fd.get(), table, sizeof(table)) == sizeof(table));
+  }
+  // The pool closes the connection (end of file here), and serves on with its real worker.
+  char byte;
+  CHECK(wait_until([&] {
+    pollfd ready{peer.fd.get(), POLLIN, 0};
+    return ::poll(&ready, 1, 0) == 1 && ::read(peer.fd.get(), &byte, 1) <= 0;
+  }, absl::Seconds(10)));
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
+  CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+}
+
+TEST_CASE("no worker within connect_timeout: calls fail kUnavailable saying none connected") {
+  ProcessPool<RemoteWorker> pool(remote_pool(2, RemoteOptions{.connect_timeout = absl::Milliseconds(300)}));
+  const absl::Time start = absl::Now();
+  auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(10));
+  MESSAGE(absl::FormatDuration(absl::Now() - start), ": ", result.status());
+  CHECK(absl::Now() - start < absl::Seconds(3));
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(message_has(result.status(), "no remote worker has connected"));
+}
+
+TEST_CASE("terminate() and join_timeout end a slot still waiting for a worker host at once, not "
+          "at connect_timeout") {
+  SUBCASE("terminate") {
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(30)}));
+    absl::SleepFor(absl::Milliseconds(100));
+    const absl::Time start = absl::Now();
+    pool.terminate();
+    MESSAGE("terminate() returned after ", absl::FormatDuration(absl::Now() - start));
+    CHECK(absl::Now() - start < absl::Seconds(5));
+    CHECK(pool.join().ok());
+  }
+  SUBCASE("join_timeout") {
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(30)},
+                                               {.join_timeout = absl::Milliseconds(500)}));
+    REQUIRE(pool.close().ok());
+    const absl::Time start = absl::Now();
+    const absl::Status joined = pool.join();
+    MESSAGE("join() returned after ", absl::FormatDuration(absl::Now() - start), ": ", joined);
+    CHECK(absl::Now() - start < absl::Seconds(5));
+    CHECK(joined.code() == absl::StatusCode::kDeadlineExceeded);
+    CHECK(message_has(joined, "waited for a worker host"));
+  }
+}
+
+TEST_CASE("a remote worker's enter_timeout counts from its start on a host: calls wait "
+          "connect_timeout for the host") {
+  // The host comes after enter_timeout has passed since the pool asked for it, well within
+  // connect_timeout: the call waits for it and succeeds.
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1,
+      RemoteOptions{.launch = {"/bin/sh", "-c",
+                               absl::StrCat("sleep 1.5; exec ", worker_program(),
+                                            " --procpool-connect={address}")},
+                    .connect_timeout = absl::Seconds(20)},
+      {.enter_timeout = absl::Milliseconds(500)}));
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
+  CHECK_MESSAGE(result.ok(), result.status());
+  CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+}
+
+TEST_CASE("remote options are checked") {
+  SUBCASE("a listen address beyond loopback needs a token") {
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.listen = "0.0.0.0:0"}));
+    auto result = pool.apply(1);
+    CHECK(result.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(message_has(result.status(), "token"));
+  }
+  SUBCASE("procpool::Pool cannot have remote workers") {
+    PoolOptions options = remote_pool(1, RemoteOptions{});
+    Pool pool(options);
+    auto result = pool.apply(+[](const int64_t& x) { return x; }, 1);
+    CHECK(result.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(message_has(result.status(), "function"));
+  }
+  SUBCASE("workers must be given") {
+    ProcessPool<RemoteWorker> pool(remote_pool(0, RemoteOptions{}));
+    CHECK(pool.apply(1).status().code() == absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// =============================================================================================
+// The pool's death.
+
+class SubreaperScope {
+ public:
+  SubreaperScope() { REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0); }
+  ~SubreaperScope() { ::prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0); }
+};
+
+TEST_CASE("when the pool's process is SIGKILLed, its remote workers and their hosts are gone") {
+  SubreaperScope subreaper;
+  int out[2];
+  REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  std::fflush(nullptr);
+  const pid_t parent = ::fork();
+  REQUIRE(parent >= 0);
+  if (parent == 0) {
+    ::dup2(out[1], STDOUT_FILENO);
+    const std::string helper = sibling("parent_death_helper");
+    const std::string program = worker_program();
+    ::execl(helper.c_str(), helper.c_str(), "remote", program.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  std::string line;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  char c;
+  while (absl::Now() < deadline) {
+    pollfd ready{out[0], POLLIN, 0};
+    if (::poll(&ready, 1, 100) <= 0) continue;
+    if (::read(out[0], &c, 1) <= 0 || c == '\n') break;
+    line.push_back(c);
+  }
+  ::close(out[0]);
+  std::vector<pid_t> pids;
+  for (absl::string_view part : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
+    pid_t pid = 0;
+    if (absl::SimpleAtoi(part, &pid)) pids.push_back(pid);
+  }
+  REQUIRE_MESSAGE(pids.size() == 4, "helper said: '", line, "'");  // 2 workers, 2 hosts
+  REQUIRE(::kill(parent, SIGKILL) == 0);
+  ::waitpid(parent, nullptr, 0);
+  const absl::Time killed = absl::Now();
+  for (pid_t pid : pids) {
+    CAPTURE(pid);
+    CHECK(wait_until([&] {
+      ::waitpid(pid, nullptr, WNOHANG);  // we are their subreaper now
+      return !testing::process_alive(pid);
+    }, absl::Seconds(5)));
+  }
+  MESSAGE("every remote worker and host gone ", absl::FormatDuration(absl::Now() - killed),
+          " after the pool's SIGKILL");
+}
+
+}  // namespace
+}  // namespace procpool

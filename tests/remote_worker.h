@@ -1,0 +1,75 @@
+// The worker type of the remote tests, shared by the pool (tests/remote_test.cc) and the worker
+// program (tests/remote_worker_helper.cc): both must name the same type for the handshake.
+//
+// Every hook and task appends a line to the file named by $REMOTE_EVENTS (if set): "enter <pid>",
+// "run <pid> <job>", "exit <pid>". Negative jobs misbehave.
+
+#ifndef PROCPOOL_TESTS_REMOTE_WORKER_H_
+#define PROCPOOL_TESTS_REMOTE_WORKER_H_
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "tests/test_support.h"
+
+namespace procpool::testing {
+
+inline constexpr int64_t kRemoteKillSelf = -9;    // SIGKILLs its own worker process
+inline constexpr int64_t kRemoteHang = -100;      // sleeps until killed
+inline constexpr int64_t kRemoteSleep300 = -300;  // then returns 300
+inline constexpr int64_t kRemoteGarbage = -5;     // writes garbage on its channel, then hangs
+inline constexpr int64_t kRemotePid = -7;         // returns its pid
+
+struct RemoteWorker {
+  using Job = int64_t;
+  using Result = int64_t;
+
+  RemoteWorker() {
+    if (const char* path = std::getenv("REMOTE_EVENTS")) events_ = path;
+  }
+  void note(const std::string& line) const {
+    if (!events_.empty()) append_line(events_, line);
+  }
+  void enter() { note(absl::StrCat("enter ", ::getpid())); }
+  int64_t run(int64_t job) {
+    note(absl::StrCat("run ", ::getpid(), " ", job));
+    switch (job) {
+      case kRemoteKillSelf:
+        ::raise(SIGKILL);
+        break;
+      case kRemoteHang:
+        while (true) ::pause();
+      case kRemoteSleep300:
+        absl::SleepFor(absl::Milliseconds(300));
+        return 300;
+      case kRemoteGarbage: {
+        const char garbage[] = "\xde\xad\xbe\xef not a frame \xff\xff\xff\xff";
+        (void)!::write(3, garbage, sizeof(garbage));
+        while (true) ::pause();
+      }
+      case kRemotePid:
+        return ::getpid();
+      default:
+        break;
+    }
+    return job * job;
+  }
+  void exit() { note(absl::StrCat("exit ", ::getpid())) ; }
+
+  std::string events_;
+};
+
+// Another worker type: a pool of RemoteWorker must refuse a program serving this one.
+struct OtherRemoteWorker {
+  std::string run(const std::string& job) { return job; }
+};
+
+}  // namespace procpool::testing
+
+#endif  // PROCPOOL_TESTS_REMOTE_WORKER_H_

@@ -132,11 +132,10 @@ void ForkLink::take_held(LinkEvents& events) {
   read_channel(events);
   const uint32_t taken = held->taken.load(std::memory_order_relaxed);
   const uint32_t bytes = held->bytes.load(std::memory_order_relaxed);
-  std::vector<capnp::word> words;
+  std::vector<unsigned char> copied;
   if (taken <= bytes && bytes <= HeldFrames::capacity() && taken % sizeof(capnp::word) == 0 &&
       bytes % sizeof(capnp::word) == 0) {
-    words.resize((bytes - taken) / sizeof(capnp::word));
-    if (!words.empty()) std::memcpy(words.data(), held->data + taken, bytes - taken);
+    copied.assign(held->data + taken, held->data + bytes);
     held->taken.store(bytes, std::memory_order_relaxed);
     held->since_ns.store(0, std::memory_order_relaxed);
   }
@@ -147,7 +146,7 @@ void ForkLink::take_held(LinkEvents& events) {
         absl::DataLossError(absl::StrCat(name_, " left its held frames in a bad state")));
     return;
   }
-  deliver_held(std::move(words), /*recovered=*/false, events);
+  deliver_held(copied, /*recovered=*/false, events);
 }
 
 void ForkLink::recover_held(LinkEvents& events) {
@@ -160,18 +159,18 @@ void ForkLink::recover_held(LinkEvents& events) {
       bytes % sizeof(capnp::word) != 0 || taken == bytes) {
     return;
   }
-  std::vector<capnp::word> words((bytes - taken) / sizeof(capnp::word));
-  std::memcpy(words.data(), held->data + taken, bytes - taken);
+  const std::vector<unsigned char> copied(held->data + taken, held->data + bytes);
   held->bytes.store(0, std::memory_order_relaxed);
   held->taken.store(0, std::memory_order_relaxed);
-  deliver_held(std::move(words), /*recovered=*/true, events);
+  deliver_held(copied, /*recovered=*/true, events);
 }
 
-void ForkLink::deliver_held(std::vector<capnp::word> words, bool recovered, LinkEvents& events) {
-  if (words.empty()) return;
+void ForkLink::deliver_held(const std::vector<unsigned char>& bytes, bool recovered,
+                            LinkEvents& events) {
+  if (bytes.empty()) return;
   // The same checks as frames from the channel: sizes against the buffer and the frame limit.
   FrameReader reader(limits_.max_frame_bytes);
-  reader.append(words.data(), words.size() * sizeof(capnp::word));
+  reader.append(bytes.data(), bytes.size());
   while (!ended_ && (recovered || !broken_)) {
     absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader.next();
     if (!frame.ok() || (frame->size() == 0 && reader.has_partial_frame())) {

@@ -79,7 +79,8 @@ class ForkLink final : public WorkerLink {
   // channel, so order is kept), or recovers those of a dead one.
   void take_held(LinkEvents& events);
   void recover_held(LinkEvents& events);
-  void deliver_held(std::vector<capnp::word> words, bool recovered, LinkEvents& events);
+  // `bytes`: a copy of held frames, taken while the area was ours (the worker may reuse it).
+  void deliver_held(const std::vector<unsigned char>& bytes, bool recovered, LinkEvents& events);
   void end(int wait_status, LinkEvents& events);
 
   const std::string name_;

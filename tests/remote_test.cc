@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -34,6 +35,7 @@
 #include "lib/common/socket.h"
 #include "lib/link/handshake.h"
 #include "lib/link/remote_frames.h"
+#include "lib/link/tcp_link.h"
 #include "lib/wire/frame_io.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/pool.h"
@@ -631,6 +633,70 @@ TEST_CASE("when the pool's process is SIGKILLed, its remote workers and their ho
   }
   MESSAGE("every remote worker and host gone ", absl::FormatDuration(absl::Now() - killed),
           " after the pool's SIGKILL");
+}
+
+
+// Lent memory over TCP (the word path sends a map's jobs from the caller's array in place): a
+// TcpLink keeps such frames in its writer until the socket takes them, and release_borrowed must
+// copy what is still unsent, since the caller frees the array when map returns. Driven on the link
+// itself: a pool queues at most one batch per remote worker, which loopback's buffers swallow.
+class IgnoredEvents final : public internal::LinkEvents {
+ public:
+  void on_frame(kj::ArrayPtr<const capnp::word>) override {}
+  void on_broken_stream(absl::Status) override {}
+  void on_revoked(uint32_t, uint16_t, uint32_t) override {}
+  void on_ended(internal::WorkerEnd) override {}
+};
+
+TEST_CASE("a TCP link copies the unsent part of frames over lent memory when it is released") {
+  constexpr size_t kWords = size_t{1} << 19;  // 4 MiB: far more than the socket buffers below
+  absl::StatusOr<internal::SocketPair> pair = internal::make_socket_pair(/*send_buffer_bytes=*/4096);
+  REQUIRE(pair.ok());
+  int small = 4096;
+  REQUIRE(::setsockopt(pair->child_end.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)) == 0);
+  internal::TcpLink link("worker 0", 0, INT64_MAX,
+                         internal::RelayLimits{.max_frame_bytes = size_t{64} << 20});
+  IgnoredEvents events;
+  link.attach(std::move(pair->parent_end), internal::FrameReader(size_t{64} << 20), events);
+  REQUIRE(link.can_borrow());
+
+  auto lent = std::make_unique<std::vector<uint64_t>>(kWords);
+  for (size_t i = 0; i < kWords; ++i) (*lent)[i] = i * 2654435761u;
+  auto message = std::make_unique<internal::BorrowingMessageBuilder>(64, lent.get(), nullptr);
+  auto tasks = message->initRoot<wire::ToWorker>().initTasks();
+  tasks.adoptWordJobs(message->getOrphanage().referenceExternalData(capnp::Data::Reader(
+      reinterpret_cast<const kj::byte*>(lent->data()), kWords * sizeof(uint64_t))));
+  link.send(std::move(message));
+  link.flush();
+  REQUIRE(link.has_unsent());  // the rest waits for the peer, which reads nothing yet
+
+  // What map does before it returns, then what its caller may do next.
+  link.release_borrowed(lent.get());
+  std::fill(lent->begin(), lent->end(), ~uint64_t{0});
+  lent.reset();
+
+  internal::FrameReader reader(size_t{64} << 20);
+  kj::ArrayPtr<const capnp::word> words;
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (words.size() == 0 && absl::Now() < deadline) {
+    link.flush();
+    pollfd readable{pair->child_end.get(), POLLIN, 0};
+    if (::poll(&readable, 1, 10) <= 0) continue;
+    absl::StatusOr<internal::FrameReader::Fill> filled = reader.fill(pair->child_end.get());
+    REQUIRE(filled.ok());
+    REQUIRE(*filled == internal::FrameReader::Fill::kData);
+    absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader.next();
+    REQUIRE(frame.ok());
+    words = *frame;
+  }
+  REQUIRE(words.size() > 0);
+  capnp::FlatArrayMessageReader received(words, reader.options());
+  capnp::Data::Reader jobs = received.getRoot<wire::ToWorker>().getTasks().getWordJobs();
+  REQUIRE(jobs.size() == kWords * sizeof(uint64_t));
+  const auto* got = reinterpret_cast<const uint64_t*>(jobs.begin());
+  size_t wrong = 0;
+  for (size_t i = 0; i < kWords; ++i) wrong += got[i] != i * 2654435761u ? 1 : 0;
+  CHECK(wrong == 0);
 }
 
 }  // namespace

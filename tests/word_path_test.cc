@@ -2,7 +2,9 @@
 // caller's array in place and computed in place by the worker, with the worker's bookkeeping done
 // per stride of tasks. What must not change with it: a borrowed array is never read after map
 // returns (run these under --config=asan), timeouts are measured from each task's own start, and
-// every task has exactly one outcome with the right value.
+// every task has exactly one outcome with the right value. The suite runs against both links
+// (word_path_tcp_test: remote workers over loopback, whose frames over a caller's array wait in
+// the TCP link's writer).
 
 #include "procpool/process_pool.h"
 
@@ -20,6 +22,7 @@
 #include "absl/time/time.h"
 #include "doctest/doctest.h"
 #include "tests/fault_support.h"
+#include "tests/test_link.h"
 #include "tests/test_support.h"
 
 namespace procpool {
@@ -30,7 +33,7 @@ using testing::wait_until;
 
 PoolOptions quiet(PoolOptions options) {
   options.log_sink = nullptr;
-  return options;
+  return testing::on_link(std::move(options));
 }
 
 bool all_ready(const PoolStats& stats) {

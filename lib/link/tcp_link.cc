@@ -282,21 +282,19 @@ void TcpLink::attach(UniqueFd data, FrameReader reader, LinkEvents& events) {
   data_ = std::move(data);
   reader_ = std::move(reader);
   (void)set_nonblocking(data_.get(), true);
-  for (auto& frame : unsent_) writer_.push(std::move(frame));
-  unsent_.clear();
-  flush();
+  flush();  // what was sent before it attached
   // Frames that came with the attach (its READY) are buffered already: poll() will not say so.
   if (pid_ != 0) read_data(events);
 }
 
 void TcpLink::send(std::unique_ptr<capnp::MessageBuilder> frame) {
   if (ended_ || data_closed_) return;
-  if (!attached_) {
-    unsent_.push_back(std::move(frame));
-  } else {
-    writer_.push(std::move(frame));
-  }
+  // Queued even before the data connection is attached: nothing is written until it is (flush),
+  // and the writer is what release_borrowed copies from.
+  writer_.push(std::move(frame));
 }
+
+void TcpLink::release_borrowed(const void* borrower) { writer_.release_borrowed(borrower); }
 
 void TcpLink::flush() {
   if (!attached_ || data_closed_ || writer_.empty()) return;
@@ -304,7 +302,7 @@ void TcpLink::flush() {
   if (!writer_.write_some(data_.get()).ok()) writer_.clear();
 }
 
-bool TcpLink::has_unsent() const { return !writer_.empty() || !unsent_.empty(); }
+bool TcpLink::has_unsent() const { return !writer_.empty(); }
 
 void TcpLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
   // Its frames wait for its pid (`spawned`, from its relay): a worker is never seen without it.

@@ -131,6 +131,10 @@ class TcpLink final : public WorkerLink {
   void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
   void flush() override;
   bool has_unsent() const override;
+  // Frames over a caller's memory (the word path's jobs sent in place) wait in the writer like
+  // any other until the socket takes them; release_borrowed copies what is left of them.
+  bool can_borrow() const override { return true; }
+  void release_borrowed(const void* borrower) override;
   void add_pollfds(std::vector<pollfd>& fds, bool with_channel) override;
   void service(const pollfd* polled, size_t count, bool with_channel, LinkEvents& events) override;
   int64_t check(int64_t now_ns, LinkEvents& events) override;
@@ -179,7 +183,6 @@ class TcpLink final : public WorkerLink {
   bool data_closed_ = false;     // end of file (or broken): everything it sent was delivered
   bool polled_data_ = false;     // what add_pollfds added, for service()
   int64_t partial_since_ns_ = 0;
-  std::vector<std::unique_ptr<capnp::MessageBuilder>> unsent_;  // sent before it attached
   // The relay reported the worker's end; it is delivered once the data connection has closed.
   std::optional<WorkerEnd> ended_report_;
   int64_t ended_report_ns_ = 0;

@@ -37,10 +37,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = len(os.sched_getaffinity(0))
 BENCH = os.path.join(ROOT, "bench")
 CXX_BINARIES = ["raw_floor", "bench_apply", "bench_map", "bench_cpu", "bench_payload",
-                "bench_startstop", "bench_imap_memory", "bench_scaling"]
+                "bench_startstop", "bench_imap_memory", "bench_scaling", "bench_remote"]
 WORKLOAD_KEYS = ["apply", "apply_pinned", "map_auto", "map_chunk1", "imap", "imap_unordered",
                  "payload", "payload_bytes", "startstop", "startstop_static", "scaling",
-                 "cpu_sha512"]
+                 "cpu_sha512", "remote"]
 
 
 # ---- running things ---------------------------------------------------------------------------
@@ -293,6 +293,11 @@ def plan(quick):
                            py={"pool": ["jobs=200", "rounds=2000"],
                                "ppe": ["jobs=200", "rounds=2000"]},
                            reps=r(5), timeout=90),
+        # Remote workers over loopback TCP (issue 9): each repetition measures a raw TCP
+        # ping-pong, then applies on a remote pool of one worker; then a map on forked workers,
+        # then the same map on as many remote ones (bench_remote.cc).
+        "remote": dict(cxx=("bench_remote", ["calls=5000", "items=1000000"]),
+                       py={}, reps=r(5), timeout=90),
     }
 
 
@@ -563,6 +568,28 @@ def evaluate(results, cores):
             "≥ 0.95 × cores (%.2f×)" % need,
             check("cpu_sha512", holds, "speedup %s, target ≥ %.2f× on %d cores"
                   % (c.fmt(times), need, cores)), e)
+    if "remote" in results:
+        e = results["remote"]
+        applies = [r for r in e["cxx"] if r.get("bench") == "remote_apply"]
+        maps = [r for r in e["cxx"] if r.get("bench") == "remote_map"]
+        c = fig(applies, note=e["cxx_note"])
+        raw = fig(applies, "raw_tcp_us")
+        ratio = fig(applies, "ratio_to_raw")
+        holds = ratio.median <= 2.0 if ratio.ok else None
+        row("`apply` to a remote worker over loopback TCP, one at a time", "µs per round trip",
+            c.fmt(us), raw.fmt(us) + " TCP ping-pong", "–", "–", "%s raw" % fmt_ratio(ratio),
+            "≤ 2× raw",
+            check("remote", holds, "remote apply %s the raw TCP ping-pong, target ≤ 2×"
+                  % fmt_ratio(ratio)), e)
+        c = fig(maps, note=e["cxx_note"])
+        forked = fig(maps, "socketpair_items_per_s")
+        ratio = fig(maps, "ratio_to_socketpair")
+        holds = ratio.median <= 1.5 if ratio.ok else None
+        row("`map`, 1,000,000 × (x*x), on %d remote workers over loopback TCP" % cores,
+            "items/s", c.fmt(rate), forked.fmt(rate) + " forked (socketpairs)", "–", "–",
+            "%s the forked map's time" % fmt_ratio(ratio), "≤ 1.5×",
+            check("remote", holds, "remote map took %s the forked map's time, target ≤ 1.5×"
+                  % fmt_ratio(ratio)), e)
     return rows, missed, notes, unmeasured
 
 
@@ -594,7 +621,9 @@ def render(rows, missed, notes, info, command, started, elapsed, busy_before, ot
                  "socketpairs with one chunk in flight per child, into a fresh result array "
                  "(automatic `map`), one "
                  "socketpair copy of the payloads into a reused buffer (payloads; also a memcpy "
-                 "of them, in the notes), fork + exit + reap of as many children (start/stop).")
+                 "of them, in the notes), fork + exit + reap of as many children (start/stop), "
+                 "a 16-byte ping-pong over loopback TCP (remote `apply`), and the same map on "
+                 "forked workers (remote `map`).")
     lines.append("- Python: default start method (fork), workers = cores, Pool.map's default "
                  "chunksize for the automatic map; ProcessPoolExecutor.map gets Pool's chunksize "
                  "rule there (its default of 1 takes minutes), chunksize 1 for the chunksize-1 "

@@ -56,7 +56,8 @@ class PoolCore {
     bool blob_regions = true;
   };
   // Forks the workers (before the pool thread starts, when called on the main thread) and starts
-  // the pool thread. Never fails: a failure to fork or start is reported by every later call.
+  // the pool thread: at once, or with the first call (or stats(), join(timeout)) for local
+  // workers forked here. Never fails: a failure to fork or start is reported by every later call.
   // `worker_type` names the worker type for remote workers' handshake (worker_type_name()); an
   // empty one means the pool cannot have remote workers (PoolOptions::remote is then refused).
   // `features`: what the typed layer knows of the jobs and results (remote workers ignore it).

@@ -487,8 +487,11 @@ TEST_CASE("garbage and half frames over a worker's TCP connection drop that conn
   std::string what;
   SUBCASE("garbage") { what = "garbage"; }
   SUBCASE("half a frame") { what = "partial"; }
+  // A heartbeat far longer than the wait below: only frame_timeout can close the connection of a
+  // peer that sends half a frame and then nothing (on a host's control connection, as on a data
+  // connection).
   ProcessPool<RemoteWorker> pool(remote_pool(
-      1, launched(), {.frame_timeout = absl::Milliseconds(300)}));
+      1, launched(absl::Seconds(60)), {.frame_timeout = absl::Milliseconds(300)}));
   REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
   Peer peer = dial(pool.remote_address());
   REQUIRE(handshake_as_worker(peer));

@@ -303,6 +303,7 @@ struct Napper {
 TEST_CASE("timeouts of centuries behave as none: tasks finish, exit hooks run, nobody is killed") {
   // A deadline is now + timeout in int64 nanoseconds: one past 292 years must saturate, not wrap
   // into the past (where join_timeout would kill every worker at once).
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory");
   const absl::Duration centuries = absl::Hours(24 * 365 * 1000);
   TempDir dir;
   const std::string log = dir.file("events");
@@ -323,9 +324,15 @@ TEST_CASE("timeouts of centuries behave as none: tasks finish, exit hooks run, n
     CHECK(joined.ok());
     if (!joined.ok()) MESSAGE(joined);
   }
+  // Every worker that entered ran its exit() (one still starting at join may be let go unentered).
+  int enters = 0;
   int exits = 0;
-  for (const Event& event : read_events(log)) exits += event.kind == "exit";
-  CHECK(exits == 2);
+  for (const Event& event : read_events(log)) {
+    enters += event.kind == "enter";
+    exits += event.kind == "exit";
+  }
+  CHECK(exits >= 1);
+  CHECK(exits == enters);
 
   ProcessPool<Napper> nappers(quiet({.workers = 1}));
   absl::StatusOr<int64_t> napped = nappers.apply(300, {.task_timeout = centuries});

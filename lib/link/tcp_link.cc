@@ -73,6 +73,7 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
     }
     if (*filled == FrameReader::Fill::kWouldBlock) break;
     last_received_ns_ = monotonic_now_ns();
+    bool completed = false;
     while (state_ != State::kClosed && state_ != State::kData) {
       absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
       if (!frame.ok()) {
@@ -80,7 +81,13 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
         return;
       }
       if (frame->size() == 0) break;
+      completed = true;
       on_frame(*frame, events_of);
+    }
+    if (!reader_.has_partial_frame()) {
+      partial_since_ns_ = 0;
+    } else if (completed || partial_since_ns_ == 0) {
+      partial_since_ns_ = last_received_ns_;
     }
   }
 }
@@ -208,6 +215,19 @@ int64_t RemoteHost::check(int64_t now_ns, const EventsOf& events_of) {
     }
     return handshake_deadline_ns_;
   }
+  // A frame begun must end within frame_timeout, as on a worker's data connection: bytes that
+  // trickle in keep the heartbeat fresh but never make a frame.
+  int64_t next = INT64_MAX;
+  if (partial_since_ns_ != 0) {
+    const int64_t deadline = partial_since_ns_ + to_ns(config_.limits.frame_timeout);
+    if (now_ns >= deadline) {
+      close(absl::StrCat("began a frame and did not finish it within frame_timeout (",
+                         absl::FormatDuration(config_.limits.frame_timeout), ")"),
+            events_of);
+      return INT64_MAX;
+    }
+    next = deadline;
+  }
   const int64_t heartbeat = to_ns(config_.limits.heartbeat_timeout);
   if (now_ns - last_received_ns_ >= heartbeat) {
     close(absl::StrCat("sent nothing for ", absl::FormatDuration(config_.limits.heartbeat_timeout),
@@ -222,7 +242,7 @@ int64_t RemoteHost::check(int64_t now_ns, const EventsOf& events_of) {
     flush();
     last_ping_ns_ = now_ns;
   }
-  return std::min(last_received_ns_ + heartbeat, last_ping_ns_ + heartbeat / 4);
+  return std::min({next, last_received_ns_ + heartbeat, last_ping_ns_ + heartbeat / 4});
 }
 
 void RemoteHost::bind(TcpLink* link, int slot, const std::string& data_id) {

@@ -107,6 +107,7 @@ class RemoteHost {
   int64_t handshake_deadline_ns_ = 0;
   int64_t last_received_ns_ = 0;
   int64_t last_ping_ns_ = 0;
+  int64_t partial_since_ns_ = 0;  // since when a frame begun is unfinished (0: none is)
   TcpLink* link_ = nullptr;
 };
 

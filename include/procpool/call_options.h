@@ -39,7 +39,8 @@ struct CallOptions {
   /// Bounds the parent's memory on an endless input.
   size_t max_in_flight = 0;
   /// Called after each task finishes, with (tasks finished, total). Runs on the pool thread: keep
-  /// it quick and do not call back into the pool from it. `procpool::ProgressBar` is a ready one.
+  /// it quick and do not call back into the pool from it. An exception it throws is logged as an
+  /// error and the call goes on. `procpool::ProgressBar` is a ready one.
   std::function<void(size_t done, size_t total)> progress;
 };
 

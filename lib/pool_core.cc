@@ -208,7 +208,16 @@ void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int p
   event.pid = pid;
   event.since_start = absl::Now() - start_time_;
   event.message = message;
-  options_.log_sink(event);
+  // The sink is the program's code, called on the pool thread (and callers'), under the pool's
+  // lock: an exception escaping it would end the program (std::terminate) or leave the pool's
+  // state half changed. Say so on stderr, the one place left to say it, and go on.
+  try {
+    options_.log_sink(event);
+  } catch (...) {
+    const std::string what = describe_current_exception();
+    std::fprintf(stderr, "procpool: the log sink threw %s, on: %s\n", what.c_str(),
+                 message.c_str());
+  }
 }
 
 void PoolCore::Impl::loop() {

@@ -436,6 +436,39 @@ TEST_CASE("wait gives up after its timeout and reports what is not done, cancell
   CHECK(procpool::wait(std::vector<AsyncResult<int64_t>>{}).all_done());  // nothing to wait for
 }
 
+TEST_CASE("a timeout of centuries is waited out like no timeout, never cut short") {
+  // std::chrono adds a wait's duration to the clock's now(): a duration near its range overflows
+  // into the past, and the wait would give up at once.
+  const absl::Duration centuries = absl::Hours(24 * 365 * 1000);
+  Gates gates;
+  GatedPool pool = make_pool(gates, 1);
+  AsyncResult<int64_t> result = pool.apply_async(1);
+  REQUIRE(gates.wait_started(1) != 0);
+  std::thread opener([&] {
+    absl::SleepFor(absl::Milliseconds(300));
+    gates.open(1);
+  });
+  const absl::Time start = absl::Now();
+  absl::StatusOr<int64_t> got = result.get(centuries);
+  CHECK(absl::Now() - start >= absl::Milliseconds(200));
+  opener.join();
+  REQUIRE(got.ok());
+  CHECK(*got == 1);
+  CHECK(result.wait(centuries));
+
+  AsyncResult<int64_t> second = pool.apply_async(2);
+  REQUIRE(gates.wait_started(2) != 0);
+  std::thread second_opener([&] {
+    absl::SleepFor(absl::Milliseconds(300));
+    gates.open(2);
+  });
+  WaitResult all = procpool::wait(std::vector<AsyncResult<int64_t>>{second},
+                                  WaitFor::kAllCompleted, centuries);
+  second_opener.join();
+  CHECK(all.all_done());
+  CHECK(*second.get() == 2);
+}
+
 TEST_CASE("wait and as_completed take results of different types and pools together") {
   Gates gates;
   GatedPool numbers = make_pool(gates, 1);

@@ -665,6 +665,56 @@ TEST_CASE("a program thread printing while pools come and go prints every line o
   CHECK(lines.size() == seen.size());
 }
 
+TEST_CASE("a program thread blocked reading a stdio stream never stalls forks or the pool") {
+  // A thread in fgets() holds its FILE's lock until a line comes (a program reading stdin, or a
+  // pipe from another program). Flushing every stream before fork() would wait for that lock,
+  // with the pool's lock held and glibc's list of streams locked: the pool's constructor, its
+  // replacements and every fopen() of the program would hang until someone typed a line.
+  StartMethod method = StartMethod::kFork;
+  SUBCASE("fork") {}
+  SUBCASE("fork server") { method = StartMethod::kForkServer; }
+  int input[2];
+  REQUIRE(::pipe2(input, O_CLOEXEC) == 0);
+  std::fflush(nullptr);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::close(input[1]);
+    FILE* in = ::fdopen(input[0], "r");
+    std::atomic<bool> reading{false};
+    std::thread reader([&] {
+      reading = true;
+      char line[64];
+      (void)!std::fgets(line, sizeof(line), in);  // blocks: nobody writes
+    });
+    while (!reading) absl::SleepFor(absl::Milliseconds(1));
+    absl::SleepFor(absl::Milliseconds(50));  // in read(), holding the stream's lock
+    int code = 0;
+    {
+      ProcessPool<Crasher> pool(quiet({.workers = 1, .start_method = method}));
+      // The crash makes the pool thread fork a replacement while the reader blocks.
+      std::vector<int64_t> jobs = {2, kKill, 3};
+      absl::StatusOr<std::vector<int64_t>> squares = pool.map(jobs, {.chunksize = 1});
+      if (squares.ok() || squares.status().code() != absl::StatusCode::kAborted) code = 1;
+      if (!pool.map(std::vector<int64_t>{4, 5}).ok()) code = 2;
+      if (std::FILE* other = std::fopen("/dev/null", "r")) std::fclose(other);
+    }
+    ::_exit(code);  // the reader still blocks; _exit does not wait for it
+  }
+  ::close(input[0]);
+  int status = 0;
+  const bool ended = testing::wait_until(
+      [&] { return ::waitpid(child, &status, WNOHANG) == child; }, absl::Seconds(20));
+  if (!ended) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+  }
+  ::close(input[1]);
+  CHECK(ended);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
 // =============================================================================================
 // 7. Closed stdio does not break workers.
 

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <ranges>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -471,6 +472,70 @@ TEST_CASE("progress callbacks and stats add up after a run with failures") {
   }
   CHECK(started == 2);
   CHECK(stopped == 2);
+}
+
+struct SelfKiller {
+  int64_t run(int64_t x) {
+    if (x < 0) ::_exit(3);
+    return x;
+  }
+};
+
+TEST_CASE("a progress function or a log sink that throws is logged; the calls and the pool go on") {
+  // Both are the program's code, run on the pool's thread (or a caller's) under its lock: an
+  // exception escaping them must not end the program or wedge the pool.
+  std::vector<LogEvent> events;
+  std::mutex events_mu;
+  PoolOptions options{.workers = 2};
+  options.log_sink = [&](const LogEvent& event) {
+    std::lock_guard lock(events_mu);
+    events.push_back(event);
+  };
+  {
+    ProcessPool<Squarer> pool(testing::on_link(options));
+    std::vector<int64_t> jobs = {1, 2, 3, 4, 5, 6};
+    SUBCASE("a std::exception") {
+      absl::StatusOr<std::vector<int64_t>> squares =
+          pool.map(jobs, {.progress = [](size_t, size_t) { throw std::runtime_error("no tty"); }});
+      REQUIRE(squares.ok());
+      CHECK(squares->back() == 36);
+    }
+    SUBCASE("anything else, without blocking the call") {
+      AsyncResult<std::vector<int64_t>> squares =
+          pool.map_async(jobs, {.progress = [](size_t, size_t) { throw 42; }});
+      REQUIRE(squares.get().ok());
+      CHECK(squares.get()->back() == 36);
+    }
+    CHECK(pool.map(jobs).ok());
+  }
+  std::lock_guard lock(events_mu);
+  size_t logged = 0;
+  for (const LogEvent& event : events) {
+    if (event.message.find("a progress function threw") != std::string::npos) {
+      CHECK(event.severity == LogSeverity::kError);
+      CHECK((event.message.find("std::runtime_error: no tty") != std::string::npos ||
+             event.message.find("int (not derived from std::exception)") != std::string::npos));
+      ++logged;
+    }
+  }
+  CHECK(logged == 6);
+}
+
+TEST_CASE("a log sink that throws does not end the program or wedge the pool") {
+  PROCPOOL_LOCAL_ONLY("it counts the test's child processes");
+  {
+    ProcessPool<SelfKiller> pool({.workers = 1, .log_sink = [](const LogEvent&) { throw 7; }});
+    for (int round = 0; round < 3; ++round) {
+      // A worker's death is logged, by the pool thread or by this one when it borrowed the worker.
+      absl::StatusOr<int64_t> died = pool.apply(-1);
+      CHECK(died.status().code() == absl::StatusCode::kAborted);
+      absl::StatusOr<std::vector<int64_t>> fine = pool.map(std::vector<int64_t>{1, 2, 3});
+      REQUIRE(fine.ok());
+    }
+    CHECK(pool.close().ok());
+    CHECK(pool.join().ok());
+  }
+  CHECK(testing::worker_children().empty());
 }
 
 TEST_CASE("stats show a busy worker and its current task") {

@@ -293,6 +293,53 @@ TEST_CASE("a hanging exit() is killed at join_timeout and reported") {
   CHECK(testing::worker_children().empty());
 }
 
+struct Napper {
+  int64_t run(int64_t ms) {
+    absl::SleepFor(absl::Milliseconds(ms));
+    return ms;
+  }
+};
+
+TEST_CASE("timeouts of centuries behave as none: tasks finish, exit hooks run, nobody is killed") {
+  // A deadline is now + timeout in int64 nanoseconds: one past 292 years must saturate, not wrap
+  // into the past (where join_timeout would kill every worker at once).
+  PROCPOOL_LOCAL_ONLY("RecordingWorker is built by a factory");
+  const absl::Duration centuries = absl::Hours(24 * 365 * 1000);
+  TempDir dir;
+  const std::string log = dir.file("events");
+  {
+    ProcessPool<RecordingWorker> pool(quiet({.workers = 2,
+                                             .join_timeout = centuries,
+                                             .task_timeout = centuries,
+                                             .kill_grace = centuries,
+                                             .frame_timeout = centuries,
+                                             .respawn_max_delay = centuries}),
+                                      [log] { return RecordingWorker(log); });
+    std::vector<int64_t> jobs = {1, 2, 3, 4};
+    absl::StatusOr<std::vector<int64_t>> squares = pool.map(jobs);
+    REQUIRE(squares.ok());
+    CHECK(*squares == std::vector<int64_t>{1, 4, 9, 16});
+    REQUIRE(pool.close().ok());
+    absl::Status joined = pool.join();
+    CHECK(joined.ok());
+    if (!joined.ok()) MESSAGE(joined);
+  }
+  // Every worker that entered ran its exit() (one still starting at join may be let go unentered).
+  int enters = 0;
+  int exits = 0;
+  for (const Event& event : read_events(log)) {
+    enters += event.kind == "enter";
+    exits += event.kind == "exit";
+  }
+  CHECK(exits >= 1);
+  CHECK(exits == enters);
+
+  ProcessPool<Napper> nappers(quiet({.workers = 1}));
+  absl::StatusOr<int64_t> napped = nappers.apply(300, {.task_timeout = centuries});
+  CHECK(napped.ok());
+  if (!napped.ok()) MESSAGE(napped.status());
+}
+
 struct SigtermProof {
   int64_t run(int64_t x) {
     if (x == 0) ::signal(SIGTERM, SIG_IGN);

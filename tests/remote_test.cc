@@ -489,8 +489,11 @@ TEST_CASE("garbage and half frames over a worker's TCP connection drop that conn
   std::string what;
   SUBCASE("garbage") { what = "garbage"; }
   SUBCASE("half a frame") { what = "partial"; }
+  // A heartbeat far longer than the wait below: only frame_timeout can close the connection of a
+  // peer that sends half a frame and then nothing (on a host's control connection, as on a data
+  // connection).
   ProcessPool<RemoteWorker> pool(remote_pool(
-      1, launched(), {.frame_timeout = absl::Milliseconds(300)}));
+      1, launched(absl::Seconds(60)), {.frame_timeout = absl::Milliseconds(300)}));
   REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
   Peer peer = dial(pool.remote_address());
   REQUIRE(handshake_as_worker(peer));
@@ -501,12 +504,13 @@ TEST_CASE("garbage and half frames over a worker's TCP connection drop that conn
     const uint32_t table[2] = {0, 1000};
     REQUIRE(::write(peer.fd.get(), table, sizeof(table)) == sizeof(table));
   }
-  // The pool closes the connection (end of file here), and serves on with its real worker.
+  // The pool closes the connection (end of file here), and serves on with its real worker. Half
+  // a frame is frame_timeout's to end (300 ms), not heartbeat_timeout's (60 s).
   char byte;
   CHECK(wait_until([&] {
     pollfd ready{peer.fd.get(), POLLIN, 0};
     return ::poll(&ready, 1, 0) == 1 && ::read(peer.fd.get(), &byte, 1) <= 0;
-  }, absl::Seconds(10)));
+  }, absl::Seconds(5)));
   auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
   CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
 }

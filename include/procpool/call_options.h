@@ -38,8 +38,11 @@ struct CallOptions {
   /// consumed at once; 0 means 4 per worker, or 4 chunks per worker and one more if that is more.
   /// Bounds the parent's memory on an endless input.
   size_t max_in_flight = 0;
+  /// map and starmap (and their `_async` forms) only; apply and imap, whose callers see each
+  /// result as it comes, do not call it.
   /// Called after each task finishes, with (tasks finished, total). Runs on the pool thread: keep
-  /// it quick and do not call back into the pool from it. `procpool::ProgressBar` is a ready one.
+  /// it quick and do not call back into the pool from it. An exception it throws is logged as an
+  /// error and the call goes on. `procpool::ProgressBar` is a ready one.
   std::function<void(size_t done, size_t total)> progress;
 };
 

@@ -152,7 +152,8 @@ struct PoolOptions {
   /// How workers are made: `StartMethod::kFork` (default) or `StartMethod::kForkServer`. Ignored
   /// for remote workers.
   StartMethod start_method = StartMethod::kFork;
-  /// Where events go; the default writes warnings and errors to stderr.
+  /// Where events go; the default writes warnings and errors to stderr. Called on the pool's
+  /// thread and callers' threads; an exception it throws is written to stderr and dropped.
   LogSink log_sink = log_to_stderr;
   /// A frame a worker has begun to send must be complete within this; otherwise its stream is
   /// broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge

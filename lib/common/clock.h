@@ -28,9 +28,13 @@ inline int64_t coarse_now_ns() {
 // adds this, so no task is ever killed before its time.
 int64_t coarse_clock_slack_ns();
 
-// A duration as nanoseconds to add to a monotonic stamp: InfiniteDuration saturates.
+// A duration as nanoseconds to add to a monotonic stamp. Anything from INT64_MAX / 4 ns (73
+// years) up, InfiniteDuration included, saturates there, so that a stamp plus two of them (a task
+// timeout and kill_grace) never overflows: a finite timeout of centuries
+// (absl::Hours(24 * 365 * 1000)) would otherwise wrap into the past and expire at once.
 inline int64_t to_ns(absl::Duration d) {
-  if (d == absl::InfiniteDuration()) return INT64_MAX / 2;
+  constexpr int64_t kNever = INT64_MAX / 4;
+  if (d >= absl::Nanoseconds(kNever)) return kNever;
   return absl::ToInt64Nanoseconds(d);
 }
 

@@ -9,8 +9,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 #include <memory>
 
 #include "absl/strings/numbers.h"
@@ -188,8 +190,9 @@ absl::StatusOr<UniqueFd> connect_tcp(const HostPort& address, absl::Duration tim
     int rc = ::connect(fd.get(), info->ai_addr, info->ai_addrlen);
     if (rc != 0 && errno == EINPROGRESS) {
       pollfd wait{fd.get(), POLLOUT, 0};
-      const int ms = static_cast<int>(
-          std::max<int64_t>(0, absl::ToInt64Milliseconds(deadline - absl::Now())));
+      // Clamped: a connect_timeout of years must not wrap into a negative (endless) poll.
+      const int ms = static_cast<int>(std::clamp<int64_t>(
+          absl::ToInt64Milliseconds(deadline - absl::Now()), 0, std::numeric_limits<int>::max()));
       rc = ::poll(&wait, 1, ms);
       if (rc == 0) {
         last = "timed out";

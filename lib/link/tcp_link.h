@@ -1,18 +1,14 @@
-// TcpLink: the WorkerLink of a remote worker, and RemoteHost: a TCP connection from a worker
-// host — the control connection of a relay (relay.h), or, briefly, a data connection until it is
-// handed to the link it belongs to.
+// TcpLink: the WorkerLink of a remote worker, served by a worker host (remote_host.h).
 //
-// A relay's control connection carries the handshake (handshake.h), heartbeats, the pool's
-// requests (spawn, stop, revoke) and the relay's reports (progress, revocations, a worker's end).
-// It is declared gone when nothing has come over it for heartbeat_timeout. A TcpLink is one worker
-// process that relay forks for a slot: the pool asks for it with a fresh random id (`spawn`), the
-// relay opens a data connection that presents the id and the token's proof (`attach`), and the
-// worker then speaks the same frames over it as a forked worker over its socketpair — so apply's
-// fast path can borrow it, and frames never pass through the relay. The link ends when the relay
-// reports the worker's end (`ended`, with its exact last progress) and the data connection has
-// delivered everything before its end of file; or when the control connection is lost (then its
-// progress is what the relay last said: `WorkerProgress::exact` is false). Its host is then free
-// for the slot's next worker: a task that kills its worker costs the pool no connection.
+// A TcpLink is one worker process that a relay forks for a slot: the pool asks for it, over the
+// host's control connection, with a fresh random id (`spawn`); the relay opens a data connection
+// that presents the id and the token's proof (`attach`), and the worker then speaks the same
+// frames over it as a forked worker over its socketpair — so apply's fast path can borrow it, and
+// frames never pass through the relay. The link ends when the relay reports the worker's end
+// (`ended`, with its exact last progress) and the data connection has delivered everything before
+// its end of file; or when the control connection is lost (then its progress is what the relay
+// last said: `WorkerProgress::exact` is false). Its host is then free for the slot's next worker:
+// a task that kills its worker costs the pool no connection.
 
 #ifndef PROCPOOL_LIB_LINK_TCP_LINK_H_
 #define PROCPOOL_LIB_LINK_TCP_LINK_H_
@@ -31,84 +27,11 @@
 #include "lib/common/socket.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/remote_frames.h"
+#include "lib/link/remote_host.h"
 #include "lib/link/worker_link.h"
 #include "lib/wire/frame_io.h"
 
 namespace procpool::internal {
-
-class TcpLink;
-
-// What every host of one pool shares.
-struct RemoteHostConfig {
-  std::string token;
-  std::string worker_type;
-  RelayLimits limits;
-  absl::Duration handshake_timeout = absl::Seconds(20);
-};
-
-using EventsOf = std::function<LinkEvents&(WorkerLink&)>;
-
-class RemoteHost {
- public:
-  // kData: the connection presented a spawn's id; the launcher hands it to that link.
-  enum class State { kHandshake, kIdle, kBusy, kData, kClosed };
-  RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config);
-  ~RemoteHost();
-
-  State state() const { return state_; }
-  const std::string& peer() const { return peer_; }           // "10.0.0.7:51234"
-  const std::string& host_name() const { return host_name_; }  // from its hello
-  // Why it closed (a refusal, a lost connection), once it has.
-  const std::string& closed_reason() const { return closed_reason_; }
-  bool refused() const { return refused_; }
-
-  int fd() const { return socket_.get(); }
-  short poll_events() const;
-  // Reads and writes what poll() said is ready; reports to the bound link through `events_of`.
-  void service(short revents, const EventsOf& events_of);
-  // Handshake deadline, heartbeats; returns when it wants to be called again.
-  int64_t check(int64_t now_ns, const EventsOf& events_of);
-
-  // A free host takes `link`: it asks its relay to fork a worker for `slot`, whose data
-  // connection will present `data_id`.
-  void bind(TcpLink* link, int slot, const std::string& data_id);
-  // The link is done with this host (it ended, or is being destroyed).
-  void unbind(TcpLink* link);
-  void queue(capnp::MessageBuilder& message);
-  void flush();
-  // Closes the connection; a bound link ends ("was lost: <why>").
-  void close(const std::string& why, const EventsOf& events_of);
-  // Refuses the peer (a frame saying why) and closes.
-  void refuse(const std::string& why);
-
-  // kData: what the connection presented, and the connection itself (with what was read).
-  const std::string& data_id() const { return data_id_; }
-  const std::string& data_proof() const { return data_proof_; }
-  UniqueFd take_socket();
-  FrameReader take_reader();
-
- private:
-  void on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of);
-  void handshake_frame(kj::ArrayPtr<const capnp::word> words);
-
-  UniqueFd socket_;
-  const std::string peer_;
-  const RemoteHostConfig& config_;
-  State state_ = State::kHandshake;
-  FrameReader reader_;
-  FrameWriter writer_;
-  std::string host_name_;
-  std::string worker_nonce_;
-  std::string pool_nonce_;
-  std::string data_id_;
-  std::string data_proof_;
-  bool refused_ = false;
-  std::string closed_reason_;
-  int64_t handshake_deadline_ns_ = 0;
-  int64_t last_received_ns_ = 0;
-  int64_t last_ping_ns_ = 0;
-  TcpLink* link_ = nullptr;
-};
 
 class TcpLink final : public WorkerLink {
  public:

@@ -1,6 +1,7 @@
 #include "lib/link/worker_process.h"
 
 #include <signal.h>
+#include <stdio.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +18,22 @@
 
 namespace procpool::internal {
 namespace {
+
+// Flushes the streams a child shares with us, stdout and stderr, so that what we printed before
+// the fork comes out before what the child prints. Never waits for a stream's lock: a thread of
+// the program may hold it for as long as it likes (an fgets() on stdin until a line is typed, a
+// printf() into a full pipe), and fflush(nullptr) would wait for every stream's lock while holding
+// glibc's list of streams, so the pool's lock, its forks and every fopen() of the program would
+// wait with it. A stream skipped here loses nothing: the child discards its copy of the buffer
+// (child_setup.h) and we write it later. Every other stream's descriptor is closed in the child,
+// so flushing it first would change nothing.
+void flush_shared_streams() {
+  for (FILE* stream : {stdout, stderr}) {
+    if (::ftrylockfile(stream) != 0) continue;
+    ::fflush_unlocked(stream);
+    ::funlockfile(stream);
+  }
+}
 
 std::string signal_name(int signal) {
   const char* name = ::sigabbrev_np(signal);
@@ -66,7 +83,7 @@ absl::StatusOr<pid_t> fork_child(const char* what) {
     errno = injected;
   } else {
     // Anything buffered now would be written by us; the child discards its copy (child_setup.h).
-    std::fflush(nullptr);
+    flush_shared_streams();
     // Block every signal across fork() so no handler of the parent's runs in the child before
     // the child has reset them.
     sigset_t all, previous;

@@ -52,7 +52,8 @@ class WorkerProcess {
   bool reaped_ = false;
 };
 
-// fork() for our children: stdio flushed first, and every signal blocked across it (no handler of
+// fork() for our children: stdout and stderr flushed first (unless another thread holds them: this
+// never waits for a stream's lock), and every signal blocked across it (no handler of
 // the parent's may run in the child before the child resets them). Returns 0 in the child, whose
 // mask is still all-blocked; the child's pid in the parent, whose mask is restored. A failure is
 // kResourceExhausted when the process limit is reached (EAGAIN: RLIMIT_NPROC or the pids

@@ -60,7 +60,7 @@ class WorkerPort {
 
 // How a worker was lost, for settling what it held.
 struct LostWorker {
-  // How it ended, for messages: "worker 1 (pid 42) was killed by signal 9 (SIGKILL)".
+  // How it ended, in the words of its link, for messages ("worker 1 (...) was killed by ...").
   std::string ended;
   // The failure of the task it was running when it ended (kAborted naming the death,
   // kDeadlineExceeded for a timeout, kCancelled for a terminate).

@@ -18,6 +18,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "lib/link/handshake.h"
+#include "lib/link/remote_host.h"
 #include "lib/link/tcp_link.h"
 #include "procpool/internal/protocol.capnp.h"
 

@@ -28,6 +28,12 @@
 
 namespace procpool::internal {
 
+// A wait bounded by more than this is a wait without a bound. std::chrono adds a wait's duration
+// to its clock's now(): one near the range of its nanoseconds overflows into the past and the
+// wait gives up at once, so get(absl::Hours(24 * 365 * 1000)) would return kDeadlineExceeded at
+// once instead of waiting.
+inline constexpr absl::Duration kLongestBoundedWait = absl::Hours(24 * 365 * 100);
+
 // Collects "result i is in" events from many completions, in the order they happen; what
 // procpool::wait and as_completed block on. Thread-safe.
 class DoneNotifier {
@@ -51,7 +57,7 @@ class DoneNotifier {
   bool wait_until(absl::Time deadline, Ready&& ready) {
     std::unique_lock lock(mu_);
     auto holds = [&] { return ready(static_cast<const std::deque<Event>&>(events_)); };
-    if (deadline == absl::InfiniteFuture()) {
+    if (deadline - absl::Now() >= kLongestBoundedWait) {  // absl::InfiniteFuture() included
       cv_.wait(lock, holds);
       return true;
     }
@@ -83,7 +89,7 @@ class CompletionBase {
   bool wait(absl::Duration timeout) const {
     std::unique_lock lock(mu_);
     auto done = [this] { return done_; };
-    if (timeout == absl::InfiniteDuration()) {
+    if (timeout >= kLongestBoundedWait) {  // absl::InfiniteDuration() included
       cv_.wait(lock, done);
       return true;
     }

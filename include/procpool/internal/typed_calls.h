@@ -103,6 +103,22 @@ void set_callbacks(Completion<Stored<T>>& completion, Callbacks<T> callbacks) {
   }
 }
 
+// A call's progress function, as the pool runs it: on the pool thread (or a caller's, in a
+// dispatch), under the core's lock, where an exception escaping it would end the program
+// (std::terminate) or leave a borrowed worker unreturned. It is logged as an error instead, like a
+// callback's, and the call goes on.
+inline std::function<void(size_t, size_t)> guard_progress(
+    PoolCore& core, std::function<void(size_t, size_t)> progress) {
+  return [&core, progress = std::move(progress)](size_t done, size_t total) {
+    try {
+      progress(done, total);
+    } catch (...) {
+      core.log(LogSeverity::kError,
+               "a progress function threw: " + describe_current_exception());
+    }
+  };
+}
+
 // Result may be void (tasks with no value): see Mapped, MapOutcome and OutcomeOf for what the
 // calls then return.
 template <typename Job, typename Result>
@@ -112,7 +128,7 @@ struct TypedCalls {
     const size_t count = jobs.size();
     auto call = std::make_shared<MapCall<Job, Result>>(make_settings(core, options, count, base),
                                                        std::move(jobs));
-    if (options.progress) call->set_progress(std::move(options.progress));
+    if (options.progress) call->set_progress(guard_progress(core, std::move(options.progress)));
     if (absl::Status submitted = core.submit(call, 0, count); !submitted.ok()) return submitted;
     call->complete_if_empty();
     call->wait(absl::InfiniteDuration());
@@ -129,7 +145,7 @@ struct TypedCalls {
     const size_t count = jobs.size();
     auto call = std::make_shared<MapCall<Job, Result>>(make_settings(core, options, count, base),
                                                        JobList<Job>(std::move(jobs)));
-    if (options.progress) call->set_progress(std::move(options.progress));
+    if (options.progress) call->set_progress(guard_progress(core, std::move(options.progress)));
     call->bind(&core);
     set_callbacks<Mapped<Result>>(*call, std::move(callbacks));
     if (absl::Status submitted = core.submit(call, 0, count); !submitted.ok()) {

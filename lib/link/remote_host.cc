@@ -1,0 +1,267 @@
+#include "lib/link/remote_host.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "capnp/serialize.h"
+#include "kj/exception.h"
+#include "lib/common/clock.h"
+#include "lib/link/handshake.h"
+#include "lib/link/tcp_link.h"
+
+namespace procpool::internal {
+
+RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config)
+    : socket_(std::move(socket)),
+      peer_(std::move(peer)),
+      config_(config),
+      reader_(kHandshakeFrameBytes) {
+  const int64_t now = monotonic_now_ns();
+  handshake_deadline_ns_ = now + to_ns(config_.handshake_timeout);
+  last_received_ns_ = now;
+  last_ping_ns_ = now;
+}
+
+RemoteHost::~RemoteHost() {
+  if (link_ != nullptr) link_->bind(nullptr);
+}
+
+short RemoteHost::poll_events() const {
+  return static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT));
+}
+
+void RemoteHost::queue(capnp::MessageBuilder& message) {
+  if (state_ != State::kClosed) writer_.push_copy(capnp::messageToFlatArray(message));
+}
+
+void RemoteHost::flush() {
+  if (state_ == State::kClosed || writer_.empty()) return;
+  // A failure means the connection is gone: the next read says so.
+  if (!writer_.write_some(socket_.get()).ok()) writer_.clear();
+}
+
+UniqueFd RemoteHost::take_socket() {
+  state_ = State::kClosed;
+  return std::move(socket_);
+}
+
+FrameReader RemoteHost::take_reader() { return std::move(reader_); }
+
+void RemoteHost::service(short revents, const EventsOf& events_of) {
+  if (state_ == State::kClosed || state_ == State::kData) return;
+  if ((revents & POLLOUT) && !writer_.write_some(socket_.get()).ok()) {
+    close("its connection broke", events_of);
+    return;
+  }
+  if (!(revents & (POLLIN | POLLHUP | POLLERR))) return;
+  // Bounded: a flood from one host must not starve the others.
+  for (int round = 0; round < 16 && (state_ != State::kClosed && state_ != State::kData); ++round) {
+    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(socket_.get());
+    if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
+      close(filled.ok() ? "it closed its connection" : std::string(filled.status().message()),
+            events_of);
+      return;
+    }
+    if (*filled == FrameReader::Fill::kWouldBlock) break;
+    last_received_ns_ = monotonic_now_ns();
+    bool completed = false;
+    while (state_ != State::kClosed && state_ != State::kData) {
+      absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
+      if (!frame.ok()) {
+        close(absl::StrCat("sent a bad frame: ", frame.status().message()), events_of);
+        return;
+      }
+      if (frame->size() == 0) break;
+      completed = true;
+      on_frame(*frame, events_of);
+    }
+    // A frame begun must end within frame_timeout (check()), as on a worker's data connection:
+    // a peer that sends half a frame and then only heartbeats' worth of silence is not kept.
+    if (!reader_.has_partial_frame()) {
+      partial_since_ns_ = 0;
+    } else if (completed || partial_since_ns_ == 0) {
+      partial_since_ns_ = last_received_ns_;
+    }
+  }
+}
+
+void RemoteHost::on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of) {
+  if (state_ == State::kHandshake) {
+    try {
+      handshake_frame(words);
+    } catch (const kj::Exception& e) {
+      refuse(absl::StrCat("a malformed handshake frame: ", e.getDescription().cStr()));
+    }
+    return;
+  }
+  try {
+    capnp::FlatArrayMessageReader message(words, reader_.options());
+    auto root = message.getRoot<wire::FromWorker>();
+    switch (root.which()) {
+      case wire::FromWorker::PONG:
+        if (link_ != nullptr) link_->on_pong(root.getPong());
+        return;
+      case wire::FromWorker::SPAWNED:
+        if (link_ != nullptr) link_->on_spawned(root.getSpawned(), events_of(*link_));
+        return;
+      case wire::FromWorker::REVOKED:
+        if (link_ != nullptr) {
+          auto revoked = root.getRevoked();
+          events_of(*link_).on_revoked(revoked.getSlot(), revoked.getTag(), revoked.getClaimed());
+        }
+        return;
+      case wire::FromWorker::ENDED:
+        if (link_ != nullptr) link_->on_ended(root.getEnded(), events_of(*link_));
+        return;
+      default:
+        break;
+    }
+    close("sent a frame a worker host does not send over its control connection", events_of);
+  } catch (const kj::Exception& e) {
+    close(absl::StrCat("sent a malformed frame: ", e.getDescription().cStr()), events_of);
+  }
+}
+
+void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
+  capnp::FlatArrayMessageReader message(words, reader_.options());
+  auto root = message.getRoot<wire::FromWorker>();
+  if (worker_nonce_.empty()) {
+    if (root.isAttach()) {
+      // A worker's data connection: the launcher gives it to the link that spawned it.
+      data_id_ = as_string(root.getAttach().getDataId());
+      data_proof_ = as_string(root.getAttach().getProof());
+      state_ = State::kData;
+      reader_.set_max_frame_bytes(config_.limits.max_frame_bytes);
+      return;
+    }
+    if (!root.isHello()) return refuse("the first frame was not a hello");
+    auto hello = root.getHello();
+    host_name_ = std::string(hello.getHost().cStr()).substr(0, 255);
+    if (hello.getVersion() != kProtocolVersion) {
+      return refuse(absl::StrCat("the worker speaks protocol version ", hello.getVersion(),
+                                 ", the pool version ", kProtocolVersion,
+                                 ": build both from the same procpool"));
+    }
+    if (hello.getWorkerType().size() > 0 &&
+        std::string(hello.getWorkerType().cStr()) != config_.worker_type) {
+      return refuse(absl::StrCat("the worker serves ", hello.getWorkerType().cStr(),
+                                 ", but the pool's workers are ", config_.worker_type));
+    }
+    if (hello.getNonce().size() != kNonceBytes) return refuse("the worker's nonce has the wrong size");
+    worker_nonce_ = as_string(hello.getNonce());
+    pool_nonce_ = make_nonce();
+    capnp::MallocMessageBuilder reply(64);
+    auto challenge = reply.initRoot<wire::ToWorker>().initChallenge();
+    challenge.setVersion(kProtocolVersion);
+    challenge.setWorkerType(config_.worker_type);
+    challenge.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(pool_nonce_.data()),
+                                           pool_nonce_.size()));
+    const std::string proof = prove(config_.token, "pool", worker_nonce_, pool_nonce_);
+    challenge.setProof(
+        capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+    queue(reply);
+    flush();
+    return;
+  }
+  if (root.isRefused()) {
+    refused_ = true;
+    closed_reason_ = absl::StrCat("the worker refused the pool: ", root.getRefused().cStr());
+    state_ = State::kClosed;
+    socket_.reset();
+    return;
+  }
+  if (!root.isProof()) return refuse("the worker answered the challenge with something else");
+  if (!proof_matches(config_.token, "worker", pool_nonce_, worker_nonce_, as_string(root.getProof()))) {
+    return refuse(config_.token.empty()
+                      ? "the worker proved a token, and this pool has none"
+                      : root.getProof().size() == 0
+                            ? "the worker proved no token (is PROCPOOL_TOKEN set in its environment?)"
+                            : "wrong token: the worker's proof does not match the pool's token");
+  }
+  capnp::MallocMessageBuilder reply(64);
+  write_welcome(config_.limits, reply.initRoot<wire::ToWorker>().initWelcome());
+  queue(reply);
+  flush();
+  state_ = State::kIdle;
+  reader_.set_max_frame_bytes(config_.limits.max_frame_bytes);
+}
+
+void RemoteHost::refuse(const std::string& why) {
+  capnp::MallocMessageBuilder message(64);
+  message.initRoot<wire::ToWorker>().setRefused(why);
+  queue(message);
+  flush();
+  refused_ = true;
+  closed_reason_ = why;
+  state_ = State::kClosed;
+  socket_.reset();
+}
+
+int64_t RemoteHost::check(int64_t now_ns, const EventsOf& events_of) {
+  if (state_ == State::kClosed || state_ == State::kData) return INT64_MAX;
+  if (state_ == State::kHandshake) {
+    if (now_ns >= handshake_deadline_ns_) {
+      close(absl::StrCat("did not finish its handshake within ",
+                         absl::FormatDuration(config_.handshake_timeout)),
+            events_of);
+      return INT64_MAX;
+    }
+    return handshake_deadline_ns_;
+  }
+  int64_t next = INT64_MAX;
+  if (partial_since_ns_ != 0) {
+    const int64_t deadline = partial_since_ns_ + to_ns(config_.limits.frame_timeout);
+    if (now_ns >= deadline) {
+      close(absl::StrCat("began a frame and did not finish it within frame_timeout (",
+                         absl::FormatDuration(config_.limits.frame_timeout), ")"),
+            events_of);
+      return INT64_MAX;
+    }
+    next = deadline;
+  }
+  const int64_t heartbeat = to_ns(config_.limits.heartbeat_timeout);
+  if (now_ns - last_received_ns_ >= heartbeat) {
+    close(absl::StrCat("sent nothing for ", absl::FormatDuration(config_.limits.heartbeat_timeout),
+                       " (no heartbeat): its host or its connection is gone"),
+          events_of);
+    return INT64_MAX;
+  }
+  if (now_ns - last_ping_ns_ >= heartbeat / 4) {
+    capnp::MallocMessageBuilder ping(16);
+    ping.initRoot<wire::ToWorker>().setPing();
+    queue(ping);
+    flush();
+    last_ping_ns_ = now_ns;
+  }
+  return std::min({next, last_received_ns_ + heartbeat, last_ping_ns_ + heartbeat / 4});
+}
+
+void RemoteHost::bind(TcpLink* link, int slot, const std::string& data_id) {
+  link_ = link;
+  state_ = State::kBusy;
+  capnp::MallocMessageBuilder spawn(32);
+  auto request = spawn.initRoot<wire::ToWorker>().initSpawn();
+  request.setSlot(static_cast<uint32_t>(slot));
+  request.setDataId(
+      capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(data_id.data()), data_id.size()));
+  queue(spawn);
+  flush();
+}
+
+void RemoteHost::unbind(TcpLink* link) {
+  if (link_ != link) return;
+  link_ = nullptr;
+  if (state_ == State::kBusy) state_ = State::kIdle;
+}
+
+void RemoteHost::close(const std::string& why, const EventsOf& events_of) {
+  if (state_ == State::kClosed) return;
+  state_ = State::kClosed;
+  closed_reason_ = why;
+  socket_.reset();
+  writer_.clear();
+  if (TcpLink* link = std::exchange(link_, nullptr)) link->on_lost(why, events_of(*link));
+}
+
+}  // namespace procpool::internal

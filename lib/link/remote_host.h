@@ -1,0 +1,105 @@
+// RemoteHost: a TCP connection from a worker host, as the pool sees it — the control connection
+// of a relay (relay.h), or, briefly, a data connection until it is handed to the TcpLink it
+// belongs to (tcp_link.h).
+//
+// A relay's control connection carries the handshake (handshake.h), heartbeats, the pool's
+// requests (spawn, stop, revoke) and the relay's reports (progress, revocations, a worker's end).
+// It is declared gone when nothing has come over it for heartbeat_timeout, or when a frame it
+// began is not finished within frame_timeout. A free host takes one waiting TcpLink at a time.
+
+#ifndef PROCPOOL_LIB_LINK_REMOTE_HOST_H_
+#define PROCPOOL_LIB_LINK_REMOTE_HOST_H_
+
+#include <poll.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/time/time.h"
+#include "capnp/message.h"
+#include "lib/common/unique_fd.h"
+#include "lib/link/remote_frames.h"
+#include "lib/link/worker_link.h"
+#include "lib/wire/frame_io.h"
+
+namespace procpool::internal {
+
+class TcpLink;
+
+// What every host of one pool shares.
+struct RemoteHostConfig {
+  std::string token;
+  std::string worker_type;
+  RelayLimits limits;
+  absl::Duration handshake_timeout = absl::Seconds(20);
+};
+
+using EventsOf = std::function<LinkEvents&(WorkerLink&)>;
+
+class RemoteHost {
+ public:
+  // kData: the connection presented a spawn's id; the launcher hands it to that link.
+  enum class State { kHandshake, kIdle, kBusy, kData, kClosed };
+  RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config);
+  ~RemoteHost();
+
+  State state() const { return state_; }
+  const std::string& peer() const { return peer_; }           // "10.0.0.7:51234"
+  const std::string& host_name() const { return host_name_; }  // from its hello
+  // Why it closed (a refusal, a lost connection), once it has.
+  const std::string& closed_reason() const { return closed_reason_; }
+  bool refused() const { return refused_; }
+
+  int fd() const { return socket_.get(); }
+  short poll_events() const;
+  // Reads and writes what poll() said is ready; reports to the bound link through `events_of`.
+  void service(short revents, const EventsOf& events_of);
+  // Handshake deadline, heartbeats; returns when it wants to be called again.
+  int64_t check(int64_t now_ns, const EventsOf& events_of);
+
+  // A free host takes `link`: it asks its relay to fork a worker for `slot`, whose data
+  // connection will present `data_id`.
+  void bind(TcpLink* link, int slot, const std::string& data_id);
+  // The link is done with this host (it ended, or is being destroyed).
+  void unbind(TcpLink* link);
+  void queue(capnp::MessageBuilder& message);
+  void flush();
+  // Closes the connection; a bound link ends ("was lost: <why>").
+  void close(const std::string& why, const EventsOf& events_of);
+  // Refuses the peer (a frame saying why) and closes.
+  void refuse(const std::string& why);
+
+  // kData: what the connection presented, and the connection itself (with what was read).
+  const std::string& data_id() const { return data_id_; }
+  const std::string& data_proof() const { return data_proof_; }
+  UniqueFd take_socket();
+  FrameReader take_reader();
+
+ private:
+  void on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of);
+  void handshake_frame(kj::ArrayPtr<const capnp::word> words);
+
+  UniqueFd socket_;
+  const std::string peer_;
+  const RemoteHostConfig& config_;
+  State state_ = State::kHandshake;
+  FrameReader reader_;
+  FrameWriter writer_;
+  std::string host_name_;
+  std::string worker_nonce_;
+  std::string pool_nonce_;
+  std::string data_id_;
+  std::string data_proof_;
+  bool refused_ = false;
+  std::string closed_reason_;
+  int64_t handshake_deadline_ns_ = 0;
+  int64_t last_received_ns_ = 0;
+  int64_t last_ping_ns_ = 0;
+  int64_t partial_since_ns_ = 0;  // when the frame now half-read began (0: none is)
+  TcpLink* link_ = nullptr;
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_LINK_REMOTE_HOST_H_

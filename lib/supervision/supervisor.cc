@@ -295,18 +295,22 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
       next = std::min(next, deadline);
     }
   }
-  if (config_.max_worker_rss_bytes > 0 && slot.state == State::kReady && !slot.recycling &&
-      now - slot.last_memory_check_ns >= kMemoryCheckIntervalNs) {
-    slot.last_memory_check_ns = now;
-    const size_t rss = slot.link->resident_bytes();
-    if (rss > config_.max_worker_rss_bytes) {
-      slot.recycling = true;
-      slot.state = State::kDraining;
-      scheduler_.stop_accepting(slot.index);
-      log(slot, LogSeverity::kInfo,
-          absl::StrFormat("recycling: resident memory %d bytes exceeds max_worker_rss_bytes %d", rss,
-                          config_.max_worker_rss_bytes));
+  if (config_.max_worker_rss_bytes > 0 && slot.state == State::kReady && !slot.recycling) {
+    if (now - slot.last_memory_check_ns >= kMemoryCheckIntervalNs) {
+      slot.last_memory_check_ns = now;
+      const size_t rss = slot.link->resident_bytes();
+      if (rss > config_.max_worker_rss_bytes) {
+        slot.recycling = true;
+        slot.state = State::kDraining;
+        scheduler_.stop_accepting(slot.index);
+        log(slot, LogSeverity::kInfo,
+            absl::StrFormat("recycling: resident memory %d bytes exceeds max_worker_rss_bytes %d",
+                            rss, config_.max_worker_rss_bytes));
+      }
     }
+    // The loop must come back for the next look: nothing else need wake it (an apply that
+    // borrows an idle worker and gives it back idle does not).
+    if (!slot.recycling) next = std::min(next, slot.last_memory_check_ns + kMemoryCheckIntervalNs);
   }
   if (!slot.link) return;
   next = std::min(next, slot.link->check(now, slot.events));

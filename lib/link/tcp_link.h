@@ -112,7 +112,10 @@ class TcpLink final : public WorkerLink {
   int64_t drop_at_ns_ = 0;  // stopped by force and not ended by then: drop the connection
   bool ended_ = false;
   bool stopped_waiting_ = false;
-  WorkerProgress progress_;
+  // What its relay last said (inexact: tasks after it may have started), until the relay reads
+  // it after the worker ended. Inexact from the start: before the first report the worker may
+  // already be running a task.
+  WorkerProgress progress_{.exact = false};
   size_t resident_bytes_ = 0;
   std::function<void()> on_destroy_;
 };

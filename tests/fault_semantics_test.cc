@@ -49,6 +49,7 @@ using testing::OutcomePool;
 using testing::TempDir;
 using testing::map_within;
 using testing::wait_until;
+using testing::write_all;
 
 constexpr int kWorkerChannelFd = 3;
 
@@ -348,17 +349,6 @@ TEST_CASE("under a real pids cgroup limit the pool reports the cause and heals w
 
 constexpr int64_t kPartialFrame = -1000;  // a header announcing 1,000 words, then nothing
 constexpr int64_t kGarbage = -1001;        // bytes that cannot be a frame, then nothing
-
-void write_all(int fd, const void* data, size_t size) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-}
 
 struct Vandal {
   int64_t run(int64_t job) {

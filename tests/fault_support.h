@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -43,6 +44,19 @@
 #include "procpool/process_pool.h"
 
 namespace procpool::testing {
+
+// Writes all of `data` to `fd`, as a vandal worker writes into its channel; gives up quietly on
+// an error (the pool may already have closed the channel).
+inline void write_all(int fd, const void* data, size_t size) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd, p, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    p += n;
+    size -= static_cast<size_t>(n);
+  }
+}
 
 // Faults below dump no core files: a crash test must not fill the disk or wait on a core helper.
 inline void disable_core_dumps() {

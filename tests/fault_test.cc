@@ -97,6 +97,7 @@ using testing::TempDir;
 using testing::map_within;
 using testing::process_alive;
 using testing::wait_until;
+using testing::write_all;
 
 // The worker's end of its channel (lib/worker_main.cc kChannelFd). Tests that forge frames write
 // there directly, as a buggy or hostile worker would.
@@ -953,17 +954,6 @@ constexpr int64_t kHugeResult = -5;     // a legitimate result of 2 MiB (limit: 
 constexpr int64_t kTruncated = -6;      // a table declaring 100 words, 3 sent, then _exit(0)
 
 constexpr size_t kSmallFrameLimit = size_t{1} << 20;
-
-void write_all(int fd, const void* data, size_t size) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-}
 
 struct FrameVandal {
   FrameVandal() : dir_(FaultyWorker::fault_dir()) {}

@@ -4,13 +4,32 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "lib/wire/control_page.h"
 
 namespace procpool::internal {
+namespace {
+
+// Watches a worker this process just forked (a pidfd). If that fails the worker is killed and
+// reaped at once: a worker the pool cannot watch must not live on, nor become a zombie.
+absl::StatusOr<WorkerProcess> watch_new_worker(pid_t pid) {
+  WorkerProcess process(pid, /*adopted=*/false);
+  if (process.pidfd() < 0) {
+    const int error = errno;
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
+  }
+  return process;
+}
+
+}  // namespace
 
 ForkLauncher::ForkLauncher(Config config) : config_(std::move(config)), pool_pid_(::getpid()) {}
 
@@ -75,14 +94,9 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     if (region) region->forget_fd();
     worker_main(channel->child_end.release(), page->get(), launch, parent, region.get());
   }
-  WorkerProcess process(*pid, /*adopted=*/false);
-  if (process.pidfd() < 0) {
-    const int error = errno;
-    ::kill(*pid, SIGKILL);
-    ::waitpid(*pid, nullptr, 0);
-    return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
-  }
-  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), std::move(process),
+  absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
+  if (!process.ok()) return process.status();
+  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process),
                                     std::move(channel->parent_end), *std::move(page), limits,
                                     std::move(region));
 }
@@ -102,14 +116,9 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, cons
   if (*pid == 0) worker_main(channel.release(), page->get(), launch, parent);
   // Ours closes here: the worker holds the only copy, so the connection ends with it.
   channel.reset();
-  WorkerProcess process(*pid, /*adopted=*/false);
-  if (process.pidfd() < 0) {
-    const int error = errno;
-    ::kill(*pid, SIGKILL);
-    ::waitpid(*pid, nullptr, 0);
-    return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
-  }
-  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), std::move(process),
+  absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
+  if (!process.ok()) return process.status();
+  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process),
                                     UniqueFd(), *std::move(page),
                                     ForkLink::Limits{config_.max_frame_bytes, config_.frame_timeout});
 }

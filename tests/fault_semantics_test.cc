@@ -49,6 +49,7 @@ using testing::OutcomePool;
 using testing::TempDir;
 using testing::map_within;
 using testing::wait_until;
+using testing::message_has;
 using testing::write_all;
 
 constexpr int kWorkerChannelFd = 3;
@@ -56,10 +57,6 @@ constexpr int kWorkerChannelFd = 3;
 PoolOptions quiet(PoolOptions options) {
   options.log_sink = nullptr;
   return options;
-}
-
-bool message_has(const absl::Status& status, absl::string_view text) {
-  return absl::StrContains(status.message(), text);
 }
 
 struct Setup {

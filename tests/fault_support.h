@@ -45,6 +45,11 @@
 
 namespace procpool::testing {
 
+// Whether `status`'s message contains `text`.
+inline bool message_has(const absl::Status& status, absl::string_view text) {
+  return absl::StrContains(status.message(), text);
+}
+
 // Writes all of `data` to `fd`, as a vandal worker writes into its channel; gives up quietly on
 // an error (the pool may already have closed the channel).
 inline void write_all(int fd, const void* data, size_t size) {

@@ -97,6 +97,7 @@ using testing::TempDir;
 using testing::map_within;
 using testing::process_alive;
 using testing::wait_until;
+using testing::message_has;
 using testing::write_all;
 
 // The worker's end of its channel (lib/worker_main.cc kChannelFd). Tests that forge frames write
@@ -250,10 +251,6 @@ pid_t wait_for_worker_running(const Pool& pool, uint64_t task) {
     return false;
   }, absl::Seconds(10));
   return found;
-}
-
-bool message_has(const absl::Status& status, absl::string_view text) {
-  return absl::StrContains(status.message(), text);
 }
 
 struct Setup {

@@ -49,6 +49,7 @@ namespace procpool {
 namespace {
 
 using testing::LogCapture;
+using testing::message_has;
 using testing::OutcomePool;
 using testing::RemoteWorker;
 using testing::TempDir;
@@ -59,10 +60,6 @@ struct Setup {
   Setup() { testing::disable_core_dumps(); }
 };
 const Setup setup;
-
-bool message_has(const absl::Status& status, absl::string_view text) {
-  return absl::StrContains(status.message(), text);
-}
 
 // A binary next to this one, through the runfiles tree (or bazel-bin when run by hand).
 std::string sibling(const std::string& name) {

@@ -55,6 +55,12 @@ struct Brittle {
 struct Picky {
   int64_t value = 0;
 };
+// A large job type: a byte string (in the worker's shared region from 64 KiB), or, poisoned, one
+// whose encoding throws (in the parent).
+struct LargePicky {
+  std::string payload;
+  bool poison = false;
+};
 
 }  // namespace procpool::testing
 
@@ -83,6 +89,18 @@ struct Codec<testing::Picky> {
     if (absl::Status s = Codec<int64_t>::decode(in, out.value); !s.ok()) return s;
     if (out.value == -1) return absl::DataLossError("-1 cannot be decoded");
     return absl::OkStatus();
+  }
+};
+
+template <>
+struct Codec<testing::LargePicky> {
+  static void encode(const testing::LargePicky& job, wire::Value::Builder out) {
+    if (job.poison) throw std::runtime_error("the poisoned job cannot be encoded");
+    Codec<std::string>::encode(job.payload, out);
+  }
+  static absl::Status decode(wire::Value::Reader in, testing::LargePicky& out) {
+    out.poison = false;
+    return Codec<std::string>::decode(in, out.payload);
   }
 };
 
@@ -420,6 +438,36 @@ TEST_CASE("CallOptions.retries re-runs a task whose worker died") {
 struct CodecWorker {
   testing::Brittle run(const testing::Picky& job) { return testing::Brittle{job.value}; }
 };
+
+struct LengthWorker {
+  int64_t run(const testing::LargePicky& job) { return static_cast<int64_t>(job.payload.size()); }
+};
+
+TEST_CASE("a job that cannot be encoded after large ones fails alone; its batch-mates all run") {
+  // Ten 1 MiB jobs go into the worker's shared region before the eleventh fails to encode; the
+  // batch is built again without it, then cut at the region's budget per batch. Every good job
+  // must run, and only the poisoned one fail.
+  OutcomePool<LengthWorker> pool(quiet({.workers = 1}),
+                                 [] { return std::make_unique<LengthWorker>(); });
+  std::vector<testing::LargePicky> jobs;
+  for (int i = 0; i < 14; ++i) {
+    jobs.push_back({std::string((size_t{1} << 20) + static_cast<size_t>(i), 'x'), i == 10});
+  }
+  auto call = pool.submit(jobs, {.chunksize = 16});
+  REQUIRE(call.ok());
+  REQUIRE((*call)->wait(absl::Seconds(30)));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*call)->outcome_count(i) == 1);
+    const auto& outcome = (*call)->outcome(i);
+    if (jobs[i].poison) {
+      CHECK(outcome.status().code() == absl::StatusCode::kInvalidArgument);
+      CHECK(message_has(outcome.status(), "the poisoned job cannot be encoded"));
+    } else {
+      CHECK(outcome.value_or(-1) == static_cast<int64_t>(jobs[i].payload.size()));
+    }
+  }
+}
 
 TEST_CASE("encoding and decoding failures fail their task alone and never hang") {
   using testing::Picky;

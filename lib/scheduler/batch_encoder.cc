@@ -177,16 +177,22 @@ void Scheduler::send_batch(int slot, bool awaited) {
       }
       ++taken;
     }
+    // Every rebuild starts from an empty region share: the blobs are put again as the jobs are
+    // encoded again.
+    const auto start_over = [&] {
+      if (region != nullptr) region->release_batch(seq);
+      blobs.region_bytes = 0;
+    };
     if (failed_here) {
       if (taken == 0) break;
       want = taken;  // build again without it (and what follows); it fails alone below
-      if (region != nullptr) region->release_batch(seq);  // its blobs are put again
+      start_over();
       continue;
     }
     if (taken < want) {
       want = taken;  // cut at the blob budget: build again with the jobs that fit
-      if (region != nullptr) region->release_batch(seq);
-      blobs.region_bytes = 0;
+      unencodable.reset();  // no longer right after the batch: a later batch meets it again
+      start_over();
       continue;
     }
     // A frame the worker would refuse: send fewer jobs, or fail a job too big on its own. Blobs in
@@ -203,8 +209,7 @@ void Scheduler::send_batch(int slot, bool awaited) {
     }
     want = want / 2;
     unencodable.reset();  // no longer right after the batch: a later batch meets it again
-    if (region != nullptr) region->release_batch(seq);
-    blobs.region_bytes = 0;
+    start_over();
   }
   if (unencodable) {
     // It fails alone; the batch ends before it.

@@ -65,8 +65,8 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
     if (revents != 0 && with_channel) pump(revents, events);
   }
   if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
-    // Gone: what it sent before it died is real, read it first, then what it held.
-    read_channel(events);
+    // Gone: what it sent before it died is real, read it all first, then what it held.
+    read_channel(events, /*to_the_end=*/true);
     if (std::optional<int> status = process_.try_reap()) {
       recover_held(events);
       end(*status, events);
@@ -80,9 +80,8 @@ void ForkLink::pump(short revents, LinkEvents& events) {
   if (revents & (POLLIN | POLLHUP | POLLERR)) read_channel(events);
 }
 
-void ForkLink::read_channel(LinkEvents& events) {
-  // Bounded: a flood from one worker must not starve the others.
-  for (int round = 0; round < 16 && channel_ && !broken_; ++round) {
+void ForkLink::read_channel(LinkEvents& events, bool to_the_end) {
+  for (int round = 0; (to_the_end || round < 16) && channel_ && !broken_; ++round) {
     absl::StatusOr<FrameReader::Fill> filled = reader_.fill(channel_.get());
     if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
       // The worker closed its end: it is exiting; its pidfd reports when it is gone. Part of a
@@ -128,8 +127,10 @@ void ForkLink::take_held(LinkEvents& events) {
                                           std::memory_order_acquire)) {
     return;
   }
-  // Frames it wrote before holding these are in the channel: they go first.
-  read_channel(events);
+  // Frames it wrote before holding these are in the channel: they go first, all of them. The
+  // channel ends: while we hold the lock the worker cannot take its held frames back to write
+  // them and what follows.
+  read_channel(events, /*to_the_end=*/true);
   const uint32_t taken = held->taken.load(std::memory_order_relaxed);
   const uint32_t bytes = held->bytes.load(std::memory_order_relaxed);
   std::vector<unsigned char> copied;
@@ -255,7 +256,7 @@ void ForkLink::stop(StopMode mode) {
 
 void ForkLink::on_reaped_by_server(int wait_status, LinkEvents& events) {
   if (ended_) return;
-  read_channel(events);
+  read_channel(events, /*to_the_end=*/true);
   recover_held(events);
   process_.mark_reaped();
   end(wait_status, events);

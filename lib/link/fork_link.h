@@ -74,7 +74,10 @@ class ForkLink final : public WorkerLink {
   void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
 
  private:
-  void read_channel(LinkEvents& events);
+  // Reads and delivers what the channel holds: at most 16 reads (a flood from one worker must not
+  // starve the others), or, `to_the_end`, until it is empty — before held frames are delivered,
+  // which come after everything the worker wrote into the channel.
+  void read_channel(LinkEvents& events, bool to_the_end = false);
   // Held frames (control_page.h): takes those a live worker has held for long (after reading the
   // channel, so order is kept), or recovers those of a dead one.
   void take_held(LinkEvents& events);

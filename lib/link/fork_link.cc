@@ -197,7 +197,10 @@ int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   if (!ended_ && !broken_ && channel_) {
     // Results held by a worker now busy in a long task would wait for the task: take them.
     const HeldFrames* held = page_.held();
-    const int64_t since = held->since_ns.load(std::memory_order_relaxed);
+    // Written by the worker: clamped, so that no value it writes overflows the sums below or
+    // makes a deadline that has always passed.
+    const int64_t since =
+        std::clamp<int64_t>(held->since_ns.load(std::memory_order_relaxed), 0, now_ns);
     if (held->bytes.load(std::memory_order_relaxed) != held->taken.load(std::memory_order_relaxed) &&
         since != 0) {
       if (now_ns - since >= kTakeHeldAfterNs) {

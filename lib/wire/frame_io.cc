@@ -169,17 +169,6 @@ PooledMessageBuilder::~PooledMessageBuilder() {
   }
 }
 
-void append_frame(capnp::MessageBuilder& message, std::vector<kj::byte>& out) {
-  auto segments = message.getSegmentsForOutput();
-  const std::vector<uint32_t> table = segment_table(segments);
-  const auto* table_bytes = reinterpret_cast<const kj::byte*>(table.data());
-  out.insert(out.end(), table_bytes, table_bytes + table.size() * sizeof(uint32_t));
-  for (auto segment : segments) {
-    const auto* bytes = reinterpret_cast<const kj::byte*>(segment.begin());
-    out.insert(out.end(), bytes, bytes + segment.size() * sizeof(capnp::word));
-  }
-}
-
 void FrameWriter::push(std::unique_ptr<capnp::MessageBuilder> message) {
   Frame frame;
   auto segments = message->getSegmentsForOutput();

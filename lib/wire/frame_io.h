@@ -87,9 +87,6 @@ class PooledMessageBuilder final : private frame_io_internal::PooledSegment,
 absl::Status write_frame(int fd, capnp::MessageBuilder& message,
                          kj::ArrayPtr<const kj::byte> prefix = nullptr);
 
-// Appends one whole message, framed, to `out` (to be written later).
-void append_frame(capnp::MessageBuilder& message, std::vector<kj::byte>& out);
-
 // A queue of outgoing messages for one non-blocking socket.
 class FrameWriter {
  public:

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "capnp/message.h"
 #include "doctest/doctest.h"
 #include "lib/wire/shared_region.h"
 #include "procpool/process_pool.h"
@@ -158,6 +159,29 @@ struct Forger {
     }
   }
 };
+
+// User code in a worker that encodes a large string itself (to store it, or send it elsewhere)
+// gets self-contained bytes: the region is procpool's own business, only around jobs and results.
+struct SelfEncoder {
+  std::string run(int64_t size) {
+    capnp::MallocMessageBuilder message;
+    auto value = message.initRoot<wire::Value>();
+    encode_value(std::string(static_cast<size_t>(size), 'z'), value);
+    if (!value.isBytes()) return "not bytes";
+    std::string decoded;
+    if (absl::Status s = decode_value(value.asReader(), decoded); !s.ok()) {
+      return std::string(s.message());
+    }
+    return decoded.size() == static_cast<size_t>(size) ? "ok" : "wrong size";
+  }
+};
+
+TEST_CASE("a worker's own encode_value of a large string writes bytes, not a region reference") {
+  ProcessPool<SelfEncoder> pool(quiet({.workers = 1}));
+  auto results = pool.map(std::vector<int64_t>{10, int64_t{1} << 20, int64_t{4} << 20});
+  REQUIRE(results.ok());
+  CHECK(*results == std::vector<std::string>{"ok", "ok", "ok"});
+}
 
 TEST_CASE("a blob a worker places outside its region fails that task with kDataLoss") {
   ProcessPool<Forger> pool(quiet({.workers = 1}));

@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "procpool/codec.h"
+#include "procpool/internal/blob_region.h"
 #include "procpool/internal/packed.h"
 #include "procpool/internal/worker_body.h"
 #include "procpool/internal/worker_traits.h"
@@ -31,7 +32,14 @@ namespace procpool::internal {
 // task: decoders overwrite all of a value and may keep its memory (codec.h), so a large string
 // job reuses the buffer of the last one instead of faulting in fresh pages every task.
 template <typename Job, typename Invoke>
-void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Job& scratch, Invoke&& invoke) {
+void run_task(wire::Value::Reader job, wire::Outcome::Builder out, Job& scratch,
+              Invoke&& invoke_user_code) {
+  // The shared region (blob_region.h) is for jobs and results only: user code that encodes or
+  // decodes a value itself (to keep it, or send it elsewhere) gets self-contained bytes.
+  const auto invoke = [&invoke_user_code](const Job& decoded) -> decltype(auto) {
+    const BlobScope user_code(nullptr);
+    return invoke_user_code(decoded);
+  };
   if (absl::Status read = decode_value(job, scratch); !read.ok()) {
     set_error(out, absl::DataLossError(absl::StrCat("could not decode the job: ", read.message())));
     return;
@@ -141,6 +149,7 @@ class TypedWorkerBody final : public WorkerBody {
   explicit TypedWorkerBody(const Factory* factory) : factory_(factory) {}
 
   absl::Status enter() override {
+    const BlobScope user_code(nullptr);  // user code, outside the region (run_task)
     try {
       worker_ = (*factory_)();
       if (worker_ == nullptr) return absl::InternalError("the worker factory returned null");
@@ -170,6 +179,8 @@ class TypedWorkerBody final : public WorkerBody {
                      uint32_t first, uint32_t end, const WordStamps& stamps,
                      WordErrors& errors) override {
     if constexpr (kPacked) {
+      // Scalars in place, no blobs: the whole loop runs outside the region (run_task).
+      const BlobScope user_code(nullptr);
       auto run = [this](const Job& job) -> decltype(auto) { return invoke_run(*worker_, job); };
       if (stamps.started_ns != nullptr) {
         return run_word_loop<Job, true>(jobs, kind, results, first, end, stamps, errors, run);
@@ -181,6 +192,7 @@ class TypedWorkerBody final : public WorkerBody {
   }
 
   absl::Status exit() override {
+    const BlobScope user_code(nullptr);  // user code, outside the region (run_task)
     absl::Status status;
     try {
       if constexpr (Traits::kHasExit) {

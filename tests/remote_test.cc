@@ -344,6 +344,108 @@ TEST_CASE("a worker program serving another type is refused, on both sides") {
   CHECK(message_has(result.status(), "OtherRemoteWorker"));
 }
 
+// Workers the pool launches with `command`, waiting long for each: a call that fails sooner than
+// connect_timeout did not wait for it.
+RemoteOptions launching(std::vector<std::string> command, std::string token = "") {
+  return RemoteOptions{.token = std::move(token),
+                       .launch = std::move(command),
+                       .connect_timeout = absl::Seconds(300)};
+}
+
+TEST_CASE("a launched worker the pool refuses fails calls at once with kUnavailable naming the "
+          "refusal, not after connect_timeout") {
+  RemoteOptions remote;
+  std::string why;
+  SUBCASE("another worker type") {
+    remote = launching({worker_program(), "--type=other", "--procpool-connect={address}"});
+    why = "OtherRemoteWorker";
+  }
+  SUBCASE("a wrong token (the worker refuses the pool)") {
+    remote = launching({"/usr/bin/env", "PROCPOOL_TOKEN=wrong", worker_program(),
+                        "--procpool-connect={address}"},
+                       "right");
+    why = "wrong token";
+  }
+  SUBCASE("another protocol version") {
+    remote = launching({worker_program(), absl::StrCat("--hello-version=", internal::kProtocolVersion + 7)});
+    why = "protocol version";
+  }
+  ProcessPool<RemoteWorker> pool(remote_pool(2, remote));
+  const absl::Time start = absl::Now();
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(90));
+  MESSAGE(absl::FormatDuration(absl::Now() - start), ": ", result.status());
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(message_has(result.status(), "refused"));
+  CHECK(message_has(result.status(), why));
+  CHECK(absl::Now() - start < absl::Seconds(60));  // connect_timeout is 300 s
+  // New calls fail at once too, while every launch is refused.
+  CHECK(pool.apply(2).status().code() == absl::StatusCode::kUnavailable);
+}
+
+TEST_CASE("when some launched workers are refused, calls run on the others and the refused "
+          "slots launch again at once, not after connect_timeout") {
+  TempDir dir;
+  // The first launch starts a worker of another type; every later one serves.
+  const std::string program = worker_program();
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      2, launching({"/bin/sh", "-c",
+                    absl::StrCat("if mkdir '", dir.file("first"), "' 2>/dev/null; then exec '",
+                                 program, "' --type=other --procpool-connect={address}; else exec '",
+                                 program, "' --procpool-connect={address}; fi")})));
+  auto squares = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(60));
+  REQUIRE_MESSAGE(squares.ok(), squares.status());
+  CHECK(*squares == std::vector<int64_t>{1, 4, 9});
+  CHECK(testing::file_exists(dir.file("first")));
+  // The refused slot's start failed at once and it launched again: both serve, long before the
+  // refused launch's connect_timeout (300 s).
+  CHECK(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(60)));
+}
+
+TEST_CASE("a launch command that fails before its worker connects fails calls at once with "
+          "kUnavailable saying how it ended") {
+  RemoteOptions remote;
+  std::vector<std::string> says;
+  SUBCASE("it fails on its own (a cluster engine that rejects the job)") {
+    remote = launching({"/bin/sh", "-c", "echo 'no such partition' >&2; exit 3"});
+    says = {"exited with status 3", "before it connected"};
+  }
+  SUBCASE("its worker is refused and names no launch (its environment was not passed on)") {
+    remote = launching({"/usr/bin/env", "-u", "PROCPOOL_LAUNCH_ID", worker_program(), "--type=other",
+                        "--procpool-connect={address}"});
+    says = {"exited with status 2", "refused", "OtherRemoteWorker"};
+  }
+  ProcessPool<RemoteWorker> pool(remote_pool(1, remote));
+  const absl::Time start = absl::Now();
+  auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(90));
+  MESSAGE(absl::FormatDuration(absl::Now() - start), ": ", result.status());
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  for (const std::string& text : says) CHECK(message_has(result.status(), text));
+  CHECK(absl::Now() - start < absl::Seconds(60));  // connect_timeout is 300 s
+}
+
+TEST_CASE("a launch command that hands its worker on and exits 0 (as sbatch does) is waited for") {
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, launching({"/bin/sh", "-c",
+                    absl::StrCat("('", worker_program(),
+                                 "' --procpool-connect={address} </dev/null &); sleep 0.5; exit 0")})));
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(60));
+  REQUIRE_MESSAGE(result.ok(), result.status());
+  CHECK(*result == std::vector<int64_t>{1, 4, 9});
+}
+
+TEST_CASE("a launch command that cannot run fails calls at once with kInvalidArgument naming "
+          "RemoteOptions::launch") {
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, launching({"/nonexistent/procpool-worker", "--procpool-connect={address}"})));
+  const absl::Time start = absl::Now();
+  auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(90));
+  MESSAGE(absl::FormatDuration(absl::Now() - start), ": ", result.status());
+  CHECK(result.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(message_has(result.status(), "RemoteOptions::launch"));
+  CHECK(message_has(result.status(), "/nonexistent/procpool-worker"));
+  CHECK(absl::Now() - start < absl::Seconds(60));
+}
+
 // A fake peer for the protocol tests: a raw TCP connection speaking frames by hand.
 struct Peer {
   internal::UniqueFd fd;
@@ -461,6 +563,37 @@ TEST_CASE("what unauthenticated peers make the pool remember is bounded: refusal
   MESSAGE(result.status().message().size(), " bytes: ", result.status().message().substr(0, 300));
   CHECK(result.status().code() == absl::StatusCode::kUnavailable);
   CHECK(result.status().message().size() < 4096);
+}
+
+TEST_CASE("what a refused peer says reaches errors escaped, without control characters") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(500)}));
+  // Terminal escapes, a bell, and a line break that would forge a log line.
+  const std::string hostile = "Evil\x1b]0;owned\x07\r\n[procpool] forged line";
+  Peer peer = dial(pool.remote_address());
+  SUBCASE("the worker type it names") {
+    send_hello(peer, internal::kProtocolVersion, hostile, internal::make_nonce());
+  }
+  SUBCASE("why it refuses the pool") {
+    send_hello(peer, internal::kProtocolVersion, internal::worker_type_name<RemoteWorker>(),
+               internal::make_nonce());
+    REQUIRE(peer.read().ok());  // the challenge
+    capnp::MallocMessageBuilder refused;
+    refused.initRoot<wire::FromWorker>().setRefused(hostile);
+    peer.write(refused);
+  }
+  absl::StatusOr<int64_t> result = absl::InternalError("not run");
+  REQUIRE(wait_until([&] {
+    result = pool.apply(1);
+    return message_has(result.status(), "Evil");
+  }, absl::Seconds(10)));
+  MESSAGE(result.status());
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  for (char c : result.status().message()) {
+    CAPTURE(static_cast<int>(c));
+    CHECK(static_cast<unsigned char>(c) >= 0x20);
+    CHECK(c != '\x7f');
+  }
+  CHECK(message_has(result.status(), "\\x1b"));
 }
 
 TEST_CASE("a flood of connections that never finish their handshake delays a real worker, and "

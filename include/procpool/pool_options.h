@@ -100,12 +100,16 @@ struct RemoteOptions {
   std::string token;
   /// Optional: the command the pool runs once per worker it needs (replacements included), as an
   /// argv; "{address}" in any argument becomes the address workers dial. It runs with
-  /// PROCPOOL_TOKEN and PROCPOOL_CONNECT in its environment and stdin on /dev/null. Without it,
-  /// workers started by anything else dial in on their own.
+  /// PROCPOOL_TOKEN, PROCPOOL_CONNECT and PROCPOOL_LAUNCH_ID (which serve() repeats to the pool)
+  /// in its environment and stdin on /dev/null. A program that cannot be run fails the worker's
+  /// start with kInvalidArgument naming this field. Without it, workers started by anything else
+  /// dial in on their own.
   std::vector<std::string> launch;
   /// The pool waits this long for workers: without `launch`, for the first ones after it is made
   /// (calls then wait for them); with it, for each launched one. Past it, calls fail with
-  /// kUnavailable saying why (none came, or each was refused and why).
+  /// kUnavailable saying why (none came, or each was refused and why). A launched worker that is
+  /// refused, or a command that exits non-zero before its worker connects, fails that start at
+  /// once (kUnavailable saying why), without waiting this long.
   absl::Duration connect_timeout = absl::Seconds(60);
   /// A worker host silent this long is gone (its running task fails kAborted, or runs again under
   /// retries; its unstarted ones go elsewhere); a worker host that hears nothing from the pool for

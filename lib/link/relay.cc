@@ -157,6 +157,8 @@ absl::Status Relay::handshake() {
     hello.setHost(host);
     hello.setPid(::getpid());
     hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
+    // Which of its launches this is, when the pool ran us: a refusal then fails that launch at once.
+    if (const char* launch_id = std::getenv("PROCPOOL_LAUNCH_ID")) hello.setLaunchId(launch_id);
     if (absl::Status sent = write_frame(socket_.get(), message); !sent.ok()) return sent;
   }
   const absl::Time deadline = absl::Now() + kHandshakeTimeout;
@@ -167,7 +169,8 @@ absl::Status Relay::handshake() {
     capnp::FlatArrayMessageReader message(*frame, reader_.options());
     auto root = message.getRoot<wire::ToWorker>();
     if (root.isRefused()) {
-      return absl::PermissionDeniedError(absl::StrCat("the pool refused this worker: ", root.getRefused().cStr()));
+      return absl::PermissionDeniedError(
+          absl::StrCat("the pool refused this worker: ", peer_text(root.getRefused())));
     }
     if (!root.isChallenge()) return absl::DataLossError("the pool answered hello with something else");
     auto challenge = root.getChallenge();
@@ -188,10 +191,12 @@ absl::Status Relay::handshake() {
     if (factory_ == nullptr) {
       return refuse_peer(socket_.get(),
                          worker_type_.empty()
-                             ? absl::StrCat("this program does not serve ", wanted,
+                             ? absl::StrCat("this program does not serve ",
+                                            peer_text(challenge.getWorkerType()),
                                             " (none of its ProcessPool types is that one)")
                              : absl::StrCat("this worker serves ", worker_type_,
-                                            ", but the pool's workers are ", wanted));
+                                            ", but the pool's workers are ",
+                                            peer_text(challenge.getWorkerType())));
     }
   }
   {
@@ -206,7 +211,8 @@ absl::Status Relay::handshake() {
   capnp::FlatArrayMessageReader message(*frame, reader_.options());
   auto root = message.getRoot<wire::ToWorker>();
   if (root.isRefused()) {
-    return absl::PermissionDeniedError(absl::StrCat("the pool refused this worker: ", root.getRefused().cStr()));
+    return absl::PermissionDeniedError(
+        absl::StrCat("the pool refused this worker: ", peer_text(root.getRefused())));
   }
   if (!root.isWelcome()) return absl::DataLossError("the pool answered the proof with something else");
   limits_ = relay_limits(root.getWelcome());

@@ -64,6 +64,19 @@ std::string as_string(capnp::Data::Reader data) {
   return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
 }
 
+std::string peer_text(capnp::Text::Reader text, size_t max_bytes) {
+  std::string out;
+  for (const char c : absl::string_view(text.begin(), std::min(text.size(), max_bytes))) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte >= 0x7f || c == '\\') {
+      absl::StrAppend(&out, "\\x", absl::Hex(byte, absl::kZeroPad2));
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
 uint32_t batch_size(wire::TaskBatch::Reader batch) {
   if (batch.hasWordJobs()) return batch.getWordJobs().size() / sizeof(uint64_t);
   return batch.getJobs().size();

@@ -41,6 +41,11 @@ absl::Status refuse_peer(int fd, const std::string& why);
 
 std::string as_string(capnp::Data::Reader data);
 
+// Text a peer chose (a worker type, a host name, why it refused), fit for a status or a log line:
+// its first `max_bytes`, with control characters, backslashes and bytes past ASCII escaped
+// ("\x1b"), so that a hostile peer can neither forge log lines nor send escapes to a terminal.
+std::string peer_text(capnp::Text::Reader text, size_t max_bytes = 255);
+
 // How many tasks a batch holds (listed, or as words).
 uint32_t batch_size(wire::TaskBatch::Reader batch);
 

@@ -11,6 +11,12 @@
 #include "lib/link/tcp_link.h"
 
 namespace procpool::internal {
+namespace {
+
+// The launch ids the pool hands out are this long (hex); a longer one is no launch of ours.
+constexpr size_t kMaxLaunchIdBytes = 64;
+
+}  // namespace
 
 RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config)
     : socket_(std::move(socket)),
@@ -137,7 +143,11 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
     }
     if (!root.isHello()) return refuse("the first frame was not a hello");
     auto hello = root.getHello();
-    host_name_ = std::string(hello.getHost().cStr()).substr(0, 255);
+    host_name_ = peer_text(hello.getHost());
+    // Read before anything is checked: a refused worker's launch fails at once (the launcher).
+    if (auto id = hello.getLaunchId(); id.size() <= kMaxLaunchIdBytes) {
+      launch_id_.assign(id.begin(), id.size());
+    }
     if (hello.getVersion() != kProtocolVersion) {
       return refuse(absl::StrCat("the worker speaks protocol version ", hello.getVersion(),
                                  ", the pool version ", kProtocolVersion,
@@ -145,7 +155,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
     }
     if (hello.getWorkerType().size() > 0 &&
         std::string(hello.getWorkerType().cStr()) != config_.worker_type) {
-      return refuse(absl::StrCat("the worker serves ", hello.getWorkerType().cStr(),
+      return refuse(absl::StrCat("the worker serves ", peer_text(hello.getWorkerType()),
                                  ", but the pool's workers are ", config_.worker_type));
     }
     if (hello.getNonce().size() != kNonceBytes) return refuse("the worker's nonce has the wrong size");
@@ -166,7 +176,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
   }
   if (root.isRefused()) {
     refused_ = true;
-    closed_reason_ = absl::StrCat("the worker refused the pool: ", root.getRefused().cStr());
+    closed_reason_ = absl::StrCat("the worker refused the pool: ", peer_text(root.getRefused()));
     state_ = State::kClosed;
     socket_.reset();
     return;

@@ -46,7 +46,9 @@ class RemoteHost {
 
   State state() const { return state_; }
   const std::string& peer() const { return peer_; }           // "10.0.0.7:51234"
-  const std::string& host_name() const { return host_name_; }  // from its hello
+  const std::string& host_name() const { return host_name_; }  // from its hello, escaped
+  // PROCPOOL_LAUNCH_ID from its hello: which of the pool's launches it says it is ("" if none).
+  const std::string& launch_id() const { return launch_id_; }
   // Why it closed (a refusal, a lost connection), once it has.
   const std::string& closed_reason() const { return closed_reason_; }
   bool refused() const { return refused_; }
@@ -87,6 +89,7 @@ class RemoteHost {
   FrameReader reader_;
   FrameWriter writer_;
   std::string host_name_;
+  std::string launch_id_;
   std::string worker_nonce_;
   std::string pool_nonce_;
   std::string data_id_;

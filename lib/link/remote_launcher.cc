@@ -10,12 +10,14 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "lib/common/clock.h"
 #include "lib/link/handshake.h"
+#include "lib/link/worker_process.h"
 
 extern char** environ;
 
@@ -83,7 +85,7 @@ RemoteLauncher::~RemoteLauncher() {
   if (launched_.empty()) return;
   const int64_t give_up = monotonic_now_ns() + 2'000'000'000;
   while (!launched_.empty() && monotonic_now_ns() < give_up) {
-    reap_launched();
+    reap_launched(nullptr);
     if (!launched_.empty()) ::usleep(10'000);
   }
   for (int signal : {SIGTERM, SIGKILL}) {
@@ -92,13 +94,13 @@ RemoteLauncher::~RemoteLauncher() {
     }
     const int64_t until = monotonic_now_ns() + 1'000'000'000;
     while (!launched_.empty() && monotonic_now_ns() < until) {
-      reap_launched();
+      reap_launched(nullptr);
       if (!launched_.empty()) ::usleep(10'000);
     }
   }
 }
 
-absl::Status RemoteLauncher::run_launch_command() {
+absl::Status RemoteLauncher::run_launch_command(const std::string& launch_id) {
   std::vector<std::string> args;
   for (const std::string& arg : config_.remote.launch) {
     args.push_back(absl::StrReplaceAll(arg, {{"{address}", address_}}));
@@ -109,10 +111,12 @@ absl::Status RemoteLauncher::run_launch_command() {
   // Its environment is ours, with the token (never on the command line: it would show in ps)
   // and the address to dial.
   std::vector<std::string> env_strings = {absl::StrCat("PROCPOOL_TOKEN=", config_.remote.token),
-                                          absl::StrCat("PROCPOOL_CONNECT=", address_)};
+                                          absl::StrCat("PROCPOOL_CONNECT=", address_),
+                                          absl::StrCat("PROCPOOL_LAUNCH_ID=", launch_id)};
   std::vector<char*> envp;
   for (char** e = environ; *e != nullptr; ++e) {
-    if (absl::StartsWith(*e, "PROCPOOL_TOKEN=") || absl::StartsWith(*e, "PROCPOOL_CONNECT=")) {
+    if (absl::StartsWith(*e, "PROCPOOL_TOKEN=") || absl::StartsWith(*e, "PROCPOOL_CONNECT=") ||
+        absl::StartsWith(*e, "PROCPOOL_LAUNCH_ID=")) {
       continue;
     }
     envp.push_back(*e);
@@ -137,10 +141,15 @@ absl::Status RemoteLauncher::run_launch_command() {
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attributes);
   if (rc != 0) {
-    return absl::ErrnoToStatus(rc, absl::StrCat("could not run the launch command `",
-                                                absl::StrJoin(args, " "), "`"));
+    const absl::Status failed = absl::ErrnoToStatus(
+        rc, absl::StrCat("could not run the launch command `", absl::StrJoin(args, " "), "`"));
+    // A full process table is the fork failure any start may meet; anything else (no such
+    // program, not executable) is the command's own fault, and the option to fix is named.
+    if (rc == EAGAIN || rc == ENOMEM) return absl::ResourceExhaustedError(failed.message());
+    return absl::InvalidArgumentError(absl::StrCat("RemoteOptions::launch: ", failed.message()));
   }
-  launched_.push_back({pid, own_fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)))});
+  launched_.push_back(
+      {pid, own_fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0))), launch_id});
   return absl::OkStatus();
 }
 
@@ -148,6 +157,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
                                                                    const std::string& name) {
   RemoteHost* free_host = nullptr;
   int64_t wait_until = 0;
+  std::string launch_id;
   for (auto& host : hosts_) {
     if (host->state() == RemoteHost::State::kIdle) {
       free_host = host.get();
@@ -157,7 +167,8 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
   if (free_host == nullptr) {
     const int64_t now = monotonic_now_ns();
     if (!config_.remote.launch.empty()) {
-      if (absl::Status ran = run_launch_command(); !ran.ok()) return ran;
+      launch_id = absl::BytesToHexString(make_nonce());
+      if (absl::Status ran = run_launch_command(launch_id); !ran.ok()) return ran;
       wait_until = now + to_ns(config_.remote.connect_timeout);
     } else if (now < first_wait_until_ns_) {
       wait_until = first_wait_until_ns_;
@@ -171,7 +182,9 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
   link->on_destroy([this, raw] {
     std::erase(waiting_, raw);
     std::erase(links_, raw);
+    std::erase_if(launches_, [raw](const auto& launch) { return launch.second == raw; });
   });
+  if (!launch_id.empty()) launches_[launch_id] = raw;
   if (free_host != nullptr) {
     raw->bind(free_host);
   } else {
@@ -217,12 +230,31 @@ std::string RemoteLauncher::unavailable_reason() const {
           ? absl::StrCat("every remote worker that connected to ", address_, " (", connected_ever_,
                          ") is gone, and none connected again")
           : absl::StrCat("no remote worker is free: ", busy, " connected, all busy");
-  if (!refusals_.empty()) {
-    std::vector<std::string> parts;
-    for (const auto& [reason, count] : refusals_) parts.push_back(absl::StrCat(count, " x ", reason));
-    absl::StrAppend(&why, "; refused: ", absl::StrJoin(parts, "; "));
-  }
-  return why;
+  return absl::StrCat(why, refusal_summary());
+}
+
+std::string RemoteLauncher::refusal_summary() const {
+  if (refusals_.empty()) return "";
+  std::vector<std::string> parts;
+  for (const auto& [reason, count] : refusals_) parts.push_back(absl::StrCat(count, " x ", reason));
+  return absl::StrCat("; refused: ", absl::StrJoin(parts, "; "));
+}
+
+std::string RemoteLauncher::launch_command() const {
+  return absl::StrCat("the worker launched by `", absl::StrJoin(config_.remote.launch, " "), "`");
+}
+
+TcpLink* RemoteLauncher::take_launch(const std::string& launch_id) {
+  if (launch_id.empty()) return nullptr;
+  auto it = launches_.find(launch_id);
+  if (it == launches_.end()) return nullptr;
+  TcpLink* link = it->second;
+  launches_.erase(it);  // a launch's worker comes once: a second hello with its id is no one's
+  auto waiting = std::find(waiting_.begin(), waiting_.end(), link);
+  // Its link took another host meanwhile, or was stopped (check() ends it).
+  if (waiting == waiting_.end() || link->stopped_waiting()) return nullptr;
+  waiting_.erase(waiting);
+  return link;
 }
 
 size_t RemoteLauncher::handshaking() const {
@@ -266,19 +298,31 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
     RemoteHost* host = polled_host_list_[i];
     const bool was_handshaking = host->state() == RemoteHost::State::kHandshake;
     if (polled[1 + i].revents != 0) host->service(polled[1 + i].revents, events_of);
-    if (was_handshaking && host->state() == RemoteHost::State::kIdle) ++connected_ever_;
+    if (was_handshaking && host->state() == RemoteHost::State::kIdle) {
+      ++connected_ever_;
+      if (TcpLink* own = take_launch(host->launch_id())) own->bind(host);
+    }
     if (host->state() == RemoteHost::State::kData) hand_over_data(*host, events);
   }
-  if (polled_launched_ > 0) reap_launched();
-  // Closed hosts go, their refusals counted; free ones take waiting links.
+  // Closed hosts go, their refusals counted; a refused worker the pool launched fails that launch
+  // at once (its slot's start fails and is tried again), rather than at connect_timeout.
   for (auto it = hosts_.begin(); it != hosts_.end();) {
     if ((*it)->state() == RemoteHost::State::kClosed) {
-      if ((*it)->refused()) count_refusal((*it)->closed_reason());
+      if ((*it)->refused()) {
+        count_refusal((*it)->closed_reason());
+        if (TcpLink* own = take_launch((*it)->launch_id())) {
+          own->end_waiting(events.events_of(*own),
+                           absl::UnavailableError(absl::StrCat(launch_command(), " was refused: ",
+                                                               (*it)->closed_reason())));
+        }
+      }
       it = hosts_.erase(it);
     } else {
       ++it;
     }
   }
+  // After the refusals: a launched worker that was refused and exited says why above.
+  if (polled_launched_ > 0) reap_launched(&events);
   match_free_hosts(events);
 }
 
@@ -305,8 +349,8 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
     const std::string why =
         config_.remote.launch.empty()
             ? unavailable_reason()
-            : absl::StrCat("the worker launched by `", absl::StrJoin(config_.remote.launch, " "),
-                           "` did not connect to ", address_, " within connect_timeout (",
+            : absl::StrCat(launch_command(), " did not connect to ", address_,
+                           " within connect_timeout (",
                            absl::FormatDuration(config_.remote.connect_timeout), ")");
     link->end_waiting(events.events_of(*link), absl::UnavailableError(why));
   }
@@ -334,11 +378,23 @@ void RemoteLauncher::match_free_hosts(LauncherEvents& events) {
   if (spare) events.on_capacity();
 }
 
-void RemoteLauncher::reap_launched() {
+void RemoteLauncher::reap_launched(LauncherEvents* events) {
   for (auto it = launched_.begin(); it != launched_.end();) {
     int status = 0;
     const pid_t got = ::waitpid(it->pid, &status, WNOHANG);
     if (got == it->pid || (got < 0 && errno == ECHILD)) {
+      // Its worker never said it came (its hello had no launch id, or never was sent), and the
+      // command failed: that launch is over. A command that succeeds may have handed the worker
+      // to someone else (sbatch), who starts it later: its link waits on.
+      const bool failed = got == it->pid && !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+      if (events != nullptr && failed) {
+        if (TcpLink* own = take_launch(it->launch_id)) {
+          own->end_waiting(events->events_of(*own),
+                           absl::UnavailableError(absl::StrCat(
+                               launch_command(), " ", describe_exit(status, nullptr),
+                               " before it connected to ", address_, refusal_summary())));
+        }
+      }
       it = launched_.erase(it);
     } else {
       ++it;

@@ -8,7 +8,10 @@
 // and they dial in on their own. Without `launch`, a slot waits for a host until connect_timeout
 // has passed since the pool started; after that a slot with no free host fails to start at once
 // (kUnavailable, saying how many hosts are connected and why any were refused), and the crash
-// guard's delays apply, cut short whenever a host becomes free.
+// guard's delays apply, cut short whenever a host becomes free. With `launch`, each launch has an
+// id (PROCPOOL_LAUNCH_ID) its worker's hello repeats: a welcomed worker takes the link made for
+// its launch, and a refused one (or a command that exits non-zero before its worker came) ends
+// that link at once, a start failure saying why, instead of leaving it to connect_timeout.
 //
 // Processes it launched are its children: it reaps them, and at its end, once it has closed every
 // connection (each relay then ends its worker and exits), it waits a little for them and then
@@ -62,14 +65,24 @@ class RemoteLauncher final : public Launcher {
 
  private:
   explicit RemoteLauncher(Config config);
-  absl::Status run_launch_command();
+  // Runs RemoteOptions::launch with PROCPOOL_LAUNCH_ID=`launch_id` in its environment:
+  // kInvalidArgument naming the option when it cannot run, kResourceExhausted when the process
+  // table is full.
+  absl::Status run_launch_command(const std::string& launch_id);
   void match_free_hosts(LauncherEvents& events);
   // A connection that presented a spawn's id: to the link that asked for it, if its proof holds.
   void hand_over_data(RemoteHost& host, LauncherEvents& events);
-  void reap_launched();
+  // Reaps what ended; with `events`, a launch whose command failed before its worker came ends
+  // its link at once.
+  void reap_launched(LauncherEvents* events);
+  // The link made for that launch, if it still waits: taken out of waiting_ for the caller to
+  // bind or end. Each id is taken once.
+  TcpLink* take_launch(const std::string& launch_id);
   void count_refusal(const std::string& why);
   size_t handshaking() const;
   std::string unavailable_reason() const;
+  std::string refusal_summary() const;  // "; refused: 2 x why, ..." or ""
+  std::string launch_command() const;   // "the worker launched by `...`"
 
   Config config_;
   RemoteHostConfig host_config_;
@@ -82,8 +95,12 @@ class RemoteLauncher final : public Launcher {
   struct Launched {
     pid_t pid;
     UniqueFd pidfd;
+    std::string launch_id;
   };
   std::vector<Launched> launched_;
+  // With `launch`: each launch's id (PROCPOOL_LAUNCH_ID, which its worker's hello repeats) and
+  // the link made for it, until that worker comes (welcomed or refused) or the link ends.
+  std::map<std::string, TcpLink*> launches_;
   std::map<std::string, int> refusals_;  // why hosts were refused, and how often
   int connected_ever_ = 0;
   // What add_pollfds added, for service().

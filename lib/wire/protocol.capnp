@@ -175,6 +175,10 @@ struct Hello {
   host @2 :Text;
   pid @3 :Int32;                # the relay's
   nonce @4 :Data;
+  # PROCPOOL_LAUNCH_ID from its environment: set when the pool ran RemoteOptions::launch, so that
+  # the pool knows which launch a refused (or welcomed) worker came from. A hello keeps these
+  # fields in every protocol version: the pool reads them even from a version it then refuses.
+  launchId @5 :Text;
 }
 
 struct Challenge {

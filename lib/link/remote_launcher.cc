@@ -351,7 +351,8 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
             ? unavailable_reason()
             : absl::StrCat(launch_command(), " did not connect to ", address_,
                            " within connect_timeout (",
-                           absl::FormatDuration(config_.remote.connect_timeout), ")");
+                           absl::FormatDuration(config_.remote.connect_timeout), ")",
+                           refusal_summary());
     link->end_waiting(events.events_of(*link), absl::UnavailableError(why));
   }
   return next;

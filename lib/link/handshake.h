@@ -5,9 +5,11 @@
 // answers with HMAC-SHA256(token, role, the other's nonce, its own) (OpenSSL's libcrypto). A
 // recorded exchange is useless later (the nonces are new each time) and the token never crosses
 // the wire. Both sides also check the protocol version and the worker type (W, its Job and its
-// Result), and refuse a mismatch with a message saying what differs.
+// Result), and refuse a mismatch with a message saying what differs. launchId is the
+// PROCPOOL_LAUNCH_ID the pool gave a worker it launched: it tells the pool which launch to fail
+// when it refuses that worker (it proves nothing, and is no one's once used).
 //
-//   worker -> pool   hello      {version, workerType, host, pid, nonce_w}
+//   worker -> pool   hello      {version, workerType, host, pid, nonce_w, launchId}
 //   pool -> worker   challenge  {version, nonce_p, proof_p = HMAC(token, "pool", nonce_w, nonce_p)}
 //                    or refused {why}
 //   worker -> pool   proof      HMAC(token, "worker", nonce_p, nonce_w)

@@ -60,7 +60,7 @@ int region_mappings() {
   std::ifstream maps("/proc/self/maps");
   std::string line;
   int count = 0;
-  while (std::getline(maps, line)) count += line.find("procpool-blobs") != std::string::npos;
+  while (std::getline(maps, line)) count += line.find("-blobs (deleted)") != std::string::npos;
   return count;
 }
 int region_descriptors() {
@@ -70,7 +70,7 @@ int region_descriptors() {
     char target[256] = {};
     const std::string path = std::string("/proc/self/fd/") + entry->d_name;
     if (::readlink(path.c_str(), target, sizeof(target) - 1) > 0 &&
-        absl::StrContains(target, "procpool-blobs")) {
+        absl::StrContains(target, "-blobs (deleted)")) {
       ++count;
     }
   }

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "lib/wire/control_page.h"
+#include "lib/worker/child_setup.h"
 
 namespace procpool::internal {
 namespace {
@@ -27,6 +28,14 @@ absl::StatusOr<WorkerProcess> watch_new_worker(pid_t pid) {
     return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
   }
   return process;
+}
+
+// In a worker just forked: maps its own control page and region again, which fork left out (no
+// worker inherits another's: lib/common/shared_memory.h). Without them it cannot run: it leaves at
+// once, and the pool sees it exit before it was ready.
+void map_own_memory(ControlPageMapping& page, SharedRegion* region) {
+  if (!page.map_in_worker().ok()) ::_exit(kWorkerExitProtocolError);
+  if (region != nullptr && !region->map_in_worker().ok()) ::_exit(kWorkerExitProtocolError);
 }
 
 }  // namespace
@@ -77,11 +86,13 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
 
   absl::StatusOr<SocketPair> channel = make_socket_pair(kChannelSendBufferBytes);
   if (!channel.ok()) return channel.status();
-  absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
+  absl::StatusOr<ControlPageMapping> page =
+      ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
   std::unique_ptr<SharedRegion> region;
   if (config_.blob_regions) {
-    absl::StatusOr<std::unique_ptr<SharedRegion>> made = SharedRegion::create();
+    absl::StatusOr<std::unique_ptr<SharedRegion>> made =
+        SharedRegion::create(absl::StrCat(launch.process_name, "-blobs"));
     if (!made.ok()) return made.status();
     region = *std::move(made);
   }
@@ -90,8 +101,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
   if (!pid.ok()) return pid.status();
   if (*pid == 0) {
     channel->parent_end.release();  // closed in the child with every other inherited descriptor
-    // The region is mapped at the same address here; its descriptor closes with the others.
-    if (region) region->forget_fd();
+    map_own_memory(*page, region.get());
     worker_main(channel->child_end.release(), page->get(), launch, parent, region.get());
   }
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
@@ -106,14 +116,18 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, cons
   WorkerLaunch launch = launch_for(slot);
   // Its page is ours (a relay's), not the pool's: results held in it would not reach the pool.
   launch.hold_results = false;
-  absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
+  absl::StatusOr<ControlPageMapping> page =
+      ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
   // Its batches come over `channel` from elsewhere, not through us: it opens their claims.
   page->get()->worker_opens_claims.store(1, std::memory_order_relaxed);
   const pid_t parent = ::getpid();
   absl::StatusOr<pid_t> pid = fork_child("a worker");
   if (!pid.ok()) return pid.status();
-  if (*pid == 0) worker_main(channel.release(), page->get(), launch, parent);
+  if (*pid == 0) {
+    map_own_memory(*page, nullptr);
+    worker_main(channel.release(), page->get(), launch, parent);
+  }
   // Ours closes here: the worker holds the only copy, so the connection ends with it.
   channel.reset();
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);

@@ -237,12 +237,21 @@ WorkerProgress ForkLink::progress() const {
 }
 
 size_t ForkLink::resident_bytes() const {
-  std::FILE* statm = std::fopen(absl::StrCat("/proc/", process_.pid(), "/statm").c_str(), "re");
-  if (statm == nullptr) return 0;
-  unsigned long size = 0, resident = 0;
-  const int read = std::fscanf(statm, "%lu %lu", &size, &resident);
-  std::fclose(statm);
-  return read == 2 ? resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE)) : 0;
+  // RssAnon + RssFile: its own memory, not the shared memory it maps (RssShmem: its blob region,
+  // its control page), which it reads and writes for the pool and which is not its to shed.
+  std::FILE* status = std::fopen(absl::StrCat("/proc/", process_.pid(), "/status").c_str(), "re");
+  if (status == nullptr) return 0;
+  size_t kib = 0;
+  char line[256];
+  while (std::fgets(line, sizeof(line), status) != nullptr) {
+    unsigned long value = 0;
+    if (std::sscanf(line, "RssAnon: %lu kB", &value) == 1 ||
+        std::sscanf(line, "RssFile: %lu kB", &value) == 1) {
+      kib += value;
+    }
+  }
+  std::fclose(status);
+  return kib << 10;
 }
 
 void ForkLink::open_claims(uint32_t slot, uint16_t tag, uint32_t count) {

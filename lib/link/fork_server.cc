@@ -256,7 +256,8 @@ absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, abs
 absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch) {
   absl::StatusOr<SocketPair> channel = make_socket_pair(kChannelSendBufferBytes);
   if (!channel.ok()) return channel.status();
-  absl::StatusOr<ControlPageMapping> page = ControlPageMapping::create();
+  absl::StatusOr<ControlPageMapping> page =
+      ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
   capnp::MallocMessageBuilder request(32);
   auto root = request.initRoot<wire::ForkServerRequest>();

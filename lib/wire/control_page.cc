@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "lib/common/shared_memory.h"
 
 namespace procpool::internal {
 
@@ -76,21 +77,28 @@ uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag) {
   }
 }
 
-absl::StatusOr<ControlPageMapping> ControlPageMapping::create() {
-  UniqueFd fd = own_fd(::memfd_create("procpool-control", MFD_CLOEXEC));
-  if (!fd) return absl::ErrnoToStatus(errno, "memfd_create for a worker's control page");
+absl::StatusOr<ControlPageMapping> ControlPageMapping::create(const std::string& name) {
   static_assert(sizeof(ControlPage) <= HeldFrames::kOffset);
-  if (::ftruncate(fd.get(), kControlMappingBytes) != 0) {
-    return absl::ErrnoToStatus(errno, "ftruncate of a worker's control page");
-  }
-  absl::StatusOr<ControlPageMapping> mapping = map(fd.get());
-  if (!mapping.ok()) return mapping.status();
+  absl::StatusOr<SharedMemory> memory =
+      create_shared_memory(name, kControlMappingBytes, "a worker's control page");
+  if (!memory.ok()) return memory.status();
+  ControlPageMapping mapping;
+  mapping.page_ = reinterpret_cast<ControlPage*>(memory->base);
+  mapping.fd_ = std::move(memory->fd);
   // Default-initialized, not value-initialized: the memfd is zero already, and the held frames'
   // data must not be touched (a page fault each) before it is used.
-  new (mapping->page_) ControlPage;
-  new (held_frames(mapping->page_)) HeldFrames;
-  mapping->fd_ = std::move(fd);
+  new (mapping.page_) ControlPage;
+  new (held_frames(mapping.page_)) HeldFrames;
   return mapping;
+}
+
+absl::Status ControlPageMapping::map_in_worker() {
+  absl::Status mapped = map_again_after_fork(fd_.get(), reinterpret_cast<char*>(page_),
+                                             kControlMappingBytes, "a worker's control page");
+  // Closed in the worker with every other inherited descriptor.
+  (void)fd_.release();
+  if (!mapped.ok()) page_ = nullptr;
+  return mapped;
 }
 
 absl::StatusOr<ControlPageMapping> ControlPageMapping::map(int fd) {

@@ -22,7 +22,9 @@
 // not taken. Every byte of it is read like a frame from the channel: size-checked, untrusted.
 //
 // One page per worker, its own MAP_SHARED mapping of a memfd: a worker can scribble only on its
-// own page, and the parent never trusts it for more than the decisions above.
+// own page, and the parent never trusts it for more than the decisions above. No other process
+// forked by the parent inherits it (lib/common/shared_memory.h): a sibling cannot reach it, and
+// it is freed when the worker and its link are gone.
 //
 // A remote worker shares its page with its relay, not with the pool (lib/link/relay.h), and its
 // batches come straight from the pool: the worker opens each batch's claims itself when it reads
@@ -36,6 +38,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "lib/common/unique_fd.h"
@@ -131,8 +134,9 @@ uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag);
 // Owns one mapping of a ControlPage, and (in the parent) the memfd behind it.
 class ControlPageMapping {
  public:
-  // A fresh page in a new memfd.
-  static absl::StatusOr<ControlPageMapping> create();
+  // A fresh page in a new memfd named `name` (what /proc/<pid>/maps shows), mapped here only: no
+  // process forked afterwards inherits it, not even the worker it is for (map_in_worker).
+  static absl::StatusOr<ControlPageMapping> create(const std::string& name = "procpool-control");
   // Maps the page of an existing memfd (in a worker forked by the fork server). Does not take
   // `fd`: the caller closes it; the mapping stays.
   static absl::StatusOr<ControlPageMapping> map(int fd);
@@ -140,6 +144,11 @@ class ControlPageMapping {
   ControlPageMapping(ControlPageMapping&& other) noexcept;
   ControlPageMapping& operator=(ControlPageMapping&& other) noexcept;
   ~ControlPageMapping();
+
+  // In the worker just forked from the process that created this page: maps it again at the same
+  // address (get() stays valid), and lets the descriptor close with the other inherited ones. On
+  // failure the worker has no page and must exit.
+  absl::Status map_in_worker();
 
   ControlPage* get() const { return page_; }
   HeldFrames* held() const { return page_ == nullptr ? nullptr : held_frames(page_); }

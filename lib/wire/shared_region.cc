@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "lib/common/shared_memory.h"
 
 namespace procpool::internal {
 
@@ -28,17 +29,19 @@ std::optional<uint64_t> place_in_ring(uint64_t head, uint64_t released, uint64_t
   return start;
 }
 
-absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::create() {
-  UniqueFd fd = own_fd(::memfd_create("procpool-blobs", MFD_CLOEXEC));
-  if (!fd) return absl::ErrnoToStatus(errno, "memfd_create for a worker's blob region");
-  // Sparse: a page costs memory only once written.
-  if (::ftruncate(fd.get(), static_cast<off_t>(mapping_bytes())) != 0) {
-    return absl::ErrnoToStatus(errno, "ftruncate of a worker's blob region");
-  }
-  void* memory = ::mmap(nullptr, mapping_bytes(), PROT_READ | PROT_WRITE,
-                        MAP_SHARED | MAP_NORESERVE, fd.get(), 0);
-  if (memory == MAP_FAILED) return absl::ErrnoToStatus(errno, "mmap of a worker's blob region");
-  return std::unique_ptr<SharedRegion>(new SharedRegion(std::move(fd), static_cast<char*>(memory)));
+absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::create(const std::string& name) {
+  absl::StatusOr<SharedMemory> memory =
+      create_shared_memory(name, mapping_bytes(), "a worker's blob region");
+  if (!memory.ok()) return memory.status();
+  return std::unique_ptr<SharedRegion>(new SharedRegion(std::move(memory->fd), memory->base));
+}
+
+absl::Status SharedRegion::map_in_worker() {
+  absl::Status mapped =
+      map_again_after_fork(fd_.get(), base_, mapping_bytes(), "a worker's blob region");
+  (void)fd_.release();
+  if (!mapped.ok()) base_ = nullptr;
+  return mapped;
 }
 
 SharedRegion::SharedRegion(UniqueFd fd, char* base) : fd_(std::move(fd)), base_(base) {

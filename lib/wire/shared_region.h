@@ -2,9 +2,10 @@
 // include/procpool/internal/blob_region.h), so that large payloads cross without the socket's two
 // copies.
 //
-// One memfd per worker, made and mapped MAP_SHARED by the parent before it forks the worker: the
-// worker has it at the same address, and it is unmapped and closed with the worker's link (and by
-// the worker's exit). Two areas of kAreaBytes each, sparse until used:
+// One memfd per worker, made and mapped MAP_SHARED by the parent before it forks the worker, and
+// inherited by no process forked (lib/common/shared_memory.h): the worker maps it again at the
+// same address (map_in_worker), no sibling maps it, and it is freed once the worker has exited and
+// its link has unmapped and closed it. Two areas of kAreaBytes each, sparse until used:
 //   jobs     written by the parent (the blobs of the batches it sends), read by the worker;
 //   results  written by the worker (the blobs of its results), read by the parent.
 // Jobs: the parent places each blob at the lowest offset where it fits between the blobs still in
@@ -31,6 +32,7 @@
 #include <vector>
 #include <memory>
 #include <optional>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "lib/common/unique_fd.h"
@@ -43,8 +45,10 @@ class SharedRegion {
   static constexpr uint64_t kAreaBytes = uint64_t{256} << 20;
   static constexpr uint64_t kRetainBytes = uint64_t{64} << 20;
 
-  // A fresh region (memfd, mapping): in the parent, before forking the worker it is for.
-  static absl::StatusOr<std::unique_ptr<SharedRegion>> create();
+  // A fresh region (memfd named `name`, mapping): in the parent, before forking the worker it is
+  // for.
+  static absl::StatusOr<std::unique_ptr<SharedRegion>> create(
+      const std::string& name = "procpool-blobs");
   // Unmaps and closes (in the parent, as the worker's link goes).
   ~SharedRegion();
   SharedRegion(const SharedRegion&) = delete;
@@ -67,8 +71,10 @@ class SharedRegion {
   BlobRegion& worker() { return worker_; }
   // Where the blobs written so far end (for ResultBatch.blobsEnd).
   uint64_t results_end() const { return worker_.head_; }
-  // Forgets the descriptor without closing it (the worker closes every inherited descriptor).
-  void forget_fd() { (void)fd_.release(); }
+  // In the worker just forked: maps the region again at the parent's address, and forgets the
+  // descriptor without closing it (the worker closes every inherited descriptor). On failure the
+  // worker has no region and must exit.
+  absl::Status map_in_worker();
 
  private:
   struct Header {

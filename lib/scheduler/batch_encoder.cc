@@ -63,7 +63,7 @@ int Scheduler::pick_worker() {
     }
     // The claim slot the next batch would take must be free (a batch taken back whole may leave
     // gaps: slots are the batch's number mod kClaimSlots).
-    const uint64_t next_slot = uint64_t{1} << (worker.batches_sent % ControlPage::kClaimSlots);
+    const ClaimMask next_slot = ClaimMask{1} << (worker.batches_sent % ControlPage::kClaimSlots);
     if (worker.claim_slots_used & next_slot) continue;
     if (worker.suspect) {
       if (worker.batches.empty()) suspect = slot;
@@ -242,7 +242,7 @@ void Scheduler::send_batch(int slot, bool awaited) {
     worker.stall_taken_back = false;
   }
   ++worker.batches_sent;
-  worker.claim_slots_used |= uint64_t{1} << claim_slot;
+  worker.claim_slots_used |= ClaimMask{1} << claim_slot;
   worker.tasks_assigned += static_cast<int64_t>(taken);
   worker.port->open_claims(claim_slot, claim_tag, batch.limit);
   worker.batches.push_back(std::move(batch));

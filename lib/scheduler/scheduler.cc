@@ -15,6 +15,12 @@
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
+namespace {
+
+// The most a call's observed busy time counts (as to_ns saturates durations: 73 years).
+constexpr int64_t kMaxObservedNs = INT64_MAX / 4;
+
+}  // namespace
 
 Scheduler::Scheduler(Config config) : config_(config), workers_(config.workers) {}
 Scheduler::~Scheduler() = default;
@@ -160,8 +166,13 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
   absl::Status delivered = results.hasWordResults() ? deliver_word_results(worker, batch, results)
                                                     : deliver_outcomes(worker, batch, results);
   if (!delivered.ok()) return delivered;
+  // The worker's own account of the time these took: clamped, as every time it writes, so that
+  // sums and the stall rule's multiple of the mean cannot overflow.
   call.observed_tasks += count;
-  call.observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
+  call.observed_busy_ns = std::min(
+      call.observed_busy_ns + static_cast<int64_t>(std::min<uint64_t>(results.getBusyNs(),
+                                                                      kMaxObservedNs)),
+      kMaxObservedNs);
   if (region != nullptr) region->release_results(results.getBlobsEnd());
   if (batch.reported == batch.limit && batch.take_back == TakeBack::kNone) {
     erase_batch(worker, 0);
@@ -352,7 +363,8 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   if (worker.stall_taken_back) return;
   const Call& call = *front.tasks.call;
   const int64_t mean = call.observed_tasks > 0 ? call.observed_busy_ns / call.observed_tasks : 0;
-  const int64_t threshold = std::max(kStallFloorNs, kStallFactor * mean);
+  const int64_t threshold =
+      std::max(kStallFloorNs, kStallFactor * std::min(mean, kMaxObservedNs / kStallFactor));
   const int64_t stall_at = waiting_since + threshold;
   if (now < stall_at) {
     next = std::min(next, stall_at);

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -134,6 +135,7 @@ class FakeWorker {
     int64_t timeout_ns = 0;
     std::vector<int64_t> jobs;
     uint32_t next = 0;  // the next task it starts
+    uint32_t sent = 0;  // results sent for tasks [0, sent) (the test keeps it)
   };
 
   explicit FakeWorker(std::string name) : name_(std::move(name)) {}
@@ -344,6 +346,10 @@ class FakeWorkerLink final : public internal::WorkerLink {
     events_->on_frame(frame);
     return true;
   }
+  // A frame found after the worker died (held frames, worker_link.h); comes before end().
+  void recover(kj::ArrayPtr<const capnp::word> frame) {
+    if (events_ != nullptr && !ended_) events_->on_recovered_frame(frame);
+  }
   // The worker is gone, as `how` says ("was killed by signal 9 (SIGKILL)").
   void end(std::string how) {
     if (events_ == nullptr || ended_) return;
@@ -395,9 +401,16 @@ class FakeLauncher final : public internal::Launcher {
   absl::StatusOr<std::unique_ptr<internal::WorkerLink>> launch(int slot,
                                                                const std::string& name) override {
     auto link = std::make_unique<FakeWorkerLink>(absl::StrCat(name, " (fake ", ++made_, ")"));
-    latest_.resize(std::max<size_t>(latest_.size(), static_cast<size_t>(slot) + 1), nullptr);
+    const size_t slots = std::max<size_t>(latest_.size(), static_cast<size_t>(slot) + 1);
+    latest_.resize(slots, nullptr);
+    launches_.resize(slots, 0);
     latest_[slot] = link.get();
+    ++launches_[slot];
     return link;
+  }
+  // How many links it made for `slot`.
+  int launches(int slot) const {
+    return static_cast<size_t>(slot) < launches_.size() ? launches_[slot] : 0;
   }
   // The link made last for `slot` (null if none yet). Dangles once the supervisor dropped it:
   // use it only while it has not ended, or until the next after_events().
@@ -408,6 +421,7 @@ class FakeLauncher final : public internal::Launcher {
 
  private:
   std::vector<FakeWorkerLink*> latest_;
+  std::vector<int> launches_;
   int made_ = 0;
 };
 

@@ -199,8 +199,30 @@ class Scheduler {
 
   // batch_encoder.cc
   int pick_worker();
-  // `awaited`: a caller waits for this batch (TaskBatch.awaited).
+  // Cuts the front of the queue into a batch for the worker in `slot` and sends it. `awaited`: a
+  // caller waits for this batch (TaskBatch.awaited).
   void send_batch(int slot, bool awaited = false);
+  // A batch's frame, built: the tasks it holds from the front of the queue (`taken`, maybe 0)
+  // and, if the job right after them cannot be sent at all, why (it then fails alone).
+  struct BatchFrame {
+    uint64_t seq = 0;
+    uint32_t claim_slot = 0;
+    uint16_t claim_tag = 0;
+    absl::Duration timeout = absl::InfiniteDuration();
+    std::unique_ptr<capnp::MallocMessageBuilder> message;
+    size_t taken = 0;
+    std::optional<absl::Status> unencodable;
+    SharedRegion* region = nullptr;  // where its jobs' blobs went, if anywhere
+    size_t blob_bytes = 0;
+  };
+  // How many tasks of `range` to try in one batch (chunksize, quotas, the byte budget from one
+  // job's size), and that job's size in words.
+  size_t batch_size(const Worker& worker, const TaskRange& range, size_t& job_words);
+  // Builds the frame for up to `want` tasks of `range`, fewer where a limit cuts it.
+  BatchFrame build_batch(Worker& worker, const TaskRange& range, bool awaited, size_t want,
+                         size_t job_words);
+  // Records the batch as the worker's, opens its claims and sends its frame.
+  void hand_over(Worker& worker, TaskRange sent, BatchFrame frame);
   // on_results: hand a frame's outcomes to the batch's call; a non-OK status (or a kj::Exception
   // from reading the frame) once part of it cannot be delivered. `batch.reported` counts only
   // outcomes delivered.

@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -34,6 +35,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "capnp/any.h"
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "doctest/doctest.h"
@@ -997,15 +999,68 @@ constexpr int64_t kWrongBatch = -3;     // a valid FromWorker frame reporting a 
 constexpr int64_t kOversized = -4;      // a segment table declaring 8 MiB (limit: 1 MiB)
 constexpr int64_t kHugeResult = -5;     // a legitimate result of 2 MiB (limit: 1 MiB)
 constexpr int64_t kTruncated = -6;      // a table declaring 100 words, 3 sent, then _exit(0)
+// Results for the task it runs (forged_results below), then it waits to be stopped:
+constexpr int64_t kWordResults = -7;    // as raw words, though its call's jobs were not words
+constexpr int64_t kOutcomeOutOfBounds = -8;  // an `ok` outcome pointing out of the frame
+constexpr int64_t kFlippedResults = -1000;   // minus a seed: its own result, with bits flipped
 
 constexpr size_t kSmallFrameLimit = size_t{1} << 20;
 
 struct FrameVandal {
   FrameVandal() : dir_(FaultyWorker::fault_dir()) {}
 
+  // The results frame an honest worker sends for task 0 of the pool's first batch (batches are
+  // numbered from 1), with the value `value`: check_forged_results runs its bad job there.
+  static void forged_results(capnp::MallocMessageBuilder& message, const std::string& value) {
+    auto results = message.initRoot<wire::FromWorker>().initResults();
+    results.setSeq(1);
+    results.setStart(0);
+    results.setCount(1);
+    results.initOutcomes(1)[0].initOk().setBytes(
+        capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(value.data()), value.size()));
+  }
+
   std::string run(int64_t job) {
     testing::append_line(dir_ + "/events", absl::StrCat("run ", getpid(), " ", job));
+    if (job <= kFlippedResults) {
+      capnp::MallocMessageBuilder message;
+      forged_results(message, absl::StrCat(job));
+      kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
+      auto bytes = words.asBytes();
+      std::mt19937 random(static_cast<uint32_t>(kFlippedResults - job));
+      const int flips = 1 + static_cast<int>(random() % 4);
+      for (int i = 0; i < flips; ++i) {
+        const size_t bit = random() % (bytes.size() * 8);
+        bytes[bit / 8] ^= static_cast<capnp::byte>(1u << (bit % 8));
+      }
+      write_all(kWorkerChannelFd, bytes.begin(), bytes.size());
+      while (true) ::pause();
+    }
     switch (job) {
+      case kWordResults: {
+        capnp::MallocMessageBuilder message;
+        auto results = message.initRoot<wire::FromWorker>().initResults();
+        results.setSeq(1);
+        results.setStart(0);
+        results.setCount(1);
+        results.setWordKind(wire::WordKind::INTS);
+        const uint64_t word = 42;
+        results.setWordResults(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(&word), 8));
+        capnp::writeMessageToFd(kWorkerChannelFd, message);
+        while (true) ::pause();
+      }
+      case kOutcomeOutOfBounds: {
+        capnp::MallocMessageBuilder message;
+        forged_results(message, "x");
+        // The outcome's pointer (right after its one-word data section, the union's tag) now
+        // points half a billion words on: a struct pointer's offset is its bits 2..31 (signed).
+        auto outcome = message.getRoot<wire::FromWorker>().getResults().getOutcomes()[0];
+        auto* pointer = reinterpret_cast<uint64_t*>(
+            capnp::AnyStruct::Builder(std::move(outcome)).getDataSection().end());
+        *pointer = (*pointer & ~uint64_t{0xffffffff}) | (uint64_t{0x1fffffff} << 2);
+        capnp::writeMessageToFd(kWorkerChannelFd, message);
+        while (true) ::pause();
+      }
       case kGarbage: {
         const char garbage[] = "\xde\xad\xbe\xef garbage, not a frame \xff\xff\xff\xff";
         write_all(kWorkerChannelFd, garbage, sizeof(garbage));
@@ -1120,6 +1175,51 @@ TEST_CASE("a result larger than max_frame_bytes fails its task with kResourceExh
 
 TEST_CASE("a truncated frame followed by the worker's exit fails its task with kDataLoss") {
   check_bad_frame(kTruncated, "truncated");
+}
+
+// One worker runs jobs 0..5 as one batch, `bad` first: it forges results for it (seq 1, start
+// 0) and waits. The call must end, however the frame is made, with task 0 failed and the rest
+// run elsewhere. Returns task 0's outcome.
+absl::StatusOr<std::string> check_forged_results(int64_t bad) {
+  TempDir dir;
+  ::setenv("PROCPOOL_FAULT_DIR", dir.path().c_str(), 1);
+  OutcomePool<FrameVandal> pool(
+      quiet({.workers = 1, .task_timeout = absl::Seconds(2), .frame_timeout = absl::Seconds(1)}),
+      [] { return std::make_unique<FrameVandal>(); });
+  const std::vector<int64_t> jobs = jobs_with(6, {{0, bad}});
+  auto call = pool.submit(jobs, {.chunksize = jobs.size()});
+  REQUIRE(call.ok());
+  const bool ended = (*call)->wait(absl::Seconds(60));
+  if (!ended) pool.core().terminate();  // so that the test fails instead of hanging
+  REQUIRE_MESSAGE(ended, "the call never ended after job ", bad, "'s forged results");
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*call)->outcome_count(i) == 1);
+    if (i != 0) CHECK((*call)->outcome(i).value_or("?") == absl::StrCat(i));
+  }
+  MESSAGE("job ", bad, ": task 0: ", (*call)->outcome(0).status());
+  return (*call)->outcome(0);
+}
+
+TEST_CASE("results a worker forges end the call: the task it ran fails kDataLoss, the rest run "
+          "elsewhere") {
+  SUBCASE("word results for a call whose jobs are not words") {
+    const absl::Status failed = check_forged_results(kWordResults).status();
+    CHECK(failed.code() == absl::StatusCode::kDataLoss);
+    CHECK(message_has(failed, "word results"));
+  }
+  SUBCASE("an outcome whose pointer is out of bounds") {
+    CHECK(check_forged_results(kOutcomeOutOfBounds).status().code() ==
+          absl::StatusCode::kDataLoss);
+  }
+}
+
+TEST_CASE("a results frame with flipped bits ends the call; the tasks its worker did not run "
+          "succeed") {
+  for (int64_t seed = 1; seed <= 12; ++seed) {
+    CAPTURE(seed);
+    (void)check_forged_results(kFlippedResults - seed);
+  }
 }
 
 struct StringEcho {

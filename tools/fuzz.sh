@@ -4,8 +4,11 @@
 # - frame_decoder: whatever bytes a worker writes, the pool's frame decoding ends in a status;
 # - remote_host:   whatever a peer dialling a remote pool sends, the pool's handshake, its
 #                  reading of a worker host's frames and of a worker's data connection end in a
-#                  refusal, a closed connection or a failed task.
-# Exits non-zero if either finds a crash, leak or UB. Outside Bazel on purpose: the Bazel build
+#                  refusal, a closed connection or a failed task;
+# - scheduler:     whatever frames a worker sends (read by the pool's own path, supervision then
+#                  the scheduler, over fake links: no process), every call ends, each task with
+#                  exactly one outcome.
+# Exits non-zero if any finds a crash, leak or UB. Outside Bazel on purpose: the Bazel build
 # uses GCC, and libFuzzer is clang's.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,12 +18,16 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
 # The generated header goes where the sources include it from: procpool/internal/.
-mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-remote_host"
+mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-remote_host" \
+  "$OUT/corpus-scheduler"
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
 WIRE=(lib/wire/frame_io.cc lib/wire/shared_region.cc lib/wire/wire_status.cc lib/common/unique_fd.cc
       lib/common/clock.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
 REMOTE=(lib/link/remote_host.cc lib/link/tcp_link.cc lib/link/handshake.cc lib/link/remote_frames.cc)
+SCHEDULER=(lib/scheduler/batch_encoder.cc lib/scheduler/scheduler.cc lib/scheduler/settlement.cc
+           lib/supervision/supervisor.cc lib/supervision/supervisor_events.cc
+           lib/wire/control_page.cc)
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
 LIBS=(-lcapnp -lkj -lcrypto -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal
       -labsl_str_format_internal -labsl_int128 -labsl_cord -labsl_cord_internal -labsl_cordz_info
@@ -36,6 +43,14 @@ clang++ "${FLAGS[@]}" "${SANITIZE[@]}" tests/fuzz/frame_decoder_fuzzer.cc "${WIR
   -o "$OUT/frame_decoder"
 clang++ "${FLAGS[@]}" "${SANITIZE[@]}" tests/fuzz/remote_host_fuzzer.cc "${REMOTE[@]}" "${WIRE[@]}" \
   "${LIBS[@]}" -o "$OUT/remote_host"
+clang++ "${FLAGS[@]}" "${SANITIZE[@]}" tests/fuzz/scheduler_fuzzer.cc "${SCHEDULER[@]}" "${WIRE[@]}" \
+  "${LIBS[@]}" -o "$OUT/scheduler"
+# Seeds for the scheduler: scripts of (step, worker, ...) bytes (see the fuzzer's comment).
+printf '' >"$OUT/corpus-scheduler/empty"
+printf '\x00\x00\x01\x00\x02\x00\x00\x00\x01\x00\x02\x00\x06\x00' >"$OUT/corpus-scheduler/honest"
+printf '\x00\x00\x00\x01\x05\x00\x40\x06\x00\x05\x00\xff\x06\x00' >"$OUT/corpus-scheduler/stall"
+printf '\x00\x00\x01\x00\x00\x00\x04\x00\x00\x10\x00\x01\x06\x00' >"$OUT/corpus-scheduler/flipped"
+printf '\x00\x01\x01\x01\x07\x01\x01\x06\x00\x08\x00\x01' >"$OUT/corpus-scheduler/death"
 # Seeds for the remote host: the first byte picks the handshake (0), a connected host (1) or a
 # worker's data connection after its attach frame (2).
 printf '\x00' >"$OUT/corpus-remote_host/handshake"
@@ -46,7 +61,7 @@ for seed in "$OUT"/corpus-frame_decoder/*; do
 done
 
 failed=0
-for target in frame_decoder remote_host; do
+for target in frame_decoder remote_host scheduler; do
   echo "=== fuzzing ${target} for ${SECONDS_TO_RUN}s"
   set +e
   "$OUT/$target" -max_total_time="$SECONDS_TO_RUN" -max_len=4096 -rss_limit_mb=2048 \

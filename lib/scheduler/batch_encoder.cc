@@ -63,7 +63,7 @@ int Scheduler::pick_worker() {
     }
     // The claim slot the next batch would take must be free (a batch taken back whole may leave
     // gaps: slots are the batch's number mod kClaimSlots).
-    const uint64_t next_slot = uint64_t{1} << (worker.batches_sent % ControlPage::kClaimSlots);
+    const ClaimMask next_slot = ClaimMask{1} << (worker.batches_sent % ControlPage::kClaimSlots);
     if (worker.claim_slots_used & next_slot) continue;
     if (worker.suspect) {
       if (worker.batches.empty()) suspect = slot;
@@ -82,9 +82,35 @@ int Scheduler::pick_worker() {
   return best >= 0 ? best : suspect;
 }
 
+// send_batch in four steps: how many tasks to try (batch_size), the frame built for as many as
+// fit the limits (build_batch), the queue advanced past them (and past a job that cannot be
+// sent, which fails alone), and the batch handed to the worker (hand_over).
 void Scheduler::send_batch(int slot, bool awaited) {
   Worker& worker = workers_[slot];
   TaskRange& range = pending_.front();
+  size_t job_words = 8;
+  const size_t want = batch_size(worker, range, job_words);
+  BatchFrame frame = build_batch(worker, range, awaited, want, job_words);
+
+  if (frame.unencodable) {
+    // It fails alone; the batch ends before it.
+    range.call->on_error(range.first + frame.taken, *frame.unencodable);
+    ++tasks_failed_;
+  }
+  if (frame.taken > 0) range.call->last_batch_tasks = frame.taken;
+  TaskRange sent{range.call, range.first, frame.taken, range.attempt};
+  const size_t consumed = frame.taken + (frame.unencodable ? 1 : 0);
+  range.first += consumed;
+  range.count -= consumed;
+  if (range.count == 0) pending_.pop_front();  // `range` is gone
+  if (frame.taken == 0) {
+    if (SharedRegion* region = frame.region) region->release_batch(frame.seq);
+    return;
+  }
+  hand_over(worker, std::move(sent), std::move(frame));
+}
+
+size_t Scheduler::batch_size(const Worker& worker, const TaskRange& range, size_t& job_words) {
   size_t want = std::min(range.count, std::max<size_t>(1, range.call->settings().chunksize));
   want = std::min<size_t>(want, ControlPage::kMaxBatchTasks);
   if (config_.max_tasks_per_worker > 0) {
@@ -97,7 +123,7 @@ void Scheduler::send_batch(int slot, bool awaited) {
   const bool borrow = packed && worker.port->can_borrow();
   // Blobs (large byte strings) of the jobs go to the worker's shared region where it has one.
   SharedRegion* const region = packed ? nullptr : worker.port->shared_region();
-  size_t job_words = 8;
+  job_words = 8;
   const size_t budget = std::min(kBatchByteBudget, config_.max_frame_bytes / 2);
   if (packed) {
     want = std::clamp<size_t>(budget / sizeof(capnp::word), 1, want);
@@ -115,16 +141,26 @@ void Scheduler::send_batch(int slot, bool awaited) {
       want = 1;  // the build below reports it
     }
   }
+  return want;
+}
 
-  const uint64_t seq = next_seq_++;
-  const uint32_t claim_slot = static_cast<uint32_t>(worker.batches_sent % ControlPage::kClaimSlots);
-  const uint16_t claim_tag = static_cast<uint16_t>(worker.batches_sent);
+Scheduler::BatchFrame Scheduler::build_batch(Worker& worker, const TaskRange& range, bool awaited,
+                                             size_t want, size_t job_words) {
+  const bool packed = range.call->packs_jobs();
+  const bool borrow = packed && worker.port->can_borrow();
+  SharedRegion* const region = packed ? nullptr : worker.port->shared_region();
+  BatchFrame frame;
+  frame.region = region;
+  const uint64_t seq = frame.seq = next_seq_++;
+  const uint32_t claim_slot = frame.claim_slot =
+      static_cast<uint32_t>(worker.batches_sent % ControlPage::kClaimSlots);
+  const uint16_t claim_tag = frame.claim_tag = static_cast<uint16_t>(worker.batches_sent);
   const CallSettings& settings = range.call->settings();
-  const absl::Duration timeout =
+  const absl::Duration timeout = frame.timeout =
       settings.has_task_timeout ? settings.task_timeout : config_.task_timeout;
-  std::unique_ptr<capnp::MallocMessageBuilder> message;
-  size_t taken = 0;
-  std::optional<absl::Status> unencodable;  // the job right after the batch cannot be sent
+  std::unique_ptr<capnp::MallocMessageBuilder>& message = frame.message;
+  size_t& taken = frame.taken;
+  std::optional<absl::Status>& unencodable = frame.unencodable;  // the job right after the batch
   BlobContext blobs{.region = region != nullptr ? &region->parent() : nullptr};
   BlobScope blob_scope(&blobs);
   if (region != nullptr) region->begin_batch(seq);
@@ -211,43 +247,31 @@ void Scheduler::send_batch(int slot, bool awaited) {
     unencodable.reset();  // no longer right after the batch: a later batch meets it again
     start_over();
   }
-  if (unencodable) {
-    // It fails alone; the batch ends before it.
-    range.call->on_error(range.first + taken, *unencodable);
-    ++tasks_failed_;
-  }
+  frame.blob_bytes = blobs.region_bytes;
+  return frame;
+}
 
-  if (taken > 0) range.call->last_batch_tasks = taken;
-  TaskRange sent{range.call, range.first, taken, range.attempt};
-  const size_t consumed = taken + (unencodable ? 1 : 0);
-  range.first += consumed;
-  range.count -= consumed;
-  if (range.count == 0) pending_.pop_front();
-  if (taken == 0) {
-    if (region != nullptr) region->release_batch(seq);
-    return;
-  }
-
+void Scheduler::hand_over(Worker& worker, TaskRange sent, BatchFrame frame) {
   Batch batch;
-  batch.seq = seq;
-  batch.claim_slot = claim_slot;
-  batch.claim_tag = claim_tag;
+  batch.seq = frame.seq;
+  batch.claim_slot = frame.claim_slot;
+  batch.claim_tag = frame.claim_tag;
   batch.tasks = std::move(sent);
-  batch.limit = static_cast<uint32_t>(taken);
-  batch.timeout = timeout;
-  batch.blob_bytes = blobs.region_bytes;
+  batch.limit = static_cast<uint32_t>(frame.taken);
+  batch.timeout = frame.timeout;
+  batch.blob_bytes = frame.blob_bytes;
   worker.blob_bytes += batch.blob_bytes;
   if (worker.batches.empty()) {
     batch.front_since_ns = monotonic_now_ns();
     worker.stall_taken_back = false;
   }
   ++worker.batches_sent;
-  worker.claim_slots_used |= uint64_t{1} << claim_slot;
-  worker.tasks_assigned += static_cast<int64_t>(taken);
-  worker.port->open_claims(claim_slot, claim_tag, batch.limit);
+  worker.claim_slots_used |= ClaimMask{1} << frame.claim_slot;
+  worker.tasks_assigned += static_cast<int64_t>(frame.taken);
+  worker.port->open_claims(frame.claim_slot, frame.claim_tag, batch.limit);
   worker.batches.push_back(std::move(batch));
-  const bool large = dynamic_cast<const PooledMessageBuilder*>(message.get()) != nullptr;
-  worker.port->send(std::move(message));  // dispatch() flushes
+  const bool large = dynamic_cast<const PooledMessageBuilder*>(frame.message.get()) != nullptr;
+  worker.port->send(std::move(frame.message));  // dispatch() flushes
   // A large frame goes out now: its buffer returns to the pool as soon as the socket has taken it,
   // for the next batch of this dispatch (a write per megabyte costs nothing).
   if (large) worker.port->flush();

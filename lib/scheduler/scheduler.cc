@@ -15,6 +15,12 @@
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
+namespace {
+
+// The most a call's observed busy time counts (as to_ns saturates durations: 73 years).
+constexpr int64_t kMaxObservedNs = INT64_MAX / 4;
+
+}  // namespace
 
 Scheduler::Scheduler(Config config) : config_(config), workers_(config.workers) {}
 Scheduler::~Scheduler() = default;
@@ -42,42 +48,14 @@ void Scheduler::cancel(const Call* call, const absl::Status& status) {
       ++it;
     }
   }
-  // Batches already at workers: take back what has not started. Collected first: a revoke may
-  // be answered (and the batch settled and erased) within the call.
-  std::vector<std::pair<int, uint64_t>> targets;
-  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
-    for (const Batch& batch : workers_[slot].batches) {
-      if (batch.tasks.call.get() == call && batch.take_back == TakeBack::kNone) {
-        targets.emplace_back(slot, batch.seq);
-      }
-    }
-  }
-  for (const auto& [slot, seq] : targets) {
-    for (Batch& batch : workers_[slot].batches) {
-      if (batch.seq == seq) {
-        take_back(slot, batch, TakeBack::kFail, status);
-        break;
-      }
-    }
-  }
+  // Batches already at workers: take back what has not started.
+  take_back_where(TakeBack::kFail, status,
+                  [call](int, const Batch& batch) { return batch.tasks.call.get() == call; });
 }
 
 void Scheduler::cancel_all(const absl::Status& status) {
   fail_pending(status);
-  std::vector<std::pair<int, uint64_t>> targets;
-  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
-    for (const Batch& batch : workers_[slot].batches) {
-      if (batch.take_back == TakeBack::kNone) targets.emplace_back(slot, batch.seq);
-    }
-  }
-  for (const auto& [slot, seq] : targets) {
-    for (Batch& batch : workers_[slot].batches) {
-      if (batch.seq == seq) {
-        take_back(slot, batch, TakeBack::kFail, status);
-        break;
-      }
-    }
-  }
+  take_back_where(TakeBack::kFail, status, [](int, const Batch&) { return true; });
 }
 
 void Scheduler::stop_running(const Call* call, const absl::Status& reason) {
@@ -170,20 +148,14 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
         absl::StrCat(worker.port->name(), " reported results for a batch it was not running"));
   }
   Batch& batch = worker.batches.front();
-  auto listed = results.getOutcomes();
+  Call& call = *batch.tasks.call;
   const uint32_t count = results.getCount();
-  const bool packed = results.hasWordResults();
-  uint32_t word_count = 0;
-  const uint64_t* words = packed ? words_of(results.getWordResults(), word_count) : nullptr;
-  if (packed && words == nullptr) {
-    return absl::DataLossError(
-        absl::StrCat(worker.port->name(), " sent results that are not whole aligned words"));
-  }
-  const size_t entries = packed ? word_count : listed.size();
-  if (results.getStart() != batch.reported || count > entries ||
-      batch.reported + count > batch.limit) {
+  if (results.getStart() != batch.reported || uint64_t{batch.reported} + count > batch.limit) {
     return absl::DataLossError(absl::StrCat(worker.port->name(), " reported results out of order"));
   }
+  // A task counts as reported once its outcome is delivered, never before: whatever this frame
+  // cannot deliver (it is refused, or a read of it throws kj::Exception midway, which breaks the
+  // worker's stream) is settled with the rest of the batch when the worker is lost.
   worker.suspect = false;
   // Blobs of the results are read from the worker's region (copied out as they are decoded),
   // then its area is given back up to where this frame's blobs end.
@@ -191,37 +163,99 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
   BlobContext blobs{.region = region != nullptr ? &region->parent() : nullptr,
                     .max_blob_bytes = config_.max_frame_bytes};
   BlobScope blob_scope(&blobs);
-  Call& call = *batch.tasks.call;
+  absl::Status delivered = results.hasWordResults() ? deliver_word_results(worker, batch, results)
+                                                    : deliver_outcomes(worker, batch, results);
+  if (!delivered.ok()) return delivered;
+  // The worker's own account of the time these took: clamped, as every time it writes, so that
+  // sums and the stall rule's multiple of the mean cannot overflow.
   call.observed_tasks += count;
-  call.observed_busy_ns += static_cast<int64_t>(results.getBusyNs());
-  if (packed) {
-    const size_t values =
-        call.on_word_results(batch.tasks.first + batch.reported, count, words,
-                             results.getWordKind(), results.getErrors());
-    tasks_done_ += static_cast<int64_t>(values);
-    tasks_failed_ += static_cast<int64_t>(count - values);
-    batch.reported += count;
-  }
-  for (uint32_t i = 0; i < (packed ? 0 : count); ++i) {
-    const wire::Outcome::Reader outcome = listed[i];
-    const size_t index = batch.tasks.first + batch.reported;
-    ++batch.reported;
-    if (outcome.which() == wire::Outcome::OK) {
-      if (call.on_value(index, outcome.getOk())) {
-        ++tasks_done_;
-      } else {
-        ++tasks_failed_;
-      }
-    } else {
-      absl::Status status = status_from_wire(outcome.getError());
-      if (status.ok()) status = absl::UnknownError("the task failed without a status");
-      call.on_error(index, std::move(status));
-      ++tasks_failed_;
-    }
-  }
+  call.observed_busy_ns = std::min(
+      call.observed_busy_ns + static_cast<int64_t>(std::min<uint64_t>(results.getBusyNs(),
+                                                                      kMaxObservedNs)),
+      kMaxObservedNs);
   if (region != nullptr) region->release_results(results.getBlobsEnd());
   if (batch.reported == batch.limit && batch.take_back == TakeBack::kNone) {
     erase_batch(worker, 0);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::deliver_word_results(Worker& worker, Batch& batch,
+                                             wire::ResultBatch::Reader results) {
+  Call& call = *batch.tasks.call;
+  const uint32_t count = results.getCount();
+  if (!call.packs_jobs()) {
+    // Its tasks would be counted and never settled: the call has no word form of its results.
+    return absl::DataLossError(absl::StrCat(
+        worker.port->name(), " sent word results for a batch whose jobs were not sent as words"));
+  }
+  uint32_t word_count = 0;
+  const uint64_t* const words = words_of(results.getWordResults(), word_count);
+  if (words == nullptr && count > 0) {
+    return absl::DataLossError(
+        absl::StrCat(worker.port->name(), " sent results that are not whole aligned words"));
+  }
+  if (count > word_count) {
+    return absl::DataLossError(absl::StrCat(worker.port->name(), " reported results out of order"));
+  }
+  // The call settles the whole piece at once: everything of it that may throw is read here
+  // first, so that it gets all of the piece or none.
+  std::vector<WordFailure> failures;
+  const auto errors = results.getErrors();
+  failures.reserve(errors.size());
+  for (const wire::TaskError::Reader error : errors) {
+    const uint32_t index = error.getIndex();
+    if (index >= count || (!failures.empty() && index <= failures.back().index)) {
+      return absl::DataLossError(absl::StrCat(
+          worker.port->name(), " sent word results whose failed tasks are out of order"));
+    }
+    absl::Status status = status_from_wire(error.getError());
+    if (status.ok()) status = absl::UnknownError("the task failed without a status");
+    failures.push_back(WordFailure{index, std::move(status)});
+  }
+  if (count == 0) return absl::OkStatus();
+  const size_t values = call.on_word_results(batch.tasks.first + batch.reported, count, words,
+                                             results.getWordKind(), failures);
+  tasks_done_ += static_cast<int64_t>(values);
+  tasks_failed_ += static_cast<int64_t>(count - values);
+  batch.reported += count;
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::deliver_outcomes(Worker& worker, Batch& batch,
+                                         wire::ResultBatch::Reader results) {
+  Call& call = *batch.tasks.call;
+  const uint32_t count = results.getCount();
+  const auto listed = results.getOutcomes();
+  if (count > listed.size()) {
+    return absl::DataLossError(absl::StrCat(worker.port->name(), " reported results out of order"));
+  }
+  for (uint32_t i = 0; i < count; ++i) {
+    const wire::Outcome::Reader outcome = listed[i];
+    const size_t index = batch.tasks.first + batch.reported;
+    // Each outcome is read whole before it is delivered (a bad pointer throws here).
+    switch (outcome.which()) {
+      case wire::Outcome::OK: {
+        const wire::Value::Reader value = outcome.getOk();
+        if (call.on_value(index, value)) {
+          ++tasks_done_;
+        } else {
+          ++tasks_failed_;
+        }
+        break;
+      }
+      case wire::Outcome::ERROR: {
+        absl::Status status = status_from_wire(outcome.getError());
+        if (status.ok()) status = absl::UnknownError("the task failed without a status");
+        call.on_error(index, std::move(status));
+        ++tasks_failed_;
+        break;
+      }
+      default:
+        return absl::DataLossError(
+            absl::StrCat(worker.port->name(), " sent an outcome of no known kind"));
+    }
+    ++batch.reported;
   }
   return absl::OkStatus();
 }
@@ -238,7 +272,7 @@ void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t
 }
 
 void Scheduler::erase_batch(Worker& worker, size_t index) {
-  worker.claim_slots_used &= ~(uint64_t{1} << worker.batches[index].claim_slot);
+  worker.claim_slots_used &= ~(ClaimMask{1} << worker.batches[index].claim_slot);
   worker.blob_bytes -= worker.batches[index].blob_bytes;
   // The worker has no further use for the blobs of the batch's jobs.
   if (worker.port != nullptr) {
@@ -278,6 +312,17 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   const WorkerProgress progress = worker.port->progress();
   const bool on_front = progress.batch_seq == front.seq;
   const bool running = on_front && progress.running;
+  // A worker sends a task's outcome only after the task ended. One whose exact progress says it
+  // still runs a task it reported (of the front batch, or of one reported whole) lied in that
+  // report, and is out of every rule below (the batch it runs is no longer here): it goes.
+  if (progress.exact && progress.running &&
+      (progress.batch_seq < front.seq || (on_front && progress.task_index < front.reported))) {
+    worker.port->stop(absl::DataLossError(absl::StrFormat(
+        "%s reported the outcome of a task it had not finished (batch %d, task %d); it was "
+        "stopped",
+        worker.port->name(), progress.batch_seq, progress.task_index)));
+    return;
+  }
   // Since when the worker has not started a task: its running task's start, or (between tasks or
   // before its first) the later of that and when the front batch became its front.
   const int64_t waiting_since =
@@ -318,7 +363,8 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   if (worker.stall_taken_back) return;
   const Call& call = *front.tasks.call;
   const int64_t mean = call.observed_tasks > 0 ? call.observed_busy_ns / call.observed_tasks : 0;
-  const int64_t threshold = std::max(kStallFloorNs, kStallFactor * mean);
+  const int64_t threshold =
+      std::max(kStallFloorNs, kStallFactor * std::min(mean, kMaxObservedNs / kStallFactor));
   const int64_t stall_at = waiting_since + threshold;
   if (now < stall_at) {
     next = std::min(next, stall_at);
@@ -326,18 +372,8 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   }
   worker.stall_taken_back = true;
   worker.suspect = true;
-  std::vector<uint64_t> seqs;
-  for (const Batch& batch : worker.batches) {
-    if (batch.take_back == TakeBack::kNone) seqs.push_back(batch.seq);
-  }
-  for (uint64_t seq : seqs) {
-    for (Batch& batch : worker.batches) {
-      if (batch.seq == seq) {
-        take_back(slot, batch, TakeBack::kRequeue, absl::OkStatus());
-        break;
-      }
-    }
-  }
+  take_back_where(TakeBack::kRequeue, absl::OkStatus(),
+                  [slot](int at, const Batch&) { return at == slot; });
 }
 
 }  // namespace procpool::internal

@@ -23,15 +23,18 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "capnp/message.h"
 #include "lib/link/worker_link.h"
+#include "lib/wire/control_page.h"
 #include "lib/wire/frame_io.h"
 #include "procpool/internal/call.h"
 #include "procpool/internal/protocol.capnp.h"
@@ -164,6 +167,10 @@ class Scheduler {
   };
   // What becomes of a batch's tasks taken back by a revoke.
   enum class TakeBack { kNone, kRequeue, kFail };
+  // One bit per claim slot of a worker's control page.
+  using ClaimMask = uint64_t;
+  static_assert(ControlPage::kClaimSlots <= std::numeric_limits<ClaimMask>::digits,
+                "a worker's claim slots must each have a bit of ClaimMask");
   // A range sent to a worker as one frame.
   struct Batch {
     uint64_t seq = 0;
@@ -183,7 +190,7 @@ class Scheduler {
     bool accepting = false;
     std::deque<Batch> batches;
     uint64_t batches_sent = 0;   // by this worker process: claim slots and tags follow it
-    uint64_t claim_slots_used = 0;  // bit i: a batch in `batches` owns claim slot i
+    ClaimMask claim_slots_used = 0;  // bit i: a batch in `batches` owns claim slot i
     int64_t tasks_assigned = 0;
     size_t blob_bytes = 0;  // in its shared region, for the batches it holds
     bool stall_taken_back = false;  // the stall rule acted on its current front batch
@@ -192,13 +199,47 @@ class Scheduler {
 
   // batch_encoder.cc
   int pick_worker();
-  // `awaited`: a caller waits for this batch (TaskBatch.awaited).
+  // Cuts the front of the queue into a batch for the worker in `slot` and sends it. `awaited`: a
+  // caller waits for this batch (TaskBatch.awaited).
   void send_batch(int slot, bool awaited = false);
+  // A batch's frame, built: the tasks it holds from the front of the queue (`taken`, maybe 0)
+  // and, if the job right after them cannot be sent at all, why (it then fails alone).
+  struct BatchFrame {
+    uint64_t seq = 0;
+    uint32_t claim_slot = 0;
+    uint16_t claim_tag = 0;
+    absl::Duration timeout = absl::InfiniteDuration();
+    std::unique_ptr<capnp::MallocMessageBuilder> message;
+    size_t taken = 0;
+    std::optional<absl::Status> unencodable;
+    SharedRegion* region = nullptr;  // where its jobs' blobs went, if anywhere
+    size_t blob_bytes = 0;
+  };
+  // How many tasks of `range` to try in one batch (chunksize, quotas, the byte budget from one
+  // job's size), and that job's size in words.
+  size_t batch_size(const Worker& worker, const TaskRange& range, size_t& job_words);
+  // Builds the frame for up to `want` tasks of `range`, fewer where a limit cuts it.
+  BatchFrame build_batch(Worker& worker, const TaskRange& range, bool awaited, size_t want,
+                         size_t job_words);
+  // Records the batch as the worker's, opens its claims and sends its frame.
+  void hand_over(Worker& worker, TaskRange sent, BatchFrame frame);
+  // on_results: hand a frame's outcomes to the batch's call; a non-OK status (or a kj::Exception
+  // from reading the frame) once part of it cannot be delivered. `batch.reported` counts only
+  // outcomes delivered.
+  absl::Status deliver_outcomes(Worker& worker, Batch& batch, wire::ResultBatch::Reader results);
+  absl::Status deliver_word_results(Worker& worker, Batch& batch,
+                                    wire::ResultBatch::Reader results);
   // settlement.cc
   void fail(const TaskRange& range, size_t first, size_t count, const absl::Status& status);
   void fail_pending(const absl::Status& status);
   void requeue_front(std::vector<TaskRange> ranges);
+  // Revokes one batch: its unstarted tasks are settled (`how`) when the answer comes, which may
+  // be within the call: `batch` may be gone when it returns.
   void take_back(int slot, Batch& batch, TakeBack how, const absl::Status& status);
+  // take_back for every batch, of any worker, that `which` picks and that has no take-back in
+  // flight; safe however the answers come.
+  void take_back_where(TakeBack how, const absl::Status& status,
+                       absl::FunctionRef<bool(int slot, const Batch& batch)> which);
   void settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed);
   void erase_batch(Worker& worker, size_t index);
   void check_worker(int slot, int64_t now, int64_t& next);

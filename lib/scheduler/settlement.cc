@@ -46,6 +46,28 @@ void Scheduler::take_back(int slot, Batch& batch, TakeBack how, const absl::Stat
   workers_[slot].port->revoke(claim_slot, tag);
 }
 
+void Scheduler::take_back_where(TakeBack how, const absl::Status& status,
+                                absl::FunctionRef<bool(int slot, const Batch& batch)> which) {
+  // Collected first, then each found again by its number: a revoke may be answered within
+  // take_back, and settle and erase its batch (or others of its worker).
+  std::vector<std::pair<int, uint64_t>> targets;
+  for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
+    for (const Batch& batch : workers_[slot].batches) {
+      if (batch.take_back == TakeBack::kNone && which(slot, batch)) {
+        targets.emplace_back(slot, batch.seq);
+      }
+    }
+  }
+  for (const auto& [slot, seq] : targets) {
+    for (Batch& batch : workers_[slot].batches) {
+      if (batch.seq == seq) {
+        take_back(slot, batch, how, status);
+        break;
+      }
+    }
+  }
+}
+
 void Scheduler::settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed) {
   claimed = std::clamp(claimed, batch.reported, batch.limit);
   if (claimed < batch.limit) {

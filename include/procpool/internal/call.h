@@ -13,10 +13,18 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "capnp/orphan.h"
 #include "procpool/internal/protocol.capnp.h"
 
 namespace procpool::internal {
+
+// A task of a piece of word results that failed (ResultBatch.errors, read by the scheduler before
+// any outcome of the piece is handed on): its place in the piece and its status (never OK).
+struct WordFailure {
+  uint32_t index = 0;
+  absl::Status status;
+};
 
 struct CallSettings {
   // Tasks per batch sent to a worker; 0 lets the core choose.
@@ -57,11 +65,11 @@ class Call {
                                 wire::TaskBatch::Builder /*tasks*/, capnp::Orphanage /*orphanage*/,
                                 bool /*borrow*/) {}
   // Outcomes of tasks [first, first + count) sent as words (see ResultBatch in protocol.capnp):
-  // words[i] is task first + i's result of `kind`, unless `errors` (ascending) names i. Returns
-  // how many were values that decoded; the rest went to on_error.
+  // words[i] is task first + i's result of `kind`, unless `errors` (strictly ascending, each
+  // index < count) names i. Every one of the `count` tasks gets its outcome here, a value or
+  // on_error. Returns how many were values that decoded. Called only for a call that packs_jobs().
   virtual size_t on_word_results(size_t /*first*/, uint32_t /*count*/, const uint64_t* /*words*/,
-                                 wire::WordKind /*kind*/,
-                                 capnp::List<wire::TaskError>::Reader /*errors*/) {
+                                 wire::WordKind /*kind*/, absl::Span<const WordFailure> /*errors*/) {
     return 0;
   }
 

@@ -133,7 +133,7 @@ class ImapCall final : public Call {
   }
 
   size_t on_word_results(size_t first, uint32_t count, const uint64_t* words, wire::WordKind kind,
-                         capnp::List<wire::TaskError>::Reader errors) override {
+                         absl::Span<const WordFailure> errors) override {
     if constexpr (Scalar<Result>) {
       // A whole piece under one lock: converting words costs little next to a lock per item.
       size_t cursor = 0;
@@ -143,10 +143,9 @@ class ImapCall final : public Call {
         std::lock_guard lock(mu_);
         for (uint32_t i = 0; i < count; ++i) {
           const size_t slot = first + i;
-          while (cursor < errors.size() && errors[cursor].getIndex() < i) ++cursor;
-          if (cursor < errors.size() && errors[cursor].getIndex() == i) {
-            absl::Status failed = status_from_wire(errors[cursor].getError());
-            errors_[slot] = failed.ok() ? absl::UnknownError("failed without a status") : failed;
+          while (cursor < errors.size() && errors[cursor].index < i) ++cursor;
+          if (cursor < errors.size() && errors[cursor].index == i) {
+            errors_[slot] = errors[cursor].status;
             state_[slot] = kError;
           } else if (from_word(words[i], kind, values_[slot])) {
             ++decoded;

@@ -167,7 +167,7 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
   }
 
   size_t on_word_results(size_t first, uint32_t count, const uint64_t* words, wire::WordKind kind,
-                         capnp::List<wire::TaskError>::Reader errors) override {
+                         absl::Span<const WordFailure> errors) override {
     if (cancelled_) return count;
     if constexpr (Scalar<Value>) {
       Value* out = slots_.data() + first;
@@ -193,10 +193,9 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
       size_t cursor = 0;
       size_t decoded = 0;
       for (uint32_t i = 0; i < count; ++i) {
-        while (cursor < errors.size() && errors[cursor].getIndex() < i) ++cursor;
-        if (cursor < errors.size() && errors[cursor].getIndex() == i) {
-          absl::Status failed = status_from_wire(errors[cursor].getError());
-          on_error(first + i, failed.ok() ? absl::UnknownError("failed without a status") : failed);
+        while (cursor < errors.size() && errors[cursor].index < i) ++cursor;
+        if (cursor < errors.size() && errors[cursor].index == i) {
+          on_error(first + i, errors[cursor].status);
         } else if (from_word(words[i], kind, out[i])) {
           ++decoded;
           finish_one();

@@ -1,0 +1,448 @@
+// The scheduler's rules, over fake workers (tests/fake_worker.h): no process, no clock but the
+// one the test passes. Each case takes the steps a worker would (start a task, send its result,
+// die) one by one and checks what the scheduler made of them. What only processes can show
+// (kills, signals, real frames on a socket) stays in the end-to-end suites.
+
+#include "lib/scheduler/scheduler.h"
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "capnp/any.h"
+#include "capnp/message.h"
+#include "capnp/serialize.h"
+#include "doctest/doctest.h"
+#include "kj/exception.h"
+#include "lib/common/clock.h"
+#include "procpool/internal/protocol.capnp.h"
+#include "tests/fake_worker.h"
+
+namespace procpool::testing {
+namespace {
+
+using internal::CallSettings;
+using internal::LostWorker;
+using internal::Scheduler;
+
+// A scheduler and its workers: slot i is reached through ports[i] while attached.
+struct Rig {
+  explicit Rig(int workers, size_t max_batches = 64)
+      : scheduler(Scheduler::Config{.workers = workers,
+                                    .max_frame_bytes = size_t{1} << 20,
+                                    .max_batches_per_worker = max_batches}),
+        fakes(workers), ports(workers) {
+    for (int slot = 0; slot < workers; ++slot) attach(slot);
+  }
+
+  // A fresh worker in `slot` (after the last one was lost).
+  void attach(int slot) {
+    fakes[slot] = std::make_unique<FakeWorker>(absl::StrCat("worker ", slot, " #", ++made));
+    ports[slot] = std::make_unique<FakeWorkerPort>(*fakes[slot], scheduler, slot);
+    scheduler.attach(slot, ports[slot].get());
+  }
+  FakeWorker& worker(int slot) { return *fakes[slot]; }
+  FakeWorker::Batch& front(int slot) { return fakes[slot]->batches().front(); }
+
+  std::shared_ptr<RecordingCall> submit(size_t tasks, CallSettings settings = {},
+                                        bool words = false) {
+    auto call = std::make_shared<RecordingCall>(tasks, settings, words);
+    scheduler.submit(call, 0, tasks);
+    return call;
+  }
+
+  // The worker in `slot` reports values for tasks [start, start + values.size()) of `seq`.
+  absl::Status report(int slot, uint64_t seq, uint32_t start, const std::vector<int64_t>& values) {
+    return deliver_results(scheduler, slot, results_frame(seq, start, values));
+  }
+  // Starts and finishes the next task of `seq` at `slot` and reports its value, job * 10.
+  void run_one(int slot, uint64_t seq) {
+    FakeWorker::Batch* batch = worker(slot).find(seq);
+    REQUIRE(batch != nullptr);
+    const std::optional<uint32_t> index = worker(slot).start(seq, internal::monotonic_now_ns());
+    REQUIRE(index.has_value());
+    worker(slot).finish();
+    REQUIRE(report(slot, seq, *index, {batch->jobs[*index] * 10}).ok());
+  }
+  // Runs every batch every worker holds, to the end, until nothing is outstanding.
+  void run_all() {
+    for (int round = 0; round < 1000 && scheduler.work_outstanding(); ++round) {
+      scheduler.dispatch();
+      for (size_t slot = 0; slot < fakes.size(); ++slot) {
+        auto& batches = worker(static_cast<int>(slot)).batches();
+        while (!batches.empty()) {
+          FakeWorker::Batch& batch = batches.front();
+          while (batch.next < batch.count) run_one(static_cast<int>(slot), batch.seq);
+          batches.pop_front();
+        }
+      }
+    }
+    REQUIRE_FALSE(scheduler.work_outstanding());
+  }
+
+  // The worker in `slot` died (killed, not by the pool) and a fresh one takes its place.
+  void lose(int slot, LostWorker how = {}) {
+    if (how.ended.empty()) how.ended = "was killed by signal 9 (SIGKILL)";
+    if (how.running_failure.ok()) {
+      how.running_failure = absl::AbortedError(absl::StrCat(how.ended, " while running this task"));
+    }
+    how.last = worker(slot).progress();
+    scheduler.on_worker_lost(slot, how);
+    attach(slot);
+  }
+
+  Scheduler scheduler;
+  std::vector<std::unique_ptr<FakeWorker>> fakes;
+  std::vector<std::unique_ptr<FakeWorkerPort>> ports;
+  int made = 0;
+};
+
+CallSettings chunks(size_t chunksize, int retries = 0) {
+  CallSettings settings;
+  settings.chunksize = chunksize;
+  settings.retries = retries;
+  return settings;
+}
+
+TEST_CASE("a lost worker's unstarted tasks run next, before tasks queued after them") {
+  Rig rig(2);
+  auto call = rig.submit(6, chunks(2));
+  rig.scheduler.dispatch();
+  REQUIRE(rig.front(0).jobs == std::vector<int64_t>{0, 1});
+  REQUIRE(rig.front(1).jobs == std::vector<int64_t>{2, 3});
+  REQUIRE(rig.worker(0).start(rig.front(0).seq, internal::monotonic_now_ns()) == 0u);
+  rig.lose(0);
+  // Task 0 ran when its worker died; task 1 had not started: it goes before tasks 4 and 5.
+  CHECK(call->outcome(0).status().code() == absl::StatusCode::kAborted);
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(0).batches().size() == 1);
+  CHECK(rig.front(0).jobs == std::vector<int64_t>{1});
+  rig.run_all();
+  CHECK(call->ended_once());
+  for (int64_t i = 1; i < 6; ++i) CHECK(call->outcome(i).value_or(-1) == i * 10);
+}
+
+TEST_CASE("a task whose worker dies under it runs again while the call's retries last") {
+  Rig rig(1);
+  auto call = rig.submit(2, chunks(1, /*retries=*/1));
+  int runs_of_task_0 = 0;
+  for (int death = 0; death < 2; ++death) {
+    rig.scheduler.dispatch();
+    REQUIRE(rig.worker(0).batches().size() == 1);
+    REQUIRE(rig.front(0).jobs == std::vector<int64_t>{0});
+    ++runs_of_task_0;
+    REQUIRE(rig.worker(0).start(rig.front(0).seq, internal::monotonic_now_ns()) == 0u);
+    rig.lose(0);
+    // The first death is retried; the second is the task's outcome.
+    CHECK(call->count(0) == death);
+  }
+  CHECK(runs_of_task_0 == 2);
+  CHECK(call->outcome(0).status().code() == absl::StatusCode::kAborted);
+  CHECK(absl::StrContains(call->outcome(0).status().message(), "while running this task"));
+  rig.run_all();
+  CHECK(call->ended_once());
+  CHECK(call->outcome(1).value_or(-1) == 10);
+}
+
+TEST_CASE("a task running when the pool stopped its worker on purpose is not run again") {
+  Rig rig(1);
+  auto call = rig.submit(2, chunks(2, /*retries=*/3));
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(0).start(rig.front(0).seq, internal::monotonic_now_ns()) == 0u);
+  LostWorker how;
+  how.running_failure = absl::DeadlineExceededError("task 0 ran past its timeout");
+  how.retry_allowed = false;
+  rig.lose(0, how);
+  CHECK(call->outcome(0).status().code() == absl::StatusCode::kDeadlineExceeded);
+  rig.run_all();
+  CHECK(call->ended_once());
+  CHECK(call->outcome(1).value_or(-1) == 10);
+}
+
+TEST_CASE("a lost worker's tasks are settled by its progress: finished, running, not started") {
+  int retries = 0;
+  bool stream_broke = false;
+  SUBCASE("it died") {}
+  SUBCASE("it died, and the call has retries") { retries = 1; }
+  SUBCASE("its stream broke while it ran task 2") { stream_broke = true; }
+  Rig rig(1);
+  auto call = rig.submit(5, chunks(5, retries));
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  rig.run_one(0, seq);                                               // task 0: reported
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 1u);  // task 1: finished,
+  rig.worker(0).finish();                                            // its result unsent
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 2u);  // task 2: running
+  LostWorker how;
+  if (stream_broke) {
+    how.blamed_task = std::make_pair(seq, uint32_t{2});
+    how.blamed_failure = absl::DataLossError("worker 0 sent a malformed frame");
+    how.running_failure = absl::AbortedError("worker 0 was stopped after its stream broke");
+    how.retry_allowed = false;
+  }
+  rig.lose(0, how);
+  CHECK(call->outcome(0).value_or(-1) == 0);
+  if (retries == 0) {
+    CHECK(call->outcome(1).status().code() == absl::StatusCode::kAborted);
+    CHECK(absl::StrContains(call->outcome(1).status().message(),
+                            "after this task finished but before its result was sent"));
+  }
+  if (stream_broke) {
+    CHECK(call->outcome(2).status().code() == absl::StatusCode::kDataLoss);
+  } else if (retries == 0) {
+    CHECK(absl::StrContains(call->outcome(2).status().message(), "while running this task"));
+  }
+  // Tasks 3 and 4 had not started: they run on the next worker (and, with retries, 1 and 2).
+  CHECK(call->count(3) == 0);
+  rig.run_all();
+  CHECK(call->ended_once());
+  CHECK(call->outcome(3).value_or(-1) == 30);
+  CHECK(call->outcome(4).value_or(-1) == 40);
+  if (retries > 0) {
+    CHECK(call->outcome(1).value_or(-1) == 10);
+    CHECK(call->outcome(2).value_or(-1) == 20);
+  }
+}
+
+TEST_CASE("the stall rule gives a stalled worker's unstarted tasks to another worker, once") {
+  Rig rig(2);
+  auto call = rig.submit(4, chunks(4));
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(0).batches().size() == 1);
+  REQUIRE(rig.worker(1).batches().empty());
+  const uint64_t seq = rig.front(0).seq;
+  const int64_t started = internal::monotonic_now_ns();
+  REQUIRE(rig.worker(0).start(seq, started) == 0u);
+  // Within the floor (no task of the call timed yet): nothing moves.
+  rig.scheduler.check(started + Scheduler::kStallFloorNs - 1);
+  rig.scheduler.dispatch();
+  CHECK(rig.worker(1).batches().empty());
+  // Past it: its batch keeps only the task it runs (it cannot start another), once per front
+  // batch; tasks 1..3 go to the idle worker, and the stalled one is given nothing more.
+  rig.scheduler.check(started + Scheduler::kStallFloorNs);
+  CHECK_FALSE(rig.worker(0).start(seq, started).has_value());
+  rig.scheduler.check(started + 3 * Scheduler::kStallFloorNs);
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(1).batches().size() == 1);
+  CHECK(rig.front(1).jobs == std::vector<int64_t>{1, 2, 3});
+  CHECK(rig.worker(0).batches().size() == 1);
+  rig.worker(0).finish();
+  REQUIRE(rig.report(0, seq, 0, {0}).ok());
+  rig.worker(0).batches().clear();
+  rig.run_all();
+  CHECK(call->ended_once());
+  for (int64_t i = 0; i < 4; ++i) CHECK(call->outcome(i).value_or(-1) == i * 10);
+  CHECK(rig.ports[0]->stops().empty());
+}
+
+TEST_CASE("a task timeout stops the worker through its port, naming the task") {
+  Rig rig(1);
+  CallSettings settings = chunks(2);
+  settings.has_task_timeout = true;
+  settings.task_timeout = absl::Seconds(1);
+  auto call = rig.submit(2, settings);
+  rig.scheduler.dispatch();
+  const int64_t started = internal::monotonic_now_ns();
+  REQUIRE(rig.worker(0).start(rig.front(0).seq, started) == 0u);
+  rig.scheduler.check(started + 999'000'000);
+  CHECK(rig.ports[0]->stops().empty());
+  rig.scheduler.check(started + 1'000'000'000 + internal::coarse_clock_slack_ns());
+  REQUIRE(rig.ports[0]->stops().size() == 1);
+  const absl::Status reason = rig.ports[0]->stops()[0];
+  CHECK(reason.code() == absl::StatusCode::kDeadlineExceeded);
+  CHECK(absl::StrContains(reason.message(), "task 0 of its call"));
+  LostWorker how;
+  how.running_failure = reason;
+  how.retry_allowed = false;
+  rig.lose(0, how);
+  CHECK(call->outcome(0).status() == reason);
+  rig.run_all();
+  CHECK(call->ended_once());
+}
+
+TEST_CASE("claims: a cancelled call's unstarted tasks fail kCancelled; started ones deliver") {
+  bool answered_later = false;
+  SUBCASE("the revoke is answered at once (shared memory)") {}
+  SUBCASE("the revoke is answered later (a remote worker)") { answered_later = true; }
+  Rig rig(1);
+  if (answered_later) rig.ports[0]->answer_revokes_later();
+  auto call = rig.submit(4, chunks(4));
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 0u);
+  rig.scheduler.cancel(call.get(), absl::CancelledError("cancelled by the test"));
+  uint32_t claimed = 1;
+  if (answered_later) {
+    CHECK(call->count(1) == 0);
+    // The worker goes on until the revoke reaches it.
+    rig.worker(0).finish();
+    REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 1u);
+    claimed = 2;
+    rig.ports[0]->answer_revokes();
+  }
+  for (uint32_t i = claimed; i < 4; ++i) {
+    CHECK(call->outcome(i).status().code() == absl::StatusCode::kCancelled);
+  }
+  rig.worker(0).finish();
+  CHECK_FALSE(rig.worker(0).start(seq, internal::monotonic_now_ns()).has_value());
+  std::vector<int64_t> values;
+  for (uint32_t i = 0; i < claimed; ++i) values.push_back(int64_t{i} * 10);
+  REQUIRE(rig.report(0, seq, 0, values).ok());
+  CHECK(rig.scheduler.idle(0));
+  CHECK(call->ended_once());
+  CHECK(call->outcome(0).value_or(-1) == 0);
+}
+
+TEST_CASE("each batch a worker holds has a claim slot of its own; a batch waits for a free one") {
+  Rig rig(1, /*max_batches=*/64);
+  auto call = rig.submit(100, chunks(1));
+  // Short tasks: the worker may hold as many batches as it has claim slots.
+  call->observed_tasks = 1000;
+  call->observed_busy_ns = 1000;
+  rig.scheduler.dispatch();
+  auto& batches = rig.worker(0).batches();
+  REQUIRE(batches.size() == ControlPage::kClaimSlots);
+  for (uint32_t i = 0; i < batches.size(); ++i) {
+    CHECK(batches[i].claim_slot == i);
+    CHECK(batches[i].claim_tag == i);
+  }
+  // The worker can claim the one task of each, and no more.
+  const uint64_t first = batches.front().seq;
+  REQUIRE(rig.worker(0).start(first, internal::monotonic_now_ns()) == 0u);
+  rig.worker(0).finish();
+  CHECK_FALSE(rig.worker(0).start(first, internal::monotonic_now_ns()).has_value());
+  // Nothing more until a slot is free; the first batch's slot is the next one's.
+  rig.scheduler.dispatch();
+  CHECK(batches.size() == ControlPage::kClaimSlots);
+  REQUIRE(rig.report(0, first, 0, {0}).ok());
+  batches.pop_front();
+  rig.scheduler.dispatch();
+  REQUIRE(batches.size() == ControlPage::kClaimSlots);
+  CHECK(batches.back().claim_slot == 0);
+  CHECK(batches.back().claim_tag == ControlPage::kClaimSlots);
+  rig.run_all();
+  CHECK(call->ended_once());
+}
+
+// --- Results that cannot be delivered (issue 15, item 2) ------------------------------------
+
+// Runs `frame` for a batch of 3 tasks of which the worker runs task 1 (task 0 finished,
+// unreported): the frame must be refused or throw; then the worker is lost as the pool loses it
+// after a broken stream, and every task must end with exactly one outcome.
+void check_undeliverable(kj::ArrayPtr<const capnp::word> frame, bool words,
+                         std::optional<int64_t> delivered_before = std::nullopt) {
+  Rig rig(1);
+  auto call = rig.submit(3, chunks(3), words);
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  REQUIRE(seq == 1);
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 0u);
+  rig.worker(0).finish();
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 1u);
+  absl::Status status;
+  try {
+    status = deliver_results(rig.scheduler, 0, frame);
+  } catch (const kj::Exception& e) {
+    status = absl::DataLossError(e.getDescription().cStr());
+  }
+  MESSAGE(status);
+  CHECK(status.code() == absl::StatusCode::kDataLoss);
+  if (delivered_before) {
+    CHECK(call->outcome(0).value_or(-1) == *delivered_before);
+  } else {
+    CHECK(call->count(0) == 0);
+  }
+  CHECK(call->count(1) == 0);
+  LostWorker how;
+  how.blamed_task = std::make_pair(seq, uint32_t{1});
+  how.blamed_failure = status;
+  how.retry_allowed = false;
+  rig.lose(0, how);
+  CHECK(call->outcome(1).status().code() == absl::StatusCode::kDataLoss);
+  rig.run_all();
+  CHECK(call->ended_once());
+  CHECK(call->outcome(2).value_or(-1) == 20);
+}
+
+TEST_CASE("results that cannot be delivered whole count for nothing, and the call still ends") {
+  SUBCASE("word results for a call whose jobs are not words") {
+    check_undeliverable(word_results_frame(1, 0, {0}), /*words=*/false);
+  }
+  SUBCASE("word results that do not cover their count") {
+    auto frame = word_results_frame(1, 0, {0});
+    capnp::FlatArrayMessageReader reader(frame);
+    capnp::MallocMessageBuilder copy;
+    copy.setRoot(reader.getRoot<wire::FromWorker>());
+    copy.getRoot<wire::FromWorker>().getResults().setCount(2);
+    check_undeliverable(capnp::messageToFlatArray(copy), /*words=*/true);
+  }
+  SUBCASE("word results whose failed tasks are out of order") {
+    auto frame = word_results_frame(1, 0, {0, 10});
+    capnp::FlatArrayMessageReader reader(frame);
+    capnp::MallocMessageBuilder copy;
+    copy.setRoot(reader.getRoot<wire::FromWorker>());
+    auto errors = copy.getRoot<wire::FromWorker>().getResults().initErrors(2);
+    errors[0].setIndex(1);
+    errors[1].setIndex(0);
+    check_undeliverable(capnp::messageToFlatArray(copy), /*words=*/true);
+  }
+  SUBCASE("an outcome whose pointer is out of bounds, after one that is fine") {
+    capnp::MallocMessageBuilder message;
+    auto results = message.initRoot<wire::FromWorker>().initResults();
+    results.setSeq(1);
+    results.setStart(0);
+    results.setCount(2);
+    auto outcomes = results.initOutcomes(2);
+    outcomes[0].initOk().setInt(0);
+    outcomes[1].initOk().setInt(10);
+    // The second outcome's pointer (after its one-word data section) points far out.
+    auto* pointer = reinterpret_cast<uint64_t*>(
+        capnp::AnyStruct::Builder(outcomes[1]).getDataSection().end());
+    *pointer = (*pointer & ~uint64_t{0xffffffff}) | (uint64_t{0x1fffffff} << 2);
+    check_undeliverable(capnp::messageToFlatArray(message), /*words=*/false,
+                        /*delivered_before=*/0);
+  }
+  SUBCASE("an outcome of no known kind") {
+    capnp::MallocMessageBuilder message;
+    auto results = message.initRoot<wire::FromWorker>().initResults();
+    results.setSeq(1);
+    results.setStart(0);
+    results.setCount(1);
+    auto outcome = results.initOutcomes(1)[0];
+    outcome.initOk().setInt(0);
+    // The union's tag is the first 16 bits of its data section.
+    auto data = capnp::AnyStruct::Builder(std::move(outcome)).getDataSection();
+    data[0] = 7;
+    check_undeliverable(capnp::messageToFlatArray(message), /*words=*/false);
+  }
+}
+
+TEST_CASE("a worker whose progress says it still runs a task it reported is stopped kDataLoss") {
+  Rig rig(2);
+  auto call = rig.submit(4, chunks(4));
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  const int64_t started = internal::monotonic_now_ns();
+  REQUIRE(rig.worker(0).start(seq, started) == 0u);
+  // Its "result" for task 0 comes while it still runs task 0.
+  REQUIRE(rig.report(0, seq, 0, {0}).ok());
+  rig.scheduler.check(started + 1);
+  REQUIRE(rig.ports[0]->stops().size() == 1);
+  CHECK(rig.ports[0]->stops()[0].code() == absl::StatusCode::kDataLoss);
+  LostWorker how;
+  how.running_failure = rig.ports[0]->stops()[0];
+  how.retry_allowed = false;
+  rig.lose(0, how);
+  rig.run_all();
+  CHECK(call->ended_once());
+  for (int64_t i = 1; i < 4; ++i) CHECK(call->outcome(i).value_or(-1) == i * 10);
+}
+
+}  // namespace
+}  // namespace procpool::testing

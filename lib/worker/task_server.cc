@@ -133,8 +133,21 @@ class Claims {
 };
 
 // Runs the tasks of one batch in order, sending their outcomes in one or more frames.
+//
+// A task of a batch with a timeout may be the one that gets the worker stopped (so may any task
+// cancel() or a broken stream stops; those lose only results of that call or results the pool
+// cannot trust): before such a task starts, the outcomes of the tasks before it are published
+// (Out::kPublish), so that a value once computed reaches the caller whatever ends the worker
+// afterwards. Untimed batches keep their results in pieces until a piece is due.
 class BatchRunner {
  public:
+  // How a piece of results goes out (deliver).
+  enum class Out {
+    kSend,     // written now
+    kMayHold,  // held for one write with the next ones if the next batch is already read
+    kPublish,  // made safe from the worker's end now: held in shared memory, or written
+  };
+
   BatchRunner(WorkerBody& body, WorkerTransport& transport, ControlPage& page,
               size_t max_frame_bytes, SharedRegion* region)
       : body_(body), transport_(transport), page_(page), region_(region),
@@ -153,6 +166,7 @@ class BatchRunner {
     const uint32_t count = jobs.size();
     seq_ = batch.getSeq();
     first_unsent_ = 0;
+    timed_ = batch.getTimeoutNs() != 0;
     Claims claims(page_, batch, count);
     TaskPacer<monotonic_now_ns> pacer(page_, seq_);
     start_listed_piece(count);
@@ -172,8 +186,9 @@ class BatchRunner {
         if (i + 1 < count) start_listed_piece(count);
         continue;
       }
-      if (i + 1 == count || in_piece == outcomes_.size() || due || bytes >= piece_budget_) {
-        if (!send_listed(in_piece, pacer, /*may_hold=*/i + 1 == count && !due)) return false;
+      if (i + 1 == count || in_piece == outcomes_.size() || due || bytes >= piece_budget_ ||
+          timed_) {
+        if (!send_listed(in_piece, pacer, piece_out(i + 1 == count, due))) return false;
         if (i + 1 < count) start_listed_piece(count);
       }
     }
@@ -190,7 +205,8 @@ class BatchRunner {
 
   void start_listed_piece(uint32_t count) {
     piece_blob_bytes_ = 0;
-    const uint32_t entries = std::min(count - first_unsent_, kMaxPieceOutcomes);
+    // A timed batch's pieces hold one outcome each (piece_out).
+    const uint32_t entries = timed_ ? 1 : std::min(count - first_unsent_, kMaxPieceOutcomes);
     // A first segment sized for small results (the default 8 KiB is zeroed on every piece).
     message_ = std::make_unique<capnp::MallocMessageBuilder>(16 + 6 * entries);
     results_ = message_->initRoot<wire::FromWorker>().initResults();
@@ -200,11 +216,11 @@ class BatchRunner {
   }
 
   template <typename Pacer>
-  bool send_listed(uint32_t in_piece, Pacer& pacer, bool may_hold = false) {
+  bool send_listed(uint32_t in_piece, Pacer& pacer, Out out = Out::kSend) {
     results_.setCount(in_piece);
     results_.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
     mark_blobs(results_);
-    if (!deliver(*message_, may_hold)) return false;
+    if (!deliver(*message_, out)) return false;
     first_unsent_ += in_piece;
     pacer.sent();
     return true;
@@ -282,7 +298,7 @@ class BatchRunner {
     const uint32_t claim_slot = batch.getClaimSlot();
     const uint16_t claim_tag = batch.getClaimTag();
     open_claims_if_worker_opens(page_, batch, count);
-    const bool timed = batch.getTimeoutNs() != 0;
+    timed_ = batch.getTimeoutNs() != 0;
     errors_.clear();
     error_bytes_ = 0;
     int64_t last_send = monotonic_now_ns();
@@ -293,7 +309,9 @@ class BatchRunner {
     uint32_t claimed_until = 0;
     while (i < count) {
       if (i >= claimed_until) {
-        const uint32_t want = std::min({stride_, count - i, first_unsent_ + max_entries - i});
+        // A timed batch runs one task per stride: its result goes out before the next starts.
+        const uint32_t want =
+            timed_ ? 1 : std::min({stride_, count - i, first_unsent_ + max_entries - i});
         const uint32_t got = claim_tasks(page_, claim_slot, claim_tag, i, want);
         if (got == 0) break;  // the parent took the rest back
         claimed_until = i + got;
@@ -301,7 +319,7 @@ class BatchRunner {
       // Tasks that take a while get each its own stamp and clock read (cheap next to them), so a
       // slow one's result, and those before it, go out as soon as it ends; tiny ones only their
       // index (see WordStamps).
-      const bool per_task = timed || per_task_clock_;
+      const bool per_task = timed_ || per_task_clock_;
       const int64_t start = monotonic_now_ns();
       page_.task_index.store(i, std::memory_order_relaxed);
       page_.started_ns.store(start, std::memory_order_relaxed);
@@ -336,9 +354,10 @@ class BatchRunner {
       }
       const uint32_t in_piece = i - first_unsent_;
       if (i == count || in_piece == max_entries || end - last_send >= kFlushIntervalNs ||
-          took >= kSendAtOnceNs || cut || error_bytes_ >= piece_budget_) {
-        const bool may_hold = i == count && took < kSendAtOnceNs;
-        if (in_piece > 0 && !send_words(results, result_kind, in_piece, unsent_busy, may_hold)) {
+          took >= kSendAtOnceNs || cut || error_bytes_ >= piece_budget_ || timed_) {
+        const Out out = piece_out(i == count, took >= kSendAtOnceNs ||
+                                                  (i < count && end - last_send >= kFlushIntervalNs));
+        if (in_piece > 0 && !send_words(results, result_kind, in_piece, unsent_busy, out)) {
           return false;
         }
         last_send = monotonic_now_ns();
@@ -353,7 +372,7 @@ class BatchRunner {
   // Sends the results of tasks [first_unsent_, first_unsent_ + n): their words in place (an
   // external segment: the kernel copies them from `results`), and the failures among them.
   bool send_words(const uint64_t* results, wire::WordKind kind, uint32_t n, int64_t busy_ns,
-                  bool may_hold = false) {
+                  Out out = Out::kSend) {
     capnp::MallocMessageBuilder message(64);
     auto piece = message.initRoot<wire::FromWorker>().initResults();
     piece.setSeq(seq_);
@@ -370,19 +389,31 @@ class BatchRunner {
         status_to_wire(errors_[e].second, listed[e].initError());
       }
     }
-    if (!deliver(message, may_hold)) return false;
+    if (!deliver(message, out)) return false;
     first_unsent_ += n;
     errors_.clear();
     error_bytes_ = 0;
     return true;
   }
 
-  // Sends a piece of results; the last piece of a quick batch may instead be held, to go out in
-  // one write with the next ones, while the next batch is already read (the worker will not wait
-  // for it) and no held result is older than kFlushIntervalNs. Fewer writes, and fewer wake-ups
-  // of the parent, when many small batches are queued at the worker.
-  bool deliver(capnp::MessageBuilder& message, bool may_hold) {
-    if (may_hold && transport_.frame_buffered() && frame_bytes(message) <= kHoldBytes) {
+  // How a piece goes out: `last` of its batch; `due`: written now anyway (a slow task's, or
+  // the flush interval passed). The last of a quick batch may be held; in a timed batch, one
+  // that another task follows is published.
+  Out piece_out(bool last, bool due) const {
+    if (due) return Out::kSend;
+    if (last) return Out::kMayHold;
+    return timed_ ? Out::kPublish : Out::kSend;
+  }
+
+  // Sends a piece of results. kMayHold: the last piece of a quick batch may instead be held, to go
+  // out in one write with the next ones, while the next batch is already read (the worker will
+  // not wait for it) and no held result is older than kFlushIntervalNs. Fewer writes, and fewer
+  // wake-ups of the parent, when many small batches are queued at the worker. kPublish: held if
+  // the transport can hold it (shared memory, where the parent takes it while the worker runs a
+  // long task and finds it if the worker dies), else written now.
+  bool deliver(capnp::MessageBuilder& message, Out out) {
+    if (out == Out::kPublish) return transport_.hold(message);
+    if (out == Out::kMayHold && transport_.frame_buffered() && frame_bytes(message) <= kHoldBytes) {
       const int64_t since = transport_.held_since_ns();
       if (since == 0 || monotonic_now_ns() - since < kFlushIntervalNs) {
         return transport_.hold(message);
@@ -405,6 +436,7 @@ class BatchRunner {
   const size_t piece_budget_;
   uint64_t seq_ = 0;
   uint32_t first_unsent_ = 0;
+  bool timed_ = false;  // the batch has a task timeout
   std::unique_ptr<capnp::MallocMessageBuilder> message_;
   wire::ResultBatch::Builder results_ = nullptr;
   capnp::List<wire::Outcome>::Builder outcomes_ = nullptr;

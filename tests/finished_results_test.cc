@@ -174,5 +174,42 @@ TEST_CASE("a long chunk: every task finished before the one that timed out keeps
   }
 }
 
+TEST_CASE("a malformed frame sent as a task ends fails that task with kDataLoss naming the frame; "
+          "its innocent batch-mates run again under retries") {
+  int retries = 0;
+  SUBCASE("no retries: the batch-mates fail kAborted, saying the stream broke") {}
+  SUBCASE("retries: the batch-mates run again and succeed") { retries = 1; }
+  ProcessPool<ListedWorker> pool(quiet({.workers = 1}));
+  // The bad frame comes from the batch's last task, so the worker has finished it (or is about
+  // to) when the pool reads the bytes and stops it; the four before it finished unreported.
+  const std::vector<int64_t> jobs = jobs_with(5, 4, kGarbageThenOk);
+  std::map<size_t, absl::StatusOr<std::string>> outcomes =
+      outcomes_by_index(pool.imap(jobs, {.chunksize = 5, .retries = retries}), jobs, true);
+  REQUIRE(outcomes.size() == jobs.size());
+  const absl::Status& blamed = outcomes.at(4).status();
+  MESSAGE("job 4: ", blamed);
+  CHECK(blamed.code() == absl::StatusCode::kDataLoss);
+  CHECK(message_has(blamed, "bad frame"));
+  CHECK_FALSE(message_has(blamed, "SIGKILL"));
+  for (size_t i = 0; i < 4; ++i) {
+    CAPTURE(i);
+    const absl::StatusOr<std::string>& outcome = outcomes.at(i);
+    if (retries > 0) {
+      REQUIRE_MESSAGE(outcome.ok(), outcome.status());
+      CHECK(*outcome == absl::StrCat(jobs[i] * 10));
+    } else if (!outcome.ok()) {
+      // The bad bytes came before their results: those cannot be trusted, and the task did
+      // nothing wrong. What the caller reads is why the worker went, not the pool's own kill.
+      CHECK(outcome.status().code() == absl::StatusCode::kAborted);
+      CHECK(message_has(outcome.status(), "stream broke"));
+      CHECK_FALSE(message_has(outcome.status(), "SIGKILL"));
+    }
+  }
+  // The pool carries on.
+  auto next = testing::map_within(pool, std::vector<int64_t>{1, 2}, {}, absl::Seconds(60));
+  REQUIRE_MESSAGE(next.ok(), next.status());
+  CHECK(*next == std::vector<std::string>{"10", "20"});
+}
+
 }  // namespace
 }  // namespace procpool

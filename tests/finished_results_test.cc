@@ -36,6 +36,7 @@ constexpr int kWorkerChannelFd = 3;
 
 constexpr int64_t kSlow = -10;          // sleeps 10 s (the tests' timeouts stop it long before)
 constexpr int64_t kGarbageThenOk = -2;  // writes bytes that are no frame, then returns normally
+constexpr int64_t kSleep3s = -3;        // sleeps 3 s, then returns
 
 PoolOptions quiet(PoolOptions options) {
   options.log_sink = nullptr;
@@ -44,6 +45,7 @@ PoolOptions quiet(PoolOptions options) {
 
 int64_t run_job(int64_t job) {
   if (job == kSlow) absl::SleepFor(absl::Seconds(10));
+  if (job == kSleep3s) absl::SleepFor(absl::Seconds(3));
   if (job == kGarbageThenOk) {
     const char garbage[] = "\xde\xad\xbe\xef garbage, not a frame \xff\xff\xff\xff";
     write_all(kWorkerChannelFd, garbage, sizeof(garbage));
@@ -157,7 +159,7 @@ TEST_CASE("a task past its timeout fails alone: its finished batch-mates keep th
 
 TEST_CASE("a long chunk: every task finished before the one that timed out keeps its value") {
   // Many quick tasks first (the word path claims them in long strides), then one that hangs.
-  const std::vector<int64_t> jobs = jobs_with(300, 250, kSlow);
+  const std::vector<int64_t> jobs = jobs_with(3000, 2500, kSlow);
   ProcessPool<WordWorker> pool(quiet({.workers = 1}));
   std::map<size_t, absl::StatusOr<std::string>> outcomes = outcomes_by_index(
       pool.imap(jobs, {.chunksize = jobs.size(), .task_timeout = absl::Milliseconds(500)}), jobs,
@@ -165,13 +167,39 @@ TEST_CASE("a long chunk: every task finished before the one that timed out keeps
   REQUIRE(outcomes.size() == jobs.size());
   for (size_t i = 0; i < jobs.size(); ++i) {
     CAPTURE(i);
-    if (i == 250) {
+    if (i == 2500) {
       CHECK(outcomes.at(i).status().code() == absl::StatusCode::kDeadlineExceeded);
     } else {
       REQUIRE_MESSAGE(outcomes.at(i).ok(), outcomes.at(i).status());
       CHECK(*outcomes.at(i) == absl::StrCat(jobs[i] * 10));
     }
   }
+}
+
+template <typename W>
+void check_results_arrive_during_long_task() {
+  ProcessPool<W> pool(quiet({.workers = 1}));
+  // One timed batch: quick tasks, then one of 3 s. The quick ones' values are published before
+  // the long one starts, so the caller has them while it runs.
+  const std::vector<int64_t> jobs = jobs_with(201, 200, kSleep3s);
+  const absl::Time start = absl::Now();
+  absl::Duration quick_done;
+  size_t seen = 0;
+  for (const auto& outcome :
+       pool.imap(jobs, {.chunksize = jobs.size(), .task_timeout = absl::Seconds(60)})) {
+    REQUIRE_MESSAGE(outcome.ok(), outcome.status());
+    if (++seen == 200) quick_done = absl::Now() - start;
+  }
+  const absl::Duration all_done = absl::Now() - start;
+  MESSAGE("the quick tasks' values were in after ", absl::FormatDuration(quick_done),
+          ", the long one's after ", absl::FormatDuration(all_done));
+  CHECK(seen == jobs.size());
+  CHECK(all_done - quick_done >= absl::Seconds(1));
+}
+
+TEST_CASE("in a timed batch, finished values reach the caller while a later task still runs") {
+  SUBCASE("scalar results (the word path)") { check_results_arrive_during_long_task<WordWorker>(); }
+  SUBCASE("string results") { check_results_arrive_during_long_task<ListedWorker>(); }
 }
 
 TEST_CASE("a malformed frame sent as a task ends fails that task with kDataLoss naming the frame; "

@@ -12,6 +12,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "capnp/any.h"
+#include "capnp/schema.h"
 #include "capnp/serialize.h"
 #include "kj/debug.h"
 #include "kj/exception.h"
@@ -47,6 +49,20 @@ constexpr uint32_t kMaxClaimStride = 1024;
 // after tiny tasks turn slow is timed per stride: it may hold the results of the tasks in it
 // until it ends, and the stall rule may see its tasks as started at the stride's start.
 constexpr int64_t kPerTaskClockNs = 100;
+// The most results a growing frame has room for (WorkerTransport::hold_growing): a timed word
+// batch of quick tasks makes a frame per this many tasks, not one per task.
+constexpr uint32_t kGrowingResults = 1024;
+
+// Where ResultBatch.count lies in the struct's data section, in bytes.
+size_t count_field_offset() {
+  static const size_t offset = capnp::Schema::from<wire::ResultBatch>()
+                                   .getFieldByName("count")
+                                   .getProto()
+                                   .getSlot()
+                                   .getOffset() *
+                               sizeof(uint32_t);
+  return offset;
+}
 
 size_t frame_bytes(capnp::MessageBuilder& message) {
   return capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
@@ -299,6 +315,7 @@ class BatchRunner {
     const uint16_t claim_tag = batch.getClaimTag();
     open_claims_if_worker_opens(page_, batch, count);
     timed_ = batch.getTimeoutNs() != 0;
+    grown_ = 0;
     errors_.clear();
     error_bytes_ = 0;
     int64_t last_send = monotonic_now_ns();
@@ -357,16 +374,76 @@ class BatchRunner {
           took >= kSendAtOnceNs || cut || error_bytes_ >= piece_budget_ || timed_) {
         const Out out = piece_out(i == count, took >= kSendAtOnceNs ||
                                                   (i < count && end - last_send >= kFlushIntervalNs));
-        if (in_piece > 0 && !send_words(results, result_kind, in_piece, unsent_busy, out)) {
-          return false;
+        if (out == Out::kPublish && errors_.empty()) {
+          if (!publish_words(results, result_kind, i, count, max_entries, unsent_busy)) {
+            return false;
+          }
+        } else {
+          close_growing();
+          const uint32_t n = i - first_unsent_;
+          if (n > 0 && !send_words(results, result_kind, n, unsent_busy, out)) return false;
+          unsent_busy = 0;
         }
         last_send = monotonic_now_ns();
-        unsent_busy = 0;
       }
     }
     // Taken back before task i: what ran and was not sent goes now.
+    close_growing();
     if (i > first_unsent_) return send_words(results, result_kind, i - first_unsent_, unsent_busy);
     return true;
+  }
+
+  // Makes the results of tasks [first_unsent_, i) safe before the next task starts (Out::kPublish)
+  // at the cost of a few stores each: they grow the frame held last, in place, or begin a new
+  // growing frame with room for the rest of the batch (up to kGrowingResults). Where nothing can
+  // be held (a remote worker) they are sent. `busy_ns` goes with the next frame made.
+  bool publish_words(const uint64_t* results, wire::WordKind kind, uint32_t i, uint32_t count,
+                     uint32_t max_entries, int64_t& busy_ns) {
+    uint32_t n = i - first_unsent_;
+    if (grown_ > 0) {
+      if (n <= growing_room_ &&
+          transport_.grow(n, results + first_unsent_ + grown_, grown_, n - grown_)) {
+        grown_ = n;
+        return true;
+      }
+      close_growing();  // the parent has what it counted, or will
+      n = i - first_unsent_;
+    }
+    if (n == 0) return true;
+    if (!can_grow_) {
+      const bool sent = send_words(results, kind, n, busy_ns, Out::kSend);
+      busy_ns = 0;
+      return sent;
+    }
+    const uint32_t room = std::max(n, std::min({kGrowingResults, count - first_unsent_, max_entries}));
+    capnp::MallocMessageBuilder message(room + 32);
+    auto piece = message.initRoot<wire::FromWorker>().initResults();
+    piece.setSeq(seq_);
+    piece.setStart(first_unsent_);
+    piece.setCount(n);
+    piece.setBusyNs(static_cast<uint64_t>(busy_ns));
+    piece.setWordKind(kind);
+    auto words = piece.initWordResults(size_t{room} * sizeof(uint64_t));
+    std::memcpy(words.begin(), results + first_unsent_, size_t{n} * sizeof(uint64_t));
+    const kj::ArrayPtr<kj::byte> fields = capnp::toAny(piece).getDataSection();
+    if (fields.size() >= count_field_offset() + sizeof(uint32_t) &&
+        transport_.hold_growing(message, fields.begin() + count_field_offset(),
+                                reinterpret_cast<const uint64_t*>(words.begin()), room)) {
+      grown_ = n;
+      growing_room_ = room;
+      busy_ns = 0;
+      return true;
+    }
+    can_grow_ = false;  // nowhere to hold it: from now on each result is sent
+    const bool sent = send_words(results, kind, n, busy_ns, Out::kSend);
+    busy_ns = 0;
+    return sent;
+  }
+
+  // The growing frame takes no more results: those it counts are sent.
+  void close_growing() {
+    first_unsent_ += grown_;
+    grown_ = 0;
   }
 
   // Sends the results of tasks [first_unsent_, first_unsent_ + n): their words in place (an
@@ -437,6 +514,9 @@ class BatchRunner {
   uint64_t seq_ = 0;
   uint32_t first_unsent_ = 0;
   bool timed_ = false;  // the batch has a task timeout
+  uint32_t grown_ = 0;         // results from first_unsent_ in the growing frame held last
+  uint32_t growing_room_ = 0;  // the room it has
+  bool can_grow_ = true;       // false once the transport could not hold a growing frame
   std::unique_ptr<capnp::MallocMessageBuilder> message_;
   wire::ResultBatch::Builder results_ = nullptr;
   capnp::List<wire::Outcome>::Builder outcomes_ = nullptr;

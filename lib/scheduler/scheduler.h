@@ -63,12 +63,14 @@ class WorkerPort {
 
 // How a worker was lost, for settling what it held.
 struct LostWorker {
-  // How it ended, in the words of its link, for messages ("worker 1 (...) was killed by ...").
+  // How it ended, for messages: in the words of its link ("worker 1 (...) was killed by ..."),
+  // or, when the pool stopped it, why ("worker 1 (...) was stopped after its stream broke ...").
   std::string ended;
   // The failure of the task it was running when it ended (kAborted naming the death,
   // kDeadlineExceeded for a timeout, kCancelled for a terminate).
   absl::Status running_failure;
-  // The task its stream broke on (kDataLoss), if any was running then, and that failure.
+  // The task its stream broke on (kDataLoss): the one running then, or the one just finished;
+  // and that failure.
   std::optional<std::pair<uint64_t, uint32_t>> blamed_task;  // (batch seq, index)
   absl::Status blamed_failure;
   // False when the pool stopped it on purpose (a timeout, a broken stream): running the task it

@@ -193,11 +193,12 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   }
   if (state == State::kReady || state == State::kDraining || state == State::kShutdownSent) {
     LostWorker lost;
-    lost.ended = how;
+    // Stopped by the pool: why it was stopped says more than the signal the pool sent.
+    lost.ended = slot.stop_reason ? std::string(slot.stop_reason->message()) : how;
     lost.running_failure = slot.stop_reason.value_or(
         absl::AbortedError(absl::StrCat(how, " while running this task")));
     lost.last = slot.link->progress();
-    if (slot.blame_at_end && lost.last.running) {
+    if (slot.blame_at_end && lost.last.batch_seq != ControlPage::kNoBatch) {
       slot.blamed = std::make_pair(lost.last.batch_seq, lost.last.task_index);
     }
     lost.blamed_task = slot.blamed;

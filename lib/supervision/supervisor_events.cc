@@ -92,14 +92,15 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, boo
 
 void Supervisor::on_broken_stream(Slot& slot, absl::Status why) {
   if (!slot.link || slot.stop_reason) return;
-  // Only the task running when the stream broke is charged with it. A link that learns of
+  // Only the task running when the stream broke, or between tasks the one that just finished
+  // (the bad bytes came with its result or after it), is charged with it. A link that learns of
   // progress late (a remote worker) is asked again when the worker has ended: it is stopped at
   // once, so the task it ran then is the one it ran now.
   const WorkerProgress progress = slot.link->progress();
   slot.blamed_failure = why;
   if (!progress.exact) {
     slot.blame_at_end = true;
-  } else if (progress.running) {
+  } else if (progress.batch_seq != ControlPage::kNoBatch) {
     slot.blamed = std::make_pair(progress.batch_seq, progress.task_index);
   }
   log(slot, LogSeverity::kError, std::string(why.message()));

@@ -105,7 +105,9 @@ struct ResultBatch {
   # entries of `wordResults` are unused.
   errors @6 :List(TaskError);
   # For a batch of wordJobs: the results as raw 8-byte words of kind `wordKind`, entry i for task
-  # start + i (entries of failed tasks, named by `errors`, are unused). Size: a multiple of 8.
+  # start + i (entries of failed tasks, named by `errors`, are unused). Size: a multiple of 8, of
+  # at least `count` entries; entries past `count` are unused (a frame the worker grows in place,
+  # lib/worker/task_server.cc).
   wordResults @7 :Data;
   wordKind @8 :WordKind;
   # Where the worker's blobs of these results (BlobRef) end in its result area: once the parent

@@ -12,6 +12,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "capnp/any.h"
+#include "capnp/schema.h"
 #include "capnp/serialize.h"
 #include "kj/debug.h"
 #include "kj/exception.h"
@@ -47,6 +49,20 @@ constexpr uint32_t kMaxClaimStride = 1024;
 // after tiny tasks turn slow is timed per stride: it may hold the results of the tasks in it
 // until it ends, and the stall rule may see its tasks as started at the stride's start.
 constexpr int64_t kPerTaskClockNs = 100;
+// The most results a growing frame has room for (WorkerTransport::hold_growing): a timed word
+// batch of quick tasks makes a frame per this many tasks, not one per task.
+constexpr uint32_t kGrowingResults = 1024;
+
+// Where ResultBatch.count lies in the struct's data section, in bytes.
+size_t count_field_offset() {
+  static const size_t offset = capnp::Schema::from<wire::ResultBatch>()
+                                   .getFieldByName("count")
+                                   .getProto()
+                                   .getSlot()
+                                   .getOffset() *
+                               sizeof(uint32_t);
+  return offset;
+}
 
 size_t frame_bytes(capnp::MessageBuilder& message) {
   return capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
@@ -133,8 +149,21 @@ class Claims {
 };
 
 // Runs the tasks of one batch in order, sending their outcomes in one or more frames.
+//
+// A task of a batch with a timeout may be the one that gets the worker stopped (so may any task
+// cancel() or a broken stream stops; those lose only results of that call or results the pool
+// cannot trust): before such a task starts, the outcomes of the tasks before it are published
+// (Out::kPublish), so that a value once computed reaches the caller whatever ends the worker
+// afterwards. Untimed batches keep their results in pieces until a piece is due.
 class BatchRunner {
  public:
+  // How a piece of results goes out (deliver).
+  enum class Out {
+    kSend,     // written now
+    kMayHold,  // held for one write with the next ones if the next batch is already read
+    kPublish,  // made safe from the worker's end now: held in shared memory, or written
+  };
+
   BatchRunner(WorkerBody& body, WorkerTransport& transport, ControlPage& page,
               size_t max_frame_bytes, SharedRegion* region)
       : body_(body), transport_(transport), page_(page), region_(region),
@@ -153,6 +182,7 @@ class BatchRunner {
     const uint32_t count = jobs.size();
     seq_ = batch.getSeq();
     first_unsent_ = 0;
+    timed_ = batch.getTimeoutNs() != 0;
     Claims claims(page_, batch, count);
     TaskPacer<monotonic_now_ns> pacer(page_, seq_);
     start_listed_piece(count);
@@ -172,8 +202,9 @@ class BatchRunner {
         if (i + 1 < count) start_listed_piece(count);
         continue;
       }
-      if (i + 1 == count || in_piece == outcomes_.size() || due || bytes >= piece_budget_) {
-        if (!send_listed(in_piece, pacer, /*may_hold=*/i + 1 == count && !due)) return false;
+      if (i + 1 == count || in_piece == outcomes_.size() || due || bytes >= piece_budget_ ||
+          timed_) {
+        if (!send_listed(in_piece, pacer, piece_out(i + 1 == count, due))) return false;
         if (i + 1 < count) start_listed_piece(count);
       }
     }
@@ -190,7 +221,8 @@ class BatchRunner {
 
   void start_listed_piece(uint32_t count) {
     piece_blob_bytes_ = 0;
-    const uint32_t entries = std::min(count - first_unsent_, kMaxPieceOutcomes);
+    // A timed batch's pieces hold one outcome each (piece_out).
+    const uint32_t entries = timed_ ? 1 : std::min(count - first_unsent_, kMaxPieceOutcomes);
     // A first segment sized for small results (the default 8 KiB is zeroed on every piece).
     message_ = std::make_unique<capnp::MallocMessageBuilder>(16 + 6 * entries);
     results_ = message_->initRoot<wire::FromWorker>().initResults();
@@ -200,11 +232,11 @@ class BatchRunner {
   }
 
   template <typename Pacer>
-  bool send_listed(uint32_t in_piece, Pacer& pacer, bool may_hold = false) {
+  bool send_listed(uint32_t in_piece, Pacer& pacer, Out out = Out::kSend) {
     results_.setCount(in_piece);
     results_.setBusyNs(static_cast<uint64_t>(pacer.take_busy_ns()));
     mark_blobs(results_);
-    if (!deliver(*message_, may_hold)) return false;
+    if (!deliver(*message_, out)) return false;
     first_unsent_ += in_piece;
     pacer.sent();
     return true;
@@ -282,7 +314,8 @@ class BatchRunner {
     const uint32_t claim_slot = batch.getClaimSlot();
     const uint16_t claim_tag = batch.getClaimTag();
     open_claims_if_worker_opens(page_, batch, count);
-    const bool timed = batch.getTimeoutNs() != 0;
+    timed_ = batch.getTimeoutNs() != 0;
+    grown_ = 0;
     errors_.clear();
     error_bytes_ = 0;
     int64_t last_send = monotonic_now_ns();
@@ -293,7 +326,9 @@ class BatchRunner {
     uint32_t claimed_until = 0;
     while (i < count) {
       if (i >= claimed_until) {
-        const uint32_t want = std::min({stride_, count - i, first_unsent_ + max_entries - i});
+        // A timed batch runs one task per stride: its result goes out before the next starts.
+        const uint32_t want =
+            timed_ ? 1 : std::min({stride_, count - i, first_unsent_ + max_entries - i});
         const uint32_t got = claim_tasks(page_, claim_slot, claim_tag, i, want);
         if (got == 0) break;  // the parent took the rest back
         claimed_until = i + got;
@@ -301,7 +336,7 @@ class BatchRunner {
       // Tasks that take a while get each its own stamp and clock read (cheap next to them), so a
       // slow one's result, and those before it, go out as soon as it ends; tiny ones only their
       // index (see WordStamps).
-      const bool per_task = timed || per_task_clock_;
+      const bool per_task = timed_ || per_task_clock_;
       const int64_t start = monotonic_now_ns();
       page_.task_index.store(i, std::memory_order_relaxed);
       page_.started_ns.store(start, std::memory_order_relaxed);
@@ -336,24 +371,85 @@ class BatchRunner {
       }
       const uint32_t in_piece = i - first_unsent_;
       if (i == count || in_piece == max_entries || end - last_send >= kFlushIntervalNs ||
-          took >= kSendAtOnceNs || cut || error_bytes_ >= piece_budget_) {
-        const bool may_hold = i == count && took < kSendAtOnceNs;
-        if (in_piece > 0 && !send_words(results, result_kind, in_piece, unsent_busy, may_hold)) {
-          return false;
+          took >= kSendAtOnceNs || cut || error_bytes_ >= piece_budget_ || timed_) {
+        const Out out = piece_out(i == count, took >= kSendAtOnceNs ||
+                                                  (i < count && end - last_send >= kFlushIntervalNs));
+        if (out == Out::kPublish && errors_.empty()) {
+          if (!publish_words(results, result_kind, i, count, max_entries, unsent_busy)) {
+            return false;
+          }
+        } else {
+          close_growing();
+          const uint32_t n = i - first_unsent_;
+          if (n > 0 && !send_words(results, result_kind, n, unsent_busy, out)) return false;
+          unsent_busy = 0;
         }
         last_send = monotonic_now_ns();
-        unsent_busy = 0;
       }
     }
     // Taken back before task i: what ran and was not sent goes now.
+    close_growing();
     if (i > first_unsent_) return send_words(results, result_kind, i - first_unsent_, unsent_busy);
     return true;
+  }
+
+  // Makes the results of tasks [first_unsent_, i) safe before the next task starts (Out::kPublish)
+  // at the cost of a few stores each: they grow the frame held last, in place, or begin a new
+  // growing frame with room for the rest of the batch (up to kGrowingResults). Where nothing can
+  // be held (a remote worker) they are sent. `busy_ns` goes with the next frame made.
+  bool publish_words(const uint64_t* results, wire::WordKind kind, uint32_t i, uint32_t count,
+                     uint32_t max_entries, int64_t& busy_ns) {
+    uint32_t n = i - first_unsent_;
+    if (grown_ > 0) {
+      if (n <= growing_room_ &&
+          transport_.grow(n, results + first_unsent_ + grown_, grown_, n - grown_)) {
+        grown_ = n;
+        return true;
+      }
+      close_growing();  // the parent has what it counted, or will
+      n = i - first_unsent_;
+    }
+    if (n == 0) return true;
+    if (!can_grow_) {
+      const bool sent = send_words(results, kind, n, busy_ns, Out::kSend);
+      busy_ns = 0;
+      return sent;
+    }
+    const uint32_t room = std::max(n, std::min({kGrowingResults, count - first_unsent_, max_entries}));
+    capnp::MallocMessageBuilder message(room + 32);
+    auto piece = message.initRoot<wire::FromWorker>().initResults();
+    piece.setSeq(seq_);
+    piece.setStart(first_unsent_);
+    piece.setCount(n);
+    piece.setBusyNs(static_cast<uint64_t>(busy_ns));
+    piece.setWordKind(kind);
+    auto words = piece.initWordResults(size_t{room} * sizeof(uint64_t));
+    std::memcpy(words.begin(), results + first_unsent_, size_t{n} * sizeof(uint64_t));
+    const kj::ArrayPtr<kj::byte> fields = capnp::toAny(piece).getDataSection();
+    if (fields.size() >= count_field_offset() + sizeof(uint32_t) &&
+        transport_.hold_growing(message, fields.begin() + count_field_offset(),
+                                reinterpret_cast<const uint64_t*>(words.begin()), room)) {
+      grown_ = n;
+      growing_room_ = room;
+      busy_ns = 0;
+      return true;
+    }
+    can_grow_ = false;  // nowhere to hold it: from now on each result is sent
+    const bool sent = send_words(results, kind, n, busy_ns, Out::kSend);
+    busy_ns = 0;
+    return sent;
+  }
+
+  // The growing frame takes no more results: those it counts are sent.
+  void close_growing() {
+    first_unsent_ += grown_;
+    grown_ = 0;
   }
 
   // Sends the results of tasks [first_unsent_, first_unsent_ + n): their words in place (an
   // external segment: the kernel copies them from `results`), and the failures among them.
   bool send_words(const uint64_t* results, wire::WordKind kind, uint32_t n, int64_t busy_ns,
-                  bool may_hold = false) {
+                  Out out = Out::kSend) {
     capnp::MallocMessageBuilder message(64);
     auto piece = message.initRoot<wire::FromWorker>().initResults();
     piece.setSeq(seq_);
@@ -370,19 +466,31 @@ class BatchRunner {
         status_to_wire(errors_[e].second, listed[e].initError());
       }
     }
-    if (!deliver(message, may_hold)) return false;
+    if (!deliver(message, out)) return false;
     first_unsent_ += n;
     errors_.clear();
     error_bytes_ = 0;
     return true;
   }
 
-  // Sends a piece of results; the last piece of a quick batch may instead be held, to go out in
-  // one write with the next ones, while the next batch is already read (the worker will not wait
-  // for it) and no held result is older than kFlushIntervalNs. Fewer writes, and fewer wake-ups
-  // of the parent, when many small batches are queued at the worker.
-  bool deliver(capnp::MessageBuilder& message, bool may_hold) {
-    if (may_hold && transport_.frame_buffered() && frame_bytes(message) <= kHoldBytes) {
+  // How a piece goes out: `last` of its batch; `due`: written now anyway (a slow task's, or
+  // the flush interval passed). The last of a quick batch may be held; in a timed batch, one
+  // that another task follows is published.
+  Out piece_out(bool last, bool due) const {
+    if (due) return Out::kSend;
+    if (last) return Out::kMayHold;
+    return timed_ ? Out::kPublish : Out::kSend;
+  }
+
+  // Sends a piece of results. kMayHold: the last piece of a quick batch may instead be held, to go
+  // out in one write with the next ones, while the next batch is already read (the worker will
+  // not wait for it) and no held result is older than kFlushIntervalNs. Fewer writes, and fewer
+  // wake-ups of the parent, when many small batches are queued at the worker. kPublish: held if
+  // the transport can hold it (shared memory, where the parent takes it while the worker runs a
+  // long task and finds it if the worker dies), else written now.
+  bool deliver(capnp::MessageBuilder& message, Out out) {
+    if (out == Out::kPublish) return transport_.hold(message);
+    if (out == Out::kMayHold && transport_.frame_buffered() && frame_bytes(message) <= kHoldBytes) {
       const int64_t since = transport_.held_since_ns();
       if (since == 0 || monotonic_now_ns() - since < kFlushIntervalNs) {
         return transport_.hold(message);
@@ -405,6 +513,10 @@ class BatchRunner {
   const size_t piece_budget_;
   uint64_t seq_ = 0;
   uint32_t first_unsent_ = 0;
+  bool timed_ = false;  // the batch has a task timeout
+  uint32_t grown_ = 0;         // results from first_unsent_ in the growing frame held last
+  uint32_t growing_room_ = 0;  // the room it has
+  bool can_grow_ = true;       // false once the transport could not hold a growing frame
   std::unique_ptr<capnp::MallocMessageBuilder> message_;
   wire::ResultBatch::Builder results_ = nullptr;
   capnp::List<wire::Outcome>::Builder outcomes_ = nullptr;

@@ -10,6 +10,7 @@
 #define PROCPOOL_LIB_WORKER_TASK_SERVER_H_
 
 #include <cstddef>
+#include <cstdint>
 
 #include "absl/status/statusor.h"
 #include "capnp/message.h"
@@ -33,6 +34,23 @@ class WorkerTransport {
   virtual bool hold(capnp::MessageBuilder& message) { return send(message); }
   // Sends the frames held, if any. False when the parent is gone.
   virtual bool flush() { return true; }
+  // A growing frame: results published one at a time without a frame each (a timed batch's
+  // scalar results, task_server.cc). hold_growing() holds `message`, a results piece with room
+  // for `room` word results, more than it counts, whose `count` field and first result word lie
+  // in its one segment. grow() then writes results [from, from + n) into the held copy and makes
+  // it count `count`, in place (results before the count that covers them: the copy is whole
+  // whenever the worker stops). grow() is false once the copy cannot grow (the parent took it, it
+  // was written, or another frame was held after it): what it counted reaches the parent as it
+  // is, and further results need a frame of their own. Without a held-frames area (the default)
+  // hold_growing() is false and holds nothing.
+  virtual bool hold_growing(capnp::MessageBuilder& /*message*/, const void* /*count_field*/,
+                            const uint64_t* /*first_word*/, uint32_t /*room*/) {
+    return false;
+  }
+  virtual bool grow(uint32_t /*count*/, const uint64_t* /*words*/, uint32_t /*from*/,
+                    uint32_t /*n*/) {
+    return false;
+  }
   // When the oldest frame held was held (CLOCK_MONOTONIC ns), or 0 if none is.
   virtual int64_t held_since_ns() const { return 0; }
   // True if next_frame() has a whole frame already and will not wait for one.

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "capnp/serialize.h"
@@ -75,32 +76,59 @@ class ChannelTransport final : public WorkerTransport {
     const size_t size = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
     if (size > HeldFrames::capacity()) return send(message);
     lock();
-    uint32_t bytes = held_->bytes.load(std::memory_order_relaxed);
-    if (bytes + size > HeldFrames::capacity()) {
-      unlock();
-      if (!flush()) return false;
-      lock();
-      bytes = held_->bytes.load(std::memory_order_relaxed);
-    }
-    if (bytes == held_->taken.load(std::memory_order_relaxed)) {
-      held_->since_ns.store(monotonic_now_ns(), std::memory_order_relaxed);
-    }
-    unsigned char* at = held_->data + bytes;
-    auto segments = message.getSegmentsForOutput();
-    // The segment table: count - 1, each size, padded to a whole word.
-    const size_t table_entries = (segments.size() + 2) & ~size_t{1};
-    auto* table = reinterpret_cast<uint32_t*>(at);
-    table[0] = static_cast<uint32_t>(segments.size() - 1);
-    for (size_t i = 0; i < segments.size(); ++i) table[i + 1] = segments[i].size();
-    if (table_entries > segments.size() + 1) table[table_entries - 1] = 0;
-    at += table_entries * sizeof(uint32_t);
-    for (auto segment : segments) {
-      std::memcpy(at, segment.begin(), segment.size() * sizeof(capnp::word));
-      at += segment.size() * sizeof(capnp::word);
-    }
-    held_->bytes.store(bytes + static_cast<uint32_t>(size), std::memory_order_release);
+    const bool held = append_locked(message, size).has_value();
     unlock();
-    return true;
+    return held;
+  }
+
+  bool hold_growing(capnp::MessageBuilder& message, const void* count_field,
+                    const uint64_t* first_word, uint32_t room) override {
+    if (held_ == nullptr) return false;
+    auto segments = message.getSegmentsForOutput();
+    const size_t size = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
+    if (segments.size() != 1 || size > HeldFrames::capacity()) return false;
+    const auto* begin = reinterpret_cast<const unsigned char*>(segments[0].begin());
+    const auto* end = reinterpret_cast<const unsigned char*>(segments[0].end());
+    const auto* count_at = static_cast<const unsigned char*>(count_field);
+    const auto* words_at = reinterpret_cast<const unsigned char*>(first_word);
+    const size_t room_bytes = size_t{room} * sizeof(uint64_t);
+    if (count_at < begin || count_at + sizeof(uint32_t) > end || words_at < begin ||
+        words_at > end || room_bytes > static_cast<size_t>(end - words_at)) {
+      return false;
+    }
+    lock();
+    std::optional<uint32_t> at = append_locked(message, size);
+    if (at) {
+      // The one segment follows a table of two entries (one word).
+      const uint32_t segment_at = *at + sizeof(capnp::word);
+      growing_ = Growing{.frame_at = *at,
+                         .frame_end = *at + static_cast<uint32_t>(size),
+                         .count_at = segment_at + static_cast<uint32_t>(count_at - begin),
+                         .words_at = segment_at + static_cast<uint32_t>(words_at - begin),
+                         .words_end = segment_at + static_cast<uint32_t>(words_at - begin) +
+                                      static_cast<uint32_t>(room_bytes)};
+    }
+    unlock();
+    return at.has_value();
+  }
+
+  bool grow(uint32_t count, const uint64_t* words, uint32_t from, uint32_t n) override {
+    if (!growing_) return false;
+    lock();
+    const bool intact = held_->taken.load(std::memory_order_relaxed) <= growing_->frame_at &&
+                        held_->bytes.load(std::memory_order_relaxed) == growing_->frame_end &&
+                        growing_->words_at + (size_t{from} + n) * sizeof(uint64_t) <=
+                            growing_->words_end;
+    if (intact) {
+      std::memcpy(held_->data + growing_->words_at + size_t{from} * sizeof(uint64_t), words,
+                  size_t{n} * sizeof(uint64_t));
+      // Little-endian, as Cap'n Proto lays out a UInt32 field.
+      std::memcpy(held_->data + growing_->count_at, &count, sizeof(count));
+    } else {
+      growing_.reset();
+    }
+    unlock();
+    return intact;
   }
 
   bool flush() override {
@@ -130,6 +158,39 @@ class ChannelTransport final : public WorkerTransport {
   }
   void unlock() { held_->lock.store(HeldFrames::kFree, std::memory_order_release); }
 
+  // Appends `message` (`size` bytes serialized) to the frames held, writing those first if it
+  // does not fit; returns where it begins in the area, or nothing when the parent is gone. Called
+  // and returns with the lock held.
+  std::optional<uint32_t> append_locked(capnp::MessageBuilder& message, size_t size) {
+    growing_.reset();  // a frame held after it: the growing frame can grow no more
+    uint32_t bytes = held_->bytes.load(std::memory_order_relaxed);
+    if (bytes + size > HeldFrames::capacity()) {
+      unlock();
+      const bool flushed = flush();
+      lock();
+      if (!flushed) return std::nullopt;
+      bytes = held_->bytes.load(std::memory_order_relaxed);
+    }
+    if (bytes == held_->taken.load(std::memory_order_relaxed)) {
+      held_->since_ns.store(monotonic_now_ns(), std::memory_order_relaxed);
+    }
+    unsigned char* at = held_->data + bytes;
+    auto segments = message.getSegmentsForOutput();
+    // The segment table: count - 1, each size, padded to a whole word.
+    const size_t table_entries = (segments.size() + 2) & ~size_t{1};
+    auto* table = reinterpret_cast<uint32_t*>(at);
+    table[0] = static_cast<uint32_t>(segments.size() - 1);
+    for (size_t i = 0; i < segments.size(); ++i) table[i + 1] = segments[i].size();
+    if (table_entries > segments.size() + 1) table[table_entries - 1] = 0;
+    at += table_entries * sizeof(uint32_t);
+    for (auto segment : segments) {
+      std::memcpy(at, segment.begin(), segment.size() * sizeof(capnp::word));
+      at += segment.size() * sizeof(capnp::word);
+    }
+    held_->bytes.store(bytes + static_cast<uint32_t>(size), std::memory_order_release);
+    return bytes;
+  }
+
   // Writes the frames held that the parent has not taken, then `message` if any, in one write,
   // and empties the area: all under the lock, so the parent never takes a frame written here.
   bool write_held(capnp::MessageBuilder* message) {
@@ -153,6 +214,7 @@ class ChannelTransport final : public WorkerTransport {
     held_->since_ns.store(0, std::memory_order_relaxed);
     held_->taken.store(0, std::memory_order_relaxed);
     held_->bytes.store(0, std::memory_order_release);
+    growing_.reset();  // written: it can grow no more
     unlock();
     return sent;
   }
@@ -160,6 +222,15 @@ class ChannelTransport final : public WorkerTransport {
   int fd_;
   FrameReader reader_;
   HeldFrames* held_;  // null: nothing is held
+  // The growing frame held last (hold_growing), by offsets into the area.
+  struct Growing {
+    uint32_t frame_at;   // its segment table
+    uint32_t frame_end;
+    uint32_t count_at;   // its ResultBatch.count
+    uint32_t words_at;   // its first word result
+    uint32_t words_end;  // the end of its room for word results
+  };
+  std::optional<Growing> growing_;
   SpinPolicy spin_;
   bool spin_next_ = false;  // the parent's caller waited for the last batch (TaskBatch.awaited)
 };

@@ -9,6 +9,7 @@
 #include "lib/common/clock.h"
 #include "lib/supervision/slot.h"
 #include "lib/supervision/supervisor.h"
+#include "lib/wire/frame_io.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_body.h"
 
@@ -45,9 +46,7 @@ void Supervisor::Port::stop(absl::Status reason) {
 void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered) {
   // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
   try {
-    capnp::ReaderOptions options;
-    options.traversalLimitInWords = std::max<size_t>(config_.max_frame_bytes / sizeof(capnp::word), 1024);
-    capnp::FlatArrayMessageReader message(words, options);
+    capnp::FlatArrayMessageReader message(words, frame_reader_options(config_.max_frame_bytes));
     auto frame = message.getRoot<wire::FromWorker>();
     switch (frame.which()) {
       case wire::FromWorker::READY:

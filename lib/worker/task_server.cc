@@ -16,6 +16,7 @@
 #include "kj/debug.h"
 #include "kj/exception.h"
 #include "lib/common/clock.h"
+#include "lib/wire/frame_io.h"
 #include "lib/worker/child_setup.h"
 #include "procpool/internal/blob_region.h"
 #include "procpool/internal/packed.h"
@@ -460,9 +461,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
     // The one place the worker parses the parent's bytes: a frame it cannot read means the parent
     // and it disagree, so it stops; the parent sees the exit.
     try {
-      capnp::ReaderOptions options;
-      options.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
-      capnp::FlatArrayMessageReader message(*frame, options);
+      capnp::FlatArrayMessageReader message(*frame, frame_reader_options(max_frame_bytes));
       auto request = message.getRoot<wire::ToWorker>();
       switch (request.which()) {
         case wire::ToWorker::TASKS:

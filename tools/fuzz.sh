@@ -18,8 +18,8 @@ trap 'rm -rf "$OUT"' EXIT
 mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-remote_host"
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
-WIRE=(lib/wire/frame_io.cc lib/wire/shared_region.cc lib/wire/wire_status.cc lib/common/unique_fd.cc
-      lib/common/clock.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
+WIRE=(lib/wire/frame_io.cc lib/wire/frame_stream.cc lib/wire/shared_region.cc lib/wire/wire_status.cc
+      lib/common/unique_fd.cc lib/common/clock.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
 REMOTE=(lib/link/remote_host.cc lib/link/tcp_link.cc lib/link/handshake.cc lib/link/remote_frames.cc)
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
 LIBS=(-lcapnp -lkj -lcrypto -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal

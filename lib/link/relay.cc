@@ -26,6 +26,7 @@
 #include "lib/link/fork_launcher.h"
 #include "lib/link/handshake.h"
 #include "lib/link/remote_frames.h"
+#include "lib/link/stop_sequence.h"
 #include "lib/wire/frame_io.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_registry.h"
@@ -138,7 +139,7 @@ class Relay final : private LinkEvents {
   std::unique_ptr<WorkerLink> child_;
   std::unique_ptr<WorkerLink> retired_;  // ended during this loop turn; dropped after it
   std::optional<std::string> timed_out_;  // the watchdog stopped the worker: why
-  int64_t kill_at_ns_ = 0;
+  StopSequence child_stop_;               // the worker's: SIGTERM, then SIGKILL after kill_grace
   int64_t last_received_ns_ = 0;
   int64_t last_rss_read_ns_ = 0;
   size_t resident_bytes_ = 0;
@@ -250,7 +251,7 @@ int Relay::run() {
   last_received_ns_ = monotonic_now_ns();
   // Whatever ends the relay ends its worker: it would die with us anyway (PR_SET_PDEATHSIG).
   auto leave = [this](int status) {
-    if (child_) child_->stop(StopMode::kKill);
+    stop_child(StopMode::kKill);
     return status;
   };
   if (!take_pool_frames()) return leave(1);
@@ -264,12 +265,7 @@ int Relay::run() {
     }
     int64_t next = last_received_ns_ + to_ns(limits_.heartbeat_timeout);
     if (child_) {
-      if (kill_at_ns_ != 0 && now >= kill_at_ns_) {
-        kill_at_ns_ = 0;
-        child_->stop(StopMode::kKill);
-      } else if (kill_at_ns_ != 0) {
-        next = std::min(next, kill_at_ns_);
-      }
+      next = std::min(next, child_stop_.check(*child_, now));
       next = std::min(next, watchdog(now));
       next = std::min(next, watch_progress(now));
     }
@@ -365,11 +361,7 @@ void Relay::spawn(wire::Spawn::Reader request) {
 }
 
 void Relay::stop_child(StopMode mode) {
-  if (!child_) return;
-  child_->stop(mode);
-  if (mode == StopMode::kTerminate && kill_at_ns_ == 0) {
-    kill_at_ns_ = monotonic_now_ns() + to_ns(limits_.kill_grace);
-  }
+  if (child_) child_stop_.stop(*child_, mode, limits_.kill_grace, monotonic_now_ns());
 }
 
 int64_t Relay::watch_progress(int64_t now) {
@@ -394,7 +386,7 @@ int64_t Relay::watchdog(int64_t now) {
                             absl::FormatDuration(absl::Nanoseconds(progress.timeout_ns)),
                             "; its host's watchdog stopped it");
   stop_child(StopMode::kTerminate);
-  return kill_at_ns_;
+  return child_stop_.kill_at_ns();
 }
 
 void Relay::on_ended(WorkerEnd end) {
@@ -406,7 +398,7 @@ void Relay::on_ended(WorkerEnd end) {
   write_progress(child_->progress(), 0, ended.initProgress());
   queue(message);
   timed_out_.reset();
-  kill_at_ns_ = 0;
+  child_stop_ = StopSequence();  // the next worker's is its own
   retired_ = std::move(child_);
 }
 

@@ -20,7 +20,6 @@
 #include "absl/time/clock.h"
 #include "capnp/message.h"
 #include "capnp/serialize.h"
-#include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "lib/common/socket.h"
 #include "lib/link/fork_launcher.h"
@@ -28,6 +27,7 @@
 #include "lib/link/remote_frames.h"
 #include "lib/link/stop_sequence.h"
 #include "lib/wire/frame_io.h"
+#include "procpool/codec.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_registry.h"
 
@@ -227,17 +227,14 @@ bool Relay::take_pool_frames() {
 }
 
 int Relay::run() {
-  try {
-    if (absl::Status shook = handshake(); !shook.ok()) {
-      say(std::string(shook.message()));
-      return shook.code() == absl::StatusCode::kPermissionDenied ||
-                     shook.code() == absl::StatusCode::kFailedPrecondition
-                 ? 2
-                 : 1;
-    }
-  } catch (const kj::Exception& e) {
-    say(absl::StrCat("the pool sent a malformed handshake frame: ", e.getDescription().cStr()));
-    return 1;
+  const absl::Status shook =
+      guarded("the pool sent a malformed handshake frame", [&] { return handshake(); });
+  if (!shook.ok()) {
+    say(std::string(shook.message()));
+    return shook.code() == absl::StatusCode::kPermissionDenied ||
+                   shook.code() == absl::StatusCode::kFailedPrecondition
+               ? 2
+               : 1;
   }
   // The same reader: frames the pool sent right after its welcome may be in it already.
   reader_.set_max_frame_bytes(limits_.max_frame_bytes);
@@ -291,30 +288,29 @@ int Relay::run() {
 }
 
 bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
-  try {
+  const absl::Status handled = guarded("the pool sent a malformed frame", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(words, reader_.options());
     auto root = message.getRoot<wire::ToWorker>();
     switch (root.which()) {
       case wire::ToWorker::PING:
         send_pong();
-        return true;
+        return absl::OkStatus();
       case wire::ToWorker::SPAWN:
         spawn(root.getSpawn());
-        return true;
+        return absl::OkStatus();
       case wire::ToWorker::STOP:
         stop_child(root.getStop() == 9 ? StopMode::kKill : StopMode::kTerminate);
-        return true;
+        return absl::OkStatus();
       case wire::ToWorker::REVOKE:
         if (child_) child_->revoke(root.getRevoke().getSlot(), root.getRevoke().getTag(), *this);
-        return true;
+        return absl::OkStatus();
       default:
-        say("the pool sent a frame a worker host does not expect after the handshake");
-        return false;
+        return absl::DataLossError(
+            "the pool sent a frame a worker host does not expect after the handshake");
     }
-  } catch (const kj::Exception& e) {
-    say(absl::StrCat("the pool sent a malformed frame: ", e.getDescription().cStr()));
-    return false;
-  }
+  });
+  if (!handled.ok()) say(std::string(handled.message()));
+  return handled.ok();
 }
 
 void Relay::send_pong() {

@@ -5,10 +5,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "capnp/serialize.h"
-#include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "lib/link/handshake.h"
 #include "lib/link/tcp_link.h"
+#include "procpool/codec.h"
 
 namespace procpool::internal {
 
@@ -74,39 +74,38 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
 
 void RemoteHost::on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of) {
   if (state_ == State::kHandshake) {
-    try {
+    const absl::Status shook = guarded("a malformed handshake frame", [&] {
       handshake_frame(words);
-    } catch (const kj::Exception& e) {
-      refuse(absl::StrCat("a malformed handshake frame: ", e.getDescription().cStr()));
-    }
+      return absl::OkStatus();
+    });
+    if (!shook.ok()) refuse(std::string(shook.message()));
     return;
   }
-  try {
+  const absl::Status parsed = guarded("sent a malformed frame", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(words, stream_.options());
     auto root = message.getRoot<wire::FromWorker>();
     switch (root.which()) {
       case wire::FromWorker::PONG:
         if (link_ != nullptr) link_->on_pong(root.getPong());
-        return;
+        return absl::OkStatus();
       case wire::FromWorker::SPAWNED:
         if (link_ != nullptr) link_->on_spawned(root.getSpawned(), events_of(*link_));
-        return;
+        return absl::OkStatus();
       case wire::FromWorker::REVOKED:
         if (link_ != nullptr) {
           auto revoked = root.getRevoked();
           events_of(*link_).on_revoked(revoked.getSlot(), revoked.getTag(), revoked.getClaimed());
         }
-        return;
+        return absl::OkStatus();
       case wire::FromWorker::ENDED:
         if (link_ != nullptr) link_->on_ended(root.getEnded(), events_of(*link_));
-        return;
+        return absl::OkStatus();
       default:
-        break;
+        return absl::DataLossError(
+            "sent a frame a worker host does not send over its control connection");
     }
-    close("sent a frame a worker host does not send over its control connection", events_of);
-  } catch (const kj::Exception& e) {
-    close(absl::StrCat("sent a malformed frame: ", e.getDescription().cStr()), events_of);
-  }
+  });
+  if (!parsed.ok()) close(std::string(parsed.message()), events_of);
 }
 
 void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {

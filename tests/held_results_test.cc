@@ -9,7 +9,10 @@
 #include <signal.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <fstream>
 #include <ranges>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -17,6 +20,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "doctest/doctest.h"
+#include "lib/wire/control_page.h"
 #include "tests/fault_support.h"
 #include "tests/test_support.h"
 
@@ -90,6 +94,55 @@ TEST_CASE("results held while the worker runs a long task reach the caller befor
           ", the long one's after ", absl::FormatDuration(all_done));
   CHECK(all_done >= absl::Milliseconds(1500));
   CHECK(quick_done < absl::Milliseconds(700));
+}
+
+// The held-frames area of the calling worker: after its control page, in the one mapping of the
+// memfd "procpool-control" it has (a pool of one worker). Null if it finds none, or several.
+internal::HeldFrames* own_held_frames() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  internal::HeldFrames* found = nullptr;
+  int mappings = 0;
+  while (std::getline(maps, line)) {
+    if (line.find("/memfd:procpool-control") == std::string::npos) continue;
+    unsigned long start = 0;
+    if (std::sscanf(line.c_str(), "%lx-", &start) != 1) continue;
+    ++mappings;
+    found = internal::held_frames(reinterpret_cast<internal::ControlPage*>(start));
+  }
+  return mappings == 1 ? found : nullptr;
+}
+
+constexpr int64_t kScribble = -2;
+
+// kScribble: as a broken worker might, leaves its held-frames area saying that frames from 4 to
+// 16 have waited since long ago (4: not a word boundary, where no frame can begin), then runs
+// for a long time, so the pool comes to take them. Other jobs are echoed.
+struct HeldScribbler {
+  int64_t run(int64_t job) {
+    if (job != kScribble) return job;
+    internal::HeldFrames* held = own_held_frames();
+    if (held == nullptr) return -1;
+    held->bytes.store(16);
+    held->taken.store(4);
+    held->since_ns.store(1);
+    absl::SleepFor(absl::Seconds(3));
+    return job;
+  }
+};
+
+TEST_CASE("a worker whose held frames begin off a word boundary breaks its stream: kDataLoss") {
+  ProcessPool<HeldScribbler> pool(quiet({.workers = 1}));
+  const absl::Time start = absl::Now();
+  absl::StatusOr<int64_t> result = pool.apply(kScribble);
+  MESSAGE("after ", absl::FormatDuration(absl::Now() - start), ": ", result.status());
+  REQUIRE_FALSE(result.ok());
+  CHECK(result.status().code() == absl::StatusCode::kDataLoss);
+  CHECK(absl::StrContains(result.status().message(), "left its held frames in a bad state"));
+  // The worker was replaced; the pool carries on.
+  auto next = pool.apply(7);
+  REQUIRE_MESSAGE(next.ok(), next.status());
+  CHECK(*next == 7);
 }
 
 }  // namespace

@@ -224,15 +224,21 @@ inline absl::Status with_context(const absl::Status& status, absl::string_view c
 }
 
 // Runs `fn` (returning absl::Status), turning a kj::Exception from a Cap'n Proto reader (malformed
-// or hostile input) into kDataLoss.
+// or hostile input) into kDataLoss "<what>: <the exception's description>". The one place such an
+// exception becomes a status: the codecs and every reader of a peer's frames in lib/ go through
+// it. `what` says what was being read ("sent a malformed frame"); the caller puts who first.
 template <typename Fn>
-absl::Status guarded(Fn&& fn) {
+absl::Status guarded(absl::string_view what, Fn&& fn) {
   try {
     return std::forward<Fn>(fn)();
   } catch (const kj::Exception& e) {
     return absl::DataLossError(
-        absl::StrCat("malformed message: ", absl::string_view(e.getDescription().cStr())));
+        absl::StrCat(what, ": ", absl::string_view(e.getDescription().cStr())));
   }
+}
+template <typename Fn>
+absl::Status guarded(Fn&& fn) {
+  return guarded("malformed message", std::forward<Fn>(fn));
 }
 
 // Cap'n Proto list sizes are `unsigned int`; refuse to truncate.

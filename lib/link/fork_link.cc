@@ -22,7 +22,7 @@ ForkLink::ForkLink(std::string name, WorkerProcess process, UniqueFd channel,
       page_(std::move(page)),
       limits_(limits),
       region_(std::move(region)),
-      reader_(limits.max_frame_bytes) {
+      stream_(limits.max_frame_bytes, limits.frame_timeout) {
   if (channel_) (void)set_nonblocking(channel_.get(), true);
 }
 
@@ -81,41 +81,20 @@ void ForkLink::pump(short revents, LinkEvents& events) {
 }
 
 void ForkLink::read_channel(LinkEvents& events, bool to_the_end) {
-  for (int round = 0; (to_the_end || round < 16) && channel_ && !broken_; ++round) {
-    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(channel_.get());
-    if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
-      // The worker closed its end: it is exiting; its pidfd reports when it is gone. Part of a
-      // frame left over means it wrote garbage, not that it merely died.
-      if (reader_.has_partial_frame()) {
-        broken_ = true;
-        events.on_broken_stream(absl::DataLossError(
-            absl::StrCat(name_, " sent a truncated frame before it closed its channel")));
-      }
-      channel_.reset();
-      writer_.clear();
-      return;
-    }
-    if (*filled == FrameReader::Fill::kWouldBlock) break;
-    bool completed = false;
-    while (!broken_ && !ended_) {
-      absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
-      if (!frame.ok()) {
-        broken_ = true;
-        events.on_broken_stream(absl::DataLossError(
-            absl::StrCat(name_, " sent a bad frame: ", frame.status().message())));
-        return;
-      }
-      if (frame->size() == 0) break;
-      completed = true;
-      events.on_frame(*frame);
-    }
-    if (!reader_.has_partial_frame()) {
-      partial_since_ns_ = 0;
-    } else if (completed || partial_since_ns_ == 0) {
-      partial_since_ns_ = monotonic_now_ns();
-    }
-    // A short read took all there was: another would only say EAGAIN (poll tells of more).
-    if (reader_.drained()) break;
+  if (!channel_ || broken_ || ended_) return;
+  const FrameStream::ReadResult read =
+      stream_.read(channel_.get(), to_the_end ? 0 : 16, [&](kj::ArrayPtr<const capnp::word> frame) {
+        events.on_frame(frame);
+        return !broken_ && !ended_;
+      });
+  if (read.broken && !broken_) {
+    broken_ = true;
+    events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", read.why.message())));
+  }
+  // The worker closed its end: it is exiting; its pidfd reports when it is gone.
+  if (read.closed) {
+    channel_.reset();
+    writer_.clear();
   }
 }
 
@@ -133,15 +112,15 @@ void ForkLink::take_held(LinkEvents& events) {
   read_channel(events, /*to_the_end=*/true);
   const uint32_t taken = held->taken.load(std::memory_order_relaxed);
   const uint32_t bytes = held->bytes.load(std::memory_order_relaxed);
+  const bool valid = held_frames_valid(taken, bytes);
   std::vector<unsigned char> copied;
-  if (taken <= bytes && bytes <= HeldFrames::capacity() && taken % sizeof(capnp::word) == 0 &&
-      bytes % sizeof(capnp::word) == 0) {
+  if (valid) {
     copied.assign(held->data + taken, held->data + bytes);
     held->taken.store(bytes, std::memory_order_relaxed);
     held->since_ns.store(0, std::memory_order_relaxed);
   }
   held->lock.store(HeldFrames::kFree, std::memory_order_release);
-  if (taken > bytes || bytes > HeldFrames::capacity() || bytes % sizeof(capnp::word) != 0) {
+  if (!valid) {
     broken_ = true;
     events.on_broken_stream(
         absl::DataLossError(absl::StrCat(name_, " left its held frames in a bad state")));
@@ -156,10 +135,7 @@ void ForkLink::recover_held(LinkEvents& events) {
   // The worker is dead: the area is ours, whatever the lock says. Nothing in it is trusted.
   const uint32_t taken = held->taken.load(std::memory_order_acquire);
   const uint32_t bytes = held->bytes.load(std::memory_order_acquire);
-  if (taken > bytes || bytes > HeldFrames::capacity() || taken % sizeof(capnp::word) != 0 ||
-      bytes % sizeof(capnp::word) != 0 || taken == bytes) {
-    return;
-  }
+  if (!held_frames_valid(taken, bytes) || taken == bytes) return;
   const std::vector<unsigned char> copied(held->data + taken, held->data + bytes);
   held->bytes.store(0, std::memory_order_relaxed);
   held->taken.store(0, std::memory_order_relaxed);
@@ -213,13 +189,11 @@ int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
       next = std::min(next, now_ns + kHeldCheckIntervalNs);
     }
   }
-  if (partial_since_ns_ == 0 || broken_ || ended_) return next;
-  const int64_t deadline = partial_since_ns_ + to_ns(limits_.frame_timeout);
-  if (now_ns < deadline) return std::min(next, deadline);
+  if (broken_ || ended_) return next;
+  const absl::Status late = stream_.check(now_ns, next);
+  if (late.ok()) return next;
   broken_ = true;
-  events.on_broken_stream(absl::DataLossError(absl::StrCat(
-      name_, " began a frame and did not finish it within frame_timeout (",
-      absl::FormatDuration(limits_.frame_timeout), ")")));
+  events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", late.message())));
   return INT64_MAX;
 }
 

@@ -21,6 +21,7 @@
 #include "lib/link/worker_process.h"
 #include "lib/wire/control_page.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/frame_stream.h"
 
 namespace procpool::internal {
 
@@ -93,8 +94,7 @@ class ForkLink final : public WorkerLink {
   const Limits limits_;
   std::unique_ptr<SharedRegion> region_;  // unmapped and closed with the link
   FrameWriter writer_;
-  FrameReader reader_;
-  int64_t partial_since_ns_ = 0;  // a frame has begun and not ended since then; 0: none
+  FrameStream stream_;  // the channel's frames, with its partial-frame clock
   bool broken_ = false;           // the stream was reported broken: read no more of it
   bool ended_ = false;
   bool polled_channel_ = false;   // what add_pollfds added, for service()

@@ -20,11 +20,11 @@
 #include "absl/time/clock.h"
 #include "capnp/message.h"
 #include "capnp/serialize.h"
-#include "kj/exception.h"
 #include "lib/link/fork_link.h"
 #include "lib/link/worker_process.h"
 #include "lib/worker/child_setup.h"
 #include "lib/worker/worker_main.h"
+#include "procpool/codec.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_body.h"
 
@@ -109,10 +109,10 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
                    const WorkerLaunch& base, int signal_fd) {
   capnp::MallocMessageBuilder reply(32);
   auto report = reply.initRoot<wire::ForkServerReport>();
-  try {
+  const absl::Status served = guarded("a malformed spawn request", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(kj::arrayPtr(words, bytes / sizeof(capnp::word)));
     auto request = message.getRoot<wire::ForkServerRequest>();
-    if (fd_count != 2) throw std::runtime_error("a spawn request needs two descriptors");
+    if (fd_count != 2) return absl::InvalidArgumentError("a spawn request needs two descriptors");
     WorkerLaunch launch = base;
     launch.slot = static_cast<int>(request.getSlot());
     launch.process_name = request.getName().cStr();
@@ -128,18 +128,13 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
       // The mapping outlives this scope: the worker never returns.
       worker_main(fds[0], page->release(), launch, self);
     }
-    if (pid < 0) {
-      status_to_wire(forked.status(), report.initFailed());
-    } else {
-      auto spawned = report.initSpawned();
-      spawned.setSlot(launch.slot);
-      spawned.setPid(pid);
-    }
-  } catch (const kj::Exception& e) {
-    status_to_wire(absl::DataLossError(e.getDescription().cStr()), report.initFailed());
-  } catch (const std::exception& e) {
-    status_to_wire(absl::InvalidArgumentError(e.what()), report.initFailed());
-  }
+    if (pid < 0) return forked.status();
+    auto spawned = report.initSpawned();
+    spawned.setSlot(launch.slot);
+    spawned.setPid(pid);
+    return absl::OkStatus();
+  });
+  if (!served.ok()) status_to_wire(served, report.initFailed());
   for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
   send_packet(kChildChannelFd, reply, nullptr, 0);
 }
@@ -232,7 +227,7 @@ absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, abs
   const ssize_t got = receive_packet(control_.get(), packet, fds, &fd_count);
   for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
   if (got <= 0) return absl::UnavailableError("the fork server is gone");
-  try {
+  const absl::Status read = guarded("malformed report from the fork server", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(kj::arrayPtr(packet, static_cast<size_t>(got) / sizeof(capnp::word)));
     auto report = message.getRoot<wire::ForkServerReport>();
     switch (report.which()) {
@@ -246,10 +241,9 @@ absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, abs
         *failed = status_from_wire(report.getFailed());
         break;
     }
-  } catch (const kj::Exception& e) {
-    return absl::DataLossError(absl::StrCat("malformed report from the fork server: ",
-                                            e.getDescription().cStr()));
-  }
+    return absl::OkStatus();
+  });
+  if (!read.ok()) return read;
   return true;
 }
 

@@ -20,13 +20,14 @@
 #include "absl/time/clock.h"
 #include "capnp/message.h"
 #include "capnp/serialize.h"
-#include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "lib/common/socket.h"
 #include "lib/link/fork_launcher.h"
 #include "lib/link/handshake.h"
 #include "lib/link/remote_frames.h"
+#include "lib/link/stop_sequence.h"
 #include "lib/wire/frame_io.h"
+#include "procpool/codec.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_registry.h"
 
@@ -138,7 +139,7 @@ class Relay final : private LinkEvents {
   std::unique_ptr<WorkerLink> child_;
   std::unique_ptr<WorkerLink> retired_;  // ended during this loop turn; dropped after it
   std::optional<std::string> timed_out_;  // the watchdog stopped the worker: why
-  int64_t kill_at_ns_ = 0;
+  StopSequence child_stop_;               // the worker's: SIGTERM, then SIGKILL after kill_grace
   int64_t last_received_ns_ = 0;
   int64_t last_rss_read_ns_ = 0;
   size_t resident_bytes_ = 0;
@@ -232,17 +233,14 @@ bool Relay::take_pool_frames() {
 }
 
 int Relay::run() {
-  try {
-    if (absl::Status shook = handshake(); !shook.ok()) {
-      say(std::string(shook.message()));
-      return shook.code() == absl::StatusCode::kPermissionDenied ||
-                     shook.code() == absl::StatusCode::kFailedPrecondition
-                 ? 2
-                 : 1;
-    }
-  } catch (const kj::Exception& e) {
-    say(absl::StrCat("the pool sent a malformed handshake frame: ", e.getDescription().cStr()));
-    return 1;
+  const absl::Status shook =
+      guarded("the pool sent a malformed handshake frame", [&] { return handshake(); });
+  if (!shook.ok()) {
+    say(std::string(shook.message()));
+    return shook.code() == absl::StatusCode::kPermissionDenied ||
+                   shook.code() == absl::StatusCode::kFailedPrecondition
+               ? 2
+               : 1;
   }
   // The same reader: frames the pool sent right after its welcome may be in it already.
   reader_.set_max_frame_bytes(limits_.max_frame_bytes);
@@ -256,7 +254,7 @@ int Relay::run() {
   last_received_ns_ = monotonic_now_ns();
   // Whatever ends the relay ends its worker: it would die with us anyway (PR_SET_PDEATHSIG).
   auto leave = [this](int status) {
-    if (child_) child_->stop(StopMode::kKill);
+    stop_child(StopMode::kKill);
     return status;
   };
   if (!take_pool_frames()) return leave(1);
@@ -270,12 +268,7 @@ int Relay::run() {
     }
     int64_t next = last_received_ns_ + to_ns(limits_.heartbeat_timeout);
     if (child_) {
-      if (kill_at_ns_ != 0 && now >= kill_at_ns_) {
-        kill_at_ns_ = 0;
-        child_->stop(StopMode::kKill);
-      } else if (kill_at_ns_ != 0) {
-        next = std::min(next, kill_at_ns_);
-      }
+      next = std::min(next, child_stop_.check(*child_, now));
       next = std::min(next, watchdog(now));
       next = std::min(next, watch_progress(now));
     }
@@ -301,30 +294,29 @@ int Relay::run() {
 }
 
 bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
-  try {
+  const absl::Status handled = guarded("the pool sent a malformed frame", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(words, reader_.options());
     auto root = message.getRoot<wire::ToWorker>();
     switch (root.which()) {
       case wire::ToWorker::PING:
         send_pong();
-        return true;
+        return absl::OkStatus();
       case wire::ToWorker::SPAWN:
         spawn(root.getSpawn());
-        return true;
+        return absl::OkStatus();
       case wire::ToWorker::STOP:
         stop_child(root.getStop() == 9 ? StopMode::kKill : StopMode::kTerminate);
-        return true;
+        return absl::OkStatus();
       case wire::ToWorker::REVOKE:
         if (child_) child_->revoke(root.getRevoke().getSlot(), root.getRevoke().getTag(), *this);
-        return true;
+        return absl::OkStatus();
       default:
-        say("the pool sent a frame a worker host does not expect after the handshake");
-        return false;
+        return absl::DataLossError(
+            "the pool sent a frame a worker host does not expect after the handshake");
     }
-  } catch (const kj::Exception& e) {
-    say(absl::StrCat("the pool sent a malformed frame: ", e.getDescription().cStr()));
-    return false;
-  }
+  });
+  if (!handled.ok()) say(std::string(handled.message()));
+  return handled.ok();
 }
 
 void Relay::send_pong() {
@@ -371,11 +363,7 @@ void Relay::spawn(wire::Spawn::Reader request) {
 }
 
 void Relay::stop_child(StopMode mode) {
-  if (!child_) return;
-  child_->stop(mode);
-  if (mode == StopMode::kTerminate && kill_at_ns_ == 0) {
-    kill_at_ns_ = monotonic_now_ns() + to_ns(limits_.kill_grace);
-  }
+  if (child_) child_stop_.stop(*child_, mode, limits_.kill_grace, monotonic_now_ns());
 }
 
 int64_t Relay::watch_progress(int64_t now) {
@@ -400,7 +388,7 @@ int64_t Relay::watchdog(int64_t now) {
                             absl::FormatDuration(absl::Nanoseconds(progress.timeout_ns)),
                             "; its host's watchdog stopped it");
   stop_child(StopMode::kTerminate);
-  return kill_at_ns_;
+  return child_stop_.kill_at_ns();
 }
 
 void Relay::on_ended(WorkerEnd end) {
@@ -412,7 +400,7 @@ void Relay::on_ended(WorkerEnd end) {
   write_progress(child_->progress(), 0, ended.initProgress());
   queue(message);
   timed_out_.reset();
-  kill_at_ns_ = 0;
+  child_stop_ = StopSequence();  // the next worker's is its own
   retired_ = std::move(child_);
 }
 

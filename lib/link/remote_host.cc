@@ -5,10 +5,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "capnp/serialize.h"
-#include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "lib/link/handshake.h"
 #include "lib/link/tcp_link.h"
+#include "procpool/codec.h"
 
 namespace procpool::internal {
 namespace {
@@ -22,7 +22,7 @@ RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig
     : socket_(std::move(socket)),
       peer_(std::move(peer)),
       config_(config),
-      reader_(kHandshakeFrameBytes) {
+      stream_(kHandshakeFrameBytes, config_.limits.frame_timeout) {
   const int64_t now = monotonic_now_ns();
   handshake_deadline_ns_ = now + to_ns(config_.handshake_timeout);
   last_received_ns_ = now;
@@ -52,7 +52,7 @@ UniqueFd RemoteHost::take_socket() {
   return std::move(socket_);
 }
 
-FrameReader RemoteHost::take_reader() { return std::move(reader_); }
+FrameReader RemoteHost::take_reader() { return std::move(stream_.reader()); }
 
 void RemoteHost::service(short revents, const EventsOf& events_of) {
   if (state_ == State::kClosed || state_ == State::kData) return;
@@ -61,76 +61,61 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
     return;
   }
   if (!(revents & (POLLIN | POLLHUP | POLLERR))) return;
-  // Bounded: a flood from one host must not starve the others.
-  for (int round = 0; round < 16 && (state_ != State::kClosed && state_ != State::kData); ++round) {
-    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(socket_.get());
-    if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
-      close(filled.ok() ? "it closed its connection" : std::string(filled.status().message()),
-            events_of);
-      return;
-    }
-    if (*filled == FrameReader::Fill::kWouldBlock) break;
-    last_received_ns_ = monotonic_now_ns();
-    bool completed = false;
-    while (state_ != State::kClosed && state_ != State::kData) {
-      absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
-      if (!frame.ok()) {
-        close(absl::StrCat("sent a bad frame: ", frame.status().message()), events_of);
-        return;
-      }
-      if (frame->size() == 0) break;
-      completed = true;
-      on_frame(*frame, events_of);
-    }
-    // A frame begun must end within frame_timeout (check()), as on a worker's data connection:
-    // a peer that sends half a frame and then only heartbeats' worth of silence is not kept.
-    if (!reader_.has_partial_frame()) {
-      partial_since_ns_ = 0;
-    } else if (completed || partial_since_ns_ == 0) {
-      partial_since_ns_ = last_received_ns_;
-    }
+  // Bounded: a flood from one host must not starve the others. A frame begun must end within
+  // frame_timeout (check()), as on a worker's data connection: a peer that sends half a frame and
+  // then only heartbeats' worth of silence is not kept.
+  const FrameStream::ReadResult read =
+      stream_.read(socket_.get(), 16, [&](kj::ArrayPtr<const capnp::word> frame) {
+        on_frame(frame, events_of);
+        return state_ != State::kClosed && state_ != State::kData;
+      });
+  last_received_ns_ = std::max(last_received_ns_, stream_.last_read_ns());
+  if (state_ == State::kClosed || state_ == State::kData) return;
+  if (read.broken) {
+    close(std::string(read.why.message()), events_of);
+  } else if (read.closed) {
+    close(read.why.ok() ? "it closed its connection" : std::string(read.why.message()), events_of);
   }
 }
 
 void RemoteHost::on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of) {
   if (state_ == State::kHandshake) {
-    try {
+    const absl::Status shook = guarded("a malformed handshake frame", [&] {
       handshake_frame(words);
-    } catch (const kj::Exception& e) {
-      refuse(absl::StrCat("a malformed handshake frame: ", e.getDescription().cStr()));
-    }
+      return absl::OkStatus();
+    });
+    if (!shook.ok()) refuse(std::string(shook.message()));
     return;
   }
-  try {
-    capnp::FlatArrayMessageReader message(words, reader_.options());
+  const absl::Status parsed = guarded("sent a malformed frame", [&]() -> absl::Status {
+    capnp::FlatArrayMessageReader message(words, stream_.options());
     auto root = message.getRoot<wire::FromWorker>();
     switch (root.which()) {
       case wire::FromWorker::PONG:
         if (link_ != nullptr) link_->on_pong(root.getPong());
-        return;
+        return absl::OkStatus();
       case wire::FromWorker::SPAWNED:
         if (link_ != nullptr) link_->on_spawned(root.getSpawned(), events_of(*link_));
-        return;
+        return absl::OkStatus();
       case wire::FromWorker::REVOKED:
         if (link_ != nullptr) {
           auto revoked = root.getRevoked();
           events_of(*link_).on_revoked(revoked.getSlot(), revoked.getTag(), revoked.getClaimed());
         }
-        return;
+        return absl::OkStatus();
       case wire::FromWorker::ENDED:
         if (link_ != nullptr) link_->on_ended(root.getEnded(), events_of(*link_));
-        return;
+        return absl::OkStatus();
       default:
-        break;
+        return absl::DataLossError(
+            "sent a frame a worker host does not send over its control connection");
     }
-    close("sent a frame a worker host does not send over its control connection", events_of);
-  } catch (const kj::Exception& e) {
-    close(absl::StrCat("sent a malformed frame: ", e.getDescription().cStr()), events_of);
-  }
+  });
+  if (!parsed.ok()) close(std::string(parsed.message()), events_of);
 }
 
 void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
-  capnp::FlatArrayMessageReader message(words, reader_.options());
+  capnp::FlatArrayMessageReader message(words, stream_.options());
   auto root = message.getRoot<wire::FromWorker>();
   if (worker_nonce_.empty()) {
     if (root.isAttach()) {
@@ -138,7 +123,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
       data_id_ = as_string(root.getAttach().getDataId());
       data_proof_ = as_string(root.getAttach().getProof());
       state_ = State::kData;
-      reader_.set_max_frame_bytes(config_.limits.max_frame_bytes);
+      stream_.reader().set_max_frame_bytes(config_.limits.max_frame_bytes);
       return;
     }
     if (!root.isHello()) return refuse("the first frame was not a hello");
@@ -194,7 +179,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
   queue(reply);
   flush();
   state_ = State::kIdle;
-  reader_.set_max_frame_bytes(config_.limits.max_frame_bytes);
+  stream_.reader().set_max_frame_bytes(config_.limits.max_frame_bytes);
 }
 
 void RemoteHost::refuse(const std::string& why) {
@@ -220,15 +205,9 @@ int64_t RemoteHost::check(int64_t now_ns, const EventsOf& events_of) {
     return handshake_deadline_ns_;
   }
   int64_t next = INT64_MAX;
-  if (partial_since_ns_ != 0) {
-    const int64_t deadline = partial_since_ns_ + to_ns(config_.limits.frame_timeout);
-    if (now_ns >= deadline) {
-      close(absl::StrCat("began a frame and did not finish it within frame_timeout (",
-                         absl::FormatDuration(config_.limits.frame_timeout), ")"),
-            events_of);
-      return INT64_MAX;
-    }
-    next = deadline;
+  if (const absl::Status late = stream_.check(now_ns, next); !late.ok()) {
+    close(std::string(late.message()), events_of);
+    return INT64_MAX;
   }
   const int64_t heartbeat = to_ns(config_.limits.heartbeat_timeout);
   if (now_ns - last_received_ns_ >= heartbeat) {

@@ -22,6 +22,7 @@
 #include "lib/link/remote_frames.h"
 #include "lib/link/worker_link.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/frame_stream.h"
 
 namespace procpool::internal {
 
@@ -86,7 +87,7 @@ class RemoteHost {
   const std::string peer_;
   const RemoteHostConfig& config_;
   State state_ = State::kHandshake;
-  FrameReader reader_;
+  FrameStream stream_;  // with its partial-frame clock; the handshake's small limit at first
   FrameWriter writer_;
   std::string host_name_;
   std::string launch_id_;
@@ -99,7 +100,6 @@ class RemoteHost {
   int64_t handshake_deadline_ns_ = 0;
   int64_t last_received_ns_ = 0;
   int64_t last_ping_ns_ = 0;
-  int64_t partial_since_ns_ = 0;  // when the frame now half-read began (0: none is)
   TcpLink* link_ = nullptr;
 };
 

@@ -24,7 +24,7 @@ TcpLink::TcpLink(std::string slot_name, int slot, int64_t wait_until_ns, RelayLi
       limits_(std::move(limits)),
       name_(slot_name_),
       wait_until_ns_(wait_until_ns),
-      reader_(limits_.max_frame_bytes) {}
+      stream_(limits_.max_frame_bytes, limits_.frame_timeout) {}
 
 TcpLink::~TcpLink() {
   if (host_ != nullptr) host_->unbind(this);
@@ -44,7 +44,7 @@ void TcpLink::attach(UniqueFd data, FrameReader reader, LinkEvents& events) {
   if (ended_ || attached_) return;  // a late or second connection: dropped with `data`
   attached_ = true;
   data_ = std::move(data);
-  reader_ = std::move(reader);
+  stream_ = FrameStream(std::move(reader), limits_.frame_timeout);
   (void)set_nonblocking(data_.get(), true);
   flush();  // what was sent before it attached
   // Frames that came with the attach (its READY) are buffered already: poll() will not say so.
@@ -89,41 +89,23 @@ void TcpLink::pump(short revents, LinkEvents& events) {
 }
 
 void TcpLink::read_data(LinkEvents& events) {
+  if (data_closed_) return;
   // Frames already buffered go first (on attach, those that came with it: poll() will not say
   // so); then what the socket has. Bounded: a flood from one worker must not starve the others.
-  for (int round = 0; !data_closed_; ++round) {
-    bool completed = false;
-    while (!data_closed_) {
-      absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
-      if (!frame.ok()) {
-        events.on_broken_stream(absl::DataLossError(
-            absl::StrCat(name_, " sent a bad frame: ", frame.status().message())));
-        close_data();
-        return;
-      }
-      if (frame->size() == 0) break;
-      completed = true;
-      events.on_frame(*frame);
-    }
-    if (data_closed_) return;
-    if (!reader_.has_partial_frame()) {
-      partial_since_ns_ = 0;
-    } else if (completed || partial_since_ns_ == 0) {
-      partial_since_ns_ = monotonic_now_ns();
-    }
-    if (round == 16) return;
-    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(data_.get());
-    if (filled.ok() && *filled == FrameReader::Fill::kWouldBlock) return;
-    if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
-      // The worker closed its end: it is gone or going; its relay says how.
-      if (reader_.has_partial_frame()) {
-        events.on_broken_stream(absl::DataLossError(
-            absl::StrCat(name_, " sent a truncated frame before its connection closed")));
-      }
-      close_data();
-      if (ended_report_) end(*std::exchange(ended_report_, std::nullopt), events);
-      return;
-    }
+  const FrameStream::ReadResult read =
+      stream_.read(data_.get(), 16, [&](kj::ArrayPtr<const capnp::word> frame) {
+        events.on_frame(frame);
+        return !data_closed_;
+      });
+  if (data_closed_) return;
+  if (read.broken) {
+    events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", read.why.message())));
+    close_data();
+  }
+  if (read.closed) {
+    // The worker closed its end: it is gone or going; its relay says how.
+    close_data();
+    if (ended_report_) end(*std::exchange(ended_report_, std::nullopt), events);
   }
 }
 
@@ -131,21 +113,15 @@ void TcpLink::close_data() {
   data_closed_ = true;
   data_.reset();
   writer_.clear();
-  partial_since_ns_ = 0;
 }
 
 int64_t TcpLink::check(int64_t now_ns, LinkEvents& events) {
   if (ended_) return INT64_MAX;
   int64_t next = INT64_MAX;
-  if (partial_since_ns_ != 0 && !data_closed_) {
-    const int64_t deadline = partial_since_ns_ + to_ns(limits_.frame_timeout);
-    if (now_ns >= deadline) {
-      events.on_broken_stream(absl::DataLossError(absl::StrCat(
-          name_, " began a frame and did not finish it within frame_timeout (",
-          absl::FormatDuration(limits_.frame_timeout), ")")));
+  if (!data_closed_) {
+    if (const absl::Status late = stream_.check(now_ns, next); !late.ok()) {
+      events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", late.message())));
       close_data();
-    } else {
-      next = std::min(next, deadline);
     }
   }
   if (ended_report_) {

@@ -30,6 +30,7 @@
 #include "lib/link/remote_host.h"
 #include "lib/link/worker_link.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/frame_stream.h"
 
 namespace procpool::internal {
 
@@ -100,12 +101,11 @@ class TcpLink final : public WorkerLink {
   std::string data_id_;
   // The worker's data connection: frames both ways, as over a forked worker's socketpair.
   UniqueFd data_;
-  FrameReader reader_;
+  FrameStream stream_;  // the data connection's frames, with its partial-frame clock
   FrameWriter writer_;
   bool attached_ = false;
   bool data_closed_ = false;     // end of file (or broken): everything it sent was delivered
   bool polled_data_ = false;     // what add_pollfds added, for service()
-  int64_t partial_since_ns_ = 0;
   // The relay reported the worker's end; it is delivered once the data connection has closed.
   std::optional<WorkerEnd> ended_report_;
   int64_t ended_report_ns_ = 0;

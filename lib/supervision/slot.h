@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "lib/link/stop_sequence.h"
 #include "lib/supervision/supervisor.h"
 
 namespace procpool::internal {
@@ -52,7 +53,27 @@ class Supervisor::Port final : public WorkerPort {
   Slot& slot_;
 };
 
-struct Supervisor::Slot {
+// What belongs to one worker process of a slot. launch() gives each process a fresh one, whole,
+// so nothing of the last process's stop, blame, memory check or exit hook carries over to the
+// next; a field added here starts fresh with the rest.
+struct Supervisor::ProcessState {
+  std::unique_ptr<WorkerLink> link;  // null while none
+  int64_t started_ns = 0;
+  bool start_failed = false;         // its start failure is counted already
+  bool borrowed = false;
+  bool recycling = false;
+  int64_t last_memory_check_ns = 0;
+  std::optional<absl::Status> stop_reason;  // why the pool stops it; set once
+  StopSequence stop_sequence;               // SIGTERM, then SIGKILL after kill_grace
+  std::optional<std::pair<uint64_t, uint32_t>> blamed;  // the task its stream broke on
+  bool blame_at_end = false;  // find that task from its last progress, once it has ended
+  absl::Status blamed_failure;
+  absl::Status exit_hook_status;
+};
+
+// A slot: one worker's place in the pool across its successive processes. Its own fields outlive
+// them; those of ProcessState (a base, so that they read as the slot's) are the current one's.
+struct Supervisor::Slot : ProcessState {
   Slot(Supervisor& owner, int index)
       : index(index), name(absl::StrCat("worker ", index)), events(owner, *this), port(owner, *this) {}
 
@@ -60,24 +81,13 @@ struct Supervisor::Slot {
   const std::string name;  // "worker 3"; the link's name adds the pid
   Events events;
   Port port;
-  std::unique_ptr<WorkerLink> link;  // null while none
   State state = State::kEmpty;
   uint64_t generation = 0;           // counts the links this slot has had
   int64_t next_start_ns = 0;         // kEmpty: when to start the next one
-  int64_t started_ns = 0;
-  bool start_failed = false;         // its start failure is counted already
   bool no_capacity = false;          // its last start failed for want of a host (launch() said)
-  bool borrowed = false;
-  bool recycling = false;
-  int64_t last_memory_check_ns = 0;
-  std::optional<absl::Status> stop_reason;  // why the pool stops it; set once
-  int64_t kill_at_ns = 0;                   // SIGKILL once passed (after a SIGTERM); 0: none
-  bool killed = false;
-  std::optional<std::pair<uint64_t, uint32_t>> blamed;  // the task its stream broke on
-  bool blame_at_end = false;  // find that task from its last progress, once it has ended
-  absl::Status blamed_failure;
-  absl::Status exit_hook_status;
 
+  // The current process's state, replaced whole when the next one starts.
+  ProcessState& process() { return *this; }
   const std::string& display() const { return link ? link->name() : name; }
 };
 

@@ -78,20 +78,10 @@ void Supervisor::launch(Slot& slot, int64_t now_ns) {
     return;
   }
   if (slot.generation > 0) ++workers_restarted_;
-  slot.link = *std::move(link);
+  slot.process() = ProcessState{
+      .link = *std::move(link), .started_ns = now_ns, .last_memory_check_ns = now_ns};
   ++slot.generation;
   slot.state = State::kStarting;
-  slot.started_ns = now_ns;
-  slot.start_failed = false;
-  slot.borrowed = false;
-  slot.recycling = false;
-  slot.last_memory_check_ns = now_ns;
-  slot.stop_reason.reset();
-  slot.kill_at_ns = 0;
-  slot.killed = false;
-  slot.blamed.reset();
-  slot.blame_at_end = false;
-  slot.exit_hook_status = absl::OkStatus();
   log(slot, LogSeverity::kInfo, "started");
 }
 
@@ -142,13 +132,7 @@ void Supervisor::stop(Slot& slot, absl::Status reason, StopMode mode) {
     log(slot, deliberate ? LogSeverity::kInfo : LogSeverity::kWarning,
         absl::StrCat("stopping: ", slot.stop_reason->message()));
   }
-  if (mode == StopMode::kKill) {
-    slot.killed = true;
-    slot.link->stop(StopMode::kKill);
-    return;
-  }
-  slot.link->stop(StopMode::kTerminate);
-  if (slot.kill_at_ns == 0) slot.kill_at_ns = monotonic_now_ns() + to_ns(config_.kill_grace);
+  slot.stop_sequence.stop(*slot.link, mode, config_.kill_grace, monotonic_now_ns());
 }
 
 void Supervisor::send_shutdown(Slot& slot) {
@@ -272,14 +256,7 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
     }
     return;
   }
-  if (slot.kill_at_ns != 0 && !slot.killed) {
-    if (now >= slot.kill_at_ns) {
-      slot.killed = true;
-      slot.link->stop(StopMode::kKill);
-    } else {
-      next = std::min(next, slot.kill_at_ns);
-    }
-  }
+  next = std::min(next, slot.stop_sequence.check(*slot.link, now));
   // Counted from when the worker was asked for: a remote slot's wait for a host is bounded by
   // connect_timeout, not by this.
   const int64_t placed = slot.link->placed_ns();

@@ -109,6 +109,7 @@ class Supervisor final : private LauncherEvents {
   enum class State { kEmpty, kStarting, kReady, kDraining, kShutdownSent };
   class Events;
   class Port;
+  struct ProcessState;
   struct Slot;
 
   LinkEvents& events_of(WorkerLink& link) override;

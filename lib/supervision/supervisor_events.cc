@@ -5,10 +5,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "capnp/serialize.h"
-#include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "lib/supervision/slot.h"
 #include "lib/supervision/supervisor.h"
+#include "lib/wire/frame_io.h"
+#include "procpool/codec.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_body.h"
 
@@ -44,10 +45,8 @@ void Supervisor::Port::stop(absl::Status reason) {
 
 void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered) {
   // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
-  try {
-    capnp::ReaderOptions options;
-    options.traversalLimitInWords = std::max<size_t>(config_.max_frame_bytes / sizeof(capnp::word), 1024);
-    capnp::FlatArrayMessageReader message(words, options);
+  const absl::Status parsed = guarded("sent a malformed frame", [&]() -> absl::Status {
+    capnp::FlatArrayMessageReader message(words, frame_reader_options(config_.max_frame_bytes));
     auto frame = message.getRoot<wire::FromWorker>();
     switch (frame.which()) {
       case wire::FromWorker::READY:
@@ -83,10 +82,10 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, boo
         slot.exit_hook_status = status_from_wire(frame.getExited());
         break;
     }
-  } catch (const kj::Exception& e) {
-    if (recovered) return;
-    on_broken_stream(slot, absl::DataLossError(absl::StrCat(
-                               slot.display(), " sent a malformed frame: ", e.getDescription().cStr())));
+    return absl::OkStatus();
+  });
+  if (!parsed.ok() && !recovered) {
+    on_broken_stream(slot, absl::DataLossError(absl::StrCat(slot.display(), " ", parsed.message())));
   }
 }
 

@@ -96,6 +96,14 @@ constexpr size_t HeldFrames::capacity() {
   return kControlMappingBytes - kOffset - offsetof(HeldFrames, data);
 }
 
+// Whether a worker's `taken` and `bytes` (read from its HeldFrames, which it may have scribbled
+// on) describe frames the parent may copy: data[taken, bytes) lies in the area, and both ends are
+// on the 8-byte word boundaries every frame starts and ends on. The one check of them: a parent
+// that takes the frames of a live worker and one that recovers those of a dead worker agree.
+constexpr bool held_frames_valid(uint32_t taken, uint32_t bytes) {
+  return taken <= bytes && bytes <= HeldFrames::capacity() && taken % 8 == 0 && bytes % 8 == 0;
+}
+
 // The held frames in the same mapping as `page` (a page mapped by ControlPageMapping only).
 inline HeldFrames* held_frames(ControlPage* page) {
   return reinterpret_cast<HeldFrames*>(reinterpret_cast<char*>(page) + HeldFrames::kOffset);

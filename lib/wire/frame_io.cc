@@ -260,15 +260,21 @@ void ReadBufferRelease::operator()(capnp::word* words) const {
   }
 }
 
-FrameReader::FrameReader(size_t max_frame_bytes, bool huge_buffers)
-    : max_frame_bytes_(max_frame_bytes), huge_buffers_(huge_buffers) {
-  // Each frame gets its own reader, so the traversal limit bounds the work one frame can cause.
-  options_.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
+capnp::ReaderOptions frame_reader_options(size_t max_frame_bytes) {
+  capnp::ReaderOptions options;
+  options.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
+  return options;
 }
+
+FrameReader::FrameReader(size_t max_frame_bytes, bool huge_buffers)
+    : max_frame_bytes_(max_frame_bytes),
+      // Each frame gets its own reader, so the traversal limit bounds the work one frame can cause.
+      options_(frame_reader_options(max_frame_bytes)),
+      huge_buffers_(huge_buffers) {}
 
 void FrameReader::set_max_frame_bytes(size_t max_frame_bytes) {
   max_frame_bytes_ = max_frame_bytes;
-  options_.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
+  options_ = frame_reader_options(max_frame_bytes);
 }
 
 void FrameReader::make_room(size_t bytes_needed) {

@@ -82,6 +82,11 @@ class PooledMessageBuilder final : private frame_io_internal::PooledSegment,
   ~PooledMessageBuilder() override;
 };
 
+// How a frame of at most `max_frame_bytes` is parsed: its traversal limit (the words a reader may
+// visit) is the frame's size, at least 1024 words, so that pointers which alias each other cannot
+// make one frame cost more work than its bytes allow. Every reader of a peer's frames uses this.
+capnp::ReaderOptions frame_reader_options(size_t max_frame_bytes);
+
 // Writes one whole message to a blocking socket, retrying on EINTR and short writes; with
 // `prefix`, those bytes (whole frames held earlier) go first, in the same write.
 absl::Status write_frame(int fd, capnp::MessageBuilder& message,

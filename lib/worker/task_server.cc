@@ -18,7 +18,9 @@
 #include "kj/debug.h"
 #include "kj/exception.h"
 #include "lib/common/clock.h"
+#include "lib/wire/frame_io.h"
 #include "lib/worker/child_setup.h"
+#include "procpool/codec.h"
 #include "procpool/internal/blob_region.h"
 #include "procpool/internal/packed.h"
 #include "procpool/internal/protocol.capnp.h"
@@ -569,27 +571,29 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
                                                                      : kWorkerExitProtocolError;
     }
     bool shutdown = false;
+    bool parent_gone = false;
     // The one place the worker parses the parent's bytes: a frame it cannot read means the parent
     // and it disagree, so it stops; the parent sees the exit.
-    try {
-      capnp::ReaderOptions options;
-      options.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
-      capnp::FlatArrayMessageReader message(*frame, options);
+    const absl::Status parsed = guarded("malformed frame from the parent", [&]() -> absl::Status {
+      capnp::FlatArrayMessageReader message(*frame, frame_reader_options(max_frame_bytes));
       auto request = message.getRoot<wire::ToWorker>();
       switch (request.which()) {
         case wire::ToWorker::TASKS:
-          if (!runner.run(request.getTasks())) return kWorkerExitOk;  // the parent is gone
-          transport.expect_next_frame_soon(request.getTasks().getAwaited());
+          parent_gone = !runner.run(request.getTasks());
+          if (!parent_gone) transport.expect_next_frame_soon(request.getTasks().getAwaited());
           break;
         case wire::ToWorker::SHUTDOWN:
           shutdown = true;
           break;
       }
-    } catch (const kj::Exception& e) {
-      std::fprintf(stderr, "[procpool worker pid %d] malformed frame from the parent: %s\n",
-                   ::getpid(), e.getDescription().cStr());
+      return absl::OkStatus();
+    });
+    if (!parsed.ok()) {
+      std::fprintf(stderr, "[procpool worker pid %d] %.*s\n", ::getpid(),
+                   static_cast<int>(parsed.message().size()), parsed.message().data());
       return kWorkerExitProtocolError;
     }
+    if (parent_gone) return kWorkerExitOk;
     if (shutdown) {
       absl::Status exited = body->exit();
       body.reset();

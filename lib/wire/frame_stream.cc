@@ -1,0 +1,90 @@
+#include "lib/wire/frame_stream.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "lib/common/clock.h"
+
+namespace procpool::internal {
+
+FrameStream::FrameStream(size_t max_frame_bytes, absl::Duration frame_timeout)
+    : reader_(max_frame_bytes), frame_timeout_(frame_timeout) {}
+
+FrameStream::FrameStream(FrameReader reader, absl::Duration frame_timeout)
+    : reader_(std::move(reader)), frame_timeout_(frame_timeout) {}
+
+FrameStream::ReadResult FrameStream::read(
+    int fd, int max_reads, absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)> on_frame) {
+  ReadResult result;
+  if (!broken_.ok()) {
+    result.broken = true;
+    result.why = broken_;
+    return result;
+  }
+  // Frames buffered already go first (those that came with bytes someone else read, or that a
+  // holder which stopped early left): poll() will not tell of them.
+  if (!drain(on_frame, /*read_ns=*/0, result)) return result;
+  for (int reads = 0; max_reads == 0 || reads < max_reads; ++reads) {
+    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd);
+    if (filled.ok() && *filled == FrameReader::Fill::kWouldBlock) break;
+    if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
+      result.closed = true;
+      // Part of a frame left over means the peer wrote garbage, not that it merely went away.
+      if (reader_.has_partial_frame()) {
+        result.broken = true;
+        result.why = broken_ =
+            absl::DataLossError("sent a truncated frame before it closed its end");
+      } else {
+        result.why = filled.ok() ? absl::OkStatus() : filled.status();
+      }
+      partial_since_ns_ = 0;
+      return result;
+    }
+    last_read_ns_ = monotonic_now_ns();
+    if (!drain(on_frame, last_read_ns_, result)) return result;
+    // A short read took all there was: another would only say EAGAIN (poll tells of more).
+    if (reader_.drained()) break;
+  }
+  return result;
+}
+
+bool FrameStream::drain(absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)> on_frame,
+                        int64_t read_ns, ReadResult& result) {
+  bool completed = false;
+  bool go_on = true;
+  while (go_on) {
+    absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader_.next();
+    if (!frame.ok()) {
+      result.broken = true;
+      result.why = broken_ =
+          absl::DataLossError(absl::StrCat("sent a bad frame: ", frame.status().message()));
+      partial_since_ns_ = 0;
+      return false;
+    }
+    if (frame->size() == 0) break;
+    completed = true;
+    go_on = on_frame(*frame);
+  }
+  // The clock of the frame now begun starts with the read that brought its first byte: that read
+  // completed the frame before it, or no frame was begun before it.
+  if (!reader_.has_partial_frame()) {
+    partial_since_ns_ = 0;
+  } else if (partial_since_ns_ == 0 || (completed && read_ns != 0)) {
+    partial_since_ns_ = read_ns != 0 ? read_ns : monotonic_now_ns();
+  }
+  return go_on;
+}
+
+absl::Status FrameStream::check(int64_t now_ns, int64_t& next_ns) const {
+  if (partial_since_ns_ == 0 || !broken_.ok()) return absl::OkStatus();
+  const int64_t deadline = partial_since_ns_ + to_ns(frame_timeout_);
+  if (now_ns < deadline) {
+    next_ns = std::min(next_ns, deadline);
+    return absl::OkStatus();
+  }
+  return absl::DataLossError(absl::StrCat("began a frame and did not finish it within frame_timeout (",
+                                          absl::FormatDuration(frame_timeout_), ")"));
+}
+
+}  // namespace procpool::internal

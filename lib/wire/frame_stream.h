@@ -1,0 +1,92 @@
+// FrameStream: a peer's byte stream on a non-blocking socket, read as whole frames.
+//
+// It owns what every reader of a peer's stream needs and must not get wrong: the FrameReader (its
+// buffer and size limit, checked before anything is buffered), the order of reading (frames
+// already buffered first, then a bounded number of reads, so that one peer's flood cannot starve
+// the others), and the partial-frame clock: a frame the peer begins must be complete within
+// frame_timeout, counted from the read that brought its first byte, or the stream is broken — a
+// peer cannot hold a reader by sending half a frame. A ForkLink's channel, a TcpLink's data
+// connection and a RemoteHost's control connection each hold one.
+//
+// Errors are phrased after the peer ("sent a bad frame: ..."): the holder puts its name first.
+// Not thread-safe; one owner per socket.
+
+#ifndef PROCPOOL_LIB_WIRE_FRAME_STREAM_H_
+#define PROCPOOL_LIB_WIRE_FRAME_STREAM_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "capnp/message.h"
+#include "lib/wire/frame_io.h"
+
+namespace procpool::internal {
+
+class FrameStream {
+ public:
+  // Frames larger than `max_frame_bytes` break the stream (kDataLoss) before they are buffered.
+  FrameStream(size_t max_frame_bytes, absl::Duration frame_timeout);
+  // Goes on from `reader`, with what it has buffered (a connection whose first frames someone else
+  // read, such as a worker's data connection after its attach frame).
+  FrameStream(FrameReader reader, absl::Duration frame_timeout);
+
+  FrameStream(FrameStream&&) = default;
+  FrameStream& operator=(FrameStream&&) = default;
+
+  // How read() left the stream.
+  struct ReadResult {
+    // The peer closed its end, or reading failed: nothing more will come. `why` is OK at a clean
+    // end of file, the read's error otherwise (unless `broken` says more).
+    bool closed = false;
+    // The peer broke the stream: `why` is kDataLoss ("sent a bad frame: ...", "sent a truncated
+    // frame before it closed its end"). Read no more of it.
+    bool broken = false;
+    absl::Status why;
+  };
+
+  // Hands `on_frame` every complete frame already buffered, then reads from `fd` and hands on what
+  // each read completes, until the socket would block or a read took all there was (poll() tells
+  // of more), the peer closes or breaks the stream, or `max_reads` reads were made (0: no bound,
+  // for a reader that must take everything the peer wrote, such as before a dead worker's held
+  // frames). `on_frame`'s words borrow the buffer for the call; it returns false to stop (its
+  // holder closed the stream, or must not read on). Never blocks.
+  ReadResult read(int fd, int max_reads,
+                  absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)> on_frame);
+
+  // The partial-frame clock. OK while no frame is begun or the one begun is still within
+  // frame_timeout (then `next_ns` is lowered to its deadline); kDataLoss ("began a frame and did
+  // not finish it within frame_timeout (...)") once it is past that.
+  absl::Status check(int64_t now_ns, int64_t& next_ns) const;
+
+  // CLOCK_MONOTONIC of the last read that brought bytes (0 before any): a heartbeat's clock.
+  int64_t last_read_ns() const { return last_read_ns_; }
+  // When the frame now begun started to arrive; 0 when none is.
+  int64_t partial_since_ns() const { return partial_since_ns_; }
+  bool has_partial_frame() const { return reader_.has_partial_frame(); }
+
+  // The reader: its parsing options, its limit (a handshake's small one, then the pool's), or the
+  // reader itself for whoever goes on reading this connection.
+  FrameReader& reader() { return reader_; }
+  const capnp::ReaderOptions& options() const { return reader_.options(); }
+
+ private:
+  // Hands out the frames buffered, and sets the clock of a frame left begun (`read_ns`: the read
+  // that brought the bytes; 0: none, they were buffered before). False when the stream broke or
+  // `on_frame` said stop.
+  bool drain(absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)> on_frame, int64_t read_ns,
+             ReadResult& result);
+
+  FrameReader reader_;
+  absl::Duration frame_timeout_;
+  int64_t partial_since_ns_ = 0;  // a frame has begun and not ended since then; 0: none
+  int64_t last_read_ns_ = 0;
+  absl::Status broken_;  // once the peer broke the stream: why; nothing more is read
+
+};
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_WIRE_FRAME_STREAM_H_

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <map>
+#include <memory>
+#include <new>
 #include <mutex>
 #include <ranges>
 #include <set>
@@ -15,6 +17,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -320,6 +323,96 @@ TEST_CASE("Pool runs plain functions and captureless lambdas, like pool.map(f, x
   std::set<std::string> described;
   for (absl::StatusOr<std::string> d : pool.imap_unordered(describe, jobs)) described.insert(*d);
   CHECK(described == std::set<std::string>{"#1", "#2", "#3"});
+}
+
+// A program-wide pool that task functions call, as a recursive divide-and-conquer would, made
+// as a namespace-scope `procpool::Pool pool;` is: in storage that exists before the pool, so that
+// the workers its constructor forks see the pool half made, as they see a global. (Placement new
+// lets each test make it when it starts.)
+template <typename P>
+struct GlobalPool {
+  template <typename... Args>
+  void make(Args&&... args) { new (storage) P(std::forward<Args>(args)...); }
+  P& operator*() { return *std::launder(reinterpret_cast<P*>(storage)); }
+  P* operator->() { return &**this; }
+  void destroy() { (**this).~P(); }
+  alignas(P) unsigned char storage[sizeof(P)] = {};
+};
+
+GlobalPool<Pool> global_pool;
+
+int64_t status_code(const absl::Status& status) { return static_cast<int64_t>(status.code()); }
+
+// What a worker got from the pool it inherited (a status code), for each way of calling it; job
+// 5 is the sum of a Pool made inside the worker; job 6 destroys the inherited pool, as a worker's
+// exit() would run its destructor.
+int64_t use_global_pool(const int64_t& job) {
+  std::vector<int64_t> jobs = {1, 2, 3};
+  switch (job) {
+    case 0:
+      return status_code(global_pool->map(cube, jobs).status());
+    case 1:
+      return status_code(global_pool->apply(cube, 3).status());
+    case 2:
+      return status_code(global_pool->apply_async(cube, 3).get().status());
+    case 3:
+      return status_code(global_pool->map_async(cube, jobs).get().status());
+    case 4: {
+      auto results = global_pool->imap(cube, jobs);
+      auto first = results.begin();
+      if (first == results.end()) return -1;
+      return status_code(first->status());
+    }
+    case 5: {
+      Pool nested(quiet({.workers = 1}));
+      absl::StatusOr<std::vector<int64_t>> cubes = nested.map(cube, jobs);
+      if (!cubes.ok()) return -1;
+      return (*cubes)[0] + (*cubes)[1] + (*cubes)[2];
+    }
+    default:
+      global_pool.destroy();
+      return 0;
+  }
+}
+
+TEST_CASE("a task function that calls the global Pool its worker came from gets kFailedPrecondition") {
+  PROCPOOL_LOCAL_ONLY("procpool::Pool cannot have remote workers");
+  global_pool.make(quiet({.workers = 2}));
+  std::vector<int64_t> jobs = {0, 1, 2, 3, 4, 5};
+  absl::StatusOr<std::vector<int64_t>> got = global_pool->map(use_global_pool, jobs, {.chunksize = 1});
+  REQUIRE_MESSAGE(got.ok(), got.status());
+  const int64_t refused = status_code(absl::FailedPreconditionError(""));
+  CHECK((*got)[0] == refused);  // map
+  CHECK((*got)[1] == refused);  // apply
+  CHECK((*got)[2] == refused);  // apply_async
+  CHECK((*got)[3] == refused);  // map_async
+  CHECK((*got)[4] == refused);  // imap
+  CHECK((*got)[5] == 1 + 8 + 27);  // a Pool made inside a worker works
+  // The inherited pool's destructor in a worker neither hangs nor touches the parent's workers.
+  CHECK(*global_pool->apply(use_global_pool, 6) == 0);
+  CHECK(*global_pool->map(cube, jobs, {.chunksize = 1}) == std::vector<int64_t>{0, 1, 8, 27, 64, 125});
+  CHECK(global_pool->stats().workers.size() == 2);
+  global_pool.destroy();
+}
+
+// The same for a ProcessPool whose worker type calls the global pool it runs in.
+struct CallsOwnPool {
+  int64_t run(int64_t job);
+};
+GlobalPool<ProcessPool<CallsOwnPool>> global_process_pool;
+
+int64_t CallsOwnPool::run(int64_t job) {
+  if (job > 0) return job;
+  std::vector<int64_t> jobs = {1, 2};
+  return status_code(global_process_pool->map(jobs).status());
+}
+
+TEST_CASE("a worker that calls the global ProcessPool it belongs to gets kFailedPrecondition") {
+  global_process_pool.make(quiet({.workers = 1}));
+  absl::StatusOr<int64_t> got = global_process_pool->apply(0);
+  REQUIRE_MESSAGE(got.ok(), got.status());
+  CHECK(*got == status_code(absl::FailedPreconditionError("")));
+  global_process_pool.destroy();
 }
 
 // Records enter, each run and exit, per pid.

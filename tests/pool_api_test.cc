@@ -528,6 +528,7 @@ int64_t CallsOwnPool::run(int64_t job) {
 }
 
 TEST_CASE("a worker that calls the global ProcessPool it belongs to gets kFailedPrecondition") {
+  PROCPOOL_LOCAL_ONLY("a remote worker is another program: it inherits no pool");
   global_process_pool.make(quiet({.workers = 1}));
   absl::StatusOr<int64_t> got = global_process_pool->apply(0);
   REQUIRE_MESSAGE(got.ok(), got.status());

@@ -280,10 +280,10 @@ PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string w
     : impl_(std::make_unique<Impl>(std::move(options), std::move(factory), std::move(worker_type),
                                    features)) {
   link_->core_ = this;
-  register_pool(this);
   // Only now, with the PoolCore whole: a worker gets a copy of it as it is at the fork, and a
   // task that calls the pool it came from (a global one) must find it able to refuse.
   impl_->start();
+  register_pool(this);
 }
 
 PoolCore::~PoolCore() {

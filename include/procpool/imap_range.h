@@ -149,9 +149,9 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
       need_fetch = true;
     }
 
-    // A refusal (the pool was closed or terminated) ends the input: the jobs taken before it
-    // still yield their outcomes, each in its place, then the refusal stands for the first job
-    // refused, then the range ends.
+    // A refusal (the pool was closed or terminated, or no worker can start) ends the input: the
+    // jobs taken before it still yield their outcomes, each in its place, then the refusal stands
+    // for the first job refused, then the range ends.
     void advance() {
       current.reset();
       refill();

@@ -1,13 +1,32 @@
 #include "lib/callback_runner.h"
 
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <system_error>
 #include <utility>
 
+#include "procpool/internal/pool_core.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
+namespace {
+
+// A callback threw where no pool is left to log it.
+void report_without_pool(const std::string& what) {
+  std::fprintf(stderr, "procpool: a callback threw after its pool was destroyed: %s\n",
+               what.c_str());
+}
+
+}  // namespace
+
+void run_callback_without_pool(const std::function<void()>& callback) {
+  try {
+    callback();
+  } catch (...) {
+    report_without_pool(describe_current_exception());
+  }
+}
 
 CallbackRunner::CallbackRunner(std::function<void(const std::string&)> on_throw)
     : state_(std::make_shared<State>(std::move(on_throw))) {}
@@ -47,8 +66,7 @@ void CallbackRunner::run_one(State& state, std::function<void()>& callback) {
       orphaned = state.orphaned;
     }
     if (orphaned) {
-      std::fprintf(stderr, "procpool: a callback threw after its pool was destroyed: %s\n",
-                   what.c_str());
+      report_without_pool(what);
     } else if (state.on_throw) {
       state.on_throw(what);
     }

@@ -125,6 +125,11 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .log = [this](LogSeverity severity, const std::string& process, int pid,
                         const std::string& message) { log(severity, process, pid, message); }},
       *launcher_, *scheduler_);
+}
+
+void PoolCore::Impl::start() {
+  MutexLock lock(mu_);
+  if (loop_done_) return;  // the constructor failed: every call says why
   if (!fork_from_pool_thread_) {
     supervisor_->start_due(monotonic_now_ns());
     // Forked here; the pool thread starts with the first call (or stats(), join(timeout)): a
@@ -275,6 +280,9 @@ PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string w
     : impl_(std::make_unique<Impl>(std::move(options), std::move(factory), std::move(worker_type),
                                    features)) {
   link_->core_ = this;
+  // Only now, with the PoolCore whole: a worker gets a copy of it as it is at the fork, and a
+  // task that calls the pool it came from (a global one) must find it able to refuse.
+  impl_->start();
   register_pool(this);
 }
 

@@ -32,6 +32,9 @@ class PoolCore::Impl {
   Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type,
        PoolCore::Features features);
   ~Impl();
+  // Forks the workers or starts the pool thread that forks them (see the constructor of
+  // PoolCore). Called once, after the PoolCore holds this Impl.
+  void start();
   // close() + join(), then runs the callbacks still queued and stops the callback thread.
   // Idempotent. Called while the PoolCore is whole: callbacks may still reach it through it.
   void shutdown();

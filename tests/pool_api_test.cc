@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <map>
+#include <memory>
+#include <new>
 #include <mutex>
 #include <ranges>
 #include <set>
@@ -15,6 +17,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -212,6 +215,126 @@ TEST_CASE("imap delivers each task's own error among values, for scalars and oth
   CHECK(got == std::vector<std::string>{"a!", "error", "b!", "c!", "error", "d!"});
 }
 
+// Checks what an imap yielded from a pool closed (or terminated) while it ran: every job it had
+// taken has its own outcome, in its place when `ordered` (a value, or kCancelled where `cancelled`
+// allows it); then one kFailedPrecondition for the first job the pool refused; then the end.
+// `got` holds the outcomes of an imap of Squarer over 0, 1, 2, ...
+void check_refused_at_end(const std::vector<absl::StatusOr<int64_t>>& got, bool ordered,
+                          bool cancelled = false) {
+  REQUIRE_FALSE(got.empty());
+  CHECK(got.back().status().code() == absl::StatusCode::kFailedPrecondition);
+  const int64_t taken = static_cast<int64_t>(got.size()) - 1;
+  std::multiset<int64_t> squares;
+  for (int64_t i = 0; i < taken; ++i) {
+    CAPTURE(i);
+    if (cancelled && !got[i].ok()) {
+      CHECK(got[i].status().code() == absl::StatusCode::kCancelled);
+      continue;
+    }
+    REQUIRE_MESSAGE(got[i].ok(), got[i].status());
+    if (ordered) CHECK(*got[i] == i * i);
+    squares.insert(*got[i]);
+  }
+  if (!ordered && !cancelled) {
+    std::multiset<int64_t> expected;
+    for (int64_t i = 0; i < taken; ++i) expected.insert(i * i);
+    CHECK(squares == expected);
+  }
+}
+
+// An imap (or imap_unordered) of Squarer over 0, 1, 2, ... on a pool closed while it runs.
+void imap_of_a_pool_closed_meanwhile(bool ordered) {
+  ProcessPool<Squarer> pool(quiet({.workers = 2}));
+  auto endless = std::views::iota(int64_t{0});
+  auto imap = [&](CallOptions options) {
+    return ordered ? pool.imap(endless, options) : pool.imap_unordered(endless, options);
+  };
+  std::vector<absl::StatusOr<int64_t>> got;
+  constexpr size_t kLimit = 1'000'000;  // the range must end long before
+  SUBCASE("close() between two elements") {
+    auto results = imap({.max_in_flight = 4});
+    for (absl::StatusOr<int64_t> square : results) {
+      got.push_back(std::move(square));
+      if (got.size() == 3) REQUIRE(pool.close().ok());
+      if (got.size() == kLimit) break;
+    }
+    CHECK(got.size() > 3);  // what was taken before close() still came
+    check_refused_at_end(got, ordered);
+    CHECK(results.begin() == results.end());  // and it stays ended
+  }
+  SUBCASE("close() from another thread while the range is consumed") {
+    std::atomic<size_t> consumed{0};
+    std::thread closer([&] {
+      REQUIRE(testing::wait_until([&] { return consumed.load() >= 100; }));
+      REQUIRE(pool.close().ok());
+    });
+    for (absl::StatusOr<int64_t> square : imap({.chunksize = 3, .max_in_flight = 12})) {
+      got.push_back(std::move(square));
+      consumed.store(got.size());
+      if (got.size() == kLimit) break;
+    }
+    closer.join();
+    check_refused_at_end(got, ordered);
+  }
+  SUBCASE("close() after the whole input was taken: every outcome, no refusal") {
+    std::vector<int64_t> jobs = {1, 2, 3};
+    auto results = ordered ? pool.imap(jobs) : pool.imap_unordered(jobs);
+    std::multiset<int64_t> squares;
+    for (absl::StatusOr<int64_t> square : results) {
+      REQUIRE(pool.close().ok());
+      REQUIRE_MESSAGE(square.ok(), square.status());
+      squares.insert(*square);
+    }
+    CHECK(squares == std::multiset<int64_t>{1, 4, 9});
+  }
+  CHECK(pool.join().ok());
+}
+
+TEST_CASE("imap of a pool closed meanwhile: each job taken keeps its place, then kFailedPrecondition ends it") {
+  SUBCASE("imap") { imap_of_a_pool_closed_meanwhile(/*ordered=*/true); }
+  SUBCASE("imap_unordered") { imap_of_a_pool_closed_meanwhile(/*ordered=*/false); }
+}
+
+TEST_CASE("imap of a pool terminated while it waits: kCancelled for the jobs taken, then kFailedPrecondition") {
+  // Squares, except that jobs from 2 on sleep long: the consumer waits on job 2 when the pool is
+  // terminated.
+  struct SlowFromTwo {
+    int64_t run(int64_t x) {
+      if (x >= 2) absl::SleepFor(absl::Seconds(60));
+      return x * x;
+    }
+  };
+  for (bool ordered : {true, false}) {
+    CAPTURE(ordered);
+    ProcessPool<SlowFromTwo> pool(quiet({.workers = 2}));
+    std::vector<absl::StatusOr<int64_t>> got;
+    std::atomic<size_t> consumed{0};
+    std::thread stopper([&] {
+      REQUIRE(testing::wait_until([&] {
+        if (consumed.load() < 2) return false;
+        PoolStats stats = pool.stats();
+        return std::all_of(stats.workers.begin(), stats.workers.end(), [](const WorkerStats& w) {
+          return w.state == WorkerState::kBusy;
+        });
+      }));
+      pool.terminate();
+    });
+    auto endless = std::views::iota(int64_t{0});
+    auto results = ordered ? pool.imap(endless, {.max_in_flight = 4})
+                           : pool.imap_unordered(endless, {.max_in_flight = 4});
+    for (absl::StatusOr<int64_t> square : results) {
+      got.push_back(std::move(square));
+      consumed.store(got.size());
+      if (got.size() == 1000) break;
+    }
+    stopper.join();
+    REQUIRE(got.size() >= 3);
+    CHECK(*got[0] == 0);
+    CHECK(*got[1] == 1);
+    check_refused_at_end(got, ordered, /*cancelled=*/true);
+  }
+}
+
 TEST_CASE("apply and apply_async") {
   ProcessPool<Sleeper> pool(quiet({.workers = 2}));
   CHECK(*pool.apply(5) == 5);
@@ -320,6 +443,97 @@ TEST_CASE("Pool runs plain functions and captureless lambdas, like pool.map(f, x
   std::set<std::string> described;
   for (absl::StatusOr<std::string> d : pool.imap_unordered(describe, jobs)) described.insert(*d);
   CHECK(described == std::set<std::string>{"#1", "#2", "#3"});
+}
+
+// A program-wide pool that task functions call, as a recursive divide-and-conquer would, made
+// as a namespace-scope `procpool::Pool pool;` is: in storage that exists before the pool, so that
+// the workers its constructor forks see the pool half made, as they see a global. (Placement new
+// lets each test make it when it starts.)
+template <typename P>
+struct GlobalPool {
+  template <typename... Args>
+  void make(Args&&... args) { new (storage) P(std::forward<Args>(args)...); }
+  P& operator*() { return *std::launder(reinterpret_cast<P*>(storage)); }
+  P* operator->() { return &**this; }
+  void destroy() { (**this).~P(); }
+  alignas(P) unsigned char storage[sizeof(P)] = {};
+};
+
+GlobalPool<Pool> global_pool;
+
+int64_t status_code(const absl::Status& status) { return static_cast<int64_t>(status.code()); }
+
+// What a worker got from the pool it inherited (a status code), for each way of calling it; job
+// 5 is the sum of a Pool made inside the worker; job 6 destroys the inherited pool, as a worker's
+// exit() would run its destructor.
+int64_t use_global_pool(const int64_t& job) {
+  std::vector<int64_t> jobs = {1, 2, 3};
+  switch (job) {
+    case 0:
+      return status_code(global_pool->map(cube, jobs).status());
+    case 1:
+      return status_code(global_pool->apply(cube, 3).status());
+    case 2:
+      return status_code(global_pool->apply_async(cube, 3).get().status());
+    case 3:
+      return status_code(global_pool->map_async(cube, jobs).get().status());
+    case 4: {
+      auto results = global_pool->imap(cube, jobs);
+      auto first = results.begin();
+      if (first == results.end()) return -1;
+      return status_code(first->status());
+    }
+    case 5: {
+      Pool nested(quiet({.workers = 1}));
+      absl::StatusOr<std::vector<int64_t>> cubes = nested.map(cube, jobs);
+      if (!cubes.ok()) return -1;
+      return (*cubes)[0] + (*cubes)[1] + (*cubes)[2];
+    }
+    default:
+      global_pool.destroy();
+      return 0;
+  }
+}
+
+TEST_CASE("a task function that calls the global Pool its worker came from gets kFailedPrecondition") {
+  PROCPOOL_LOCAL_ONLY("procpool::Pool cannot have remote workers");
+  global_pool.make(quiet({.workers = 2}));
+  std::vector<int64_t> jobs = {0, 1, 2, 3, 4, 5};
+  absl::StatusOr<std::vector<int64_t>> got = global_pool->map(use_global_pool, jobs, {.chunksize = 1});
+  REQUIRE_MESSAGE(got.ok(), got.status());
+  const int64_t refused = status_code(absl::FailedPreconditionError(""));
+  CHECK((*got)[0] == refused);  // map
+  CHECK((*got)[1] == refused);  // apply
+  CHECK((*got)[2] == refused);  // apply_async
+  CHECK((*got)[3] == refused);  // map_async
+  CHECK((*got)[4] == refused);  // imap
+  CHECK((*got)[5] == 1 + 8 + 27);  // a Pool made inside a worker works
+  // The inherited pool's destructor in a worker neither hangs nor touches the parent's workers.
+  CHECK(*global_pool->apply(use_global_pool, 6) == 0);
+  CHECK(*global_pool->map(cube, jobs, {.chunksize = 1}) == std::vector<int64_t>{0, 1, 8, 27, 64, 125});
+  CHECK(global_pool->stats().workers.size() == 2);
+  global_pool.destroy();
+}
+
+// The same for a ProcessPool whose worker type calls the global pool it runs in.
+struct CallsOwnPool {
+  int64_t run(int64_t job);
+};
+GlobalPool<ProcessPool<CallsOwnPool>> global_process_pool;
+
+int64_t CallsOwnPool::run(int64_t job) {
+  if (job > 0) return job;
+  std::vector<int64_t> jobs = {1, 2};
+  return status_code(global_process_pool->map(jobs).status());
+}
+
+TEST_CASE("a worker that calls the global ProcessPool it belongs to gets kFailedPrecondition") {
+  PROCPOOL_LOCAL_ONLY("a remote worker is another program: it inherits no pool");
+  global_process_pool.make(quiet({.workers = 1}));
+  absl::StatusOr<int64_t> got = global_process_pool->apply(0);
+  REQUIRE_MESSAGE(got.ok(), got.status());
+  CHECK(*got == status_code(absl::FailedPreconditionError("")));
+  global_process_pool.destroy();
 }
 
 // Records enter, each run and exit, per pid.

@@ -24,7 +24,8 @@
 /// submission callbacks first, then the done callbacks in the order they were added. `get()` and
 /// `wait()` return as soon as the result is in: they do not wait for callbacks, which may not have
 /// run yet (wait for an event your callback sets if you need that). A callback added after the
-/// pool is gone runs at once on the calling thread. A callback that throws is logged; the others
+/// pool is gone runs at once on the calling thread. A callback that throws is logged (on stderr
+/// once the pool is gone: its log sink went with it), never thrown to its caller; the others
 /// still run. A callback may hold the last reference to its pool (a `shared_ptr` it captured):
 /// the pool is then destroyed on the callback thread, close-then-join as always, and the callbacks
 /// queued behind it run there too. The callbacks and progress function of a call are released on

@@ -23,8 +23,11 @@
 /// the range goes on.
 ///
 /// One pass, one consuming thread. Moving the range keeps its iterators valid. The range must not
-/// outlive its pool. If the pool is closed while a range is in use, the next element is the
-/// kFailedPrecondition status and the range ends.
+/// outlive its pool. If the pool refuses more jobs while a range is in use (it was closed or
+/// terminated: kFailedPrecondition; no worker can start: that failure), the range takes no more
+/// input: the jobs it had already taken still yield their outcomes, each in its place (kCancelled
+/// for those a terminate() stopped); then one element with the refusal's status stands for the
+/// first job refused, and the range ends. Results stay lined up with inputs.
 
 #ifndef PROCPOOL_IMAP_RANGE_H_
 #define PROCPOOL_IMAP_RANGE_H_
@@ -146,18 +149,21 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
       need_fetch = true;
     }
 
+    // A refusal (the pool was closed or terminated, or no worker can start) ends the input: the
+    // jobs taken before it still yield their outcomes, each in its place, then the refusal stands
+    // for the first job refused, then the range ends.
     void advance() {
       current.reset();
       refill();
-      if (failure) {
-        current.emplace(*std::move(failure));
-        failure.reset();
-        input_done = true;
+      if (submitted > consumed) {
+        current.emplace(internal::to_outcome<Result>(call->next()));
+        ++consumed;
         return;
       }
-      if (submitted == consumed) return;  // input exhausted and everything consumed
-      current.emplace(internal::to_outcome<Result>(call->next()));
-      ++consumed;
+      if (refusal) {
+        current.emplace(*std::move(refusal));
+        refusal.reset();
+      }
     }
 
     // Takes jobs from the input, a chunk at a time, while a whole chunk more fits in
@@ -181,11 +187,15 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
           call->give_back(*first);
           break;
         }
-        call->submitted(*first, count);
+        // The call's bookkeeping of the block is the consuming thread's own: it may follow the
+        // submission, and a refused block goes back unused.
         if (absl::Status submitted_now = core->submit(call, *first, count); !submitted_now.ok()) {
-          failure = submitted_now;
+          call->give_back(*first);
+          refusal = std::move(submitted_now);
+          input_done = true;
           return;
         }
+        call->submitted(*first, count);
         submitted += count;
       }
     }
@@ -200,7 +210,7 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
     size_t consumed = 0;
     bool input_done = false;
     bool need_fetch = true;
-    std::optional<absl::Status> failure;
+    std::optional<absl::Status> refusal;  // why the pool took no more jobs, until yielded
     std::optional<Outcome> current;
   };
 

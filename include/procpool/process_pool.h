@@ -57,7 +57,11 @@
 /// dies with the parent (PR_SET_PDEATHSIG, plus end of file on its channel). If other threads of
 /// the program may hold locks that W's constructor or hooks need while a fork happens, create the
 /// pool before them (or use `StartMethod::kForkServer`). A pool inherited by a worker refuses to
-/// be used there: its calls return kFailedPrecondition.
+/// be used there, a global one called by its own workers' tasks included: its calls return
+/// kFailedPrecondition, and its destructor (at the worker's `exit()`) does nothing. A pool made
+/// inside a worker is that worker's own and works. (A pool in a function-local `static` cannot be
+/// reached from its own workers: they were forked while that static was being initialized, and
+/// reaching it there aborts the worker. Make a global pool a namespace-scope object.)
 
 #ifndef PROCPOOL_PROCESS_POOL_H_
 #define PROCPOOL_PROCESS_POOL_H_

@@ -180,21 +180,24 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
 
   // Runs `callback` once with the result, on the pool's callback thread: after the result is set
   // and the callbacks given at submission, in the order added; at once (posted) if the result is
-  // already in. Once the pool is gone, runs it on this thread instead.
+  // already in and its callbacks are queued. Once the pool is gone, runs it on this thread
+  // instead, where what it throws is reported and goes no further (run_callback_without_pool).
   void add_done_callback(DoneCallback callback) {
     {
       std::lock_guard lock(mu_);
-      if (!done_) {
+      if (!callbacks_queued_) {
+        // Before the result, or while complete() queues its callbacks: it queues this one too,
+        // behind them (a waiter may have returned from get(), or a callback run, meanwhile).
         done_callbacks_.push_back(std::move(callback));
         return;
       }
     }
-    auto run = [self = this->shared_from_this(), callback = std::move(callback)] {
+    std::function<void()> run = [self = this->shared_from_this(), callback = std::move(callback)] {
       callback(*self->result_);  // set before this was posted; never changes again
     };
     if (link_ == nullptr ||
         !link_->with_core([&run](PoolCore& core) { core.post_callback(std::move(run)); })) {
-      run();
+      run_callback_without_pool(run);
     }
   }
 
@@ -220,6 +223,10 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
   // Sets the result, wakes waiters and listeners and schedules the callbacks. Only the first call
   // counts: returns false (and drops `result`) if the result was already set. Never takes a
   // CoreLink's lock: it runs on the pool thread, under the core's lock.
+  //
+  // Publishing the result and queuing its callbacks are one step for add_done_callback: until
+  // every callback is queued, one added (by a thread that get() woke, or by a callback already
+  // running) joins the queue behind them instead of posting itself ahead of them.
   bool complete(absl::StatusOr<T> result) {
     std::vector<Listener> listeners;
     std::vector<DoneCallback> done_callbacks;
@@ -230,7 +237,8 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
       ok = result.ok();
       result_.emplace(std::move(result));
       listeners = mark_done_locked(ok);
-      done_callbacks = std::move(done_callbacks_);
+      done_callbacks.swap(done_callbacks_);
+      if (core_ == nullptr) callbacks_queued_ = true;  // no callback thread to queue them on
     }
     cv_.notify_all();
     notify_all(listeners, ok);
@@ -252,12 +260,20 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
         }
       });
     }
-    for (DoneCallback& callback : done_callbacks) {
-      core_->post_callback([self = this->shared_from_this(), callback = std::move(callback)] {
-        callback(*self->result_);  // set before this was posted; never changes again
-      });
+    while (true) {
+      for (DoneCallback& callback : done_callbacks) {
+        core_->post_callback([self = this->shared_from_this(), callback = std::move(callback)] {
+          callback(*self->result_);  // set before this was posted; never changes again
+        });
+      }
+      done_callbacks.clear();
+      std::lock_guard lock(mu_);
+      if (done_callbacks_.empty()) {
+        callbacks_queued_ = true;  // from now on, add_done_callback posts its own
+        return true;
+      }
+      done_callbacks.swap(done_callbacks_);  // added while these were queued: they go next
     }
-    return true;
   }
 
  private:
@@ -267,6 +283,7 @@ class Completion : public CompletionBase, public std::enable_shared_from_this<Co
   SuccessCallback on_success_;
   ErrorCallback on_error_;
   std::vector<DoneCallback> done_callbacks_;  // guarded by mu_
+  bool callbacks_queued_ = false;  // guarded by mu_: complete() queued every callback
 };
 
 }  // namespace procpool::internal

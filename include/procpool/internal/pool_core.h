@@ -47,6 +47,11 @@ class CoreLink {
   PoolCore* core_ = nullptr;
 };
 
+// Runs `callback`, a callback of a pool that is gone, on the calling thread, as the pool's callback
+// thread would have: what it throws is reported on stderr (the pool's log sink went with it) and
+// goes no further. (lib/callback_runner.cc)
+void run_callback_without_pool(const std::function<void()>& callback);
+
 class PoolCore {
  public:
   // What the typed layer knows of a pool's jobs and results.

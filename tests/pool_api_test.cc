@@ -215,9 +215,9 @@ TEST_CASE("imap delivers each task's own error among values, for scalars and oth
   CHECK(got == std::vector<std::string>{"a!", "error", "b!", "c!", "error", "d!"});
 }
 
-// Checks what an imap yielded from a pool closed (or terminated) while it ran: every job it had
-// taken has its own outcome, in its place when `ordered` (a value, or kCancelled where `cancelled`
-// allows it); then one kFailedPrecondition for the first job the pool refused; then the end.
+// Checks what an imap yielded from a pool closed (or terminated) while it ran: every element before
+// the last is the outcome of a job taken before the refusal, in its place when `ordered` (a value,
+// or kCancelled where `cancelled` allows it); the last is the kFailedPrecondition; then the end.
 // `got` holds the outcomes of an imap of Squarer over 0, 1, 2, ...
 void check_refused_at_end(const std::vector<absl::StatusOr<int64_t>>& got, bool ordered,
                           bool cancelled = false) {
@@ -252,13 +252,14 @@ void imap_of_a_pool_closed_meanwhile(bool ordered) {
   std::vector<absl::StatusOr<int64_t>> got;
   constexpr size_t kLimit = 1'000'000;  // the range must end long before
   SUBCASE("close() between two elements") {
-    auto results = imap({.max_in_flight = 4});
+    auto results = imap({.chunksize = 1, .max_in_flight = 4});
     for (absl::StatusOr<int64_t> square : results) {
       got.push_back(std::move(square));
       if (got.size() == 3) REQUIRE(pool.close().ok());
       if (got.size() == kLimit) break;
     }
-    CHECK(got.size() > 3);  // what was taken before close() still came
+    // The next element after close() is the refusal, in job 3's place, and the range ends.
+    CHECK(got.size() == 4);
     check_refused_at_end(got, ordered);
     CHECK(results.begin() == results.end());  // and it stays ended
   }
@@ -290,7 +291,7 @@ void imap_of_a_pool_closed_meanwhile(bool ordered) {
   CHECK(pool.join().ok());
 }
 
-TEST_CASE("imap of a pool closed meanwhile: each job taken keeps its place, then kFailedPrecondition ends it") {
+TEST_CASE("imap of a pool closed meanwhile: the next element is kFailedPrecondition, in its job's place, and the range ends") {
   SUBCASE("imap") { imap_of_a_pool_closed_meanwhile(/*ordered=*/true); }
   SUBCASE("imap_unordered") { imap_of_a_pool_closed_meanwhile(/*ordered=*/false); }
 }

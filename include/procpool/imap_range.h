@@ -24,10 +24,10 @@
 ///
 /// One pass, one consuming thread. Moving the range keeps its iterators valid. The range must not
 /// outlive its pool. If the pool refuses more jobs while a range is in use (it was closed or
-/// terminated: kFailedPrecondition; no worker can start: that failure), the range takes no more
-/// input: the jobs it had already taken still yield their outcomes, each in its place (kCancelled
-/// for those a terminate() stopped); then one element with the refusal's status stands for the
-/// first job refused, and the range ends. Results stay lined up with inputs.
+/// terminated: kFailedPrecondition; no worker can start: that failure), the next element is that
+/// status and the range ends: every element before it is the outcome of the job in its place, and
+/// none comes after it (tasks already sent run on, their results dropped with the range). A close()
+/// after the range took its whole input refuses nothing: every outcome comes.
 
 #ifndef PROCPOOL_IMAP_RANGE_H_
 #define PROCPOOL_IMAP_RANGE_H_
@@ -149,21 +149,22 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
       need_fetch = true;
     }
 
-    // A refusal (the pool was closed or terminated, or no worker can start) ends the input: the
-    // jobs taken before it still yield their outcomes, each in its place, then the refusal stands
-    // for the first job refused, then the range ends.
+    // A refusal (the pool was closed or terminated, or no worker can start) is the next element,
+    // in the place of the first job refused, and the range ends there: nothing after it could line
+    // up with its input.
     void advance() {
       current.reset();
+      if (ended) return;
       refill();
-      if (submitted > consumed) {
-        current.emplace(internal::to_outcome<Result>(call->next()));
-        ++consumed;
-        return;
-      }
       if (refusal) {
         current.emplace(*std::move(refusal));
         refusal.reset();
+        ended = true;
+        return;
       }
+      if (submitted == consumed) return;  // input exhausted and everything consumed
+      current.emplace(internal::to_outcome<Result>(call->next()));
+      ++consumed;
     }
 
     // Takes jobs from the input, a chunk at a time, while a whole chunk more fits in
@@ -210,6 +211,7 @@ class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Inpu
     size_t consumed = 0;
     bool input_done = false;
     bool need_fetch = true;
+    bool ended = false;  // the refusal was yielded
     std::optional<absl::Status> refusal;  // why the pool took no more jobs, until yielded
     std::optional<Outcome> current;
   };

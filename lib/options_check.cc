@@ -10,6 +10,10 @@
 namespace procpool::internal {
 namespace {
 
+// A token shorter than this is refused: 16 bytes of a password still resist guessing far better
+// than "hunter2", and make_token()'s are 64.
+constexpr size_t kMinTokenBytes = 16;
+
 absl::Status positive(const char* field, absl::Duration value) {
   if (value > absl::ZeroDuration()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("PoolOptions::", field, " must be positive, not ",
@@ -39,11 +43,15 @@ absl::Status check_remote_options(const PoolOptions& options, bool remote_allowe
   if (!listen.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("RemoteOptions::listen: ", listen.status().message()));
   }
-  if (remote.token.empty() && !is_loopback_host(listen->host)) {
+  // Empty: the pool makes one (RemoteLauncher). A short one is guessed; a NUL cannot go into a
+  // launched worker's environment.
+  if (!remote.token.empty() && remote.token.size() < kMinTokenBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "RemoteOptions::token is required when listening on ", remote.listen,
-        " (anything but loopback): without it any program that reaches the port could serve or "
-        "read your tasks"));
+        "RemoteOptions::token must be at least ", kMinTokenBytes, " bytes (it has ",
+        remote.token.size(), "): leave it empty for one the pool makes, or use procpool::make_token()"));
+  }
+  if (remote.token.find('\0') != std::string::npos) {
+    return absl::InvalidArgumentError("RemoteOptions::token must not contain a NUL byte");
   }
   if (remote.connect_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("RemoteOptions::connect_timeout must be positive");

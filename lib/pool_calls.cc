@@ -239,6 +239,13 @@ std::string PoolCore::Impl::remote_address() const {
   return "";
 }
 
+std::string PoolCore::Impl::remote_token() const {
+  if (foreign()) return "";
+  MutexLock lock(mu_);
+  if (auto* remote = dynamic_cast<const RemoteLauncher*>(launcher_.get())) return remote->token();
+  return "";
+}
+
 PoolStats PoolCore::Impl::stats() const {
   PoolStats stats;
   if (foreign()) return stats;

@@ -330,6 +330,7 @@ void PoolCore::terminate() { impl_->terminate(); }
 int PoolCore::worker_count() const { return impl_->worker_count_; }
 PoolStats PoolCore::stats() const { return impl_->stats(); }
 std::string PoolCore::remote_address() const { return impl_->remote_address(); }
+std::string PoolCore::remote_token() const { return impl_->remote_token(); }
 const PoolOptions& PoolCore::options() const { return impl_->options_; }
 void PoolCore::log(LogSeverity severity, std::string message) const {
   impl_->log(severity, "procpool", ::getpid(), message);

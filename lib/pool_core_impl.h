@@ -51,6 +51,7 @@ class PoolCore::Impl {
   void terminate();
   PoolStats stats() const;
   std::string remote_address() const;
+  std::string remote_token() const;
   void post_callback(std::function<void()> callback);
   void log(LogSeverity severity, const std::string& process, int pid,
            const std::string& message) const;

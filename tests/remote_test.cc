@@ -6,6 +6,7 @@
 #include "procpool/process_pool.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -18,9 +19,11 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <optional>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -32,6 +35,8 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "doctest/doctest.h"
+#include "openssl/evp.h"
+#include "openssl/hmac.h"
 #include "lib/common/socket.h"
 #include "lib/link/handshake.h"
 #include "lib/link/remote_frames.h"
@@ -183,7 +188,7 @@ TEST_CASE("a pool of launched remote workers maps like a forked one; every exit(
 }
 
 TEST_CASE("workers started by someone else dial in; a late joiner is used") {
-  const std::string token = "s3cret-token";
+  const std::string token = "s3cret-token-of-the-test";
   ProcessPool<RemoteWorker> pool(remote_pool(
       2, RemoteOptions{.listen = "127.0.0.1:0", .token = token, .connect_timeout = absl::Seconds(20)}));
   StartedWorker first = start_worker(pool.remote_address(), token);
@@ -321,8 +326,8 @@ TEST_CASE("a remote task that writes garbage on its channel fails alone with kDa
 
 TEST_CASE("a worker with the wrong token is refused; calls fail with kUnavailable saying why") {
   ProcessPool<RemoteWorker> pool(remote_pool(
-      1, RemoteOptions{.token = "right", .connect_timeout = absl::Milliseconds(1500)}));
-  StartedWorker worker = start_worker(pool.remote_address(), "wrong");
+      1, RemoteOptions{.token = "right-token-0123456789", .connect_timeout = absl::Milliseconds(1500)}));
+  StartedWorker worker = start_worker(pool.remote_address(), "wrong-token-0123456789");
   CHECK(worker.reap(absl::Seconds(10)));
   CHECK(WIFEXITED(worker.status));
   CHECK(WEXITSTATUS(worker.status) == 2);
@@ -335,7 +340,7 @@ TEST_CASE("a worker with the wrong token is refused; calls fail with kUnavailabl
 TEST_CASE("a worker program serving another type is refused, on both sides") {
   ProcessPool<RemoteWorker> pool(
       remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(1500)}));
-  StartedWorker worker = start_worker(pool.remote_address(), "", {"--type=other"});
+  StartedWorker worker = start_worker(pool.remote_address(), pool.remote_token(), {"--type=other"});
   CHECK(worker.reap(absl::Seconds(10)));
   CHECK(WEXITSTATUS(worker.status) == 2);
   auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(10));
@@ -361,9 +366,9 @@ TEST_CASE("a launched worker the pool refuses fails calls at once with kUnavaila
     why = "OtherRemoteWorker";
   }
   SUBCASE("a wrong token (the worker refuses the pool)") {
-    remote = launching({"/usr/bin/env", "PROCPOOL_TOKEN=wrong", worker_program(),
+    remote = launching({"/usr/bin/env", "PROCPOOL_TOKEN=wrong-token-0123456789", worker_program(),
                         "--procpool-connect={address}"},
-                       "right");
+                       "right-token-0123456789");
     why = "wrong token";
   }
   SUBCASE("another protocol version") {
@@ -466,42 +471,266 @@ Peer dial(const std::string& address) {
   return peer;
 }
 
-void send_hello(Peer& peer, uint32_t version, const std::string& type, const std::string& nonce) {
+void send_hello(Peer& peer, uint32_t version, const std::string& nonce,
+                const std::string& launch_id = "") {
   capnp::MallocMessageBuilder message;
   auto hello = message.initRoot<wire::FromWorker>().initHello();
   hello.setVersion(version);
-  hello.setWorkerType(type);
-  hello.setHost("fake");
-  hello.setPid(1);
   hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
+  hello.setLaunchId(launch_id);
   peer.write(message);
 }
 
-// Does a worker's side of the handshake without a token; returns whether it was welcomed.
-bool handshake_as_worker(Peer& peer) {
+// HMAC-SHA256(token, role, first, second) as handshake.h specifies it, computed here on its own
+// (OpenSSL directly, each part's length as 4 big-endian bytes), so that a pool whose MAC input
+// depended on its host's byte order would not accept it.
+std::string reference_proof(const std::string& token, const std::string& role,
+                            const std::string& first, const std::string& second) {
+  std::string input;
+  for (const std::string* part : {&role, &first, &second}) {
+    const uint32_t n = static_cast<uint32_t>(part->size());
+    const unsigned char length[4] = {static_cast<unsigned char>(n >> 24), static_cast<unsigned char>(n >> 16),
+                                     static_cast<unsigned char>(n >> 8), static_cast<unsigned char>(n)};
+    input.append(reinterpret_cast<const char*>(length), 4);
+    input += *part;
+  }
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int mac_length = 0;
+  HMAC(EVP_sha256(), token.data(), static_cast<int>(token.size()),
+       reinterpret_cast<const unsigned char*>(input.data()), input.size(), mac, &mac_length);
+  return std::string(reinterpret_cast<const char*>(mac), mac_length);
+}
+
+std::string as_string(capnp::Data::Reader data) {
+  return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
+}
+
+// Does a worker's side of the handshake, proving `token` ("": no proof) and naming `type` and
+// `host`; returns whether it was welcomed with the pool's proof of the same token.
+bool handshake_as_worker(Peer& peer, const std::string& token,
+                         const std::string& type = internal::worker_type_name<RemoteWorker>(),
+                         const std::string& host = "fake") {
   const std::string nonce = internal::make_nonce();
-  send_hello(peer, internal::kProtocolVersion, internal::worker_type_name<RemoteWorker>(), nonce);
+  send_hello(peer, internal::kProtocolVersion, nonce);
   auto challenge = peer.read();
   if (!challenge.ok()) return false;
+  std::string pool_nonce;
   {
     capnp::FlatArrayMessageReader message(*challenge);
-    if (!message.getRoot<wire::ToWorker>().isChallenge()) return false;
+    auto root = message.getRoot<wire::ToWorker>();
+    if (!root.isChallenge()) return false;
+    pool_nonce = as_string(root.getChallenge().getNonce());
   }
   capnp::MallocMessageBuilder proof;
-  proof.initRoot<wire::FromWorker>().setProof(capnp::Data::Reader());
+  auto credentials = proof.initRoot<wire::FromWorker>().initCredentials();
+  const std::string mac = token.empty() ? "" : reference_proof(token, "worker", pool_nonce, nonce);
+  credentials.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(mac.data()), mac.size()));
+  credentials.setWorkerType(type);
+  credentials.setHost(host);
   peer.write(proof);
   auto welcome = peer.read();
   if (!welcome.ok()) return false;
   capnp::FlatArrayMessageReader message(*welcome);
-  return message.getRoot<wire::ToWorker>().isWelcome();
+  auto root = message.getRoot<wire::ToWorker>();
+  return root.isWelcome() &&
+         as_string(root.getWelcome().getProof()) == reference_proof(token, "pool", nonce, pool_nonce);
+}
+
+// No pool without a secret (issue 18): every pool has a token, and proves it only to a peer that
+// proved it first.
+
+TEST_CASE("a pool given no token makes one: a peer without it is refused, a worker given "
+          "remote_token() serves") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}));
+  const std::string token = pool.remote_token();
+  CHECK(token.size() == 64);
+  ProcessPool<RemoteWorker> other(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}));
+  CHECK(other.remote_token() != token);
+  CHECK(make_token() != make_token());
+  {
+    Peer peer = dial(pool.remote_address());
+    CHECK_FALSE(handshake_as_worker(peer, ""));
+  }
+  {
+    Peer peer = dial(pool.remote_address());
+    CHECK_FALSE(handshake_as_worker(peer, other.remote_token()));
+  }
+  StartedWorker worker = start_worker(pool.remote_address(), token);
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
+  CHECK_MESSAGE(result.ok(), result.status());
+  CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(worker.reap(absl::Seconds(10)));
+}
+
+TEST_CASE("another user on the host (uid 65534) cannot become a worker of a pool given no token") {
+  if (::geteuid() != 0) {
+    MESSAGE("skipped: needs root to setuid(65534)");
+    return;
+  }
+  // Forked before the pool exists (no thread crosses the fork); told the address on a pipe.
+  int address_pipe[2];
+  REQUIRE(::pipe2(address_pipe, O_CLOEXEC) == 0);
+  std::fflush(nullptr);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::close(address_pipe[1]);
+    if (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(10);
+    if (::getuid() != 65534) ::_exit(11);
+    char buffer[256] = {};
+    size_t got = 0;
+    while (got < sizeof(buffer) - 1) {
+      const ssize_t n = ::read(address_pipe[0], buffer + got, sizeof(buffer) - 1 - got);
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    // What it can do: dial, and try the handshake without the token, then with a guess.
+    absl::StatusOr<internal::HostPort> address = internal::parse_host_port(buffer);
+    if (!address.ok()) ::_exit(12);
+    int welcomed = 0;
+    for (const std::string guess : {"", "hunter2-hunter2-hunter2"}) {
+      absl::StatusOr<internal::UniqueFd> fd = internal::connect_tcp(*address, absl::Seconds(5));
+      if (!fd.ok()) ::_exit(13);
+      Peer peer;
+      peer.fd = *std::move(fd);
+      if (handshake_as_worker(peer, guess)) ++welcomed;
+    }
+    ::_exit(welcomed == 0 ? 0 : 1);
+  }
+  ::close(address_pipe[0]);
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(3)}));
+  const std::string address = pool.remote_address();
+  REQUIRE(::write(address_pipe[1], address.data(), address.size()) == static_cast<ssize_t>(address.size()));
+  ::close(address_pipe[1]);
+  int status = 0;
+  REQUIRE(wait_until([&] { return ::waitpid(child, &status, WNOHANG) == child; }, absl::Seconds(30)));
+  REQUIRE(WIFEXITED(status));
+  REQUIRE_MESSAGE(WEXITSTATUS(status) != 10, "the child could not setuid(65534): a user namespace "
+                                              "without that uid (Bazel's sandbox: run remote_uid_test)");
+  CHECK_MESSAGE(WEXITSTATUS(status) == 0, "the uid 65534 peer ended with ", WEXITSTATUS(status),
+                " (1: the pool welcomed it)");
+  auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(20));
+  MESSAGE(result.status());
+  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(message_has(result.status(), "proved no token"));
+}
+
+TEST_CASE("a peer that sends a hello and never proves gets no proof over the token from the pool") {
+  const std::string token = "correct-horse-battery-staple";
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(20)}));
+  Peer peer = dial(pool.remote_address());
+  const std::string nonce = internal::make_nonce();
+  send_hello(peer, internal::kProtocolVersion, nonce);
+  auto challenge = peer.read();
+  REQUIRE(challenge.ok());
+  const std::string bytes(reinterpret_cast<const char*>(challenge->begin()),
+                          challenge->size() * sizeof(capnp::word));
+  capnp::FlatArrayMessageReader message(*challenge);
+  auto root = message.getRoot<wire::ToWorker>();
+  REQUIRE(root.isChallenge());
+  const std::string pool_nonce = as_string(root.getChallenge().getNonce());
+  CHECK(pool_nonce.size() == internal::kNonceBytes);
+  // Nothing an offline guesser could test a token against: no MAC over the nonces (in either
+  // order, either role), and nothing but the version and the nonce.
+  for (const char* role : {"pool", "worker", "data"}) {
+    for (const auto& [first, second] : {std::pair{nonce, pool_nonce}, std::pair{pool_nonce, nonce}}) {
+      CHECK_FALSE(absl::StrContains(bytes, reference_proof(token, role, first, second)));
+      CHECK_FALSE(absl::StrContains(bytes, internal::prove(token, role, first, second)));
+    }
+  }
+  CHECK(root.getChallenge().getObsoleteProof().size() == 0);
+  CHECK(root.getChallenge().getObsoleteWorkerType().size() == 0);
+  CHECK_FALSE(absl::StrContains(bytes, "RemoteWorker"));
+  // A wrong proof gets a refusal, still without the pool's proof.
+  capnp::MallocMessageBuilder wrong;
+  const std::string guess = reference_proof("hunter2-hunter2-hunter2", "worker", pool_nonce, nonce);
+  auto credentials = wrong.initRoot<wire::FromWorker>().initCredentials();
+  credentials.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(guess.data()), guess.size()));
+  peer.write(wrong);
+  auto answer = peer.read();
+  REQUIRE(answer.ok());
+  const std::string answer_bytes(reinterpret_cast<const char*>(answer->begin()),
+                                 answer->size() * sizeof(capnp::word));
+  capnp::FlatArrayMessageReader refusal(*answer);
+  CHECK(refusal.getRoot<wire::ToWorker>().isRefused());
+  CHECK_FALSE(absl::StrContains(answer_bytes, reference_proof(token, "pool", nonce, pool_nonce)));
+}
+
+TEST_CASE("the pool's proof is over a byte-order-free input: a worker computing it big-endian is "
+          "welcomed") {
+  const std::string token = "correct-horse-battery-staple";
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(20)}));
+  Peer peer = dial(pool.remote_address());
+  // handshake_as_worker computes both proofs with reference_proof(): lengths big-endian.
+  CHECK(handshake_as_worker(peer, token));
+}
+
+TEST_CASE("serve() reads its token from PROCPOOL_TOKEN_FILE; a file it cannot read is a clear "
+          "error") {
+  TempDir dir;
+  const std::string token = "token-in-a-file-0123456789";
+  SUBCASE("a readable file (with a trailing newline) serves") {
+    {
+      std::ofstream file(dir.file("token"));
+      file << token << "\n";
+    }
+    ProcessPool<RemoteWorker> pool(remote_pool(
+        1, launching({"/usr/bin/env", "-u", "PROCPOOL_TOKEN", absl::StrCat("PROCPOOL_TOKEN_FILE=", dir.file("token")),
+                      worker_program(), "--procpool-connect={address}"},
+                     token)));
+    auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(60));
+    CHECK_MESSAGE(result.ok(), result.status());
+    CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+  }
+  SUBCASE("a file that cannot be read") {
+    ProcessPool<RemoteWorker> pool(remote_pool(
+        1, launching({"/bin/sh", "-c",
+                      absl::StrCat("exec /usr/bin/env -u PROCPOOL_TOKEN PROCPOOL_TOKEN_FILE='",
+                                   dir.file("missing"), "' '", worker_program(),
+                                   "' --procpool-connect={address} 2>'", dir.file("stderr"), "'")},
+                     token)));
+    auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(60));
+    MESSAGE(result.status());
+    CHECK(result.status().code() == absl::StatusCode::kUnavailable);
+    CHECK(message_has(result.status(), "exited with status 2"));
+    std::ifstream in(dir.file("stderr"));
+    const std::string said((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    MESSAGE(said);
+    CHECK(absl::StrContains(said, "PROCPOOL_TOKEN_FILE"));
+    CHECK(absl::StrContains(said, "cannot be read"));
+  }
+}
+
+TEST_CASE("a launched worker's tasks cannot read the token from their environment") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, launched()));
+  const std::string token = pool.remote_token();
+  REQUIRE(token.size() == 64);
+  auto seen = map_within(pool, std::vector<int64_t>{testing::kRemoteTokenVisible, testing::kRemotePid},
+                         {}, absl::Seconds(30));
+  REQUIRE_MESSAGE(seen.ok(), seen.status());
+  CHECK((*seen)[0] == 0);  // getenv, and the task's own /proc/self/environ: nothing
+  // And from outside (we are root, or the same user): neither the worker's nor its host's
+  // environment holds the token's bytes.
+  const pid_t worker = static_cast<pid_t>((*seen)[1]);
+  for (const pid_t pid : {worker, parent_of(worker)}) {
+    CAPTURE(pid);
+    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"), std::ios::binary);
+    const std::string environment((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK(absl::StrContains(environment, "PROCPOOL_CONNECT="));  // it read the right file
+    CHECK_FALSE(absl::StrContains(environment, token));
+    CHECK_FALSE(absl::StrContains(environment, "PROCPOOL_TOKEN"));
+  }
 }
 
 TEST_CASE("a protocol version mismatch is refused with a clear error, on both sides") {
   SUBCASE("the pool refuses a worker of another version") {
     ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(1)}));
     Peer peer = dial(pool.remote_address());
-    send_hello(peer, internal::kProtocolVersion + 7, internal::worker_type_name<RemoteWorker>(),
-               internal::make_nonce());
+    send_hello(peer, internal::kProtocolVersion + 7, internal::make_nonce());
     auto answer = peer.read();
     REQUIRE(answer.ok());
     capnp::FlatArrayMessageReader message(*answer);
@@ -517,7 +746,7 @@ TEST_CASE("a protocol version mismatch is refused with a clear error, on both si
         internal::listen_tcp(internal::HostPort{"127.0.0.1", 0});
     REQUIRE(listener.ok());
     const std::string address = internal::local_address(listener->get())->to_string();
-    StartedWorker worker = start_worker(address, "");
+    StartedWorker worker = start_worker(address, "any-token-0123456789");
     pollfd ready{listener->get(), POLLIN, 0};
     REQUIRE(::poll(&ready, 1, 10'000) == 1);
     absl::StatusOr<internal::UniqueFd> accepted = internal::accept_tcp(listener->get());
@@ -544,16 +773,18 @@ TEST_CASE("a protocol version mismatch is refused with a clear error, on both si
 
 TEST_CASE("what unauthenticated peers make the pool remember is bounded: refusals in its errors") {
   ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(500)}));
-  // Each peer names another worker type, 10 KB long: the pool refuses each, and says why in its
+  // Each peer refuses the pool with a reason of its own, 10 KB long: the pool says why in its
   // errors; it must not keep (nor repeat) all of them.
   for (int i = 0; i < 100; ++i) {
     Peer peer = dial(pool.remote_address());
-    send_hello(peer, internal::kProtocolVersion, absl::StrCat(i, std::string(10'000, 'x')),
-               internal::make_nonce());
+    send_hello(peer, internal::kProtocolVersion, internal::make_nonce());
     auto answer = peer.read();
     REQUIRE(answer.ok());
     capnp::FlatArrayMessageReader message(*answer);
-    CHECK(message.getRoot<wire::ToWorker>().isRefused());
+    CHECK(message.getRoot<wire::ToWorker>().isChallenge());
+    capnp::MallocMessageBuilder refused;
+    refused.initRoot<wire::FromWorker>().setRefused(absl::StrCat(i, std::string(10'000, 'x')));
+    peer.write(refused);
   }
   absl::StatusOr<int64_t> result = absl::InternalError("not run");
   REQUIRE(wait_until([&] {
@@ -565,17 +796,42 @@ TEST_CASE("what unauthenticated peers make the pool remember is bounded: refusal
   CHECK(result.status().message().size() < 4096);
 }
 
-TEST_CASE("what a refused peer says reaches errors escaped, without control characters") {
-  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(500)}));
+TEST_CASE("what a peer says reaches errors and logs escaped, without control characters") {
+  LogCapture log;
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Milliseconds(500)},
+                                             {.log_sink = log.sink()}));
   // Terminal escapes, a bell, and a line break that would forge a log line.
   const std::string hostile = "Evil\x1b]0;owned\x07\r\n[procpool] forged line";
   Peer peer = dial(pool.remote_address());
-  SUBCASE("the worker type it names") {
-    send_hello(peer, internal::kProtocolVersion, hostile, internal::make_nonce());
+  SUBCASE("the worker type a token holder names") {
+    CHECK_FALSE(handshake_as_worker(peer, pool.remote_token(), hostile, hostile));
   }
-  SUBCASE("why it refuses the pool") {
-    send_hello(peer, internal::kProtocolVersion, internal::worker_type_name<RemoteWorker>(),
-               internal::make_nonce());
+  SUBCASE("how a welcomed host says its worker ended") {
+    REQUIRE(handshake_as_worker(peer, pool.remote_token()));
+    bool spawned = false;
+    for (int i = 0; i < 20 && !spawned; ++i) {
+      auto frame = peer.read();
+      REQUIRE(frame.ok());
+      capnp::FlatArrayMessageReader message(*frame);
+      spawned = message.getRoot<wire::ToWorker>().isSpawn();
+    }
+    REQUIRE(spawned);
+    capnp::MallocMessageBuilder ended;
+    auto e = ended.initRoot<wire::FromWorker>().initEnded();
+    e.setHow(hostile);
+    e.setClean(false);
+    peer.write(ended);
+  }
+  SUBCASE("why it refuses the pool, after a hello whose every field is hostile") {
+    capnp::MallocMessageBuilder message;
+    auto hello = message.initRoot<wire::FromWorker>().initHello();
+    hello.setVersion(internal::kProtocolVersion);
+    const std::string nonce = internal::make_nonce();
+    hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
+    hello.setLaunchId(hostile);
+    hello.setObsoleteWorkerType(hostile);
+    hello.setObsoleteHost(hostile);
+    peer.write(message);
     REQUIRE(peer.read().ok());  // the challenge
     capnp::MallocMessageBuilder refused;
     refused.initRoot<wire::FromWorker>().setRefused(hostile);
@@ -587,13 +843,20 @@ TEST_CASE("what a refused peer says reaches errors escaped, without control char
     return message_has(result.status(), "Evil");
   }, absl::Seconds(10)));
   MESSAGE(result.status());
-  CHECK(result.status().code() == absl::StatusCode::kUnavailable);
-  for (char c : result.status().message()) {
-    CAPTURE(static_cast<int>(c));
-    CHECK(static_cast<unsigned char>(c) >= 0x20);
-    CHECK(c != '\x7f');
-  }
+  CHECK_FALSE(result.ok());  // kUnavailable (refused), or kAborted (its worker never was ready)
+  const std::string logged = log.all();
+  auto check_printable = [](absl::string_view text, bool lines) {
+    for (char c : text) {
+      if (lines && c == '\n') continue;  // log.all() joins its lines with these
+      CAPTURE(static_cast<int>(c));
+      CHECK(static_cast<unsigned char>(c) >= 0x20);
+      CHECK(c != '\x7f');
+    }
+  };
+  check_printable(result.status().message(), false);
+  check_printable(logged, true);
   CHECK(message_has(result.status(), "\\x1b"));
+  CHECK_FALSE(absl::StrContains(logged, "\n[procpool] forged line"));
 }
 
 TEST_CASE("a flood of connections that never finish their handshake delays a real worker, and "
@@ -603,7 +866,7 @@ TEST_CASE("a flood of connections that never finish their handshake delays a rea
   ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(2)}));
   std::vector<Peer> idle;
   for (int i = 0; i < 300; ++i) idle.push_back(dial(pool.remote_address()));
-  StartedWorker worker = start_worker(pool.remote_address(), "");
+  StartedWorker worker = start_worker(pool.remote_address(), pool.remote_token());
   CHECK(wait_until([&] {
     const PoolStats stats = pool.stats();
     return stats.workers[0].state == WorkerState::kIdle;
@@ -626,7 +889,7 @@ TEST_CASE("garbage and half frames over a worker's TCP connection drop that conn
       1, launched(absl::Seconds(60)), {.frame_timeout = absl::Milliseconds(300)}));
   REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
   Peer peer = dial(pool.remote_address());
-  REQUIRE(handshake_as_worker(peer));
+  REQUIRE(handshake_as_worker(peer, pool.remote_token()));
   if (what == "garbage") {
     const char garbage[] = "\xde\xad\xbe\xef not a frame at all \xff\xff\xff\xff";
     REQUIRE(::write(peer.fd.get(), garbage, sizeof(garbage)) > 0);
@@ -696,11 +959,12 @@ TEST_CASE("a remote worker's enter_timeout counts from its start on a host: call
 }
 
 TEST_CASE("remote options are checked") {
-  SUBCASE("a listen address beyond loopback needs a token") {
-    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.listen = "0.0.0.0:0"}));
+  SUBCASE("a token shorter than 16 bytes") {
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.token = "hunter2-hunter2"}));
     auto result = pool.apply(1);
     CHECK(result.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK(message_has(result.status(), "token"));
+    CHECK(message_has(result.status(), "RemoteOptions::token"));
+    CHECK(pool.remote_token().empty());
   }
   SUBCASE("procpool::Pool cannot have remote workers") {
     PoolOptions options = remote_pool(1, RemoteOptions{});

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -25,6 +27,9 @@ inline constexpr int64_t kRemoteHang = -100;      // sleeps until killed
 inline constexpr int64_t kRemoteSleep300 = -300;  // then returns 300
 inline constexpr int64_t kRemoteGarbage = -5;     // writes garbage on its channel, then hangs
 inline constexpr int64_t kRemotePid = -7;         // returns its pid
+// Returns 0 if the token is nowhere in its environment: 1 if getenv("PROCPOOL_TOKEN") finds it,
+// 2 if getenv("PROCPOOL_TOKEN_FILE") does, 4 if /proc/self/environ names either.
+inline constexpr int64_t kRemoteTokenVisible = -11;
 
 struct RemoteWorker {
   using Job = int64_t;
@@ -55,6 +60,15 @@ struct RemoteWorker {
       }
       case kRemotePid:
         return ::getpid();
+      case kRemoteTokenVisible: {
+        int64_t seen = 0;
+        if (std::getenv("PROCPOOL_TOKEN") != nullptr) seen |= 1;
+        if (std::getenv("PROCPOOL_TOKEN_FILE") != nullptr) seen |= 2;
+        std::ifstream in("/proc/self/environ", std::ios::binary);
+        const std::string environment((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        if (environment.find("PROCPOOL_TOKEN") != std::string::npos) seen |= 4;
+        return seen;
+      }
       default:
         break;
     }

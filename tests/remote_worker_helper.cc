@@ -35,9 +35,6 @@ int hello_of_version(uint32_t version) {
   capnp::MallocMessageBuilder message;
   auto hello = message.initRoot<procpool::wire::FromWorker>().initHello();
   hello.setVersion(version);
-  hello.setWorkerType(worker_type_name<procpool::testing::RemoteWorker>());
-  hello.setHost("helper");
-  hello.setPid(::getpid());
   const std::string nonce = make_nonce();
   hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
   if (const char* id = std::getenv("PROCPOOL_LAUNCH_ID")) hello.setLaunchId(id);

@@ -78,6 +78,12 @@ enum class StartMethod {
 /// token: the token itself never crosses the wire) but not encrypted: across an untrusted
 /// network, tunnel it (ssh -L, a VPN).
 ///
+/// Every remote pool has a token: the one given, at least 16 bytes (`make_token()` makes a good
+/// one), or, when `token` is empty, one the pool makes (32 random bytes, as 64 hex digits), which
+/// it passes to the workers it launches and returns from `ProcessPool::remote_token()` for workers
+/// started by anything else. A worker proves it before the pool proves anything, so a peer without
+/// it learns nothing with which to guess the token offline.
+///
 /// ```cpp
 /// procpool::ProcessPool<Indexer> pool({
 ///     .workers = 64,
@@ -88,15 +94,15 @@ enum class StartMethod {
 /// ```
 ///
 /// Designated initializers must follow the declaration order below. A value out of range (a
-/// `listen` that is not "host:port", no token off loopback, a `connect_timeout` that is not
-/// positive, a `heartbeat_timeout` under 100 ms, an empty command) makes every call of the pool
-/// return kInvalidArgument naming the field.
+/// `listen` that is not "host:port", a token shorter than 16 bytes, a `connect_timeout` that is
+/// not positive, a `heartbeat_timeout` under 100 ms, an empty command) makes every call of the
+/// pool return kInvalidArgument naming the field.
 struct RemoteOptions {
-  /// "host:port" to listen on; port 0 picks a free one. Loopback by default: listening on any
-  /// other address needs a token.
+  /// "host:port" to listen on; port 0 picks a free one. Loopback by default.
   std::string listen = "127.0.0.1:0";
-  /// The shared secret workers must prove (they read it from PROCPOOL_TOKEN). Required unless
-  /// `listen` is a loopback address.
+  /// The shared secret workers must prove (serve() reads it from PROCPOOL_TOKEN, or from the file
+  /// PROCPOOL_TOKEN_FILE names). Empty: the pool makes one (see above). Otherwise at least 16
+  /// bytes; any bytes but NUL.
   std::string token;
   /// Optional: the command the pool runs once per worker it needs (replacements included), as an
   /// argv; "{address}" in any argument becomes the address workers dial. It runs with
@@ -120,6 +126,10 @@ struct RemoteOptions {
   /// host's name in place of a wildcard address.
   std::string advertise;
 };
+
+/// A fresh token for `RemoteOptions::token`: 32 bytes from the system's CSPRNG, as 64 lowercase hex
+/// digits (fit for an environment variable or a file). Never blocks for long; thread-safe.
+std::string make_token();
 
 /// How a pool is sized, timed and observed (see the file comment). Designated initializers must
 /// follow the declaration order below.

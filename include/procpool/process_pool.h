@@ -285,6 +285,12 @@ class ProcessPool {
   /// a pool of forked workers, or when it could not listen (then every call says why). Blocks only
   /// for the pool's lock.
   std::string remote_address() const { return core_.remote_address(); }
+  /// With `PoolOptions::remote`: the token remote workers must prove, `RemoteOptions::token` or,
+  /// when that was empty, the one the pool made (64 hex digits), for programs that start their
+  /// workers themselves: give it to them as PROCPOOL_TOKEN or in a file named by
+  /// PROCPOOL_TOKEN_FILE. Empty when `remote_address()` is. It is a secret: do not log it. Blocks
+  /// only for the pool's lock.
+  std::string remote_token() const { return core_.remote_token(); }
   /// A snapshot of the pool and its workers (pool_stats.h); empty in a worker that inherited the
   /// pool. Blocks only for the pool's lock; safe at any time, also after close().
   PoolStats stats() const { return core_.stats(); }

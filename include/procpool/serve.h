@@ -16,13 +16,16 @@
 ///
 /// `serve()` dials the pool named by `--procpool-connect=HOST:PORT` in argv (or PROCPOOL_CONNECT
 /// in the environment), retrying for up to 60 s (PROCPOOL_CONNECT_TIMEOUT seconds) while the pool
-/// is not yet listening; proves the token read from PROCPOOL_TOKEN (never from argv: argv shows in
-/// ps) without sending it; and then forks the worker process the pool asks for. That worker builds
+/// is not yet listening; proves the token read from PROCPOOL_TOKEN, or from the file
+/// PROCPOOL_TOKEN_FILE names (never from argv: argv shows in ps), without sending it; and then
+/// forks the worker process the pool asks for. Both variables leave its environment (their bytes
+/// erased) before anything is forked: the worker and its tasks cannot read the token there. That worker builds
 /// W (from its default constructor or from `factory`), runs enter(), serves tasks and runs exit()
 /// at the pool's close-then-join, exactly as a forked worker does; if it dies, the pool charges
 /// the task it ran and asks for another on the same connection. `serve()` returns when the pool
-/// closes the connection (0), refuses this program (2: a different W or protocol version, a wrong
-/// token; stderr says which), or cannot be reached or goes silent for its heartbeat_timeout (1).
+/// closes the connection (0), refuses this program or has no token (2: a different W or protocol
+/// version, a wrong token, no PROCPOOL_TOKEN, a PROCPOOL_TOKEN_FILE it cannot read; stderr says
+/// which), or cannot be reached or goes silent for its heartbeat_timeout (1).
 /// Either way, the worker it forked is gone when it returns: nothing is left running on the host.
 ///
 /// Blocks until then. Call it from the main thread, before starting threads of your own: it forks.

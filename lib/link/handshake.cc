@@ -9,6 +9,9 @@
 #include <cstring>
 #include <string>
 
+#include "absl/strings/escaping.h"
+#include "procpool/pool_options.h"
+
 namespace procpool::internal {
 
 std::string make_nonce() {
@@ -27,11 +30,12 @@ std::string make_nonce() {
 std::string prove(absl::string_view token, absl::string_view role, absl::string_view first,
                   absl::string_view second) {
   if (token.empty()) return "";
-  // Lengths go in too, so that no two (role, first, second) give the same input.
+  // Lengths go in too, so that no two (role, first, second) give the same input; big-endian, so
+  // that hosts of either byte order compute the same input.
   std::string message;
   for (absl::string_view part : {role, first, second}) {
     const uint32_t length = static_cast<uint32_t>(part.size());
-    message.append(reinterpret_cast<const char*>(&length), sizeof(length));
+    for (int shift = 24; shift >= 0; shift -= 8) message.push_back(static_cast<char>((length >> shift) & 0xff));
     message.append(part.data(), part.size());
   }
   unsigned char mac[EVP_MAX_MD_SIZE];
@@ -43,9 +47,20 @@ std::string prove(absl::string_view token, absl::string_view role, absl::string_
 
 bool proof_matches(absl::string_view token, absl::string_view role, absl::string_view first,
                    absl::string_view second, absl::string_view proof) {
+  if (token.empty()) return false;
   const std::string expected = prove(token, role, first, second);
   if (expected.size() != proof.size()) return false;
   return CRYPTO_memcmp(expected.data(), proof.data(), expected.size()) == 0;
 }
 
 }  // namespace procpool::internal
+
+namespace procpool {
+
+std::string make_token() {
+  const std::string bytes = internal::make_nonce();  // 32 bytes from the CSPRNG
+  static_assert(internal::kNonceBytes == 32);
+  return absl::BytesToHexString(bytes);
+}
+
+}  // namespace procpool

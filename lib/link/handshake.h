@@ -4,17 +4,22 @@
 // that they share the token, without sending it: each sends a fresh random nonce, and each
 // answers with HMAC-SHA256(token, role, the other's nonce, its own) (OpenSSL's libcrypto). A
 // recorded exchange is useless later (the nonces are new each time) and the token never crosses
-// the wire. Both sides also check the protocol version and the worker type (W, its Job and its
-// Result), and refuse a mismatch with a message saying what differs. launchId is the
-// PROCPOOL_LAUNCH_ID the pool gave a worker it launched: it tells the pool which launch to fail
-// when it refuses that worker (it proves nothing, and is no one's once used).
+// the wire. The side that dialled proves first, and the pool proves only to a worker whose proof
+// it checked: anyone can dial a pool, and a pool that answered every hello with an HMAC over its
+// token would hand out material to guess a weak token offline. Neither side says what it is (the
+// worker type, its host, its pid) before the other side's proof holds; then both check the
+// protocol version and the worker type (W, its Job and its Result), and refuse a mismatch with a
+// message saying what differs. launchId is the PROCPOOL_LAUNCH_ID the pool gave a worker it
+// launched: it tells the pool which launch to fail when it refuses that worker (it proves
+// nothing, and is no one's once used).
 //
-//   worker -> pool   hello      {version, workerType, host, pid, nonce_w, launchId}
-//   pool -> worker   challenge  {version, nonce_p, proof_p = HMAC(token, "pool", nonce_w, nonce_p)}
-//                    or refused {why}
-//   worker -> pool   proof      HMAC(token, "worker", nonce_p, nonce_w)
-//                    or refused {why}  (the pool's proof was wrong, or its version differs)
-//   pool -> worker   welcome    {limits, heartbeat, names}   or refused {why}
+//   worker -> pool   hello        {version, nonce_w, launchId}
+//   pool -> worker   challenge    {version, nonce_p}   or refused {why}
+//   worker -> pool   credentials  {HMAC(token, "worker", nonce_p, nonce_w), workerType, host, pid}
+//                    or refused {why}  (its version differs)
+//   pool -> worker   welcome      {HMAC(token, "pool", nonce_w, nonce_p), workerType, limits,
+//                                  heartbeat, names}   or refused {why}
+//   worker -> pool   refused {why}, if the pool's proof is wrong or it serves no such type
 //
 // Each worker the relay forks then gets a connection of its own (its data connection), asked for
 // by the pool's `spawn` with a fresh random id; its first frame is
@@ -23,9 +28,10 @@
 //
 // which the pool accepts once, for the spawn that is waiting for it.
 //
-// Without a token (a pool listening on loopback only) both proofs are empty, and a side that has
-// a token refuses a peer that proves nothing. Traffic after the handshake is authenticated only by
-// this exchange, not encrypted: tunnel it (ssh -L, WireGuard, a VPN) across untrusted networks.
+// Every pool has a token (RemoteOptions::token, or one it made: make_token()). The HMAC's input
+// is the same bytes on every host (lengths big-endian), so hosts of either byte order agree.
+// Traffic after the handshake is authenticated only by this exchange, not encrypted: tunnel it
+// (ssh -L, WireGuard, a VPN) across untrusted networks.
 
 #ifndef PROCPOOL_LIB_LINK_HANDSHAKE_H_
 #define PROCPOOL_LIB_LINK_HANDSHAKE_H_
@@ -38,17 +44,18 @@
 namespace procpool::internal {
 
 // Bump whenever protocol.capnp changes in a way an older peer would misread.
-inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kProtocolVersion = 3;
 inline constexpr size_t kNonceBytes = 32;
 
 // A fresh random nonce (kNonceBytes, from the system's CSPRNG).
 std::string make_nonce();
 
-// HMAC-SHA256(token, role || first || second), or "" for an empty token.
+// HMAC-SHA256(token, role || first || second), each part preceded by its length as 4 bytes,
+// big-endian; "" for an empty token (which proves nothing: proof_matches() refuses it).
 std::string prove(absl::string_view token, absl::string_view role, absl::string_view first,
                   absl::string_view second);
 
-// True if `proof` is what prove() gives; compared in constant time.
+// True if `proof` is what prove() gives for a non-empty token; compared in constant time.
 bool proof_matches(absl::string_view token, absl::string_view role, absl::string_view first,
                    absl::string_view second, absl::string_view proof);
 

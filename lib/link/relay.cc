@@ -1,11 +1,14 @@
 #include "lib/link/relay.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -30,6 +33,8 @@
 #include "procpool/codec.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_registry.h"
+
+extern char** environ;
 
 namespace procpool::internal {
 namespace {
@@ -82,6 +87,57 @@ absl::StatusOr<UniqueFd> dial(const HostPort& address, absl::Duration timeout) {
   }
   return absl::UnavailableError(absl::StrCat(last.message(), " (kept trying for ",
                                              absl::FormatDuration(timeout), ")"));
+}
+
+// Removes every `name`=... from the environment, and erases its bytes: unsetenv() alone leaves
+// them in memory, where a forked worker reads them still (/proc/self/environ shows the bytes the
+// process started with).
+void erase_from_environment(const char* name) {
+  const size_t length = std::strlen(name);
+  std::vector<char*> entries;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::strncmp(*e, name, length) == 0 && (*e)[length] == '=') entries.push_back(*e);
+  }
+  ::unsetenv(name);
+  for (char* entry : entries) ::explicit_bzero(entry, std::strlen(entry));
+}
+
+// The token this worker proves: PROCPOOL_TOKEN, else the contents of the file PROCPOOL_TOKEN_FILE
+// names (without one trailing newline). Both leave the environment (erase_from_environment).
+// kInvalidArgument when neither is set or the file cannot be read, or is empty.
+absl::StatusOr<std::string> take_token_from_environment() {
+  std::string token;
+  std::string file;
+  if (const char* value = std::getenv("PROCPOOL_TOKEN")) token = value;
+  if (const char* value = std::getenv("PROCPOOL_TOKEN_FILE")) file = value;
+  erase_from_environment("PROCPOOL_TOKEN");
+  erase_from_environment("PROCPOOL_TOKEN_FILE");
+  if (!token.empty()) return token;
+  if (file.empty()) {
+    return absl::InvalidArgumentError(
+        "no token: set PROCPOOL_TOKEN, or PROCPOOL_TOKEN_FILE to a file holding it (the pool's "
+        "RemoteOptions::token, or ProcessPool::remote_token() for one the pool made)");
+  }
+  auto unreadable = [&file](int error) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PROCPOOL_TOKEN_FILE ", file, " cannot be read: ", std::strerror(error)));
+  };
+  UniqueFd fd = own_fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return unreadable(errno);
+  char buffer[4096];
+  while (true) {
+    const ssize_t n = ::read(fd.get(), buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return unreadable(errno);
+    if (n == 0) break;
+    if (token.size() > kHandshakeFrameBytes) return unreadable(EFBIG);  // no token is this long
+    token.append(buffer, static_cast<size_t>(n));
+  }
+  ::explicit_bzero(buffer, sizeof(buffer));
+  if (absl::EndsWith(token, "\n")) token.pop_back();
+  if (absl::EndsWith(token, "\r")) token.pop_back();
+  if (token.empty()) return absl::InvalidArgumentError(absl::StrCat("PROCPOOL_TOKEN_FILE ", file, " is empty"));
+  return token;
 }
 
 class Relay final : private LinkEvents {
@@ -149,14 +205,10 @@ class Relay final : private LinkEvents {
 absl::Status Relay::handshake() {
   const std::string nonce = make_nonce();
   {
+    // Nothing about this host or its worker type yet: the pool has proved nothing.
     capnp::MallocMessageBuilder message(64);
     auto hello = message.initRoot<wire::FromWorker>().initHello();
     hello.setVersion(kProtocolVersion);
-    hello.setWorkerType(worker_type_);
-    char host[256] = {};
-    ::gethostname(host, sizeof(host) - 1);
-    hello.setHost(host);
-    hello.setPid(::getpid());
     hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
     // Which of its launches this is, when the pool ran us: a refusal then fails that launch at once.
     if (const char* launch_id = std::getenv("PROCPOOL_LAUNCH_ID")) hello.setLaunchId(launch_id);
@@ -180,31 +232,22 @@ absl::Status Relay::handshake() {
                                                     " of the pool differs from this worker's ",
                                                     kProtocolVersion));
     }
+    if (challenge.getNonce().size() != kNonceBytes) {
+      return refuse_peer(socket_.get(), "the pool's nonce has the wrong size");
+    }
     pool_nonce = as_string(challenge.getNonce());
-    if (!token_.empty() && !proof_matches(token_, "pool", nonce, pool_nonce, as_string(challenge.getProof()))) {
-      return refuse_peer(socket_.get(), challenge.getProof().size() == 0
-                                            ? "the pool proved no token, and this worker has one"
-                                            : "wrong token: the pool's proof does not match this "
-                                              "worker's PROCPOOL_TOKEN");
-    }
-    const std::string wanted = challenge.getWorkerType();
-    factory_ = find_(wanted);
-    if (factory_ == nullptr) {
-      return refuse_peer(socket_.get(),
-                         worker_type_.empty()
-                             ? absl::StrCat("this program does not serve ",
-                                            peer_text(challenge.getWorkerType()),
-                                            " (none of its ProcessPool types is that one)")
-                             : absl::StrCat("this worker serves ", worker_type_,
-                                            ", but the pool's workers are ",
-                                            peer_text(challenge.getWorkerType())));
-    }
   }
   {
     capnp::MallocMessageBuilder message(64);
+    auto credentials = message.initRoot<wire::FromWorker>().initCredentials();
     const std::string proof = prove(token_, "worker", pool_nonce, nonce);
-    message.initRoot<wire::FromWorker>().setProof(
+    credentials.setProof(
         capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+    credentials.setWorkerType(worker_type_);
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    credentials.setHost(host);
+    credentials.setPid(::getpid());
     if (absl::Status sent = write_frame(socket_.get(), message); !sent.ok()) return sent;
   }
   frame = read_frame_within(socket_.get(), reader_, deadline);
@@ -216,7 +259,26 @@ absl::Status Relay::handshake() {
         absl::StrCat("the pool refused this worker: ", peer_text(root.getRefused())));
   }
   if (!root.isWelcome()) return absl::DataLossError("the pool answered the proof with something else");
-  limits_ = relay_limits(root.getWelcome());
+  auto welcome = root.getWelcome();
+  // Nothing of the welcome counts before the pool's proof holds.
+  if (!proof_matches(token_, "pool", nonce, pool_nonce, as_string(welcome.getProof()))) {
+    return refuse_peer(socket_.get(), welcome.getProof().size() == 0
+                                          ? "the pool proved no token"
+                                          : "wrong token: the pool's proof does not match this "
+                                            "worker's token");
+  }
+  factory_ = find_(welcome.getWorkerType());
+  if (factory_ == nullptr) {
+    return refuse_peer(socket_.get(),
+                       worker_type_.empty()
+                           ? absl::StrCat("this program does not serve ",
+                                          peer_text(welcome.getWorkerType()),
+                                          " (none of its ProcessPool types is that one)")
+                           : absl::StrCat("this worker serves ", worker_type_,
+                                          ", but the pool's workers are ",
+                                          peer_text(welcome.getWorkerType())));
+  }
+  limits_ = relay_limits(welcome);
   return absl::OkStatus();
 }
 
@@ -424,13 +486,18 @@ int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::st
     say(absl::StrCat("--procpool-connect: ", address.status().message()));
     return 2;
   }
-  const char* token = std::getenv("PROCPOOL_TOKEN");
+  // Taken before anything is forked: no worker of ours, nor what its tasks run, inherits it.
+  absl::StatusOr<std::string> token = take_token_from_environment();
+  if (!token.ok()) {
+    say(std::string(token.status().message()));
+    return 2;
+  }
   absl::StatusOr<UniqueFd> socket = dial(*address, connect_timeout());
   if (!socket.ok()) {
     say(std::string(socket.status().message()));
     return 1;
   }
-  Relay relay(*std::move(socket), *address, find, token != nullptr ? token : "", offered_type);
+  Relay relay(*std::move(socket), *address, find, *std::move(token), offered_type);
   return relay.run();
 }
 

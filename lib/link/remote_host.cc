@@ -106,6 +106,10 @@ void RemoteHost::on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf&
       case wire::FromWorker::ENDED:
         if (link_ != nullptr) link_->on_ended(root.getEnded(), events_of(*link_));
         return absl::OkStatus();
+      case wire::FromWorker::REFUSED:
+        // After the welcome: the pool's proof or type did not suit the worker (handshake.h).
+        close(absl::StrCat("the worker refused the pool: ", peer_text(root.getRefused())), events_of);
+        return absl::OkStatus();
       default:
         return absl::DataLossError(
             "sent a frame a worker host does not send over its control connection");
@@ -128,7 +132,6 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
     }
     if (!root.isHello()) return refuse("the first frame was not a hello");
     auto hello = root.getHello();
-    host_name_ = peer_text(hello.getHost());
     // Read before anything is checked: a refused worker's launch fails at once (the launcher).
     if (auto id = hello.getLaunchId(); id.size() <= kMaxLaunchIdBytes) {
       launch_id_.assign(id.begin(), id.size());
@@ -138,23 +141,15 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
                                  ", the pool version ", kProtocolVersion,
                                  ": build both from the same procpool"));
     }
-    if (hello.getWorkerType().size() > 0 &&
-        std::string(hello.getWorkerType().cStr()) != config_.worker_type) {
-      return refuse(absl::StrCat("the worker serves ", peer_text(hello.getWorkerType()),
-                                 ", but the pool's workers are ", config_.worker_type));
-    }
     if (hello.getNonce().size() != kNonceBytes) return refuse("the worker's nonce has the wrong size");
     worker_nonce_ = as_string(hello.getNonce());
     pool_nonce_ = make_nonce();
+    // Only a nonce: the pool proves the token (and says what it is) once the worker has proved it.
     capnp::MallocMessageBuilder reply(64);
     auto challenge = reply.initRoot<wire::ToWorker>().initChallenge();
     challenge.setVersion(kProtocolVersion);
-    challenge.setWorkerType(config_.worker_type);
     challenge.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(pool_nonce_.data()),
                                            pool_nonce_.size()));
-    const std::string proof = prove(config_.token, "pool", worker_nonce_, pool_nonce_);
-    challenge.setProof(
-        capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
     queue(reply);
     flush();
     return;
@@ -166,16 +161,27 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
     socket_.reset();
     return;
   }
-  if (!root.isProof()) return refuse("the worker answered the challenge with something else");
-  if (!proof_matches(config_.token, "worker", pool_nonce_, worker_nonce_, as_string(root.getProof()))) {
-    return refuse(config_.token.empty()
-                      ? "the worker proved a token, and this pool has none"
-                      : root.getProof().size() == 0
-                            ? "the worker proved no token (is PROCPOOL_TOKEN set in its environment?)"
-                            : "wrong token: the worker's proof does not match the pool's token");
+  if (!root.isCredentials()) return refuse("the worker answered the challenge with something else");
+  auto credentials = root.getCredentials();
+  if (!proof_matches(config_.token, "worker", pool_nonce_, worker_nonce_,
+                     as_string(credentials.getProof()))) {
+    return refuse(credentials.getProof().size() == 0
+                      ? "the worker proved no token (is PROCPOOL_TOKEN or PROCPOOL_TOKEN_FILE set "
+                        "in its environment?)"
+                      : "wrong token: the worker's proof does not match the pool's token");
+  }
+  host_name_ = peer_text(credentials.getHost());
+  if (credentials.getWorkerType().size() > 0 &&
+      std::string(credentials.getWorkerType().cStr()) != config_.worker_type) {
+    return refuse(absl::StrCat("the worker serves ", peer_text(credentials.getWorkerType()),
+                               ", but the pool's workers are ", config_.worker_type));
   }
   capnp::MallocMessageBuilder reply(64);
-  write_welcome(config_.limits, reply.initRoot<wire::ToWorker>().initWelcome());
+  auto welcome = reply.initRoot<wire::ToWorker>().initWelcome();
+  write_welcome(config_.limits, welcome);
+  const std::string proof = prove(config_.token, "pool", worker_nonce_, pool_nonce_);
+  welcome.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+  welcome.setWorkerType(config_.worker_type);
   queue(reply);
   flush();
   state_ = State::kIdle;

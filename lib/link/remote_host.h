@@ -47,7 +47,7 @@ class RemoteHost {
 
   State state() const { return state_; }
   const std::string& peer() const { return peer_; }           // "10.0.0.7:51234"
-  const std::string& host_name() const { return host_name_; }  // from its hello, escaped
+  const std::string& host_name() const { return host_name_; }  // from its credentials, escaped
   // PROCPOOL_LAUNCH_ID from its hello: which of the pool's launches it says it is ("" if none).
   const std::string& launch_id() const { return launch_id_; }
   // Why it closed (a refusal, a lost connection), once it has.

@@ -37,6 +37,8 @@ constexpr size_t kMaxRefusalBytes = 200;
 }  // namespace
 
 RemoteLauncher::RemoteLauncher(Config config) : config_(std::move(config)) {
+  // No pool without a secret: a pool given none makes one, for its launches and remote_token().
+  if (config_.remote.token.empty()) config_.remote.token = make_token();
   host_config_.token = config_.remote.token;
   host_config_.worker_type = config_.worker_type;
   host_config_.limits.max_frame_bytes = config_.max_frame_bytes;
@@ -199,9 +201,7 @@ void RemoteLauncher::hand_over_data(RemoteHost& host, LauncherEvents& events) {
     if (!link->data_id().empty() && link->data_id() == host.data_id()) owner = link;
   }
   if (!proof_matches(host_config_.token, "data", host.data_id(), "", host.data_proof())) {
-    host.refuse(host_config_.token.empty()
-                    ? "a worker's data connection proved a token, and this pool has none"
-                    : "wrong token: a worker's data connection did not prove the pool's token");
+    host.refuse("wrong token: a worker's data connection did not prove the pool's token");
     return;
   }
   // A spawn nobody waits for any more (its link ended before its worker dialled): dropped.

@@ -62,6 +62,8 @@ class RemoteLauncher final : public Launcher {
   // The address workers dial: RemoteOptions::advertise, or the listen address with this host's
   // name in place of a wildcard, and the port it got.
   const std::string& address() const { return address_; }
+  // The token workers must prove: RemoteOptions::token, or the one made for a pool given none.
+  const std::string& token() const { return config_.remote.token; }
 
  private:
   explicit RemoteLauncher(Config config);

@@ -184,9 +184,10 @@ void TcpLink::on_pong(wire::Progress::Reader progress) {
 void TcpLink::on_ended(wire::Ended::Reader ended, LinkEvents& events) {
   progress_ = read_progress(ended.getProgress(), monotonic_now_ns());
   progress_.exact = true;  // read by its relay after it ended
-  WorkerEnd end_of{ended.getHow(), ended.getClean()};
+  // How it ended is the relay's text: escaped before it reaches a status or a log.
+  WorkerEnd end_of{peer_text(ended.getHow()), ended.getClean()};
   if (ended.hasTimedOut() && ended.getTimedOut().size() > 0) {
-    end_of.cause = absl::DeadlineExceededError(absl::StrCat(name_, ": ", ended.getTimedOut().cStr()));
+    end_of.cause = absl::DeadlineExceededError(absl::StrCat(name_, ": ", peer_text(ended.getTimedOut())));
   }
   // What it sent before it died comes first: wait for its data connection's end of file.
   if (attached_ && !data_closed_) {

@@ -147,7 +147,7 @@ struct FromWorker {
 
     # Remote workers only: the relay on the worker's host to the pool.
     hello @4 :Hello;
-    proof @5 :Data;
+    obsoleteProof @5 :Data;     # protocol 2's proof; see Credentials
     refused @6 :Text;           # why the relay will not serve this pool; it closes next
     pong @7 :Progress;
     spawned @8 :Int32;          # the worker's pid on its host
@@ -155,6 +155,8 @@ struct FromWorker {
     ended @10 :Ended;           # the worker is gone (its data connection closes with it)
     # The first frame of a worker's data connection (see Spawn): which spawn it is, and proof.
     attach @11 :Attach;
+    # The worker's answer to the challenge: its proof first, then what it is (handshake.h).
+    credentials @12 :Credentials;
   }
 }
 
@@ -170,12 +172,13 @@ struct Attach {
   proof @1 :Data;               # HMAC(token, "data", dataId); empty without a token
 }
 
+# Nothing in a hello is trusted, and it says nothing about the worker: since protocol 3 its
+# obsolete fields are left empty (what the worker is comes in its Credentials, with its proof).
 struct Hello {
   version @0 :UInt32;
-  workerType @1 :Text;          # W, its Job and its Result (the pool refuses another type), or
-                                # empty: the program serves whatever the pool asks for, if it can
-  host @2 :Text;
-  pid @3 :Int32;                # the relay's
+  obsoleteWorkerType @1 :Text;
+  obsoleteHost @2 :Text;
+  obsoletePid @3 :Int32;
   nonce @4 :Data;
   # PROCPOOL_LAUNCH_ID from its environment: set when the pool ran RemoteOptions::launch, so that
   # the pool knows which launch a refused (or welcomed) worker came from. A hello keeps these
@@ -183,11 +186,21 @@ struct Hello {
   launchId @5 :Text;
 }
 
+# The pool proves nothing and says nothing about itself before the worker has proved the token:
+# since protocol 3 the obsolete fields are left empty (the pool's proof and type are in Welcome).
 struct Challenge {
   version @0 :UInt32;
   nonce @1 :Data;
-  proof @2 :Data;               # HMAC(token, "pool", the worker's nonce, this nonce); empty: no token
-  workerType @3 :Text;          # what the pool's workers are: a program serving several picks it
+  obsoleteProof @2 :Data;
+  obsoleteWorkerType @3 :Text;
+}
+
+struct Credentials {
+  proof @0 :Data;               # HMAC(token, "worker", the pool's nonce, the worker's nonce)
+  workerType @1 :Text;          # W, its Job and its Result (the pool refuses another type), or
+                                # empty: the program serves whatever the pool asks for, if it can
+  host @2 :Text;
+  pid @3 :Int32;                # the relay's
 }
 
 struct Welcome {
@@ -197,6 +210,9 @@ struct Welcome {
   frameTimeoutNs @3 :Int64;
   name @4 :Text;                # process name prefix: workers are "<name>-w3"
   residentBytes @5 :Bool;       # report the worker's resident memory (max_worker_rss_bytes)
+  # Sent only once the worker has proved the token; the worker checks it before it reads the rest.
+  proof @6 :Data;               # HMAC(token, "pool", the worker's nonce, the pool's nonce)
+  workerType @7 :Text;          # what the pool's workers are: a program serving several picks it
 }
 
 struct ClaimRef {

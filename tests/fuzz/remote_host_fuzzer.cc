@@ -17,7 +17,9 @@
 
 #include "capnp/message.h"
 #include "capnp/serialize.h"
+#include "absl/time/clock.h"
 #include "lib/link/handshake.h"
+#include "lib/link/remote_frames.h"
 #include "lib/link/remote_host.h"
 #include "lib/link/tcp_link.h"
 #include "procpool/internal/protocol.capnp.h"
@@ -67,23 +69,34 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, pair) != 0) return 0;
   UniqueFd peer(pair[1]);
   RemoteHostConfig config;
+  config.token = "fuzz-token-0123456789";
   config.worker_type = "fuzz";
   config.limits.max_frame_bytes = 1 << 20;
   auto host = std::make_unique<RemoteHost>(UniqueFd(pair[0]), "fuzzer", config);
   Events events;
   std::unique_ptr<TcpLink> link;
   if (data[0] & 1) {
-    // A valid handshake first.
+    // A valid handshake first: the worker proves the token against the pool's challenge.
     const std::string nonce = procpool::internal::make_nonce();
     capnp::MallocMessageBuilder hello;
     auto h = hello.initRoot<procpool::wire::FromWorker>().initHello();
     h.setVersion(procpool::internal::kProtocolVersion);
-    h.setWorkerType("fuzz");
     h.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
     write_frame(peer.get(), hello);
     pump(*host, events);
+    procpool::internal::FrameReader reader(procpool::internal::kHandshakeFrameBytes);
+    auto challenge = procpool::internal::read_frame_within(peer.get(), reader, absl::Now() + absl::Seconds(1));
+    std::string pool_nonce;
+    if (challenge.ok()) {
+      capnp::FlatArrayMessageReader message(*challenge);
+      auto root = message.getRoot<procpool::wire::ToWorker>();
+      if (root.isChallenge()) pool_nonce = procpool::internal::as_string(root.getChallenge().getNonce());
+    }
+    const std::string mac = procpool::internal::prove(config.token, "worker", pool_nonce, nonce);
     capnp::MallocMessageBuilder proof;
-    proof.initRoot<procpool::wire::FromWorker>().setProof(capnp::Data::Reader());
+    auto credentials = proof.initRoot<procpool::wire::FromWorker>().initCredentials();
+    credentials.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(mac.data()), mac.size()));
+    credentials.setWorkerType("fuzz");
     write_frame(peer.get(), proof);
     pump(*host, events);
     if (host->state() == RemoteHost::State::kIdle) {

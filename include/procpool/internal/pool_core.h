@@ -125,6 +125,8 @@ class PoolCore {
   int worker_count() const;
   // Where remote workers dial ("host:port"); empty for a pool without PoolOptions::remote.
   std::string remote_address() const;
+  // The token remote workers must prove (given or made); empty for a pool without it.
+  std::string remote_token() const;
   PoolStats stats() const;
   const PoolOptions& options() const;
 

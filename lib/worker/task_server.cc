@@ -193,6 +193,8 @@ class BatchRunner {
     const uint32_t entries = std::min(count - first_unsent_, kMaxPieceOutcomes);
     // A first segment sized for small results (the default 8 KiB is zeroed on every piece).
     message_ = std::make_unique<capnp::MallocMessageBuilder>(16 + 6 * entries);
+    // Results' blobs go to the region only from this piece's message (blob_region.h).
+    if (BlobContext* context = current_blob_context()) context->message = message_.get();
     results_ = message_->initRoot<wire::FromWorker>().initResults();
     results_.setSeq(seq_);
     results_.setStart(first_unsent_);
@@ -463,6 +465,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
       capnp::ReaderOptions options;
       options.traversalLimitInWords = std::max<size_t>(max_frame_bytes / sizeof(capnp::word), 1024);
       capnp::FlatArrayMessageReader message(*frame, options);
+      blobs.frame = *frame;  // Bytes jobs view only what lies in it (or in the region)
       auto request = message.getRoot<wire::ToWorker>();
       switch (request.which()) {
         case wire::ToWorker::TASKS:

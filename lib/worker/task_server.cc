@@ -475,6 +475,10 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
         case wire::ToWorker::SHUTDOWN:
           shutdown = true;
           break;
+        default:
+          // The union also carries what a pool says to a remote host (lib/link/relay.cc answers
+          // it there); a parent never sends it to a worker, and one that arrives changes nothing.
+          break;
       }
     } catch (const kj::Exception& e) {
       std::fprintf(stderr, "[procpool worker pid %d] malformed frame from the parent: %s\n",

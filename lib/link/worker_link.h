@@ -41,7 +41,7 @@ struct WorkerEnd {
   bool clean = false;  // left on its own, with a status the protocol expects after a shutdown
   // Why it was stopped, when the link knows better than its death says (a remote worker's
   // watchdog stopped it for a task timeout): the failure of the task it was running.
-  std::optional<absl::Status> cause;
+  std::optional<absl::Status> cause = std::nullopt;
 };
 
 // What a worker is doing, as far as its link knows.

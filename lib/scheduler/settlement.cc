@@ -46,7 +46,7 @@ void Scheduler::take_back(int slot, Batch& batch, TakeBack how, const absl::Stat
   workers_[slot].port->revoke(claim_slot, tag);
 }
 
-void Scheduler::settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed) {
+void Scheduler::settle_taken_back(Worker& /*worker*/, Batch& batch, uint32_t claimed) {
   claimed = std::clamp(claimed, batch.reported, batch.limit);
   if (claimed < batch.limit) {
     TaskRange rest{batch.tasks.call, batch.tasks.first + claimed, batch.limit - claimed,

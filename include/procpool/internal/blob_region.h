@@ -48,7 +48,7 @@ struct BlobContext {
   capnp::MessageBuilder* message = nullptr;
   // Decoding: the frame being read. `views` holds only for bytes that lie in it (or in the
   // region); empty: none do.
-  kj::ArrayPtr<const capnp::word> frame;
+  kj::ArrayPtr<const capnp::word> frame = nullptr;
   // Blobs may go to / come from this region; null: in the frame only.
   BlobRegion* region = nullptr;
   // Decoding procpool::Bytes may view the bytes where they lie (the region, or the frame) instead

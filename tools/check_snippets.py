@@ -3,8 +3,7 @@
 
 Usage: python3 tools/check_snippets.py [--keep DIR] [FILE.md ...]
 
-Each block is its own translation unit, compiled with $CXX (default g++; CI also runs it with
-clang++) -std=c++20 -Wall -Wextra -Werror
+Each block is its own translation unit, compiled with g++ -std=c++20 -Wall -Wextra -Werror
 (unused variables and parameters and missing designated initializers allowed; a discarded
 [[nodiscard]] result is an error) against include/, the system Abseil and Cap'n Proto, and the
 protocol header generated here with `capnp compile` (as tools/fuzz.sh does). Compiled, not linked:
@@ -131,7 +130,7 @@ def compile_unit(unit, workdir, index, gen):
     src = os.path.join(workdir, "snippet_%03d.cc" % index)
     with open(src, "w") as f:
         f.write(unit.source())
-    cmd = [os.environ.get("CXX") or "g++"] + FLAGS + ["-I" + os.path.join(ROOT, "include"), "-I" + gen, "-c", src,
+    cmd = ["g++"] + FLAGS + ["-I" + os.path.join(ROOT, "include"), "-I" + gen, "-c", src,
                              "-o", os.devnull]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return unit, done.returncode, done.stdout

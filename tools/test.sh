@@ -18,7 +18,7 @@
 #      (tools/check_snippets.py; one check).
 # The test suites are built and run once here, by Bazel with g++ (step 1). CI (.ci/run) builds
 # and runs them again with clang through CMake and ctest (tools/test_clang.sh), which also checks
-# tests/CMakeLists.txt and bench/CMakeLists.txt.
+# tests/CMakeLists.txt.
 # SKIP_CONSUMER=1 leaves out steps 3-6 (CI's soak and sanitizer runs: they only vary Bazel flags).
 # The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
 set -euo pipefail

@@ -9,14 +9,18 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "capnp/message.h"
+#include "capnp/serialize.h"
 #include "doctest/doctest.h"
 #include "lib/wire/shared_region.h"
 #include "procpool/process_pool.h"
@@ -41,6 +45,39 @@ struct Codec<Forged> {
     const char* data = nullptr;
     size_t size = 0;
     return internal::find_byte_string(in, data, size);
+  }
+};
+}  // namespace procpool
+
+// A user type whose codec serializes its payload into a message of its own (to keep it, hash it
+// or send it elsewhere) and says, on the wire, whether that message held the payload's bytes.
+struct Sealed {
+  std::string payload;
+  bool whole = false;  // decoded: whether the encoder's own message held every byte of it
+};
+
+namespace procpool {
+template <>
+struct Codec<Sealed> {
+  static void encode(const Sealed& value, wire::Value::Builder out) {
+    capnp::MallocMessageBuilder own;
+    auto inner = own.initRoot<wire::Value>();
+    encode_value(value.payload, inner);
+    const bool whole = inner.isBytes() && inner.getBytes().size() == value.payload.size();
+    const kj::Array<capnp::word> words = capnp::messageToFlatArray(own);
+    auto list = out.initList(2);
+    encode_value(whole, list[0]);
+    encode_value(std::string(words.asChars().begin(), words.asChars().size()), list[1]);
+  }
+  static absl::Status decode(wire::Value::Reader in, Sealed& out) {
+    std::tuple<bool, std::string> parts;
+    if (absl::Status s = decode_value(in, parts); !s.ok()) return s;
+    const std::string& flat = std::get<1>(parts);
+    kj::Array<capnp::word> words = kj::heapArray<capnp::word>(flat.size() / sizeof(capnp::word));
+    std::memcpy(words.begin(), flat.data(), words.size() * sizeof(capnp::word));
+    capnp::FlatArrayMessageReader own(words);
+    out.whole = std::get<0>(parts);
+    return decode_value(own.getRoot<wire::Value>(), out.payload);
   }
 };
 }  // namespace procpool
@@ -181,6 +218,27 @@ TEST_CASE("a worker's own encode_value of a large string writes bytes, not a reg
   auto results = pool.map(std::vector<int64_t>{10, int64_t{1} << 20, int64_t{4} << 20});
   REQUIRE(results.ok());
   CHECK(*results == std::vector<std::string>{"ok", "ok", "ok"});
+}
+
+// The job's flag says what the parent's encode of it found, the result's what the worker's did.
+struct SealedEcho {
+  std::pair<bool, Sealed> run(const Sealed& job) { return {job.whole, Sealed{job.payload}}; }
+};
+
+TEST_CASE("a user's codec that encodes into a message of its own gets bytes, on either side") {
+  ProcessPool<SealedEcho> pool(quiet({.workers = 1}));
+  std::vector<Sealed> jobs;
+  for (int i = 0; i < 4; ++i) jobs.push_back(Sealed{pattern(size_t{100} << 10, i)});
+  jobs.push_back(Sealed{"small"});
+  // chunksize 5: the batch is sized before it is built, then built with the region in use.
+  auto results = pool.map(jobs, {.chunksize = 5});
+  REQUIRE(results.ok());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*results)[i].first);         // the parent's encode of the job
+    CHECK((*results)[i].second.whole);  // the worker's encode of the result
+    CHECK((*results)[i].second.payload == jobs[i].payload);
+  }
 }
 
 TEST_CASE("a blob a worker places outside its region fails that task with kDataLoss") {

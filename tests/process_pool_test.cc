@@ -110,7 +110,8 @@ TEST_CASE("map runs every job exactly once, in order, between one enter and one 
   }
   CHECK(by_pid.size() == 3);
   for (const auto& [pid, events] : by_pid) {
-    CAPTURE(pid);
+    const auto worker_pid = pid;  // clang before 16 cannot capture a structured binding
+    CAPTURE(worker_pid);
     REQUIRE(events.size() >= 2);
     CHECK(events.front().kind == "enter");
     CHECK(events.back().kind == "exit");

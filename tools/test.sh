@@ -6,14 +6,19 @@
 #   2. runs //tests:static_link_test built with --config=static (one more check; plain runs only);
 #   3. builds and runs the separate consumer workspaces examples/consumer (one more check) and
 #      examples/consumer_own_deps (procpool_deps(absl_repo=, capnp_repo=); one more check);
-#   4. the CMake build: configures and builds everything (library, tests, examples, benchmarks)
-#      into a temporary directory and runs `ctest -LE 'soak|slurm'` (one check);
+#   4. the CMake build: configures and builds the library (each layer warning-free under -Wall
+#      -Wextra -Werror), links each layer alone with only the layers below it (procpool_layering)
+#      and builds the examples (one check);
 #   5. installs that build into a temporary prefix and builds and runs examples/consumer_cmake
 #      against it through find_package(procpool), builds the same program with
-#      `pkg-config --cflags --libs procpool` and runs it, and checks that version.h, the CMake
-#      package, procpool.pc and CHANGELOG.md name the same version (one check);
+#      `pkg-config --cflags --libs procpool` with g++ and with clang++ and runs both, and checks
+#      that version.h, the CMake package, procpool.pc and CHANGELOG.md name the same version (one
+#      check);
 #   6. compiles every C++ snippet of README.md and docs/guide.md, each as its own translation unit
 #      (tools/check_snippets.py; one check).
+# The test suites are built and run once here, by Bazel with g++ (step 1). CI (.ci/run) builds
+# and runs them again with clang through CMake and ctest (tools/test_clang.sh), which also checks
+# tests/CMakeLists.txt.
 # SKIP_CONSUMER=1 leaves out steps 3-6 (CI's soak and sanitizer runs: they only vary Bazel flags).
 # The last line printed is exactly "N passed, M failed"; the exit status is non-zero if M > 0.
 set -euo pipefail
@@ -92,9 +97,13 @@ fi
 # fails if anything of them is still mapped as a shared object, or if a pool does not work.
 # Only in the plain run: runs with flags (a tag filter, a sanitizer config: CI's soak, Slurm and
 # ASan steps) are about other tests, and a tag filter would leave this step no test to run.
+# --platform_suffix= (none): the static build only links differently, so in step 1's output
+# directory it compiles nothing again but the test itself (--config=static gives it a directory of
+# its own, for switching back and forth by hand).
 if [[ $# -eq 0 ]]; then
   echo "=== bazel test --config=static //tests:static_link_test"
-  if "$BAZEL" test --config=static //tests:static_link_test --test_output=errors </dev/null; then
+  if "$BAZEL" test --config=static --platform_suffix= //tests:static_link_test \
+      --test_output=errors </dev/null; then
     passed=$((passed + 1))
   else
     echo "FAILED: //tests:static_link_test with --config=static" >&2
@@ -123,28 +132,26 @@ else
   failed=$((failed + 1))
 fi
 
-# --- 4. CMake build and ctest ----------------------------------------------------------------
+# --- 4. CMake build -----------------------------------------------------------------------------
 JOBS="$(nproc)"
 CMAKE_GEN=()
 if command -v ninja >/dev/null 2>&1; then CMAKE_GEN=(-G Ninja); fi
 CMAKE_BUILD="$WORK/cmake-build"
-echo "=== CMake: configure, build, ctest -LE 'soak|slurm'"
+echo "=== CMake: the library (-Werror), its layering, the examples"
 # Debug (-O0 -g): this build is for correctness, and takes about 60% of the compile time of the
-# default RelWithDebInfo.
-# cmake_built says whether the build succeeded, whatever its tests did: the install check below
-# needs only the build, and so reports on its own.
+# default RelWithDebInfo. No tests or benchmarks: step 1 ran the suites, and CI builds and runs
+# them with CMake too (clang, tools/test_clang.sh).
+# cmake_built says whether the build succeeded: the install check below needs it.
 cmake_built=0
 if cmake -S . -B "$CMAKE_BUILD" "${CMAKE_GEN[@]}" --log-level=NOTICE -DCMAKE_BUILD_TYPE=Debug \
-    </dev/null \
-    && cmake --build "$CMAKE_BUILD" -j "$JOBS" </dev/null; then
+      -DPROCPOOL_BUILD_TESTS=OFF -DPROCPOOL_BUILD_BENCHMARKS=OFF -DPROCPOOL_WERROR=ON \
+      </dev/null \
+    && cmake --build "$CMAKE_BUILD" -j "$JOBS" </dev/null \
+    && cmake --build "$CMAKE_BUILD" -j "$JOBS" --target procpool_layering </dev/null; then
   cmake_built=1
-fi
-if [[ $cmake_built -eq 1 ]] \
-    && ctest --test-dir "$CMAKE_BUILD" -LE 'soak|slurm' -j "$JOBS" --output-on-failure \
-      </dev/null; then
   passed=$((passed + 1))
 else
-  echo "FAILED: the CMake build or its tests" >&2
+  echo "FAILED: the CMake build (library, layering or examples)" >&2
   failed=$((failed + 1))
 fi
 
@@ -170,6 +177,14 @@ consumer_cmake() {
     -DPROCPOOL_EXPECTED_VERSION="\"$pc_version\"" $(pkg-config --cflags --libs procpool) \
     || return 1
   "$WORK/consumer_pkgconfig" </dev/null || return 1
+  # And with clang (another compiler, another reading of the public headers), where installed.
+  if command -v clang++ >/dev/null 2>&1; then
+    # shellcheck disable=SC2046
+    clang++ -o "$WORK/consumer_pkgconfig_clang" examples/consumer_cmake/main.cc \
+      -DPROCPOOL_EXPECTED_VERSION="\"$pc_version\"" $(pkg-config --cflags --libs procpool) \
+      || return 1
+    "$WORK/consumer_pkgconfig_clang" </dev/null || return 1
+  fi
 
   # version.h (which CMakeLists.txt reads) and the newest CHANGELOG.md entry name one version.
   local header_version changelog_version

@@ -150,8 +150,11 @@ struct Codec<Bytes> {
     const char* data = nullptr;
     size_t size = 0;
     if (absl::Status found = internal::find_byte_string(in, data, size); !found.ok()) return found;
+    // A view only of bytes that stay put for the reader: in the frame being decoded or in the
+    // region (a blob), never in a message a user's codec decodes on its own.
     const internal::BlobContext* context = internal::current_blob_context();
-    if (context != nullptr && context->views) {
+    if (context != nullptr && context->views &&
+        (in.which() == wire::Value::BLOB || context->frame_holds(data, size))) {
       out.set_view(data, size);
     } else {
       out.set_owned(data, size);

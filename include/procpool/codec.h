@@ -113,6 +113,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "capnp/any.h"
 #include "capnp/list.h"
 #include "kj/debug.h"
 #include "kj/exception.h"
@@ -526,6 +527,13 @@ namespace internal {
 // in the shared region of the worker the frame is for or from (internal/blob_region.h).
 inline void encode_byte_string(const char* data, std::size_t size, wire::Value::Builder out) {
   BlobContext* context = current_blob_context();
+  // The context binds only the message it is for (blob_region.h); the check runs only where it
+  // would change what is written (sizing, or a string large enough for the region).
+  if (context != nullptr &&
+      (context->sizing || (context->region != nullptr && size >= kBlobMinBytes)) &&
+      !context->writes_into(capnp::AnyStruct::Builder(wire::Value::Builder(out)).getDataSection().begin())) {
+    context = nullptr;
+  }
   if (context != nullptr && context->region != nullptr && size >= kBlobMinBytes) {
     if (context->sizing) {
       out.initBlob().setSize(size);  // where it goes is decided when the batch is built

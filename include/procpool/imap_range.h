@@ -51,7 +51,10 @@ namespace procpool {
 /// The lazy results of one imap or imap_unordered call: an input range of `Outcome`, one per job
 /// taken from `Input` (see the file comment). Move-only; one pass, one consuming thread.
 template <typename Job, typename Result, std::ranges::input_range Input>
-class ImapRange : public std::ranges::view_interface<ImapRange<Job, Result, Input>> {
+///
+/// A view through `std::ranges::view_base`, not `view_interface`: an input range gets nothing
+/// from the latter, and clang (before 16) rejects `view_interface` of a class not complete yet.
+class ImapRange : public std::ranges::view_base {
   struct State;
 
  public:

@@ -90,7 +90,10 @@ WaitResult wait(Results&& results, WaitFor return_when = WaitFor::kAllCompleted,
 /// next element is kDeadlineExceeded (saying how many are still out) and the range ends; the
 /// results go on. Iterating blocks until the next result is in, or the deadline. One pass, one
 /// consuming thread; move-only.
-class AsCompleted : public std::ranges::view_interface<AsCompleted> {
+///
+/// A view through `std::ranges::view_base`, not `view_interface`: an input range gets nothing
+/// from the latter, and clang (14) rejects `view_interface` of a class that is not complete yet.
+class AsCompleted : public std::ranges::view_base {
   struct State;
 
  public:

@@ -40,12 +40,12 @@ class Launcher {
   virtual absl::StatusOr<std::unique_ptr<WorkerLink>> launch(int slot, const std::string& name) = 0;
 
   // The event loop: the launcher's own descriptors, and what to do when they are ready.
-  virtual void add_pollfds(std::vector<pollfd>& fds) {}
-  virtual void service(const pollfd* polled, size_t count, LauncherEvents& events) {}
+  virtual void add_pollfds(std::vector<pollfd>& /*fds*/) {}
+  virtual void service(const pollfd* /*polled*/, size_t /*count*/, LauncherEvents& /*events*/) {}
   // Work the launcher has without its descriptors being ready (reports read ahead).
   virtual bool has_pending_events() const { return false; }
   // The launcher's deadlines (handshakes, heartbeats); returns when it wants to be called again.
-  virtual int64_t check(int64_t now_ns, LauncherEvents& events) { return INT64_MAX; }
+  virtual int64_t check(int64_t /*now_ns*/, LauncherEvents& /*events*/) { return INT64_MAX; }
   // The pool is done with its workers (join or terminate finished): let go of what is left (idle
   // remote hosts, which then leave), and make no more.
   virtual void finish() {}

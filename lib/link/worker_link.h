@@ -1,10 +1,14 @@
 // WorkerLink: one worker as the pool sees it, whatever carries its frames.
 //
-// The scheduler and supervision reach a worker only through this interface, as Cap'n Proto's RPC
-// reaches its peer only through a connection that carries messages and reports disconnection:
-// they never see an fd, a pid or a signal. Two links implement it: ForkLink (a forked process: a
-// socketpair, a pidfd, a shared control page, signals) and TcpLink (a worker program on any host:
-// a TCP connection, a handshake, heartbeats).
+// Supervision holds the links and reaches a worker only through this interface, as Cap'n Proto's
+// RPC reaches its peer only through a connection that carries messages and reports disconnection.
+// Two things below it still show through, and only these: the descriptors the event loop polls
+// (add_pollfds and service; channel_fd for a caller that borrows the channel), which supervision
+// and the pool pass to poll() without reading them, and pid(), which goes into log lines and
+// stats. Reading and writing, reaping and signals stay in the link. The scheduler sees less: a
+// WorkerPort (lib/scheduler/scheduler.h), with no descriptor, pid or signal in it. Two links
+// implement this: ForkLink (a forked process: a socketpair, a pidfd, a shared control page,
+// signals) and TcpLink (a worker program on any host: a TCP connection, a handshake, heartbeats).
 //
 // Ordering. Frames are delivered to the worker in the order they are sent, and the worker's
 // frames reach `LinkEvents::on_frame` in the order it wrote them. After `on_ended`, the link
@@ -37,7 +41,7 @@ struct WorkerEnd {
   bool clean = false;  // left on its own, with a status the protocol expects after a shutdown
   // Why it was stopped, when the link knows better than its death says (a remote worker's
   // watchdog stopped it for a task timeout): the failure of the task it was running.
-  std::optional<absl::Status> cause;
+  std::optional<absl::Status> cause = std::nullopt;
 };
 
 // What a worker is doing, as far as its link knows.
@@ -64,7 +68,7 @@ class LinkEvents {
   // it may repeat one delivered by on_frame already (the worker may have died between writing it
   // and clearing it), so the receiver skips what it has seen; and the worker is gone, so a frame
   // that does not fit is dropped, never held against a task. Comes before on_ended.
-  virtual void on_recovered_frame(kj::ArrayPtr<const capnp::word> frame) {}
+  virtual void on_recovered_frame(kj::ArrayPtr<const capnp::word> /*frame*/) {}
   // The worker's stream can no longer be trusted: a frame too big, garbage, a frame begun and
   // not finished within frame_timeout. The pool stops the worker; kDataLoss names the cause.
   virtual void on_broken_stream(absl::Status why) = 0;
@@ -100,7 +104,7 @@ class WorkerLink {
   // is never read after release_borrowed returns. A link that cannot promise that keeps the
   // default, false, and is only given frames that own their bytes.
   virtual bool can_borrow() const { return false; }
-  virtual void release_borrowed(const void* borrower) {}
+  virtual void release_borrowed(const void* /*borrower*/) {}
   // The worker's shared region for blobs (lib/wire/shared_region.h), if its link has one; it
   // lives as long as the link. Null (the default): blobs travel in frames.
   virtual SharedRegion* shared_region() { return nullptr; }

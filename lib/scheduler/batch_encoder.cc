@@ -130,9 +130,11 @@ size_t Scheduler::batch_size(const Worker& worker, const TaskRange& range, size_
     job_words = borrow ? 0 : 1;  // borrowed words are not in the builder's segments
   } else if (want > 1) {
     // Sized, not built: the blobs of the job are counted, never copied (blob_region.h).
-    BlobContext sizing{.region = region != nullptr ? &region->parent() : nullptr, .sizing = true};
-    BlobScope scope(&sizing);
     capnp::MallocMessageBuilder probe(64);
+    BlobContext sizing{.message = &probe,
+                       .region = region != nullptr ? &region->parent() : nullptr,
+                       .sizing = true};
+    BlobScope scope(&sizing);
     try {
       range.call->encode_job(range.first, probe.initRoot<wire::Value>());
       job_words = probe.sizeInWords() + sizing.sized_bytes / sizeof(capnp::word);
@@ -181,6 +183,7 @@ Scheduler::BatchFrame Scheduler::build_batch(Worker& worker, const TaskRange& ra
     } else {
       message = std::make_unique<capnp::MallocMessageBuilder>(first_segment);
     }
+    blobs.message = message.get();  // the region is for this message's jobs only
     auto tasks = message->initRoot<wire::ToWorker>().initTasks();
     // A timeout makes the worker stamp every task's start; a remote worker's relay watches it.
     if (timeout != absl::InfiniteDuration()) tasks.setTimeoutNs(to_ns(timeout));

@@ -68,7 +68,7 @@ void Scheduler::take_back_where(TakeBack how, const absl::Status& status,
   }
 }
 
-void Scheduler::settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed) {
+void Scheduler::settle_taken_back(Worker& /*worker*/, Batch& batch, uint32_t claimed) {
   claimed = std::clamp(claimed, batch.reported, batch.limit);
   if (claimed < batch.limit) {
     TaskRange rest{batch.tasks.call, batch.tasks.first + claimed, batch.limit - claimed,

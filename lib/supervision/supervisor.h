@@ -14,8 +14,11 @@
 // tasks and new calls fail at once with that failure (calls never wait for a worker that may
 // never come), and the guard keeps trying: the pool recovers by itself when the cause goes away.
 //
-// It is also the one place a worker's frames are parsed (READY, ENTER_FAILED, RESULTS, EXITED):
-// whatever a malformed frame makes Cap'n Proto throw becomes kDataLoss there.
+// It parses the frames a worker's stream carries to the pool (READY, ENTER_FAILED, RESULTS,
+// EXITED; on_frame in supervisor_events.cc): whatever a malformed one makes Cap'n Proto throw
+// becomes kDataLoss there. Other readers of a peer's bytes: a remote link's handshake and
+// heartbeats (lib/link/remote_host.cc) and, on the worker's side, the relay and the task server
+// (lib/link/relay.cc, lib/worker/task_server.cc).
 //
 // Threads: not thread-safe; the pool calls it with its lock held.
 

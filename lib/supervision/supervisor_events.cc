@@ -81,6 +81,10 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, boo
       case wire::FromWorker::EXITED:
         slot.exit_hook_status = status_from_wire(frame.getExited());
         break;
+      default:
+        // The union also carries what a remote host says to a pool (its link reads those); from
+        // a worker's stream they change nothing.
+        break;
     }
     return absl::OkStatus();
   });

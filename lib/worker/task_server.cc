@@ -227,6 +227,8 @@ class BatchRunner {
     const uint32_t entries = timed_ ? 1 : std::min(count - first_unsent_, kMaxPieceOutcomes);
     // A first segment sized for small results (the default 8 KiB is zeroed on every piece).
     message_ = std::make_unique<capnp::MallocMessageBuilder>(16 + 6 * entries);
+    // Results' blobs go to the region only from this piece's message (blob_region.h).
+    if (BlobContext* context = current_blob_context()) context->message = message_.get();
     results_ = message_->initRoot<wire::FromWorker>().initResults();
     results_.setSeq(seq_);
     results_.setStart(first_unsent_);
@@ -576,6 +578,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
     // and it disagree, so it stops; the parent sees the exit.
     const absl::Status parsed = guarded("malformed frame from the parent", [&]() -> absl::Status {
       capnp::FlatArrayMessageReader message(*frame, frame_reader_options(max_frame_bytes));
+      blobs.frame = *frame;  // Bytes jobs view only what lies in it (or in the region)
       auto request = message.getRoot<wire::ToWorker>();
       switch (request.which()) {
         case wire::ToWorker::TASKS:
@@ -584,6 +587,10 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
           break;
         case wire::ToWorker::SHUTDOWN:
           shutdown = true;
+          break;
+        default:
+          // The union also carries what a pool says to a remote host (lib/link/relay.cc answers
+          // it there); a parent never sends it to a worker, and one that arrives changes nothing.
           break;
       }
       return absl::OkStatus();

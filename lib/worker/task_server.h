@@ -58,7 +58,7 @@ class WorkerTransport {
   // A hint for the next next_frame(): the parent's caller waited for the batch just answered
   // (TaskBatch.awaited), so another may follow within microseconds; the transport may poll for it
   // a little before it sleeps (lib/common/spin.h).
-  virtual void expect_next_frame_soon(bool soon) {}
+  virtual void expect_next_frame_soon(bool /*soon*/) {}
   // True if the worker may overwrite the frame next_frame() returned, until the next call (it is
   // a buffer of this thread's own): the word path then computes its results in place.
   virtual bool frames_writable() const { return false; }

@@ -1,9 +1,11 @@
 // PoolCore: the type-erased engine behind ProcessPool and Pool.
 //
-// It owns the worker processes and one thread of its own (the pool thread) that runs a poll loop
-// over every worker's socket and pidfd: it batches queued tasks to idle workers, reads their
-// results, notices deaths and timeouts, respawns, and drives close-then-join. Everything typed
-// lives in Call and WorkerBody implementations. Thread-safe: any thread may submit, cancel,
+// It owns the lock every layer below it runs under and one thread of its own (the pool thread),
+// whose event loop polls the descriptors of every worker's link and drives close-then-join
+// (lib/pool_core.cc; the entry points of calls, cancel and join in lib/pool_calls.cc). Which task
+// runs where is the scheduler's (lib/scheduler/), the workers' lives (spawn, replace, deadlines,
+// stop) supervision's (lib/supervision/), and each worker's process or connection its link's
+// (lib/link/). Everything typed lives in Call and WorkerBody implementations. Thread-safe: any thread may submit, cancel,
 // close, join or read stats.
 
 #ifndef PROCPOOL_INTERNAL_POOL_CORE_H_
@@ -93,7 +95,7 @@ class PoolCore {
   // Drops every queued task that no worker has started, of every call; each gets on_error(status).
   void cancel_pending(absl::Status status);
 
-  // --- Added for AsyncResult::cancel() and join(timeout) (issue 11); see lib/pool_core.cc. ---
+  // --- Added for AsyncResult::cancel() and join(timeout) (issue 11); see lib/pool_calls.cc. ---
 
   // Cancels every task of `call` that has no outcome yet. Under the core's lock, first runs
   // `settle` (the call records its cancelled outcome and returns true, or returns false if its

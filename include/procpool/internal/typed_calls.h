@@ -56,6 +56,27 @@ using Mapped = std::conditional_t<std::is_void_v<Result>, void, std::vector<Resu
 template <typename Result>
 using MapOutcome = OutcomeOf<Mapped<Result>>;
 
+// What imap keeps of its input, as std::views::all would: a reference to a container it was lent
+// (which must outlive the results), the range itself when it was handed over or is a view. Not
+// std::views::all itself: its ref_view and owning_view derive from view_interface, which clang
+// before 16 cannot instantiate with libstdc++ 12 (LLVM issue 44178), and imap of a
+// std::vector must work there.
+template <typename R>
+class InputRef {
+ public:
+  explicit InputRef(R& range) : range_(&range) {}
+  auto begin() const { return std::ranges::begin(*range_); }
+  auto end() const { return std::ranges::end(*range_); }
+
+ private:
+  R* range_;
+};
+template <typename Input>
+using KeptInput =
+    std::conditional_t<std::is_lvalue_reference_v<Input> &&
+                           !std::ranges::view<std::remove_cvref_t<Input>>,
+                       InputRef<std::remove_reference_t<Input>>, std::remove_cvref_t<Input>>;
+
 // An input map accepts: a sized input range whose elements convert (implicitly) to Job.
 template <typename R, typename Job>
 concept JobRange = std::ranges::input_range<R> && std::ranges::sized_range<R> &&
@@ -180,7 +201,7 @@ struct TypedCalls {
   template <std::ranges::input_range Input>
   static auto imap(PoolCore& core, Input&& input, CallOptions options, bool ordered,
                    CallSettings base) {
-    using View = std::views::all_t<Input>;
+    using View = KeptInput<Input>;
     CallSettings settings = make_settings(core, options, 0, base);
     const size_t max_in_flight =
         options.max_in_flight != 0
@@ -189,8 +210,7 @@ struct TypedCalls {
                                (4 * static_cast<size_t>(core.worker_count()) + 1) * settings.chunksize);
     auto call = std::make_shared<ImapCall<Job, Stored<Result>>>(settings, ordered,
                                                                 settings.chunksize, max_in_flight);
-    return ImapRange<Job, Result, View>(&core, std::move(call),
-                                        std::views::all(std::forward<Input>(input)),
+    return ImapRange<Job, Result, View>(&core, std::move(call), View(std::forward<Input>(input)),
                                         settings.chunksize, max_in_flight);
   }
 };

@@ -218,6 +218,8 @@ TEST_CASE("imap delivers each task's own error among values, for scalars and oth
   CHECK(got == std::vector<std::string>{"a!", "error", "b!", "c!", "error", "d!"});
 }
 
+// std::views (an endless iota input): left out of clang 14 builds (test_support.h).
+#if PROCPOOL_TEST_STD_VIEWS
 // Checks what an imap yielded from a pool closed (or terminated) while it ran: every element before
 // the last is the outcome of a job taken before the refusal, in its place when `ordered` (a value,
 // or kCancelled where `cancelled` allows it); the last is the kFailedPrecondition; then the end.
@@ -341,6 +343,7 @@ TEST_CASE("imap of a pool terminated while it waits: kCancelled for the jobs tak
     check_refused_at_end(got, ordered, /*cancelled=*/true);
   }
 }
+#endif  // PROCPOOL_TEST_STD_VIEWS
 
 TEST_CASE("apply and apply_async") {
   ProcessPool<Sleeper> pool(quiet({.workers = 2}));

@@ -23,7 +23,8 @@ mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-r
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
 WIRE=(lib/wire/frame_io.cc lib/wire/frame_stream.cc lib/wire/shared_region.cc lib/wire/wire_status.cc
-      lib/common/unique_fd.cc lib/common/clock.cc "$OUT/gen/procpool/internal/protocol.capnp.c++")
+      lib/common/unique_fd.cc lib/common/clock.cc lib/common/shared_memory.cc
+      "$OUT/gen/procpool/internal/protocol.capnp.c++")
 REMOTE=(lib/link/remote_host.cc lib/link/tcp_link.cc lib/link/handshake.cc lib/link/remote_frames.cc)
 SCHEDULER=(lib/scheduler/batch_encoder.cc lib/scheduler/scheduler.cc lib/scheduler/settlement.cc
            lib/supervision/supervisor.cc lib/supervision/supervisor_events.cc

@@ -338,8 +338,11 @@ TEST_CASE("imap of a pool terminated while it waits: kCancelled for the jobs tak
     }
     stopper.join();
     REQUIRE(got.size() >= 3);
-    CHECK(*got[0] == 0);
-    CHECK(*got[1] == 1);
+    REQUIRE(got[0].ok());
+    REQUIRE(got[1].ok());
+    // Jobs 0 and 1 ran on different workers: unordered, either may come first.
+    CHECK(std::multiset<int64_t>{*got[0], *got[1]} == std::multiset<int64_t>{0, 1});
+    if (ordered) CHECK(*got[0] == 0);
     check_refused_at_end(got, ordered, /*cancelled=*/true);
   }
 }

@@ -421,12 +421,7 @@ class BatchRunner {
     }
     const uint32_t room = std::max(n, std::min({kGrowingResults, count - first_unsent_, max_entries}));
     capnp::MallocMessageBuilder message(room + 32);
-    auto piece = message.initRoot<wire::FromWorker>().initResults();
-    piece.setSeq(seq_);
-    piece.setStart(first_unsent_);
-    piece.setCount(n);
-    piece.setBusyNs(static_cast<uint64_t>(busy_ns));
-    piece.setWordKind(kind);
+    auto piece = init_word_piece(message, kind, n, busy_ns);
     auto words = piece.initWordResults(size_t{room} * sizeof(uint64_t));
     std::memcpy(words.begin(), results + first_unsent_, size_t{n} * sizeof(uint64_t));
     const kj::ArrayPtr<kj::byte> fields = capnp::toAny(piece).getDataSection();
@@ -444,6 +439,18 @@ class BatchRunner {
     return sent;
   }
 
+  // A word-results piece for tasks [first_unsent_, first_unsent_ + n), its words left to the caller.
+  wire::ResultBatch::Builder init_word_piece(capnp::MessageBuilder& message, wire::WordKind kind,
+                                             uint32_t n, int64_t busy_ns) {
+    auto piece = message.initRoot<wire::FromWorker>().initResults();
+    piece.setSeq(seq_);
+    piece.setStart(first_unsent_);
+    piece.setCount(n);
+    piece.setBusyNs(static_cast<uint64_t>(busy_ns));
+    piece.setWordKind(kind);
+    return piece;
+  }
+
   // The growing frame takes no more results: those it counts are sent.
   void close_growing() {
     first_unsent_ += grown_;
@@ -455,12 +462,7 @@ class BatchRunner {
   bool send_words(const uint64_t* results, wire::WordKind kind, uint32_t n, int64_t busy_ns,
                   Out out = Out::kSend) {
     capnp::MallocMessageBuilder message(64);
-    auto piece = message.initRoot<wire::FromWorker>().initResults();
-    piece.setSeq(seq_);
-    piece.setStart(first_unsent_);
-    piece.setCount(n);
-    piece.setBusyNs(static_cast<uint64_t>(busy_ns));
-    piece.setWordKind(kind);
+    auto piece = init_word_piece(message, kind, n, busy_ns);
     piece.adoptWordResults(message.getOrphanage().referenceExternalData(capnp::Data::Reader(
         reinterpret_cast<const kj::byte*>(results + first_unsent_), size_t{n} * sizeof(uint64_t))));
     if (!errors_.empty()) {

@@ -160,7 +160,7 @@ struct PoolOptions {
   int64_t max_tasks_per_worker = 0;
   /// Recycle a worker once its resident memory exceeds this many bytes (0: never). Checked when it
   /// finishes a batch, at most every 50 ms per worker; the batch it ran is not lost. Its own
-  /// memory is counted: RssAnon + RssFile of /proc/<pid>/status (pages still shared copy-on-write
+  /// memory is counted: RssAnon + RssFile of `/proc/PID/status` (pages still shared copy-on-write
   /// with the parent since fork included), not RssShmem, so the shared region that large byte
   /// strings cross in, and any MAP_SHARED memory of its own, do not make it recycle.
   size_t max_worker_rss_bytes = 0;

@@ -78,8 +78,12 @@ void Supervisor::launch(Slot& slot, int64_t now_ns) {
     return;
   }
   if (slot.generation > 0) ++workers_restarted_;
-  slot.process() = ProcessState{
-      .link = *std::move(link), .started_ns = now_ns, .last_memory_check_ns = now_ns};
+  // Everything of the process before it goes with it: a fresh state, then what is known now.
+  ProcessState fresh;
+  fresh.link = *std::move(link);
+  fresh.started_ns = now_ns;
+  fresh.last_memory_check_ns = now_ns;
+  slot.process() = std::move(fresh);
   ++slot.generation;
   slot.state = State::kStarting;
   log(slot, LogSeverity::kInfo, "started");

@@ -232,6 +232,17 @@ class FakeWorker {
   bool exact_ = true;
 };
 
+// The header of a results frame for `count` tasks from `start` of batch `seq`.
+inline wire::ResultBatch::Builder init_results(capnp::MessageBuilder& message, uint64_t seq,
+                                               uint32_t start, size_t count) {
+  auto results = message.initRoot<wire::FromWorker>().initResults();
+  results.setSeq(seq);
+  results.setStart(start);
+  results.setCount(static_cast<uint32_t>(count));
+  results.setBusyNs(1000 * count);
+  return results;
+}
+
 // A results frame (FromWorker.results) for tasks [start, start + values.size()) of batch `seq`:
 // each an `ok` integer, or the error where `errors` has one for that place.
 inline kj::Array<capnp::word> results_frame(uint64_t seq, uint32_t start,
@@ -239,11 +250,7 @@ inline kj::Array<capnp::word> results_frame(uint64_t seq, uint32_t start,
                                             const std::vector<std::pair<uint32_t, absl::Status>>&
                                                 errors = {}) {
   capnp::MallocMessageBuilder message;
-  auto results = message.initRoot<wire::FromWorker>().initResults();
-  results.setSeq(seq);
-  results.setStart(start);
-  results.setCount(static_cast<uint32_t>(values.size()));
-  results.setBusyNs(1000 * values.size());
+  auto results = init_results(message, seq, start, values.size());
   auto outcomes = results.initOutcomes(static_cast<unsigned>(values.size()));
   for (uint32_t i = 0; i < values.size(); ++i) {
     bool failed = false;
@@ -263,11 +270,7 @@ inline kj::Array<capnp::word> results_frame(uint64_t seq, uint32_t start,
 inline kj::Array<capnp::word> word_results_frame(uint64_t seq, uint32_t start,
                                                  const std::vector<int64_t>& values) {
   capnp::MallocMessageBuilder message;
-  auto results = message.initRoot<wire::FromWorker>().initResults();
-  results.setSeq(seq);
-  results.setStart(start);
-  results.setCount(static_cast<uint32_t>(values.size()));
-  results.setBusyNs(1000 * values.size());
+  auto results = init_results(message, seq, start, values.size());
   results.setWordKind(wire::WordKind::INTS);
   auto blob = results.initWordResults(static_cast<unsigned>(values.size() * sizeof(uint64_t)));
   if (!values.empty()) std::memcpy(blob.begin(), values.data(), blob.size());

@@ -913,7 +913,9 @@ std::vector<std::string> big_jobs(size_t count, size_t stopper) {
 TEST_CASE("a worker SIGSTOPped mid-task while 4 MiB jobs queue up for it: its task times out, "
           "SIGKILL (not SIGTERM) ends it, map returns") {
   LogCapture logs;
-  const absl::Duration timeout = absl::Milliseconds(300);
+  // Long enough for a 4 MiB job on a loaded machine over TCP (300 ms timed out healthy jobs at a
+  // load average of 20).
+  const absl::Duration timeout = absl::Seconds(1);
   const absl::Duration grace = absl::Milliseconds(200);
   OutcomePool<BigJobWorker> pool(
       {.workers = 2, .task_timeout = timeout, .kill_grace = grace, .log_sink = logs.sink()},

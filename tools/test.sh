@@ -16,6 +16,8 @@
 #      check);
 #   6. compiles every C++ snippet of README.md and docs/guide.md, each as its own translation unit
 #      (tools/check_snippets.py; one check).
+# Steps 3-6 run in the background while step 1's tests run (step 1 compiles everything first):
+# the tests mostly wait, those steps mostly compile. Their output follows step 2's.
 # The test suites are built and run once here, by Bazel with g++ (step 1). CI (.ci/run) builds
 # and runs them again with clang through CMake and ctest (tools/test_clang.sh), which also checks
 # tests/CMakeLists.txt.
@@ -34,6 +36,125 @@ BEP="$WORK/bep.json"
 
 passed=0
 failed=0
+
+# --- Steps 3-6: the checks outside this workspace's Bazel build ------------------------------
+# They compile procpool again (other workspaces, CMake, the snippets) and so need the CPU, while
+# step 1's tests mostly wait on workers, pipes and timeouts. So they run in the background while
+# step 1's tests run (after step 1 has compiled everything): their output is printed after step 2
+# and their counts written to $WORK/outside.counts.
+outside_checks() {
+  local passed=0 failed=0
+  # --- 3. Consumer workspaces ------------------------------------------------------------------
+  echo "=== examples/consumer: bazel build //... && bazel run //:main"
+  if (cd examples/consumer && "$BAZEL" build //... </dev/null && "$BAZEL" run //:main </dev/null); then
+    passed=$((passed + 1))
+  else
+    echo "FAILED: examples/consumer" >&2
+    failed=$((failed + 1))
+  fi
+  echo "=== examples/consumer_own_deps: procpool on the workspace's own Abseil and Cap'n Proto"
+  if (cd examples/consumer_own_deps && "$BAZEL" run //:main </dev/null); then
+    passed=$((passed + 1))
+  else
+    echo "FAILED: examples/consumer_own_deps" >&2
+    failed=$((failed + 1))
+  fi
+
+  # --- 4. CMake build -----------------------------------------------------------------------------
+  JOBS="$(nproc)"
+  CMAKE_GEN=()
+  if command -v ninja >/dev/null 2>&1; then CMAKE_GEN=(-G Ninja); fi
+  CMAKE_BUILD="$WORK/cmake-build"
+  echo "=== CMake: the library (-Werror), its layering, the examples"
+  # Debug (-O0 -g): this build is for correctness, and takes about 60% of the compile time of the
+  # default RelWithDebInfo. No tests or benchmarks: step 1 ran the suites, and CI builds and runs
+  # them with CMake too (clang, tools/test_clang.sh).
+  # cmake_built says whether the build succeeded: the install check below needs it.
+  cmake_built=0
+  if cmake -S . -B "$CMAKE_BUILD" "${CMAKE_GEN[@]}" --log-level=NOTICE -DCMAKE_BUILD_TYPE=Debug \
+        -DPROCPOOL_BUILD_TESTS=OFF -DPROCPOOL_BUILD_BENCHMARKS=OFF -DPROCPOOL_WERROR=ON \
+        </dev/null \
+      && cmake --build "$CMAKE_BUILD" -j "$JOBS" </dev/null \
+      && cmake --build "$CMAKE_BUILD" -j "$JOBS" --target procpool_layering </dev/null; then
+    cmake_built=1
+    passed=$((passed + 1))
+  else
+    echo "FAILED: the CMake build (library, layering or examples)" >&2
+    failed=$((failed + 1))
+  fi
+
+  # --- 5. Installed procpool: find_package, pkg-config, one version ----------------------------
+  # Every command of the check; the first that fails fails it.
+  consumer_cmake() {
+    local prefix="$WORK/prefix" build="$WORK/consumer-cmake-build"
+    cmake --install "$CMAKE_BUILD" --prefix "$prefix" </dev/null >/dev/null || return 1
+    cmake -S examples/consumer_cmake -B "$build" "${CMAKE_GEN[@]}" --log-level=NOTICE \
+      -DCMAKE_PREFIX_PATH="$prefix" \
+      </dev/null || return 1
+    cmake --build "$build" </dev/null || return 1
+    "$build/consumer_cmake" </dev/null || return 1
+
+    # The same program through pkg-config alone, with pkg-config's version as the expected one.
+    local pcdir
+    pcdir="$(dirname "$(find "$prefix" -name procpool.pc -print -quit)")"
+    export PKG_CONFIG_PATH="$pcdir"
+    local pc_version
+    pc_version="$(pkg-config --modversion procpool)" || return 1
+    # shellcheck disable=SC2046  # pkg-config's flags are meant to be split
+    c++ -o "$WORK/consumer_pkgconfig" examples/consumer_cmake/main.cc \
+      -DPROCPOOL_EXPECTED_VERSION="\"$pc_version\"" $(pkg-config --cflags --libs procpool) \
+      || return 1
+    "$WORK/consumer_pkgconfig" </dev/null || return 1
+    # And with clang (another compiler, another reading of the public headers), where installed.
+    if command -v clang++ >/dev/null 2>&1; then
+      # shellcheck disable=SC2046
+      clang++ -o "$WORK/consumer_pkgconfig_clang" examples/consumer_cmake/main.cc \
+        -DPROCPOOL_EXPECTED_VERSION="\"$pc_version\"" $(pkg-config --cflags --libs procpool) \
+        || return 1
+      "$WORK/consumer_pkgconfig_clang" </dev/null || return 1
+    fi
+
+    # version.h (which CMakeLists.txt reads) and the newest CHANGELOG.md entry name one version.
+    local header_version changelog_version
+    header_version="$(sed -nE 's/^#define PROCPOOL_VERSION_(MAJOR|MINOR|PATCH) +([0-9]+)$/\2/p' \
+      include/procpool/version.h | paste -sd.)"
+    changelog_version="$(sed -nE 's/^## \[([0-9]+\.[0-9]+\.[0-9]+)\].*/\1/p' CHANGELOG.md | head -1)"
+    if [[ "$header_version" != "$pc_version" || "$header_version" != "$changelog_version" ]]; then
+      echo "version mismatch: version.h $header_version, procpool.pc $pc_version," \
+        "CHANGELOG.md $changelog_version" >&2
+      return 1
+    fi
+    echo "consumer_cmake: version $header_version in version.h, procpool.pc and CHANGELOG.md"
+  }
+  echo "=== examples/consumer_cmake: install, find_package(procpool), pkg-config, versions"
+  if [[ $cmake_built -eq 1 ]] && (consumer_cmake); then
+    passed=$((passed + 1))
+  else
+    echo "FAILED: examples/consumer_cmake (installed procpool)" >&2
+    failed=$((failed + 1))
+  fi
+
+  # --- 6. The documentation's C++ snippets compile ---------------------------------------------
+  echo "=== README.md and docs/guide.md: every C++ snippet compiles"
+  if python3 tools/check_snippets.py README.md docs/guide.md </dev/null; then
+    passed=$((passed + 1))
+  else
+    echo "FAILED: a C++ snippet of README.md or docs/guide.md does not compile" >&2
+    failed=$((failed + 1))
+  fi
+  echo "$passed $failed" >"$WORK/outside.counts"
+}
+
+run_outside=1
+if [[ "${SKIP_CONSUMER:-0}" == 1 ]]; then run_outside=0; fi
+outside_pid=""
+if [[ $run_outside -eq 1 ]]; then
+  # Compile everything first (all of the CPU), then start the outside checks beside the tests.
+  echo "=== bazel build //... $*"
+  "$BAZEL" build //... --keep_going "$@" </dev/null || true
+  outside_checks >"$WORK/outside.log" 2>&1 </dev/null &
+  outside_pid=$!
+fi
 
 # --- 1. Bazel tests --------------------------------------------------------------------------
 echo "=== bazel test //... $*"
@@ -111,108 +232,17 @@ if [[ $# -eq 0 ]]; then
   fi
 fi
 
-# --- 3. Consumer workspaces ------------------------------------------------------------------
-if [[ "${SKIP_CONSUMER:-0}" == 1 ]]; then
-  echo "${passed} passed, ${failed} failed"
-  [[ $failed -eq 0 ]]
-  exit
-fi
-echo "=== examples/consumer: bazel build //... && bazel run //:main"
-if (cd examples/consumer && "$BAZEL" build //... </dev/null && "$BAZEL" run //:main </dev/null); then
-  passed=$((passed + 1))
-else
-  echo "FAILED: examples/consumer" >&2
-  failed=$((failed + 1))
-fi
-echo "=== examples/consumer_own_deps: procpool on the workspace's own Abseil and Cap'n Proto"
-if (cd examples/consumer_own_deps && "$BAZEL" run //:main </dev/null); then
-  passed=$((passed + 1))
-else
-  echo "FAILED: examples/consumer_own_deps" >&2
-  failed=$((failed + 1))
-fi
-
-# --- 4. CMake build -----------------------------------------------------------------------------
-JOBS="$(nproc)"
-CMAKE_GEN=()
-if command -v ninja >/dev/null 2>&1; then CMAKE_GEN=(-G Ninja); fi
-CMAKE_BUILD="$WORK/cmake-build"
-echo "=== CMake: the library (-Werror), its layering, the examples"
-# Debug (-O0 -g): this build is for correctness, and takes about 60% of the compile time of the
-# default RelWithDebInfo. No tests or benchmarks: step 1 ran the suites, and CI builds and runs
-# them with CMake too (clang, tools/test_clang.sh).
-# cmake_built says whether the build succeeded: the install check below needs it.
-cmake_built=0
-if cmake -S . -B "$CMAKE_BUILD" "${CMAKE_GEN[@]}" --log-level=NOTICE -DCMAKE_BUILD_TYPE=Debug \
-      -DPROCPOOL_BUILD_TESTS=OFF -DPROCPOOL_BUILD_BENCHMARKS=OFF -DPROCPOOL_WERROR=ON \
-      </dev/null \
-    && cmake --build "$CMAKE_BUILD" -j "$JOBS" </dev/null \
-    && cmake --build "$CMAKE_BUILD" -j "$JOBS" --target procpool_layering </dev/null; then
-  cmake_built=1
-  passed=$((passed + 1))
-else
-  echo "FAILED: the CMake build (library, layering or examples)" >&2
-  failed=$((failed + 1))
-fi
-
-# --- 5. Installed procpool: find_package, pkg-config, one version ----------------------------
-# Every command of the check; the first that fails fails it.
-consumer_cmake() {
-  local prefix="$WORK/prefix" build="$WORK/consumer-cmake-build"
-  cmake --install "$CMAKE_BUILD" --prefix "$prefix" </dev/null >/dev/null || return 1
-  cmake -S examples/consumer_cmake -B "$build" "${CMAKE_GEN[@]}" --log-level=NOTICE \
-    -DCMAKE_PREFIX_PATH="$prefix" \
-    </dev/null || return 1
-  cmake --build "$build" </dev/null || return 1
-  "$build/consumer_cmake" </dev/null || return 1
-
-  # The same program through pkg-config alone, with pkg-config's version as the expected one.
-  local pcdir
-  pcdir="$(dirname "$(find "$prefix" -name procpool.pc -print -quit)")"
-  export PKG_CONFIG_PATH="$pcdir"
-  local pc_version
-  pc_version="$(pkg-config --modversion procpool)" || return 1
-  # shellcheck disable=SC2046  # pkg-config's flags are meant to be split
-  c++ -o "$WORK/consumer_pkgconfig" examples/consumer_cmake/main.cc \
-    -DPROCPOOL_EXPECTED_VERSION="\"$pc_version\"" $(pkg-config --cflags --libs procpool) \
-    || return 1
-  "$WORK/consumer_pkgconfig" </dev/null || return 1
-  # And with clang (another compiler, another reading of the public headers), where installed.
-  if command -v clang++ >/dev/null 2>&1; then
-    # shellcheck disable=SC2046
-    clang++ -o "$WORK/consumer_pkgconfig_clang" examples/consumer_cmake/main.cc \
-      -DPROCPOOL_EXPECTED_VERSION="\"$pc_version\"" $(pkg-config --cflags --libs procpool) \
-      || return 1
-    "$WORK/consumer_pkgconfig_clang" </dev/null || return 1
+if [[ -n "$outside_pid" ]]; then
+  wait "$outside_pid" || true
+  cat "$WORK/outside.log"
+  if [[ -s "$WORK/outside.counts" ]]; then
+    read -r op of <"$WORK/outside.counts"
+  else
+    echo "FAILED: the checks outside the Bazel build ended without their counts" >&2
+    op=0 of=1
   fi
-
-  # version.h (which CMakeLists.txt reads) and the newest CHANGELOG.md entry name one version.
-  local header_version changelog_version
-  header_version="$(sed -nE 's/^#define PROCPOOL_VERSION_(MAJOR|MINOR|PATCH) +([0-9]+)$/\2/p' \
-    include/procpool/version.h | paste -sd.)"
-  changelog_version="$(sed -nE 's/^## \[([0-9]+\.[0-9]+\.[0-9]+)\].*/\1/p' CHANGELOG.md | head -1)"
-  if [[ "$header_version" != "$pc_version" || "$header_version" != "$changelog_version" ]]; then
-    echo "version mismatch: version.h $header_version, procpool.pc $pc_version," \
-      "CHANGELOG.md $changelog_version" >&2
-    return 1
-  fi
-  echo "consumer_cmake: version $header_version in version.h, procpool.pc and CHANGELOG.md"
-}
-echo "=== examples/consumer_cmake: install, find_package(procpool), pkg-config, versions"
-if [[ $cmake_built -eq 1 ]] && (consumer_cmake); then
-  passed=$((passed + 1))
-else
-  echo "FAILED: examples/consumer_cmake (installed procpool)" >&2
-  failed=$((failed + 1))
-fi
-
-# --- 6. The documentation's C++ snippets compile ---------------------------------------------
-echo "=== README.md and docs/guide.md: every C++ snippet compiles"
-if python3 tools/check_snippets.py README.md docs/guide.md </dev/null; then
-  passed=$((passed + 1))
-else
-  echo "FAILED: a C++ snippet of README.md or docs/guide.md does not compile" >&2
-  failed=$((failed + 1))
+  passed=$((passed + op))
+  failed=$((failed + of))
 fi
 
 echo "${passed} passed, ${failed} failed"

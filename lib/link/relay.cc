@@ -248,6 +248,12 @@ absl::Status Relay::handshake() {
   }
   const absl::Time deadline = absl::Now() + kHandshakeTimeout;
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = read_frame_within(*channel_, reader_, deadline);
+  if (!frame.ok() && channel_->encrypted() && frame.status().code() == absl::StatusCode::kDataLoss) {
+    // TLS 1.3 lets a client finish its handshake before the server has checked its certificate:
+    // a refusal of it (an alert) comes as the first read.
+    return absl::PermissionDeniedError(
+        absl::StrCat("the pool refused this worker's TLS: ", frame.status().message()));
+  }
   if (!frame.ok()) return frame.status();
   std::string pool_nonce;
   {

@@ -249,6 +249,13 @@ cc_library(
     name = "crypto",
     linkopts = ["-lcrypto"],
 )
+
+# libssl: TLS 1.3 on remote workers' connections (lib/wire/tls_channel.h).
+cc_library(
+    name = "ssl",
+    linkopts = ["-lssl"],
+    deps = [":crypto"],
+)
 '''
 
 def _maybe(rule, name, **kwargs):
@@ -356,9 +363,9 @@ def procpool_deps(absl_repo = None, capnp_repo = None):
         "BUILD.bazel": _DOCTEST_BUILD,
         "doctest_main.cc": _DOCTEST_MAIN,
     })
-    # OpenSSL's libcrypto (Debian libssl-dev): HMAC for the remote workers' handshake. A workspace
-    # with its own OpenSSL (BoringSSL) declares "procpool_openssl" itself, with a cc_library
-    # "crypto" exposing <openssl/hmac.h> and <openssl/rand.h>.
+    # OpenSSL 3 (Debian libssl-dev): libcrypto for the remote workers' handshake (HMAC), libssl for
+    # TLS on their connections. A workspace with its own OpenSSL declares "procpool_openssl"
+    # itself, with cc_libraries "crypto" and "ssl".
     _maybe(_files_repo, "procpool_openssl", files = {
         "WORKSPACE": 'workspace(name = "procpool_openssl")\n',
         "BUILD.bazel": _OPENSSL_BUILD,

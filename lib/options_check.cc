@@ -62,6 +62,20 @@ absl::Status check_remote_options(const PoolOptions& options, bool remote_allowe
   if (!remote.launch.empty() && remote.launch.front().empty()) {
     return absl::InvalidArgumentError("RemoteOptions::launch: the command (its first word) is empty");
   }
+  // Plaintext only where no one else's network carries it.
+  if (!remote.encrypt && !is_loopback_host(listen->host)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RemoteOptions::encrypt = false is allowed only with a loopback `listen` address (",
+        remote.listen, " is not): jobs and results would cross the network in plaintext"));
+  }
+  if (remote.tls && (remote.tls->ca_file.empty() || remote.tls->cert_file.empty() ||
+                     remote.tls->key_file.empty())) {
+    return absl::InvalidArgumentError(
+        "RemoteOptions::tls needs all of ca_file, cert_file and key_file");
+  }
+  if (remote.tls && !remote.encrypt) {
+    return absl::InvalidArgumentError("RemoteOptions::tls and encrypt = false contradict each other");
+  }
   return absl::OkStatus();
 }
 

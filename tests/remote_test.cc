@@ -42,6 +42,7 @@
 #include "lib/link/remote_frames.h"
 #include "lib/link/tcp_link.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/tls_channel.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/pool.h"
 #include "tests/fault_support.h"
@@ -451,25 +452,48 @@ TEST_CASE("a launch command that cannot run fails calls at once with kInvalidArg
   CHECK(absl::Now() - start < absl::Seconds(60));
 }
 
-// A fake peer for the protocol tests: a raw TCP connection speaking frames by hand.
+// A fake peer for the protocol tests: a TCP connection speaking frames by hand, inside TLS keyed
+// by the token it was given (as serve() does), or in plaintext without one.
 struct Peer {
-  internal::UniqueFd fd;
+  std::unique_ptr<internal::TlsChannel> channel;
+  bool tls_failed = false;  // it tried TLS with its token, and the pool refused it
   internal::FrameReader reader{1 << 20};
+  int fd() const { return channel->fd(); }
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> read(absl::Duration timeout = absl::Seconds(10)) {
-    return internal::read_frame_within(fd.get(), reader, absl::Now() + timeout);
+    return internal::read_frame_within(*channel, reader, absl::Now() + timeout);
   }
-  void write(capnp::MessageBuilder& message) { REQUIRE(internal::write_frame(fd.get(), message).ok()); }
+  void write(capnp::MessageBuilder& message) { REQUIRE(internal::write_frame(*channel, message).ok()); }
+  // Bytes outside any frame: inside TLS (as a record), or on the socket itself (`raw`).
+  void write_bytes(const void* bytes, size_t size, bool raw = false) {
+    if (raw) {
+      REQUIRE(::write(fd(), bytes, size) == static_cast<ssize_t>(size));
+      return;
+    }
+    const iovec piece{const_cast<void*>(bytes), size};
+    REQUIRE(channel->write(&piece, 1).value_or(0) == size);
+  }
 };
 
-Peer dial(const std::string& address) {
+// Connects to a pool; with `token`, does the TLS handshake keyed by it (tls_failed if refused).
+Peer dial_with(const std::string& address, const std::string& token, bool tls = true) {
   absl::StatusOr<internal::HostPort> parsed = internal::parse_host_port(address);
   REQUIRE(parsed.ok());
   absl::StatusOr<internal::UniqueFd> fd = internal::connect_tcp(*parsed, absl::Seconds(5));
   REQUIRE(fd.ok());
+  std::shared_ptr<internal::TlsContext> context;
+  if (tls && !token.empty()) {
+    context = *internal::TlsContext::with_token(token, internal::TlsContext::Role::kClient);
+  }
   Peer peer;
-  peer.fd = *std::move(fd);
+  peer.channel = *internal::TlsChannel::open(context, *std::move(fd));
+  if (context != nullptr) {
+    peer.tls_failed = !peer.channel->handshake_within(absl::Now() + absl::Seconds(10)).ok();
+  }
   return peer;
 }
+
+// A peer with no token: TCP only (the pool waits for its TLS handshake).
+Peer dial(const std::string& address) { return dial_with(address, ""); }
 
 void send_hello(Peer& peer, uint32_t version, const std::string& nonce,
                 const std::string& launch_id = "") {
@@ -510,6 +534,7 @@ std::string as_string(capnp::Data::Reader data) {
 bool handshake_as_worker(Peer& peer, const std::string& token,
                          const std::string& type = internal::worker_type_name<RemoteWorker>(),
                          const std::string& host = "fake") {
+  if (peer.tls_failed) return false;  // the pool refused its TLS handshake: no frame gets through
   const std::string nonce = internal::make_nonce();
   send_hello(peer, internal::kProtocolVersion, nonce);
   auto challenge = peer.read();
@@ -552,7 +577,8 @@ TEST_CASE("a pool given no token makes one: a peer without it is refused, a work
     CHECK_FALSE(handshake_as_worker(peer, ""));
   }
   {
-    Peer peer = dial(pool.remote_address());
+    Peer peer = dial_with(pool.remote_address(), other.remote_token());
+    CHECK(peer.tls_failed);
     CHECK_FALSE(handshake_as_worker(peer, other.remote_token()));
   }
   StartedWorker worker = start_worker(pool.remote_address(), token);
@@ -591,10 +617,7 @@ TEST_CASE("another user on the host (uid 65534) cannot become a worker of a pool
     if (!address.ok()) ::_exit(12);
     int welcomed = 0;
     for (const std::string guess : {"", "hunter2-hunter2-hunter2"}) {
-      absl::StatusOr<internal::UniqueFd> fd = internal::connect_tcp(*address, absl::Seconds(5));
-      if (!fd.ok()) ::_exit(13);
-      Peer peer;
-      peer.fd = *std::move(fd);
+      Peer peer = dial_with(address->to_string(), guess);
       if (handshake_as_worker(peer, guess)) ++welcomed;
     }
     ::_exit(welcomed == 0 ? 0 : 1);
@@ -614,14 +637,14 @@ TEST_CASE("another user on the host (uid 65534) cannot become a worker of a pool
   auto result = map_within(pool, std::vector<int64_t>{1}, {}, absl::Seconds(20));
   MESSAGE(result.status());
   CHECK(result.status().code() == absl::StatusCode::kUnavailable);
-  CHECK(message_has(result.status(), "proved no token"));
+  CHECK(message_has(result.status(), "TLS handshake failed"));
 }
 
 TEST_CASE("a peer that sends a hello and never proves gets no proof over the token from the pool") {
   const std::string token = "correct-horse-battery-staple";
   ProcessPool<RemoteWorker> pool(remote_pool(
       1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(20)}));
-  Peer peer = dial(pool.remote_address());
+  Peer peer = dial_with(pool.remote_address(), token);
   const std::string nonce = internal::make_nonce();
   send_hello(peer, internal::kProtocolVersion, nonce);
   auto challenge = peer.read();
@@ -664,7 +687,7 @@ TEST_CASE("the pool's proof is over a byte-order-free input: a worker computing 
   const std::string token = "correct-horse-battery-staple";
   ProcessPool<RemoteWorker> pool(remote_pool(
       1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(20)}));
-  Peer peer = dial(pool.remote_address());
+  Peer peer = dial_with(pool.remote_address(), token);
   // handshake_as_worker computes both proofs with reference_proof(): lengths big-endian.
   CHECK(handshake_as_worker(peer, token));
 }
@@ -729,7 +752,7 @@ TEST_CASE("a launched worker's tasks cannot read the token from their environmen
 TEST_CASE("a protocol version mismatch is refused with a clear error, on both sides") {
   SUBCASE("the pool refuses a worker of another version") {
     ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(1)}));
-    Peer peer = dial(pool.remote_address());
+    Peer peer = dial_with(pool.remote_address(), pool.remote_token());
     send_hello(peer, internal::kProtocolVersion + 7, internal::make_nonce());
     auto answer = peer.read();
     REQUIRE(answer.ok());
@@ -751,8 +774,12 @@ TEST_CASE("a protocol version mismatch is refused with a clear error, on both si
     REQUIRE(::poll(&ready, 1, 10'000) == 1);
     absl::StatusOr<internal::UniqueFd> accepted = internal::accept_tcp(listener->get());
     REQUIRE((accepted.ok() && accepted->valid()));
+    // The pool's side of TLS, keyed by the worker's token.
     Peer pool;
-    pool.fd = *std::move(accepted);
+    pool.channel = *internal::TlsChannel::open(
+        *internal::TlsContext::with_token("any-token-0123456789", internal::TlsContext::Role::kServer),
+        *std::move(accepted));
+    REQUIRE(pool.channel->handshake_within(absl::Now() + absl::Seconds(10)).ok());
     REQUIRE(pool.read().ok());  // its hello
     capnp::MallocMessageBuilder challenge;
     auto c = challenge.initRoot<wire::ToWorker>().initChallenge();
@@ -776,7 +803,7 @@ TEST_CASE("what unauthenticated peers make the pool remember is bounded: refusal
   // Each peer refuses the pool with a reason of its own, 10 KB long: the pool says why in its
   // errors; it must not keep (nor repeat) all of them.
   for (int i = 0; i < 100; ++i) {
-    Peer peer = dial(pool.remote_address());
+    Peer peer = dial_with(pool.remote_address(), pool.remote_token());
     send_hello(peer, internal::kProtocolVersion, internal::make_nonce());
     auto answer = peer.read();
     REQUIRE(answer.ok());
@@ -802,7 +829,7 @@ TEST_CASE("what a peer says reaches errors and logs escaped, without control cha
                                              {.log_sink = log.sink()}));
   // Terminal escapes, a bell, and a line break that would forge a log line.
   const std::string hostile = "Evil\x1b]0;owned\x07\r\n[procpool] forged line";
-  Peer peer = dial(pool.remote_address());
+  Peer peer = dial_with(pool.remote_address(), pool.remote_token());
   SUBCASE("the worker type a token holder names") {
     CHECK_FALSE(handshake_as_worker(peer, pool.remote_token(), hostile, hostile));
   }
@@ -881,28 +908,34 @@ TEST_CASE("a flood of connections that never finish their handshake delays a rea
 TEST_CASE("garbage and half frames over a worker's TCP connection drop that connection only") {
   std::string what;
   SUBCASE("garbage") { what = "garbage"; }
+  SUBCASE("garbage outside TLS") { what = "raw garbage"; }
   SUBCASE("half a frame") { what = "partial"; }
+  SUBCASE("half a TLS record") { what = "partial record"; }
   // A heartbeat far longer than the wait below: only frame_timeout can close the connection of a
   // peer that sends half a frame and then nothing (on a host's control connection, as on a data
   // connection).
   ProcessPool<RemoteWorker> pool(remote_pool(
       1, launched(absl::Seconds(60)), {.frame_timeout = absl::Milliseconds(300)}));
   REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
-  Peer peer = dial(pool.remote_address());
+  Peer peer = dial_with(pool.remote_address(), pool.remote_token());
   REQUIRE(handshake_as_worker(peer, pool.remote_token()));
-  if (what == "garbage") {
-    const char garbage[] = "\xde\xad\xbe\xef not a frame at all \xff\xff\xff\xff";
-    REQUIRE(::write(peer.fd.get(), garbage, sizeof(garbage)) > 0);
-  } else {
+  const char garbage[] = "\xde\xad\xbe\xef not a frame at all \xff\xff\xff\xff";
+  if (what == "garbage" || what == "raw garbage") {
+    peer.write_bytes(garbage, sizeof(garbage), /*raw=*/what == "raw garbage");
+  } else if (what == "partial") {
     const uint32_t table[2] = {0, 1000};
-    REQUIRE(::write(peer.fd.get(), table, sizeof(table)) == sizeof(table));
+    peer.write_bytes(table, sizeof(table));
+  } else {
+    // An application-data record of 16 KiB announced, 5 bytes of it sent.
+    const unsigned char record[] = {0x17, 0x03, 0x03, 0x40, 0x00, 1, 2, 3, 4, 5};
+    peer.write_bytes(record, sizeof(record), /*raw=*/true);
   }
   // The pool closes the connection (end of file here), and serves on with its real worker. Half
   // a frame is frame_timeout's to end (300 ms), not heartbeat_timeout's (60 s).
   char byte;
   CHECK(wait_until([&] {
-    pollfd ready{peer.fd.get(), POLLIN, 0};
-    return ::poll(&ready, 1, 0) == 1 && ::read(peer.fd.get(), &byte, 1) <= 0;
+    pollfd ready{peer.fd(), POLLIN, 0};
+    return ::poll(&ready, 1, 0) == 1 && ::read(peer.fd(), &byte, 1) <= 0;
   }, absl::Seconds(5)));
   auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20));
   CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
@@ -1047,15 +1080,34 @@ class IgnoredEvents final : public internal::LinkEvents {
 };
 
 TEST_CASE("a TCP link copies the unsent part of frames over lent memory when it is released") {
+  bool tls = false;
+  SUBCASE("plaintext") {}
+  // A TLS record refused by the socket must be offered again with the same bytes, from the copy.
+  SUBCASE("TLS") { tls = true; }
   constexpr size_t kWords = size_t{1} << 19;  // 4 MiB: far more than the socket buffers below
   absl::StatusOr<internal::SocketPair> pair = internal::make_socket_pair(/*send_buffer_bytes=*/4096);
   REQUIRE(pair.ok());
   int small = 4096;
   REQUIRE(::setsockopt(pair->child_end.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)) == 0);
+  using internal::TlsContext;
+  const std::string token = "a-token-for-this-test-0123";
+  const int child_fd = pair->child_end.get();
+  std::unique_ptr<internal::TlsChannel> pool_end = *internal::TlsChannel::open(
+      tls ? *TlsContext::with_token(token, TlsContext::Role::kServer) : nullptr,
+      std::move(pair->parent_end));
+  std::unique_ptr<internal::TlsChannel> worker_end = *internal::TlsChannel::open(
+      tls ? *TlsContext::with_token(token, TlsContext::Role::kClient) : nullptr,
+      std::move(pair->child_end));
+  for (int step = 0; step < 100 && !(pool_end->established() && worker_end->established()); ++step) {
+    REQUIRE(worker_end->handshake().ok());
+    REQUIRE(pool_end->handshake().ok());
+  }
+  REQUIRE(pool_end->established());
+  REQUIRE(worker_end->established());
   internal::TcpLink link("worker 0", 0, INT64_MAX,
                          internal::RelayLimits{.max_frame_bytes = size_t{64} << 20});
   IgnoredEvents events;
-  link.attach(std::move(pair->parent_end), internal::FrameReader(size_t{64} << 20), events);
+  link.attach(std::move(pool_end), internal::FrameReader(size_t{64} << 20), events);
   REQUIRE(link.can_borrow());
 
   auto lent = std::make_unique<std::vector<uint64_t>>(kWords);
@@ -1078,11 +1130,11 @@ TEST_CASE("a TCP link copies the unsent part of frames over lent memory when it 
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   while (words.size() == 0 && absl::Now() < deadline) {
     link.flush();
-    pollfd readable{pair->child_end.get(), POLLIN, 0};
-    if (::poll(&readable, 1, 10) <= 0) continue;
-    absl::StatusOr<internal::FrameReader::Fill> filled = reader.fill(pair->child_end.get());
+    pollfd readable{child_fd, POLLIN, 0};
+    if (!worker_end->buffered() && ::poll(&readable, 1, 10) <= 0) continue;
+    absl::StatusOr<internal::FrameReader::Fill> filled = reader.fill(*worker_end);
     REQUIRE(filled.ok());
-    REQUIRE(*filled == internal::FrameReader::Fill::kData);
+    REQUIRE(*filled != internal::FrameReader::Fill::kEndOfFile);
     absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader.next();
     REQUIRE(frame.ok());
     words = *frame;

@@ -18,6 +18,7 @@
 #include "lib/link/handshake.h"
 #include "lib/link/remote_frames.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/tls_channel.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/serve.h"
 #include "tests/remote_worker.h"
@@ -32,15 +33,22 @@ int hello_of_version(uint32_t version) {
   if (!address.ok()) return 1;
   absl::StatusOr<UniqueFd> socket = connect_tcp(*address, absl::Seconds(10));
   if (!socket.ok()) return 1;
+  // TLS keyed by the token, as serve() speaks it.
+  const char* token = std::getenv("PROCPOOL_TOKEN");
+  absl::StatusOr<std::shared_ptr<TlsContext>> tls =
+      TlsContext::with_token(token != nullptr ? token : "", TlsContext::Role::kClient);
+  if (!tls.ok()) return 1;
+  absl::StatusOr<std::unique_ptr<TlsChannel>> channel = TlsChannel::open(*tls, *std::move(socket));
+  if (!channel.ok() || !(*channel)->handshake_within(absl::Now() + absl::Seconds(10)).ok()) return 1;
   capnp::MallocMessageBuilder message;
   auto hello = message.initRoot<procpool::wire::FromWorker>().initHello();
   hello.setVersion(version);
   const std::string nonce = make_nonce();
   hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
   if (const char* id = std::getenv("PROCPOOL_LAUNCH_ID")) hello.setLaunchId(id);
-  if (!write_frame(socket->get(), message).ok()) return 1;
+  if (!write_frame(**channel, message).ok()) return 1;
   FrameReader reader(kHandshakeFrameBytes);
-  auto answer = read_frame_within(socket->get(), reader, absl::Now() + absl::Seconds(20));
+  auto answer = read_frame_within(**channel, reader, absl::Now() + absl::Seconds(20));
   if (!answer.ok()) return 1;
   capnp::FlatArrayMessageReader reply(*answer);
   auto root = reply.getRoot<procpool::wire::ToWorker>();

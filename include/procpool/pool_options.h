@@ -70,13 +70,25 @@ enum class StartMethod {
   kForkServer,
 };
 
+/// Certificates for `RemoteOptions::tls` (PEM files): mutual TLS. The pool presents `cert_file`
+/// (its chain, leaf first) with `key_file`, and accepts only workers whose certificate chains to
+/// a CA in `ca_file`; workers (serve()) read theirs from PROCPOOL_TLS_CA, PROCPOOL_TLS_CERT and
+/// PROCPOOL_TLS_KEY, and accept only a pool whose certificate chains to their CA. Host names are
+/// not checked: the CA is the cluster's own. The token is still proved inside the session.
+struct RemoteTls {
+  std::string ca_file, cert_file, key_file;
+};
+
 /// Workers on other machines (`PoolOptions::remote`). The worker program calls
 /// `procpool::serve<W>` (serve.h); a cluster engine (Slurm's srun, ssh, mpirun, Kubernetes)
 /// starts it, the pool (with `launch`) or something else (an `srun -n 64 ./indexer` of its own);
 /// it dials `listen`, proves the token, and then serves exactly as a forked worker does: same
-/// calls, hooks, errors and shutdown. Traffic is authenticated (a challenge-response on the
-/// token: the token itself never crosses the wire) but not encrypted: across an untrusted
-/// network, tunnel it (ssh -L, a VPN).
+/// calls, hooks, errors and shutdown. Every connection (a worker host's control connection and
+/// each worker's data connection) is TLS 1.3, keyed by the token (a pre-shared key derived from
+/// it: nothing else to configure) or by certificates (`tls`); the token is also proved inside it
+/// (a challenge-response: the token itself never crosses the wire). Jobs and results are
+/// encrypted, and a byte changed on the way breaks that connection (its running task fails
+/// kDataLoss, or runs again under retries): a forged value never reaches the caller.
 ///
 /// Every remote pool has a token: the one given, at least 16 bytes (`make_token()` makes a good
 /// one), or, when `token` is empty, one the pool makes (32 random bytes, as 64 hex digits), which
@@ -125,6 +137,15 @@ struct RemoteOptions {
   /// The address workers dial, for {address} and PROCPOOL_CONNECT: by default `listen`, with this
   /// host's name in place of a wildcard address.
   std::string advertise;
+  /// TLS on every connection (the default). `false` sends jobs and results in plaintext, for a
+  /// `listen` address on loopback only (kInvalidArgument otherwise): workers must then be told
+  /// too (PROCPOOL_ENCRYPT=0, which the pool sets for those it launches). The token is still
+  /// needed and proved.
+  bool encrypt = true;
+  /// Mutual certificate TLS instead of the token's key (see RemoteTls). A file that cannot be
+  /// read or used is kInvalidArgument naming this field. Launched workers get the same files
+  /// (PROCPOOL_TLS_CA/CERT/KEY) unless the pool's environment names their own.
+  std::optional<RemoteTls> tls;
 };
 
 /// A fresh token for `RemoteOptions::token`: 32 bytes from the system's CSPRNG, as 64 lowercase hex

@@ -111,8 +111,8 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                     std::move(region));
 }
 
-absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, const std::string& name,
-                                                                   UniqueFd channel) {
+absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
+    int slot, const std::string& name, std::unique_ptr<TlsChannel> channel) {
   WorkerLaunch launch = launch_for(slot);
   // Its page is ours (a relay's), not the pool's: results held in it would not reach the pool.
   launch.hold_results = false;
@@ -126,7 +126,9 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, cons
   if (!pid.ok()) return pid.status();
   if (*pid == 0) {
     map_own_memory(*page, nullptr);
-    worker_main(channel.release(), page->get(), launch, parent);
+    // The session goes on in the worker (which never returns): ours is its only copy there.
+    TlsChannel* session = channel.release();
+    worker_main(session->fd(), page->get(), launch, parent, nullptr, session);
   }
   // Ours closes here: the worker holds the only copy, so the connection ends with it.
   channel.reset();

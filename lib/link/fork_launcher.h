@@ -15,6 +15,7 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "lib/wire/tls_channel.h"
 #include "lib/link/fork_link.h"
 #include "lib/link/fork_server.h"
 #include "lib/link/launcher.h"
@@ -39,10 +40,11 @@ class ForkLauncher final : public Launcher {
 
   absl::StatusOr<std::unique_ptr<WorkerLink>> launch(int slot, const std::string& name) override;
   // Forks a worker whose channel is `channel` (a remote worker's data connection, which its relay
-  // opened): the link returned has no channel of its own, only the process and its control page.
-  // Direct fork only.
+  // opened, its TLS handshake done): the worker goes on with the session; ours is dropped without
+  // a word on the wire. The link returned has no channel of its own, only the process and its
+  // control page. Direct fork only.
   absl::StatusOr<std::unique_ptr<ForkLink>> launch_on(int slot, const std::string& name,
-                                                      UniqueFd channel);
+                                                      std::unique_ptr<TlsChannel> channel);
   void add_pollfds(std::vector<pollfd>& fds) override;
   void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
   bool has_pending_events() const override;

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 #include "procpool/pool_options.h"
 
 namespace procpool::internal {
@@ -43,6 +44,11 @@ std::string prove(absl::string_view token, absl::string_view role, absl::string_
   HMAC(EVP_sha256(), token.data(), static_cast<int>(token.size()),
        reinterpret_cast<const unsigned char*>(message.data()), message.size(), mac, &mac_length);
   return std::string(reinterpret_cast<const char*>(mac), mac_length);
+}
+
+std::string session_secret(absl::string_view token, absl::string_view worker_nonce,
+                           absl::string_view pool_nonce, absl::string_view control_exporter) {
+  return prove(token, "session", absl::StrCat(worker_nonce, pool_nonce), control_exporter);
 }
 
 bool proof_matches(absl::string_view token, absl::string_view role, absl::string_view first,

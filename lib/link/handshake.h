@@ -24,14 +24,21 @@
 // Each worker the relay forks then gets a connection of its own (its data connection), asked for
 // by the pool's `spawn` with a fresh random id; its first frame is
 //
-//   worker -> pool   attach     {id, HMAC(token, "data", id)}
+//   worker -> pool   attach     {id, HMAC(session, "data", id, data_exporter)}
 //
-// which the pool accepts once, for the spawn that is waiting for it.
+// which the pool accepts once, for the spawn that is waiting for it, and only from the control
+// session that spawn was asked of: `session` = HMAC(token, "session", nonce_w || nonce_p,
+// control_exporter) is known only to the two ends of that control session (the exporters are
+// TLS's, RFC 8446 section 7.5, "" in plaintext), and data_exporter ties the proof to this data
+// connection's own TLS session, so it cannot be replayed into another.
 //
 // Every pool has a token (RemoteOptions::token, or one it made: make_token()). The HMAC's input
 // is the same bytes on every host (lengths big-endian), so hosts of either byte order agree.
-// Traffic after the handshake is authenticated only by this exchange, not encrypted: tunnel it
-// (ssh -L, WireGuard, a VPN) across untrusted networks.
+//
+// All of this runs inside TLS 1.3 (tls_channel.h), keyed by the token or by certificates: the
+// TLS handshake authenticates both ends and encrypts and checks every frame after it. The
+// exchange above is kept inside it: with certificates it is what proves the token, and in every
+// mode it carries the version and type checks and binds data connections to their session.
 
 #ifndef PROCPOOL_LIB_LINK_HANDSHAKE_H_
 #define PROCPOOL_LIB_LINK_HANDSHAKE_H_
@@ -46,6 +53,9 @@ namespace procpool::internal {
 // Bump whenever protocol.capnp changes in a way an older peer would misread.
 inline constexpr uint32_t kProtocolVersion = 3;
 inline constexpr size_t kNonceBytes = 32;
+// TLS exporter labels: a control session's, and a data connection's own.
+inline constexpr char kSessionExporterLabel[] = "EXPORTER-procpool-session";
+inline constexpr char kDataExporterLabel[] = "EXPORTER-procpool-data";
 
 // A fresh random nonce (kNonceBytes, from the system's CSPRNG).
 std::string make_nonce();
@@ -54,6 +64,11 @@ std::string make_nonce();
 // big-endian; "" for an empty token (which proves nothing: proof_matches() refuses it).
 std::string prove(absl::string_view token, absl::string_view role, absl::string_view first,
                   absl::string_view second);
+
+// The key a control session's data connections prove (see above): both ends compute it once the
+// handshake holds.
+std::string session_secret(absl::string_view token, absl::string_view worker_nonce,
+                           absl::string_view pool_nonce, absl::string_view control_exporter);
 
 // True if `proof` is what prove() gives for a non-empty token; compared in constant time.
 bool proof_matches(absl::string_view token, absl::string_view role, absl::string_view first,

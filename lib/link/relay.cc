@@ -30,6 +30,7 @@
 #include "lib/link/remote_frames.h"
 #include "lib/link/stop_sequence.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/tls_channel.h"
 #include "procpool/codec.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_registry.h"
@@ -140,11 +141,40 @@ absl::StatusOr<std::string> take_token_from_environment() {
   return token;
 }
 
+// How this worker speaks to its pool (relay.h): TLS keyed by the token, by default; certificates
+// when PROCPOOL_TLS_CERT (with PROCPOOL_TLS_KEY and PROCPOOL_TLS_CA) names one; plaintext only
+// when PROCPOOL_ENCRYPT=0 and the pool is on this host. A null context: plaintext.
+absl::StatusOr<std::shared_ptr<TlsContext>> tls_from_environment(const std::string& token,
+                                                                 const HostPort& pool) {
+  const char* encrypt = std::getenv("PROCPOOL_ENCRYPT");
+  if (encrypt != nullptr && std::strcmp(encrypt, "0") == 0) {
+    if (!is_loopback_host(pool.host)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "PROCPOOL_ENCRYPT=0 is allowed only for a pool on this host (a loopback address), not ",
+          pool.to_string()));
+    }
+    return std::shared_ptr<TlsContext>();
+  }
+  const char* cert = std::getenv("PROCPOOL_TLS_CERT");
+  if (cert == nullptr || *cert == '\0') return TlsContext::with_token(token, TlsContext::Role::kClient);
+  const char* key = std::getenv("PROCPOOL_TLS_KEY");
+  const char* ca = std::getenv("PROCPOOL_TLS_CA");
+  if (key == nullptr || ca == nullptr) {
+    return absl::InvalidArgumentError(
+        "PROCPOOL_TLS_CERT needs PROCPOOL_TLS_KEY and PROCPOOL_TLS_CA beside it");
+  }
+  absl::StatusOr<std::shared_ptr<TlsContext>> context =
+      TlsContext::with_certificates(ca, cert, key, TlsContext::Role::kClient);
+  if (!context.ok()) return absl::InvalidArgumentError(absl::StrCat("PROCPOOL_TLS_*: ", context.status().message()));
+  return context;
+}
+
 class Relay final : private LinkEvents {
  public:
-  Relay(UniqueFd socket, HostPort pool, const WorkerTypeFinder& find, std::string token,
-        std::string worker_type)
-      : socket_(std::move(socket)),
+  Relay(std::unique_ptr<TlsChannel> channel, std::shared_ptr<TlsContext> tls, HostPort pool,
+        const WorkerTypeFinder& find, std::string token, std::string worker_type)
+      : channel_(std::move(channel)),
+        tls_(std::move(tls)),
         pool_(std::move(pool)),
         find_(find),
         token_(std::move(token)),
@@ -182,7 +212,9 @@ class Relay final : private LinkEvents {
   }
   void on_ended(WorkerEnd end) override;
 
-  UniqueFd socket_;
+  std::unique_ptr<TlsChannel> channel_;  // the control connection
+  const std::shared_ptr<TlsContext> tls_;  // for data connections too; null: plaintext
+  std::string session_secret_;            // what data connections prove (handshake.h)
   const HostPort pool_;
   const WorkerTypeFinder& find_;
   const WorkerBodyFactory* factory_ = nullptr;  // the pool's worker type, found in the handshake
@@ -212,10 +244,16 @@ absl::Status Relay::handshake() {
     hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
     // Which of its launches this is, when the pool ran us: a refusal then fails that launch at once.
     if (const char* launch_id = std::getenv("PROCPOOL_LAUNCH_ID")) hello.setLaunchId(launch_id);
-    if (absl::Status sent = write_frame(socket_.get(), message); !sent.ok()) return sent;
+    if (absl::Status sent = write_frame(*channel_, message); !sent.ok()) return sent;
   }
   const absl::Time deadline = absl::Now() + kHandshakeTimeout;
-  absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = read_frame_within(socket_.get(), reader_, deadline);
+  absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = read_frame_within(*channel_, reader_, deadline);
+  if (!frame.ok() && channel_->encrypted() && frame.status().code() == absl::StatusCode::kDataLoss) {
+    // TLS 1.3 lets a client finish its handshake before the server has checked its certificate:
+    // a refusal of it (an alert) comes as the first read.
+    return absl::PermissionDeniedError(
+        absl::StrCat("the pool refused this worker's TLS: ", frame.status().message()));
+  }
   if (!frame.ok()) return frame.status();
   std::string pool_nonce;
   {
@@ -228,12 +266,12 @@ absl::Status Relay::handshake() {
     if (!root.isChallenge()) return absl::DataLossError("the pool answered hello with something else");
     auto challenge = root.getChallenge();
     if (challenge.getVersion() != kProtocolVersion) {
-      return refuse_peer(socket_.get(), absl::StrCat("protocol version ", challenge.getVersion(),
+      return refuse_peer(*channel_, absl::StrCat("protocol version ", challenge.getVersion(),
                                                     " of the pool differs from this worker's ",
                                                     kProtocolVersion));
     }
     if (challenge.getNonce().size() != kNonceBytes) {
-      return refuse_peer(socket_.get(), "the pool's nonce has the wrong size");
+      return refuse_peer(*channel_, "the pool's nonce has the wrong size");
     }
     pool_nonce = as_string(challenge.getNonce());
   }
@@ -248,9 +286,9 @@ absl::Status Relay::handshake() {
     ::gethostname(host, sizeof(host) - 1);
     credentials.setHost(host);
     credentials.setPid(::getpid());
-    if (absl::Status sent = write_frame(socket_.get(), message); !sent.ok()) return sent;
+    if (absl::Status sent = write_frame(*channel_, message); !sent.ok()) return sent;
   }
-  frame = read_frame_within(socket_.get(), reader_, deadline);
+  frame = read_frame_within(*channel_, reader_, deadline);
   if (!frame.ok()) return frame.status();
   capnp::FlatArrayMessageReader message(*frame, reader_.options());
   auto root = message.getRoot<wire::ToWorker>();
@@ -262,14 +300,14 @@ absl::Status Relay::handshake() {
   auto welcome = root.getWelcome();
   // Nothing of the welcome counts before the pool's proof holds.
   if (!proof_matches(token_, "pool", nonce, pool_nonce, as_string(welcome.getProof()))) {
-    return refuse_peer(socket_.get(), welcome.getProof().size() == 0
+    return refuse_peer(*channel_, welcome.getProof().size() == 0
                                           ? "the pool proved no token"
                                           : "wrong token: the pool's proof does not match this "
                                             "worker's token");
   }
   factory_ = find_(welcome.getWorkerType());
   if (factory_ == nullptr) {
-    return refuse_peer(socket_.get(),
+    return refuse_peer(*channel_,
                        worker_type_.empty()
                            ? absl::StrCat("this program does not serve ",
                                           peer_text(welcome.getWorkerType()),
@@ -279,6 +317,7 @@ absl::Status Relay::handshake() {
                                           peer_text(welcome.getWorkerType())));
   }
   limits_ = relay_limits(welcome);
+  session_secret_ = session_secret(token_, nonce, pool_nonce, channel_->exporter(kSessionExporterLabel));
   return absl::OkStatus();
 }
 
@@ -306,7 +345,7 @@ int Relay::run() {
   }
   // The same reader: frames the pool sent right after its welcome may be in it already.
   reader_.set_max_frame_bytes(limits_.max_frame_bytes);
-  (void)set_nonblocking(socket_.get(), true);
+  (void)set_nonblocking(channel_->fd(), true);
   launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
       .process_name_prefix = limits_.name,
       .fork_server = false,
@@ -335,15 +374,23 @@ int Relay::run() {
       next = std::min(next, watch_progress(now));
     }
     fds.clear();
-    fds.push_back({socket_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
+    fds.push_back({channel_->fd(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
     const size_t child_offset = fds.size();
     if (child_) child_->add_pollfds(fds, false);
-    const int timeout_ms = static_cast<int>(std::clamp<int64_t>((next - now + 999'999) / 1'000'000, 0, 1000));
+    // What the TLS session holds already, poll() does not see: no sleeping on it.
+    const bool in_hand = channel_->encrypted() && channel_->buffered();
+    const int timeout_ms =
+        in_hand ? 0 : static_cast<int>(std::clamp<int64_t>((next - now + 999'999) / 1'000'000, 0, 1000));
     if (::poll(fds.data(), fds.size(), timeout_ms) < 0) continue;
 
-    if ((fds[0].revents & POLLOUT) && !writer_.write_some(socket_.get()).ok()) writer_.clear();
-    if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-      absl::StatusOr<FrameReader::Fill> filled = reader_.fill(socket_.get());
+    if ((fds[0].revents & POLLOUT) && !writer_.write_some(*channel_).ok()) writer_.clear();
+    if ((fds[0].revents & (POLLIN | POLLHUP | POLLERR)) || in_hand) {
+      absl::StatusOr<FrameReader::Fill> filled = reader_.fill(*channel_);
+      if (!filled.ok() && filled.status().code() == absl::StatusCode::kDataLoss) {
+        // A record changed on the way: nothing more from this connection can be trusted.
+        say(absl::StrCat("the connection to the pool broke: ", filled.status().message()));
+        return leave(1);
+      }
       // The pool is done with us (or gone).
       if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) return leave(0);
       if (*filled == FrameReader::Fill::kData) last_received_ns_ = monotonic_now_ns();
@@ -351,7 +398,7 @@ int Relay::run() {
     }
     if (child_) child_->service(fds.data() + child_offset, fds.size() - child_offset, false, *this);
     retired_.reset();
-    if (!writer_.empty() && !writer_.write_some(socket_.get()).ok()) writer_.clear();
+    if (!writer_.empty() && !writer_.write_some(*channel_).ok()) writer_.clear();
   }
 }
 
@@ -404,16 +451,22 @@ void Relay::spawn(wire::Spawn::Reader request) {
     ended.setClean(false);
     queue(reply);
   };
-  // The worker's own connection to the pool: it presents the spawn's id, and proves the token.
-  absl::StatusOr<UniqueFd> data = connect_tcp(pool_, kDataConnectTimeout);
+  // The worker's own connection to the pool, TLS as ours: it presents the spawn's id, with a proof
+  // of this control session bound to its own TLS session (handshake.h).
+  const absl::Time deadline = absl::Now() + kDataConnectTimeout;
+  absl::StatusOr<UniqueFd> socket = connect_tcp(pool_, kDataConnectTimeout);
+  if (!socket.ok()) return fail(socket.status().message());
+  absl::StatusOr<std::unique_ptr<TlsChannel>> data = TlsChannel::open(tls_, *std::move(socket));
   if (!data.ok()) return fail(data.status().message());
+  if (absl::Status shook = (*data)->handshake_within(deadline); !shook.ok()) return fail(shook.message());
   {
     capnp::MallocMessageBuilder attach(64);
     auto a = attach.initRoot<wire::FromWorker>().initAttach();
     a.setDataId(request.getDataId());
-    const std::string proof = prove(token_, "data", as_string(request.getDataId()), "");
+    const std::string proof = prove(session_secret_, "data", as_string(request.getDataId()),
+                                    (*data)->exporter(kDataExporterLabel));
     a.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
-    if (absl::Status sent = write_frame(data->get(), attach); !sent.ok()) return fail(sent.message());
+    if (absl::Status sent = write_frame(**data, attach); !sent.ok()) return fail(sent.message());
   }
   absl::StatusOr<std::unique_ptr<ForkLink>> child =
       launcher_->launch_on(slot, absl::StrCat("worker ", slot), *std::move(data));
@@ -492,12 +545,30 @@ int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::st
     say(std::string(token.status().message()));
     return 2;
   }
+  absl::StatusOr<std::shared_ptr<TlsContext>> tls = tls_from_environment(*token, *address);
+  if (!tls.ok()) {
+    say(std::string(tls.status().message()));
+    return 2;
+  }
   absl::StatusOr<UniqueFd> socket = dial(*address, connect_timeout());
   if (!socket.ok()) {
     say(std::string(socket.status().message()));
     return 1;
   }
-  Relay relay(*std::move(socket), *address, find, *std::move(token), offered_type);
+  absl::StatusOr<std::unique_ptr<TlsChannel>> channel = TlsChannel::open(*tls, *std::move(socket));
+  if (!channel.ok()) {
+    say(std::string(channel.status().message()));
+    return 1;
+  }
+  // The pool refuses a peer that fails TLS without a word (it could not read one): say what
+  // this side saw.
+  if (absl::Status shook = (*channel)->handshake_within(absl::Now() + kHandshakeTimeout); !shook.ok()) {
+    say(absl::StrCat("the pool at ", address->to_string(), " refused this worker: ", shook.message(),
+                     " (another token, a certificate its CA did not sign, or PROCPOOL_ENCRYPT "
+                     "differs?)"));
+    return shook.code() == absl::StatusCode::kUnauthenticated ? 2 : 1;
+  }
+  Relay relay(*std::move(channel), *std::move(tls), *address, find, *std::move(token), offered_type);
   return relay.run();
 }
 

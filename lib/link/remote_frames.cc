@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "lib/common/clock.h"
+#include "lib/wire/tls_channel.h"
 #include "procpool/internal/packed.h"
 
 namespace procpool::internal {
@@ -36,16 +37,20 @@ RelayLimits relay_limits(wire::Welcome::Reader welcome) {
   return limits;
 }
 
-absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_frame_within(int fd, FrameReader& reader,
+absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_frame_within(ByteStream stream,
+                                                                   FrameReader& reader,
                                                                    absl::Time deadline) {
   while (true) {
     absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = reader.next();
     if (!frame.ok() || frame->size() > 0) return frame;
     const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
     if (left_ms <= 0) return absl::DeadlineExceededError("the peer did not answer in time");
-    pollfd ready{fd, POLLIN, 0};
-    if (::poll(&ready, 1, static_cast<int>(std::min<int64_t>(left_ms, 1000))) <= 0) continue;
-    absl::StatusOr<FrameReader::Fill> filled = reader.fill(fd);
+    // What a TLS session holds already, poll() does not see.
+    if (stream.tls == nullptr || !stream.tls->buffered()) {
+      pollfd ready{stream.fd, POLLIN, 0};
+      if (::poll(&ready, 1, static_cast<int>(std::min<int64_t>(left_ms, 1000))) <= 0) continue;
+    }
+    absl::StatusOr<FrameReader::Fill> filled = reader.fill(stream);
     if (!filled.ok()) return filled.status();
     if (*filled == FrameReader::Fill::kEndOfFile) {
       return absl::UnavailableError("the peer closed the connection");
@@ -53,10 +58,10 @@ absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_frame_within(int fd, FrameR
   }
 }
 
-absl::Status refuse_peer(int fd, const std::string& why) {
+absl::Status refuse_peer(ByteStream stream, const std::string& why) {
   capnp::MallocMessageBuilder message(64);
   message.initRoot<wire::FromWorker>().setRefused(why);
-  (void)write_frame(fd, message);
+  (void)write_frame(stream, message);
   return absl::FailedPreconditionError(why);
 }
 

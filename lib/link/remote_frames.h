@@ -31,13 +31,15 @@ void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out);
 // Values out of range are clamped into it: a welcome cannot make the relay misbehave.
 RelayLimits relay_limits(wire::Welcome::Reader welcome);
 
-// Reads one whole frame from a blocking or non-blocking socket, waiting at most until `deadline`
-// (kDeadlineExceeded), kUnavailable at end of file, kDataLoss for a frame over the reader's limit.
-absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_frame_within(int fd, FrameReader& reader,
+// Reads one whole frame from a blocking or non-blocking socket (or TLS channel), waiting at most
+// until `deadline` (kDeadlineExceeded), kUnavailable at end of file, kDataLoss for a frame over the
+// reader's limit or a TLS record that fails its check.
+absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_frame_within(ByteStream stream,
+                                                                   FrameReader& reader,
                                                                    absl::Time deadline);
 
 // The relay's refusal of its pool: sent as a `refused` frame; returns kFailedPrecondition(why).
-absl::Status refuse_peer(int fd, const std::string& why);
+absl::Status refuse_peer(ByteStream stream, const std::string& why);
 
 std::string as_string(capnp::Data::Reader data);
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "capnp/serialize.h"
 #include "lib/common/clock.h"
@@ -16,13 +17,32 @@ namespace {
 // The launch ids the pool hands out are this long (hex); a longer one is no launch of ours.
 constexpr size_t kMaxLaunchIdBytes = 64;
 
+// Why a peer failed the TLS handshake, in the words of what to fix.
+std::string tls_refusal(bool keyed_by_token, absl::string_view why) {
+  if (keyed_by_token && absl::StrContains(why, "binder does not verify")) {
+    return absl::StrCat("wrong token: the worker's TLS key (derived from its token) is not the "
+                        "pool's (", why, ")");
+  }
+  return absl::StrCat(keyed_by_token ? "its TLS handshake failed (a worker without the pool's "
+                                       "token, or one told not to encrypt?): "
+                                     : "its TLS handshake failed (no certificate, or one the "
+                                       "pool's CA did not sign?): ",
+                      why);
+}
+
 }  // namespace
 
 RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config)
-    : socket_(std::move(socket)),
-      peer_(std::move(peer)),
+    : peer_(std::move(peer)),
       config_(config),
       stream_(kHandshakeFrameBytes, config_.limits.frame_timeout) {
+  absl::StatusOr<std::unique_ptr<TlsChannel>> channel = TlsChannel::open(config_.tls, std::move(socket));
+  if (channel.ok()) {
+    channel_ = *std::move(channel);
+  } else {
+    state_ = State::kClosed;
+    closed_reason_ = std::string(channel.status().message());
+  }
   const int64_t now = monotonic_now_ns();
   handshake_deadline_ns_ = now + to_ns(config_.handshake_timeout);
   last_received_ns_ = now;
@@ -34,6 +54,7 @@ RemoteHost::~RemoteHost() {
 }
 
 short RemoteHost::poll_events() const {
+  if (channel_ && !channel_->established()) return handshake_wants_write_ ? POLLOUT : POLLIN;
   return static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT));
 }
 
@@ -44,19 +65,36 @@ void RemoteHost::queue(capnp::MessageBuilder& message) {
 void RemoteHost::flush() {
   if (state_ == State::kClosed || writer_.empty()) return;
   // A failure means the connection is gone: the next read says so.
-  if (!writer_.write_some(socket_.get()).ok()) writer_.clear();
+  if (!writer_.write_some(*channel_).ok()) writer_.clear();
 }
 
-UniqueFd RemoteHost::take_socket() {
+std::unique_ptr<TlsChannel> RemoteHost::take_channel() {
   state_ = State::kClosed;
-  return std::move(socket_);
+  return std::move(channel_);
 }
 
 FrameReader RemoteHost::take_reader() { return std::move(stream_.reader()); }
 
 void RemoteHost::service(short revents, const EventsOf& events_of) {
   if (state_ == State::kClosed || state_ == State::kData) return;
-  if ((revents & POLLOUT) && !writer_.write_some(socket_.get()).ok()) {
+  if (!channel_->established()) {
+    absl::StatusOr<TlsChannel::Step> step = channel_->handshake();
+    if (!step.ok()) {
+      // Nothing came, or someone who is not a worker of this pool: no frame can tell it why.
+      const bool silent = absl::StrContains(step.status().message(), "the peer closed the connection");
+      refused_ = !silent;
+      closed_reason_ = silent ? "it closed its connection during the TLS handshake"
+                              : tls_refusal(!config_.tls->psk().empty(), step.status().message());
+      state_ = State::kClosed;
+      channel_.reset();
+      return;
+    }
+    handshake_wants_write_ = *step == TlsChannel::Step::kWantWrite;
+    if (*step != TlsChannel::Step::kDone) return;
+    // Done: its hello may have come with its last handshake message, read already.
+    revents |= POLLIN;
+  }
+  if ((revents & POLLOUT) && !writer_.write_some(*channel_).ok()) {
     close("its connection broke", events_of);
     return;
   }
@@ -65,7 +103,7 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
   // frame_timeout (check()), as on a worker's data connection: a peer that sends half a frame and
   // then only heartbeats' worth of silence is not kept.
   const FrameStream::ReadResult read =
-      stream_.read(socket_.get(), 16, [&](kj::ArrayPtr<const capnp::word> frame) {
+      stream_.read(*channel_, 16, [&](kj::ArrayPtr<const capnp::word> frame) {
         on_frame(frame, events_of);
         return state_ != State::kClosed && state_ != State::kData;
       });
@@ -126,6 +164,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
       // A worker's data connection: the launcher gives it to the link that spawned it.
       data_id_ = as_string(root.getAttach().getDataId());
       data_proof_ = as_string(root.getAttach().getProof());
+      data_exporter_ = channel_->exporter(kDataExporterLabel);
       state_ = State::kData;
       stream_.reader().set_max_frame_bytes(config_.limits.max_frame_bytes);
       return;
@@ -158,7 +197,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
     refused_ = true;
     closed_reason_ = absl::StrCat("the worker refused the pool: ", peer_text(root.getRefused()));
     state_ = State::kClosed;
-    socket_.reset();
+    channel_.reset();
     return;
   }
   if (!root.isCredentials()) return refuse("the worker answered the challenge with something else");
@@ -184,6 +223,8 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
   welcome.setWorkerType(config_.worker_type);
   queue(reply);
   flush();
+  session_secret_ = internal::session_secret(config_.token, worker_nonce_, pool_nonce_,
+                                   channel_->exporter(kSessionExporterLabel));
   state_ = State::kIdle;
   stream_.reader().set_max_frame_bytes(config_.limits.max_frame_bytes);
 }
@@ -196,7 +237,7 @@ void RemoteHost::refuse(const std::string& why) {
   refused_ = true;
   closed_reason_ = why;
   state_ = State::kClosed;
-  socket_.reset();
+  channel_.reset();
 }
 
 int64_t RemoteHost::check(int64_t now_ns, const EventsOf& events_of) {
@@ -254,7 +295,7 @@ void RemoteHost::close(const std::string& why, const EventsOf& events_of) {
   if (state_ == State::kClosed) return;
   state_ = State::kClosed;
   closed_reason_ = why;
-  socket_.reset();
+  channel_.reset();
   writer_.clear();
   if (TcpLink* link = std::exchange(link_, nullptr)) link->on_lost(why, events_of(*link));
 }

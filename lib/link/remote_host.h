@@ -6,6 +6,10 @@
 // requests (spawn, stop, revoke) and the relay's reports (progress, revocations, a worker's end).
 // It is declared gone when nothing has come over it for heartbeat_timeout, or when a frame it
 // began is not finished within frame_timeout. A free host takes one waiting TcpLink at a time.
+//
+// Every connection is a TlsChannel (tls_channel.h): its TLS handshake comes first (keyed by the
+// token, or certificates), then the frames of the handshake (handshake.h) inside it. A peer that
+// fails the TLS handshake is refused without a frame (it could not read one).
 
 #ifndef PROCPOOL_LIB_LINK_REMOTE_HOST_H_
 #define PROCPOOL_LIB_LINK_REMOTE_HOST_H_
@@ -23,6 +27,7 @@
 #include "lib/link/worker_link.h"
 #include "lib/wire/frame_io.h"
 #include "lib/wire/frame_stream.h"
+#include "lib/wire/tls_channel.h"
 
 namespace procpool::internal {
 
@@ -34,6 +39,8 @@ struct RemoteHostConfig {
   std::string worker_type;
   RelayLimits limits;
   absl::Duration handshake_timeout = absl::Seconds(20);
+  // Every connection's TLS (the pool's side), or null: plaintext (RemoteOptions::encrypt false).
+  std::shared_ptr<TlsContext> tls;
 };
 
 using EventsOf = std::function<LinkEvents&(WorkerLink&)>;
@@ -54,7 +61,7 @@ class RemoteHost {
   const std::string& closed_reason() const { return closed_reason_; }
   bool refused() const { return refused_; }
 
-  int fd() const { return socket_.get(); }
+  int fd() const { return channel_ ? channel_->fd() : -1; }
   short poll_events() const;
   // Reads and writes what poll() said is ready; reports to the bound link through `events_of`.
   void service(short revents, const EventsOf& events_of);
@@ -73,17 +80,24 @@ class RemoteHost {
   // Refuses the peer (a frame saying why) and closes.
   void refuse(const std::string& why);
 
+  // Welcomed: the key a data connection proves to show it comes from this control session
+  // (handshake.h: HMAC over the token, both nonces and the session's TLS exporter).
+  const std::string& session_secret() const { return session_secret_; }
+
   // kData: what the connection presented, and the connection itself (with what was read).
   const std::string& data_id() const { return data_id_; }
   const std::string& data_proof() const { return data_proof_; }
-  UniqueFd take_socket();
+  // The data connection's own TLS exporter, which its proof covers ("" in plaintext).
+  const std::string& data_exporter() const { return data_exporter_; }
+  std::unique_ptr<TlsChannel> take_channel();
   FrameReader take_reader();
 
  private:
   void on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of);
   void handshake_frame(kj::ArrayPtr<const capnp::word> words);
 
-  UniqueFd socket_;
+  std::unique_ptr<TlsChannel> channel_;  // null once closed
+  bool handshake_wants_write_ = false;    // its TLS handshake waits for room to write
   const std::string peer_;
   const RemoteHostConfig& config_;
   State state_ = State::kHandshake;
@@ -95,6 +109,8 @@ class RemoteHost {
   std::string pool_nonce_;
   std::string data_id_;
   std::string data_proof_;
+  std::string data_exporter_;
+  std::string session_secret_;
   bool refused_ = false;
   std::string closed_reason_;
   int64_t handshake_deadline_ns_ = 0;

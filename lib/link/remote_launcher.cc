@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <utility>
 
 #include "absl/strings/escaping.h"
@@ -57,6 +58,17 @@ absl::StatusOr<std::unique_ptr<RemoteLauncher>> RemoteLauncher::start(Config con
         absl::StrCat("RemoteOptions::listen: ", listen.status().message()));
   }
   auto launcher = std::unique_ptr<RemoteLauncher>(new RemoteLauncher(std::move(config)));
+  const RemoteOptions& remote = launcher->config_.remote;
+  if (remote.encrypt) {
+    absl::StatusOr<std::shared_ptr<TlsContext>> tls =
+        remote.tls ? TlsContext::with_certificates(remote.tls->ca_file, remote.tls->cert_file,
+                                                   remote.tls->key_file, TlsContext::Role::kServer)
+                   : TlsContext::with_token(remote.token, TlsContext::Role::kServer);
+    if (!tls.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("RemoteOptions::tls: ", tls.status().message()));
+    }
+    launcher->host_config_.tls = *std::move(tls);
+  }
   absl::StatusOr<UniqueFd> listener = listen_tcp(*listen);
   if (!listener.ok()) return listener.status();
   launcher->listener_ = *std::move(listener);
@@ -115,10 +127,20 @@ absl::Status RemoteLauncher::run_launch_command(const std::string& launch_id) {
   std::vector<std::string> env_strings = {absl::StrCat("PROCPOOL_TOKEN=", config_.remote.token),
                                           absl::StrCat("PROCPOOL_CONNECT=", address_),
                                           absl::StrCat("PROCPOOL_LAUNCH_ID=", launch_id)};
+  // How to speak to us: in plaintext only when told (relay.h), with the pool's certificates
+  // unless this environment names the workers' own.
+  if (!config_.remote.encrypt) env_strings.push_back("PROCPOOL_ENCRYPT=0");
+  const bool own_certificates = std::getenv("PROCPOOL_TLS_CERT") != nullptr;
+  if (config_.remote.tls && !own_certificates) {
+    env_strings.push_back(absl::StrCat("PROCPOOL_TLS_CA=", config_.remote.tls->ca_file));
+    env_strings.push_back(absl::StrCat("PROCPOOL_TLS_CERT=", config_.remote.tls->cert_file));
+    env_strings.push_back(absl::StrCat("PROCPOOL_TLS_KEY=", config_.remote.tls->key_file));
+  }
   std::vector<char*> envp;
   for (char** e = environ; *e != nullptr; ++e) {
     if (absl::StartsWith(*e, "PROCPOOL_TOKEN=") || absl::StartsWith(*e, "PROCPOOL_CONNECT=") ||
-        absl::StartsWith(*e, "PROCPOOL_LAUNCH_ID=")) {
+        absl::StartsWith(*e, "PROCPOOL_LAUNCH_ID=") || absl::StartsWith(*e, "PROCPOOL_ENCRYPT=") ||
+        (config_.remote.tls && !own_certificates && absl::StartsWith(*e, "PROCPOOL_TLS_"))) {
       continue;
     }
     envp.push_back(*e);
@@ -200,13 +222,19 @@ void RemoteLauncher::hand_over_data(RemoteHost& host, LauncherEvents& events) {
   for (TcpLink* link : links_) {
     if (!link->data_id().empty() && link->data_id() == host.data_id()) owner = link;
   }
-  if (!proof_matches(host_config_.token, "data", host.data_id(), "", host.data_proof())) {
-    host.refuse("wrong token: a worker's data connection did not prove the pool's token");
+  // A spawn nobody waits for any more (its link ended before its worker dialled): dropped.
+  if (owner == nullptr) {
+    (void)host.take_channel();
     return;
   }
-  // A spawn nobody waits for any more (its link ended before its worker dialled): dropped.
-  UniqueFd socket = host.take_socket();
-  if (owner != nullptr) owner->attach(std::move(socket), host.take_reader(), events.events_of(*owner));
+  // Only the control session the spawn was asked of knows its key (handshake.h): a token holder
+  // with a session of its own cannot take another host's worker slot.
+  if (!proof_matches(owner->session_secret(), "data", host.data_id(), host.data_exporter(),
+                     host.data_proof())) {
+    host.refuse("a worker's data connection did not prove the control session its spawn was asked of");
+    return;
+  }
+  owner->attach(host.take_channel(), host.take_reader(), events.events_of(*owner));
 }
 
 void RemoteLauncher::count_refusal(const std::string& why) {

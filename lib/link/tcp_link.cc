@@ -37,15 +37,16 @@ void TcpLink::bind(RemoteHost* host) {
   name_ = absl::StrCat(slot_name_, " on ", host->host_name());
   placed_ns_ = monotonic_now_ns();
   data_id_ = make_nonce();
+  session_secret_ = host->session_secret();
   host->bind(this, slot_, data_id_);
 }
 
-void TcpLink::attach(UniqueFd data, FrameReader reader, LinkEvents& events) {
+void TcpLink::attach(std::unique_ptr<TlsChannel> data, FrameReader reader, LinkEvents& events) {
   if (ended_ || attached_) return;  // a late or second connection: dropped with `data`
   attached_ = true;
   data_ = std::move(data);
   stream_ = FrameStream(std::move(reader), limits_.frame_timeout);
-  (void)set_nonblocking(data_.get(), true);
+  (void)set_nonblocking(data_->fd(), true);
   flush();  // what was sent before it attached
   // Frames that came with the attach (its READY) are buffered already: poll() will not say so.
   if (pid_ != 0) read_data(events);
@@ -63,7 +64,7 @@ void TcpLink::release_borrowed(const void* borrower) { writer_.release_borrowed(
 void TcpLink::flush() {
   if (!attached_ || data_closed_ || writer_.empty()) return;
   // A failure means the worker is gone: its relay reports it.
-  if (!writer_.write_some(data_.get()).ok()) writer_.clear();
+  if (!writer_.write_some(*data_).ok()) writer_.clear();
 }
 
 bool TcpLink::has_unsent() const { return !writer_.empty(); }
@@ -72,7 +73,7 @@ void TcpLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
   // Its frames wait for its pid (`spawned`, from its relay): a worker is never seen without it.
   polled_data_ = with_channel && attached_ && pid_ != 0 && !data_closed_ && !ended_;
   if (polled_data_) {
-    fds.push_back({data_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
+    fds.push_back({data_->fd(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
   }
 }
 
@@ -84,7 +85,7 @@ void TcpLink::service(const pollfd* polled, size_t count, bool with_channel, Lin
 
 void TcpLink::pump(short revents, LinkEvents& events) {
   if (!attached_ || pid_ == 0 || data_closed_ || ended_) return;
-  if ((revents & POLLOUT) && !writer_.write_some(data_.get()).ok()) writer_.clear();
+  if ((revents & POLLOUT) && !writer_.write_some(*data_).ok()) writer_.clear();
   if (revents & (POLLIN | POLLHUP | POLLERR)) read_data(events);
 }
 
@@ -93,7 +94,7 @@ void TcpLink::read_data(LinkEvents& events) {
   // Frames already buffered go first (on attach, those that came with it: poll() will not say
   // so); then what the socket has. Bounded: a flood from one worker must not starve the others.
   const FrameStream::ReadResult read =
-      stream_.read(data_.get(), 16, [&](kj::ArrayPtr<const capnp::word> frame) {
+      stream_.read(*data_, 16, [&](kj::ArrayPtr<const capnp::word> frame) {
         events.on_frame(frame);
         return !data_closed_;
       });

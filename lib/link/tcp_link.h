@@ -2,7 +2,8 @@
 //
 // A TcpLink is one worker process that a relay forks for a slot: the pool asks for it, over the
 // host's control connection, with a fresh random id (`spawn`); the relay opens a data connection
-// that presents the id and the token's proof (`attach`), and the worker then speaks the same
+// (TLS, as every one: tls_channel.h) that presents the id and a proof bound to that control
+// session (`attach`, handshake.h), and the worker then speaks the same
 // frames over it as a forked worker over its socketpair — so apply's fast path can borrow it, and
 // frames never pass through the relay. The link ends when the relay reports the worker's end
 // (`ended`, with its exact last progress) and the data connection has delivered everything before
@@ -31,6 +32,7 @@
 #include "lib/link/worker_link.h"
 #include "lib/wire/frame_io.h"
 #include "lib/wire/frame_stream.h"
+#include "lib/wire/tls_channel.h"
 
 namespace procpool::internal {
 
@@ -45,10 +47,12 @@ class TcpLink final : public WorkerLink {
   int64_t wait_until_ns() const { return wait_until_ns_; }
   // Called by the launcher: a host for this waiting link (it asks the relay for a worker).
   void bind(RemoteHost* host);
-  // The spawn's id the worker's data connection will present (set by bind).
+  // The spawn's id the worker's data connection will present (set by bind), and the key of the
+  // control session it was asked of, which that connection must prove (handshake.h).
   const std::string& data_id() const { return data_id_; }
+  const std::string& session_secret() const { return session_secret_; }
   // Called by the launcher: the worker's data connection, with what was read from it so far.
-  void attach(UniqueFd data, FrameReader reader, LinkEvents& events);
+  void attach(std::unique_ptr<TlsChannel> data, FrameReader reader, LinkEvents& events);
 
   const std::string& name() const override { return name_; }
   int pid() const override { return pid_; }
@@ -62,7 +66,7 @@ class TcpLink final : public WorkerLink {
   void add_pollfds(std::vector<pollfd>& fds, bool with_channel) override;
   void service(const pollfd* polled, size_t count, bool with_channel, LinkEvents& events) override;
   int64_t check(int64_t now_ns, LinkEvents& events) override;
-  int channel_fd() const override { return data_.get(); }
+  int channel_fd() const override { return data_ ? data_->fd() : -1; }
   void pump(short revents, LinkEvents& events) override;
   WorkerProgress progress() const override { return progress_; }
   size_t resident_bytes() const override { return resident_bytes_; }
@@ -99,8 +103,9 @@ class TcpLink final : public WorkerLink {
   int64_t wait_until_ns_;
   int64_t placed_ns_ = INT64_MAX;  // when a host took it
   std::string data_id_;
+  std::string session_secret_;
   // The worker's data connection: frames both ways, as over a forked worker's socketpair.
-  UniqueFd data_;
+  std::unique_ptr<TlsChannel> data_;
   FrameStream stream_;  // the data connection's frames, with its partial-frame clock
   FrameWriter writer_;
   bool attached_ = false;

@@ -1,5 +1,6 @@
 #include "lib/wire/frame_io.h"
 
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -9,6 +10,7 @@
 #include <cstring>
 
 #include "absl/strings/str_format.h"
+#include "lib/wire/tls_channel.h"
 #include "procpool/internal/memory.h"
 
 namespace procpool::internal {
@@ -71,8 +73,10 @@ constexpr size_t kCoalesceBytes = 4096;
 
 // Sends from `pieces` (at most kMaxPiecesPerSend of them), returning bytes sent, 0 when the socket
 // would block, or an error.
-absl::StatusOr<size_t> send_pieces(int fd, iovec* pieces, size_t count, int flags) {
+absl::StatusOr<size_t> send_pieces(ByteStream stream, iovec* pieces, size_t count, int flags) {
   count = std::min(count, kMaxPiecesPerSend);
+  if (stream.tls != nullptr) return stream.tls->write(pieces, count);
+  const int fd = stream.fd;
   size_t total = 0;
   for (size_t i = 0; i < count && total <= kCoalesceBytes; ++i) total += pieces[i].iov_len;
   if (count > 1 && total <= kCoalesceBytes) {
@@ -117,7 +121,10 @@ void advance(std::vector<iovec>& pieces, size_t& next, size_t bytes) {
 
 }  // namespace
 
-absl::Status write_frame(int fd, capnp::MessageBuilder& message,
+ByteStream::ByteStream(TlsChannel& channel)
+    : fd(channel.fd()), tls(channel.encrypted() ? &channel : nullptr) {}
+
+absl::Status write_frame(ByteStream stream, capnp::MessageBuilder& message,
                          kj::ArrayPtr<const kj::byte> prefix) {
   auto segments = message.getSegmentsForOutput();
   std::vector<uint32_t> table = segment_table(segments);
@@ -127,8 +134,13 @@ absl::Status write_frame(int fd, capnp::MessageBuilder& message,
   }
   size_t next = 0;
   while (next < pieces.size()) {
-    absl::StatusOr<size_t> sent = send_pieces(fd, &pieces[next], pieces.size() - next, 0);
+    absl::StatusOr<size_t> sent = send_pieces(stream, &pieces[next], pieces.size() - next, 0);
     if (!sent.ok()) return sent.status();
+    if (*sent == 0) {
+      // A TLS channel's socket is non-blocking: wait for room as a blocking write would.
+      pollfd room{stream.fd, POLLOUT, 0};
+      if (::poll(&room, 1, -1) < 0 && errno != EINTR) return absl::ErrnoToStatus(errno, "sending a frame");
+    }
     advance(pieces, next, *sent);
   }
   return absl::OkStatus();
@@ -197,7 +209,7 @@ void FrameWriter::push_copy(kj::Array<capnp::word> frame) {
   frames_.push_back(std::move(queued));
 }
 
-absl::Status FrameWriter::write_some(int fd) {
+absl::Status FrameWriter::write_some(ByteStream stream) {
   std::vector<iovec> gathered;
   while (!frames_.empty()) {
     // Gather the remaining pieces of several frames into one sendmsg.
@@ -209,7 +221,7 @@ absl::Status FrameWriter::write_some(int fd) {
       }
       if (gathered.size() == kMaxPiecesPerSend) break;
     }
-    absl::StatusOr<size_t> sent = send_pieces(fd, gathered.data(), gathered.size(), MSG_DONTWAIT);
+    absl::StatusOr<size_t> sent = send_pieces(stream, gathered.data(), gathered.size(), MSG_DONTWAIT);
     if (!sent.ok()) return sent.status();
     if (*sent == 0) return absl::OkStatus();
     queued_bytes_ -= *sent;
@@ -301,10 +313,21 @@ void FrameReader::make_room(size_t bytes_needed) {
   }
 }
 
-absl::StatusOr<FrameReader::Fill> FrameReader::fill(int fd, bool dont_wait) {
+absl::StatusOr<FrameReader::Fill> FrameReader::fill(ByteStream stream, bool dont_wait) {
   begin_ += std::exchange(consume_, 0);
   if (begin_ == end_) begin_ = end_ = 0;
   if (capacity_ == 0 || end_ == capacity_) make_room(kInitialReadBuffer);
+  if (stream.tls != nullptr) {
+    absl::StatusOr<ssize_t> got =
+        stream.tls->read(reinterpret_cast<char*>(buffer_.get()) + end_, capacity_ - end_);
+    if (!got.ok()) return got.status();
+    if (*got < 0) return Fill::kWouldBlock;
+    if (*got == 0) return Fill::kEndOfFile;
+    drained_ = stream.tls->starved();
+    end_ += static_cast<size_t>(*got);
+    return Fill::kData;
+  }
+  const int fd = stream.fd;
   while (true) {
     char* at = reinterpret_cast<char*>(buffer_.get()) + end_;
     ssize_t got = dont_wait ? ::recv(fd, at, capacity_ - end_, MSG_DONTWAIT)
@@ -365,13 +388,18 @@ bool FrameReader::has_complete_frame() const {
              kj::ArrayPtr<const capnp::word>(start, available_words)) <= available_words;
 }
 
-absl::StatusOr<kj::ArrayPtr<const capnp::word>> FrameReader::read_blocking(int fd) {
+absl::StatusOr<kj::ArrayPtr<const capnp::word>> FrameReader::read_blocking(ByteStream stream) {
   while (true) {
     absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = next();
     if (!frame.ok() || frame->size() > 0) return frame;
-    absl::StatusOr<Fill> filled = fill(fd);
+    absl::StatusOr<Fill> filled = fill(stream);
     if (!filled.ok()) return filled.status();
     if (*filled == Fill::kEndOfFile) return absl::UnavailableError("the peer closed the channel");
+    if (*filled == Fill::kWouldBlock) {
+      // A TLS channel (or a non-blocking socket): wait as a blocking read would.
+      pollfd ready{stream.fd, POLLIN, 0};
+      (void)::poll(&ready, 1, -1);
+    }
   }
 }
 

@@ -27,6 +27,18 @@
 
 namespace procpool::internal {
 
+class TlsChannel;  // tls_channel.h
+
+// Where a frame's bytes go and come from: a socket, or the TLS session over one (a remote
+// worker's connection, tls_channel.h). Borrowed; made from either where a function takes one, so
+// that callers with a plain descriptor write `fd` as before.
+struct ByteStream {
+  ByteStream(int fd) : fd(fd) {}  // NOLINT: a descriptor is a stream
+  ByteStream(TlsChannel& channel);  // NOLINT: so is a channel (plaintext ones act as their socket)
+  int fd;
+  TlsChannel* tls = nullptr;  // null: plain reads and writes on `fd`
+};
+
 // A message whose segments may reference memory it does not own (Cap'n Proto external data, e.g. a
 // caller's array of jobs sent in place), lent by `borrower`, which `keep_alive` (if any) keeps
 // alive. A FrameWriter that queues it copies what it has not sent yet when
@@ -87,9 +99,10 @@ class PooledMessageBuilder final : private frame_io_internal::PooledSegment,
 // make one frame cost more work than its bytes allow. Every reader of a peer's frames uses this.
 capnp::ReaderOptions frame_reader_options(size_t max_frame_bytes);
 
-// Writes one whole message to a blocking socket, retrying on EINTR and short writes; with
-// `prefix`, those bytes (whole frames held earlier) go first, in the same write.
-absl::Status write_frame(int fd, capnp::MessageBuilder& message,
+// Writes one whole message to a blocking socket (or any TLS channel, waiting in poll()), retrying
+// on EINTR and short writes; with `prefix`, those bytes (whole frames held earlier) go first, in
+// the same write.
+absl::Status write_frame(ByteStream stream, capnp::MessageBuilder& message,
                          kj::ArrayPtr<const kj::byte> prefix = nullptr);
 
 // A queue of outgoing messages for one non-blocking socket.
@@ -107,7 +120,7 @@ class FrameWriter {
 
   // Writes as much as the socket accepts without blocking. OK when it wrote what it could (check
   // `empty()`); an error status (EPIPE when the peer is gone) otherwise.
-  absl::Status write_some(int fd);
+  absl::Status write_some(ByteStream stream);
 
   bool empty() const { return frames_.empty(); }
   size_t queued_bytes() const { return queued_bytes_; }
@@ -148,9 +161,11 @@ class FrameReader {
   explicit FrameReader(size_t max_frame_bytes, bool huge_buffers = false);
 
   enum class Fill { kData, kWouldBlock, kEndOfFile };
-  // One read() into the buffer. Blocks only if the socket does, and `dont_wait` is false.
-  absl::StatusOr<Fill> fill(int fd, bool dont_wait = false);
-  // The last fill() read less than the room it offered: the socket had no more then.
+  // One read() into the buffer. Blocks only if the socket does, and `dont_wait` is false (a TLS
+  // channel never blocks). kDataLoss when a TLS record fails its check.
+  absl::StatusOr<Fill> fill(ByteStream stream, bool dont_wait = false);
+  // The last fill() read less than the room it offered: the socket had no more then (over TLS:
+  // nothing is left that poll() would not tell of).
   bool drained() const { return drained_; }
   // Appends bytes that came some other way (a test, a fuzzer), as fill() would.
   void append(const void* data, size_t size);
@@ -163,7 +178,7 @@ class FrameReader {
 
   // Reads until one complete frame is buffered and returns it, as `next()` does (for blocking
   // sockets). kUnavailable at end of file.
-  absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_blocking(int fd);
+  absl::StatusOr<kj::ArrayPtr<const capnp::word>> read_blocking(ByteStream stream);
 
   const capnp::ReaderOptions& options() const { return options_; }
   // Changes the limit for frames not yet begun (a handshake's small limit, then the pool's).

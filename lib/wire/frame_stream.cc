@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "lib/common/clock.h"
+#include "lib/wire/tls_channel.h"
 
 namespace procpool::internal {
 
@@ -15,7 +16,8 @@ FrameStream::FrameStream(FrameReader reader, absl::Duration frame_timeout)
     : reader_(std::move(reader)), frame_timeout_(frame_timeout) {}
 
 FrameStream::ReadResult FrameStream::read(
-    int fd, int max_reads, absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)> on_frame) {
+    ByteStream stream, int max_reads,
+    absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)> on_frame) {
   ReadResult result;
   if (!broken_.ok()) {
     result.broken = true;
@@ -25,9 +27,20 @@ FrameStream::ReadResult FrameStream::read(
   // Frames buffered already go first (those that came with bytes someone else read, or that a
   // holder which stopped early left): poll() will not tell of them.
   if (!drain(on_frame, /*read_ns=*/0, result)) return result;
-  for (int reads = 0; max_reads == 0 || reads < max_reads; ++reads) {
-    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd);
+  // Past max_reads, what TLS decrypted or read ahead is still taken: poll() would not tell of it.
+  for (int reads = 0;
+       max_reads == 0 || reads < max_reads || (stream.tls != nullptr && stream.tls->buffered());
+       ++reads) {
+    absl::StatusOr<FrameReader::Fill> filled = reader_.fill(stream);
     if (filled.ok() && *filled == FrameReader::Fill::kWouldBlock) break;
+    if (!filled.ok() && filled.status().code() == absl::StatusCode::kDataLoss) {
+      // A TLS record that failed its check: the peer (or someone on the path) broke the stream.
+      result.closed = true;
+      result.broken = true;
+      result.why = broken_ = absl::DataLossError(absl::StrCat("sent a bad frame: ", filled.status().message()));
+      partial_since_ns_ = 0;
+      return result;
+    }
     if (!filled.ok() || *filled == FrameReader::Fill::kEndOfFile) {
       result.closed = true;
       // Part of a frame left over means the peer wrote garbage, not that it merely went away.
@@ -46,6 +59,10 @@ FrameStream::ReadResult FrameStream::read(
     // A short read took all there was: another would only say EAGAIN (poll tells of more).
     if (reader_.drained()) break;
   }
+  // Half a TLS record holds a reader as half a frame would: the same clock.
+  partial_record_ = stream.tls != nullptr && stream.tls->has_partial_record();
+  if (partial_record_ && partial_since_ns_ == 0) partial_since_ns_ = monotonic_now_ns();
+  if (!partial_record_ && !reader_.has_partial_frame()) partial_since_ns_ = 0;
   return result;
 }
 
@@ -68,7 +85,7 @@ bool FrameStream::drain(absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)>
   }
   // The clock of the frame now begun starts with the read that brought its first byte: that read
   // completed the frame before it, or no frame was begun before it.
-  if (!reader_.has_partial_frame()) {
+  if (!reader_.has_partial_frame() && !partial_record_) {
     partial_since_ns_ = 0;
   } else if (partial_since_ns_ == 0 || (completed && read_ns != 0)) {
     partial_since_ns_ = read_ns != 0 ? read_ns : monotonic_now_ns();

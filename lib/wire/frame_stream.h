@@ -47,13 +47,14 @@ class FrameStream {
     absl::Status why;
   };
 
-  // Hands `on_frame` every complete frame already buffered, then reads from `fd` and hands on what
-  // each read completes, until the socket would block or a read took all there was (poll() tells
-  // of more), the peer closes or breaks the stream, or `max_reads` reads were made (0: no bound,
+  // Hands `on_frame` every complete frame already buffered, then reads from `stream` and hands on
+  // what each read completes, until the socket would block or a read took all there was (poll()
+  // tells of more), the peer closes or breaks the stream (a TLS record that fails its check breaks
+  // it), or `max_reads` reads were made and TLS holds nothing poll() cannot see (0: no bound,
   // for a reader that must take everything the peer wrote, such as before a dead worker's held
   // frames). `on_frame`'s words borrow the buffer for the call; it returns false to stop (its
   // holder closed the stream, or must not read on). Never blocks.
-  ReadResult read(int fd, int max_reads,
+  ReadResult read(ByteStream stream, int max_reads,
                   absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)> on_frame);
 
   // The partial-frame clock. OK while no frame is begun or the one begun is still within
@@ -82,6 +83,7 @@ class FrameStream {
   FrameReader reader_;
   absl::Duration frame_timeout_;
   int64_t partial_since_ns_ = 0;  // a frame has begun and not ended since then; 0: none
+  bool partial_record_ = false;   // over TLS: part of a record is in hand (it starts the clock too)
   int64_t last_read_ns_ = 0;
   absl::Status broken_;  // once the peer broke the stream: why; nothing more is read
 

@@ -27,15 +27,17 @@ namespace {
 // long; without that area (`held` null) every frame is written at once.
 class ChannelTransport final : public WorkerTransport {
  public:
-  ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held)
-      : fd_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held) {}
+  ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held, TlsChannel* tls)
+      : fd_(fd), stream_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held) {
+    if (tls != nullptr) stream_ = ByteStream(*tls);
+  }
 
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
     if (spin_next_ && !reader_.has_complete_frame() && spin_.budget_ns() > 0) {
       // The next batch usually follows within microseconds (spin.h).
       const int64_t until = monotonic_now_ns() + spin_.budget_ns();
       do {
-        absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd_, /*dont_wait=*/true);
+        absl::StatusOr<FrameReader::Fill> filled = reader_.fill(stream_, /*dont_wait=*/true);
         if (!filled.ok()) return filled.status();
         if (*filled == FrameReader::Fill::kEndOfFile) {
           return absl::UnavailableError("the peer closed the channel");
@@ -53,11 +55,13 @@ class ChannelTransport final : public WorkerTransport {
       // kernel how many CPUs there are before one does).
       const bool timed = spin_next_ && spin_.enabled();
       const int64_t waiting_since = timed ? monotonic_now_ns() : 0;
-      if (::poll(&readable, 1, -1) < 0 && errno != EINTR) {
+      // Over TLS, what the session holds already poll() does not see: take it first.
+      const bool in_hand = stream_.tls != nullptr && stream_.tls->buffered();
+      if (!in_hand && ::poll(&readable, 1, -1) < 0 && errno != EINTR) {
         return absl::ErrnoToStatus(errno, "waiting for the parent");
       }
       if (timed) spin_.blocked(monotonic_now_ns() - waiting_since);
-      absl::StatusOr<FrameReader::Fill> filled = reader_.fill(fd_);
+      absl::StatusOr<FrameReader::Fill> filled = reader_.fill(stream_);
       if (!filled.ok()) return filled.status();
       if (*filled == FrameReader::Fill::kEndOfFile) {
         return absl::UnavailableError("the peer closed the channel");
@@ -67,7 +71,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool send(capnp::MessageBuilder& message) override {
-    if (held_ == nullptr) return write_frame(fd_, message).ok();
+    if (held_ == nullptr) return write_frame(stream_, message).ok();
     return write_held(&message);
   }
 
@@ -220,6 +224,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   int fd_;
+  ByteStream stream_;  // fd_, or the TLS session over it (a remote worker: never holds frames)
   FrameReader reader_;
   HeldFrames* held_;  // null: nothing is held
   // The growing frame held last (hold_growing), by offsets into the area.
@@ -238,15 +243,16 @@ class ChannelTransport final : public WorkerTransport {
 }  // namespace
 
 void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, pid_t parent_pid,
-                 SharedRegion* region) {
+                 SharedRegion* region, TlsChannel* tls) {
   prepare_child({.process_name = launch.process_name,
                  .parent_death_signal = launch.parent_death_signal,
                  .parent_pid = parent_pid,
                  .pool_pid = launch.pool_pid,
                  .channel_fd = channel_fd,
                  .page = page});
+  if (tls != nullptr) tls->moved_to(kChildChannelFd);
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
-                             launch.hold_results ? held_frames(page) : nullptr);
+                             launch.hold_results ? held_frames(page) : nullptr, tls);
   leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region));
 }
 

@@ -12,6 +12,7 @@
 
 #include "lib/wire/control_page.h"
 #include "lib/wire/shared_region.h"
+#include "lib/wire/tls_channel.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
@@ -35,8 +36,11 @@ struct WorkerLaunch {
 // (task_server.h) and leaves with the status that gives. `page` was mapped by ControlPageMapping:
 // its held frames (control_page.h) follow it.
 // `region`: the worker's blob region (lib/wire/shared_region.h), or null.
+// `tls`: the session over `channel_fd` (a remote worker's data connection), which the worker
+// reads and writes through from then on; null for a plain channel.
 [[noreturn]] void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch,
-                              pid_t parent_pid, SharedRegion* region = nullptr);
+                              pid_t parent_pid, SharedRegion* region = nullptr,
+                              TlsChannel* tls = nullptr);
 
 }  // namespace procpool::internal
 

@@ -3,9 +3,13 @@
 // or a closed connection, never a crash, a hang or undefined behaviour. Built and run by
 // tools/fuzz.sh with clang's -fsanitize=fuzzer,address,undefined.
 //
-// The first input byte picks what is fuzzed: an even byte feeds the rest to a fresh connection
-// (the handshake); an odd one first completes a valid handshake (a pool without a token) and binds
-// a link, then feeds the rest (everything a connected worker host may send).
+// The first input byte picks what is fuzzed: with bit 2 set, the rest goes to a pool whose
+// connections are TLS (keyed by its token), as raw bytes: TLS records, which no one without the
+// token can make valid, so this fuzzes the TLS handshake's and records' parsing and our handling
+// of their failures. Otherwise the connection is plaintext (RemoteOptions::encrypt = false): an
+// even byte feeds the rest to a fresh connection (the handshake); an odd one first completes a
+// valid handshake and binds a link, then feeds the rest (everything a connected worker host may
+// send). The frames of the handshake are the same inside TLS.
 
 #include <sys/socket.h>
 #include <unistd.h>
@@ -72,6 +76,20 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   config.token = "fuzz-token-0123456789";
   config.worker_type = "fuzz";
   config.limits.max_frame_bytes = 1 << 20;
+  if (data[0] & 4) {
+    static const std::shared_ptr<procpool::internal::TlsContext> tls =
+        *procpool::internal::TlsContext::with_token(config.token,
+                                                    procpool::internal::TlsContext::Role::kServer);
+    config.tls = tls;
+    auto host = std::make_unique<RemoteHost>(UniqueFd(pair[0]), "fuzzer", config);
+    Events events;
+    (void)!::write(peer.get(), data + 1, size - 1);
+    peer.reset();
+    pump(*host, events);
+    const auto events_of = [&events](WorkerLink&) -> LinkEvents& { return events; };
+    host->close("fuzz input ended", events_of);
+    return 0;
+  }
   auto host = std::make_unique<RemoteHost>(UniqueFd(pair[0]), "fuzzer", config);
   Events events;
   std::unique_ptr<TcpLink> link;
@@ -116,7 +134,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     pump(*host, events);
     if (host->state() == RemoteHost::State::kData) {
       link = std::make_unique<TcpLink>("worker 0", 0, 0, config.limits);
-      link->attach(host->take_socket(), host->take_reader(), events);
+      link->attach(host->take_channel(), host->take_reader(), events);
       link->on_spawned(4242, events);  // its frames are read once its pid is known
       (void)!::write(peer.get(), data + 1, size - 1);
       peer.reset();

@@ -1,0 +1,342 @@
+#include "lib/wire/tls_channel.h"
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/kdf.h>
+#include <openssl/ssl.h>
+#include <poll.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace procpool::internal {
+namespace {
+
+// Who we say we are in the PSK handshake: the same for every pool (the key is what differs).
+constexpr char kPskIdentity[] = "procpool-token-psk-v1";
+constexpr unsigned char kTls13Aes128GcmSha256[] = {0x13, 0x01};
+constexpr size_t kRecordBytes = 16384;  // the largest plaintext of one TLS record
+// With read-ahead, one read() takes several records: fewer system calls per frame.
+constexpr size_t kReadBufferBytes = 64 * 1024;
+
+// OpenSSL's reasons, queued on this thread, as one line (and the queue emptied).
+std::string openssl_errors() {
+  std::string out;
+  while (const unsigned long error = ERR_get_error()) {
+    char text[256];
+    ERR_error_string_n(error, text, sizeof(text));
+    if (!out.empty()) out += "; ";
+    out += text;
+  }
+  return out.empty() ? "no reason given" : out;
+}
+
+const TlsContext* context_of(SSL* ssl) {
+  return static_cast<const TlsContext*>(SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl)));
+}
+
+// The session a PSK handshake resumes: the token's key, for TLS_AES_128_GCM_SHA256.
+SSL_SESSION* psk_session(SSL* ssl) {
+  const TlsContext* context = context_of(ssl);
+  const SSL_CIPHER* cipher = SSL_CIPHER_find(ssl, kTls13Aes128GcmSha256);
+  if (context == nullptr || cipher == nullptr || context->psk().empty()) return nullptr;
+  SSL_SESSION* session = SSL_SESSION_new();
+  if (session == nullptr) return nullptr;
+  if (SSL_SESSION_set1_master_key(session, reinterpret_cast<const unsigned char*>(context->psk().data()),
+                                  context->psk().size()) != 1 ||
+      SSL_SESSION_set_cipher(session, cipher) != 1 ||
+      SSL_SESSION_set_protocol_version(session, TLS1_3_VERSION) != 1) {
+    SSL_SESSION_free(session);
+    return nullptr;
+  }
+  return session;
+}
+
+int use_psk(SSL* ssl, const EVP_MD* md, const unsigned char** id, size_t* id_length,
+            SSL_SESSION** session) {
+  *session = nullptr;
+  const SSL_CIPHER* cipher = SSL_CIPHER_find(ssl, kTls13Aes128GcmSha256);
+  // After a HelloRetryRequest the hash is fixed: offer the key only for the same one.
+  if (cipher == nullptr || (md != nullptr && md != SSL_CIPHER_get_handshake_digest(cipher))) return 1;
+  *session = psk_session(ssl);
+  if (*session == nullptr) return 0;
+  *id = reinterpret_cast<const unsigned char*>(kPskIdentity);
+  *id_length = sizeof(kPskIdentity) - 1;
+  return 1;
+}
+
+int find_psk(SSL* ssl, const unsigned char* identity, size_t identity_length, SSL_SESSION** session) {
+  *session = nullptr;
+  // Another identity: no key, and without a certificate the handshake then fails.
+  if (identity_length != sizeof(kPskIdentity) - 1 ||
+      std::memcmp(identity, kPskIdentity, identity_length) != 0) {
+    return 1;
+  }
+  *session = psk_session(ssl);
+  return *session == nullptr ? 0 : 1;
+}
+
+// TLS 1.3 only, no session tickets or cache, writes that may stop at a record.
+absl::StatusOr<SSL_CTX*> new_context(TlsContext::Role role) {
+  SSL_CTX* context =
+      SSL_CTX_new(role == TlsContext::Role::kServer ? TLS_server_method() : TLS_client_method());
+  if (context == nullptr) return absl::InternalError(absl::StrCat("TLS: ", openssl_errors()));
+  SSL_CTX_set_min_proto_version(context, TLS1_3_VERSION);
+  SSL_CTX_set_max_proto_version(context, TLS1_3_VERSION);
+  SSL_CTX_set_session_cache_mode(context, SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_num_tickets(context, 0);
+  // Suites of SHA-256 only: the token's key is for SHA-256, and a server that picked a SHA-384
+  // suite would set it aside. AES-GCM first (AES-NI), ChaCha20 for hosts without it.
+  SSL_CTX_set_ciphersuites(context, "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256");
+  // A peer that vanishes without close_notify (a worker killed) is an end of file, as over TCP.
+  SSL_CTX_set_options(context, SSL_OP_NO_TICKET | SSL_OP_IGNORE_UNEXPECTED_EOF);
+  SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  SSL_CTX_set_read_ahead(context, 1);
+  SSL_CTX_set_default_read_buffer_len(context, kReadBufferBytes);
+  return context;
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<TlsContext>> TlsContext::with_token(absl::string_view token, Role role) {
+  if (token.empty()) return absl::InvalidArgumentError("TLS keyed by the token needs a token");
+  std::string psk(32, '\0');
+  size_t psk_length = psk.size();
+  EVP_PKEY_CTX* kdf = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nullptr);
+  static constexpr char kSalt[] = "procpool tls 1.3 psk";
+  static constexpr char kInfo[] = "procpool remote workers";
+  const bool derived =
+      kdf != nullptr && EVP_PKEY_derive_init(kdf) == 1 &&
+      EVP_PKEY_CTX_set_hkdf_md(kdf, EVP_sha256()) == 1 &&
+      EVP_PKEY_CTX_set1_hkdf_salt(kdf, reinterpret_cast<const unsigned char*>(kSalt), sizeof(kSalt) - 1) == 1 &&
+      EVP_PKEY_CTX_set1_hkdf_key(kdf, reinterpret_cast<const unsigned char*>(token.data()),
+                                 static_cast<int>(token.size())) == 1 &&
+      EVP_PKEY_CTX_add1_hkdf_info(kdf, reinterpret_cast<const unsigned char*>(kInfo), sizeof(kInfo) - 1) == 1 &&
+      EVP_PKEY_derive(kdf, reinterpret_cast<unsigned char*>(psk.data()), &psk_length) == 1;
+  EVP_PKEY_CTX_free(kdf);
+  if (!derived || psk_length != psk.size()) {
+    return absl::InternalError(absl::StrCat("TLS: deriving the key from the token: ", openssl_errors()));
+  }
+  absl::StatusOr<SSL_CTX*> context = new_context(role);
+  if (!context.ok()) return context.status();
+  if (role == Role::kServer) {
+    SSL_CTX_set_psk_find_session_callback(*context, find_psk);
+  } else {
+    SSL_CTX_set_psk_use_session_callback(*context, use_psk);
+  }
+  std::shared_ptr<TlsContext> made(new TlsContext(*context, role, std::move(psk)));
+  SSL_CTX_set_app_data(*context, made.get());
+  return made;
+}
+
+absl::StatusOr<std::shared_ptr<TlsContext>> TlsContext::with_certificates(
+    const std::string& ca_file, const std::string& cert_file, const std::string& key_file, Role role) {
+  absl::StatusOr<SSL_CTX*> context = new_context(role);
+  if (!context.ok()) return context.status();
+  std::shared_ptr<TlsContext> made(new TlsContext(*context, role, ""));
+  SSL_CTX_set_app_data(*context, made.get());
+  ERR_clear_error();
+  auto refused = [](const std::string& what, const std::string& file) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", file, " cannot be used: ", openssl_errors()));
+  };
+  if (SSL_CTX_use_certificate_chain_file(*context, cert_file.c_str()) != 1) {
+    return refused("the certificate", cert_file);
+  }
+  if (SSL_CTX_use_PrivateKey_file(*context, key_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
+      SSL_CTX_check_private_key(*context) != 1) {
+    return refused("the private key", key_file);
+  }
+  if (SSL_CTX_load_verify_locations(*context, ca_file.c_str(), nullptr) != 1) {
+    return refused("the CA certificates", ca_file);
+  }
+  SSL_CTX_set_verify(*context, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+  return made;
+}
+
+TlsContext::~TlsContext() { SSL_CTX_free(context_); }
+
+absl::StatusOr<std::unique_ptr<TlsChannel>> TlsChannel::open(std::shared_ptr<TlsContext> context,
+                                                             UniqueFd socket) {
+  SSL* ssl = nullptr;
+  if (context != nullptr) {
+    // A plaintext channel's socket stays as it was (its owner decides).
+    if (absl::Status nonblocking = set_nonblocking(socket.get(), true); !nonblocking.ok()) {
+      return nonblocking;
+    }
+    ssl = SSL_new(context->get());
+    if (ssl == nullptr || SSL_set_fd(ssl, socket.get()) != 1) {
+      SSL_free(ssl);
+      return absl::InternalError(absl::StrCat("TLS: ", openssl_errors()));
+    }
+    if (context->role() == TlsContext::Role::kServer) {
+      SSL_set_accept_state(ssl);
+    } else {
+      SSL_set_connect_state(ssl);
+    }
+  }
+  auto channel = std::unique_ptr<TlsChannel>(new TlsChannel(std::move(context), std::move(socket), ssl));
+  channel->established_ = ssl == nullptr;
+  return channel;
+}
+
+TlsChannel::~TlsChannel() {
+  // No close_notify: a relay drops its copy of a session its forked worker goes on with, and
+  // elsewhere closing the socket says as much.
+  SSL_free(ssl_);
+}
+
+absl::StatusOr<TlsChannel::Step> TlsChannel::handshake() {
+  if (established_) return Step::kDone;
+  ERR_clear_error();
+  const int done = SSL_do_handshake(ssl_);
+  if (done == 1) {
+    established_ = true;
+    return Step::kDone;
+  }
+  switch (SSL_get_error(ssl_, done)) {
+    case SSL_ERROR_WANT_READ:
+      return Step::kWantRead;
+    case SSL_ERROR_WANT_WRITE:
+      return Step::kWantWrite;
+    case SSL_ERROR_SYSCALL:
+    case SSL_ERROR_ZERO_RETURN:
+      if (ERR_peek_error() == 0) {
+        return absl::UnauthenticatedError("TLS handshake: the peer closed the connection");
+      }
+      [[fallthrough]];
+    default:
+      return absl::UnauthenticatedError(absl::StrCat("TLS handshake: ", openssl_errors()));
+  }
+}
+
+absl::Status TlsChannel::handshake_within(absl::Time deadline) {
+  while (true) {
+    absl::StatusOr<Step> step = handshake();
+    if (!step.ok()) return step.status();
+    if (*step == Step::kDone) return absl::OkStatus();
+    const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (left_ms <= 0) return absl::DeadlineExceededError("the TLS handshake did not finish in time");
+    pollfd ready{fd(), static_cast<short>(*step == Step::kWantRead ? POLLIN : POLLOUT), 0};
+    (void)::poll(&ready, 1, static_cast<int>(std::min<int64_t>(left_ms, 1000)));
+  }
+}
+
+absl::StatusOr<ssize_t> TlsChannel::read(void* into, size_t size) {
+  if (!failed_.ok()) return failed_;
+  size_t got = 0;
+  starved_ = false;
+  while (got < size) {
+    ERR_clear_error();
+    size_t n = 0;
+    const int rc = SSL_read_ex(ssl_, static_cast<char*>(into) + got, size - got, &n);
+    if (rc == 1) {
+      got += n;
+      // Nothing left in hand: what comes next, poll() tells of. (Another SSL_read would only ask
+      // the socket for it, and be told EAGAIN.)
+      if (!SSL_has_pending(ssl_)) {
+        starved_ = true;
+        break;
+      }
+      continue;
+    }
+    const int error = SSL_get_error(ssl_, rc);
+    if (error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE) {
+      starved_ = true;
+      break;
+    }
+    if (error == SSL_ERROR_ZERO_RETURN ||
+        (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0 && errno == 0)) {
+      starved_ = true;
+      if (got > 0) break;  // the end of the stream comes with the next read
+      return 0;
+    }
+    // A record that fails its check (or a broken socket): everything after is untrustworthy.
+    failed_ = error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0
+                  ? absl::ErrnoToStatus(errno, "reading a TLS record")
+                  : absl::DataLossError(absl::StrCat("a TLS record failed its check: ", openssl_errors()));
+    starved_ = true;
+    if (got > 0) break;  // what was read before it is sound
+    return failed_;
+  }
+  return got > 0 ? static_cast<ssize_t>(got) : -1;
+}
+
+bool TlsChannel::buffered() const { return ssl_ != nullptr && !starved_ && SSL_has_pending(ssl_); }
+
+bool TlsChannel::has_partial_record() const {
+  return ssl_ != nullptr && starved_ && SSL_has_pending(ssl_);
+}
+
+absl::StatusOr<size_t> TlsChannel::write(const iovec* pieces, size_t count) {
+  size_t taken = 0;
+  size_t index = 0;
+  size_t offset = 0;  // into pieces[index]
+  while (index < count) {
+    if (pieces[index].iov_len == offset) {
+      ++index;
+      offset = 0;
+      continue;
+    }
+    const char* data = static_cast<const char*>(pieces[index].iov_base) + offset;
+    size_t length = pieces[index].iov_len - offset;
+    if (length < kRecordBytes && index + 1 < count) {
+      // Small pieces (a segment table, a small frame) gathered: one record, not one each. Offered
+      // again after a refusal, they gather the same bytes first (OpenSSL wants the same record).
+      if (!staging_) staging_ = std::make_unique<char[]>(kRecordBytes);
+      size_t gathered = 0;
+      for (size_t i = index, at = offset; i < count && gathered < kRecordBytes; ++i, at = 0) {
+        const size_t part = std::min(pieces[i].iov_len - at, kRecordBytes - gathered);
+        std::memcpy(staging_.get() + gathered, static_cast<const char*>(pieces[i].iov_base) + at, part);
+        gathered += part;
+      }
+      data = staging_.get();
+      length = gathered;
+    }
+    ERR_clear_error();
+    size_t written = 0;
+    const int rc = SSL_write_ex(ssl_, data, length, &written);
+    if (rc != 1) {
+      const int error = SSL_get_error(ssl_, rc);
+      if (error == SSL_ERROR_WANT_WRITE || error == SSL_ERROR_WANT_READ) return taken;
+      if (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+        return absl::ErrnoToStatus(errno, "sending a TLS record");
+      }
+      return absl::UnavailableError(absl::StrCat("sending a TLS record: ", openssl_errors()));
+    }
+    taken += written;
+    // Advance over what the record took.
+    while (written > 0 && index < count) {
+      const size_t part = std::min(written, pieces[index].iov_len - offset);
+      offset += part;
+      written -= part;
+      if (offset == pieces[index].iov_len) {
+        ++index;
+        offset = 0;
+      }
+    }
+  }
+  return taken;
+}
+
+std::string TlsChannel::exporter(absl::string_view label) const {
+  if (ssl_ == nullptr || !established_) return "";
+  std::string out(32, '\0');
+  if (SSL_export_keying_material(ssl_, reinterpret_cast<unsigned char*>(out.data()), out.size(),
+                                 label.data(), label.size(), nullptr, 0, 0) != 1) {
+    ERR_clear_error();
+    return "";
+  }
+  return out;
+}
+
+void TlsChannel::moved_to(int fd) {
+  (void)socket_.release();  // that number is closed already
+  socket_ = UniqueFd(fd);
+  if (ssl_ != nullptr) BIO_set_fd(SSL_get_rbio(ssl_), fd, BIO_NOCLOSE);
+}
+
+}  // namespace procpool::internal

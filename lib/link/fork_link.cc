@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "lib/common/child_process.h"
 #include "lib/common/clock.h"
 
 namespace procpool::internal {
@@ -64,14 +65,30 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
     const short revents = polled[next++].revents;
     if (revents != 0 && with_channel) pump(revents, events);
   }
-  if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
-    // Gone: what it sent before it died is real, read it all first, then what it held.
-    read_channel(events, /*to_the_end=*/true);
-    if (std::optional<int> status = process_.try_reap()) {
-      recover_held(events);
-      end(*status, events);
-    }
+  if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) on_exited(events);
+}
+
+void ForkLink::on_exited(LinkEvents& events) {
+  // Gone: what it sent before it died is real, read it all first, then what it held.
+  read_channel(events, /*to_the_end=*/true);
+  if (std::optional<int> status = process_.try_reap()) {
+    recover_held(events);
+    end(*status, events);
   }
+}
+
+int64_t ForkLink::look_for_exit(int64_t now_ns, LinkEvents& events) {
+  // Its channel closed: it is exiting, and becomes a zombie within moments.
+  const int64_t interval = channel_closed_ ? kChildExitingLookIntervalNs : kChildLookIntervalNs;
+  if (now_ns >= next_look_ns_) {
+    if (process_.exited()) {
+      on_exited(events);
+      if (ended_) return INT64_MAX;
+    }
+    // On a grid: every worker's look falls on the same wakeup of the loop.
+    next_look_ns_ = (now_ns / interval + 1) * interval;
+  }
+  return next_look_ns_;
 }
 
 void ForkLink::pump(short revents, LinkEvents& events) {
@@ -91,10 +108,13 @@ void ForkLink::read_channel(LinkEvents& events, bool to_the_end) {
     broken_ = true;
     events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", read.why.message())));
   }
-  // The worker closed its end: it is exiting; its pidfd reports when it is gone.
+  // The worker closed its end: it is exiting; its pidfd reports when it is gone (without one,
+  // check() looks at once, and soon again).
   if (read.closed) {
     channel_.reset();
     writer_.clear();
+    channel_closed_ = true;
+    next_look_ns_ = 0;
   }
 }
 
@@ -170,6 +190,11 @@ void ForkLink::deliver_held(const std::vector<unsigned char>& bytes, bool recove
 
 int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   int64_t next = INT64_MAX;
+  // Without a pidfd (a kernel before 5.3) nothing wakes the loop when our worker exits: look.
+  if (!ended_ && !process_.adopted() && process_.pidfd() < 0) {
+    next = look_for_exit(now_ns, events);
+    if (ended_) return INT64_MAX;
+  }
   if (!ended_ && !broken_ && channel_) {
     // Results held by a worker now busy in a long task would wait for the task: take them.
     const HeldFrames* held = page_.held();

@@ -65,7 +65,11 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
     const short revents = polled[next++].revents;
     if (revents != 0 && with_channel) pump(revents, events);
   }
-  if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) on_exited(events);
+  if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
+    on_exited(events);
+  } else if (watched_by_looking()) {
+    look_for_exit(events);
+  }
 }
 
 void ForkLink::on_exited(LinkEvents& events) {
@@ -77,18 +81,18 @@ void ForkLink::on_exited(LinkEvents& events) {
   }
 }
 
-int64_t ForkLink::look_for_exit(int64_t now_ns, LinkEvents& events) {
-  // Its channel closed: it is exiting, and becomes a zombie within moments.
+bool ForkLink::watched_by_looking() const {
+  return !ended_ && !process_.adopted() && process_.pidfd() < 0;
+}
+
+void ForkLink::look_for_exit(LinkEvents& events) {
+  const int64_t now = monotonic_now_ns();
+  if (now < next_look_ns_) return;
+  // Its channel closed: it is exiting, and becomes a zombie within moments. On a grid: every
+  // worker's look falls on the same wakeup of the loop.
   const int64_t interval = channel_closed_ ? kChildExitingLookIntervalNs : kChildLookIntervalNs;
-  if (now_ns >= next_look_ns_) {
-    if (process_.exited()) {
-      on_exited(events);
-      if (ended_) return INT64_MAX;
-    }
-    // On a grid: every worker's look falls on the same wakeup of the loop.
-    next_look_ns_ = (now_ns / interval + 1) * interval;
-  }
-  return next_look_ns_;
+  next_look_ns_ = (now / interval + 1) * interval;
+  if (process_.exited()) on_exited(events);
 }
 
 void ForkLink::pump(short revents, LinkEvents& events) {
@@ -109,7 +113,7 @@ void ForkLink::read_channel(LinkEvents& events, bool to_the_end) {
     events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", read.why.message())));
   }
   // The worker closed its end: it is exiting; its pidfd reports when it is gone (without one,
-  // check() looks at once, and soon again).
+  // service() looks at once, and soon again).
   if (read.closed) {
     channel_.reset();
     writer_.clear();
@@ -190,11 +194,9 @@ void ForkLink::deliver_held(const std::vector<unsigned char>& bytes, bool recove
 
 int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   int64_t next = INT64_MAX;
-  // Without a pidfd (a kernel before 5.3) nothing wakes the loop when our worker exits: look.
-  if (!ended_ && !process_.adopted() && process_.pidfd() < 0) {
-    next = look_for_exit(now_ns, events);
-    if (ended_) return INT64_MAX;
-  }
+  // Without a pidfd (a kernel before 5.3) nothing wakes the loop when our worker exits: service()
+  // looks, at this time.
+  if (watched_by_looking()) next = next_look_ns_;
   if (!ended_ && !broken_ && channel_) {
     // Results held by a worker now busy in a long task would wait for the task: take them.
     const HeldFrames* held = page_.held();

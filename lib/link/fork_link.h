@@ -2,7 +2,7 @@
 //
 // Frames go over a socketpair, non-blocking on this side. The worker's exit is seen on a pidfd
 // (or, for a worker forked by the fork server, reported by the server; on a kernel without
-// pidfds, by check() looking: lib/common/child_process.h); its progress and claims live in a
+// pidfds, by service() looking: lib/common/child_process.h); its progress and claims live in a
 // control page shared with it (control_page.h); it is stopped with signals sent through the pidfd
 // (without one, by pid while it is unreaped, or by its fork server). A frame the worker begins must complete within frame_timeout, or the stream is
 // reported broken: a worker cannot wedge the pool by writing half a frame.
@@ -89,9 +89,10 @@ class ForkLink final : public WorkerLink {
   void end(int wait_status, LinkEvents& events);
   // Our worker has exited: reads what it sent, reaps it, recovers what it held, ends.
   void on_exited(LinkEvents& events);
-  // Without a pidfd: looks whether our worker has exited (at most every kChildLookIntervalNs);
-  // returns when to look again.
-  int64_t look_for_exit(int64_t now_ns, LinkEvents& events);
+  // Without a pidfd (lib/common/child_process.h) its exit is looked for, from service(): whether
+  // it has exited, at most every kChildLookIntervalNs (check() says when the next look is due).
+  bool watched_by_looking() const;
+  void look_for_exit(LinkEvents& events);
 
   const std::string name_;
   WorkerProcess process_;

@@ -11,18 +11,21 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "lib/common/child_process.h"
 #include "lib/wire/control_page.h"
 #include "lib/worker/child_setup.h"
 
 namespace procpool::internal {
 namespace {
 
-// Watches a worker this process just forked (a pidfd). If that fails the worker is killed and
-// reaped at once: a worker the pool cannot watch must not live on, nor become a zombie.
+// Watches a worker this process just forked (a pidfd, or its pid on a kernel without pidfds:
+// lib/common/child_process.h). If a pidfd cannot be had otherwise (out of descriptors) the worker
+// is killed and reaped at once: a worker the pool cannot watch must not live on, nor become a
+// zombie.
 absl::StatusOr<WorkerProcess> watch_new_worker(pid_t pid) {
   WorkerProcess process(pid, /*adopted=*/false);
-  if (process.pidfd() < 0) {
-    const int error = errno;
+  const int error = errno;
+  if (process.pidfd() < 0 && pidfds_available()) {
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);
     return absl::ErrnoToStatus(error, "pidfd_open of a new worker");
@@ -74,11 +77,16 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     if (absl::Status started = ensure_server(); !started.ok()) return started;
     absl::StatusOr<ForkServer::Spawned> spawned = server_->spawn(launch);
     if (!spawned.ok()) return spawned.status();
-    auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", spawned->pid, ")"),
-                                           WorkerProcess(spawned->pid, /*adopted=*/true),
+    const pid_t pid = spawned->pid;
+    // Without pidfds only the server may signal its worker: it alone knows whether it reaped it.
+    // Never a later server's: the same pid there is another process.
+    auto through_server = [this, pid, slot, server = server_->pid()](int signal) {
+      if (server_ != nullptr && server_->pid() == server) server_->signal(pid, slot, signal);
+    };
+    auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", pid, ")"),
+                                           WorkerProcess(pid, /*adopted=*/true, through_server),
                                            std::move(spawned->channel), std::move(spawned->page),
                                            limits);
-    const pid_t pid = spawned->pid;
     adopted_[pid] = link.get();
     link->on_destroy([this, pid] { adopted_.erase(pid); });
     return link;

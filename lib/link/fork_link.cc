@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "lib/common/child_process.h"
 #include "lib/common/clock.h"
 
 namespace procpool::internal {
@@ -65,13 +66,33 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
     if (revents != 0 && with_channel) pump(revents, events);
   }
   if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
-    // Gone: what it sent before it died is real, read it all first, then what it held.
-    read_channel(events, /*to_the_end=*/true);
-    if (std::optional<int> status = process_.try_reap()) {
-      recover_held(events);
-      end(*status, events);
-    }
+    on_exited(events);
+  } else if (watched_by_looking()) {
+    look_for_exit(events);
   }
+}
+
+void ForkLink::on_exited(LinkEvents& events) {
+  // Gone: what it sent before it died is real, read it all first, then what it held.
+  read_channel(events, /*to_the_end=*/true);
+  if (std::optional<int> status = process_.try_reap()) {
+    recover_held(events);
+    end(*status, events);
+  }
+}
+
+bool ForkLink::watched_by_looking() const {
+  return !ended_ && !process_.adopted() && process_.pidfd() < 0;
+}
+
+void ForkLink::look_for_exit(LinkEvents& events) {
+  const int64_t now = monotonic_now_ns();
+  if (now < next_look_ns_) return;
+  // Its channel closed: it is exiting, and becomes a zombie within moments. On a grid: every
+  // worker's look falls on the same wakeup of the loop.
+  const int64_t interval = channel_closed_ ? kChildExitingLookIntervalNs : kChildLookIntervalNs;
+  next_look_ns_ = (now / interval + 1) * interval;
+  if (process_.exited()) on_exited(events);
 }
 
 void ForkLink::pump(short revents, LinkEvents& events) {
@@ -91,10 +112,13 @@ void ForkLink::read_channel(LinkEvents& events, bool to_the_end) {
     broken_ = true;
     events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", read.why.message())));
   }
-  // The worker closed its end: it is exiting; its pidfd reports when it is gone.
+  // The worker closed its end: it is exiting; its pidfd reports when it is gone (without one,
+  // service() looks at once, and soon again).
   if (read.closed) {
     channel_.reset();
     writer_.clear();
+    channel_closed_ = true;
+    next_look_ns_ = 0;
   }
 }
 
@@ -170,6 +194,9 @@ void ForkLink::deliver_held(const std::vector<unsigned char>& bytes, bool recove
 
 int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   int64_t next = INT64_MAX;
+  // Without a pidfd (a kernel before 5.3) nothing wakes the loop when our worker exits: service()
+  // looks, at this time.
+  if (watched_by_looking()) next = next_look_ns_;
   if (!ended_ && !broken_ && channel_) {
     // Results held by a worker now busy in a long task would wait for the task: take them.
     const HeldFrames* held = page_.held();

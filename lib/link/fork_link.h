@@ -1,9 +1,10 @@
 // ForkLink: the WorkerLink of a forked worker process (worker_link.h).
 //
 // Frames go over a socketpair, non-blocking on this side. The worker's exit is seen on a pidfd
-// (or, for a worker forked by the fork server, reported by the server); its progress and claims
-// live in a control page shared with it (control_page.h); it is stopped with signals sent through
-// the pidfd. A frame the worker begins must complete within frame_timeout, or the stream is
+// (or, for a worker forked by the fork server, reported by the server; on a kernel without
+// pidfds, by service() looking: lib/common/child_process.h); its progress and claims live in a
+// control page shared with it (control_page.h); it is stopped with signals sent through the pidfd
+// (without one, by pid while it is unreaped, or by its fork server). A frame the worker begins must complete within frame_timeout, or the stream is
 // reported broken: a worker cannot wedge the pool by writing half a frame.
 
 #ifndef PROCPOOL_LIB_LINK_FORK_LINK_H_
@@ -86,6 +87,12 @@ class ForkLink final : public WorkerLink {
   // `bytes`: a copy of held frames, taken while the area was ours (the worker may reuse it).
   void deliver_held(const std::vector<unsigned char>& bytes, bool recovered, LinkEvents& events);
   void end(int wait_status, LinkEvents& events);
+  // Our worker has exited: reads what it sent, reaps it, recovers what it held, ends.
+  void on_exited(LinkEvents& events);
+  // Without a pidfd (lib/common/child_process.h) its exit is looked for, from service(): whether
+  // it has exited, at most every kChildLookIntervalNs (check() says when the next look is due).
+  bool watched_by_looking() const;
+  void look_for_exit(LinkEvents& events);
 
   const std::string name_;
   WorkerProcess process_;
@@ -99,6 +106,8 @@ class ForkLink final : public WorkerLink {
   bool ended_ = false;
   bool polled_channel_ = false;   // what add_pollfds added, for service()
   bool polled_pidfd_ = false;
+  bool channel_closed_ = false;   // the worker closed its end of the channel
+  int64_t next_look_ns_ = 0;      // without a pidfd: when to look for the worker's exit again
   std::function<void()> on_destroy_;
 };
 

@@ -6,13 +6,13 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <string>
 
 #include "absl/status/status.h"
@@ -20,6 +20,7 @@
 #include "absl/time/clock.h"
 #include "capnp/message.h"
 #include "capnp/serialize.h"
+#include "lib/common/child_process.h"
 #include "lib/link/fork_link.h"
 #include "lib/link/worker_process.h"
 #include "lib/worker/child_setup.h"
@@ -98,20 +99,39 @@ void report_exit(pid_t pid, int status) {
   send_packet(kChildChannelFd, message, nullptr, 0);
 }
 
+// The zygote's workers not reaped yet, and the slot each was forked for: a signal the pool asks
+// for goes only to one of these (a reaped pid may be reused by then).
+std::map<pid_t, uint32_t> live_workers;
+
 void reap_children() {
   int status;
   pid_t pid;
-  while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) report_exit(pid, status);
+  while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) {
+    live_workers.erase(pid);
+    report_exit(pid, status);
+  }
 }
 
-// Serves one spawn request: forks the worker (which never returns here) and reports its pid.
+// Serves one request: a signal for a worker (no reply), or a spawn: forks the worker (which
+// never returns here) and reports its pid.
 void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_count,
                    const WorkerLaunch& base, int signal_fd) {
   capnp::MallocMessageBuilder reply(32);
   auto report = reply.initRoot<wire::ForkServerReport>();
+  bool replied = true;
   const absl::Status served = guarded("a malformed spawn request", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(kj::arrayPtr(words, bytes / sizeof(capnp::word)));
     auto request = message.getRoot<wire::ForkServerRequest>();
+    if (request.getSignal() != 0) {
+      replied = false;
+      // The slot too: the pool asks for a slot's new worker only after its old one was reported
+      // reaped, so a reused pid of the same slot cannot be asked about here.
+      const auto worker = live_workers.find(request.getSignalPid());
+      if (worker != live_workers.end() && worker->second == request.getSlot()) {
+        ::kill(worker->first, request.getSignal());
+      }
+      return absl::OkStatus();
+    }
     if (fd_count != 2) return absl::InvalidArgumentError("a spawn request needs two descriptors");
     WorkerLaunch launch = base;
     launch.slot = static_cast<int>(request.getSlot());
@@ -129,6 +149,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
       worker_main(fds[0], page->release(), launch, self);
     }
     if (pid < 0) return forked.status();
+    live_workers[pid] = static_cast<uint32_t>(launch.slot);
     auto spawned = report.initSpawned();
     spawned.setSlot(launch.slot);
     spawned.setPid(pid);
@@ -136,7 +157,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
   });
   if (!served.ok()) status_to_wire(served, report.initFailed());
   for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
-  send_packet(kChildChannelFd, reply, nullptr, 0);
+  if (replied) send_packet(kChildChannelFd, reply, nullptr, 0);
 }
 
 [[noreturn]] void fork_server_main(int control_fd, const WorkerLaunch& base, pid_t parent_pid,
@@ -197,21 +218,25 @@ absl::StatusOr<std::unique_ptr<ForkServer>> ForkServer::start(const WorkerLaunch
   auto server = std::unique_ptr<ForkServer>(new ForkServer());
   server->pid_ = *pid;
   server->control_ = std::move(ours);
-  server->pidfd_ = own_fd(static_cast<int>(::syscall(SYS_pidfd_open, *pid, 0)));
+  server->pidfd_ = open_pidfd(*pid);  // none on a kernel without pidfds: watched by pid
   return server;
 }
 
 ForkServer::~ForkServer() {
   control_.reset();  // the zygote sees end of file and exits
   if (pid_ <= 0) return;
-  if (pidfd_) {
-    pollfd exited{pidfd_.get(), POLLIN, 0};
-    if (::poll(&exited, 1, 2000) == 0) {
-      ::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
-    }
-  }
+  if (!wait_for_child_exit(pid_, pidfd_.get(), 2000)) signal_child(pid_, pidfd_.get(), SIGKILL);
   while (::waitpid(pid_, nullptr, 0) < 0 && errno == EINTR) {
   }
+}
+
+void ForkServer::signal(pid_t pid, int slot, int signal) {
+  capnp::MallocMessageBuilder request(32);
+  auto root = request.initRoot<wire::ForkServerRequest>();
+  root.setSlot(static_cast<uint32_t>(slot));
+  root.setSignal(signal);
+  root.setSignalPid(pid);
+  send_packet(control_.get(), request, nullptr, 0);
 }
 
 absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, absl::Status* failed) {

@@ -48,6 +48,10 @@ class ForkServer {
   // a few seconds) for its pid. The zygote's own fork failing is its error.
   absl::StatusOr<Spawned> spawn(const WorkerLaunch& launch);
 
+  // Asks the zygote to send `signal` to its worker `pid` of `slot`, unless it has reaped it
+  // already (then the pid may be another process's). Does not wait. For kernels without pidfds.
+  void signal(pid_t pid, int slot, int signal);
+
   // Poll this for reports.
   int fd() const { return control_.get(); }
   // Collects the (pid, wait status) of workers reaped since the last call. kUnavailable once the

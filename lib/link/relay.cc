@@ -369,6 +369,8 @@ int Relay::run() {
     }
     int64_t next = last_received_ns_ + to_ns(limits_.heartbeat_timeout);
     if (child_) {
+      // With a kernel without pidfds, when service() next looks for the worker's exit.
+      next = std::min(next, child_->check(now, *this));
       next = std::min(next, child_stop_.check(*child_, now));
       next = std::min(next, watchdog(now));
       next = std::min(next, watch_progress(now));

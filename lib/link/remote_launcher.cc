@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "lib/common/child_process.h"
 #include "lib/common/clock.h"
 #include "lib/link/handshake.h"
 #include "lib/link/worker_process.h"
@@ -103,9 +103,7 @@ RemoteLauncher::~RemoteLauncher() {
     if (!launched_.empty()) ::usleep(10'000);
   }
   for (int signal : {SIGTERM, SIGKILL}) {
-    for (Launched& process : launched_) {
-      ::syscall(SYS_pidfd_send_signal, process.pidfd.get(), signal, nullptr, 0);
-    }
+    for (Launched& process : launched_) signal_child(process.pid, process.pidfd.get(), signal);
     const int64_t until = monotonic_now_ns() + 1'000'000'000;
     while (!launched_.empty() && monotonic_now_ns() < until) {
       reap_launched(nullptr);
@@ -172,8 +170,8 @@ absl::Status RemoteLauncher::run_launch_command(const std::string& launch_id) {
     if (rc == EAGAIN || rc == ENOMEM) return absl::ResourceExhaustedError(failed.message());
     return absl::InvalidArgumentError(absl::StrCat("RemoteOptions::launch: ", failed.message()));
   }
-  launched_.push_back(
-      {pid, own_fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0))), launch_id});
+  // Without a pidfd (a kernel before 5.3) check() looks for its exit.
+  launched_.push_back({pid, open_pidfd(pid), launch_id});
   return absl::OkStatus();
 }
 
@@ -358,6 +356,14 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
   const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
   int64_t next = INT64_MAX;
   for (auto& host : hosts_) next = std::min(next, host->check(now_ns, events_of));
+  // Launch commands watched without a pidfd: nothing wakes the loop when they exit.
+  if (std::any_of(launched_.begin(), launched_.end(), [](const Launched& p) { return !p.pidfd; })) {
+    if (now_ns >= next_look_ns_) {
+      reap_launched(&events);
+      next_look_ns_ = (now_ns / kChildLookIntervalNs + 1) * kChildLookIntervalNs;
+    }
+    next = std::min(next, next_look_ns_);
+  }
   // Links that waited for a host long enough end: a start failure, saying why. Links stopped
   // while waiting (terminate, join_timeout, enter_timeout) end now: no worker of theirs exists.
   std::vector<TcpLink*> expired;

@@ -100,6 +100,7 @@ class RemoteLauncher final : public Launcher {
     std::string launch_id;
   };
   std::vector<Launched> launched_;
+  int64_t next_look_ns_ = 0;  // without pidfds: when to look for launched_'s exits again
   // With `launch`: each launch's id (PROCPOOL_LAUNCH_ID, which its worker's hello repeats) and
   // the link made for it, until that worker comes (welcomed or refused) or the link ends.
   std::map<std::string, TcpLink*> launches_;

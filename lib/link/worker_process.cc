@@ -2,17 +2,18 @@
 
 #include <signal.h>
 #include <stdio.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "lib/common/child_process.h"
 #include "lib/fault_injection.h"
 #include "lib/worker/child_setup.h"
 
@@ -42,19 +43,26 @@ std::string signal_name(int signal) {
 
 }  // namespace
 
-WorkerProcess::WorkerProcess(pid_t pid, bool adopted) : pid_(pid), adopted_(adopted) {
-  // Always O_CLOEXEC. An adopted process may be gone already (ESRCH): its server reports it.
-  pidfd_ = own_fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+WorkerProcess::WorkerProcess(pid_t pid, bool adopted, ParentSignal parent_signal)
+    : pid_(pid), adopted_(adopted), parent_signal_(std::move(parent_signal)) {
+  // An adopted process may be gone already (ESRCH): its server reports it.
+  pidfd_ = open_pidfd(pid);
 }
 
 void WorkerProcess::kill(int signal) const {
   if (reaped_ || pid_ <= 0) return;
-  // Through the pidfd: a pid reaped and reused meanwhile cannot be hit.
-  if (pidfd_.valid()) {
-    ::syscall(SYS_pidfd_send_signal, pidfd_.get(), signal, nullptr, 0);
-  } else if (!adopted_) {
-    ::kill(pid_, signal);
+  // Through the pidfd: a pid reaped and reused meanwhile cannot be hit. Without one, our child
+  // by pid while it is not reaped; an adopted one by its parent, which knows whether it reaped it.
+  if (!adopted_) {
+    signal_child(pid_, pidfd_.get(), signal);
+    return;
   }
+  if (pidfd_.valid() && signal_through_pidfd(pidfd_.get(), signal)) return;
+  if (parent_signal_) parent_signal_(signal);
+}
+
+bool WorkerProcess::exited() const {
+  return !reaped_ && !adopted_ && child_state(pid_) != ChildState::kRunning;
 }
 
 std::optional<int> WorkerProcess::try_reap() {

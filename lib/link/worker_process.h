@@ -1,6 +1,8 @@
 // WorkerProcess: one forked worker process, seen from the parent: its pid, a pidfd to poll for
 // its exit and to signal it through (a pid that was reaped and reused can never be hit), and its
-// wait status once it is gone. The handle does not stop the process when destroyed: stopping is
+// wait status once it is gone. Without pidfds (before Linux 5.3) it is watched and signalled by
+// pid only while it is not reaped (lib/common/child_process.h), and a fork server's worker is
+// signalled by its server. The handle does not stop the process when destroyed: stopping is
 // supervision's job (ask, wait with a deadline, SIGTERM, wait, SIGKILL, reap).
 
 #ifndef PROCPOOL_LIB_LINK_WORKER_PROCESS_H_
@@ -8,6 +10,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -20,15 +23,21 @@ namespace procpool::internal {
 class WorkerProcess {
  public:
   WorkerProcess() = default;
-  // `pid` is our child unless `adopted` (a fork server's child, whose exit the server reports).
-  WorkerProcess(pid_t pid, bool adopted);
+  // Signals an adopted process through its parent, which alone knows whether it was reaped.
+  using ParentSignal = std::function<void(int signal)>;
+  // `pid` is our child unless `adopted` (a fork server's child, whose exit the server reports;
+  // without pidfds it is signalled through `parent_signal`).
+  WorkerProcess(pid_t pid, bool adopted, ParentSignal parent_signal = nullptr);
   WorkerProcess(WorkerProcess&&) = default;
   WorkerProcess& operator=(WorkerProcess&&) = default;
 
   pid_t pid() const { return pid_; }
   // Poll for POLLIN: the process has exited. -1 for an adopted process whose pidfd could not be
-  // opened (it is gone already; its server reports it).
+  // opened (it is gone already; its server reports it), and on a kernel without pidfds: then
+  // exited() tells.
   int pidfd() const { return pidfd_.get(); }
+  // Our child has exited (or was reaped by the program), looked at without reaping it.
+  bool exited() const;
   bool adopted() const { return adopted_; }
 
   // Sends `signal` unless the process was already reaped.
@@ -49,6 +58,7 @@ class WorkerProcess {
   pid_t pid_ = -1;
   bool adopted_ = false;
   UniqueFd pidfd_;
+  ParentSignal parent_signal_;
   bool reaped_ = false;
 };
 

@@ -250,6 +250,11 @@ struct Ended {
 struct ForkServerRequest {
   slot @0 :UInt32;
   name @1 :Text;                # the worker's process name
+  # Not a spawn when nonzero (no descriptors, no reply): send this signal to the server's worker
+  # `signalPid` of `slot` if the server has not reaped it. On kernels without pidfds (before
+  # Linux 5.3) only the server knows whether that pid is still its worker's.
+  signal @2 :Int32;
+  signalPid @3 :Int32;
 }
 
 struct ForkServerReport {

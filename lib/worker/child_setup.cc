@@ -4,12 +4,13 @@
 #include <signal.h>
 #include <stdio_ext.h>
 #include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+
+#include "lib/common/child_process.h"
 
 #if defined(__GLIBC__)
 // glibc's list of every open FILE (exported since 2.2.5; used by its own fork and exit). Declared
@@ -28,6 +29,7 @@ namespace {
 // Set once in prepare_child; read by the signal handlers.
 ControlPage* control_page = nullptr;
 pid_t pool_pid = 0;
+pid_t parent_pid = 0;
 pid_t own_pid = 0;
 
 // Every stream's buffer, input and output, is the parent's: drop it without writing it.
@@ -58,10 +60,15 @@ void on_fatal_signal(int signal, siginfo_t*, void*) {
   ::raise(signal);
 }
 
-// SIGTERM counts only when the pool sent it (a timeout, terminate(), join's deadline). One sent
-// to the whole process group, by a terminal or a supervisor, is the parent's to act on.
+// SIGTERM counts only when the pool sent it (a timeout, terminate(), join's deadline), or the
+// fork server that forked this worker, for the pool (on kernels without pidfds only the server
+// may signal its workers). One sent to the whole process group, by a terminal or a supervisor,
+// is the parent's to act on.
 void on_sigterm(int signal, siginfo_t* info, void*) {
-  if (info != nullptr && info->si_code == SI_USER && info->si_pid != pool_pid) return;
+  if (info != nullptr && info->si_code == SI_USER && info->si_pid != pool_pid &&
+      info->si_pid != parent_pid) {
+    return;
+  }
   record_fatal_signal(signal);
   ::signal(signal, SIG_DFL);
   ::raise(signal);
@@ -112,7 +119,7 @@ void arrange_descriptors(int channel_fd) {
     if (channel_fd <= 2) ::close(channel_fd);
   }
   // Every other descriptor the parent had open (its other workers' channels, its files) closes.
-  ::syscall(SYS_close_range, kChildChannelFd + 1, ~0U, 0);
+  close_descriptors_from(kChildChannelFd + 1);
   for (int fd = 0; fd <= 2; ++fd) {
     if (fd_open(fd)) continue;
     const int null_fd = ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
@@ -130,6 +137,7 @@ void prepare_child(const ChildSetup& setup) {
   own_pid = ::getpid();
   control_page = setup.page;
   pool_pid = setup.pool_pid;
+  parent_pid = setup.parent_pid;
   ::prctl(PR_SET_NAME, setup.process_name.c_str(), 0, 0, 0);
   if (setup.parent_death_signal) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);

@@ -8,10 +8,11 @@
 //   - names itself (prctl PR_SET_NAME), and dies with its parent (PR_SET_PDEATHSIG, where the
 //     forking thread lives as long as the pool);
 //   - resets every signal handler: SIGINT is ignored (the parent decides what Ctrl-C means),
-//     SIGTERM is obeyed only when its pool sent it, and fatal signals are recorded in its control
-//     page before they kill it (so a death is described right even when the program reaps
-//     children itself and waitpid cannot tell the parent);
-//   - keeps exactly one inherited descriptor, its channel, at fd 3, closes every other, and opens
+//     SIGTERM is obeyed only when its pool (or its fork server, for the pool) sent it, and fatal
+//     signals are recorded in its control page before they kill it (so a death is described
+//     right even when the program reaps children itself and waitpid cannot tell the parent);
+//   - keeps exactly one inherited descriptor, its channel, at fd 3, closes every other (close_range,
+//     or by walking /proc/self/fd on kernels before 5.9: lib/common/child_process.h), and opens
 //     /dev/null on whichever of 0, 1, 2 is closed, so a printf can never reach the channel.
 
 #ifndef PROCPOOL_LIB_WORKER_CHILD_SETUP_H_
@@ -38,7 +39,7 @@ struct ChildSetup {
   std::string process_name;         // at most 15 bytes are kept
   bool parent_death_signal = true;  // PR_SET_PDEATHSIG: only when the forking thread outlives us
   pid_t parent_pid = 0;             // who forked us: if it is already gone, leave at once
-  pid_t pool_pid = 0;               // the only process whose SIGTERM is obeyed
+  pid_t pool_pid = 0;               // whose SIGTERM is obeyed (and parent_pid's: a fork server's)
   int channel_fd = -1;              // moved to kChildChannelFd
   ControlPage* page = nullptr;      // where exits and fatal signals are recorded (may be null)
 };

@@ -88,8 +88,8 @@ std::string bytes_of(int64_t value) { return std::string(reinterpret_cast<const 
 // A TCP proxy between workers and a pool (the workers dial it: RemoteOptions::advertise). It
 // records every byte it passes, and may flip one byte going from a worker to the pool: in the next
 // bytes that pass on the `connection`-th connection it accepted (0: a relay's control
-// connection, 1: its first worker's data connection), the eleventh (inside a TLS record's
-// ciphertext, past its 5-byte header).
+// connection, 1: its first worker's data connection), the 1001st, or the last if fewer came
+// (inside a TLS record: past its 5-byte header; in plaintext, inside a frame's data).
 class Proxy {
  public:
   explicit Proxy(std::string target) : target_(std::move(target)) {
@@ -157,7 +157,7 @@ class Proxy {
             break;
           }
           if (side == 0 && pair.index == tamper_connection_ && !tampered_) {
-            buffer[std::min<ssize_t>(10, n - 1)] ^= 0x20;
+            buffer[std::min<ssize_t>(1000, n - 1)] ^= 0x20;
             tampered_ = true;
           }
           {

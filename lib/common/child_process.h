@@ -11,6 +11,11 @@
 // wait names any pid but the caller's own children, so the program's own children and its own
 // SIGCHLD handling are left alone.
 //
+// The fallback's one gap: a program that reaps the pool's children itself (SIGCHLD ignored, a
+// waitpid(-1) of its own) frees a worker's pid before the pool looks, and were that pid taken by
+// another child of this process within the look interval (the kernel would have to cycle through
+// every pid first), a stop of the dead worker would reach it. With pidfds it cannot happen.
+//
 // Whether the kernel has each call is learnt from its first ENOSYS and remembered for the process
 // (and its forks). close_range (Linux 5.9) likewise: without it descriptors are closed by walking
 // /proc/self/fd. procpool never calls clone3; glibc's fork(), posix_spawn() and pthread_create()

@@ -6,6 +6,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "lib/common/socket.h"
+#include "lib/metrics_server.h"
 
 namespace procpool::internal {
 namespace {
@@ -83,6 +84,12 @@ absl::Status check_remote_options(const PoolOptions& options, bool remote_allowe
 
 absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed) {
   if (absl::Status remote = check_remote_options(options, remote_allowed); !remote.ok()) return remote;
+  if (!options.metrics_listen.empty()) {
+    if (absl::StatusOr<HostPort> metrics = parse_metrics_listen(options.metrics_listen);
+        !metrics.ok()) {
+      return metrics.status();
+    }
+  }
   if (options.workers < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "PoolOptions::workers must be 0 (one per CPU) or more, not ", options.workers));

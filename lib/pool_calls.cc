@@ -256,7 +256,12 @@ PoolStats PoolCore::Impl::stats() const {
   stats.tasks_submitted = scheduler_->tasks_submitted();
   stats.tasks_done = scheduler_->tasks_done();
   stats.tasks_failed = scheduler_->tasks_failed();
+  stats.task_run_time = scheduler_->run_time();
   supervisor_->fill_stats(stats);
+  // Every task accepted gets one outcome, done or failed (scheduler.h): those without one yet are
+  // running or waiting.
+  stats.tasks_queued = std::max<int64_t>(
+      0, stats.tasks_submitted - stats.tasks_done - stats.tasks_failed - stats.tasks_running);
   return stats;
 }
 

@@ -30,11 +30,13 @@
 #include "lib/common/unique_fd.h"
 #include "lib/link/fork_launcher.h"
 #include "lib/link/remote_launcher.h"
+#include "lib/metrics_server.h"
 #include "lib/options_check.h"
 #include "lib/pool_registry.h"
 #include "lib/scheduler/scheduler.h"
 #include "lib/supervision/supervisor.h"
 #include "lib/pool_core_impl.h"
+#include "procpool/metrics.h"
 
 namespace procpool::internal {
 namespace {
@@ -74,6 +76,19 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
     return;
   }
   wake_fd_ = *std::move(wake);
+  if (!options_.metrics_listen.empty()) {
+    // Listened on now, so that a port in use is every call's error; served once the workers are
+    // forked (serve_metrics): a scrape before could start the pool thread (stats()).
+    absl::StatusOr<std::unique_ptr<MetricsServer>> metrics = MetricsServer::listen(
+        *parse_metrics_listen(options_.metrics_listen),
+        [this] { return metrics_text(stats(), options_.name); });
+    if (!metrics.ok()) {
+      thread_failure_ = metrics.status();
+      loop_done_ = true;
+      return;
+    }
+    metrics_server_ = *std::move(metrics);
+  }
   if (options_.remote) {
     absl::StatusOr<std::unique_ptr<RemoteLauncher>> remote =
         RemoteLauncher::start(RemoteLauncher::Config{.remote = *options_.remote,
@@ -83,7 +98,8 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .name = options_.name,
                                                      .worker_type = worker_type,
                                                      .report_resident_bytes =
-                                                         options_.max_worker_rss_bytes > 0});
+                                                         options_.max_worker_rss_bytes > 0 ||
+                                                         !options_.metrics_listen.empty()});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;
@@ -193,6 +209,21 @@ void PoolCore::Impl::shutdown() {
   }
   if (thread_.joinable()) thread_.join();
   callbacks_.stop();
+  metrics_server_.reset();
+}
+
+void PoolCore::Impl::serve_metrics() {
+  if (!metrics_server_) return;
+  if (absl::Status served = metrics_server_->serve(); !served.ok()) {
+    log(LogSeverity::kError, "procpool", ::getpid(), std::string(served.message()));
+    return;
+  }
+  log(LogSeverity::kInfo, "procpool", ::getpid(),
+      absl::StrCat("serving metrics on http://", metrics_server_->address(), "/metrics"));
+}
+
+std::string PoolCore::Impl::metrics_address() const {
+  return metrics_server_ && !foreign() ? metrics_server_->address() : "";
 }
 
 void PoolCore::Impl::post_callback(std::function<void()> callback) {
@@ -283,6 +314,7 @@ PoolCore::PoolCore(PoolOptions options, WorkerBodyFactory factory, std::string w
   // Only now, with the PoolCore whole: a worker gets a copy of it as it is at the fork, and a
   // task that calls the pool it came from (a global one) must find it able to refuse.
   impl_->start();
+  impl_->serve_metrics();
   register_pool(this);
 }
 
@@ -331,6 +363,7 @@ int PoolCore::worker_count() const { return impl_->worker_count_; }
 PoolStats PoolCore::stats() const { return impl_->stats(); }
 std::string PoolCore::remote_address() const { return impl_->remote_address(); }
 std::string PoolCore::remote_token() const { return impl_->remote_token(); }
+std::string PoolCore::metrics_address() const { return impl_->metrics_address(); }
 const PoolOptions& PoolCore::options() const { return impl_->options_; }
 void PoolCore::log(LogSeverity severity, std::string message) const {
   impl_->log(severity, "procpool", ::getpid(), message);

@@ -21,6 +21,7 @@
 #include "lib/common/spin.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/launcher.h"
+#include "lib/metrics_server.h"
 #include "lib/scheduler/scheduler.h"
 #include "lib/supervision/supervisor.h"
 #include "procpool/internal/pool_core.h"
@@ -52,6 +53,9 @@ class PoolCore::Impl {
   PoolStats stats() const;
   std::string remote_address() const;
   std::string remote_token() const;
+  // The metrics endpoint: serving starts once the workers are forked (the constructor listened).
+  void serve_metrics();
+  std::string metrics_address() const;
   void post_callback(std::function<void()> callback);
   void log(LogSeverity severity, const std::string& process, int pid,
            const std::string& message) const;
@@ -100,6 +104,8 @@ class PoolCore::Impl {
   std::thread thread_;
 
   CallbackRunner callbacks_;
+  // PoolOptions::metrics_listen. Last: its thread calls stats(), so it goes first (shutdown()).
+  std::unique_ptr<MetricsServer> metrics_server_;
 };
 
 }  // namespace procpool::internal

@@ -197,6 +197,9 @@ class Pool {
   int workers() const { return core_.worker_count(); }
   /// A snapshot of the pool and its workers (pool_stats.h). Blocks only for the pool's lock.
   PoolStats stats() const { return core_.stats(); }
+  /// With `PoolOptions::metrics_listen`: the "host:port" where `GET /metrics` is served (the port
+  /// it got for port 0). Empty without it, or when it could not listen. Never blocks.
+  std::string metrics_address() const { return core_.metrics_address(); }
 
  private:
   internal::PoolCore core_;

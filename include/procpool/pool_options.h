@@ -210,6 +210,14 @@ struct PoolOptions {
   /// `ProcessPool<W>` can (procpool::Pool refuses it with kInvalidArgument: function addresses
   /// mean nothing in another program); `workers` must then be given (not 0).
   std::optional<RemoteOptions> remote;
+  /// Serve `GET /metrics` (Prometheus text, metrics.h) over HTTP on this "host:port" from a thread
+  /// of the pool's own, from when the pool is made until it is destroyed; "" (the default): no
+  /// endpoint. ":9464" or "9464" listens on loopback (127.0.0.1); name another address
+  /// ("0.0.0.0:9464") to be scraped from other machines (the page is not authenticated). Port 0
+  /// picks a free one (`metrics_address()` says which). A value that is not an address makes
+  /// every call return kInvalidArgument naming this field; one that cannot be listened on (in use,
+  /// not this machine's) fails every call with the cause.
+  std::string metrics_listen;
 };
 
 }  // namespace procpool

@@ -291,6 +291,10 @@ class ProcessPool {
   /// PROCPOOL_TOKEN_FILE. Empty when `remote_address()` is. It is a secret: do not log it. Blocks
   /// only for the pool's lock.
   std::string remote_token() const { return core_.remote_token(); }
+  /// With `PoolOptions::metrics_listen`: the "host:port" where `GET /metrics` is served (the port
+  /// it got when it listened on port 0). Empty without it, or when it could not listen (then
+  /// every call says why). Never blocks.
+  std::string metrics_address() const { return core_.metrics_address(); }
   /// A snapshot of the pool and its workers (pool_stats.h); empty in a worker that inherited the
   /// pool. Blocks only for the pool's lock; safe at any time, also after close().
   PoolStats stats() const { return core_.stats(); }

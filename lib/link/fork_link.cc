@@ -237,6 +237,16 @@ WorkerProgress ForkLink::progress() const {
   return progress;
 }
 
+std::string ForkLink::host() const {
+  // Asked once: a host's name does not change under a running pool, as far as it needs to know.
+  static const std::string name = [] {
+    char buffer[256] = {};
+    if (::gethostname(buffer, sizeof(buffer) - 1) != 0) return std::string("localhost");
+    return std::string(buffer);
+  }();
+  return name;
+}
+
 size_t ForkLink::resident_bytes() const {
   // RssAnon + RssFile: its own memory, not the shared memory it maps (RssShmem: its blob region,
   // its control page), which it reads and writes for the pool and which is not its to shed.

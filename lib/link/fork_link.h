@@ -64,6 +64,7 @@ class ForkLink final : public WorkerLink {
   void pump(short revents, LinkEvents& events) override;
   WorkerProgress progress() const override;
   size_t resident_bytes() const override;
+  std::string host() const override;
   void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
   void stop(StopMode mode) override;

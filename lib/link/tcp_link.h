@@ -70,6 +70,7 @@ class TcpLink final : public WorkerLink {
   void pump(short revents, LinkEvents& events) override;
   WorkerProgress progress() const override { return progress_; }
   size_t resident_bytes() const override { return resident_bytes_; }
+  std::string host() const override { return host_ != nullptr ? host_->host_name() : ""; }
   void open_claims(uint32_t, uint16_t, uint32_t) override {}  // the worker's page is its relay's
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
   void stop(StopMode mode) override;

@@ -126,8 +126,11 @@ class WorkerLink {
 
   // What the worker is doing (control_page.h for what the fields mean).
   virtual WorkerProgress progress() const = 0;
-  // Its resident memory in bytes, where known (0 if not): for max_worker_rss_bytes.
+  // Its resident memory in bytes, where known (0 if not): for max_worker_rss_bytes and stats.
   virtual size_t resident_bytes() const = 0;
+  // The name of the host it runs on, for stats: this machine's for a forked worker, its worker
+  // host's for a remote one; "" while there is none (the default).
+  virtual std::string host() const { return {}; }
   // Claims (control_page.h): open a batch's claims before sending it; take its unstarted tasks
   // back. The answer to revoke comes through events.on_revoked, during the call (shared memory)
   // or later (a round trip).

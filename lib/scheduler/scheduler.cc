@@ -168,11 +168,10 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
   if (!delivered.ok()) return delivered;
   // The worker's own account of the time these took: clamped, as every time it writes, so that
   // sums and the stall rule's multiple of the mean cannot overflow.
+  const auto busy_ns = static_cast<int64_t>(std::min<uint64_t>(results.getBusyNs(), kMaxObservedNs));
   call.observed_tasks += count;
-  call.observed_busy_ns = std::min(
-      call.observed_busy_ns + static_cast<int64_t>(std::min<uint64_t>(results.getBusyNs(),
-                                                                      kMaxObservedNs)),
-      kMaxObservedNs);
+  call.observed_busy_ns = std::min(call.observed_busy_ns + busy_ns, kMaxObservedNs);
+  run_time_.add(count, absl::Nanoseconds(busy_ns));
   if (region != nullptr) region->release_results(results.getBlobsEnd());
   if (batch.reported == batch.limit && batch.take_back == TakeBack::kNone) {
     erase_batch(worker, 0);

@@ -38,6 +38,7 @@
 #include "lib/wire/frame_io.h"
 #include "procpool/internal/call.h"
 #include "procpool/internal/protocol.capnp.h"
+#include "procpool/pool_stats.h"
 
 namespace procpool::internal {
 
@@ -151,6 +152,8 @@ class Scheduler {
   int64_t tasks_submitted() const { return tasks_submitted_; }
   int64_t tasks_done() const { return tasks_done_; }
   int64_t tasks_failed() const { return tasks_failed_; }
+  // The run times of the tasks whose outcomes came from a worker (pool_stats.h).
+  const RunTimeHistogram& run_time() const { return run_time_; }
 
   // The stall rule, documented in README ("A stalled worker"): a worker whose current task has
   // run (or whose next batch has waited to start) longer than max(kStallFloor, kStallFactor x the
@@ -257,6 +260,7 @@ class Scheduler {
   int64_t tasks_submitted_ = 0;
   int64_t tasks_done_ = 0;
   int64_t tasks_failed_ = 0;
+  RunTimeHistogram run_time_;
 };
 
 }  // namespace procpool::internal

@@ -85,6 +85,7 @@ struct Supervisor::Slot : ProcessState {
   uint64_t generation = 0;           // counts the links this slot has had
   int64_t next_start_ns = 0;         // kEmpty: when to start the next one
   bool no_capacity = false;          // its last start failed for want of a host (launch() said)
+  std::string last_exit;             // how its last process ended (WorkerEnd::how), for stats
 
   // The current process's state, replaced whole when the next one starts.
   ProcessState& process() { return *this; }

@@ -154,6 +154,7 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const State state = slot.state;
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
+  slot.last_exit = end.how;
   log(slot, expected || terminating_ ? LogSeverity::kInfo : LogSeverity::kWarning, how);
 
   // join() reports what went wrong with a worker's exit().

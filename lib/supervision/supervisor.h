@@ -106,6 +106,7 @@ class Supervisor final : private LauncherEvents {
   // (WorkerLink::release_borrowed): nothing of that memory is read after this returns.
   void release_borrowed(const void* borrower);
 
+  // The workers, restarts and bytes of `stats` (the scheduler's counters are the caller's).
   void fill_stats(PoolStats& stats) const;
 
  private:
@@ -156,6 +157,8 @@ class Supervisor final : private LauncherEvents {
   std::vector<std::string> join_problems_;
   absl::StatusCode join_code_ = absl::StatusCode::kOk;
   int64_t workers_restarted_ = 0;
+  int64_t bytes_sent_ = 0;      // frames given to links (Port::send)
+  int64_t bytes_received_ = 0;  // frames links delivered (on_frame)
 };
 
 }  // namespace procpool::internal

@@ -1,6 +1,7 @@
 // Supervisor: what reaches it from its workers' links (frames, broken streams, revocations) and
 // from the scheduler (its ports), apply's borrowed workers, and stats.
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -21,7 +22,11 @@ void Supervisor::Events::on_revoked(uint32_t slot, uint16_t tag, uint32_t claime
 
 const std::string& Supervisor::Port::name() const { return slot_.display(); }
 void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
-  if (slot_.link) slot_.link->send(std::move(frame));
+  if (!slot_.link) return;
+  // The segment table's sizes, not the bytes: a handful of additions per frame.
+  owner_.bytes_sent_ += static_cast<int64_t>(capnp::computeSerializedSizeInWords(*frame) *
+                                             sizeof(capnp::word));
+  slot_.link->send(std::move(frame));
 }
 void Supervisor::Port::flush() {
   if (slot_.link) slot_.link->flush();
@@ -44,6 +49,8 @@ void Supervisor::Port::stop(absl::Status reason) {
 }
 
 void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered) {
+  // A recovered frame may repeat one counted already.
+  if (!recovered) bytes_received_ += static_cast<int64_t>(words.size() * sizeof(capnp::word));
   // The one place a worker's bytes are parsed: whatever Cap'n Proto throws becomes kDataLoss.
   const absl::Status parsed = guarded("sent a malformed frame", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(words, frame_reader_options(config_.max_frame_bytes));
@@ -137,6 +144,8 @@ WorkerLink* Supervisor::link(int slot) const { return slots_[slot]->link.get(); 
 
 void Supervisor::fill_stats(PoolStats& stats) const {
   stats.workers_restarted = workers_restarted_;
+  stats.bytes_sent = bytes_sent_;
+  stats.bytes_received = bytes_received_;
   for (const auto& slot : slots_) {
     WorkerStats worker;
     worker.slot = slot->index;
@@ -157,8 +166,24 @@ void Supervisor::fill_stats(PoolStats& stats) const {
       worker.tasks_done = progress.tasks_done;
       worker.time_busy = absl::Nanoseconds(progress.busy_ns);
       worker.current_task = scheduler_.current_task(slot->index);
+      worker.host = slot->link->host();
+      worker.resident_bytes = static_cast<int64_t>(slot->link->resident_bytes());
     }
-    stats.workers.push_back(worker);
+    worker.restarts = slot->generation > 1 ? static_cast<int64_t>(slot->generation - 1) : 0;
+    worker.last_exit = slot->last_exit;
+    if (worker.current_task) ++stats.tasks_running;
+    stats.workers.push_back(std::move(worker));
+  }
+  // The per-host breakdown, hosts in order of their first slot (a pool has a handful of hosts).
+  for (const WorkerStats& worker : stats.workers) {
+    auto host = std::find_if(stats.hosts.begin(), stats.hosts.end(),
+                             [&](const HostStats& h) { return h.host == worker.host; });
+    if (host == stats.hosts.end()) host = stats.hosts.insert(host, HostStats{.host = worker.host});
+    ++host->workers;
+    if (worker.state == WorkerState::kBusy) ++host->busy;
+    host->tasks_done += worker.tasks_done;
+    host->resident_bytes += worker.resident_bytes;
+    host->restarts += worker.restarts;
   }
 }
 

@@ -129,6 +129,8 @@ class PoolCore {
   std::string remote_address() const;
   // The token remote workers must prove (given or made); empty for a pool without it.
   std::string remote_token() const;
+  // Where PoolOptions::metrics_listen serves ("host:port"); empty without it.
+  std::string metrics_address() const;
   PoolStats stats() const;
   const PoolOptions& options() const;
 

@@ -4,7 +4,8 @@
 # - frame_decoder: whatever bytes a worker writes, the pool's frame decoding ends in a status;
 # - remote_host:   whatever a peer dialling a remote pool sends, the pool's handshake, its
 #                  reading of a worker host's frames and of a worker's data connection end in a
-#                  refusal, a closed connection or a failed task;
+#                  refusal, a closed connection or a failed task; and whatever TLS records reach a
+#                  pool whose connections are TLS, a failed handshake or a broken connection;
 # - scheduler:     whatever frames a worker sends (read by the pool's own path, supervision then
 #                  the scheduler, over fake links: no process), every call ends, each task with
 #                  exactly one outcome.
@@ -54,8 +55,12 @@ printf '\x00\x00\x00\x01\x05\x00\x40\x06\x00\x05\x00\xff\x06\x00' >"$OUT/corpus-
 printf '\x00\x00\x01\x00\x00\x00\x04\x00\x00\x10\x00\x01\x06\x00' >"$OUT/corpus-scheduler/flipped"
 printf '\x00\x01\x01\x01\x07\x01\x01\x06\x00\x08\x00\x01' >"$OUT/corpus-scheduler/death"
 # Seeds for the remote host: the first byte picks the handshake (0), a connected host (1) or a
-# worker's data connection after its attach frame (2).
+# worker's data connection after its attach frame (2), in plaintext; with bit 2 (4), TLS records
+# to a pool keyed by its token (a ClientHello's record header, then an application-data record).
 printf '\x00' >"$OUT/corpus-remote_host/handshake"
+printf '\x04\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03' >"$OUT/corpus-remote_host/tls-hello"
+printf '\x04\x17\x03\x03\x00\x11\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\x10' \
+  >"$OUT/corpus-remote_host/tls-record"
 cp "$OUT"/corpus-frame_decoder/* "$OUT/corpus-remote_host/" 2>/dev/null || true
 for seed in "$OUT"/corpus-frame_decoder/*; do
   { printf '\x01'; cat "$seed"; } >"$OUT/corpus-remote_host/connected-$(basename "$seed")"

@@ -30,7 +30,11 @@ namespace procpool::internal {
 using WorkerTypeFinder = std::function<const WorkerBodyFactory*(const std::string& worker_type)>;
 
 // Runs a remote worker to its end: `argv` names the pool's address (--procpool-connect=HOST:PORT,
-// or PROCPOOL_CONNECT), the environment the token (PROCPOOL_TOKEN). `offered_type` is the one
+// or PROCPOOL_CONNECT), the environment the token (PROCPOOL_TOKEN) and how to speak TLS
+// (tls_channel.h): keyed by the token by default; with certificates when PROCPOOL_TLS_CERT,
+// PROCPOOL_TLS_KEY and PROCPOOL_TLS_CA name them; in plaintext only with PROCPOOL_ENCRYPT=0 and a
+// pool on a loopback address. Its control connection and each worker's data connection are TLS
+// alike: the relay completes a data connection's handshake and forks the worker on the session. `offered_type` is the one
 // worker type this program serves (worker_type_name), or empty when it serves whichever `find`
 // knows. Returns the program's exit status: 0 after the pool closed the connection, 2 when the
 // pool refused this worker or this worker the pool (a message on stderr says why), 1 when it

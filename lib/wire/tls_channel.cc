@@ -21,6 +21,8 @@ constexpr unsigned char kTls13Aes128GcmSha256[] = {0x13, 0x01};
 constexpr size_t kRecordBytes = 16384;  // the largest plaintext of one TLS record
 // With read-ahead, one read() takes several records: fewer system calls per frame.
 constexpr size_t kReadBufferBytes = 64 * 1024;
+// A read that has taken this much is a bulk transfer: it goes on while the socket has more.
+constexpr size_t kBulkReadBytes = 16 * 1024;
 
 // OpenSSL's reasons, queued on this thread, as one line (and the queue emptied).
 std::string openssl_errors() {
@@ -235,9 +237,10 @@ absl::StatusOr<ssize_t> TlsChannel::read(void* into, size_t size) {
     const int rc = SSL_read_ex(ssl_, static_cast<char*>(into) + got, size - got, &n);
     if (rc == 1) {
       got += n;
-      // Nothing left in hand: what comes next, poll() tells of. (Another SSL_read would only ask
-      // the socket for it, and be told EAGAIN.)
-      if (!SSL_has_pending(ssl_)) {
+      // Nothing left in hand, and a small read (a round trip's frame): what comes next, poll()
+      // tells of; another SSL_read would only ask the socket and be told EAGAIN. A bulk read goes
+      // on until the socket is empty, as a plain read() takes all the socket has.
+      if (!SSL_has_pending(ssl_) && got < kBulkReadBytes) {
         starved_ = true;
         break;
       }

@@ -6,11 +6,15 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/time.h"
 #include "procpool/pool_stats.h"
 
 namespace procpool {
@@ -160,7 +164,7 @@ std::string metrics_text(const PoolStats& stats, std::string_view pool_name) {
              "Worker processes started in place of one that ended (death, timeout, recycling).",
              stats.workers_restarted);
   out.single("procpool_sent_bytes_total", "counter",
-             "Bytes of the frames the pool wrote to its workers.", stats.bytes_sent);
+             "Bytes of the frames the pool sent its workers.", stats.bytes_sent);
   out.single("procpool_received_bytes_total", "counter",
              "Bytes of the frames the pool read from its workers.", stats.bytes_received);
 

@@ -68,8 +68,10 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::listen(
     const HostPort& address, std::function<std::string()> render, Limits limits) {
   absl::StatusOr<UniqueFd> listener = listen_tcp(address, /*backlog=*/64);
   if (!listener.ok()) {
-    return absl::Status(listener.status().code(),
-                        absl::StrCat("PoolOptions::metrics_listen: ", listener.status().message()));
+    // One code whatever the errno (EADDRINUSE alone would be kFailedPrecondition, which means a
+    // call after close() here): the endpoint cannot be had, and the message says why.
+    return absl::UnavailableError(
+        absl::StrCat("PoolOptions::metrics_listen: ", listener.status().message()));
   }
   absl::StatusOr<HostPort> bound = local_address(listener->get());
   if (!bound.ok()) return bound.status();

@@ -43,8 +43,8 @@ class MetricsServer {
     absl::Duration client_timeout = absl::Seconds(10);
   };
 
-  // Listens on `address` now (an error names metrics_listen and the cause: an address in use, a
-  // host that does not resolve); serving starts with serve().
+  // Listens on `address` now (kUnavailable naming metrics_listen, the address and the cause: an
+  // address in use, a host that does not resolve); serving starts with serve().
   static absl::StatusOr<std::unique_ptr<MetricsServer>> listen(const HostPort& address,
                                                                std::function<std::string()> render,
                                                                Limits limits);

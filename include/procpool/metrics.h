@@ -39,7 +39,7 @@
 namespace procpool {
 
 /// Prometheus text exposition (format 0.0.4) of `stats`, each series labelled
-/// `pool="<pool_name>"`. Serve it with `Content-Type: text/plain; version=0.0.4`.
+/// `pool` (the value of `pool_name`). Serve it with `Content-Type: text/plain; version=0.0.4`.
 std::string metrics_text(const PoolStats& stats, std::string_view pool_name);
 
 }  // namespace procpool

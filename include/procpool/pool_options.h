@@ -216,7 +216,7 @@ struct PoolOptions {
   /// ("0.0.0.0:9464") to be scraped from other machines (the page is not authenticated). Port 0
   /// picks a free one (`metrics_address()` says which). A value that is not an address makes
   /// every call return kInvalidArgument naming this field; one that cannot be listened on (in use,
-  /// not this machine's) fails every call with the cause.
+  /// not this machine's) fails every call with kUnavailable naming it, the address and the cause.
   std::string metrics_listen;
 };
 

@@ -119,9 +119,10 @@ struct PoolStats {
   int64_t tasks_running = 0;
   /// Run times of the tasks that have an outcome from a worker (see RunTimeHistogram).
   RunTimeHistogram task_run_time;
-  /// Bytes of the frames the pool wrote to its workers' channels and read from them, since it was
-  /// made. Byte strings a local worker's blob region carries (64 KiB and more) are not in them.
+  /// Bytes of the frames the pool sent its workers since it was made. Byte strings a local
+  /// worker's blob region carries (64 KiB and more) are not in it.
   int64_t bytes_sent = 0;
+  /// Bytes of the frames the pool read from its workers since it was made (blobs: as above).
   int64_t bytes_received = 0;
   /// One entry per host its workers run on, in order of their first slot.
   std::vector<HostStats> hosts;

@@ -93,13 +93,18 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
         absl::StrCat("listening for remote workers; they dial ", (*remote)->address()));
     launcher_ = *std::move(remote);
   } else {
-    launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
+    auto forks = std::make_unique<ForkLauncher>(ForkLauncher::Config{
         .process_name_prefix = options_.name,
         .fork_server = options_.start_method == StartMethod::kForkServer,
         .max_frame_bytes = options_.max_frame_bytes,
         .frame_timeout = options_.frame_timeout,
         .factory = &factory_,
-        .blob_regions = features.blob_regions});
+        .blob_regions = features.blob_regions,
+        .cgroups = options_.cgroups,
+        .max_worker_memory_bytes = options_.max_worker_memory_bytes});
+    // Which mechanism stops workers' trees and holds the memory cap, said once at start.
+    log(LogSeverity::kInfo, "procpool", ::getpid(), forks->cgroup_plan().describe());
+    launcher_ = std::move(forks);
   }
   scheduler_ = std::make_unique<Scheduler>(Scheduler::Config{
       .workers = worker_count_,

@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "lib/common/process_tree.h"
 #include "lib/fault_injection.h"
 #include "lib/worker/child_setup.h"
 
@@ -35,6 +36,9 @@ void flush_shared_streams() {
   }
 }
 
+// How long kill_tree waits for SIGSTOP to take: 100 µs at a time, 100 ms in all.
+constexpr int kStopWaitTries = 1000;
+
 std::string signal_name(int signal) {
   const char* name = ::sigabbrev_np(signal);
   return absl::StrFormat("signal %d (SIG%s)", signal, name ? name : "?");
@@ -55,6 +59,34 @@ void WorkerProcess::kill(int signal) const {
   } else if (!adopted_) {
     ::kill(pid_, signal);
   }
+}
+
+void WorkerProcess::kill_tree(int signal) const {
+  if (reaped_ || pid_ <= 0) return;
+  kill(SIGSTOP);
+  // SIGSTOP takes effect when the worker next leaves the kernel: wait (briefly) until it has.
+  const std::string stat_path = absl::StrCat("/proc/", pid_, "/stat");
+  for (int i = 0; i < kStopWaitTries; ++i) {
+    char text[512];
+    std::FILE* stat = std::fopen(stat_path.c_str(), "re");
+    if (stat == nullptr) break;
+    const size_t got = std::fread(text, 1, sizeof(text) - 1, stat);
+    std::fclose(stat);
+    text[got] = '\0';
+    const char* after_name = std::strrchr(text, ')');
+    if (after_name == nullptr || after_name[1] == '\0') break;
+    const char state = after_name[2];
+    if (state == 'T' || state == 't' || state == 'Z' || state == 'X') break;
+    ::usleep(100);
+  }
+  internal::kill_descendants(pid_);
+  kill(signal);
+  kill(SIGCONT);
+}
+
+void WorkerProcess::kill_group(int signal) const {
+  // Not once reaped: the group's number may then belong to another process's group.
+  if (!reaped_ && pid_ > 0) ::kill(-pid_, signal);
 }
 
 std::optional<int> WorkerProcess::try_reap() {

@@ -250,6 +250,7 @@ struct Ended {
 struct ForkServerRequest {
   slot @0 :UInt32;
   name @1 :Text;                # the worker's process name
+  cgroupProcs @2 :List(Text);   # the cgroup.procs files the worker joins first (cgroup.h)
 }
 
 struct ForkServerReport {

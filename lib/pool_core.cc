@@ -83,7 +83,11 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .name = options_.name,
                                                      .worker_type = worker_type,
                                                      .report_resident_bytes =
-                                                         options_.max_worker_rss_bytes > 0});
+                                                         options_.max_worker_rss_bytes > 0,
+                                                     .max_worker_memory_bytes =
+                                                         options_.max_worker_memory_bytes,
+                                                     .cgroups_off =
+                                                         options_.cgroups == Cgroups::kOff});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <memory>
@@ -28,7 +29,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "doctest/doctest.h"
+#include "lib/common/cgroup.h"
 #include "procpool/process_pool.h"
+#include "tests/remote_worker.h"
 #include "tests/test_support.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -59,7 +62,9 @@ const std::string& mark_of_this_test() {
   static const std::string mark = absl::StrCat("tree-", ::getpid(), "-", absl::ToUnixNanos(absl::Now()));
   return mark;
 }
-[[maybe_unused]] const bool mark_made_at_start = !mark_of_this_test().empty();
+[[maybe_unused]] const bool mark_made_at_start =
+    // Remote workers (tests/remote_worker.h) mark what they start with this too.
+    ::setenv("REMOTE_TREE_MARK", mark_of_this_test().c_str(), 1) == 0;
 
 // Execs `argv` in the current (forked) process with the mark in its environment.
 [[noreturn]] void exec_marked(const char* const* argv) {
@@ -321,6 +326,57 @@ TEST_CASE("without a memory cgroup, max_worker_memory_bytes is RLIMIT_AS: the al
   const absl::StatusOr<int64_t> same = pool.apply(kPid);
   REQUIRE(same.ok());
   CHECK(*same == *pid);
+}
+
+// Remote workers: the worker program (tests/remote_worker_helper) launched by the pool; its relay
+// forks the worker and stops its tree on its host.
+std::string worker_program() {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (srcdir != nullptr) {
+    const std::string path =
+        absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/remote_worker_helper");
+    if (testing::file_exists(path)) return path;
+  }
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "remote_worker_helper")
+      .string();
+}
+
+PoolOptions remote_options(PoolOptions options) {
+  options.workers = 1;
+  options.name = "tree";
+  options.remote = RemoteOptions{.launch = {worker_program(), "--procpool-connect={address}"},
+                                 .connect_timeout = absl::Seconds(20)};
+  return options;
+}
+
+TEST_CASE("a remote worker's relay stops its task's whole tree on its host") {
+  ProcessPool<testing::RemoteWorker> pool(
+      remote_options({.task_timeout = absl::Seconds(1), .log_sink = nullptr}));
+  AsyncResult<int64_t> running = pool.apply_async(testing::kRemoteSetsidDaemon);
+  CHECK(wait_until([] { return marked_processes().size() >= 1; }, absl::Seconds(10)));
+  CHECK(running.get().status().code() == absl::StatusCode::kDeadlineExceeded);
+  check_tree_gone("a remote worker's timeout");
+  CHECK(pool.apply(7).value_or(0) == 49);
+}
+
+TEST_CASE("a remote worker that crosses max_worker_memory_bytes fails kResourceExhausted") {
+  LogCapture log;
+  constexpr size_t kCap = size_t{128} << 20;
+  ProcessPool<testing::RemoteWorker> pool(
+      remote_options({.max_worker_memory_bytes = kCap, .log_sink = log.sink()}));
+  // The relay runs here, in this process's cgroups: what the pool could make, it can.
+  const std::string local = internal::CgroupPlan::detect(true, kCap).describe();
+  if (!absl::StrContains(local, "through cgroup")) {
+    MESSAGE(absl::StrCat("skipped: no memory cgroup can be made here (", local, ")"));
+    return;
+  }
+  const absl::StatusOr<int64_t> failed = pool.apply(testing::kRemoteAllocate512MiB);
+  CHECK(failed.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(absl::StrContains(failed.status().message(), "max_worker_memory_bytes"));
+  CHECK(absl::StrContains(failed.status().message(), absl::StrCat(kCap)));
+  MESSAGE(failed.status());
+  CHECK(pool.apply(7).value_or(0) == 49);
 }
 
 TEST_CASE("max_worker_memory_bytes below 16 MiB is refused by name") {

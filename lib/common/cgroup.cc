@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <utility>
 
@@ -21,6 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "lib/common/mutex.h"
 
 namespace procpool::internal {
 namespace {
@@ -178,14 +180,27 @@ int kill_listed(const std::string& procs) {
 
 }  // namespace
 
-CgroupPlan CgroupPlan::detect(bool use_cgroups, size_t memory_bytes) {
+CgroupPlan CgroupPlan::detect(bool use_cgroups, size_t memory_bytes, bool allow_v2) {
   CgroupPlan plan;
   plan.memory_bytes = memory_bytes;
   if (!use_cgroups) {
     plan.memory = memory_bytes > 0 ? Memory::kRlimitAs : Memory::kNone;
     return plan;
   }
-  const OwnCgroups own = find_own_cgroups();
+  OwnCgroups own = find_own_cgroups();
+  if (!allow_v2) own.v2.clear();
+  // Probing makes and removes cgroups: done once per place this process is in (a pool made
+  // often, in a loop or per request, does not pay it each time).
+  static Mutex mu;
+  static auto* known = new std::map<std::string, CgroupPlan>();
+  const std::string key = absl::StrCat(own.v2, "|", own.v1_freezer, "|", own.v1_memory, "|",
+                                       memory_bytes > 0 ? "memory" : "");
+  MutexLock lock(mu);
+  if (auto it = known->find(key); it != known->end()) {
+    plan = it->second;
+    plan.memory_bytes = memory_bytes;
+    return plan;
+  }
   const Probe v2 = probe(own.v2);
   if (v2.made && v2.kill) {
     plan.kill = Kill::kV2Kill;
@@ -209,6 +224,7 @@ CgroupPlan CgroupPlan::detect(bool use_cgroups, size_t memory_bytes) {
       plan.memory = Memory::kRlimitAs;
     }
   }
+  (*known)[key] = plan;
   return plan;
 }
 

@@ -48,8 +48,9 @@ struct CgroupPlan {
   bool v1_memsw = false;      // kV1: the kernel accounts swap (memory.memsw.limit_in_bytes)
 
   // Finds what is usable. `use_cgroups` false (Cgroups::kOff): none, and the cap, if any, is
-  // RLIMIT_AS. Never fails: what cannot be used is left out.
-  static CgroupPlan detect(bool use_cgroups, size_t memory_bytes);
+  // RLIMIT_AS. Never fails: what cannot be used is left out. `allow_v2` false ignores a v2
+  // hierarchy (tests use it to exercise v1 on a hybrid host).
+  static CgroupPlan detect(bool use_cgroups, size_t memory_bytes, bool allow_v2 = true);
   bool uses_cgroups() const { return kill != Kill::kNone || memory == Memory::kV1 || memory == Memory::kV2; }
   // For a log line: "process trees are stopped through cgroup v2 cgroup.kill below
   // /sys/fs/cgroup/unified; memory cap 268435456 bytes through cgroup v1 memory.limit_in_bytes".

@@ -63,25 +63,27 @@ void WorkerProcess::kill(int signal) const {
 
 void WorkerProcess::kill_tree(int signal) const {
   if (reaped_ || pid_ <= 0) return;
-  kill(SIGSTOP);
-  // SIGSTOP takes effect when the worker next leaves the kernel: wait (briefly) until it has.
+  // A worker stopped by someone else stays stopped (its SIGTERM waits, and SIGKILL comes after
+  // kill_grace, as without a tree); one stopped here is continued.
   const std::string stat_path = absl::StrCat("/proc/", pid_, "/stat");
-  for (int i = 0; i < kStopWaitTries; ++i) {
+  auto state = [&stat_path]() -> char {
     char text[512];
     std::FILE* stat = std::fopen(stat_path.c_str(), "re");
-    if (stat == nullptr) break;
+    if (stat == nullptr) return 'X';
     const size_t got = std::fread(text, 1, sizeof(text) - 1, stat);
     std::fclose(stat);
     text[got] = '\0';
     const char* after_name = std::strrchr(text, ')');
-    if (after_name == nullptr || after_name[1] == '\0') break;
-    const char state = after_name[2];
-    if (state == 'T' || state == 't' || state == 'Z' || state == 'X') break;
-    ::usleep(100);
-  }
+    return after_name == nullptr || after_name[1] == '\0' ? 'X' : after_name[2];
+  };
+  auto stopped = [](char s) { return s == 'T' || s == 't' || s == 'Z' || s == 'X'; };
+  const bool stopped_before = stopped(state());
+  kill(SIGSTOP);
+  // SIGSTOP takes effect when the worker next leaves the kernel: wait (briefly) until it has.
+  for (int i = 0; i < kStopWaitTries && !stopped(state()); ++i) ::usleep(100);
   internal::kill_descendants(pid_);
   kill(signal);
-  kill(SIGCONT);
+  if (!stopped_before) kill(SIGCONT);
 }
 
 void WorkerProcess::kill_group(int signal) const {

@@ -111,6 +111,16 @@ absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed)
         "PoolOptions::max_tasks_per_worker must be 0 (never recycle) or more, not ",
         options.max_tasks_per_worker));
   }
+  if (options.max_worker_memory_bytes != 0 && options.max_worker_memory_bytes < kMinWorkerMemoryBytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PoolOptions::max_worker_memory_bytes (%d) is below %d bytes (16 MiB), too little for any "
+        "worker to start; 0 means no cap",
+        options.max_worker_memory_bytes, kMinWorkerMemoryBytes));
+  }
+  if (options.cgroups != Cgroups::kAuto && options.cgroups != Cgroups::kOff) {
+    return absl::InvalidArgumentError(absl::StrCat("PoolOptions::cgroups is not a Cgroups value (",
+                                                   static_cast<int>(options.cgroups), ")"));
+  }
   for (absl::Status s : {not_negative("join_timeout", options.join_timeout),
                          positive("task_timeout", options.task_timeout),
                          positive("enter_timeout", options.enter_timeout),

@@ -14,6 +14,8 @@ namespace procpool::internal {
 
 // The smallest max_frame_bytes any frame fits in, with room for a one-task batch.
 inline constexpr size_t kMinFrameBytes = 4096;
+// The smallest max_worker_memory_bytes (but 0, no cap): less leaves no room to start a worker.
+inline constexpr size_t kMinWorkerMemoryBytes = size_t{16} << 20;
 
 // `remote_allowed`: the pool can have remote workers (a ProcessPool; procpool::Pool cannot).
 absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed = true);

@@ -99,7 +99,11 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .worker_type = worker_type,
                                                      .report_resident_bytes =
                                                          options_.max_worker_rss_bytes > 0 ||
-                                                         !options_.metrics_listen.empty()});
+                                                         !options_.metrics_listen.empty(),
+                                                     .max_worker_memory_bytes =
+                                                         options_.max_worker_memory_bytes,
+                                                     .cgroups_off =
+                                                         options_.cgroups == Cgroups::kOff});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;
@@ -109,13 +113,18 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
         absl::StrCat("listening for remote workers; they dial ", (*remote)->address()));
     launcher_ = *std::move(remote);
   } else {
-    launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
+    auto forks = std::make_unique<ForkLauncher>(ForkLauncher::Config{
         .process_name_prefix = options_.name,
         .fork_server = options_.start_method == StartMethod::kForkServer,
         .max_frame_bytes = options_.max_frame_bytes,
         .frame_timeout = options_.frame_timeout,
         .factory = &factory_,
-        .blob_regions = features.blob_regions});
+        .blob_regions = features.blob_regions,
+        .cgroups = options_.cgroups,
+        .max_worker_memory_bytes = options_.max_worker_memory_bytes});
+    // Which mechanism stops workers' trees and holds the memory cap, said once at start.
+    log(LogSeverity::kInfo, "procpool", ::getpid(), forks->cgroup_plan().describe());
+    launcher_ = std::move(forks);
   }
   scheduler_ = std::make_unique<Scheduler>(Scheduler::Config{
       .workers = worker_count_,

@@ -8,6 +8,7 @@
 #define PROCPOOL_TESTS_REMOTE_WORKER_H_
 
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdint>
@@ -30,6 +31,10 @@ inline constexpr int64_t kRemotePid = -7;         // returns its pid
 // Returns 0 if the token is nowhere in its environment: 1 if getenv("PROCPOOL_TOKEN") finds it,
 // 2 if getenv("PROCPOOL_TOKEN_FILE") does, 4 if /proc/self/environ names either.
 inline constexpr int64_t kRemoteTokenVisible = -11;
+// Starts a double-forked setsid `sleep 1000` carrying PROCPOOL_TREE_MARK=$REMOTE_TREE_MARK in its
+// environment, then hangs (tests/process_tree_test.cc looks for it).
+inline constexpr int64_t kRemoteSetsidDaemon = -12;
+inline constexpr int64_t kRemoteAllocate512MiB = -13;  // touches 512 MiB, returns 0
 
 struct RemoteWorker {
   using Job = int64_t;
@@ -60,6 +65,29 @@ struct RemoteWorker {
       }
       case kRemotePid:
         return ::getpid();
+      case kRemoteSetsidDaemon: {
+        const pid_t first = ::fork();
+        if (first == 0) {
+          ::setsid();
+          if (::fork() == 0) {
+            const char* mark = std::getenv("REMOTE_TREE_MARK");
+            ::setenv("PROCPOOL_TREE_MARK", mark != nullptr ? mark : "", 1);
+            ::execlp("sleep", "sleep", "1000", static_cast<char*>(nullptr));
+            ::_exit(127);
+          }
+          ::_exit(0);
+        }
+        ::waitpid(first, nullptr, 0);
+        while (true) ::pause();
+      }
+      case kRemoteAllocate512MiB: {
+        constexpr size_t kBytes = size_t{512} << 20;
+        auto* bytes = new char[kBytes];
+        for (size_t i = 0; i < kBytes; i += 4096) bytes[i] = static_cast<char>(i);
+        const int64_t touched = bytes[kBytes - 4096];
+        delete[] bytes;
+        return touched * 0;
+      }
       case kRemoteTokenVisible: {
         int64_t seen = 0;
         if (std::getenv("PROCPOOL_TOKEN") != nullptr) seen |= 1;

@@ -79,6 +79,23 @@ struct RemoteTls {
   std::string ca_file, cert_file, key_file;
 };
 
+/// Whether workers get cgroups of their own (`PoolOptions::cgroups`).
+///
+/// Whatever this says, each worker leads its own process group and is a child subreaper, and when
+/// procpool stops a worker (task_timeout, cancel(), terminate(), join's escalation, recycling, a
+/// broken stream) it stops everything the worker started, grandchildren included. A cgroup makes
+/// that complete: a descendant that left the tree (a double-forked `setsid` daemon whose worker
+/// died on its own) is still in its worker's cgroup.
+enum class Cgroups {
+  /// A child cgroup per worker wherever this process may create cgroups below its own (root, or a
+  /// delegated subtree; cgroup v2, v1 or hybrid): the worker is stopped through it (v2
+  /// `cgroup.kill`, or the v1 freezer), and `max_worker_memory_bytes` is its memory limit.
+  /// Silently none elsewhere.
+  kAuto,
+  /// No cgroups: process groups and /proc alone; the memory cap, if any, is RLIMIT_AS.
+  kOff,
+};
+
 /// Workers on other machines (`PoolOptions::remote`). The worker program calls
 /// `procpool::serve<W>` (serve.h); a cluster engine (Slurm's srun, ssh, mpirun, Kubernetes)
 /// starts it, the pool (with `launch`) or something else (an `srun -n 64 ./indexer` of its own);
@@ -185,6 +202,19 @@ struct PoolOptions {
   /// with the parent since fork included), not RssShmem, so the shared region that large byte
   /// strings cross in, and any MAP_SHARED memory of its own, do not make it recycle.
   size_t max_worker_rss_bytes = 0;
+  /// A hard cap on each worker's memory, in bytes (0: none). Where a memory cgroup can be made
+  /// (`cgroups` below), the worker's own cgroup holds it and everything it starts to this many
+  /// bytes (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`, swap kept out): a task that
+  /// crosses it has its worker killed by the kernel and fails kResourceExhausted naming the worker
+  /// and the limit; the worker is replaced and its unstarted tasks run elsewhere. Without a usable
+  /// cgroup (or with Cgroups::kOff) it is the worker's RLIMIT_AS instead: its address space, what
+  /// it inherited from the parent included, and allocations past it fail inside the task
+  /// (std::bad_alloc, a null malloc; not under AddressSanitizer, whose shadow memory exceeds any
+  /// cap). A LogEvent at start says which is in force. Not below 16 MiB.
+  size_t max_worker_memory_bytes = 0;
+  /// Whether each worker gets cgroups of its own (see `Cgroups`): by default wherever this
+  /// process may make them below its own.
+  Cgroups cgroups = Cgroups::kAuto;
   /// Prefix of worker process names (prctl PR_SET_NAME; at most 15 bytes are kept): "procpool-w3".
   std::string name = "procpool";
   /// How workers are made: `StartMethod::kFork` (default) or `StartMethod::kForkServer`. Ignored

@@ -43,7 +43,21 @@ void map_own_memory(ControlPageMapping& page, SharedRegion* region) {
 
 }  // namespace
 
-ForkLauncher::ForkLauncher(Config config) : config_(std::move(config)), pool_pid_(::getpid()) {}
+ForkLauncher::ForkLauncher(Config config)
+    : config_(std::move(config)),
+      pool_pid_(::getpid()),
+      cgroup_plan_(CgroupPlan::detect(config_.cgroups == Cgroups::kAuto,
+                                      config_.max_worker_memory_bytes)) {}
+
+absl::StatusOr<std::optional<WorkerCgroup>> ForkLauncher::make_cgroup(WorkerLaunch& launch) {
+  if (!cgroup_plan_.uses_cgroups()) return std::nullopt;
+  absl::StatusOr<WorkerCgroup> cgroup = WorkerCgroup::create(
+      cgroup_plan_, absl::StrCat(config_.process_name_prefix.substr(0, 32), "-", pool_pid_, "-w",
+                                 launch.slot));
+  if (!cgroup.ok()) return cgroup.status();
+  launch.cgroup_procs = cgroup->procs_files();
+  return std::optional<WorkerCgroup>(*std::move(cgroup));
+}
 
 WorkerLaunch ForkLauncher::launch_for(int slot) const {
   WorkerLaunch launch;
@@ -53,6 +67,9 @@ WorkerLaunch ForkLauncher::launch_for(int slot) const {
   launch.max_frame_bytes = config_.max_frame_bytes;
   launch.pool_pid = pool_pid_;
   launch.factory = config_.factory;
+  if (cgroup_plan_.memory == CgroupPlan::Memory::kRlimitAs) {
+    launch.address_space_limit = cgroup_plan_.memory_bytes;
+  }
   return launch;
 }
 
@@ -71,7 +88,9 @@ absl::Status ForkLauncher::ensure_server() {
 
 absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                                                  const std::string& name) {
-  const WorkerLaunch launch = launch_for(slot);
+  WorkerLaunch launch = launch_for(slot);
+  absl::StatusOr<std::optional<WorkerCgroup>> cgroup = make_cgroup(launch);
+  if (!cgroup.ok()) return cgroup.status();
   const ForkLink::Limits limits{config_.max_frame_bytes, config_.frame_timeout};
   if (config_.fork_server) {
     if (absl::Status started = ensure_server(); !started.ok()) return started;
@@ -87,6 +106,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                            WorkerProcess(pid, /*adopted=*/true, through_server),
                                            std::move(spawned->channel), std::move(spawned->page),
                                            limits);
+    if (*cgroup) link->set_cgroup(**std::move(cgroup));
     adopted_[pid] = link.get();
     link->on_destroy([this, pid] { adopted_.erase(pid); });
     return link;
@@ -114,9 +134,11 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
   }
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
-  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process),
-                                    std::move(channel->parent_end), *std::move(page), limits,
-                                    std::move(region));
+  auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"),
+                                         *std::move(process), std::move(channel->parent_end),
+                                         *std::move(page), limits, std::move(region));
+  if (*cgroup) link->set_cgroup(**std::move(cgroup));
+  return link;
 }
 
 absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
@@ -124,6 +146,8 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
   WorkerLaunch launch = launch_for(slot);
   // Its page is ours (a relay's), not the pool's: results held in it would not reach the pool.
   launch.hold_results = false;
+  absl::StatusOr<std::optional<WorkerCgroup>> cgroup = make_cgroup(launch);
+  if (!cgroup.ok()) return cgroup.status();
   absl::StatusOr<ControlPageMapping> page =
       ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
@@ -142,9 +166,11 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
   channel.reset();
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
-  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process),
-                                    UniqueFd(), *std::move(page),
-                                    ForkLink::Limits{config_.max_frame_bytes, config_.frame_timeout});
+  auto link = std::make_unique<ForkLink>(
+      absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process), UniqueFd(), *std::move(page),
+      ForkLink::Limits{config_.max_frame_bytes, config_.frame_timeout});
+  if (*cgroup) link->set_cgroup(**std::move(cgroup));
+  return link;
 }
 
 void ForkLauncher::add_pollfds(std::vector<pollfd>& fds) {

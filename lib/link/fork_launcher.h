@@ -12,15 +12,18 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/time/time.h"
 #include "lib/wire/tls_channel.h"
+#include "lib/common/cgroup.h"
 #include "lib/link/fork_link.h"
 #include "lib/link/fork_server.h"
 #include "lib/link/launcher.h"
 #include "lib/worker/worker_main.h"
 #include "procpool/internal/worker_body.h"
+#include "procpool/pool_options.h"
 
 namespace procpool::internal {
 
@@ -35,6 +38,10 @@ class ForkLauncher final : public Launcher {
     // Give each worker forked here a shared region for blobs (lib/wire/shared_region.h): for pools
     // whose jobs or results may hold byte strings. (Workers of the fork server have none.)
     bool blob_regions = false;
+    // Each worker's process tree and memory cap (lib/common/cgroup.h): cgroups where they can be
+    // made (kAuto), and the cap (0: none), as PoolOptions says.
+    Cgroups cgroups = Cgroups::kOff;
+    size_t max_worker_memory_bytes = 0;
   };
   explicit ForkLauncher(Config config);
 
@@ -53,12 +60,19 @@ class ForkLauncher final : public Launcher {
   // constructor: the zygote should copy the program as early as possible).
   absl::Status ensure_server();
 
+  // What stops its workers' trees and caps their memory here (for the pool's log).
+  const CgroupPlan& cgroup_plan() const { return cgroup_plan_; }
+
  private:
   WorkerLaunch launch_for(int slot) const;
+  // The cgroups of the worker about to start in `launch` (none where the plan has none); its
+  // cgroup.procs files go into `launch`.
+  absl::StatusOr<std::optional<WorkerCgroup>> make_cgroup(WorkerLaunch& launch);
   void take_server_reports(LauncherEvents& events);
 
   const Config config_;
   const pid_t pool_pid_;
+  const CgroupPlan cgroup_plan_;
   std::unique_ptr<ForkServer> server_;
   std::map<pid_t, ForkLink*> adopted_;  // workers of the server, by pid, while their link lives
   bool polled_server_ = false;

@@ -1,6 +1,7 @@
 #include "lib/link/fork_link.h"
 
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -75,6 +76,7 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
 void ForkLink::on_exited(LinkEvents& events) {
   // Gone: what it sent before it died is real, read it all first, then what it held.
   read_channel(events, /*to_the_end=*/true);
+  stop_tree_at_end();
   if (std::optional<int> status = process_.try_reap()) {
     recover_held(events);
     end(*status, events);
@@ -274,13 +276,31 @@ void ForkLink::revoke(uint32_t slot, uint16_t tag, LinkEvents& events) {
 }
 
 void ForkLink::stop(StopMode mode) {
-  process_.kill(mode == StopMode::kKill ? SIGKILL : SIGTERM);
+  // Everything the worker started goes with it. Its cgroup holds all of it, even what left its
+  // tree, and is killed at its end (or now, for a kill); without one, its descendants are found
+  // while it lives (it is their subreaper) and killed before it is.
+  const int signal = mode == StopMode::kKill ? SIGKILL : SIGTERM;
+  if (cgroup_ && cgroup_->stops_tree()) {
+    if (mode == StopMode::kKill) cgroup_->kill();
+    process_.kill(signal);
+  } else {
+    process_.kill_tree(signal);
+  }
+}
+
+void ForkLink::stop_tree_at_end() {
+  if (cgroup_) cgroup_->kill();
+  // Its process group: what its tasks started and that is not in a cgroup (kOff, or no
+  // cgroup here) nor below it any more (it died: its orphans went to init).
+  process_.kill_group(SIGKILL);
 }
 
 void ForkLink::on_reaped_by_server(int wait_status, LinkEvents& events) {
   if (ended_) return;
   read_channel(events, /*to_the_end=*/true);
   recover_held(events);
+  // Reaped already by the server: its group's number may be another's now; its cgroup is ours.
+  if (cgroup_) cgroup_->kill();
   process_.mark_reaped();
   end(wait_status, events);
 }
@@ -289,8 +309,17 @@ void ForkLink::end(int wait_status, LinkEvents& events) {
   ended_ = true;
   channel_.reset();
   writer_.clear();
-  events.on_ended(WorkerEnd{describe_exit(wait_status, page_.get()),
-                            clean_exit(wait_status, page_.get())});
+  WorkerEnd end{describe_exit(wait_status, page_.get()), clean_exit(wait_status, page_.get())};
+  // The kernel's OOM killer sends SIGKILL: the cgroup's count says it was the cap, not a kill
+  // of someone else's.
+  const bool killed = wait_status == WorkerProcess::kNoWaitStatus ||
+                      (WIFSIGNALED(wait_status) && WTERMSIG(wait_status) == SIGKILL);
+  if (killed && cgroup_ && cgroup_->oom_killed()) {
+    end.cause = absl::ResourceExhaustedError(absl::StrCat(
+        name_, " was killed by the kernel's OOM killer: its memory reached max_worker_memory_bytes (",
+        cgroup_->memory_bytes(), " bytes, its ", cgroup_->cap_name(), ")"));
+  }
+  events.on_ended(std::move(end));
 }
 
 }  // namespace procpool::internal

@@ -13,10 +13,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/time/time.h"
+#include "lib/common/cgroup.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/worker_link.h"
 #include "lib/link/worker_process.h"
@@ -73,6 +75,9 @@ class ForkLink final : public WorkerLink {
   void send_copy(kj::ArrayPtr<const capnp::word> frame);
   // For a worker forked by the fork server: the server reaped it with `wait_status`.
   void on_reaped_by_server(int wait_status, LinkEvents& events);
+  // The worker's cgroups (lib/common/cgroup.h): its tree is stopped through them, and they are
+  // removed with the link, after the worker was reaped.
+  void set_cgroup(WorkerCgroup cgroup) { cgroup_ = std::move(cgroup); }
   // Called when the link is destroyed (the fork server's launcher forgets the pid).
   void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
 
@@ -94,6 +99,8 @@ class ForkLink final : public WorkerLink {
   // it has exited, at most every kChildLookIntervalNs (check() says when the next look is due).
   bool watched_by_looking() const;
   void look_for_exit(LinkEvents& events);
+  // The worker has exited and is not reaped yet: what it started goes too.
+  void stop_tree_at_end();
 
   const std::string name_;
   WorkerProcess process_;
@@ -110,6 +117,7 @@ class ForkLink final : public WorkerLink {
   bool channel_closed_ = false;   // the worker closed its end of the channel
   int64_t next_look_ns_ = 0;      // without a pidfd: when to look for the worker's exit again
   std::function<void()> on_destroy_;
+  std::optional<WorkerCgroup> cgroup_;  // last: removed first, the worker being reaped
 };
 
 }  // namespace procpool::internal

@@ -136,6 +136,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
     WorkerLaunch launch = base;
     launch.slot = static_cast<int>(request.getSlot());
     launch.process_name = request.getName().cStr();
+    for (capnp::Text::Reader procs : request.getCgroupProcs()) launch.cgroup_procs.push_back(procs);
     launch.parent_death_signal = true;  // this process is single-threaded and outlives its workers
     const pid_t self = ::getpid();
     absl::StatusOr<pid_t> forked = fork_child("a worker in the fork server");
@@ -282,6 +283,8 @@ absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch
   auto root = request.initRoot<wire::ForkServerRequest>();
   root.setSlot(static_cast<uint32_t>(launch.slot));
   root.setName(launch.process_name);
+  auto cgroup_procs = root.initCgroupProcs(static_cast<unsigned>(launch.cgroup_procs.size()));
+  for (unsigned i = 0; i < cgroup_procs.size(); ++i) cgroup_procs.set(i, launch.cgroup_procs[i]);
   const int fds[2] = {channel->child_end.get(), page->fd()};
   if (!send_packet(control_.get(), request, fds, 2)) {
     return absl::ErrnoToStatus(errno, "sending a spawn request to the fork server");

@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
+#include "absl/strings/strip.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -351,7 +352,11 @@ int Relay::run() {
       .fork_server = false,
       .max_frame_bytes = limits_.max_frame_bytes,
       .frame_timeout = limits_.frame_timeout,
-      .factory = factory_});
+      .factory = factory_,
+      .cgroups = limits_.cgroups_off ? Cgroups::kOff : Cgroups::kAuto,
+      .max_worker_memory_bytes = limits_.max_worker_memory_bytes});
+  // What stops its workers' trees and caps their memory on this host, as the pool logs its own.
+  if (std::getenv("PROCPOOL_LOG_ALL") != nullptr) say(launcher_->cgroup_plan().describe());
   last_received_ns_ = monotonic_now_ns();
   // Whatever ends the relay ends its worker: it would die with us anyway (PR_SET_PDEATHSIG).
   auto leave = [this](int status) {
@@ -514,6 +519,12 @@ void Relay::on_ended(WorkerEnd end) {
   ended.setHow(end.how);
   ended.setClean(end.clean);
   if (timed_out_) ended.setTimedOut(*timed_out_);
+  if (end.cause && end.cause->code() == absl::StatusCode::kResourceExhausted) {
+    // The pool names the worker itself ("worker 0 on host (pid 4242): ").
+    absl::string_view why = end.cause->message();
+    absl::ConsumePrefix(&why, absl::StrCat(child_->name(), " "));
+    ended.setMemoryExhausted(std::string(why));
+  }
   write_progress(child_->progress(), 0, ended.initProgress());
   queue(message);
   timed_out_.reset();

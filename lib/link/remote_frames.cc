@@ -19,6 +19,8 @@ void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out) {
   out.setFrameTimeoutNs(to_ns(limits.frame_timeout));
   out.setName(limits.name);
   out.setResidentBytes(limits.resident_bytes);
+  out.setMaxWorkerMemoryBytes(limits.max_worker_memory_bytes);
+  out.setCgroupsOff(limits.cgroups_off);
 }
 
 RelayLimits relay_limits(wire::Welcome::Reader welcome) {
@@ -34,6 +36,10 @@ RelayLimits relay_limits(wire::Welcome::Reader welcome) {
   std::string name = welcome.getName();
   limits.name = name.empty() ? "procpool" : name.substr(0, 12);
   limits.resident_bytes = welcome.getResidentBytes();
+  // 0, or at least what options_check allows (a smaller cap would keep any worker from starting).
+  const uint64_t memory = welcome.getMaxWorkerMemoryBytes();
+  limits.max_worker_memory_bytes = memory == 0 ? 0 : std::max<uint64_t>(memory, uint64_t{16} << 20);
+  limits.cgroups_off = welcome.getCgroupsOff();
   return limits;
 }
 

@@ -26,6 +26,8 @@ struct RelayLimits {
   absl::Duration frame_timeout = absl::Seconds(10);
   std::string name = "procpool";
   bool resident_bytes = false;  // the pool recycles workers by memory: report it
+  size_t max_worker_memory_bytes = 0;  // PoolOptions::max_worker_memory_bytes
+  bool cgroups_off = false;            // PoolOptions::cgroups is Cgroups::kOff
 };
 void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out);
 // Values out of range are clamped into it: a welcome cannot make the relay misbehave.

@@ -48,6 +48,8 @@ RemoteLauncher::RemoteLauncher(Config config) : config_(std::move(config)) {
   host_config_.limits.frame_timeout = config_.frame_timeout;
   host_config_.limits.name = config_.name;
   host_config_.limits.resident_bytes = config_.report_resident_bytes;
+  host_config_.limits.max_worker_memory_bytes = config_.max_worker_memory_bytes;
+  host_config_.limits.cgroups_off = config_.cgroups_off;
   host_config_.handshake_timeout = std::min(config_.remote.connect_timeout, absl::Seconds(20));
 }
 

@@ -47,6 +47,9 @@ class RemoteLauncher final : public Launcher {
     std::string name;         // process name prefix of the workers
     std::string worker_type;  // what hosts must serve (serve.h: worker_type_name)
     bool report_resident_bytes = false;  // max_worker_rss_bytes is set
+    // For each worker host's relay (lib/common/cgroup.h): PoolOptions' memory cap and cgroups.
+    size_t max_worker_memory_bytes = 0;
+    bool cgroups_off = false;
   };
   // Listens; kInvalidArgument for a listen address that cannot be parsed, an errno status when
   // it cannot be bound.

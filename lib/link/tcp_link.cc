@@ -189,6 +189,9 @@ void TcpLink::on_ended(wire::Ended::Reader ended, LinkEvents& events) {
   WorkerEnd end_of{peer_text(ended.getHow()), ended.getClean()};
   if (ended.hasTimedOut() && ended.getTimedOut().size() > 0) {
     end_of.cause = absl::DeadlineExceededError(absl::StrCat(name_, ": ", peer_text(ended.getTimedOut())));
+  } else if (ended.hasMemoryExhausted() && ended.getMemoryExhausted().size() > 0) {
+    end_of.cause =
+        absl::ResourceExhaustedError(absl::StrCat(name_, ": ", peer_text(ended.getMemoryExhausted())));
   }
   // What it sent before it died comes first: wait for its data connection's end of file.
   if (attached_ && !data_closed_) {

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "lib/common/child_process.h"
+#include "lib/common/process_tree.h"
 #include "lib/fault_injection.h"
 #include "lib/worker/child_setup.h"
 
@@ -35,6 +36,9 @@ void flush_shared_streams() {
     ::funlockfile(stream);
   }
 }
+
+// How long kill_tree waits for SIGSTOP to take: 100 µs at a time, 100 ms in all.
+constexpr int kStopWaitTries = 1000;
 
 std::string signal_name(int signal) {
   const char* name = ::sigabbrev_np(signal);
@@ -63,6 +67,36 @@ void WorkerProcess::kill(int signal) const {
 
 bool WorkerProcess::exited() const {
   return !reaped_ && !adopted_ && child_state(pid_) != ChildState::kRunning;
+}
+
+void WorkerProcess::kill_tree(int signal) const {
+  if (reaped_ || pid_ <= 0) return;
+  // A worker stopped by someone else stays stopped (its SIGTERM waits, and SIGKILL comes after
+  // kill_grace, as without a tree); one stopped here is continued.
+  const std::string stat_path = absl::StrCat("/proc/", pid_, "/stat");
+  auto state = [&stat_path]() -> char {
+    char text[512];
+    std::FILE* stat = std::fopen(stat_path.c_str(), "re");
+    if (stat == nullptr) return 'X';
+    const size_t got = std::fread(text, 1, sizeof(text) - 1, stat);
+    std::fclose(stat);
+    text[got] = '\0';
+    const char* after_name = std::strrchr(text, ')');
+    return after_name == nullptr || after_name[1] == '\0' ? 'X' : after_name[2];
+  };
+  auto stopped = [](char s) { return s == 'T' || s == 't' || s == 'Z' || s == 'X'; };
+  const bool stopped_before = stopped(state());
+  kill(SIGSTOP);
+  // SIGSTOP takes effect when the worker next leaves the kernel: wait (briefly) until it has.
+  for (int i = 0; i < kStopWaitTries && !stopped(state()); ++i) ::usleep(100);
+  internal::kill_descendants(pid_);
+  kill(signal);
+  if (!stopped_before) kill(SIGCONT);
+}
+
+void WorkerProcess::kill_group(int signal) const {
+  // Not once reaped: the group's number may then belong to another process's group.
+  if (!reaped_ && pid_ > 0) ::kill(-pid_, signal);
 }
 
 std::optional<int> WorkerProcess::try_reap() {

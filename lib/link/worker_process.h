@@ -42,6 +42,12 @@ class WorkerProcess {
 
   // Sends `signal` unless the process was already reaped.
   void kill(int signal) const;
+  // Its tree (lib/common/process_tree.h), unless it was already reaped. kill_tree stops the
+  // worker (SIGSTOP: it can neither report a task whose children it sees die, nor die and let
+  // them go to init), SIGKILLs every living descendant, then sends it `signal` and SIGCONT.
+  // kill_group sends `signal` to its process group (its pid, held until it is reaped).
+  void kill_tree(int signal) const;
+  void kill_group(int signal) const;
   // Our child's wait status once it has exited (reaping it); nullopt while it runs. When the
   // program reaped it first (SIGCHLD ignored, or a waitpid(-1) of its own), the status is
   // unknowable here: returns kNoWaitStatus and the caller asks the control page.

@@ -213,6 +213,10 @@ struct Welcome {
   # Sent only once the worker has proved the token; the worker checks it before it reads the rest.
   proof @6 :Data;               # HMAC(token, "pool", the worker's nonce, the pool's nonce)
   workerType @7 :Text;          # what the pool's workers are: a program serving several picks it
+  # Each worker's tree and memory cap on the relay's host (lib/common/cgroup.h): PoolOptions'
+  # max_worker_memory_bytes (0: none) and cgroups (true: Cgroups::kOff).
+  maxWorkerMemoryBytes @8 :UInt64;
+  cgroupsOff @9 :Bool;
 }
 
 struct ClaimRef {
@@ -243,6 +247,7 @@ struct Ended {
   timedOut @2 :Text;            # non-empty: the relay's watchdog stopped it, and why
   brokenStream @3 :Text;        # non-empty: its stream broke (a bad frame), and how
   progress @4 :Progress;        # its last, read after it ended
+  memoryExhausted @5 :Text;     # non-empty: it crossed max_worker_memory_bytes, and how
 }
 
 # Parent <-> fork server (StartMethod::kForkServer), one message per SOCK_SEQPACKET packet. A
@@ -255,6 +260,7 @@ struct ForkServerRequest {
   # Linux 5.3) only the server knows whether that pid is still its worker's.
   signal @2 :Int32;
   signalPid @3 :Int32;
+  cgroupProcs @4 :List(Text);   # the cgroup.procs files the worker joins first (cgroup.h)
 }
 
 struct ForkServerReport {

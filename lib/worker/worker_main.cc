@@ -1,6 +1,7 @@
 #include "lib/worker/worker_main.h"
 
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <sched.h>
@@ -12,7 +13,9 @@
 
 #include "capnp/serialize.h"
 
+#include "lib/common/cgroup.h"
 #include "lib/common/clock.h"
+#include "lib/common/process_tree.h"
 #include "lib/common/spin.h"
 #include "lib/wire/frame_io.h"
 #include "lib/worker/child_setup.h"
@@ -250,10 +253,19 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
                  .pool_pid = launch.pool_pid,
                  .channel_fd = channel_fd,
                  .page = page});
+  // Before anything that could fork: whatever the worker starts is in its cgroups and below it.
+  if (!join_cgroups(launch.cgroup_procs)) leave(kWorkerExitProtocolError);
+  become_tree_root();
+  if (launch.address_space_limit > 0) {
+    const rlimit limit{launch.address_space_limit, launch.address_space_limit};
+    ::setrlimit(RLIMIT_AS, &limit);
+  }
   if (tls != nullptr) tls->moved_to(kChildChannelFd);
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
                              launch.hold_results ? held_frames(page) : nullptr, tls);
-  leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region));
+  const int status = run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region);
+  end_own_tree();
+  leave(status);
 }
 
 }  // namespace procpool::internal

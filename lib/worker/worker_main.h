@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "lib/wire/control_page.h"
 #include "lib/wire/shared_region.h"
@@ -30,6 +31,10 @@ struct WorkerLaunch {
   // the pool finds them if the worker dies (control_page.h). Only where the pool maps that page:
   // a remote worker's page is its relay's, so it sends every piece at once.
   bool hold_results = true;
+  // Its process tree (lib/common/cgroup.h, process_tree.h): the cgroup.procs files it joins
+  // before anything else, and its RLIMIT_AS (0: none) where no memory cgroup caps it.
+  std::vector<std::string> cgroup_procs;
+  size_t address_space_limit = 0;
 };
 
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it

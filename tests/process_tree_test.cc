@@ -1,0 +1,390 @@
+// A task's process tree is its worker's (issue 17, items 1 and 2): when procpool stops a worker
+// (task_timeout, cancel(), terminate(), join) nothing the task started is left running, not even
+// a double-forked setsid daemon; and max_worker_memory_bytes caps a worker with the cause in the
+// error (kResourceExhausted through a memory cgroup, RLIMIT_AS where none can be made).
+//
+// Every process a task starts carries PROCPOOL_TREE_MARK=<mark> in its environment, so the test
+// finds them in /proc whoever their parent is by then (tests run as root: every environ is
+// readable).
+
+#include <dirent.h>
+#include <errno.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "doctest/doctest.h"
+#include "lib/common/cgroup.h"
+#include "procpool/process_pool.h"
+#include "tests/remote_worker.h"
+#include "tests/test_support.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define PROCPOOL_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PROCPOOL_TEST_ASAN 1
+#endif
+#endif
+
+namespace procpool {
+namespace {
+
+using testing::wait_until;
+
+// Jobs: a positive job is answered with itself.
+constexpr int64_t kShellTree = -1;    // sh -c 'sleep 1000 & sleep 1000', waited for
+constexpr int64_t kSetsidDaemon = -2;  // a double-forked setsid `sleep 1000`; then hangs
+constexpr int64_t kDaemonAndReturn = -3;  // the same daemon, then returns 0
+constexpr int64_t kAllocate = -4;     // touches 512 MiB, returns 0
+constexpr int64_t kPid = -5;          // returns its pid
+constexpr int64_t kAllocateTwoGiB = -6;  // 1 if allocating 2 GiB (untouched) failed, else 0
+
+constexpr size_t kAllocateBytes = size_t{512} << 20;
+
+// Made when the test program starts, before any worker is forked: every worker sees this one.
+const std::string& mark_of_this_test() {
+  static const std::string mark = absl::StrCat("tree-", ::getpid(), "-", absl::ToUnixNanos(absl::Now()));
+  return mark;
+}
+[[maybe_unused]] const bool mark_made_at_start =
+    // Remote workers (tests/remote_worker.h) mark what they start with this too.
+    ::setenv("REMOTE_TREE_MARK", mark_of_this_test().c_str(), 1) == 0;
+
+// Execs `argv` in the current (forked) process with the mark in its environment.
+[[noreturn]] void exec_marked(const char* const* argv) {
+  ::setenv("PROCPOOL_TREE_MARK", mark_of_this_test().c_str(), 1);
+  ::execvp(argv[0], const_cast<char* const*>(argv));
+  ::_exit(127);
+}
+
+struct TreeWorker {
+  using Job = int64_t;
+  using Result = int64_t;
+
+  int64_t run(int64_t job) {
+    switch (job) {
+      case kShellTree: {
+        const pid_t shell = ::fork();
+        if (shell == 0) {
+          const char* argv[] = {"sh", "-c", "sleep 1000 & sleep 1000", nullptr};
+          exec_marked(argv);
+        }
+        int status = 0;
+        if (::waitpid(shell, &status, 0) < 0) return -errno;
+        return status;
+      }
+      case kSetsidDaemon:
+      case kDaemonAndReturn: {
+        const pid_t first = ::fork();
+        if (first == 0) {
+          ::setsid();
+          if (::fork() == 0) {
+            const char* argv[] = {"sleep", "1000", nullptr};
+            exec_marked(argv);
+          }
+          ::_exit(0);
+        }
+        ::waitpid(first, nullptr, 0);
+        if (job == kDaemonAndReturn) return 0;
+        while (true) ::pause();
+      }
+      case kAllocate: {
+        auto* bytes = new char[kAllocateBytes];
+        for (size_t i = 0; i < kAllocateBytes; i += 4096) bytes[i] = static_cast<char>(i);
+        const int64_t sum = bytes[kAllocateBytes - 4096];
+        delete[] bytes;
+        return sum * 0;
+      }
+      case kPid:
+        return ::getpid();
+      case kAllocateTwoGiB: {
+        char* bytes = new (std::nothrow) char[size_t{2} << 30];
+        delete[] bytes;
+        return bytes == nullptr ? 1 : 0;
+      }
+      default:
+        return job;
+    }
+  }
+};
+
+// The processes, anywhere on the machine, that carry this test's mark.
+std::vector<pid_t> marked_processes() {
+  const std::string wanted = absl::StrCat("PROCPOOL_TREE_MARK=", mark_of_this_test());
+  std::vector<pid_t> found;
+  DIR* proc = ::opendir("/proc");
+  if (proc == nullptr) return found;
+  while (dirent* entry = ::readdir(proc)) {
+    const int pid = std::atoi(entry->d_name);
+    if (pid <= 0) continue;
+    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"), std::ios::binary);
+    const std::string environment((std::istreambuf_iterator<char>(in)),
+                                  std::istreambuf_iterator<char>());
+    if (environment.find(wanted) == std::string::npos) continue;
+    // A zombie has left nothing running; its parent reaps it.
+    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+    const std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    const size_t name_end = text.rfind(')');
+    if (name_end != std::string::npos && name_end + 2 < text.size() && text[name_end + 2] == 'Z') {
+      continue;
+    }
+    found.push_back(pid);
+  }
+  ::closedir(proc);
+  return found;
+}
+
+// Waits (generously) for the tree to vanish; returns how long it took, or an infinite duration.
+absl::Duration time_until_no_marked_process() {
+  const absl::Time start = absl::Now();
+  if (!wait_until([] { return marked_processes().empty(); }, absl::Seconds(2))) {
+    for (pid_t pid : marked_processes()) ::kill(pid, SIGKILL);  // leave nothing for the next case
+    return absl::InfiniteDuration();
+  }
+  return absl::Now() - start;
+}
+
+// Events the pool logs, kept for the test to read.
+class LogCapture {
+ public:
+  LogSink sink() {
+    return [this](const LogEvent& event) {
+      absl::MutexLock lock(&mu_);
+      messages_.push_back(event.message);
+    };
+  }
+  std::string find(const std::string& part) {
+    absl::MutexLock lock(&mu_);
+    for (const std::string& message : messages_) {
+      if (absl::StrContains(message, part)) return message;
+    }
+    return "";
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::string> messages_;
+};
+
+void check_tree_gone(const char* what) {
+  const absl::Duration took = time_until_no_marked_process();
+  MESSAGE(absl::StrCat(what, ": the task's processes were gone ", absl::FormatDuration(took),
+                       " after the call returned"));
+  CHECK(took < absl::Seconds(2));
+}
+
+TEST_CASE("a task that times out leaves none of the processes it started behind") {
+  struct Variant {
+    const char* name;
+    int64_t job;
+    Cgroups cgroups;
+    StartMethod start_method;
+  };
+  for (const Variant& variant :
+       {Variant{"sh -c 'sleep 1000 & sleep 1000'", kShellTree, Cgroups::kAuto, StartMethod::kFork},
+        Variant{"a double-forked setsid daemon", kSetsidDaemon, Cgroups::kAuto, StartMethod::kFork},
+        Variant{"sh, without cgroups", kShellTree, Cgroups::kOff, StartMethod::kFork},
+        Variant{"a setsid daemon, without cgroups", kSetsidDaemon, Cgroups::kOff, StartMethod::kFork},
+        Variant{"a setsid daemon, fork server", kSetsidDaemon, Cgroups::kAuto,
+                StartMethod::kForkServer}}) {
+    SUBCASE(variant.name) {
+      ProcessPool<TreeWorker> pool({.workers = 1,
+                                    .task_timeout = absl::Seconds(1),
+                                    .cgroups = variant.cgroups,
+                                    .name = "tree",
+                                    .start_method = variant.start_method,
+                                    .log_sink = nullptr});
+      AsyncResult<int64_t> running = pool.apply_async(variant.job);
+      // It started them: the test sees them before the timeout (1 s) stops it.
+      CHECK(wait_until([&] { return marked_processes().size() >= (variant.job == kShellTree ? 2u : 1u); },
+                       absl::Seconds(5)));
+      absl::StatusOr<int64_t> result = running.get();
+      // Not a result the task made up when it saw its children die: it was stopped first.
+      CHECK_MESSAGE(result.status().code() == absl::StatusCode::kDeadlineExceeded,
+                    "the task returned ", result.value_or(-1000));
+      check_tree_gone(variant.name);
+      // The pool goes on with a fresh worker.
+      CHECK(pool.apply(7).value_or(0) == 7);
+    }
+  }
+}
+
+TEST_CASE("cancel() and terminate() stop everything the task started") {
+  SUBCASE("cancel()") {
+    ProcessPool<TreeWorker> pool({.workers = 1, .name = "tree", .log_sink = nullptr});
+    AsyncResult<int64_t> running = pool.apply_async(kSetsidDaemon);
+    REQUIRE(wait_until([] { return marked_processes().size() >= 1; }, absl::Seconds(5)));
+    running.cancel();
+    CHECK(running.get().status().code() == absl::StatusCode::kCancelled);
+    check_tree_gone("cancel()");
+    CHECK(pool.apply(7).value_or(0) == 7);
+  }
+  SUBCASE("terminate()") {
+    ProcessPool<TreeWorker> pool({.workers = 2, .name = "tree", .log_sink = nullptr});
+    AsyncResult<int64_t> daemon = pool.apply_async(kSetsidDaemon);
+    AsyncResult<int64_t> shell = pool.apply_async(kShellTree);
+    REQUIRE(wait_until([] { return marked_processes().size() >= 3; }, absl::Seconds(5)));
+    pool.terminate();
+    check_tree_gone("terminate()");
+  }
+  SUBCASE("terminate(), without cgroups") {
+    ProcessPool<TreeWorker> pool(
+        {.workers = 1, .cgroups = Cgroups::kOff, .name = "tree", .log_sink = nullptr});
+    AsyncResult<int64_t> daemon = pool.apply_async(kSetsidDaemon);
+    REQUIRE(wait_until([] { return marked_processes().size() >= 1; }, absl::Seconds(5)));
+    pool.terminate();
+    check_tree_gone("terminate(), without cgroups");
+  }
+}
+
+TEST_CASE("a worker that leaves (join, recycling) takes what its tasks left running with it") {
+  for (Cgroups cgroups : {Cgroups::kAuto, Cgroups::kOff}) {
+    SUBCASE(cgroups == Cgroups::kAuto ? "with cgroups" : "without cgroups") {
+      {
+        ProcessPool<TreeWorker> pool(
+            {.workers = 1, .max_tasks_per_worker = 1, .cgroups = cgroups, .name = "tree",
+             .log_sink = nullptr});
+        // The task returns with its daemon running; the worker is recycled after it.
+        REQUIRE(pool.apply(kDaemonAndReturn).ok());
+        check_tree_gone("recycling");
+        REQUIRE(pool.apply(kDaemonAndReturn).ok());
+      }
+      check_tree_gone("join");
+    }
+  }
+}
+
+TEST_CASE("a task that crosses max_worker_memory_bytes fails kResourceExhausted, and the pool goes on") {
+  LogCapture log;
+  constexpr size_t kCap = size_t{128} << 20;
+  ProcessPool<TreeWorker> pool({.workers = 1,
+                                .max_worker_memory_bytes = kCap,
+                                .name = "tree",
+                                .log_sink = log.sink()});
+  const absl::StatusOr<int64_t> first_pid = pool.apply(kPid);
+  REQUIRE(first_pid.ok());
+  const std::string in_force = log.find("max_worker_memory_bytes");
+  MESSAGE(absl::StrCat("at start: ", in_force));
+  if (!absl::StrContains(in_force, "through cgroup")) {
+    MESSAGE(absl::StrCat("skipped: no memory cgroup can be made here (", in_force, ")"));
+    return;
+  }
+  // One batch: the allocation, then tasks that have not started when its worker dies.
+  std::vector<int64_t> jobs = {kAllocate, 1, 2, 3};
+  std::vector<absl::StatusOr<int64_t>> results;
+  for (absl::StatusOr<int64_t> result : pool.imap(jobs, {.chunksize = 4})) results.push_back(result);
+  REQUIRE(results.size() == 4);
+  const absl::Status failed = results[0].status();
+  CHECK(failed.code() == absl::StatusCode::kResourceExhausted);
+  CHECK(absl::StrContains(failed.message(), "worker 0"));
+  CHECK(absl::StrContains(failed.message(), absl::StrCat(kCap)));
+  CHECK(absl::StrContains(failed.message(), "max_worker_memory_bytes"));
+  MESSAGE(failed);
+  for (size_t i = 1; i < results.size(); ++i) {
+    CHECK_MESSAGE(results[i].ok(), results[i].status());
+    if (results[i].ok()) CHECK(*results[i] == static_cast<int64_t>(i));
+  }
+  // A fresh worker replaced it.
+  const absl::StatusOr<int64_t> second_pid = pool.apply(kPid);
+  REQUIRE(second_pid.ok());
+  CHECK(*second_pid != *first_pid);
+}
+
+TEST_CASE("without a memory cgroup, max_worker_memory_bytes is RLIMIT_AS: the allocation fails in the task") {
+#if defined(PROCPOOL_TEST_ASAN)
+  MESSAGE("skipped: AddressSanitizer's shadow memory exceeds any RLIMIT_AS");
+  return;
+#endif
+  LogCapture log;
+  constexpr size_t kCap = size_t{1} << 30;
+  ProcessPool<TreeWorker> pool({.workers = 1,
+                                .max_worker_memory_bytes = kCap,
+                                .cgroups = Cgroups::kOff,
+                                .name = "tree",
+                                .log_sink = log.sink()});
+  const absl::StatusOr<int64_t> pid = pool.apply(kPid);
+  REQUIRE(pid.ok());
+  CHECK(absl::StrContains(log.find("max_worker_memory_bytes"), "RLIMIT_AS"));
+  // Twice the cap cannot be had: the allocation fails inside the task, and the worker lives on.
+  CHECK(pool.apply(kAllocateTwoGiB).value_or(-1) == 1);
+  const absl::StatusOr<int64_t> same = pool.apply(kPid);
+  REQUIRE(same.ok());
+  CHECK(*same == *pid);
+}
+
+// Remote workers: the worker program (tests/remote_worker_helper) launched by the pool; its relay
+// forks the worker and stops its tree on its host.
+std::string worker_program() {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (srcdir != nullptr) {
+    const std::string path =
+        absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/remote_worker_helper");
+    if (testing::file_exists(path)) return path;
+  }
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "remote_worker_helper")
+      .string();
+}
+
+PoolOptions remote_options(PoolOptions options) {
+  options.workers = 1;
+  options.name = "tree";
+  options.remote = RemoteOptions{.launch = {worker_program(), "--procpool-connect={address}"},
+                                 .connect_timeout = absl::Seconds(20)};
+  return options;
+}
+
+TEST_CASE("a remote worker's relay stops its task's whole tree on its host") {
+  ProcessPool<testing::RemoteWorker> pool(
+      remote_options({.task_timeout = absl::Seconds(1), .log_sink = nullptr}));
+  AsyncResult<int64_t> running = pool.apply_async(testing::kRemoteSetsidDaemon);
+  CHECK(wait_until([] { return marked_processes().size() >= 1; }, absl::Seconds(10)));
+  CHECK(running.get().status().code() == absl::StatusCode::kDeadlineExceeded);
+  check_tree_gone("a remote worker's timeout");
+  CHECK(pool.apply(7).value_or(0) == 49);
+}
+
+TEST_CASE("a remote worker that crosses max_worker_memory_bytes fails kResourceExhausted") {
+  LogCapture log;
+  constexpr size_t kCap = size_t{128} << 20;
+  ProcessPool<testing::RemoteWorker> pool(
+      remote_options({.max_worker_memory_bytes = kCap, .log_sink = log.sink()}));
+  // The relay runs here, in this process's cgroups: what the pool could make, it can.
+  const std::string local = internal::CgroupPlan::detect(true, kCap).describe();
+  if (!absl::StrContains(local, "through cgroup")) {
+    MESSAGE(absl::StrCat("skipped: no memory cgroup can be made here (", local, ")"));
+    return;
+  }
+  const absl::StatusOr<int64_t> failed = pool.apply(testing::kRemoteAllocate512MiB);
+  CHECK(failed.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(absl::StrContains(failed.status().message(), "max_worker_memory_bytes"));
+  CHECK(absl::StrContains(failed.status().message(), absl::StrCat(kCap)));
+  MESSAGE(failed.status());
+  CHECK(pool.apply(7).value_or(0) == 49);
+}
+
+TEST_CASE("max_worker_memory_bytes below 16 MiB is refused by name") {
+  ProcessPool<TreeWorker> pool({.workers = 1, .max_worker_memory_bytes = 4096, .log_sink = nullptr});
+  const absl::StatusOr<int64_t> result = pool.apply(1);
+  CHECK(result.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(absl::StrContains(result.status().message(), "max_worker_memory_bytes"));
+}
+
+}  // namespace
+}  // namespace procpool

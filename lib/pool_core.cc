@@ -83,7 +83,11 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .name = options_.name,
                                                      .worker_type = worker_type,
                                                      .report_resident_bytes =
-                                                         options_.max_worker_rss_bytes > 0});
+                                                         options_.max_worker_rss_bytes > 0,
+                                                     .workers = worker_count_,
+                                                     .worker_env = options_.worker_env,
+                                                     .spread_cpus = options_.cpu_affinity ==
+                                                                    CpuAffinity::kSpread});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;
@@ -99,7 +103,10 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
         .max_frame_bytes = options_.max_frame_bytes,
         .frame_timeout = options_.frame_timeout,
         .factory = &factory_,
-        .blob_regions = features.blob_regions});
+        .blob_regions = features.blob_regions,
+        .workers = worker_count_,
+        .worker_env = options_.worker_env,
+        .spread_cpus = options_.cpu_affinity == CpuAffinity::kSpread});
   }
   scheduler_ = std::make_unique<Scheduler>(Scheduler::Config{
       .workers = worker_count_,
@@ -107,6 +114,7 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
       .max_tasks_per_worker = options_.max_tasks_per_worker,
       .task_timeout = options_.task_timeout,
       .kill_grace = options_.kill_grace,
+      .cancel_grace = options_.cancel_grace,
       // A remote worker's progress reaches the pool late: a batch queued behind its running one
       // could not be told apart from one it started if its host were lost. One batch at a time.
       .max_batches_per_worker =
@@ -121,6 +129,7 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .respawn_delay = options_.respawn_delay,
           .respawn_max_delay = options_.respawn_max_delay,
           .max_worker_rss_bytes = options_.max_worker_rss_bytes,
+          .cancel_grace = options_.cancel_grace,
           .process_name_prefix = options_.name,
           .log = [this](LogSeverity severity, const std::string& process, int pid,
                         const std::string& message) { log(severity, process, pid, message); }},

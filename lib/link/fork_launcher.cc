@@ -40,7 +40,10 @@ void map_own_memory(ControlPageMapping& page, SharedRegion* region) {
 
 }  // namespace
 
-ForkLauncher::ForkLauncher(Config config) : config_(std::move(config)), pool_pid_(::getpid()) {}
+ForkLauncher::ForkLauncher(Config config)
+    : config_(std::move(config)),
+      pool_pid_(::getpid()),
+      cpus_(config_.spread_cpus ? allowed_cpus() : std::vector<int>()) {}
 
 WorkerLaunch ForkLauncher::launch_for(int slot) const {
   WorkerLaunch launch;
@@ -50,6 +53,19 @@ WorkerLaunch ForkLauncher::launch_for(int slot) const {
   launch.max_frame_bytes = config_.max_frame_bytes;
   launch.pool_pid = pool_pid_;
   launch.factory = config_.factory;
+  launch.placement.workers = config_.workers;
+  launch.placement.pool_name = config_.process_name_prefix;
+  return launch;
+}
+
+absl::StatusOr<WorkerLaunch> ForkLauncher::placed_launch_for(int slot) {
+  WorkerLaunch launch = launch_for(slot);
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> env =
+      evaluate_worker_env(config_.worker_env, slot);
+  if (!env.ok()) return env.status();
+  launch.placement.env = *std::move(env);
+  launch.placement.generation = generations_[slot];
+  if (config_.spread_cpus) launch.placement.cpu = spread_cpu(cpus_, slot);
   return launch;
 }
 
@@ -68,12 +84,15 @@ absl::Status ForkLauncher::ensure_server() {
 
 absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                                                  const std::string& name) {
-  const WorkerLaunch launch = launch_for(slot);
+  absl::StatusOr<WorkerLaunch> placed = placed_launch_for(slot);
+  if (!placed.ok()) return placed.status();
+  const WorkerLaunch& launch = *placed;
   const ForkLink::Limits limits{config_.max_frame_bytes, config_.frame_timeout};
   if (config_.fork_server) {
     if (absl::Status started = ensure_server(); !started.ok()) return started;
     absl::StatusOr<ForkServer::Spawned> spawned = server_->spawn(launch);
     if (!spawned.ok()) return spawned.status();
+    ++generations_[slot];
     auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", spawned->pid, ")"),
                                            WorkerProcess(spawned->pid, /*adopted=*/true),
                                            std::move(spawned->channel), std::move(spawned->page),
@@ -104,6 +123,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     map_own_memory(*page, region.get());
     worker_main(channel->child_end.release(), page->get(), launch, parent, region.get());
   }
+  ++generations_[slot];
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
   return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process),
@@ -112,8 +132,10 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
 }
 
 absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, const std::string& name,
-                                                                   UniqueFd channel) {
+                                                                   UniqueFd channel,
+                                                                   WorkerPlacement placement) {
   WorkerLaunch launch = launch_for(slot);
+  launch.placement = std::move(placement);
   // Its page is ours (a relay's), not the pool's: results held in it would not reach the pool.
   launch.hold_results = false;
   absl::StatusOr<ControlPageMapping> page =

@@ -10,9 +10,12 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "lib/link/fork_link.h"
@@ -34,6 +37,11 @@ class ForkLauncher final : public Launcher {
     // Give each worker forked here a shared region for blobs (lib/wire/shared_region.h): for pools
     // whose jobs or results may hold byte strings. (Workers of the fork server have none.)
     bool blob_regions = false;
+    // Who the workers are and what they start with (WorkerPlacement): the pool's size and
+    // PoolOptions::worker_env and cpu_affinity (kSpread: `spread_cpus`).
+    int workers = 0;
+    std::function<std::vector<std::pair<std::string, std::string>>(int)> worker_env;
+    bool spread_cpus = false;
   };
   explicit ForkLauncher(Config config);
 
@@ -42,7 +50,8 @@ class ForkLauncher final : public Launcher {
   // opened): the link returned has no channel of its own, only the process and its control page.
   // Direct fork only.
   absl::StatusOr<std::unique_ptr<ForkLink>> launch_on(int slot, const std::string& name,
-                                                      UniqueFd channel);
+                                                      UniqueFd channel,
+                                                      WorkerPlacement placement = {});
   void add_pollfds(std::vector<pollfd>& fds) override;
   void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
   bool has_pending_events() const override;
@@ -53,6 +62,9 @@ class ForkLauncher final : public Launcher {
 
  private:
   WorkerLaunch launch_for(int slot) const;
+  // launch_for(slot) with the slot's next process's placement (its generation counted once it
+  // starts); kInvalidArgument when worker_env refuses.
+  absl::StatusOr<WorkerLaunch> placed_launch_for(int slot);
   void take_server_reports(LauncherEvents& events);
 
   const Config config_;
@@ -60,6 +72,8 @@ class ForkLauncher final : public Launcher {
   std::unique_ptr<ForkServer> server_;
   std::map<pid_t, ForkLink*> adopted_;  // workers of the server, by pid, while their link lives
   bool polled_server_ = false;
+  std::map<int, int64_t> generations_;  // processes started so far, by slot
+  const std::vector<int> cpus_;         // for spread_cpus: the CPUs this process may use
 };
 
 }  // namespace procpool::internal

@@ -31,7 +31,8 @@
 namespace procpool::internal {
 namespace {
 
-constexpr size_t kMaxPacket = 4096;
+// A spawn request carries the worker's environment (PoolOptions::worker_env): room for that.
+constexpr size_t kMaxPacket = size_t{64} << 10;
 constexpr int kSpawnReplyTimeoutMs = 10'000;
 
 // Sends one Cap'n Proto message as one packet, with `fds` attached.
@@ -117,6 +118,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
     launch.slot = static_cast<int>(request.getSlot());
     launch.process_name = request.getName().cStr();
     launch.parent_death_signal = true;  // this process is single-threaded and outlives its workers
+    launch.placement = placement_from_wire(request.getPlacement());
     const pid_t self = ::getpid();
     absl::StatusOr<pid_t> forked = fork_child("a worker in the fork server");
     const pid_t pid = forked.ok() ? *forked : -1;
@@ -257,6 +259,12 @@ absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch
   auto root = request.initRoot<wire::ForkServerRequest>();
   root.setSlot(static_cast<uint32_t>(launch.slot));
   root.setName(launch.process_name);
+  placement_to_wire(launch.placement, root.initPlacement());
+  if (capnp::computeSerializedSizeInWords(request) * sizeof(capnp::word) > kMaxPacket) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PoolOptions::worker_env for slot ", launch.slot, " is too large for the fork server (",
+        kMaxPacket, " bytes a request)"));
+  }
   const int fds[2] = {channel->child_end.get(), page->fd()};
   if (!send_packet(control_.get(), request, fds, 2)) {
     return absl::ErrnoToStatus(errno, "sending a spawn request to the fork server");

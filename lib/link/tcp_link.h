@@ -20,6 +20,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -31,6 +32,7 @@
 #include "lib/link/worker_link.h"
 #include "lib/wire/frame_io.h"
 #include "lib/wire/frame_stream.h"
+#include "lib/worker/worker_main.h"
 
 namespace procpool::internal {
 
@@ -43,8 +45,11 @@ class TcpLink final : public WorkerLink {
   int slot() const { return slot_; }
   bool waiting() const { return host_ == nullptr && !ended_; }
   int64_t wait_until_ns() const { return wait_until_ns_; }
-  // Called by the launcher: a host for this waiting link (it asks the relay for a worker).
+  // Called by the launcher: a host for this waiting link (it asks the relay for a worker, with
+  // `placement`: who it is, what it starts with).
   void bind(RemoteHost* host);
+  void set_placement(WorkerPlacement placement) { placement_ = std::move(placement); }
+  const WorkerPlacement& placement() const { return placement_; }
   // The spawn's id the worker's data connection will present (set by bind).
   const std::string& data_id() const { return data_id_; }
   // Called by the launcher: the worker's data connection, with what was read from it so far.
@@ -68,6 +73,8 @@ class TcpLink final : public WorkerLink {
   size_t resident_bytes() const override { return resident_bytes_; }
   void open_claims(uint32_t, uint16_t, uint32_t) override {}  // the worker's page is its relay's
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
+  // Sent to the relay, which writes the worker's page (a round trip later than locally).
+  void request_stop(uint64_t seq, uint32_t from, uint32_t to) override;
   void stop(StopMode mode) override;
   int64_t placed_ns() const override { return placed_ns_; }
 
@@ -92,6 +99,7 @@ class TcpLink final : public WorkerLink {
 
   const std::string slot_name_;
   const int slot_;
+  WorkerPlacement placement_;
   const RelayLimits limits_;
   std::string name_;
   RemoteHost* host_ = nullptr;

@@ -203,8 +203,9 @@ struct PoolOptions {
   /// AsyncResult cancelled, its soft_timeout passed, the pool terminating) may take to return
   /// before its worker is killed. A task that returns within it has its value discarded (it
   /// reports kCancelled, or kDeadlineExceeded after its soft_timeout) and its worker lives on.
-  /// Zero (the default): no wait, the worker is stopped at once as it always was (the flag is
-  /// still set). Not negative.
+  /// Zero (the default): no wait, the worker is stopped at once as it always was. (Leaving an
+  /// imap loop or a signal's close asks running tasks to stop too, but never kills them.) Not
+  /// negative.
   absl::Duration cancel_grace = absl::ZeroDuration();
   /// Called in the pool (on the thread that starts workers) before each worker process of `slot`
   /// starts, replacements included: the variables it returns are set (setenv) in that worker

@@ -37,10 +37,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = len(os.sched_getaffinity(0))
 BENCH = os.path.join(ROOT, "bench")
 CXX_BINARIES = ["raw_floor", "bench_apply", "bench_map", "bench_cpu", "bench_payload",
-                "bench_startstop", "bench_imap_memory", "bench_scaling", "bench_remote"]
+                "bench_startstop", "bench_imap_memory", "bench_scaling", "bench_remote",
+                "bench_stop_check"]
 WORKLOAD_KEYS = ["apply", "apply_pinned", "map_auto", "map_chunk1", "imap", "imap_unordered",
                  "payload", "payload_bytes", "startstop", "startstop_static", "scaling",
-                 "cpu_sha512", "remote"]
+                 "cpu_sha512", "remote", "stop_check"]
 
 
 # ---- running things ---------------------------------------------------------------------------
@@ -298,6 +299,10 @@ def plan(quick):
         # then the same map on as many remote ones (bench_remote.cc).
         "remote": dict(cxx=("bench_remote", ["calls=5000", "items=1000000"]),
                        py={}, reps=r(5), timeout=90),
+        # this_task::stop_requested() checked 1,000 times a task, against the same map without
+        # (bench_stop_check.cc): both maps in each process, on one pool.
+        "stop_check": dict(cxx=("bench_stop_check", ["jobs=4000", "steps=64", "reps=5"]),
+                           py={}, reps=r(3), timeout=90),
     }
 
 
@@ -547,6 +552,23 @@ def evaluate(results, cores):
             "items/s", "8: %s; 2: %s" % (high.fmt(rate), low.fmt(rate)), "–", "–", "–",
             "%s" % fmt_ratio(ratio), "≥ 0.9×",
             check("scaling", holds, "%s the throughput at 2 workers, target ≥ 0.9×"
+                  % fmt_ratio(ratio)), e)
+
+    if "stop_check" in results:
+        e = results["stop_check"]
+        ratio = fig(e["cxx"], "value", e["cxx_note"])
+        checked = fig(e["cxx"], "checked_s")
+        plain = fig(e["cxx"], "plain_s")
+        holds = ratio.median <= 1.02 if ratio.ok else None
+        notes.append("stop_check: one stop_requested() costs %s ns of a worker's CPU time (from "
+                     "the difference of the two maps)" % fig(e["cxx"], "ns_per_check").fmt(
+                         lambda v: "%.1f" % v))
+        row("`map` of 4,000 tasks that check `this_task::stop_requested()` 1,000 times each, "
+            "against the same without (tasks' CPU time)", "s wall",
+            "checked: %s; plain: %s" % (checked.fmt(lambda v: "%.3f s" % v),
+                                        plain.fmt(lambda v: "%.3f s" % v)),
+            "–", "–", "–", "%s" % fmt_ratio(ratio), "≤ 1.02×",
+            check("stop_check", holds, "%s the map without checks, target ≤ 1.02×"
                   % fmt_ratio(ratio)), e)
 
     if "cpu_sha512" in results:

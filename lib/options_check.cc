@@ -130,6 +130,9 @@ absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed)
                          not_negative("respawn_max_delay", options.respawn_max_delay)}) {
     if (!s.ok()) return s;
   }
+  if (absl::Status grace = not_negative("cancel_grace", options.cancel_grace); !grace.ok()) {
+    return grace;
+  }
   if (options.respawn_max_delay < options.respawn_delay) {
     return absl::InvalidArgumentError(
         "PoolOptions::respawn_max_delay must not be less than respawn_delay");
@@ -145,6 +148,44 @@ absl::Status check_call_settings(const CallSettings& settings) {
   if (settings.has_task_timeout && settings.task_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(absl::StrCat("CallOptions::task_timeout must be positive, not ",
                                                    absl::FormatDuration(settings.task_timeout)));
+  }
+  if (settings.soft_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("CallOptions::soft_timeout must be positive, not ",
+                                                   absl::FormatDuration(settings.soft_timeout)));
+  }
+  for (const absl::StatusCode code : settings.retry_on) {
+    // kOk is no failure; kCancelled is the caller's own decision (or terminate's): running the
+    // task again would undo it.
+    if (code == absl::StatusCode::kOk || code == absl::StatusCode::kCancelled) {
+      return absl::InvalidArgumentError(absl::StrCat("CallOptions::retry_on: ",
+                                                     absl::StatusCodeToString(code),
+                                                     " cannot be retried"));
+    }
+    if (absl::StatusCodeToString(code).empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("CallOptions::retry_on: ",
+                                                     static_cast<int>(code),
+                                                     " is not an absl::StatusCode"));
+    }
+  }
+  const RetryBackoff& backoff = settings.retry_backoff;
+  if (backoff.initial < absl::ZeroDuration() || backoff.initial == absl::InfiniteDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CallOptions::retry_backoff.initial must be finite and not negative, not ",
+        absl::FormatDuration(backoff.initial)));
+  }
+  if (backoff.max < backoff.initial || backoff.max == absl::InfiniteDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CallOptions::retry_backoff.max must be finite and not less than initial, not ",
+        absl::FormatDuration(backoff.max)));
+  }
+  // Written so that a NaN fails too.
+  if (!(backoff.multiplier >= 1 && backoff.multiplier <= 1e6)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CallOptions::retry_backoff.multiplier must be from 1 to 1e6, not ", backoff.multiplier));
+  }
+  if (!(backoff.jitter >= 0 && backoff.jitter <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CallOptions::retry_backoff.jitter must be from 0 to 1, not ", backoff.jitter));
   }
   return absl::OkStatus();
 }

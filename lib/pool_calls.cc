@@ -94,6 +94,8 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
       break;
     }
     supervisor_->pump_borrowed(*slot, ready.revents);
+    // The task was sent back (a retry): the pool thread runs it from the queue.
+    if (scheduler_->has_pending()) break;
   }
   bool quiet = false;
   if (supervisor_->generation(*slot) == generation) {
@@ -114,7 +116,11 @@ void PoolCore::Impl::cancel(const Call* call) {
   if (foreign()) return;
   {
     MutexLock lock(mu_);
-    if (scheduler_) scheduler_->cancel(call, absl::CancelledError("cancelled before it started"));
+    if (scheduler_) {
+      scheduler_->cancel(call, absl::CancelledError("cancelled before it started"));
+      // The tasks running go on (their worker is not stopped), asked to stop.
+      scheduler_->ask_to_stop(call, absl::CancelledError("the call was cancelled"));
+    }
   }
   wake();
 }
@@ -129,7 +135,10 @@ void PoolCore::Impl::cancel_pending(absl::Status status) {
   if (foreign()) return;
   {
     MutexLock lock(mu_);
-    if (scheduler_) scheduler_->cancel_all(status);
+    if (scheduler_) {
+      scheduler_->cancel_all(status);
+      scheduler_->ask_to_stop(nullptr, status);
+    }
   }
   wake();
 }
@@ -145,8 +154,10 @@ bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,
       // Tasks not started are taken back (exactly, through their claims); a worker running one
       // is stopped and replaced, like Pebble's future.cancel().
       scheduler_->cancel(call, status);
-      scheduler_->stop_running(call, absl::CancelledError(
-                                         "the task was cancelled; its worker was stopped"));
+      scheduler_->stop_running(
+          call, absl::CancelledError(options_.cancel_grace > absl::ZeroDuration()
+                                         ? "the task was cancelled and asked to stop"
+                                         : "the task was cancelled; its worker was stopped"));
     }
   }
   wake();

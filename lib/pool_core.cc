@@ -103,7 +103,11 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .max_worker_memory_bytes =
                                                          options_.max_worker_memory_bytes,
                                                      .cgroups_off =
-                                                         options_.cgroups == Cgroups::kOff});
+                                                         options_.cgroups == Cgroups::kOff,
+                                                     .workers = worker_count_,
+                                                     .worker_env = options_.worker_env,
+                                                     .spread_cpus = options_.cpu_affinity ==
+                                                                    CpuAffinity::kSpread});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;
@@ -121,7 +125,10 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
         .factory = &factory_,
         .blob_regions = features.blob_regions,
         .cgroups = options_.cgroups,
-        .max_worker_memory_bytes = options_.max_worker_memory_bytes});
+        .max_worker_memory_bytes = options_.max_worker_memory_bytes,
+        .workers = worker_count_,
+        .worker_env = options_.worker_env,
+        .spread_cpus = options_.cpu_affinity == CpuAffinity::kSpread});
     // Which mechanism stops workers' trees and holds the memory cap, said once at start.
     log(LogSeverity::kInfo, "procpool", ::getpid(), forks->cgroup_plan().describe());
     launcher_ = std::move(forks);
@@ -132,6 +139,7 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
       .max_tasks_per_worker = options_.max_tasks_per_worker,
       .task_timeout = options_.task_timeout,
       .kill_grace = options_.kill_grace,
+      .cancel_grace = options_.cancel_grace,
       // A remote worker's progress reaches the pool late: a batch queued behind its running one
       // could not be told apart from one it started if its host were lost. One batch at a time.
       .max_batches_per_worker =
@@ -146,6 +154,7 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .respawn_delay = options_.respawn_delay,
           .respawn_max_delay = options_.respawn_max_delay,
           .max_worker_rss_bytes = options_.max_worker_rss_bytes,
+          .cancel_grace = options_.cancel_grace,
           .process_name_prefix = options_.name,
           .log = [this](LogSeverity severity, const std::string& process, int pid,
                         const std::string& message) { log(severity, process, pid, message); }},

@@ -311,6 +311,10 @@ class FakeWorkerPort final : public internal::WorkerPort {
     if (!later_) answer_revokes();
   }
   void stop(absl::Status reason) override { stops_.push_back(std::move(reason)); }
+  // Written to the worker's page, as a fork link does: the fake worker's stamps decide.
+  void request_stop(uint64_t seq, uint32_t from, uint32_t to) override {
+    internal::request_stop(worker_.page(), seq, from, to);
+  }
 
   void answer_revokes_later() { later_ = true; }
   void answer_revokes() {

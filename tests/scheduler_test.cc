@@ -444,5 +444,101 @@ TEST_CASE("a worker whose progress says it still runs a task it reported is stop
   for (int64_t i = 1; i < 4; ++i) CHECK(call->outcome(i).value_or(-1) == i * 10);
 }
 
+TEST_CASE("a task sent back by retry_on waits out its backoff on the scheduler's timer") {
+  Rig rig(1);
+  CallSettings settings = chunks(1, /*retries=*/2);
+  settings.retry_on = {absl::StatusCode::kUnavailable};
+  settings.retry_backoff.initial = absl::Hours(1);
+  settings.retry_backoff.max = absl::Hours(1);
+  settings.retry_backoff.jitter = 0;
+  auto call = rig.submit(2, settings);
+  rig.scheduler.dispatch();
+  const uint64_t first = rig.front(0).seq;
+  REQUIRE(rig.worker(0).start(first, internal::monotonic_now_ns()) == 0u);
+  rig.worker(0).finish();
+  REQUIRE(deliver_results(rig.scheduler, 0,
+                          results_frame(first, 0, {0}, {{0, absl::UnavailableError("busy")}}))
+              .ok());
+  rig.worker(0).batches().pop_front();
+  CHECK(call->count(0) == 0);  // sent back, not failed
+  CHECK(rig.scheduler.has_pending());
+  // The worker is not kept waiting for it: task 1 goes first.
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(0).batches().size() == 1);
+  CHECK(rig.front(0).jobs == std::vector<int64_t>{1});
+  rig.run_one(0, rig.front(0).seq);
+  rig.worker(0).batches().pop_front();
+  rig.scheduler.dispatch();
+  CHECK(rig.worker(0).batches().empty());  // its hour is not up
+  // An hour later (the scheduler's clock is what check() is given) it runs again.
+  const int64_t wake = rig.scheduler.check(internal::monotonic_now_ns());
+  CHECK(wake > internal::monotonic_now_ns() + 3'000'000'000'000);
+  rig.scheduler.check(internal::monotonic_now_ns() + 2 * 3'600'000'000'000);
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(0).batches().size() == 1);
+  CHECK(rig.front(0).jobs == std::vector<int64_t>{0});
+  rig.run_one(0, rig.front(0).seq);
+  CHECK(call->outcome(0).value_or(-1) == 0);
+  CHECK(call->outcome(1).value_or(-1) == 10);
+  CHECK(call->ended_once());
+
+  // Without retry_on, a returned error is the task's outcome (retries are for deaths).
+  auto plain = rig.submit(1, chunks(1, /*retries=*/2));
+  rig.worker(0).batches().clear();
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 0u);
+  rig.worker(0).finish();
+  REQUIRE(deliver_results(rig.scheduler, 0,
+                          results_frame(seq, 0, {0}, {{0, absl::UnavailableError("busy")}}))
+              .ok());
+  CHECK(plain->outcome(0).status().code() == absl::StatusCode::kUnavailable);
+}
+
+TEST_CASE("a task asked to stop sees it in its page and reports why, whatever it returns") {
+  Rig rig(1);
+  auto call = rig.submit(3, chunks(3));
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  internal::ControlPage& page = rig.worker(0).page();
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 0u);
+  CHECK_FALSE(internal::stop_requested(page));
+  rig.scheduler.ask_to_stop(call.get(), absl::CancelledError("the call was cancelled"));
+  CHECK(internal::stop_requested(page));
+  rig.worker(0).finish();
+  CHECK_FALSE(internal::stop_requested(page));  // between tasks
+  REQUIRE(deliver_results(rig.scheduler, 0, results_frame(seq, 0, {7})).ok());
+  CHECK(call->outcome(0).status().code() == absl::StatusCode::kCancelled);
+  // The tasks after it in the batch were asked too; no worker was stopped for it.
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 1u);
+  CHECK(internal::stop_requested(page));
+  rig.worker(0).finish();
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 2u);
+  rig.worker(0).finish();
+  REQUIRE(deliver_results(rig.scheduler, 0, results_frame(seq, 1, {8, 9})).ok());
+  CHECK(call->outcome(2).status().code() == absl::StatusCode::kCancelled);
+  CHECK(rig.ports[0]->stops().empty());
+  // Its batch settled, the request is withdrawn.
+  CHECK(page.stop_seq.load() == 0);
+}
+
+TEST_CASE("a soft_timeout asks the task to stop; without a cancel_grace its worker is stopped too") {
+  Rig rig(1);
+  CallSettings settings = chunks(1);
+  settings.soft_timeout = absl::Milliseconds(50);
+  auto call = rig.submit(1, settings);
+  rig.scheduler.dispatch();
+  const int64_t start = internal::monotonic_now_ns();
+  REQUIRE(rig.worker(0).start(rig.front(0).seq, start) == 0u);
+  const int64_t wake = rig.scheduler.check(start);
+  CHECK(wake >= start + 50'000'000);
+  CHECK_FALSE(internal::stop_requested(rig.worker(0).page()));
+  rig.scheduler.check(start + 60'000'000 + internal::coarse_clock_slack_ns());
+  CHECK(internal::stop_requested(rig.worker(0).page()));
+  REQUIRE(rig.ports[0]->stops().size() == 1);
+  CHECK(rig.ports[0]->stops()[0].code() == absl::StatusCode::kDeadlineExceeded);
+  CHECK(absl::StrContains(rig.ports[0]->stops()[0].message(), "soft_timeout"));
+}
+
 }  // namespace
 }  // namespace procpool::testing

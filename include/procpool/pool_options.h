@@ -23,6 +23,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/time/time.h"
@@ -94,6 +95,15 @@ enum class Cgroups {
   kAuto,
   /// No cgroups: process groups and /proc alone; the memory cap, if any, is RLIMIT_AS.
   kOff,
+};
+
+/// Where worker processes run (`PoolOptions::cpu_affinity`).
+enum class CpuAffinity {
+  kNone,    ///< wherever the kernel puts them (the parent's allowed CPUs)
+  /// Slot i is pinned to the i-th CPU of the set the parent may run on (sched_getaffinity when
+  /// the pool is made), round robin when there are more slots than CPUs; a replacement keeps its
+  /// slot's CPU. A remote worker is pinned the same way within its own host's set.
+  kSpread,
 };
 
 /// Workers on other machines (`PoolOptions::remote`). The worker program calls
@@ -248,6 +258,22 @@ struct PoolOptions {
   /// every call return kInvalidArgument naming this field; one that cannot be listened on (in use,
   /// not this machine's) fails every call with kUnavailable naming it, the address and the cause.
   std::string metrics_listen;
+  /// How long a task asked to stop (procpool::this_task::stop_requested(), this_worker.h: its
+  /// AsyncResult cancelled, its soft_timeout passed, the pool terminating) may take to return
+  /// before its worker is killed. A task that returns within it has its value discarded (it
+  /// reports kCancelled, or kDeadlineExceeded after its soft_timeout) and its worker lives on.
+  /// Zero (the default): no wait, the worker is stopped at once as it always was. (Leaving an
+  /// imap loop or a signal's close asks running tasks to stop too, but never kills them.) Not
+  /// negative.
+  absl::Duration cancel_grace = absl::ZeroDuration();
+  /// Called in the pool (on the thread that starts workers) before each worker process of `slot`
+  /// starts, replacements included: the variables it returns are set (setenv) in that worker
+  /// before W's constructor runs, e.g. {{"CUDA_VISIBLE_DEVICES", std::to_string(slot % 4)}}. For
+  /// remote workers they are sent to the worker's host and set there. A name that is empty or
+  /// holds '=' or a NUL, or an exception thrown, fails that worker's start (kInvalidArgument).
+  std::function<std::vector<std::pair<std::string, std::string>>(int slot)> worker_env;
+  /// Pin each worker to a CPU: see CpuAffinity.
+  CpuAffinity cpu_affinity = CpuAffinity::kNone;
 };
 
 }  // namespace procpool

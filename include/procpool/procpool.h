@@ -14,7 +14,8 @@
 /// (codec.h) says which types cross the process boundary; `CapnpStruct` (capnp_struct.h) carries
 /// your own Cap'n Proto structs; `PoolStats` (pool_stats.h) shows what the workers do; `serve`
 /// (serve.h) is the main of a remote worker program; `install_signal_handlers` (signals.h) makes
-/// Ctrl-C close every pool; version.h says which procpool this is.
+/// Ctrl-C close every pool; `this_worker()` and `this_task` (this_worker.h) tell code in a worker
+/// which worker it is and whether its task should stop; version.h says which procpool this is.
 ///
 /// The headers in procpool/internal/ are implementation details that the templates above need
 /// inline: not part of the API, and they may change in any release.
@@ -39,6 +40,7 @@
 #include "procpool/progress_bar.h"
 #include "procpool/serve.h"
 #include "procpool/signals.h"
+#include "procpool/this_worker.h"
 #include "procpool/version.h"
 #include "procpool/wait.h"
 

@@ -47,7 +47,8 @@ ForkLauncher::ForkLauncher(Config config)
     : config_(std::move(config)),
       pool_pid_(::getpid()),
       cgroup_plan_(CgroupPlan::detect(config_.cgroups == Cgroups::kAuto,
-                                      config_.max_worker_memory_bytes)) {}
+                                      config_.max_worker_memory_bytes)),
+      cpus_(config_.spread_cpus ? allowed_cpus() : std::vector<int>()) {}
 
 absl::StatusOr<std::optional<WorkerCgroup>> ForkLauncher::make_cgroup(WorkerLaunch& launch) {
   if (!cgroup_plan_.uses_cgroups()) return std::nullopt;
@@ -70,6 +71,19 @@ WorkerLaunch ForkLauncher::launch_for(int slot) const {
   if (cgroup_plan_.memory == CgroupPlan::Memory::kRlimitAs) {
     launch.address_space_limit = cgroup_plan_.memory_bytes;
   }
+  launch.placement.workers = config_.workers;
+  launch.placement.pool_name = config_.process_name_prefix;
+  return launch;
+}
+
+absl::StatusOr<WorkerLaunch> ForkLauncher::placed_launch_for(int slot) {
+  WorkerLaunch launch = launch_for(slot);
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> env =
+      evaluate_worker_env(config_.worker_env, slot);
+  if (!env.ok()) return env.status();
+  launch.placement.env = *std::move(env);
+  launch.placement.generation = generations_[slot];
+  if (config_.spread_cpus) launch.placement.cpu = spread_cpu(cpus_, slot);
   return launch;
 }
 
@@ -88,7 +102,9 @@ absl::Status ForkLauncher::ensure_server() {
 
 absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                                                  const std::string& name) {
-  WorkerLaunch launch = launch_for(slot);
+  absl::StatusOr<WorkerLaunch> placed = placed_launch_for(slot);
+  if (!placed.ok()) return placed.status();
+  WorkerLaunch& launch = *placed;
   absl::StatusOr<std::optional<WorkerCgroup>> cgroup = make_cgroup(launch);
   if (!cgroup.ok()) return cgroup.status();
   const ForkLink::Limits limits{config_.max_frame_bytes, config_.frame_timeout};
@@ -97,6 +113,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     absl::StatusOr<ForkServer::Spawned> spawned = server_->spawn(launch);
     if (!spawned.ok()) return spawned.status();
     const pid_t pid = spawned->pid;
+    ++generations_[slot];
     // Without pidfds only the server may signal its worker: it alone knows whether it reaped it.
     // Never a later server's: the same pid there is another process.
     auto through_server = [this, pid, slot, server = server_->pid()](int signal) {
@@ -132,6 +149,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     map_own_memory(*page, region.get());
     worker_main(channel->child_end.release(), page->get(), launch, parent, region.get());
   }
+  ++generations_[slot];
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
   auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"),
@@ -142,8 +160,10 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
 }
 
 absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
-    int slot, const std::string& name, std::unique_ptr<TlsChannel> channel) {
+    int slot, const std::string& name, std::unique_ptr<TlsChannel> channel,
+    WorkerPlacement placement) {
   WorkerLaunch launch = launch_for(slot);
+  launch.placement = std::move(placement);
   // Its page is ours (a relay's), not the pool's: results held in it would not reach the pool.
   launch.hold_results = false;
   absl::StatusOr<std::optional<WorkerCgroup>> cgroup = make_cgroup(launch);

@@ -10,10 +10,13 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "lib/wire/tls_channel.h"
@@ -42,6 +45,11 @@ class ForkLauncher final : public Launcher {
     // made (kAuto), and the cap (0: none), as PoolOptions says.
     Cgroups cgroups = Cgroups::kOff;
     size_t max_worker_memory_bytes = 0;
+    // Who the workers are and what they start with (WorkerPlacement): the pool's size and
+    // PoolOptions::worker_env and cpu_affinity (kSpread: `spread_cpus`).
+    int workers = 0;
+    std::function<std::vector<std::pair<std::string, std::string>>(int)> worker_env;
+    bool spread_cpus = false;
   };
   explicit ForkLauncher(Config config);
 
@@ -51,7 +59,8 @@ class ForkLauncher final : public Launcher {
   // a word on the wire. The link returned has no channel of its own, only the process and its
   // control page. Direct fork only.
   absl::StatusOr<std::unique_ptr<ForkLink>> launch_on(int slot, const std::string& name,
-                                                      std::unique_ptr<TlsChannel> channel);
+                                                      std::unique_ptr<TlsChannel> channel,
+                                                      WorkerPlacement placement = {});
   void add_pollfds(std::vector<pollfd>& fds) override;
   void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
   bool has_pending_events() const override;
@@ -68,6 +77,9 @@ class ForkLauncher final : public Launcher {
   // The cgroups of the worker about to start in `launch` (none where the plan has none); its
   // cgroup.procs files go into `launch`.
   absl::StatusOr<std::optional<WorkerCgroup>> make_cgroup(WorkerLaunch& launch);
+  // launch_for(slot) with the slot's next process's placement (its generation counted once it
+  // starts); kInvalidArgument when worker_env refuses.
+  absl::StatusOr<WorkerLaunch> placed_launch_for(int slot);
   void take_server_reports(LauncherEvents& events);
 
   const Config config_;
@@ -76,6 +88,8 @@ class ForkLauncher final : public Launcher {
   std::unique_ptr<ForkServer> server_;
   std::map<pid_t, ForkLink*> adopted_;  // workers of the server, by pid, while their link lives
   bool polled_server_ = false;
+  std::map<int, int64_t> generations_;  // processes started so far, by slot
+  const std::vector<int> cpus_;         // for spread_cpus: the CPUs this process may use
 };
 
 }  // namespace procpool::internal

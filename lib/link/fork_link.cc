@@ -275,6 +275,10 @@ void ForkLink::revoke(uint32_t slot, uint16_t tag, LinkEvents& events) {
   events.on_revoked(slot, tag, revoke_claims(*page_.get(), slot, tag));
 }
 
+void ForkLink::request_stop(uint64_t seq, uint32_t from, uint32_t to) {
+  internal::request_stop(*page_.get(), seq, from, to);
+}
+
 void ForkLink::stop(StopMode mode) {
   // Everything the worker started goes with it. Its cgroup holds all of it, even what left its
   // tree, and is killed at its end (or now, for a kill); without one, its descendants are found

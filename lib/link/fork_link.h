@@ -69,6 +69,7 @@ class ForkLink final : public WorkerLink {
   std::string host() const override;
   void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
+  void request_stop(uint64_t seq, uint32_t from, uint32_t to) override;
   void stop(StopMode mode) override;
 
   // Queues a copy of a whole frame read elsewhere (a relay passing the pool's frames on).

@@ -32,7 +32,8 @@
 namespace procpool::internal {
 namespace {
 
-constexpr size_t kMaxPacket = 4096;
+// A spawn request carries the worker's environment (PoolOptions::worker_env): room for that.
+constexpr size_t kMaxPacket = size_t{64} << 10;
 constexpr int kSpawnReplyTimeoutMs = 10'000;
 
 // Sends one Cap'n Proto message as one packet, with `fds` attached.
@@ -138,6 +139,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
     launch.process_name = request.getName().cStr();
     for (capnp::Text::Reader procs : request.getCgroupProcs()) launch.cgroup_procs.push_back(procs);
     launch.parent_death_signal = true;  // this process is single-threaded and outlives its workers
+    launch.placement = placement_from_wire(request.getPlacement());
     const pid_t self = ::getpid();
     absl::StatusOr<pid_t> forked = fork_child("a worker in the fork server");
     const pid_t pid = forked.ok() ? *forked : -1;
@@ -285,6 +287,12 @@ absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch
   root.setName(launch.process_name);
   auto cgroup_procs = root.initCgroupProcs(static_cast<unsigned>(launch.cgroup_procs.size()));
   for (unsigned i = 0; i < cgroup_procs.size(); ++i) cgroup_procs.set(i, launch.cgroup_procs[i]);
+  placement_to_wire(launch.placement, root.initPlacement());
+  if (capnp::computeSerializedSizeInWords(request) * sizeof(capnp::word) > kMaxPacket) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PoolOptions::worker_env for slot ", launch.slot, " is too large for the fork server (",
+        kMaxPacket, " bytes a request)"));
+  }
   const int fds[2] = {channel->child_end.get(), page->fd()};
   if (!send_packet(control_.get(), request, fds, 2)) {
     return absl::ErrnoToStatus(errno, "sending a spawn request to the fork server");

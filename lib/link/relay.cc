@@ -426,6 +426,11 @@ bool Relay::on_pool_frame(kj::ArrayPtr<const capnp::word> words) {
       case wire::ToWorker::REVOKE:
         if (child_) child_->revoke(root.getRevoke().getSlot(), root.getRevoke().getTag(), *this);
         return absl::OkStatus();
+      case wire::ToWorker::STOP_TASKS: {
+        const auto stop = root.getStopTasks();
+        if (child_) child_->request_stop(stop.getSeq(), stop.getFrom(), stop.getTo());
+        return absl::OkStatus();
+      }
       default:
         return absl::DataLossError(
             "the pool sent a frame a worker host does not expect after the handshake");
@@ -476,7 +481,8 @@ void Relay::spawn(wire::Spawn::Reader request) {
     if (absl::Status sent = write_frame(**data, attach); !sent.ok()) return fail(sent.message());
   }
   absl::StatusOr<std::unique_ptr<ForkLink>> child =
-      launcher_->launch_on(slot, absl::StrCat("worker ", slot), *std::move(data));
+      launcher_->launch_on(slot, absl::StrCat("worker ", slot), *std::move(data),
+                           placement_from_wire(request.getPlacement()));
   if (!child.ok()) return fail(child.status().message());
   child_ = *std::move(child);
   reported_signature_ = 0;

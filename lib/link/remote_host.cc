@@ -281,6 +281,7 @@ void RemoteHost::bind(TcpLink* link, int slot, const std::string& data_id) {
   request.setSlot(static_cast<uint32_t>(slot));
   request.setDataId(
       capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(data_id.data()), data_id.size()));
+  placement_to_wire(link->placement(), request.initPlacement());
   queue(spawn);
   flush();
 }

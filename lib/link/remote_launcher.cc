@@ -200,7 +200,15 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
       return absl::UnavailableError(unavailable_reason());
     }
   }
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> env =
+      evaluate_worker_env(config_.worker_env, slot);
+  if (!env.ok()) return env.status();
   auto link = std::make_unique<TcpLink>(name, slot, wait_until, host_config_.limits);
+  link->set_placement(WorkerPlacement{.generation = generations_[slot]++,
+                                      .workers = config_.workers,
+                                      .pool_name = config_.name,
+                                      .env = *std::move(env),
+                                      .spread_cpus = config_.spread_cpus});
   TcpLink* raw = link.get();
   links_.push_back(raw);
   link->on_destroy([this, raw] {

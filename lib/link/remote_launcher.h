@@ -23,9 +23,11 @@
 #include <sys/types.h>
 
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -50,6 +52,10 @@ class RemoteLauncher final : public Launcher {
     // For each worker host's relay (lib/common/cgroup.h): PoolOptions' memory cap and cgroups.
     size_t max_worker_memory_bytes = 0;
     bool cgroups_off = false;
+    // Who the workers are, what they start with (WorkerPlacement; ForkLauncher::Config's).
+    int workers = 0;
+    std::function<std::vector<std::pair<std::string, std::string>>(int)> worker_env;
+    bool spread_cpus = false;  // each host pins slot i to the i-th CPU of its own set
   };
   // Listens; kInvalidArgument for a listen address that cannot be parsed, an errno status when
   // it cannot be bound.
@@ -95,6 +101,7 @@ class RemoteLauncher final : public Launcher {
   std::string address_;
   int64_t first_wait_until_ns_ = 0;  // without `launch`: slots wait for hosts until then
   std::vector<std::unique_ptr<RemoteHost>> hosts_;
+  std::map<int, int64_t> generations_;  // workers asked for so far, by slot
   std::vector<TcpLink*> links_;      // every live link, for data connections to find theirs
   std::deque<TcpLink*> waiting_;     // links without a host yet, oldest first
   struct Launched {

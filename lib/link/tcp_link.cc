@@ -154,6 +154,17 @@ void TcpLink::revoke(uint32_t slot, uint16_t tag, LinkEvents&) {
   host_->flush();
 }
 
+void TcpLink::request_stop(uint64_t seq, uint32_t from, uint32_t to) {
+  if (host_ == nullptr || ended_) return;
+  capnp::MallocMessageBuilder message(32);
+  auto stop = message.initRoot<wire::ToWorker>().initStopTasks();
+  stop.setSeq(seq);
+  stop.setFrom(from);
+  stop.setTo(to);
+  host_->queue(message);
+  host_->flush();
+}
+
 void TcpLink::stop(StopMode mode) {
   if (ended_) return;
   if (host_ == nullptr) {

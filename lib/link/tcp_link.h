@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -33,6 +34,7 @@
 #include "lib/wire/frame_io.h"
 #include "lib/wire/frame_stream.h"
 #include "lib/wire/tls_channel.h"
+#include "lib/worker/worker_main.h"
 
 namespace procpool::internal {
 
@@ -45,8 +47,11 @@ class TcpLink final : public WorkerLink {
   int slot() const { return slot_; }
   bool waiting() const { return host_ == nullptr && !ended_; }
   int64_t wait_until_ns() const { return wait_until_ns_; }
-  // Called by the launcher: a host for this waiting link (it asks the relay for a worker).
+  // Called by the launcher: a host for this waiting link (it asks the relay for a worker, with
+  // `placement`: who it is, what it starts with).
   void bind(RemoteHost* host);
+  void set_placement(WorkerPlacement placement) { placement_ = std::move(placement); }
+  const WorkerPlacement& placement() const { return placement_; }
   // The spawn's id the worker's data connection will present (set by bind), and the key of the
   // control session it was asked of, which that connection must prove (handshake.h).
   const std::string& data_id() const { return data_id_; }
@@ -73,6 +78,8 @@ class TcpLink final : public WorkerLink {
   std::string host() const override { return host_ != nullptr ? host_->host_name() : ""; }
   void open_claims(uint32_t, uint16_t, uint32_t) override {}  // the worker's page is its relay's
   void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) override;
+  // Sent to the relay, which writes the worker's page (a round trip later than locally).
+  void request_stop(uint64_t seq, uint32_t from, uint32_t to) override;
   void stop(StopMode mode) override;
   int64_t placed_ns() const override { return placed_ns_; }
 
@@ -97,6 +104,7 @@ class TcpLink final : public WorkerLink {
 
   const std::string slot_name_;
   const int slot_;
+  WorkerPlacement placement_;
   const RelayLimits limits_;
   std::string name_;
   RemoteHost* host_ = nullptr;

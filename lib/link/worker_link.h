@@ -136,6 +136,10 @@ class WorkerLink {
   // or later (a round trip).
   virtual void open_claims(uint32_t slot, uint16_t tag, uint32_t count) = 0;
   virtual void revoke(uint32_t slot, uint16_t tag, LinkEvents& events) = 0;
+  // Asks tasks [from, to) of batch `seq` to stop (this_task::stop_requested; control_page.h's
+  // request_stop: `seq` ControlPage::kStopEveryTask asks every task, 0 withdraws). Advisory: the
+  // worker may not look. No answer comes; the default (a link without a page) does nothing.
+  virtual void request_stop(uint64_t /*seq*/, uint32_t /*from*/, uint32_t /*to*/) {}
 
   // Stops the worker without its exit() hook (the polite way is a shutdown frame). Idempotent.
   virtual void stop(StopMode mode) = 0;

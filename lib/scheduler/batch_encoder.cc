@@ -187,6 +187,10 @@ Scheduler::BatchFrame Scheduler::build_batch(Worker& worker, const TaskRange& ra
     auto tasks = message->initRoot<wire::ToWorker>().initTasks();
     // A timeout makes the worker stamp every task's start; a remote worker's relay watches it.
     if (timeout != absl::InfiniteDuration()) tasks.setTimeoutNs(to_ns(timeout));
+    if (settings.soft_timeout != absl::InfiniteDuration()) {
+      tasks.setSoftTimeoutNs(to_ns(settings.soft_timeout));
+    }
+    tasks.setAttempt(static_cast<uint32_t>(range.attempt));
     tasks.setAwaited(awaited);
     tasks.setSeq(seq);
     tasks.setClaimSlot(claim_slot);
@@ -262,6 +266,7 @@ void Scheduler::hand_over(Worker& worker, TaskRange sent, BatchFrame frame) {
   batch.tasks = std::move(sent);
   batch.limit = static_cast<uint32_t>(frame.taken);
   batch.timeout = frame.timeout;
+  batch.soft_timeout = batch.tasks.call->settings().soft_timeout;
   batch.blob_bytes = frame.blob_bytes;
   worker.blob_bytes += batch.blob_bytes;
   if (worker.batches.empty()) {

@@ -31,7 +31,7 @@ void Scheduler::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
 }
 
 bool Scheduler::work_outstanding() const {
-  if (!pending_.empty()) return true;
+  if (has_pending()) return true;
   for (const Worker& worker : workers_) {
     if (!worker.batches.empty()) return true;
   }
@@ -48,6 +48,15 @@ void Scheduler::cancel(const Call* call, const absl::Status& status) {
       ++it;
     }
   }
+  for (auto it = delayed_.begin(); it != delayed_.end();) {
+    if (it->tasks.call.get() == call) {
+      TaskRange range = std::move(it->tasks);
+      it = delayed_.erase(it);
+      fail(range, range.first, range.count, status);
+    } else {
+      ++it;
+    }
+  }
   // Batches already at workers: take back what has not started.
   take_back_where(TakeBack::kFail, status,
                   [call](int, const Batch& batch) { return batch.tasks.call.get() == call; });
@@ -59,18 +68,77 @@ void Scheduler::cancel_all(const absl::Status& status) {
 }
 
 void Scheduler::stop_running(const Call* call, const absl::Status& reason) {
+  const bool grace = config_.cancel_grace > absl::ZeroDuration();
+  const int64_t kill_at = grace ? monotonic_now_ns() + to_ns(config_.cancel_grace) : 0;
   for (Worker& worker : workers_) {
     if (worker.port == nullptr) continue;
     const WorkerProgress progress = worker.port->progress();
+    if (grace && !progress.exact && !worker.batches.empty()) {
+      // Progress that comes late (TCP) may not show the task begun yet: the request covers the
+      // front batch from its first task not known to be done, and the kill waits for progress
+      // that shows one of them running past the grace (check_worker).
+      const Batch& front = worker.batches.front();
+      if (front.tasks.call.get() != call || front.reported >= front.limit) continue;
+      const uint32_t from =
+          progress.batch_seq == front.seq ? std::max(front.reported, progress.task_index)
+                                          : front.reported;
+      if (from < front.limit) request_stop(worker, front, from, front.limit, reason, kill_at);
+      continue;
+    }
     if (!progress.running) continue;
     for (const Batch& batch : worker.batches) {
       if (batch.seq == progress.batch_seq && batch.tasks.call.get() == call &&
           progress.task_index >= batch.reported && progress.task_index < batch.limit) {
-        worker.port->stop(reason);
+        if (grace) {
+          // The rest of the batch too: its worker may have claimed more than the one it runs.
+          request_stop(worker, batch, progress.task_index, batch.limit, reason, kill_at);
+        } else {
+          worker.port->stop(reason);
+        }
         break;
       }
     }
   }
+}
+
+void Scheduler::ask_to_stop(const Call* call, const absl::Status& reason) {
+  for (Worker& worker : workers_) {
+    if (worker.port == nullptr || worker.batches.empty()) continue;
+    const Batch& front = worker.batches.front();
+    if (call != nullptr && front.tasks.call.get() != call) continue;
+    // From the task it runs (or the next, between tasks); what it reported or finished keeps its
+    // outcome. Later batches were taken back, or run tasks of other calls.
+    const WorkerProgress progress = worker.port->progress();
+    uint32_t from = front.reported;
+    if (progress.batch_seq == front.seq) {
+      from = std::max(from, progress.task_index + (progress.running ? 0 : 1));
+    }
+    if (from >= front.limit) continue;
+    request_stop(worker, front, from, front.limit, reason, INT64_MAX);
+  }
+}
+
+void Scheduler::request_stop(Worker& worker, const Batch& batch, uint32_t from, uint32_t to,
+                             const absl::Status& reason, int64_t kill_at_ns) {
+  if (worker.stop && worker.stop->seq == batch.seq) {
+    // Asked again (a cancel after a soft timeout): the first reason stands for the tasks it
+    // named, the range grows, the earlier deadline holds.
+    worker.stop->from = std::min(worker.stop->from, from);
+    worker.stop->to = std::max(worker.stop->to, to);
+    worker.stop->kill_at_ns = std::min(worker.stop->kill_at_ns, kill_at_ns);
+  } else {
+    worker.stop = Worker::StopRequest{batch.seq, from, to, reason, kill_at_ns};
+  }
+  worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
+}
+
+const absl::Status* Scheduler::stopped_outcome(const Worker& worker, const Batch& batch,
+                                               uint32_t index) const {
+  if (!worker.stop || worker.stop->seq != batch.seq || index < worker.stop->from ||
+      index >= worker.stop->to) {
+    return nullptr;
+  }
+  return &worker.stop->reason;
 }
 
 void Scheduler::abandon_all(const absl::Status& status) {
@@ -83,6 +151,7 @@ void Scheduler::abandon_all(const absl::Status& status) {
       }
     }
     worker.batches.clear();
+    worker.stop.reset();
     worker.claim_slots_used = 0;
     worker.blob_bytes = 0;
   }
@@ -98,6 +167,11 @@ void Scheduler::attach(int slot, WorkerPort* port) {
 void Scheduler::stop_accepting(int slot) { workers_[slot].accepting = false; }
 bool Scheduler::accepting(int slot) const { return workers_[slot].accepting; }
 bool Scheduler::idle(int slot) const { return workers_[slot].batches.empty(); }
+
+uint64_t Scheduler::newest_batch(int slot) const {
+  const Worker& worker = workers_[slot];
+  return worker.batches.empty() ? 0 : worker.batches.back().seq;
+}
 
 bool Scheduler::quota_used(int slot) const {
   return config_.max_tasks_per_worker > 0 &&
@@ -213,10 +287,51 @@ absl::Status Scheduler::deliver_word_results(Worker& worker, Batch& batch,
     failures.push_back(WordFailure{index, std::move(status)});
   }
   if (count == 0) return absl::OkStatus();
-  const size_t values = call.on_word_results(batch.tasks.first + batch.reported, count, words,
-                                             results.getWordKind(), failures);
-  tasks_done_ += static_cast<int64_t>(values);
-  tasks_failed_ += static_cast<int64_t>(count - values);
+  // Tasks asked to stop report why, whatever they returned.
+  if (worker.stop && worker.stop->seq == batch.seq) {
+    std::vector<WordFailure> merged;
+    size_t next_failure = 0;
+    for (uint32_t i = 0; i < count; ++i) {
+      const bool failed = next_failure < failures.size() && failures[next_failure].index == i;
+      if (const absl::Status* stopped = stopped_outcome(worker, batch, batch.reported + i)) {
+        merged.push_back(WordFailure{i, *stopped});
+      } else if (failed) {
+        merged.push_back(std::move(failures[next_failure]));
+      }
+      if (failed) ++next_failure;
+    }
+    failures = std::move(merged);
+  }
+  // Failures that retry_on sends back leave the piece: the call gets the rest, in runs between
+  // them, each run's failures counted from its start.
+  const size_t first = batch.tasks.first + batch.reported;
+  uint32_t run_start = 0;
+  size_t run_failures = 0;  // failures[run_failures..] lie at or after run_start
+  std::vector<WordFailure> in_run;
+  auto deliver_run = [&](uint32_t end) {
+    if (end <= run_start) return;
+    in_run.clear();
+    for (; run_failures < failures.size() && failures[run_failures].index < end; ++run_failures) {
+      in_run.push_back(WordFailure{failures[run_failures].index - run_start,
+                                   failures[run_failures].status});
+    }
+    const uint32_t n = end - run_start;
+    const size_t values = call.on_word_results(first + run_start, n, words + run_start,
+                                               results.getWordKind(), in_run);
+    tasks_done_ += static_cast<int64_t>(values);
+    tasks_failed_ += static_cast<int64_t>(n - values);
+  };
+  if (!batch.tasks.call->settings().retry_on.empty()) {
+    for (size_t f = 0; f < failures.size(); ++f) {
+      if (!may_retry(batch.tasks, failures[f].status, /*by_default=*/false)) continue;
+      const uint32_t at = failures[f].index;
+      deliver_run(at);
+      run_failures = f + 1;
+      run_start = at + 1;
+      retry(TaskRange{batch.tasks.call, first + at, 1, batch.tasks.attempt + 1});
+    }
+  }
+  deliver_run(count);
   batch.reported += count;
   return absl::OkStatus();
 }
@@ -232,6 +347,13 @@ absl::Status Scheduler::deliver_outcomes(Worker& worker, Batch& batch,
   for (uint32_t i = 0; i < count; ++i) {
     const wire::Outcome::Reader outcome = listed[i];
     const size_t index = batch.tasks.first + batch.reported;
+    // Asked to stop: whatever it returned, it reports why it was asked (its worker lives on).
+    if (const absl::Status* stopped = stopped_outcome(worker, batch, batch.reported)) {
+      call.on_error(index, *stopped);
+      ++tasks_failed_;
+      ++batch.reported;
+      continue;
+    }
     // Each outcome is read whole before it is delivered (a bad pointer throws here).
     switch (outcome.which()) {
       case wire::Outcome::OK: {
@@ -246,6 +368,10 @@ absl::Status Scheduler::deliver_outcomes(Worker& worker, Batch& batch,
       case wire::Outcome::ERROR: {
         absl::Status status = status_from_wire(outcome.getError());
         if (status.ok()) status = absl::UnknownError("the task failed without a status");
+        if (may_retry(batch.tasks, status, /*by_default=*/false)) {
+          retry(TaskRange{batch.tasks.call, index, 1, batch.tasks.attempt + 1});
+          break;
+        }
         call.on_error(index, std::move(status));
         ++tasks_failed_;
         break;
@@ -271,6 +397,11 @@ void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t
 }
 
 void Scheduler::erase_batch(Worker& worker, size_t index) {
+  if (worker.stop && worker.stop->seq == worker.batches[index].seq) {
+    // Its tasks are settled: the request is withdrawn (the worker's page forgets it).
+    worker.stop.reset();
+    if (worker.port != nullptr) worker.port->request_stop(0, 0, 0);
+  }
   worker.claim_slots_used &= ~(ClaimMask{1} << worker.batches[index].claim_slot);
   worker.blob_bytes -= worker.batches[index].blob_bytes;
   // The worker has no further use for the blobs of the batch's jobs.
@@ -297,6 +428,18 @@ std::optional<uint64_t> Scheduler::current_task(int slot) const {
 
 int64_t Scheduler::check(int64_t now_ns) {
   int64_t next = INT64_MAX;
+  // Retries whose backoff ended go to the front of the queue, in the order they failed.
+  std::vector<TaskRange> due;
+  for (auto it = delayed_.begin(); it != delayed_.end();) {
+    if (it->ready_ns <= now_ns) {
+      due.push_back(std::move(it->tasks));
+      it = delayed_.erase(it);
+    } else {
+      next = std::min(next, it->ready_ns);
+      ++it;
+    }
+  }
+  if (!due.empty()) requeue_front(std::move(due));
   for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
     if (workers_[slot].port != nullptr && !workers_[slot].batches.empty()) {
       check_worker(slot, now_ns, next);
@@ -327,6 +470,37 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   const int64_t waiting_since =
       running ? progress.started_ns
               : std::max(front.front_since_ns, on_front ? progress.started_ns : int64_t{0});
+
+  // Soft timeouts: the task is asked to stop, and gets cancel_grace to do so.
+  if (running && front.soft_timeout != absl::InfiniteDuration()) {
+    const bool asked = worker.stop && worker.stop->seq == front.seq &&
+                       progress.task_index >= worker.stop->from &&
+                       progress.task_index < worker.stop->to;
+    const int64_t soft_deadline =
+        progress.started_ns + to_ns(front.soft_timeout) + coarse_clock_slack_ns();
+    if (asked) {
+      // Already asked (for this or another reason).
+    } else if (now >= soft_deadline) {
+      request_stop(worker, front, progress.task_index, progress.task_index + 1,
+                   absl::DeadlineExceededError(absl::StrFormat(
+                       "task %d of its call ran past its soft_timeout of %s and was asked to stop",
+                       front.tasks.first + progress.task_index,
+                       absl::FormatDuration(front.soft_timeout))),
+                   now + to_ns(config_.cancel_grace));
+    } else {
+      next = std::min(next, soft_deadline);
+    }
+  }
+  // A task asked to stop that still runs when its grace ends: its worker goes.
+  if (running && worker.stop && worker.stop->seq == front.seq &&
+      progress.task_index >= worker.stop->from && progress.task_index < worker.stop->to &&
+      worker.stop->kill_at_ns != INT64_MAX) {
+    if (now >= worker.stop->kill_at_ns) {
+      worker.port->stop(worker.stop->reason);
+      return;
+    }
+    next = std::min(next, worker.stop->kill_at_ns);
+  }
 
   // Task timeouts.
   if (front.timeout != absl::InfiniteDuration()) {

@@ -60,6 +60,8 @@ class WorkerPort {
   virtual void revoke(uint32_t slot, uint16_t tag) = 0;
   // Have the worker stopped: the task it runs fails with `reason` (settled by on_worker_lost).
   virtual void stop(absl::Status reason) = 0;
+  // Ask tasks [from, to) of batch `seq` to stop (WorkerLink::request_stop; seq 0 withdraws).
+  virtual void request_stop(uint64_t /*seq*/, uint32_t /*from*/, uint32_t /*to*/) {}
 };
 
 // How a worker was lost, for settling what it held.
@@ -90,6 +92,8 @@ class Scheduler {
     int64_t max_tasks_per_worker = 0;  // 0: no limit
     absl::Duration task_timeout = absl::InfiniteDuration();
     absl::Duration kill_grace = absl::Seconds(1);
+    // PoolOptions::cancel_grace: how long a task asked to stop may take before its worker is.
+    absl::Duration cancel_grace = absl::ZeroDuration();
     // The most batches a worker may hold at once (one for links that cannot take tasks back
     // at once, TCP).
     size_t max_batches_per_worker = 64;
@@ -106,12 +110,19 @@ class Scheduler {
   // The same for every call.
   void cancel_all(const absl::Status& status);
   // Stops (through its port) every worker running a task of `call` now, with `reason` for that
-  // task. With cancel(), this is AsyncResult::cancel(): nothing of the call runs on.
+  // task. With cancel(), this is AsyncResult::cancel(): nothing of the call runs on. With a
+  // cancel_grace, the task is asked to stop first (ask_to_stop) and its worker is stopped only if
+  // it still runs it when the grace ends.
   void stop_running(const Call* call, const absl::Status& reason);
+  // Asks every task of `call` (null: of every call) that runs now, or was claimed by its worker,
+  // to stop (this_task::stop_requested), without a deadline: leaving an imap loop, a signal's
+  // close. Such a task that returns reports `reason` (its value is discarded).
+  void ask_to_stop(const Call* call, const absl::Status& reason);
   // terminate(): every task without an outcome fails with `status` now, started or not; results
   // that arrive later are dropped.
   void abandon_all(const absl::Status& status);
-  bool has_pending() const { return !pending_.empty(); }
+  // Tasks queued, or waiting out a retry's backoff.
+  bool has_pending() const { return !pending_.empty() || !delayed_.empty(); }
   bool work_outstanding() const;
 
   // --- Workers ---------------------------------------------------------------------------------
@@ -123,6 +134,8 @@ class Scheduler {
   bool accepting(int slot) const;
   // Nothing in flight at this worker.
   bool idle(int slot) const;
+  // The number of the last batch sent to this worker that it still holds; 0 if none.
+  uint64_t newest_batch(int slot) const;
   // It was given max_tasks_per_worker tasks: it should be recycled once idle.
   bool quota_used(int slot) const;
 
@@ -142,9 +155,10 @@ class Scheduler {
   // The worker in `slot` is gone: settles every task it held (settlement.cc), and detaches it.
   void on_worker_lost(int slot, const LostWorker& how);
 
-  // Deadlines: task timeouts (the worker is stopped through its port) and the stall rule
-  // (unstarted tasks of a worker that stopped making progress are taken back). Returns when it
-  // wants to be called again (CLOCK_MONOTONIC ns).
+  // Deadlines: task timeouts (the worker is stopped through its port), soft timeouts and the
+  // end of a cancel_grace, the stall rule (unstarted tasks of a worker that stopped making
+  // progress are taken back), retries whose backoff ended (queued again). Returns when it wants
+  // to be called again (CLOCK_MONOTONIC ns).
   int64_t check(int64_t now_ns);
 
   // For stats(): the call-relative index of the task the worker in `slot` runs, if any.
@@ -187,6 +201,7 @@ class Scheduler {
     TakeBack take_back = TakeBack::kNone;  // a revoke is in flight
     absl::Status take_back_status;         // for kFail
     absl::Duration timeout = absl::InfiniteDuration();
+    absl::Duration soft_timeout = absl::InfiniteDuration();
     int64_t front_since_ns = 0;  // when it became the worker's first batch in hand
     size_t blob_bytes = 0;       // its jobs' bytes in the worker's shared region
   };
@@ -200,6 +215,21 @@ class Scheduler {
     size_t blob_bytes = 0;  // in its shared region, for the batches it holds
     bool stall_taken_back = false;  // the stall rule acted on its current front batch
     bool suspect = false;           // its work was taken back for stalling; no results since
+    // Tasks [from, to) of batch `seq` were asked to stop (WorkerPort::request_stop): they report
+    // `reason` whatever they return; one still running at `kill_at_ns` has its worker stopped.
+    struct StopRequest {
+      uint64_t seq = 0;
+      uint32_t from = 0;
+      uint32_t to = 0;
+      absl::Status reason;
+      int64_t kill_at_ns = INT64_MAX;
+    };
+    std::optional<StopRequest> stop;
+  };
+  // A task range waiting out its retry's backoff until `ready_ns`.
+  struct DelayedRetry {
+    int64_t ready_ns = 0;
+    TaskRange tasks;
   };
 
   // batch_encoder.cc
@@ -238,6 +268,19 @@ class Scheduler {
   void fail(const TaskRange& range, size_t first, size_t count, const absl::Status& status);
   void fail_pending(const absl::Status& status);
   void requeue_front(std::vector<TaskRange> ranges);
+  // Whether a task of `tasks` that failed with `failure` runs again: its call's retries are not
+  // used up, and retry_on lists the code; without retry_on, the old rule (`by_default`: its
+  // worker died, or its result was lost).
+  bool may_retry(const TaskRange& tasks, const absl::Status& failure, bool by_default) const;
+  // Sends `tasks` (already on their next attempt) back: to the front of the queue, or after their
+  // call's retry_backoff.
+  void retry(TaskRange tasks);
+  // Asks tasks [from, to) of `batch` at `worker` to stop (see Worker::StopRequest).
+  void request_stop(Worker& worker, const Batch& batch, uint32_t from, uint32_t to,
+                    const absl::Status& reason, int64_t kill_at_ns);
+  // The outcome a task delivered by its worker reports instead, if it was asked to stop.
+  const absl::Status* stopped_outcome(const Worker& worker, const Batch& batch,
+                                      uint32_t index) const;
   // Revokes one batch: its unstarted tasks are settled (`how`) when the answer comes, which may
   // be within the call: `batch` may be gone when it returns.
   void take_back(int slot, Batch& batch, TakeBack how, const absl::Status& status);
@@ -255,6 +298,8 @@ class Scheduler {
   std::shared_ptr<SegmentPool> segment_pool_ = std::make_shared<SegmentPool>();
   std::vector<Worker> workers_;
   std::deque<TaskRange> pending_;
+  std::vector<DelayedRetry> delayed_;  // retries waiting out their backoff
+  uint64_t jitter_state_ = 0x9e3779b97f4a7c15;  // xorshift for the backoff's jitter
   uint64_t next_seq_ = 1;
   bool abandoned_ = false;
   int64_t tasks_submitted_ = 0;

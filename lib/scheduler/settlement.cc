@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "lib/common/clock.h"
 #include "lib/scheduler/scheduler.h"
 
 namespace procpool::internal {
@@ -23,6 +24,44 @@ void Scheduler::fail_pending(const absl::Status& status) {
     pending_.pop_front();
     fail(range, range.first, range.count, status);
   }
+  std::vector<DelayedRetry> delayed = std::move(delayed_);
+  delayed_.clear();
+  for (const DelayedRetry& waiting : delayed) {
+    fail(waiting.tasks, waiting.tasks.first, waiting.tasks.count, status);
+  }
+}
+
+bool Scheduler::may_retry(const TaskRange& tasks, const absl::Status& failure,
+                          bool by_default) const {
+  const CallSettings& settings = tasks.call->settings();
+  if (tasks.attempt >= settings.retries || tasks.call->cancelled || abandoned_) return false;
+  if (settings.retry_on.empty()) return by_default;
+  return std::find(settings.retry_on.begin(), settings.retry_on.end(), failure.code()) !=
+         settings.retry_on.end();
+}
+
+void Scheduler::retry(TaskRange tasks) {
+  const RetryBackoff& backoff = tasks.call->settings().retry_backoff;
+  if (backoff.initial <= absl::ZeroDuration()) {
+    requeue_front({std::move(tasks)});
+    return;
+  }
+  // initial x multiplier^(retry - 1), at most max (options_check.cc bounds every term), then
+  // spread by up to +-jitter of itself: retries of tasks that failed together do not come back
+  // together.
+  double delay_ns = static_cast<double>(to_ns(backoff.initial));
+  for (int i = 1; i < tasks.attempt && delay_ns < static_cast<double>(to_ns(backoff.max)); ++i) {
+    delay_ns *= backoff.multiplier;
+  }
+  delay_ns = std::min(delay_ns, static_cast<double>(to_ns(backoff.max)));
+  jitter_state_ ^= jitter_state_ << 13;
+  jitter_state_ ^= jitter_state_ >> 7;
+  jitter_state_ ^= jitter_state_ << 17;
+  const double unit = static_cast<double>(jitter_state_ >> 11) / static_cast<double>(1ull << 53);
+  delay_ns *= 1 + backoff.jitter * (2 * unit - 1);
+  delayed_.push_back(
+      DelayedRetry{monotonic_now_ns() + static_cast<int64_t>(std::max(delay_ns, 0.0)),
+                   std::move(tasks)});
 }
 
 void Scheduler::requeue_front(std::vector<TaskRange> ranges) {
@@ -113,8 +152,13 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
                          how.blamed_task->second == q)) {
         ++q;
       }
-      if (retry_allowed && tasks.attempt < tasks.call->settings().retries) {
-        requeue.push_back(TaskRange{tasks.call, tasks.first + p, q - p, tasks.attempt + 1});
+      if (may_retry(tasks, failure, retry_allowed)) {
+        TaskRange again{tasks.call, tasks.first + p, q - p, tasks.attempt + 1};
+        if (tasks.call->settings().retry_backoff.initial > absl::ZeroDuration()) {
+          retry(std::move(again));
+        } else {
+          requeue.push_back(std::move(again));
+        }
       } else {
         fail(tasks, tasks.first + p, q - p, failure);
       }
@@ -157,6 +201,7 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
     }
   }
   worker.batches.clear();
+  worker.stop.reset();
   worker.claim_slots_used = 0;
   worker.blob_bytes = 0;
   worker.port = nullptr;

@@ -47,6 +47,7 @@ class Supervisor::Port final : public WorkerPort {
   void open_claims(uint32_t slot, uint16_t tag, uint32_t count) override;
   void revoke(uint32_t slot, uint16_t tag) override;
   void stop(absl::Status reason) override;
+  void request_stop(uint64_t seq, uint32_t from, uint32_t to) override;
 
  private:
   Supervisor& owner_;
@@ -69,6 +70,10 @@ struct Supervisor::ProcessState {
   bool blame_at_end = false;  // find that task from its last progress, once it has ended
   absl::Status blamed_failure;
   absl::Status exit_hook_status;
+  // terminate() with a cancel_grace: stopped once it has begun batch `terminate_after_batch` (the
+  // last it was sent) and runs no task, or at terminate_at_ns.
+  int64_t terminate_at_ns = INT64_MAX;
+  uint64_t terminate_after_batch = 0;
 };
 
 // A slot: one worker's place in the pool across its successive processes. Its own fields outlive

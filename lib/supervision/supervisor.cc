@@ -234,7 +234,8 @@ bool Supervisor::launcher_has_pending_events() const { return launcher_.has_pend
 
 int64_t Supervisor::check(int64_t now_ns) {
   int64_t next = INT64_MAX;
-  if (joining_ && !join_deadline_passed_) {
+  // (terminate() bounds its own wait: cancel_grace.)
+  if (joining_ && !join_deadline_passed_ && !terminating_) {
     if (now_ns >= join_deadline_ns_) {
       join_deadline_passed_ = true;
       const absl::Status late = absl::DeadlineExceededError(absl::StrCat(
@@ -262,6 +263,17 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
     return;
   }
   next = std::min(next, slot.stop_sequence.check(*slot.link, now));
+  if (slot.terminate_at_ns != INT64_MAX && !slot.stop_reason) {
+    // terminate() with a cancel_grace: the task asked to stop returned, or its time is up.
+    const WorkerProgress progress = slot.link->progress();
+    const bool returned = progress.batch_seq != ControlPage::kNoBatch &&
+                          progress.batch_seq >= slot.terminate_after_batch && !progress.running;
+    if (now >= slot.terminate_at_ns || returned) {
+      stop(slot, absl::CancelledError("the pool was terminated"), StopMode::kTerminate);
+    } else {
+      next = std::min(next, std::min(slot.terminate_at_ns, now + 1'000'000));
+    }
+  }
   // Counted from when the worker was asked for: a remote slot's wait for a host is bounded by
   // connect_timeout, not by this.
   const int64_t placed = slot.link->placed_ns();
@@ -301,7 +313,10 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
 
 void Supervisor::after_events() {
   for (auto& slot : slots_) {
-    if (!slot->link || slot->stop_reason || slot->borrowed) continue;
+    // (A worker terminate() lets finish its task gets no shutdown: it runs no exit() hook.)
+    if (!slot->link || slot->stop_reason || slot->borrowed || slot->terminate_at_ns != INT64_MAX) {
+      continue;
+    }
     const bool serving = slot->state == State::kReady || slot->state == State::kDraining;
     if (serving && scheduler_.quota_used(slot->index) && !slot->recycling) {
       slot->recycling = true;
@@ -334,9 +349,25 @@ void Supervisor::terminate() {
   terminating_ = true;
   joining_ = true;
   const absl::Status cancelled = absl::CancelledError("the pool was terminated");
+  // Which workers hold work, before it is abandoned: with a cancel_grace they are asked to stop
+  // every task and get that long to return from the one they run. (Over TCP the pool learns
+  // progress late: a worker is done once it reported its last batch begun and no task running.)
+  std::vector<uint64_t> newest(slots_.size(), 0);
+  for (auto& slot : slots_) newest[slot->index] = scheduler_.newest_batch(slot->index);
   scheduler_.abandon_all(cancelled);
+  const int64_t grace_ends = config_.cancel_grace > absl::ZeroDuration()
+                                 ? monotonic_now_ns() + to_ns(config_.cancel_grace)
+                                 : 0;
   for (auto& slot : slots_) {
-    if (slot->link) stop(*slot, cancelled, StopMode::kTerminate);
+    if (!slot->link) continue;
+    if (grace_ends != 0 && slot->state != State::kStarting && newest[slot->index] != 0) {
+      slot->link->request_stop(ControlPage::kStopEveryTask, 0, 0);
+      slot->terminate_at_ns = grace_ends;
+      slot->terminate_after_batch = newest[slot->index];
+      scheduler_.stop_accepting(slot->index);
+      continue;
+    }
+    stop(*slot, cancelled, StopMode::kTerminate);
   }
 }
 

@@ -55,6 +55,9 @@ class Supervisor final : private LauncherEvents {
     absl::Duration respawn_delay;
     absl::Duration respawn_max_delay;
     size_t max_worker_rss_bytes = 0;
+    // PoolOptions::cancel_grace: terminate() first asks running tasks to stop, and waits this
+    // long for them to return.
+    absl::Duration cancel_grace = absl::ZeroDuration();
     std::string process_name_prefix;  // workers are "<prefix>-w3" in logs
     // (severity, process, pid, message)
     std::function<void(LogSeverity, const std::string&, int, const std::string&)> log;
@@ -88,7 +91,9 @@ class Supervisor final : private LauncherEvents {
   // OK if every worker left after its exit() returned OK; else what went wrong, naming them.
   absl::Status join_result() const;
   // Every worker is stopped at once, without exit(); every task without an outcome fails
-  // kCancelled. Deliberate: nothing is logged above kInfo, and join() then returns OK.
+  // kCancelled. Deliberate: nothing is logged above kInfo, and join() then returns OK. With a
+  // cancel_grace, a worker running a task is first asked to stop every task, and is stopped when
+  // its task returns or the grace ends.
   void terminate();
   bool terminating() const { return terminating_; }
 

@@ -44,6 +44,9 @@ void Supervisor::Port::open_claims(uint32_t slot, uint16_t tag, uint32_t count) 
 void Supervisor::Port::revoke(uint32_t slot, uint16_t tag) {
   if (slot_.link) slot_.link->revoke(slot, tag, slot_.events);
 }
+void Supervisor::Port::request_stop(uint64_t seq, uint32_t from, uint32_t to) {
+  if (slot_.link) slot_.link->request_stop(seq, from, to);
+}
 void Supervisor::Port::stop(absl::Status reason) {
   owner_.stop(slot_, std::move(reason), StopMode::kTerminate);
 }

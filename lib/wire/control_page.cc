@@ -77,6 +77,16 @@ uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag) {
   }
 }
 
+void request_stop(ControlPage& page, uint64_t seq, uint32_t from, uint32_t to) {
+  // The seq last, released: a worker that sees it sees the range (stop_requested's fence). A seq
+  // replacing another is withdrawn first, so no worker pairs the new range with the old seq.
+  if (page.stop_seq.load(std::memory_order_relaxed) != seq) {
+    page.stop_seq.store(0, std::memory_order_relaxed);
+  }
+  page.stop_range.store((uint64_t{from} << 32) | to, std::memory_order_release);
+  page.stop_seq.store(seq, std::memory_order_release);
+}
+
 absl::StatusOr<ControlPageMapping> ControlPageMapping::create(const std::string& name) {
   static_assert(sizeof(ControlPage) <= HeldFrames::kOffset);
   absl::StatusOr<SharedMemory> memory =

@@ -21,6 +21,14 @@
 // waited long (the worker is busy in a long task), and the worker writes only what the parent has
 // not taken. Every byte of it is read like a frame from the channel: size-checked, untrusted.
 //
+// Stop requests. The parent (for a remote worker, its relay) asks the running task to stop
+// (procpool::this_task::stop_requested) by naming tasks [from, to) of batch `stop_seq`; the task
+// reads it with a relaxed load of `stop_seq`, which is 0 (nothing asked) almost always, and
+// compares with its own stamps only when it is not. A request names a batch and tasks, not "now":
+// one that arrives after its task ended stops nothing that follows. kStopEveryTask asks every
+// task to stop (the pool terminates). Advisory only: a worker that ignores it is killed by the
+// parent when cancel_grace ends, never trusted to have stopped.
+//
 // One page per worker, its own MAP_SHARED mapping of a memfd: a worker can scribble only on its
 // own page, and the parent never trusts it for more than the decisions above. No other process
 // forked by the parent inherits it (lib/common/shared_memory.h): a sibling cannot reach it, and
@@ -66,6 +74,11 @@ struct ControlPage {
 
   // Set before the worker starts: it opens its batches' claims itself (a remote worker).
   std::atomic<uint32_t> worker_opens_claims{0};
+
+  // Written by the parent (or a remote worker's relay) only: stop requests (see the top).
+  static constexpr uint64_t kStopEveryTask = ~uint64_t{0} - 1;
+  std::atomic<uint64_t> stop_seq{0};    // the batch whose tasks should stop; 0: none
+  std::atomic<uint64_t> stop_range{0};  // [from, to) of its tasks, as from << 32 | to
 
   // Written by both, by compare-and-swap only.
   std::atomic<uint64_t> claims[kClaimSlots] = {};
@@ -138,6 +151,26 @@ uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t ne
 // were claimed; the worker will start none of the rest. With `worker_opens_claims`, a batch the
 // worker has not read yet is taken back whole (0).
 uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag);
+
+// Parent (or relay): asks tasks [from, to) of batch `seq` to stop (`seq` kStopEveryTask: every
+// task), replacing any request before; `seq` 0 withdraws it.
+void request_stop(ControlPage& page, uint64_t seq, uint32_t from, uint32_t to);
+
+// Worker: whether the task it runs (its stamps: batch_seq, task_index) is asked to stop. A relaxed
+// load when nothing is asked.
+inline bool stop_requested(const ControlPage& page) {
+  const uint64_t seq = page.stop_seq.load(std::memory_order_relaxed);
+  if (seq == 0) return false;
+  if (seq == ControlPage::kStopEveryTask) return true;
+  std::atomic_thread_fence(std::memory_order_acquire);  // the range written before the seq
+  if (seq != page.batch_seq.load(std::memory_order_relaxed) ||
+      page.running.load(std::memory_order_relaxed) == 0) {
+    return false;
+  }
+  const uint64_t range = page.stop_range.load(std::memory_order_relaxed);
+  const uint32_t index = page.task_index.load(std::memory_order_relaxed);
+  return index >= static_cast<uint32_t>(range >> 32) && index < static_cast<uint32_t>(range);
+}
 
 // Owns one mapping of a ControlPage, and (in the parent) the memfd behind it.
 class ControlPageMapping {

@@ -80,6 +80,12 @@ struct TaskBatch {
   # A caller waits for this batch's result (apply): another request may follow within
   # microseconds, and the worker may poll for it a little before it sleeps.
   awaited @10 :Bool;
+  # Which run of these tasks this is: 0 for their first, 1 for their first retry
+  # (procpool::this_task::attempt() says this + 1).
+  attempt @11 :UInt32;
+  # The tasks' soft timeout in ns (0: none; CallOptions::soft_timeout): the worker stamps every
+  # task's start as for timeoutNs, and the pool asks a task past it to stop (StopTasks).
+  softTimeoutNs @12 :Int64;
 }
 
 # What the 8-byte words of `wordJobs` / `wordResults` hold.
@@ -135,6 +141,7 @@ struct ToWorker {
     spawn @6 :Spawn;            # fork a worker; answered with spawned (or ended, if it cannot)
     stop @7 :UInt8;             # signal the worker: 15 (SIGTERM) or 9 (SIGKILL)
     revoke @8 :ClaimRef;        # take a batch's unstarted tasks back; answered with revoked
+    stopTasks @9 :StopTasks;    # ask tasks to stop (control_page.h); no answer
   }
 }
 
@@ -165,6 +172,30 @@ struct FromWorker {
 struct Spawn {
   slot @0 :UInt32;
   dataId @1 :Data;              # random, one per spawn: the relay presents it on the new connection
+  placement @2 :Placement;      # who the worker is, what it starts with (procpool/this_worker.h)
+}
+
+# A worker's identity and start-up settings (PoolOptions::worker_env, cpu_affinity), set before
+# W's constructor runs.
+struct Placement {
+  generation @0 :Int64;         # 0 for its slot's first process, +1 per replacement
+  workers @1 :UInt32;           # the pool's size
+  poolName @2 :Text;            # PoolOptions::name
+  env @3 :List(EnvVar);
+  cpu @4 :Int32;                # pinned to this CPU (sched_setaffinity); -1: not pinned
+  spreadCpus @5 :Bool;          # remote: pin to the slot-th CPU of the host's own set instead
+}
+
+struct EnvVar {
+  name @0 :Text;
+  value @1 :Text;
+}
+
+# Tasks [from, to) of batch `seq` should stop (seq 0: withdrawn; see control_page.h).
+struct StopTasks {
+  seq @0 :UInt64;
+  from @1 :UInt32;
+  to @2 :UInt32;
 }
 
 struct Attach {
@@ -261,6 +292,7 @@ struct ForkServerRequest {
   signal @2 :Int32;
   signalPid @3 :Int32;
   cgroupProcs @4 :List(Text);   # the cgroup.procs files the worker joins first (cgroup.h)
+  placement @5 :Placement;
 }
 
 struct ForkServerReport {

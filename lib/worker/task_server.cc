@@ -20,6 +20,7 @@
 #include "lib/common/clock.h"
 #include "lib/wire/frame_io.h"
 #include "lib/worker/child_setup.h"
+#include "lib/worker/task_context.h"
 #include "procpool/codec.h"
 #include "procpool/internal/blob_region.h"
 #include "procpool/internal/packed.h"
@@ -175,6 +176,7 @@ class BatchRunner {
   // False when the parent is gone.
   bool run(wire::TaskBatch::Reader batch) {
     page_.timeout_ns.store(batch.getTimeoutNs(), std::memory_order_relaxed);
+    set_task_attempt(static_cast<int>(std::min<uint32_t>(batch.getAttempt(), 1u << 30)) + 1);
     return batch.hasWordJobs() ? run_words(batch) : run_listed(batch);
   }
 
@@ -184,7 +186,7 @@ class BatchRunner {
     const uint32_t count = jobs.size();
     seq_ = batch.getSeq();
     first_unsent_ = 0;
-    timed_ = batch.getTimeoutNs() != 0;
+    timed_ = batch.getTimeoutNs() != 0 || batch.getSoftTimeoutNs() != 0;
     Claims claims(page_, batch, count);
     TaskPacer<monotonic_now_ns> pacer(page_, seq_);
     start_listed_piece(count);
@@ -318,7 +320,7 @@ class BatchRunner {
     const uint32_t claim_slot = batch.getClaimSlot();
     const uint16_t claim_tag = batch.getClaimTag();
     open_claims_if_worker_opens(page_, batch, count);
-    timed_ = batch.getTimeoutNs() != 0;
+    timed_ = batch.getTimeoutNs() != 0 || batch.getSoftTimeoutNs() != 0;
     grown_ = 0;
     errors_.clear();
     error_bytes_ = 0;
@@ -552,6 +554,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
                     .views = true,
                     .max_blob_bytes = max_frame_bytes};
   BlobScope blob_scope(&blobs);
+  bind_task_page(&page);  // this_task (this_worker.h) reads the running task's stamps there
   std::unique_ptr<WorkerBody> body = factory();
   absl::Status entered = body->enter();
   if (!entered.ok()) {

@@ -6,10 +6,17 @@
 
 #include <sched.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 
 #include "capnp/serialize.h"
 
@@ -19,7 +26,9 @@
 #include "lib/common/spin.h"
 #include "lib/wire/frame_io.h"
 #include "lib/worker/child_setup.h"
+#include "lib/worker/task_context.h"
 #include "lib/worker/task_server.h"
+#include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
 namespace {
@@ -245,6 +254,109 @@ class ChannelTransport final : public WorkerTransport {
 
 }  // namespace
 
+void placement_to_wire(const WorkerPlacement& placement, wire::Placement::Builder out) {
+  out.setGeneration(placement.generation);
+  out.setWorkers(static_cast<uint32_t>(std::max(placement.workers, 0)));
+  out.setPoolName(placement.pool_name);
+  auto env = out.initEnv(static_cast<uint32_t>(placement.env.size()));
+  for (size_t i = 0; i < placement.env.size(); ++i) {
+    env[i].setName(placement.env[i].first);
+    env[i].setValue(placement.env[i].second);
+  }
+  out.setCpu(placement.cpu);
+  out.setSpreadCpus(placement.spread_cpus);
+}
+
+namespace {
+
+bool valid_env_name(absl::string_view name) {
+  return !name.empty() && name.find('=') == absl::string_view::npos &&
+         name.find('\0') == absl::string_view::npos;
+}
+
+}  // namespace
+
+WorkerPlacement placement_from_wire(wire::Placement::Reader in) {
+  WorkerPlacement placement;
+  placement.generation = in.getGeneration();
+  placement.workers = static_cast<int>(std::min<uint32_t>(in.getWorkers(), 1u << 20));
+  placement.pool_name = std::string(in.getPoolName().cStr(), in.getPoolName().size());
+  for (const wire::EnvVar::Reader var : in.getEnv()) {
+    std::string name(var.getName().cStr(), var.getName().size());
+    std::string value(var.getValue().cStr(), var.getValue().size());
+    if (!valid_env_name(name) || value.find('\0') != std::string::npos) continue;
+    placement.env.emplace_back(std::move(name), std::move(value));
+  }
+  placement.cpu = in.getCpu();
+  placement.spread_cpus = in.getSpreadCpus();
+  return placement;
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> evaluate_worker_env(
+    const std::function<std::vector<std::pair<std::string, std::string>>(int)>& worker_env,
+    int slot) {
+  if (!worker_env) return std::vector<std::pair<std::string, std::string>>();
+  std::vector<std::pair<std::string, std::string>> env;
+  try {
+    env = worker_env(slot);
+  } catch (...) {
+    return absl::InvalidArgumentError(absl::StrCat("PoolOptions::worker_env threw for slot ", slot,
+                                                   ": ", describe_current_exception()));
+  }
+  for (const auto& [name, value] : env) {
+    if (!valid_env_name(name) || value.find('\0') != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "PoolOptions::worker_env for slot ", slot, ": \"", absl::CHexEscape(name),
+          "\" is not a variable one can set (empty, or holds '=' or a NUL, or its value a NUL)"));
+    }
+  }
+  return env;
+}
+
+std::vector<int> allowed_cpus() {
+  std::vector<int> cpus;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof(set), &set) != 0) return cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  }
+  return cpus;
+}
+
+int spread_cpu(const std::vector<int>& cpus, int slot) {
+  if (cpus.empty() || slot < 0) return -1;
+  return cpus[static_cast<size_t>(slot) % cpus.size()];
+}
+
+namespace {
+
+// Who this worker is, and what it starts with, before W's constructor (this_worker.h). A CPU that
+// cannot be had (a cpuset changed since) leaves the worker unpinned: placement is a preference,
+// not a reason to fail.
+void apply_placement(const WorkerLaunch& launch) {
+  const WorkerPlacement& placement = launch.placement;
+  for (const auto& [name, value] : placement.env) ::setenv(name.c_str(), value.c_str(), 1);
+  int cpu = placement.cpu;
+  if (placement.spread_cpus) cpu = spread_cpu(allowed_cpus(), launch.slot);
+  if (cpu >= 0 && cpu < CPU_SETSIZE) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    (void)::sched_setaffinity(0, sizeof(set), &set);
+  }
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  set_this_worker(WorkerInfo{.slot = launch.slot,
+                             .generation = placement.generation,
+                             .pid = static_cast<int>(::getpid()),
+                             .host = host,
+                             .pool_name = placement.pool_name,
+                             .workers = placement.workers});
+}
+
+}  // namespace
+
 void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, pid_t parent_pid,
                  SharedRegion* region, TlsChannel* tls) {
   prepare_child({.process_name = launch.process_name,
@@ -260,6 +372,7 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
     const rlimit limit{launch.address_space_limit, launch.address_space_limit};
     ::setrlimit(RLIMIT_AS, &limit);
   }
+  apply_placement(launch);
   if (tls != nullptr) tls->moved_to(kChildChannelFd);
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
                              launch.hold_results ? held_frames(page) : nullptr, tls);

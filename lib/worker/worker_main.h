@@ -8,8 +8,14 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "absl/status/statusor.h"
+#include "procpool/internal/protocol.capnp.h"
 
 #include "lib/wire/control_page.h"
 #include "lib/wire/shared_region.h"
@@ -17,6 +23,32 @@
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
+
+// Who a worker is and what it starts with, applied before W's constructor (this_worker.h;
+// PoolOptions::worker_env and cpu_affinity).
+struct WorkerPlacement {
+  int64_t generation = 0;  // 0 for a slot's first process, +1 per replacement
+  int workers = 0;
+  std::string pool_name;
+  std::vector<std::pair<std::string, std::string>> env;  // set with setenv
+  int cpu = -1;            // pinned to this CPU; -1: not pinned
+  bool spread_cpus = false;  // (remote) pin to the slot-th CPU of this host's set instead
+};
+
+void placement_to_wire(const WorkerPlacement& placement, wire::Placement::Builder out);
+// Reads what a pool (or the process that forks for it) sent; names the env refuses are dropped.
+WorkerPlacement placement_from_wire(wire::Placement::Reader in);
+
+// PoolOptions::worker_env(slot), checked: kInvalidArgument for a name that is empty or holds '='
+// or a NUL, a value that holds a NUL, or an exception the function threw. Empty without one.
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> evaluate_worker_env(
+    const std::function<std::vector<std::pair<std::string, std::string>>(int)>& worker_env,
+    int slot);
+
+// The CPUs this process may run on (sched_getaffinity), ascending; empty if unknown.
+std::vector<int> allowed_cpus();
+// CpuAffinity::kSpread: slot i's CPU is the i-th of `cpus`, round robin; -1 if there are none.
+int spread_cpu(const std::vector<int>& cpus, int slot);
 
 // What a forked worker starts with.
 struct WorkerLaunch {
@@ -35,6 +67,7 @@ struct WorkerLaunch {
   // before anything else, and its RLIMIT_AS (0: none) where no memory cgroup caps it.
   std::vector<std::string> cgroup_procs;
   size_t address_space_limit = 0;
+  WorkerPlacement placement;
 };
 
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it

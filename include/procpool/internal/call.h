@@ -10,11 +10,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "capnp/orphan.h"
+#include "procpool/call_options.h"
 #include "procpool/internal/protocol.capnp.h"
 
 namespace procpool::internal {
@@ -34,6 +37,10 @@ struct CallSettings {
   bool has_task_timeout = false;
   // How many times a task whose worker died is run again before it fails.
   int retries = 0;
+  // CallOptions::soft_timeout, retry_on and retry_backoff.
+  absl::Duration soft_timeout = absl::InfiniteDuration();
+  std::vector<absl::StatusCode> retry_on;
+  RetryBackoff retry_backoff;
   // For plain-function pools: addresses valid in every worker (a fork of this image).
   uint64_t trampoline = 0;
   uint64_t function = 0;
@@ -41,7 +48,7 @@ struct CallSettings {
 
 class Call {
  public:
-  explicit Call(CallSettings settings) : settings_(settings) {}
+  explicit Call(CallSettings settings) : settings_(std::move(settings)) {}
   virtual ~Call() = default;
   Call(const Call&) = delete;
   Call& operator=(const Call&) = delete;

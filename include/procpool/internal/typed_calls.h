@@ -45,6 +45,9 @@ inline CallSettings make_settings(const PoolCore& core, const CallOptions& optio
     settings.task_timeout = *options.task_timeout;
   }
   settings.retries = options.retries;
+  settings.soft_timeout = options.soft_timeout;
+  settings.retry_on = options.retry_on;
+  settings.retry_backoff = options.retry_backoff;
   return settings;
 }
 

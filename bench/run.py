@@ -297,8 +297,8 @@ def plan(quick):
         # Remote workers over loopback TCP (issue 9): each repetition measures a raw TCP
         # ping-pong, then applies on a remote pool of one worker; then a map on forked workers,
         # then the same map on as many remote ones (bench_remote.cc).
-        "remote": dict(cxx=("bench_remote", ["calls=5000", "items=1000000"]),
-                       py={}, reps=r(5), timeout=90),
+        "remote": dict(cxx=("bench_remote", ["calls=5000", "items=1000000", "start_workers=64"]),
+                       py={}, reps=r(5), timeout=300),
         # this_task::stop_requested() checked 1,000 times a task, against the same map without
         # (bench_stop_check.cc): both maps in each process, on one pool.
         "stop_check": dict(cxx=("bench_stop_check", ["jobs=4000", "steps=64", "reps=5"]),
@@ -612,6 +612,33 @@ def evaluate(results, cores):
             "%s the forked map's time" % fmt_ratio(ratio), "≤ 1.5×",
             check("remote", holds, "remote map took %s the forked map's time, target ≤ 1.5×"
                   % fmt_ratio(ratio)), e)
+        # Issue 18: TLS (the default) beside plaintext (encrypt = false) in the same run.
+        plain_apply = fig(applies, "plaintext_us")
+        ratio = fig(applies, "ratio_to_plaintext")
+        holds = ratio.median <= 1.5 if ratio.ok else None
+        row("`apply` to a remote worker over TLS, one at a time", "µs per round trip",
+            fig(applies, note=e["cxx_note"]).fmt(us), plain_apply.fmt(us) + " plaintext", "–", "–",
+            "%s plaintext" % fmt_ratio(ratio), "≤ 1.5× plaintext",
+            check("remote", holds, "remote apply over TLS %s plaintext, target ≤ 1.5×"
+                  % fmt_ratio(ratio)), e)
+        plain_map = fig(maps, "plaintext_items_per_s")
+        ratio = fig(maps, "throughput_to_plaintext")
+        holds = ratio.median >= 0.7 if ratio.ok else None
+        row("`map` on remote workers over TLS", "items/s", fig(maps, note=e["cxx_note"]).fmt(rate),
+            plain_map.fmt(rate) + " plaintext", "–", "–",
+            "%s plaintext's throughput" % fmt_ratio(ratio), "≥ 0.7×",
+            check("remote", holds, "remote map over TLS had %s plaintext's throughput, target "
+                  "≥ 0.7×" % fmt_ratio(ratio)), e)
+        starts = [r for r in e["cxx"] if r.get("bench") == "remote_start"]
+        shakes = [r for r in e["cxx"] if r.get("bench") == "remote_tls_handshakes"]
+        extra = fig(starts, "tls_minus_plaintext_ms")
+        holds = extra.median <= 100 if extra.ok else None
+        row("start of 64 launched remote workers, TLS minus plaintext", "ms",
+            extra.fmt(lambda v: "%.0f" % v),
+            fig(shakes).fmt(lambda v: "%.0f" % v) + " ms CPU of the 128 handshakes (both ends)",
+            "–", "–", "–", "≤ 100 ms",
+            check("remote", holds, "TLS added %s ms to a 64-worker start, target ≤ 100 ms"
+                  % extra.fmt(lambda v: "%.0f" % v)), e)
     return rows, missed, notes, unmeasured
 
 

@@ -4,7 +4,7 @@
 // (RemoteHost), and gives slots the hosts that are free. Hosts come from a cluster engine: either
 // the pool runs RemoteOptions::launch once per worker it needs (replacements included), with
 // {address} replaced by the address to dial and PROCPOOL_TOKEN and PROCPOOL_CONNECT in its
-// environment; or something else started them (an `srun -n 64`, ssh, a Kubernetes Job, mpirun)
+// environment (and how to speak TLS: PROCPOOL_ENCRYPT=0, or the PROCPOOL_TLS_* certificates); or something else started them (an `srun -n 64`, ssh, a Kubernetes Job, mpirun)
 // and they dial in on their own. Without `launch`, a slot waits for a host until connect_timeout
 // has passed since the pool started; after that a slot with no free host fails to start at once
 // (kUnavailable, saying how many hosts are connected and why any were refused), and the crash

@@ -5,8 +5,11 @@
 #include <openssl/kdf.h>
 #include <openssl/ssl.h>
 #include <poll.h>
+#include <sys/socket.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <utility>
 
@@ -34,6 +37,53 @@ std::string openssl_errors() {
     out += text;
   }
   return out.empty() ? "no reason given" : out;
+}
+
+// The socket under a session: OpenSSL's own socket BIO writes with write(2), which raises
+// SIGPIPE when the peer is gone (and kills a program that did not ignore it). Ours sends with
+// MSG_NOSIGNAL: a vanished peer is an error, as everywhere else in procpool.
+int socket_fd(BIO* bio) { return static_cast<int>(reinterpret_cast<intptr_t>(BIO_get_data(bio))); }
+
+int socket_write(BIO* bio, const char* data, int length) {
+  BIO_clear_retry_flags(bio);
+  const ssize_t sent = ::send(socket_fd(bio), data, static_cast<size_t>(length), MSG_NOSIGNAL);
+  if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(bio);
+  return static_cast<int>(sent);
+}
+
+int socket_read(BIO* bio, char* data, int length) {
+  BIO_clear_retry_flags(bio);
+  const ssize_t got = ::recv(socket_fd(bio), data, static_cast<size_t>(length), 0);
+  if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_read(bio);
+  return static_cast<int>(got);
+}
+
+long socket_control(BIO* bio, int command, long, void*) {
+  switch (command) {
+    case BIO_CTRL_FLUSH:
+      return 1;
+    case BIO_C_GET_FD:
+      return socket_fd(bio);
+    default:
+      return 0;
+  }
+}
+
+int socket_create(BIO* bio) {
+  BIO_set_init(bio, 1);
+  return 1;
+}
+
+const BIO_METHOD* socket_method() {
+  static BIO_METHOD* const method = [] {
+    BIO_METHOD* made = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "procpool socket");
+    BIO_meth_set_write(made, socket_write);
+    BIO_meth_set_read(made, socket_read);
+    BIO_meth_set_ctrl(made, socket_control);
+    BIO_meth_set_create(made, socket_create);
+    return made;
+  }();
+  return method;
 }
 
 const TlsContext* context_of(SSL* ssl) {
@@ -170,10 +220,14 @@ absl::StatusOr<std::unique_ptr<TlsChannel>> TlsChannel::open(std::shared_ptr<Tls
       return nonblocking;
     }
     ssl = SSL_new(context->get());
-    if (ssl == nullptr || SSL_set_fd(ssl, socket.get()) != 1) {
+    BIO* bio = BIO_new(socket_method());
+    if (ssl == nullptr || bio == nullptr) {
       SSL_free(ssl);
+      BIO_free(bio);
       return absl::InternalError(absl::StrCat("TLS: ", openssl_errors()));
     }
+    BIO_set_data(bio, reinterpret_cast<void*>(static_cast<intptr_t>(socket.get())));
+    SSL_set_bio(ssl, bio, bio);  // one reference, for both directions
     if (context->role() == TlsContext::Role::kServer) {
       SSL_set_accept_state(ssl);
     } else {
@@ -339,7 +393,7 @@ std::string TlsChannel::exporter(absl::string_view label) const {
 void TlsChannel::moved_to(int fd) {
   (void)socket_.release();  // that number is closed already
   socket_ = UniqueFd(fd);
-  if (ssl_ != nullptr) BIO_set_fd(SSL_get_rbio(ssl_), fd, BIO_NOCLOSE);
+  if (ssl_ != nullptr) BIO_set_data(SSL_get_rbio(ssl_), reinterpret_cast<void*>(static_cast<intptr_t>(fd)));
 }
 
 }  // namespace procpool::internal

@@ -45,6 +45,7 @@ void TcpLink::attach(UniqueFd data, FrameReader reader, LinkEvents& events) {
   attached_ = true;
   data_ = std::move(data);
   stream_ = FrameStream(std::move(reader), limits_.frame_timeout);
+  if (host_ != nullptr && host_->frame_budget()) stream_.share_budget(host_->frame_budget());
   (void)set_nonblocking(data_.get(), true);
   flush();  // what was sent before it attached
   // Frames that came with the attach (its READY) are buffered already: poll() will not say so.

@@ -88,7 +88,8 @@ PoolOptions remote_pool(int workers, RemoteOptions remote, PoolOptions options =
 // than the plain protocol (on loopback only).
 RemoteOptions plain_frames(RemoteOptions remote) { return remote; }
 
-// A worker program started as a cluster engine would, with `env` added to its environment.
+// A worker program started as a cluster engine would, with `env` added to its environment (and
+// PROCPOOL_TOKEN=`token`, unless `token` is empty).
 struct StartedWorker {
   pid_t pid = -1;
   int status = -1;
@@ -102,7 +103,7 @@ StartedWorker start_worker(const std::string& address, const std::string& token,
   std::string program = worker_program();
   char* argv[] = {program.data(), nullptr};
   env.push_back(absl::StrCat("PROCPOOL_CONNECT=", address));
-  env.push_back(absl::StrCat("PROCPOOL_TOKEN=", token));
+  if (!token.empty()) env.push_back(absl::StrCat("PROCPOOL_TOKEN=", token));
   std::vector<char*> envp;
   for (char** e = environ; *e != nullptr; ++e) {
     if (!absl::StartsWith(*e, "PROCPOOL_")) envp.push_back(*e);
@@ -444,7 +445,12 @@ TEST_CASE("token holders that begin huge frames cannot grow the pool's memory: c
             " MiB sent); ", dropped, " connections dropped");
     // 64 MiB, beside the largest frame (24 MiB): a few survive, the rest are dropped.
     CHECK(dropped >= kPeers / 2);
+#if defined(__SANITIZE_ADDRESS__)
+    // ASan keeps freed memory in quarantine (up to 256 MiB): RSS says nothing here.
+    MESSAGE("RSS bound not checked under AddressSanitizer");
+#else
     CHECK(peak - baseline < 150 * kMiB);
+#endif
   }
   // The pool serves on once they are gone: a real worker takes a slot of theirs.
   StartedWorker worker = start_worker(pool.remote_address(), token);
@@ -469,9 +475,26 @@ TEST_CASE("a worker forked by its relay holds no copy of the token in its memory
   const std::string token = make_token();
   ProcessPool<RemoteWorker> pool(remote_pool(
       1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(30)}));
-  StartedWorker worker = start_worker(
-      pool.remote_address(), token,
-      {absl::StrCat("REMOTE_TOKEN_REVERSED=", std::string(token.rbegin(), token.rend()))});
+  std::vector<std::string> env = {
+      absl::StrCat("REMOTE_TOKEN_REVERSED=", std::string(token.rbegin(), token.rend()))};
+  testing::TempDir dir;
+  std::string token_in_env = token;
+  SUBCASE("read from PROCPOOL_TOKEN_FILE") {
+    {
+      std::ofstream file(dir.file("token"));
+      file << token << "\n";
+    }
+    env.push_back(absl::StrCat("PROCPOOL_TOKEN_FILE=", dir.file("token")));
+    token_in_env.clear();
+  }
+  SUBCASE("read from PROCPOOL_TOKEN") {
+#if defined(__SANITIZE_ADDRESS__)
+    // The sanitizer's runtime keeps its own copy of the environment the program started with.
+    MESSAGE("not checked under AddressSanitizer");
+    return;
+#endif
+  }
+  StartedWorker worker = start_worker(pool.remote_address(), token_in_env, env);
   auto copies = map_within(pool, std::vector<int64_t>{testing::kRemoteTokenInMemory}, {},
                            absl::Seconds(30));
   REQUIRE_MESSAGE(copies.ok(), copies.status());

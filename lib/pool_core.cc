@@ -83,7 +83,8 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .name = options_.name,
                                                      .worker_type = worker_type,
                                                      .report_resident_bytes =
-                                                         options_.max_worker_rss_bytes > 0});
+                                                         options_.max_worker_rss_bytes > 0,
+                                                     .workers = worker_count_});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;

@@ -1,6 +1,9 @@
 #include "lib/link/remote_host.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -51,6 +54,12 @@ RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig
 
 RemoteHost::~RemoteHost() {
   if (link_ != nullptr) link_->bind(nullptr);
+}
+
+bool RemoteHost::silent() const {
+  if (state_ != State::kHandshake || stream_.last_read_ns() != 0 || !channel_) return false;
+  char byte;
+  return ::recv(channel_->fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
 }
 
 short RemoteHost::poll_events() const {
@@ -226,7 +235,11 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
   session_secret_ = internal::session_secret(config_.token, worker_nonce_, pool_nonce_,
                                    channel_->exporter(kSessionExporterLabel));
   state_ = State::kIdle;
-  stream_.reader().set_max_frame_bytes(config_.limits.max_frame_bytes);
+  // Control frames are small (heartbeats, progress, a worker's end): a token holder's connection
+  // may not make the pool buffer more, and what it holds unfinished counts against the pool's
+  // budget.
+  stream_.reader().set_max_frame_bytes(kControlFrameBytes);
+  if (config_.frame_budget) stream_.share_budget(config_.frame_budget);
 }
 
 void RemoteHost::refuse(const std::string& why) {

@@ -86,7 +86,10 @@ PoolOptions remote_pool(int workers, RemoteOptions remote, PoolOptions options =
 
 // Options for a pool that the tests' hand-made peers speak to frame by frame: they speak no more
 // than the plain protocol (on loopback only).
-RemoteOptions plain_frames(RemoteOptions remote) { return remote; }
+RemoteOptions plain_frames(RemoteOptions remote) {
+  remote.encrypt = false;
+  return remote;
+}
 
 // A worker program started as a cluster engine would, with `env` added to its environment (and
 // PROCPOOL_TOKEN=`token`, unless `token` is empty).
@@ -139,6 +142,7 @@ int idle_connection(const internal::HostPort& address) {
 struct Peer {
   internal::UniqueFd fd;
   internal::FrameReader reader{1 << 20};
+  std::string session_secret;  // a control connection's, once welcomed: what its data connections prove
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> read(absl::Duration timeout = absl::Seconds(10)) {
     return internal::read_frame_within(fd.get(), reader, absl::Now() + timeout);
   }
@@ -213,12 +217,14 @@ bool handshake_as_worker(Peer& peer, const std::string& token) {
   auto welcome = peer.read();
   if (!welcome.ok()) return false;
   capnp::FlatArrayMessageReader message(*welcome);
-  return message.getRoot<wire::ToWorker>().isWelcome();
+  if (!message.getRoot<wire::ToWorker>().isWelcome()) return false;
+  peer.session_secret = internal::session_secret(token, nonce, pool_nonce, "");  // plaintext: no exporter
+  return true;
 }
 
-// What a relay does for a spawn: its worker's data connection (attach, with the token's proof),
+// What a relay does for a spawn: its worker's data connection (attach, proving the control session),
 // and `spawned` over the control connection. Returns the data connection.
-Peer attach_worker(Peer& control, const std::string& address, const std::string& token) {
+Peer attach_worker(Peer& control, const std::string& address) {
   std::string data_id;
   while (data_id.empty()) {
     auto frame = control.read();
@@ -231,7 +237,7 @@ Peer attach_worker(Peer& control, const std::string& address, const std::string&
   capnp::MallocMessageBuilder attach;
   auto a = attach.initRoot<wire::FromWorker>().initAttach();
   a.setDataId(as_data(data_id));
-  a.setProof(as_data(internal::prove(token, "data", data_id, "")));
+  a.setProof(as_data(internal::prove(control.session_secret, "data", data_id, "")));
   connection.write(attach);
   capnp::MallocMessageBuilder spawned;
   spawned.initRoot<wire::FromWorker>().setSpawned(4242);
@@ -433,7 +439,7 @@ TEST_CASE("token holders that begin huge frames cannot grow the pool's memory: c
   SUBCASE("over their workers' data connections") {
     std::vector<Peer> connections;
     for (Peer& control : controls) {
-      connections.push_back(attach_worker(control, pool.remote_address(), token));
+      connections.push_back(attach_worker(control, pool.remote_address()));
     }
     for (Peer& connection : connections) {
       const bool sent = connection.begin_huge_frame(kAnnounced, 24 * kMiB);
@@ -452,8 +458,8 @@ TEST_CASE("token holders that begin huge frames cannot grow the pool's memory: c
     CHECK(peak - baseline < 150 * kMiB);
 #endif
   }
-  // The pool serves on once they are gone: a real worker takes a slot of theirs.
-  StartedWorker worker = start_worker(pool.remote_address(), token);
+  // The pool serves on once they are gone: a real worker (plaintext, as the pool) takes a slot of theirs.
+  StartedWorker worker = start_worker(pool.remote_address(), token, {"PROCPOOL_ENCRYPT=0"});
   controls.clear();
   CHECK(wait_until([&] {
     for (const WorkerStats& stats : pool.stats().workers) {

@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,6 +38,7 @@
 #include "lib/link/handshake.h"
 #include "lib/link/remote_frames.h"
 #include "lib/wire/frame_io.h"
+#include "lib/wire/tls_channel.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "tests/fault_support.h"
 #include "tests/remote_worker.h"
@@ -281,6 +283,47 @@ TEST_CASE("800 idle connections from a worker's own address do not keep it out: 
   REQUIRE(pool.close().ok());
   CHECK(pool.join().ok());
   CHECK(worker.reap(absl::Seconds(10)));
+}
+
+TEST_CASE("a peer in its TLS handshake is not taken for a silent one: a flood of idle "
+          "connections from its address closes them, not it") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(60)}));
+  const internal::HostPort address = address_of(pool.remote_address());
+  absl::StatusOr<std::shared_ptr<internal::TlsContext>> tls =
+      internal::TlsContext::with_token(pool.remote_token(), internal::TlsContext::Role::kClient);
+  REQUIRE(tls.ok());
+  absl::StatusOr<internal::UniqueFd> socket = internal::connect_tcp(address, absl::Seconds(5));
+  REQUIRE(socket.ok());
+  absl::StatusOr<std::unique_ptr<internal::TlsChannel>> channel =
+      internal::TlsChannel::open(*tls, *std::move(socket));
+  REQUIRE(channel.ok());
+  // Its ClientHello goes; the pool reads it (TLS takes the bytes: nothing is left to peek at) and
+  // answers, and waits for the rest, as it would for a real relay between two round trips.
+  absl::StatusOr<internal::TlsChannel::Step> step = (*channel)->handshake();
+  REQUIRE(step.ok());
+  REQUIRE(*step == internal::TlsChannel::Step::kWantRead);
+  pollfd answered{(*channel)->fd(), POLLIN, 0};
+  REQUIRE(::poll(&answered, 1, 20'000) == 1);
+  // More connections from its address than may handshake at once: the idle ones make room.
+  std::vector<internal::UniqueFd> flood;
+  for (int i = 0; i < 64; ++i) flood.push_back(internal::own_fd(idle_connection(address)));
+  absl::SleepFor(absl::Seconds(1));  // the pool accepts them
+  // Its handshake goes on (a client finishes TLS 1.3 even on a closed connection: the pool's
+  // challenge to its hello is what shows it was kept).
+  const absl::Status shook = (*channel)->handshake_within(absl::Now() + absl::Seconds(20));
+  REQUIRE_MESSAGE(shook.ok(), shook);
+  ::signal(SIGPIPE, SIG_IGN);  // a closed connection fails the write, rather than this process
+  capnp::MallocMessageBuilder message;
+  auto hello = message.initRoot<wire::FromWorker>().initHello();
+  hello.setVersion(internal::kProtocolVersion);
+  hello.setNonce(as_data(internal::make_nonce()));
+  (void)internal::write_frame(**channel, message);
+  internal::FrameReader reader(1 << 20);
+  auto challenge = internal::read_frame_within(**channel, reader, absl::Now() + absl::Seconds(20));
+  REQUIRE_MESSAGE(challenge.ok(), challenge.status());
+  capnp::FlatArrayMessageReader answer(*challenge);
+  CHECK(answer.getRoot<wire::ToWorker>().isChallenge());
+  pool.terminate();
 }
 
 TEST_CASE("a relay whose connection is cut during its handshake dials again until its connect "

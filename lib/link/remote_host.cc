@@ -57,7 +57,7 @@ RemoteHost::~RemoteHost() {
 }
 
 bool RemoteHost::silent() const {
-  if (state_ != State::kHandshake || stream_.last_read_ns() != 0 || !channel_) return false;
+  if (state_ != State::kHandshake || stream_.last_read_ns() != 0 || heard_ || !channel_) return false;
   char byte;
   return ::recv(channel_->fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
 }
@@ -87,6 +87,10 @@ FrameReader RemoteHost::take_reader() { return std::move(stream_.reader()); }
 void RemoteHost::service(short revents, const EventsOf& events_of) {
   if (state_ == State::kClosed || state_ == State::kData) return;
   if (!channel_->established()) {
+    if ((revents & POLLIN) && !heard_) {
+      char byte;
+      heard_ = ::recv(channel_->fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+    }
     absl::StatusOr<TlsChannel::Step> step = channel_->handshake();
     if (!step.ok()) {
       // Nothing came, or someone who is not a worker of this pool: no frame can tell it why.

@@ -106,6 +106,7 @@ class RemoteHost {
 
   std::unique_ptr<TlsChannel> channel_;  // null once closed
   bool handshake_wants_write_ = false;    // its TLS handshake waits for room to write
+  bool heard_ = false;  // bytes of its TLS handshake came (TLS took them: silent() cannot peek them)
   const std::string peer_;
   const RemoteHostConfig& config_;
   State state_ = State::kHandshake;

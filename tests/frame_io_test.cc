@@ -93,6 +93,35 @@ TEST_CASE("a frame larger than the limit is kDataLoss before it is buffered") {
   writer.join();
 }
 
+TEST_CASE("a reader's buffer grows with the bytes that arrive, not to the size a header announces") {
+  SocketPair pair = *make_socket_pair();
+  REQUIRE(set_nonblocking(pair.child_end.get(), true).ok());
+  FrameReader reader(size_t{256} << 20);
+  // One segment of 200 MiB announced; 100 KiB of it sent.
+  const uint32_t table[2] = {0, (200u << 20) / 8};
+  REQUIRE(::write(pair.parent_end.get(), table, sizeof(table)) == sizeof(table));
+  const std::string part(100 << 10, 'x');
+  for (size_t sent = 0; sent < part.size();) {
+    const ssize_t n = ::write(pair.parent_end.get(), part.data() + sent, part.size() - sent);
+    REQUIRE(n > 0);
+    sent += static_cast<size_t>(n);
+    while (true) {
+      absl::StatusOr<FrameReader::Fill> filled = reader.fill(pair.child_end.get());
+      REQUIRE(filled.ok());
+      if (*filled != FrameReader::Fill::kData) break;
+      auto frame = reader.next();
+      REQUIRE(frame.ok());
+      CHECK(frame->size() == 0);
+    }
+  }
+  CHECK(reader.partial_bytes() == sizeof(table) + part.size());
+  // At most twice what came.
+  CHECK(reader.capacity() <= 2 * (sizeof(table) + part.size()) + (64 << 10));
+  reader.discard();
+  CHECK(reader.capacity() == 0);
+  CHECK_FALSE(reader.has_partial_frame());
+}
+
 TEST_CASE("garbage is kDataLoss, never a crash") {
   SocketPair pair = *make_socket_pair();
   SUBCASE("an absurd segment count") {

@@ -7,15 +7,20 @@
 #ifndef PROCPOOL_TESTS_REMOTE_WORKER_H_
 #define PROCPOOL_TESTS_REMOTE_WORKER_H_
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -35,6 +40,52 @@ inline constexpr int64_t kRemoteTokenVisible = -11;
 // environment, then hangs (tests/process_tree_test.cc looks for it).
 inline constexpr int64_t kRemoteSetsidDaemon = -12;
 inline constexpr int64_t kRemoteAllocate512MiB = -13;  // touches 512 MiB, returns 0
+// Returns how many copies of the token its process holds in memory (anonymous mappings: heap,
+// stacks, private pages): the token is $REMOTE_TOKEN_REVERSED reversed (so that the environment
+// does not hold it), and its own copy of it does not count.
+inline constexpr int64_t kRemoteTokenInMemory = -14;
+
+// How many times `needle` occurs in this process's anonymous readable mappings, besides at
+// `needle` itself. Read through /proc/self/mem, which neither faults nor trips a sanitizer on
+// memory this process never allocated; huge reservations (a sanitizer's shadow) are left out.
+inline int64_t copies_in_memory(const std::string& needle) {
+  std::ifstream maps("/proc/self/maps");
+  const int mem = ::open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
+  if (mem < 0 || needle.empty()) return -1;
+  std::vector<char> chunk(size_t{1} << 20);
+  int64_t found = 0;
+  std::string line;
+  while (std::getline(maps, line)) {
+    uintptr_t begin = 0, end = 0;
+    char perms[5] = {};
+    unsigned long long offset = 0, inode = 0;
+    char device[16] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s %llx %15s %llu", &begin, &end, perms, &offset,
+                    device, &inode) != 6) {
+      continue;
+    }
+    if (perms[0] != 'r' || inode != 0 || line.find("[v") != std::string::npos) continue;
+    if (end - begin > (uintptr_t{1} << 32)) continue;
+    // Chunks overlap by the needle's length, so that none is missed across a boundary.
+    for (uintptr_t at = begin; at < end;) {
+      const size_t want = std::min<uintptr_t>(chunk.size(), end - at);
+      const ssize_t got = ::pread(mem, chunk.data(), want, static_cast<off_t>(at));
+      if (got <= 0) break;
+      for (const char* hit = chunk.data(); (hit = static_cast<const char*>(
+               ::memmem(hit, chunk.data() + got - hit, needle.data(), needle.size()))) != nullptr;
+           ++hit) {
+        const uintptr_t where = at + static_cast<uintptr_t>(hit - chunk.data());
+        const auto own = reinterpret_cast<uintptr_t>(needle.data());
+        const auto buffer = reinterpret_cast<uintptr_t>(chunk.data());
+        if (where != own && (where < buffer || where >= buffer + chunk.size())) ++found;
+      }
+      if (static_cast<size_t>(got) < want || at + static_cast<size_t>(got) >= end) break;
+      at += static_cast<size_t>(got) - std::min<size_t>(static_cast<size_t>(got), needle.size() - 1);
+    }
+  }
+  ::close(mem);
+  return found;
+}
 
 struct RemoteWorker {
   using Job = int64_t;
@@ -96,6 +147,13 @@ struct RemoteWorker {
         const std::string environment((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
         if (environment.find("PROCPOOL_TOKEN") != std::string::npos) seen |= 4;
         return seen;
+      }
+      case kRemoteTokenInMemory: {
+        const char* reversed = std::getenv("REMOTE_TOKEN_REVERSED");
+        if (reversed == nullptr) return -1;
+        const std::string backwards = reversed;
+        const std::string token(backwards.rbegin(), backwards.rend());
+        return copies_in_memory(token);
       }
       default:
         break;

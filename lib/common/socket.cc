@@ -116,6 +116,8 @@ bool is_wildcard_host(absl::string_view host) {
   return host.empty() || host == "0.0.0.0" || host == "::" || host == "*";
 }
 
+static_assert(kLongestBacklog >= SOMAXCONN);
+
 absl::StatusOr<UniqueFd> listen_tcp(const HostPort& address, int backlog) {
   HostPort bind_to = address;
   if (bind_to.host == "*") bind_to.host.clear();

@@ -32,8 +32,11 @@ bool is_loopback_host(absl::string_view host);
 // True for the wildcard addresses (every interface): "", 0.0.0.0, ::.
 bool is_wildcard_host(absl::string_view host);
 
-// A listening, non-blocking socket bound to `address` (port 0 picks one).
-absl::StatusOr<UniqueFd> listen_tcp(const HostPort& address, int backlog = 128);
+// A listening, non-blocking socket bound to `address` (port 0 picks one). The kernel cuts
+// `backlog` to net.core.somaxconn: by default the longest queue the system allows (at least
+// SOMAXCONN), so that a burst of connections waits there rather than being refused.
+inline constexpr int kLongestBacklog = 65535;
+absl::StatusOr<UniqueFd> listen_tcp(const HostPort& address, int backlog = kLongestBacklog);
 // The address a socket is bound to (the port a listener got).
 absl::StatusOr<HostPort> local_address(int fd);
 // The address of a connected socket's peer.

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -38,11 +39,16 @@
 
 extern char** environ;
 
+#ifndef MADV_WIPEONFORK
+#define MADV_WIPEONFORK 18  // Linux 4.14; older C libraries lack the name
+#endif
+
 namespace procpool::internal {
 namespace {
 
 constexpr absl::Duration kDefaultConnectTimeout = absl::Seconds(60);
-constexpr absl::Duration kHandshakeTimeout = absl::Seconds(20);
+// One try at the handshake (the pool gives one kHandshakeDeadline, 5 s, once it accepted us).
+constexpr absl::Duration kHandshakeTimeout = absl::Seconds(10);
 constexpr absl::Duration kDataConnectTimeout = absl::Seconds(10);
 constexpr char kConnectFlag[] = "--procpool-connect=";
 // While it has a worker, the relay looks at its progress this often and tells the pool when it
@@ -74,23 +80,6 @@ absl::Duration connect_timeout() {
   return kDefaultConnectTimeout;
 }
 
-// Dials the pool, again and again until `timeout`: the pool may not listen yet.
-absl::StatusOr<UniqueFd> dial(const HostPort& address, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  absl::Duration pause = absl::Milliseconds(50);
-  absl::Status last;
-  while (true) {
-    absl::StatusOr<UniqueFd> fd = connect_tcp(address, std::max(deadline - absl::Now(), absl::Seconds(1)));
-    if (fd.ok()) return fd;
-    last = fd.status();
-    if (absl::Now() + pause >= deadline) break;
-    absl::SleepFor(pause);
-    pause = std::min(pause * 2, absl::Seconds(2));
-  }
-  return absl::UnavailableError(absl::StrCat(last.message(), " (kept trying for ",
-                                             absl::FormatDuration(timeout), ")"));
-}
-
 // Removes every `name`=... from the environment, and erases its bytes: unsetenv() alone leaves
 // them in memory, where a forked worker reads them still (/proc/self/environ shows the bytes the
 // process started with).
@@ -104,17 +93,70 @@ void erase_from_environment(const char* name) {
   for (char* entry : entries) ::explicit_bzero(entry, std::strlen(entry));
 }
 
+// The token, in memory that a fork leaves behind: a mapping of its own, advised MADV_WIPEONFORK,
+// so that a worker the relay forks (and whatever its tasks run) finds zeros there, where a copy in
+// the relay's heap would have been inherited byte for byte; MADV_DONTFORK (no such mapping in the
+// child) on kernels before 4.14. Erased when destroyed. Move-only.
+class ForkProofSecret {
+ public:
+  static constexpr size_t kCapacity = kHandshakeFrameBytes;  // no token is longer
+
+  ForkProofSecret() {
+    void* mapped = ::mmap(nullptr, kCapacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapped == MAP_FAILED) return;
+    if (::madvise(mapped, kCapacity, MADV_WIPEONFORK) != 0 &&
+        ::madvise(mapped, kCapacity, MADV_DONTFORK) != 0) {
+      ::munmap(mapped, kCapacity);
+      return;
+    }
+    data_ = static_cast<char*>(mapped);
+  }
+  ForkProofSecret(ForkProofSecret&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+  ForkProofSecret& operator=(ForkProofSecret&& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+    return *this;
+  }
+  ~ForkProofSecret() {
+    if (data_ == nullptr) return;
+    ::explicit_bzero(data_, kCapacity);
+    ::munmap(data_, kCapacity);
+  }
+
+  bool valid() const { return data_ != nullptr; }
+  char* data() { return data_; }
+  size_t size() const { return size_; }
+  void resize(size_t size) { size_ = size; }
+  absl::string_view view() const { return absl::string_view(data_, size_); }
+
+ private:
+  char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 // The token this worker proves: PROCPOOL_TOKEN, else the contents of the file PROCPOOL_TOKEN_FILE
-// names (without one trailing newline). Both leave the environment (erase_from_environment).
-// kInvalidArgument when neither is set or the file cannot be read, or is empty.
-absl::StatusOr<std::string> take_token_from_environment() {
-  std::string token;
+// names (without one trailing newline), copied nowhere but into a ForkProofSecret. Both leave the
+// environment (erase_from_environment). kInvalidArgument when neither is set or the file cannot
+// be read, or is empty.
+absl::StatusOr<ForkProofSecret> take_token_from_environment() {
+  ForkProofSecret token;
+  if (!token.valid()) return absl::ErrnoToStatus(errno, "mapping a page for the token");
   std::string file;
-  if (const char* value = std::getenv("PROCPOOL_TOKEN")) token = value;
+  bool too_long = false;
+  if (const char* value = std::getenv("PROCPOOL_TOKEN")) {
+    const size_t length = std::strlen(value);
+    too_long = length > ForkProofSecret::kCapacity;
+    if (!too_long) {
+      std::memcpy(token.data(), value, length);
+      token.resize(length);
+    }
+  }
   if (const char* value = std::getenv("PROCPOOL_TOKEN_FILE")) file = value;
   erase_from_environment("PROCPOOL_TOKEN");
   erase_from_environment("PROCPOOL_TOKEN_FILE");
-  if (!token.empty()) return token;
+  if (too_long) return absl::InvalidArgumentError("PROCPOOL_TOKEN is longer than any token (64 KiB)");
+  if (token.size() > 0) return token;
   if (file.empty()) {
     return absl::InvalidArgumentError(
         "no token: set PROCPOOL_TOKEN, or PROCPOOL_TOKEN_FILE to a file holding it (the pool's "
@@ -126,26 +168,26 @@ absl::StatusOr<std::string> take_token_from_environment() {
   };
   UniqueFd fd = own_fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) return unreadable(errno);
-  char buffer[4096];
+  size_t got = 0;
   while (true) {
-    const ssize_t n = ::read(fd.get(), buffer, sizeof(buffer));
+    if (got == ForkProofSecret::kCapacity) return unreadable(EFBIG);  // no token is this long
+    const ssize_t n = ::read(fd.get(), token.data() + got, ForkProofSecret::kCapacity - got);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return unreadable(errno);
     if (n == 0) break;
-    if (token.size() > kHandshakeFrameBytes) return unreadable(EFBIG);  // no token is this long
-    token.append(buffer, static_cast<size_t>(n));
+    got += static_cast<size_t>(n);
   }
-  ::explicit_bzero(buffer, sizeof(buffer));
-  if (absl::EndsWith(token, "\n")) token.pop_back();
-  if (absl::EndsWith(token, "\r")) token.pop_back();
-  if (token.empty()) return absl::InvalidArgumentError(absl::StrCat("PROCPOOL_TOKEN_FILE ", file, " is empty"));
+  if (got > 0 && token.data()[got - 1] == '\n') --got;
+  if (got > 0 && token.data()[got - 1] == '\r') --got;
+  token.resize(got);
+  if (got == 0) return absl::InvalidArgumentError(absl::StrCat("PROCPOOL_TOKEN_FILE ", file, " is empty"));
   return token;
 }
 
 // How this worker speaks to its pool (relay.h): TLS keyed by the token, by default; certificates
 // when PROCPOOL_TLS_CERT (with PROCPOOL_TLS_KEY and PROCPOOL_TLS_CA) names one; plaintext only
 // when PROCPOOL_ENCRYPT=0 and the pool is on this host. A null context: plaintext.
-absl::StatusOr<std::shared_ptr<TlsContext>> tls_from_environment(const std::string& token,
+absl::StatusOr<std::shared_ptr<TlsContext>> tls_from_environment(absl::string_view token,
                                                                  const HostPort& pool) {
   const char* encrypt = std::getenv("PROCPOOL_ENCRYPT");
   if (encrypt != nullptr && std::strcmp(encrypt, "0") == 0) {
@@ -172,20 +214,25 @@ absl::StatusOr<std::shared_ptr<TlsContext>> tls_from_environment(const std::stri
 
 class Relay final : private LinkEvents {
  public:
-  Relay(std::unique_ptr<TlsChannel> channel, std::shared_ptr<TlsContext> tls, HostPort pool,
-        const WorkerTypeFinder& find, std::string token, std::string worker_type)
-      : channel_(std::move(channel)),
-        tls_(std::move(tls)),
+  Relay(std::shared_ptr<TlsContext> tls, HostPort pool, const WorkerTypeFinder& find,
+        ForkProofSecret token, std::string worker_type)
+      : tls_(std::move(tls)),
         pool_(std::move(pool)),
         find_(find),
         token_(std::move(token)),
         worker_type_(std::move(worker_type)),
         reader_(kHandshakeFrameBytes) {}
 
+  // Dials the pool and does the handshake, again and again with growing pauses until `timeout`:
+  // the pool may not listen yet, or may have closed a connection of ours that came during a flood
+  // (admission control, remote_launcher.cc). A refusal (kPermissionDenied), a pool refused
+  // (kFailedPrecondition) or one that broke the protocol (kDataLoss) ends it at once.
+  absl::Status join(absl::Duration timeout);
   int run();
 
  private:
-  absl::Status handshake();
+  // One try: TLS over `socket` (plaintext with no context), then the protocol's handshake.
+  absl::Status handshake(UniqueFd socket, absl::Time deadline);
   void queue(capnp::MessageBuilder& message) { writer_.push_copy(capnp::messageToFlatArray(message)); }
   // False when the pool broke the protocol.
   bool on_pool_frame(kj::ArrayPtr<const capnp::word> words);
@@ -219,7 +266,7 @@ class Relay final : private LinkEvents {
   const HostPort pool_;
   const WorkerTypeFinder& find_;
   const WorkerBodyFactory* factory_ = nullptr;  // the pool's worker type, found in the handshake
-  const std::string token_;
+  const ForkProofSecret token_;  // never copied: a forked worker must not inherit it
   const std::string worker_type_;
   FrameReader reader_;
   FrameWriter writer_;
@@ -235,7 +282,53 @@ class Relay final : private LinkEvents {
   uint64_t reported_signature_ = 0;  // of the progress last sent
 };
 
-absl::Status Relay::handshake() {
+absl::Status Relay::join(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::Duration pause = absl::Milliseconds(50);
+  while (true) {
+    absl::Status last;
+    absl::StatusOr<UniqueFd> socket =
+        connect_tcp(pool_, std::max(deadline - absl::Now(), absl::Seconds(1)));
+    if (socket.ok()) {
+      last = guarded("the pool sent a malformed handshake frame", [&] {
+        return handshake(*std::move(socket), std::min(deadline, absl::Now() + kHandshakeTimeout));
+      });
+      if (last.ok()) return last;
+      channel_.reset();
+      if (last.code() != absl::StatusCode::kUnavailable &&
+          last.code() != absl::StatusCode::kDeadlineExceeded) {
+        return last;
+      }
+    } else {
+      last = socket.status();
+    }
+    if (absl::Now() + pause >= deadline) {
+      return absl::UnavailableError(absl::StrCat(last.message(), " (kept trying for ",
+                                                 absl::FormatDuration(timeout), ")"));
+    }
+    absl::SleepFor(pause);
+    pause = std::min(pause * 2, absl::Seconds(1));
+  }
+}
+
+absl::Status Relay::handshake(UniqueFd socket, absl::Time deadline) {
+  absl::StatusOr<std::unique_ptr<TlsChannel>> channel = TlsChannel::open(tls_, std::move(socket));
+  if (!channel.ok()) return channel.status();
+  channel_ = *std::move(channel);
+  reader_ = FrameReader(kHandshakeFrameBytes);
+  if (absl::Status shook = channel_->handshake_within(deadline); !shook.ok()) {
+    // A TLS alert is a refusal: another token, a certificate its CA did not sign, or the pool
+    // speaks plaintext. A connection closed without one may be admission control's (the pool
+    // drops the oldest silent connection during a flood), or one that took too long: dial again.
+    if (shook.code() == absl::StatusCode::kUnauthenticated &&
+        !absl::StrContains(shook.message(), "the peer closed the connection")) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "the pool at ", pool_.to_string(), " refused this worker: ", shook.message(),
+          " (another token, a certificate its CA did not sign, or PROCPOOL_ENCRYPT differs?)"));
+    }
+    return absl::UnavailableError(absl::StrCat("TLS with the pool at ", pool_.to_string(), ": ",
+                                               shook.message()));
+  }
   const std::string nonce = make_nonce();
   {
     // Nothing about this host or its worker type yet: the pool has proved nothing.
@@ -245,9 +338,10 @@ absl::Status Relay::handshake() {
     hello.setNonce(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(nonce.data()), nonce.size()));
     // Which of its launches this is, when the pool ran us: a refusal then fails that launch at once.
     if (const char* launch_id = std::getenv("PROCPOOL_LAUNCH_ID")) hello.setLaunchId(launch_id);
-    if (absl::Status sent = write_frame(*channel_, message); !sent.ok()) return sent;
+    if (absl::Status sent = write_frame(*channel_, message); !sent.ok()) {
+      return absl::UnavailableError(sent.message());  // the pool closed it: dial again
+    }
   }
-  const absl::Time deadline = absl::Now() + kHandshakeTimeout;
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> frame = read_frame_within(*channel_, reader_, deadline);
   if (!frame.ok() && channel_->encrypted() && frame.status().code() == absl::StatusCode::kDataLoss) {
     // TLS 1.3 lets a client finish its handshake before the server has checked its certificate:
@@ -279,7 +373,7 @@ absl::Status Relay::handshake() {
   {
     capnp::MallocMessageBuilder message(64);
     auto credentials = message.initRoot<wire::FromWorker>().initCredentials();
-    const std::string proof = prove(token_, "worker", pool_nonce, nonce);
+    const std::string proof = prove(token_.view(), "worker", pool_nonce, nonce);
     credentials.setProof(
         capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
     credentials.setWorkerType(worker_type_);
@@ -287,7 +381,9 @@ absl::Status Relay::handshake() {
     ::gethostname(host, sizeof(host) - 1);
     credentials.setHost(host);
     credentials.setPid(::getpid());
-    if (absl::Status sent = write_frame(*channel_, message); !sent.ok()) return sent;
+    if (absl::Status sent = write_frame(*channel_, message); !sent.ok()) {
+      return absl::UnavailableError(sent.message());
+    }
   }
   frame = read_frame_within(*channel_, reader_, deadline);
   if (!frame.ok()) return frame.status();
@@ -300,7 +396,7 @@ absl::Status Relay::handshake() {
   if (!root.isWelcome()) return absl::DataLossError("the pool answered the proof with something else");
   auto welcome = root.getWelcome();
   // Nothing of the welcome counts before the pool's proof holds.
-  if (!proof_matches(token_, "pool", nonce, pool_nonce, as_string(welcome.getProof()))) {
+  if (!proof_matches(token_.view(), "pool", nonce, pool_nonce, as_string(welcome.getProof()))) {
     return refuse_peer(*channel_, welcome.getProof().size() == 0
                                           ? "the pool proved no token"
                                           : "wrong token: the pool's proof does not match this "
@@ -318,7 +414,7 @@ absl::Status Relay::handshake() {
                                           peer_text(welcome.getWorkerType())));
   }
   limits_ = relay_limits(welcome);
-  session_secret_ = session_secret(token_, nonce, pool_nonce, channel_->exporter(kSessionExporterLabel));
+  session_secret_ = session_secret(token_.view(), nonce, pool_nonce, channel_->exporter(kSessionExporterLabel));
   return absl::OkStatus();
 }
 
@@ -335,8 +431,7 @@ bool Relay::take_pool_frames() {
 }
 
 int Relay::run() {
-  const absl::Status shook =
-      guarded("the pool sent a malformed handshake frame", [&] { return handshake(); });
+  const absl::Status shook = join(connect_timeout());
   if (!shook.ok()) {
     say(std::string(shook.message()));
     return shook.code() == absl::StatusCode::kPermissionDenied ||
@@ -345,7 +440,7 @@ int Relay::run() {
                : 1;
   }
   // The same reader: frames the pool sent right after its welcome may be in it already.
-  reader_.set_max_frame_bytes(limits_.max_frame_bytes);
+  reader_.set_max_frame_bytes(kControlFrameBytes);
   (void)set_nonblocking(channel_->fd(), true);
   launcher_ = std::make_unique<ForkLauncher>(ForkLauncher::Config{
       .process_name_prefix = limits_.name,
@@ -559,35 +654,17 @@ int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::st
     return 2;
   }
   // Taken before anything is forked: no worker of ours, nor what its tasks run, inherits it.
-  absl::StatusOr<std::string> token = take_token_from_environment();
+  absl::StatusOr<ForkProofSecret> token = take_token_from_environment();
   if (!token.ok()) {
     say(std::string(token.status().message()));
     return 2;
   }
-  absl::StatusOr<std::shared_ptr<TlsContext>> tls = tls_from_environment(*token, *address);
+  absl::StatusOr<std::shared_ptr<TlsContext>> tls = tls_from_environment(token->view(), *address);
   if (!tls.ok()) {
     say(std::string(tls.status().message()));
     return 2;
   }
-  absl::StatusOr<UniqueFd> socket = dial(*address, connect_timeout());
-  if (!socket.ok()) {
-    say(std::string(socket.status().message()));
-    return 1;
-  }
-  absl::StatusOr<std::unique_ptr<TlsChannel>> channel = TlsChannel::open(*tls, *std::move(socket));
-  if (!channel.ok()) {
-    say(std::string(channel.status().message()));
-    return 1;
-  }
-  // The pool refuses a peer that fails TLS without a word (it could not read one): say what
-  // this side saw.
-  if (absl::Status shook = (*channel)->handshake_within(absl::Now() + kHandshakeTimeout); !shook.ok()) {
-    say(absl::StrCat("the pool at ", address->to_string(), " refused this worker: ", shook.message(),
-                     " (another token, a certificate its CA did not sign, or PROCPOOL_ENCRYPT "
-                     "differs?)"));
-    return shook.code() == absl::StatusCode::kUnauthenticated ? 2 : 1;
-  }
-  Relay relay(*std::move(channel), *std::move(tls), *address, find, *std::move(token), offered_type);
+  Relay relay(*std::move(tls), *address, find, *std::move(token), offered_type);
   return relay.run();
 }
 

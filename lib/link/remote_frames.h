@@ -17,6 +17,9 @@ namespace procpool::internal {
 
 // Frames of the handshake are small: a peer that announces more is refused before it is buffered.
 inline constexpr size_t kHandshakeFrameBytes = 64 * 1024;
+// Frames over a relay's control connection after the handshake (heartbeats, spawns, progress, a
+// worker's end), either way: no more is buffered for one.
+inline constexpr size_t kControlFrameBytes = 64 * 1024;
 
 // What the pool tells a relay in its welcome.
 struct RelayLimits {

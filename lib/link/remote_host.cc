@@ -1,6 +1,9 @@
 #include "lib/link/remote_host.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -53,6 +56,12 @@ RemoteHost::~RemoteHost() {
   if (link_ != nullptr) link_->bind(nullptr);
 }
 
+bool RemoteHost::silent() const {
+  if (state_ != State::kHandshake || stream_.last_read_ns() != 0 || heard_ || !channel_) return false;
+  char byte;
+  return ::recv(channel_->fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
+}
+
 short RemoteHost::poll_events() const {
   if (channel_ && !channel_->established()) return handshake_wants_write_ ? POLLOUT : POLLIN;
   return static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT));
@@ -78,6 +87,10 @@ FrameReader RemoteHost::take_reader() { return std::move(stream_.reader()); }
 void RemoteHost::service(short revents, const EventsOf& events_of) {
   if (state_ == State::kClosed || state_ == State::kData) return;
   if (!channel_->established()) {
+    if ((revents & POLLIN) && !heard_) {
+      char byte;
+      heard_ = ::recv(channel_->fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+    }
     absl::StatusOr<TlsChannel::Step> step = channel_->handshake();
     if (!step.ok()) {
       // Nothing came, or someone who is not a worker of this pool: no frame can tell it why.
@@ -226,7 +239,11 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
   session_secret_ = internal::session_secret(config_.token, worker_nonce_, pool_nonce_,
                                    channel_->exporter(kSessionExporterLabel));
   state_ = State::kIdle;
-  stream_.reader().set_max_frame_bytes(config_.limits.max_frame_bytes);
+  // Control frames are small (heartbeats, progress, a worker's end): a token holder's connection
+  // may not make the pool buffer more, and what it holds unfinished counts against the pool's
+  // budget.
+  stream_.reader().set_max_frame_bytes(kControlFrameBytes);
+  if (config_.frame_budget) stream_.share_budget(config_.frame_budget);
 }
 
 void RemoteHost::refuse(const std::string& why) {

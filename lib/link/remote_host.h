@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "absl/time/time.h"
@@ -38,9 +39,11 @@ struct RemoteHostConfig {
   std::string token;
   std::string worker_type;
   RelayLimits limits;
-  absl::Duration handshake_timeout = absl::Seconds(20);
+  absl::Duration handshake_timeout = absl::Seconds(5);
   // Every connection's TLS (the pool's side), or null: plaintext (RemoteOptions::encrypt false).
   std::shared_ptr<TlsContext> tls;
+  // Bytes in unfinished frames, over every authenticated connection of the pool (null: unbounded).
+  std::shared_ptr<FrameBudget> frame_budget;
 };
 
 using EventsOf = std::function<LinkEvents&(WorkerLink&)>;
@@ -60,6 +63,11 @@ class RemoteHost {
   // Why it closed (a refusal, a lost connection), once it has.
   const std::string& closed_reason() const { return closed_reason_; }
   bool refused() const { return refused_; }
+  // In its handshake, and nothing has come from it yet (nothing read, nothing waiting): a
+  // connection a flood may have opened, which admission control drops first.
+  bool silent() const;
+  int64_t handshake_deadline_ns() const { return handshake_deadline_ns_; }
+  const std::shared_ptr<FrameBudget>& frame_budget() const { return config_.frame_budget; }
 
   int fd() const { return channel_ ? channel_->fd() : -1; }
   short poll_events() const;
@@ -98,6 +106,7 @@ class RemoteHost {
 
   std::unique_ptr<TlsChannel> channel_;  // null once closed
   bool handshake_wants_write_ = false;    // its TLS handshake waits for room to write
+  bool heard_ = false;  // bytes of its TLS handshake came (TLS took them: silent() cannot peek them)
   const std::string peer_;
   const RemoteHostConfig& config_;
   State state_ = State::kHandshake;

@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -25,15 +27,40 @@ extern char** environ;
 namespace procpool::internal {
 namespace {
 
-// Connections still in their handshake. While this many are, no more are accepted: the rest wait
-// in the listen backlog (a flood cannot exhaust us, and a real worker behind it gets in once the
-// flood's connections time out, rather than being turned away).
+// Admission. Connections still in their handshake are at most kMaxHandshaking, and at most
+// kMaxHandshakingPerSource from one address; each has kHandshakeDeadline to finish. A connection
+// that would pass either cap takes the place of the oldest one that has sent nothing yet (from its
+// address, or from any): a real worker says hello as soon as it has dialled, so a flood of idle
+// connections, from its own address or not, does not keep it out. When none has been silent, the
+// new connection is closed, and its relay dials again (relay.cc). The listen backlog is the
+// longest the system allows (listen_tcp), and each turn of the pool's loop accepts at most
+// kMaxAcceptsPerTurn, so a flood cannot starve the connections already in.
 constexpr size_t kMaxHandshaking = 256;
+constexpr size_t kMaxHandshakingPerSource = 32;
+constexpr absl::Duration kHandshakeDeadline = absl::Seconds(5);
+constexpr int kMaxAcceptsPerTurn = 64;
+// Out of descriptors (EMFILE, ENFILE) or kernel memory, accept() fails while connections wait and
+// the listener stays readable: polled again at once, the pool's thread would spin. The listener
+// rests this long; handshakes and workers already in go on.
+constexpr int64_t kAcceptPauseNs = 200'000'000;
+// Authenticated hosts beyond those the pool's workers can use (late joiners, spares) are kept up
+// to this many; more are closed once welcomed.
+constexpr int kSpareHosts = 64;
+// Budgets. A remote pool holds 2 descriptors a worker (its host's control connection and its
+// data connection; 3 with a launch command, whose pidfd it keeps), and needs this many more for
+// handshakes in progress, spare hosts and its own (the listener, event fds, logs).
+constexpr int kDescriptorHeadroom = static_cast<int>(kMaxHandshaking) + kSpareHosts + 64;
+// Bytes in unfinished frames over all authenticated connections (FrameBudget): a token holder
+// cannot make the pool hold more in frames it never finishes, beside the largest one.
+constexpr size_t kUnfinishedFrameBudget = size_t{64} << 20;
 // Why hosts were refused goes into calls' errors. Peers that need no token to be refused choose
 // much of it (the worker type they name), and any number may dial: a few reasons are kept, each
 // cut short, and the rest only counted.
 constexpr size_t kMaxRefusalReasons = 8;
 constexpr size_t kMaxRefusalBytes = 200;
+
+// "10.0.0.7" of "10.0.0.7:51234", "[::1]" of "[::1]:51234".
+std::string source_of(const std::string& peer) { return peer.substr(0, peer.rfind(':')); }
 
 }  // namespace
 
@@ -50,7 +77,33 @@ RemoteLauncher::RemoteLauncher(Config config) : config_(std::move(config)) {
   host_config_.limits.resident_bytes = config_.report_resident_bytes;
   host_config_.limits.max_worker_memory_bytes = config_.max_worker_memory_bytes;
   host_config_.limits.cgroups_off = config_.cgroups_off;
-  host_config_.handshake_timeout = std::min(config_.remote.connect_timeout, absl::Seconds(20));
+  host_config_.handshake_timeout = kHandshakeDeadline;  // not connect_timeout's: a flood's turnover
+  host_config_.frame_budget = std::make_shared<FrameBudget>(kUnfinishedFrameBudget);
+}
+
+absl::Status RemoteLauncher::raise_descriptor_limit() const {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) {
+    return absl::ErrnoToStatus(errno, "reading RLIMIT_NOFILE");
+  }
+  // The soft limit is often 1024 while the hard one is far higher: a remote pool takes what it may.
+  if (limit.rlim_cur < limit.rlim_max) {
+    rlimit raised = limit;
+    raised.rlim_cur = limit.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) limit = raised;
+  }
+  const int per_worker = config_.remote.launch.empty() ? 2 : 3;
+  const rlim_t needed = static_cast<rlim_t>(per_worker) * static_cast<rlim_t>(config_.workers) +
+                        kDescriptorHeadroom;
+  if (limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur < needed) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "RLIMIT_NOFILE: a pool of ", config_.workers, " remote workers needs about ", needed,
+        " file descriptors (", per_worker, " a worker, and ", kDescriptorHeadroom,
+        " for handshakes and the pool), but this process may open ", limit.rlim_cur,
+        " (its hard limit is ", limit.rlim_max,
+        "): raise the hard limit (ulimit -Hn, LimitNOFILE=, limits.conf) or use fewer workers"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<RemoteLauncher>> RemoteLauncher::start(Config config) {
@@ -71,6 +124,7 @@ absl::StatusOr<std::unique_ptr<RemoteLauncher>> RemoteLauncher::start(Config con
     }
     launcher->host_config_.tls = *std::move(tls);
   }
+  if (absl::Status fits = launcher->raise_descriptor_limit(); !fits.ok()) return fits;
   absl::StatusOr<UniqueFd> listener = listen_tcp(*listen);
   if (!listener.ok()) return listener.status();
   launcher->listener_ = *std::move(listener);
@@ -293,15 +347,57 @@ TcpLink* RemoteLauncher::take_launch(const std::string& launch_id) {
   return link;
 }
 
-size_t RemoteLauncher::handshaking() const {
-  size_t count = 0;
-  for (const auto& host : hosts_) count += host->state() == RemoteHost::State::kHandshake;
+int RemoteLauncher::hosts_welcomed() const {
+  int count = 0;
+  for (const auto& host : hosts_) {
+    count += host->state() == RemoteHost::State::kIdle || host->state() == RemoteHost::State::kBusy;
+  }
   return count;
 }
 
+bool RemoteLauncher::admit(const std::string& source, const EventsOf& events_of) {
+  size_t in_handshake = 0;
+  size_t from_source = 0;
+  for (const auto& host : hosts_) {
+    if (host->state() != RemoteHost::State::kHandshake) continue;
+    ++in_handshake;
+    from_source += source_of(host->peer()) == source;
+  }
+  const bool source_full = from_source >= kMaxHandshakingPerSource;
+  if (!source_full && in_handshake < kMaxHandshaking) return true;
+  // The oldest silent one (from the same address, when that is what is full) makes room.
+  RemoteHost* oldest = nullptr;
+  for (const auto& host : hosts_) {
+    if (host->state() != RemoteHost::State::kHandshake) continue;
+    if (source_full && source_of(host->peer()) != source) continue;
+    if (oldest != nullptr && host->handshake_deadline_ns() >= oldest->handshake_deadline_ns()) continue;
+    if (host->silent()) oldest = host.get();
+  }
+  if (oldest == nullptr) return false;
+  oldest->close(source_full ? "sent nothing, and more connections from its address were waiting"
+                            : "sent nothing, and more connections were waiting",
+                events_of);
+  return true;
+}
+
+void RemoteLauncher::accept_connections(const EventsOf& events_of) {
+  for (int accepted = 0; accepted < kMaxAcceptsPerTurn; ++accepted) {
+    absl::StatusOr<UniqueFd> connection = accept_tcp(listener_.get());
+    if (!connection.ok()) {
+      accept_paused_until_ns_ = monotonic_now_ns() + kAcceptPauseNs;
+      return;
+    }
+    if (!connection->valid()) return;
+    absl::StatusOr<HostPort> peer = peer_address(connection->get());
+    std::string name = peer.ok() ? peer->to_string() : "?";
+    if (!admit(source_of(name), events_of)) continue;  // closed: its relay dials again
+    hosts_.push_back(std::make_unique<RemoteHost>(*std::move(connection), std::move(name), host_config_));
+  }
+}
+
 void RemoteLauncher::add_pollfds(std::vector<pollfd>& fds) {
-  const bool room = handshaking() < kMaxHandshaking;
-  fds.push_back({listener_.get(), static_cast<short>(listener_ && room ? POLLIN : 0), 0});
+  const bool resting = accept_paused_until_ns_ != 0 && monotonic_now_ns() < accept_paused_until_ns_;
+  fds.push_back({listener_.get(), static_cast<short>(listener_ && !resting ? POLLIN : 0), 0});
   polled_host_list_.clear();
   for (auto& host : hosts_) {
     if (host->state() == RemoteHost::State::kClosed) continue;
@@ -320,21 +416,18 @@ void RemoteLauncher::add_pollfds(std::vector<pollfd>& fds) {
 void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents& events) {
   const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
   if (count == 0) return;
-  if (polled[0].revents != 0 && listener_) {
-    for (size_t handshaking = this->handshaking(); handshaking < kMaxHandshaking;) {
-      absl::StatusOr<UniqueFd> accepted = accept_tcp(listener_.get());
-      if (!accepted.ok() || !accepted->valid()) break;
-      absl::StatusOr<HostPort> peer = peer_address(accepted->get());
-      hosts_.push_back(std::make_unique<RemoteHost>(
-          *std::move(accepted), peer.ok() ? peer->to_string() : "?", host_config_));
-      ++handshaking;
-    }
-  }
+  if (polled[0].revents != 0 && listener_) accept_connections(events_of);
   for (size_t i = 0; i < polled_hosts_ && 1 + i < count; ++i) {
     RemoteHost* host = polled_host_list_[i];
     const bool was_handshaking = host->state() == RemoteHost::State::kHandshake;
     if (polled[1 + i].revents != 0) host->service(polled[1 + i].revents, events_of);
     if (was_handshaking && host->state() == RemoteHost::State::kIdle) {
+      if (hosts_welcomed() > config_.workers + kSpareHosts) {
+        host->close(absl::StrCat("the pool has ", config_.workers + kSpareHosts,
+                                 " worker hosts already, as many as it can use"),
+                    events_of);
+        continue;
+      }
       ++connected_ever_;
       if (TcpLink* own = take_launch(host->launch_id())) own->bind(host);
     }
@@ -365,6 +458,13 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
 int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
   const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
   int64_t next = INT64_MAX;
+  if (accept_paused_until_ns_ != 0) {
+    if (now_ns < accept_paused_until_ns_) {
+      next = accept_paused_until_ns_;
+    } else {
+      accept_paused_until_ns_ = 0;
+    }
+  }
   for (auto& host : hosts_) next = std::min(next, host->check(now_ns, events_of));
   // Launch commands watched without a pidfd: nothing wakes the loop when they exit.
   if (std::any_of(launched_.begin(), launched_.end(), [](const Launched& p) { return !p.pidfd; })) {

@@ -53,12 +53,13 @@ class RemoteLauncher final : public Launcher {
     size_t max_worker_memory_bytes = 0;
     bool cgroups_off = false;
     // Who the workers are, what they start with (WorkerPlacement; ForkLauncher::Config's).
-    int workers = 0;
+    int workers = 0;  // the pool's: what its descriptors must cover
     std::function<std::vector<std::pair<std::string, std::string>>(int)> worker_env;
     bool spread_cpus = false;  // each host pins slot i to the i-th CPU of its own set
   };
-  // Listens; kInvalidArgument for a listen address that cannot be parsed, an errno status when
-  // it cannot be bound.
+  // Raises the soft RLIMIT_NOFILE to the hard limit and listens; kInvalidArgument for a listen
+  // address that cannot be parsed, kResourceExhausted (naming RLIMIT_NOFILE) when the workers'
+  // descriptors cannot fit under the hard limit, an errno status when it cannot be bound.
   static absl::StatusOr<std::unique_ptr<RemoteLauncher>> start(Config config);
   ~RemoteLauncher() override;
 
@@ -90,7 +91,15 @@ class RemoteLauncher final : public Launcher {
   // bind or end. Each id is taken once.
   TcpLink* take_launch(const std::string& launch_id);
   void count_refusal(const std::string& why);
-  size_t handshaking() const;
+  // Raises the soft RLIMIT_NOFILE to the hard one; kResourceExhausted if the workers' do not fit.
+  absl::Status raise_descriptor_limit() const;
+  // Accepts what waits (admit() says whom), at most kMaxAcceptsPerTurn; pauses the listener when
+  // accept() fails (out of descriptors).
+  void accept_connections(const EventsOf& events_of);
+  // Whether a new connection from `source` may begin its handshake: true when there is room, or
+  // once an older silent one was closed to make some.
+  bool admit(const std::string& source, const EventsOf& events_of);
+  int hosts_welcomed() const;  // idle or busy
   std::string unavailable_reason() const;
   std::string refusal_summary() const;  // "; refused: 2 x why, ..." or ""
   std::string launch_command() const;   // "the worker launched by `...`"
@@ -100,6 +109,7 @@ class RemoteLauncher final : public Launcher {
   UniqueFd listener_;
   std::string address_;
   int64_t first_wait_until_ns_ = 0;  // without `launch`: slots wait for hosts until then
+  int64_t accept_paused_until_ns_ = 0;  // accept() failed: the listener rests until then
   std::vector<std::unique_ptr<RemoteHost>> hosts_;
   std::map<int, int64_t> generations_;  // workers asked for so far, by slot
   std::vector<TcpLink*> links_;      // every live link, for data connections to find theirs

@@ -46,6 +46,7 @@ void TcpLink::attach(std::unique_ptr<TlsChannel> data, FrameReader reader, LinkE
   attached_ = true;
   data_ = std::move(data);
   stream_ = FrameStream(std::move(reader), limits_.frame_timeout);
+  if (host_ != nullptr && host_->frame_budget()) stream_.share_budget(host_->frame_budget());
   (void)set_nonblocking(data_->fd(), true);
   flush();  // what was sent before it attached
   // Frames that came with the attach (its READY) are buffered already: poll() will not say so.

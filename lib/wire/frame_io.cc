@@ -289,6 +289,11 @@ void FrameReader::set_max_frame_bytes(size_t max_frame_bytes) {
   options_ = frame_reader_options(max_frame_bytes);
 }
 
+void FrameReader::discard() {
+  buffer_ = ReadBuffer();
+  capacity_ = begin_ = end_ = consume_ = frame_bytes_ = 0;
+}
+
 void FrameReader::make_room(size_t bytes_needed) {
   size_t pending = end_ - begin_;
   if (begin_ > 0 && (capacity_ - begin_ < bytes_needed || end_ == capacity_)) {
@@ -297,7 +302,10 @@ void FrameReader::make_room(size_t bytes_needed) {
     end_ = pending;
   }
   if (capacity_ < bytes_needed || end_ == capacity_) {
-    size_t capacity = std::max({bytes_needed, capacity_ * 2, kInitialReadBuffer});
+    // Doubling as bytes arrive, and no further than the frame begun needs.
+    size_t capacity = capacity_ * 2;
+    if (frame_bytes_ > capacity_) capacity = std::min(capacity, frame_bytes_);
+    capacity = std::max({capacity, bytes_needed, kInitialReadBuffer});
     capacity = (capacity + sizeof(capnp::word) - 1) / sizeof(capnp::word) * sizeof(capnp::word);
     if (huge_buffers_ && capacity >= kHugeReadBufferFrom) {
       capacity = (capacity + kHugePage - 1) / kHugePage * kHugePage;
@@ -372,9 +380,11 @@ absl::StatusOr<kj::ArrayPtr<const capnp::word>> FrameReader::next() {
         expected_words * sizeof(capnp::word), max_frame_bytes_));
   }
   if (expected_words > available_words) {
-    make_room(expected_words * sizeof(capnp::word));
+    // Room comes as its bytes do (fill()): the header's word alone allocates nothing.
+    frame_bytes_ = expected_words * sizeof(capnp::word);
     return kj::ArrayPtr<const capnp::word>();
   }
+  frame_bytes_ = 0;
   consume_ = expected_words * sizeof(capnp::word);
   return kj::ArrayPtr<const capnp::word>(start, expected_words);
 }

@@ -7,7 +7,8 @@
 // `write_frame`. Sends use MSG_NOSIGNAL: a peer that died is an EPIPE status, never a SIGPIPE.
 //
 // Frames larger than the reader's limit are refused with kDataLoss before any of them is buffered,
-// so a peer cannot make us allocate without bound. Not thread-safe; one owner per socket.
+// and a reader's buffer grows with the bytes that arrive (doubling), not to the size a frame's
+// header announces, so a peer cannot make us allocate more than about twice what it sent. Not thread-safe; one owner per socket.
 
 #ifndef PROCPOOL_LIB_WIRE_FRAME_IO_H_
 #define PROCPOOL_LIB_WIRE_FRAME_IO_H_
@@ -185,8 +186,13 @@ class FrameReader {
   void set_max_frame_bytes(size_t max_frame_bytes);
 
   bool has_partial_frame() const { return end_ - begin_ > consume_; }
+  // Bytes buffered that belong to no frame handed out yet (a frame begun).
+  size_t partial_bytes() const { return end_ - begin_ - consume_; }
   // True if next() would return a whole frame (or an error) without more bytes.
   bool has_complete_frame() const;
+
+  // Frees the buffer and forgets what it held (a broken stream's bytes, which no one will read).
+  void discard();
 
   // The buffer's size in bytes, and whether it is a huge-page mapping (for tests).
   size_t capacity() const { return capacity_; }
@@ -204,6 +210,10 @@ class FrameReader {
   size_t begin_ = 0;      // first unconsumed byte; always word-aligned
   size_t end_ = 0;        // one past the last byte read
   size_t consume_ = 0;    // bytes the frame handed out last will free on the next call
+  // The frame begun: its size as its header announces it (0: none, or not known yet). The buffer
+  // grows towards it only as its bytes arrive, never to it at once: a peer that announces a huge
+  // frame and sends little of it costs what it sent.
+  size_t frame_bytes_ = 0;
   bool drained_ = false;
 };
 

@@ -9,6 +9,49 @@
 
 namespace procpool::internal {
 
+FrameBudget::Account::Account(std::shared_ptr<FrameBudget> budget) : budget_(std::move(budget)) {
+  if (budget_) id_ = budget_->next_id_++;
+}
+
+FrameBudget::Account::Account(Account&& other) noexcept
+    : budget_(std::move(other.budget_)), id_(std::exchange(other.id_, 0)) {}
+
+FrameBudget::Account& FrameBudget::Account::operator=(Account&& other) noexcept {
+  if (this != &other) {
+    if (budget_) hold(0);
+    budget_ = std::move(other.budget_);
+    id_ = std::exchange(other.id_, 0);
+  }
+  return *this;
+}
+
+FrameBudget::Account::~Account() {
+  if (budget_) hold(0);
+}
+
+bool FrameBudget::Account::hold(size_t bytes) {
+  if (!budget_) return true;
+  FrameBudget& shared = *budget_;
+  auto mine = std::find_if(shared.holders_.begin(), shared.holders_.end(),
+                           [this](const auto& holder) { return holder.first == id_; });
+  if (mine != shared.holders_.end()) {
+    shared.total_ -= mine->second;
+    shared.holders_.erase(mine);
+  }
+  if (bytes == 0) return true;
+  shared.holders_.emplace_back(id_, bytes);
+  shared.total_ += bytes;
+  if (shared.total_ <= shared.budget_) return true;
+  // Over the budget in all: what matters is the rest beside the largest frame. Holding the budget
+  // before, the others cannot have taken it over: only this stream can have, and it lets go.
+  size_t largest = 0;
+  for (const auto& holder : shared.holders_) largest = std::max(largest, holder.second);
+  if (shared.total_ - largest <= shared.budget_) return true;
+  shared.total_ -= bytes;
+  shared.holders_.pop_back();
+  return false;
+}
+
 FrameStream::FrameStream(size_t max_frame_bytes, absl::Duration frame_timeout)
     : reader_(max_frame_bytes), frame_timeout_(frame_timeout) {}
 
@@ -48,14 +91,25 @@ FrameStream::ReadResult FrameStream::read(
         result.broken = true;
         result.why = broken_ =
             absl::DataLossError("sent a truncated frame before it closed its end");
+        reader_.discard();
       } else {
         result.why = filled.ok() ? absl::OkStatus() : filled.status();
       }
       partial_since_ns_ = 0;
+      if (account_) account_.hold(0);
       return result;
     }
     last_read_ns_ = monotonic_now_ns();
     if (!drain(on_frame, last_read_ns_, result)) return result;
+    if (account_ && !account_.hold(reader_.partial_bytes())) {
+      result.broken = true;
+      result.why = broken_ = absl::ResourceExhaustedError(absl::StrCat(
+          "sent part of a frame while its pool held ", account_.budget_bytes() >> 20,
+          " MiB of unfinished frames from its remote connections (their budget): dropped"));
+      reader_.discard();  // the memory goes too, not only its count
+      partial_since_ns_ = 0;
+      return result;
+    }
     // A short read took all there was: another would only say EAGAIN (poll tells of more).
     if (reader_.drained()) break;
   }
@@ -76,6 +130,8 @@ bool FrameStream::drain(absl::FunctionRef<bool(kj::ArrayPtr<const capnp::word>)>
       result.broken = true;
       result.why = broken_ =
           absl::DataLossError(absl::StrCat("sent a bad frame: ", frame.status().message()));
+      reader_.discard();
+      if (account_) account_.hold(0);
       partial_since_ns_ = 0;
       return false;
     }

@@ -16,6 +16,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
@@ -24,6 +27,45 @@
 #include "lib/wire/frame_io.h"
 
 namespace procpool::internal {
+
+// Bytes held in unfinished frames (frames begun, not complete) over many streams at once, bounded
+// together: a remote pool's connections share one, so that peers which begin frames and send
+// them slowly, or not at all to the end, cannot together make the pool hold more than the budget.
+// One frame is left out of the count, the largest, so that a single frame over the budget (up to
+// max_frame_bytes) still arrives; the rest share the budget, and a stream whose read takes them
+// over it breaks (FrameStream::read). Not thread-safe: the streams' owner's thread only.
+class FrameBudget {
+ public:
+  explicit FrameBudget(size_t bytes) : budget_(bytes) {}
+  size_t budget() const { return budget_; }
+  // Bytes held by every stream now.
+  size_t held() const { return total_; }
+
+  // One stream's share. Move-only; gives back what it holds when destroyed.
+  class Account {
+   public:
+    Account() = default;
+    explicit Account(std::shared_ptr<FrameBudget> budget);
+    Account(Account&& other) noexcept;
+    Account& operator=(Account&& other) noexcept;
+    ~Account();
+    explicit operator bool() const { return budget_ != nullptr; }
+    // Says that the stream now holds `bytes`; false (and holds nothing) when that takes what all
+    // but the largest holder hold over the budget.
+    bool hold(size_t bytes);
+    size_t budget_bytes() const { return budget_ ? budget_->budget() : 0; }
+
+   private:
+    std::shared_ptr<FrameBudget> budget_;
+    size_t id_ = 0;
+  };
+
+ private:
+  size_t budget_;
+  size_t total_ = 0;
+  size_t next_id_ = 1;
+  std::vector<std::pair<size_t, size_t>> holders_;  // (account id, bytes), for those holding any
+};
 
 class FrameStream {
  public:
@@ -42,7 +84,8 @@ class FrameStream {
     // end of file, the read's error otherwise (unless `broken` says more).
     bool closed = false;
     // The peer broke the stream: `why` is kDataLoss ("sent a bad frame: ...", "sent a truncated
-    // frame before it closed its end"). Read no more of it.
+    // frame before it closed its end"), or kResourceExhausted (it took the streams' FrameBudget
+    // over). Read no more of it.
     bool broken = false;
     absl::Status why;
   };
@@ -73,6 +116,10 @@ class FrameStream {
   FrameReader& reader() { return reader_; }
   const capnp::ReaderOptions& options() const { return reader_.options(); }
 
+  // From now on, what this stream holds in a frame begun counts against `budget` (FrameBudget);
+  // a read that takes it over breaks the stream (kResourceExhausted).
+  void share_budget(std::shared_ptr<FrameBudget> budget) { account_ = FrameBudget::Account(std::move(budget)); }
+
  private:
   // Hands out the frames buffered, and sets the clock of a frame left begun (`read_ns`: the read
   // that brought the bytes; 0: none, they were buffered before). False when the stream broke or
@@ -86,6 +133,7 @@ class FrameStream {
   bool partial_record_ = false;   // over TLS: part of a record is in hand (it starts the clock too)
   int64_t last_read_ns_ = 0;
   absl::Status broken_;  // once the peer broke the stream: why; nothing more is read
+  FrameBudget::Account account_;
 
 };
 

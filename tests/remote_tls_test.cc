@@ -76,8 +76,9 @@ PoolOptions remote_pool(int workers, RemoteOptions remote) {
   return options;
 }
 
-// Jobs whose bytes cannot appear by chance in a capture: 8-byte words with a marker.
-constexpr int64_t kMarker = 0x5EC2E7000000;
+// Jobs whose bytes cannot appear by chance in a capture: 8-byte words with a marker (small enough
+// that their squares fit in 63 bits).
+constexpr int64_t kMarker = 0x5EC2E700;
 std::vector<int64_t> marked_jobs(int n) {
   std::vector<int64_t> jobs;
   for (int i = 0; i < n; ++i) jobs.push_back(kMarker + i);

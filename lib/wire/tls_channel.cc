@@ -251,6 +251,9 @@ absl::StatusOr<TlsChannel::Step> TlsChannel::handshake() {
   const int done = SSL_do_handshake(ssl_);
   if (done == 1) {
     established_ = true;
+    // What the peer sent right after its last handshake message may be in hand already (read
+    // ahead): buffered() says so until the first read.
+    starved_ = false;
     return Step::kDone;
   }
   switch (SSL_get_error(ssl_, done)) {

@@ -1108,13 +1108,22 @@ struct FrameVandal {
   std::string dir_;
 };
 
+// A FrameVandal pool's options: over TCP, the bytes its worker writes by hand must reach the
+// frame decoder, not TLS (which refuses them as a bad record, also kDataLoss: remote_tls_test
+// covers that), so its links are plaintext, which a loopback pool may use.
+PoolOptions vandal_options(PoolOptions options) {
+  if (options.remote) options.remote->encrypt = false;
+  return options;
+}
+
 // Runs jobs 0..9 with `bad` at index 4 through a pool with a 1 MiB frame limit; checks that only
 // task 4 fails, with kDataLoss, and that its worker is replaced.
 void check_bad_frame(int64_t bad, absl::string_view expected_message) {
   TempDir dir;
   ::setenv("PROCPOOL_FAULT_DIR", dir.path().c_str(), 1);
-  OutcomePool<FrameVandal> pool(quiet({.workers = 2, .max_frame_bytes = kSmallFrameLimit}),
-                                [] { return std::make_unique<FrameVandal>(); });
+  OutcomePool<FrameVandal> pool(
+      vandal_options(quiet({.workers = 2, .max_frame_bytes = kSmallFrameLimit})),
+      [] { return std::make_unique<FrameVandal>(); });
   const std::vector<int64_t> jobs = jobs_with(10, {{4, bad}});
   auto call = pool.submit(jobs, {.chunksize = 1});
   REQUIRE(call.ok());
@@ -1185,9 +1194,10 @@ TEST_CASE("a truncated frame followed by the worker's exit fails its task with k
 absl::StatusOr<std::string> check_forged_results(int64_t bad) {
   TempDir dir;
   ::setenv("PROCPOOL_FAULT_DIR", dir.path().c_str(), 1);
-  OutcomePool<FrameVandal> pool(
-      quiet({.workers = 1, .task_timeout = absl::Seconds(2), .frame_timeout = absl::Seconds(1)}),
-      [] { return std::make_unique<FrameVandal>(); });
+  OutcomePool<FrameVandal> pool(vandal_options(quiet({.workers = 1,
+                                                      .task_timeout = absl::Seconds(2),
+                                                      .frame_timeout = absl::Seconds(1)})),
+                                [] { return std::make_unique<FrameVandal>(); });
   const std::vector<int64_t> jobs = jobs_with(6, {{0, bad}});
   auto call = pool.submit(jobs, {.chunksize = jobs.size()});
   REQUIRE(call.ok());

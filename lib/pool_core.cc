@@ -83,7 +83,10 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .name = options_.name,
                                                      .worker_type = worker_type,
                                                      .report_resident_bytes =
-                                                         options_.max_worker_rss_bytes > 0});
+                                                         options_.max_worker_rss_bytes > 0,
+                                                     .forward_output = options_.worker_output !=
+                                                                       WorkerOutput::kInherit,
+                                                     .crash_backtraces = options_.crash_backtraces});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;
@@ -99,7 +102,9 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
         .max_frame_bytes = options_.max_frame_bytes,
         .frame_timeout = options_.frame_timeout,
         .factory = &factory_,
-        .blob_regions = features.blob_regions});
+        .blob_regions = features.blob_regions,
+        .forward_output = options_.worker_output == WorkerOutput::kForward,
+        .crash_backtraces = options_.crash_backtraces});
   }
   scheduler_ = std::make_unique<Scheduler>(Scheduler::Config{
       .workers = worker_count_,
@@ -122,8 +127,7 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .respawn_max_delay = options_.respawn_max_delay,
           .max_worker_rss_bytes = options_.max_worker_rss_bytes,
           .process_name_prefix = options_.name,
-          .log = [this](LogSeverity severity, const std::string& process, int pid,
-                        const std::string& message) { log(severity, process, pid, message); }},
+          .log = [this](LogEvent event) { emit(std::move(event)); }},
       *launcher_, *scheduler_);
 }
 
@@ -206,13 +210,17 @@ void PoolCore::Impl::wake() {
 
 void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int pid,
                          const std::string& message) const {
-  if (!options_.log_sink) return;
   LogEvent event;
   event.severity = severity;
   event.process = process;
   event.pid = pid;
-  event.since_start = absl::Now() - start_time_;
   event.message = message;
+  emit(std::move(event));
+}
+
+void PoolCore::Impl::emit(LogEvent event) const {
+  if (!options_.log_sink) return;
+  event.since_start = absl::Now() - start_time_;
   // The sink is the program's code, called on the pool thread (and callers'), under the pool's
   // lock: an exception escaping it would end the program (std::terminate) or leave the pool's
   // state half changed. Say so on stderr, the one place left to say it, and go on.
@@ -221,7 +229,7 @@ void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int p
   } catch (...) {
     const std::string what = describe_current_exception();
     std::fprintf(stderr, "procpool: the log sink threw %s, on: %s\n", what.c_str(),
-                 message.c_str());
+                 event.message.c_str());
   }
 }
 

@@ -31,6 +31,7 @@
 #include "procpool/capnp_struct.h"
 #include "procpool/codec.h"
 #include "procpool/imap_range.h"
+#include "procpool/logging.h"
 #include "procpool/pool.h"
 #include "procpool/pool_options.h"
 #include "procpool/pool_stats.h"

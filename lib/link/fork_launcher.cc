@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "lib/wire/control_page.h"
+#include "lib/wire/output_lines.h"
 #include "lib/worker/child_setup.h"
 
 namespace procpool::internal {
@@ -38,9 +40,37 @@ void map_own_memory(ControlPageMapping& page, SharedRegion* region) {
   if (region != nullptr && !region->map_in_worker().ok()) ::_exit(kWorkerExitProtocolError);
 }
 
+// The pipes of a worker's forwarded output, both ends (ForkLauncher::Config::forward_output).
+struct OutputPipes {
+  OutputPipe out;
+  OutputPipe err;
+};
+
+absl::StatusOr<std::optional<OutputPipes>> make_output_pipes(bool forward, WorkerLaunch& launch) {
+  if (!forward) return std::nullopt;
+  absl::StatusOr<OutputPipe> out = make_output_pipe();
+  if (!out.ok()) return out.status();
+  absl::StatusOr<OutputPipe> err = make_output_pipe();
+  if (!err.ok()) return err.status();
+  launch.stdout_fd = out->write_end.get();
+  launch.stderr_fd = err->write_end.get();
+  return OutputPipes{*std::move(out), *std::move(err)};
+}
+
+// In the parent once the worker has its copies: the write ends close here (the worker then holds
+// the only ones, so the pipes end with it), the read ends go to its link.
+void attach_output(std::optional<OutputPipes>& pipes, ForkLink& link) {
+  if (!pipes) return;
+  pipes->out.write_end.reset();
+  pipes->err.write_end.reset();
+  link.forward_output(std::move(pipes->out.read_end), std::move(pipes->err.read_end));
+}
+
 }  // namespace
 
-ForkLauncher::ForkLauncher(Config config) : config_(std::move(config)), pool_pid_(::getpid()) {}
+ForkLauncher::ForkLauncher(Config config) : config_(std::move(config)), pool_pid_(::getpid()) {
+  if (config_.crash_backtraces) prepare_crash_stacks();
+}
 
 WorkerLaunch ForkLauncher::launch_for(int slot) const {
   WorkerLaunch launch;
@@ -50,6 +80,7 @@ WorkerLaunch ForkLauncher::launch_for(int slot) const {
   launch.max_frame_bytes = config_.max_frame_bytes;
   launch.pool_pid = pool_pid_;
   launch.factory = config_.factory;
+  launch.crash_backtraces = config_.crash_backtraces;
   return launch;
 }
 
@@ -68,8 +99,11 @@ absl::Status ForkLauncher::ensure_server() {
 
 absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                                                  const std::string& name) {
-  const WorkerLaunch launch = launch_for(slot);
+  WorkerLaunch launch = launch_for(slot);
   const ForkLink::Limits limits{config_.max_frame_bytes, config_.frame_timeout};
+  absl::StatusOr<std::optional<OutputPipes>> output =
+      make_output_pipes(config_.forward_output, launch);
+  if (!output.ok()) return output.status();
   if (config_.fork_server) {
     if (absl::Status started = ensure_server(); !started.ok()) return started;
     absl::StatusOr<ForkServer::Spawned> spawned = server_->spawn(launch);
@@ -78,6 +112,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                            WorkerProcess(spawned->pid, /*adopted=*/true),
                                            std::move(spawned->channel), std::move(spawned->page),
                                            limits);
+    attach_output(*output, *link);
     const pid_t pid = spawned->pid;
     adopted_[pid] = link.get();
     link->on_destroy([this, pid] { adopted_.erase(pid); });
@@ -106,9 +141,11 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
   }
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
-  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process),
-                                    std::move(channel->parent_end), *std::move(page), limits,
-                                    std::move(region));
+  auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"),
+                                         *std::move(process), std::move(channel->parent_end),
+                                         *std::move(page), limits, std::move(region));
+  attach_output(*output, *link);
+  return link;
 }
 
 absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, const std::string& name,
@@ -116,6 +153,9 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, cons
   WorkerLaunch launch = launch_for(slot);
   // Its page is ours (a relay's), not the pool's: results held in it would not reach the pool.
   launch.hold_results = false;
+  absl::StatusOr<std::optional<OutputPipes>> output =
+      make_output_pipes(config_.forward_output, launch);
+  if (!output.ok()) return output.status();
   absl::StatusOr<ControlPageMapping> page =
       ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
@@ -132,9 +172,11 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(int slot, cons
   channel.reset();
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
-  return std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process),
-                                    UniqueFd(), *std::move(page),
-                                    ForkLink::Limits{config_.max_frame_bytes, config_.frame_timeout});
+  auto link = std::make_unique<ForkLink>(
+      absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process), UniqueFd(), *std::move(page),
+      ForkLink::Limits{config_.max_frame_bytes, config_.frame_timeout});
+  attach_output(*output, *link);
+  return link;
 }
 
 void ForkLauncher::add_pollfds(std::vector<pollfd>& fds) {

@@ -34,6 +34,10 @@ class ForkLauncher final : public Launcher {
     // Give each worker forked here a shared region for blobs (lib/wire/shared_region.h): for pools
     // whose jobs or results may hold byte strings. (Workers of the fork server have none.)
     bool blob_regions = false;
+    // Workers' stdout and stderr are pipes their links read (PoolOptions::worker_output).
+    bool forward_output = false;
+    // Workers record the stack of a crash (PoolOptions::crash_backtraces).
+    bool crash_backtraces = true;
   };
   explicit ForkLauncher(Config config);
 

@@ -47,6 +47,23 @@ void ForkLink::flush() {
   if (!writer_.write_some(channel_.get()).ok()) writer_.clear();
 }
 
+void ForkLink::forward_output(UniqueFd stdout_pipe, UniqueFd stderr_pipe) {
+  output_[0] = std::make_unique<OutputLines>(std::move(stdout_pipe));
+  output_[1] = std::make_unique<OutputLines>(std::move(stderr_pipe));
+}
+
+void ForkLink::read_output(size_t stream, LinkEvents& events, bool drain) {
+  if (output_[stream] == nullptr || !output_[stream]->open()) return;
+  const OutputLines::LineSink sink = [&events, stream](std::string_view line) {
+    events.on_output(/*is_stderr=*/stream == 1, line);
+  };
+  if (drain) {
+    output_[stream]->drain(sink);
+  } else {
+    output_[stream]->read(sink);
+  }
+}
+
 void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
   polled_channel_ = with_channel && channel_ && !broken_ && !ended_;
   // A fork server's worker is not our child: the server reports its exit.
@@ -55,6 +72,11 @@ void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
     fds.push_back({channel_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
   }
   if (polled_pidfd_) fds.push_back({process_.pidfd(), POLLIN, 0});
+  for (size_t stream = 0; stream < 2; ++stream) {
+    polled_output_[stream] =
+        !ended_ && !output_paused_ && output_[stream] != nullptr && output_[stream]->open();
+    if (polled_output_[stream]) fds.push_back({output_[stream]->fd(), POLLIN, 0});
+  }
 }
 
 void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
@@ -64,6 +86,14 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
     const short revents = polled[next++].revents;
     if (revents != 0 && with_channel) pump(revents, events);
   }
+  const size_t pidfd_at = next;
+  if (polled_pidfd_) ++next;
+  for (size_t stream = 0; stream < 2; ++stream) {
+    if (polled_output_[stream] && next < count && polled[next++].revents != 0) {
+      read_output(stream, events, /*drain=*/false);
+    }
+  }
+  next = pidfd_at;
   if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
     // Gone: what it sent before it died is real, read it all first, then what it held.
     read_channel(events, /*to_the_end=*/true);
@@ -249,11 +279,14 @@ void ForkLink::on_reaped_by_server(int wait_status, LinkEvents& events) {
 }
 
 void ForkLink::end(int wait_status, LinkEvents& events) {
+  // Whatever it wrote before it died is in its pipes: all of it comes before its end.
+  for (size_t stream = 0; stream < 2; ++stream) read_output(stream, events, /*drain=*/true);
   ended_ = true;
   channel_.reset();
   writer_.clear();
-  events.on_ended(WorkerEnd{describe_exit(wait_status, page_.get()),
-                            clean_exit(wait_status, page_.get())});
+  WorkerEnd end_of{describe_exit(wait_status, page_.get()), clean_exit(wait_status, page_.get())};
+  end_of.crash_stack = crash_stack_text(*page_.get());
+  events.on_ended(std::move(end_of));
 }
 
 }  // namespace procpool::internal

@@ -22,6 +22,7 @@
 #include "lib/wire/control_page.h"
 #include "lib/wire/frame_io.h"
 #include "lib/wire/frame_stream.h"
+#include "lib/wire/output_lines.h"
 
 namespace procpool::internal {
 
@@ -73,6 +74,12 @@ class ForkLink final : public WorkerLink {
   void on_reaped_by_server(int wait_status, LinkEvents& events);
   // Called when the link is destroyed (the fork server's launcher forgets the pid).
   void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
+  // Forwarded output: the read ends of the pipes the worker's stdout and stderr are. Their lines
+  // go to LinkEvents::on_output as they come, and the rest when the worker ends, before on_ended.
+  void forward_output(UniqueFd stdout_pipe, UniqueFd stderr_pipe);
+  // While paused, add_pollfds leaves the output pipes out: whoever takes the lines is behind, and
+  // the worker blocks when its pipe fills (back-pressure). Its end still drains them.
+  void pause_output(bool paused) { output_paused_ = paused; }
 
  private:
   // Reads and delivers what the channel holds: at most 16 reads (a flood from one worker must not
@@ -86,6 +93,8 @@ class ForkLink final : public WorkerLink {
   // `bytes`: a copy of held frames, taken while the area was ours (the worker may reuse it).
   void deliver_held(const std::vector<unsigned char>& bytes, bool recovered, LinkEvents& events);
   void end(int wait_status, LinkEvents& events);
+  // Reads the output pipes (`drain`: everything, the worker is gone).
+  void read_output(size_t stream, LinkEvents& events, bool drain);
 
   const std::string name_;
   WorkerProcess process_;
@@ -99,6 +108,9 @@ class ForkLink final : public WorkerLink {
   bool ended_ = false;
   bool polled_channel_ = false;   // what add_pollfds added, for service()
   bool polled_pidfd_ = false;
+  std::unique_ptr<OutputLines> output_[2];  // stdout, stderr; null unless forwarded
+  bool polled_output_[2] = {false, false};
+  bool output_paused_ = false;
   std::function<void()> on_destroy_;
 };
 

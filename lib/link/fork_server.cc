@@ -42,7 +42,7 @@ bool send_packet(int socket, capnp::MessageBuilder& message, const int* fds, siz
   msghdr header{};
   header.msg_iov = &piece;
   header.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))] = {};
   if (fd_count > 0) {
     header.msg_control = control;
     header.msg_controllen = CMSG_SPACE(fd_count * sizeof(int));
@@ -58,14 +58,14 @@ bool send_packet(int socket, capnp::MessageBuilder& message, const int* fds, siz
   }
 }
 
-// Receives one packet into `words` (word-aligned) and up to two fds. Returns bytes, 0 at EOF,
+// Receives one packet into `words` (word-aligned) and up to four fds. Returns bytes, 0 at EOF,
 // -1 on error.
 ssize_t receive_packet(int socket, capnp::word* words, int* fds, size_t* fd_count) {
   iovec piece{words, kMaxPacket};
   msghdr header{};
   header.msg_iov = &piece;
   header.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))] = {};
   header.msg_control = control;
   header.msg_controllen = sizeof(control);
   ssize_t got;
@@ -79,7 +79,7 @@ ssize_t receive_packet(int socket, capnp::word* words, int* fds, size_t* fd_coun
       for (size_t i = 0; i < count; ++i) {
         int fd;
         std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
-        if (*fd_count < 2) {
+        if (*fd_count < 4) {
           fds[(*fd_count)++] = fd;
         } else {
           ::close(fd);
@@ -112,8 +112,15 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
   const absl::Status served = guarded("a malformed spawn request", [&]() -> absl::Status {
     capnp::FlatArrayMessageReader message(kj::arrayPtr(words, bytes / sizeof(capnp::word)));
     auto request = message.getRoot<wire::ForkServerRequest>();
-    if (fd_count != 2) return absl::InvalidArgumentError("a spawn request needs two descriptors");
+    // The channel and the page; with forwarded output, the write ends of its stdout and stderr.
+    if (fd_count != 2 && fd_count != 4) {
+      return absl::InvalidArgumentError("a spawn request needs two descriptors, or four");
+    }
     WorkerLaunch launch = base;
+    if (fd_count == 4) {
+      launch.stdout_fd = fds[2];
+      launch.stderr_fd = fds[3];
+    }
     launch.slot = static_cast<int>(request.getSlot());
     launch.process_name = request.getName().cStr();
     launch.parent_death_signal = true;  // this process is single-threaded and outlives its workers
@@ -167,7 +174,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
       reap_children();
     }
     if (fds[0].revents != 0) {
-      int received[2];
+      int received[4];
       size_t received_count = 0;
       const ssize_t got = receive_packet(kControlFd, packet, received, &received_count);
       // End of file: the pool is gone. Leaving takes our workers with us (PDEATHSIG).
@@ -222,7 +229,7 @@ absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, abs
   } while (polled < 0 && errno == EINTR);
   if (polled == 0) return false;
   alignas(capnp::word) capnp::word packet[kMaxPacket / sizeof(capnp::word)];
-  int fds[2];
+  int fds[4];
   size_t fd_count = 0;
   const ssize_t got = receive_packet(control_.get(), packet, fds, &fd_count);
   for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
@@ -257,8 +264,8 @@ absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch
   auto root = request.initRoot<wire::ForkServerRequest>();
   root.setSlot(static_cast<uint32_t>(launch.slot));
   root.setName(launch.process_name);
-  const int fds[2] = {channel->child_end.get(), page->fd()};
-  if (!send_packet(control_.get(), request, fds, 2)) {
+  const int fds[4] = {channel->child_end.get(), page->fd(), launch.stdout_fd, launch.stderr_fd};
+  if (!send_packet(control_.get(), request, fds, launch.stdout_fd >= 0 ? 4 : 2)) {
     return absl::ErrnoToStatus(errno, "sending a spawn request to the fork server");
   }
   channel->child_end.reset();

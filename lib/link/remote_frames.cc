@@ -18,6 +18,8 @@ void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out) {
   out.setFrameTimeoutNs(to_ns(limits.frame_timeout));
   out.setName(limits.name);
   out.setResidentBytes(limits.resident_bytes);
+  out.setForwardOutput(limits.forward_output);
+  out.setCrashBacktraces(limits.crash_backtraces);
 }
 
 RelayLimits relay_limits(wire::Welcome::Reader welcome) {
@@ -33,6 +35,8 @@ RelayLimits relay_limits(wire::Welcome::Reader welcome) {
   std::string name = welcome.getName();
   limits.name = name.empty() ? "procpool" : name.substr(0, 12);
   limits.resident_bytes = welcome.getResidentBytes();
+  limits.forward_output = welcome.getForwardOutput();
+  limits.crash_backtraces = welcome.getCrashBacktraces();
   return limits;
 }
 

@@ -26,6 +26,8 @@ struct RelayLimits {
   absl::Duration frame_timeout = absl::Seconds(10);
   std::string name = "procpool";
   bool resident_bytes = false;  // the pool recycles workers by memory: report it
+  bool forward_output = false;  // send the worker's stdout and stderr lines (OutputLines)
+  bool crash_backtraces = true;  // the worker records its stack when it crashes
 };
 void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out);
 // Values out of range are clamped into it: a welcome cannot make the relay misbehave.

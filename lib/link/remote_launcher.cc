@@ -47,6 +47,8 @@ RemoteLauncher::RemoteLauncher(Config config) : config_(std::move(config)) {
   host_config_.limits.frame_timeout = config_.frame_timeout;
   host_config_.limits.name = config_.name;
   host_config_.limits.resident_bytes = config_.report_resident_bytes;
+  host_config_.limits.forward_output = config_.forward_output;
+  host_config_.limits.crash_backtraces = config_.crash_backtraces;
   host_config_.handshake_timeout = std::min(config_.remote.connect_timeout, absl::Seconds(20));
 }
 

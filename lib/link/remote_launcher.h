@@ -47,6 +47,8 @@ class RemoteLauncher final : public Launcher {
     std::string name;         // process name prefix of the workers
     std::string worker_type;  // what hosts must serve (serve.h: worker_type_name)
     bool report_resident_bytes = false;  // max_worker_rss_bytes is set
+    bool forward_output = true;          // relays forward their workers' stdout and stderr
+    bool crash_backtraces = true;        // workers record the stack of a crash
   };
   // Listens; kInvalidArgument for a listen address that cannot be parsed, an errno status when
   // it cannot be bound.

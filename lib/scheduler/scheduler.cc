@@ -296,6 +296,14 @@ std::optional<uint64_t> Scheduler::current_task(int slot) const {
   return front.tasks.first + progress.task_index;
 }
 
+std::optional<uint64_t> Scheduler::task_number(int slot, uint64_t seq, uint32_t index) const {
+  if (slot < 0 || slot >= static_cast<int>(workers_.size())) return std::nullopt;
+  for (const Batch& batch : workers_[slot].batches) {
+    if (batch.seq == seq && index < batch.tasks.count) return batch.tasks.first + index;
+  }
+  return std::nullopt;
+}
+
 int64_t Scheduler::check(int64_t now_ns) {
   int64_t next = INT64_MAX;
   for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {

@@ -157,7 +157,29 @@ struct FromWorker {
     attach @11 :Attach;
     # The worker's answer to the challenge: its proof first, then what it is (handshake.h).
     credentials @12 :Credentials;
+
+    # A worker's procpool::log (include/procpool/logging.h), in its stream with its results, so
+    # that a record logged during a task arrives before the task's outcome.
+    log @13 :WorkerLog;
+    # Remote workers only: lines of the worker's stdout or stderr, read by its relay
+    # (PoolOptions::worker_output), over the control connection.
+    output @14 :OutputLines;
   }
+}
+
+struct WorkerLog {
+  severity @0 :UInt8;           # procpool::LogSeverity: 0 info, 1 warning, 2 error
+  message @1 :Text;
+  # The task the worker was running when it logged (its control page's stamps): batch `batchSeq`
+  # (the parent's number), task `taskIndex` in it; `running` false: none.
+  batchSeq @2 :UInt64;
+  taskIndex @3 :UInt32;
+  running @4 :Bool;
+}
+
+struct OutputLines {
+  stderr @0 :Bool;              # false: stdout
+  lines @1 :List(Data);         # whole lines without their newline (or pieces of a long one)
 }
 
 # A remote worker's frames (tasks, results, ready, exited) go over a connection of its own, opened
@@ -213,6 +235,8 @@ struct Welcome {
   # Sent only once the worker has proved the token; the worker checks it before it reads the rest.
   proof @6 :Data;               # HMAC(token, "pool", the worker's nonce, the pool's nonce)
   workerType @7 :Text;          # what the pool's workers are: a program serving several picks it
+  forwardOutput @8 :Bool;       # the relay forwards its worker's stdout and stderr (OutputLines)
+  crashBacktraces @9 :Bool = true;  # its worker records its stack when a fatal signal kills it
 }
 
 struct ClaimRef {
@@ -243,10 +267,13 @@ struct Ended {
   timedOut @2 :Text;            # non-empty: the relay's watchdog stopped it, and why
   brokenStream @3 :Text;        # non-empty: its stream broke (a bad frame), and how
   progress @4 :Progress;        # its last, read after it ended
+  # The stack the worker's fatal-signal handler recorded (PoolOptions::crash_backtraces), or empty.
+  crashStack @5 :Text;
 }
 
 # Parent <-> fork server (StartMethod::kForkServer), one message per SOCK_SEQPACKET packet. A
-# spawn request carries the new worker's channel and status-page memfd as SCM_RIGHTS.
+# spawn request carries the new worker's channel and status-page memfd as SCM_RIGHTS (and, when its
+# output is forwarded, the write ends of its stdout and stderr pipes).
 struct ForkServerRequest {
   slot @0 :UInt32;
   name @1 :Text;                # the worker's process name

@@ -244,7 +244,10 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
                  .parent_pid = parent_pid,
                  .pool_pid = launch.pool_pid,
                  .channel_fd = channel_fd,
-                 .page = page});
+                 .page = page,
+                 .crash_backtraces = launch.crash_backtraces,
+                 .stdout_fd = launch.stdout_fd,
+                 .stderr_fd = launch.stderr_fd});
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
                              launch.hold_results ? held_frames(page) : nullptr);
   leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region));

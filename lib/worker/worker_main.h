@@ -29,6 +29,11 @@ struct WorkerLaunch {
   // the pool finds them if the worker dies (control_page.h). Only where the pool maps that page:
   // a remote worker's page is its relay's, so it sends every piece at once.
   bool hold_results = true;
+  bool crash_backtraces = true;  // record the stack of a crash (child_setup.h)
+  // Forwarded output (PoolOptions::worker_output): the write ends of the pipes its stdout and
+  // stderr become in the child, or -1 to keep what it inherits. Owned by whoever forks.
+  int stdout_fd = -1;
+  int stderr_fd = -1;
 };
 
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it

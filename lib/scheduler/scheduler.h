@@ -169,6 +169,9 @@ class Scheduler {
     size_t first = 0;
     size_t count = 0;
     int attempt = 0;
+    // The pool-wide number of task `first` (tasks are numbered in the order they were submitted,
+    // from 0; a task keeps its number when it runs again): what stats and log events call a task.
+    uint64_t number = 0;
   };
   // What becomes of a batch's tasks taken back by a revoke.
   enum class TakeBack { kNone, kRequeue, kFail };

@@ -72,7 +72,7 @@ void Scheduler::settle_taken_back(Worker& /*worker*/, Batch& batch, uint32_t cla
   claimed = std::clamp(claimed, batch.reported, batch.limit);
   if (claimed < batch.limit) {
     TaskRange rest{batch.tasks.call, batch.tasks.first + claimed, batch.limit - claimed,
-                   batch.tasks.attempt};
+                   batch.tasks.attempt, batch.tasks.number + claimed};
     if (batch.take_back == TakeBack::kFail) {
       fail(rest, rest.first, rest.count, batch.take_back_status);
     } else {
@@ -114,7 +114,8 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
         ++q;
       }
       if (retry_allowed && tasks.attempt < tasks.call->settings().retries) {
-        requeue.push_back(TaskRange{tasks.call, tasks.first + p, q - p, tasks.attempt + 1});
+        requeue.push_back(
+            TaskRange{tasks.call, tasks.first + p, q - p, tasks.attempt + 1, tasks.number + p});
       } else {
         fail(tasks, tasks.first + p, q - p, failure);
       }
@@ -153,7 +154,8 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
     }
     if (not_started < end) {
       requeue.push_back(TaskRange{batch.tasks.call, batch.tasks.first + not_started,
-                                  end - not_started, batch.tasks.attempt});
+                                  end - not_started, batch.tasks.attempt,
+                                  batch.tasks.number + not_started});
     }
   }
   worker.batches.clear();

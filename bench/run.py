@@ -37,10 +37,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = len(os.sched_getaffinity(0))
 BENCH = os.path.join(ROOT, "bench")
 CXX_BINARIES = ["raw_floor", "bench_apply", "bench_map", "bench_cpu", "bench_payload",
-                "bench_startstop", "bench_imap_memory", "bench_scaling", "bench_remote"]
+                "bench_startstop", "bench_imap_memory", "bench_scaling", "bench_remote",
+                "bench_output"]
 WORKLOAD_KEYS = ["apply", "apply_pinned", "map_auto", "map_chunk1", "imap", "imap_unordered",
                  "payload", "payload_bytes", "startstop", "startstop_static", "scaling",
-                 "cpu_sha512", "remote"]
+                 "cpu_sha512", "remote", "output"]
 
 
 # ---- running things ---------------------------------------------------------------------------
@@ -297,6 +298,10 @@ def plan(quick):
         # ping-pong, then applies on a remote pool of one worker; then a map on forked workers,
         # then the same map on as many remote ones (bench_remote.cc).
         "remote": dict(cxx=("bench_remote", ["calls=5000", "items=1000000"]),
+                       py={}, reps=r(5), timeout=90),
+        # Every task prints one line: forwarded output (issue 16) beside the same map with
+        # inherited output, both written to /dev/null, in each repetition (bench_output.cc).
+        "output": dict(cxx=("bench_output", ["jobs=200000", "chunksize=0"]),
                        py={}, reps=r(5), timeout=90),
     }
 
@@ -590,6 +595,17 @@ def evaluate(results, cores):
             "%s the forked map's time" % fmt_ratio(ratio), "≤ 1.5×",
             check("remote", holds, "remote map took %s the forked map's time, target ≤ 1.5×"
                   % fmt_ratio(ratio)), e)
+    if "output" in results:
+        e = results["output"]
+        c = fig(e["cxx"], note=e["cxx_note"])
+        inherited = fig(e["cxx"], "inherited_items_per_s")
+        ratio = fig(e["cxx"], "ratio_to_inherited")
+        holds = ratio.median >= 0.5 if ratio.ok else None
+        row("`map`, 200,000 tasks that each print one line, output forwarded to the log sink",
+            "items/s", c.fmt(rate), inherited.fmt(rate) + " inherited", "–", "–",
+            "%s inherited" % fmt_ratio(ratio), "≥ 0.5× inherited",
+            check("output", holds, "forwarded output %s the inherited map's throughput, "
+                  "target ≥ 0.5×" % fmt_ratio(ratio)), e)
     return rows, missed, notes, unmeasured
 
 

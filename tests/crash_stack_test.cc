@@ -33,9 +33,11 @@
   __asm__ volatile("" ::: "memory");
 }
 
+[[gnu::noinline]] void crash_stack_test_throws() { throw std::runtime_error("nobody catches this"); }
+
 [[gnu::noinline]] void crash_stack_test_throws_through_noexcept() noexcept {
   // An exception leaving a noexcept function: std::terminate, then SIGABRT.
-  throw std::runtime_error("nobody catches this");
+  crash_stack_test_throws();
 }
 
 [[gnu::noinline]] void crash_stack_test_divides(int by) {

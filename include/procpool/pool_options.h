@@ -88,8 +88,12 @@ enum class WorkerOutput {
   /// when the pool joins (the pipes are read to their end; a last line without a newline is
   /// delivered as it is). A line longer than 64 KiB arrives in pieces of 64 KiB. A worker that
   /// writes faster than the sink takes blocks in write() (the pool reads at most 64 KiB ahead per
-  /// pipe): memory stays bounded. A forwarded stdout is line-buffered in the worker, so what
-  /// printf writes is seen as each line ends.
+  /// pipe): memory stays bounded. stdio buffers a forwarded stdout (it is a pipe); the worker
+  /// flushes it whenever it sends results and before it waits for work, so what a task printed
+  /// is in the pipe before its outcome is sent (it reaches the sink within about a millisecond of
+  /// the pool reading it, not necessarily before the outcome reaches the caller); for lines in the middle of a long task, fflush(stdout) or
+  /// write to stderr (unbuffered). Output still in stdio's buffer when a worker crashes is lost,
+  /// as in any program; what reached the pipe is not.
   kForward,
 };
 

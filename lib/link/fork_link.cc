@@ -72,9 +72,10 @@ void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
     fds.push_back({channel_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
   }
   if (polled_pidfd_) fds.push_back({process_.pidfd(), POLLIN, 0});
+  const int64_t now = output_[0] != nullptr ? monotonic_now_ns() : 0;
   for (size_t stream = 0; stream < 2; ++stream) {
-    polled_output_[stream] =
-        !ended_ && !output_paused_ && output_[stream] != nullptr && output_[stream]->open();
+    polled_output_[stream] = !ended_ && !output_paused_ && output_[stream] != nullptr &&
+                             output_[stream]->open() && now >= output_rest_until_ns_[stream];
     if (polled_output_[stream]) fds.push_back({output_[stream]->fd(), POLLIN, 0});
   }
 }
@@ -91,6 +92,7 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
   for (size_t stream = 0; stream < 2; ++stream) {
     if (polled_output_[stream] && next < count && polled[next++].revents != 0) {
       read_output(stream, events, /*drain=*/false);
+      output_rest_until_ns_[stream] = monotonic_now_ns() + kOutputRestNs;
     }
   }
   next = pidfd_at;
@@ -200,6 +202,13 @@ void ForkLink::deliver_held(const std::vector<unsigned char>& bytes, bool recove
 
 int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   int64_t next = INT64_MAX;
+  for (size_t stream = 0; stream < 2; ++stream) {
+    // A pipe resting after a read (add_pollfds) is looked at again when its rest ends.
+    if (output_[stream] != nullptr && output_[stream]->open() &&
+        output_rest_until_ns_[stream] > now_ns) {
+      next = std::min(next, output_rest_until_ns_[stream]);
+    }
+  }
   if (!ended_ && !broken_ && channel_) {
     // Results held by a worker now busy in a long task would wait for the task: take them.
     const HeldFrames* held = page_.held();

@@ -37,6 +37,12 @@ inline constexpr int64_t kHeldCheckIntervalNs = 10'000'000;
 // what is in flight.
 inline constexpr int kChannelSendBufferBytes = 2 << 20;
 
+// Forwarded output: after reading a worker's pipe, the link leaves it this long before it looks
+// again. A line printed now and then arrives at once; a flood is read in batches, one wake of the
+// pool's thread per millisecond and pipe rather than one per line (the pipe, up to 1 MiB, holds
+// what comes meanwhile; a worker that fills it waits).
+inline constexpr int64_t kOutputRestNs = 1'000'000;
+
 class ForkLink final : public WorkerLink {
  public:
   struct Limits {
@@ -110,6 +116,7 @@ class ForkLink final : public WorkerLink {
   bool polled_pidfd_ = false;
   std::unique_ptr<OutputLines> output_[2];  // stdout, stderr; null unless forwarded
   bool polled_output_[2] = {false, false};
+  int64_t output_rest_until_ns_[2] = {0, 0};
   bool output_paused_ = false;
   std::function<void()> on_destroy_;
 };

@@ -347,6 +347,7 @@ int Relay::run() {
       next = std::min(next, child_stop_.check(*child_, now));
       next = std::min(next, watchdog(now));
       next = std::min(next, watch_progress(now));
+      next = std::min(next, child_->check(now, *this));  // its output pipes' rests
     }
     fds.clear();
     fds.push_back({socket_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});

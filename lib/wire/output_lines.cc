@@ -69,6 +69,9 @@ void OutputLines::finish(const LineSink& sink) {
 absl::StatusOr<OutputPipe> make_output_pipe() {
   int ends[2];
   if (::pipe2(ends, O_CLOEXEC) != 0) return absl::ErrnoToStatus(errno, "pipe2 for a worker's output");
+  // Room for a millisecond of a flood between reads (fork_link.h: kOutputRestNs); the default
+  // 64 KiB stays where the system allows no more.
+  (void)::fcntl(ends[0], F_SETPIPE_SZ, 1 << 20);
   return OutputPipe{own_fd(ends[0]), own_fd(ends[1])};
 }
 

@@ -288,9 +288,6 @@ void prepare_child(const ChildSetup& setup) {
   }
   reset_signals();
   arrange_descriptors(setup.channel_fd, setup.stdout_fd, setup.stderr_fd);
-  // A pipe would make stdout fully buffered: lines would reach the pool in 4 KiB lumps, late, and
-  // be lost when the worker crashes. Line by line, as on a terminal.
-  if (setup.stdout_fd >= 0) std::setvbuf(stdout, nullptr, _IOLBF, BUFSIZ);
 }
 
 void prepare_crash_stacks() {

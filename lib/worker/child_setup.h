@@ -16,7 +16,7 @@
 //     had installed for that signal, if any (the one it inherited at fork; see on_fatal_signal);
 //   - keeps exactly one inherited descriptor, its channel, at fd 3, closes every other, and opens
 //     /dev/null on whichever of 0, 1, 2 is closed, so a printf can never reach the channel; or, when
-//     its output is forwarded, puts the pipes it was given on 1 and 2 (stdout then line-buffered).
+//     its output is forwarded, puts the pipes it was given on 1 and 2.
 
 #ifndef PROCPOOL_LIB_WORKER_CHILD_SETUP_H_
 #define PROCPOOL_LIB_WORKER_CHILD_SETUP_H_

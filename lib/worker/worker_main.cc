@@ -6,6 +6,7 @@
 #include <sched.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -27,8 +28,9 @@ namespace {
 // long; without that area (`held` null) every frame is written at once.
 class ChannelTransport final : public WorkerTransport {
  public:
-  ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held)
-      : fd_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held) {}
+  ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held, bool flush_stdout)
+      : fd_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held),
+        flush_stdout_(flush_stdout) {}
 
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
     if (spin_next_ && !reader_.has_complete_frame() && spin_.budget_ns() > 0) {
@@ -67,6 +69,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool send(capnp::MessageBuilder& message) override {
+    flush_stdout();
     if (held_ == nullptr) return write_frame(fd_, message).ok();
     return write_held(&message);
   }
@@ -132,6 +135,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool flush() override {
+    flush_stdout();  // called before the worker waits for the parent, too
     if (held_ == nullptr || held_->bytes.load(std::memory_order_relaxed) == 0) return true;
     return write_held(nullptr);
   }
@@ -147,6 +151,14 @@ class ChannelTransport final : public WorkerTransport {
   bool frames_writable() const override { return true; }
 
  private:
+  // Forwarded output (PoolOptions::worker_output): stdout is a pipe, so stdio buffers it whole
+  // (a write per line would cost a tiny task several times its run). What a task printed goes
+  // out with its results, and before the worker waits for more work: lines of a task reach the
+  // pool no later than its outcome is sent. (stderr is unbuffered.)
+  void flush_stdout() {
+    if (flush_stdout_) std::fflush(stdout);
+  }
+
   // The parent takes the lock only briefly and never waits for it.
   void lock() {
     uint32_t expected = HeldFrames::kFree;
@@ -232,7 +244,8 @@ class ChannelTransport final : public WorkerTransport {
   };
   std::optional<Growing> growing_;
   SpinPolicy spin_;
-  bool spin_next_ = false;  // the parent's caller waited for the last batch (TaskBatch.awaited)
+  bool spin_next_ = false;
+  const bool flush_stdout_;  // the parent's caller waited for the last batch (TaskBatch.awaited)
 };
 
 }  // namespace
@@ -249,7 +262,8 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
                  .stdout_fd = launch.stdout_fd,
                  .stderr_fd = launch.stderr_fd});
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
-                             launch.hold_results ? held_frames(page) : nullptr);
+                             launch.hold_results ? held_frames(page) : nullptr,
+                             /*flush_stdout=*/launch.stdout_fd >= 0);
   leave(run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region));
 }
 

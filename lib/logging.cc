@@ -16,12 +16,25 @@
 #include "procpool/pool_stats.h"
 
 namespace procpool {
+namespace {
+
+// Whether `host` names another machine than this one (local workers' events name this one).
+bool elsewhere(const std::string& host) {
+  static const std::string here = [] {
+    char name[256] = {};
+    ::gethostname(name, sizeof(name) - 1);
+    return std::string(name);
+  }();
+  return !host.empty() && host != here;
+}
+
+}  // namespace
 
 void log_to_stderr(const LogEvent& event) {
   // One write per line, so lines from several processes do not interleave mid-line.
   if (event.source == LogSource::kStdout || event.source == LogSource::kStderr) {
     const std::string line =
-        event.host.empty() ? absl::StrCat("[", event.process, "] ", event.message, "\n")
+        !elsewhere(event.host) ? absl::StrCat("[", event.process, "] ", event.message, "\n")
                            : absl::StrCat("[", event.process, " on ", event.host, "] ",
                                           event.message, "\n");
     std::fwrite(line.data(), 1, line.size(), event.source == LogSource::kStdout ? stdout : stderr);
@@ -34,7 +47,7 @@ void log_to_stderr(const LogEvent& event) {
   const char* level = event.severity == LogSeverity::kError     ? "error"
                       : event.severity == LogSeverity::kWarning ? "warning"
                                                                 : "info";
-  std::string where = event.host.empty() ? "" : absl::StrCat(" on ", event.host);
+  std::string where = elsewhere(event.host) ? absl::StrCat(" on ", event.host) : "";
   if (event.task) absl::StrAppend(&where, " task ", *event.task);
   std::string line = absl::StrFormat("[procpool +%.3fs %s pid %d%s] %s: %s\n",
                                      absl::ToDoubleSeconds(event.since_start), event.process,

@@ -70,7 +70,7 @@ using LogSink = std::function<void(const LogEvent&)>;
 /// Records of `procpool::log` (kWorker) are written whatever their severity. Forwarded output
 /// goes where the worker meant it: a kStdout line to this process's stdout, a kStderr line to
 /// its stderr, each prefixed with the worker's name ("[procpool-w3] ", or
-/// "[procpool-w3 on node7] " for a remote worker). Thread-safe; write errors are ignored.
+/// "[procpool-w3 on node7] " for a worker on another host). Thread-safe; write errors are ignored.
 void log_to_stderr(const LogEvent& event);
 
 /// Where workers' standard output and error go (`PoolOptions::worker_output`).

@@ -79,28 +79,6 @@ struct Events {
   }
 };
 
-// doctest reports a crash of the test process with handlers of its own, installed for each test
-// case; workers would chain them (as they chain any handler the program installed) and print a
-// "test case CRASHED" report for each crash they are meant to have. Default handlers while one
-// lives, but in the case that installs a handler of its own.
-class DefaultCrashHandlers {
- public:
-  DefaultCrashHandlers() {
-    for (size_t i = 0; i < kSignals.size(); ++i) {
-      struct sigaction fallback {};
-      fallback.sa_handler = SIG_DFL;
-      ::sigaction(kSignals[i], &fallback, &saved_[i]);
-    }
-  }
-  ~DefaultCrashHandlers() {
-    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &saved_[i], nullptr);
-  }
-
- private:
-  static constexpr std::array<int, 5> kSignals = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
-  std::array<struct sigaction, 5> saved_{};
-};
-
 PoolOptions remote(PoolOptions options) {
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
   options.remote = RemoteOptions{.launch = {self, "--procpool-connect={address}"},
@@ -134,21 +112,21 @@ void check_crash_reported(ProcessPool<Crasher>& pool, Events& events, int64_t ho
 }
 
 TEST_CASE("a worker killed by SIGSEGV reports its symbolized stack on the task's status and in one error event") {
-  DefaultCrashHandlers quiet;
+  testing::DefaultCrashHandlers quiet;
   Events events;
   ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
   check_crash_reported(pool, events, 1, "SIGSEGV", "crash_stack_test_segfault");
 }
 
 TEST_CASE("an exception that reaches std::terminate in a worker reports the stack that threw it") {
-  DefaultCrashHandlers quiet;
+  testing::DefaultCrashHandlers quiet;
   Events events;
   ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
   check_crash_reported(pool, events, 2, "SIGABRT", "crash_stack_test_throws_through_noexcept");
 }
 
 TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {
-  DefaultCrashHandlers quiet;
+  testing::DefaultCrashHandlers quiet;
   Events events;
   ProcessPool<Crasher> pool(
       {.workers = 1, .start_method = StartMethod::kForkServer, .log_sink = events.sink()});
@@ -156,7 +134,7 @@ TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {
 }
 
 TEST_CASE("map's first failure keeps the crashed worker's stack") {
-  DefaultCrashHandlers quiet;
+  testing::DefaultCrashHandlers quiet;
   Events events;
   ProcessPool<Crasher> pool({.workers = 2, .log_sink = events.sink()});
   std::vector<int64_t> jobs = {0, 0, 1, 0};
@@ -169,7 +147,7 @@ TEST_CASE("map's first failure keeps the crashed worker's stack") {
 }
 
 TEST_CASE("with crash_backtraces false a crash records no stack") {
-  DefaultCrashHandlers quiet;
+  testing::DefaultCrashHandlers quiet;
   Events events;
   ProcessPool<Crasher> pool(
       {.workers = 1, .log_sink = events.sink(), .crash_backtraces = false});
@@ -224,7 +202,7 @@ TEST_CASE("a SIGSEGV handler the program installed before the pool still runs in
 }
 
 TEST_CASE("a remote worker's crash stack reaches the pool through its relay") {
-  DefaultCrashHandlers quiet;
+  testing::DefaultCrashHandlers quiet;
   Events events;
   ProcessPool<Crasher> pool(remote({.workers = 1, .log_sink = events.sink()}));
   check_crash_reported(pool, events, 1, "SIGSEGV", "crash_stack_test_segfault");

@@ -270,6 +270,7 @@ _ABSL_UPSTREAM_TARGETS = [
     "//absl/base",
     "//absl/base:core_headers",
     "//absl/container:flat_hash_map",
+    "//absl/debugging:symbolize",
     "//absl/status",
     "//absl/status:statusor",
     "//absl/strings",

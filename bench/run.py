@@ -38,10 +38,10 @@ CORES = len(os.sched_getaffinity(0))
 BENCH = os.path.join(ROOT, "bench")
 CXX_BINARIES = ["raw_floor", "bench_apply", "bench_map", "bench_cpu", "bench_payload",
                 "bench_startstop", "bench_imap_memory", "bench_scaling", "bench_remote",
-                "bench_stop_check"]
+                "bench_stop_check", "bench_output"]
 WORKLOAD_KEYS = ["apply", "apply_pinned", "map_auto", "map_chunk1", "imap", "imap_unordered",
                  "payload", "payload_bytes", "startstop", "startstop_static", "scaling",
-                 "cpu_sha512", "remote", "stop_check"]
+                 "cpu_sha512", "remote", "stop_check", "output"]
 
 
 # ---- running things ---------------------------------------------------------------------------
@@ -303,6 +303,10 @@ def plan(quick):
         # (bench_stop_check.cc): both maps in each process, on one pool.
         "stop_check": dict(cxx=("bench_stop_check", ["jobs=4000", "steps=64", "reps=5"]),
                            py={}, reps=r(3), timeout=90),
+        # Every task prints one line: forwarded output (issue 16) beside the same map with
+        # inherited output, both written to /dev/null, in each repetition (bench_output.cc).
+        "output": dict(cxx=("bench_output", ["jobs=200000", "chunksize=0"]),
+                       py={}, reps=r(5), timeout=90),
     }
 
 
@@ -639,6 +643,17 @@ def evaluate(results, cores):
             "–", "–", "–", "≤ 100 ms",
             check("remote", holds, "TLS added %s ms to a 64-worker start, target ≤ 100 ms"
                   % extra.fmt(lambda v: "%.0f" % v)), e)
+    if "output" in results:
+        e = results["output"]
+        c = fig(e["cxx"], note=e["cxx_note"])
+        inherited = fig(e["cxx"], "inherited_items_per_s")
+        ratio = fig(e["cxx"], "ratio_to_inherited")
+        holds = ratio.median >= 0.5 if ratio.ok else None
+        row("`map`, 200,000 tasks that each print one line, output forwarded to the log sink",
+            "items/s", c.fmt(rate), inherited.fmt(rate) + " inherited", "–", "–",
+            "%s inherited" % fmt_ratio(ratio), "≥ 0.5× inherited",
+            check("output", holds, "forwarded output %s the inherited map's throughput, "
+                  "target ≥ 0.5×" % fmt_ratio(ratio)), e)
     return rows, missed, notes, unmeasured
 
 

@@ -1,25 +1,76 @@
-// The default log sink and the names of worker states (declared in pool_options.h, pool_stats.h).
+// The default log sink, procpool::log and backtrace_of, and the names of worker states (declared
+// in pool_options.h, logging.h, pool_stats.h).
+
+#include <errno.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "lib/worker/task_server.h"
+#include "procpool/logging.h"
 #include "procpool/pool_options.h"
 #include "procpool/pool_stats.h"
 
 namespace procpool {
+namespace {
+
+// Whether `host` names another machine than this one (local workers' events name this one).
+bool elsewhere(const std::string& host) {
+  static const std::string here = [] {
+    char name[256] = {};
+    ::gethostname(name, sizeof(name) - 1);
+    return std::string(name);
+  }();
+  return !host.empty() && host != here;
+}
+
+}  // namespace
 
 void log_to_stderr(const LogEvent& event) {
-  if (event.severity == LogSeverity::kInfo && !getenv("PROCPOOL_LOG_ALL")) return;
+  // One write per line, so lines from several processes do not interleave mid-line.
+  if (event.source == LogSource::kStdout || event.source == LogSource::kStderr) {
+    const std::string line =
+        !elsewhere(event.host) ? absl::StrCat("[", event.process, "] ", event.message, "\n")
+                           : absl::StrCat("[", event.process, " on ", event.host, "] ",
+                                          event.message, "\n");
+    std::fwrite(line.data(), 1, line.size(), event.source == LogSource::kStdout ? stdout : stderr);
+    return;
+  }
+  if (event.source == LogSource::kPool && event.severity == LogSeverity::kInfo &&
+      !getenv("PROCPOOL_LOG_ALL")) {
+    return;
+  }
   const char* level = event.severity == LogSeverity::kError     ? "error"
                       : event.severity == LogSeverity::kWarning ? "warning"
                                                                 : "info";
-  // One write per line, so lines from several processes do not interleave mid-line.
-  std::string line = absl::StrFormat("[procpool +%.3fs %s pid %d] %s: %s\n",
+  std::string where = elsewhere(event.host) ? absl::StrCat(" on ", event.host) : "";
+  if (event.task) absl::StrAppend(&where, " task ", *event.task);
+  std::string line = absl::StrFormat("[procpool +%.3fs %s pid %d%s] %s: %s\n",
                                      absl::ToDoubleSeconds(event.since_start), event.process,
-                                     event.pid, level, event.message);
+                                     event.pid, where, level, event.message);
   std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+void log(LogSeverity severity, std::string_view message) {
+  if (internal::send_worker_log(static_cast<int>(severity), message)) return;
+  LogEvent event;
+  event.severity = severity;
+  event.source = LogSource::kWorker;
+  event.process = program_invocation_short_name;
+  event.pid = static_cast<int>(::getpid());
+  event.message = std::string(message);
+  log_to_stderr(event);
+}
+
+std::optional<std::string> backtrace_of(const absl::Status& status) {
+  // absl::optional: Debian's Abseil does not alias std::optional.
+  auto payload = status.GetPayload(kBacktracePayloadUrl);
+  if (!payload.has_value()) return std::nullopt;
+  return std::string(*payload);
 }
 
 std::string_view to_string(WorkerState state) {

@@ -107,7 +107,10 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
                                                      .workers = worker_count_,
                                                      .worker_env = options_.worker_env,
                                                      .spread_cpus = options_.cpu_affinity ==
-                                                                    CpuAffinity::kSpread});
+                                                                    CpuAffinity::kSpread,
+                                                     .forward_output = options_.worker_output !=
+                                                                       WorkerOutput::kInherit,
+                                                     .crash_backtraces = options_.crash_backtraces});
     if (!remote.ok()) {
       thread_failure_ = remote.status();
       loop_done_ = true;
@@ -128,7 +131,9 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
         .max_worker_memory_bytes = options_.max_worker_memory_bytes,
         .workers = worker_count_,
         .worker_env = options_.worker_env,
-        .spread_cpus = options_.cpu_affinity == CpuAffinity::kSpread});
+        .spread_cpus = options_.cpu_affinity == CpuAffinity::kSpread,
+        .forward_output = options_.worker_output == WorkerOutput::kForward,
+        .crash_backtraces = options_.crash_backtraces});
     // Which mechanism stops workers' trees and holds the memory cap, said once at start.
     log(LogSeverity::kInfo, "procpool", ::getpid(), forks->cgroup_plan().describe());
     launcher_ = std::move(forks);
@@ -156,8 +161,7 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .max_worker_rss_bytes = options_.max_worker_rss_bytes,
           .cancel_grace = options_.cancel_grace,
           .process_name_prefix = options_.name,
-          .log = [this](LogSeverity severity, const std::string& process, int pid,
-                        const std::string& message) { log(severity, process, pid, message); }},
+          .log = [this](LogEvent event) { emit(std::move(event)); }},
       *launcher_, *scheduler_);
 }
 
@@ -255,13 +259,17 @@ void PoolCore::Impl::wake() {
 
 void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int pid,
                          const std::string& message) const {
-  if (!options_.log_sink) return;
   LogEvent event;
   event.severity = severity;
   event.process = process;
   event.pid = pid;
-  event.since_start = absl::Now() - start_time_;
   event.message = message;
+  emit(std::move(event));
+}
+
+void PoolCore::Impl::emit(LogEvent event) const {
+  if (!options_.log_sink) return;
+  event.since_start = absl::Now() - start_time_;
   // The sink is the program's code, called on the pool thread (and callers'), under the pool's
   // lock: an exception escaping it would end the program (std::terminate) or leave the pool's
   // state half changed. Say so on stderr, the one place left to say it, and go on.
@@ -270,7 +278,7 @@ void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int p
   } catch (...) {
     const std::string what = describe_current_exception();
     std::fprintf(stderr, "procpool: the log sink threw %s, on: %s\n", what.c_str(),
-                 message.c_str());
+                 event.message.c_str());
   }
 }
 

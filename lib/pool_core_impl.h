@@ -59,6 +59,8 @@ class PoolCore::Impl {
   void post_callback(std::function<void()> callback);
   void log(LogSeverity severity, const std::string& process, int pid,
            const std::string& message) const;
+  // Stamps `event` with the time since the pool was made and hands it to the sink.
+  void emit(LogEvent event) const;
 
   // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
   // not even its lock, which another thread may have held at the fork.

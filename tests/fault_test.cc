@@ -293,6 +293,8 @@ TEST_CASE("a worker that dies mid-task fails that task alone; its unstarted chun
   SUBCASE("abort()") { death = {kAbort, "killed by signal 6 (SIGABRT)"}; }
   SUBCASE("_exit(3)") { death = {kExit3, "exited with status 3"}; }
   CAPTURE(death.how);
+  // The worker dies of the signal itself, not of doctest's report of it (test_support.h).
+  testing::DefaultCrashHandlers default_handlers;
 
   TempDir dir;
   OutcomePool<FaultyWorker> pool(quiet({.workers = 2}), faulty_in(dir));

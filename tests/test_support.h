@@ -4,8 +4,10 @@
 #ifndef PROCPOOL_TESTS_TEST_SUPPORT_H_
 #define PROCPOOL_TESTS_TEST_SUPPORT_H_
 
+#include <signal.h>
 #include <sys/types.h>
 
+#include <array>
 #include <string>
 #include <vector>
 
@@ -57,6 +59,29 @@ bool wait_until(F condition, absl::Duration timeout = absl::Seconds(10)) {
   }
   return condition();
 }
+
+// doctest reports a crash of the test process with handlers of its own, installed for each test
+// case; workers would chain them (as they chain any handler the program installed) and print a
+// "test case CRASHED" report for each crash they are meant to have (and a report that crashes in
+// turn ends the worker with SIGSEGV instead of the signal the test gave it). Default handlers
+// while one lives, but in a case that installs a handler of its own.
+class DefaultCrashHandlers {
+ public:
+  DefaultCrashHandlers() {
+    for (size_t i = 0; i < kSignals.size(); ++i) {
+      struct sigaction fallback {};
+      fallback.sa_handler = SIG_DFL;
+      ::sigaction(kSignals[i], &fallback, &saved_[i]);
+    }
+  }
+  ~DefaultCrashHandlers() {
+    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &saved_[i], nullptr);
+  }
+
+ private:
+  static constexpr std::array<int, 5> kSignals = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+  std::array<struct sigaction, 5> saved_{};
+};
 
 }  // namespace procpool::testing
 

@@ -37,24 +37,66 @@ enum class LogSeverity {
   kError     ///< A worker could not start, a stream broke, a join failed, a callback threw.
 };
 
-/// One structured event from the pool: worker started or stopped, a task failed, an escalation.
+/// Where a `LogEvent` comes from.
+enum class LogSource {
+  kPool,    ///< The pool itself: a worker started or stopped, a task failed, an escalation.
+  kWorker,  ///< Code running in a worker called `procpool::log` (logging.h).
+  kStdout,  ///< One line a worker wrote to its standard output (`WorkerOutput::kForward`).
+  kStderr   ///< One line a worker wrote to its standard error (`WorkerOutput::kForward`).
+};
+
+/// One structured event: from the pool (worker started or stopped, a task failed, an
+/// escalation), from worker code (`procpool::log`), or one line of a worker's forwarded output.
 struct LogEvent {
   LogSeverity severity = LogSeverity::kInfo;  ///< How much it matters.
   std::string process;          ///< "procpool-w3" for a worker, "procpool-parent" for the pool
-  int pid = 0;                  ///< the worker's pid, or the parent's
+  int pid = 0;                  ///< the worker's pid (on its host), or the parent's
   absl::Duration since_start;   ///< time since the pool was created
-  std::string message;          ///< What happened, in words.
+  std::string message;          ///< What happened, in words; a forwarded line, without its \n.
+  LogSource source = LogSource::kPool;  ///< Who said it.
+  int worker = -1;                      ///< The worker's slot; -1 for the pool itself.
+  std::string host;                     ///< The worker's host name ("" for the pool).
+  /// The pool-wide number of the task the worker ran then (as `WorkerStats::current_task`), if
+  /// it ran one.
+  std::optional<uint64_t> task;
 };
 
 /// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it
 /// must be quick and must not call back into the pool.
 using LogSink = std::function<void(const LogEvent&)>;
 
-/// The default sink: warnings and errors to stderr, one line each, as
+/// The default sink: the pool's warnings and errors to stderr, one line each, as
 /// "[procpool +1.234s procpool-w3 pid 4242] warning: ...". With PROCPOOL_LOG_ALL set in the
-/// environment it writes informational events too (workers started and stopped). Thread-safe;
-/// write errors are ignored.
+/// environment it writes the pool's informational events too (workers started and stopped).
+/// Records of `procpool::log` (kWorker) are written whatever their severity. Forwarded output
+/// goes where the worker meant it: a kStdout line to this process's stdout, a kStderr line to
+/// its stderr, each prefixed with the worker's name ("[procpool-w3] ", or
+/// "[procpool-w3 on node7] " for a worker on another host). Thread-safe; write errors are ignored.
 void log_to_stderr(const LogEvent& event);
+
+/// Where workers' standard output and error go (`PoolOptions::worker_output`).
+enum class WorkerOutput {
+  /// kInherit for forked workers, kForward for remote ones (whose output would otherwise stay on
+  /// their host).
+  kAuto,
+  /// A worker writes to the descriptors it inherited from the program (or, remote, from its
+  /// worker program): its lines mix with the program's own, unattributed.
+  kInherit,
+  /// A worker's fds 1 and 2 are pipes its pool reads (a remote worker's, its host's relay reads
+  /// and sends over its connection): every line becomes one LogEvent (kStdout at kInfo, kStderr
+  /// at kWarning) naming the worker, its pid and host and the task it ran. Lines arrive whole,
+  /// once each, in the order the worker wrote them, also when it crashes right after writing or
+  /// when the pool joins (the pipes are read to their end; a last line without a newline is
+  /// delivered as it is). A line longer than 64 KiB arrives in pieces of 64 KiB. A worker that
+  /// writes faster than the sink takes blocks in write() (the pool reads at most 64 KiB ahead per
+  /// pipe): memory stays bounded. stdio buffers a forwarded stdout (it is a pipe); the worker
+  /// flushes it whenever it sends results and before it waits for work, so what a task printed
+  /// is in the pipe before its outcome is sent (it reaches the sink within about a millisecond of
+  /// the pool reading it, not necessarily before the outcome reaches the caller); for lines in the middle of a long task, fflush(stdout) or
+  /// write to stderr (unbuffered). Output still in stdio's buffer when a worker crashes is lost,
+  /// as in any program; what reached the pipe is not.
+  kForward,
+};
 
 /// How worker processes are made (`PoolOptions::start_method`).
 enum class StartMethod {
@@ -233,6 +275,15 @@ struct PoolOptions {
   /// Where events go; the default writes warnings and errors to stderr. Called on the pool's
   /// thread and callers' threads; an exception it throws is written to stderr and dropped.
   LogSink log_sink = log_to_stderr;
+  /// Where workers' stdout and stderr go: `WorkerOutput::kAuto` (default) inherits them for
+  /// forked workers and forwards them, line by line, to `log_sink` for remote ones.
+  WorkerOutput worker_output = WorkerOutput::kAuto;
+  /// A worker killed by SIGSEGV, SIGBUS, SIGFPE, SIGILL or SIGABRT (an uncaught exception's
+  /// std::terminate included) records the crashing thread's stack, symbolized, before it dies:
+  /// the failed task's kAborted status carries it (`procpool::backtrace_of`, logging.h), and one
+  /// kError LogEvent shows it. A handler for those signals that the program installed before the
+  /// pool forked runs after the stack is recorded. False: nothing is recorded.
+  bool crash_backtraces = true;
   /// A frame a worker has begun to send must be complete within this; otherwise its stream is
   /// broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge
   /// the pool by writing half a frame. Positive.

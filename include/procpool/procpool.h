@@ -32,6 +32,7 @@
 #include "procpool/capnp_struct.h"
 #include "procpool/codec.h"
 #include "procpool/imap_range.h"
+#include "procpool/logging.h"
 #include "procpool/metrics.h"
 #include "procpool/pool.h"
 #include "procpool/pool_options.h"

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "lib/common/child_process.h"
 #include "lib/wire/control_page.h"
+#include "lib/wire/output_lines.h"
 #include "lib/worker/child_setup.h"
 
 namespace procpool::internal {
@@ -41,6 +43,32 @@ void map_own_memory(ControlPageMapping& page, SharedRegion* region) {
   if (region != nullptr && !region->map_in_worker().ok()) ::_exit(kWorkerExitProtocolError);
 }
 
+// The pipes of a worker's forwarded output, both ends (ForkLauncher::Config::forward_output).
+struct OutputPipes {
+  OutputPipe out;
+  OutputPipe err;
+};
+
+absl::StatusOr<std::optional<OutputPipes>> make_output_pipes(bool forward, WorkerLaunch& launch) {
+  if (!forward) return std::nullopt;
+  absl::StatusOr<OutputPipe> out = make_output_pipe();
+  if (!out.ok()) return out.status();
+  absl::StatusOr<OutputPipe> err = make_output_pipe();
+  if (!err.ok()) return err.status();
+  launch.stdout_fd = out->write_end.get();
+  launch.stderr_fd = err->write_end.get();
+  return OutputPipes{*std::move(out), *std::move(err)};
+}
+
+// In the parent once the worker has its copies: the write ends close here (the worker then holds
+// the only ones, so the pipes end with it), the read ends go to its link.
+void attach_output(std::optional<OutputPipes>& pipes, ForkLink& link) {
+  if (!pipes) return;
+  pipes->out.write_end.reset();
+  pipes->err.write_end.reset();
+  link.forward_output(std::move(pipes->out.read_end), std::move(pipes->err.read_end));
+}
+
 }  // namespace
 
 ForkLauncher::ForkLauncher(Config config)
@@ -48,7 +76,9 @@ ForkLauncher::ForkLauncher(Config config)
       pool_pid_(::getpid()),
       cgroup_plan_(CgroupPlan::detect(config_.cgroups == Cgroups::kAuto,
                                       config_.max_worker_memory_bytes)),
-      cpus_(config_.spread_cpus ? allowed_cpus() : std::vector<int>()) {}
+      cpus_(config_.spread_cpus ? allowed_cpus() : std::vector<int>()) {
+  if (config_.crash_backtraces) prepare_crash_stacks();
+}
 
 absl::StatusOr<std::optional<WorkerCgroup>> ForkLauncher::make_cgroup(WorkerLaunch& launch) {
   if (!cgroup_plan_.uses_cgroups()) return std::nullopt;
@@ -73,6 +103,7 @@ WorkerLaunch ForkLauncher::launch_for(int slot) const {
   }
   launch.placement.workers = config_.workers;
   launch.placement.pool_name = config_.process_name_prefix;
+  launch.crash_backtraces = config_.crash_backtraces;
   return launch;
 }
 
@@ -108,6 +139,9 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
   absl::StatusOr<std::optional<WorkerCgroup>> cgroup = make_cgroup(launch);
   if (!cgroup.ok()) return cgroup.status();
   const ForkLink::Limits limits{config_.max_frame_bytes, config_.frame_timeout};
+  absl::StatusOr<std::optional<OutputPipes>> output =
+      make_output_pipes(config_.forward_output, launch);
+  if (!output.ok()) return output.status();
   if (config_.fork_server) {
     if (absl::Status started = ensure_server(); !started.ok()) return started;
     absl::StatusOr<ForkServer::Spawned> spawned = server_->spawn(launch);
@@ -124,6 +158,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                            std::move(spawned->channel), std::move(spawned->page),
                                            limits);
     if (*cgroup) link->set_cgroup(**std::move(cgroup));
+    attach_output(*output, *link);
     adopted_[pid] = link.get();
     link->on_destroy([this, pid] { adopted_.erase(pid); });
     return link;
@@ -156,6 +191,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
                                          *std::move(process), std::move(channel->parent_end),
                                          *std::move(page), limits, std::move(region));
   if (*cgroup) link->set_cgroup(**std::move(cgroup));
+  attach_output(*output, *link);
   return link;
 }
 
@@ -168,6 +204,9 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
   launch.hold_results = false;
   absl::StatusOr<std::optional<WorkerCgroup>> cgroup = make_cgroup(launch);
   if (!cgroup.ok()) return cgroup.status();
+  absl::StatusOr<std::optional<OutputPipes>> output =
+      make_output_pipes(config_.forward_output, launch);
+  if (!output.ok()) return output.status();
   absl::StatusOr<ControlPageMapping> page =
       ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
@@ -190,6 +229,7 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
       absl::StrCat(name, " (pid ", *pid, ")"), *std::move(process), UniqueFd(), *std::move(page),
       ForkLink::Limits{config_.max_frame_bytes, config_.frame_timeout});
   if (*cgroup) link->set_cgroup(**std::move(cgroup));
+  attach_output(*output, *link);
   return link;
 }
 

@@ -50,6 +50,10 @@ class ForkLauncher final : public Launcher {
     int workers = 0;
     std::function<std::vector<std::pair<std::string, std::string>>(int)> worker_env;
     bool spread_cpus = false;
+    // Workers' stdout and stderr are pipes their links read (PoolOptions::worker_output).
+    bool forward_output = false;
+    // Workers record the stack of a crash (PoolOptions::crash_backtraces).
+    bool crash_backtraces = true;
   };
   explicit ForkLauncher(Config config);
 

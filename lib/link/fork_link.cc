@@ -49,6 +49,23 @@ void ForkLink::flush() {
   if (!writer_.write_some(channel_.get()).ok()) writer_.clear();
 }
 
+void ForkLink::forward_output(UniqueFd stdout_pipe, UniqueFd stderr_pipe) {
+  output_[0] = std::make_unique<OutputLines>(std::move(stdout_pipe));
+  output_[1] = std::make_unique<OutputLines>(std::move(stderr_pipe));
+}
+
+void ForkLink::read_output(size_t stream, LinkEvents& events, bool drain) {
+  if (output_[stream] == nullptr || !output_[stream]->open()) return;
+  const OutputLines::LineSink sink = [&events, stream](std::string_view line) {
+    events.on_output(/*is_stderr=*/stream == 1, line);
+  };
+  if (drain) {
+    output_[stream]->drain(sink);
+  } else {
+    output_[stream]->read(sink);
+  }
+}
+
 void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
   polled_channel_ = with_channel && channel_ && !broken_ && !ended_;
   // A fork server's worker is not our child: the server reports its exit.
@@ -57,6 +74,12 @@ void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
     fds.push_back({channel_.get(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
   }
   if (polled_pidfd_) fds.push_back({process_.pidfd(), POLLIN, 0});
+  const int64_t now = output_[0] != nullptr ? monotonic_now_ns() : 0;
+  for (size_t stream = 0; stream < 2; ++stream) {
+    polled_output_[stream] = !ended_ && !output_paused_ && output_[stream] != nullptr &&
+                             output_[stream]->open() && now >= output_rest_until_ns_[stream];
+    if (polled_output_[stream]) fds.push_back({output_[stream]->fd(), POLLIN, 0});
+  }
 }
 
 void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
@@ -66,6 +89,15 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
     const short revents = polled[next++].revents;
     if (revents != 0 && with_channel) pump(revents, events);
   }
+  const size_t pidfd_at = next;
+  if (polled_pidfd_) ++next;
+  for (size_t stream = 0; stream < 2; ++stream) {
+    if (polled_output_[stream] && next < count && polled[next++].revents != 0) {
+      read_output(stream, events, /*drain=*/false);
+      output_rest_until_ns_[stream] = monotonic_now_ns() + kOutputRestNs;
+    }
+  }
+  next = pidfd_at;
   if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
     on_exited(events);
   } else if (watched_by_looking()) {
@@ -199,6 +231,13 @@ int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   // Without a pidfd (a kernel before 5.3) nothing wakes the loop when our worker exits: service()
   // looks, at this time.
   if (watched_by_looking()) next = next_look_ns_;
+  for (size_t stream = 0; stream < 2; ++stream) {
+    // A pipe resting after a read (add_pollfds) is looked at again when its rest ends.
+    if (output_[stream] != nullptr && output_[stream]->open() &&
+        output_rest_until_ns_[stream] > now_ns) {
+      next = std::min(next, output_rest_until_ns_[stream]);
+    }
+  }
   if (!ended_ && !broken_ && channel_) {
     // Results held by a worker now busy in a long task would wait for the task: take them.
     const HeldFrames* held = page_.held();
@@ -310,6 +349,8 @@ void ForkLink::on_reaped_by_server(int wait_status, LinkEvents& events) {
 }
 
 void ForkLink::end(int wait_status, LinkEvents& events) {
+  // Whatever it wrote before it died is in its pipes: all of it comes before its end.
+  for (size_t stream = 0; stream < 2; ++stream) read_output(stream, events, /*drain=*/true);
   ended_ = true;
   channel_.reset();
   writer_.clear();
@@ -323,6 +364,7 @@ void ForkLink::end(int wait_status, LinkEvents& events) {
         name_, " was killed by the kernel's OOM killer: its memory reached max_worker_memory_bytes (",
         cgroup_->memory_bytes(), " bytes, its ", cgroup_->cap_name(), ")"));
   }
+  end.crash_stack = crash_stack_text(*page_.get());
   events.on_ended(std::move(end));
 }
 

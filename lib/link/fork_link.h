@@ -25,6 +25,7 @@
 #include "lib/wire/control_page.h"
 #include "lib/wire/frame_io.h"
 #include "lib/wire/frame_stream.h"
+#include "lib/wire/output_lines.h"
 
 namespace procpool::internal {
 
@@ -38,6 +39,12 @@ inline constexpr int64_t kHeldCheckIntervalNs = 10'000'000;
 // in one write instead of five rounds through the default 208 KiB. Kernel memory is used only by
 // what is in flight.
 inline constexpr int kChannelSendBufferBytes = 2 << 20;
+
+// Forwarded output: after reading a worker's pipe, the link leaves it this long before it looks
+// again. A line printed now and then arrives at once; a flood is read in batches, one wake of the
+// pool's thread per millisecond and pipe rather than one per line (the pipe, up to 1 MiB, holds
+// what comes meanwhile; a worker that fills it waits).
+inline constexpr int64_t kOutputRestNs = 1'000'000;
 
 class ForkLink final : public WorkerLink {
  public:
@@ -81,6 +88,12 @@ class ForkLink final : public WorkerLink {
   void set_cgroup(WorkerCgroup cgroup) { cgroup_ = std::move(cgroup); }
   // Called when the link is destroyed (the fork server's launcher forgets the pid).
   void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
+  // Forwarded output: the read ends of the pipes the worker's stdout and stderr are. Their lines
+  // go to LinkEvents::on_output as they come, and the rest when the worker ends, before on_ended.
+  void forward_output(UniqueFd stdout_pipe, UniqueFd stderr_pipe);
+  // While paused, add_pollfds leaves the output pipes out: whoever takes the lines is behind, and
+  // the worker blocks when its pipe fills (back-pressure). Its end still drains them.
+  void pause_output(bool paused) { output_paused_ = paused; }
 
  private:
   // Reads and delivers what the channel holds: at most 16 reads (a flood from one worker must not
@@ -102,6 +115,8 @@ class ForkLink final : public WorkerLink {
   void look_for_exit(LinkEvents& events);
   // The worker has exited and is not reaped yet: what it started goes too.
   void stop_tree_at_end();
+  // Reads the output pipes (`drain`: everything, the worker is gone).
+  void read_output(size_t stream, LinkEvents& events, bool drain);
 
   const std::string name_;
   WorkerProcess process_;
@@ -117,6 +132,10 @@ class ForkLink final : public WorkerLink {
   bool polled_pidfd_ = false;
   bool channel_closed_ = false;   // the worker closed its end of the channel
   int64_t next_look_ns_ = 0;      // without a pidfd: when to look for the worker's exit again
+  std::unique_ptr<OutputLines> output_[2];  // stdout, stderr; null unless forwarded
+  bool polled_output_[2] = {false, false};
+  int64_t output_rest_until_ns_[2] = {0, 0};
+  bool output_paused_ = false;
   std::function<void()> on_destroy_;
   std::optional<WorkerCgroup> cgroup_;  // last: removed first, the worker being reaped
 };

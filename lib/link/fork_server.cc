@@ -44,7 +44,7 @@ bool send_packet(int socket, capnp::MessageBuilder& message, const int* fds, siz
   msghdr header{};
   header.msg_iov = &piece;
   header.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))] = {};
   if (fd_count > 0) {
     header.msg_control = control;
     header.msg_controllen = CMSG_SPACE(fd_count * sizeof(int));
@@ -60,14 +60,14 @@ bool send_packet(int socket, capnp::MessageBuilder& message, const int* fds, siz
   }
 }
 
-// Receives one packet into `words` (word-aligned) and up to two fds. Returns bytes, 0 at EOF,
+// Receives one packet into `words` (word-aligned) and up to four fds. Returns bytes, 0 at EOF,
 // -1 on error.
 ssize_t receive_packet(int socket, capnp::word* words, int* fds, size_t* fd_count) {
   iovec piece{words, kMaxPacket};
   msghdr header{};
   header.msg_iov = &piece;
   header.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))] = {};
   header.msg_control = control;
   header.msg_controllen = sizeof(control);
   ssize_t got;
@@ -81,7 +81,7 @@ ssize_t receive_packet(int socket, capnp::word* words, int* fds, size_t* fd_coun
       for (size_t i = 0; i < count; ++i) {
         int fd;
         std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
-        if (*fd_count < 2) {
+        if (*fd_count < 4) {
           fds[(*fd_count)++] = fd;
         } else {
           ::close(fd);
@@ -133,8 +133,15 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
       }
       return absl::OkStatus();
     }
-    if (fd_count != 2) return absl::InvalidArgumentError("a spawn request needs two descriptors");
+    // The channel and the page; with forwarded output, the write ends of its stdout and stderr.
+    if (fd_count != 2 && fd_count != 4) {
+      return absl::InvalidArgumentError("a spawn request needs two descriptors, or four");
+    }
     WorkerLaunch launch = base;
+    if (fd_count == 4) {
+      launch.stdout_fd = fds[2];
+      launch.stderr_fd = fds[3];
+    }
     launch.slot = static_cast<int>(request.getSlot());
     launch.process_name = request.getName().cStr();
     for (capnp::Text::Reader procs : request.getCgroupProcs()) launch.cgroup_procs.push_back(procs);
@@ -191,7 +198,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
       reap_children();
     }
     if (fds[0].revents != 0) {
-      int received[2];
+      int received[4];
       size_t received_count = 0;
       const ssize_t got = receive_packet(kControlFd, packet, received, &received_count);
       // End of file: the pool is gone. Leaving takes our workers with us (PDEATHSIG).
@@ -250,7 +257,7 @@ absl::StatusOr<bool> ForkServer::read_report(int timeout_ms, pid_t* spawned, abs
   } while (polled < 0 && errno == EINTR);
   if (polled == 0) return false;
   alignas(capnp::word) capnp::word packet[kMaxPacket / sizeof(capnp::word)];
-  int fds[2];
+  int fds[4];
   size_t fd_count = 0;
   const ssize_t got = receive_packet(control_.get(), packet, fds, &fd_count);
   for (size_t i = 0; i < fd_count; ++i) ::close(fds[i]);
@@ -293,8 +300,8 @@ absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch
         "PoolOptions::worker_env for slot ", launch.slot, " is too large for the fork server (",
         kMaxPacket, " bytes a request)"));
   }
-  const int fds[2] = {channel->child_end.get(), page->fd()};
-  if (!send_packet(control_.get(), request, fds, 2)) {
+  const int fds[4] = {channel->child_end.get(), page->fd(), launch.stdout_fd, launch.stderr_fd};
+  if (!send_packet(control_.get(), request, fds, launch.stdout_fd >= 0 ? 4 : 2)) {
     return absl::ErrnoToStatus(errno, "sending a spawn request to the fork server");
   }
   channel->child_end.reset();

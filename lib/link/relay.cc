@@ -55,6 +55,11 @@ constexpr char kConnectFlag[] = "--procpool-connect=";
 // changed (a task started or ended): the pool's view of a remote worker lags by about this.
 constexpr int64_t kProgressWatchNs = 10'000'000;
 constexpr int64_t kResidentBytesIntervalNs = 50'000'000;
+// Forwarded output: lines go to the pool in frames of about this many bytes (or fewer: at most
+// what its max_frame_bytes allows), and the worker's pipes are not read while this much is queued
+// for the pool (the worker then blocks on its full pipe: memory stays bounded here).
+constexpr size_t kOutputFrameBytes = size_t{64} << 10;
+constexpr size_t kMaxQueuedBytes = size_t{4} << 20;
 
 void say(const std::string& message) {
   const std::string line = absl::StrCat("[procpool worker pid ", ::getpid(), "] ", message, "\n");
@@ -258,7 +263,10 @@ class Relay final : private LinkEvents {
     revoked.setClaimed(claimed);
     queue(message);
   }
+  void on_output(bool is_stderr, std::string_view line) override;
   void on_ended(WorkerEnd end) override;
+  // Sends the lines of forwarded output not sent yet.
+  void flush_output();
 
   std::unique_ptr<TlsChannel> channel_;  // the control connection
   const std::shared_ptr<TlsContext> tls_;  // for data connections too; null: plaintext
@@ -272,7 +280,7 @@ class Relay final : private LinkEvents {
   FrameWriter writer_;
   RelayLimits limits_;
   std::unique_ptr<ForkLauncher> launcher_;
-  std::unique_ptr<WorkerLink> child_;
+  std::unique_ptr<ForkLink> child_;
   std::unique_ptr<WorkerLink> retired_;  // ended during this loop turn; dropped after it
   std::optional<std::string> timed_out_;  // the watchdog stopped the worker: why
   StopSequence child_stop_;               // the worker's: SIGTERM, then SIGKILL after kill_grace
@@ -280,6 +288,10 @@ class Relay final : private LinkEvents {
   int64_t last_rss_read_ns_ = 0;
   size_t resident_bytes_ = 0;
   uint64_t reported_signature_ = 0;  // of the progress last sent
+  // Forwarded output not sent yet: lines of one stream (a line of the other sends these first).
+  std::vector<std::string> output_lines_;
+  bool output_stderr_ = false;
+  size_t output_bytes_ = 0;
 };
 
 absl::Status Relay::join(absl::Duration timeout) {
@@ -449,7 +461,9 @@ int Relay::run() {
       .frame_timeout = limits_.frame_timeout,
       .factory = factory_,
       .cgroups = limits_.cgroups_off ? Cgroups::kOff : Cgroups::kAuto,
-      .max_worker_memory_bytes = limits_.max_worker_memory_bytes});
+      .max_worker_memory_bytes = limits_.max_worker_memory_bytes,
+      .forward_output = limits_.forward_output,
+      .crash_backtraces = limits_.crash_backtraces});
   // What stops its workers' trees and caps their memory on this host, as the pool logs its own.
   if (std::getenv("PROCPOOL_LOG_ALL") != nullptr) say(launcher_->cgroup_plan().describe());
   last_received_ns_ = monotonic_now_ns();
@@ -474,11 +488,15 @@ int Relay::run() {
       next = std::min(next, child_stop_.check(*child_, now));
       next = std::min(next, watchdog(now));
       next = std::min(next, watch_progress(now));
+      next = std::min(next, child_->check(now, *this));  // its output pipes' rests
     }
     fds.clear();
     fds.push_back({channel_->fd(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
     const size_t child_offset = fds.size();
-    if (child_) child_->add_pollfds(fds, false);
+    if (child_) {
+      child_->pause_output(writer_.queued_bytes() > kMaxQueuedBytes);
+      child_->add_pollfds(fds, false);
+    }
     // What the TLS session holds already, poll() does not see: no sleeping on it.
     const bool in_hand = channel_->encrypted() && channel_->buffered();
     const int timeout_ms =
@@ -499,6 +517,7 @@ int Relay::run() {
       if (!take_pool_frames()) return leave(1);
     }
     if (child_) child_->service(fds.data() + child_offset, fds.size() - child_offset, false, *this);
+    flush_output();
     retired_.reset();
     if (!writer_.empty() && !writer_.write_some(*channel_).ok()) writer_.clear();
   }
@@ -614,11 +633,43 @@ int64_t Relay::watchdog(int64_t now) {
   return child_stop_.kill_at_ns();
 }
 
+void Relay::on_output(bool is_stderr, std::string_view line) {
+  // Each piece fits a frame the pool accepts, with room for the frame's own words.
+  const size_t piece =
+      std::min(kOutputFrameBytes, limits_.max_frame_bytes > 1024 ? limits_.max_frame_bytes - 1024 : 1);
+  if (is_stderr != output_stderr_) flush_output();
+  output_stderr_ = is_stderr;
+  for (size_t at = 0; at == 0 || at < line.size(); at += piece) {
+    const std::string_view part = line.substr(at, piece);
+    if (output_bytes_ + part.size() + 16 > piece) flush_output();
+    output_lines_.emplace_back(part);
+    output_bytes_ += part.size() + 16;  // a list entry and its padding, at most
+  }
+}
+
+void Relay::flush_output() {
+  if (output_lines_.empty()) return;
+  capnp::MallocMessageBuilder message(output_bytes_ / sizeof(capnp::word) + 64);
+  auto output = message.initRoot<wire::FromWorker>().initOutput();
+  output.setStderr(output_stderr_);
+  auto lines = output.initLines(static_cast<unsigned>(output_lines_.size()));
+  for (size_t i = 0; i < output_lines_.size(); ++i) {
+    lines.set(static_cast<unsigned>(i),
+              capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(output_lines_[i].data()),
+                                  output_lines_[i].size()));
+  }
+  queue(message);
+  output_lines_.clear();
+  output_bytes_ = 0;
+}
+
 void Relay::on_ended(WorkerEnd end) {
+  flush_output();  // everything it wrote goes before its end
   capnp::MallocMessageBuilder message(128);
   auto ended = message.initRoot<wire::FromWorker>().initEnded();
   ended.setHow(end.how);
   ended.setClean(end.clean);
+  if (!end.crash_stack.empty()) ended.setCrashStack(end.crash_stack);
   if (timed_out_) ended.setTimedOut(*timed_out_);
   if (end.cause && end.cause->code() == absl::StatusCode::kResourceExhausted) {
     // The pool names the worker itself ("worker 0 on host (pid 4242): ").

@@ -21,6 +21,8 @@ void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out) {
   out.setResidentBytes(limits.resident_bytes);
   out.setMaxWorkerMemoryBytes(limits.max_worker_memory_bytes);
   out.setCgroupsOff(limits.cgroups_off);
+  out.setForwardOutput(limits.forward_output);
+  out.setCrashBacktraces(limits.crash_backtraces);
 }
 
 RelayLimits relay_limits(wire::Welcome::Reader welcome) {
@@ -40,6 +42,8 @@ RelayLimits relay_limits(wire::Welcome::Reader welcome) {
   const uint64_t memory = welcome.getMaxWorkerMemoryBytes();
   limits.max_worker_memory_bytes = memory == 0 ? 0 : std::max<uint64_t>(memory, uint64_t{16} << 20);
   limits.cgroups_off = welcome.getCgroupsOff();
+  limits.forward_output = welcome.getForwardOutput();
+  limits.crash_backtraces = welcome.getCrashBacktraces();
   return limits;
 }
 

@@ -31,6 +31,8 @@ struct RelayLimits {
   bool resident_bytes = false;  // the pool recycles workers by memory: report it
   size_t max_worker_memory_bytes = 0;  // PoolOptions::max_worker_memory_bytes
   bool cgroups_off = false;            // PoolOptions::cgroups is Cgroups::kOff
+  bool forward_output = false;  // send the worker's stdout and stderr lines (OutputLines)
+  bool crash_backtraces = true;  // the worker records its stack when it crashes
 };
 void write_welcome(const RelayLimits& limits, wire::Welcome::Builder out);
 // Values out of range are clamped into it: a welcome cannot make the relay misbehave.

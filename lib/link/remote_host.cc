@@ -154,6 +154,9 @@ void RemoteHost::on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf&
           events_of(*link_).on_revoked(revoked.getSlot(), revoked.getTag(), revoked.getClaimed());
         }
         return absl::OkStatus();
+      case wire::FromWorker::OUTPUT:
+        if (link_ != nullptr) link_->on_output(root.getOutput(), events_of(*link_));
+        return absl::OkStatus();
       case wire::FromWorker::ENDED:
         if (link_ != nullptr) link_->on_ended(root.getEnded(), events_of(*link_));
         return absl::OkStatus();

@@ -77,6 +77,8 @@ RemoteLauncher::RemoteLauncher(Config config) : config_(std::move(config)) {
   host_config_.limits.resident_bytes = config_.report_resident_bytes;
   host_config_.limits.max_worker_memory_bytes = config_.max_worker_memory_bytes;
   host_config_.limits.cgroups_off = config_.cgroups_off;
+  host_config_.limits.forward_output = config_.forward_output;
+  host_config_.limits.crash_backtraces = config_.crash_backtraces;
   host_config_.handshake_timeout = kHandshakeDeadline;  // not connect_timeout's: a flood's turnover
   host_config_.frame_budget = std::make_shared<FrameBudget>(kUnfinishedFrameBudget);
 }

@@ -56,6 +56,8 @@ class RemoteLauncher final : public Launcher {
     int workers = 0;  // the pool's: what its descriptors must cover
     std::function<std::vector<std::pair<std::string, std::string>>(int)> worker_env;
     bool spread_cpus = false;  // each host pins slot i to the i-th CPU of its own set
+    bool forward_output = true;          // relays forward their workers' stdout and stderr
+    bool crash_backtraces = true;        // workers record the stack of a crash
   };
   // Raises the soft RLIMIT_NOFILE to the hard limit and listens; kInvalidArgument for a listen
   // address that cannot be parsed, kResourceExhausted (naming RLIMIT_NOFILE) when the workers'

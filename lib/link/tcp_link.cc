@@ -7,6 +7,7 @@
 #include "capnp/serialize.h"
 #include "kj/exception.h"
 #include "lib/common/clock.h"
+#include "lib/wire/output_lines.h"
 #include "lib/link/handshake.h"
 
 namespace procpool::internal {
@@ -35,6 +36,7 @@ void TcpLink::bind(RemoteHost* host) {
   host_ = host;
   if (host == nullptr) return;
   name_ = absl::StrCat(slot_name_, " on ", host->host_name());
+  host_name_ = host->host_name();
   placed_ns_ = monotonic_now_ns();
   data_id_ = make_nonce();
   session_secret_ = host->session_secret();
@@ -189,6 +191,17 @@ void TcpLink::on_spawned(int pid, LinkEvents& events) {
   if (attached_ && !data_closed_) read_data(events);
 }
 
+void TcpLink::on_output(wire::OutputLines::Reader output, LinkEvents& events) {
+  if (ended_) return;
+  for (capnp::Data::Reader line : output.getLines()) {
+    // The relay's bytes, passed on as the worker wrote them, in pieces no longer than a pool's own.
+    const std::string_view bytes(reinterpret_cast<const char*>(line.begin()), line.size());
+    for (size_t at = 0; at == 0 || at < bytes.size(); at += OutputLines::kMaxLineBytes) {
+      events.on_output(output.getStderr(), bytes.substr(at, OutputLines::kMaxLineBytes));
+    }
+  }
+}
+
 void TcpLink::on_pong(wire::Progress::Reader progress) {
   progress_ = read_progress(progress, monotonic_now_ns());
   resident_bytes_ = progress.getResidentBytes();
@@ -199,6 +212,8 @@ void TcpLink::on_ended(wire::Ended::Reader ended, LinkEvents& events) {
   progress_.exact = true;  // read by its relay after it ended
   // How it ended is the relay's text: escaped before it reaches a status or a log.
   WorkerEnd end_of{peer_text(ended.getHow()), ended.getClean()};
+  end_of.crash_stack = clean_crash_stack(
+      std::string_view(ended.getCrashStack().cStr(), ended.getCrashStack().size()));
   if (ended.hasTimedOut() && ended.getTimedOut().size() > 0) {
     end_of.cause = absl::DeadlineExceededError(absl::StrCat(name_, ": ", peer_text(ended.getTimedOut())));
   } else if (ended.hasMemoryExhausted() && ended.getMemoryExhausted().size() > 0) {

@@ -61,6 +61,7 @@ class TcpLink final : public WorkerLink {
 
   const std::string& name() const override { return name_; }
   int pid() const override { return pid_; }
+  std::string host_name() const override { return host_name_; }
   void send(std::unique_ptr<capnp::MessageBuilder> frame) override;
   void flush() override;
   bool has_unsent() const override;
@@ -87,6 +88,8 @@ class TcpLink final : public WorkerLink {
   void on_spawned(int pid, LinkEvents& events);
   void on_pong(wire::Progress::Reader progress);
   void on_ended(wire::Ended::Reader ended, LinkEvents& events);
+  // Lines of the worker's output its relay read (RelayLimits::forward_output).
+  void on_output(wire::OutputLines::Reader output, LinkEvents& events);
   void on_lost(const std::string& why, LinkEvents& events);
   // No host came in time: it ends, and `cause` is its start failure.
   void end_waiting(LinkEvents& events, absl::Status cause);
@@ -108,6 +111,7 @@ class TcpLink final : public WorkerLink {
   const RelayLimits limits_;
   std::string name_;
   RemoteHost* host_ = nullptr;
+  std::string host_name_;  // its host's, kept after the host is gone (for log events)
   int pid_ = 0;
   int64_t wait_until_ns_;
   int64_t placed_ns_ = INT64_MAX;  // when a host took it

@@ -21,11 +21,13 @@
 #define PROCPOOL_LIB_LINK_WORKER_LINK_H_
 
 #include <poll.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -42,6 +44,8 @@ struct WorkerEnd {
   // Why it was stopped, when the link knows better than its death says (a remote worker's
   // watchdog stopped it for a task timeout): the failure of the task it was running.
   std::optional<absl::Status> cause = std::nullopt;
+  // The stack it recorded when a fatal signal killed it (PoolOptions::crash_backtraces), or "".
+  std::string crash_stack = {};
 };
 
 // What a worker is doing, as far as its link knows.
@@ -74,6 +78,10 @@ class LinkEvents {
   virtual void on_broken_stream(absl::Status why) = 0;
   // The answer to revoke(): `claimed` tasks of the batch were claimed and will run or ran.
   virtual void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) = 0;
+  // One line the worker wrote to its stdout (`is_stderr` false) or stderr, when its output is
+  // forwarded (PoolOptions::worker_output), without its newline, borrowed for the call. Lines of
+  // one stream come in the order written, each once; all of them before on_ended.
+  virtual void on_output(bool /*is_stderr*/, std::string_view /*line*/) {}
   // The worker is gone for good.
   virtual void on_ended(WorkerEnd end) = 0;
 };
@@ -91,6 +99,15 @@ class WorkerLink {
   virtual const std::string& name() const = 0;
   // The worker's process id where one is known and meaningful here, else 0.
   virtual int pid() const = 0;
+  // The name of the host it runs on (this one's for a forked worker), for log events.
+  virtual std::string host_name() const {
+    static const std::string local = [] {
+      char host[256] = {};
+      ::gethostname(host, sizeof(host) - 1);
+      return std::string(host);
+    }();
+    return local;
+  }
 
   // Queues a frame (ToWorker); flush() writes what the transport takes now, and the rest goes as
   // the event loop finds it writable. Dropped after the link ended.

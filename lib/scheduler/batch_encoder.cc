@@ -98,9 +98,10 @@ void Scheduler::send_batch(int slot, bool awaited) {
     ++tasks_failed_;
   }
   if (frame.taken > 0) range.call->last_batch_tasks = frame.taken;
-  TaskRange sent{range.call, range.first, frame.taken, range.attempt};
+  TaskRange sent{range.call, range.first, frame.taken, range.attempt, range.number};
   const size_t consumed = frame.taken + (frame.unencodable ? 1 : 0);
   range.first += consumed;
+  range.number += consumed;
   range.count -= consumed;
   if (range.count == 0) pending_.pop_front();  // `range` is gone
   if (frame.taken == 0) {

@@ -26,8 +26,9 @@ Scheduler::Scheduler(Config config) : config_(config), workers_(config.workers) 
 Scheduler::~Scheduler() = default;
 
 void Scheduler::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
+  pending_.push_back(
+      TaskRange{std::move(call), first, count, 0, static_cast<uint64_t>(tasks_submitted_)});
   tasks_submitted_ += static_cast<int64_t>(count);
-  pending_.push_back(TaskRange{std::move(call), first, count, 0});
 }
 
 bool Scheduler::work_outstanding() const {
@@ -328,7 +329,8 @@ absl::Status Scheduler::deliver_word_results(Worker& worker, Batch& batch,
       deliver_run(at);
       run_failures = f + 1;
       run_start = at + 1;
-      retry(TaskRange{batch.tasks.call, first + at, 1, batch.tasks.attempt + 1});
+      retry(TaskRange{batch.tasks.call, first + at, 1, batch.tasks.attempt + 1,
+                      batch.tasks.number + batch.reported + at});
     }
   }
   deliver_run(count);
@@ -369,7 +371,8 @@ absl::Status Scheduler::deliver_outcomes(Worker& worker, Batch& batch,
         absl::Status status = status_from_wire(outcome.getError());
         if (status.ok()) status = absl::UnknownError("the task failed without a status");
         if (may_retry(batch.tasks, status, /*by_default=*/false)) {
-          retry(TaskRange{batch.tasks.call, index, 1, batch.tasks.attempt + 1});
+          retry(TaskRange{batch.tasks.call, index, 1, batch.tasks.attempt + 1,
+                          batch.tasks.number + (index - batch.tasks.first)});
           break;
         }
         call.on_error(index, std::move(status));
@@ -423,7 +426,15 @@ std::optional<uint64_t> Scheduler::current_task(int slot) const {
   const WorkerProgress progress = worker.port->progress();
   const Batch& front = worker.batches.front();
   if (!progress.running || progress.batch_seq != front.seq) return std::nullopt;
-  return front.tasks.first + progress.task_index;
+  return front.tasks.number + progress.task_index;
+}
+
+std::optional<uint64_t> Scheduler::task_number(int slot, uint64_t seq, uint32_t index) const {
+  if (slot < 0 || slot >= static_cast<int>(workers_.size())) return std::nullopt;
+  for (const Batch& batch : workers_[slot].batches) {
+    if (batch.seq == seq && index < batch.tasks.count) return batch.tasks.number + index;
+  }
+  return std::nullopt;
 }
 
 int64_t Scheduler::check(int64_t now_ns) {

@@ -163,6 +163,9 @@ class Scheduler {
 
   // For stats(): the call-relative index of the task the worker in `slot` runs, if any.
   std::optional<uint64_t> current_task(int slot) const;
+  // The pool-wide number of task `index` of batch `seq` at `slot`'s worker, while the batch is
+  // there (a worker's own stamps, for its log records); nothing if it is not.
+  std::optional<uint64_t> task_number(int slot, uint64_t seq, uint32_t index) const;
   int64_t tasks_submitted() const { return tasks_submitted_; }
   int64_t tasks_done() const { return tasks_done_; }
   int64_t tasks_failed() const { return tasks_failed_; }
@@ -183,6 +186,9 @@ class Scheduler {
     size_t first = 0;
     size_t count = 0;
     int attempt = 0;
+    // The pool-wide number of task `first` (tasks are numbered in the order they were submitted,
+    // from 0; a task keeps its number when it runs again): what stats and log events call a task.
+    uint64_t number = 0;
   };
   // What becomes of a batch's tasks taken back by a revoke.
   enum class TakeBack { kNone, kRequeue, kFail };

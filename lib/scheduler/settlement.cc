@@ -111,7 +111,7 @@ void Scheduler::settle_taken_back(Worker& /*worker*/, Batch& batch, uint32_t cla
   claimed = std::clamp(claimed, batch.reported, batch.limit);
   if (claimed < batch.limit) {
     TaskRange rest{batch.tasks.call, batch.tasks.first + claimed, batch.limit - claimed,
-                   batch.tasks.attempt};
+                   batch.tasks.attempt, batch.tasks.number + claimed};
     if (batch.take_back == TakeBack::kFail) {
       fail(rest, rest.first, rest.count, batch.take_back_status);
     } else {
@@ -153,7 +153,8 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
         ++q;
       }
       if (may_retry(tasks, failure, retry_allowed)) {
-        TaskRange again{tasks.call, tasks.first + p, q - p, tasks.attempt + 1};
+        TaskRange again{tasks.call, tasks.first + p, q - p, tasks.attempt + 1,
+                        tasks.number + p};
         if (tasks.call->settings().retry_backoff.initial > absl::ZeroDuration()) {
           retry(std::move(again));
         } else {
@@ -197,7 +198,8 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
     }
     if (not_started < end) {
       requeue.push_back(TaskRange{batch.tasks.call, batch.tasks.first + not_started,
-                                  end - not_started, batch.tasks.attempt});
+                                  end - not_started, batch.tasks.attempt,
+                                  batch.tasks.number + not_started});
     }
   }
   worker.batches.clear();

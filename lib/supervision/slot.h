@@ -27,6 +27,9 @@ class Supervisor::Events final : public LinkEvents {
   }
   void on_broken_stream(absl::Status why) override { owner_.on_broken_stream(slot_, why); }
   void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override;
+  void on_output(bool is_stderr, std::string_view line) override {
+    owner_.on_output(slot_, is_stderr, line);
+  }
   void on_ended(WorkerEnd end) override { owner_.on_ended(slot_, std::move(end)); }
 
  private:

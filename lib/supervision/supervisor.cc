@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -12,6 +13,7 @@
 #include "lib/common/clock.h"
 #include "procpool/internal/protocol.capnp.h"
 #include "procpool/internal/worker_body.h"
+#include "procpool/logging.h"
 
 namespace procpool::internal {
 namespace {
@@ -32,7 +34,19 @@ std::string Supervisor::process_name(const Slot& slot) const {
 }
 
 void Supervisor::log(const Slot& slot, LogSeverity severity, const std::string& message) const {
-  if (config_.log) config_.log(severity, process_name(slot), slot.link ? slot.link->pid() : 0, message);
+  LogEvent event;
+  event.severity = severity;
+  event.message = message;
+  log(slot, std::move(event));
+}
+
+void Supervisor::log(const Slot& slot, LogEvent event) const {
+  if (!config_.log) return;
+  event.process = process_name(slot);
+  event.pid = slot.link ? slot.link->pid() : 0;
+  event.worker = slot.index;
+  if (slot.link) event.host = slot.link->host_name();
+  config_.log(std::move(event));
 }
 
 LinkEvents& Supervisor::events_of(WorkerLink& link) {
@@ -156,6 +170,14 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
   slot.last_exit = end.how;
   log(slot, expected || terminating_ ? LogSeverity::kInfo : LogSeverity::kWarning, how);
+  if (!end.crash_stack.empty()) {
+    // The stack it recorded as it crashed: in one error event, and on its task's status below.
+    LogEvent crash;
+    crash.severity = LogSeverity::kError;
+    crash.task = scheduler_.current_task(slot.index);
+    crash.message = absl::StrCat(how, "; its stack:\n", end.crash_stack);
+    log(slot, std::move(crash));
+  }
 
   // join() reports what went wrong with a worker's exit().
   if (!slot.exit_hook_status.ok()) {
@@ -186,6 +208,9 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     lost.ended = slot.stop_reason ? std::string(slot.stop_reason->message()) : how;
     lost.running_failure = slot.stop_reason.value_or(
         absl::AbortedError(absl::StrCat(how, " while running this task")));
+    if (!end.crash_stack.empty()) {
+      lost.running_failure.SetPayload(kBacktracePayloadUrl, absl::Cord(end.crash_stack));
+    }
     lost.last = slot.link->progress();
     if (slot.blame_at_end && lost.last.batch_seq != ControlPage::kNoBatch) {
       slot.blamed = std::make_pair(lost.last.batch_seq, lost.last.task_index);
@@ -205,6 +230,15 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     scheduler_.cancel_all(last_start_failure_.ok() ? absl::AbortedError("no worker is left")
                                                    : last_start_failure_);
   }
+}
+
+void Supervisor::on_output(Slot& slot, bool is_stderr, std::string_view line) {
+  LogEvent event;
+  event.severity = is_stderr ? LogSeverity::kWarning : LogSeverity::kInfo;
+  event.source = is_stderr ? LogSource::kStderr : LogSource::kStdout;
+  event.task = scheduler_.current_task(slot.index);
+  event.message = std::string(line);
+  log(slot, std::move(event));
 }
 
 void Supervisor::add_pollfds(std::vector<pollfd>& fds) {

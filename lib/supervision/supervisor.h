@@ -15,7 +15,7 @@
 // never come), and the guard keeps trying: the pool recovers by itself when the cause goes away.
 //
 // It parses the frames a worker's stream carries to the pool (READY, ENTER_FAILED, RESULTS,
-// EXITED; on_frame in supervisor_events.cc): whatever a malformed one makes Cap'n Proto throw
+// EXITED, LOG; on_frame in supervisor_events.cc): whatever a malformed one makes Cap'n Proto throw
 // becomes kDataLoss there. Other readers of a peer's bytes: a remote link's handshake and
 // heartbeats (lib/link/remote_host.cc) and, on the worker's side, the relay and the task server
 // (lib/link/relay.cc, lib/worker/task_server.cc).
@@ -32,6 +32,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -59,8 +60,8 @@ class Supervisor final : private LauncherEvents {
     // long for them to return.
     absl::Duration cancel_grace = absl::ZeroDuration();
     std::string process_name_prefix;  // workers are "<prefix>-w3" in logs
-    // (severity, process, pid, message)
-    std::function<void(LogSeverity, const std::string&, int, const std::string&)> log;
+    // Every event (the pool adds since_start and calls its sink).
+    std::function<void(LogEvent)> log;
   };
   Supervisor(Config config, Launcher& launcher, Scheduler& scheduler);
   ~Supervisor() override;
@@ -128,6 +129,7 @@ class Supervisor final : private LauncherEvents {
   void on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered = false);
   void on_broken_stream(Slot& slot, absl::Status why);
   void on_ended(Slot& slot, WorkerEnd end);
+  void on_output(Slot& slot, bool is_stderr, std::string_view line);
   void stop(Slot& slot, absl::Status reason, StopMode mode);
   void record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns);
   void send_shutdown(Slot& slot);
@@ -136,6 +138,8 @@ class Supervisor final : private LauncherEvents {
   bool wanted() const;
   std::string process_name(const Slot& slot) const;
   void log(const Slot& slot, LogSeverity severity, const std::string& message) const;
+  // An event about `slot`'s worker: its name, pid, host and slot are filled in here.
+  void log(const Slot& slot, LogEvent event) const;
 
   const Config config_;
   Launcher& launcher_;

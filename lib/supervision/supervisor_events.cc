@@ -91,6 +91,23 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, boo
       case wire::FromWorker::EXITED:
         slot.exit_hook_status = status_from_wire(frame.getExited());
         break;
+      case wire::FromWorker::LOG: {
+        // procpool::log in the worker: in its stream, so before the results that follow it.
+        auto record = frame.getLog();
+        LogEvent event;
+        const uint8_t severity = record.getSeverity();
+        event.severity = severity == 2   ? LogSeverity::kError
+                         : severity == 1 ? LogSeverity::kWarning
+                                         : LogSeverity::kInfo;
+        event.source = LogSource::kWorker;
+        if (record.getRunning()) {
+          event.task = scheduler_.task_number(slot.index, record.getBatchSeq(), record.getTaskIndex());
+        }
+        const capnp::Text::Reader message = record.getMessage();
+        event.message.assign(message.begin(), message.size());
+        log(slot, std::move(event));
+        break;
+      }
       default:
         // The union also carries what a remote host says to a pool (its link reads those); from
         // a worker's stream they change nothing.

@@ -13,6 +13,20 @@
 
 namespace procpool::internal {
 
+std::string clean_crash_stack(std::string_view raw) {
+  std::string text(raw.substr(0, ControlPage::kCrashStackBytes));
+  for (char& c : text) {
+    if (c != '\n' && (c < 0x20 || c > 0x7e)) c = '?';
+  }
+  return text;
+}
+
+std::string crash_stack_text(const ControlPage& page) {
+  const uint32_t bytes = std::min(page.crash_stack_bytes.load(std::memory_order_acquire),
+                                  ControlPage::kCrashStackBytes);
+  return clean_crash_stack(std::string_view(page.crash_stack, bytes));
+}
+
 void open_claims(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t count) {
   page.claims[slot % ControlPage::kClaimSlots].store(pack_claim(tag, count, 0),
                                                       std::memory_order_release);

@@ -34,6 +34,12 @@
 // forked by the parent inherits it (lib/common/shared_memory.h): a sibling cannot reach it, and
 // it is freed when the worker and its link are gone.
 //
+// Crash stack. A worker killed by a fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT) writes
+// the crashing thread's stack, symbolized, into `crash_stack` from its signal handler, then stores
+// its length in `crash_stack_bytes` (release): whoever maps the page (the pool, or a remote
+// worker's relay) reads it once the worker is dead (crash_stack_text). Written by the worker only,
+// once; untrusted like everything it writes.
+//
 // A remote worker shares its page with its relay, not with the pool (lib/link/relay.h), and its
 // batches come straight from the pool: the worker opens each batch's claims itself when it reads
 // it (`worker_opens_claims`), and the relay revokes on the pool's behalf. A revoke that comes
@@ -47,6 +53,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "lib/common/unique_fd.h"
@@ -82,6 +89,11 @@ struct ControlPage {
 
   // Written by both, by compare-and-swap only.
   std::atomic<uint64_t> claims[kClaimSlots] = {};
+
+  // Written by the worker's fatal-signal handler only (see the top of this file).
+  static constexpr uint32_t kCrashStackBytes = 3072;
+  std::atomic<uint32_t> crash_stack_bytes{0};
+  char crash_stack[kCrashStackBytes] = {};
 };
 
 // Held frames of one worker (see the top of this file). The worker appends whole frames at
@@ -102,6 +114,14 @@ struct HeldFrames {
 
   static constexpr size_t capacity();
 };
+
+static_assert(sizeof(ControlPage) <= HeldFrames::kOffset, "the page must end before the held frames");
+
+// The stack a dead worker recorded in `page` (see the top of this file), or "" if none: at most
+// kCrashStackBytes, with every byte but a newline or a printable ASCII character replaced by '?'
+// (it may be garbage, and goes into logs and statuses). Also cleans text a relay sent (`raw`).
+std::string crash_stack_text(const ControlPage& page);
+std::string clean_crash_stack(std::string_view raw);
 
 // Size of a worker's control mapping: the page, the held frames.
 inline constexpr size_t kControlMappingBytes = size_t{64} << 10;

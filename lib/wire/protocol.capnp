@@ -164,7 +164,29 @@ struct FromWorker {
     attach @11 :Attach;
     # The worker's answer to the challenge: its proof first, then what it is (handshake.h).
     credentials @12 :Credentials;
+
+    # A worker's procpool::log (include/procpool/logging.h), in its stream with its results, so
+    # that a record logged during a task arrives before the task's outcome.
+    log @13 :WorkerLog;
+    # Remote workers only: lines of the worker's stdout or stderr, read by its relay
+    # (PoolOptions::worker_output), over the control connection.
+    output @14 :OutputLines;
   }
+}
+
+struct WorkerLog {
+  severity @0 :UInt8;           # procpool::LogSeverity: 0 info, 1 warning, 2 error
+  message @1 :Text;
+  # The task the worker was running when it logged (its control page's stamps): batch `batchSeq`
+  # (the parent's number), task `taskIndex` in it; `running` false: none.
+  batchSeq @2 :UInt64;
+  taskIndex @3 :UInt32;
+  running @4 :Bool;
+}
+
+struct OutputLines {
+  stderr @0 :Bool;              # false: stdout
+  lines @1 :List(Data);         # whole lines without their newline (or pieces of a long one)
 }
 
 # A remote worker's frames (tasks, results, ready, exited) go over a connection of its own, opened
@@ -248,6 +270,8 @@ struct Welcome {
   # max_worker_memory_bytes (0: none) and cgroups (true: Cgroups::kOff).
   maxWorkerMemoryBytes @8 :UInt64;
   cgroupsOff @9 :Bool;
+  forwardOutput @10 :Bool;      # the relay forwards its worker's stdout and stderr (OutputLines)
+  crashBacktraces @11 :Bool = true;  # its worker records its stack when a fatal signal kills it
 }
 
 struct ClaimRef {
@@ -279,10 +303,13 @@ struct Ended {
   brokenStream @3 :Text;        # non-empty: its stream broke (a bad frame), and how
   progress @4 :Progress;        # its last, read after it ended
   memoryExhausted @5 :Text;     # non-empty: it crossed max_worker_memory_bytes, and how
+  # The stack the worker's fatal-signal handler recorded (PoolOptions::crash_backtraces), or empty.
+  crashStack @6 :Text;
 }
 
 # Parent <-> fork server (StartMethod::kForkServer), one message per SOCK_SEQPACKET packet. A
-# spawn request carries the new worker's channel and status-page memfd as SCM_RIGHTS.
+# spawn request carries the new worker's channel and status-page memfd as SCM_RIGHTS (and, when its
+# output is forwarded, the write ends of its stdout and stderr pipes).
 struct ForkServerRequest {
   slot @0 :UInt32;
   name @1 :Text;                # the worker's process name

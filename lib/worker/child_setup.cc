@@ -1,14 +1,21 @@
 #include "lib/worker/child_setup.h"
 
+#include <execinfo.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio_ext.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <csignal>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
+
+#include "absl/debugging/symbolize.h"
 
 #include "lib/common/child_process.h"
 
@@ -31,6 +38,125 @@ ControlPage* control_page = nullptr;
 pid_t pool_pid = 0;
 pid_t parent_pid = 0;
 pid_t own_pid = 0;
+bool record_stacks = false;
+
+// The signals whose deaths come with a stack, and whose handlers of the program's are chained.
+constexpr int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+
+bool is_crash_signal(int signal) {
+  for (int crash : kCrashSignals) {
+    if (crash == signal) return true;
+  }
+  return false;
+}
+
+// The program's handlers for the crash signals, called after the stack is recorded. Only those it
+// installed itself count: a handler already there when this library was loaded (a sanitizer's,
+// whose report would end the worker with an exit status instead of its signal) is not chained.
+// Taken once per line of descent: a fork server's workers chain what the program had when the
+// server was forked (the server itself resets every handler).
+struct sigaction startup_actions[NSIG];
+struct sigaction chained_actions[NSIG];
+bool chained[NSIG] = {};
+bool chain_taken = false;
+
+bool same_handler(const struct sigaction& a, const struct sigaction& b) {
+  return reinterpret_cast<void*>(a.sa_sigaction) == reinterpret_cast<void*>(b.sa_sigaction);
+}
+
+const bool startup_actions_taken = [] {
+  for (int signal : kCrashSignals) ::sigaction(signal, nullptr, &startup_actions[signal]);
+  return true;
+}();
+
+void take_chained_handlers() {
+  if (chain_taken) return;
+  chain_taken = true;
+  for (int signal : kCrashSignals) {
+    struct sigaction current {};
+    if (::sigaction(signal, nullptr, &current) != 0) continue;
+    const bool installed = current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN;
+    if (installed && !(startup_actions_taken && same_handler(current, startup_actions[signal]))) {
+      chained_actions[signal] = current;
+      chained[signal] = true;
+    }
+  }
+}
+
+// Async-signal-safe text into the page's crash_stack, which is published whole at the end.
+class StackWriter {
+ public:
+  explicit StackWriter(ControlPage& page) : page_(page) {}
+  void text(const char* s) { bytes(s, std::strlen(s)); }
+  void bytes(const char* s, size_t n) {
+    for (size_t i = 0; i < n && at_ < ControlPage::kCrashStackBytes; ++i) page_.crash_stack[at_++] = s[i];
+  }
+  void number(uint64_t value, int base) {
+    char digits[24];
+    int n = 0;
+    do {
+      digits[n++] = "0123456789abcdef"[value % base];
+      value /= base;
+    } while (value != 0 && n < 24);
+    while (n > 0) bytes(&digits[--n], 1);
+  }
+  void publish() { page_.crash_stack_bytes.store(at_, std::memory_order_release); }
+
+ private:
+  ControlPage& page_;
+  uint32_t at_ = 0;
+};
+
+uintptr_t interrupted_pc(const void* context) {
+  if (context == nullptr) return 0;
+  const auto* uc = static_cast<const ucontext_t*>(context);
+#if defined(__x86_64__)
+  return static_cast<uintptr_t>(uc->uc_mcontext.gregs[REG_RIP]);
+#elif defined(__aarch64__)
+  return static_cast<uintptr_t>(uc->uc_mcontext.pc);
+#else
+  (void)uc;
+  return 0;
+#endif
+}
+
+// Writes the crashing thread's stack into the page, one frame a line, innermost first:
+// "#3 0x55d0c2a1b2c3 Crasher::run(long)". glibc's backtrace() unwinds with the tables the
+// compiler leaves (through the signal frame, and through code built without frame pointers); it
+// was loaded before the crash (prepare_crash_stacks). absl::Symbolize is async-signal-safe.
+void record_crash_stack(const void* context) {
+  constexpr int kMaxFrames = 48;
+  void* frames[kMaxFrames];
+  const int depth = ::backtrace(frames, kMaxFrames);
+  // Frames of this handler come first: start at the interrupted instruction if it is found.
+  const uintptr_t pc = interrupted_pc(context);
+  int first = depth > 2 ? 2 : 0;
+  for (int i = 0; i < depth; ++i) {
+    if (reinterpret_cast<uintptr_t>(frames[i]) == pc) {
+      first = i;
+      break;
+    }
+  }
+  StackWriter out(*control_page);
+  for (int i = first; i < depth; ++i) {
+    const auto address = reinterpret_cast<uintptr_t>(frames[i]);
+    out.text("#");
+    out.number(static_cast<uint64_t>(i - first), 10);
+    out.text(" 0x");
+    out.number(address, 16);
+    out.text(" ");
+    char symbol[256];
+    // A return address points past its call: look up the call itself (not for the crash's pc).
+    const void* lookup = reinterpret_cast<const void*>(i == first ? address : address - 1);
+    if (absl::Symbolize(lookup, symbol, sizeof(symbol))) {
+      out.text(symbol);
+    } else {
+      out.text("(unknown)");
+    }
+    out.text("\n");
+  }
+  out.publish();
+}
 
 // Every stream's buffer, input and output, is the parent's: drop it without writing it.
 void discard_inherited_stdio() {
@@ -52,10 +178,25 @@ void record_fatal_signal(int signal) {
   }
 }
 
-// Fatal signals: record, restore the default action, and raise the signal again. It is blocked
-// while this handler runs, so it is delivered as the handler returns, with its default action.
-void on_fatal_signal(int signal, siginfo_t*, void*) {
+// Fatal signals: record (and for a crash, its stack, then call the program's own handler), restore
+// the default action, and raise the signal again. It is blocked while this handler runs, so it is
+// delivered as the handler returns, with its default action. A chained handler that does not
+// return (it _exits, or raises another signal) ends the worker its own way.
+void on_fatal_signal(int signal, siginfo_t* info, void* context) {
   record_fatal_signal(signal);
+  const bool crash = is_crash_signal(signal);
+  if (crash && record_stacks && control_page != nullptr && ::getpid() == own_pid &&
+      control_page->crash_stack_bytes.load(std::memory_order_relaxed) == 0) {
+    record_crash_stack(context);
+  }
+  if (crash && chained[signal]) {
+    const struct sigaction& action = chained_actions[signal];
+    if (action.sa_flags & SA_SIGINFO) {
+      action.sa_sigaction(signal, info, context);
+    } else {
+      action.sa_handler(signal);
+    }
+  }
   ::signal(signal, SIG_DFL);
   ::raise(signal);
 }
@@ -79,6 +220,7 @@ constexpr int kRecordedSignals[] = {SIGSEGV, SIGBUS,  SIGFPE,  SIGILL,  SIGABRT,
                                     SIGALRM, SIGXCPU, SIGXFSZ, SIGVTALRM, SIGPROF};
 
 void reset_signals() {
+  take_chained_handlers();
   for (int signal = 1; signal < NSIG; ++signal) {
     if (signal == SIGKILL || signal == SIGSTOP) continue;
     std::signal(signal, SIG_DFL);
@@ -86,7 +228,8 @@ void reset_signals() {
   std::signal(SIGINT, SIG_IGN);
 
   // A stack of its own for the fatal handlers: a stack overflow must still be recorded.
-  static char alternate_stack[64 * 1024];
+  // Symbolizing a crash's stack needs more than recording a signal: room for both.
+  static char alternate_stack[256 * 1024];
   stack_t stack{};
   stack.ss_sp = alternate_stack;
   stack.ss_size = sizeof(alternate_stack);
@@ -112,12 +255,18 @@ void reset_signals() {
 
 bool fd_open(int fd) { return ::fcntl(fd, F_GETFD) >= 0; }
 
-void arrange_descriptors(int channel_fd) {
+void arrange_descriptors(int channel_fd, int stdout_fd, int stderr_fd) {
+  // Forwarded output: its pipes above the channel's number first, so that moving the channel to 3
+  // cannot close one, then onto 1 and 2 once the channel is in place.
+  const int out = stdout_fd >= 0 ? ::fcntl(stdout_fd, F_DUPFD_CLOEXEC, kChildChannelFd + 1) : -1;
+  const int err = stderr_fd >= 0 ? ::fcntl(stderr_fd, F_DUPFD_CLOEXEC, kChildChannelFd + 1) : -1;
   if (channel_fd != kChildChannelFd) {
     ::dup3(channel_fd, kChildChannelFd, O_CLOEXEC);
     // The channel's old number is closed now, or below (over 3), or reopened on /dev/null (0-2).
     if (channel_fd <= 2) ::close(channel_fd);
   }
+  if (out >= 0) ::dup2(out, STDOUT_FILENO);
+  if (err >= 0) ::dup2(err, STDERR_FILENO);
   // Every other descriptor the parent had open (its other workers' channels, its files) closes.
   close_descriptors_from(kChildChannelFd + 1);
   for (int fd = 0; fd <= 2; ++fd) {
@@ -136,6 +285,8 @@ void prepare_child(const ChildSetup& setup) {
   discard_inherited_stdio();
   own_pid = ::getpid();
   control_page = setup.page;
+  record_stacks = setup.crash_backtraces;
+  if (record_stacks) prepare_crash_stacks();
   pool_pid = setup.pool_pid;
   parent_pid = setup.parent_pid;
   ::prctl(PR_SET_NAME, setup.process_name.c_str(), 0, 0, 0);
@@ -145,7 +296,15 @@ void prepare_child(const ChildSetup& setup) {
     if (::getppid() != setup.parent_pid) ::_exit(kWorkerExitOk);
   }
   reset_signals();
-  arrange_descriptors(setup.channel_fd);
+  arrange_descriptors(setup.channel_fd, setup.stdout_fd, setup.stderr_fd);
+}
+
+void prepare_crash_stacks() {
+  static const bool prepared = [] {
+    void* frame[1];
+    return ::backtrace(frame, 1) >= 0;
+  }();
+  (void)prepared;
 }
 
 void leave(int status) {

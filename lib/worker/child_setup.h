@@ -11,9 +11,13 @@
 //     SIGTERM is obeyed only when its pool (or its fork server, for the pool) sent it, and fatal
 //     signals are recorded in its control page before they kill it (so a death is described
 //     right even when the program reaps children itself and waitpid cannot tell the parent);
+//   - with crash_backtraces, records the crashing thread's stack, symbolized, in its control page
+//     when SIGSEGV, SIGBUS, SIGFPE, SIGILL or SIGABRT kills it, then calls the handler the program
+//     had installed for that signal, if any (the one it inherited at fork; see on_fatal_signal);
 //   - keeps exactly one inherited descriptor, its channel, at fd 3, closes every other (close_range,
 //     or by walking /proc/self/fd on kernels before 5.9: lib/common/child_process.h), and opens
-//     /dev/null on whichever of 0, 1, 2 is closed, so a printf can never reach the channel.
+//     /dev/null on whichever of 0, 1, 2 is closed, so a printf can never reach the channel; or, when
+//     its output is forwarded, puts the pipes it was given on 1 and 2.
 
 #ifndef PROCPOOL_LIB_WORKER_CHILD_SETUP_H_
 #define PROCPOOL_LIB_WORKER_CHILD_SETUP_H_
@@ -42,7 +46,14 @@ struct ChildSetup {
   pid_t pool_pid = 0;               // whose SIGTERM is obeyed (and parent_pid's: a fork server's)
   int channel_fd = -1;              // moved to kChildChannelFd
   ControlPage* page = nullptr;      // where exits and fatal signals are recorded (may be null)
+  bool crash_backtraces = true;     // record the stack of a crash in `page`
+  int stdout_fd = -1;               // forwarded output: the write ends of its pipes, moved to 1
+  int stderr_fd = -1;               // and 2; -1: keep the inherited ones
 };
+
+// Loads what recording a crash stack needs (the unwinder, which glibc loads on first use) into
+// this process, so that a worker's signal handler never has to: call before forking workers.
+void prepare_crash_stacks();
 
 // Call first thing after fork() returns 0 (signals are still all blocked there: fork_child).
 void prepare_child(const ChildSetup& setup);

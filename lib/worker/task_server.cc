@@ -546,8 +546,48 @@ bool send_status_frame(WorkerTransport& transport, bool enter_failed, const absl
 
 }  // namespace
 
+namespace {
+
+// Where procpool::log sends, while run_worker runs (one worker per process, one thread).
+struct LogChannel {
+  WorkerTransport* transport = nullptr;
+  ControlPage* page = nullptr;
+  size_t max_message_bytes = 0;
+  pid_t pid = 0;
+  bool sending = false;
+};
+LogChannel log_channel;
+
+}  // namespace
+
+bool send_worker_log(int severity, std::string_view message) {
+  LogChannel& channel = log_channel;
+  if (channel.transport == nullptr || channel.pid != ::getpid()) return false;
+  if (channel.sending) return true;
+  channel.sending = true;
+  capnp::MallocMessageBuilder frame(64 + message.size() / sizeof(capnp::word));
+  auto log = frame.initRoot<wire::FromWorker>().initLog();
+  log.setSeverity(static_cast<uint8_t>(severity));
+  message = message.substr(0, channel.max_message_bytes);
+  log.setMessage(capnp::Text::Reader(message.data(), message.size()));
+  const ControlPage& page = *channel.page;
+  log.setRunning(page.running.load(std::memory_order_acquire) != 0);
+  log.setBatchSeq(page.batch_seq.load(std::memory_order_relaxed));
+  log.setTaskIndex(page.task_index.load(std::memory_order_relaxed));
+  (void)channel.transport->send(frame);
+  channel.sending = false;
+  return true;
+}
+
 int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
                size_t max_frame_bytes, SharedRegion* region) {
+  // procpool::log from here on (W's constructor included) goes to the pool. The frame's other
+  // fields and its framing take well under 1 KiB.
+  log_channel = LogChannel{.transport = &transport,
+                           .page = &page,
+                           .max_message_bytes = std::min<size_t>(
+                               size_t{64} << 10, max_frame_bytes > 1024 ? max_frame_bytes - 1024 : 0),
+                           .pid = ::getpid()};
   // Jobs' blobs are read where the parent left them (a Bytes job views them there: its bytes
   // stay put until the batch's results are in); results' blobs are written to the results area.
   BlobContext blobs{.region = region != nullptr ? &region->worker() : nullptr,

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "capnp/message.h"
@@ -72,6 +73,13 @@ class WorkerTransport {
 // (lib/wire/shared_region.h); null where there is none (blobs then travel in frames).
 int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
                size_t max_frame_bytes, SharedRegion* region = nullptr);
+
+// procpool::log in a worker (include/procpool/logging.h): sends a `log` frame to the pool on the
+// worker's stream (after any results held, so order is kept), stamped with the task the control
+// page says runs, `message` cut to 64 KiB (and to what max_frame_bytes allows). False when this
+// process is not a worker serving tasks (the program itself, or a process a task forked): nothing
+// is sent then. Not reentrant (a record logged while one is being sent is not sent).
+bool send_worker_log(int severity, std::string_view message);
 
 }  // namespace procpool::internal
 

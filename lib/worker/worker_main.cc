@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -39,8 +40,10 @@ namespace {
 // long; without that area (`held` null) every frame is written at once.
 class ChannelTransport final : public WorkerTransport {
  public:
-  ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held, TlsChannel* tls)
-      : fd_(fd), stream_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held) {
+  ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held, TlsChannel* tls,
+                   bool flush_stdout)
+      : fd_(fd), stream_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held),
+        flush_stdout_(flush_stdout) {
     if (tls != nullptr) stream_ = ByteStream(*tls);
   }
 
@@ -83,6 +86,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool send(capnp::MessageBuilder& message) override {
+    flush_stdout();
     if (held_ == nullptr) return write_frame(stream_, message).ok();
     return write_held(&message);
   }
@@ -148,6 +152,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool flush() override {
+    flush_stdout();  // called before the worker waits for the parent, too
     if (held_ == nullptr || held_->bytes.load(std::memory_order_relaxed) == 0) return true;
     return write_held(nullptr);
   }
@@ -163,6 +168,14 @@ class ChannelTransport final : public WorkerTransport {
   bool frames_writable() const override { return true; }
 
  private:
+  // Forwarded output (PoolOptions::worker_output): stdout is a pipe, so stdio buffers it whole
+  // (a write per line would cost a tiny task several times its run). What a task printed goes
+  // out with its results, and before the worker waits for more work: lines of a task reach the
+  // pool no later than its outcome is sent. (stderr is unbuffered.)
+  void flush_stdout() {
+    if (flush_stdout_) std::fflush(stdout);
+  }
+
   // The parent takes the lock only briefly and never waits for it.
   void lock() {
     uint32_t expected = HeldFrames::kFree;
@@ -249,7 +262,8 @@ class ChannelTransport final : public WorkerTransport {
   };
   std::optional<Growing> growing_;
   SpinPolicy spin_;
-  bool spin_next_ = false;  // the parent's caller waited for the last batch (TaskBatch.awaited)
+  bool spin_next_ = false;
+  const bool flush_stdout_;  // the parent's caller waited for the last batch (TaskBatch.awaited)
 };
 
 }  // namespace
@@ -364,7 +378,10 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
                  .parent_pid = parent_pid,
                  .pool_pid = launch.pool_pid,
                  .channel_fd = channel_fd,
-                 .page = page});
+                 .page = page,
+                 .crash_backtraces = launch.crash_backtraces,
+                 .stdout_fd = launch.stdout_fd,
+                 .stderr_fd = launch.stderr_fd});
   // Before anything that could fork: whatever the worker starts is in its cgroups and below it.
   if (!join_cgroups(launch.cgroup_procs)) leave(kWorkerExitProtocolError);
   become_tree_root();
@@ -375,7 +392,8 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
   apply_placement(launch);
   if (tls != nullptr) tls->moved_to(kChildChannelFd);
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
-                             launch.hold_results ? held_frames(page) : nullptr, tls);
+                             launch.hold_results ? held_frames(page) : nullptr, tls,
+                             /*flush_stdout=*/launch.stdout_fd >= 0);
   const int status = run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region);
   end_own_tree();
   leave(status);

@@ -68,6 +68,11 @@ struct WorkerLaunch {
   std::vector<std::string> cgroup_procs;
   size_t address_space_limit = 0;
   WorkerPlacement placement;
+  bool crash_backtraces = true;  // record the stack of a crash (child_setup.h)
+  // Forwarded output (PoolOptions::worker_output): the write ends of the pipes its stdout and
+  // stderr become in the child, or -1 to keep what it inherits. Owned by whoever forks.
+  int stdout_fd = -1;
+  int stderr_fd = -1;
 };
 
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it

@@ -16,6 +16,7 @@
 #include <variant>
 #include <vector>
 
+#include "absl/strings/cord.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -232,8 +233,12 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
   // The results in job order, or the first failing job's status (in job order), naming its index.
   absl::StatusOr<Gathered<Result>> gather() {
     if (first_error_index_ != kNoError) {
-      return absl::Status(first_error_.code(),
-                          absl::StrCat("job ", first_error_index_, ": ", first_error_.message()));
+      absl::Status named(first_error_.code(),
+                         absl::StrCat("job ", first_error_index_, ": ", first_error_.message()));
+      // What the status carries (a crashed worker's stack, logging.h) stays with it.
+      first_error_.ForEachPayload(
+          [&named](absl::string_view url, const absl::Cord& payload) { named.SetPayload(url, payload); });
+      return named;
     }
     if constexpr (std::is_void_v<Result>) {
       return std::monostate();

@@ -1,0 +1,66 @@
+// OutputLines: one of a worker's output pipes (PoolOptions::worker_output), read and cut into
+// lines. The pool reads a forked worker's, a relay its remote worker's (lib/link/fork_link.h).
+//
+// Bounded: it buffers at most kMaxLineBytes. A line is handed on as soon as its newline is read,
+// and the reader takes at most what fits, so a worker that writes faster than lines are taken
+// fills its pipe and blocks in write(): back-pressure on the worker, never growth here. A line
+// longer than kMaxLineBytes goes in pieces of that size. At end of file, or when the reader is
+// told the worker is gone (drain), a last line without a newline is handed on as it is.
+//
+// The bytes are the worker's: any bytes, passed on as they are (a sink that prints them decides
+// how to escape them).
+
+#ifndef PROCPOOL_LIB_WIRE_OUTPUT_LINES_H_
+#define PROCPOOL_LIB_WIRE_OUTPUT_LINES_H_
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "lib/common/unique_fd.h"
+
+namespace procpool::internal {
+
+class OutputLines {
+ public:
+  static constexpr size_t kMaxLineBytes = size_t{64} << 10;
+  // A line (without its newline), borrowed for the call.
+  using LineSink = std::function<void(std::string_view line)>;
+
+  // Takes the read end of a pipe (made non-blocking here).
+  explicit OutputLines(UniqueFd fd);
+
+  // The descriptor to poll for POLLIN; -1 once the pipe is closed.
+  int fd() const { return fd_.get(); }
+  bool open() const { return fd_.valid(); }
+
+  // Reads what the pipe holds, at most `max_reads` reads (a flood from one worker must not starve
+  // the others), handing on every whole line. At end of file hands on the rest and closes.
+  void read(const LineSink& sink, int max_reads = 4);
+  // The worker is gone: reads everything it left in the pipe, hands on the rest, and closes,
+  // without waiting for an end of file that a process the worker forked may hold off.
+  void drain(const LineSink& sink);
+
+ private:
+  // Reads once; false at end of file, when nothing is left, or on an error.
+  bool read_once(const LineSink& sink);
+  void finish(const LineSink& sink);
+
+  UniqueFd fd_;
+  std::unique_ptr<char[]> buffer_;
+  size_t used_ = 0;
+};
+
+// A pipe for a worker's output: `read_end` stays here (CLOEXEC), `write_end` goes to the worker
+// (CLOEXEC too: the worker moves it onto 1 or 2, which are not).
+struct OutputPipe {
+  UniqueFd read_end;
+  UniqueFd write_end;
+};
+absl::StatusOr<OutputPipe> make_output_pipe();
+
+}  // namespace procpool::internal
+
+#endif  // PROCPOOL_LIB_WIRE_OUTPUT_LINES_H_

@@ -1,0 +1,215 @@
+// PoolOptions::crash_backtraces: a worker killed by a fatal signal reports the crashing thread's
+// stack, symbolized, on its task's kAborted status (procpool::backtrace_of) and in one kError
+// event; a handler the program installed is still called. Real crashes, forked, fork-server and
+// remote (this binary, launched over loopback) workers.
+
+#include "procpool/logging.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "doctest/doctest.h"
+#include "procpool/procpool.h"
+#include "tests/test_link.h"
+#include "tests/test_support.h"
+
+// Named so that a symbolized stack shows them. Not inlined, not folded into their callers.
+[[gnu::noinline]] void crash_stack_test_segfault() {
+  // Not null, which the undefined-behaviour sanitizer would report (ending the worker with an exit
+  // status) before the kernel does: an address nothing maps.
+  volatile int* nowhere = reinterpret_cast<volatile int*>(uintptr_t{16});
+  *nowhere = 1;
+  __asm__ volatile("" ::: "memory");
+}
+
+[[gnu::noinline]] void crash_stack_test_throws() { throw std::runtime_error("nobody catches this"); }
+
+[[gnu::noinline]] void crash_stack_test_throws_through_noexcept() noexcept {
+  // An exception leaving a noexcept function: std::terminate, then SIGABRT.
+  crash_stack_test_throws();
+}
+
+[[gnu::noinline]] void crash_stack_test_divides(int by) {
+  ::raise(SIGFPE);
+  __asm__ volatile("" ::"r"(by) : "memory");
+}
+
+namespace procpool {
+namespace {
+
+struct Crasher {
+  int64_t run(int64_t how) {
+    if (how == 1) crash_stack_test_segfault();
+    if (how == 2) crash_stack_test_throws_through_noexcept();
+    if (how == 3) crash_stack_test_divides(0);
+    return how;
+  }
+};
+
+// Every event the pool logs, kept for the test.
+struct Events {
+  std::mutex mu;
+  std::vector<LogEvent> events;
+  LogSink sink() {
+    return [this](const LogEvent& event) {
+      std::lock_guard<std::mutex> lock(mu);
+      events.push_back(event);
+    };
+  }
+  std::vector<LogEvent> errors() {
+    std::lock_guard<std::mutex> lock(mu);
+    std::vector<LogEvent> found;
+    for (const LogEvent& event : events) {
+      if (event.severity == LogSeverity::kError) found.push_back(event);
+    }
+    return found;
+  }
+};
+
+PoolOptions remote(PoolOptions options) {
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  options.remote = RemoteOptions{.launch = {self, "--procpool-connect={address}"},
+                                 .connect_timeout = absl::Seconds(60),
+                                 .heartbeat_timeout = absl::Seconds(10)};
+  return options;
+}
+
+void check_crash_reported(ProcessPool<Crasher>& pool, Events& events, int64_t how,
+                          const char* signal_name, const char* function) {
+  absl::StatusOr<int64_t> crashed = pool.apply(how);
+  REQUIRE_FALSE(crashed.ok());
+  CHECK(crashed.status().code() == absl::StatusCode::kAborted);
+  // Today's message stays: who died, and by which signal.
+  CHECK(absl::StrContains(crashed.status().message(), signal_name));
+  std::optional<std::string> stack = backtrace_of(crashed.status());
+  REQUIRE(stack.has_value());
+  INFO("the stack: ", *stack);
+  if (getenv("PROCPOOL_TEST_SHOW_STACK")) MESSAGE(*stack);
+  CHECK(absl::StrContains(*stack, function));
+  CHECK(absl::StartsWith(*stack, "#0 0x"));
+  // One error event carries it.
+  REQUIRE(testing::wait_until([&] { return !events.errors().empty(); }, absl::Seconds(30)));
+  const std::vector<LogEvent> errors = events.errors();
+  REQUIRE(errors.size() == 1);
+  CHECK(absl::StrContains(errors[0].message, function));
+  CHECK(errors[0].worker >= 0);
+  CHECK(errors[0].pid > 0);
+  // The pool carries on with a new worker.
+  CHECK(pool.apply(5).value_or(-1) == 5);
+}
+
+TEST_CASE("a worker killed by SIGSEGV reports its symbolized stack on the task's status and in one error event") {
+  testing::DefaultCrashHandlers quiet;
+  Events events;
+  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
+  check_crash_reported(pool, events, 1, "SIGSEGV", "crash_stack_test_segfault");
+}
+
+TEST_CASE("an exception that reaches std::terminate in a worker reports the stack that threw it") {
+  testing::DefaultCrashHandlers quiet;
+  Events events;
+  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
+  check_crash_reported(pool, events, 2, "SIGABRT", "crash_stack_test_throws_through_noexcept");
+}
+
+TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {
+  testing::DefaultCrashHandlers quiet;
+  Events events;
+  ProcessPool<Crasher> pool(
+      {.workers = 1, .start_method = StartMethod::kForkServer, .log_sink = events.sink()});
+  check_crash_reported(pool, events, 3, "SIGFPE", "crash_stack_test_divides");
+}
+
+TEST_CASE("map's first failure keeps the crashed worker's stack") {
+  testing::DefaultCrashHandlers quiet;
+  Events events;
+  ProcessPool<Crasher> pool({.workers = 2, .log_sink = events.sink()});
+  std::vector<int64_t> jobs = {0, 0, 1, 0};
+  absl::StatusOr<std::vector<int64_t>> mapped = pool.map(jobs, {.chunksize = 1});
+  REQUIRE_FALSE(mapped.ok());
+  CHECK(absl::StartsWith(mapped.status().message(), "job 2: "));
+  std::optional<std::string> stack = backtrace_of(mapped.status());
+  REQUIRE(stack.has_value());
+  CHECK(absl::StrContains(*stack, "crash_stack_test_segfault"));
+}
+
+TEST_CASE("with crash_backtraces false a crash records no stack") {
+  testing::DefaultCrashHandlers quiet;
+  Events events;
+  ProcessPool<Crasher> pool(
+      {.workers = 1, .log_sink = events.sink(), .crash_backtraces = false});
+  absl::StatusOr<int64_t> crashed = pool.apply(1);
+  REQUIRE_FALSE(crashed.ok());
+  CHECK(crashed.status().code() == absl::StatusCode::kAborted);
+  CHECK(absl::StrContains(crashed.status().message(), "SIGSEGV"));
+  CHECK_FALSE(backtrace_of(crashed.status()).has_value());
+  CHECK(pool.apply(5).value_or(-1) == 5);
+  CHECK(events.errors().empty());
+}
+
+TEST_CASE("backtrace_of finds nothing in a status without a stack") {
+  CHECK_FALSE(backtrace_of(absl::OkStatus()).has_value());
+  CHECK_FALSE(backtrace_of(absl::AbortedError("worker 0 (pid 1) was killed by SIGKILL")).has_value());
+}
+
+// The program's own SIGSEGV handler: leaves a mark in the file named below, then returns (the
+// signal then kills the worker as it would have).
+char handler_mark_path[4096];
+void program_segv_handler(int) {
+  const int fd = ::open(handler_mark_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd >= 0) {
+    (void)!::write(fd, "handled\n", 8);
+    ::close(fd);
+  }
+}
+
+TEST_CASE("a SIGSEGV handler the program installed before the pool still runs in a crashing worker") {
+  testing::TempDir dir;
+  const std::string mark = dir.path() + "/mark";
+  std::snprintf(handler_mark_path, sizeof(handler_mark_path), "%s", mark.c_str());
+  struct sigaction mine {};
+  mine.sa_handler = program_segv_handler;
+  sigemptyset(&mine.sa_mask);
+  struct sigaction before {};
+  REQUIRE(::sigaction(SIGSEGV, &mine, &before) == 0);
+  {
+    Events events;
+    ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
+    absl::StatusOr<int64_t> crashed = pool.apply(1);
+    REQUIRE_FALSE(crashed.ok());
+    CHECK(absl::StrContains(crashed.status().message(), "SIGSEGV"));
+    std::optional<std::string> stack = backtrace_of(crashed.status());
+    REQUIRE(stack.has_value());
+    CHECK(absl::StrContains(*stack, "crash_stack_test_segfault"));
+  }
+  ::sigaction(SIGSEGV, &before, nullptr);
+  const std::vector<std::string> marks = testing::read_lines(mark);
+  REQUIRE(marks.size() == 1);
+  CHECK(marks[0] == "handled");
+}
+
+TEST_CASE("a remote worker's crash stack reaches the pool through its relay") {
+  testing::DefaultCrashHandlers quiet;
+  Events events;
+  ProcessPool<Crasher> pool(remote({.workers = 1, .log_sink = events.sink()}));
+  check_crash_reported(pool, events, 1, "SIGSEGV", "crash_stack_test_segfault");
+  const std::vector<LogEvent> errors = events.errors();
+  REQUIRE(errors.size() == 1);
+  CHECK_FALSE(errors[0].host.empty());
+}
+
+}  // namespace
+}  // namespace procpool

@@ -462,6 +462,10 @@ int Relay::run() {
       .factory = factory_,
       .cgroups = limits_.cgroups_off ? Cgroups::kOff : Cgroups::kAuto,
       .max_worker_memory_bytes = limits_.max_worker_memory_bytes,
+      // Each spawn brings its worker's placement (launch_on), env and CPU included.
+      .workers = 0,
+      .worker_env = {},
+      .spread_cpus = false,
       .forward_output = limits_.forward_output,
       .crash_backtraces = limits_.crash_backtraces});
   // What stops its workers' trees and caps their memory on this host, as the pool logs its own.

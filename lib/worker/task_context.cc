@@ -15,7 +15,11 @@ constexpr auto kStopWatchInterval = std::chrono::milliseconds(1);
 WorkerInfo& info() {
   // Leaked: a worker never runs static destructors (it _exits), and a program must be able to
   // call this_worker() from its own static destructors.
-  static WorkerInfo* const value = new WorkerInfo{.slot = -1};
+  static WorkerInfo* const value = [] {
+    auto* outside = new WorkerInfo();
+    outside->slot = -1;  // not a worker (a designated initializer trips -Wmissing-field-initializers)
+    return outside;
+  }();
   return *value;
 }
 

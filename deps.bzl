@@ -237,7 +237,10 @@ cc_library(
 )
 '''
 
+# No doctest signal handlers: a forked worker inherits them, and a worker that crashes on
+# purpose would run doctest's crash report, in the child, over its copy of the test's state.
 _DOCTEST_MAIN = '''#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#define DOCTEST_CONFIG_NO_POSIX_SIGNALS
 #include <doctest/doctest.h>
 '''
 

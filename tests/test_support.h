@@ -60,11 +60,10 @@ bool wait_until(F condition, absl::Duration timeout = absl::Seconds(10)) {
   return condition();
 }
 
-// doctest reports a crash of the test process with handlers of its own, installed for each test
-// case; workers would chain them (as they chain any handler the program installed) and print a
-// "test case CRASHED" report for each crash they are meant to have (and a report that crashes in
-// turn ends the worker with SIGSEGV instead of the signal the test gave it). Default handlers
-// while one lives, but in a case that installs a handler of its own.
+// Default actions for the crash signals while one lives. The test mains build doctest without its
+// signal handlers (a forked worker would inherit them and print a "test case CRASHED" report for
+// each crash it is meant to have); a case that needs a worker to die of exactly the signal it
+// raised still uses this, so a handler installed by the case or a library is not chained.
 class DefaultCrashHandlers {
  public:
   DefaultCrashHandlers() {

@@ -24,13 +24,13 @@ mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-r
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
 WIRE=(lib/wire/frame_io.cc lib/wire/frame_stream.cc lib/wire/shared_region.cc lib/wire/tls_channel.cc
-      lib/wire/wire_status.cc
+      lib/wire/wire_status.cc lib/wire/control_page.cc
       lib/common/unique_fd.cc lib/common/clock.cc lib/common/shared_memory.cc
       "$OUT/gen/procpool/internal/protocol.capnp.c++")
-REMOTE=(lib/link/remote_host.cc lib/link/tcp_link.cc lib/link/handshake.cc lib/link/remote_frames.cc)
+REMOTE=(lib/link/remote_host.cc lib/link/tcp_link.cc lib/link/handshake.cc lib/link/remote_frames.cc
+        lib/worker/worker_placement.cc)
 SCHEDULER=(lib/scheduler/batch_encoder.cc lib/scheduler/scheduler.cc lib/scheduler/settlement.cc
-           lib/supervision/supervisor.cc lib/supervision/supervisor_events.cc
-           lib/wire/control_page.cc)
+           lib/supervision/supervisor.cc lib/supervision/supervisor_events.cc)
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
 LIBS=(-lcapnp -lkj -lssl -lcrypto -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal
       -labsl_str_format_internal -labsl_int128 -labsl_cord -labsl_cord_internal -labsl_cordz_info

@@ -31,10 +31,10 @@ namespace procpool {
 /// tasks run meanwhile. Initial and max not negative, max not less than initial, multiplier at
 /// least 1, jitter from 0 to 1.
 struct RetryBackoff {
-  absl::Duration initial = absl::ZeroDuration();
-  absl::Duration max = absl::Seconds(30);
-  double multiplier = 2;
-  double jitter = 0.1;
+  absl::Duration initial = absl::ZeroDuration();  ///< wait before the first retry
+  absl::Duration max = absl::Seconds(30);         ///< no wait is longer than this
+  double multiplier = 2;                          ///< each wait is the one before times this
+  double jitter = 0.1;                            ///< spread, as a fraction of the wait (0 to 1)
 };
 
 /// Per-call settings of `map`, `imap`, `apply` and their relatives. Every field has a default

@@ -119,7 +119,9 @@ enum class StartMethod {
 /// PROCPOOL_TLS_KEY, and accept only a pool whose certificate chains to their CA. Host names are
 /// not checked: the CA is the cluster's own. The token is still proved inside the session.
 struct RemoteTls {
-  std::string ca_file, cert_file, key_file;
+  std::string ca_file;    ///< PEM: the CA(s) a worker's certificate must chain to
+  std::string cert_file;  ///< PEM: the pool's certificate chain, leaf first
+  std::string key_file;   ///< PEM: the private key of `cert_file`'s leaf
 };
 
 /// Whether workers get cgroups of their own (`PoolOptions::cgroups`).

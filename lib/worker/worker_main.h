@@ -20,30 +20,10 @@
 #include "lib/wire/control_page.h"
 #include "lib/wire/shared_region.h"
 #include "lib/wire/tls_channel.h"
+#include "lib/worker/worker_placement.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
-
-// Who a worker is and what it starts with, applied before W's constructor (this_worker.h;
-// PoolOptions::worker_env and cpu_affinity).
-struct WorkerPlacement {
-  int64_t generation = 0;  // 0 for a slot's first process, +1 per replacement
-  int workers = 0;
-  std::string pool_name;
-  std::vector<std::pair<std::string, std::string>> env;  // set with setenv
-  int cpu = -1;            // pinned to this CPU; -1: not pinned
-  bool spread_cpus = false;  // (remote) pin to the slot-th CPU of this host's set instead
-};
-
-void placement_to_wire(const WorkerPlacement& placement, wire::Placement::Builder out);
-// Reads what a pool (or the process that forks for it) sent; names the env refuses are dropped.
-WorkerPlacement placement_from_wire(wire::Placement::Reader in);
-
-// PoolOptions::worker_env(slot), checked: kInvalidArgument for a name that is empty or holds '='
-// or a NUL, a value that holds a NUL, or an exception the function threw. Empty without one.
-absl::StatusOr<std::vector<std::pair<std::string, std::string>>> evaluate_worker_env(
-    const std::function<std::vector<std::pair<std::string, std::string>>(int)>& worker_env,
-    int slot);
 
 // The CPUs this process may run on (sched_getaffinity), ascending; empty if unknown.
 std::vector<int> allowed_cpus();

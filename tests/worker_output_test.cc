@@ -265,14 +265,15 @@ void check_log_before_outcome(PoolOptions options) {
     ++i;
   }
   CHECK(i == 200);
-  // enter() logs outside any task.
+  // enter() logs outside any task. Every worker that started logged it; on a loaded machine the
+  // second (remote) worker may still be dialling in when one has run all 200 tasks.
   int entered = 0;
   for (const LogEvent& event : events.from(LogSource::kWorker)) {
     if (event.message != "entered") continue;
     ++entered;
     CHECK_FALSE(event.task.has_value());
   }
-  CHECK(entered >= 2);
+  CHECK(entered >= 1);
 }
 
 TEST_CASE("procpool::log in a task reaches the sink, naming worker and task, before the task's outcome") {

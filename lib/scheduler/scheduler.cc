@@ -556,8 +556,7 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   }
   worker.stall_taken_back = true;
   worker.suspect = true;
-  take_back_where(TakeBack::kRequeue, absl::OkStatus(),
-                  [slot](int at, const Batch&) { return at == slot; });
+  take_back_unstarted(slot);
 }
 
 }  // namespace procpool::internal

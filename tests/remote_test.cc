@@ -530,10 +530,11 @@ std::string as_string(capnp::Data::Reader data) {
 }
 
 // Does a worker's side of the handshake, proving `token` ("": no proof) and naming `type` and
-// `host`; returns whether it was welcomed with the pool's proof of the same token.
+// `host`; returns whether it was welcomed with the pool's proof of the same token. With
+// `session`, sets it to the key its data connections prove (handshake.h).
 bool handshake_as_worker(Peer& peer, const std::string& token,
                          const std::string& type = internal::worker_type_name<RemoteWorker>(),
-                         const std::string& host = "fake") {
+                         const std::string& host = "fake", std::string* session = nullptr) {
   if (peer.tls_failed) return false;  // the pool refused its TLS handshake: no frame gets through
   const std::string nonce = internal::make_nonce();
   send_hello(peer, internal::kProtocolVersion, nonce);
@@ -555,6 +556,10 @@ bool handshake_as_worker(Peer& peer, const std::string& token,
   peer.write(proof);
   auto welcome = peer.read();
   if (!welcome.ok()) return false;
+  if (session != nullptr) {
+    *session = internal::session_secret(token, nonce, pool_nonce,
+                                        peer.channel->exporter(internal::kSessionExporterLabel));
+  }
   capnp::FlatArrayMessageReader message(*welcome);
   auto root = message.getRoot<wire::ToWorker>();
   return root.isWelcome() &&
@@ -884,6 +889,125 @@ TEST_CASE("what a peer says reaches errors and logs escaped, without control cha
   check_printable(logged, true);
   CHECK(message_has(result.status(), "\\x1b"));
   CHECK_FALSE(absl::StrContains(logged, "\n[procpool] forged line"));
+}
+
+// The next frame of `peer` that `wanted` picks (pings and the like are skipped).
+template <typename Wanted>
+std::string next_frame_where(Peer& peer, Wanted wanted) {
+  for (int i = 0; i < 50; ++i) {
+    auto frame = peer.read();
+    REQUIRE(frame.ok());
+    capnp::FlatArrayMessageReader message(*frame);
+    if (wanted(message.getRoot<wire::ToWorker>())) {
+      return std::string(reinterpret_cast<const char*>(frame->begin()), frame->size() * sizeof(capnp::word));
+    }
+  }
+  FAIL("no such frame came");
+  return "";
+}
+
+TEST_CASE("a host's word alone takes no task back: a revoke answer the pool did not ask for, a "
+          "second drain, duplicate or lose nothing; a drained host is closed") {
+  OutcomePool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}),
+                                 [] { return std::make_unique<RemoteWorker>(); });
+  const std::string address = pool.core().remote_address();
+  const std::string token = pool.core().remote_token();
+  // A host speaking the protocol by hand: its control connection, then its worker's.
+  Peer control = dial_with(address, token);
+  std::string session;
+  REQUIRE(handshake_as_worker(control, token, internal::worker_type_name<RemoteWorker>(), "fake",
+                              &session));
+  std::string data_id;
+  {
+    const std::string spawn = next_frame_where(control, [](wire::ToWorker::Reader r) { return r.isSpawn(); });
+    capnp::FlatArrayMessageReader message(kj::arrayPtr(reinterpret_cast<const capnp::word*>(spawn.data()),
+                                                       spawn.size() / sizeof(capnp::word)));
+    data_id = as_string(message.getRoot<wire::ToWorker>().getSpawn().getDataId());
+  }
+  Peer data = dial_with(address, token);
+  {
+    capnp::MallocMessageBuilder attach;
+    auto a = attach.initRoot<wire::FromWorker>().initAttach();
+    a.setDataId(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(data_id.data()), data_id.size()));
+    const std::string proof = internal::prove(session, "data", data_id,
+                                              data.channel->exporter(internal::kDataExporterLabel));
+    a.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+    data.write(attach);
+    capnp::MallocMessageBuilder spawned;
+    spawned.initRoot<wire::FromWorker>().setSpawned(4242);
+    control.write(spawned);
+    capnp::MallocMessageBuilder ready;
+    ready.initRoot<wire::FromWorker>().setReady();
+    data.write(ready);
+  }
+  const std::vector<int64_t> jobs = {1, 2, 3};
+  auto call = pool.submit(jobs, {.chunksize = 3});
+  REQUIRE(call.ok());
+  const std::string tasks = next_frame_where(data, [](wire::ToWorker::Reader r) { return r.isTasks(); });
+  capnp::FlatArrayMessageReader batch_message(kj::arrayPtr(
+      reinterpret_cast<const capnp::word*>(tasks.data()), tasks.size() / sizeof(capnp::word)));
+  const auto batch = batch_message.getRoot<wire::ToWorker>().getTasks();
+  REQUIRE(batch.getJobs().size() == 3);
+  // Unasked, the host says none of the batch was claimed (and answers for a batch it never got):
+  // the pool must not give those tasks to anyone else while this host runs them.
+  for (uint16_t tag : {batch.getClaimTag(), static_cast<uint16_t>(batch.getClaimTag() + 7)}) {
+    capnp::MallocMessageBuilder revoked;
+    auto r = revoked.initRoot<wire::FromWorker>().initRevoked();
+    r.setSlot(batch.getClaimSlot());
+    r.setTag(tag);
+    r.setClaimed(0);
+    control.write(revoked);
+  }
+  // This host reports no progress: past the stall rule's 100 ms the pool asks for the unstarted
+  // tasks back itself (after it read the answers above, sent long before). Answered honestly:
+  // all three were claimed.
+  (void)next_frame_where(control, [](wire::ToWorker::Reader r) { return r.isRevoke(); });
+  {
+    capnp::MallocMessageBuilder revoked;
+    auto r = revoked.initRoot<wire::FromWorker>().initRevoked();
+    r.setSlot(batch.getClaimSlot());
+    r.setTag(batch.getClaimTag());
+    r.setClaimed(3);
+    control.write(revoked);
+  }
+  {
+    capnp::MallocMessageBuilder results;
+    auto r = results.initRoot<wire::FromWorker>().initResults();
+    r.setSeq(batch.getSeq());
+    r.setStart(0);
+    r.setCount(3);
+    auto outcomes = r.initOutcomes(3);
+    for (unsigned i = 0; i < 3; ++i) outcomes[i].initOk().setInt(jobs[i] + 1000);
+    data.write(results);
+  }
+  REQUIRE((*call)->wait(absl::Seconds(20)));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    CHECK((*call)->outcome_count(i) == 1);
+    CHECK((*call)->outcome(i).value_or(-1) == jobs[i] + 1000);
+  }
+  // It drains, twice: its worker is shut down once, and the pool closes the host when it ended.
+  for (int i = 0; i < 2; ++i) {
+    capnp::MallocMessageBuilder draining;
+    draining.initRoot<wire::FromWorker>().setDraining();
+    control.write(draining);
+  }
+  (void)next_frame_where(data, [](wire::ToWorker::Reader r) { return r.isShutdown(); });
+  {
+    capnp::MallocMessageBuilder exited;
+    exited.initRoot<wire::FromWorker>().initExited();
+    data.write(exited);
+    data.channel.reset();
+    capnp::MallocMessageBuilder ended;
+    auto e = ended.initRoot<wire::FromWorker>().initEnded();
+    e.setHow("exited with status 0");
+    e.setClean(true);
+    control.write(ended);
+  }
+  bool closed = false;
+  for (int i = 0; i < 50 && !closed; ++i) closed = !control.read(absl::Seconds(10)).ok();
+  CHECK(closed);
+  CHECK(pool.stats().tasks_failed == 0);
 }
 
 TEST_CASE("a flood of connections that never finish their handshake delays a real worker, and "

@@ -44,6 +44,8 @@ inline constexpr int64_t kRemoteAllocate512MiB = -13;  // touches 512 MiB, retur
 // stacks, private pages): the token is $REMOTE_TOKEN_REVERSED reversed (so that the environment
 // does not hold it), and its own copy of it does not count.
 inline constexpr int64_t kRemoteTokenInMemory = -14;
+// A job kRemoteSlow + n sleeps 150 ms, then returns n (tasks slow enough to be caught running).
+inline constexpr int64_t kRemoteSlow = int64_t{1} << 40;
 
 // How many times `needle` occurs in this process's anonymous readable mappings, besides at
 // `needle` itself. Read through /proc/self/mem, which neither faults nor trips a sanitizer on
@@ -100,6 +102,10 @@ struct RemoteWorker {
   void enter() { note(absl::StrCat("enter ", ::getpid())); }
   int64_t run(int64_t job) {
     note(absl::StrCat("run ", ::getpid(), " ", job));
+    if (job >= kRemoteSlow) {
+      absl::SleepFor(absl::Milliseconds(150));
+      return job - kRemoteSlow;
+    }
     switch (job) {
       case kRemoteKillSelf:
         ::raise(SIGKILL);

@@ -28,6 +28,12 @@
 /// which), or cannot be reached or goes silent for its heartbeat_timeout (1).
 /// Either way, the worker it forked is gone when it returns: nothing is left running on the host.
 ///
+/// SIGTERM (a Slurm preemption or scancel, a Kubernetes eviction) drains it: the pool is told, takes
+/// back the tasks the worker has not started, lets it finish its running task (within the
+/// task_timeout), has it run exit(), and closes the connection: serve() returns 0. A second
+/// SIGTERM ends the process at once. serve() holds SIGTERM's disposition while it serves (from its
+/// handshake on) and gives the program's own back when it returns.
+///
 /// Blocks until then. Call it from the main thread, before starting threads of your own: it forks.
 
 #ifndef PROCPOOL_SERVE_H_

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -217,6 +218,56 @@ absl::StatusOr<std::shared_ptr<TlsContext>> tls_from_environment(absl::string_vi
   return context;
 }
 
+// SIGTERM (a preemption, scancel, an eviction) asks the relay to drain. The first one writes a
+// byte to a pipe the relay's loop polls; the handler is reset as it runs (SA_RESETHAND), so a
+// second SIGTERM ends the process at once, as it did before there was a handler (its worker dies
+// with it: PR_SET_PDEATHSIG). The program's own disposition comes back when the relay returns.
+// The worker the relay forks resets every handler and closes the pipe (child_setup.cc).
+class DrainSignal {
+ public:
+  DrainSignal() {
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC | O_NONBLOCK) != 0) return;
+    read_ = own_fd(ends[0]);
+    write_ = own_fd(ends[1]);
+    write_fd_ = write_.get();
+    struct sigaction action {};
+    action.sa_handler = on_signal;
+    action.sa_flags = SA_RESETHAND | SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    installed_ = ::sigaction(SIGTERM, &action, &previous_) == 0;
+  }
+  ~DrainSignal() {
+    if (installed_) ::sigaction(SIGTERM, &previous_, nullptr);
+    write_fd_ = -1;
+  }
+  DrainSignal(const DrainSignal&) = delete;
+  DrainSignal& operator=(const DrainSignal&) = delete;
+
+  int fd() const { return read_.get(); }
+  // Empties the pipe; true if a SIGTERM came since the last call.
+  bool take() {
+    bool came = false;
+    char bytes[16];
+    while (read_ && ::read(read_.get(), bytes, sizeof(bytes)) > 0) came = true;
+    return came;
+  }
+
+ private:
+  static void on_signal(int) {
+    const int saved = errno;
+    const char byte = 1;
+    (void)!::write(write_fd_, &byte, 1);
+    errno = saved;
+  }
+
+  static inline volatile sig_atomic_t write_fd_ = -1;
+  UniqueFd read_;
+  UniqueFd write_;
+  struct sigaction previous_ {};
+  bool installed_ = false;
+};
+
 class Relay final : private LinkEvents {
  public:
   Relay(std::shared_ptr<TlsContext> tls, HostPort pool, const WorkerTypeFinder& find,
@@ -244,6 +295,8 @@ class Relay final : private LinkEvents {
   // Handles every whole frame buffered; false when one broke the protocol.
   bool take_pool_frames();
   void send_pong();
+  // The first SIGTERM: tells the pool this host is leaving (FromWorker.draining).
+  void begin_drain();
   void spawn(wire::Spawn::Reader request);
   void stop_child(StopMode mode);
   // The watchdog: a task past its batch's timeout stops the worker. Returns when to look again.
@@ -283,6 +336,11 @@ class Relay final : private LinkEvents {
   std::unique_ptr<ForkLink> child_;
   std::unique_ptr<WorkerLink> retired_;  // ended during this loop turn; dropped after it
   std::optional<std::string> timed_out_;  // the watchdog stopped the worker: why
+  // Draining (a SIGTERM came): the pool retires the worker and then closes the connection. While
+  // there is no worker, the relay waits for that close at most heartbeat_timeout from
+  // `idle_since_ns_` (a worker the pool asked for before it heard of the drain is served).
+  bool draining_ = false;
+  int64_t idle_since_ns_ = 0;
   StopSequence child_stop_;               // the worker's: SIGTERM, then SIGKILL after kill_grace
   int64_t last_received_ns_ = 0;
   int64_t last_rss_read_ns_ = 0;
@@ -477,6 +535,7 @@ int Relay::run() {
     return status;
   };
   if (!take_pool_frames()) return leave(1);
+  DrainSignal drain_signal;
   std::vector<pollfd> fds;
   while (true) {
     const int64_t now = monotonic_now_ns();
@@ -486,6 +545,14 @@ int Relay::run() {
       return leave(1);
     }
     int64_t next = last_received_ns_ + to_ns(limits_.heartbeat_timeout);
+    if (draining_ && !child_) {
+      const int64_t give_up = idle_since_ns_ + to_ns(limits_.heartbeat_timeout);
+      if (now >= give_up) {
+        say("drained, but the pool did not close the connection; leaving");
+        return leave(0);
+      }
+      next = std::min(next, give_up);
+    }
     if (child_) {
       // With a kernel without pidfds, when service() next looks for the worker's exit.
       next = std::min(next, child_->check(now, *this));
@@ -496,6 +563,7 @@ int Relay::run() {
     }
     fds.clear();
     fds.push_back({channel_->fd(), static_cast<short>(POLLIN | (writer_.empty() ? 0 : POLLOUT)), 0});
+    fds.push_back({drain_signal.fd(), POLLIN, 0});
     const size_t child_offset = fds.size();
     if (child_) {
       child_->pause_output(writer_.queued_bytes() > kMaxQueuedBytes);
@@ -506,6 +574,7 @@ int Relay::run() {
     const int timeout_ms =
         in_hand ? 0 : static_cast<int>(std::clamp<int64_t>((next - now + 999'999) / 1'000'000, 0, 1000));
     if (::poll(fds.data(), fds.size(), timeout_ms) < 0) continue;
+    if ((fds[1].revents & POLLIN) && drain_signal.take() && !draining_) begin_drain();
 
     if ((fds[0].revents & POLLOUT) && !writer_.write_some(*channel_).ok()) writer_.clear();
     if ((fds[0].revents & (POLLIN | POLLHUP | POLLERR)) || in_hand) {
@@ -567,6 +636,17 @@ void Relay::send_pong() {
   capnp::MallocMessageBuilder message(64);
   auto pong = message.initRoot<wire::FromWorker>().initPong();
   if (child_) write_progress(child_->progress(), resident_bytes_, pong);
+  queue(message);
+}
+
+void Relay::begin_drain() {
+  draining_ = true;
+  idle_since_ns_ = monotonic_now_ns();
+  say(child_ ? "SIGTERM: draining: the running task finishes, the rest goes back to the pool, then "
+               "the worker runs exit() (a second SIGTERM stops at once)"
+             : "SIGTERM: leaving (a second SIGTERM stops at once)");
+  capnp::MallocMessageBuilder message(16);
+  message.initRoot<wire::FromWorker>().setDraining();
   queue(message);
 }
 
@@ -686,6 +766,7 @@ void Relay::on_ended(WorkerEnd end) {
   timed_out_.reset();
   child_stop_ = StopSequence();  // the next worker's is its own
   retired_ = std::move(child_);
+  idle_since_ns_ = monotonic_now_ns();
 }
 
 }  // namespace

@@ -19,6 +19,7 @@ namespace {
 
 // The launch ids the pool hands out are this long (hex); a longer one is no launch of ours.
 constexpr size_t kMaxLaunchIdBytes = 64;
+constexpr char kDrained[] = "it drained: its host is leaving";
 
 // Why a peer failed the TLS handshake, in the words of what to fix.
 std::string tls_refusal(bool keyed_by_token, absl::string_view why) {
@@ -159,6 +160,15 @@ void RemoteHost::on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf&
         return absl::OkStatus();
       case wire::FromWorker::ENDED:
         if (link_ != nullptr) link_->on_ended(root.getEnded(), events_of(*link_));
+        return absl::OkStatus();
+      case wire::FromWorker::DRAINING:
+        // Its host is leaving: whatever it is told, it gets no worker again (unbind closes it).
+        draining_ = true;
+        if (link_ != nullptr) {
+          link_->on_draining(events_of(*link_));
+        } else {
+          close(kDrained, events_of);
+        }
         return absl::OkStatus();
       case wire::FromWorker::REFUSED:
         // After the welcome: the pool's proof or type did not suit the worker (handshake.h).
@@ -310,6 +320,9 @@ void RemoteHost::unbind(TcpLink* link) {
   if (link_ != link) return;
   link_ = nullptr;
   if (state_ == State::kBusy) state_ = State::kIdle;
+  // Its worker has ended: the relay sees end of file and exits. (No link is bound: close() needs
+  // no events. Safe within this host's own reading: it stops at a closed host.)
+  if (draining_) close(kDrained, EventsOf());
 }
 
 void RemoteHost::close(const std::string& why, const EventsOf& events_of) {

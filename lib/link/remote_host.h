@@ -5,7 +5,9 @@
 // A relay's control connection carries the handshake (handshake.h), heartbeats, the pool's
 // requests (spawn, stop, revoke) and the relay's reports (progress, revocations, a worker's end).
 // It is declared gone when nothing has come over it for heartbeat_timeout, or when a frame it
-// began is not finished within frame_timeout. A free host takes one waiting TcpLink at a time.
+// began is not finished within frame_timeout. A free host takes one waiting TcpLink at a time. A
+// host whose relay says it is draining (its host got SIGTERM) takes none again: its link is told
+// (TcpLink::on_draining), and the connection closes as soon as no link is bound to it.
 //
 // Every connection is a TlsChannel (tls_channel.h): its TLS handshake comes first (keyed by the
 // token, or certificates), then the frames of the handshake (handshake.h) inside it. A peer that
@@ -121,6 +123,7 @@ class RemoteHost {
   std::string data_exporter_;
   std::string session_secret_;
   bool refused_ = false;
+  bool draining_ = false;  // its relay is leaving: closed once no link is bound
   std::string closed_reason_;
   int64_t handshake_deadline_ns_ = 0;
   int64_t last_received_ns_ = 0;

@@ -236,6 +236,10 @@ void TcpLink::on_lost(const std::string& why, LinkEvents& events) {
   end({absl::StrCat("was lost: ", why), false}, events);
 }
 
+void TcpLink::on_draining(LinkEvents& events) {
+  if (!ended_) events.on_host_leaving();
+}
+
 void TcpLink::end_waiting(LinkEvents& events, absl::Status cause) {
   WorkerEnd end_of{absl::StrCat("got no worker host: ", cause.message()), false};
   end_of.cause = std::move(cause);

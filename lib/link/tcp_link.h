@@ -91,6 +91,8 @@ class TcpLink final : public WorkerLink {
   // Lines of the worker's output its relay read (RelayLimits::forward_output).
   void on_output(wire::OutputLines::Reader output, LinkEvents& events);
   void on_lost(const std::string& why, LinkEvents& events);
+  // Its host is leaving (it got SIGTERM): LinkEvents::on_host_leaving.
+  void on_draining(LinkEvents& events);
   // No host came in time: it ends, and `cause` is its start failure.
   void end_waiting(LinkEvents& events, absl::Status cause);
   // stop() before any host took it: there is no worker to stop, and no host may take it now; its

@@ -84,6 +84,10 @@ class LinkEvents {
   virtual void on_output(bool /*is_stderr*/, std::string_view /*line*/) {}
   // The worker is gone for good.
   virtual void on_ended(WorkerEnd end) = 0;
+  // The worker's host is leaving (a remote worker's relay got SIGTERM, relay.h): the pool stops
+  // giving it work, takes back what it has not started, lets it finish its task, has it run
+  // exit(), and starts the slot's next worker elsewhere. Only a remote link calls it.
+  virtual void on_host_leaving() {}
 };
 
 enum class StopMode {

@@ -393,6 +393,9 @@ void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t
   for (size_t i = 0; i < worker.batches.size(); ++i) {
     Batch& batch = worker.batches[i];
     if (batch.claim_slot != claim_slot || batch.claim_tag != tag) continue;
+    // Only an answer to a revoke in flight counts: a remote host's word alone (it would hand back
+    // tasks its worker runs, for another to run them again) takes nothing back.
+    if (batch.take_back == TakeBack::kNone) return;
     settle_taken_back(worker, batch, claimed);
     if (batch.reported >= batch.limit) erase_batch(worker, i);
     return;
@@ -556,8 +559,7 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   }
   worker.stall_taken_back = true;
   worker.suspect = true;
-  take_back_where(TakeBack::kRequeue, absl::OkStatus(),
-                  [slot](int at, const Batch&) { return at == slot; });
+  take_back_unstarted(slot);
 }
 
 }  // namespace procpool::internal

@@ -152,6 +152,10 @@ class Scheduler {
   absl::Status on_results(int slot, wire::ResultBatch::Reader results, bool recovered = false);
   // The answer to a revoke.
   void on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t claimed);
+  // Takes back every task the worker in `slot` holds and has not started (the stall rule, or its
+  // host is leaving): they go back to the front of the queue, on the same attempt, when the
+  // worker's answer comes (during the call for shared-memory links).
+  void take_back_unstarted(int slot);
   // The worker in `slot` is gone: settles every task it held (settlement.cc), and detaches it.
   void on_worker_lost(int slot, const LostWorker& how);
 

@@ -107,6 +107,11 @@ void Scheduler::take_back_where(TakeBack how, const absl::Status& status,
   }
 }
 
+void Scheduler::take_back_unstarted(int slot) {
+  take_back_where(TakeBack::kRequeue, absl::OkStatus(),
+                  [slot](int at, const Batch&) { return at == slot; });
+}
+
 void Scheduler::settle_taken_back(Worker& /*worker*/, Batch& batch, uint32_t claimed) {
   claimed = std::clamp(claimed, batch.reported, batch.limit);
   if (claimed < batch.limit) {

@@ -31,6 +31,7 @@ class Supervisor::Events final : public LinkEvents {
     owner_.on_output(slot_, is_stderr, line);
   }
   void on_ended(WorkerEnd end) override { owner_.on_ended(slot_, std::move(end)); }
+  void on_host_leaving() override { owner_.on_host_leaving(slot_); }
 
  private:
   Supervisor& owner_;

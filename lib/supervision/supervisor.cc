@@ -232,6 +232,23 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   }
 }
 
+void Supervisor::on_host_leaving(Slot& slot) {
+  if (!slot.link || slot.stop_reason || slot.state == State::kShutdownSent) return;
+  log(slot, LogSeverity::kInfo,
+      "its host is leaving (SIGTERM): it finishes its task, hands back the rest, runs exit(), and "
+      "another worker takes its place");
+  slot.recycling = true;  // replaced once it has left (on_ended)
+  // Still starting: its shutdown is read after enter(), and it never takes a task.
+  if (slot.state == State::kStarting) {
+    send_shutdown(slot);
+    return;
+  }
+  // The rest is recycling's: the shutdown goes once it is idle (after_events).
+  slot.state = State::kDraining;
+  scheduler_.stop_accepting(slot.index);
+  scheduler_.take_back_unstarted(slot.index);
+}
+
 void Supervisor::on_output(Slot& slot, bool is_stderr, std::string_view line) {
   LogEvent event;
   event.severity = is_stderr ? LogSeverity::kWarning : LogSeverity::kInfo;

@@ -130,6 +130,8 @@ class Supervisor final : private LauncherEvents {
   void on_broken_stream(Slot& slot, absl::Status why);
   void on_ended(Slot& slot, WorkerEnd end);
   void on_output(Slot& slot, bool is_stderr, std::string_view line);
+  // Its host is leaving (LinkEvents::on_host_leaving): retired as a recycled worker is, at once.
+  void on_host_leaving(Slot& slot);
   void stop(Slot& slot, absl::Status reason, StopMode mode);
   void record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns);
   void send_shutdown(Slot& slot);

@@ -171,6 +171,11 @@ struct FromWorker {
     # Remote workers only: lines of the worker's stdout or stderr, read by its relay
     # (PoolOptions::worker_output), over the control connection.
     output @14 :OutputLines;
+    # Remote workers only: the relay's host is leaving (the relay got SIGTERM: a preemption,
+    # scancel, an eviction). The pool takes back what its worker has not started (revoke), lets it
+    # finish its task, has it run exit() (shutdown), gives the host no other worker, and closes the
+    # connection once the worker has ended. It names no task: the pool decides what comes back.
+    draining @15 :Void;
   }
 }
 

@@ -1,19 +1,23 @@
-// The pool at many workers against the same pool at few (issue 19 item 5): for forked workers and
-// for remote workers over loopback TCP (TLS, the default; one worker host per worker, each this
+// The pool at many workers against the same pool at few (issue 19 item 5): forked workers, or
+// remote workers over loopback TCP (TLS, the default; one worker host per worker, each this
 // program run by RemoteOptions::launch), at `low` and at `high` workers in the same run:
-//   bench_scale mode=fork low=4 high=256 trivial=1000000 slow=10000 slow_us=1000 idle_s=5
-// For each size it measures: the time from making the pool until every worker is idle (start-up);
-// the pool process's own CPU time (getrusage RUSAGE_SELF: every thread of this process, the pool
-// thread and the calling one, none of the workers' or hosts') per task, for a map of `trivial`
-// x*x tasks (automatic chunks) and for a map of `slow` tasks that each sleep `slow_us` µs
-// (chunksize 1: one frame each way per task); the most descriptors this process held open at any
-// sample (/proc/self/fd, counted while the workers start, between the maps and at the end),
-// against 2 × workers + 64; and, for remote workers, the traffic on the worker hosts' control
-// connections (what carries heartbeats, progress and the hosts' reports): the bytes and writes
-// every host made and read there (/proc/PID/io of the hosts, this process's children, TLS records
-// as sent), over `idle_s` seconds with nothing to do and over each map. A sleeping task leaves
-// the CPUs to the pool: on a machine with fewer cores than workers, tasks that spin would measure
-// the workers' competition for the cores, not the pool. One JSON line per mode (bench_util.h).
+//   bench_scale mode=fork low=4 high=256 trivial=1000000 slow=10000 slow_us=1000 idle_ms=5000
+// For each size:
+// - start-up: from making the pool until stats() shows every worker idle;
+// - the pool process's own CPU time per task (getrusage RUSAGE_SELF: the pool thread and the
+//   calling thread, not the workers' nor the hosts'), for a map of `trivial` x*x tasks with
+//   automatic chunks (4 batches a worker, Python's rule; after an untimed warm-up map), the same
+//   map cut into as many batches as at `low` workers (the cost of more workers apart from that of
+//   more batches), and a map of `slow` tasks that each sleep `slow_us` µs, chunksize 1 (a
+//   sleeping task leaves the 2 cores to the pool: spinning ones would measure 256 workers'
+//   competition for them, not the pool);
+// - the descriptors this process holds (/proc/self/fd): the most at any sample (start-up
+//   included) and the most once every worker had started, against 2 x workers + 64;
+// - remote only: the traffic on the hosts' control connections (heartbeats, progress reports,
+//   the hosts' reports), from TCP_INFO of each host's socket (tcpi_bytes_acked + received, data
+//   segments both ways; TLS records as sent): per host and second over `idle_ms` with nothing to
+//   do, and per task during the maps.
+// One JSON line per run (bench_util.h), read by bench/run.py.
 
 #include <dirent.h>
 #include <linux/tcp.h>
@@ -138,8 +142,11 @@ Io io_of(const std::vector<int>& hosts) {
 struct Measure {
   double start_ms = 0;
   double trivial_cpu_ns_per_task = 0, trivial_s = 0;
+  // The same map cut into as many batches as at `low` workers (chunksize trivial / (4 x low)).
+  double low_batches_cpu_ns_per_task = 0, low_batches_s = 0;
   double slow_cpu_us_per_task = 0, slow_s = 0;
-  int peak_fds = 0;
+  int peak_fds = 0;    // at any sample, the workers' start included
+  int running_fds = 0;  // once every worker had started: between and after the maps
   int hosts = 0;
   Io idle, trivial_io, slow_io;
   double idle_s = 0;
@@ -186,8 +193,8 @@ void timed_map(procpool::ProcessPool<W>& pool, const std::vector<int64_t>& jobs,
   if (out->size() != jobs.size()) die("a map lost results");
 }
 
-Measure measure(const std::string& mode, int workers, const std::string& self, int64_t trivial,
-                int64_t slow, int64_t slow_us, double idle_s) {
+Measure measure(const std::string& mode, int workers, int low, const std::string& self,
+                int64_t trivial, int64_t slow, int64_t slow_us, double idle_s) {
   Measure m;
   std::vector<int64_t> squares_in(static_cast<size_t>(trivial));
   for (int64_t i = 0; i < trivial; ++i) squares_in[static_cast<size_t>(i)] = i;
@@ -200,8 +207,16 @@ Measure measure(const std::string& mode, int workers, const std::string& self, i
     m.start_ms = wait_all_idle(pool, workers, start, m.peak_fds);
     const std::vector<int> hosts = mode == "remote" ? children() : std::vector<int>();
     m.hosts = static_cast<int>(hosts.size());
+    // Warmed up untimed, as the other benchmarks are: the first map's buffers fault their pages
+    // in.
+    if (!pool.map(squares_in).ok()) die("warm-up map");
     timed_map(pool, squares_in, {}, hosts, m.trivial_s, m.trivial_cpu_ns_per_task, m.trivial_io);
-    m.peak_fds = std::max(m.peak_fds, open_descriptors());
+    Io ignored;
+    const auto low_chunks = static_cast<size_t>((trivial + 4 * low - 1) / (4 * low));
+    timed_map(pool, squares_in, {.chunksize = low_chunks}, hosts, m.low_batches_s,
+              m.low_batches_cpu_ns_per_task, ignored);
+    m.running_fds = open_descriptors();
+    m.peak_fds = std::max(m.peak_fds, m.running_fds);
     if (!hosts.empty() && idle_s > 0) {
       const Io before = io_of(hosts);
       const int64_t idle_start = now_ns();
@@ -220,7 +235,8 @@ Measure measure(const std::string& mode, int workers, const std::string& self, i
     double ns_per_task = 0;
     timed_map(pool, pauses, {.chunksize = 1}, hosts, m.slow_s, ns_per_task, m.slow_io);
     m.slow_cpu_us_per_task = ns_per_task / 1e3;
-    m.peak_fds = std::max(m.peak_fds, open_descriptors());
+    m.running_fds = std::max(m.running_fds, open_descriptors());
+    m.peak_fds = std::max(m.peak_fds, m.running_fds);
   }
   return m;
 }
@@ -247,8 +263,8 @@ int main(int argc, char** argv) {
     ::setrlimit(RLIMIT_NOFILE, &limit);
   }
 
-  const Measure a = measure(mode, low, self, trivial, slow, slow_us, idle_s);
-  const Measure b = measure(mode, high, self, trivial, slow, slow_us, idle_s);
+  const Measure a = measure(mode, low, low, self, trivial, slow, slow_us, idle_s);
+  const Measure b = measure(mode, high, low, self, trivial, slow, slow_us, idle_s);
   std::vector<std::pair<std::string, double>> extras;
   for (const auto& [tag, m, workers] : {std::tuple{"low", &a, low}, std::tuple{"high", &b, high}}) {
     const std::string t = tag;
@@ -257,9 +273,12 @@ int main(int argc, char** argv) {
     add("start_ms", m->start_ms);
     add("trivial_cpu_ns_per_task", m->trivial_cpu_ns_per_task);
     add("trivial_s", m->trivial_s);
+    add("low_batches_cpu_ns_per_task", m->low_batches_cpu_ns_per_task);
+    add("low_batches_s", m->low_batches_s);
     add("slow_cpu_us_per_task", m->slow_cpu_us_per_task);
     add("slow_s", m->slow_s);
     add("peak_fds", m->peak_fds);
+    add("running_fds", m->running_fds);
     add("fd_limit", 2.0 * workers + 64);
     if (mode != "remote" || m->hosts == 0) continue;
     add("hosts", m->hosts);

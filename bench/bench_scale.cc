@@ -12,7 +12,8 @@
 //   sleeping task leaves the 2 cores to the pool: spinning ones would measure 256 workers'
 //   competition for them, not the pool);
 // - the descriptors this process holds (/proc/self/fd): the most at any sample (start-up
-//   included) and the most once every worker had started, against 2 x workers + 64;
+//   included) and the most once every worker had started, against 2 x workers + 64; and the CPU
+//   time of one poll() over all of them (the kernel's share of each wake of the pool's loop);
 // - remote only: the traffic on the hosts' control connections (heartbeats, progress reports,
 //   the hosts' reports), from TCP_INFO of each host's socket (tcpi_bytes_acked + received, data
 //   segments both ways; TLS records as sent): per host and second over `idle_ms` with nothing to
@@ -22,6 +23,7 @@
 #include <dirent.h>
 #include <linux/tcp.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/resource.h>
@@ -66,6 +68,12 @@ int64_t process_cpu_ns() {
          (int64_t{usage.ru_utime.tv_usec} + usage.ru_stime.tv_usec) * 1000;
 }
 
+int64_t thread_cpu_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
 int open_descriptors() {
   DIR* dir = ::opendir("/proc/self/fd");
   if (dir == nullptr) return -1;
@@ -73,6 +81,22 @@ int open_descriptors() {
   while (const dirent* entry = ::readdir(dir)) count += entry->d_name[0] != '.' ? 1 : 0;
   ::closedir(dir);
   return count - 1;  // the directory's own descriptor
+}
+
+// CPU µs of one poll() with a zero timeout over every descriptor this process holds (what the
+// pool thread's loop asks the kernel at each wake, bar the wait-queue setup of a sleeping poll).
+double poll_all_us() {
+  std::vector<pollfd> fds;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  while (const dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] != '.') fds.push_back({std::atoi(entry->d_name), POLLIN, 0});
+  }
+  ::closedir(dir);
+  constexpr int kPolls = 200;
+  const int64_t cpu = thread_cpu_ns();
+  for (int i = 0; i < kPolls; ++i) ::poll(fds.data(), fds.size(), 0);
+  return static_cast<double>(thread_cpu_ns() - cpu) / 1e3 / kPolls;
 }
 
 // This process's children (the worker hosts it launched), from /proc/*/stat.
@@ -147,6 +171,7 @@ struct Measure {
   double slow_cpu_us_per_task = 0, slow_s = 0;
   int peak_fds = 0;    // at any sample, the workers' start included
   int running_fds = 0;  // once every worker had started: between and after the maps
+  double poll_us = 0;    // poll_all_us() with every worker started
   int hosts = 0;
   Io idle, trivial_io, slow_io;
   double idle_s = 0;
@@ -216,6 +241,7 @@ Measure measure(const std::string& mode, int workers, int low, const std::string
     timed_map(pool, squares_in, {.chunksize = low_chunks}, hosts, m.low_batches_s,
               m.low_batches_cpu_ns_per_task, ignored);
     m.running_fds = open_descriptors();
+    m.poll_us = poll_all_us();
     m.peak_fds = std::max(m.peak_fds, m.running_fds);
     if (!hosts.empty() && idle_s > 0) {
       const Io before = io_of(hosts);
@@ -279,6 +305,7 @@ int main(int argc, char** argv) {
     add("slow_s", m->slow_s);
     add("peak_fds", m->peak_fds);
     add("running_fds", m->running_fds);
+    add("poll_us", m->poll_us);
     add("fd_limit", 2.0 * workers + 64);
     if (mode != "remote" || m->hosts == 0) continue;
     add("hosts", m->hosts);

@@ -343,16 +343,18 @@ std::string RemoteLauncher::launch_command() const {
 
 TcpLink* RemoteLauncher::take_launch(const std::string& launch_id) {
   if (launch_id.empty()) return nullptr;
-  auto it = launches_.find(launch_id);
-  if (it == launches_.end()) return nullptr;
-  TcpLink* link = it->second;
-  launches_.erase(it);  // a launch's worker comes once: a second hello with its id is no one's
-  // Its command's exit says nothing more about this launch: it is only reaped, by looking.
+  // Its worker came (welcomed or refused), whether or not its link still waits for it (one whose
+  // start failed meanwhile leaves a spare host): its command's exit says nothing more about this
+  // launch, and it is only reaped, by looking.
   for (Launched& process : launched_) {
     if (process.launch_id != launch_id) continue;
     process.pidfd.reset();
     process.came = true;
   }
+  auto it = launches_.find(launch_id);
+  if (it == launches_.end()) return nullptr;
+  TcpLink* link = it->second;
+  launches_.erase(it);  // a launch's worker comes once: a second hello with its id is no one's
   auto waiting = std::find(waiting_.begin(), waiting_.end(), link);
   // Its link took another host meanwhile, or was stopped (check() ends it).
   if (waiting == waiting_.end() || link->stopped_waiting()) return nullptr;

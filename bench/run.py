@@ -38,10 +38,10 @@ CORES = len(os.sched_getaffinity(0))
 BENCH = os.path.join(ROOT, "bench")
 CXX_BINARIES = ["raw_floor", "bench_apply", "bench_map", "bench_cpu", "bench_payload",
                 "bench_startstop", "bench_imap_memory", "bench_scaling", "bench_remote",
-                "bench_stop_check", "bench_output"]
+                "bench_stop_check", "bench_output", "bench_scale"]
 WORKLOAD_KEYS = ["apply", "apply_pinned", "map_auto", "map_chunk1", "imap", "imap_unordered",
                  "payload", "payload_bytes", "startstop", "startstop_static", "scaling",
-                 "cpu_sha512", "remote", "stop_check", "output"]
+                 "cpu_sha512", "remote", "stop_check", "output", "scale_fork", "scale_remote"]
 
 
 # ---- running things ---------------------------------------------------------------------------
@@ -307,6 +307,16 @@ def plan(quick):
         # inherited output, both written to /dev/null, in each repetition (bench_output.cc).
         "output": dict(cxx=("bench_output", ["jobs=200000", "chunksize=0"]),
                        py={}, reps=r(5), timeout=90),
+        # Issue 19 item 5: 256 workers against 4 in the same process (bench_scale.cc), forked and
+        # remote over loopback (one worker host per worker: 512 processes). One repetition each,
+        # at the issue's full size: 1,000,000 trivial tasks and 10,000 tasks of 1 ms.
+        "scale_fork": dict(cxx=("bench_scale", ["mode=fork", "low=4", "high=256",
+                                                "trivial=1000000", "slow=10000", "slow_us=1000"]),
+                           py={}, reps=1, timeout=300),
+        "scale_remote": dict(cxx=("bench_scale", ["mode=remote", "low=4", "high=256",
+                                                  "trivial=1000000", "slow=10000", "slow_us=1000",
+                                                  "idle_ms=5000"]),
+                             py={}, reps=1, timeout=600),
     }
 
 
@@ -654,6 +664,90 @@ def evaluate(results, cores):
             "%s inherited" % fmt_ratio(ratio), "≥ 0.5× inherited",
             check("output", holds, "forwarded output %s the inherited map's throughput, "
                   "target ≥ 0.5×" % fmt_ratio(ratio)), e)
+    for key, kind in (("scale_fork", "forked"), ("scale_remote", "remote (TLS, over loopback)")):
+        if key not in results:
+            continue
+        e = results[key]
+        recs = e["cxx"]
+        c = fig(recs, note=e["cxx_note"])
+
+        def pair(field, unit_fmt):
+            return "256: %s; 4: %s" % (fig(recs, "high_" + field).fmt(unit_fmt),
+                                       fig(recs, "low_" + field).fmt(unit_fmt))
+
+        ns = lambda v: "%.1f ns" % v
+        usec = lambda v: "%.1f µs" % v
+        count = lambda v: "%.0f" % v
+        holds = c.median <= 2.0 if c.ok else None
+        row("`map`, 1,000,000 × (x*x), automatic chunks, on 256 %s workers against 4" % kind,
+            "pool's CPU per task", pair("trivial_cpu_ns_per_task", ns), "–", "–", "–",
+            "%s" % fmt_ratio(c), "≤ 2×",
+            check(key, holds, "%s: the pool's CPU per trivial task at 256 workers is %s that at "
+                  "4, target ≤ 2×" % (kind, fmt_ratio(c)),
+                  "Automatic chunks are 4 a worker: 1,024 batches at 256 against 16 at 4. Cut "
+                  "into 16 batches at 256 workers the same map costs %s a task (4 workers: %s); "
+                  "see the notes" % (fig(recs, "high_low_batches_cpu_ns_per_task").fmt(ns),
+                                     fig(recs, "low_low_batches_cpu_ns_per_task").fmt(ns))), e)
+        slow = fig(recs, "slow_ratio")
+        holds = slow.median <= 2.0 if slow.ok else None
+        row("`map`, 10,000 tasks of 1 ms (a sleep), chunksize 1, on 256 %s workers against 4"
+            % kind, "pool's CPU per task", pair("slow_cpu_us_per_task", usec), "–", "–", "–",
+            "%s" % fmt_ratio(slow), "≤ 2×",
+            check(key, holds, "%s: the pool's CPU per 1 ms task at 256 workers is %s that at 4, "
+                  "target ≤ 2×" % (kind, fmt_ratio(slow))), e)
+        running = fig(recs, "high_running_fds")
+        holds = running.median <= 2 * 256 + 64 if running.ok else None
+        row("the parent's descriptors, %s pool of 256" % kind, "open fds",
+            "running: %s; peak, start-up included: %s" % (running.fmt(count),
+                                                           fig(recs, "high_peak_fds").fmt(count)),
+            "–", "–", "–", "4 workers: %s" % fig(recs, "low_peak_fds").fmt(count),
+            "≤ 2 × 256 + 64 = 576", check(key, holds, "%s: %s descriptors at 256 workers, "
+                                          "target ≤ 576" % (kind, running.fmt(count))), e)
+        row("start-up of 256 %s workers (until all idle)" % kind, "ms",
+            pair("start_ms", lambda v: "%.0f ms" % v), "–", "–", "–", "–", "(measured)",
+            "figure", e)
+        if key == "scale_remote":
+            idle_high = fig(recs, "high_idle_bytes_per_host_s")
+            idle_low = fig(recs, "low_idle_bytes_per_host_s")
+            ratio = ratio_of(idle_high, idle_low)
+            holds = ratio.median <= 2.0 if ratio.ok else None
+            row("control connections (heartbeats) with nothing to do, 256 hosts against 4",
+                "bytes per host and second", pair("idle_bytes_per_host_s",
+                                                  lambda v: "%.0f B" % v),
+                "–", "–", "–", "%s per host" % fmt_ratio(ratio), "≤ 2× per host",
+                check(key, holds, "heartbeat bytes per host at 256 hosts %s those at 4, "
+                      "target ≤ 2×" % fmt_ratio(ratio)), e)
+            notes.append(
+                "scale_remote: control-connection traffic (heartbeats, progress reports, the "
+                "hosts' reports; TCP payload both ways) with nothing to do: %s data segments per "
+                "host and second at 256 hosts (%s at 4); during the 1,000,000-task map %s bytes "
+                "a task at 256 (%s at 4); during the 1 ms tasks %s bytes and %s segments a task "
+                "at 256 (%s and %s at 4). Progress is reported at most every 10 ms a host, so "
+                "it is bounded by hosts x time, not by tasks: quick tasks share a report, and "
+                "a task longer than 10 ms costs at most its start and its end"
+                % (fig(recs, "high_idle_segments_per_host_s").fmt(lambda v: "%.2f" % v),
+                   fig(recs, "low_idle_segments_per_host_s").fmt(lambda v: "%.2f" % v),
+                   fig(recs, "high_trivial_control_bytes_per_task").fmt(lambda v: "%.3f" % v),
+                   fig(recs, "low_trivial_control_bytes_per_task").fmt(lambda v: "%.4f" % v),
+                   fig(recs, "high_slow_control_bytes_per_task").fmt(lambda v: "%.0f" % v),
+                   fig(recs, "high_slow_control_segments_per_task").fmt(lambda v: "%.2f" % v),
+                   fig(recs, "low_slow_control_bytes_per_task").fmt(lambda v: "%.0f" % v),
+                   fig(recs, "low_slow_control_segments_per_task").fmt(lambda v: "%.2f" % v)))
+        notes.append(
+            "%s: one poll() over all the parent's descriptors (what each wake of the pool's loop "
+            "costs the kernel, before a sleeping poll's wait queues) takes %s of CPU at 256 "
+            "workers, %s at 4; automatic chunks make 4 batches a worker, so a map of quick tasks "
+            "wakes the loop about 4 x workers times: 1,024 wakes x that CPU over 1,000,000 tasks "
+            "is what the CPU per trivial task grows by (a loop over epoll, which costs per ready "
+            "descriptor, would remove it; docs/ARCHITECTURE.md, Scale)"
+            % (key, fig(recs, "high_poll_us").fmt(usec), fig(recs, "low_poll_us").fmt(usec)))
+        notes.append(
+            "%s: the trivial map's wall time %s at 256 workers, %s at 4; the 1 ms tasks' %s at "
+            "256, %s at 4"
+            % (key, fig(recs, "high_trivial_s").fmt(lambda v: "%.3f s" % v),
+               fig(recs, "low_trivial_s").fmt(lambda v: "%.3f s" % v),
+               fig(recs, "high_slow_s").fmt(lambda v: "%.2f s" % v),
+               fig(recs, "low_slow_s").fmt(lambda v: "%.2f s" % v)))
     return rows, missed, notes, unmeasured
 
 

@@ -185,6 +185,9 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
     worker_main(channel->child_end.release(), page->get(), launch, parent, region.get());
   }
   ++generations_[slot];
+  // The worker has its copies: ours would cost a descriptor per page and region for nothing.
+  page->close_descriptor();
+  if (region) region->close_descriptor();
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
   auto link = std::make_unique<ForkLink>(absl::StrCat(name, " (pid ", *pid, ")"),
@@ -223,6 +226,7 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
   }
   // Ours closes here: the worker holds the only copy, so the connection ends with it.
   channel.reset();
+  page->close_descriptor();
   absl::StatusOr<WorkerProcess> process = watch_new_worker(*pid);
   if (!process.ok()) return process.status();
   auto link = std::make_unique<ForkLink>(

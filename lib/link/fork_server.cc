@@ -305,6 +305,8 @@ absl::StatusOr<ForkServer::Spawned> ForkServer::spawn(const WorkerLaunch& launch
     return absl::ErrnoToStatus(errno, "sending a spawn request to the fork server");
   }
   channel->child_end.reset();
+  // The server has its copy (in flight counts): the page's mapping is all we keep.
+  page->close_descriptor();
   const absl::Time deadline = absl::Now() + absl::Milliseconds(kSpawnReplyTimeoutMs);
   pid_t pid = -1;
   absl::Status failed;

@@ -46,9 +46,14 @@ constexpr int64_t kAcceptPauseNs = 200'000'000;
 // Authenticated hosts beyond those the pool's workers can use (late joiners, spares) are kept up
 // to this many; more are closed once welcomed.
 constexpr int kSpareHosts = 64;
+// A launch command whose worker came is watched without its pidfd (a pool of many launched workers
+// would hold a third descriptor a worker for it): its exit now only needs reaping, which a look
+// this often does (a waitpid each, for as many commands as workers: 256 a second at 256).
+constexpr int64_t kCameLookIntervalNs = 1'000'000'000;
 // Budgets. A remote pool holds 2 descriptors a worker (its host's control connection and its
-// data connection; 3 with a launch command, whose pidfd it keeps), and needs this many more for
-// handshakes in progress, spare hosts and its own (the listener, event fds, logs).
+// data connection; a third, the launch command's pidfd, only until its worker comes), and needs
+// this many more for handshakes in progress, spare hosts and its own (the listener, event fds,
+// logs).
 constexpr int kDescriptorHeadroom = static_cast<int>(kMaxHandshaking) + kSpareHosts + 64;
 // Bytes in unfinished frames over all authenticated connections (FrameBudget): a token holder
 // cannot make the pool hold more in frames it never finishes, beside the largest one.
@@ -229,7 +234,7 @@ absl::Status RemoteLauncher::run_launch_command(const std::string& launch_id) {
     return absl::InvalidArgumentError(absl::StrCat("RemoteOptions::launch: ", failed.message()));
   }
   // Without a pidfd (a kernel before 5.3) check() looks for its exit.
-  launched_.push_back({pid, open_pidfd(pid), launch_id});
+  launched_.push_back({pid, open_pidfd(pid), launch_id, /*came=*/false});
   return absl::OkStatus();
 }
 
@@ -338,6 +343,14 @@ std::string RemoteLauncher::launch_command() const {
 
 TcpLink* RemoteLauncher::take_launch(const std::string& launch_id) {
   if (launch_id.empty()) return nullptr;
+  // Its worker came (welcomed or refused), whether or not its link still waits for it (one whose
+  // start failed meanwhile leaves a spare host): its command's exit says nothing more about this
+  // launch, and it is only reaped, by looking.
+  for (Launched& process : launched_) {
+    if (process.launch_id != launch_id) continue;
+    process.pidfd.reset();
+    process.came = true;
+  }
   auto it = launches_.find(launch_id);
   if (it == launches_.end()) return nullptr;
   TcpLink* link = it->second;
@@ -452,8 +465,14 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
       ++it;
     }
   }
-  // After the refusals: a launched worker that was refused and exited says why above.
-  if (polled_launched_ > 0) reap_launched(&events);
+  // After the refusals: a launched worker that was refused and exited says why above. Only when
+  // one of theirs says so: a waitpid for each launched command at every turn of the loop would
+  // cost as many system calls a turn as there are workers.
+  bool launched_ended = false;
+  for (size_t i = 1 + polled_hosts_; i < 1 + polled_hosts_ + polled_launched_ && i < count; ++i) {
+    launched_ended |= polled[i].revents != 0;
+  }
+  if (launched_ended) reap_launched(&events);
   match_free_hosts(events);
 }
 
@@ -468,11 +487,20 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
     }
   }
   for (auto& host : hosts_) next = std::min(next, host->check(now_ns, events_of));
-  // Launch commands watched without a pidfd: nothing wakes the loop when they exit.
-  if (std::any_of(launched_.begin(), launched_.end(), [](const Launched& p) { return !p.pidfd; })) {
+  // Launch commands watched without a pidfd: nothing wakes the loop when they exit. Looked for
+  // often while one's worker has not come (its failure fails the launch), seldom after.
+  const bool waited_for = std::any_of(launched_.begin(), launched_.end(),
+                                      [](const Launched& p) { return !p.pidfd && !p.came; });
+  const bool came = std::any_of(launched_.begin(), launched_.end(),
+                                [](const Launched& p) { return p.came; });
+  if (waited_for || came) {
+    const int64_t interval = waited_for ? kChildLookIntervalNs : kCameLookIntervalNs;
+    const int64_t due = (now_ns / interval + 1) * interval;
     if (now_ns >= next_look_ns_) {
       reap_launched(&events);
-      next_look_ns_ = (now_ns / kChildLookIntervalNs + 1) * kChildLookIntervalNs;
+      next_look_ns_ = due;
+    } else {
+      next_look_ns_ = std::min(next_look_ns_, due);
     }
     next = std::min(next, next_look_ns_);
   }

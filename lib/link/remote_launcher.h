@@ -118,8 +118,9 @@ class RemoteLauncher final : public Launcher {
   std::deque<TcpLink*> waiting_;     // links without a host yet, oldest first
   struct Launched {
     pid_t pid;
-    UniqueFd pidfd;
+    UniqueFd pidfd;  // none once its worker came (take_launch), or without pidfds
     std::string launch_id;
+    bool came = false;  // its worker came: only reaped now, looked for every kCameLookIntervalNs
   };
   std::vector<Launched> launched_;
   int64_t next_look_ns_ = 0;  // without pidfds: when to look for launched_'s exits again

@@ -215,6 +215,10 @@ class ControlPageMapping {
   HeldFrames* held() const { return page_ == nullptr ? nullptr : held_frames(page_); }
   ControlPage* operator->() const { return page_; }
   int fd() const { return fd_.get(); }
+  // In the parent, once the worker has its own copy of the descriptor (it was forked, or the fork
+  // server was sent it): closes ours; the mapping stays. A worker's page then costs the parent no
+  // descriptor (a pool of many workers stays within 2 a worker: bench/bench_scale.cc).
+  void close_descriptor() { fd_.reset(); }
   // Forgets the mapping without unmapping it (a worker that never returns keeps it).
   ControlPage* release();
 

@@ -44,6 +44,8 @@ absl::Status SharedRegion::map_in_worker() {
   return mapped;
 }
 
+void SharedRegion::close_descriptor() { fd_.reset(); }
+
 SharedRegion::SharedRegion(UniqueFd fd, char* base) : fd_(std::move(fd)), base_(base) {
   new (header()) Header();
   parent_.region_ = this;

@@ -75,6 +75,9 @@ class SharedRegion {
   // descriptor without closing it (the worker closes every inherited descriptor). On failure the
   // worker has no region and must exit.
   absl::Status map_in_worker();
+  // In the parent once the worker is forked (it maps its own copy): closes the parent's
+  // descriptor; the mapping stays (ControlPageMapping::close_descriptor's reason).
+  void close_descriptor();
 
  private:
   struct Header {

@@ -43,9 +43,11 @@ constexpr int kMaxAcceptsPerTurn = 64;
 // the listener stays readable: polled again at once, the pool's thread would spin. The listener
 // rests this long; handshakes and workers already in go on.
 constexpr int64_t kAcceptPauseNs = 200'000'000;
-// Authenticated hosts beyond those the pool's workers can use (late joiners, spares) are kept up
-// to this many; more are closed once welcomed.
-constexpr int kSpareHosts = 64;
+// Authenticated hosts beyond those the pool's workers can use (late joiners, spares, hosts whose
+// worker's start failed) are kept up to this many; more are closed once welcomed. Small: the
+// pool's descriptors stay within 2 a worker plus 64 (bench_scale: 583 at 256 workers over
+// loopback with 64 spares, beyond the 576 allowed).
+constexpr int kSpareHosts = 16;
 // A launch command whose worker came is watched without its pidfd (a pool of many launched workers
 // would hold a third descriptor a worker for it): its exit now only needs reaping, which a look
 // this often does (a waitpid each, for as many commands as workers: 256 a second at 256).

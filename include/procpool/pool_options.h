@@ -202,7 +202,9 @@ struct RemoteOptions {
   absl::Duration connect_timeout = absl::Seconds(60);
   /// A worker host silent this long is gone (its running task fails kAborted, or runs again under
   /// retries; its unstarted ones go elsewhere); a worker host that hears nothing from the pool for
-  /// as long stops its worker and exits, so nothing is left running when the pool's host dies.
+  /// as long stops its worker at once, then dials the pool again as at its start (serve.h): it
+  /// serves again when a broken network heals, and exits once that fails for its connect timeout
+  /// (PROCPOOL_CONNECT_TIMEOUT, 60 s) when the pool's host died.
   /// At least 100 ms.
   absl::Duration heartbeat_timeout = absl::Seconds(10);
   /// The address workers dial, for {address} and PROCPOOL_CONNECT: by default `listen`, with this

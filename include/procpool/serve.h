@@ -25,7 +25,10 @@
 /// the task it ran and asks for another on the same connection. `serve()` returns when the pool
 /// closes the connection (0), refuses this program or has no token (2: a different W or protocol
 /// version, a wrong token, no PROCPOOL_TOKEN, a PROCPOOL_TOKEN_FILE it cannot read; stderr says
-/// which), or cannot be reached or goes silent for its heartbeat_timeout (1).
+/// which), or cannot be reached (1). A pool silent for its heartbeat_timeout (its host died, or
+/// the network between them broke) has given this host's worker up: serve() stops that worker at
+/// once and dials again as at its start, serving the pool again when it answers (a partition
+/// healed), and returning 1 when it cannot be reached within PROCPOOL_CONNECT_TIMEOUT.
 /// Either way, the worker it forked is gone when it returns: nothing is left running on the host.
 ///
 /// SIGTERM (a Slurm preemption or scancel, a Kubernetes eviction) drains it: the pool is told, takes
@@ -68,7 +71,8 @@ inline bool launched_as_worker(int argc, char** argv) {
 /// Serves a pool of W workers; each worker process gets its W from `factory` (W or
 /// `std::unique_ptr<W>`), called in that process. Blocks until the pool is done with this
 /// program, then returns the program's exit status: 0 when the pool closed the connection, 1 when
-/// it could not be reached or went silent, 2 when it refused this program (see the file comment).
+/// it could not be reached (at its start, or again after the pool went silent), 2 when it refused
+/// this program (see the file comment).
 /// Call it from the main thread, before starting threads: it forks.
 template <typename W, typename Factory>
   requires std::invocable<Factory&>

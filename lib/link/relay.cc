@@ -287,6 +287,14 @@ class Relay final : private LinkEvents {
   int run();
 
  private:
+  // After a handshake: a worker launcher for this pool's limits, a fresh heartbeat clock, and
+  // the frames the pool sent right after its welcome. False when one broke the protocol.
+  bool begin_session();
+  // The pool went silent: its host died, or the network between us broke (a partition). The pool
+  // has given this host's worker up (its task failed or runs again elsewhere), so the worker goes
+  // now, killed and reaped; then the relay dials again as at its start, for connect_timeout, and
+  // serves once the pool answers (the network healed). False when no pool answered.
+  bool rejoin();
   // One try: TLS over `socket` (plaintext with no context), then the protocol's handshake.
   absl::Status handshake(UniqueFd socket, absl::Time deadline);
   void queue(capnp::MessageBuilder& message) { writer_.push_copy(capnp::messageToFlatArray(message)); }
@@ -500,15 +508,7 @@ bool Relay::take_pool_frames() {
   }
 }
 
-int Relay::run() {
-  const absl::Status shook = join(connect_timeout());
-  if (!shook.ok()) {
-    say(std::string(shook.message()));
-    return shook.code() == absl::StatusCode::kPermissionDenied ||
-                   shook.code() == absl::StatusCode::kFailedPrecondition
-               ? 2
-               : 1;
-  }
+bool Relay::begin_session() {
   // The same reader: frames the pool sent right after its welcome may be in it already.
   reader_.set_max_frame_bytes(kControlFrameBytes);
   (void)set_nonblocking(channel_->fd(), true);
@@ -529,20 +529,62 @@ int Relay::run() {
   // What stops its workers' trees and caps their memory on this host, as the pool logs its own.
   if (std::getenv("PROCPOOL_LOG_ALL") != nullptr) say(launcher_->cgroup_plan().describe());
   last_received_ns_ = monotonic_now_ns();
+  return take_pool_frames();
+}
+
+bool Relay::rejoin() {
+  stop_child(StopMode::kKill);
+  // Its end reported to no one (the connection goes): reaped here, before a spawn may come.
+  const int64_t give_up = monotonic_now_ns() + to_ns(limits_.kill_grace + absl::Seconds(5));
+  std::vector<pollfd> fds;
+  while (child_ && monotonic_now_ns() < give_up) {
+    fds.clear();
+    child_->add_pollfds(fds, false);
+    (void)::poll(fds.data(), fds.size(), 10);
+    child_->service(fds.data(), fds.size(), false, *this);
+    if (child_) (void)child_->check(monotonic_now_ns(), *this);
+  }
+  child_.reset();
+  retired_.reset();
+  timed_out_.reset();
+  child_stop_ = StopSequence();
+  writer_.clear();
+  output_lines_.clear();
+  output_bytes_ = 0;
+  channel_.reset();
+  if (absl::Status joined = join(connect_timeout()); !joined.ok()) {
+    say(std::string(joined.message()));
+    return false;
+  }
+  say("connected to the pool again");
+  return begin_session();
+}
+
+int Relay::run() {
+  const absl::Status shook = join(connect_timeout());
+  if (!shook.ok()) {
+    say(std::string(shook.message()));
+    return shook.code() == absl::StatusCode::kPermissionDenied ||
+                   shook.code() == absl::StatusCode::kFailedPrecondition
+               ? 2
+               : 1;
+  }
   // Whatever ends the relay ends its worker: it would die with us anyway (PR_SET_PDEATHSIG).
   auto leave = [this](int status) {
     stop_child(StopMode::kKill);
     return status;
   };
-  if (!take_pool_frames()) return leave(1);
+  if (!begin_session()) return leave(1);
   DrainSignal drain_signal;
   std::vector<pollfd> fds;
   while (true) {
     const int64_t now = monotonic_now_ns();
     if (now - last_received_ns_ > to_ns(limits_.heartbeat_timeout)) {
       say(absl::StrCat("nothing from the pool for ", absl::FormatDuration(limits_.heartbeat_timeout),
-                       ": it is gone; stopping"));
-      return leave(1);
+                       ": it or the network to it is gone; stopping the worker and dialling again"));
+      // A draining host was leaving anyway: it does not come back.
+      if (draining_ || !rejoin()) return leave(1);
+      continue;
     }
     int64_t next = last_received_ns_ + to_ns(limits_.heartbeat_timeout);
     if (draining_ && !child_) {

@@ -12,12 +12,15 @@
 // so only that task's failure: the relay forks a new worker when the pool asks, on the same
 // control connection.
 //
-// Its life ends with the pool's: at end of file on the connection, or after heartbeat_timeout
-// without a byte from the pool (the pool's host vanished), it kills its worker and returns. No
-// orphans are left on worker hosts. Or it drains: a SIGTERM (a preemption) makes it tell the pool
-// it is leaving (FromWorker.draining); the pool takes back what the worker has not started, lets
-// the running task end (the watchdog still enforces its timeout), shuts the worker down (exit()
-// runs), and closes the connection: the relay returns 0. A second SIGTERM kills it at once.
+// Its life ends with the pool's: at end of file on the connection it kills its worker and returns.
+// After heartbeat_timeout without a byte from the pool (the pool's host vanished, or the network
+// between them broke), it kills and reaps its worker, drops the connection and dials again as at
+// its start: it serves the pool again when the network heals, and returns when it cannot reach
+// it for its connect timeout. No orphans are left on worker hosts. Or it
+// drains: a SIGTERM (a preemption) makes it tell the pool it is leaving (FromWorker.draining); the
+// pool takes back what the worker has not started, lets the running task end (the watchdog still
+// enforces its timeout), shuts the worker down (exit() runs), and closes the connection: the
+// relay returns 0. A second SIGTERM kills it at once.
 
 #ifndef PROCPOOL_LIB_LINK_RELAY_H_
 #define PROCPOOL_LIB_LINK_RELAY_H_

@@ -122,7 +122,10 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
       });
   last_received_ns_ = std::max(last_received_ns_, stream_.last_read_ns());
   if (state_ == State::kClosed || state_ == State::kData) return;
-  if (read.broken) {
+  if (read.broken && channel_->record_failed()) {
+    close(absl::StrCat("its control connection broke: ", read.why.message()), events_of,
+          /*corrupted=*/true);
+  } else if (read.broken) {
     close(std::string(read.why.message()), events_of);
   } else if (read.closed) {
     close(read.why.ok() ? "it closed its connection" : std::string(read.why.message()), events_of);
@@ -312,13 +315,13 @@ void RemoteHost::unbind(TcpLink* link) {
   if (state_ == State::kBusy) state_ = State::kIdle;
 }
 
-void RemoteHost::close(const std::string& why, const EventsOf& events_of) {
+void RemoteHost::close(const std::string& why, const EventsOf& events_of, bool corrupted) {
   if (state_ == State::kClosed) return;
   state_ = State::kClosed;
   closed_reason_ = why;
   channel_.reset();
   writer_.clear();
-  if (TcpLink* link = std::exchange(link_, nullptr)) link->on_lost(why, events_of(*link));
+  if (TcpLink* link = std::exchange(link_, nullptr)) link->on_lost(why, events_of(*link), corrupted);
 }
 
 }  // namespace procpool::internal

@@ -315,9 +315,13 @@ absl::StatusOr<ssize_t> TlsChannel::read(void* into, size_t size) {
       return 0;
     }
     // A record that fails its check (or a broken socket): everything after is untrustworthy.
-    failed_ = error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0
-                  ? absl::ErrnoToStatus(errno, "reading a TLS record")
-                  : absl::DataLossError(absl::StrCat("a TLS record failed its check: ", openssl_errors()));
+    // Past the handshake, what fails its check was changed on the way (our peer has the keys),
+    // or our peer said so of what we sent (its alert): not a connection that merely broke.
+    record_failed_ = !(error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0);
+    failed_ = record_failed_
+                  ? absl::DataLossError(absl::StrCat(
+                        "TLS record authentication failed (bytes changed on the way?): ", openssl_errors()))
+                  : absl::ErrnoToStatus(errno, "reading a TLS record");
     starved_ = true;
     if (got > 0) break;  // what was read before it is sound
     return failed_;

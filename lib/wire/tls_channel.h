@@ -98,8 +98,12 @@ class TlsChannel {
   bool established() const { return established_; }
 
   // Like read(2) on a non-blocking socket: the bytes read (> 0), 0 at the end of the stream, -1
-  // when nothing is ready. kDataLoss when a record fails its check (tampering, or no TLS peer).
+  // when nothing is ready. kDataLoss ("TLS record authentication failed ...") when a record fails
+  // its check (tampering, or no TLS peer), or the peer's alert says one of ours did.
   absl::StatusOr<ssize_t> read(void* into, size_t size);
+  // Once read() said kDataLoss: bytes were changed, dropped or inserted on the way — unlike a
+  // connection that closed or broke (read() then says 0, or the socket's error).
+  bool record_failed() const { return record_failed_; }
   // After read(): true if it stopped because TLS held nothing more, so that poll() tells of what
   // comes next (false: it stopped because `size` was reached).
   bool starved() const { return starved_; }
@@ -130,6 +134,7 @@ class TlsChannel {
   bool established_ = false;
   bool starved_ = true;
   absl::Status failed_;  // once a record failed: every later read says so
+  bool record_failed_ = false;
   std::unique_ptr<char[]> staging_;  // small pieces gathered into one record
 };
 

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -545,6 +546,27 @@ TEST_CASE("a worker forked by its relay holds no copy of the token in its memory
   }
   StartedWorker worker = start_worker(pool.remote_address(), token_in_env, env);
   auto copies = map_within(pool, std::vector<int64_t>{testing::kRemoteTokenInMemory}, {},
+                           absl::Seconds(30));
+  REQUIRE_MESSAGE(copies.ok(), copies.status());
+  CHECK((*copies)[0] == 0);
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(worker.reap(absl::Seconds(10)));
+}
+
+TEST_CASE("a worker forked by its relay holds no copy of the TLS key its relay derived from the "
+          "token") {
+  const std::string token = make_token();
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(30)}));
+  // The key both ends derive (tls_channel.h): with it, a task could pass any pool's TLS layer.
+  auto context = internal::TlsContext::with_token(token, internal::TlsContext::Role::kClient);
+  REQUIRE(context.ok());
+  const std::string psk((*context)->psk());
+  REQUIRE(psk.size() == 32);
+  StartedWorker worker =
+      start_worker(pool.remote_address(), token, {absl::StrCat("REMOTE_SECRET_HEX=", absl::BytesToHexString(psk))});
+  auto copies = map_within(pool, std::vector<int64_t>{testing::kRemoteSecretInMemory}, {},
                            absl::Seconds(30));
   REQUIRE_MESSAGE(copies.ok(), copies.status());
   CHECK((*copies)[0] == 0);

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "tests/test_support.h"
@@ -44,6 +45,9 @@ inline constexpr int64_t kRemoteAllocate512MiB = -13;  // touches 512 MiB, retur
 // stacks, private pages): the token is $REMOTE_TOKEN_REVERSED reversed (so that the environment
 // does not hold it), and its own copy of it does not count.
 inline constexpr int64_t kRemoteTokenInMemory = -14;
+// Returns how many copies of the bytes $REMOTE_SECRET_HEX spells in hex (so that the environment
+// does not hold them) its process holds in memory, as kRemoteTokenInMemory.
+inline constexpr int64_t kRemoteSecretInMemory = -15;
 
 // How many times `needle` occurs in this process's anonymous readable mappings, besides at
 // `needle` itself. Read through /proc/self/mem, which neither faults nor trips a sanitizer on
@@ -154,6 +158,11 @@ struct RemoteWorker {
         const std::string backwards = reversed;
         const std::string token(backwards.rbegin(), backwards.rend());
         return copies_in_memory(token);
+      }
+      case kRemoteSecretInMemory: {
+        const char* hex = std::getenv("REMOTE_SECRET_HEX");
+        if (hex == nullptr) return -1;
+        return copies_in_memory(absl::HexStringToBytes(hex));
       }
       default:
         break;

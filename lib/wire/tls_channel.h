@@ -36,6 +36,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "lib/common/fork_proof_secret.h"
 #include "lib/common/unique_fd.h"
 
 typedef struct ssl_ctx_st SSL_CTX;
@@ -49,7 +50,8 @@ class TlsContext {
   enum class Role { kServer, kClient };  // the pool accepts; a relay dials
 
   // Keyed by the token: PSK = HKDF-SHA256(token, salt "procpool tls 1.3 psk", 32 bytes), no
-  // certificates. kInvalidArgument for an empty token.
+  // certificates. kInvalidArgument for an empty token. Each session forgets the key once its
+  // handshake is done (it then needs only its own traffic keys).
   static absl::StatusOr<std::shared_ptr<TlsContext>> with_token(absl::string_view token, Role role);
   // Mutual certificates: `cert_file` (PEM, chain allowed) and `key_file` present this side; the
   // peer's certificate must chain to `ca_file`. kInvalidArgument saying which file is wrong.
@@ -63,15 +65,16 @@ class TlsContext {
 
   SSL_CTX* get() const { return context_; }
   Role role() const { return role_; }
-  // The token's pre-shared key ("" with certificates).
-  const std::string& psk() const { return psk_; }
+  // The token's pre-shared key ("" with certificates). Kept in memory a fork leaves behind
+  // (fork_proof_secret.h): a worker its relay forks, and its tasks, find no copy of it.
+  absl::string_view psk() const { return psk_.view(); }
 
  private:
-  TlsContext(SSL_CTX* context, Role role, std::string psk)
+  TlsContext(SSL_CTX* context, Role role, ForkProofSecret psk)
       : context_(context), role_(role), psk_(std::move(psk)) {}
   SSL_CTX* context_;
   Role role_;
-  std::string psk_;
+  ForkProofSecret psk_;
 };
 
 class TlsChannel {
@@ -127,6 +130,8 @@ class TlsChannel {
  private:
   TlsChannel(std::shared_ptr<TlsContext> context, UniqueFd socket, SSL* ssl)
       : context_(std::move(context)), socket_(std::move(socket)), ssl_(ssl) {}
+  // Once the handshake is done: the session keeps no copy of the token's key (tls_channel.cc).
+  void forget_psk();
 
   std::shared_ptr<TlsContext> context_;
   UniqueFd socket_;

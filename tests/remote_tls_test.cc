@@ -16,7 +16,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -51,22 +50,12 @@ using testing::message_has;
 using testing::RemoteWorker;
 using testing::TempDir;
 using testing::wait_until;
+using testing::worker_program;
 
 struct Setup {
   Setup() { testing::disable_core_dumps(); }
 };
 const Setup setup;
-
-std::string worker_program() {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool",
-                                    "/tests/remote_worker_helper");
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "remote_worker_helper").string();
-}
 
 PoolOptions remote_pool(int workers, RemoteOptions remote) {
   PoolOptions options;

@@ -91,6 +91,10 @@ inline int64_t copies_in_memory(const std::string& needle) {
   return found;
 }
 
+// The worker program of the remote tests (tests/remote_worker_helper.cc), for RemoteOptions::launch
+// or to start by hand.
+inline std::string worker_program() { return helper_program("remote_worker_helper"); }
+
 struct RemoteWorker {
   using Job = int64_t;
   using Result = int64_t;

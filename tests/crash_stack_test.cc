@@ -13,8 +13,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <filesystem>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "doctest/doctest.h"
 #include "procpool/procpool.h"
+#include "tests/fault_support.h"
 #include "tests/test_link.h"
 #include "tests/test_support.h"
 
@@ -59,35 +58,12 @@ struct Crasher {
   }
 };
 
-// Every event the pool logs, kept for the test.
-struct Events {
-  std::mutex mu;
-  std::vector<LogEvent> events;
-  LogSink sink() {
-    return [this](const LogEvent& event) {
-      std::lock_guard<std::mutex> lock(mu);
-      events.push_back(event);
-    };
-  }
-  std::vector<LogEvent> errors() {
-    std::lock_guard<std::mutex> lock(mu);
-    std::vector<LogEvent> found;
-    for (const LogEvent& event : events) {
-      if (event.severity == LogSeverity::kError) found.push_back(event);
-    }
-    return found;
-  }
-};
-
 PoolOptions remote(PoolOptions options) {
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  options.remote = RemoteOptions{.launch = {self, "--procpool-connect={address}"},
-                                 .connect_timeout = absl::Seconds(60),
-                                 .heartbeat_timeout = absl::Seconds(10)};
+  options.remote = testing::self_launched(absl::Seconds(60), absl::Seconds(10));
   return options;
 }
 
-void check_crash_reported(ProcessPool<Crasher>& pool, Events& events, int64_t how,
+void check_crash_reported(ProcessPool<Crasher>& pool, testing::LogCapture& events, int64_t how,
                           const char* signal_name, const char* function) {
   absl::StatusOr<int64_t> crashed = pool.apply(how);
   REQUIRE_FALSE(crashed.ok());
@@ -113,21 +89,21 @@ void check_crash_reported(ProcessPool<Crasher>& pool, Events& events, int64_t ho
 
 TEST_CASE("a worker killed by SIGSEGV reports its symbolized stack on the task's status and in one error event") {
   testing::DefaultCrashHandlers quiet;
-  Events events;
+  testing::LogCapture events;
   ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
   check_crash_reported(pool, events, 1, "SIGSEGV", "crash_stack_test_segfault");
 }
 
 TEST_CASE("an exception that reaches std::terminate in a worker reports the stack that threw it") {
   testing::DefaultCrashHandlers quiet;
-  Events events;
+  testing::LogCapture events;
   ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
   check_crash_reported(pool, events, 2, "SIGABRT", "crash_stack_test_throws_through_noexcept");
 }
 
 TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {
   testing::DefaultCrashHandlers quiet;
-  Events events;
+  testing::LogCapture events;
   ProcessPool<Crasher> pool(
       {.workers = 1, .start_method = StartMethod::kForkServer, .log_sink = events.sink()});
   check_crash_reported(pool, events, 3, "SIGFPE", "crash_stack_test_divides");
@@ -135,7 +111,7 @@ TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {
 
 TEST_CASE("map's first failure keeps the crashed worker's stack") {
   testing::DefaultCrashHandlers quiet;
-  Events events;
+  testing::LogCapture events;
   ProcessPool<Crasher> pool({.workers = 2, .log_sink = events.sink()});
   std::vector<int64_t> jobs = {0, 0, 1, 0};
   absl::StatusOr<std::vector<int64_t>> mapped = pool.map(jobs, {.chunksize = 1});
@@ -148,7 +124,7 @@ TEST_CASE("map's first failure keeps the crashed worker's stack") {
 
 TEST_CASE("with crash_backtraces false a crash records no stack") {
   testing::DefaultCrashHandlers quiet;
-  Events events;
+  testing::LogCapture events;
   ProcessPool<Crasher> pool(
       {.workers = 1, .log_sink = events.sink(), .crash_backtraces = false});
   absl::StatusOr<int64_t> crashed = pool.apply(1);
@@ -186,7 +162,7 @@ TEST_CASE("a SIGSEGV handler the program installed before the pool still runs in
   struct sigaction before {};
   REQUIRE(::sigaction(SIGSEGV, &mine, &before) == 0);
   {
-    Events events;
+    testing::LogCapture events;
     ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
     absl::StatusOr<int64_t> crashed = pool.apply(1);
     REQUIRE_FALSE(crashed.ok());
@@ -203,7 +179,7 @@ TEST_CASE("a SIGSEGV handler the program installed before the pool still runs in
 
 TEST_CASE("a remote worker's crash stack reaches the pool through its relay") {
   testing::DefaultCrashHandlers quiet;
-  Events events;
+  testing::LogCapture events;
   ProcessPool<Crasher> pool(remote({.workers = 1, .log_sink = events.sink()}));
   check_crash_reported(pool, events, 1, "SIGSEGV", "crash_stack_test_segfault");
   const std::vector<LogEvent> errors = events.errors();

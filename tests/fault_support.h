@@ -203,26 +203,42 @@ class LogCapture {
   LogSink sink() {
     return [this](const LogEvent& event) {
       std::lock_guard lock(mu_);
-      messages_.push_back(event.message);
+      events_.push_back(event);
     };
   }
   bool contains(absl::string_view text) const {
     std::lock_guard lock(mu_);
-    for (const std::string& message : messages_) {
-      if (absl::StrContains(message, text)) return true;
+    for (const LogEvent& event : events_) {
+      if (absl::StrContains(event.message, text)) return true;
     }
     return false;
   }
+  // Every message so far, one a line.
   std::string all() const {
     std::lock_guard lock(mu_);
     std::string joined;
-    for (const std::string& message : messages_) absl::StrAppend(&joined, message, "\n");
+    for (const LogEvent& event : events_) absl::StrAppend(&joined, event.message, "\n");
     return joined;
+  }
+  // The events so far, in order: all of them, or those `keep` holds for.
+  std::vector<LogEvent> events(const std::function<bool(const LogEvent&)>& keep = nullptr) const {
+    std::lock_guard lock(mu_);
+    std::vector<LogEvent> kept;
+    for (const LogEvent& event : events_) {
+      if (!keep || keep(event)) kept.push_back(event);
+    }
+    return kept;
+  }
+  std::vector<LogEvent> errors() const {
+    return events([](const LogEvent& event) { return event.severity == LogSeverity::kError; });
+  }
+  std::vector<LogEvent> from(LogSource source) const {
+    return events([source](const LogEvent& event) { return event.source == source; });
   }
 
  private:
   mutable std::mutex mu_;
-  std::vector<std::string> messages_;
+  std::vector<LogEvent> events_;
 };
 
 // Open descriptors of this process.

@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <map>
 #include <memory>
 #include <random>
@@ -688,20 +687,6 @@ TEST_CASE("workers that crash in enter() are restarted with growing delays; call
 // ============================================================================================
 // 5. Parent death.
 
-// The helper binary, a `data` dependency of this test, through the runfiles tree (or next to this
-// binary when run by hand from bazel-bin).
-std::string helper_path() {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool",
-                                    "/tests/parent_death_helper");
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "parent_death_helper")
-      .string();
-}
-
 // Reads one line from `fd` within `timeout`.
 std::string read_line_within(int fd, absl::Duration timeout) {
   std::string line;
@@ -745,7 +730,7 @@ TEST_CASE("when the parent is SIGKILLed, every worker exits within a second") {
   std::string mode;
   SUBCASE("workers busy in long tasks") { mode = "busy"; }
   SUBCASE("workers idle") { mode = "idle"; }
-  const std::string helper = helper_path();
+  const std::string helper = testing::helper_program("parent_death_helper");
   REQUIRE(testing::file_exists(helper));
   SubreaperScope subreaper;
 

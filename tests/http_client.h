@@ -86,33 +86,35 @@ inline std::string http_body(const std::string& answer) {
   return end == std::string::npos ? "" : answer.substr(end + 4);
 }
 
-// The value of the first sample of `series` whose labels contain `labels` (e.g. `worker="0"`),
-// from Prometheus text; nullopt if there is none.
-inline std::optional<double> sample_value(const std::string& text, const std::string& series,
-                                          const std::string& labels = "") {
+// The values of every sample of `series` whose labels contain `labels` (e.g. `worker="0"`), from
+// Prometheus text, in order.
+inline std::vector<double> sample_values(const std::string& text, const std::string& series,
+                                         const std::string& labels = "") {
+  std::vector<double> values;
   for (const absl::string_view line : absl::StrSplit(text, '\n')) {
     if (!absl::StartsWith(line, absl::StrCat(series, "{"))) continue;
     const size_t close = line.rfind("} ");
     if (close == absl::string_view::npos) continue;
     if (!labels.empty() && line.substr(0, close).find(labels) == absl::string_view::npos) continue;
     double value = 0;
-    if (absl::SimpleAtod(line.substr(close + 2), &value)) return value;
+    if (absl::SimpleAtod(line.substr(close + 2), &value)) values.push_back(value);
   }
-  return std::nullopt;
+  return values;
 }
 
-// The sum of every sample of `series` whose labels contain `labels` (0 if there is none).
+// The value of the first such sample; nullopt if there is none.
+inline std::optional<double> sample_value(const std::string& text, const std::string& series,
+                                          const std::string& labels = "") {
+  const std::vector<double> values = sample_values(text, series, labels);
+  if (values.empty()) return std::nullopt;
+  return values.front();
+}
+
+// The sum of every such sample (0 if there is none).
 inline double sample_sum(const std::string& text, const std::string& series,
                          const std::string& labels = "") {
   double sum = 0;
-  for (const absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (!absl::StartsWith(line, absl::StrCat(series, "{"))) continue;
-    const size_t close = line.rfind("} ");
-    if (close == absl::string_view::npos) continue;
-    if (!labels.empty() && line.substr(0, close).find(labels) == absl::string_view::npos) continue;
-    double value = 0;
-    if (absl::SimpleAtod(line.substr(close + 2), &value)) sum += value;
-  }
+  for (const double value : sample_values(text, series, labels)) sum += value;
   return sum;
 }
 

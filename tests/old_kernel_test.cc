@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -29,23 +28,11 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "doctest/doctest.h"
+#include "lib/common/syscall_numbers.h"
 #include "tests/fault_support.h"
 #include "tests/remote_worker.h"
 #include "tests/test_support.h"
 #include "tools/enosys_filter.h"
-
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
-#ifndef SYS_pidfd_send_signal
-#define SYS_pidfd_send_signal 424
-#endif
-#ifndef SYS_close_range
-#define SYS_close_range 436
-#endif
-#ifndef SYS_clone3
-#define SYS_clone3 435
-#endif
 
 namespace procpool {
 namespace {
@@ -276,16 +263,6 @@ TEST_CASE("without close_range, a worker inherits no descriptor of the parent's 
   ::close(high);
 }
 
-std::string sibling(const std::string& name) {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/", name);
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / name).string();
-}
-
 TEST_CASE("without pidfds, remote workers run; one killed mid-task is reported and its host "
           "forks another; a hung one is stopped at its timeout; nothing is left") {
   {
@@ -293,7 +270,7 @@ TEST_CASE("without pidfds, remote workers run; one killed mid-task is reported a
     PoolOptions options{.workers = 2, .task_timeout = absl::Seconds(2),
                         .kill_grace = absl::Milliseconds(300), .log_sink = logs.sink()};
     options.remote = RemoteOptions{
-        .launch = {sibling("remote_worker_helper"), "--procpool-connect={address}"},
+        .launch = {testing::worker_program(), "--procpool-connect={address}"},
         .connect_timeout = absl::Seconds(30)};
     ProcessPool<testing::RemoteWorker> pool(options);
     auto squares = map_within(pool, range(200), {}, absl::Seconds(60));

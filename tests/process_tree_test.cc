@@ -15,7 +15,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <memory>
@@ -46,6 +45,7 @@ namespace procpool {
 namespace {
 
 using testing::wait_until;
+using testing::worker_program;
 
 // Jobs: a positive job is answered with itself.
 constexpr int64_t kShellTree = -1;    // sh -c 'sleep 1000 & sleep 1000', waited for
@@ -330,18 +330,6 @@ TEST_CASE("without a memory cgroup, max_worker_memory_bytes is RLIMIT_AS: the al
 
 // Remote workers: the worker program (tests/remote_worker_helper) launched by the pool; its relay
 // forks the worker and stops its tree on its host.
-std::string worker_program() {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    const std::string path =
-        absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/remote_worker_helper");
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "remote_worker_helper")
-      .string();
-}
-
 PoolOptions remote_options(PoolOptions options) {
   options.workers = 1;
   options.name = "tree";

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -53,6 +54,7 @@ using testing::map_within;
 using testing::message_has;
 using testing::RemoteWorker;
 using testing::wait_until;
+using testing::worker_program;
 
 // The flood below holds hundreds of descriptors in this process.
 struct Setup {
@@ -66,18 +68,6 @@ struct Setup {
   }
 };
 const Setup setup;
-
-std::string worker_program() {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool",
-                                    "/tests/remote_worker_helper");
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "remote_worker_helper")
-      .string();
-}
 
 PoolOptions remote_pool(int workers, RemoteOptions remote, PoolOptions options = {}) {
   options.workers = workers;
@@ -520,12 +510,18 @@ TEST_CASE("token holders that begin huge frames cannot grow the pool's memory: c
 // =============================================================================================
 // The token (item 2): not in a forked worker's memory.
 
-TEST_CASE("a worker forked by its relay holds no copy of the token in its memory") {
+TEST_CASE("a worker forked by its relay holds no copy of the token, nor of the TLS key derived "
+          "from it, in its memory") {
   const std::string token = make_token();
   ProcessPool<RemoteWorker> pool(remote_pool(
       1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(30)}));
+  // The key both ends derive (tls_channel.h): with it, a task could pass the pool's TLS layer.
+  auto context = internal::TlsContext::with_token(token, internal::TlsContext::Role::kClient);
+  REQUIRE(context.ok());
+  REQUIRE((*context)->psk().size() == 32);
   std::vector<std::string> env = {
-      absl::StrCat("REMOTE_TOKEN_REVERSED=", std::string(token.rbegin(), token.rend()))};
+      absl::StrCat("REMOTE_TOKEN_REVERSED=", std::string(token.rbegin(), token.rend())),
+      absl::StrCat("REMOTE_SECRET_HEX=", absl::BytesToHexString((*context)->psk()))};
   testing::TempDir dir;
   std::string token_in_env = token;
   SUBCASE("read from PROCPOOL_TOKEN_FILE") {
@@ -544,10 +540,12 @@ TEST_CASE("a worker forked by its relay holds no copy of the token in its memory
 #endif
   }
   StartedWorker worker = start_worker(pool.remote_address(), token_in_env, env);
-  auto copies = map_within(pool, std::vector<int64_t>{testing::kRemoteTokenInMemory}, {},
-                           absl::Seconds(30));
+  auto copies = map_within(
+      pool, std::vector<int64_t>{testing::kRemoteTokenInMemory, testing::kRemoteSecretInMemory}, {},
+      absl::Seconds(30));
   REQUIRE_MESSAGE(copies.ok(), copies.status());
-  CHECK((*copies)[0] == 0);
+  CHECK((*copies)[0] == 0);  // the token
+  CHECK((*copies)[1] == 0);  // its TLS key
   REQUIRE(pool.close().ok());
   CHECK(pool.join().ok());
   CHECK(worker.reap(absl::Seconds(10)));

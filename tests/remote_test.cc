@@ -17,7 +17,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <optional>
@@ -61,6 +60,7 @@ using testing::RemoteWorker;
 using testing::TempDir;
 using testing::map_within;
 using testing::wait_until;
+using testing::worker_program;
 
 struct Setup {
   Setup() { testing::disable_core_dumps(); }
@@ -68,18 +68,6 @@ struct Setup {
 const Setup setup;
 
 // A binary next to this one, through the runfiles tree (or bazel-bin when run by hand).
-std::string sibling(const std::string& name) {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/", name);
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / name).string();
-}
-
-std::string worker_program() { return sibling("remote_worker_helper"); }
-
 PoolOptions remote_pool(int workers, RemoteOptions remote, PoolOptions options = {}) {
   options.workers = workers;
   if (std::getenv("PROCPOOL_TEST_LOG") == nullptr) options.log_sink = nullptr;
@@ -1154,7 +1142,7 @@ TEST_CASE("when the pool's process is SIGKILLed, its remote workers and their ho
   REQUIRE(parent >= 0);
   if (parent == 0) {
     ::dup2(out[1], STDOUT_FILENO);
-    const std::string helper = sibling("parent_death_helper");
+    const std::string helper = testing::helper_program("parent_death_helper");
     const std::string program = worker_program();
     ::execl(helper.c_str(), helper.c_str(), "remote", program.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);

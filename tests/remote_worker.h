@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "tests/test_support.h"
@@ -46,6 +47,9 @@ inline constexpr int64_t kRemoteAllocate512MiB = -13;  // touches 512 MiB, retur
 inline constexpr int64_t kRemoteTokenInMemory = -14;
 // A job kRemoteSlow + n sleeps 150 ms, then returns n (tasks slow enough to be caught running).
 inline constexpr int64_t kRemoteSlow = int64_t{1} << 40;
+// Returns how many copies of the bytes $REMOTE_SECRET_HEX spells in hex (so that the environment
+// does not hold them) its process holds in memory, as kRemoteTokenInMemory.
+inline constexpr int64_t kRemoteSecretInMemory = -15;
 
 // How many times `needle` occurs in this process's anonymous readable mappings, besides at
 // `needle` itself. Read through /proc/self/mem, which neither faults nor trips a sanitizer on
@@ -88,6 +92,10 @@ inline int64_t copies_in_memory(const std::string& needle) {
   ::close(mem);
   return found;
 }
+
+// The worker program of the remote tests (tests/remote_worker_helper.cc), for RemoteOptions::launch
+// or to start by hand.
+inline std::string worker_program() { return helper_program("remote_worker_helper"); }
 
 struct RemoteWorker {
   using Job = int64_t;
@@ -160,6 +168,11 @@ struct RemoteWorker {
         const std::string backwards = reversed;
         const std::string token(backwards.rbegin(), backwards.rend());
         return copies_in_memory(token);
+      }
+      case kRemoteSecretInMemory: {
+        const char* hex = std::getenv("REMOTE_SECRET_HEX");
+        if (hex == nullptr) return -1;
+        return copies_in_memory(absl::HexStringToBytes(hex));
       }
       default:
         break;

@@ -21,18 +21,6 @@
 namespace procpool {
 namespace {
 
-// The helper binary, a `data` dependency of this test, through Bazel's runfiles tree; else next to
-// this binary (run by hand from bazel-bin, or built by CMake, which puts helpers beside tests).
-std::string helper_path() {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr && workspace != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace, "/tests/signal_helper");
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "signal_helper").string();
-}
-
 struct Helper {
   pid_t pid = -1;
   FILE* out = nullptr;
@@ -42,7 +30,7 @@ struct Helper {
 Helper start(const std::string& dir, int task_ms) {
   int fds[2];
   REQUIRE(::pipe(fds) == 0);
-  const std::string path = helper_path();
+  const std::string path = testing::helper_program("signal_helper");
   const std::string ms = std::to_string(task_ms);
   pid_t pid = ::fork();
   if (pid == 0) {

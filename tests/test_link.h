@@ -19,13 +19,18 @@ inline bool remote_link() {
   return link != nullptr && std::string(link) == "tcp";
 }
 
+// Remote workers that are this very test binary, launched by the pool to dial it over loopback.
+inline RemoteOptions self_launched(absl::Duration connect_timeout, absl::Duration heartbeat_timeout) {
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  return RemoteOptions{.launch = {self, "--procpool-connect={address}"},
+                       .connect_timeout = connect_timeout,
+                       .heartbeat_timeout = heartbeat_timeout};
+}
+
 inline PoolOptions on_link(PoolOptions options) {
   if (!remote_link()) return options;
   if (options.workers == 0) options.workers = 2;
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  options.remote = RemoteOptions{.launch = {self, "--procpool-connect={address}"},
-                                 .connect_timeout = absl::Seconds(30),
-                                 .heartbeat_timeout = absl::Seconds(4)};
+  options.remote = self_launched(absl::Seconds(30), absl::Seconds(4));
   return options;
 }
 

@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
+
 namespace procpool::testing {
 
 TempDir::TempDir() {
@@ -38,6 +40,16 @@ std::vector<std::string> read_lines(const std::string& path) {
 }
 
 bool file_exists(const std::string& path) { return std::filesystem::exists(path); }
+
+std::string helper_program(const std::string& name) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (srcdir != nullptr) {
+    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/", name);
+    if (file_exists(path)) return path;
+  }
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / name).string();
+}
 
 std::vector<pid_t> child_pids(pid_t parent) {
   std::vector<pid_t> children;

@@ -41,6 +41,10 @@ class TempDir {
 void append_line(const std::string& path, const std::string& line);
 std::vector<std::string> read_lines(const std::string& path);
 bool file_exists(const std::string& path);
+// The path of helper program `name` (a `data` dependency of the test): in Bazel's runfiles tree,
+// else next to this binary (run by hand from bazel-bin, or built by CMake, which puts helpers
+// beside tests).
+std::string helper_program(const std::string& name);
 
 // Pids of this process's children (including zombies), from /proc.
 std::vector<pid_t> child_pids(pid_t parent);

@@ -11,9 +11,7 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <filesystem>
 #include <map>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -22,6 +20,8 @@
 #include "absl/strings/str_cat.h"
 #include "doctest/doctest.h"
 #include "procpool/procpool.h"
+#include "tests/fault_support.h"
+#include "tests/test_link.h"
 #include "tests/test_support.h"
 
 namespace procpool {
@@ -69,35 +69,8 @@ struct Printer {
   void exit() { std::printf("exit() ran in %d\n", static_cast<int>(::getpid())); }
 };
 
-// Every event the pool logs, kept for the test.
-struct Events {
-  std::mutex mu;
-  std::vector<LogEvent> events;
-  LogSink sink() {
-    return [this](const LogEvent& event) {
-      std::lock_guard<std::mutex> lock(mu);
-      events.push_back(event);
-    };
-  }
-  std::vector<LogEvent> from(LogSource source) {
-    std::lock_guard<std::mutex> lock(mu);
-    std::vector<LogEvent> found;
-    for (const LogEvent& event : events) {
-      if (event.source == source) found.push_back(event);
-    }
-    return found;
-  }
-  std::vector<LogEvent> all() {
-    std::lock_guard<std::mutex> lock(mu);
-    return events;
-  }
-};
-
 PoolOptions remote(PoolOptions options) {
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  options.remote = RemoteOptions{.launch = {self, "--procpool-connect={address}"},
-                                 .connect_timeout = absl::Seconds(60),
-                                 .heartbeat_timeout = absl::Seconds(10)};
+  options.remote = testing::self_launched(absl::Seconds(60), absl::Seconds(10));
   return options;
 }
 
@@ -108,7 +81,7 @@ std::vector<std::string> messages(const std::vector<LogEvent>& events) {
 }
 
 void check_lines_of_every_job(PoolOptions options, bool remote_workers) {
-  Events events;
+  testing::LogCapture events;
   options.workers = 2;
   options.log_sink = events.sink();
   {
@@ -163,7 +136,7 @@ TEST_CASE("forwarded output: every line of every task reaches the sink once, who
 TEST_CASE("forwarded output: lines written just before a crash, and a last one without a newline, are not lost") {
   for (const bool remote_workers : {false, true}) {
     CAPTURE(remote_workers);
-    Events events;
+    testing::LogCapture events;
     PoolOptions options{.workers = 1, .log_sink = events.sink(),
                         .worker_output = WorkerOutput::kForward};
     ProcessPool<Printer> pool(remote_workers ? remote(options) : options);
@@ -173,7 +146,7 @@ TEST_CASE("forwarded output: lines written just before a crash, and a last one w
     // Delivered before the death is reported, in the order written.
     const std::vector<std::string> out = messages(events.from(LogSource::kStdout));
     CHECK(out == std::vector<std::string>{"last words", "really last", "no newline"});
-    const std::vector<LogEvent> all = events.all();
+    const std::vector<LogEvent> all = events.events();
     size_t last_line = 0, death = 0;
     for (size_t i = 0; i < all.size(); ++i) {
       if (all[i].message == "no newline") last_line = i;
@@ -184,7 +157,7 @@ TEST_CASE("forwarded output: lines written just before a crash, and a last one w
 }
 
 TEST_CASE("forwarded output: a line over 64 KiB arrives in pieces of 64 KiB") {
-  Events events;
+  testing::LogCapture events;
   {
     ProcessPool<Printer> pool(
         {.workers = 1, .log_sink = events.sink(), .worker_output = WorkerOutput::kForward});
@@ -198,7 +171,7 @@ TEST_CASE("forwarded output: a line over 64 KiB arrives in pieces of 64 KiB") {
 
 void check_many_lines(PoolOptions options) {
   // 100,000 lines from 2 workers: all of them, each worker's in the order it wrote them.
-  Events events;
+  testing::LogCapture events;
   options.workers = 2;
   options.log_sink = events.sink();
   {
@@ -229,7 +202,7 @@ TEST_CASE("forwarded output: 100,000 lines from 2 workers arrive complete and in
 
 TEST_CASE("inherited output (kInherit, and kAuto for forked workers) never reaches the sink") {
   for (WorkerOutput output : {WorkerOutput::kAuto, WorkerOutput::kInherit}) {
-    Events events;
+    testing::LogCapture events;
     {
       ProcessPool<Printer> pool({.workers = 1, .log_sink = events.sink(), .worker_output = output});
       REQUIRE(pool.apply(job(kPrintBoth, 7)).ok());
@@ -240,7 +213,7 @@ TEST_CASE("inherited output (kInherit, and kAuto for forked workers) never reach
 }
 
 void check_log_before_outcome(PoolOptions options) {
-  Events events;
+  testing::LogCapture events;
   options.workers = 2;
   options.log_sink = events.sink();
   ProcessPool<Printer> pool(options);
@@ -265,15 +238,13 @@ void check_log_before_outcome(PoolOptions options) {
     ++i;
   }
   CHECK(i == 200);
-  // enter() logs outside any task. Every worker that started logged it; on a loaded machine the
-  // second (remote) worker may still be dialling in when one has run all 200 tasks.
-  int entered = 0;
-  for (const LogEvent& event : events.from(LogSource::kWorker)) {
-    if (event.message != "entered") continue;
-    ++entered;
-    CHECK_FALSE(event.task.has_value());
-  }
-  CHECK(entered >= 1);
+  // enter() logs outside any task. A worker that started late (a fork server's second) may have
+  // run none of the tasks above, its record not in yet.
+  auto entered = [&events] { return events.events([](const LogEvent& event) {
+    return event.source == LogSource::kWorker && event.message == "entered";
+  }); };
+  CHECK(testing::wait_until([&] { return entered().size() >= 2; }, absl::Seconds(30)));
+  for (const LogEvent& event : entered()) CHECK_FALSE(event.task.has_value());
 }
 
 TEST_CASE("procpool::log in a task reaches the sink, naming worker and task, before the task's outcome") {

@@ -10,20 +10,7 @@
 #include <cerrno>
 #include <cstddef>
 
-// The numbers are the same on every architecture (the common table from 424 on); headers older
-// than the calls lack them.
-#ifndef SYS_pidfd_send_signal
-#define SYS_pidfd_send_signal 424
-#endif
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
-#ifndef SYS_clone3
-#define SYS_clone3 435
-#endif
-#ifndef SYS_close_range
-#define SYS_close_range 436
-#endif
+#include "lib/common/syscall_numbers.h"
 
 #if defined(__x86_64__)
 #define PROCPOOL_AUDIT_ARCH AUDIT_ARCH_X86_64

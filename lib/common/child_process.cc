@@ -14,17 +14,7 @@
 #include <atomic>
 #include <cerrno>
 
-// Kernel headers older than the calls (RHEL 8's) lack their numbers, the same on every
-// architecture (the common table from 424 on).
-#ifndef SYS_pidfd_send_signal
-#define SYS_pidfd_send_signal 424
-#endif
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
-#ifndef SYS_close_range
-#define SYS_close_range 436
-#endif
+#include "lib/common/syscall_numbers.h"
 
 namespace procpool::internal {
 namespace {

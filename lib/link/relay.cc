@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,6 +26,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "lib/common/clock.h"
+#include "lib/common/fork_proof_secret.h"
 #include "lib/common/socket.h"
 #include "lib/link/fork_launcher.h"
 #include "lib/link/handshake.h"
@@ -39,10 +39,6 @@
 #include "procpool/internal/worker_registry.h"
 
 extern char** environ;
-
-#ifndef MADV_WIPEONFORK
-#define MADV_WIPEONFORK 18  // Linux 4.14; older C libraries lack the name
-#endif
 
 namespace procpool::internal {
 namespace {
@@ -99,60 +95,21 @@ void erase_from_environment(const char* name) {
   for (char* entry : entries) ::explicit_bzero(entry, std::strlen(entry));
 }
 
-// The token, in memory that a fork leaves behind: a mapping of its own, advised MADV_WIPEONFORK,
-// so that a worker the relay forks (and whatever its tasks run) finds zeros there, where a copy in
-// the relay's heap would have been inherited byte for byte; MADV_DONTFORK (no such mapping in the
-// child) on kernels before 4.14. Erased when destroyed. Move-only.
-class ForkProofSecret {
- public:
-  static constexpr size_t kCapacity = kHandshakeFrameBytes;  // no token is longer
-
-  ForkProofSecret() {
-    void* mapped = ::mmap(nullptr, kCapacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mapped == MAP_FAILED) return;
-    if (::madvise(mapped, kCapacity, MADV_WIPEONFORK) != 0 &&
-        ::madvise(mapped, kCapacity, MADV_DONTFORK) != 0) {
-      ::munmap(mapped, kCapacity);
-      return;
-    }
-    data_ = static_cast<char*>(mapped);
-  }
-  ForkProofSecret(ForkProofSecret&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
-  ForkProofSecret& operator=(ForkProofSecret&& other) noexcept {
-    std::swap(data_, other.data_);
-    std::swap(size_, other.size_);
-    return *this;
-  }
-  ~ForkProofSecret() {
-    if (data_ == nullptr) return;
-    ::explicit_bzero(data_, kCapacity);
-    ::munmap(data_, kCapacity);
-  }
-
-  bool valid() const { return data_ != nullptr; }
-  char* data() { return data_; }
-  size_t size() const { return size_; }
-  void resize(size_t size) { size_ = size; }
-  absl::string_view view() const { return absl::string_view(data_, size_); }
-
- private:
-  char* data_ = nullptr;
-  size_t size_ = 0;
-};
+// No token is longer than a handshake frame.
+constexpr size_t kTokenCapacity = kHandshakeFrameBytes;
 
 // The token this worker proves: PROCPOOL_TOKEN, else the contents of the file PROCPOOL_TOKEN_FILE
 // names (without one trailing newline), copied nowhere but into a ForkProofSecret. Both leave the
 // environment (erase_from_environment). kInvalidArgument when neither is set or the file cannot
 // be read, or is empty.
 absl::StatusOr<ForkProofSecret> take_token_from_environment() {
-  ForkProofSecret token;
+  ForkProofSecret token(kTokenCapacity);
   if (!token.valid()) return absl::ErrnoToStatus(errno, "mapping a page for the token");
   std::string file;
   bool too_long = false;
   if (const char* value = std::getenv("PROCPOOL_TOKEN")) {
     const size_t length = std::strlen(value);
-    too_long = length > ForkProofSecret::kCapacity;
+    too_long = length > kTokenCapacity;
     if (!too_long) {
       std::memcpy(token.data(), value, length);
       token.resize(length);
@@ -176,8 +133,8 @@ absl::StatusOr<ForkProofSecret> take_token_from_environment() {
   if (!fd.valid()) return unreadable(errno);
   size_t got = 0;
   while (true) {
-    if (got == ForkProofSecret::kCapacity) return unreadable(EFBIG);  // no token is this long
-    const ssize_t n = ::read(fd.get(), token.data() + got, ForkProofSecret::kCapacity - got);
+    if (got == kTokenCapacity) return unreadable(EFBIG);  // no token is this long
+    const ssize_t n = ::read(fd.get(), token.data() + got, kTokenCapacity - got);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return unreadable(errno);
     if (n == 0) break;
@@ -331,7 +288,7 @@ class Relay final : private LinkEvents {
 
   std::unique_ptr<TlsChannel> channel_;  // the control connection
   const std::shared_ptr<TlsContext> tls_;  // for data connections too; null: plaintext
-  std::string session_secret_;            // what data connections prove (handshake.h)
+  ForkProofSecret session_secret_;        // what data connections prove (handshake.h)
   const HostPort pool_;
   const WorkerTypeFinder& find_;
   const WorkerBodyFactory* factory_ = nullptr;  // the pool's worker type, found in the handshake
@@ -492,7 +449,11 @@ absl::Status Relay::handshake(UniqueFd socket, absl::Time deadline) {
                                           peer_text(welcome.getWorkerType())));
   }
   limits_ = relay_limits(welcome);
-  session_secret_ = session_secret(token_.view(), nonce, pool_nonce, channel_->exporter(kSessionExporterLabel));
+  // Kept where the token is: a worker forked later has no use for it and must not hold it.
+  std::string secret = session_secret(token_.view(), nonce, pool_nonce, channel_->exporter(kSessionExporterLabel));
+  session_secret_ = ForkProofSecret::copy_of(secret);
+  ::explicit_bzero(secret.data(), secret.size());
+  if (!session_secret_.valid()) return absl::ErrnoToStatus(errno, "mapping a page for the session's key");
   return absl::OkStatus();
 }
 
@@ -715,7 +676,7 @@ void Relay::spawn(wire::Spawn::Reader request) {
     capnp::MallocMessageBuilder attach(64);
     auto a = attach.initRoot<wire::FromWorker>().initAttach();
     a.setDataId(request.getDataId());
-    const std::string proof = prove(session_secret_, "data", as_string(request.getDataId()),
+    const std::string proof = prove(session_secret_.view(), "data", as_string(request.getDataId()),
                                     (*data)->exporter(kDataExporterLabel));
     a.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
     if (absl::Status sent = write_frame(**data, attach); !sent.ok()) return fail(sent.message());

@@ -123,7 +123,10 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
       });
   last_received_ns_ = std::max(last_received_ns_, stream_.last_read_ns());
   if (state_ == State::kClosed || state_ == State::kData) return;
-  if (read.broken) {
+  if (read.broken && channel_->record_failed()) {
+    close(absl::StrCat("its control connection broke: ", read.why.message()), events_of,
+          /*corrupted=*/true);
+  } else if (read.broken) {
     close(std::string(read.why.message()), events_of);
   } else if (read.closed) {
     close(read.why.ok() ? "it closed its connection" : std::string(read.why.message()), events_of);
@@ -325,13 +328,13 @@ void RemoteHost::unbind(TcpLink* link) {
   if (draining_) close(kDrained, EventsOf());
 }
 
-void RemoteHost::close(const std::string& why, const EventsOf& events_of) {
+void RemoteHost::close(const std::string& why, const EventsOf& events_of, bool corrupted) {
   if (state_ == State::kClosed) return;
   state_ = State::kClosed;
   closed_reason_ = why;
   channel_.reset();
   writer_.clear();
-  if (TcpLink* link = std::exchange(link_, nullptr)) link->on_lost(why, events_of(*link));
+  if (TcpLink* link = std::exchange(link_, nullptr)) link->on_lost(why, events_of(*link), corrupted);
 }
 
 }  // namespace procpool::internal

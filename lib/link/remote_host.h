@@ -85,8 +85,9 @@ class RemoteHost {
   void unbind(TcpLink* link);
   void queue(capnp::MessageBuilder& message);
   void flush();
-  // Closes the connection; a bound link ends ("was lost: <why>").
-  void close(const std::string& why, const EventsOf& events_of);
+  // Closes the connection; a bound link ends ("was lost: <why>"), its tasks failing kDataLoss
+  // when `corrupted` (the connection failed TLS record authentication: TcpLink::on_lost).
+  void close(const std::string& why, const EventsOf& events_of, bool corrupted = false);
   // Refuses the peer (a frame saying why) and closes.
   void refuse(const std::string& why);
 

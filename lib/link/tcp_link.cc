@@ -102,7 +102,12 @@ void TcpLink::read_data(LinkEvents& events) {
         return !data_closed_;
       });
   if (data_closed_) return;
-  if (read.broken) {
+  if (read.broken && data_->record_failed()) {
+    // Someone on the path, not the worker: its tasks are not to blame.
+    events.on_corrupted_connection(
+        absl::DataLossError(absl::StrCat(name_, ": its data connection broke: ", read.why.message())));
+    close_data();
+  } else if (read.broken) {
     events.on_broken_stream(absl::DataLossError(absl::StrCat(name_, " ", read.why.message())));
     close_data();
   }
@@ -229,11 +234,16 @@ void TcpLink::on_ended(wire::Ended::Reader ended, LinkEvents& events) {
   end(std::move(end_of), events);
 }
 
-void TcpLink::on_lost(const std::string& why, LinkEvents& events) {
+void TcpLink::on_lost(const std::string& why, LinkEvents& events, bool corrupted) {
   progress_.exact = false;
   host_ = nullptr;
   ended_report_.reset();
-  end({absl::StrCat("was lost: ", why), false}, events);
+  WorkerEnd end_of{absl::StrCat("was lost: ", why), false};
+  if (corrupted) {
+    end_of.cause = absl::DataLossError(absl::StrCat(name_, " ", end_of.how));
+    end_of.corrupted = true;
+  }
+  end(std::move(end_of), events);
 }
 
 void TcpLink::on_draining(LinkEvents& events) {

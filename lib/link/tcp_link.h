@@ -90,7 +90,9 @@ class TcpLink final : public WorkerLink {
   void on_ended(wire::Ended::Reader ended, LinkEvents& events);
   // Lines of the worker's output its relay read (RelayLimits::forward_output).
   void on_output(wire::OutputLines::Reader output, LinkEvents& events);
-  void on_lost(const std::string& why, LinkEvents& events);
+  // Its host's control connection is gone; `corrupted`: it failed TLS record authentication
+  // (WorkerEnd::corrupted: the tasks lost with the worker fail kDataLoss).
+  void on_lost(const std::string& why, LinkEvents& events, bool corrupted = false);
   // Its host is leaving (it got SIGTERM): LinkEvents::on_host_leaving.
   void on_draining(LinkEvents& events);
   // No host came in time: it ends, and `cause` is its start failure.

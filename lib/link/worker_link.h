@@ -28,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -46,6 +47,10 @@ struct WorkerEnd {
   std::optional<absl::Status> cause = std::nullopt;
   // The stack it recorded when a fatal signal killed it (PoolOptions::crash_backtraces), or "".
   std::string crash_stack = {};
+  // It was lost because a connection to it failed TLS record authentication (bytes changed on
+  // the way): `cause` says so (kDataLoss). Not its doing, nor its task's: what it held runs again
+  // as after a death.
+  bool corrupted = false;
 };
 
 // What a worker is doing, as far as its link knows.
@@ -76,6 +81,10 @@ class LinkEvents {
   // The worker's stream can no longer be trusted: a frame too big, garbage, a frame begun and
   // not finished within frame_timeout. The pool stops the worker; kDataLoss names the cause.
   virtual void on_broken_stream(absl::Status why) = 0;
+  // The connection from the worker failed TLS record authentication (TlsChannel::record_failed):
+  // someone on the path changed bytes, not the worker. The pool stops the worker; the tasks it
+  // held fail with `why` (kDataLoss), or run again as after a death.
+  virtual void on_corrupted_connection(absl::Status why) { on_broken_stream(std::move(why)); }
   // The answer to revoke(): `claimed` tasks of the batch were claimed and will run or ran.
   virtual void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) = 0;
   // One line the worker wrote to its stdout (`is_stderr` false) or stderr, when its output is

@@ -80,6 +80,9 @@ struct LostWorker {
   // was running again would only repeat that. (Tasks whose results were lost with it are run
   // again under the call's retries either way: they did nothing wrong.)
   bool retry_allowed = true;
+  // A connection to it failed TLS record authentication (bytes changed on the way): the tasks
+  // lost with it fail kDataLoss, not kAborted (`ended` says why), and run again as after a death.
+  bool corrupted = false;
   // Its last progress, read after it ended.
   WorkerProgress last;
 };

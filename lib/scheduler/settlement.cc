@@ -136,8 +136,10 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
   for (size_t b = 0; b < worker.batches.size(); ++b) {
     if (worker.batches[b].seq == last.batch_seq) current = b;
   }
-  const absl::Status lost_result = absl::AbortedError(
-      absl::StrCat(how.ended, " after this task finished but before its result was sent"));
+  const absl::StatusCode lost_code =
+      how.corrupted ? absl::StatusCode::kDataLoss : absl::StatusCode::kAborted;
+  const absl::Status lost_result = absl::Status(
+      lost_code, absl::StrCat(how.ended, " after this task finished but before its result was sent"));
   std::vector<TaskRange> requeue;
   // Tasks [from, to) of `batch` that ran (or were running): run again if the call allows (and,
   // for the task running when the pool stopped the worker on purpose, it was not that task's own
@@ -172,8 +174,8 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
     }
   };
   // Late progress (TCP): tasks after the last one the worker told of may have started.
-  const absl::Status maybe_ran = absl::AbortedError(
-      absl::StrCat(how.ended, "; this task may have started before, its outcome is unknown"));
+  const absl::Status maybe_ran = absl::Status(
+      lost_code, absl::StrCat(how.ended, "; this task may have started before, its outcome is unknown"));
   const bool known = current < worker.batches.size();
   for (size_t b = 0; b < worker.batches.size(); ++b) {
     const Batch& batch = worker.batches[b];

@@ -26,6 +26,9 @@ class Supervisor::Events final : public LinkEvents {
     owner_.on_frame(slot_, frame, /*recovered=*/true);
   }
   void on_broken_stream(absl::Status why) override { owner_.on_broken_stream(slot_, why); }
+  void on_corrupted_connection(absl::Status why) override {
+    owner_.on_corrupted_connection(slot_, std::move(why));
+  }
   void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override;
   void on_output(bool is_stderr, std::string_view line) override {
     owner_.on_output(slot_, is_stderr, line);
@@ -73,6 +76,9 @@ struct Supervisor::ProcessState {
   std::optional<std::pair<uint64_t, uint32_t>> blamed;  // the task its stream broke on
   bool blame_at_end = false;  // find that task from its last progress, once it has ended
   absl::Status blamed_failure;
+  // A connection to it failed TLS record authentication: nobody's task is to blame, and what it
+  // held fails kDataLoss (its stop_reason) or runs again as after a death.
+  bool corrupted = false;
   absl::Status exit_hook_status;
   // terminate() with a cancel_grace: stopped once it has begun batch `terminate_after_batch` (the
   // last it was sent) and runs no task, or at terminate_at_ns.

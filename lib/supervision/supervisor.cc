@@ -164,7 +164,10 @@ void Supervisor::send_shutdown(Slot& slot) {
 
 void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const int64_t now = monotonic_now_ns();
-  if (end.cause && !slot.stop_reason) slot.stop_reason = *end.cause;
+  if (end.cause && !slot.stop_reason) {
+    slot.stop_reason = *end.cause;
+    slot.corrupted = end.corrupted;
+  }
   const State state = slot.state;
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
@@ -217,7 +220,9 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     }
     lost.blamed_task = slot.blamed;
     lost.blamed_failure = slot.blamed_failure;
-    lost.retry_allowed = !slot.stop_reason;
+    // A connection changed on the way is no one's doing here: what the worker held may run again.
+    lost.retry_allowed = !slot.stop_reason || slot.corrupted;
+    lost.corrupted = slot.corrupted;
     scheduler_.on_worker_lost(slot.index, lost);
   }
   ended_links_.push_back(std::move(slot.link));

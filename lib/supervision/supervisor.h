@@ -128,6 +128,7 @@ class Supervisor final : private LauncherEvents {
   void launch(Slot& slot, int64_t now_ns);
   void on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, bool recovered = false);
   void on_broken_stream(Slot& slot, absl::Status why);
+  void on_corrupted_connection(Slot& slot, absl::Status why);
   void on_ended(Slot& slot, WorkerEnd end);
   void on_output(Slot& slot, bool is_stderr, std::string_view line);
   // Its host is leaving (LinkEvents::on_host_leaving): retired as a recycled worker is, at once.

@@ -139,6 +139,13 @@ void Supervisor::on_broken_stream(Slot& slot, absl::Status why) {
        StopMode::kKill);
 }
 
+void Supervisor::on_corrupted_connection(Slot& slot, absl::Status why) {
+  if (!slot.link || slot.stop_reason) return;
+  slot.corrupted = true;
+  log(slot, LogSeverity::kError, std::string(why.message()));
+  stop(slot, std::move(why), StopMode::kKill);
+}
+
 WorkerLink* Supervisor::borrow(int slot) {
   slots_[slot]->borrowed = true;
   return slots_[slot]->link.get();

@@ -77,10 +77,11 @@ FrameStream::ReadResult FrameStream::read(
     absl::StatusOr<FrameReader::Fill> filled = reader_.fill(stream);
     if (filled.ok() && *filled == FrameReader::Fill::kWouldBlock) break;
     if (!filled.ok() && filled.status().code() == absl::StatusCode::kDataLoss) {
-      // A TLS record that failed its check: the peer (or someone on the path) broke the stream.
+      // A TLS record that failed its check: someone on the path (or the peer) broke the stream.
+      // Its status says so itself; the holder asks the channel (record_failed()) whose doing.
       result.closed = true;
       result.broken = true;
-      result.why = broken_ = absl::DataLossError(absl::StrCat("sent a bad frame: ", filled.status().message()));
+      result.why = broken_ = filled.status();
       partial_since_ns_ = 0;
       return result;
     }

@@ -84,8 +84,9 @@ class FrameStream {
     // end of file, the read's error otherwise (unless `broken` says more).
     bool closed = false;
     // The peer broke the stream: `why` is kDataLoss ("sent a bad frame: ...", "sent a truncated
-    // frame before it closed its end"), or kResourceExhausted (it took the streams' FrameBudget
-    // over). Read no more of it.
+    // frame before it closed its end", or the TLS channel's "TLS record authentication failed
+    // ...": TlsChannel::record_failed()), or kResourceExhausted (it took the streams'
+    // FrameBudget over). Read no more of it.
     bool broken = false;
     absl::Status why;
   };

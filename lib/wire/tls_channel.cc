@@ -155,8 +155,11 @@ absl::StatusOr<SSL_CTX*> new_context(TlsContext::Role role) {
 
 absl::StatusOr<std::shared_ptr<TlsContext>> TlsContext::with_token(absl::string_view token, Role role) {
   if (token.empty()) return absl::InvalidArgumentError("TLS keyed by the token needs a token");
-  std::string psk(32, '\0');
-  size_t psk_length = psk.size();
+  // Derived straight into memory a fork leaves behind: no copy of it anywhere else.
+  constexpr size_t kPskBytes = 32;
+  ForkProofSecret psk(kPskBytes);
+  if (!psk.valid()) return absl::ErrnoToStatus(errno, "TLS: mapping a page for the key");
+  size_t psk_length = kPskBytes;
   EVP_PKEY_CTX* kdf = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nullptr);
   static constexpr char kSalt[] = "procpool tls 1.3 psk";
   static constexpr char kInfo[] = "procpool remote workers";
@@ -169,7 +172,8 @@ absl::StatusOr<std::shared_ptr<TlsContext>> TlsContext::with_token(absl::string_
       EVP_PKEY_CTX_add1_hkdf_info(kdf, reinterpret_cast<const unsigned char*>(kInfo), sizeof(kInfo) - 1) == 1 &&
       EVP_PKEY_derive(kdf, reinterpret_cast<unsigned char*>(psk.data()), &psk_length) == 1;
   EVP_PKEY_CTX_free(kdf);
-  if (!derived || psk_length != psk.size()) {
+  psk.resize(psk_length);
+  if (!derived || psk_length != kPskBytes) {
     return absl::InternalError(absl::StrCat("TLS: deriving the key from the token: ", openssl_errors()));
   }
   absl::StatusOr<SSL_CTX*> context = new_context(role);
@@ -188,7 +192,7 @@ absl::StatusOr<std::shared_ptr<TlsContext>> TlsContext::with_certificates(
     const std::string& ca_file, const std::string& cert_file, const std::string& key_file, Role role) {
   absl::StatusOr<SSL_CTX*> context = new_context(role);
   if (!context.ok()) return context.status();
-  std::shared_ptr<TlsContext> made(new TlsContext(*context, role, ""));
+  std::shared_ptr<TlsContext> made(new TlsContext(*context, role, ForkProofSecret()));
   SSL_CTX_set_app_data(*context, made.get());
   ERR_clear_error();
   auto refused = [](const std::string& what, const std::string& file) {
@@ -251,6 +255,7 @@ absl::StatusOr<TlsChannel::Step> TlsChannel::handshake() {
   const int done = SSL_do_handshake(ssl_);
   if (done == 1) {
     established_ = true;
+    forget_psk();
     // What the peer sent right after its last handshake message may be in hand already (read
     // ahead): buffered() says so until the first read.
     starved_ = false;
@@ -270,6 +275,18 @@ absl::StatusOr<TlsChannel::Step> TlsChannel::handshake() {
     default:
       return absl::UnauthenticatedError(absl::StrCat("TLS handshake: ", openssl_errors()));
   }
+}
+
+void TlsChannel::forget_psk() {
+  // A session keyed by the token holds the key as its "master key" (the PSK it resumed). Past
+  // the handshake TLS 1.3 uses only the secrets derived from it (traffic keys, the exporter),
+  // and with no tickets nothing resumes it: overwritten, so that a relay's worker, which goes on
+  // with the session it inherits, holds no copy of the key.
+  SSL_SESSION* session = SSL_get_session(ssl_);
+  if (context_ == nullptr || context_->psk().empty() || session == nullptr) return;
+  unsigned char zeros[SSL_MAX_MASTER_KEY_LENGTH] = {};
+  const size_t length = SSL_SESSION_get_master_key(session, nullptr, 0);
+  if (length > 0 && length <= sizeof(zeros)) (void)SSL_SESSION_set1_master_key(session, zeros, length);
 }
 
 absl::Status TlsChannel::handshake_within(absl::Time deadline) {
@@ -315,9 +332,13 @@ absl::StatusOr<ssize_t> TlsChannel::read(void* into, size_t size) {
       return 0;
     }
     // A record that fails its check (or a broken socket): everything after is untrustworthy.
-    failed_ = error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0
-                  ? absl::ErrnoToStatus(errno, "reading a TLS record")
-                  : absl::DataLossError(absl::StrCat("a TLS record failed its check: ", openssl_errors()));
+    // Past the handshake, what fails its check was changed on the way (our peer has the keys),
+    // or our peer said so of what we sent (its alert): not a connection that merely broke.
+    record_failed_ = !(error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0);
+    failed_ = record_failed_
+                  ? absl::DataLossError(absl::StrCat(
+                        "TLS record authentication failed (bytes changed on the way?): ", openssl_errors()))
+                  : absl::ErrnoToStatus(errno, "reading a TLS record");
     starved_ = true;
     if (got > 0) break;  // what was read before it is sound
     return failed_;

@@ -36,6 +36,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "lib/common/fork_proof_secret.h"
 #include "lib/common/unique_fd.h"
 
 typedef struct ssl_ctx_st SSL_CTX;
@@ -49,7 +50,8 @@ class TlsContext {
   enum class Role { kServer, kClient };  // the pool accepts; a relay dials
 
   // Keyed by the token: PSK = HKDF-SHA256(token, salt "procpool tls 1.3 psk", 32 bytes), no
-  // certificates. kInvalidArgument for an empty token.
+  // certificates. kInvalidArgument for an empty token. Each session forgets the key once its
+  // handshake is done (it then needs only its own traffic keys).
   static absl::StatusOr<std::shared_ptr<TlsContext>> with_token(absl::string_view token, Role role);
   // Mutual certificates: `cert_file` (PEM, chain allowed) and `key_file` present this side; the
   // peer's certificate must chain to `ca_file`. kInvalidArgument saying which file is wrong.
@@ -63,15 +65,16 @@ class TlsContext {
 
   SSL_CTX* get() const { return context_; }
   Role role() const { return role_; }
-  // The token's pre-shared key ("" with certificates).
-  const std::string& psk() const { return psk_; }
+  // The token's pre-shared key ("" with certificates). Kept in memory a fork leaves behind
+  // (fork_proof_secret.h): a worker its relay forks, and its tasks, find no copy of it.
+  absl::string_view psk() const { return psk_.view(); }
 
  private:
-  TlsContext(SSL_CTX* context, Role role, std::string psk)
+  TlsContext(SSL_CTX* context, Role role, ForkProofSecret psk)
       : context_(context), role_(role), psk_(std::move(psk)) {}
   SSL_CTX* context_;
   Role role_;
-  std::string psk_;
+  ForkProofSecret psk_;
 };
 
 class TlsChannel {
@@ -98,8 +101,12 @@ class TlsChannel {
   bool established() const { return established_; }
 
   // Like read(2) on a non-blocking socket: the bytes read (> 0), 0 at the end of the stream, -1
-  // when nothing is ready. kDataLoss when a record fails its check (tampering, or no TLS peer).
+  // when nothing is ready. kDataLoss ("TLS record authentication failed ...") when a record fails
+  // its check (tampering, or no TLS peer), or the peer's alert says one of ours did.
   absl::StatusOr<ssize_t> read(void* into, size_t size);
+  // Once read() said kDataLoss: bytes were changed, dropped or inserted on the way — unlike a
+  // connection that closed or broke (read() then says 0, or the socket's error).
+  bool record_failed() const { return record_failed_; }
   // After read(): true if it stopped because TLS held nothing more, so that poll() tells of what
   // comes next (false: it stopped because `size` was reached).
   bool starved() const { return starved_; }
@@ -123,6 +130,8 @@ class TlsChannel {
  private:
   TlsChannel(std::shared_ptr<TlsContext> context, UniqueFd socket, SSL* ssl)
       : context_(std::move(context)), socket_(std::move(socket)), ssl_(ssl) {}
+  // Once the handshake is done: the session keeps no copy of the token's key (tls_channel.cc).
+  void forget_psk();
 
   std::shared_ptr<TlsContext> context_;
   UniqueFd socket_;
@@ -130,6 +139,7 @@ class TlsChannel {
   bool established_ = false;
   bool starved_ = true;
   absl::Status failed_;  // once a record failed: every later read says so
+  bool record_failed_ = false;
   std::unique_ptr<char[]> staging_;  // small pieces gathered into one record
 };
 

@@ -105,7 +105,9 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
     // the pool thread (submit) or reads the channel itself (another borrow): the pool thread
     // need not be woken now just to poll the channel again. (Pinned to one CPU, that wake-up was
     // a third of a round trip.)
-    quiet = !closed_ && !joining_ && scheduler_->idle(*slot) && !scheduler_->has_pending();
+    // (A worker retired or parked meanwhile is not quiet: the pool thread sends its shutdown.)
+    quiet = !closed_ && !joining_ && scheduler_->idle(*slot) && scheduler_->accepting(*slot) &&
+            !scheduler_->has_pending();
   }
   lock.unlock();
   // The pool thread polls without this channel while it is borrowed: it must see it again.

@@ -40,6 +40,7 @@ using testing::wait_until;
 std::string g_events;  // "enter <pid>", "exit <pid>"
 std::string g_runs;    // "<job> <pid>" once per execution of a task
 std::string g_gate;    // tasks with a job >= kGated wait until this file exists
+absl::Duration g_exit_takes;  // exit() lasts this long after it wrote its line
 
 constexpr int64_t kGated = 1000;  // jobs from here wait for the gate
 constexpr absl::Duration kPatience = absl::Seconds(60);  // a loaded 2-core machine is slow
@@ -56,12 +57,16 @@ struct Recorder {
     }
     return job * 3;
   }
-  void exit() { testing::append_line(g_events, absl::StrCat("exit ", ::getpid())); }
+  void exit() {
+    testing::append_line(g_events, absl::StrCat("exit ", ::getpid()));
+    absl::SleepFor(g_exit_takes);
+  }
 };
 
 // The files of one case, named in the globals while it lives.
 struct Files {
   Files() {
+    g_exit_takes = absl::ZeroDuration();
     g_events = dir.file("events");
     g_runs = dir.file("runs");
     g_gate = dir.file("gate");
@@ -380,10 +385,13 @@ TEST_CASE("idle_timeout: idle workers run exit() and leave down to min_workers; 
   CHECK(files.hooks("exit") == files.hooks("enter"));
 }
 
-TEST_CASE("idle_timeout with min_workers 0: every worker leaves; one task starts one worker") {
+TEST_CASE("idle_timeout with min_workers 0: every worker leaves; one task starts one worker, "
+          "also while the last ones still run exit()") {
   Files files;
+  g_exit_takes = absl::Milliseconds(300);
   ProcessPool<Recorder> pool(quiet({.workers = 3, .idle_timeout = absl::Milliseconds(100)}));
   REQUIRE(wait_until([&] { return files.count("enter") == 3; }, kPatience));
+  // Asked while every worker is still in its exit(): one of them is followed by a new one.
   REQUIRE(wait_until([&] { return files.count("exit") == 3; }, kPatience));
   CHECK(serving(pool.stats()) == 0);
   CHECK(pool.apply(7).value_or(-1) == 21);

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -245,7 +246,8 @@ TEST_CASE("shrinking during a map: busy workers finish their task, give back the
     check_once_each(files, jobs);
     // The two retired workers ran exit() and left; nothing replaced them.
     CHECK(wait_until([&] { return files.count("exit") == 2; }, kPatience));
-    for (const auto& [pid, times] : files.hooks("exit")) {
+    for (const auto& exited : files.hooks("exit")) {
+      const pid_t pid = exited.first;  // (clang 14 captures no structured binding)
       CHECK(wait_until([&] { return !testing::process_exists(pid); }, kPatience));
     }
     const PoolStats stats = pool.stats();
@@ -460,6 +462,51 @@ TEST_CASE("a remote pool grows by launching workers and shrinks with exit() on t
   ::unsetenv("REMOTE_EVENTS");
   CHECK(count("enter") == 3);
   CHECK(count("exit") == 3);
+}
+
+TEST_CASE("a remote slot retired while it waits for a worker host ends at once, without a warning "
+          "or a start failure") {
+  std::mutex mu;
+  std::vector<LogEvent> errors;
+  // A launch command whose worker never dials in: every slot waits for a host.
+  ProcessPool<testing::RemoteWorker> pool(
+      {.workers = 1,
+       .log_sink =
+           [&](const LogEvent& event) {
+             std::lock_guard lock(mu);
+             if (event.severity != LogSeverity::kInfo) errors.push_back(event);
+           },
+       .remote = RemoteOptions{.launch = {"sleep", "30"},
+                               .connect_timeout = absl::Milliseconds(1500)}});
+  REQUIRE(pool.resize(2).ok());
+  // Its command launched, slot 1 waits for its host.
+  REQUIRE(wait_until(
+      [&] {
+        const PoolStats stats = pool.stats();
+        return stats.workers.size() == 2 && stats.workers[1].state == WorkerState::kStarting;
+      },
+      kPatience));
+  REQUIRE(pool.resize(1).ok());
+  CHECK(pool.stats().workers.size() == 1);
+  // Slot 0's wait ends in a start failure at connect_timeout; slot 1's ended at the resize, as
+  // deliberately as a terminate() (not at connect_timeout, as a worker that did not come).
+  CHECK(wait_until(
+      [&] {
+        std::lock_guard lock(mu);
+        return !errors.empty();
+      },
+      kPatience));
+  absl::SleepFor(absl::Milliseconds(500));
+  std::vector<LogEvent> seen;
+  {
+    std::lock_guard lock(mu);
+    seen = errors;
+  }
+  for (const LogEvent& event : seen) {
+    CAPTURE(event.message);
+    CHECK(event.worker != 1);
+  }
+  pool.terminate();
 }
 
 }  // namespace

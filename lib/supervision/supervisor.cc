@@ -172,7 +172,10 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
   slot.last_exit = end.how;
-  log(slot, expected || terminating_ ? LogSeverity::kInfo : LogSeverity::kWarning, how);
+  // A slot resize() retired before its worker came was ended on purpose (retire()).
+  const bool deliberate = terminating_ || (slot.retired && slot.stop_reason &&
+                                           slot.stop_reason->code() == absl::StatusCode::kCancelled);
+  log(slot, expected || deliberate ? LogSeverity::kInfo : LogSeverity::kWarning, how);
   if (!end.crash_stack.empty()) {
     // The stack it recorded as it crashed: in one error event, and on its task's status below.
     LogEvent crash;
@@ -200,8 +203,9 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     }
   }
 
-  // A worker terminate() stopped before it was ready did not fail to start: the pool stopped it.
-  if (state == State::kStarting && !slot.start_failed && !terminating_) {
+  // A worker terminate() or a resize() stopped before it was ready did not fail to start: the
+  // pool stopped it.
+  if (state == State::kStarting && !slot.start_failed && !terminating_ && !slot.retired) {
     record_start_failure(
         slot, end.cause.value_or(absl::AbortedError(absl::StrCat(how, " before it was ready"))), now);
   }
@@ -426,6 +430,13 @@ void Supervisor::retire(Slot& slot) {
   slot.retired = true;
   slot.parked = false;
   if (!slot.link) return;
+  if (slot.state == State::kStarting && slot.link->placed_ns() == INT64_MAX) {
+    // A remote slot still waiting for a worker host has no worker to ask: it ends now (and its
+    // wait is no start failure).
+    stop(slot, absl::CancelledError("retired by resize() before a worker host took it"),
+         StopMode::kTerminate);
+    return;
+  }
   log(slot, LogSeverity::kInfo, "retired by resize(): leaves once the task it runs is done");
   // What it has not started runs elsewhere (exactly: through its claims); it finishes the rest.
   scheduler_.stop_accepting(slot.index);

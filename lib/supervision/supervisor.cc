@@ -383,12 +383,6 @@ void Supervisor::after_events() {
   ended_links_.clear();
 }
 
-int Supervisor::active_slots() const {
-  int active = 0;
-  for (const auto& slot : slots_) active += !slot->retired;
-  return active;
-}
-
 void Supervisor::resize(int workers) {
   const int64_t now = monotonic_now_ns();
   // Growing: retired slots first, lowest first (their numbers stay those of a pool of this

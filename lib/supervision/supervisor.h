@@ -152,7 +152,6 @@ class Supervisor final : private LauncherEvents {
   // idle_timeout: parks workers idle that long (beyond min_workers), and starts parked slots
   // again for the tasks no worker could take. Returns when it wants to be called again.
   int64_t check_idle(int64_t now_ns);
-  int active_slots() const;  // slots not retired
   void check_slot(Slot& slot, int64_t now_ns, int64_t& next);
   void fail_queued_if_unavailable();
   bool wanted() const;

@@ -94,9 +94,9 @@ absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed)
     return absl::InvalidArgumentError(absl::StrCat(
         "PoolOptions::workers must be 0 (one per CPU) or more, not ", options.workers));
   }
-  if (options.workers > 4096) {
+  if (options.workers > kMaxWorkers) {
     return absl::InvalidArgumentError(
-        absl::StrCat("PoolOptions::workers is at most 4096, not ", options.workers));
+        absl::StrCat("PoolOptions::workers is at most ", kMaxWorkers, ", not ", options.workers));
   }
   if (options.max_frame_bytes < kMinFrameBytes) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -133,11 +133,28 @@ absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed)
   if (absl::Status grace = not_negative("cancel_grace", options.cancel_grace); !grace.ok()) {
     return grace;
   }
+  if (absl::Status idle = positive("idle_timeout", options.idle_timeout); !idle.ok()) {
+    return idle;
+  }
+  // With workers = 0 (one per CPU) the pool's size is known only once it is made: min_workers is
+  // then held to it there (a pool never keeps more workers than it has).
+  const int max_min_workers = options.workers > 0 ? options.workers : kMaxWorkers;
+  if (options.min_workers < 0 || options.min_workers > max_min_workers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PoolOptions::min_workers must be from 0 to workers (", max_min_workers, "), not ",
+        options.min_workers));
+  }
   if (options.respawn_max_delay < options.respawn_delay) {
     return absl::InvalidArgumentError(
         "PoolOptions::respawn_max_delay must not be less than respawn_delay");
   }
   return absl::OkStatus();
+}
+
+absl::Status check_resize(int workers) {
+  if (workers >= 1 && workers <= kMaxWorkers) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("resize: a pool has from 1 to ", kMaxWorkers, " workers, not ", workers));
 }
 
 absl::Status check_call_settings(const CallSettings& settings) {

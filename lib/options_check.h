@@ -16,10 +16,14 @@ namespace procpool::internal {
 inline constexpr size_t kMinFrameBytes = 4096;
 // The smallest max_worker_memory_bytes (but 0, no cap): less leaves no room to start a worker.
 inline constexpr size_t kMinWorkerMemoryBytes = size_t{16} << 20;
+// The most workers a pool may have (PoolOptions::workers, resize()).
+inline constexpr int kMaxWorkers = 4096;
 
 // `remote_allowed`: the pool can have remote workers (a ProcessPool; procpool::Pool cannot).
 absl::Status check_pool_options(const PoolOptions& options, bool remote_allowed = true);
 absl::Status check_call_settings(const CallSettings& settings);
+// The size asked of resize(): kInvalidArgument outside 1..kMaxWorkers.
+absl::Status check_resize(int workers);
 
 }  // namespace procpool::internal
 

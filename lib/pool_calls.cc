@@ -13,6 +13,7 @@
 #include "lib/common/clock.h"
 #include "lib/common/spin.h"
 #include "lib/link/remote_launcher.h"
+#include "lib/options_check.h"
 #include "lib/pool_core_impl.h"
 
 namespace procpool::internal {
@@ -104,7 +105,9 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
     // the pool thread (submit) or reads the channel itself (another borrow): the pool thread
     // need not be woken now just to poll the channel again. (Pinned to one CPU, that wake-up was
     // a third of a round trip.)
-    quiet = !closed_ && !joining_ && scheduler_->idle(*slot) && !scheduler_->has_pending();
+    // (A worker retired or parked meanwhile is not quiet: the pool thread sends its shutdown.)
+    quiet = !closed_ && !joining_ && scheduler_->idle(*slot) && scheduler_->accepting(*slot) &&
+            !scheduler_->has_pending();
   }
   lock.unlock();
   // The pool thread polls without this channel while it is borrowed: it must see it again.
@@ -227,6 +230,26 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
   return absl::DeadlineExceededError(absl::StrCat(
       "join: workers still running after ", absl::FormatDuration(timeout),
       "; none was stopped, the shutdown goes on"));
+}
+
+absl::Status PoolCore::Impl::resize(int workers) {
+  if (foreign()) return foreign_error();
+  if (absl::Status checked = check_resize(workers); !checked.ok()) return checked;
+  {
+    MutexLock lock(mu_);
+    if (!invalid_options_.ok()) return invalid_options_;
+    if (closed_) return absl::FailedPreconditionError("resize: the pool is closed");
+    if (loop_done_) {  // the constructor failed (a pool that ended was closed first)
+      return thread_failure_.ok() ? absl::FailedPreconditionError("resize: the pool has ended")
+                                  : thread_failure_;
+    }
+    // Workers are started (and retired ones watched as they leave) by the pool thread.
+    if (absl::Status thread = ensure_thread(); !thread.ok()) return thread;
+    supervisor_->resize(workers);
+    target_workers_.store(workers, std::memory_order_relaxed);
+  }
+  wake();
+  return absl::OkStatus();
 }
 
 void PoolCore::Impl::terminate() {

@@ -160,6 +160,8 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .respawn_max_delay = options_.respawn_max_delay,
           .max_worker_rss_bytes = options_.max_worker_rss_bytes,
           .cancel_grace = options_.cancel_grace,
+          .idle_timeout = options_.idle_timeout,
+          .min_workers = options_.min_workers,
           .process_name_prefix = options_.name,
           .log = [this](LogEvent event) { emit(std::move(event)); }},
       *launcher_, *scheduler_);
@@ -174,8 +176,9 @@ void PoolCore::Impl::start() {
     // pool made and joined without a call never pays for a thread (its creation, first-touch
     // faults on its stack, its exit), and join() runs the shutdown on the joining thread. Until
     // then the workers start on their own and wait; a worker lost meanwhile is noticed then.
-    // Remote workers cannot wait so: their hosts dial in and are answered by the pool thread.
-    if (!options_.remote) return;
+    // Remote workers cannot wait so: their hosts dial in and are answered by the pool thread;
+    // nor can idle_timeout, whose clock the pool thread keeps.
+    if (!options_.remote && options_.idle_timeout == absl::InfiniteDuration()) return;
   }
   ensure_thread().IgnoreError();  // a failure is every call's error until a retry succeeds
 }
@@ -385,7 +388,10 @@ bool PoolCore::cancel_call(Call* call, absl::Status status, const std::function<
   return impl_->cancel_call(call, status, settle);
 }
 void PoolCore::terminate() { impl_->terminate(); }
-int PoolCore::worker_count() const { return impl_->worker_count_; }
+int PoolCore::worker_count() const {
+  return impl_->target_workers_.load(std::memory_order_relaxed);
+}
+absl::Status PoolCore::resize(int workers) { return impl_->resize(workers); }
 PoolStats PoolCore::stats() const { return impl_->stats(); }
 std::string PoolCore::remote_address() const { return impl_->remote_address(); }
 std::string PoolCore::remote_token() const { return impl_->remote_token(); }

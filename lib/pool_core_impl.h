@@ -7,6 +7,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <functional>
 #include <memory>
@@ -49,6 +50,7 @@ class PoolCore::Impl {
   absl::Status close();
   absl::Status join();
   absl::Status join_for(absl::Duration timeout);
+  absl::Status resize(int workers);
   void terminate();
   PoolStats stats() const;
   std::string remote_address() const;
@@ -67,7 +69,9 @@ class PoolCore::Impl {
   bool foreign() const { return current_pid() != owner_pid_; }
 
   const PoolOptions options_;
-  const int worker_count_;
+  const int worker_count_;  // the size the pool was made with
+  // Its size now: worker_count_, then what resize() said (read without the lock: workers()).
+  std::atomic<int> target_workers_{worker_count_};
 
  private:
   absl::Status foreign_error() const;

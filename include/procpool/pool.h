@@ -193,8 +193,12 @@ class Pool {
   /// kCancelled. Blocks until all are reaped.
   void terminate() { core_.terminate(); }
   /// The number of workers: `PoolOptions::workers`, or the CPUs this process may run on when it
-  /// was 0. Never blocks.
+  /// was 0, or the size the last `resize()` gave. Never blocks.
   int workers() const { return core_.worker_count(); }
+  /// As `ProcessPool::resize()`: `workers` workers from now on; new ones are forked, retired ones
+  /// finish the task they run, run exit() and leave. Returns at once. kInvalidArgument outside
+  /// 1..4096, kFailedPrecondition after close().
+  absl::Status resize(int workers) { return core_.resize(workers); }
   /// A snapshot of the pool and its workers (pool_stats.h). Blocks only for the pool's lock.
   PoolStats stats() const { return core_.stats(); }
   /// With `PoolOptions::metrics_listen`: the "host:port" where `GET /metrics` is served (the port

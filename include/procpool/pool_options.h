@@ -329,6 +329,15 @@ struct PoolOptions {
   std::function<std::vector<std::pair<std::string, std::string>>(int slot)> worker_env;
   /// Pin each worker to a CPU: see CpuAffinity.
   CpuAffinity cpu_affinity = CpuAffinity::kNone;
+  /// The fewest workers `idle_timeout` leaves running: from 0 to `workers` (a pool resized below
+  /// it keeps all it has). Ignored while idle_timeout is infinite.
+  int min_workers = 0;
+  /// A worker idle this long (no task in hand) runs exit() and leaves, while more than
+  /// `min_workers` remain; work that arrives later starts workers again, as many as it needs, up
+  /// to `workers` (or the size given to `resize()`). A worker that left so shows as
+  /// `WorkerState::kDead` in stats(). Infinite (the default): workers never leave for idleness.
+  /// Positive.
+  absl::Duration idle_timeout = absl::InfiniteDuration();
 };
 
 }  // namespace procpool

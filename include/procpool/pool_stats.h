@@ -36,14 +36,16 @@ enum class WorkerState {
   kIdle,      ///< Ready, with no task.
   kBusy,      ///< Running a task (or holding tasks to run).
   kExiting,   ///< Asked to leave: running exit(), or being stopped.
-  kDead       ///< Gone and not yet replaced.
+  kDead       ///< Gone and not yet replaced (or left after `idle_timeout` until work needs it).
 };
 /// The state's name without the k ("idle", "busy", ...), for logs. Never fails.
 std::string_view to_string(WorkerState state);
 
 /// One worker, as `PoolStats::workers` shows it.
 struct WorkerStats {
-  int slot = 0;                        ///< 0 .. workers-1, stable across restarts
+  /// 0 .. workers-1, stable across restarts; after `resize()` shrank the pool, the slots kept
+  /// keep their numbers (a later growth takes the freed numbers back first).
+  int slot = 0;
   int pid = 0;                         ///< The worker process's pid (0 while there is none).
   WorkerState state = WorkerState::kStarting;  ///< What it is doing.
   std::optional<uint64_t> current_task;  ///< pool-wide task number of the task it runs, if busy
@@ -108,7 +110,9 @@ struct RunTimeHistogram {
 
 /// A snapshot of a pool (`ProcessPool::stats()`, `Pool::stats()`).
 struct PoolStats {
-  std::vector<WorkerStats> workers;    ///< One per slot, in slot order.
+  /// One per slot, in slot order: `workers()` of them (a worker retired by `resize()` that still
+  /// finishes its task is not listed, but its task counts in `tasks_running`).
+  std::vector<WorkerStats> workers;
   int64_t tasks_submitted = 0;         ///< Tasks accepted since the pool was made.
   int64_t tasks_done = 0;              ///< completed with a value
   int64_t tasks_failed = 0;            ///< completed with an error (any cause)

@@ -278,8 +278,21 @@ class ProcessPool {
   void terminate() { core_.terminate(); }
 
   /// The number of workers: `PoolOptions::workers`, or the CPUs this process may run on when it
-  /// was 0. Never blocks.
+  /// was 0, or the size the last `resize()` gave. Never blocks.
   int workers() const { return core_.worker_count(); }
+
+  /// Makes the pool `workers` workers from now on (Celery's autoscale, loky's resize). Growing
+  /// starts the new workers as at construction (forked, or for a remote pool launched with
+  /// `RemoteOptions::launch`, or waited for until `connect_timeout` as hosts dial in); they run
+  /// enter() and take work as they come. Shrinking retires workers, those with nothing to do
+  /// first: a retired worker takes no new work, gives back the tasks it has not started (they run
+  /// elsewhere), finishes the one it runs, runs exit() and leaves; it is not replaced, also if it
+  /// dies. No task is lost, run twice or failed by a resize. `workers()` and `stats()` show the
+  /// new size at once (`stats().workers` lists the slots kept; slot numbers stay those they had).
+  /// Returns at once, without waiting for any worker. kInvalidArgument outside 1..4096;
+  /// kFailedPrecondition after close() or terminate(); the pool's own error (a bad option, a
+  /// failed start) as for any call. Thread-safe, also from a result callback.
+  absl::Status resize(int workers) { return core_.resize(workers); }
   /// With `PoolOptions::remote`: the address remote workers dial ("host:port", the port the pool
   /// got when it listened on port 0), for programs that start their workers themselves. Empty for
   /// a pool of forked workers, or when it could not listen (then every call says why). Blocks only

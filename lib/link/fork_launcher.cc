@@ -101,7 +101,7 @@ WorkerLaunch ForkLauncher::launch_for(int slot) const {
   if (cgroup_plan_.memory == CgroupPlan::Memory::kRlimitAs) {
     launch.address_space_limit = cgroup_plan_.memory_bytes;
   }
-  launch.placement.workers = config_.workers;
+  launch.placement.workers = workers_;
   launch.placement.pool_name = config_.process_name_prefix;
   launch.crash_backtraces = config_.crash_backtraces;
   return launch;

@@ -68,6 +68,7 @@ class ForkLauncher final : public Launcher {
   void add_pollfds(std::vector<pollfd>& fds) override;
   void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
   bool has_pending_events() const override;
+  void set_workers(int workers) override { workers_ = workers; }
 
   // Starts the fork server now if the pool uses one and it is not running (a pool does so in its
   // constructor: the zygote should copy the program as early as possible).
@@ -94,6 +95,7 @@ class ForkLauncher final : public Launcher {
   bool polled_server_ = false;
   std::map<int, int64_t> generations_;  // processes started so far, by slot
   const std::vector<int> cpus_;         // for spread_cpus: the CPUs this process may use
+  int workers_ = config_.workers;       // the pool's size now (set_workers)
 };
 
 }  // namespace procpool::internal

@@ -46,6 +46,9 @@ class Launcher {
   virtual bool has_pending_events() const { return false; }
   // The launcher's deadlines (handshakes, heartbeats); returns when it wants to be called again.
   virtual int64_t check(int64_t /*now_ns*/, LauncherEvents& /*events*/) { return INT64_MAX; }
+  // The pool's size changed (resize()): what the launcher sizes by it follows (the count its
+  // workers are told, a remote pool's room for hosts and its wait for new ones to dial in).
+  virtual void set_workers(int /*workers*/) {}
   // The pool is done with its workers (join or terminate finished): let go of what is left (idle
   // remote hosts, which then leave), and make no more.
   virtual void finish() {}

@@ -534,6 +534,14 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
   return next;
 }
 
+void RemoteLauncher::set_workers(int workers) {
+  if (workers > config_.workers && config_.remote.launch.empty()) {
+    first_wait_until_ns_ = std::max(first_wait_until_ns_,
+                                    monotonic_now_ns() + to_ns(config_.remote.connect_timeout));
+  }
+  config_.workers = workers;
+}
+
 void RemoteLauncher::finish() {
   // Every host's relay sees end of file and leaves; no one new is let in.
   hosts_.clear();

@@ -69,6 +69,9 @@ class RemoteLauncher final : public Launcher {
   void add_pollfds(std::vector<pollfd>& fds) override;
   void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
   int64_t check(int64_t now_ns, LauncherEvents& events) override;
+  // Hosts up to the new size are welcome; without `launch`, slots added now wait connect_timeout
+  // for hosts to dial in, as the first ones did.
+  void set_workers(int workers) override;
   void finish() override;
 
   // The address workers dial: RemoteOptions::advertise, or the listen address with this host's

@@ -165,8 +165,26 @@ void Scheduler::attach(int slot, WorkerPort* port) {
   worker.accepting = !abandoned_;
 }
 
+void Scheduler::add_slot() { workers_.emplace_back(); }
+
+size_t Scheduler::queued_tasks() const {
+  size_t count = 0;
+  for (const TaskRange& range : pending_) count += range.count;
+  return count;
+}
+
 void Scheduler::stop_accepting(int slot) { workers_[slot].accepting = false; }
 bool Scheduler::accepting(int slot) const { return workers_[slot].accepting; }
+
+void Scheduler::accept_again(int slot) {
+  Worker& worker = workers_[slot];
+  worker.accepting = worker.port != nullptr && !abandoned_;
+}
+
+void Scheduler::take_back_unstarted(int slot) {
+  take_back_where(TakeBack::kRequeue, absl::OkStatus(),
+                  [slot](int at, const Batch&) { return at == slot; });
+}
 bool Scheduler::idle(int slot) const { return workers_[slot].batches.empty(); }
 
 uint64_t Scheduler::newest_batch(int slot) const {

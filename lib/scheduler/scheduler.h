@@ -126,15 +126,26 @@ class Scheduler {
   void abandon_all(const absl::Status& status);
   // Tasks queued, or waiting out a retry's backoff.
   bool has_pending() const { return !pending_.empty() || !delayed_.empty(); }
+  // Tasks queued now (not those waiting out a backoff): the work no worker could take yet.
+  size_t queued_tasks() const;
   bool work_outstanding() const;
 
   // --- Workers ---------------------------------------------------------------------------------
+  // The pool grew a slot: slots are 0 .. slots()-1, and never go (resize() retires them instead).
+  void add_slot();
+  int slots() const { return static_cast<int>(workers_.size()); }
   // A worker is ready for work in `slot`, reached through `port` (which outlives its use here).
   void attach(int slot, WorkerPort* port);
   // The worker takes no new work (it is being recycled, shut down or stopped); what it holds
   // finishes. Also the state after attach until ready, and after on_worker_lost.
   void stop_accepting(int slot);
   bool accepting(int slot) const;
+  // Undoes stop_accepting for an attached worker that stays (a resize took its slot back before
+  // it left).
+  void accept_again(int slot);
+  // Takes back every task the worker in `slot` holds and has not started, to run elsewhere (as
+  // the stall rule does): it finishes only what it began. For a worker that is to leave.
+  void take_back_unstarted(int slot);
   // Nothing in flight at this worker.
   bool idle(int slot) const;
   // The number of the last batch sent to this worker that it still holds; 0 if none.

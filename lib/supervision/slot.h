@@ -101,6 +101,15 @@ struct Supervisor::Slot : ProcessState {
   int64_t next_start_ns = 0;         // kEmpty: when to start the next one
   bool no_capacity = false;          // its last start failed for want of a host (launch() said)
   std::string last_exit;             // how its last process ended (WorkerEnd::how), for stats
+  // Not one of the pool's workers since a resize shrank the pool: its worker leaves once idle
+  // and is never replaced (not after a crash either), until a resize takes the slot back.
+  bool retired = false;
+  // One of the pool's workers that left after idle_timeout: started again when work needs it.
+  bool parked = false;
+  // idle_timeout's clock: when its worker was last seen with work in hand (check_idle), and
+  // whether a batch was sent to it since (work that came and went between two looks).
+  int64_t last_active_ns = 0;
+  bool sent_since_look = false;
 
   // The current process's state, replaced whole when the next one starts.
   ProcessState& process() { return *this; }

@@ -23,7 +23,8 @@ constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
 
 }  // namespace
 Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler)
-    : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler) {
+    : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler),
+      target_(config_.workers) {
   for (int i = 0; i < config_.workers; ++i) slots_.push_back(std::make_unique<Slot>(*this, i));
 }
 
@@ -62,7 +63,8 @@ void Supervisor::on_capacity() {
   // Only slots that could not get a worker at all: a worker that failed to start waits out its
   // delay whatever else arrives.
   for (auto& slot : slots_) {
-    if (slot->state == State::kEmpty && slot->no_capacity && slot->next_start_ns != INT64_MAX) {
+    if (slot->state == State::kEmpty && slot->no_capacity && !slot->retired &&
+        slot->next_start_ns != INT64_MAX) {
       slot->next_start_ns = std::min(slot->next_start_ns, now);
     }
   }
@@ -74,7 +76,7 @@ bool Supervisor::wanted() const {
 
 void Supervisor::start_due(int64_t now_ns) {
   for (auto& slot : slots_) {
-    if (slot->state != State::kEmpty || now_ns < slot->next_start_ns) continue;
+    if (slot->retired || slot->state != State::kEmpty || now_ns < slot->next_start_ns) continue;
     // Recycled workers are replaced even at join when work is left; others only when wanted.
     if (!wanted()) continue;
     launch(*slot, now_ns);
@@ -122,7 +124,8 @@ void Supervisor::record_start_failure(Slot& slot, absl::Status failure, int64_t 
 absl::Status Supervisor::availability() const {
   if (last_start_failure_.ok()) return absl::OkStatus();
   for (const auto& slot : slots_) {
-    if (slot->state != State::kEmpty && !slot->start_failed && !slot->stop_reason) {
+    if (slot->state != State::kEmpty && !slot->start_failed && !slot->stop_reason &&
+        !slot->retired) {
       return absl::OkStatus();
     }
   }
@@ -172,7 +175,10 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
   slot.last_exit = end.how;
-  log(slot, expected || terminating_ ? LogSeverity::kInfo : LogSeverity::kWarning, how);
+  // A slot resize() retired before its worker came was ended on purpose (retire()).
+  const bool deliberate = terminating_ || (slot.retired && slot.stop_reason &&
+                                           slot.stop_reason->code() == absl::StatusCode::kCancelled);
+  log(slot, expected || deliberate ? LogSeverity::kInfo : LogSeverity::kWarning, how);
   if (!end.crash_stack.empty()) {
     // The stack it recorded as it crashed: in one error event, and on its task's status below.
     LogEvent crash;
@@ -200,8 +206,9 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     }
   }
 
-  // A worker terminate() stopped before it was ready did not fail to start: the pool stopped it.
-  if (state == State::kStarting && !slot.start_failed && !terminating_) {
+  // A worker terminate() or a resize() stopped before it was ready did not fail to start: the
+  // pool stopped it.
+  if (state == State::kStarting && !slot.start_failed && !terminating_ && !slot.retired) {
     record_start_failure(
         slot, end.cause.value_or(absl::AbortedError(absl::StrCat(how, " before it was ready"))), now);
   }
@@ -229,8 +236,12 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   slot.state = State::kEmpty;
   slot.borrowed = false;
   if (!slot.start_failed) slot.next_start_ns = now;
-  // A worker that left as asked at join is not replaced (start_due checks wanted()).
-  if (expected && !slot.recycling) slot.next_start_ns = INT64_MAX;
+  // A worker that left as asked at join, or for a resize or idle_timeout, is not replaced
+  // (start_due checks wanted() and skips retired slots; parked ones start when work needs them).
+  // One whose slot a resize took back meanwhile is.
+  if (expected && !slot.recycling && (joining_ || slot.retired || slot.parked)) {
+    slot.next_start_ns = INT64_MAX;
+  }
   if (!wanted() && !any_alive() && scheduler_.has_pending()) {
     scheduler_.cancel_all(last_start_failure_.ok() ? absl::AbortedError("no worker is left")
                                                    : last_start_failure_);
@@ -306,6 +317,7 @@ int64_t Supervisor::check(int64_t now_ns) {
     }
   }
   next = std::min(next, launcher_.check(now_ns, *this));
+  next = std::min(next, check_idle(now_ns));
   for (auto& slot : slots_) check_slot(*slot, now_ns, next);
   next = std::min(next, scheduler_.check(now_ns));
   return next;
@@ -313,7 +325,8 @@ int64_t Supervisor::check(int64_t now_ns) {
 
 void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
   if (!slot.link) {
-    if (slot.state == State::kEmpty && slot.next_start_ns != INT64_MAX && wanted()) {
+    if (slot.state == State::kEmpty && slot.next_start_ns != INT64_MAX && !slot.retired &&
+        wanted()) {
       next = std::min(next, slot.next_start_ns);
     }
     return;
@@ -367,27 +380,162 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
   next = std::min(next, slot.link->check(now, slot.events));
 }
 
+void Supervisor::shutdown_if_due(Slot& slot) {
+  // (A worker terminate() lets finish its task gets no shutdown: it runs no exit() hook.)
+  if (!slot.link || slot.stop_reason || slot.borrowed || slot.terminate_at_ns != INT64_MAX) {
+    return;
+  }
+  const bool serving = slot.state == State::kReady || slot.state == State::kDraining;
+  if (serving && scheduler_.quota_used(slot.index) && !slot.recycling) {
+    slot.recycling = true;
+    slot.state = State::kDraining;
+    scheduler_.stop_accepting(slot.index);
+  }
+  const bool idle = scheduler_.idle(slot.index);
+  const bool leaving = (joining_ && !scheduler_.has_pending()) || slot.retired || slot.parked;
+  // A worker still starting gets its shutdown after enter(): frames are read in order.
+  if ((serving && idle && (slot.recycling || leaving)) ||
+      (slot.state == State::kStarting && leaving)) {
+    send_shutdown(slot);
+  }
+}
+
 void Supervisor::after_events() {
+  for (auto& slot : slots_) shutdown_if_due(*slot);
+  ended_links_.clear();
+}
+
+void Supervisor::resize(int workers) {
+  const int64_t now = monotonic_now_ns();
+  // Growing: retired slots first, lowest first (their numbers stay those of a pool of this
+  // size where they can), then new ones.
   for (auto& slot : slots_) {
-    // (A worker terminate() lets finish its task gets no shutdown: it runs no exit() hook.)
-    if (!slot->link || slot->stop_reason || slot->borrowed || slot->terminate_at_ns != INT64_MAX) {
-      continue;
+    if (target_ >= workers) break;
+    if (!slot->retired) continue;
+    take_back(*slot, now);
+    ++target_;
+  }
+  while (target_ < workers) {
+    slots_.push_back(std::make_unique<Slot>(*this, static_cast<int>(slots_.size())));
+    scheduler_.add_slot();
+    ++target_;
+  }
+  // Shrinking: what costs least first, and among equals the highest slot. A slot without a
+  // worker costs nothing; one leaving anyway, little; a starting one has done no work yet; an
+  // idle one leaves at once; a busy one only after its task.
+  const auto cost = [this](const Slot& slot) {
+    if (!slot.link) return 0;
+    if (slot.stop_reason || slot.recycling || slot.state == State::kShutdownSent) return 1;
+    if (slot.state == State::kStarting) return 2;
+    if (scheduler_.idle(slot.index) && !slot.borrowed) return 3;
+    return 4;
+  };
+  while (target_ > workers) {
+    Slot* cheapest = nullptr;
+    for (auto it = slots_.rbegin(); it != slots_.rend(); ++it) {
+      if ((*it)->retired) continue;
+      if (cheapest == nullptr || cost(**it) < cost(*cheapest)) cheapest = it->get();
     }
-    const bool serving = slot->state == State::kReady || slot->state == State::kDraining;
-    if (serving && scheduler_.quota_used(slot->index) && !slot->recycling) {
-      slot->recycling = true;
-      slot->state = State::kDraining;
-      scheduler_.stop_accepting(slot->index);
+    retire(*cheapest);
+    --target_;
+  }
+  launcher_.set_workers(target_);
+}
+
+void Supervisor::retire(Slot& slot) {
+  slot.retired = true;
+  slot.parked = false;
+  if (!slot.link) return;
+  if (slot.state == State::kStarting && slot.link->placed_ns() == INT64_MAX) {
+    // A remote slot still waiting for a worker host has no worker to ask: it ends now (and its
+    // wait is no start failure).
+    stop(slot, absl::CancelledError("retired by resize() before a worker host took it"),
+         StopMode::kTerminate);
+    return;
+  }
+  log(slot, LogSeverity::kInfo, "retired by resize(): leaves once the task it runs is done");
+  // What it has not started runs elsewhere (exactly: through its claims); it finishes the rest.
+  scheduler_.stop_accepting(slot.index);
+  scheduler_.take_back_unstarted(slot.index);
+  shutdown_if_due(slot);
+}
+
+void Supervisor::take_back(Slot& slot, int64_t now_ns) {
+  slot.retired = false;
+  slot.parked = false;
+  if (!slot.link) {
+    // Due now, unless its last start failed: the crash guard's delay stands.
+    if (!slot.start_failed || slot.next_start_ns == INT64_MAX) slot.next_start_ns = now_ns;
+    return;
+  }
+  // A worker not yet told to leave stays; one told already leaves, and on_ended starts the next.
+  // (One still starting is attached when it is ready.)
+  if (slot.state == State::kReady && !slot.recycling && !slot.stop_reason &&
+      slot.terminate_at_ns == INT64_MAX) {
+    scheduler_.accept_again(slot.index);
+  }
+}
+
+int64_t Supervisor::check_idle(int64_t now_ns) {
+  if (config_.idle_timeout == absl::InfiniteDuration() || terminating_) return INT64_MAX;
+  int64_t next = INT64_MAX;
+  // Work no worker could take (dispatch ran just before) starts parked slots again: one per task
+  // waiting, less the workers already starting for it.
+  const bool any_parked = std::any_of(slots_.begin(), slots_.end(), [](const auto& slot) {
+    return slot->parked && !slot->retired;
+  });
+  if (any_parked && wanted() && scheduler_.has_pending()) {
+    size_t starts = scheduler_.queued_tasks();
+    for (const auto& slot : slots_) {
+      // Coming: starting, due to start, or leaving with a successor to follow (on_ended).
+      const bool coming = slot->state == State::kStarting ||
+                          (slot->state == State::kEmpty && slot->next_start_ns != INT64_MAX) ||
+                          (slot->state == State::kShutdownSent && !joining_);
+      if (coming && !slot->retired && !slot->parked && starts > 0) --starts;
     }
-    const bool idle = scheduler_.idle(slot->index);
-    const bool pool_done = joining_ && !scheduler_.has_pending();
-    // A worker still starting gets its shutdown after enter(): frames are read in order.
-    if ((serving && idle && (slot->recycling || pool_done)) ||
-        (slot->state == State::kStarting && pool_done)) {
-      send_shutdown(*slot);
+    for (auto& slot : slots_) {
+      if (starts == 0) break;
+      if (slot->retired || !slot->parked) continue;
+      slot->parked = false;
+      --starts;
+      // Still leaving: on_ended starts its successor.
+      if (!slot->link) {
+        slot->next_start_ns = now_ns;
+        next = now_ns;
+      }
     }
   }
-  ended_links_.clear();
+  if (joining_) return next;
+  // Idle workers leave, highest slots first, while more than min_workers remain.
+  const int64_t timeout_ns = to_ns(config_.idle_timeout);
+  int remaining = 0;
+  for (const auto& slot : slots_) remaining += !slot->retired && !slot->parked;
+  const int keep = std::min(config_.min_workers, target_);
+  for (auto it = slots_.rbegin(); it != slots_.rend(); ++it) {
+    Slot& slot = **it;
+    if (slot.retired || slot.parked || !slot.link) continue;
+    const bool idle = slot.state == State::kReady && !slot.stop_reason && !slot.recycling &&
+                      !slot.borrowed && slot.terminate_at_ns == INT64_MAX &&
+                      scheduler_.accepting(slot.index) && scheduler_.idle(slot.index);
+    if (!idle || slot.sent_since_look) {
+      slot.last_active_ns = now_ns;
+      slot.sent_since_look = false;
+      continue;
+    }
+    if (now_ns - slot.last_active_ns < timeout_ns) {
+      next = std::min(next, slot.last_active_ns + timeout_ns);
+      continue;
+    }
+    if (remaining <= keep) continue;
+    --remaining;
+    slot.parked = true;
+    log(slot, LogSeverity::kInfo,
+        absl::StrCat("idle for idle_timeout (", absl::FormatDuration(config_.idle_timeout),
+                     "): leaves until work needs it"));
+    scheduler_.stop_accepting(slot.index);
+    shutdown_if_due(slot);
+  }
+  return next;
 }
 
 void Supervisor::begin_join(int64_t deadline_ns) {

@@ -59,6 +59,10 @@ class Supervisor final : private LauncherEvents {
     // PoolOptions::cancel_grace: terminate() first asks running tasks to stop, and waits this
     // long for them to return.
     absl::Duration cancel_grace = absl::ZeroDuration();
+    // PoolOptions::idle_timeout and min_workers: a worker idle this long leaves while more than
+    // min_workers remain, and work that no worker can take starts them again.
+    absl::Duration idle_timeout = absl::InfiniteDuration();
+    int min_workers = 0;
     std::string process_name_prefix;  // workers are "<prefix>-w3" in logs
     // Every event (the pool adds since_start and calls its sink).
     std::function<void(LogEvent)> log;
@@ -84,6 +88,13 @@ class Supervisor final : private LauncherEvents {
   absl::Status availability() const;
   // A worker process exists (starting, serving or stopping).
   bool any_alive() const;
+
+  // resize(): the pool has `workers` slots from now on. Growing takes back retired slots (lowest
+  // first) and adds new ones, whose workers start on the next start_due(); shrinking retires
+  // slots: those without a worker first, then starting ones, then idle ones, busy ones last.
+  // A retired slot's worker takes no new work, gives back the tasks it has not started, and once
+  // idle runs exit() and leaves as at join (after_events); it is never replaced.
+  void resize(int workers);
 
   // Close-then-join: workers with nothing to do are asked to run exit() and leave; past
   // `deadline_ns` the rest are stopped by force. Called again, keeps the earlier deadline.
@@ -136,6 +147,14 @@ class Supervisor final : private LauncherEvents {
   void stop(Slot& slot, absl::Status reason, StopMode mode);
   void record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns);
   void send_shutdown(Slot& slot);
+  // Sends `slot`'s worker its shutdown if it is due: it has nothing to do, and the pool is done
+  // (join), or it is being recycled, retired or parked. The one place that decides it.
+  void shutdown_if_due(Slot& slot);
+  void retire(Slot& slot);
+  void take_back(Slot& slot, int64_t now_ns);
+  // idle_timeout: parks workers idle that long (beyond min_workers), and starts parked slots
+  // again for the tasks no worker could take. Returns when it wants to be called again.
+  int64_t check_idle(int64_t now_ns);
   void check_slot(Slot& slot, int64_t now_ns, int64_t& next);
   void fail_queued_if_unavailable();
   bool wanted() const;
@@ -147,7 +166,10 @@ class Supervisor final : private LauncherEvents {
   const Config config_;
   Launcher& launcher_;
   Scheduler& scheduler_;
+  // Every slot the pool has had; only growth adds one, and none goes (retired ones stay, and a
+  // resize may take them back): indices, Ports and Events stay valid.
   std::vector<std::unique_ptr<Slot>> slots_;
+  int target_;  // slots not retired: the pool's size (resize())
   std::vector<std::unique_ptr<WorkerLink>> ended_links_;  // dropped in after_events()
   // What add_pollfds added, for service(): the launcher's entries first, then each link's.
   struct Polled {

@@ -23,6 +23,7 @@ void Supervisor::Events::on_revoked(uint32_t slot, uint16_t tag, uint32_t claime
 const std::string& Supervisor::Port::name() const { return slot_.display(); }
 void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
   if (!slot_.link) return;
+  slot_.sent_since_look = true;  // idle_timeout's clock starts again
   // The segment table's sizes, not the bytes: a handful of additions per frame.
   owner_.bytes_sent_ += static_cast<int64_t>(capnp::computeSerializedSizeInWords(*frame) *
                                              sizeof(capnp::word));
@@ -62,6 +63,7 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, boo
       case wire::FromWorker::READY:
         if (slot.state != State::kStarting) break;
         slot.state = State::kReady;
+        slot.last_active_ns = monotonic_now_ns();
         consecutive_start_failures_ = 0;
         last_start_failure_ = absl::OkStatus();
         scheduler_.attach(slot.index, &slot.port);
@@ -199,6 +201,9 @@ void Supervisor::fill_stats(PoolStats& stats) const {
     worker.restarts = slot->generation > 1 ? static_cast<int64_t>(slot->generation - 1) : 0;
     worker.last_exit = slot->last_exit;
     if (worker.current_task) ++stats.tasks_running;
+    // The pool's size is its slots not retired; a retired one still finishing its task counts
+    // only in tasks_running.
+    if (slot->retired) continue;
     stats.workers.push_back(std::move(worker));
   }
   // The per-host breakdown, hosts in order of their first slot (a pool has a handful of hosts).

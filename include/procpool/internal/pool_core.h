@@ -124,7 +124,10 @@ class PoolCore {
   // order posted. Callbacks still queued when the pool is destroyed run before it is gone.
   void post_callback(std::function<void()> callback);
 
+  // The pool's size now: PoolOptions::workers (or the CPU count), then the last resize().
   int worker_count() const;
+  // ProcessPool::resize (process_pool.h). Thread-safe; never blocks beyond the core's lock.
+  absl::Status resize(int workers);
   // Where remote workers dial ("host:port"); empty for a pool without PoolOptions::remote.
   std::string remote_address() const;
   // The token remote workers must prove (given or made); empty for a pool without it.

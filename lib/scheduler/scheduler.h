@@ -143,9 +143,6 @@ class Scheduler {
   // Undoes stop_accepting for an attached worker that stays (a resize took its slot back before
   // it left).
   void accept_again(int slot);
-  // Takes back every task the worker in `slot` holds and has not started, to run elsewhere (as
-  // the stall rule does): it finishes only what it began. For a worker that is to leave.
-  void take_back_unstarted(int slot);
   // Nothing in flight at this worker.
   bool idle(int slot) const;
   // The number of the last batch sent to this worker that it still holds; 0 if none.
@@ -166,8 +163,8 @@ class Scheduler {
   absl::Status on_results(int slot, wire::ResultBatch::Reader results, bool recovered = false);
   // The answer to a revoke.
   void on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t claimed);
-  // Takes back every task the worker in `slot` holds and has not started (the stall rule, or its
-  // host is leaving): they go back to the front of the queue, on the same attempt, when the
+  // Takes back every task the worker in `slot` holds and has not started (the stall rule, its
+  // host is leaving, a resize retired it): they go back to the front of the queue, on the same attempt, when the
   // worker's answer comes (during the call for shared-memory links).
   void take_back_unstarted(int slot);
   // The worker in `slot` is gone: settles every task it held (settlement.cc), and detaches it.

@@ -181,10 +181,6 @@ void Scheduler::accept_again(int slot) {
   worker.accepting = worker.port != nullptr && !abandoned_;
 }
 
-void Scheduler::take_back_unstarted(int slot) {
-  take_back_where(TakeBack::kRequeue, absl::OkStatus(),
-                  [slot](int at, const Batch&) { return at == slot; });
-}
 bool Scheduler::idle(int slot) const { return workers_[slot].batches.empty(); }
 
 uint64_t Scheduler::newest_batch(int slot) const {

@@ -263,12 +263,14 @@ struct Numbers {
   int64_t run(int64_t x) { return x; }
 };
 
-TEST_CASE("a worker's region is mapped while it lives and unmapped and closed with it") {
+TEST_CASE("a worker's region is mapped while it lives and unmapped with it; the pool keeps no descriptor of it") {
   const int before = region_mappings();
   {
     ProcessPool<Nap> pool(quiet({.workers = 2}));
     CHECK(region_mappings() == before + 2);
-    CHECK(region_descriptors() == 2);
+    // The worker has its own copy of the memfd from the fork: the pool closed its one (2
+    // descriptors a worker at most: issue 19's scale_limits_test).
+    CHECK(wait_until([] { return region_descriptors() == 0; }));
     std::vector<std::string> jobs(4, std::string(1 << 20, 'x'));
     REQUIRE(pool.map(jobs).ok());
     // A worker killed from outside: its replacement has a region of its own, the old one goes.
@@ -281,7 +283,7 @@ TEST_CASE("a worker's region is mapped while it lives and unmapped and closed wi
     }));
     REQUIRE(pool.map(jobs).ok());
     CHECK(region_mappings() == before + 2);
-    CHECK(region_descriptors() == 2);
+    CHECK(wait_until([] { return region_descriptors() == 0; }));
   }
   CHECK(region_mappings() == before);
   CHECK(region_descriptors() == 0);

@@ -29,15 +29,7 @@ PoolOptions fork_server(PoolOptions options) {
   return options;
 }
 
-pid_t parent_of(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string content;
-  std::getline(stat, content);
-  int ppid = 0;
-  char state;
-  std::sscanf(content.c_str() + content.rfind(')') + 1, " %c %d", &state, &ppid);
-  return ppid;
-}
+using ::procpool::testing::parent_of;
 
 struct Exiter {
   explicit Exiter(std::string dir) : dir_(std::move(dir)) {}

@@ -151,17 +151,7 @@ ino_t namespace_inode(const std::string& path) {
   return ::stat(path.c_str(), &info) == 0 ? info.st_ino : 0;
 }
 
-pid_t parent_of(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string content;
-  std::getline(stat, content);
-  const size_t close = content.rfind(')');
-  if (close == std::string::npos) return 0;
-  char state;
-  int ppid = 0;
-  std::sscanf(content.c_str() + close + 1, " %c %d", &state, &ppid);
-  return ppid;
-}
+using ::procpool::testing::parent_of;
 
 // A private network, removed with everything in it when destroyed: a bridge in this namespace
 // with the pool's address, and `hosts` network namespaces joined to it by veth pairs (a

@@ -91,17 +91,7 @@ Host start_host(const std::string& address) {
   return host;
 }
 
-pid_t parent_of(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string content;
-  std::getline(stat, content);
-  const size_t close = content.rfind(')');
-  if (close == std::string::npos) return 0;
-  char state;
-  int ppid = 0;
-  std::sscanf(content.c_str() + close + 1, " %c %d", &state, &ppid);
-  return ppid;
-}
+using ::procpool::testing::parent_of;
 
 PoolOptions pool_options(int workers, RemoteOptions remote, LogCapture& log) {
   PoolOptions options;

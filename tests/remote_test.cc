@@ -119,17 +119,7 @@ bool all_serving(const PoolStats& stats) {
   return true;
 }
 
-pid_t parent_of(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string content;
-  std::getline(stat, content);
-  const size_t close = content.rfind(')');
-  if (close == std::string::npos) return 0;
-  char state;
-  int ppid = 0;
-  std::sscanf(content.c_str() + close + 1, " %c %d", &state, &ppid);
-  return ppid;
-}
+using ::procpool::testing::parent_of;
 
 // =============================================================================================
 // The same pool, the same calls.

@@ -8,9 +8,12 @@
 #include <sys/types.h>
 
 #include <array>
+#include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 
@@ -62,6 +65,19 @@ bool wait_until(F condition, absl::Duration timeout = absl::Seconds(10)) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   return condition();
+}
+
+// The parent of process `pid` (/proc/PID/stat); 0 if it is gone or unreadable.
+inline pid_t parent_of(pid_t pid) {
+  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+  std::string content;
+  std::getline(stat, content);
+  const size_t close = content.rfind(')');
+  if (close == std::string::npos) return 0;
+  char state;
+  int ppid = 0;
+  if (std::sscanf(content.c_str() + close + 1, " %c %d", &state, &ppid) != 2) return 0;
+  return ppid;
 }
 
 // Default actions for the crash signals while one lives. The test mains build doctest without its

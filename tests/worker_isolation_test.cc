@@ -90,18 +90,7 @@ std::set<uint64_t> memfds_of(pid_t pid) {
   return inodes;
 }
 
-pid_t parent_of(pid_t pid) {
-  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-  std::string content;
-  std::getline(stat, content);
-  const size_t close = content.rfind(')');
-  REQUIRE(close != std::string::npos);
-  std::istringstream rest(content.substr(close + 2));
-  char state = 0;
-  pid_t parent = 0;
-  rest >> state >> parent;
-  return parent;
-}
+using ::procpool::testing::parent_of;
 
 // Reads the pages of its job (a view into its blob region) and says who it is.
 struct Reader {

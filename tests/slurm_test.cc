@@ -79,6 +79,19 @@ std::string run(const std::string& command) {
   return out;
 }
 
+// Three workers, each a job of its own: `srun` runs this test binary, which dials the pool.
+// Outside an allocation every srun is a job of its own; --oversubscribe lets more of them run
+// than the node has CPUs (the partition allows it).
+PoolOptions srun_launched(const std::string& self, const std::string& job_name) {
+  return {.workers = 3,
+          .log_sink = nullptr,
+          .remote = RemoteOptions{.token = "slurm-test-token",
+                                  .launch = {"srun", "-n1", "--oversubscribe", "--export=ALL",
+                                             "--job-name=" + job_name, self,
+                                             "--procpool-connect={address}"},
+                                  .connect_timeout = absl::Seconds(60)}};
+}
+
 TEST_CASE("10,000 jobs over srun-launched workers; one SIGKILLed mid-map; every job gets one "
           "outcome; nothing is left running") {
   REQUIRE_MESSAGE(std::getenv("SLURM_CONF") != nullptr,
@@ -88,16 +101,8 @@ TEST_CASE("10,000 jobs over srun-launched workers; one SIGKILLed mid-map; every 
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
   const std::string marker = "--procpool-connect=";
   {
-    // Outside an allocation every srun is a job of its own; --oversubscribe lets more of them run
-    // than the node has CPUs (the partition allows it).
     OutcomePool<SlurmWorker> pool(
-        {.workers = 3,
-         .log_sink = nullptr,
-         .remote = RemoteOptions{.token = "slurm-test-token",
-                                 .launch = {"srun", "-n1", "--oversubscribe", "--export=ALL",
-                                            "--job-name=procpool-test", self,
-                                            "--procpool-connect={address}"},
-                                 .connect_timeout = absl::Seconds(60)}},
+        srun_launched(self, "procpool-test"),
         [] { return std::make_unique<SlurmWorker>(); });
     std::vector<int64_t> jobs;
     for (int64_t i = 0; i < 10000; ++i) jobs.push_back(i);
@@ -151,13 +156,7 @@ TEST_CASE("a worker host that Slurm preempts (scancel --signal=TERM on its job) 
   ::setenv("SLURM_TEST_RUNS", runs_file.c_str(), 1);  // srun --export=ALL passes it on
   {
     OutcomePool<SlurmSlowWorker> pool(
-        {.workers = 3,
-         .log_sink = nullptr,
-         .remote = RemoteOptions{.token = "slurm-test-token",
-                                 .launch = {"srun", "-n1", "--oversubscribe", "--export=ALL",
-                                            "--job-name=procpool-drain", self,
-                                            "--procpool-connect={address}"},
-                                 .connect_timeout = absl::Seconds(60)}},
+        srun_launched(self, "procpool-drain"),
         [] { return std::make_unique<SlurmSlowWorker>(); });
     std::vector<int64_t> jobs;
     for (int64_t i = 0; i < 600; ++i) jobs.push_back(i);

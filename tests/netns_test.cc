@@ -63,16 +63,6 @@ const Setup setup;
 
 constexpr char kPrefix[] = "ppnet";  // of every namespace, link and bridge these tests make
 
-std::string sibling(const std::string& name) {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/", name);
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / name).string();
-}
-
 // iproute2's `ip`, wherever this system keeps it (a test's PATH may lack the sbin directories).
 std::string ip_program() {
   for (const char* path : {"/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"}) {
@@ -236,7 +226,7 @@ class PrivateNetwork {
   pid_t start_host(int i, const std::string& pool, const std::string& token,
                    std::vector<std::string> env) {
     std::vector<std::string> args = {ip_program(), "netns", "exec", namespaces_[i],
-                                     sibling("netns_worker_helper")};
+                                     testing::helper_program("netns_worker_helper")};
     std::vector<char*> argv;
     for (std::string& arg : args) argv.push_back(arg.data());
     argv.push_back(nullptr);

@@ -45,6 +45,7 @@ using testing::OutcomePool;
 using testing::RemoteWorker;
 using testing::TempDir;
 using testing::wait_until;
+using testing::worker_program;
 
 constexpr char kToken[] = "the-drain-test-token";
 
@@ -53,18 +54,6 @@ struct Setup {
 };
 const Setup setup;
 
-// A binary next to this one, through the runfiles tree (or bazel-bin when run by hand).
-std::string sibling(const std::string& name) {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  if (srcdir != nullptr) {
-    std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/tests/", name);
-    if (testing::file_exists(path)) return path;
-  }
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / name).string();
-}
-
-std::string worker_program() { return sibling("remote_worker_helper"); }
 
 // A worker host started by the test, as a cluster engine would start it.
 struct Host {

@@ -26,6 +26,7 @@ capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$R
 WIRE=(lib/wire/frame_io.cc lib/wire/frame_stream.cc lib/wire/shared_region.cc lib/wire/tls_channel.cc
       lib/wire/wire_status.cc lib/wire/control_page.cc
       lib/common/unique_fd.cc lib/common/clock.cc lib/common/shared_memory.cc
+      lib/common/fork_proof_secret.cc
       "$OUT/gen/procpool/internal/protocol.capnp.c++")
 REMOTE=(lib/link/remote_host.cc lib/link/tcp_link.cc lib/link/handshake.cc lib/link/remote_frames.cc
         lib/worker/worker_placement.cc)

@@ -1,11 +1,13 @@
 // lib/common/cgroup.h on this host's real cgroups, each mechanism alone: v2 cgroup.kill and the
 // v1 freezer kill a worker's whole tree (a double-forked setsid daemon included) and the directory
 // goes with the WorkerCgroup; a v1 or v2 memory cgroup's cap kills a process that crosses it and
-// says so. Each case says why it skips where its mechanism cannot be made here (tests run as root;
+// says so; cgroups a killed pool left behind are removed and their names never fail a new worker.
+// Each case says why it skips where its mechanism cannot be made here (tests run as root;
 // Bazel's sandbox leaves no cgroup writable: the target runs outside it).
 
 #include "lib/common/cgroup.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -14,6 +16,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
@@ -142,6 +145,66 @@ TEST_CASE("a memory cgroup's cap kills a process that crosses it, and says so") 
       return;
     }
     check_memory_cap(plan);
+  }
+}
+
+// A pid that no process has: a child's, once it is reaped.
+pid_t gone_pid() {
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) ::_exit(0);
+  REQUIRE(::waitpid(child, nullptr, 0) == child);
+  return child;
+}
+
+bool make_dir(const std::string& path, absl::Duration age) {
+  if (::mkdir(path.c_str(), 0755) != 0) return false;
+  const timespec then = absl::ToTimespec(absl::Now() - age);
+  const timespec times[2] = {then, then};
+  return ::utimensat(AT_FDCWD, path.c_str(), times, 0) == 0;
+}
+
+TEST_CASE("cgroups a killed pool left behind are removed, and never taken for a new worker's") {
+  const CgroupPlan plan = CgroupPlan::detect(true, 0);
+  if (plan.kill == CgroupPlan::Kill::kNone) {
+    MESSAGE(absl::StrCat("skipped: no kill cgroup can be made here (", plan.describe(), ")"));
+    return;
+  }
+  const std::string& parent = plan.kill_parent;
+  const pid_t gone = gone_pid();
+  const pid_t self = ::getpid();
+  const absl::Duration old = absl::Hours(2);
+  const std::string abandoned = absl::StrCat(parent, "/leftover-", gone, "-w3-17");
+  const std::string abandoned_probe = absl::StrCat(parent, "/procpool-probe-", gone, "-4");
+  const std::string fresh = absl::StrCat(parent, "/leftover-", gone, "-w4-18");
+  const std::string ours = absl::StrCat(parent, "/leftover-", self, "-w0-19");
+  const std::string foreign = absl::StrCat(parent, "/leftover-", gone, "-not-a-worker");
+  for (const std::string& dir : {abandoned, abandoned_probe, ours, foreign}) {
+    REQUIRE_MESSAGE(make_dir(dir, old), dir);
+  }
+  REQUIRE(make_dir(fresh, absl::ZeroDuration()));
+
+  remove_abandoned_cgroups(parent);
+  CHECK_FALSE(directory_exists(abandoned));
+  CHECK_FALSE(directory_exists(abandoned_probe));
+  CHECK(directory_exists(fresh));    // could be a pool in another pid namespace, not joined yet
+  CHECK(directory_exists(ours));     // its maker is alive
+  CHECK(directory_exists(foreign));  // not a name procpool gives
+  for (const std::string& dir : {fresh, ours, foreign}) ::rmdir(dir.c_str());
+
+  // A name an earlier process with our pid left (it was SIGKILLed) is skipped, not an error.
+  std::vector<std::string> taken;
+  for (int n = 0; n < 48; ++n) {
+    taken.push_back(absl::StrCat(parent, "/collide-", self, "-w0-", n));
+    REQUIRE(make_dir(taken.back(), absl::ZeroDuration()));
+  }
+  {
+    absl::StatusOr<WorkerCgroup> cgroup = WorkerCgroup::create(plan, absl::StrCat("collide-", self, "-w0"));
+    CHECK_MESSAGE(cgroup.ok(), cgroup.status().ToString());
+  }
+  for (const std::string& dir : taken) {
+    CHECK(directory_exists(dir));
+    ::rmdir(dir.c_str());
   }
 }
 

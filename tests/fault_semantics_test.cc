@@ -880,7 +880,8 @@ TEST_CASE("bad call options are kInvalidArgument for that call only") {
   CHECK(pool.map(jobs, {.retries = -1}).status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(pool.map(jobs, {.task_timeout = absl::Seconds(-1)}).status().code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK(pool.map(jobs).ok());
+  absl::StatusOr<std::vector<int64_t>> good = pool.map(jobs);
+  CHECK_MESSAGE(good.ok(), good.status().ToString());
 }
 
 // =============================================================================================

@@ -1,5 +1,6 @@
 #include "lib/common/cgroup.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -10,8 +11,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <utility>
 
@@ -34,6 +37,8 @@ std::atomic<uint64_t> next_cgroup_number{0};
 // directory (a process in uninterruptible sleep, say): it is then left behind, empty soon.
 constexpr int kRemoveTries = 300;
 constexpr useconds_t kRemoveWaitUs = 1000;
+// How many taken names create() skips before it gives up.
+constexpr int kNameTries = 64;
 // How long a v1 freeze may take before the members are killed anyway.
 constexpr int kFreezeTries = 200;
 
@@ -165,6 +170,31 @@ bool enable_v2_memory(const std::string& own) {
   return write_text(own + "/cgroup.subtree_control", "+memory");
 }
 
+// Pools that were SIGKILLed (or died in exit()) could not remove their workers' cgroups. The names
+// this file gives ("<prefix>-<pid>-w<slot>-<n>", "procpool-probe-<pid>-<n>") carry the maker's pid:
+// a cgroup below `parent` whose maker is gone and which is older than a minute (so never one that
+// a pool in another pid namespace has just made and not yet joined) is removed. rmdir() removes
+// only an empty cgroup: one still holding a process stays.
+constexpr time_t kAbandonedAfterSeconds = 60;
+
+std::optional<pid_t> maker_pid(absl::string_view name) {
+  const std::vector<absl::string_view> parts = absl::StrSplit(name, '-');
+  auto number = [](absl::string_view text) {
+    int64_t value = 0;
+    return !text.empty() && absl::SimpleAtoi(text, &value) && value >= 0 ? value : int64_t{-1};
+  };
+  const size_t n = parts.size();
+  int64_t pid = -1;
+  if (n == 4 && parts[0] == "procpool" && parts[1] == "probe") {
+    pid = number(parts[3]) >= 0 ? number(parts[2]) : -1;  // "procpool-probe-<pid>-<n>"
+  } else if (n >= 4 && absl::StartsWith(parts[n - 2], "w") && number(parts[n - 2].substr(1)) >= 0 &&
+             number(parts[n - 1]) >= 0) {
+    pid = number(parts[n - 3]);  // "<prefix>-<pid>-w<slot>-<n>"
+  }
+  if (pid <= 0) return std::nullopt;
+  return static_cast<pid_t>(pid);
+}
+
 // Sends SIGKILL to every process listed in `procs` (a cgroup.procs file). Returns how many.
 int kill_listed(const std::string& procs) {
   int killed = 0;
@@ -179,6 +209,23 @@ int kill_listed(const std::string& procs) {
 }
 
 }  // namespace
+
+void remove_abandoned_cgroups(const std::string& parent) {
+  if (parent.empty()) return;
+  DIR* dir = ::opendir(parent.c_str());
+  if (dir == nullptr) return;
+  const time_t now = ::time(nullptr);
+  while (const dirent* entry = ::readdir(dir)) {
+    if (entry->d_type != DT_DIR) continue;
+    const std::optional<pid_t> maker = maker_pid(entry->d_name);
+    if (!maker || *maker == ::getpid() || ::kill(*maker, 0) == 0 || errno != ESRCH) continue;
+    const std::string path = absl::StrCat(parent, "/", entry->d_name);
+    struct stat info;
+    if (::stat(path.c_str(), &info) != 0 || now - info.st_mtime < kAbandonedAfterSeconds) continue;
+    (void)::rmdir(path.c_str());
+  }
+  ::closedir(dir);
+}
 
 CgroupPlan CgroupPlan::detect(bool use_cgroups, size_t memory_bytes, bool allow_v2) {
   CgroupPlan plan;
@@ -200,6 +247,9 @@ CgroupPlan CgroupPlan::detect(bool use_cgroups, size_t memory_bytes, bool allow_
     plan = it->second;
     plan.memory_bytes = memory_bytes;
     return plan;
+  }
+  for (const std::string* parent : {&own.v2, &own.v1_freezer, &own.v1_memory}) {
+    remove_abandoned_cgroups(*parent);
   }
   const Probe v2 = probe(own.v2);
   if (v2.made && v2.kill) {
@@ -271,11 +321,16 @@ absl::StatusOr<WorkerCgroup> WorkerCgroup::create(const CgroupPlan& plan, const 
   made.kill_kind_ = plan.kill;
   made.memory_kind_ = plan.memory;
   made.memory_bytes_ = plan.memory_bytes;
-  const std::string unique = absl::StrCat(name, "-", next_cgroup_number.fetch_add(1));
   auto make_dir = [&](const std::string& parent) -> absl::StatusOr<std::string> {
-    const std::string dir = absl::StrCat(parent, "/", unique);
-    if (::mkdir(dir.c_str(), 0755) != 0) {
-      return absl::ErrnoToStatus(errno, absl::StrCat("could not make the worker's cgroup ", dir));
+    // The name holds our pid, so one that exists was left by an earlier process with that pid
+    // (one that was killed, or one in another pid namespace): another number is taken.
+    std::string dir;
+    for (int tries = 0;; ++tries) {
+      dir = absl::StrCat(parent, "/", name, "-", next_cgroup_number.fetch_add(1));
+      if (::mkdir(dir.c_str(), 0755) == 0) break;
+      if (errno != EEXIST || tries == kNameTries) {
+        return absl::ErrnoToStatus(errno, absl::StrCat("could not make the worker's cgroup ", dir));
+      }
     }
     made.procs_files_.push_back(dir + "/cgroup.procs");
     return dir;

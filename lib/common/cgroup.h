@@ -97,6 +97,11 @@ class WorkerCgroup {
   std::vector<std::string> procs_files_;
 };
 
+// Removes the cgroups below `parent` that a pool which is gone left behind (one SIGKILLed cannot
+// remove its workers'): named as create() and the probes name them, their maker's pid no longer
+// exists, older than a minute, and empty. CgroupPlan::detect does it once per place.
+void remove_abandoned_cgroups(const std::string& parent);
+
 // In a worker just forked, before it runs anything that could fork: writes its pid into each of
 // `procs_files`. Returns false if one could not be joined. Only open/write/close: safe after a
 // fork from a threaded program.

@@ -1,5 +1,5 @@
 // TLS on remote workers' connections (issue 18, item 1), attacked from the network: real pools and
-// real worker programs on 127.0.0.1, with a proxy between them that records or changes bytes, a
+// real worker programs on 127.0.0.1, with a proxy between them that records or changes bytes (either way), a
 // worker with a certificate from another CA, and a token holder that tries to take another
 // host's worker slot. Tests bind and dial loopback addresses only.
 
@@ -95,7 +95,11 @@ class Proxy {
     ::close(stop_[1]);
   }
   const std::string& address() const { return address_; }
-  void tamper(int connection) { tamper_connection_ = connection; }
+  // `toward_worker`: the bytes the pool sends (jobs, its orders), not the worker's.
+  void tamper(int connection, bool toward_worker = false) {
+    tamper_side_ = toward_worker ? 1 : 0;
+    tamper_connection_ = connection;
+  }
   bool tampered() const { return tampered_; }
   std::string seen() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -146,7 +150,7 @@ class Proxy {
             closed = true;
             break;
           }
-          if (side == 0 && pair.index == tamper_connection_ && !tampered_) {
+          if (side == tamper_side_ && pair.index == tamper_connection_ && !tampered_) {
             buffer[std::min<ssize_t>(1000, n - 1)] ^= 0x20;
             tampered_ = true;
           }
@@ -177,6 +181,7 @@ class Proxy {
   std::string address_;
   int stop_[2] = {-1, -1};
   std::atomic<int> tamper_connection_{-1};
+  std::atomic<int> tamper_side_{0};
   std::atomic<bool> tampered_{false};
   std::mutex mu_;
   std::string seen_;
@@ -262,6 +267,48 @@ TEST_CASE("a byte changed on the way between worker and pool breaks that connect
     auto after = map_within(*proxied.pool, marked_jobs(10), {}, absl::Seconds(60));
     CHECK_MESSAGE(after.ok(), after.status());
     MESSAGE("calls failed: ", failed);
+  }
+}
+
+TEST_CASE("a byte changed on the way from pool to worker: the worker runs no forged job, the "
+          "call fails or runs the tasks again, never with a wrong value, and the pool serves on") {
+  const std::vector<int64_t> jobs = marked_jobs(20000);
+  for (const int connection : {1, 0}) {  // jobs on the data connection; orders on the control one
+    for (const bool retried : {false, true}) {
+      CAPTURE(connection);
+      CAPTURE(retried);
+      ProxiedPool proxied(1);
+      REQUIRE(wait_until([&] { return proxied.pool->stats().workers[0].state == WorkerState::kIdle; },
+                         absl::Seconds(30)));
+      proxied.proxy->tamper(connection, /*toward_worker=*/true);
+      const CallOptions options{.retries = retried ? 3 : 0};
+      int forged = 0;
+      // The pool sends its host little besides heartbeats (a few a heartbeat_timeout): calls go
+      // on until the changed byte has passed.
+      const absl::Time give_up = absl::Now() + absl::Seconds(60);
+      while (absl::Now() < give_up && !proxied.proxy->tampered()) {
+        auto squares = map_within(*proxied.pool, jobs, options, absl::Seconds(60));
+        if (!squares.ok()) {
+          MESSAGE(squares.status());
+          CHECK_FALSE(retried);
+          // The worker's end found the change and dropped the connection: the pool cannot tell
+          // that from a lost link, and says so (never kOk with a value, never the task's fault).
+          CHECK((squares.status().code() == absl::StatusCode::kDataLoss ||
+                 squares.status().code() == absl::StatusCode::kAborted ||
+                 squares.status().code() == absl::StatusCode::kUnavailable));
+          continue;
+        }
+        REQUIRE(squares->size() == jobs.size());
+        for (size_t i = 0; i < jobs.size(); ++i) forged += (*squares)[i] != jobs[i] * jobs[i] ? 1 : 0;
+      }
+      CHECK(proxied.proxy->tampered());
+      CHECK(forged == 0);
+      // The worker's end refused the record: that connection, and so that worker, is gone.
+      CHECK(wait_until([&] { return proxied.pool->stats().workers_restarted >= 1; },
+                       absl::Seconds(30)));
+      auto after = map_within(*proxied.pool, marked_jobs(10), {}, absl::Seconds(60));
+      CHECK_MESSAGE(after.ok(), after.status());
+    }
   }
 }
 

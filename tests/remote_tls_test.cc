@@ -1,7 +1,7 @@
 // TLS on remote workers' connections (issue 18, item 1), attacked from the network: real pools and
-// real worker programs on 127.0.0.1, with a proxy between them that records or changes bytes (either way), a
-// worker with a certificate from another CA, and a token holder that tries to take another
-// host's worker slot. Tests bind and dial loopback addresses only.
+// real worker programs on 127.0.0.1, with a proxy between them that records or changes bytes
+// (either way), a worker with a certificate from another CA, and a token holder that tries to take
+// another host's worker slot. Tests bind and dial loopback addresses only.
 
 #include "procpool/process_pool.h"
 

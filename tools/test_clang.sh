@@ -27,11 +27,15 @@ CMAKE_GEN=()
 if command -v ninja >/dev/null 2>&1; then CMAKE_GEN=(-G Ninja); fi
 BUILD="$WORK/cmake-clang"
 
+# The library's layers are unity builds (one translation unit each: a third of the CPU of a
+# file-by-file build); the tests are not (tests/CMakeLists.txt). tools/test.sh's Bazel build
+# compiles every library file alone.
 # --- 1. CMake + ctest with clang -----------------------------------------------------------------
 echo "=== CMake with clang++: library, layering, tests, examples; ctest -LE 'soak|slurm'"
 built=0
 if CC=clang CXX=clang++ cmake -S . -B "$BUILD" "${CMAKE_GEN[@]}" --log-level=NOTICE \
-      -DCMAKE_BUILD_TYPE=Debug -DPROCPOOL_WERROR=ON -DPROCPOOL_BUILD_BENCHMARKS=OFF </dev/null \
+      -DCMAKE_BUILD_TYPE=Debug -DPROCPOOL_WERROR=ON -DPROCPOOL_BUILD_BENCHMARKS=OFF \
+      -DCMAKE_UNITY_BUILD=ON -DCMAKE_UNITY_BUILD_BATCH_SIZE=0 </dev/null \
     && cmake --build "$BUILD" -j "$JOBS" </dev/null \
     && cmake --build "$BUILD" -j "$JOBS" --target procpool_layering </dev/null; then
   built=1

@@ -27,7 +27,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <ranges>
 #include <string>
 #include <utility>
 #include <vector>
@@ -147,8 +146,9 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     if (!status_file.empty()) write_file(status_file, absl::StrCat(last_connected.size(), "\n"));
   };
-  for (absl::StatusOr<Hasher::Result> hashed :
-       pool.imap_unordered(std::views::iota(int64_t{0}, jobs_count), {.chunksize = 16})) {
+  std::vector<int64_t> jobs;
+  for (int64_t i = 0; i < jobs_count; ++i) jobs.push_back(i);
+  for (absl::StatusOr<Hasher::Result> hashed : pool.imap_unordered(jobs, {.chunksize = 16})) {
     if (hashed.ok()) {
       folded ^= hashed->first;
       ++tasks_by_step[hashed->second];

@@ -341,5 +341,55 @@ TEST_CASE("with a launch command, a drained host is replaced by a newly launched
   ::unsetenv("REMOTE_EVENTS");
 }
 
+// An elastic pool (issue 19, item 7): workers that dial in on their own (srun steps of a job), fewer
+// of them than the pool's `workers`. Close-then-join must not wait for, or start, workers for the
+// slots that still wait for a host.
+TEST_CASE("at join, a slot still waiting for a worker host starts no worker: a host freed by "
+          "join is not given one to run enter() and exit() for nothing") {
+  TempDir dir;
+  const std::string events_file = dir.file("events");
+  ::setenv("REMOTE_EVENTS", events_file.c_str(), 1);
+  LogCapture log;
+  Host host;
+  {
+    OutcomePool<RemoteWorker> pool(pool_options(2, dialled_in(), log), make_worker);
+    host = start_host(pool.core().remote_address());
+    auto call = pool.submit(slow_jobs(4), {.chunksize = 1});
+    REQUIRE(call.ok());
+    REQUIRE((*call)->wait(absl::Seconds(60)));
+    REQUIRE(pool.core().close().ok());
+    CHECK(pool.core().join().ok());
+  }
+  REQUIRE(host.reap(absl::Seconds(30)));
+  CHECK(WIFEXITED(host.status));
+  // One worker did the work, ran exit() and left; none came after it.
+  const Events events = read_events(events_file);
+  CHECK(events.entered.size() == 1);
+  CHECK(events.exited.size() == 1);
+  ::unsetenv("REMOTE_EVENTS");
+}
+
+TEST_CASE("every worker host drained (its step ended): close-then-join returns OK at once, not "
+          "after join_timeout waiting for hosts that will not come") {
+  LogCapture log;
+  Host host;
+  PoolOptions options = pool_options(2, dialled_in(), log);
+  options.join_timeout = absl::Seconds(20);
+  OutcomePool<RemoteWorker> pool(options, make_worker);
+  host = start_host(pool.core().remote_address());
+  auto call = pool.submit(slow_jobs(4), {.chunksize = 1});
+  REQUIRE(call.ok());
+  REQUIRE((*call)->wait(absl::Seconds(60)));
+  REQUIRE(::kill(host.pid, SIGTERM) == 0);
+  REQUIRE(host.reap(absl::Seconds(30)));
+  CHECK(WIFEXITED(host.status));
+  REQUIRE(wait_until([&] { return log.contains("is leaving"); }, absl::Seconds(30)));
+  REQUIRE(pool.core().close().ok());
+  const absl::Time start = absl::Now();
+  const absl::Status joined = pool.core().join();
+  MESSAGE("join took ", absl::FormatDuration(absl::Now() - start), ": ", joined);
+  CHECK(joined.ok());
+}
+
 }  // namespace
 }  // namespace procpool

@@ -1067,6 +1067,8 @@ TEST_CASE("terminate() and join_timeout end a slot still waiting for a worker ho
   SUBCASE("join_timeout") {
     ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(30)},
                                                {.join_timeout = absl::Milliseconds(500)}));
+    // Work the slot waits for: join waits for it, until join_timeout.
+    auto waiting = pool.apply_async(int64_t{3});
     REQUIRE(pool.close().ok());
     const absl::Time start = absl::Now();
     const absl::Status joined = pool.join();
@@ -1074,6 +1076,18 @@ TEST_CASE("terminate() and join_timeout end a slot still waiting for a worker ho
     CHECK(absl::Now() - start < absl::Seconds(5));
     CHECK(joined.code() == absl::StatusCode::kDeadlineExceeded);
     CHECK(message_has(joined, "waited for a worker host"));
+    CHECK(waiting.get().status().code() == absl::StatusCode::kDeadlineExceeded);
+  }
+  SUBCASE("join with nothing to do") {
+    // No work: the waiting slot ends at join, which returns OK at once (not at join_timeout).
+    ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(30)},
+                                               {.join_timeout = absl::Seconds(20)}));
+    REQUIRE(pool.close().ok());
+    const absl::Time start = absl::Now();
+    const absl::Status joined = pool.join();
+    MESSAGE("join() returned after ", absl::FormatDuration(absl::Now() - start), ": ", joined);
+    CHECK(absl::Now() - start < absl::Seconds(10));
+    CHECK(joined.ok());
   }
 }
 

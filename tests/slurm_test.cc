@@ -1,7 +1,9 @@
 // Remote workers launched by a real cluster engine (issue 9): a single-node Slurm
 // (tools/slurm_local.sh up) starts every worker as an `srun -n1` job, and preempts one (SIGTERM: it
-// drains); this test binary is itself the worker program (tests/test_main.cc). Tagged "slurm": CI runs it with the cluster up and
-// SLURM_CONF passed in (--test_env=SLURM_CONF).
+// drains); this test binary is itself the worker program (tests/test_main.cc). The example of
+// examples/slurm runs as a user submits it: its elastic run (issue 19, item 7), and a scancel of
+// it. Tagged "slurm": CI runs it with the cluster up and SLURM_CONF passed in
+// (--test_env=SLURM_CONF).
 
 #include <dirent.h>
 #include <signal.h>
@@ -16,8 +18,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "doctest/doctest.h"
 #include "procpool/process_pool.h"
@@ -53,17 +58,24 @@ struct SlurmSlowWorker {
   }
 };
 
-// Processes of this machine whose command line has `needle` (this test's workers and their srun).
+// Other processes of this machine whose command line has `needle` (this test's workers and their
+// srun: `needle` is this test's own path). A process that ends while it is looked at is skipped.
 std::vector<pid_t> processes_with(const std::string& needle) {
   std::vector<pid_t> found;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
     const std::string name = entry.path().filename();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(entry.path() / "cmdline");
-    std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (absl::StrContains(cmdline, needle) && testing::process_alive(std::stoi(name))) {
-      found.push_back(std::stoi(name));
+    const pid_t pid = std::stoi(name);
+    if (pid == ::getpid()) continue;
+    std::string cmdline;
+    try {
+      std::ifstream in(entry.path() / "cmdline");
+      cmdline.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    } catch (const std::exception&) {
+      continue;  // it ended meanwhile (reading its cmdline fails with ESRCH)
     }
+    if (absl::StrContains(cmdline, needle) && testing::process_alive(pid)) found.push_back(pid);
   }
   return found;
 }
@@ -99,7 +111,6 @@ TEST_CASE("10,000 jobs over srun-launched workers; one SIGKILLed mid-map; every 
                   "eval \"$(bash tools/slurm_local.sh env)\"; and --test_env=SLURM_CONF");
   testing::disable_core_dumps();
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  const std::string marker = "--procpool-connect=";
   {
     OutcomePool<SlurmWorker> pool(
         srun_launched(self, "procpool-test"),
@@ -133,8 +144,8 @@ TEST_CASE("10,000 jobs over srun-launched workers; one SIGKILLed mid-map; every 
     CHECK(failed <= 20);
   }
   // The pool is gone: every worker, its relay and its srun left, and Slurm has no job of ours.
-  CHECK(wait_until([&] { return processes_with(marker + "127.0.0.1").empty(); }, absl::Seconds(20)));
-  for (pid_t pid : processes_with(marker + "127.0.0.1")) MESSAGE("still running: pid ", pid);
+  CHECK(wait_until([&] { return processes_with(self).empty(); }, absl::Seconds(20)));
+  for (pid_t pid : processes_with(self)) MESSAGE("still running: pid ", pid);
   std::string queue;
   CHECK(wait_until([&] {
     queue = run("squeue -h -n procpool-test 2>&1");
@@ -150,7 +161,6 @@ TEST_CASE("a worker host that Slurm preempts (scancel --signal=TERM on its job) 
                   "eval \"$(bash tools/slurm_local.sh env)\"; and --test_env=SLURM_CONF");
   testing::disable_core_dumps();
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  const std::string marker = "--procpool-connect=";
   testing::TempDir dir;
   const std::string runs_file = dir.file("runs");
   ::setenv("SLURM_TEST_RUNS", runs_file.c_str(), 1);  // srun --export=ALL passes it on
@@ -190,13 +200,161 @@ TEST_CASE("a worker host that Slurm preempts (scancel --signal=TERM on its job) 
     CHECK(pool.stats().tasks_failed == 0);
   }
   ::unsetenv("SLURM_TEST_RUNS");
-  CHECK(wait_until([&] { return processes_with(marker + "127.0.0.1").empty(); }, absl::Seconds(20)));
+  CHECK(wait_until([&] { return processes_with(self).empty(); }, absl::Seconds(20)));
   std::string queue;
   CHECK(wait_until([&] {
     queue = run("squeue -h -n procpool-drain 2>&1");
     return queue.empty();
   }, absl::Seconds(30)));
   MESSAGE("squeue: '", queue, "'");
+}
+
+// The example as a user runs it: slurm_pool_example and run_pool.sbatch copied into a directory
+// of their own (the submit directory), and the job submitted from there. Bazel's runfiles, or
+// CMake's build and source trees.
+struct ExampleJob {
+  testing::TempDir dir;
+  std::string id;
+  std::string out_file() const { return dir.file(absl::StrCat("procpool-example-", id, ".out")); }
+  std::string output() const {
+    std::ifstream in(out_file());
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  bool ended(absl::Duration timeout) const {
+    return wait_until([&] { return run(absl::StrCat("squeue -h -j ", id, " 2>/dev/null")).empty(); },
+                      timeout);
+  }
+};
+
+std::string example_file(const std::string& runfile, const std::string& fallback) {
+  if (const char* srcdir = std::getenv("TEST_SRCDIR")) {
+    const char* workspace = std::getenv("TEST_WORKSPACE");
+    const std::string path = absl::StrCat(srcdir, "/", workspace ? workspace : "procpool", "/", runfile);
+    if (testing::file_exists(path)) return path;
+  }
+  return fallback;
+}
+
+void submit_example(ExampleJob& job, const std::string& mode) {
+  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe");
+#ifdef PROCPOOL_SOURCE_DIR
+  const std::string source_dir = PROCPOOL_SOURCE_DIR;
+#else
+  const std::string source_dir = ".";
+#endif
+  const std::string program =
+      example_file("examples/slurm/slurm_pool_example",
+                   (exe.parent_path().parent_path() / "examples" / "slurm_pool_example").string());
+  const std::string script =
+      example_file("examples/slurm/run_pool.sbatch", source_dir + "/examples/slurm/run_pool.sbatch");
+  REQUIRE_MESSAGE(testing::file_exists(program), "no example program at ", program);
+  REQUIRE_MESSAGE(testing::file_exists(script), "no example script at ", script);
+  namespace fs = std::filesystem;
+  fs::copy_file(program, job.dir.file("slurm_pool_example"), fs::copy_options::overwrite_existing);
+  fs::permissions(job.dir.file("slurm_pool_example"), fs::perms::owner_all);
+  fs::copy_file(script, job.dir.file("run_pool.sbatch"), fs::copy_options::overwrite_existing);
+  const std::string submitted =
+      run(absl::StrCat("cd ", job.dir.path(),
+                       " && sbatch --parsable --job-name=procpool-example-test run_pool.sbatch ",
+                       mode, " 2>&1"));
+  job.id = std::string(absl::StripAsciiWhitespace(submitted));
+  int64_t number = 0;
+  REQUIRE_MESSAGE(absl::SimpleAtoi(job.id, &number), "sbatch: ", submitted);
+}
+
+// Processes still running from the job's directory (the parent, its workers, their srun).
+std::vector<pid_t> processes_in(const std::string& dir) {
+  const std::filesystem::path canonical = std::filesystem::canonical(dir);
+  std::vector<pid_t> found;
+  for (pid_t pid : processes_with("slurm_pool_example")) {
+    std::error_code error;
+    const auto cwd = std::filesystem::read_symlink(absl::StrCat("/proc/", pid, "/cwd"), error);
+    if (!error && cwd == canonical) found.push_back(pid);
+  }
+  return found;
+}
+
+// "... tasks by step: vm step 0: 812, vm step 1: 1188; fold ..." of the example's last line: the
+// count of each step.
+std::map<std::string, int64_t> tasks_by_step(const std::string& line) {
+  std::map<std::string, int64_t> counts;
+  const size_t from = line.find("tasks by step: ");
+  if (from == std::string::npos) return counts;
+  std::string list = line.substr(from + 15);
+  list = list.substr(0, list.find(';'));
+  for (absl::string_view part : absl::StrSplit(list, ", ")) {
+    const size_t colon = part.rfind(": ");
+    int64_t count = 0;
+    if (colon != absl::string_view::npos && absl::SimpleAtoi(part.substr(colon + 2), &count)) {
+      counts[std::string(part.substr(0, colon))] = count;
+    }
+  }
+  return counts;
+}
+
+TEST_CASE("the example's elastic run (sbatch run_pool.sbatch elastic): the pool grows with a second "
+          "srun step, the first drains on scancel --signal=TERM, no task fails or is lost, and the "
+          "job's end leaves nothing running") {
+  REQUIRE_MESSAGE(std::getenv("SLURM_CONF") != nullptr,
+                  "run with a cluster: bash tools/slurm_local.sh up; "
+                  "eval \"$(bash tools/slurm_local.sh env)\"; and --test_env=SLURM_CONF");
+  ExampleJob job;
+  submit_example(job, "elastic");
+  REQUIRE_MESSAGE(job.ended(absl::Seconds(240)), job.output());
+  const std::string output = job.output();
+  MESSAGE(output);
+  // It grew to both steps' workers, then shrank to one when the first step drained.
+  const size_t grew = output.find("workers connected: 2 [");
+  CHECK(grew != std::string::npos);
+  CHECK(output.find("workers connected: 1 [", grew == std::string::npos ? 0 : grew) !=
+        std::string::npos);
+  CHECK(absl::StrContains(output, "SIGTERM: draining"));
+  // Every job has one result; none failed; each step ran some.
+  std::string last;
+  for (absl::string_view line : absl::StrSplit(output, '\n')) {
+    if (absl::StartsWith(line, "mapped ")) last = std::string(line);
+  }
+  CHECK(absl::StartsWith(last, "mapped 200000 jobs in "));
+  CHECK(absl::StrContains(last, ", 0 failed;"));
+  const std::map<std::string, int64_t> counts = tasks_by_step(last);
+  CHECK(counts.size() == 2);
+  int64_t total = 0;
+  for (const auto& step : counts) {
+    CAPTURE(step.first);
+    CHECK(step.second > 0);
+    total += step.second;
+  }
+  CHECK(total == 200000);
+  CHECK(absl::StrContains(output, "join: OK"));
+  CHECK(!absl::StrContains(output, "a task failed"));
+  // Both steps' sruns ended by themselves, with status 0: the drained one, and the other once the
+  // pool closed its connection.
+  size_t clean_steps = 0;
+  for (size_t at = output.find("exited with status 0"); at != std::string::npos;
+       at = output.find("exited with status 0", at + 1)) {
+    ++clean_steps;
+  }
+  CHECK(clean_steps == 2);
+  CHECK(absl::StrContains(run(absl::StrCat("scontrol show job ", job.id, " 2>&1")), "ExitCode=0:0"));
+  CHECK(wait_until([&] { return processes_in(job.dir.path()).empty(); }, absl::Seconds(20)));
+  for (pid_t pid : processes_in(job.dir.path())) MESSAGE("still running: pid ", pid);
+}
+
+TEST_CASE("scancel of the example's elastic job while both steps work leaves nothing running") {
+  REQUIRE_MESSAGE(std::getenv("SLURM_CONF") != nullptr,
+                  "run with a cluster: bash tools/slurm_local.sh up; "
+                  "eval \"$(bash tools/slurm_local.sh env)\"; and --test_env=SLURM_CONF");
+  ExampleJob job;
+  submit_example(job, "elastic");
+  REQUIRE_MESSAGE(wait_until([&] { return absl::StrContains(job.output(), "workers connected: 2 ["); },
+                             absl::Seconds(120)),
+                  job.output());
+  REQUIRE(processes_in(job.dir.path()).size() >= 3);  // the parent, a worker host of each step
+  MESSAGE("scancel ", job.id, ": ", run(absl::StrCat("scancel ", job.id, " 2>&1")));
+  REQUIRE_MESSAGE(job.ended(absl::Seconds(120)), job.output());
+  CHECK(wait_until([&] { return processes_in(job.dir.path()).empty(); }, absl::Seconds(20)));
+  for (pid_t pid : processes_in(job.dir.path())) MESSAGE("still running: pid ", pid);
+  MESSAGE(job.output());
 }
 
 }  // namespace

@@ -552,13 +552,16 @@ void RemoteLauncher::match_free_hosts(LauncherEvents& events) {
   bool spare = false;
   for (auto& host : hosts_) {
     if (host->state() != RemoteHost::State::kIdle) continue;
-    if (waiting_.empty()) {
+    // A link stopped while it waited gets no host: check() ends it.
+    const auto link = std::find_if(waiting_.begin(), waiting_.end(),
+                                   [](TcpLink* waiting) { return !waiting->stopped_waiting(); });
+    if (link == waiting_.end()) {
       spare = true;
       continue;
     }
-    TcpLink* link = waiting_.front();
-    waiting_.pop_front();
-    link->bind(host.get());
+    TcpLink* taken = *link;
+    waiting_.erase(link);
+    taken->bind(host.get());
   }
   if (spare) events.on_capacity();
 }

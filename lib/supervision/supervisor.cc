@@ -175,8 +175,9 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;
   const std::string how = absl::StrCat(slot.display(), " ", end.how);
   slot.last_exit = end.how;
-  // A slot resize() retired before its worker came was ended on purpose (retire()).
-  const bool deliberate = terminating_ || (slot.retired && slot.stop_reason &&
+  // Ended on purpose: by terminate(), or, still waiting for a worker host, because the pool no
+  // longer needed it (shutdown_if_due). Only those stops are kCancelled.
+  const bool deliberate = terminating_ || (slot.stop_reason &&
                                            slot.stop_reason->code() == absl::StatusCode::kCancelled);
   log(slot, expected || deliberate ? LogSeverity::kInfo : LogSeverity::kWarning, how);
   if (!end.crash_stack.empty()) {
@@ -208,7 +209,7 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
 
   // A worker terminate() or a resize() stopped before it was ready did not fail to start: the
   // pool stopped it.
-  if (state == State::kStarting && !slot.start_failed && !terminating_ && !slot.retired) {
+  if (state == State::kStarting && !slot.start_failed && !deliberate && !slot.retired) {
     record_start_failure(
         slot, end.cause.value_or(absl::AbortedError(absl::StrCat(how, " before it was ready"))), now);
   }
@@ -239,7 +240,7 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   // A worker that left as asked at join, or for a resize or idle_timeout, is not replaced
   // (start_due checks wanted() and skips retired slots; parked ones start when work needs them).
   // One whose slot a resize took back meanwhile is.
-  if (expected && !slot.recycling && (joining_ || slot.retired || slot.parked)) {
+  if ((expected || deliberate) && !slot.recycling && (joining_ || slot.retired || slot.parked)) {
     slot.next_start_ns = INT64_MAX;
   }
   if (!wanted() && !any_alive() && scheduler_.has_pending()) {
@@ -393,6 +394,14 @@ void Supervisor::shutdown_if_due(Slot& slot) {
   }
   const bool idle = scheduler_.idle(slot.index);
   const bool leaving = (joining_ && !scheduler_.has_pending()) || slot.retired || slot.parked;
+  if (slot.state == State::kStarting && leaving && slot.link->placed_ns() == INT64_MAX) {
+    // A remote slot still waiting for a worker host has no worker to tell: it ends now. A host
+    // that comes (or one that join frees) is not given a worker only to run enter() and exit(),
+    // and join does not wait for a host that may never come. Its wait is no start failure.
+    stop(slot, absl::CancelledError("no longer needed before a worker host took it"),
+         StopMode::kTerminate);
+    return;
+  }
   // A worker still starting gets its shutdown after enter(): frames are read in order.
   if ((serving && idle && (slot.recycling || leaving)) ||
       (slot.state == State::kStarting && leaving)) {
@@ -446,14 +455,10 @@ void Supervisor::retire(Slot& slot) {
   slot.retired = true;
   slot.parked = false;
   if (!slot.link) return;
-  if (slot.state == State::kStarting && slot.link->placed_ns() == INT64_MAX) {
-    // A remote slot still waiting for a worker host has no worker to ask: it ends now (and its
-    // wait is no start failure).
-    stop(slot, absl::CancelledError("retired by resize() before a worker host took it"),
-         StopMode::kTerminate);
-    return;
+  // (A remote slot still waiting for a worker host ends at once: shutdown_if_due.)
+  if (slot.link->placed_ns() != INT64_MAX) {
+    log(slot, LogSeverity::kInfo, "retired by resize(): leaves once the task it runs is done");
   }
-  log(slot, LogSeverity::kInfo, "retired by resize(): leaves once the task it runs is done");
   // What it has not started runs elsewhere (exactly: through its claims); it finishes the rest.
   scheduler_.stop_accepting(slot.index);
   scheduler_.take_back_unstarted(slot.index);

@@ -96,7 +96,8 @@ class Supervisor final : private LauncherEvents {
   // idle runs exit() and leaves as at join (after_events); it is never replaced.
   void resize(int workers);
 
-  // Close-then-join: workers with nothing to do are asked to run exit() and leave; past
+  // Close-then-join: workers with nothing to do are asked to run exit() and leave (a remote slot
+  // still waiting for a worker host ends at once, and no host is given a worker then); past
   // `deadline_ns` the rest are stopped by force. Called again, keeps the earlier deadline.
   void begin_join(int64_t deadline_ns);
   bool join_deadline_passed() const { return join_deadline_passed_; }

@@ -120,10 +120,10 @@ class TlsChannel {
 
   // Writes from `pieces`, in records of up to 16 KiB; returns the bytes taken (0 when the socket
   // takes nothing now). Bytes not taken must be offered again, first, by the next write. A bulk
-  // write (more than one record) encrypts up to kCoalesceBytes of records before it sends them
-  // with one send(): a system call (and a wakeup of the reader) per 16 KiB record cost several
-  // times the encryption. Bytes count as taken only once their record has gone to the socket: the
-  // rest of a record the socket did not take waits here, and goes first, when they are offered again.
+  // write (more than one record) encrypts 64 KiB of records before it sends them with one send():
+  // a system call (and a wakeup of the reader) per 16 KiB record cost more than encrypting it.
+  // Bytes count as taken only once their record has gone to the socket: the rest of a record the
+  // socket did not take waits here, and goes first when those bytes are offered again.
   absl::StatusOr<size_t> write(const iovec* pieces, size_t count);
 
   // 32 bytes only the two ends of this session know (RFC 8446 exporter, `label`): what binds a

@@ -316,6 +316,81 @@ TEST_CASE("a peer in its TLS handshake is not taken for a silent one: a flood of
   pool.terminate();
 }
 
+TEST_CASE("64 workers dialling at once from one address all get in: connections beyond the "
+          "per-address handshake cap wait their turn, none is closed") {
+  // As 64 relays on one host (or behind one NAT) that start together: each has sent its
+  // ClientHello, and none has finished its handshake yet, when the last one dials. The pool works
+  // on at most 32 handshakes from an address at a time; the others, not silent, must wait rather
+  // than be closed (a closed relay dials again after a backoff; a closed data connection fails its
+  // worker's start).
+  constexpr int kWorkers = 64;
+  ProcessPool<RemoteWorker> pool(
+      remote_pool(kWorkers, RemoteOptions{.connect_timeout = absl::Seconds(60)}));
+  const internal::HostPort address = address_of(pool.remote_address());
+  absl::StatusOr<std::shared_ptr<internal::TlsContext>> tls =
+      internal::TlsContext::with_token(pool.remote_token(), internal::TlsContext::Role::kClient);
+  REQUIRE(tls.ok());
+  ::signal(SIGPIPE, SIG_IGN);  // a closed connection fails the write, rather than this process
+  std::vector<std::unique_ptr<internal::TlsChannel>> relays;
+  for (int i = 0; i < kWorkers; ++i) {
+    absl::StatusOr<internal::UniqueFd> socket = internal::connect_tcp(address, absl::Seconds(5));
+    REQUIRE(socket.ok());
+    absl::StatusOr<std::unique_ptr<internal::TlsChannel>> channel =
+        internal::TlsChannel::open(*tls, *std::move(socket));
+    REQUIRE(channel.ok());
+    // Its ClientHello (which fails if the pool has closed the connection already).
+    (void)(*channel)->handshake();
+    relays.push_back(*std::move(channel));
+  }
+  // The pool has accepted them all (and answered the first ones) before any finishes.
+  absl::SleepFor(absl::Seconds(1));
+  int welcomed = 0;
+  std::string first_failure;
+  for (auto& relay : relays) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    auto fail = [&](const std::string& why) {
+      if (first_failure.empty()) first_failure = why;
+    };
+    if (absl::Status shook = relay->handshake_within(deadline); !shook.ok()) {
+      fail(std::string(shook.message()));
+      continue;
+    }
+    const std::string nonce = internal::make_nonce();
+    capnp::MallocMessageBuilder hello_message;
+    auto hello = hello_message.initRoot<wire::FromWorker>().initHello();
+    hello.setVersion(internal::kProtocolVersion);
+    hello.setNonce(as_data(nonce));
+    (void)internal::write_frame(*relay, hello_message);
+    internal::FrameReader reader(1 << 20);
+    auto challenge = internal::read_frame_within(*relay, reader, deadline);
+    if (!challenge.ok()) {
+      fail(absl::StrCat("no challenge: ", challenge.status().ToString()));
+      continue;
+    }
+    std::string pool_nonce;
+    {
+      capnp::FlatArrayMessageReader message(*challenge);
+      pool_nonce = as_string(message.getRoot<wire::ToWorker>().getChallenge().getNonce());
+    }
+    capnp::MallocMessageBuilder proof;
+    auto credentials = proof.initRoot<wire::FromWorker>().initCredentials();
+    credentials.setProof(as_data(internal::prove(pool.remote_token(), "worker", pool_nonce, nonce)));
+    credentials.setWorkerType(internal::worker_type_name<RemoteWorker>());
+    credentials.setHost("fake");
+    (void)internal::write_frame(*relay, proof);
+    auto welcome = internal::read_frame_within(*relay, reader, deadline);
+    if (!welcome.ok()) {
+      fail(absl::StrCat("no welcome: ", welcome.status().ToString()));
+      continue;
+    }
+    capnp::FlatArrayMessageReader message(*welcome);
+    welcomed += message.getRoot<wire::ToWorker>().isWelcome() ? 1 : 0;
+  }
+  MESSAGE(welcomed, " of ", kWorkers, " welcomed; first failure: ", first_failure);
+  CHECK(welcomed == kWorkers);
+  pool.terminate();
+}
+
 TEST_CASE("a relay whose connection is cut during its handshake dials again until its connect "
           "timeout, and joins the pool") {
   // Something else answers at the pool's address first and hangs up on the worker's hello; the

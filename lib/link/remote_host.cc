@@ -36,7 +36,8 @@ std::string tls_refusal(bool keyed_by_token, absl::string_view why) {
 
 }  // namespace
 
-RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config)
+RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config,
+                       int64_t accepted_ns)
     : peer_(std::move(peer)),
       config_(config),
       stream_(kHandshakeFrameBytes, config_.limits.frame_timeout) {
@@ -48,7 +49,7 @@ RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig
     closed_reason_ = std::string(channel.status().message());
   }
   const int64_t now = monotonic_now_ns();
-  handshake_deadline_ns_ = now + to_ns(config_.handshake_timeout);
+  handshake_deadline_ns_ = accepted_ns + to_ns(config_.handshake_timeout);
   last_received_ns_ = now;
   last_ping_ns_ = now;
 }
@@ -57,10 +58,14 @@ RemoteHost::~RemoteHost() {
   if (link_ != nullptr) link_->bind(nullptr);
 }
 
+bool sent_nothing(int fd) {
+  char byte;
+  return ::recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
+}
+
 bool RemoteHost::silent() const {
   if (state_ != State::kHandshake || stream_.last_read_ns() != 0 || heard_ || !channel_) return false;
-  char byte;
-  return ::recv(channel_->fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN;
+  return sent_nothing(channel_->fd());
 }
 
 short RemoteHost::poll_events() const {

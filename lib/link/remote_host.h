@@ -50,11 +50,16 @@ struct RemoteHostConfig {
 
 using EventsOf = std::function<LinkEvents&(WorkerLink&)>;
 
+// Whether nothing the peer of connection `fd` sent waits to be read (peeked: nothing is taken).
+bool sent_nothing(int fd);
+
 class RemoteHost {
  public:
   // kData: the connection presented a spawn's id; the launcher hands it to that link.
   enum class State { kHandshake, kIdle, kBusy, kData, kClosed };
-  RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config);
+  // `accepted_ns`: when the connection was accepted; its handshake must end handshake_timeout
+  // after that (the time it waited for its turn counts).
+  RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig& config, int64_t accepted_ns);
   ~RemoteHost();
 
   State state() const { return state_; }

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <iterator>
+#include <map>
 #include <utility>
 
 #include "absl/strings/escaping.h"
@@ -27,14 +29,19 @@ extern char** environ;
 namespace procpool::internal {
 namespace {
 
-// Admission. Connections still in their handshake are at most kMaxHandshaking, and at most
-// kMaxHandshakingPerSource from one address; each has kHandshakeDeadline to finish. A connection
-// that would pass either cap takes the place of the oldest one that has sent nothing yet (from its
-// address, or from any): a real worker says hello as soon as it has dialled, so a flood of idle
-// connections, from its own address or not, does not keep it out. When none has been silent, the
-// new connection is closed, and its relay dials again (relay.cc). The listen backlog is the
-// longest the system allows (listen_tcp), and each turn of the pool's loop accepts at most
-// kMaxAcceptsPerTurn, so a flood cannot starve the connections already in.
+// Admission. Connections not yet authenticated are at most kMaxHandshaking; the pool works on
+// the handshakes of at most kMaxHandshakingPerSource from one address at a time, and the others
+// from that address are held, unread, until one of those ends (64 relays of one host, or behind
+// one NAT, that start together are all let in, none closed to dial again after a backoff). Each
+// has kHandshakeDeadline from its accept to finish. A connection that would pass a cap takes the
+// place of the oldest one that has sent nothing yet (from its address, or from any): a real worker
+// says hello as soon as it has dialled, so a flood of idle connections, from its own address or
+// not, does not keep it out. When none has been silent and the pool is full, a held connection of
+// the address that holds the most makes room for one of an address holding fewer (held ones cannot
+// keep other addresses out); else the new connection is closed, and its relay dials again
+// (relay.cc). The listen backlog is the longest the system allows (listen_tcp), and each turn of
+// the pool's loop accepts at most kMaxAcceptsPerTurn, so a flood cannot starve the connections
+// already in.
 constexpr size_t kMaxHandshaking = 256;
 constexpr size_t kMaxHandshakingPerSource = 32;
 constexpr absl::Duration kHandshakeDeadline = absl::Seconds(5);
@@ -372,7 +379,31 @@ int RemoteLauncher::hosts_welcomed() const {
   return count;
 }
 
-bool RemoteLauncher::admit(const std::string& source, const EventsOf& events_of) {
+bool RemoteLauncher::close_oldest_silent(const std::string& source, const EventsOf& events_of) {
+  RemoteHost* oldest = nullptr;
+  for (const auto& host : hosts_) {
+    if (host->state() != RemoteHost::State::kHandshake) continue;
+    if (!source.empty() && source_of(host->peer()) != source) continue;
+    if (oldest != nullptr && host->handshake_deadline_ns() >= oldest->handshake_deadline_ns()) continue;
+    if (host->silent()) oldest = host.get();
+  }
+  if (oldest != nullptr) {
+    oldest->close(!source.empty() ? "sent nothing, and more connections from its address were waiting"
+                                  : "sent nothing, and more connections were waiting",
+                  events_of);
+    return true;
+  }
+  if (!source.empty()) return false;
+  for (auto it = held_.begin(); it != held_.end(); ++it) {
+    if (sent_nothing(it->socket.get())) {
+      held_.erase(it);
+      return true;
+    }
+  }
+  return false;
+}
+
+RemoteLauncher::Admission RemoteLauncher::admit(const std::string& source, const EventsOf& events_of) {
   size_t in_handshake = 0;
   size_t from_source = 0;
   for (const auto& host : hosts_) {
@@ -381,20 +412,53 @@ bool RemoteLauncher::admit(const std::string& source, const EventsOf& events_of)
     from_source += source_of(host->peer()) == source;
   }
   const bool source_full = from_source >= kMaxHandshakingPerSource;
-  if (!source_full && in_handshake < kMaxHandshaking) return true;
-  // The oldest silent one (from the same address, when that is what is full) makes room.
-  RemoteHost* oldest = nullptr;
-  for (const auto& host : hosts_) {
-    if (host->state() != RemoteHost::State::kHandshake) continue;
-    if (source_full && source_of(host->peer()) != source) continue;
-    if (oldest != nullptr && host->handshake_deadline_ns() >= oldest->handshake_deadline_ns()) continue;
-    if (host->silent()) oldest = host.get();
+  const bool pool_full = in_handshake + held_.size() >= kMaxHandshaking;
+  if (!source_full && !pool_full) return Admission::kBegin;
+  // The oldest silent one from the same address, when that is what is full, lets it begin now.
+  if (source_full && close_oldest_silent(source, events_of)) return Admission::kBegin;
+  if (pool_full && !close_oldest_silent("", events_of)) {
+    // None silent: the newest held connection of the address holding the most, if that holds more
+    // than this one's.
+    std::map<std::string, size_t> held_from;
+    for (const HeldConnection& held : held_) ++held_from[held.source];
+    auto most = std::max_element(held_from.begin(), held_from.end(),
+                                 [](const auto& a, const auto& b) { return a.second < b.second; });
+    if (most == held_from.end() || most->second <= held_from[source]) return Admission::kClose;
+    const std::string heaviest = most->first;
+    for (auto it = held_.rbegin(); it != held_.rend(); ++it) {
+      if (it->source != heaviest) continue;
+      held_.erase(std::next(it).base());
+      break;
+    }
   }
-  if (oldest == nullptr) return false;
-  oldest->close(source_full ? "sent nothing, and more connections from its address were waiting"
-                            : "sent nothing, and more connections were waiting",
-                events_of);
-  return true;
+  return source_full ? Admission::kHold : Admission::kBegin;
+}
+
+int64_t RemoteLauncher::begin_held(int64_t now_ns) {
+  if (held_.empty()) return INT64_MAX;
+  std::map<std::string, size_t> handshaking;
+  for (const auto& host : hosts_) {
+    if (host->state() == RemoteHost::State::kHandshake) ++handshaking[source_of(host->peer())];
+  }
+  int64_t next = INT64_MAX;
+  for (auto it = held_.begin(); it != held_.end();) {
+    const int64_t deadline = it->accepted_ns + to_ns(kHandshakeDeadline);
+    if (now_ns >= deadline) {
+      it = held_.erase(it);  // closed: its relay dials again
+      continue;
+    }
+    size_t& under_way = handshaking[it->source];
+    if (under_way < kMaxHandshakingPerSource) {
+      ++under_way;
+      hosts_.push_back(std::make_unique<RemoteHost>(std::move(it->socket), std::move(it->peer),
+                                                    host_config_, it->accepted_ns));
+      it = held_.erase(it);
+      continue;
+    }
+    next = std::min(next, deadline);
+    ++it;
+  }
+  return next;
 }
 
 void RemoteLauncher::accept_connections(const EventsOf& events_of) {
@@ -405,10 +469,21 @@ void RemoteLauncher::accept_connections(const EventsOf& events_of) {
       return;
     }
     if (!connection->valid()) return;
+    const int64_t now = monotonic_now_ns();
     absl::StatusOr<HostPort> peer = peer_address(connection->get());
     std::string name = peer.ok() ? peer->to_string() : "?";
-    if (!admit(source_of(name), events_of)) continue;  // closed: its relay dials again
-    hosts_.push_back(std::make_unique<RemoteHost>(*std::move(connection), std::move(name), host_config_));
+    std::string source = source_of(name);
+    switch (admit(source, events_of)) {
+      case Admission::kBegin:
+        hosts_.push_back(std::make_unique<RemoteHost>(*std::move(connection), std::move(name),
+                                                      host_config_, now));
+        break;
+      case Admission::kHold:
+        held_.push_back({*std::move(connection), std::move(name), std::move(source), now});
+        break;
+      case Admission::kClose:
+        break;  // closed: its relay dials again
+    }
   }
 }
 
@@ -475,6 +550,8 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
     launched_ended |= polled[i].revents != 0;
   }
   if (launched_ended) reap_launched(&events);
+  // Handshakes that ended make room for connections held from their addresses.
+  (void)begin_held(monotonic_now_ns());
   match_free_hosts(events);
 }
 
@@ -489,6 +566,7 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
     }
   }
   for (auto& host : hosts_) next = std::min(next, host->check(now_ns, events_of));
+  next = std::min(next, begin_held(now_ns));
   // Launch commands watched without a pidfd: nothing wakes the loop when they exit. Looked for
   // often while one's worker has not come (its failure fails the launch), seldom after.
   const bool waited_for = std::any_of(launched_.begin(), launched_.end(),
@@ -545,6 +623,7 @@ void RemoteLauncher::set_workers(int workers) {
 void RemoteLauncher::finish() {
   // Every host's relay sees end of file and leaves; no one new is let in.
   hosts_.clear();
+  held_.clear();
   listener_.reset();
 }
 

@@ -101,9 +101,17 @@ class RemoteLauncher final : public Launcher {
   // Accepts what waits (admit() says whom), at most kMaxAcceptsPerTurn; pauses the listener when
   // accept() fails (out of descriptors).
   void accept_connections(const EventsOf& events_of);
-  // Whether a new connection from `source` may begin its handshake: true when there is room, or
-  // once an older silent one was closed to make some.
-  bool admit(const std::string& source, const EventsOf& events_of);
+  // What becomes of a new connection from `source`: it begins its handshake (there is room, or an
+  // older silent connection was closed to make some), it waits for a handshake from its address
+  // to end (held_), or it is closed (the pool has no room for it).
+  enum class Admission { kBegin, kHold, kClose };
+  Admission admit(const std::string& source, const EventsOf& events_of);
+  // Held connections whose address has room now begin their handshakes; those held past the
+  // handshake deadline are closed. Returns when one will be (INT64_MAX: none held).
+  int64_t begin_held(int64_t now_ns);
+  // The oldest connection that has sent nothing, among handshakes (from `source` only, unless it
+  // is empty) and held ones (with `source` empty): closed. False when none was silent.
+  bool close_oldest_silent(const std::string& source, const EventsOf& events_of);
   int hosts_welcomed() const;  // idle or busy
   std::string unavailable_reason() const;
   std::string refusal_summary() const;  // "; refused: 2 x why, ..." or ""
@@ -116,6 +124,16 @@ class RemoteLauncher final : public Launcher {
   int64_t first_wait_until_ns_ = 0;  // without `launch`: slots wait for hosts until then
   int64_t accept_paused_until_ns_ = 0;  // accept() failed: the listener rests until then
   std::vector<std::unique_ptr<RemoteHost>> hosts_;
+  // Connections accepted while their address had kMaxHandshakingPerSource handshakes under way,
+  // oldest first: not read (no TLS state, no buffers) until one of those ends. They count
+  // against kMaxHandshaking, so they take no descriptors beyond the handshakes' budget.
+  struct HeldConnection {
+    UniqueFd socket;
+    std::string peer;
+    std::string source;
+    int64_t accepted_ns;
+  };
+  std::deque<HeldConnection> held_;
   std::map<int, int64_t> generations_;  // workers asked for so far, by slot
   std::vector<TcpLink*> links_;      // every live link, for data connections to find theirs
   std::deque<TcpLink*> waiting_;     // links without a host yet, oldest first

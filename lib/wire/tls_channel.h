@@ -29,8 +29,10 @@
 #include <sys/uio.h>
 
 #include <cstddef>
+#include <deque>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -117,7 +119,11 @@ class TlsChannel {
   bool has_partial_record() const;
 
   // Writes from `pieces`, in records of up to 16 KiB; returns the bytes taken (0 when the socket
-  // takes nothing now). Bytes not taken must be offered again, first, by the next write.
+  // takes nothing now). Bytes not taken must be offered again, first, by the next write. A bulk
+  // write (more than one record) encrypts 64 KiB of records before it sends them with one send():
+  // a system call (and a wakeup of the reader) per 16 KiB record cost more than encrypting it.
+  // Bytes count as taken only once their record has gone to the socket: the rest of a record the
+  // socket did not take waits here, and goes first when those bytes are offered again.
   absl::StatusOr<size_t> write(const iovec* pieces, size_t count);
 
   // 32 bytes only the two ends of this session know (RFC 8446 exporter, `label`): what binds a
@@ -128,6 +134,14 @@ class TlsChannel {
   void moved_to(int fd);
 
  private:
+  friend struct TlsSocketBio;  // tls_channel.cc: how the session reaches the socket
+  // Sends what a bulk write left of its records; returns the bytes of plaintext whose records are
+  // now all sent.
+  absl::StatusOr<size_t> send_unsent();
+  // The session's output (a record, an alert): to the socket, or, while a bulk write gathers its
+  // records or some are unsent, after them. Like send(2): -1 with errno EAGAIN when it cannot.
+  ssize_t emit(const char* data, size_t size);
+
   TlsChannel(std::shared_ptr<TlsContext> context, UniqueFd socket, SSL* ssl)
       : context_(std::move(context)), socket_(std::move(socket)), ssl_(ssl) {}
   // Once the handshake is done: the session keeps no copy of the token's key (tls_channel.cc).
@@ -141,6 +155,16 @@ class TlsChannel {
   absl::Status failed_;  // once a record failed: every later read says so
   bool record_failed_ = false;
   std::unique_ptr<char[]> staging_;  // small pieces gathered into one record
+  // Records a bulk write encrypted and has not sent yet: ciphertext from unsent_from_ on, and for
+  // each record, where its ciphertext ends and how many bytes of plaintext it holds.
+  bool gathering_ = false;  // within a bulk write: the session's output goes to unsent_
+  std::vector<char> unsent_;
+  size_t unsent_from_ = 0;
+  struct UnsentRecord {
+    size_t end;
+    size_t plaintext;
+  };
+  std::deque<UnsentRecord> unsent_records_;
 };
 
 }  // namespace procpool::internal

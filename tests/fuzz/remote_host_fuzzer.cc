@@ -22,6 +22,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "absl/time/clock.h"
+#include "lib/common/clock.h"
 #include "lib/link/handshake.h"
 #include "lib/link/remote_frames.h"
 #include "lib/link/remote_host.h"
@@ -81,7 +82,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         *procpool::internal::TlsContext::with_token(config.token,
                                                     procpool::internal::TlsContext::Role::kServer);
     config.tls = tls;
-    auto host = std::make_unique<RemoteHost>(UniqueFd(pair[0]), "fuzzer", config);
+    auto host = std::make_unique<RemoteHost>(UniqueFd(pair[0]), "fuzzer", config,
+                                           procpool::internal::monotonic_now_ns());
     Events events;
     (void)!::write(peer.get(), data + 1, size - 1);
     peer.reset();
@@ -90,7 +92,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     host->close("fuzz input ended", events_of);
     return 0;
   }
-  auto host = std::make_unique<RemoteHost>(UniqueFd(pair[0]), "fuzzer", config);
+  auto host = std::make_unique<RemoteHost>(UniqueFd(pair[0]), "fuzzer", config,
+                                           procpool::internal::monotonic_now_ns());
   Events events;
   std::unique_ptr<TcpLink> link;
   if (data[0] & 1) {

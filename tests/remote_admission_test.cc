@@ -289,11 +289,15 @@ TEST_CASE("a peer in its TLS handshake is not taken for a silent one: a flood of
   REQUIRE(channel.ok());
   // Its ClientHello goes; the pool reads it (TLS takes the bytes: nothing is left to peek at) and
   // answers, and waits for the rest, as it would for a real relay between two round trips.
+  // (On a loaded machine the pool's answer may already be in when the client first reads: its
+  // handshake is then done at once, and the pool waits for its first frame instead.)
   absl::StatusOr<internal::TlsChannel::Step> step = (*channel)->handshake();
   REQUIRE(step.ok());
-  REQUIRE(*step == internal::TlsChannel::Step::kWantRead);
-  pollfd answered{(*channel)->fd(), POLLIN, 0};
-  REQUIRE(::poll(&answered, 1, 20'000) == 1);
+  if (*step != internal::TlsChannel::Step::kDone) {
+    REQUIRE(*step == internal::TlsChannel::Step::kWantRead);
+    pollfd answered{(*channel)->fd(), POLLIN, 0};
+    REQUIRE(::poll(&answered, 1, 20'000) == 1);
+  }
   // More connections from its address than may handshake at once: the idle ones make room.
   std::vector<internal::UniqueFd> flood;
   for (int i = 0; i < 64; ++i) flood.push_back(internal::own_fd(idle_connection(address)));

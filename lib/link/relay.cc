@@ -56,6 +56,9 @@ constexpr int64_t kResidentBytesIntervalNs = 50'000'000;
 // what its max_frame_bytes allows), and the worker's pipes are not read while this much is queued
 // for the pool (the worker then blocks on its full pipe: memory stays bounded here).
 constexpr size_t kOutputFrameBytes = size_t{64} << 10;
+// A frame of output, its lines' list and its own words included, is read by the pool's control
+// stream (remote_host.cc), which takes no frame over kControlFrameBytes.
+static_assert(kOutputFrameBytes + 1024 <= kControlFrameBytes);
 constexpr size_t kMaxQueuedBytes = size_t{4} << 20;
 
 void say(const std::string& message) {

@@ -282,6 +282,10 @@ void PoolCore::Impl::emit(LogEvent event) const {
 void PoolCore::Impl::emit_lines(LogEvent& event, std::span<const std::string_view> lines) const {
   if (!options_.log_sink) return;
   event.since_start = absl::Now() - start_time_;
+  if (sink_is_log_to_stderr_) {
+    log_lines_to_stderr(event, lines);
+    return;
+  }
   for (const std::string_view line : lines) {
     event.message.assign(line);  // its capacity kept from line to line: no allocation per line
     call_sink(event);

@@ -25,6 +25,7 @@
 #include "lib/common/unique_fd.h"
 #include "lib/link/launcher.h"
 #include "lib/metrics_server.h"
+#include "lib/output_sink.h"
 #include "lib/scheduler/scheduler.h"
 #include "lib/supervision/supervisor.h"
 #include "procpool/internal/pool_core.h"
@@ -100,6 +101,8 @@ class PoolCore::Impl {
   // has a thread of its own; any other thread may end before the pool does, and then the pool
   // thread forks, first thing.
   const bool fork_from_pool_thread_;
+  // The sink is the default one, which takes a read's lines at once (lib/output_sink.h).
+  const bool sink_is_log_to_stderr_ = is_log_to_stderr(options_.log_sink);
   UniqueFd wake_fd_;
 
   mutable Mutex mu_;

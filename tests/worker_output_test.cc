@@ -329,40 +329,63 @@ TEST_CASE("forwarded output: a worker that floods its stdout without a newline i
   CHECK(peak - before < (kMebibytes << 20) / 4);
 }
 
-// The default sink (log_to_stderr) prints a forwarded line to the program's own stdout, once,
-// whole, with the worker's name before it.
-TEST_CASE("forwarded output: the default sink prints each line once, named after its worker") {
+// While it lives, what this process writes to `fd` (1 or 2) goes to a file.
+class Redirect {
+ public:
+  Redirect(int fd, const std::string& path) : fd_(fd), saved_(::dup(fd)) {
+    std::fflush(nullptr);
+    const int file = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    REQUIRE(saved_ >= 0);
+    REQUIRE(file >= 0);
+    REQUIRE(::dup2(file, fd_) == fd_);
+    ::close(file);
+  }
+  ~Redirect() {
+    std::fflush(nullptr);
+    ::dup2(saved_, fd_);
+    ::close(saved_);
+  }
+
+ private:
+  const int fd_;
+  const int saved_;
+};
+
+// The default sink (log_to_stderr) prints a forwarded line to the program's own stdout or
+// stderr, where the worker wrote it, once, whole, with the worker's name before it. The pool
+// hands it a read's lines at once (lib/output_sink.h); called line by line it prints the same.
+TEST_CASE("forwarded output: the default sink prints each line once, where the worker wrote it, named after it") {
+  PoolOptions options{.workers = 1, .worker_output = WorkerOutput::kForward};
+  SUBCASE("the default sink") {}
+  SUBCASE("log_to_stderr called by the program's own sink, a line at a time") {
+    options.log_sink = [](const LogEvent& event) { log_to_stderr(event); };
+  }
   testing::TempDir dir;
-  const std::string path = dir.file("stdout");
-  std::fflush(stdout);
-  const int saved = ::dup(STDOUT_FILENO);
-  const int file = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  REQUIRE(saved >= 0);
-  REQUIRE(file >= 0);
-  REQUIRE(::dup2(file, STDOUT_FILENO) == STDOUT_FILENO);
+  const std::string out_path = dir.file("stdout"), err_path = dir.file("stderr");
   absl::Status ran;
   {
-    ProcessPool<Printer> pool({.workers = 1, .worker_output = WorkerOutput::kForward});
-    ran = pool.apply(job(kManyLines, 3)).status();
+    Redirect out(STDOUT_FILENO, out_path);
+    Redirect err(STDERR_FILENO, err_path);
+    ProcessPool<Printer> pool(options);
+    ran = pool.apply(job(kManyLines, 10'000)).status();
     if (ran.ok()) ran = pool.apply(job(kLongLine, 100'000)).status();
-    if (ran.ok()) ran = pool.apply(job(kManyLines, 2)).status();
+    if (ran.ok()) ran = pool.apply(job(kPrintBoth, 5)).status();
   }
-  std::fflush(stdout);
-  ::dup2(saved, STDOUT_FILENO);
-  ::close(saved);
-  ::close(file);
   REQUIRE(ran.ok());
-  std::vector<std::string> lines = testing::read_lines(path);
   const std::string name = "[procpool-w0] ";
-  REQUIRE(lines.size() == 8);
-  CHECK(lines[0] == name + "line 0");
-  CHECK(lines[1] == name + "line 1");
-  CHECK(lines[2] == name + "line 2");
-  CHECK(lines[3] == name + std::string(65536, 'x'));
-  CHECK(lines[4] == name + std::string(100'000 - 65536, 'x'));
-  CHECK(lines[5] == name + "line 0");
-  CHECK(lines[6] == name + "line 1");
-  CHECK(absl::StartsWith(lines[7], name + "exit() ran in "));
+  const std::vector<std::string> out = testing::read_lines(out_path);
+  REQUIRE(out.size() == 10'000 + 2 + 2);
+  for (size_t i = 0; i < 10'000; ++i) REQUIRE(out[i] == absl::StrCat(name, "line ", i));
+  CHECK(out[10'000] == name + std::string(65536, 'x'));
+  CHECK(out[10'001] == name + std::string(100'000 - 65536, 'x'));
+  CHECK(out[10'002] == name + "out 5");
+  CHECK(absl::StartsWith(out[10'003], name + "exit() ran in "));
+  std::vector<std::string> err = testing::read_lines(err_path);
+  // (The pool's own warnings, if any, go to stderr too.)
+  err.erase(std::remove_if(err.begin(), err.end(),
+                           [](const std::string& line) { return absl::StartsWith(line, "[procpool +"); }),
+            err.end());
+  CHECK(err == std::vector<std::string>{name + "err 5"});
 }
 
 TEST_CASE("inherited output (kInherit, and kAuto for forked workers) never reaches the sink") {

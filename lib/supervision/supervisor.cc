@@ -51,7 +51,11 @@ void Supervisor::identify(const Slot& slot, LogEvent& event) const {
   event.process = process_name(slot);
   event.pid = slot.link ? slot.link->pid() : 0;
   event.worker = slot.index;
-  if (slot.link) event.host = slot.link->host_name();
+  if (slot.link) {
+    event.host = slot.link->host_name();
+  } else {
+    event.host.clear();
+  }
 }
 
 LinkEvents& Supervisor::events_of(WorkerLink& link) {
@@ -273,7 +277,7 @@ void Supervisor::on_output(Slot& slot, bool is_stderr, std::span<const std::stri
   if (!config_.log_lines) return;
   // Lines read at one time share everything but their text: the worker, and the task it runs
   // now, are looked up once for all of them (a read holds thousands when tasks print a line each).
-  LogEvent event;
+  LogEvent& event = output_event_;
   event.severity = is_stderr ? LogSeverity::kWarning : LogSeverity::kInfo;
   event.source = is_stderr ? LogSource::kStderr : LogSource::kStdout;
   event.task = scheduler_.current_task(slot.index);

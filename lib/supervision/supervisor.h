@@ -186,6 +186,9 @@ class Supervisor final : private LauncherEvents {
   size_t launcher_offset_ = 0;
   size_t launcher_pollfds_ = 0;
   std::vector<Polled> polled_;
+  // The event the lines of a worker's output go in (on_output): reused, so that its strings keep
+  // their room from read to read (a flood of 64 KiB pieces allocates nothing per read).
+  LogEvent output_event_;
 
   int consecutive_start_failures_ = 0;
   absl::Status last_start_failure_;

@@ -1,5 +1,5 @@
 // The default log sink, procpool::log and backtrace_of, and the names of worker states (declared
-// in pool_options.h, logging.h, pool_stats.h).
+// in pool_options.h, logging.h, pool_stats.h, and lib/output_sink.h).
 
 #include <errno.h>
 #include <unistd.h>
@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "lib/output_sink.h"
 #include "lib/worker/task_server.h"
 #include "procpool/logging.h"
 #include "procpool/pool_options.h"
@@ -28,16 +29,64 @@ bool elsewhere(const std::string& host) {
   return !host.empty() && host != here;
 }
 
+// What comes before a forwarded line: "[procpool-w3] ", or "[procpool-w3 on node7] " for a
+// worker on another host.
+void append_worker_prefix(std::string& out, const LogEvent& event) {
+  if (!elsewhere(event.host)) {
+    absl::StrAppend(&out, "[", event.process, "] ");
+  } else {
+    absl::StrAppend(&out, "[", event.process, " on ", event.host, "] ");
+  }
+}
+
+// Where forwarded lines are put together before they are written, kept from call to call: a
+// worker's lines come thousands a read, and an allocation each would cost more than the rest of
+// their way here. A long line's room is given back, not kept.
+std::string& output_buffer() {
+  thread_local std::string buffer;
+  if (buffer.capacity() > (size_t{256} << 10)) std::string().swap(buffer);
+  buffer.clear();
+  return buffer;
+}
+
+std::FILE* stream_of(const LogEvent& event) {
+  return event.source == LogSource::kStdout ? stdout : stderr;
+}
+
 }  // namespace
+
+namespace internal {
+
+bool is_log_to_stderr(const LogSink& sink) {
+  using Function = void (*)(const LogEvent&);
+  const Function* target = sink.target<Function>();
+  return target != nullptr && *target == &log_to_stderr;
+}
+
+void log_lines_to_stderr(const LogEvent& event, std::span<const std::string_view> lines) {
+  std::string& out = output_buffer();
+  std::string prefix;
+  append_worker_prefix(prefix, event);
+  for (const std::string_view line : lines) {
+    // Written in whole lines, about 64 KiB at a time.
+    if (!out.empty() && out.size() + prefix.size() + line.size() >= (size_t{64} << 10)) {
+      std::fwrite(out.data(), 1, out.size(), stream_of(event));
+      out.clear();
+    }
+    out.append(prefix).append(line).push_back('\n');
+  }
+  std::fwrite(out.data(), 1, out.size(), stream_of(event));
+}
+
+}  // namespace internal
 
 void log_to_stderr(const LogEvent& event) {
   // One write per line, so lines from several processes do not interleave mid-line.
   if (event.source == LogSource::kStdout || event.source == LogSource::kStderr) {
-    const std::string line =
-        !elsewhere(event.host) ? absl::StrCat("[", event.process, "] ", event.message, "\n")
-                           : absl::StrCat("[", event.process, " on ", event.host, "] ",
-                                          event.message, "\n");
-    std::fwrite(line.data(), 1, line.size(), event.source == LogSource::kStdout ? stdout : stderr);
+    std::string& line = output_buffer();
+    append_worker_prefix(line, event);
+    absl::StrAppend(&line, event.message, "\n");
+    std::fwrite(line.data(), 1, line.size(), stream_of(event));
     return;
   }
   if (event.source == LogSource::kPool && event.severity == LogSeverity::kInfo &&

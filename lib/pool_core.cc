@@ -163,7 +163,10 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .idle_timeout = options_.idle_timeout,
           .min_workers = options_.min_workers,
           .process_name_prefix = options_.name,
-          .log = [this](LogEvent event) { emit(std::move(event)); }},
+          .log = [this](LogEvent event) { emit(std::move(event)); },
+          .log_lines = [this](LogEvent& event, std::span<const std::string_view> lines) {
+            emit_lines(event, lines);
+          }},
       *launcher_, *scheduler_);
 }
 
@@ -273,6 +276,23 @@ void PoolCore::Impl::log(LogSeverity severity, const std::string& process, int p
 void PoolCore::Impl::emit(LogEvent event) const {
   if (!options_.log_sink) return;
   event.since_start = absl::Now() - start_time_;
+  call_sink(event);
+}
+
+void PoolCore::Impl::emit_lines(LogEvent& event, std::span<const std::string_view> lines) const {
+  if (!options_.log_sink) return;
+  event.since_start = absl::Now() - start_time_;
+  if (sink_is_log_to_stderr_) {
+    log_lines_to_stderr(event, lines);
+    return;
+  }
+  for (const std::string_view line : lines) {
+    event.message.assign(line);  // its capacity kept from line to line: no allocation per line
+    call_sink(event);
+  }
+}
+
+void PoolCore::Impl::call_sink(const LogEvent& event) const {
   // The sink is the program's code, called on the pool thread (and callers'), under the pool's
   // lock: an exception escaping it would end the program (std::terminate) or leave the pool's
   // state half changed. Say so on stderr, the one place left to say it, and go on.

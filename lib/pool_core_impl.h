@@ -11,7 +11,9 @@
 #include <condition_variable>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 
 #include "absl/status/status.h"
@@ -23,6 +25,7 @@
 #include "lib/common/unique_fd.h"
 #include "lib/link/launcher.h"
 #include "lib/metrics_server.h"
+#include "lib/output_sink.h"
 #include "lib/scheduler/scheduler.h"
 #include "lib/supervision/supervisor.h"
 #include "procpool/internal/pool_core.h"
@@ -63,6 +66,9 @@ class PoolCore::Impl {
            const std::string& message) const;
   // Stamps `event` with the time since the pool was made and hands it to the sink.
   void emit(LogEvent event) const;
+  // The same for lines of a worker's output read at one time: `event` once per line, the line
+  // its message, all with one time (Supervisor::Config::log_lines).
+  void emit_lines(LogEvent& event, std::span<const std::string_view> lines) const;
 
   // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
   // not even its lock, which another thread may have held at the fork.
@@ -74,6 +80,8 @@ class PoolCore::Impl {
   std::atomic<int> target_workers_{worker_count_};
 
  private:
+  // Calls the sink, which must not throw (an exception it throws is reported on stderr).
+  void call_sink(const LogEvent& event) const;
   absl::Status foreign_error() const;
   absl::Status admit(const CallSettings& settings) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ensure_thread() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -93,6 +101,8 @@ class PoolCore::Impl {
   // has a thread of its own; any other thread may end before the pool does, and then the pool
   // thread forks, first thing.
   const bool fork_from_pool_thread_;
+  // The sink is the default one, which takes a read's lines at once (lib/output_sink.h).
+  const bool sink_is_log_to_stderr_ = is_log_to_stderr(options_.log_sink);
   UniqueFd wake_fd_;
 
   mutable Mutex mu_;

@@ -5,14 +5,20 @@
 
 #include "procpool/logging.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -34,9 +40,31 @@ enum Mode : int64_t {
   kLongLine = 2,     // one line of n 'x'
   kManyLines = 3,    // n lines "line i" (printf)
   kLog = 4,          // procpool::log(kWarning, "log n")
+  kPattern = 5,      // pattern_line(0 .. n-1), in one write() of them all
+  kFlood = 6,        // n MiB of 'x' without a newline, then one newline, in writes of 1 MiB
+  kWholePieces = 7,  // a line of exactly 64 KiB, one of 128 KiB, then "after"
 };
 
 int64_t job(Mode mode, int64_t n) { return mode + 10 * n; }
+
+// Line i of kPattern: short ones of every length up to 300, an empty one now and then and a run
+// of 2,000 of them (more lines than one read hands on in one call), and one of 150,000 bytes.
+std::string pattern_line(int64_t i) {
+  if (i % 10 == 0 || (i >= 3000 && i < 5000)) return "";
+  if (i == 1234) return std::string(150'000, 'L');
+  std::string line = absl::StrCat(i, ":");
+  line.append(static_cast<size_t>((i * 7919) % 300), static_cast<char>('a' + i % 26));
+  return line;
+}
+
+void write_all(std::string_view bytes) {
+  while (!bytes.empty()) {
+    const ssize_t wrote = ::write(STDOUT_FILENO, bytes.data(), bytes.size());
+    if (wrote < 0 && errno == EINTR) continue;
+    if (wrote <= 0) ::_exit(3);
+    bytes.remove_prefix(static_cast<size_t>(wrote));
+  }
+}
 
 struct Printer {
   void enter() { procpool::log(LogSeverity::kInfo, "entered"); }
@@ -62,6 +90,21 @@ struct Printer {
         break;
       case kLog:
         procpool::log(LogSeverity::kWarning, absl::StrCat("log ", n));
+        break;
+      case kPattern: {
+        std::string all;
+        for (int64_t i = 0; i < n; ++i) absl::StrAppend(&all, pattern_line(i), "\n");
+        write_all(all);
+        break;
+      }
+      case kFlood: {
+        const std::string mebibyte(size_t{1} << 20, 'x');
+        for (int64_t i = 0; i < n; ++i) write_all(mebibyte);
+        write_all("\n");
+        break;
+      }
+      case kWholePieces:
+        write_all(std::string(65536, 'A') + "\n" + std::string(131072, 'B') + "\nafter\n");
         break;
     }
     return n;
@@ -198,6 +241,151 @@ void check_many_lines(PoolOptions options) {
 TEST_CASE("forwarded output: 100,000 lines from 2 workers arrive complete and in each worker's order") {
   SUBCASE("forked") { check_many_lines({.worker_output = WorkerOutput::kForward}); }
   SUBCASE("remote") { check_many_lines(remote({})); }
+}
+
+// The lines of `job` a worker printed, without those exit() printed.
+std::vector<std::string> stdout_lines_of(PoolOptions options, int64_t job) {
+  testing::LogCapture events;
+  options.workers = 1;
+  options.log_sink = events.sink();
+  {
+    ProcessPool<Printer> pool(options);
+    const absl::Status ran = pool.apply(job).status();
+    INFO(ran.ToString());
+    REQUIRE(ran.ok());
+  }  // joined: its pipes were read to their end
+  std::vector<std::string> lines;
+  for (const LogEvent& event : events.from(LogSource::kStdout)) {
+    if (!absl::StartsWith(event.message, "exit() ran in ")) lines.push_back(event.message);
+  }
+  return lines;
+}
+
+TEST_CASE("forwarded output: lines of every length, empty ones by the thousand, written at once, arrive each once and in order") {
+  std::vector<std::string> expected;
+  for (int64_t i = 0; i < 10'000; ++i) {
+    const std::string line = pattern_line(i);
+    for (size_t at = 0; at == 0 || at < line.size(); at += 65536) {
+      expected.push_back(line.substr(at, 65536));
+    }
+  }
+  SUBCASE("forked") {
+    CHECK(stdout_lines_of({.worker_output = WorkerOutput::kForward}, job(kPattern, 10'000)) ==
+          expected);
+  }
+  SUBCASE("remote") {
+    CHECK(stdout_lines_of(remote({}), job(kPattern, 10'000)) == expected);
+  }
+}
+
+TEST_CASE("forwarded output: a line of exactly 64 KiB is one line, one of 128 KiB two pieces, with no empty line after them") {
+  const std::vector<std::string> expected = {std::string(65536, 'A'), std::string(65536, 'B'),
+                                             std::string(65536, 'B'), "after"};
+  SUBCASE("forked") {
+    CHECK(stdout_lines_of({.worker_output = WorkerOutput::kForward}, job(kWholePieces, 0)) ==
+          expected);
+  }
+  SUBCASE("remote") { CHECK(stdout_lines_of(remote({}), job(kWholePieces, 0)) == expected); }
+}
+
+// This process's resident memory now.
+int64_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * ::sysconf(_SC_PAGESIZE);
+}
+
+TEST_CASE("forwarded output: a worker that floods its stdout without a newline is held back; the pool's memory stays bounded") {
+  constexpr int64_t kMebibytes = 64;
+  std::atomic<int64_t> pieces{0}, piece_bytes{0}, others{0}, peak{0};
+  const int64_t before = resident_bytes();
+  {
+    ProcessPool<Printer> pool(
+        {.workers = 1,
+         .log_sink =
+             [&](const LogEvent& event) {
+               if (event.source != LogSource::kStdout) return;
+               if (absl::StartsWith(event.message, "exit() ran in ")) return;
+               if (event.message.size() == 65536 &&
+                   std::all_of(event.message.begin(), event.message.end(),
+                               [](char c) { return c == 'x'; })) {
+                 ++pieces;
+                 piece_bytes += static_cast<int64_t>(event.message.size());
+               } else {
+                 ++others;
+               }
+               const int64_t now = resident_bytes();
+               if (now > peak) peak = now;
+             },
+         .worker_output = WorkerOutput::kForward});
+    REQUIRE(pool.apply(job(kFlood, kMebibytes)).ok());
+  }
+  // Every byte, in pieces of 64 KiB, the newline at the end making no line of its own.
+  CHECK(piece_bytes == kMebibytes << 20);
+  CHECK(pieces == kMebibytes * 16);
+  CHECK(others == 0);
+  // What the worker wrote waited in its pipe, not here: a fraction of it at most.
+  CHECK(peak - before < (kMebibytes << 20) / 4);
+}
+
+// While it lives, what this process writes to `fd` (1 or 2) goes to a file.
+class Redirect {
+ public:
+  Redirect(int fd, const std::string& path) : fd_(fd), saved_(::dup(fd)) {
+    std::fflush(nullptr);
+    const int file = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    REQUIRE(saved_ >= 0);
+    REQUIRE(file >= 0);
+    REQUIRE(::dup2(file, fd_) == fd_);
+    ::close(file);
+  }
+  ~Redirect() {
+    std::fflush(nullptr);
+    ::dup2(saved_, fd_);
+    ::close(saved_);
+  }
+
+ private:
+  const int fd_;
+  const int saved_;
+};
+
+// The default sink (log_to_stderr) prints a forwarded line to the program's own stdout or
+// stderr, where the worker wrote it, once, whole, with the worker's name before it. The pool
+// hands it a read's lines at once (lib/output_sink.h); called line by line it prints the same.
+TEST_CASE("forwarded output: the default sink prints each line once, where the worker wrote it, named after it") {
+  PoolOptions options{.workers = 1, .worker_output = WorkerOutput::kForward};
+  SUBCASE("the default sink") {}
+  SUBCASE("log_to_stderr called by the program's own sink, a line at a time") {
+    options.log_sink = [](const LogEvent& event) { log_to_stderr(event); };
+  }
+  testing::TempDir dir;
+  const std::string out_path = dir.file("stdout"), err_path = dir.file("stderr");
+  absl::Status ran;
+  {
+    Redirect out(STDOUT_FILENO, out_path);
+    Redirect err(STDERR_FILENO, err_path);
+    ProcessPool<Printer> pool(options);
+    ran = pool.apply(job(kManyLines, 10'000)).status();
+    if (ran.ok()) ran = pool.apply(job(kLongLine, 100'000)).status();
+    if (ran.ok()) ran = pool.apply(job(kPrintBoth, 5)).status();
+  }
+  REQUIRE(ran.ok());
+  const std::string name = "[procpool-w0] ";
+  const std::vector<std::string> out = testing::read_lines(out_path);
+  REQUIRE(out.size() == 10'000 + 2 + 2);
+  for (size_t i = 0; i < 10'000; ++i) REQUIRE(out[i] == absl::StrCat(name, "line ", i));
+  CHECK(out[10'000] == name + std::string(65536, 'x'));
+  CHECK(out[10'001] == name + std::string(100'000 - 65536, 'x'));
+  CHECK(out[10'002] == name + "out 5");
+  CHECK(absl::StartsWith(out[10'003], name + "exit() ran in "));
+  std::vector<std::string> err = testing::read_lines(err_path);
+  // (The pool's own warnings, if any, go to stderr too.)
+  err.erase(std::remove_if(err.begin(), err.end(),
+                           [](const std::string& line) { return absl::StartsWith(line, "[procpool +"); }),
+            err.end());
+  CHECK(err == std::vector<std::string>{name + "err 5"});
 }
 
 TEST_CASE("inherited output (kInherit, and kAuto for forked workers) never reaches the sink") {

@@ -56,8 +56,8 @@ void ForkLink::forward_output(UniqueFd stdout_pipe, UniqueFd stderr_pipe) {
 
 void ForkLink::read_output(size_t stream, LinkEvents& events, bool drain) {
   if (output_[stream] == nullptr || !output_[stream]->open()) return;
-  const OutputLines::LineSink sink = [&events, stream](std::string_view line) {
-    events.on_output(/*is_stderr=*/stream == 1, line);
+  const OutputLines::LineSink sink = [&events, stream](std::span<const std::string_view> lines) {
+    events.on_output(/*is_stderr=*/stream == 1, lines);
   };
   if (drain) {
     output_[stream]->drain(sink);

@@ -12,7 +12,9 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -56,6 +58,9 @@ constexpr int64_t kResidentBytesIntervalNs = 50'000'000;
 // what its max_frame_bytes allows), and the worker's pipes are not read while this much is queued
 // for the pool (the worker then blocks on its full pipe: memory stays bounded here).
 constexpr size_t kOutputFrameBytes = size_t{64} << 10;
+// A frame of output, its lines' list and its own words included, is read by the pool's control
+// stream (remote_host.cc), which takes no frame over kControlFrameBytes.
+static_assert(kOutputFrameBytes + 1024 <= kControlFrameBytes);
 constexpr size_t kMaxQueuedBytes = size_t{4} << 20;
 
 void say(const std::string& message) {
@@ -281,7 +286,7 @@ class Relay final : private LinkEvents {
     revoked.setClaimed(claimed);
     queue(message);
   }
-  void on_output(bool is_stderr, std::string_view line) override;
+  void on_output(bool is_stderr, std::span<const std::string_view> lines) override;
   void on_ended(WorkerEnd end) override;
   // Sends the lines of forwarded output not sent yet.
   void flush_output();
@@ -720,17 +725,19 @@ int64_t Relay::watchdog(int64_t now) {
   return child_stop_.kill_at_ns();
 }
 
-void Relay::on_output(bool is_stderr, std::string_view line) {
+void Relay::on_output(bool is_stderr, std::span<const std::string_view> lines) {
   // Each piece fits a frame the pool accepts, with room for the frame's own words.
   const size_t piece =
       std::min(kOutputFrameBytes, limits_.max_frame_bytes > 1024 ? limits_.max_frame_bytes - 1024 : 1);
   if (is_stderr != output_stderr_) flush_output();
   output_stderr_ = is_stderr;
-  for (size_t at = 0; at == 0 || at < line.size(); at += piece) {
-    const std::string_view part = line.substr(at, piece);
-    if (output_bytes_ + part.size() + 16 > piece) flush_output();
-    output_lines_.emplace_back(part);
-    output_bytes_ += part.size() + 16;  // a list entry and its padding, at most
+  for (const std::string_view line : lines) {
+    for (size_t at = 0; at == 0 || at < line.size(); at += piece) {
+      const std::string_view part = line.substr(at, piece);
+      if (output_bytes_ + part.size() + 16 > piece) flush_output();
+      output_lines_.emplace_back(part);
+      output_bytes_ += part.size() + 16;  // a list entry and its padding, at most
+    }
   }
 }
 

@@ -18,8 +18,10 @@ namespace procpool::internal {
 // Frames of the handshake are small: a peer that announces more is refused before it is buffered.
 inline constexpr size_t kHandshakeFrameBytes = 64 * 1024;
 // Frames over a relay's control connection after the handshake (heartbeats, spawns, progress, a
-// worker's end), either way: no more is buffered for one.
-inline constexpr size_t kControlFrameBytes = 64 * 1024;
+// worker's end, its output), either way: no more is buffered for one. Output goes in frames of
+// 64 KiB of lines (relay.cc), or of one piece of a longer line, 64 KiB too: the frame's own words
+// need the 1 KiB above that.
+inline constexpr size_t kControlFrameBytes = 65 * 1024;
 
 // What the pool tells a relay in its welcome.
 struct RelayLimits {

@@ -1,7 +1,9 @@
 #include "lib/link/tcp_link.h"
 
 #include <algorithm>
+#include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "capnp/serialize.h"
@@ -198,13 +200,19 @@ void TcpLink::on_spawned(int pid, LinkEvents& events) {
 
 void TcpLink::on_output(wire::OutputLines::Reader output, LinkEvents& events) {
   if (ended_) return;
-  for (capnp::Data::Reader line : output.getLines()) {
+  // Read once: each read of the list counts against the frame's traversal limit, which a frame
+  // full of lines nearly reaches (frame_io.cc).
+  const capnp::List<capnp::Data>::Reader got = output.getLines();
+  std::vector<std::string_view> lines;
+  lines.reserve(got.size());
+  for (capnp::Data::Reader line : got) {
     // The relay's bytes, passed on as the worker wrote them, in pieces no longer than a pool's own.
     const std::string_view bytes(reinterpret_cast<const char*>(line.begin()), line.size());
     for (size_t at = 0; at == 0 || at < bytes.size(); at += OutputLines::kMaxLineBytes) {
-      events.on_output(output.getStderr(), bytes.substr(at, OutputLines::kMaxLineBytes));
+      lines.push_back(bytes.substr(at, OutputLines::kMaxLineBytes));
     }
   }
+  if (!lines.empty()) events.on_output(output.getStderr(), lines);
 }
 
 void TcpLink::on_pong(wire::Progress::Reader progress) {

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -87,10 +88,11 @@ class LinkEvents {
   virtual void on_corrupted_connection(absl::Status why) { on_broken_stream(std::move(why)); }
   // The answer to revoke(): `claimed` tasks of the batch were claimed and will run or ran.
   virtual void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) = 0;
-  // One line the worker wrote to its stdout (`is_stderr` false) or stderr, when its output is
-  // forwarded (PoolOptions::worker_output), without its newline, borrowed for the call. Lines of
-  // one stream come in the order written, each once; all of them before on_ended.
-  virtual void on_output(bool /*is_stderr*/, std::string_view /*line*/) {}
+  // Lines the worker wrote to its stdout (`is_stderr` false) or stderr, when its output is
+  // forwarded (PoolOptions::worker_output), without their newlines, borrowed for the call: at
+  // least one, those read at one time. Lines of one stream come in the order written, each once;
+  // all of them before on_ended.
+  virtual void on_output(bool /*is_stderr*/, std::span<const std::string_view> /*lines*/) {}
   // The worker is gone for good.
   virtual void on_ended(WorkerEnd end) = 0;
   // The worker's host is leaving (a remote worker's relay got SIGTERM, relay.h): the pool stops

@@ -43,11 +43,19 @@ void Supervisor::log(const Slot& slot, LogSeverity severity, const std::string& 
 
 void Supervisor::log(const Slot& slot, LogEvent event) const {
   if (!config_.log) return;
+  identify(slot, event);
+  config_.log(std::move(event));
+}
+
+void Supervisor::identify(const Slot& slot, LogEvent& event) const {
   event.process = process_name(slot);
   event.pid = slot.link ? slot.link->pid() : 0;
   event.worker = slot.index;
-  if (slot.link) event.host = slot.link->host_name();
-  config_.log(std::move(event));
+  if (slot.link) {
+    event.host = slot.link->host_name();
+  } else {
+    event.host.clear();
+  }
 }
 
 LinkEvents& Supervisor::events_of(WorkerLink& link) {
@@ -266,13 +274,16 @@ void Supervisor::on_host_leaving(Slot& slot) {
   scheduler_.take_back_unstarted(slot.index);
 }
 
-void Supervisor::on_output(Slot& slot, bool is_stderr, std::string_view line) {
-  LogEvent event;
+void Supervisor::on_output(Slot& slot, bool is_stderr, std::span<const std::string_view> lines) {
+  if (!config_.log_lines) return;
+  // Lines read at one time share everything but their text: the worker, and the task it runs
+  // now, are looked up once for all of them (a read holds thousands when tasks print a line each).
+  LogEvent& event = output_event_;
   event.severity = is_stderr ? LogSeverity::kWarning : LogSeverity::kInfo;
   event.source = is_stderr ? LogSource::kStderr : LogSource::kStdout;
   event.task = scheduler_.current_task(slot.index);
-  event.message = std::string(line);
-  log(slot, std::move(event));
+  identify(slot, event);
+  config_.log_lines(event, lines);
 }
 
 void Supervisor::add_pollfds(std::vector<pollfd>& fds) {

@@ -31,6 +31,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -66,6 +67,9 @@ class Supervisor final : private LauncherEvents {
     std::string process_name_prefix;  // workers are "<prefix>-w3" in logs
     // Every event (the pool adds since_start and calls its sink).
     std::function<void(LogEvent)> log;
+    // Lines of a worker's output read at one time: `event` once per line, with the line as its
+    // message (one since_start for all; `event` is the caller's to reuse, its message changed).
+    std::function<void(LogEvent& event, std::span<const std::string_view> lines)> log_lines;
   };
   Supervisor(Config config, Launcher& launcher, Scheduler& scheduler);
   ~Supervisor() override;
@@ -142,7 +146,7 @@ class Supervisor final : private LauncherEvents {
   void on_broken_stream(Slot& slot, absl::Status why);
   void on_corrupted_connection(Slot& slot, absl::Status why);
   void on_ended(Slot& slot, WorkerEnd end);
-  void on_output(Slot& slot, bool is_stderr, std::string_view line);
+  void on_output(Slot& slot, bool is_stderr, std::span<const std::string_view> lines);
   // Its host is leaving (LinkEvents::on_host_leaving): retired as a recycled worker is, at once.
   void on_host_leaving(Slot& slot);
   void stop(Slot& slot, absl::Status reason, StopMode mode);
@@ -161,8 +165,9 @@ class Supervisor final : private LauncherEvents {
   bool wanted() const;
   std::string process_name(const Slot& slot) const;
   void log(const Slot& slot, LogSeverity severity, const std::string& message) const;
-  // An event about `slot`'s worker: its name, pid, host and slot are filled in here.
+  // An event about `slot`'s worker: its name, pid, host and slot are filled in here (identify).
   void log(const Slot& slot, LogEvent event) const;
+  void identify(const Slot& slot, LogEvent& event) const;
 
   const Config config_;
   Launcher& launcher_;
@@ -182,6 +187,9 @@ class Supervisor final : private LauncherEvents {
   size_t launcher_offset_ = 0;
   size_t launcher_pollfds_ = 0;
   std::vector<Polled> polled_;
+  // The event the lines of a worker's output go in (on_output): reused, so that its strings keep
+  // their room from read to read (a flood of 64 KiB pieces allocates nothing per read).
+  LogEvent output_event_;
 
   int consecutive_start_failures_ = 0;
   absl::Status last_start_failure_;

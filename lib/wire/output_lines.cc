@@ -40,19 +40,36 @@ bool OutputLines::read_once(const LineSink& sink) {
     finish(sink);
     return false;
   }
-  const size_t scanned = used_;
+  const char* const begin = buffer_.get();
+  const char* const end = begin + used_ + static_cast<size_t>(got);
+  // Only the bytes just read can hold a newline: those before were scanned by the last read.
+  const char* scan = begin + used_;
+  const char* line = begin;
+  if (used_ == 0 && split_ && *begin == '\n') {
+    // The newline of a line handed on in pieces, the last of them a whole 64 KiB: it ends that
+    // line, it does not make an empty one.
+    line = scan = begin + 1;
+  }
+  split_ = false;
   used_ += static_cast<size_t>(got);
-  size_t start = 0;
-  for (size_t i = scanned; i < used_; ++i) {
-    if (buffer_[i] == '\n') {
-      sink(std::string_view(buffer_.get() + start, i - start));
-      start = i + 1;
+  lines_.clear();
+  while (const void* found = std::memchr(scan, '\n', static_cast<size_t>(end - scan))) {
+    const char* const newline = static_cast<const char*>(found);
+    lines_.emplace_back(line, static_cast<size_t>(newline - line));
+    line = scan = newline + 1;
+    if (lines_.size() == kLinesPerCall) {
+      sink(lines_);
+      lines_.clear();
     }
   }
+  const size_t start = static_cast<size_t>(line - begin);
+  if (!lines_.empty()) sink(lines_);
   if (start == 0 && used_ == kMaxLineBytes) {
     // A line longer than the buffer: this piece of it.
-    sink(std::string_view(buffer_.get(), used_));
+    const std::string_view piece(buffer_.get(), used_);
+    sink({&piece, 1});
     used_ = 0;
+    split_ = true;
   } else if (start > 0) {
     std::memmove(buffer_.get(), buffer_.get() + start, used_ - start);
     used_ -= start;
@@ -61,7 +78,10 @@ bool OutputLines::read_once(const LineSink& sink) {
 }
 
 void OutputLines::finish(const LineSink& sink) {
-  if (used_ > 0) sink(std::string_view(buffer_.get(), used_));
+  if (used_ > 0) {
+    const std::string_view rest(buffer_.get(), used_);
+    sink({&rest, 1});
+  }
   used_ = 0;
   fd_.reset();
 }

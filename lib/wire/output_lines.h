@@ -4,8 +4,13 @@
 // Bounded: it buffers at most kMaxLineBytes. A line is handed on as soon as its newline is read,
 // and the reader takes at most what fits, so a worker that writes faster than lines are taken
 // fills its pipe and blocks in write(): back-pressure on the worker, never growth here. A line
-// longer than kMaxLineBytes goes in pieces of that size. At end of file, or when the reader is
+// longer than kMaxLineBytes goes in pieces of that size (one of 64 KiB exactly is one line, not a
+// piece and an empty line). At end of file, or when the reader is
 // told the worker is gone (drain), a last line without a newline is handed on as it is.
+//
+// The lines of one read go on together, in one call: a worker that prints a line per tiny task
+// fills a read with thousands, and whoever takes them does its per-read work (the clock, the
+// worker's identity, its task) once for all of them (bench/bench_output.cc).
 //
 // The bytes are the worker's: any bytes, passed on as they are (a sink that prints them decides
 // how to escape them).
@@ -16,7 +21,9 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "lib/common/unique_fd.h"
@@ -26,8 +33,10 @@ namespace procpool::internal {
 class OutputLines {
  public:
   static constexpr size_t kMaxLineBytes = size_t{64} << 10;
-  // A line (without its newline), borrowed for the call.
-  using LineSink = std::function<void(std::string_view line)>;
+  // At most this many lines go in one call (a read of 64 KiB of empty lines is 64 Ki of them).
+  static constexpr size_t kLinesPerCall = 1024;
+  // Lines (without their newlines) in the order written, at least one, borrowed for the call.
+  using LineSink = std::function<void(std::span<const std::string_view> lines)>;
 
   // Takes the read end of a pipe (made non-blocking here).
   explicit OutputLines(UniqueFd fd);
@@ -51,6 +60,8 @@ class OutputLines {
   UniqueFd fd_;
   std::unique_ptr<char[]> buffer_;
   size_t used_ = 0;
+  bool split_ = false;  // the last thing handed on was a piece of a line not yet ended
+  std::vector<std::string_view> lines_;  // the whole lines of the last read, into buffer_
 };
 
 // A pipe for a worker's output: `read_end` stays here (CLOEXEC), `write_end` goes to the worker

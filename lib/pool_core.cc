@@ -307,7 +307,7 @@ void PoolCore::Impl::loop() {
       break;
     }
 
-    next = std::min(next, now + kMaxPollNs);
+    next = std::clamp(next, now, now + kMaxPollNs);
     int timeout_ms = static_cast<int>(std::max<int64_t>(0, (next - now + 999'999) / 1'000'000));
     if (supervisor_->launcher_has_pending_events()) timeout_ms = 0;
 

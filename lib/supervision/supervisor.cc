@@ -468,7 +468,14 @@ void Supervisor::shutdown_if_due(Slot& slot) {
 }
 
 void Supervisor::after_events() {
-  for (auto& slot : slots_) shutdown_if_due(*slot);
+  // What makes a shutdown due happens to a slot (it is touched: results, a batch sent, a
+  // retirement, a recycling), except at join, when the queue running dry makes every idle worker's
+  // due at once.
+  if (joining_) {
+    for (auto& slot : slots_) shutdown_if_due(*slot);
+  } else {
+    for (size_t i = 0; i < touched_.size(); ++i) shutdown_if_due(*slots_[touched_[i]]);
+  }
   // Before the ended links close their descriptors: removed from the set while their numbers
   // are still theirs.
   prepare_wait();

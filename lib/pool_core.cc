@@ -299,6 +299,11 @@ void PoolCore::Impl::loop() {
     // After dispatch, so that the deadlines of what was just sent count; dispatch again for
     // what the checks took back.
     int64_t next = supervisor_->check(now);
+    // A worker found gone by a check (without pidfds its exit is looked for there) is replaced
+    // now, as one found gone by service() is at the top of the next turn, before the lock is let
+    // go: whoever learns of the death sees its replacement started. (Its start is due from when
+    // its end was seen, after `now`.)
+    supervisor_->start_due(monotonic_now_ns());
     scheduler_->dispatch();
     supervisor_->after_events();
     if (joining_ && !supervisor_->any_alive() &&

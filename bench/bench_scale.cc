@@ -11,9 +11,13 @@
 //   more batches), and a map of `slow` tasks that each sleep `slow_us` µs, chunksize 1 (a
 //   sleeping task leaves the 2 cores to the pool: spinning ones would measure 256 workers'
 //   competition for them, not the pool);
+// - the pool's CPU per round trip through its thread with every other worker idle: `roundtrips`
+//   apply_async(x).get() one after the other (each wakes the pool thread about twice: what a
+//   wake costs beyond the one worker it serves, at `high` workers against `low`);
 // - the descriptors this process holds (/proc/self/fd): the most at any sample (start-up
 //   included) and the most once every worker had started, against 2 x workers + 64; and the CPU
-//   time of one poll() over all of them (the kernel's share of each wake of the pool's loop);
+//   time of one poll() over all of them (what each wake of the pool's loop cost the kernel while
+//   it polled every descriptor; it waits on an epoll set now);
 // - remote only: the traffic on the hosts' control connections (heartbeats, progress reports,
 //   the hosts' reports), from TCP_INFO of each host's socket (tcpi_bytes_acked + received, data
 //   segments both ways; TLS records as sent): per host and second over `idle_ms` with nothing to
@@ -172,6 +176,7 @@ struct Measure {
   int peak_fds = 0;    // at any sample, the workers' start included
   int running_fds = 0;  // once every worker had started: between and after the maps
   double poll_us = 0;    // poll_all_us() with every worker started
+  double roundtrip_cpu_us = 0;  // per apply_async(x).get(), the other workers idle
   int hosts = 0;
   Io idle, trivial_io, slow_io;
   double idle_s = 0;
@@ -219,7 +224,8 @@ void timed_map(procpool::ProcessPool<W>& pool, const std::vector<int64_t>& jobs,
 }
 
 Measure measure(const std::string& mode, int workers, int low, const std::string& self,
-                int64_t trivial, int64_t slow, int64_t slow_us, double idle_s) {
+                int64_t trivial, int64_t slow, int64_t slow_us, double idle_s,
+                int64_t roundtrips) {
   Measure m;
   std::vector<int64_t> squares_in(static_cast<size_t>(trivial));
   for (int64_t i = 0; i < trivial; ++i) squares_in[static_cast<size_t>(i)] = i;
@@ -240,6 +246,15 @@ Measure measure(const std::string& mode, int workers, int low, const std::string
     const auto low_chunks = static_cast<size_t>((trivial + 4 * low - 1) / (4 * low));
     timed_map(pool, squares_in, {.chunksize = low_chunks}, hosts, m.low_batches_s,
               m.low_batches_cpu_ns_per_task, ignored);
+    {
+      const int64_t cpu = process_cpu_ns();
+      for (int64_t i = 0; i < roundtrips; ++i) {
+        absl::StatusOr<int64_t> square = pool.apply_async(i).get();
+        if (!square.ok() || *square != i * i) die("a round trip failed");
+      }
+      m.roundtrip_cpu_us = static_cast<double>(process_cpu_ns() - cpu) / 1e3 /
+                           static_cast<double>(roundtrips);
+    }
     m.running_fds = open_descriptors();
     m.poll_us = poll_all_us();
     m.peak_fds = std::max(m.peak_fds, m.running_fds);
@@ -279,6 +294,7 @@ int main(int argc, char** argv) {
   const int64_t slow = args.get_int("slow", 10000);
   const int64_t slow_us = args.get_int("slow_us", 1000);
   const double idle_s = static_cast<double>(args.get_int("idle_ms", 5000)) / 1e3;
+  const int64_t roundtrips = std::max<int64_t>(1, args.get_int("roundtrips", 2000));
   if (mode != "fork" && mode != "remote") die("mode is fork or remote");
   if (trivial < 1 || slow < 1) die("trivial and slow are at least 1");
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
@@ -289,8 +305,8 @@ int main(int argc, char** argv) {
     ::setrlimit(RLIMIT_NOFILE, &limit);
   }
 
-  const Measure a = measure(mode, low, low, self, trivial, slow, slow_us, idle_s);
-  const Measure b = measure(mode, high, low, self, trivial, slow, slow_us, idle_s);
+  const Measure a = measure(mode, low, low, self, trivial, slow, slow_us, idle_s, roundtrips);
+  const Measure b = measure(mode, high, low, self, trivial, slow, slow_us, idle_s, roundtrips);
   std::vector<std::pair<std::string, double>> extras;
   for (const auto& [tag, m, workers] : {std::tuple{"low", &a, low}, std::tuple{"high", &b, high}}) {
     const std::string t = tag;
@@ -306,6 +322,7 @@ int main(int argc, char** argv) {
     add("peak_fds", m->peak_fds);
     add("running_fds", m->running_fds);
     add("poll_us", m->poll_us);
+    add("roundtrip_cpu_us", m->roundtrip_cpu_us);
     add("fd_limit", 2.0 * workers + 64);
     if (mode != "remote" || m->hosts == 0) continue;
     add("hosts", m->hosts);
@@ -325,6 +342,7 @@ int main(int argc, char** argv) {
   extras.push_back({"slow_tasks", static_cast<double>(slow)});
   extras.push_back({"slow_us", static_cast<double>(slow_us)});
   extras.push_back({"slow_ratio", b.slow_cpu_us_per_task / a.slow_cpu_us_per_task});
+  extras.push_back({"roundtrip_ratio", b.roundtrip_cpu_us / a.roundtrip_cpu_us});
   emit(std::string("scale_") + mode, "trivial_cpu_ratio",
        b.trivial_cpu_ns_per_task / a.trivial_cpu_ns_per_task, "x", extras);
   return 0;

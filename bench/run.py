@@ -734,13 +734,16 @@ def evaluate(results, cores):
                    fig(recs, "low_slow_control_bytes_per_task").fmt(lambda v: "%.0f" % v),
                    fig(recs, "low_slow_control_segments_per_task").fmt(lambda v: "%.2f" % v)))
         notes.append(
-            "%s: one poll() over all the parent's descriptors (what each wake of the pool's loop "
-            "costs the kernel, before a sleeping poll's wait queues) takes %s of CPU at 256 "
-            "workers, %s at 4; automatic chunks make 4 batches a worker, so a map of quick tasks "
-            "wakes the loop about 4 x workers times: 1,024 wakes x that CPU over 1,000,000 tasks "
-            "is what the CPU per trivial task grows by (a loop over epoll, which costs per ready "
-            "descriptor, would remove it; docs/ARCHITECTURE.md, Scale)"
-            % (key, fig(recs, "high_poll_us").fmt(usec), fig(recs, "low_poll_us").fmt(usec)))
+            "%s: the pool's CPU per round trip through its thread (apply_async(x).get(), one "
+            "after the other, every other worker idle; about two wakes of the pool's loop each) "
+            "%s at 256 workers, %s at 4 (%s): what a wake costs beyond the worker it serves. The "
+            "loop waits on an epoll set and asks only the links something touched; one poll() "
+            "over all the parent's descriptors, what each wake cost the kernel before, would take "
+            "%s at 256 workers, %s at 4 (docs/ARCHITECTURE.md, Scale)"
+            % (key, fig(recs, "high_roundtrip_cpu_us").fmt(usec),
+               fig(recs, "low_roundtrip_cpu_us").fmt(usec),
+               fmt_ratio(fig(recs, "roundtrip_ratio")),
+               fig(recs, "high_poll_us").fmt(usec), fig(recs, "low_poll_us").fmt(usec)))
         notes.append(
             "%s: the trivial map's wall time %s at 256 workers, %s at 4; the 1 ms tasks' %s at "
             "256, %s at 4"

@@ -26,6 +26,7 @@
 #include "lib/callback_runner.h"
 #include "lib/common/clock.h"
 #include "lib/common/mutex.h"
+#include "lib/common/poll_set.h"
 #include "lib/common/process_id.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/fork_launcher.h"
@@ -307,7 +308,10 @@ void PoolCore::Impl::call_sink(const LogEvent& event) const {
 
 void PoolCore::Impl::loop() {
   if (fork_from_pool_thread_) supervisor_->start_due(monotonic_now_ns());
-  std::vector<pollfd> fds;
+  // Only this thread waits on it; other threads touch the supervisor under mu_, never the set.
+  PollSet& poll_set = supervisor_->poll_set();
+  const pollfd wake{wake_fd_.get(), POLLIN, 0};
+  poll_set.set(Supervisor::kPoolGroup, &wake, 1);
   while (true) {
     const int64_t now = monotonic_now_ns();
     supervisor_->start_due(now);
@@ -315,6 +319,11 @@ void PoolCore::Impl::loop() {
     // After dispatch, so that the deadlines of what was just sent count; dispatch again for
     // what the checks took back.
     int64_t next = supervisor_->check(now);
+    // A worker found gone by a check (without pidfds its exit is looked for there) is replaced
+    // now, as one found gone by service() is at the top of the next turn, before the lock is let
+    // go: whoever learns of the death sees its replacement started. (Its start is due from when
+    // its end was seen, after `now`.)
+    supervisor_->start_due(monotonic_now_ns());
     scheduler_->dispatch();
     supervisor_->after_events();
     if (joining_ && !supervisor_->any_alive() &&
@@ -323,22 +332,19 @@ void PoolCore::Impl::loop() {
       break;
     }
 
-    fds.clear();
-    fds.push_back({wake_fd_.get(), POLLIN, 0});
-    supervisor_->add_pollfds(fds);
-    next = std::min(next, now + kMaxPollNs);
+    next = std::clamp(next, now, now + kMaxPollNs);
     int timeout_ms = static_cast<int>(std::max<int64_t>(0, (next - now + 999'999) / 1'000'000));
     if (supervisor_->launcher_has_pending_events()) timeout_ms = 0;
 
     mu_.unlock();
-    const int ready = ::poll(fds.data(), fds.size(), timeout_ms);
+    const int ready = poll_set.wait(timeout_ms);
     mu_.lock();
     if (ready < 0) continue;  // EINTR
-    if (fds[0].revents != 0) {
+    if (poll_set.entries(Supervisor::kPoolGroup).front().revents != 0) {
       uint64_t count;
       (void)!::read(wake_fd_.get(), &count, sizeof(count));
     }
-    supervisor_->service(fds);
+    supervisor_->service();
   }
   scheduler_->cancel_all(absl::AbortedError("no worker is left to run this task"));
   launcher_->finish();

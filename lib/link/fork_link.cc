@@ -228,9 +228,13 @@ void ForkLink::deliver_held(const std::vector<unsigned char>& bytes, bool recove
 
 int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   int64_t next = INT64_MAX;
-  // Without a pidfd (a kernel before 5.3) nothing wakes the loop when our worker exits: service()
-  // looks, at this time.
-  if (watched_by_looking()) next = next_look_ns_;
+  // Without a pidfd (a kernel before 5.3) nothing wakes the loop when our worker exits: it is
+  // looked for here (and in service()), at this time. (A loop that services only the links with
+  // a descriptor ready would not call service() for it.)
+  if (watched_by_looking()) {
+    look_for_exit(events);
+    if (watched_by_looking()) next = next_look_ns_;
+  }
   for (size_t stream = 0; stream < 2; ++stream) {
     // A pipe resting after a read (add_pollfds) is looked at again when its rest ends.
     if (output_[stream] != nullptr && output_[stream]->open() &&

@@ -561,9 +561,9 @@ int Relay::run() {
       }
       next = std::min(next, give_up);
     }
+    // With a kernel without pidfds, check() looks for the worker's exit: it may end here.
+    if (child_) next = std::min(next, child_->check(now, *this));
     if (child_) {
-      // With a kernel without pidfds, when service() next looks for the worker's exit.
-      next = std::min(next, child_->check(now, *this));
       next = std::min(next, child_stop_.check(*child_, now));
       next = std::min(next, watchdog(now));
       next = std::min(next, watch_progress(now));

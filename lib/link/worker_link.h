@@ -4,7 +4,7 @@
 // RPC reaches its peer only through a connection that carries messages and reports disconnection.
 // Two things below it still show through, and only these: the descriptors the event loop polls
 // (add_pollfds and service; channel_fd for a caller that borrows the channel), which supervision
-// and the pool pass to poll() without reading them, and pid(), which goes into log lines and
+// and the pool wait on without reading them, and pid(), which goes into log lines and
 // stats. Reading and writing, reaping and signals stay in the link. The scheduler sees less: a
 // WorkerPort (lib/scheduler/scheduler.h), with no descriptor, pid or signal in it. Two links
 // implement this: ForkLink (a forked process: a socketpair, a pidfd, a shared control page,
@@ -145,7 +145,11 @@ class WorkerLink {
   // a caller may be reading it itself, see borrow below); service() handles what poll() said of
   // them (the entries this link added, in order), leaving the channel alone unless
   // `with_channel` (a borrow may have begun since); check() handles the link's own deadlines and
-  // returns when it wants to be called again (CLOCK_MONOTONIC ns).
+  // returns when it wants to be called again (CLOCK_MONOTONIC ns). The pool's loop keeps what
+  // add_pollfds gave registered (lib/common/poll_set.h) and asks again only after it called
+  // send, flush, revoke, stop, pump or check, or service (only when something it added is
+  // ready), or after its launcher reported on it: what a link waits for must change only in such
+  // calls, and a descriptor it closes must be one it drops from add_pollfds in the same call.
   virtual void add_pollfds(std::vector<pollfd>& fds, bool with_channel) = 0;
   virtual void service(const pollfd* polled, size_t count, bool with_channel,
                        LinkEvents& events) = 0;

@@ -279,6 +279,7 @@ void Scheduler::hand_over(Worker& worker, TaskRange sent, BatchFrame frame) {
   worker.tasks_assigned += static_cast<int64_t>(frame.taken);
   worker.port->open_claims(frame.claim_slot, frame.claim_tag, batch.limit);
   worker.batches.push_back(std::move(batch));
+  worker.check_at_ns = INT64_MIN;
   const bool large = dynamic_cast<const PooledMessageBuilder*>(frame.message.get()) != nullptr;
   worker.port->send(std::move(frame.message));  // dispatch() flushes
   // A large frame goes out now: its buffer returns to the pool as soon as the socket has taken it,

@@ -130,6 +130,7 @@ void Scheduler::request_stop(Worker& worker, const Batch& batch, uint32_t from, 
   } else {
     worker.stop = Worker::StopRequest{batch.seq, from, to, reason, kill_at_ns};
   }
+  worker.check_at_ns = INT64_MIN;
   worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
 }
 
@@ -225,6 +226,7 @@ std::optional<int> Scheduler::dispatch_to_idle(std::shared_ptr<Call> call) {
 
 absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, bool recovered) {
   Worker& worker = workers_[slot];
+  worker.check_at_ns = INT64_MIN;
   if (recovered && (worker.batches.empty() || results.getSeq() < worker.batches.front().seq ||
                     (results.getSeq() == worker.batches.front().seq &&
                      results.getStart() < worker.batches.front().reported))) {
@@ -404,6 +406,7 @@ absl::Status Scheduler::deliver_outcomes(Worker& worker, Batch& batch,
 
 void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t claimed) {
   Worker& worker = workers_[slot];
+  worker.check_at_ns = INT64_MIN;
   for (size_t i = 0; i < worker.batches.size(); ++i) {
     Batch& batch = worker.batches[i];
     if (batch.claim_slot != claim_slot || batch.claim_tag != tag) continue;
@@ -417,6 +420,7 @@ void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t
 }
 
 void Scheduler::erase_batch(Worker& worker, size_t index) {
+  worker.check_at_ns = INT64_MIN;
   if (worker.stop && worker.stop->seq == worker.batches[index].seq) {
     // Its tasks are settled: the request is withdrawn (the worker's page forgets it).
     worker.stop.reset();
@@ -469,9 +473,16 @@ int64_t Scheduler::check(int64_t now_ns) {
   }
   if (!due.empty()) requeue_front(std::move(due));
   for (int slot = 0; slot < static_cast<int>(workers_.size()); ++slot) {
-    if (workers_[slot].port != nullptr && !workers_[slot].batches.empty()) {
-      check_worker(slot, now_ns, next);
+    Worker& worker = workers_[slot];
+    if (worker.port == nullptr || worker.batches.empty()) continue;
+    if (worker.check_at_ns <= now_ns) {
+      int64_t worker_next = now_ns + kWorkerRecheckNs;
+      worker.check_at_ns = INT64_MAX;
+      check_worker(slot, now_ns, worker_next);
+      // (Still INT64_MIN if the look itself changed its batches: looked at again at once.)
+      worker.check_at_ns = std::min(worker.check_at_ns, worker_next);
     }
+    next = std::min(next, std::max(worker.check_at_ns, now_ns));
   }
   return next;
 }

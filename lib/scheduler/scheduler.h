@@ -246,6 +246,11 @@ class Scheduler {
       int64_t kill_at_ns = INT64_MAX;
     };
     std::optional<StopRequest> stop;
+    // When check() looks at it next (INT64_MIN: at the next check): each look reads its progress
+    // (a worker's control page, a cache miss), so a worker is looked at when its deadlines fall
+    // due or when what they derive from changed here (a batch sent, results, a stop asked), not at
+    // every wake. Its progress alone only moves its deadlines later.
+    int64_t check_at_ns = INT64_MIN;
   };
   // A task range waiting out its retry's backoff until `ready_ns`.
   struct DelayedRetry {
@@ -312,6 +317,9 @@ class Scheduler {
   void settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed);
   void erase_batch(Worker& worker, size_t index);
   void check_worker(int slot, int64_t now, int64_t& next);
+  // A worker is looked at again at least this often (the stall rule's threshold follows the
+  // mean of every worker's tasks, which may fall).
+  static constexpr int64_t kWorkerRecheckNs = 100'000'000;
 
   const Config config_;
   // Buffers for the first segments of large batches, reused (frame_io.h). Shared: a batch's frame

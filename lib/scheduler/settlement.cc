@@ -211,6 +211,7 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
   }
   worker.batches.clear();
   worker.stop.reset();
+  worker.check_at_ns = INT64_MIN;
   worker.claim_slots_used = 0;
   worker.blob_bytes = 0;
   worker.port = nullptr;

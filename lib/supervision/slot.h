@@ -110,6 +110,11 @@ struct Supervisor::Slot : ProcessState {
   // whether a batch was sent to it since (work that came and went between two looks).
   int64_t last_active_ns = 0;
   bool sent_since_look = false;
+  // The event loop (Supervisor::touch): registered and checked again once something touched it.
+  bool in_touched = false;
+  bool unsynced = true;
+  bool unchecked = true;
+  uint64_t polled_generation = 0;  // the link whose descriptors are registered
 
   // The current process's state, replaced whole when the next one starts.
   ProcessState& process() { return *this; }

@@ -20,12 +20,18 @@ namespace {
 
 // A worker's resident memory is read at most this often (a /proc read).
 constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
+// Every slot is checked (and its link asked what it waits for) at least this often, touched or
+// not: what changes without an event (a worker writing its control page) is seen within it, as
+// when every wake of the loop (at least one a second) checked every slot.
+constexpr int64_t kSlotRecheckNs = 1'000'000'000;
 
 }  // namespace
 Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler)
     : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler),
       target_(config_.workers) {
   for (int i = 0; i < config_.workers; ++i) slots_.push_back(std::make_unique<Slot>(*this, i));
+  check_at_.assign(slots_.size(), INT64_MIN);
+  for (auto& slot : slots_) touch(*slot);
 }
 
 Supervisor::~Supervisor() = default;
@@ -58,9 +64,24 @@ void Supervisor::identify(const Slot& slot, LogEvent& event) const {
   }
 }
 
+void Supervisor::touch(Slot& slot) {
+  slot.unsynced = true;
+  slot.unchecked = true;
+  if (slot.in_touched) return;
+  slot.in_touched = true;
+  touched_.push_back(slot.index);
+}
+
+void Supervisor::touch_all() {
+  for (auto& slot : slots_) touch(*slot);
+}
+
 LinkEvents& Supervisor::events_of(WorkerLink& link) {
   for (auto& slot : slots_) {
-    if (slot->link.get() == &link) return slot->events;
+    if (slot->link.get() == &link) {
+      touch(*slot);  // the launcher is about to tell it something
+      return slot->events;
+    }
   }
   // A launcher reports only on links it made for us, which are in a slot until they end.
   return slots_.front()->events;
@@ -74,6 +95,7 @@ void Supervisor::on_capacity() {
     if (slot->state == State::kEmpty && slot->no_capacity && !slot->retired &&
         slot->next_start_ns != INT64_MAX) {
       slot->next_start_ns = std::min(slot->next_start_ns, now);
+      touch(*slot);
     }
   }
 }
@@ -93,6 +115,7 @@ void Supervisor::start_due(int64_t now_ns) {
 }
 
 void Supervisor::launch(Slot& slot, int64_t now_ns) {
+  touch(slot);
   absl::StatusOr<std::unique_ptr<WorkerLink>> link = launcher_.launch(slot.index, slot.name);
   slot.no_capacity = !link.ok();
   if (!link.ok()) {
@@ -114,6 +137,7 @@ void Supervisor::launch(Slot& slot, int64_t now_ns) {
 }
 
 void Supervisor::record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns) {
+  touch(slot);
   slot.start_failed = true;
   ++consecutive_start_failures_;
   last_start_failure_ = failure;
@@ -153,6 +177,7 @@ bool Supervisor::any_alive() const {
 
 void Supervisor::stop(Slot& slot, absl::Status reason, StopMode mode) {
   if (!slot.link) return;
+  touch(slot);
   scheduler_.stop_accepting(slot.index);
   if (!slot.stop_reason) {
     slot.stop_reason = std::move(reason);
@@ -165,6 +190,7 @@ void Supervisor::stop(Slot& slot, absl::Status reason, StopMode mode) {
 }
 
 void Supervisor::send_shutdown(Slot& slot) {
+  touch(slot);
   auto message = std::make_unique<capnp::MallocMessageBuilder>(16);
   message->initRoot<wire::ToWorker>().setShutdown();
   slot.link->send(std::move(message));
@@ -175,6 +201,7 @@ void Supervisor::send_shutdown(Slot& slot) {
 
 void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   const int64_t now = monotonic_now_ns();
+  touch(slot);
   if (end.cause && !slot.stop_reason) {
     slot.stop_reason = *end.cause;
     slot.corrupted = end.corrupted;
@@ -259,6 +286,7 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
 
 void Supervisor::on_host_leaving(Slot& slot) {
   if (!slot.link || slot.stop_reason || slot.state == State::kShutdownSent) return;
+  touch(slot);
   log(slot, LogSeverity::kInfo,
       "its host is leaving (SIGTERM): it finishes its task, hands back the rest, runs exit(), and "
       "another worker takes its place");
@@ -286,26 +314,47 @@ void Supervisor::on_output(Slot& slot, bool is_stderr, std::span<const std::stri
   config_.log_lines(event, lines);
 }
 
-void Supervisor::add_pollfds(std::vector<pollfd>& fds) {
-  launcher_offset_ = fds.size();
-  launcher_.add_pollfds(fds);
-  launcher_pollfds_ = fds.size() - launcher_offset_;
-  polled_.clear();
-  for (auto& slot : slots_) {
-    if (!slot->link) continue;
-    const size_t offset = fds.size();
-    slot->link->add_pollfds(fds, !slot->borrowed);
-    polled_.push_back({slot->index, slot->generation, offset, fds.size() - offset});
+void Supervisor::prepare_wait() {
+  // The launcher's list is asked for and polled at every wake, as before: a remote launcher
+  // closes connections and accepts others (which may take their numbers) on its own. Its
+  // connections are its hosts' control connections: one per worker host.
+  wanted_.clear();
+  launcher_.add_pollfds(wanted_);
+  poll_set_.poll_each_wait(kLauncherGroup, wanted_.data(), wanted_.size());
+  size_t kept = 0;
+  for (size_t i = 0; i < touched_.size(); ++i) {
+    Slot& slot = *slots_[touched_[i]];
+    if (slot.unsynced) {
+      wanted_.clear();
+      if (slot.link) slot.link->add_pollfds(wanted_, !slot.borrowed);
+      // Its next link's descriptors may have the numbers its last one closed.
+      poll_set_.set(kFirstSlotGroup + static_cast<uint32_t>(slot.index), wanted_.data(),
+                    wanted_.size(), /*fresh=*/slot.polled_generation != slot.generation);
+      slot.polled_generation = slot.generation;
+      slot.unsynced = false;
+    }
+    // Touched after check() ran (the second dispatch, after_events): checked at the next wake.
+    if (slot.unchecked) {
+      touched_[kept++] = slot.index;
+    } else {
+      slot.in_touched = false;
+    }
   }
+  touched_.resize(kept);
+  poll_set_.apply();
 }
 
-void Supervisor::service(const std::vector<pollfd>& fds) {
-  launcher_.service(fds.data() + launcher_offset_, launcher_pollfds_, *this);
-  for (const Polled& polled : polled_) {
-    Slot& slot = *slots_[polled.slot];
+void Supervisor::service() {
+  const PollSet::Entries& launcher_entries = poll_set_.entries(kLauncherGroup);
+  launcher_.service(launcher_entries.data(), launcher_entries.size(), *this);
+  for (const uint32_t group : poll_set_.ready_groups()) {
+    if (group < kFirstSlotGroup) continue;
+    Slot& slot = *slots_[group - kFirstSlotGroup];
     // A link that ended meanwhile (its server reported it) has nothing more to say.
-    if (!slot.link || slot.generation != polled.generation) continue;
-    slot.link->service(fds.data() + polled.offset, polled.count, !slot.borrowed, slot.events);
+    if (!slot.link || slot.generation != slot.polled_generation) continue;
+    touch(slot);
+    const PollSet::Entries& entries = poll_set_.entries(group);
+    slot.link->service(entries.data(), entries.size(), !slot.borrowed, slot.events);
   }
 }
 
@@ -330,9 +379,27 @@ int64_t Supervisor::check(int64_t now_ns) {
   }
   next = std::min(next, launcher_.check(now_ns, *this));
   next = std::min(next, check_idle(now_ns));
-  for (auto& slot : slots_) check_slot(*slot, now_ns, next);
+  // The slots something touched, then those due: not every link at every wake (each check may
+  // read a worker's control page, a cache miss per worker).
+  for (size_t i = 0; i < touched_.size(); ++i) {
+    Slot& slot = *slots_[touched_[i]];
+    if (slot.unchecked) check_slot(slot, now_ns);
+  }
+  for (size_t i = 0; i < check_at_.size(); ++i) {
+    if (check_at_[i] <= now_ns) check_slot(*slots_[i], now_ns);
+    next = std::min(next, check_at_[i]);
+  }
   next = std::min(next, scheduler_.check(now_ns));
   return next;
+}
+
+void Supervisor::check_slot(Slot& slot, int64_t now_ns) {
+  int64_t next = now_ns + kSlotRecheckNs;
+  check_slot(slot, now_ns, next);
+  // Checked: what it decided may have changed what its link waits for.
+  touch(slot);
+  slot.unchecked = false;
+  check_at_[static_cast<size_t>(slot.index)] = next;
 }
 
 void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
@@ -421,12 +488,23 @@ void Supervisor::shutdown_if_due(Slot& slot) {
 }
 
 void Supervisor::after_events() {
-  for (auto& slot : slots_) shutdown_if_due(*slot);
+  // What makes a shutdown due happens to a slot (it is touched: results, a batch sent, a
+  // retirement, a recycling), except at join, when the queue running dry makes every idle worker's
+  // due at once.
+  if (joining_) {
+    for (auto& slot : slots_) shutdown_if_due(*slot);
+  } else {
+    for (size_t i = 0; i < touched_.size(); ++i) shutdown_if_due(*slots_[touched_[i]]);
+  }
+  // Before the ended links close their descriptors: removed from the set while their numbers
+  // are still theirs.
+  prepare_wait();
   ended_links_.clear();
 }
 
 void Supervisor::resize(int workers) {
   const int64_t now = monotonic_now_ns();
+  touch_all();
   // Growing: retired slots first, lowest first (their numbers stay those of a pool of this
   // size where they can), then new ones.
   for (auto& slot : slots_) {
@@ -437,6 +515,8 @@ void Supervisor::resize(int workers) {
   }
   while (target_ < workers) {
     slots_.push_back(std::make_unique<Slot>(*this, static_cast<int>(slots_.size())));
+    check_at_.push_back(INT64_MIN);
+    touch(*slots_.back());
     scheduler_.add_slot();
     ++target_;
   }
@@ -513,6 +593,7 @@ int64_t Supervisor::check_idle(int64_t now_ns) {
       if (starts == 0) break;
       if (slot->retired || !slot->parked) continue;
       slot->parked = false;
+      touch(*slot);
       --starts;
       // Still leaving: on_ended starts its successor.
       if (!slot->link) {
@@ -545,6 +626,7 @@ int64_t Supervisor::check_idle(int64_t now_ns) {
     if (remaining <= keep) continue;
     --remaining;
     slot.parked = true;
+    touch(slot);
     log(slot, LogSeverity::kInfo,
         absl::StrCat("idle for idle_timeout (", absl::FormatDuration(config_.idle_timeout),
                      "): leaves until work needs it"));
@@ -555,6 +637,7 @@ int64_t Supervisor::check_idle(int64_t now_ns) {
 }
 
 void Supervisor::begin_join(int64_t deadline_ns) {
+  touch_all();
   join_deadline_ns_ = joining_ ? std::min(join_deadline_ns_, deadline_ns) : deadline_ns;
   joining_ = true;
 }
@@ -567,6 +650,7 @@ absl::Status Supervisor::join_result() const {
 void Supervisor::terminate() {
   if (terminating_) return;
   terminating_ = true;
+  touch_all();
   joining_ = true;
   const absl::Status cancelled = absl::CancelledError("the pool was terminated");
   // Which workers hold work, before it is abandoned: with a cancel_grace they are asked to stop

@@ -38,6 +38,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "lib/common/poll_set.h"
 #include "lib/link/launcher.h"
 #include "lib/link/worker_link.h"
 #include "lib/scheduler/scheduler.h"
@@ -78,12 +79,16 @@ class Supervisor final : private LauncherEvents {
   // Call from a thread the launcher allows (fork_launcher.h).
   void start_due(int64_t now_ns);
 
-  // The event loop. add_pollfds appends every descriptor to wait for; service() handles what
-  // poll() said of them (the same vector); check() handles deadlines and returns when it wants
-  // to be called again. after_events() sends shutdowns that became due and drops ended links;
-  // call it after service/check, before the next poll.
-  void add_pollfds(std::vector<pollfd>& fds);
-  void service(const std::vector<pollfd>& fds);
+  // The event loop, over poll_set(): service() hands what the last wait found ready to the
+  // launcher and to those links, check() handles deadlines (of the links that are due or were
+  // touched) and returns when it wants to be called again, and after_events() sends shutdowns that
+  // became due, registers in poll_set() what changed since the last wait (the descriptors of new
+  // and ended links, and what each link now waits for: only links something touched are asked),
+  // and drops ended links. Call after_events() after service/check, before the next wait; the
+  // caller waits on poll_set(), its own descriptors in group kPoolGroup.
+  static constexpr uint32_t kPoolGroup = 0;
+  PollSet& poll_set() { return poll_set_; }
+  void service();
   int64_t check(int64_t now_ns);
   void after_events();
   bool launcher_has_pending_events() const;
@@ -160,6 +165,10 @@ class Supervisor final : private LauncherEvents {
   // idle_timeout: parks workers idle that long (beyond min_workers), and starts parked slots
   // again for the tasks no worker could take. Returns when it wants to be called again.
   int64_t check_idle(int64_t now_ns);
+  // Checks `slot` and records when it wants to be checked next (check_at_).
+  void check_slot(Slot& slot, int64_t now_ns);
+  // Registers in poll_set_ what the launcher and the touched slots' links wait for now.
+  void prepare_wait();
   void check_slot(Slot& slot, int64_t now_ns, int64_t& next);
   void fail_queued_if_unavailable();
   bool wanted() const;
@@ -177,16 +186,22 @@ class Supervisor final : private LauncherEvents {
   std::vector<std::unique_ptr<Slot>> slots_;
   int target_;  // slots not retired: the pool's size (resize())
   std::vector<std::unique_ptr<WorkerLink>> ended_links_;  // dropped in after_events()
-  // What add_pollfds added, for service(): the launcher's entries first, then each link's.
-  struct Polled {
-    int slot;
-    uint64_t generation;
-    size_t offset;
-    size_t count;
-  };
-  size_t launcher_offset_ = 0;
-  size_t launcher_pollfds_ = 0;
-  std::vector<Polled> polled_;
+  // The event loop's descriptors: group kLauncherGroup is the launcher's, slot i's link's is
+  // kFirstSlotGroup + i.
+  static constexpr uint32_t kLauncherGroup = 1;
+  static constexpr uint32_t kFirstSlotGroup = 2;
+  PollSet poll_set_;
+  std::vector<pollfd> wanted_;  // what a link or the launcher waits for (prepare_wait)
+  // Slots something touched since they were last registered (unsynced) or checked (unchecked):
+  // only these are asked what they wait for, and checked before they are due.
+  std::vector<int> touched_;
+  // When each slot wants check_slot() next (indexed by slot; a slot something touched is checked
+  // sooner). One scan of these a wake instead of a call into every link.
+  std::vector<int64_t> check_at_;
+  // Marks `slot` touched: its link may wait for other descriptors or events now, and may have new
+  // deadlines. Whatever calls a link, or changes what check_slot() decides for a slot, calls it.
+  void touch(Slot& slot);
+  void touch_all();
   // The event the lines of a worker's output go in (on_output): reused, so that its strings keep
   // their room from read to read (a flood of 64 KiB pieces allocates nothing per read).
   LogEvent output_event_;

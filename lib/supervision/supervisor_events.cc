@@ -27,10 +27,13 @@ void Supervisor::Port::send(std::unique_ptr<capnp::MessageBuilder> frame) {
   // The segment table's sizes, not the bytes: a handful of additions per frame.
   owner_.bytes_sent_ += static_cast<int64_t>(capnp::computeSerializedSizeInWords(*frame) *
                                              sizeof(capnp::word));
+  owner_.touch(slot_);  // it may wait to write now
   slot_.link->send(std::move(frame));
 }
 void Supervisor::Port::flush() {
-  if (slot_.link) slot_.link->flush();
+  if (!slot_.link) return;
+  owner_.touch(slot_);
+  slot_.link->flush();
 }
 SharedRegion* Supervisor::Port::shared_region() {
   return slot_.link ? slot_.link->shared_region() : nullptr;
@@ -43,7 +46,9 @@ void Supervisor::Port::open_claims(uint32_t slot, uint16_t tag, uint32_t count) 
   if (slot_.link) slot_.link->open_claims(slot, tag, count);
 }
 void Supervisor::Port::revoke(uint32_t slot, uint16_t tag) {
-  if (slot_.link) slot_.link->revoke(slot, tag, slot_.events);
+  if (!slot_.link) return;
+  owner_.touch(slot_);  // a remote link asks and waits for the answer
+  slot_.link->revoke(slot, tag, slot_.events);
 }
 void Supervisor::Port::request_stop(uint64_t seq, uint32_t from, uint32_t to) {
   if (slot_.link) slot_.link->request_stop(seq, from, to);
@@ -149,14 +154,21 @@ void Supervisor::on_corrupted_connection(Slot& slot, absl::Status why) {
 }
 
 WorkerLink* Supervisor::borrow(int slot) {
+  // Its channel leaves the pool thread's set at that thread's next wake (until then the thread
+  // may wake for it, and leaves it alone: service()'s with_channel).
+  touch(*slots_[slot]);
   slots_[slot]->borrowed = true;
   return slots_[slot]->link.get();
 }
 
-void Supervisor::give_back(int slot) { slots_[slot]->borrowed = false; }
+void Supervisor::give_back(int slot) {
+  touch(*slots_[slot]);
+  slots_[slot]->borrowed = false;
+}
 
 void Supervisor::pump_borrowed(int slot, short revents) {
   Slot& s = *slots_[slot];
+  touch(s);
   if (s.link) s.link->pump(revents, s.events);
 }
 

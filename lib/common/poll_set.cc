@@ -1,0 +1,240 @@
+#include "lib/common/poll_set.h"
+
+#include <errno.h>
+#include <sys/epoll.h>
+
+#include <algorithm>
+#include <optional>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+
+namespace procpool::internal {
+namespace {
+
+// A registration's token: its group, its place in the group, and a serial that tells a live
+// registration from one that outlived its entry (a copy of the descriptor in a forked child).
+constexpr int kIndexBits = 20;
+constexpr int kSerialBits = 20;
+constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
+constexpr uint64_t kSerialMask = (uint64_t{1} << kSerialBits) - 1;
+// Events come back at most this many a wait; the rest, still ready, at the next (level-triggered).
+constexpr size_t kMaxEventsPerWait = 512;
+
+// poll()'s and epoll's bits are the same numbers on Linux; only those that mean the same go over.
+constexpr uint32_t kPollBits = POLLIN | POLLPRI | POLLOUT | POLLERR | POLLHUP;
+static_assert(EPOLLIN == POLLIN && EPOLLPRI == POLLPRI && EPOLLOUT == POLLOUT &&
+              EPOLLERR == POLLERR && EPOLLHUP == POLLHUP);
+
+bool same(const pollfd& a, const pollfd& b) { return a.fd == b.fd && a.events == b.events; }
+
+}  // namespace
+
+PollSet::PollSet() : epoll_(own_fd(::epoll_create1(EPOLL_CLOEXEC))) {
+  events_.resize(kMaxEventsPerWait);
+}
+
+void PollSet::set(uint32_t group, const pollfd* wanted, size_t count, bool fresh) {
+  if (group >= groups_.size()) groups_.resize(group + 1);
+  Group& g = groups_[group];
+  // Nothing changed (the common case: a link with a frame sent and its answer read): nothing to
+  // register.
+  if (!fresh && !g.has_pending && count == g.entries.size() &&
+      std::equal(wanted, wanted + count, g.entries.begin(), same)) {
+    return;
+  }
+  g.pending.assign(wanted, wanted + count);
+  for (pollfd& entry : g.pending) entry.revents = 0;
+  g.fresh = g.fresh || fresh;
+  if (!g.has_pending) changed_.push_back(group);
+  g.has_pending = true;
+}
+
+void PollSet::poll_each_wait(uint32_t group, const pollfd* wanted, size_t count) {
+  if (group >= groups_.size()) groups_.resize(group + 1);
+  Group& g = groups_[group];
+  if (!g.polled) {
+    // Registered before (set()): gone from epoll first.
+    set(group, nullptr, 0);
+    apply();
+    g.polled = true;
+    polled_groups_.push_back(group);
+  }
+  // Its entries are only ever read after a wait: its revents start clear.
+  if (g.ready) {
+    g.ready = false;
+    ready_groups_.erase(std::find(ready_groups_.begin(), ready_groups_.end(), group));
+  }
+  g.entries.assign(wanted, wanted + count);
+  for (pollfd& entry : g.entries) entry.revents = 0;
+  g.tokens.assign(count, 0);
+}
+
+const PollSet::Entries& PollSet::entries(uint32_t group) const {
+  static const Entries none;
+  return group < groups_.size() ? groups_[group].entries : none;
+}
+
+uint64_t PollSet::token_for(uint32_t group, size_t index) {
+  serial_ = (serial_ + 1) & static_cast<uint32_t>(kSerialMask);
+  if (serial_ == 0) serial_ = 1;  // 0 is "not registered"
+  return (uint64_t{group} << (kIndexBits + kSerialBits)) | (uint64_t{index} << kSerialBits) |
+         serial_;
+}
+
+void PollSet::remove_gone(Group& group) {
+  // Removed by number: a descriptor already closed is gone from the set by itself (EBADF,
+  // ENOENT), and one whose number another file took since is not registered under it yet
+  // (additions come after every removal).
+  for (size_t i = 0; i < group.entries.size(); ++i) {
+    if (group.tokens[i] == 0) continue;
+    const int fd = group.entries[i].fd;
+    const bool kept = !group.fresh &&
+                      std::any_of(group.pending.begin(), group.pending.end(),
+                                  [fd](const pollfd& entry) { return entry.fd == fd; });
+    if (!kept) (void)::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  }
+}
+
+void PollSet::register_wanted(uint32_t index, Group& group) {
+  // Where each descriptor was, to change its registration rather than make another. A link has
+  // a handful; a remote launcher one per host.
+  if (group.fresh) {
+    // Every old registration was removed (remove_gone): none is to be changed.
+    group.entries.clear();
+    group.tokens.clear();
+  }
+  absl::flat_hash_map<int, size_t> was;
+  if (group.entries.size() > 8) {
+    for (size_t i = 0; i < group.entries.size(); ++i) was.emplace(group.entries[i].fd, i);
+  }
+  const auto find_was = [&](int fd) -> std::optional<size_t> {
+    if (group.entries.size() > 8) {
+      auto it = was.find(fd);
+      return it == was.end() ? std::nullopt : std::optional<size_t>(it->second);
+    }
+    for (size_t i = 0; i < group.entries.size(); ++i) {
+      if (group.entries[i].fd == fd) return i;
+    }
+    return std::nullopt;
+  };
+  std::vector<uint64_t> tokens(group.pending.size(), 0);
+  for (size_t i = 0; i < group.pending.size(); ++i) {
+    const pollfd& entry = group.pending[i];
+    if (entry.fd < 0) continue;  // poll() skips those too
+    const std::optional<size_t> old = find_was(entry.fd);
+    if (old && *old == i && group.tokens[i] != 0 && group.entries[i].events == entry.events) {
+      tokens[i] = group.tokens[i];
+      continue;
+    }
+    epoll_event event{};
+    event.events = static_cast<uint32_t>(entry.events) & kPollBits;
+    event.data.u64 = token_for(index, i);
+    const bool registered = old && group.tokens[*old] != 0;
+    int rc = ::epoll_ctl(epoll_.get(), registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, entry.fd, &event);
+    // Closed and its number taken again since (MOD: ENOENT), or registered by another group
+    // (ADD: EEXIST, the same descriptor in two lists: the later one's).
+    if (rc != 0 && errno == ENOENT) rc = ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, entry.fd, &event);
+    if (rc != 0 && errno == EEXIST) rc = ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, entry.fd, &event);
+    if (rc == 0) tokens[i] = event.data.u64;
+  }
+  group.entries = std::move(group.pending);
+  group.pending.clear();
+  group.tokens = std::move(tokens);
+  group.has_pending = false;
+  group.fresh = false;
+}
+
+void PollSet::apply() {
+  if (changed_.empty()) return;
+  if (epoll_.valid()) {
+    for (uint32_t index : changed_) remove_gone(groups_[index]);
+    for (uint32_t index : changed_) register_wanted(index, groups_[index]);
+  } else {
+    for (uint32_t index : changed_) {
+      Group& group = groups_[index];
+      group.entries = std::move(group.pending);
+      group.pending.clear();
+      group.tokens.assign(group.entries.size(), 0);
+      group.has_pending = false;
+      group.fresh = false;
+    }
+  }
+  changed_.clear();
+}
+
+void PollSet::clear_ready() {
+  for (uint32_t index : ready_groups_) {
+    Group& group = groups_[index];
+    group.ready = false;
+    for (pollfd& entry : group.entries) entry.revents = 0;
+  }
+  ready_groups_.clear();
+}
+
+void PollSet::mark_ready(uint32_t index, Group& group) {
+  if (group.ready) return;
+  group.ready = true;
+  ready_groups_.push_back(index);
+}
+
+int PollSet::wait(int timeout_ms) {
+  clear_ready();
+  apply();
+  const bool any_polled = std::any_of(polled_groups_.begin(), polled_groups_.end(),
+                                      [this](uint32_t index) { return !groups_[index].entries.empty(); });
+  if (!epoll_.valid() || any_polled) return wait_with_poll(timeout_ms);
+  if (!take_epoll_events(timeout_ms)) return -1;
+  return static_cast<int>(ready_groups_.size());
+}
+
+bool PollSet::take_epoll_events(int timeout_ms) {
+  const int count = ::epoll_wait(epoll_.get(), events_.data(), static_cast<int>(events_.size()),
+                                 timeout_ms);
+  if (count < 0) return false;
+  for (int i = 0; i < count; ++i) {
+    const uint64_t token = events_[i].data.u64;
+    const uint64_t index = token >> (kIndexBits + kSerialBits);
+    const size_t at = static_cast<size_t>((token >> kSerialBits) & kIndexMask);
+    if (index >= groups_.size()) continue;
+    Group& group = groups_[index];
+    // A registration that outlived its entry (see the header): nobody's event.
+    if (at >= group.entries.size() || group.tokens[at] != token) continue;
+    group.entries[at].revents = static_cast<short>(events_[i].events & kPollBits);
+    mark_ready(static_cast<uint32_t>(index), group);
+  }
+  return true;
+}
+
+int PollSet::wait_with_poll(int timeout_ms) {
+  all_.clear();
+  all_origin_.clear();
+  // The epoll instance is readable when something registered is ready.
+  if (epoll_.valid()) all_.push_back({epoll_.get(), POLLIN, 0});
+  const auto add = [this](uint32_t index) {
+    const Group& group = groups_[index];
+    for (size_t at = 0; at < group.entries.size(); ++at) {
+      all_.push_back(group.entries[at]);
+      all_origin_.emplace_back(index, static_cast<uint32_t>(at));
+    }
+  };
+  if (epoll_.valid()) {
+    for (uint32_t index : polled_groups_) add(index);
+  } else {
+    for (uint32_t index = 0; index < groups_.size(); ++index) add(index);
+  }
+  const int count = ::poll(all_.data(), all_.size(), timeout_ms);
+  if (count < 0) return -1;
+  const size_t first = epoll_.valid() ? 1 : 0;
+  for (size_t i = first; i < all_.size(); ++i) {
+    if (all_[i].revents == 0) continue;
+    const auto [index, at] = all_origin_[i - first];
+    Group& group = groups_[index];
+    group.entries[at].revents = all_[i].revents;
+    mark_ready(index, group);
+  }
+  if (first == 1 && all_[0].revents != 0) (void)take_epoll_events(0);
+  return static_cast<int>(ready_groups_.size());
+}
+
+}  // namespace procpool::internal

@@ -78,12 +78,7 @@ struct Crasher {
   }
 };
 
-bool all_ready(const PoolStats& stats) {
-  for (const WorkerStats& worker : stats.workers) {
-    if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
-  }
-  return true;
-}
+using testing::all_serving;
 
 // =============================================================================================
 // 1. A task that kills its worker is that task's failure, never the pool's.
@@ -121,10 +116,10 @@ TEST_CASE("killing idle workers from outside, again and again, never breaks the 
   std::vector<int64_t> jobs = {1, 2, 3};
   for (int round = 0; round < 20; ++round) {
     CAPTURE(round);
-    REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+    REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
     for (const WorkerStats& worker : pool.stats().workers) ::kill(worker.pid, SIGKILL);
   }
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   auto result = map_within(pool, jobs, {}, absl::Seconds(10));
   REQUIRE_MESSAGE(result.ok(), result.status());
   CHECK(*result == std::vector<int64_t>{1, 4, 9});
@@ -218,7 +213,7 @@ TEST_CASE("a replacement fork that fails is retried while the live workers keep 
   ProcessPool<Crasher> pool(quiet({.workers = 2,
                                    .respawn_delay = absl::Milliseconds(20),
                                    .respawn_max_delay = absl::Milliseconds(100)}));
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   internal::inject_fork_failures(1000, EAGAIN);
   const pid_t victim = pool.stats().workers[0].pid;
   ::kill(victim, SIGKILL);
@@ -230,7 +225,7 @@ TEST_CASE("a replacement fork that fails is retried while the live workers keep 
   }
   CHECK(pool.stats().workers[0].pid != victim);
   internal::inject_fork_failures(0, 0);
-  CHECK(wait_until([&] { return all_ready(pool.stats()); }, absl::Seconds(10)));
+  CHECK(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(10)));
 }
 
 // A child process of the test runs `body` inside a fresh pids cgroup whose limit is `limit`
@@ -897,7 +892,7 @@ struct Inflater {
 TEST_CASE("a value over max_frame_bytes gets the same code as a job or a result; the worker "
           "reports its own oversized result and lives") {
   ProcessPool<Inflater> pool(quiet({.workers = 1, .max_frame_bytes = size_t{1} << 20}));
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   const pid_t pid = pool.stats().workers[0].pid;
   std::vector<std::string> big_job = {"a", std::string(size_t{2} << 20, 'y'), "c"};
   std::vector<std::string> big_result = {"a", "inflate", "c"};
@@ -920,7 +915,7 @@ TEST_CASE("a value over max_frame_bytes gets the same code as a job or a result;
 
 TEST_CASE("a SIGSTOPped worker does not keep unstarted tasks from idle workers") {
   ProcessPool<Sleeper> pool(quiet({.workers = 2}));
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   const pid_t stopped = pool.stats().workers[1].pid;
   REQUIRE(::kill(stopped, SIGSTOP) == 0);
   REQUIRE(wait_until([&] { return testing::process_state(stopped) == 'T'; }));

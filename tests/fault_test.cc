@@ -249,12 +249,7 @@ std::set<pid_t> live_worker_pids(const PoolStats& stats) {
   return pids;
 }
 
-bool all_ready(const PoolStats& stats) {
-  for (const WorkerStats& worker : stats.workers) {
-    if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
-  }
-  return true;
-}
+using testing::all_serving;
 
 // The pid of the worker running task `task` of the pool, once one is seen running it.
 template <typename Pool>
@@ -325,7 +320,7 @@ TEST_CASE("a worker that dies mid-task fails that task alone; its unstarted chun
   // A replacement was forked and ran enter(): two original workers plus one.
   CHECK(wait_until([&] { return enter_count(dir.path()) == 3; }, absl::Seconds(5)));
   CHECK(pool.stats().workers_restarted == 1);
-  CHECK(wait_until([&] { return all_ready(pool.stats()); }, absl::Seconds(5)));
+  CHECK(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(5)));
   CHECK(live_worker_pids(pool.stats()).count(victim) == 0);
   CHECK(live_worker_pids(pool.stats()).size() == 2);
 
@@ -553,7 +548,7 @@ TEST_CASE("a task past its timeout fails with kDeadlineExceeded; its worker is r
   }
   options.log_sink = logs.sink();
   ProcessPool<FaultyWorker> pool(testing::on_link(options), faulty_in(dir));
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   const std::set<pid_t> before = live_worker_pids(pool.stats());
 
   const std::vector<int64_t> jobs = jobs_with(12, {{4, kHang}});
@@ -573,7 +568,7 @@ TEST_CASE("a task past its timeout fails with kDeadlineExceeded; its worker is r
   // SIGTERM was enough: the kill grace did not run out.
   CHECK(logs.contains(absl::StrCat("(pid ", victim, ") was killed by signal 15 (SIGTERM)")));
   CHECK(pool.stats().workers_restarted == 1);
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }, absl::Seconds(5)));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(5)));
   const std::set<pid_t> after = live_worker_pids(pool.stats());
   CHECK(before.count(victim) == 1);
   CHECK(after.count(victim) == 0);
@@ -659,7 +654,7 @@ TEST_CASE("a worker type whose every task crashes fails every task, each with it
   }
   // Every attempt killed one worker, and each was replaced.
   CHECK(pool.stats().workers_restarted >= static_cast<int64_t>(jobs.size()) * (retries + 1) - 2);
-  CHECK(wait_until([&] { return all_ready(pool.stats()); }, absl::Seconds(5)));
+  CHECK(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(5)));
 }
 
 TEST_CASE("workers that crash in enter() are restarted with growing delays; calls fail fast with "
@@ -836,7 +831,7 @@ TEST_CASE("workers outlive the short-lived thread that created the pool, or that
     std::thread maker([&] {
       tid = static_cast<pid_t>(::gettid());
       pool = std::make_unique<ProcessPool<PidWorker>>(quiet({.workers = 2}));
-      wait_until([&] { return all_ready(pool->stats()); });
+      wait_until([&] { return all_serving(pool->stats()); });
       pids = live_worker_pids(pool->stats());
     });
     maker.join();
@@ -860,7 +855,7 @@ TEST_CASE("workers outlive the short-lived thread that created the pool, or that
       std::vector<int64_t> jobs = {1, -1, 2, 3};
       auto result = pool.map(jobs, {.chunksize = 1});
       CHECK(result.status().code() == absl::StatusCode::kAborted);
-      wait_until([&] { return all_ready(pool.stats()) && pool.stats().workers_restarted == 1; });
+      wait_until([&] { return all_serving(pool.stats()) && pool.stats().workers_restarted == 1; });
     });
     user.join();
     wait_thread_gone(tid);
@@ -933,7 +928,7 @@ TEST_CASE("a worker SIGSTOPped while idle does not hold tasks forever when a tas
                                         .task_timeout = timeout,
                                         .kill_grace = absl::Milliseconds(200)}),
                                  [] { return std::make_unique<BigJobWorker>(); });
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   const pid_t stopped = pool.stats().workers[0].pid;
   REQUIRE(stopped > 0);  // kill(0, ...) would stop this whole process group
   REQUIRE(::kill(stopped, SIGSTOP) == 0);
@@ -958,7 +953,7 @@ TEST_CASE("join() with a SIGSTOPped worker returns within join_timeout + kill_gr
       quiet({.workers = 2, .join_timeout = join_timeout, .kill_grace = grace}));
   std::vector<int64_t> jobs(10, 1);
   REQUIRE(map_within(pool, jobs, {}, absl::Seconds(10)).ok());
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   const pid_t stopped = pool.stats().workers[1].pid;
   REQUIRE(stopped > 0);  // kill(0, ...) would stop this whole process group
   REQUIRE(::kill(stopped, SIGSTOP) == 0);
@@ -1127,7 +1122,7 @@ void check_bad_frame(int64_t bad, absl::string_view expected_message) {
   const Events events = read_events(dir.path());
   for (int64_t job : jobs) CHECK(events.runs.at(job) == 1);
   CHECK(pool.stats().workers_restarted == 1);
-  CHECK(wait_until([&] { return all_ready(pool.stats()); }, absl::Seconds(5)));
+  CHECK(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(5)));
   CHECK(live_worker_pids(pool.stats()).count(events.last_runner.at(bad)) == 0);
   // The pool carries on.
   auto again = pool.submit(jobs_with(4, {}), {.chunksize = 1});

@@ -301,12 +301,7 @@ PoolOptions pool_options(int workers, RemoteOptions remote) {
   return options;
 }
 
-bool all_serving(const PoolStats& stats) {
-  for (const WorkerStats& worker : stats.workers) {
-    if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
-  }
-  return true;
-}
+using testing::all_serving;
 
 // The worker (its pid) that host `relay` runs for the pool now, or 0.
 pid_t worker_of(const PoolStats& stats, pid_t relay) {

@@ -280,6 +280,10 @@ TEST_CASE("a hanging exit() is killed at join_timeout and reported") {
                                        .kill_grace = absl::Milliseconds(200)}));
   std::vector<int64_t> jobs = {1, 2};
   REQUIRE(pool.map(jobs).ok());
+  // Both serve, so both have an exit() to hang in (a remote worker still dialling in at join is
+  // ended unstarted).
+  REQUIRE(testing::wait_until([&] { return testing::all_serving(pool.stats()); },
+                              absl::Seconds(30)));
   REQUIRE(pool.close().ok());
   const absl::Time start = absl::Now();
   absl::Status joined = pool.join();

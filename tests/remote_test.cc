@@ -112,12 +112,7 @@ StartedWorker start_worker(const std::string& address, const std::string& token,
   return worker;
 }
 
-bool all_serving(const PoolStats& stats) {
-  for (const WorkerStats& worker : stats.workers) {
-    if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
-  }
-  return true;
-}
+using testing::all_serving;
 
 using ::procpool::testing::parent_of;
 

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "procpool/pool_stats.h"
 
 // std::views of libstdc++ 12 do not compile with clang before 16 (LLVM issue 44178: it checks
 // view_interface's constraints before the view is complete). What the tests do with them is left
@@ -65,6 +66,15 @@ bool wait_until(F condition, absl::Duration timeout = absl::Seconds(10)) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   return condition();
+}
+
+// Every worker of the pool serves (idle or busy): each has run enter(), none is starting, gone or
+// (remote) still dialling in.
+inline bool all_serving(const PoolStats& stats) {
+  for (const WorkerStats& worker : stats.workers) {
+    if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
+  }
+  return true;
 }
 
 // The parent of process `pid` (/proc/PID/stat); 0 if it is gone or unreadable.

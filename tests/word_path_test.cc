@@ -36,12 +36,7 @@ PoolOptions quiet(PoolOptions options) {
   return testing::on_link(std::move(options));
 }
 
-bool all_ready(const PoolStats& stats) {
-  for (const WorkerStats& worker : stats.workers) {
-    if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
-  }
-  return true;
-}
+using testing::all_serving;
 
 struct Squarer {
   int64_t run(int64_t x) { return x * x; }
@@ -100,7 +95,7 @@ TEST_CASE("a caller's array sent in place is never read after map returns, even 
   // map must have copied what was unsent before returning, or writing them later reads freed
   // memory (ASan checks what sendmsg reads).
   ProcessPool<Squarer> pool(quiet({.workers = 2}));
-  REQUIRE(wait_until([&] { return all_ready(pool.stats()); }));
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
   const pid_t stopped = pool.stats().workers[1].pid;
   REQUIRE(::kill(stopped, SIGSTOP) == 0);
   REQUIRE(wait_until([&] { return testing::process_state(stopped) == 'T'; }));

@@ -131,14 +131,8 @@ void check_lines_of_every_job(PoolOptions options, bool remote_workers) {
     ProcessPool<Printer> pool(options);
     // Both workers serve first: one still dialling at join would be ended unstarted, without an
     // exit() to print (remote workers come when they come).
-    REQUIRE(testing::wait_until(
-        [&] {
-          for (const WorkerStats& worker : pool.stats().workers) {
-            if (worker.state != WorkerState::kIdle && worker.state != WorkerState::kBusy) return false;
-          }
-          return true;
-        },
-        absl::Seconds(30)));
+    REQUIRE(testing::wait_until([&] { return testing::all_serving(pool.stats()); },
+                                absl::Seconds(30)));
     std::vector<int64_t> jobs;
     for (int64_t n = 0; n < 50; ++n) jobs.push_back(job(kPrintBoth, n));
     REQUIRE(pool.map(jobs, {.chunksize = 1}).ok());

@@ -46,7 +46,7 @@ struct TaskRecord {
 
 class SharedRecords {
  public:
-  explicit SharedRecords(size_t count) : count_(count) {
+  explicit SharedRecords(size_t count) {
     bytes_ = count * sizeof(TaskRecord);
     void* memory = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     REQUIRE(memory != MAP_FAILED);
@@ -56,7 +56,6 @@ class SharedRecords {
   TaskRecord& operator[](size_t index) const { return records_[index]; }
 
  private:
-  size_t count_;
   size_t bytes_;
   TaskRecord* records_;
 };

@@ -141,8 +141,8 @@ TEST_CASE("a void task's imap and imap_unordered yield absl::Status") {
   }
   CHECK(codes == std::vector<absl::StatusCode>{absl::StatusCode::kOk, absl::StatusCode::kUnknown,
                                                absl::StatusCode::kOk});
-  int ok = 0;
 #if PROCPOOL_TEST_STD_VIEWS
+  int ok = 0;
   for (absl::Status status : pool.imap_unordered(std::views::iota(int64_t{10}, int64_t{20}))) {
     ok += status.ok() ? 1 : 0;
   }

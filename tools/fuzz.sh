@@ -24,10 +24,11 @@ mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-r
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
-LIBS=(-lcapnp -lkj -lssl -lcrypto -labsl_status -labsl_statusor -labsl_strings -labsl_strings_internal
-      -labsl_str_format_internal -labsl_int128 -labsl_cord -labsl_cord_internal -labsl_cordz_info
-      -labsl_cordz_functions -labsl_cordz_handle -labsl_raw_logging_internal -labsl_throw_delegate
-      -labsl_synchronization -labsl_time -labsl_time_zone -labsl_base -labsl_spinlock_wait)
+# What the library links, as CMakeLists.txt's PROCPOOL_ABSL_COMPONENTS name it, through the
+# system's pkg-config files (not a hand-kept list of archives).
+mapfile -t LIBS < <(pkg-config --libs absl_base absl_status absl_statusor absl_strings \
+  absl_str_format absl_synchronization absl_time absl_span absl_flat_hash_map absl_symbolize \
+  capnp openssl | tr ' ' '\n' | grep -v '^$')
 SANITIZE=(-fsanitize=address,undefined -fno-sanitize-recover=all)
 
 # The library below the pool (every layer but pool_core and progress_bar, as CMakeLists.txt and

@@ -1,24 +1,30 @@
 // Remote workers over loopback TCP beside forked workers on socketpairs, and beside the floor of a
 // raw TCP ping-pong, in the same run (issue 9's targets), each over TLS (the default) and in
 // plaintext (RemoteOptions::encrypt = false, loopback only), for issue 18's:
-//   bench_remote calls=5000 items=1000000 reps=3 start_workers=64
+//   bench_remote calls=5000 items=1000000 reps=3 start_workers=64 [parts=apply,map,start]
 // Each repetition measures, in turn: a 16-byte raw TCP ping-pong between two processes over
 // 127.0.0.1; `calls` applies on a remote pool of one worker, in plaintext then over TLS; a map of
 // `items` x*x on a pool of forked workers (workers = cores), then on as many remote ones in
-// plaintext, then over TLS; the CPU time of the TLS handshakes a start of `start_workers` remote
-// workers makes (a control and a data connection each, both ends timed in this process); and the
-// time until `start_workers` launched remote workers all serve, in plaintext then over TLS. This
-// program is its own remote worker (procpool::serve with the types its pools use).
+// plaintext, then over TLS, with the CPU time the timed map cost the pool's process and the
+// workers' (and their relays'); the CPU time of the TLS handshakes a start of `start_workers`
+// remote workers makes (a control and a data connection each, both ends timed in this process);
+// and the time until `start_workers` launched remote workers all serve, in plaintext then over
+// TLS, with the CPU time of each pool's whole life (every process's: less noisy than the time on
+// a loaded machine). `parts` picks some of these (to profile one alone). This program is its own
+// remote worker (procpool::serve with the types its pools use).
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -134,31 +140,98 @@ double tls_handshakes_ms(int connections) {
   return (now_ns() - start) / 1e6;
 }
 
-// ms from making a pool of `workers` launched remote workers until all of them serve.
-double start_ms(const std::string& self, int workers, bool encrypt) {
-  const int64_t start = now_ns();
-  procpool::ProcessPool<Increment> pool(remote_options(workers, self, encrypt));
-  while (true) {
-    const procpool::PoolStats stats = pool.stats();
-    int serving = 0;
-    for (const procpool::WorkerStats& worker : stats.workers) {
-      serving += worker.state == procpool::WorkerState::kIdle ? 1 : 0;
-    }
-    if (serving == workers) break;
-    if (now_ns() - start > 120'000'000'000) die("remote start");
-    ::usleep(1000);
-  }
-  return (now_ns() - start) / 1e6;
+// ms of CPU used by this process (RUSAGE_SELF) or its reaped descendants (RUSAGE_CHILDREN).
+double cpu_ms(int who) {
+  rusage usage{};
+  ::getrusage(who, &usage);
+  return (usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1e3 +
+         (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e3;
 }
 
+struct Start {
+  double ms;           // from making the pool until all its workers serve
+  double pool_cpu_ms;  // this process's CPU over the pool's whole life (start, close, join)
+  double cpu_ms;       // the same, with the relays' and their workers' (reaped by then)
+};
+
+// A pool of `workers` launched remote workers: the time until all of them serve, and the CPU.
+Start start(const std::string& self, int workers, bool encrypt) {
+  const double self_before = cpu_ms(RUSAGE_SELF);
+  const double children_before = cpu_ms(RUSAGE_CHILDREN);
+  const int64_t start = now_ns();
+  double ms = 0;
+  {
+    procpool::ProcessPool<Increment> pool(remote_options(workers, self, encrypt));
+    while (true) {
+      const procpool::PoolStats stats = pool.stats();
+      int serving = 0;
+      for (const procpool::WorkerStats& worker : stats.workers) {
+        serving += worker.state == procpool::WorkerState::kIdle ? 1 : 0;
+      }
+      if (serving == workers) break;
+      if (now_ns() - start > 120'000'000'000) die("remote start");
+      ::usleep(1000);
+    }
+    ms = (now_ns() - start) / 1e6;
+  }  // the relays are reaped: their CPU, and their workers', is counted
+  const double pool_cpu = cpu_ms(RUSAGE_SELF) - self_before;
+  return {ms, pool_cpu, pool_cpu + cpu_ms(RUSAGE_CHILDREN) - children_before};
+}
+
+// ns that the threads of process `pid` have run on a CPU (/proc/PID/task/*/schedstat); 0 if gone.
+int64_t cpu_ns_of(int pid) {
+  int64_t total = 0;
+  std::error_code error;
+  for (const auto& task :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", error)) {
+    std::ifstream schedstat(task.path() / "schedstat");
+    int64_t ns = 0;
+    if (schedstat >> ns) total += ns;
+  }
+  return total;
+}
+
+// The parent of process `pid` (a remote worker's relay), 0 if gone.
+int parent_of(int pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(stat, line);
+  const size_t end_of_name = line.rfind(')');
+  if (end_of_name == std::string::npos) return 0;
+  char state = 0;
+  int parent = 0;
+  std::istringstream(line.substr(end_of_name + 1)) >> state >> parent;
+  return parent;
+}
+
+struct MapRun {
+  double items_per_s;
+  double pool_cpu_ms;     // this process (the pool's thread, and the caller's blocked one)
+  double workers_cpu_ms;  // the workers' processes, and for remote ones their relays'
+};
+
 template <typename Pool>
-double map_items_per_s(Pool& pool, const std::vector<int64_t>& jobs) {
+MapRun map_run(Pool& pool, const std::vector<int64_t>& jobs) {
   if (!pool.map(jobs).ok()) die("warm-up map");
+  std::vector<int> others;
+  for (const procpool::WorkerStats& worker : pool.stats().workers) {
+    others.push_back(worker.pid);
+    if (const int relay = parent_of(worker.pid); relay != 0 && relay != ::getpid()) others.push_back(relay);
+  }
+  auto others_ns = [&others] {
+    int64_t total = 0;
+    for (int pid : others) total += cpu_ns_of(pid);
+    return total;
+  };
+  const int64_t pool_before = cpu_ns_of(::getpid());
+  const int64_t others_before = others_ns();
   const int64_t start = now_ns();
   absl::StatusOr<std::vector<int64_t>> squares = pool.map(jobs);
   const double seconds = seconds_since(start);
+  const int64_t pool_ns = cpu_ns_of(::getpid()) - pool_before;
+  const int64_t others_ns_used = others_ns() - others_before;
   if (!squares.ok() || (*squares)[jobs.size() - 1] != jobs.back() * jobs.back()) die("map");
-  return static_cast<double>(jobs.size()) / seconds;
+  return {static_cast<double>(jobs.size()) / seconds, pool_ns / 1e6, others_ns_used / 1e6};
 }
 
 }  // namespace
@@ -171,44 +244,55 @@ int main(int argc, char** argv) {
   const int64_t items = args.get_int("items", 1000000);
   const int workers = static_cast<int>(args.get_int("workers", cpu_count()));
   const int start_workers = static_cast<int>(args.get_int("start_workers", 64));
+  // Which measurements to make (all by default): a profile of one needs the others out of it.
+  const std::string parts = args.get("parts", "apply,map,start");
+  auto wanted = [&parts](const std::string& part) { return parts.find(part) != std::string::npos; };
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
   std::vector<int64_t> jobs(static_cast<size_t>(items));
   for (int64_t i = 0; i < items; ++i) jobs[static_cast<size_t>(i)] = i;
 
   for (int rep = 0; rep < reps; ++rep) {
-    const double raw_us = raw_tcp_pingpong_us(calls);
-    {
+    if (wanted("apply")) {
+      const double raw_us = raw_tcp_pingpong_us(calls);
       const double plaintext_us = apply_us(self, calls, /*encrypt=*/false);
       const double tls_us = apply_us(self, calls, /*encrypt=*/true);
       emit("remote_apply", "us_per_call", tls_us, "us",
            {{"raw_tcp_us", raw_us}, {"ratio_to_raw", tls_us / raw_us},
             {"plaintext_us", plaintext_us}, {"ratio_to_plaintext", tls_us / plaintext_us}});
     }
-    double forked = 0;
-    {
-      procpool::ProcessPool<Squarer> pool({.workers = workers});
-      forked = map_items_per_s(pool, jobs);
-    }
-    double plaintext = 0;
-    {
-      procpool::ProcessPool<Squarer> pool(remote_options(workers, self, /*encrypt=*/false));
-      plaintext = map_items_per_s(pool, jobs);
-    }
-    {
+    if (wanted("map")) {
+      double forked = 0;
+      {
+        procpool::ProcessPool<Squarer> pool({.workers = workers});
+        forked = map_run(pool, jobs).items_per_s;
+      }
+      MapRun plaintext{};
+      {
+        procpool::ProcessPool<Squarer> pool(remote_options(workers, self, /*encrypt=*/false));
+        plaintext = map_run(pool, jobs);
+      }
       procpool::ProcessPool<Squarer> pool(remote_options(workers, self));
-      const double remote = map_items_per_s(pool, jobs);
+      const MapRun tls = map_run(pool, jobs);
+      const double remote = tls.items_per_s;
       emit("remote_map", "items_per_s", remote, "items/s",
            {{"socketpair_items_per_s", forked}, {"ratio_to_socketpair", forked / remote},
-            {"plaintext_items_per_s", plaintext}, {"throughput_to_plaintext", remote / plaintext},
+            {"plaintext_items_per_s", plaintext.items_per_s},
+            {"throughput_to_plaintext", remote / plaintext.items_per_s},
+            {"pool_cpu_ms", tls.pool_cpu_ms}, {"workers_cpu_ms", tls.workers_cpu_ms},
+            {"plaintext_pool_cpu_ms", plaintext.pool_cpu_ms},
+            {"plaintext_workers_cpu_ms", plaintext.workers_cpu_ms},
             {"workers", workers}});
     }
-    emit("remote_tls_handshakes", "ms", tls_handshakes_ms(2 * start_workers), "ms",
-         {{"workers", start_workers}, {"connections", 2 * start_workers}});
-    {
-      const double plaintext_ms = start_ms(self, start_workers, /*encrypt=*/false);
-      const double tls_ms = start_ms(self, start_workers, /*encrypt=*/true);
-      emit("remote_start", "ms", tls_ms, "ms",
-           {{"plaintext_ms", plaintext_ms}, {"tls_minus_plaintext_ms", tls_ms - plaintext_ms},
+    if (wanted("start")) {
+      emit("remote_tls_handshakes", "ms", tls_handshakes_ms(2 * start_workers), "ms",
+           {{"workers", start_workers}, {"connections", 2 * start_workers}});
+      const Start plaintext = start(self, start_workers, /*encrypt=*/false);
+      const Start tls = start(self, start_workers, /*encrypt=*/true);
+      emit("remote_start", "ms", tls.ms, "ms",
+           {{"plaintext_ms", plaintext.ms}, {"tls_minus_plaintext_ms", tls.ms - plaintext.ms},
+            {"cpu_ms", tls.cpu_ms}, {"plaintext_cpu_ms", plaintext.cpu_ms},
+            {"tls_minus_plaintext_cpu_ms", tls.cpu_ms - plaintext.cpu_ms},
+            {"pool_cpu_ms", tls.pool_cpu_ms}, {"plaintext_pool_cpu_ms", plaintext.pool_cpu_ms},
             {"workers", start_workers}});
     }
   }

@@ -643,7 +643,23 @@ def evaluate(results, cores):
             "%s plaintext's throughput" % fmt_ratio(ratio), "≥ 0.7×",
             check("remote", holds, "remote map over TLS had %s plaintext's throughput, target "
                   "≥ 0.7×" % fmt_ratio(ratio)), e)
+        ms = lambda v: "%.1f ms" % v
+        if any("pool_cpu_ms" in r for r in maps):
+            notes.append("remote map over TLS: the timed map cost the pool's process %s of CPU "
+                         "(plaintext: %s) and the workers and their relays %s (plaintext: %s); "
+                         "the pool's thread alone needs longer than the whole plaintext map"
+                         % (fig(maps, "pool_cpu_ms").fmt(ms),
+                            fig(maps, "plaintext_pool_cpu_ms").fmt(ms),
+                            fig(maps, "workers_cpu_ms").fmt(ms),
+                            fig(maps, "plaintext_workers_cpu_ms").fmt(ms)))
         starts = [r for r in e["cxx"] if r.get("bench") == "remote_start"]
+        if any("tls_minus_plaintext_cpu_ms" in r for r in starts):
+            notes.append("remote start over TLS: CPU of the whole pool's life (start, close and "
+                         "join; every process), TLS minus plaintext, %s; the pool's process alone "
+                         "%s against %s (less noisy than the start's time on a loaded machine)"
+                         % (fig(starts, "tls_minus_plaintext_cpu_ms").fmt(lambda v: "%.0f ms" % v),
+                            fig(starts, "pool_cpu_ms").fmt(lambda v: "%.0f ms" % v),
+                            fig(starts, "plaintext_pool_cpu_ms").fmt(lambda v: "%.0f ms" % v)))
         shakes = [r for r in e["cxx"] if r.get("bench") == "remote_tls_handshakes"]
         extra = fig(starts, "tls_minus_plaintext_ms")
         holds = extra.median <= 100 if extra.ok else None

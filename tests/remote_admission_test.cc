@@ -320,6 +320,42 @@ TEST_CASE("a peer in its TLS handshake is not taken for a silent one: a flood of
   pool.terminate();
 }
 
+TEST_CASE("a relay slow to send its first bytes is not taken for an idle connection: more "
+          "connections from its address right after it wait, it is not closed") {
+  // On a loaded host (64 relays starting on 2 cores) a relay may be descheduled between its
+  // connect() and its ClientHello for tens of milliseconds. Connections from its address that come
+  // meanwhile, beyond the per-address handshake cap, must not close it as an idle one: closed, a
+  // relay dials again after a backoff, and a closed data connection fails its worker's start.
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(60)}));
+  const internal::HostPort address = address_of(pool.remote_address());
+  absl::StatusOr<std::shared_ptr<internal::TlsContext>> tls =
+      internal::TlsContext::with_token(pool.remote_token(), internal::TlsContext::Role::kClient);
+  REQUIRE(tls.ok());
+  absl::StatusOr<internal::UniqueFd> socket = internal::connect_tcp(address, absl::Seconds(5));
+  REQUIRE(socket.ok());
+  // Nothing sent yet; 40 more connections from its address (the cap is 32) come at once.
+  std::vector<internal::UniqueFd> others;
+  for (int i = 0; i < 40; ++i) others.push_back(internal::own_fd(idle_connection(address)));
+  absl::SleepFor(absl::Milliseconds(300));  // the pool accepts them
+  absl::StatusOr<std::unique_ptr<internal::TlsChannel>> channel =
+      internal::TlsChannel::open(*tls, *std::move(socket));
+  REQUIRE(channel.ok());
+  ::signal(SIGPIPE, SIG_IGN);  // a closed connection fails the write, rather than this process
+  const absl::Status shook = (*channel)->handshake_within(absl::Now() + absl::Seconds(20));
+  REQUIRE_MESSAGE(shook.ok(), shook);
+  capnp::MallocMessageBuilder message;
+  auto hello = message.initRoot<wire::FromWorker>().initHello();
+  hello.setVersion(internal::kProtocolVersion);
+  hello.setNonce(as_data(internal::make_nonce()));
+  (void)internal::write_frame(**channel, message);
+  internal::FrameReader reader(1 << 20);
+  auto challenge = internal::read_frame_within(**channel, reader, absl::Now() + absl::Seconds(20));
+  REQUIRE_MESSAGE(challenge.ok(), challenge.status());
+  capnp::FlatArrayMessageReader answer(*challenge);
+  CHECK(answer.getRoot<wire::ToWorker>().isChallenge());
+  pool.terminate();
+}
+
 TEST_CASE("64 workers dialling at once from one address all get in: connections beyond the "
           "per-address handshake cap wait their turn, none is closed") {
   // As 64 relays on one host (or behind one NAT) that start together: each has sent its

@@ -49,6 +49,7 @@ RemoteHost::RemoteHost(UniqueFd socket, std::string peer, const RemoteHostConfig
     closed_reason_ = std::string(channel.status().message());
   }
   const int64_t now = monotonic_now_ns();
+  accepted_ns_ = accepted_ns;
   handshake_deadline_ns_ = accepted_ns + to_ns(config_.handshake_timeout);
   last_received_ns_ = now;
   last_ping_ns_ = now;

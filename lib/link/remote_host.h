@@ -73,6 +73,7 @@ class RemoteHost {
   // In its handshake, and nothing has come from it yet (nothing read, nothing waiting): a
   // connection a flood may have opened, which admission control drops first.
   bool silent() const;
+  int64_t accepted_ns() const { return accepted_ns_; }
   int64_t handshake_deadline_ns() const { return handshake_deadline_ns_; }
   const std::shared_ptr<FrameBudget>& frame_budget() const { return config_.frame_budget; }
 
@@ -131,6 +132,7 @@ class RemoteHost {
   bool refused_ = false;
   bool draining_ = false;  // its relay is leaving: closed once no link is bound
   std::string closed_reason_;
+  int64_t accepted_ns_ = 0;
   int64_t handshake_deadline_ns_ = 0;
   int64_t last_received_ns_ = 0;
   int64_t last_ping_ns_ = 0;

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <iterator>
 #include <map>
+#include <set>
 #include <utility>
 
 #include "absl/strings/escaping.h"
@@ -34,7 +35,8 @@ namespace {
 // from that address are held, unread, until one of those ends (64 relays of one host, or behind
 // one NAT, that start together are all let in, none closed to dial again after a backoff). Each
 // has kHandshakeDeadline from its accept to finish. A connection that would pass a cap takes the
-// place of the oldest one that has sent nothing yet (from its address, or from any): a real worker
+// place of the oldest one that has sent nothing for kSilentAfterNs (from its address, or from
+// any), and a held one that has spoken takes such a place as soon as there is one: a real worker
 // says hello as soon as it has dialled, so a flood of idle connections, from its own address or
 // not, does not keep it out. When none has been silent and the pool is full, a held connection of
 // the address that holds the most makes room for one of an address holding fewer (held ones cannot
@@ -46,6 +48,15 @@ constexpr size_t kMaxHandshaking = 256;
 constexpr size_t kMaxHandshakingPerSource = 32;
 constexpr absl::Duration kHandshakeDeadline = absl::Seconds(5);
 constexpr int kMaxAcceptsPerTurn = 64;
+// A real relay sends its first bytes (its ClientHello, or its hello) as soon as it has connected,
+// but on a loaded host (64 relays starting on 2 cores) it may be descheduled between the two for
+// tens of milliseconds (85 ms seen). A connection is taken for an idle one, which a newer one may
+// replace, only once it has sent nothing for this long: a real relay's connection closed costs
+// it a backoff, and a closed data connection fails its worker's start. Meanwhile newer ones are
+// held; a held one that has spoken (a relay's ClientHello waits in it) takes the place of one
+// silent this long as soon as there is one, looked for every kSilentRecheckNs.
+constexpr int64_t kSilentAfterNs = 1'000'000'000;
+constexpr int64_t kSilentRecheckNs = 250'000'000;
 // Out of descriptors (EMFILE, ENFILE) or kernel memory, accept() fails while connections wait and
 // the listener stays readable: polled again at once, the pool's thread would spin. The listener
 // rests this long; handshakes and workers already in go on.
@@ -379,10 +390,12 @@ int RemoteLauncher::hosts_welcomed() const {
   return count;
 }
 
-bool RemoteLauncher::close_oldest_silent(const std::string& source, const EventsOf& events_of) {
+bool RemoteLauncher::close_oldest_silent(const std::string& source, int64_t now_ns,
+                                         const EventsOf& events_of) {
   RemoteHost* oldest = nullptr;
   for (const auto& host : hosts_) {
     if (host->state() != RemoteHost::State::kHandshake) continue;
+    if (now_ns - host->accepted_ns() < kSilentAfterNs) continue;
     if (!source.empty() && source_of(host->peer()) != source) continue;
     if (oldest != nullptr && host->handshake_deadline_ns() >= oldest->handshake_deadline_ns()) continue;
     if (host->silent()) oldest = host.get();
@@ -395,7 +408,7 @@ bool RemoteLauncher::close_oldest_silent(const std::string& source, const Events
   }
   if (!source.empty()) return false;
   for (auto it = held_.begin(); it != held_.end(); ++it) {
-    if (sent_nothing(it->socket.get())) {
+    if (now_ns - it->accepted_ns >= kSilentAfterNs && sent_nothing(it->socket.get())) {
       held_.erase(it);
       return true;
     }
@@ -403,7 +416,8 @@ bool RemoteLauncher::close_oldest_silent(const std::string& source, const Events
   return false;
 }
 
-RemoteLauncher::Admission RemoteLauncher::admit(const std::string& source, const EventsOf& events_of) {
+RemoteLauncher::Admission RemoteLauncher::admit(const std::string& source, int64_t now_ns,
+                                                const EventsOf& events_of) {
   size_t in_handshake = 0;
   size_t from_source = 0;
   for (const auto& host : hosts_) {
@@ -415,8 +429,8 @@ RemoteLauncher::Admission RemoteLauncher::admit(const std::string& source, const
   const bool pool_full = in_handshake + held_.size() >= kMaxHandshaking;
   if (!source_full && !pool_full) return Admission::kBegin;
   // The oldest silent one from the same address, when that is what is full, lets it begin now.
-  if (source_full && close_oldest_silent(source, events_of)) return Admission::kBegin;
-  if (pool_full && !close_oldest_silent("", events_of)) {
+  if (source_full && close_oldest_silent(source, now_ns, events_of)) return Admission::kBegin;
+  if (pool_full && !close_oldest_silent("", now_ns, events_of)) {
     // None silent: the newest held connection of the address holding the most, if that holds more
     // than this one's.
     std::map<std::string, size_t> held_from;
@@ -434,12 +448,13 @@ RemoteLauncher::Admission RemoteLauncher::admit(const std::string& source, const
   return source_full ? Admission::kHold : Admission::kBegin;
 }
 
-int64_t RemoteLauncher::begin_held(int64_t now_ns) {
+int64_t RemoteLauncher::begin_held(int64_t now_ns, const EventsOf& events_of) {
   if (held_.empty()) return INT64_MAX;
   std::map<std::string, size_t> handshaking;
   for (const auto& host : hosts_) {
     if (host->state() == RemoteHost::State::kHandshake) ++handshaking[source_of(host->peer())];
   }
+  std::set<std::string> none_silent;  // addresses with no connection silent long enough, now
   int64_t next = INT64_MAX;
   for (auto it = held_.begin(); it != held_.end();) {
     const int64_t deadline = it->accepted_ns + to_ns(kHandshakeDeadline);
@@ -448,6 +463,16 @@ int64_t RemoteLauncher::begin_held(int64_t now_ns) {
       continue;
     }
     size_t& under_way = handshaking[it->source];
+    if (under_way >= kMaxHandshakingPerSource && !none_silent.contains(it->source) &&
+        !sent_nothing(it->socket.get())) {
+      // It has spoken: it takes the place of one from its address silent long enough, if any.
+      if (close_oldest_silent(it->source, now_ns, events_of)) {
+        --under_way;
+      } else {
+        none_silent.insert(it->source);
+        next = std::min(next, now_ns + kSilentRecheckNs);
+      }
+    }
     if (under_way < kMaxHandshakingPerSource) {
       ++under_way;
       hosts_.push_back(std::make_unique<RemoteHost>(std::move(it->socket), std::move(it->peer),
@@ -473,7 +498,7 @@ void RemoteLauncher::accept_connections(const EventsOf& events_of) {
     absl::StatusOr<HostPort> peer = peer_address(connection->get());
     std::string name = peer.ok() ? peer->to_string() : "?";
     std::string source = source_of(name);
-    switch (admit(source, events_of)) {
+    switch (admit(source, now, events_of)) {
       case Admission::kBegin:
         hosts_.push_back(std::make_unique<RemoteHost>(*std::move(connection), std::move(name),
                                                       host_config_, now));
@@ -551,7 +576,7 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
   }
   if (launched_ended) reap_launched(&events);
   // Handshakes that ended make room for connections held from their addresses.
-  (void)begin_held(monotonic_now_ns());
+  (void)begin_held(monotonic_now_ns(), events_of);
   match_free_hosts(events);
 }
 
@@ -566,7 +591,7 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
     }
   }
   for (auto& host : hosts_) next = std::min(next, host->check(now_ns, events_of));
-  next = std::min(next, begin_held(now_ns));
+  next = std::min(next, begin_held(now_ns, events_of));
   // Launch commands watched without a pidfd: nothing wakes the loop when they exit. Looked for
   // often while one's worker has not come (its failure fails the launch), seldom after.
   const bool waited_for = std::any_of(launched_.begin(), launched_.end(),

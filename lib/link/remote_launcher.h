@@ -105,13 +105,15 @@ class RemoteLauncher final : public Launcher {
   // older silent connection was closed to make some), it waits for a handshake from its address
   // to end (held_), or it is closed (the pool has no room for it).
   enum class Admission { kBegin, kHold, kClose };
-  Admission admit(const std::string& source, const EventsOf& events_of);
-  // Held connections whose address has room now begin their handshakes; those held past the
-  // handshake deadline are closed. Returns when one will be (INT64_MAX: none held).
-  int64_t begin_held(int64_t now_ns);
-  // The oldest connection that has sent nothing, among handshakes (from `source` only, unless it
-  // is empty) and held ones (with `source` empty): closed. False when none was silent.
-  bool close_oldest_silent(const std::string& source, const EventsOf& events_of);
+  Admission admit(const std::string& source, int64_t now_ns, const EventsOf& events_of);
+  // Held connections whose address has room now begin their handshakes (one that has spoken
+  // makes room by closing one of its address silent for kSilentAfterNs); those held past the
+  // handshake deadline are closed. Returns when to look again (INT64_MAX: none held).
+  int64_t begin_held(int64_t now_ns, const EventsOf& events_of);
+  // The oldest connection that has sent nothing since it was accepted kSilentAfterNs or more
+  // ago, among handshakes (from `source` only, unless it is empty) and held ones (with `source`
+  // empty): closed. False when none was silent that long.
+  bool close_oldest_silent(const std::string& source, int64_t now_ns, const EventsOf& events_of);
   int hosts_welcomed() const;  // idle or busy
   std::string unavailable_reason() const;
   std::string refusal_summary() const;  // "; refused: 2 x why, ..." or ""

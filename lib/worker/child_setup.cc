@@ -1,6 +1,5 @@
 #include "lib/worker/child_setup.h"
 
-#include <execinfo.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio_ext.h>
@@ -8,6 +7,7 @@
 #include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
+#include <unwind.h>
 
 #include <csignal>
 #include <cstdio>
@@ -120,26 +120,179 @@ uintptr_t interrupted_pc(const void* context) {
 #endif
 }
 
+// The crashing thread's frames, as the unwinder found them: return addresses (the first, the
+// signal frame's, is the interrupted pc itself), and for the last frame the stack and frame
+// pointers as the unwinder restored them there.
+struct UnwoundStack {
+  static constexpr int kMaxFrames = 48;
+  uintptr_t pcs[kMaxFrames];
+  int depth = 0;
+  uintptr_t last_sp = 0;
+  uintptr_t last_fp = 0;
+};
+
+_Unwind_Reason_Code record_frame(_Unwind_Context* context, void* argument) {
+  UnwoundStack& stack = *static_cast<UnwoundStack*>(argument);
+  if (stack.depth == UnwoundStack::kMaxFrames) return _URC_END_OF_STACK;
+  stack.pcs[stack.depth++] = static_cast<uintptr_t>(_Unwind_GetIP(context));
+#if defined(__x86_64__)
+  // The frame's own stack pointer is the CFA of the frame below it (the one just unwound); rbp is
+  // DWARF register 6.
+  stack.last_sp = static_cast<uintptr_t>(_Unwind_GetCFA(context));
+  stack.last_fp = static_cast<uintptr_t>(_Unwind_GetGR(context, 6));
+#endif
+  return _URC_NO_REASON;
+}
+
+#if defined(__x86_64__)
+// What a crash handler may know of its address space, read from /proc/self/maps with open and
+// read (async-signal-safe): the code it may read, and the stack that holds one address.
+class AddressSpace {
+ public:
+  // Reads the maps; `stack_address` picks the stack (a writable anonymous mapping).
+  bool read(uintptr_t stack_address) {
+    const int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    char buffer[2048];
+    char line[160];
+    size_t line_length = 0;
+    ssize_t n;
+    while ((n = ::read(fd, buffer, sizeof(buffer))) > 0) {
+      for (ssize_t i = 0; i < n; ++i) {
+        if (buffer[i] == '\n') {
+          add(line, line_length, stack_address);
+          line_length = 0;
+        } else if (line_length < sizeof(line)) {
+          line[line_length++] = buffer[i];  // the fields before the path fit; the rest is unused
+        }
+      }
+    }
+    ::close(fd);
+    return n == 0;
+  }
+
+  // [begin, end) lies in one readable, executable mapping.
+  bool is_code(uintptr_t begin, uintptr_t end) const {
+    for (int i = 0; i < code_count_; ++i) {
+      if (begin >= code_begin_[i] && begin <= end && end <= code_end_[i]) return true;
+    }
+    return false;
+  }
+
+  // Two words at `address`, aligned, lie on the stack.
+  bool holds_frame(uintptr_t address) const {
+    return stack_end_ - stack_begin_ >= 16 && address >= stack_begin_ &&
+           address <= stack_end_ - 16 && address % 8 == 0;
+  }
+
+ private:
+  static bool hex(const char*& p, const char* end, uintptr_t& value) {
+    value = 0;
+    const char* start = p;
+    for (; p < end && p - start < 16; ++p) {
+      const char c = *p;
+      const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+      if (digit < 0) break;
+      value = value * 16 + static_cast<uintptr_t>(digit);
+    }
+    return p > start;
+  }
+
+  // "begin-end perms offset dev inode path"
+  void add(const char* line, size_t length, uintptr_t stack_address) {
+    const char* p = line;
+    const char* end = line + length;
+    uintptr_t begin, finish, offset;
+    if (!hex(p, end, begin) || p == end || *p++ != '-' || !hex(p, end, finish) || p == end ||
+        *p++ != ' ' || end - p < 5) {
+      return;
+    }
+    const bool readable = p[0] == 'r', writable = p[1] == 'w', executable = p[2] == 'x';
+    p += 5;
+    if (!hex(p, end, offset) || p == end || *p++ != ' ') return;
+    while (p < end && *p != ' ') ++p;  // the device
+    if (p == end || *p++ != ' ' || p == end) return;
+    const bool anonymous = *p == '0' && (p + 1 == end || p[1] == ' ');  // inode 0
+    if (readable && executable && code_count_ < kMaxCode) {
+      code_begin_[code_count_] = begin;
+      code_end_[code_count_] = finish;
+      ++code_count_;
+    }
+    if (readable && writable && anonymous && stack_address >= begin && stack_address < finish) {
+      stack_begin_ = begin;
+      stack_end_ = finish;
+    }
+  }
+
+  static constexpr int kMaxCode = 128;
+  uintptr_t code_begin_[kMaxCode];
+  uintptr_t code_end_[kMaxCode];
+  int code_count_ = 0;
+  uintptr_t stack_begin_ = 0;
+  uintptr_t stack_end_ = 0;
+};
+
+// clang emits __clang_call_terminate, which a noexcept function's landing pad calls, without
+// unwind tables unless debug info is on: the unwinder stops in it, before the frames that threw.
+// Its code is `push %rax; call __cxa_begin_catch; call std::terminate`, so its return address
+// lies one word above its stack pointer (the CFA of std::terminate's frame), and rbp is still its
+// caller's. From there the frame pointers lead on, as far as each one is on this stack, above the
+// last, and each return address is in code. Nothing is read that the maps do not show mapped.
+__attribute__((no_sanitize("address"))) void continue_past_clang_call_terminate(
+    UnwoundStack& stack) {
+  if (stack.depth == 0 || stack.depth == UnwoundStack::kMaxFrames) return;
+  const uintptr_t pc = stack.pcs[stack.depth - 1];
+  constexpr uintptr_t kCallTerminateBytes = 11;
+  AddressSpace space;
+  if (pc < kCallTerminateBytes || !space.read(stack.last_sp) ||
+      !space.is_code(pc - kCallTerminateBytes, pc)) {
+    return;
+  }
+  const auto* code = reinterpret_cast<const unsigned char*>(pc - kCallTerminateBytes);
+  if (code[0] != 0x50 || code[1] != 0xe8 || code[6] != 0xe8) return;
+  if (!space.holds_frame(stack.last_sp)) return;
+  auto word_at = [](uintptr_t address) { return *reinterpret_cast<const uintptr_t*>(address); };
+  uintptr_t return_address = word_at(stack.last_sp + 8);
+  uintptr_t floor = stack.last_sp + 16;
+  uintptr_t fp = stack.last_fp;
+  while (stack.depth < UnwoundStack::kMaxFrames && return_address > 0 &&
+         space.is_code(return_address - 1, return_address)) {
+    stack.pcs[stack.depth++] = return_address;
+    if (fp < floor || fp % 16 != 0 || !space.holds_frame(fp)) break;
+    return_address = word_at(fp + 8);
+    floor = fp + 16;
+    fp = word_at(fp);
+  }
+}
+#endif
+
 // Writes the crashing thread's stack into the page, one frame a line, innermost first:
-// "#3 0x55d0c2a1b2c3 Crasher::run(long)". glibc's backtrace() unwinds with the tables the
-// compiler leaves (through the signal frame, and through code built without frame pointers); it
-// was loaded before the crash (prepare_crash_stacks). absl::Symbolize is async-signal-safe.
+// "#3 0x55d0c2a1b2c3 Crasher::run(long)". The unwinder (libgcc's, which glibc's backtrace() uses
+// too) follows the tables the compiler leaves (through the signal frame, and through code built
+// without frame pointers); prepare_crash_stacks ran it once before the crash. Where it stops in
+// clang's __clang_call_terminate (code built by clang without -g: an exception that left a
+// noexcept function), frame pointers carry the stack on past it, on x86-64.
+// absl::Symbolize is async-signal-safe.
 void record_crash_stack(const void* context) {
-  constexpr int kMaxFrames = 48;
-  void* frames[kMaxFrames];
-  const int depth = ::backtrace(frames, kMaxFrames);
+  UnwoundStack stack;
+  _Unwind_Backtrace(record_frame, &stack);
+#if defined(__x86_64__)
+  continue_past_clang_call_terminate(stack);
+#endif
+  const int depth = stack.depth;
+  const uintptr_t* frames = stack.pcs;
   // Frames of this handler come first: start at the interrupted instruction if it is found.
   const uintptr_t pc = interrupted_pc(context);
-  int first = depth > 2 ? 2 : 0;
+  int first = depth > 3 ? 3 : 0;
   for (int i = 0; i < depth; ++i) {
-    if (reinterpret_cast<uintptr_t>(frames[i]) == pc) {
+    if (frames[i] == pc) {
       first = i;
       break;
     }
   }
   StackWriter out(*control_page);
   for (int i = first; i < depth; ++i) {
-    const auto address = reinterpret_cast<uintptr_t>(frames[i]);
+    const uintptr_t address = frames[i];
     out.text("#");
     out.number(static_cast<uint64_t>(i - first), 10);
     out.text(" 0x");
@@ -301,8 +454,8 @@ void prepare_child(const ChildSetup& setup) {
 
 void prepare_crash_stacks() {
   static const bool prepared = [] {
-    void* frame[1];
-    return ::backtrace(frame, 1) >= 0;
+    UnwoundStack stack;
+    return _Unwind_Backtrace(record_frame, &stack) == _URC_END_OF_STACK;
   }();
   (void)prepared;
 }

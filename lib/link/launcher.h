@@ -16,9 +16,25 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/string_view.h"
 #include "lib/link/worker_link.h"
 
 namespace procpool::internal {
+
+// A start that found no worker host free where hosts come when they will (a remote pool without
+// a launch command: hosts dial in on their own, as the steps of an elastic job do). Its place
+// waits for a host, which is the state such a pool is often in, not a failure to log as one:
+// kUnavailable (calls say why when no worker is left at all), marked so.
+inline constexpr char kWaitingForHostPayloadUrl[] = "type.procpool/waiting-for-host";
+inline absl::Status waiting_for_host(absl::string_view why) {
+  absl::Status status = absl::UnavailableError(why);
+  status.SetPayload(kWaitingForHostPayloadUrl, absl::Cord());
+  return status;
+}
+inline bool is_waiting_for_host(const absl::Status& status) {
+  return status.GetPayload(kWaitingForHostPayloadUrl).has_value();
+}
 
 class LauncherEvents {
  public:

@@ -267,7 +267,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
     } else if (now < first_wait_until_ns_) {
       wait_until = first_wait_until_ns_;
     } else {
-      return absl::UnavailableError(unavailable_reason());
+      return waiting_for_host(unavailable_reason());
     }
   }
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> env =
@@ -335,7 +335,8 @@ std::string RemoteLauncher::unavailable_reason() const {
       : busy == 0
           ? absl::StrCat("every remote worker that connected to ", address_, " (", connected_ever_,
                          ") is gone, and none connected again")
-          : absl::StrCat("no remote worker is free: ", busy, " connected, all busy");
+          : absl::StrCat("no remote worker is free: ", busy, " connected to ", address_,
+                         ", all busy");
   return absl::StrCat(why, refusal_summary());
 }
 
@@ -600,14 +601,13 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
       link->end_stopped(events.events_of(*link));
       continue;
     }
-    const std::string why =
+    link->end_waiting(
+        events.events_of(*link),
         config_.remote.launch.empty()
-            ? unavailable_reason()
-            : absl::StrCat(launch_command(), " did not connect to ", address_,
-                           " within connect_timeout (",
-                           absl::FormatDuration(config_.remote.connect_timeout), ")",
-                           refusal_summary());
-    link->end_waiting(events.events_of(*link), absl::UnavailableError(why));
+            ? waiting_for_host(unavailable_reason())
+            : absl::UnavailableError(absl::StrCat(
+                  launch_command(), " did not connect to ", address_, " within connect_timeout (",
+                  absl::FormatDuration(config_.remote.connect_timeout), ")", refusal_summary())));
   }
   return next;
 }

@@ -112,16 +112,21 @@ void Supervisor::start_due(int64_t now_ns) {
     launch(*slot, now_ns);
   }
   fail_queued_if_unavailable();
+  announce_waiting_places();
 }
 
 void Supervisor::launch(Slot& slot, int64_t now_ns) {
   touch(slot);
   absl::StatusOr<std::unique_ptr<WorkerLink>> link = launcher_.launch(slot.index, slot.name);
   slot.no_capacity = !link.ok();
+  slot.waits_for_host = false;
   if (!link.ok()) {
-    record_start_failure(slot, absl::Status(link.status().code(),
-                                            absl::StrCat(slot.name, ": ", link.status().message())),
-                         now_ns);
+    absl::Status failure(link.status().code(), absl::StrCat(slot.name, ": ", link.status().message()));
+    // What the launcher marked it with (is_waiting_for_host) goes with it.
+    link.status().ForEachPayload([&failure](absl::string_view url, const absl::Cord& payload) {
+      failure.SetPayload(url, payload);
+    });
+    record_start_failure(slot, std::move(failure), now_ns);
     return;
   }
   if (slot.generation > 0) ++workers_restarted_;
@@ -148,9 +153,31 @@ void Supervisor::record_start_failure(Slot& slot, absl::Status failure, int64_t 
   }
   delay = std::min(delay, config_.respawn_max_delay);
   slot.next_start_ns = now_ns + to_ns(delay);
-  log(slot, LogSeverity::kError,
-      absl::StrCat(failure.message(), "; next start in ", absl::FormatDuration(delay)));
+  slot.waits_for_host = is_waiting_for_host(failure);
+  if (!slot.waits_for_host) {
+    log(slot, LogSeverity::kError,
+        absl::StrCat(failure.message(), "; next start in ", absl::FormatDuration(delay)));
+  }
   fail_queued_if_unavailable();
+}
+
+void Supervisor::announce_waiting_places() {
+  int waiting = 0;
+  for (const auto& slot : slots_) {
+    waiting += slot->waits_for_host && slot->state == State::kEmpty && !slot->retired &&
+               !slot->parked;
+  }
+  if (waiting > waiting_places_announced_ && config_.log) {
+    LogEvent event;
+    event.severity = LogSeverity::kWarning;
+    event.message = absl::StrCat(
+        waiting, " of ", target_, " worker places wait for a worker host (",
+        last_start_failure_.message(),
+        "): hosts may dial in at any time, each taking a waiting place; the pool works on "
+        "with those it has");
+    config_.log(std::move(event));
+  }
+  waiting_places_announced_ = waiting;
 }
 
 absl::Status Supervisor::availability() const {
@@ -214,7 +241,10 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   // longer needed it (shutdown_if_due). Only those stops are kCancelled.
   const bool deliberate = terminating_ || (slot.stop_reason &&
                                            slot.stop_reason->code() == absl::StatusCode::kCancelled);
-  log(slot, expected || deliberate ? LogSeverity::kInfo : LogSeverity::kWarning, how);
+  // A place whose wait for a host to dial in ended waits on (announce_waiting_places).
+  const bool waits_for_host = end.cause && is_waiting_for_host(*end.cause);
+  log(slot, expected || deliberate || waits_for_host ? LogSeverity::kInfo : LogSeverity::kWarning,
+      how);
   if (!end.crash_stack.empty()) {
     // The stack it recorded as it crashed: in one error event, and on its task's status below.
     LogEvent crash;
@@ -378,6 +408,7 @@ int64_t Supervisor::check(int64_t now_ns) {
     }
   }
   next = std::min(next, launcher_.check(now_ns, *this));
+  announce_waiting_places();
   next = std::min(next, check_idle(now_ns));
   // The slots something touched, then those due: not every link at every wake (each check may
   // read a worker's control page, a cache miss per worker).

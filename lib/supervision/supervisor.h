@@ -156,6 +156,9 @@ class Supervisor final : private LauncherEvents {
   void on_host_leaving(Slot& slot);
   void stop(Slot& slot, absl::Status reason, StopMode mode);
   void record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns);
+  // Places whose start found no host where hosts dial in on their own (is_waiting_for_host): said
+  // once, as a warning, each time more of them wait than were last said, not as an error per place.
+  void announce_waiting_places();
   void send_shutdown(Slot& slot);
   // Sends `slot`'s worker its shutdown if it is due: it has nothing to do, and the pool is done
   // (join), or it is being recycled, retired or parked. The one place that decides it.
@@ -208,6 +211,7 @@ class Supervisor final : private LauncherEvents {
 
   int consecutive_start_failures_ = 0;
   absl::Status last_start_failure_;
+  int waiting_places_announced_ = 0;  // announce_waiting_places()
   bool joining_ = false;
   int64_t join_deadline_ns_ = 0;
   bool join_deadline_passed_ = false;

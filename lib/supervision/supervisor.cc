@@ -26,9 +26,11 @@ constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
 constexpr int64_t kSlotRecheckNs = 1'000'000'000;
 
 }  // namespace
-Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler)
+Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler,
+                       PollSet& poll_set)
     : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler),
-      target_(config_.workers) {
+      target_(config_.workers), poll_set_(poll_set) {
+  launcher_.watch_with(poll_set_, kLauncherGroup);
   for (int i = 0; i < config_.workers; ++i) slots_.push_back(std::make_unique<Slot>(*this, i));
   check_at_.assign(slots_.size(), INT64_MIN);
   for (auto& slot : slots_) touch(*slot);
@@ -345,12 +347,6 @@ void Supervisor::on_output(Slot& slot, bool is_stderr, std::span<const std::stri
 }
 
 void Supervisor::prepare_wait() {
-  // The launcher's list is asked for and polled at every wake, as before: a remote launcher
-  // closes connections and accepts others (which may take their numbers) on its own. Its
-  // connections are its hosts' control connections: one per worker host.
-  wanted_.clear();
-  launcher_.add_pollfds(wanted_);
-  poll_set_.poll_each_wait(kLauncherGroup, wanted_.data(), wanted_.size());
   size_t kept = 0;
   for (size_t i = 0; i < touched_.size(); ++i) {
     Slot& slot = *slots_[touched_[i]];
@@ -375,8 +371,9 @@ void Supervisor::prepare_wait() {
 }
 
 void Supervisor::service() {
-  const PollSet::Entries& launcher_entries = poll_set_.entries(kLauncherGroup);
-  launcher_.service(launcher_entries.data(), launcher_entries.size(), *this);
+  // The launcher hears only of its watches that are ready, or when it has work without them.
+  const std::vector<PollSet::Fired>& fired = poll_set_.fired(kLauncherGroup);
+  if (!fired.empty() || launcher_.has_pending_events()) launcher_.service(fired, *this);
   for (const uint32_t group : poll_set_.ready_groups()) {
     if (group < kFirstSlotGroup) continue;
     Slot& slot = *slots_[group - kFirstSlotGroup];

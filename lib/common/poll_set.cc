@@ -4,6 +4,7 @@
 #include <sys/epoll.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <utility>
 
@@ -94,14 +95,18 @@ void PollSet::Watch::reset() {
 uint64_t PollSet::Watch::key() const { return set_ != nullptr ? set_->watched_[index_].key : 0; }
 
 void PollSet::change_watch(uint32_t index, short events) {
+  // (May run on another thread while wait() blocks: see the header. Only these two fields are
+  // shared with it, and epoll_ctl is safe beside epoll_wait.)
   Watched& watched = watched_[index];
-  if (watched.events == events) return;
-  watched.events = events;
-  if (watched.token == 0) return;  // registered as it is now at apply()
+  std::atomic_ref<short> wanted(watched.events);
+  if (wanted.load(std::memory_order_relaxed) == events) return;
+  wanted.store(events, std::memory_order_relaxed);
+  const uint64_t token = std::atomic_ref<uint64_t>(watched.token).load(std::memory_order_relaxed);
+  if (token == 0) return;  // registered as it is now at apply()
   // Its descriptor is open (the owner resets the Watch before closing it): the number is its.
   epoll_event event{};
   event.events = static_cast<uint32_t>(events) & kPollBits;
-  event.data.u64 = watched.token;
+  event.data.u64 = token;
   (void)::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, watched.fd, &event);
 }
 
@@ -118,12 +123,14 @@ void PollSet::register_watches() {
     // Reset since (or reset and its index taken again, then added already).
     if (!watched.live || watched.token != 0) continue;
     epoll_event event{};
-    event.events = static_cast<uint32_t>(watched.events) & kPollBits;
+    event.events = static_cast<uint32_t>(
+                       std::atomic_ref<short>(watched.events).load(std::memory_order_relaxed)) &
+                   kPollBits;
     event.data.u64 = token_for(kWatchedGroup, index);
     int rc = ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, watched.fd, &event);
     // The same descriptor in a group's list too: the watch's.
     if (rc != 0 && errno == EEXIST) rc = ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, watched.fd, &event);
-    if (rc == 0) watched.token = event.data.u64;
+    if (rc == 0) std::atomic_ref<uint64_t>(watched.token).store(event.data.u64, std::memory_order_relaxed);
   }
   watches_to_add_.clear();
 }
@@ -292,7 +299,9 @@ int PollSet::wait_with_poll(int timeout_ms) {
   }
   for (uint32_t index = 0; index < watched_.size(); ++index) {
     if (!watched_[index].live) continue;
-    all_.push_back({watched_[index].fd, watched_[index].events, 0});
+    all_.push_back({watched_[index].fd,
+                    std::atomic_ref<short>(watched_[index].events).load(std::memory_order_relaxed),
+                    0});
     all_origin_.emplace_back(kWatchedGroup, index);
   }
   const int count = ::poll(all_.data(), all_.size(), timeout_ms);

@@ -35,7 +35,9 @@
 // descriptor closes, so its number is free for anyone.
 //
 // Where epoll_create1 failed (descriptors exhausted), wait() falls back to one poll() over every
-// entry and watch. Threads: not thread-safe; one thread at a time.
+// entry and watch. Threads: one thread at a time, but for Watch::change() of a watch registered
+// at an earlier wait, which another thread may call while wait() blocks (a caller's thread
+// queues a frame for a remote host while the pool's thread waits; the caller wakes the wait).
 
 #ifndef PROCPOOL_LIB_COMMON_POLL_SET_H_
 #define PROCPOOL_LIB_COMMON_POLL_SET_H_
@@ -126,10 +128,10 @@ class PollSet {
   };
   struct Watched {
     int fd = -1;
-    short events = 0;
+    short events = 0;    // shared with Watch::change() on another thread (atomic_ref)
     uint32_t group = 0;
     uint64_t key = 0;
-    uint64_t token = 0;  // its registration (0: none yet)
+    uint64_t token = 0;  // its registration (0: none yet); shared likewise
     bool live = false;   // a Watch holds it
   };
   // (apply(): first every removal of every group, then additions and changes, so that a number

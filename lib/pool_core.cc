@@ -168,7 +168,7 @@ PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string
           .log_lines = [this](LogEvent& event, std::span<const std::string_view> lines) {
             emit_lines(event, lines);
           }},
-      *launcher_, *scheduler_);
+      *launcher_, *scheduler_, poll_set_);
 }
 
 void PoolCore::Impl::start() {

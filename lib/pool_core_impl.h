@@ -107,6 +107,9 @@ class PoolCore::Impl {
 
   mutable Mutex mu_;
   std::condition_variable loop_done_cv_;
+  // The event loop's descriptors (only the pool thread waits on it). Before the launcher, which
+  // watches its own in it until its end: the set goes last.
+  PollSet poll_set_;
   std::unique_ptr<Launcher> launcher_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Scheduler> scheduler_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Supervisor> supervisor_ ABSL_GUARDED_BY(mu_);

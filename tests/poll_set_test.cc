@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "doctest/doctest.h"
@@ -208,33 +209,145 @@ TEST_CASE("a group's next descriptors, fresh, are registered even where a number
   CHECK(set.entries(2)[0].revents == POLLIN);
 }
 
-TEST_CASE("groups polled at each wait report beside registered ones") {
+bool fired_key(const PollSet& set, uint32_t group, uint64_t key, short revents) {
+  for (const PollSet::Fired& fired : set.fired(group)) {
+    if (fired.key == key) return (fired.revents & revents) == revents;
+  }
+  return false;
+}
+
+// The same number as `number`, another file: `fresh`'s read end moved there if the kernel gave it
+// another.
+int take_number(int number, Pipe& fresh, UniqueFd& moved) {
+  if (fresh.read_end.get() == number) return number;
+  REQUIRE(::dup2(fresh.read_end.get(), number) == number);
+  moved.reset(number);
+  return number;
+}
+
+TEST_CASE("watches report their keys, beside the entries of groups") {
   PollSet set;
-  Pipe registered = make_pipe();
-  Pipe polled = make_pipe();
-  set_one(set, 0, registered.read_end.get(), POLLIN);
-  const pollfd entry{polled.read_end.get(), POLLIN, 0};
-  set.poll_each_wait(1, &entry, 1);
+  Pipe listed = make_pipe();
+  Pipe watched = make_pipe();
+  Pipe other = make_pipe();
+  set_one(set, 0, listed.read_end.get(), POLLIN);
+  PollSet::Watch watch = set.watch(1, watched.read_end.get(), POLLIN, 42);
+  PollSet::Watch quiet = set.watch(1, other.read_end.get(), POLLIN, 43);
+  CHECK(watch.key() == 42);
   CHECK(set.wait(0) == 0);
-  write_byte(polled.write_end);
+  CHECK(set.fired(1).empty());
+  write_byte(watched.write_end);
   REQUIRE(set.wait(5000) == 1);
   CHECK(is_ready(set, 1));
-  write_byte(registered.write_end);
-  set.poll_each_wait(1, &entry, 1);
-  REQUIRE(set.wait(5000) == 2);
+  REQUIRE(set.fired(1).size() == 1);
+  CHECK(fired_key(set, 1, 42, POLLIN));
+  write_byte(listed.write_end);
+  REQUIRE(set.wait(5000) == 2);  // level-triggered: the watch is still ready
   CHECK(set.entries(0)[0].revents == POLLIN);
-  CHECK(set.entries(1)[0].revents == POLLIN);
-  // Its number closed and taken again without a word: polled, it is the new file's.
-  polled.read_end.reset();
-  Pipe again = make_pipe();
-  char byte;
-  REQUIRE(::read(registered.read_end.get(), &byte, 1) == 1);
-  const pollfd next{again.read_end.get(), POLLIN, 0};
-  set.poll_each_wait(1, &next, 1);
+  CHECK(set.fired(1).size() == 1);
+
+  SUBCASE("reset: no longer reported") {
+    watch.reset();
+    CHECK(!watch);
+    REQUIRE(set.wait(0) == 1);
+    CHECK(set.fired(1).empty());
+  }
+  SUBCASE("changed to wait for nothing: only hang-ups and errors") {
+    watch.change(0);
+    REQUIRE(set.wait(0) == 1);
+    CHECK(set.fired(1).empty());
+    watched.write_end.reset();
+    REQUIRE(set.wait(0) == 2);
+    CHECK(fired_key(set, 1, 42, POLLHUP));
+  }
+  SUBCASE("moved: the new holder's, reset once") {
+    PollSet::Watch moved = std::move(watch);
+    CHECK(!watch);
+    REQUIRE(set.wait(0) == 2);
+    CHECK(fired_key(set, 1, 42, POLLIN));
+    moved = PollSet::Watch();
+    REQUIRE(set.wait(0) == 1);
+    CHECK(set.fired(1).empty());
+  }
+}
+
+TEST_CASE("a watch waits for writing when asked to") {
+  PollSet set;
+  int fds[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, fds) == 0);
+  UniqueFd a_end(fds[0]);
+  UniqueFd b_end(fds[1]);
+  PollSet::Watch watch = set.watch(1, a_end.get(), POLLIN, 7);
+  CHECK(set.wait(0) == 0);  // writable, but not asked
+  watch.change(POLLIN | POLLOUT);
+  REQUIRE(set.wait(0) == 1);
+  REQUIRE(set.fired(1).size() == 1);
+  CHECK(set.fired(1)[0].revents == POLLOUT);
+  watch.change(POLLIN);
   CHECK(set.wait(0) == 0);
-  write_byte(again.write_end);
+}
+
+// The remote launcher's case: a connection closed (its watch reset first) and the next accepted
+// connection given the same number, while a forked child still holds the old file (a worker
+// forked before it closed what it inherited): the new connection is watched, the old file's
+// readiness reaches no one.
+TEST_CASE("a watch reset before its descriptor closes leaves nothing behind: the number, taken "
+          "by another file, reports under its new watch only") {
+  PollSet set;
+  Pipe old_pipe = make_pipe();
+  PollSet::Watch old_watch = set.watch(1, old_pipe.read_end.get(), POLLIN, 1);
+  CHECK(set.wait(0) == 0);
+  const int number = old_pipe.read_end.get();
+
+  int go[2];
+  REQUIRE(::pipe2(go, O_CLOEXEC) == 0);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    char byte;
+    (void)!::read(go[0], &byte, 1);  // until the parent is done
+    ::_exit(0);
+  }
+  ::close(go[0]);
+  old_watch.reset();
+  old_pipe.read_end.reset();
+  write_byte(old_pipe.write_end);  // the old file is ready, for whoever still watches it
+
+  Pipe new_pipe = make_pipe();
+  UniqueFd moved;
+  const int new_fd = take_number(number, new_pipe, moved);
+  PollSet::Watch new_watch = set.watch(1, new_fd, POLLIN, 2);
+  CHECK(set.wait(0) == 0);
+  write_byte(new_pipe.write_end);
   REQUIRE(set.wait(5000) == 1);
-  CHECK(is_ready(set, 1));
+  REQUIRE(set.fired(1).size() == 1);
+  CHECK(fired_key(set, 1, 2, POLLIN));
+
+  (void)!::write(go[1], "x", 1);
+  ::close(go[1]);
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+}
+
+TEST_CASE("a number a group gives up and a watch takes in the same round stays the watch's") {
+  PollSet set;
+  Pipe first = make_pipe();
+  set_one(set, 5, first.read_end.get(), POLLIN);
+  CHECK(set.wait(0) == 0);
+  const int number = first.read_end.get();
+  // A link closes its descriptor; the launcher accepts a connection that gets its number; then
+  // the loop hears the link's list is empty (its removal, by number, comes before the watch's
+  // registration).
+  first.read_end.reset();
+  Pipe second = make_pipe();
+  UniqueFd moved;
+  const int fd = take_number(number, second, moved);
+  PollSet::Watch watch = set.watch(1, fd, POLLIN, 9);
+  set.set(5, nullptr, 0);
+  write_byte(second.write_end);
+  REQUIRE(set.wait(5000) == 1);
+  CHECK(fired_key(set, 1, 9, POLLIN));
+  CHECK(!is_ready(set, 5));
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -270,6 +271,61 @@ TEST_CASE("800 idle connections from a worker's own address do not keep it out: 
   MESSAGE("the worker served after ", absl::FormatDuration(took), ": ", result.status());
   CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
   CHECK(took < absl::Seconds(10));
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(worker.reap(absl::Seconds(10)));
+}
+
+uint16_t port_of(const sockaddr_storage& address) {
+  return address.ss_family == AF_INET ? ntohs(reinterpret_cast<const sockaddr_in&>(address).sin_port)
+                                      : 0;
+}
+
+// The descriptor of this process (the pool's side) whose TCP peer has local port `port`, or -1.
+int descriptor_of_peer(uint16_t port) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    int fd = -1;
+    if (!absl::SimpleAtoi(entry.path().filename().string(), &fd)) continue;
+    sockaddr_storage peer{};
+    socklen_t length = sizeof(peer);
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) == 0 && port_of(peer) == port) {
+      return fd;
+    }
+  }
+  return -1;
+}
+
+// The pool watches each connection in its epoll set from its accept until just before it closes
+// it (lib/common/poll_set.h): a number closed and taken by the next accept must be the new
+// connection's, served as any other.
+TEST_CASE("a connection refused during its handshake gives its descriptor's number to the next "
+          "one accepted, which is served") {
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(60)}));
+  Peer stranger = dial(pool.remote_address());
+  sockaddr_storage local{};
+  socklen_t length = sizeof(local);
+  REQUIRE(::getsockname(stranger.fd.get(), reinterpret_cast<sockaddr*>(&local), &length) == 0);
+  int number = -1;
+  REQUIRE(wait_until([&] { return (number = descriptor_of_peer(port_of(local))) >= 0; },
+                     absl::Seconds(10)));
+  // No TLS: refused, and closed.
+  const std::string junk = "GET / HTTP/1.0\r\n\r\n";
+  REQUIRE(::send(stranger.fd.get(), junk.data(), junk.size(), MSG_NOSIGNAL) ==
+          static_cast<ssize_t>(junk.size()));
+  REQUIRE(stranger.dropped(absl::Seconds(10)));
+  REQUIRE(wait_until([&] { return ::fcntl(number, F_GETFD) == -1; }, absl::Seconds(10)));
+
+  StartedWorker worker = start_worker(pool.remote_address(), pool.remote_token());
+  auto result = map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(30));
+  CHECK(result.value_or(std::vector<int64_t>{}) == std::vector<int64_t>{1, 4, 9});
+  // The worker host's control connection, accepted next, took the lowest free number: the one
+  // the stranger's had.
+  sockaddr_storage peer{};
+  length = sizeof(peer);
+  CHECK(::getpeername(number, reinterpret_cast<sockaddr*>(&peer), &length) == 0);
+  MESSAGE("descriptor ", number, ": the stranger's (port ", port_of(local), "), then port ",
+          port_of(peer));
+  CHECK(port_of(peer) != port_of(local));
   REQUIRE(pool.close().ok());
   CHECK(pool.join().ok());
   CHECK(worker.reap(absl::Seconds(10)));

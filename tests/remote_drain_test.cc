@@ -369,6 +369,51 @@ TEST_CASE("at join, a slot still waiting for a worker host starts no worker: a h
   ::unsetenv("REMOTE_EVENTS");
 }
 
+// Without `launch`, hosts dial in when their cluster engine starts them (srun steps that come
+// one by one): a place with no host after connect_timeout waits for one, which is no error.
+TEST_CASE("an elastic pool with fewer hosts than workers logs its empty places once, as waiting "
+          "for hosts to dial in, not as an error per place at every retry") {
+  LogCapture log;
+  PoolOptions options = pool_options(3, dialled_in(), log);
+  options.remote->connect_timeout = absl::Milliseconds(300);
+  // Retries come often: each would be a start failure logged again.
+  options.respawn_delay = absl::Milliseconds(50);
+  options.respawn_max_delay = absl::Milliseconds(200);
+  OutcomePool<RemoteWorker> pool(options, make_worker);
+  Host host = start_host(pool.core().remote_address());
+  // Several connect_timeout periods, with work going on the one host all along.
+  const absl::Time until = absl::Now() + absl::Seconds(2);
+  int maps = 0;
+  while (absl::Now() < until || maps < 2) {
+    const std::vector<int64_t> jobs = slow_jobs(3);
+    auto call = pool.submit(jobs, {.chunksize = 1});
+    REQUIRE(call.ok());
+    REQUIRE((*call)->wait(absl::Seconds(60)));
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const absl::StatusOr<int64_t>& outcome = (*call)->outcome(i);
+      REQUIRE_MESSAGE(outcome.ok(), outcome.status());
+      CHECK(*outcome == jobs[i] - kRemoteSlow);
+    }
+    ++maps;
+  }
+  const auto errors = log.events([](const LogEvent& event) {
+    return event.severity == LogSeverity::kError;
+  });
+  for (const LogEvent& event : errors) MESSAGE("error logged: ", event.message);
+  CHECK(errors.empty());
+  const auto waiting = log.events([](const LogEvent& event) {
+    return absl::StrContains(event.message, "dial in");
+  });
+  CHECK(waiting.size() == 1);
+  for (const LogEvent& event : waiting) {
+    CHECK(event.severity == LogSeverity::kWarning);
+    CHECK(absl::StrContains(event.message, "2 of 3"));
+  }
+  REQUIRE(pool.core().close().ok());
+  CHECK(pool.core().join().ok());
+  REQUIRE(host.reap(absl::Seconds(30)));
+}
+
 TEST_CASE("every worker host drained (its step ended): close-then-join returns OK at once, not "
           "after join_timeout waiting for hosts that will not come") {
   LogCapture log;

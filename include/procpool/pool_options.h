@@ -195,7 +195,8 @@ struct RemoteOptions {
   /// dial in on their own.
   std::vector<std::string> launch;
   /// The pool waits this long for workers: without `launch`, for the first ones after it is made
-  /// (calls then wait for them); with it, for each launched one. Past it, calls fail with
+  /// (calls then wait for them; places still empty after it wait on for hosts to dial in, which
+  /// one warning says, not an error per place); with it, for each launched one. Past it, calls fail with
   /// kUnavailable saying why (none came, or each was refused and why). A launched worker that is
   /// refused, or a command that exits non-zero before its worker connects, fails that start at
   /// once (kUnavailable saying why), without waiting this long.

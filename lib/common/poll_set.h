@@ -3,30 +3,41 @@
 // poll() costs per descriptor at every call, ready or not: at 256 workers (516 descriptors) one
 // call took 40 µs, and the pool's loop makes one per wake. A PollSet registers a descriptor once
 // and changes the registration only when what is waited for changes, so that a wait costs per
-// ready descriptor. Its users keep the poll() vocabulary (a `pollfd` list per participant, the
-// `revents` they get back), so that code written against poll() (a link's add_pollfds and
-// service) runs on it unchanged:
+// ready descriptor. Descriptors come in two ways:
 //
-//   PollSet set;
-//   set.set(kMine, wanted.data(), wanted.size());  // whenever `wanted` may have changed
-//   set.wait(timeout_ms);
-//   for (uint32_t group : set.ready_groups()) { const PollSet::Entries& e = set.entries(group); ... }
+// - Lists, in the poll() vocabulary (a `pollfd` list per participant, the `revents` they get
+//   back), so that code written against poll() (a link's add_pollfds and service) runs on it
+//   unchanged:
 //
-// Descriptors are grouped: a group is one participant's list (a link's, the launcher's), and
-// set() replaces a whole group's list. The entries of a group keep the order set() gave them, and
-// after wait() their `revents` say what is ready, as poll() would have filled them.
+//     PollSet set;
+//     set.set(kMine, wanted.data(), wanted.size());  // whenever `wanted` may have changed
+//     set.wait(timeout_ms);
+//     for (uint32_t group : set.ready_groups()) { const PollSet::Entries& e = set.entries(group); ... }
+//
+//   A group is one participant's list (a link's), and set() replaces a whole group's list. The
+//   entries of a group keep the order set() gave them, and after wait() their `revents` say what
+//   is ready, as poll() would have filled them.
+//
+// - Watches, one descriptor each, for an owner that opens and closes descriptors whenever it
+//   likes (the remote launcher's listener, its hosts' connections): watch() registers one with a
+//   key of the owner's choosing, the Watch it returns changes what it waits for, and resetting or
+//   destroying that Watch removes it — at once, so the owner does it BEFORE it closes the
+//   descriptor. After wait(), fired(group) lists the keys of that group's watches that are ready.
 //
 // Level-triggered, as poll() is. The hazard of registering: a registration belongs to the file,
 // not the number. A descriptor closed while registered leaves the set by itself, unless a forked
 // child still holds a copy of it; then its registration lives on, and its events (under a token no
 // entry has any more) are dropped. And a number closed and taken by another file between two
 // set() calls looks the same as before: owners call set() in the same round as they close a
-// descriptor (set() of every group removes before any group adds, so a number one group gave up
-// and another took is never removed from the one that took it), pass `fresh` when a group's
-// descriptors all changed (a slot's next link), and use poll_each_wait() where they cannot.
+// descriptor (set() of every group removes before any group, or watch, adds, so a number one
+// group gave up and another took is never removed from the one that took it), and pass `fresh`
+// when a group's descriptors all changed (a slot's next link); a watch is removed before its
+// descriptor closes, so its number is free for anyone.
 //
 // Where epoll_create1 failed (descriptors exhausted), wait() falls back to one poll() over every
-// entry. Threads: not thread-safe; one thread at a time.
+// entry and watch. Threads: one thread at a time, but for Watch::change() of a watch registered
+// at an earlier wait, which another thread may call while wait() blocks (a caller's thread
+// queues a frame for a remote host while the pool's thread waits; the caller wakes the wait).
 
 #ifndef PROCPOOL_LIB_COMMON_POLL_SET_H_
 #define PROCPOOL_LIB_COMMON_POLL_SET_H_
@@ -36,6 +47,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "lib/common/unique_fd.h"
@@ -55,10 +67,39 @@ class PollSet {
   // earlier calls are closed or about to be (another link's), so that a number that repeats is
   // another file: every entry is registered anew.
   void set(uint32_t group, const pollfd* wanted, size_t count, bool fresh = false);
-  // `group`'s descriptors, not registered: polled at every wait, as poll() does, beside the epoll
-  // instance. For an owner that may close a descriptor and reuse its number without calling set()
-  // in between (the remote launcher's connections, closed and accepted as hosts come and go).
-  void poll_each_wait(uint32_t group, const pollfd* wanted, size_t count);
+
+  // One descriptor watched on its own (see the top): move-only; empty when default-made.
+  class Watch {
+   public:
+    Watch() = default;
+    Watch(Watch&& other) noexcept
+        : set_(std::exchange(other.set_, nullptr)), index_(other.index_) {}
+    Watch& operator=(Watch&& other) noexcept;
+    Watch(const Watch&) = delete;
+    Watch& operator=(const Watch&) = delete;
+    ~Watch() { reset(); }
+
+    // What it waits for from now on (POLLIN, POLLOUT; 0: only errors and hang-ups, as poll()).
+    void change(short events);
+    // No longer watched, at once: call it before closing the descriptor.
+    void reset();
+    explicit operator bool() const { return set_ != nullptr; }
+    uint64_t key() const;
+
+   private:
+    friend class PollSet;
+    Watch(PollSet* set, uint32_t index) : set_(set), index_(index) {}
+    PollSet* set_ = nullptr;
+    uint32_t index_ = 0;
+  };
+  // Watches `fd` for `events` until the Watch is reset or destroyed (it must not outlive this
+  // set); registered at the next wait() (or apply()), after every removal. Its events come back
+  // in fired(group) with `key`.
+  Watch watch(uint32_t group, int fd, short events, uint64_t key);
+  struct Fired {
+    uint64_t key;
+    short revents;
+  };
   // Registers now what set() asked for (wait() does it too): a caller about to close descriptors
   // it gave up calls it first.
   void apply();
@@ -70,6 +111,8 @@ class PollSet {
   const std::vector<uint32_t>& ready_groups() const { return ready_groups_; }
   // `group`'s entries as last set(), with the revents of the last wait().
   const Entries& entries(uint32_t group) const;
+  // `group`'s watches the last wait() found ready, each once, in no particular order.
+  const std::vector<Fired>& fired(uint32_t group) const;
   // For tests and figures: whether waits go through epoll.
   bool uses_epoll() const { return epoll_.valid(); }
 
@@ -80,17 +123,28 @@ class PollSet {
     Entries pending;                 // what set() asked for, not yet registered
     bool has_pending = false;
     bool fresh = false;              // the pending list's files are all new
-    bool polled = false;             // poll_each_wait(): never registered
     bool ready = false;              // in ready_groups_
+    std::vector<Fired> fired;        // its watches that the last wait found ready
+  };
+  struct Watched {
+    int fd = -1;
+    short events = 0;    // shared with Watch::change() on another thread (atomic_ref)
+    uint32_t group = 0;
+    uint64_t key = 0;
+    uint64_t token = 0;  // its registration (0: none yet); shared likewise
+    bool live = false;   // a Watch holds it
   };
   // (apply(): first every removal of every group, then additions and changes, so that a number
   // one group gave up and another took is never removed from the group that took it.)
   void remove_gone(Group& group);
   void register_wanted(uint32_t index, Group& group);
+  void register_watches();
+  void change_watch(uint32_t index, short events);
+  void drop_watch(uint32_t index);
+  Group& group_at(uint32_t group);
   uint64_t token_for(uint32_t group, size_t index);
   void clear_ready();
-  // poll() over `polled_groups_`' entries (or every group's, without epoll) and the epoll
-  // instance; then what epoll has ready.
+  // Without epoll: one poll() over every entry and watch.
   int wait_with_poll(int timeout_ms);
   bool take_epoll_events(int timeout_ms);
   void mark_ready(uint32_t index, Group& group);
@@ -98,11 +152,14 @@ class PollSet {
   UniqueFd epoll_;
   std::vector<Group> groups_;
   std::vector<uint32_t> changed_;       // groups with pending lists
-  std::vector<uint32_t> polled_groups_;  // poll_each_wait()'s, each once
+  std::vector<Watched> watched_;         // by a Watch's index
+  std::vector<uint32_t> free_watched_;   // indices of watched_ no Watch holds
+  std::vector<uint32_t> watches_to_add_;  // registered at the next apply()
   std::vector<uint32_t> ready_groups_;
   std::vector<epoll_event> events_;
   uint32_t serial_ = 0;
-  // The poll() fallback: every entry, and where each came from.
+  // The poll() fallback: every entry and watch, and where each came from (a watch: its index,
+  // under kWatchedOrigin).
   std::vector<pollfd> all_;
   std::vector<std::pair<uint32_t, uint32_t>> all_origin_;
 };

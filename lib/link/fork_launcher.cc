@@ -128,7 +128,14 @@ absl::Status ForkLauncher::ensure_server() {
                                                              server.status().message()));
   }
   server_ = *std::move(server);
+  watch_server();
   return absl::OkStatus();
+}
+
+void ForkLauncher::watch_server() {
+  if (poll_set_ != nullptr && server_ != nullptr && !server_watch_) {
+    server_watch_ = poll_set_->watch(poll_group_, server_->fd(), POLLIN, /*key=*/0);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
@@ -237,17 +244,16 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
   return link;
 }
 
-void ForkLauncher::add_pollfds(std::vector<pollfd>& fds) {
-  polled_server_ = server_ != nullptr;
-  if (polled_server_) fds.push_back({server_->fd(), POLLIN, 0});
+void ForkLauncher::watch_with(PollSet& set, uint32_t group) {
+  poll_set_ = &set;
+  poll_group_ = group;
+  watch_server();
 }
 
-void ForkLauncher::service(const pollfd* polled, size_t count, LauncherEvents& events) {
+void ForkLauncher::service(const std::vector<PollSet::Fired>& fired, LauncherEvents& events) {
   // Reports read ahead while waiting for a spawn reply are queued: take them without waiting for
   // the socket to say so.
-  if ((polled_server_ && count > 0 && polled[0].revents != 0) || has_pending_events()) {
-    take_server_reports(events);
-  }
+  if (!fired.empty() || has_pending_events()) take_server_reports(events);
 }
 
 bool ForkLauncher::has_pending_events() const {
@@ -271,6 +277,7 @@ void ForkLauncher::take_server_reports(LauncherEvents& events) {
       link->stop(StopMode::kKill);
       link->on_reaped_by_server(W_EXITCODE(0, SIGKILL), events.events_of(*link));
     }
+    server_watch_.reset();  // before its descriptor closes
     server_.reset();
   }
 }

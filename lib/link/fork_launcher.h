@@ -65,8 +65,8 @@ class ForkLauncher final : public Launcher {
   absl::StatusOr<std::unique_ptr<ForkLink>> launch_on(int slot, const std::string& name,
                                                       std::unique_ptr<TlsChannel> channel,
                                                       WorkerPlacement placement = {});
-  void add_pollfds(std::vector<pollfd>& fds) override;
-  void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
+  void watch_with(PollSet& set, uint32_t group) override;
+  void service(const std::vector<PollSet::Fired>& fired, LauncherEvents& events) override;
   bool has_pending_events() const override;
   void set_workers(int workers) override { workers_ = workers; }
 
@@ -86,13 +86,18 @@ class ForkLauncher final : public Launcher {
   // starts); kInvalidArgument when worker_env refuses.
   absl::StatusOr<WorkerLaunch> placed_launch_for(int slot);
   void take_server_reports(LauncherEvents& events);
+  // Watches the fork server's reports, if it runs and the loop's set is known.
+  void watch_server();
 
   const Config config_;
   const pid_t pool_pid_;
   const CgroupPlan cgroup_plan_;
   std::unique_ptr<ForkServer> server_;
+  // The loop's set, and server_'s descriptor in it (after server_: it goes first).
+  PollSet* poll_set_ = nullptr;
+  uint32_t poll_group_ = 0;
+  PollSet::Watch server_watch_;
   std::map<pid_t, ForkLink*> adopted_;  // workers of the server, by pid, while their link lives
-  bool polled_server_ = false;
   std::map<int, int64_t> generations_;  // processes started so far, by slot
   const std::vector<int> cpus_;         // for spread_cpus: the CPUs this process may use
   int workers_ = config_.workers;       // the pool's size now (set_workers)

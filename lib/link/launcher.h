@@ -2,23 +2,41 @@
 //
 // Supervision asks for a worker for a slot; the launcher makes one (forks it, or has a cluster
 // engine start it and waits for it to dial in) and returns its link. Some launchers have
-// descriptors of their own the event loop watches (the fork server's reports, a TCP listener);
-// what they learn there arrives through LauncherEvents.
+// descriptors of their own (the fork server's reports, a TCP listener and its connections): they
+// watch them in the event loop's PollSet themselves, as they open and close them, and hear only
+// of those that are ready; what they learn there arrives through LauncherEvents.
 
 #ifndef PROCPOOL_LIB_LINK_LAUNCHER_H_
 #define PROCPOOL_LIB_LINK_LAUNCHER_H_
 
-#include <poll.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/string_view.h"
+#include "lib/common/poll_set.h"
 #include "lib/link/worker_link.h"
 
 namespace procpool::internal {
+
+// A start that found no worker host free where hosts come when they will (a remote pool without
+// a launch command: hosts dial in on their own, as the steps of an elastic job do). Its place
+// waits for a host, which is the state such a pool is often in, not a failure to log as one:
+// kUnavailable (calls say why when no worker is left at all), marked so.
+inline constexpr char kWaitingForHostPayloadUrl[] = "type.procpool/waiting-for-host";
+inline absl::Status waiting_for_host(absl::string_view why) {
+  absl::Status status = absl::UnavailableError(why);
+  status.SetPayload(kWaitingForHostPayloadUrl, absl::Cord());
+  return status;
+}
+inline bool is_waiting_for_host(const absl::Status& status) {
+  return status.GetPayload(kWaitingForHostPayloadUrl).has_value();
+}
 
 class LauncherEvents {
  public:
@@ -39,12 +57,18 @@ class Launcher {
   // table, ...). Called from the thread the launcher's rules allow (see implementations).
   virtual absl::StatusOr<std::unique_ptr<WorkerLink>> launch(int slot, const std::string& name) = 0;
 
-  // The event loop: the launcher's own descriptors, and what to do when they are ready.
-  virtual void add_pollfds(std::vector<pollfd>& /*fds*/) {}
-  virtual void service(const pollfd* /*polled*/, size_t /*count*/, LauncherEvents& /*events*/) {}
-  // Work the launcher has without its descriptors being ready (reports read ahead).
+  // The event loop. Called once, before anything else: the launcher watches its own descriptors
+  // in `set` under `group` (PollSet::watch) from now on, each from when it opens it until just
+  // before it closes it. `set` outlives the launcher.
+  virtual void watch_with(PollSet& /*set*/, uint32_t /*group*/) {}
+  // Its watches the last wait found ready (their keys), and whenever has_pending_events() says
+  // it has work without them: what to do then.
+  virtual void service(const std::vector<PollSet::Fired>& /*fired*/, LauncherEvents& /*events*/) {}
+  // Work the launcher has without its descriptors being ready (reports read ahead, hosts a link
+  // let go of): service() is called at the next wake, which comes at once.
   virtual bool has_pending_events() const { return false; }
   // The launcher's deadlines (handshakes, heartbeats); returns when it wants to be called again.
+  // Called at every wake: cheap until then.
   virtual int64_t check(int64_t /*now_ns*/, LauncherEvents& /*events*/) { return INT64_MAX; }
   // The pool's size changed (resize()): what the launcher sizes by it follows (the count its
   // workers are told, a remote pool's room for hosts and its wait for new ones to dial in).

@@ -76,22 +76,45 @@ short RemoteHost::poll_events() const {
 
 void RemoteHost::queue(capnp::MessageBuilder& message) {
   if (state_ != State::kClosed) writer_.push_copy(capnp::messageToFlatArray(message));
+  update_watch();
 }
 
 void RemoteHost::flush() {
   if (state_ == State::kClosed || writer_.empty()) return;
   // A failure means the connection is gone: the next read says so.
   if (!writer_.write_some(*channel_).ok()) writer_.clear();
+  update_watch();
 }
 
 std::unique_ptr<TlsChannel> RemoteHost::take_channel() {
   state_ = State::kClosed;
+  watch_.reset();  // the link that takes it lists it itself
   return std::move(channel_);
+}
+
+void RemoteHost::set_watch(PollSet::Watch watch) {
+  watch_ = std::move(watch);
+  watch_key_ = watch_.key();
+  update_watch();
+}
+
+void RemoteHost::update_watch() {
+  if (watch_ && channel_) watch_.change(poll_events());
+}
+
+void RemoteHost::drop_channel() {
+  watch_.reset();
+  channel_.reset();
 }
 
 FrameReader RemoteHost::take_reader() { return std::move(stream_.reader()); }
 
 void RemoteHost::service(short revents, const EventsOf& events_of) {
+  service_events(revents, events_of);
+  update_watch();
+}
+
+void RemoteHost::service_events(short revents, const EventsOf& events_of) {
   if (state_ == State::kClosed || state_ == State::kData) return;
   if (!channel_->established()) {
     if ((revents & POLLIN) && !heard_) {
@@ -106,7 +129,7 @@ void RemoteHost::service(short revents, const EventsOf& events_of) {
       closed_reason_ = silent ? "it closed its connection during the TLS handshake"
                               : tls_refusal(!config_.tls->psk().empty(), step.status().message());
       state_ = State::kClosed;
-      channel_.reset();
+      drop_channel();
       return;
     }
     handshake_wants_write_ = *step == TlsChannel::Step::kWantWrite;
@@ -232,7 +255,7 @@ void RemoteHost::handshake_frame(kj::ArrayPtr<const capnp::word> words) {
     refused_ = true;
     closed_reason_ = absl::StrCat("the worker refused the pool: ", peer_text(root.getRefused()));
     state_ = State::kClosed;
-    channel_.reset();
+    drop_channel();
     return;
   }
   if (!root.isCredentials()) return refuse("the worker answered the challenge with something else");
@@ -276,10 +299,16 @@ void RemoteHost::refuse(const std::string& why) {
   refused_ = true;
   closed_reason_ = why;
   state_ = State::kClosed;
-  channel_.reset();
+  drop_channel();
 }
 
 int64_t RemoteHost::check(int64_t now_ns, const EventsOf& events_of) {
+  const int64_t next = check_deadlines(now_ns, events_of);
+  update_watch();
+  return next;
+}
+
+int64_t RemoteHost::check_deadlines(int64_t now_ns, const EventsOf& events_of) {
   if (state_ == State::kClosed || state_ == State::kData) return INT64_MAX;
   if (state_ == State::kHandshake) {
     if (now_ns >= handshake_deadline_ns_) {
@@ -338,7 +367,7 @@ void RemoteHost::close(const std::string& why, const EventsOf& events_of, bool c
   if (state_ == State::kClosed) return;
   state_ = State::kClosed;
   closed_reason_ = why;
-  channel_.reset();
+  drop_channel();
   writer_.clear();
   if (TcpLink* link = std::exchange(link_, nullptr)) link->on_lost(why, events_of(*link), corrupted);
 }

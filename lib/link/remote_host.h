@@ -25,6 +25,7 @@
 
 #include "absl/time/time.h"
 #include "capnp/message.h"
+#include "lib/common/poll_set.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/remote_frames.h"
 #include "lib/link/worker_link.h"
@@ -79,6 +80,11 @@ class RemoteHost {
 
   int fd() const { return channel_ ? channel_->fd() : -1; }
   short poll_events() const;
+  // Its connection in the event loop's set (the launcher's watch, with the key it chose): kept
+  // waiting for poll_events() as they change, and reset before the connection closes or goes to
+  // a link (take_channel).
+  void set_watch(PollSet::Watch watch);
+  uint64_t watch_key() const { return watch_key_; }  // 0: never watched
   // Reads and writes what poll() said is ready; reports to the bound link through `events_of`.
   void service(short revents, const EventsOf& events_of);
   // Handshake deadline, heartbeats; returns when it wants to be called again.
@@ -110,10 +116,18 @@ class RemoteHost {
   FrameReader take_reader();
 
  private:
+  void service_events(short revents, const EventsOf& events_of);
+  int64_t check_deadlines(int64_t now_ns, const EventsOf& events_of);
   void on_frame(kj::ArrayPtr<const capnp::word> words, const EventsOf& events_of);
   void handshake_frame(kj::ArrayPtr<const capnp::word> words);
+  // The watch waits for what poll_events() says now.
+  void update_watch();
+  // Closes the connection: out of the loop's set first.
+  void drop_channel();
 
   std::unique_ptr<TlsChannel> channel_;  // null once closed
+  PollSet::Watch watch_;  // channel_'s, while it has one (after it: goes first)
+  uint64_t watch_key_ = 0;
   bool handshake_wants_write_ = false;    // its TLS handshake waits for room to write
   bool heard_ = false;  // bytes of its TLS handshake came (TLS took them: silent() cannot peek them)
   const std::string peer_;

@@ -84,6 +84,11 @@ constexpr size_t kUnfinishedFrameBudget = size_t{64} << 20;
 constexpr size_t kMaxRefusalReasons = 8;
 constexpr size_t kMaxRefusalBytes = 200;
 
+// The keys of this launcher's watches (PollSet::watch): the listener's, a launch command's pidfd's
+// (this bit and a serial), a host's connection's (a serial).
+constexpr uint64_t kListenerKey = 0;
+constexpr uint64_t kLaunchedKeyBit = uint64_t{1} << 63;
+
 // "10.0.0.7" of "10.0.0.7:51234", "[::1]" of "[::1]:51234".
 std::string source_of(const std::string& peer) { return peer.substr(0, peer.rfind(':')); }
 
@@ -177,7 +182,10 @@ absl::StatusOr<std::unique_ptr<RemoteLauncher>> RemoteLauncher::start(Config con
 RemoteLauncher::~RemoteLauncher() {
   // Every relay sees end of file, ends its worker and exits; then what we launched (an srun
   // step, an ssh) ends with it.
-  for (TcpLink* link : links_) link->on_destroy(nullptr);
+  for (TcpLink* link : links_) {
+    link->on_destroy(nullptr);
+    link->on_stopped_waiting(nullptr);
+  }
   hosts_.clear();
   if (launched_.empty()) return;
   const int64_t give_up = monotonic_now_ns() + 2'000'000'000;
@@ -254,7 +262,14 @@ absl::Status RemoteLauncher::run_launch_command(const std::string& launch_id) {
     return absl::InvalidArgumentError(absl::StrCat("RemoteOptions::launch: ", failed.message()));
   }
   // Without a pidfd (a kernel before 5.3) check() looks for its exit.
-  launched_.push_back({pid, open_pidfd(pid), launch_id, /*came=*/false});
+  Launched& process = launched_.emplace_back();
+  process.pid = pid;
+  process.pidfd = open_pidfd(pid);
+  process.launch_id = launch_id;
+  if (poll_set_ != nullptr && process.pidfd) {
+    process.watch = poll_set_->watch(poll_group_, process.pidfd.get(), POLLIN,
+                                     kLaunchedKeyBit | ++last_key_);
+  }
   return absl::OkStatus();
 }
 
@@ -278,7 +293,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
     } else if (now < first_wait_until_ns_) {
       wait_until = first_wait_until_ns_;
     } else {
-      return absl::UnavailableError(unavailable_reason());
+      return waiting_for_host(unavailable_reason());
     }
   }
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> env =
@@ -296,7 +311,11 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
     std::erase(waiting_, raw);
     std::erase(links_, raw);
     std::erase_if(launches_, [raw](const auto& launch) { return launch.second == raw; });
+    hosts_changed_ = true;  // its host (if any) is free now, or closed (it drained)
   });
+  // A link stopped while it waits ends at the next check(), not at its wait's end.
+  link->on_stopped_waiting([this] { check_soon_ = true; });
+  check_soon_ = true;  // its wait's end, its launch command's exit
   if (!launch_id.empty()) launches_[launch_id] = raw;
   if (free_host != nullptr) {
     raw->bind(free_host);
@@ -346,7 +365,8 @@ std::string RemoteLauncher::unavailable_reason() const {
       : busy == 0
           ? absl::StrCat("every remote worker that connected to ", address_, " (", connected_ever_,
                          ") is gone, and none connected again")
-          : absl::StrCat("no remote worker is free: ", busy, " connected, all busy");
+          : absl::StrCat("no remote worker is free: ", busy, " connected to ", address_,
+                         ", all busy");
   return absl::StrCat(why, refusal_summary());
 }
 
@@ -368,6 +388,7 @@ TcpLink* RemoteLauncher::take_launch(const std::string& launch_id) {
   // launch, and it is only reaped, by looking.
   for (Launched& process : launched_) {
     if (process.launch_id != launch_id) continue;
+    process.watch.reset();
     process.pidfd.reset();
     process.came = true;
   }
@@ -401,6 +422,7 @@ bool RemoteLauncher::close_oldest_silent(const std::string& source, int64_t now_
     if (host->silent()) oldest = host.get();
   }
   if (oldest != nullptr) {
+    hosts_changed_ = true;
     oldest->close(!source.empty() ? "sent nothing, and more connections from its address were waiting"
                                   : "sent nothing, and more connections were waiting",
                   events_of);
@@ -475,8 +497,8 @@ int64_t RemoteLauncher::begin_held(int64_t now_ns, const EventsOf& events_of) {
     }
     if (under_way < kMaxHandshakingPerSource) {
       ++under_way;
-      hosts_.push_back(std::make_unique<RemoteHost>(std::move(it->socket), std::move(it->peer),
-                                                    host_config_, it->accepted_ns));
+      add_host(std::make_unique<RemoteHost>(std::move(it->socket), std::move(it->peer),
+                                            host_config_, it->accepted_ns));
       it = held_.erase(it);
       continue;
     }
@@ -491,6 +513,8 @@ void RemoteLauncher::accept_connections(const EventsOf& events_of) {
     absl::StatusOr<UniqueFd> connection = accept_tcp(listener_.get());
     if (!connection.ok()) {
       accept_paused_until_ns_ = monotonic_now_ns() + kAcceptPauseNs;
+      listener_watch_.change(0);  // check() lets it listen again
+      next_check_ns_ = std::min(next_check_ns_, accept_paused_until_ns_);
       return;
     }
     if (!connection->valid()) return;
@@ -500,8 +524,8 @@ void RemoteLauncher::accept_connections(const EventsOf& events_of) {
     std::string source = source_of(name);
     switch (admit(source, now, events_of)) {
       case Admission::kBegin:
-        hosts_.push_back(std::make_unique<RemoteHost>(*std::move(connection), std::move(name),
-                                                      host_config_, now));
+        add_host(std::make_unique<RemoteHost>(*std::move(connection), std::move(name),
+                                              host_config_, now));
         break;
       case Admission::kHold:
         held_.push_back({*std::move(connection), std::move(name), std::move(source), now});
@@ -512,44 +536,83 @@ void RemoteLauncher::accept_connections(const EventsOf& events_of) {
   }
 }
 
-void RemoteLauncher::add_pollfds(std::vector<pollfd>& fds) {
-  const bool resting = accept_paused_until_ns_ != 0 && monotonic_now_ns() < accept_paused_until_ns_;
-  fds.push_back({listener_.get(), static_cast<short>(listener_ && !resting ? POLLIN : 0), 0});
-  polled_host_list_.clear();
-  for (auto& host : hosts_) {
-    if (host->state() == RemoteHost::State::kClosed) continue;
-    fds.push_back({host->fd(), host->poll_events(), 0});
-    polled_host_list_.push_back(host.get());
-  }
-  polled_hosts_ = polled_host_list_.size();
-  polled_launched_ = 0;
-  for (Launched& process : launched_) {
-    if (!process.pidfd) continue;
-    fds.push_back({process.pidfd.get(), POLLIN, 0});
-    ++polled_launched_;
-  }
+void RemoteLauncher::watch_with(PollSet& set, uint32_t group) {
+  poll_set_ = &set;
+  poll_group_ = group;
+  if (listener_) listener_watch_ = set.watch(group, listener_.get(), POLLIN, kListenerKey);
 }
 
-void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents& events) {
-  const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
-  if (count == 0) return;
-  if (polled[0].revents != 0 && listener_) accept_connections(events_of);
-  for (size_t i = 0; i < polled_hosts_ && 1 + i < count; ++i) {
-    RemoteHost* host = polled_host_list_[i];
-    const bool was_handshaking = host->state() == RemoteHost::State::kHandshake;
-    if (polled[1 + i].revents != 0) host->service(polled[1 + i].revents, events_of);
-    if (was_handshaking && host->state() == RemoteHost::State::kIdle) {
-      if (hosts_welcomed() > config_.workers + kSpareHosts) {
-        host->close(absl::StrCat("the pool has ", config_.workers + kSpareHosts,
-                                 " worker hosts already, as many as it can use"),
-                    events_of);
-        continue;
-      }
-      ++connected_ever_;
-      if (TcpLink* own = take_launch(host->launch_id())) own->bind(host);
-    }
-    if (host->state() == RemoteHost::State::kData) hand_over_data(*host, events);
+void RemoteLauncher::add_host(std::unique_ptr<RemoteHost> host) {
+  RemoteHost& added = *host;
+  hosts_.push_back(std::move(host));
+  if (added.state() == RemoteHost::State::kClosed) {
+    hosts_changed_ = true;  // its TLS could not begin: it goes at the next settle()
+    return;
   }
+  next_check_ns_ = std::min(next_check_ns_, added.handshake_deadline_ns());
+  if (poll_set_ == nullptr) return;
+  const uint64_t key = ++last_key_;
+  added.set_watch(poll_set_->watch(poll_group_, added.fd(), added.poll_events(), key));
+  hosts_by_key_[key] = &added;
+}
+
+void RemoteLauncher::service(const std::vector<PollSet::Fired>& fired, LauncherEvents& events) {
+  const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
+  const int64_t now = monotonic_now_ns();
+  bool launched_ended = false;
+  for (const PollSet::Fired& ready : fired) {
+    if (ready.key == kListenerKey) {
+      if (listener_) accept_connections(events_of);
+    } else if ((ready.key & kLaunchedKeyBit) != 0) {
+      launched_ended = true;
+    } else if (auto host = hosts_by_key_.find(ready.key); host != hosts_by_key_.end()) {
+      // (A host closed in this round is still there, closed: it does nothing.)
+      service_host(*host->second, ready.revents, now, events);
+    }
+  }
+  settle(events, launched_ended);
+}
+
+void RemoteLauncher::service_host(RemoteHost& host, short revents, int64_t now_ns,
+                                  LauncherEvents& events) {
+  const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
+  const bool was_handshaking = host.state() == RemoteHost::State::kHandshake;
+  host.service(revents, events_of);
+  if (was_handshaking && host.state() == RemoteHost::State::kIdle) {
+    hosts_changed_ = true;  // a free host: it takes a waiting link (settle)
+    if (hosts_welcomed() > config_.workers + kSpareHosts) {
+      host.close(absl::StrCat("the pool has ", config_.workers + kSpareHosts,
+                              " worker hosts already, as many as it can use"),
+                 events_of);
+      return;
+    }
+    ++connected_ever_;
+    if (TcpLink* own = take_launch(host.launch_id())) own->bind(&host);
+  }
+  if (host.state() == RemoteHost::State::kData) hand_over_data(host, events);
+  // Its deadlines may have come closer (a frame begun, a handshake ended): check() knows when.
+  if (host.state() != RemoteHost::State::kClosed) {
+    next_check_ns_ = std::min(next_check_ns_, host.check(now_ns, events_of));
+  }
+  if (host.state() == RemoteHost::State::kClosed) hosts_changed_ = true;
+}
+
+void RemoteLauncher::settle(LauncherEvents& events, bool launched_ended) {
+  const bool changed = std::exchange(hosts_changed_, false);
+  if (changed) forget_closed_hosts(events);
+  // After the refusals: a launched worker that was refused and exited says why above. Only when
+  // one of theirs says so: a waitpid for each launched command at every turn of the loop would
+  // cost as many system calls a turn as there are workers.
+  if (launched_ended) reap_launched(&events);
+  // Handshakes that ended make room for connections held from their addresses.
+  if (!held_.empty()) {
+    const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
+    next_check_ns_ = std::min(next_check_ns_, begin_held(monotonic_now_ns(), events_of));
+  }
+  if (changed) match_free_hosts(events);
+}
+
+void RemoteLauncher::forget_closed_hosts(LauncherEvents& events) {
   // Closed hosts go, their refusals counted; a refused worker the pool launched fails that launch
   // at once (its slot's start fails and is tried again), rather than at connect_timeout.
   for (auto it = hosts_.begin(); it != hosts_.end();) {
@@ -562,25 +625,19 @@ void RemoteLauncher::service(const pollfd* polled, size_t count, LauncherEvents&
                                                                (*it)->closed_reason())));
         }
       }
+      hosts_by_key_.erase((*it)->watch_key());
       it = hosts_.erase(it);
     } else {
       ++it;
     }
   }
-  // After the refusals: a launched worker that was refused and exited says why above. Only when
-  // one of theirs says so: a waitpid for each launched command at every turn of the loop would
-  // cost as many system calls a turn as there are workers.
-  bool launched_ended = false;
-  for (size_t i = 1 + polled_hosts_; i < 1 + polled_hosts_ + polled_launched_ && i < count; ++i) {
-    launched_ended |= polled[i].revents != 0;
-  }
-  if (launched_ended) reap_launched(&events);
-  // Handshakes that ended make room for connections held from their addresses.
-  (void)begin_held(monotonic_now_ns(), events_of);
-  match_free_hosts(events);
 }
 
 int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
+  // Called at every wake of the loop: a round over every host only when one is due.
+  if (!check_soon_ && now_ns < next_check_ns_) return next_check_ns_;
+  check_soon_ = false;
+  next_check_ns_ = INT64_MAX;  // what this round starts (hosts, launches) may lower it
   const auto events_of = [&events](WorkerLink& link) -> LinkEvents& { return events.events_of(link); };
   int64_t next = INT64_MAX;
   if (accept_paused_until_ns_ != 0) {
@@ -588,9 +645,13 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
       next = accept_paused_until_ns_;
     } else {
       accept_paused_until_ns_ = 0;
+      listener_watch_.change(POLLIN);
     }
   }
-  for (auto& host : hosts_) next = std::min(next, host->check(now_ns, events_of));
+  for (auto& host : hosts_) {
+    next = std::min(next, host->check(now_ns, events_of));
+    if (host->state() == RemoteHost::State::kClosed) hosts_changed_ = true;
+  }
   next = std::min(next, begin_held(now_ns, events_of));
   // Launch commands watched without a pidfd: nothing wakes the loop when they exit. Looked for
   // often while one's worker has not come (its failure fails the launch), seldom after.
@@ -625,16 +686,18 @@ int64_t RemoteLauncher::check(int64_t now_ns, LauncherEvents& events) {
       link->end_stopped(events.events_of(*link));
       continue;
     }
-    const std::string why =
+    link->end_waiting(
+        events.events_of(*link),
         config_.remote.launch.empty()
-            ? unavailable_reason()
-            : absl::StrCat(launch_command(), " did not connect to ", address_,
-                           " within connect_timeout (",
-                           absl::FormatDuration(config_.remote.connect_timeout), ")",
-                           refusal_summary());
-    link->end_waiting(events.events_of(*link), absl::UnavailableError(why));
+            ? waiting_for_host(unavailable_reason())
+            : absl::UnavailableError(absl::StrCat(
+                  launch_command(), " did not connect to ", address_, " within connect_timeout (",
+                  absl::FormatDuration(config_.remote.connect_timeout), ")", refusal_summary())));
   }
-  return next;
+  // Hosts this round closed go; free ones take waiting links.
+  settle(events);
+  next_check_ns_ = std::min(next_check_ns_, next);
+  return next_check_ns_;
 }
 
 void RemoteLauncher::set_workers(int workers) {
@@ -648,7 +711,9 @@ void RemoteLauncher::set_workers(int workers) {
 void RemoteLauncher::finish() {
   // Every host's relay sees end of file and leaves; no one new is let in.
   hosts_.clear();
+  hosts_by_key_.clear();
   held_.clear();
+  listener_watch_.reset();
   listener_.reset();
 }
 

@@ -30,7 +30,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "lib/common/poll_set.h"
 #include "lib/common/socket.h"
 #include "lib/common/unique_fd.h"
 #include "lib/link/launcher.h"
@@ -66,8 +68,13 @@ class RemoteLauncher final : public Launcher {
   ~RemoteLauncher() override;
 
   absl::StatusOr<std::unique_ptr<WorkerLink>> launch(int slot, const std::string& name) override;
-  void add_pollfds(std::vector<pollfd>& fds) override;
-  void service(const pollfd* polled, size_t count, LauncherEvents& events) override;
+  // Its listener, each host's connection and each launch command's pidfd are watched in `set`
+  // from when they open until just before they close (a number closed and taken again by the next
+  // accept is never another's watch); service() hears only of those that are ready, and check()
+  // does its rounds over every host only when a deadline of one of them is due.
+  void watch_with(PollSet& set, uint32_t group) override;
+  void service(const std::vector<PollSet::Fired>& fired, LauncherEvents& events) override;
+  bool has_pending_events() const override { return hosts_changed_; }
   int64_t check(int64_t now_ns, LauncherEvents& events) override;
   // Hosts up to the new size are welcome; without `launch`, slots added now wait connect_timeout
   // for hosts to dial in, as the first ones did.
@@ -87,6 +94,14 @@ class RemoteLauncher final : public Launcher {
   // table is full.
   absl::Status run_launch_command(const std::string& launch_id);
   void match_free_hosts(LauncherEvents& events);
+  // A new connection's host: kept, and watched.
+  void add_host(std::unique_ptr<RemoteHost> host);
+  void service_host(RemoteHost& host, short revents, int64_t now_ns, LauncherEvents& events);
+  // After hosts may have closed or become free (hosts_changed_): closed ones go, their refusals
+  // counted, and free ones take waiting links; held connections begin where there is room.
+  // Launch commands whose pidfds said they ended are reaped there too.
+  void settle(LauncherEvents& events, bool launched_ended = false);
+  void forget_closed_hosts(LauncherEvents& events);
   // A connection that presented a spawn's id: to the link that asked for it, if its proof holds.
   void hand_over_data(RemoteHost& host, LauncherEvents& events);
   // Reaps what ended; with `events`, a launch whose command failed before its worker came ends
@@ -121,11 +136,25 @@ class RemoteLauncher final : public Launcher {
 
   Config config_;
   RemoteHostConfig host_config_;
+  // The loop's set and this launcher's group in it (watch_with); null before.
+  PollSet* poll_set_ = nullptr;
+  uint32_t poll_group_ = 0;
   UniqueFd listener_;
+  PollSet::Watch listener_watch_;  // after listener_: goes first
   std::string address_;
   int64_t first_wait_until_ns_ = 0;  // without `launch`: slots wait for hosts until then
   int64_t accept_paused_until_ns_ = 0;  // accept() failed: the listener rests until then
   std::vector<std::unique_ptr<RemoteHost>> hosts_;
+  // Each host by its watch's key (never used twice: an event for a host gone finds none).
+  absl::flat_hash_map<uint64_t, RemoteHost*> hosts_by_key_;
+  uint64_t last_key_ = 0;
+  // A host may have closed or become free outside service() (a link let go of it): service()
+  // settles at the next wake.
+  bool hosts_changed_ = false;
+  // check()'s rounds: due at next_check_ns_, or at once after what may bring a deadline closer
+  // than that (a launch, a link stopped while it waits).
+  int64_t next_check_ns_ = 0;
+  bool check_soon_ = true;
   // Connections accepted while their address had kMaxHandshakingPerSource handshakes under way,
   // oldest first: not read (no TLS state, no buffers) until one of those ends. They count
   // against kMaxHandshaking, so they take no descriptors beyond the handshakes' budget.
@@ -142,6 +171,7 @@ class RemoteLauncher final : public Launcher {
   struct Launched {
     pid_t pid;
     UniqueFd pidfd;  // none once its worker came (take_launch), or without pidfds
+    PollSet::Watch watch;  // pidfd's (after it: goes first)
     std::string launch_id;
     bool came = false;  // its worker came: only reaped now, looked for every kCameLookIntervalNs
   };
@@ -152,10 +182,6 @@ class RemoteLauncher final : public Launcher {
   std::map<std::string, TcpLink*> launches_;
   std::map<std::string, int> refusals_;  // why hosts were refused, and how often
   int connected_ever_ = 0;
-  // What add_pollfds added, for service().
-  size_t polled_hosts_ = 0;
-  size_t polled_launched_ = 0;
-  std::vector<RemoteHost*> polled_host_list_;
 };
 
 }  // namespace procpool::internal

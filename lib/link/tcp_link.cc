@@ -179,6 +179,7 @@ void TcpLink::stop(StopMode mode) {
   if (ended_) return;
   if (host_ == nullptr) {
     stopped_waiting_ = true;
+    if (on_stopped_waiting_) on_stopped_waiting_();
     return;
   }
   capnp::MallocMessageBuilder message(16);

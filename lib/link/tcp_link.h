@@ -103,6 +103,10 @@ class TcpLink final : public WorkerLink {
   void end_stopped(LinkEvents& events);
   // Called when the link is destroyed (the launcher forgets it).
   void on_destroy(std::function<void()> callback) { on_destroy_ = std::move(callback); }
+  // Called when it is stopped while it waits for a host (its launcher then ends it).
+  void on_stopped_waiting(std::function<void()> callback) {
+    on_stopped_waiting_ = std::move(callback);
+  }
 
  private:
   void read_data(LinkEvents& events);
@@ -140,6 +144,7 @@ class TcpLink final : public WorkerLink {
   WorkerProgress progress_{.exact = false};
   size_t resident_bytes_ = 0;
   std::function<void()> on_destroy_;
+  std::function<void()> on_stopped_waiting_;
 };
 
 }  // namespace procpool::internal

@@ -100,6 +100,8 @@ struct Supervisor::Slot : ProcessState {
   uint64_t generation = 0;           // counts the links this slot has had
   int64_t next_start_ns = 0;         // kEmpty: when to start the next one
   bool no_capacity = false;          // its last start failed for want of a host (launch() said)
+  // ... and hosts dial in on their own: it waits for one (is_waiting_for_host), no error.
+  bool waits_for_host = false;
   std::string last_exit;             // how its last process ended (WorkerEnd::how), for stats
   // Not one of the pool's workers since a resize shrank the pool: its worker leaves once idle
   // and is never replaced (not after a crash either), until a resize takes the slot back.

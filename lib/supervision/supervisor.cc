@@ -26,9 +26,11 @@ constexpr int64_t kMemoryCheckIntervalNs = 50'000'000;
 constexpr int64_t kSlotRecheckNs = 1'000'000'000;
 
 }  // namespace
-Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler)
+Supervisor::Supervisor(Config config, Launcher& launcher, Scheduler& scheduler,
+                       PollSet& poll_set)
     : config_(std::move(config)), launcher_(launcher), scheduler_(scheduler),
-      target_(config_.workers) {
+      target_(config_.workers), poll_set_(poll_set) {
+  launcher_.watch_with(poll_set_, kLauncherGroup);
   for (int i = 0; i < config_.workers; ++i) slots_.push_back(std::make_unique<Slot>(*this, i));
   check_at_.assign(slots_.size(), INT64_MIN);
   for (auto& slot : slots_) touch(*slot);
@@ -112,16 +114,21 @@ void Supervisor::start_due(int64_t now_ns) {
     launch(*slot, now_ns);
   }
   fail_queued_if_unavailable();
+  announce_waiting_places();
 }
 
 void Supervisor::launch(Slot& slot, int64_t now_ns) {
   touch(slot);
   absl::StatusOr<std::unique_ptr<WorkerLink>> link = launcher_.launch(slot.index, slot.name);
   slot.no_capacity = !link.ok();
+  slot.waits_for_host = false;
   if (!link.ok()) {
-    record_start_failure(slot, absl::Status(link.status().code(),
-                                            absl::StrCat(slot.name, ": ", link.status().message())),
-                         now_ns);
+    absl::Status failure(link.status().code(), absl::StrCat(slot.name, ": ", link.status().message()));
+    // What the launcher marked it with (is_waiting_for_host) goes with it.
+    link.status().ForEachPayload([&failure](absl::string_view url, const absl::Cord& payload) {
+      failure.SetPayload(url, payload);
+    });
+    record_start_failure(slot, std::move(failure), now_ns);
     return;
   }
   if (slot.generation > 0) ++workers_restarted_;
@@ -148,9 +155,31 @@ void Supervisor::record_start_failure(Slot& slot, absl::Status failure, int64_t 
   }
   delay = std::min(delay, config_.respawn_max_delay);
   slot.next_start_ns = now_ns + to_ns(delay);
-  log(slot, LogSeverity::kError,
-      absl::StrCat(failure.message(), "; next start in ", absl::FormatDuration(delay)));
+  slot.waits_for_host = is_waiting_for_host(failure);
+  if (!slot.waits_for_host) {
+    log(slot, LogSeverity::kError,
+        absl::StrCat(failure.message(), "; next start in ", absl::FormatDuration(delay)));
+  }
   fail_queued_if_unavailable();
+}
+
+void Supervisor::announce_waiting_places() {
+  int waiting = 0;
+  for (const auto& slot : slots_) {
+    waiting += slot->waits_for_host && slot->state == State::kEmpty && !slot->retired &&
+               !slot->parked;
+  }
+  if (waiting > waiting_places_announced_ && config_.log) {
+    LogEvent event;
+    event.severity = LogSeverity::kWarning;
+    event.message = absl::StrCat(
+        waiting, " of ", target_, " worker places wait for a worker host (",
+        last_start_failure_.message(),
+        "): hosts may dial in at any time, each taking a waiting place; the pool works on "
+        "with those it has");
+    config_.log(std::move(event));
+  }
+  waiting_places_announced_ = waiting;
 }
 
 absl::Status Supervisor::availability() const {
@@ -214,7 +243,10 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   // longer needed it (shutdown_if_due). Only those stops are kCancelled.
   const bool deliberate = terminating_ || (slot.stop_reason &&
                                            slot.stop_reason->code() == absl::StatusCode::kCancelled);
-  log(slot, expected || deliberate ? LogSeverity::kInfo : LogSeverity::kWarning, how);
+  // A place whose wait for a host to dial in ended waits on (announce_waiting_places).
+  const bool waits_for_host = end.cause && is_waiting_for_host(*end.cause);
+  log(slot, expected || deliberate || waits_for_host ? LogSeverity::kInfo : LogSeverity::kWarning,
+      how);
   if (!end.crash_stack.empty()) {
     // The stack it recorded as it crashed: in one error event, and on its task's status below.
     LogEvent crash;
@@ -315,12 +347,6 @@ void Supervisor::on_output(Slot& slot, bool is_stderr, std::span<const std::stri
 }
 
 void Supervisor::prepare_wait() {
-  // The launcher's list is asked for and polled at every wake, as before: a remote launcher
-  // closes connections and accepts others (which may take their numbers) on its own. Its
-  // connections are its hosts' control connections: one per worker host.
-  wanted_.clear();
-  launcher_.add_pollfds(wanted_);
-  poll_set_.poll_each_wait(kLauncherGroup, wanted_.data(), wanted_.size());
   size_t kept = 0;
   for (size_t i = 0; i < touched_.size(); ++i) {
     Slot& slot = *slots_[touched_[i]];
@@ -345,8 +371,9 @@ void Supervisor::prepare_wait() {
 }
 
 void Supervisor::service() {
-  const PollSet::Entries& launcher_entries = poll_set_.entries(kLauncherGroup);
-  launcher_.service(launcher_entries.data(), launcher_entries.size(), *this);
+  // The launcher hears only of its watches that are ready, or when it has work without them.
+  const std::vector<PollSet::Fired>& fired = poll_set_.fired(kLauncherGroup);
+  if (!fired.empty() || launcher_.has_pending_events()) launcher_.service(fired, *this);
   for (const uint32_t group : poll_set_.ready_groups()) {
     if (group < kFirstSlotGroup) continue;
     Slot& slot = *slots_[group - kFirstSlotGroup];
@@ -378,6 +405,7 @@ int64_t Supervisor::check(int64_t now_ns) {
     }
   }
   next = std::min(next, launcher_.check(now_ns, *this));
+  announce_waiting_places();
   next = std::min(next, check_idle(now_ns));
   // The slots something touched, then those due: not every link at every wake (each check may
   // read a worker's control page, a cache miss per worker).

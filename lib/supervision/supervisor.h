@@ -72,7 +72,8 @@ class Supervisor final : private LauncherEvents {
     // message (one since_start for all; `event` is the caller's to reuse, its message changed).
     std::function<void(LogEvent& event, std::span<const std::string_view> lines)> log_lines;
   };
-  Supervisor(Config config, Launcher& launcher, Scheduler& scheduler);
+  // `poll_set` is the event loop's, and outlives the launcher (whose descriptors it watches).
+  Supervisor(Config config, Launcher& launcher, Scheduler& scheduler, PollSet& poll_set);
   ~Supervisor() override;
 
   // Starts the workers that are due: every slot at first, then replacements whose delay passed.
@@ -80,7 +81,7 @@ class Supervisor final : private LauncherEvents {
   void start_due(int64_t now_ns);
 
   // The event loop, over poll_set(): service() hands what the last wait found ready to the
-  // launcher and to those links, check() handles deadlines (of the links that are due or were
+  // launcher (its watches, group kLauncherGroup) and to those links, check() handles deadlines (of the links that are due or were
   // touched) and returns when it wants to be called again, and after_events() sends shutdowns that
   // became due, registers in poll_set() what changed since the last wait (the descriptors of new
   // and ended links, and what each link now waits for: only links something touched are asked),
@@ -156,6 +157,9 @@ class Supervisor final : private LauncherEvents {
   void on_host_leaving(Slot& slot);
   void stop(Slot& slot, absl::Status reason, StopMode mode);
   void record_start_failure(Slot& slot, absl::Status failure, int64_t now_ns);
+  // Places whose start found no host where hosts dial in on their own (is_waiting_for_host): said
+  // once, as a warning, each time more of them wait than were last said, not as an error per place.
+  void announce_waiting_places();
   void send_shutdown(Slot& slot);
   // Sends `slot`'s worker its shutdown if it is due: it has nothing to do, and the pool is done
   // (join), or it is being recycled, retired or parked. The one place that decides it.
@@ -167,7 +171,8 @@ class Supervisor final : private LauncherEvents {
   int64_t check_idle(int64_t now_ns);
   // Checks `slot` and records when it wants to be checked next (check_at_).
   void check_slot(Slot& slot, int64_t now_ns);
-  // Registers in poll_set_ what the launcher and the touched slots' links wait for now.
+  // Registers in poll_set_ what the touched slots' links wait for now (the launcher keeps its
+  // own watches).
   void prepare_wait();
   void check_slot(Slot& slot, int64_t now_ns, int64_t& next);
   void fail_queued_if_unavailable();
@@ -186,12 +191,12 @@ class Supervisor final : private LauncherEvents {
   std::vector<std::unique_ptr<Slot>> slots_;
   int target_;  // slots not retired: the pool's size (resize())
   std::vector<std::unique_ptr<WorkerLink>> ended_links_;  // dropped in after_events()
-  // The event loop's descriptors: group kLauncherGroup is the launcher's, slot i's link's is
-  // kFirstSlotGroup + i.
+  // The event loop's descriptors: group kLauncherGroup is the launcher's watches, slot i's
+  // link's list is kFirstSlotGroup + i.
   static constexpr uint32_t kLauncherGroup = 1;
   static constexpr uint32_t kFirstSlotGroup = 2;
-  PollSet poll_set_;
-  std::vector<pollfd> wanted_;  // what a link or the launcher waits for (prepare_wait)
+  PollSet& poll_set_;
+  std::vector<pollfd> wanted_;  // what a link waits for (prepare_wait)
   // Slots something touched since they were last registered (unsynced) or checked (unchecked):
   // only these are asked what they wait for, and checked before they are due.
   std::vector<int> touched_;
@@ -208,6 +213,7 @@ class Supervisor final : private LauncherEvents {
 
   int consecutive_start_failures_ = 0;
   absl::Status last_start_failure_;
+  int waiting_places_announced_ = 0;  // announce_waiting_places()
   bool joining_ = false;
   int64_t join_deadline_ns_ = 0;
   bool join_deadline_passed_ = false;

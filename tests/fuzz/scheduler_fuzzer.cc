@@ -72,7 +72,7 @@ class Harness {
                                .join_timeout = absl::InfiniteDuration(),
                                .respawn_delay = absl::ZeroDuration(),
                                .respawn_max_delay = absl::ZeroDuration()},
-            launcher_, scheduler_) {
+            launcher_, scheduler_, poll_set_) {
     CallSettings plain;
     plain.chunksize = 3;
     plain.retries = 1;
@@ -289,6 +289,7 @@ class Harness {
   }
 
   int64_t now_ = procpool::internal::monotonic_now_ns();
+  procpool::internal::PollSet poll_set_;  // the loop's (the pool's own outlives its launcher)
   FakeLauncher launcher_;
   Scheduler scheduler_;
   Supervisor supervisor_;

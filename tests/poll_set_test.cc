@@ -34,6 +34,46 @@ Pipe make_pipe() {
 
 void write_byte(const UniqueFd& fd) { REQUIRE(::write(fd.get(), "x", 1) == 1); }
 
+// A forked child that holds copies of this process's descriptors (a worker forked before it
+// closed what it inherited) until release(): a file closed here stays open in the kernel.
+class CopyHolder {
+ public:
+  CopyHolder() {
+    int go[2];
+    REQUIRE(::pipe2(go, O_CLOEXEC) == 0);
+    child_ = ::fork();
+    REQUIRE(child_ >= 0);
+    if (child_ == 0) {
+      char byte;
+      (void)!::read(go[0], &byte, 1);  // until the parent is done
+      ::_exit(0);
+    }
+    ::close(go[0]);
+    go_.reset(go[1]);
+  }
+  // Lets the child end, and reaps it.
+  void release() {
+    (void)!::write(go_.get(), "x", 1);
+    go_.reset();
+    int status = 0;
+    REQUIRE(::waitpid(child_, &status, 0) == child_);
+  }
+
+ private:
+  pid_t child_ = -1;
+  UniqueFd go_;
+};
+
+// The same number as `number`, another file: `fresh`'s read end moved there if the kernel gave it
+// another.
+int take_number(int number, Pipe& fresh, UniqueFd& moved) {
+  if (fresh.read_end.get() == number) return number;
+  REQUIRE(::dup2(fresh.read_end.get(), number) == number);
+  moved.reset(number);
+  return number;
+}
+
+
 void set_one(PollSet& set, uint32_t group, int fd, short events) {
   const pollfd entry{fd, events, 0};
   set.set(group, &entry, 1);
@@ -148,16 +188,7 @@ TEST_CASE("a descriptor closed while a forked child holds a copy reports to no o
 
   // A child holds a copy of the read end (a worker forked before it closes what it inherited):
   // closing ours leaves the registration alive in the kernel.
-  int go[2];
-  REQUIRE(::pipe2(go, O_CLOEXEC) == 0);
-  const pid_t child = ::fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    char byte;
-    (void)!::read(go[0], &byte, 1);  // until the parent is done
-    ::_exit(0);
-  }
-  ::close(go[0]);
+  CopyHolder holder;
   // Closed before its group gave it up (a link that closed a descriptor itself): removing it by
   // number fails, and its registration lives on while the child's copy does.
   old_pipe.read_end.reset();
@@ -167,11 +198,7 @@ TEST_CASE("a descriptor closed while a forked child holds a copy reports to no o
   // The same number, another file, another group.
   Pipe new_pipe = make_pipe();
   UniqueFd moved;
-  if (new_pipe.read_end.get() != number) {
-    REQUIRE(::dup2(new_pipe.read_end.get(), number) == number);
-    moved.reset(number);
-  }
-  const int new_fd = moved ? moved.get() : new_pipe.read_end.get();
+  const int new_fd = take_number(number, new_pipe, moved);
   set_one(set, 5, new_fd, POLLIN);
   CHECK(set.wait(0) == 0);
   write_byte(new_pipe.write_end);
@@ -179,10 +206,7 @@ TEST_CASE("a descriptor closed while a forked child holds a copy reports to no o
   CHECK(is_ready(set, 5));
   CHECK(!is_ready(set, 4));
 
-  (void)!::write(go[1], "x", 1);
-  ::close(go[1]);
-  int status = 0;
-  REQUIRE(::waitpid(child, &status, 0) == child);
+  holder.release();
 }
 
 TEST_CASE("a group's next descriptors, fresh, are registered even where a number repeats") {
@@ -196,10 +220,7 @@ TEST_CASE("a group's next descriptors, fresh, are registered even where a number
   first.read_end.reset();
   Pipe second = make_pipe();
   UniqueFd moved;
-  if (second.read_end.get() != number) {
-    REQUIRE(::dup2(second.read_end.get(), number) == number);
-    moved.reset(number);
-  }
+  (void)take_number(number, second, moved);
   set_one(set, 2, number, POLLIN);  // the same list as before: not fresh, nothing to register
   write_byte(second.write_end);
   CHECK(set.wait(0) == 0);
@@ -214,15 +235,6 @@ bool fired_key(const PollSet& set, uint32_t group, uint64_t key, short revents) 
     if (fired.key == key) return (fired.revents & revents) == revents;
   }
   return false;
-}
-
-// The same number as `number`, another file: `fresh`'s read end moved there if the kernel gave it
-// another.
-int take_number(int number, Pipe& fresh, UniqueFd& moved) {
-  if (fresh.read_end.get() == number) return number;
-  REQUIRE(::dup2(fresh.read_end.get(), number) == number);
-  moved.reset(number);
-  return number;
 }
 
 TEST_CASE("watches report their keys, beside the entries of groups") {
@@ -299,16 +311,7 @@ TEST_CASE("a watch reset before its descriptor closes leaves nothing behind: the
   CHECK(set.wait(0) == 0);
   const int number = old_pipe.read_end.get();
 
-  int go[2];
-  REQUIRE(::pipe2(go, O_CLOEXEC) == 0);
-  const pid_t child = ::fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    char byte;
-    (void)!::read(go[0], &byte, 1);  // until the parent is done
-    ::_exit(0);
-  }
-  ::close(go[0]);
+  CopyHolder holder;
   old_watch.reset();
   old_pipe.read_end.reset();
   write_byte(old_pipe.write_end);  // the old file is ready, for whoever still watches it
@@ -323,10 +326,7 @@ TEST_CASE("a watch reset before its descriptor closes leaves nothing behind: the
   REQUIRE(set.fired(1).size() == 1);
   CHECK(fired_key(set, 1, 2, POLLIN));
 
-  (void)!::write(go[1], "x", 1);
-  ::close(go[1]);
-  int status = 0;
-  REQUIRE(::waitpid(child, &status, 0) == child);
+  holder.release();
 }
 
 TEST_CASE("a number a group gives up and a watch takes in the same round stays the watch's") {

@@ -331,6 +331,21 @@ TEST_CASE("a connection refused during its handshake gives its descriptor's numb
   CHECK(worker.reap(absl::Seconds(10)));
 }
 
+// Over a channel whose TLS handshake is done: a worker's hello gets the pool's challenge (the
+// pool kept the connection and reads it).
+void check_hello_is_challenged(internal::TlsChannel& channel) {
+  capnp::MallocMessageBuilder message;
+  auto hello = message.initRoot<wire::FromWorker>().initHello();
+  hello.setVersion(internal::kProtocolVersion);
+  hello.setNonce(as_data(internal::make_nonce()));
+  (void)internal::write_frame(channel, message);
+  internal::FrameReader reader(1 << 20);
+  auto challenge = internal::read_frame_within(channel, reader, absl::Now() + absl::Seconds(20));
+  REQUIRE_MESSAGE(challenge.ok(), challenge.status());
+  capnp::FlatArrayMessageReader answer(*challenge);
+  CHECK(answer.getRoot<wire::ToWorker>().isChallenge());
+}
+
 TEST_CASE("a peer in its TLS handshake is not taken for a silent one: a flood of idle "
           "connections from its address closes them, not it") {
   ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(60)}));
@@ -363,16 +378,7 @@ TEST_CASE("a peer in its TLS handshake is not taken for a silent one: a flood of
   const absl::Status shook = (*channel)->handshake_within(absl::Now() + absl::Seconds(20));
   REQUIRE_MESSAGE(shook.ok(), shook);
   ::signal(SIGPIPE, SIG_IGN);  // a closed connection fails the write, rather than this process
-  capnp::MallocMessageBuilder message;
-  auto hello = message.initRoot<wire::FromWorker>().initHello();
-  hello.setVersion(internal::kProtocolVersion);
-  hello.setNonce(as_data(internal::make_nonce()));
-  (void)internal::write_frame(**channel, message);
-  internal::FrameReader reader(1 << 20);
-  auto challenge = internal::read_frame_within(**channel, reader, absl::Now() + absl::Seconds(20));
-  REQUIRE_MESSAGE(challenge.ok(), challenge.status());
-  capnp::FlatArrayMessageReader answer(*challenge);
-  CHECK(answer.getRoot<wire::ToWorker>().isChallenge());
+  check_hello_is_challenged(**channel);
   pool.terminate();
 }
 
@@ -399,16 +405,7 @@ TEST_CASE("a relay slow to send its first bytes is not taken for an idle connect
   ::signal(SIGPIPE, SIG_IGN);  // a closed connection fails the write, rather than this process
   const absl::Status shook = (*channel)->handshake_within(absl::Now() + absl::Seconds(20));
   REQUIRE_MESSAGE(shook.ok(), shook);
-  capnp::MallocMessageBuilder message;
-  auto hello = message.initRoot<wire::FromWorker>().initHello();
-  hello.setVersion(internal::kProtocolVersion);
-  hello.setNonce(as_data(internal::make_nonce()));
-  (void)internal::write_frame(**channel, message);
-  internal::FrameReader reader(1 << 20);
-  auto challenge = internal::read_frame_within(**channel, reader, absl::Now() + absl::Seconds(20));
-  REQUIRE_MESSAGE(challenge.ok(), challenge.status());
-  capnp::FlatArrayMessageReader answer(*challenge);
-  CHECK(answer.getRoot<wire::ToWorker>().isChallenge());
+  check_hello_is_challenged(**channel);
   pool.terminate();
 }
 

@@ -176,12 +176,7 @@ TEST_CASE("cancelling a map_async cancels every unfinished task and leaves other
   Gates gates;
   GatedPool pool = make_pool(gates, 2, {.kill_grace = absl::Milliseconds(200)});
   // Both workers ready, so that jobs 1 and 2 go one to each and the rest wait in the pool's queue.
-  REQUIRE(testing::wait_until([&] {
-    for (const WorkerStats& worker : pool.stats().workers) {
-      if (worker.state != WorkerState::kIdle) return false;
-    }
-    return true;
-  }));
+  REQUIRE(testing::wait_until([&] { return testing::all_idle(pool.stats()); }));
   std::vector<int64_t> jobs = {1, 2, 3, 4, 5, 6, 7};
   AsyncResult<std::vector<int64_t>> batch = pool.map_async(jobs, {.chunksize = 1});
   REQUIRE(gates.wait_started(1) != 0);

@@ -78,6 +78,7 @@ struct Crasher {
   }
 };
 
+using testing::all_idle;
 using testing::all_serving;
 
 // =============================================================================================
@@ -993,12 +994,7 @@ TEST_CASE("a worker does not start a queued task of a call cancelled by a signal
   REQUIRE((*call)->wait(absl::Seconds(5)));
   const absl::Time start = absl::Now();
   // The worker is free once its running task ends.
-  CHECK(wait_until([&] {
-    for (const WorkerStats& worker : pool.stats().workers) {
-      if (worker.state != WorkerState::kIdle) return false;
-    }
-    return true;
-  }, absl::Seconds(3)));
+  CHECK(wait_until([&] { return all_idle(pool.stats()); }, absl::Seconds(3)));
   MESSAGE("idle after ", absl::FormatDuration(absl::Now() - start));
   std::set<std::string> ran;
   for (const std::string& line : testing::read_lines(dir.file("ran"))) ran.insert(line);

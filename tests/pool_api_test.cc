@@ -671,12 +671,7 @@ TEST_CASE("progress callbacks and stats add up after a run with failures") {
     CHECK(calls.load() == 100);
     CHECK(last_done.load() == 100);
     // A worker may still be starting if the other one did all the work.
-    CHECK(testing::wait_until([&] {
-      for (const WorkerStats& worker : pool.stats().workers) {
-        if (worker.state != WorkerState::kIdle) return false;
-      }
-      return true;
-    }));
+    CHECK(testing::wait_until([&] { return testing::all_idle(pool.stats()); }));
     PoolStats stats = pool.stats();
     CHECK(stats.tasks_submitted == 100);
     CHECK(stats.tasks_done == 90);

@@ -53,15 +53,6 @@ int open_descriptors() {
   return count - 1;  // the directory's own
 }
 
-template <typename W>
-bool all_idle(ProcessPool<W>& pool) {
-  const PoolStats stats = pool.stats();
-  for (const WorkerStats& worker : stats.workers) {
-    if (worker.state != WorkerState::kIdle) return false;
-  }
-  return true;
-}
-
 // Starts `options`' pool, waits for all its workers, runs a map that reaches every one of them,
 // and returns the most descriptors this process held meanwhile.
 template <typename W>
@@ -72,7 +63,7 @@ int peak_descriptors(PoolOptions options, int workers, const typename W::Job& jo
   CHECK(wait_until(
       [&] {
         peak = std::max(peak, open_descriptors());
-        return all_idle(pool);
+        return testing::all_idle(pool.stats());
       },
       absl::Seconds(120)));
   absl::StatusOr<std::vector<int64_t>> out =

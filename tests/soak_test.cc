@@ -29,6 +29,7 @@
 #include "absl/time/time.h"
 #include "doctest/doctest.h"
 #include "tests/fault_support.h"
+#include "tests/test_support.h"
 
 namespace procpool {
 namespace {
@@ -176,6 +177,11 @@ SoakFigures run_soak(const SoakConfig& config) {
           }
         }
       }
+      // The workers this round's kills and timeouts stopped are replaced after the call ends:
+      // count at rest, every slot with its (new) worker idle, or a replacement in flight shows as
+      // drift.
+      CHECK_MESSAGE(testing::wait_until([&] { return testing::all_idle(pool.stats()); }),
+                    "round ", round, ": the workers did not all come back");
       const int fds = testing::open_fd_count();
       if (round == 0) {
         figures.fd_first_round = fds;

@@ -77,6 +77,16 @@ inline bool all_serving(const PoolStats& stats) {
   return true;
 }
 
+// Every worker of the pool is ready and has no task: none starting, busy, leaving or waiting for
+// a replacement. After a call whose tasks killed workers, the replacements start after the call
+// ends: wait for this before counting the parent's fds or children.
+inline bool all_idle(const PoolStats& stats) {
+  for (const WorkerStats& worker : stats.workers) {
+    if (worker.state != WorkerState::kIdle) return false;
+  }
+  return true;
+}
+
 // The parent of process `pid` (/proc/PID/stat); 0 if it is gone or unreadable.
 inline pid_t parent_of(pid_t pid) {
   std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));

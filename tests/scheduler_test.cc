@@ -266,6 +266,49 @@ TEST_CASE("a task timeout stops the worker through its port, naming the task") {
   CHECK(call->ended_once());
 }
 
+// A remote worker's progress reaches the pool late (WorkerProgress::exact false): a report that
+// task 0 runs may be 100 ms old while the worker streams through tasks far shorter than that.
+// Timed from such a report, a 5 ms timeout stopped workers over tasks they had finished.
+TEST_CASE("a report that comes late is timed with its lag: no timeout falls on a task the worker "
+          "may have left") {
+  for (const bool soft : {false, true}) {
+    for (const bool exact : {true, false}) {
+      CAPTURE(soft);
+      CAPTURE(exact);
+      Rig rig(1);
+      CallSettings settings = chunks(1000);
+      if (soft) {
+        settings.soft_timeout = absl::Milliseconds(5);
+      } else {
+        settings.has_task_timeout = true;
+        settings.task_timeout = absl::Milliseconds(5);
+      }
+      rig.submit(1000, settings);
+      rig.scheduler.dispatch();
+      rig.worker(0).set_exact(exact);
+      const int64_t start = internal::monotonic_now_ns();
+      REQUIRE(rig.worker(0).start(rig.front(0).seq, start) == 0u);
+      auto stopped = [&] {
+        return soft ? internal::stop_requested(rig.worker(0).page())
+                    : !rig.ports[0]->stops().empty();
+      };
+      const int64_t due = start + 5'000'000 + internal::coarse_clock_slack_ns();
+      if (exact) {
+        rig.scheduler.check(due);
+        CHECK(stopped());
+      } else {
+        // 100 ms after the report, the worker may well have run 10,000 tasks since.
+        const int64_t wake = rig.scheduler.check(due + 100'000'000);
+        CHECK_FALSE(stopped());
+        CHECK(wake <= due + internal::kInexactProgressLagNs);
+        // Past the lag a task still shown running is stopped (its worker host should have).
+        rig.scheduler.check(due + internal::kInexactProgressLagNs);
+        CHECK(stopped());
+      }
+    }
+  }
+}
+
 TEST_CASE("claims: a cancelled call's unstarted tasks fail kCancelled; started ones deliver") {
   bool answered_later = false;
   SUBCASE("the revoke is answered at once (shared memory)") {}

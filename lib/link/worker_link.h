@@ -68,6 +68,15 @@ struct WorkerProgress {
   bool exact = true;
 };
 
+// How late a link that learns of progress late (WorkerProgress::exact false) may still show a
+// task the worker has moved past: a worker host looks at its worker every 10 ms and reports a
+// change, at most every 100 ms while short tasks stream (relay.cc), and its report then crosses
+// the network and two busy hosts' schedulers. A rule that times a task by such a report (a
+// timeout, a soft timeout's grace, the stall rule) allows this much more, so that a task which
+// ended long ago, as the report could not yet say, is never stopped for it; a worker host enforces
+// task_timeout itself, exactly, from its worker's shared memory.
+inline constexpr int64_t kInexactProgressLagNs = 250'000'000;
+
 // Where a link reports what happened. The pool implements it for each link.
 class LinkEvents {
  public:

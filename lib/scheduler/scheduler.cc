@@ -509,6 +509,9 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   const int64_t waiting_since =
       running ? progress.started_ns
               : std::max(front.front_since_ns, on_front ? progress.started_ns : int64_t{0});
+  // Every deadline below counts from that report. One learnt late (a remote worker's) may show a
+  // task the worker left since: only once it is older than the lag may a deadline fall.
+  const int64_t lag = progress.exact ? 0 : kInexactProgressLagNs;
 
   // Soft timeouts: the task is asked to stop, and gets cancel_grace to do so.
   if (running && front.soft_timeout != absl::InfiniteDuration()) {
@@ -516,7 +519,7 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
                        progress.task_index >= worker.stop->from &&
                        progress.task_index < worker.stop->to;
     const int64_t soft_deadline =
-        progress.started_ns + to_ns(front.soft_timeout) + coarse_clock_slack_ns();
+        progress.started_ns + to_ns(front.soft_timeout) + coarse_clock_slack_ns() + lag;
     if (asked) {
       // Already asked (for this or another reason).
     } else if (now >= soft_deadline) {
@@ -534,11 +537,12 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   if (running && worker.stop && worker.stop->seq == front.seq &&
       progress.task_index >= worker.stop->from && progress.task_index < worker.stop->to &&
       worker.stop->kill_at_ns != INT64_MAX) {
-    if (now >= worker.stop->kill_at_ns) {
+    const int64_t kill_at = worker.stop->kill_at_ns + lag;
+    if (now >= kill_at) {
       worker.port->stop(worker.stop->reason);
       return;
     }
-    next = std::min(next, worker.stop->kill_at_ns);
+    next = std::min(next, kill_at);
   }
 
   // Task timeouts.
@@ -546,7 +550,8 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
     if (running) {
       // Packed tasks are stamped with the coarse clock, which runs behind by up to its
       // resolution: never kill a task before its time.
-      const int64_t deadline = progress.started_ns + to_ns(front.timeout) + coarse_clock_slack_ns();
+      const int64_t deadline =
+          progress.started_ns + to_ns(front.timeout) + coarse_clock_slack_ns() + lag;
       if (now >= deadline) {
         worker.port->stop(absl::DeadlineExceededError(absl::StrFormat(
             "task %d of its call ran past its timeout of %s; %s was stopped",
@@ -559,7 +564,7 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
       // Not started yet, or between tasks. A worker that stays so past the timeout (and the
       // grace) is stuck or stopped: it holds tasks it will never run, so it goes too.
       const int64_t deadline =
-          waiting_since + to_ns(front.timeout) + to_ns(config_.kill_grace);
+          waiting_since + to_ns(front.timeout) + to_ns(config_.kill_grace) + lag;
       if (now >= deadline) {
         worker.port->stop(absl::DeadlineExceededError(absl::StrFormat(
             "%s did not start its next task within the task timeout of %s; it is stuck or "
@@ -577,7 +582,7 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   const int64_t mean = call.observed_tasks > 0 ? call.observed_busy_ns / call.observed_tasks : 0;
   const int64_t threshold =
       std::max(kStallFloorNs, kStallFactor * std::min(mean, kMaxObservedNs / kStallFactor));
-  const int64_t stall_at = waiting_since + threshold;
+  const int64_t stall_at = waiting_since + threshold + lag;
   if (now < stall_at) {
     next = std::min(next, stall_at);
     return;

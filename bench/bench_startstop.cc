@@ -1,5 +1,5 @@
 // Pool start + close + join with trivial enter()/exit(), workers = cores:
-//   bench_startstop reps=20
+//   bench_startstop reps=20 [cgroups=off]
 // Times construction (forks every worker) through join() (every worker ran enter() and exit()
 // and was reaped), and the floor: forking as many children that exit at once, and reaping them
 // (raw_floor.h). Prints milliseconds of both per repetition.
@@ -23,11 +23,14 @@ int main(int argc, char** argv) {
   Args args(argc, argv);
   const int reps = static_cast<int>(args.get_int("reps", 20));
   const int workers = static_cast<int>(args.get_int("workers", 0));
+  // cgroups=off: Cgroups::kOff, to see what the default per-worker cgroups (kAuto) cost.
+  const procpool::Cgroups cgroups =
+      args.get("cgroups", "auto") == "off" ? procpool::Cgroups::kOff : procpool::Cgroups::kAuto;
   for (int rep = 0; rep < reps; ++rep) {
     const int64_t start = now_ns();
     int started = 0;
     {
-      procpool::ProcessPool<Trivial> pool({.workers = workers});
+      procpool::ProcessPool<Trivial> pool({.workers = workers, .cgroups = cgroups});
       started = pool.workers();
       if (!pool.close().ok()) die("close");
       if (absl::Status joined = pool.join(); !joined.ok()) die(joined.ToString());

@@ -738,9 +738,10 @@ def evaluate(results, cores):
                 "hosts' reports; TCP payload both ways) with nothing to do: %s data segments per "
                 "host and second at 256 hosts (%s at 4); during the 1,000,000-task map %s bytes "
                 "a task at 256 (%s at 4); during the 1 ms tasks %s bytes and %s segments a task "
-                "at 256 (%s and %s at 4). Progress is reported at most every 10 ms a host, so "
-                "it is bounded by hosts x time, not by tasks: quick tasks share a report, and "
-                "a task longer than 10 ms costs at most its start and its end"
+                "at 256 (%s and %s at 4). Progress is reported at most every 10 ms a host (every "
+                "100 ms while tasks shorter than that stream), so it is bounded by hosts x time, "
+                "not by tasks: quick tasks share a report, and a task longer than 10 ms costs at "
+                "most its start and its end"
                 % (fig(recs, "high_idle_segments_per_host_s").fmt(lambda v: "%.2f" % v),
                    fig(recs, "low_idle_segments_per_host_s").fmt(lambda v: "%.2f" % v),
                    fig(recs, "high_trivial_control_bytes_per_task").fmt(lambda v: "%.3f" % v),

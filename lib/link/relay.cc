@@ -53,7 +53,18 @@ constexpr char kConnectFlag[] = "--procpool-connect=";
 // While it has a worker, the relay looks at its progress this often and tells the pool when it
 // changed (a task started or ended): the pool's view of a remote worker lags by about this.
 constexpr int64_t kProgressWatchNs = 10'000'000;
+// While tasks stream (the progress moved between two looks: tasks shorter than a look), a change
+// is told at most this often. Each report is a frame the pool's one thread reads, and with
+// hundreds of hosts streaming short tasks those were most of its work; the results tell the pool
+// of the same tasks anyway. A task seen running at two looks in a row (a long one), or a worker
+// gone idle, is told at once. The pool allows for the lag (kInexactProgressLagNs).
+constexpr int64_t kStreamingProgressNs = 100'000'000;
 constexpr int64_t kResidentBytesIntervalNs = 50'000'000;
+
+// Which task a worker is at, as one number: it changes when a task starts or ends.
+uint64_t progress_signature(const WorkerProgress& progress) {
+  return progress.batch_seq * 1'000'003 + progress.task_index * 2 + (progress.running ? 1 : 0);
+}
 // Forwarded output: lines go to the pool in frames of about this many bytes (or fewer: at most
 // what its max_frame_bytes allows), and the worker's pipes are not read while this much is queued
 // for the pool (the worker then blocks on its full pipe: memory stays bounded here).
@@ -315,7 +326,11 @@ class Relay final : private LinkEvents {
   int64_t last_received_ns_ = 0;
   int64_t last_rss_read_ns_ = 0;
   size_t resident_bytes_ = 0;
-  uint64_t reported_signature_ = 0;  // of the progress last sent
+  // watch_progress: the progress last sent (and when), and last looked at (and when next).
+  uint64_t reported_signature_ = 0;
+  int64_t reported_ns_ = 0;
+  uint64_t looked_signature_ = 0;
+  int64_t next_look_ns_ = 0;
   // Forwarded output not sent yet: lines of one stream (a line of the other sends these first).
   std::vector<std::string> output_lines_;
   bool output_stderr_ = false;
@@ -643,7 +658,12 @@ void Relay::send_pong() {
   }
   capnp::MallocMessageBuilder message(64);
   auto pong = message.initRoot<wire::FromWorker>().initPong();
-  if (child_) write_progress(child_->progress(), resident_bytes_, pong);
+  if (child_) {
+    const WorkerProgress progress = child_->progress();
+    write_progress(progress, resident_bytes_, pong);
+    reported_signature_ = progress_signature(progress);
+    reported_ns_ = now;
+  }
   queue(message);
 }
 
@@ -692,6 +712,8 @@ void Relay::spawn(wire::Spawn::Reader request) {
   if (!child.ok()) return fail(child.status().message());
   child_ = *std::move(child);
   reported_signature_ = 0;
+  looked_signature_ = 0;
+  next_look_ns_ = 0;
   root.setSpawned(child_->pid());
   queue(reply);
 }
@@ -701,14 +723,16 @@ void Relay::stop_child(StopMode mode) {
 }
 
 int64_t Relay::watch_progress(int64_t now) {
-  const WorkerProgress progress = child_->progress();
-  const uint64_t signature = progress.batch_seq * 1'000'003 + progress.task_index * 2 +
-                             (progress.running ? 1 : 0);
-  if (signature != reported_signature_) {
-    reported_signature_ = signature;
+  if (now < next_look_ns_) return next_look_ns_;
+  next_look_ns_ = now + kProgressWatchNs;
+  const uint64_t signature = progress_signature(child_->progress());
+  const bool streaming = signature != looked_signature_;
+  looked_signature_ = signature;
+  if (signature != reported_signature_ &&
+      (!streaming || now - reported_ns_ >= kStreamingProgressNs)) {
     send_pong();
   }
-  return now + kProgressWatchNs;
+  return next_look_ns_;
 }
 
 int64_t Relay::watchdog(int64_t now) {

@@ -70,34 +70,44 @@ void Scheduler::cancel_all(const absl::Status& status) {
 
 void Scheduler::stop_running(const Call* call, const absl::Status& reason) {
   const bool grace = config_.cancel_grace > absl::ZeroDuration();
-  const int64_t kill_at = grace ? monotonic_now_ns() + to_ns(config_.cancel_grace) : 0;
+  const int64_t now = monotonic_now_ns();
+  const int64_t kill_at = grace ? now + to_ns(config_.cancel_grace) : now;
   for (Worker& worker : workers_) {
-    if (worker.port == nullptr) continue;
+    if (worker.port == nullptr || worker.batches.empty()) continue;
     const WorkerProgress progress = worker.port->progress();
-    if (grace && !progress.exact && !worker.batches.empty()) {
-      // Progress that comes late (TCP) may not show the task begun yet: the request covers the
-      // front batch from its first task not known to be done, and the kill waits for progress
-      // that shows one of them running past the grace (check_worker).
-      const Batch& front = worker.batches.front();
-      if (front.tasks.call.get() != call || front.reported >= front.limit) continue;
-      const uint32_t from =
-          progress.batch_seq == front.seq ? std::max(front.reported, progress.task_index)
-                                          : front.reported;
-      if (from < front.limit) request_stop(worker, front, from, front.limit, reason, kill_at);
-      continue;
-    }
-    if (!progress.running) continue;
+    const Batch* running = nullptr;
     for (const Batch& batch : worker.batches) {
-      if (batch.seq == progress.batch_seq && batch.tasks.call.get() == call &&
+      if (progress.running && batch.seq == progress.batch_seq && batch.tasks.call.get() == call &&
           progress.task_index >= batch.reported && progress.task_index < batch.limit) {
-        if (grace) {
-          // The rest of the batch too: its worker may have claimed more than the one it runs.
-          request_stop(worker, batch, progress.task_index, batch.limit, reason, kill_at);
-        } else {
-          worker.port->stop(reason);
-        }
+        running = &batch;
         break;
       }
+    }
+    if (running != nullptr && (progress.exact || !grace)) {
+      if (grace) {
+        // The rest of the batch too: its worker may have claimed more than the one it runs.
+        request_stop(worker, *running, progress.task_index, running->limit, reason, kill_at);
+      } else {
+        worker.port->stop(reason);
+      }
+      continue;
+    }
+    if (progress.exact) continue;
+    // Progress that comes late (TCP) may not show the task begun yet: the stop covers the front
+    // batch from its first task not known to be done, and the kill waits for progress that shows
+    // one of them running past the grace, or at once without one (check_worker, which allows for
+    // the report's lag). Only with a grace is the worker asked to stop them.
+    const Batch& front = worker.batches.front();
+    if (front.tasks.call.get() != call || front.reported >= front.limit) continue;
+    const uint32_t from =
+        progress.batch_seq == front.seq ? std::max(front.reported, progress.task_index)
+                                        : front.reported;
+    if (from >= front.limit) continue;
+    if (grace) {
+      request_stop(worker, front, from, front.limit, reason, kill_at);
+    } else {
+      worker.stop = Worker::StopRequest{front.seq, from, front.limit, reason, kill_at};
+      worker.check_at_ns = INT64_MIN;
     }
   }
 }

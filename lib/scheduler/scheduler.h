@@ -115,7 +115,8 @@ class Scheduler {
   // Stops (through its port) every worker running a task of `call` now, with `reason` for that
   // task. With cancel(), this is AsyncResult::cancel(): nothing of the call runs on. With a
   // cancel_grace, the task is asked to stop first (ask_to_stop) and its worker is stopped only if
-  // it still runs it when the grace ends.
+  // it still runs it when the grace ends. A worker whose progress comes late (TCP) and does not
+  // show such a task yet is stopped once it does (check_worker).
   void stop_running(const Call* call, const absl::Status& reason);
   // Asks every task of `call` (null: of every call) that runs now, or was claimed by its worker,
   // to stop (this_task::stop_requested), without a deadline: leaving an imap loop, a signal's

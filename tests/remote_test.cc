@@ -883,13 +883,14 @@ std::string next_frame_where(Peer& peer, Wanted wanted) {
 }
 
 // A worker host speaking the protocol by hand, named `host`: its control connection, then its
-// worker's data connection, the worker spawned (pid 4242) and ready.
+// worker's data connection, the worker spawned (pid 4242) and, if `ready`, ready.
 struct FakeHost {
   Peer control;
   Peer data;
 };
 
-FakeHost fake_host(const std::string& address, const std::string& token, const std::string& host) {
+FakeHost fake_host(const std::string& address, const std::string& token, const std::string& host,
+                   bool ready = true) {
   FakeHost fake{dial_with(address, token), {}};
   std::string session;
   REQUIRE(handshake_as_worker(fake.control, token, internal::worker_type_name<RemoteWorker>(), host,
@@ -913,9 +914,11 @@ FakeHost fake_host(const std::string& address, const std::string& token, const s
   capnp::MallocMessageBuilder spawned;
   spawned.initRoot<wire::FromWorker>().setSpawned(4242);
   fake.control.write(spawned);
-  capnp::MallocMessageBuilder ready;
-  ready.initRoot<wire::FromWorker>().setReady();
-  fake.data.write(ready);
+  if (ready) {
+    capnp::MallocMessageBuilder message;
+    message.initRoot<wire::FromWorker>().setReady();
+    fake.data.write(message);
+  }
   return fake;
 }
 
@@ -1033,6 +1036,28 @@ TEST_CASE("counts a host reports of its worker, however absurd, show in stats wi
   CHECK(stats.hosts[0].tasks_done >= 3);
   CHECK(stats.hosts[0].resident_bytes > 0);
   ::kill(real.pid, SIGKILL);
+  CHECK(real.reap(absl::Seconds(10)));
+}
+
+TEST_CASE("a worker that reports results before it is ready is stopped; the pool serves on") {
+  // Nothing was given to it: the results answer no batch of a worker the pool has not attached.
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}));
+  FakeHost fake = fake_host(pool.remote_address(), pool.remote_token(), "early", /*ready=*/false);
+  capnp::MallocMessageBuilder message;
+  auto results = message.initRoot<wire::FromWorker>().initResults();
+  results.setSeq(1);
+  results.setCount(1);
+  results.initOutcomes(1)[0].initOk().setInt(5);
+  fake.data.write(message);
+  // Its worker is stopped (the pool asks its host to kill it), and the slot goes to a real one.
+  (void)next_frame_where(fake.control, [](wire::ToWorker::Reader r) { return r.isStop(); });
+  fake.control.channel.reset();
+  StartedWorker real = start_worker(pool.remote_address(), pool.remote_token());
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  const absl::StatusOr<int64_t> squared = pool.apply(3);
+  CHECK_MESSAGE(squared.value_or(-1) == 9, squared.status());
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
   CHECK(real.reap(absl::Seconds(10)));
 }
 

@@ -242,6 +242,10 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
                      results.getStart() < worker.batches.front().reported))) {
     return absl::OkStatus();  // came through the channel already
   }
+  if (worker.port == nullptr) {
+    // Not attached: it never said it was ready, and was given nothing.
+    return absl::DataLossError("reported results before it was ready");
+  }
   if (worker.batches.empty() || worker.batches.front().seq != results.getSeq()) {
     // After terminate() the batches were settled already: late results are dropped.
     if (abandoned_) return absl::OkStatus();

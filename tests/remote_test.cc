@@ -1061,6 +1061,33 @@ TEST_CASE("a worker that reports results before it is ready is stopped; the pool
   CHECK(real.reap(absl::Seconds(10)));
 }
 
+TEST_CASE("a ready worker that then says its enter() failed is not taken for a failed start") {
+  // Calls failed at once with the forged failure while the worker served: no worker was "ready".
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}));
+  FakeHost fake = fake_host(pool.remote_address(), pool.remote_token(), "late");
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  {
+    capnp::MallocMessageBuilder message;
+    auto failed = message.initRoot<wire::FromWorker>().initEnterFailed();
+    failed.setCode(static_cast<int>(absl::StatusCode::kInternal));
+    failed.setMessage("forged");
+    fake.data.write(message);
+  }
+  absl::SleepFor(absl::Milliseconds(200));  // read by the pool before the call comes
+  AsyncResult<int64_t> call = pool.apply_async(4);
+  const std::string tasks = next_frame_where(fake.data, [](wire::ToWorker::Reader r) { return r.isTasks(); });
+  capnp::FlatArrayMessageReader batch(kj::arrayPtr(reinterpret_cast<const capnp::word*>(tasks.data()),
+                                                   tasks.size() / sizeof(capnp::word)));
+  capnp::MallocMessageBuilder message;
+  auto results = message.initRoot<wire::FromWorker>().initResults();
+  results.setSeq(batch.getRoot<wire::ToWorker>().getTasks().getSeq());
+  results.setCount(1);
+  results.initOutcomes(1)[0].initOk().setInt(16);
+  fake.data.write(message);
+  CHECK_MESSAGE(call.get().value_or(-1) == 16, call.get().status());
+  pool.terminate();
+}
+
 TEST_CASE("a flood of connections that never finish their handshake delays a real worker, and "
           "does not turn it away") {
   // Each idle connection holds a handshake place until the handshake timeout (connect_timeout

@@ -81,6 +81,9 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, boo
         scheduler_.attach(slot.index, &slot.port);
         break;
       case wire::FromWorker::ENTER_FAILED: {
+        // Said instead of READY (also after a shutdown sent while it started); a worker that was
+        // ready cannot fail to start, and is not taken for one that did (calls would fail).
+        if (slot.state != State::kStarting && slot.state != State::kShutdownSent) break;
         absl::Status failure = status_from_wire(frame.getEnterFailed());
         if (failure.ok()) failure = absl::UnknownError("enter() failed without a status");
         record_start_failure(slot,

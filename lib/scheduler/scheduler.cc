@@ -103,12 +103,7 @@ void Scheduler::stop_running(const Call* call, const absl::Status& reason) {
         progress.batch_seq == front.seq ? std::max(front.reported, progress.task_index)
                                         : front.reported;
     if (from >= front.limit) continue;
-    if (grace) {
-      request_stop(worker, front, from, front.limit, reason, kill_at);
-    } else {
-      worker.stop = Worker::StopRequest{front.seq, from, front.limit, reason, kill_at};
-      worker.check_at_ns = INT64_MIN;
-    }
+    request_stop(worker, front, from, front.limit, reason, kill_at, /*ask_worker=*/grace);
   }
 }
 
@@ -130,7 +125,7 @@ void Scheduler::ask_to_stop(const Call* call, const absl::Status& reason) {
 }
 
 void Scheduler::request_stop(Worker& worker, const Batch& batch, uint32_t from, uint32_t to,
-                             const absl::Status& reason, int64_t kill_at_ns) {
+                             const absl::Status& reason, int64_t kill_at_ns, bool ask_worker) {
   if (worker.stop && worker.stop->seq == batch.seq) {
     // Asked again (a cancel after a soft timeout): the first reason stands for the tasks it
     // named, the range grows, the earlier deadline holds.
@@ -141,7 +136,7 @@ void Scheduler::request_stop(Worker& worker, const Batch& batch, uint32_t from, 
     worker.stop = Worker::StopRequest{batch.seq, from, to, reason, kill_at_ns};
   }
   worker.check_at_ns = INT64_MIN;
-  worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
+  if (ask_worker) worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
 }
 
 const absl::Status* Scheduler::stopped_outcome(const Worker& worker, const Batch& batch,

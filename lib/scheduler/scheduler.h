@@ -302,9 +302,10 @@ class Scheduler {
   // Sends `tasks` (already on their next attempt) back: to the front of the queue, or after their
   // call's retry_backoff.
   void retry(TaskRange tasks);
-  // Asks tasks [from, to) of `batch` at `worker` to stop (see Worker::StopRequest).
+  // Asks tasks [from, to) of `batch` at `worker` to stop (see Worker::StopRequest); without
+  // `ask_worker`, only records them (they are stopped with their worker: no grace to wait out).
   void request_stop(Worker& worker, const Batch& batch, uint32_t from, uint32_t to,
-                    const absl::Status& reason, int64_t kill_at_ns);
+                    const absl::Status& reason, int64_t kill_at_ns, bool ask_worker = true);
   // The outcome a task delivered by its worker reports instead, if it was asked to stop.
   const absl::Status* stopped_outcome(const Worker& worker, const Batch& batch,
                                       uint32_t index) const;

@@ -882,40 +882,53 @@ std::string next_frame_where(Peer& peer, Wanted wanted) {
   return "";
 }
 
-TEST_CASE("a host's word alone takes no task back: a revoke answer the pool did not ask for, a "
-          "second drain, duplicate or lose nothing; a drained host is closed") {
-  OutcomePool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}),
-                                 [] { return std::make_unique<RemoteWorker>(); });
-  const std::string address = pool.core().remote_address();
-  const std::string token = pool.core().remote_token();
-  // A host speaking the protocol by hand: its control connection, then its worker's.
-  Peer control = dial_with(address, token);
+// A worker host speaking the protocol by hand, named `host`: its control connection, then its
+// worker's data connection, the worker spawned (pid 4242) and, if `ready`, ready.
+struct FakeHost {
+  Peer control;
+  Peer data;
+};
+
+FakeHost fake_host(const std::string& address, const std::string& token, const std::string& host,
+                   bool ready = true) {
+  FakeHost fake{dial_with(address, token), {}};
   std::string session;
-  REQUIRE(handshake_as_worker(control, token, internal::worker_type_name<RemoteWorker>(), "fake",
+  REQUIRE(handshake_as_worker(fake.control, token, internal::worker_type_name<RemoteWorker>(), host,
                               &session));
   std::string data_id;
   {
-    const std::string spawn = next_frame_where(control, [](wire::ToWorker::Reader r) { return r.isSpawn(); });
+    const std::string spawn =
+        next_frame_where(fake.control, [](wire::ToWorker::Reader r) { return r.isSpawn(); });
     capnp::FlatArrayMessageReader message(kj::arrayPtr(reinterpret_cast<const capnp::word*>(spawn.data()),
                                                        spawn.size() / sizeof(capnp::word)));
     data_id = as_string(message.getRoot<wire::ToWorker>().getSpawn().getDataId());
   }
-  Peer data = dial_with(address, token);
-  {
-    capnp::MallocMessageBuilder attach;
-    auto a = attach.initRoot<wire::FromWorker>().initAttach();
-    a.setDataId(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(data_id.data()), data_id.size()));
-    const std::string proof = internal::prove(session, "data", data_id,
-                                              data.channel->exporter(internal::kDataExporterLabel));
-    a.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
-    data.write(attach);
-    capnp::MallocMessageBuilder spawned;
-    spawned.initRoot<wire::FromWorker>().setSpawned(4242);
-    control.write(spawned);
-    capnp::MallocMessageBuilder ready;
-    ready.initRoot<wire::FromWorker>().setReady();
-    data.write(ready);
+  fake.data = dial_with(address, token);
+  capnp::MallocMessageBuilder attach;
+  auto a = attach.initRoot<wire::FromWorker>().initAttach();
+  a.setDataId(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(data_id.data()), data_id.size()));
+  const std::string proof = internal::prove(session, "data", data_id,
+                                            fake.data.channel->exporter(internal::kDataExporterLabel));
+  a.setProof(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(proof.data()), proof.size()));
+  fake.data.write(attach);
+  capnp::MallocMessageBuilder spawned;
+  spawned.initRoot<wire::FromWorker>().setSpawned(4242);
+  fake.control.write(spawned);
+  if (ready) {
+    capnp::MallocMessageBuilder message;
+    message.initRoot<wire::FromWorker>().setReady();
+    fake.data.write(message);
   }
+  return fake;
+}
+
+TEST_CASE("a host's word alone takes no task back: a revoke answer the pool did not ask for, a "
+          "second drain, duplicate or lose nothing; a drained host is closed") {
+  OutcomePool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}),
+                                 [] { return std::make_unique<RemoteWorker>(); });
+  FakeHost fake = fake_host(pool.core().remote_address(), pool.core().remote_token(), "fake");
+  Peer& control = fake.control;
+  Peer& data = fake.data;
   const std::vector<int64_t> jobs = {1, 2, 3};
   auto call = pool.submit(jobs, {.chunksize = 3});
   REQUIRE(call.ok());
@@ -984,6 +997,95 @@ TEST_CASE("a host's word alone takes no task back: a revoke answer the pool did 
   for (int i = 0; i < 50 && !closed; ++i) closed = !control.read(absl::Seconds(10)).ok();
   CHECK(closed);
   CHECK(pool.stats().tasks_failed == 0);
+}
+
+TEST_CASE("counts a host reports of its worker, however absurd, show in stats within range: no "
+          "negative count, no overflowing sum") {
+  // A real worker of this host, and a token holder naming the same host whose worker claims
+  // INT64_MAX tasks and busy nanoseconds, and 2^64 - 6 resident bytes (reported only with
+  // max_worker_rss_bytes or metrics_listen).
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      2, RemoteOptions{.connect_timeout = absl::Seconds(20), .heartbeat_timeout = absl::Seconds(1)},
+      {.max_worker_rss_bytes = size_t{1} << 40}));
+  StartedWorker real = start_worker(pool.remote_address(), pool.remote_token());
+  REQUIRE(map_within(pool, std::vector<int64_t>{1, 2, 3}, {}, absl::Seconds(20)).ok());
+  char name[256] = {};
+  ::gethostname(name, sizeof(name) - 1);
+  FakeHost fake = fake_host(pool.remote_address(), pool.remote_token(), name);
+  capnp::MallocMessageBuilder message;
+  auto pong = message.initRoot<wire::FromWorker>().initPong();
+  pong.setTasksDone(INT64_MAX);
+  pong.setBusyNs(INT64_MAX);
+  pong.setResidentBytes(UINT64_MAX - 5);
+  fake.control.write(message);
+  // Both reports in (the real worker's comes with its next heartbeat, every 250 ms).
+  PoolStats stats;
+  REQUIRE(wait_until([&] {
+    stats = pool.stats();
+    return stats.workers.size() == 2 && stats.workers[0].tasks_done != 0 &&
+           stats.workers[1].tasks_done != 0;
+  }, absl::Seconds(10)));
+  for (const WorkerStats& worker : stats.workers) {
+    CAPTURE(worker.tasks_done);
+    CAPTURE(worker.resident_bytes);
+    CHECK(worker.tasks_done > 0);
+    CHECK(worker.resident_bytes >= 0);
+    CHECK(worker.time_busy >= absl::ZeroDuration());
+  }
+  REQUIRE(stats.hosts.size() == 1);
+  CHECK(stats.hosts[0].tasks_done >= 3);
+  CHECK(stats.hosts[0].resident_bytes > 0);
+  ::kill(real.pid, SIGKILL);
+  CHECK(real.reap(absl::Seconds(10)));
+}
+
+TEST_CASE("a worker that reports results before it is ready is stopped; the pool serves on") {
+  // Nothing was given to it: the results answer no batch of a worker the pool has not attached.
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}));
+  FakeHost fake = fake_host(pool.remote_address(), pool.remote_token(), "early", /*ready=*/false);
+  capnp::MallocMessageBuilder message;
+  auto results = message.initRoot<wire::FromWorker>().initResults();
+  results.setSeq(1);
+  results.setCount(1);
+  results.initOutcomes(1)[0].initOk().setInt(5);
+  fake.data.write(message);
+  // Its worker is stopped (the pool asks its host to kill it), and the slot goes to a real one.
+  (void)next_frame_where(fake.control, [](wire::ToWorker::Reader r) { return r.isStop(); });
+  fake.control.channel.reset();
+  StartedWorker real = start_worker(pool.remote_address(), pool.remote_token());
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  const absl::StatusOr<int64_t> squared = pool.apply(3);
+  CHECK_MESSAGE(squared.value_or(-1) == 9, squared.status());
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(real.reap(absl::Seconds(10)));
+}
+
+TEST_CASE("a ready worker that then says its enter() failed is not taken for a failed start") {
+  // Calls failed at once with the forged failure while the worker served: no worker was "ready".
+  ProcessPool<RemoteWorker> pool(remote_pool(1, RemoteOptions{.connect_timeout = absl::Seconds(20)}));
+  FakeHost fake = fake_host(pool.remote_address(), pool.remote_token(), "late");
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }, absl::Seconds(20)));
+  {
+    capnp::MallocMessageBuilder message;
+    auto failed = message.initRoot<wire::FromWorker>().initEnterFailed();
+    failed.setCode(static_cast<int>(absl::StatusCode::kInternal));
+    failed.setMessage("forged");
+    fake.data.write(message);
+  }
+  absl::SleepFor(absl::Milliseconds(200));  // read by the pool before the call comes
+  AsyncResult<int64_t> call = pool.apply_async(4);
+  const std::string tasks = next_frame_where(fake.data, [](wire::ToWorker::Reader r) { return r.isTasks(); });
+  capnp::FlatArrayMessageReader batch(kj::arrayPtr(reinterpret_cast<const capnp::word*>(tasks.data()),
+                                                   tasks.size() / sizeof(capnp::word)));
+  capnp::MallocMessageBuilder message;
+  auto results = message.initRoot<wire::FromWorker>().initResults();
+  results.setSeq(batch.getRoot<wire::ToWorker>().getTasks().getSeq());
+  results.setCount(1);
+  results.initOutcomes(1)[0].initOk().setInt(16);
+  fake.data.write(message);
+  CHECK_MESSAGE(call.get().value_or(-1) == 16, call.get().status());
+  pool.terminate();
 }
 
 TEST_CASE("a flood of connections that never finish their handshake delays a real worker, and "

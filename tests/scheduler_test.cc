@@ -309,6 +309,36 @@ TEST_CASE("a report that comes late is timed with its lag: no timeout falls on a
   }
 }
 
+// AsyncResult::cancel() without a cancel_grace stops a worker running a task of the call. A
+// remote worker's report that it began one may come after the cancel: the worker was then left to
+// run a cancelled task to its end (a 60 s task held it for 60 s).
+TEST_CASE("a call cancelled before a late report shows its task begun: without a cancel_grace, the "
+          "worker is stopped once one does") {
+  Rig rig(1);
+  rig.ports[0]->answer_revokes_later();
+  rig.worker(0).set_exact(false);
+  auto call = rig.submit(1, chunks(1));
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  // As AsyncResult::cancel() does; no report shows the task running yet.
+  rig.scheduler.cancel(call.get(), absl::CancelledError("cancelled before it started"));
+  rig.scheduler.stop_running(call.get(), absl::CancelledError("the task was cancelled"));
+  const int64_t cancelled = internal::monotonic_now_ns();
+  CHECK(rig.ports[0]->stops().empty());
+  // It had begun: the revoke reached the worker after it claimed the task.
+  REQUIRE(rig.worker(0).start(seq, cancelled) == 0u);
+  rig.ports[0]->answer_revokes();
+  CHECK(call->count(0) == 0);
+  // A report that it runs may be older than its task: within the lag, no stop.
+  rig.scheduler.check(cancelled);
+  CHECK(rig.ports[0]->stops().empty());
+  rig.scheduler.check(cancelled + internal::kInexactProgressLagNs);
+  REQUIRE(rig.ports[0]->stops().size() == 1);
+  CHECK(rig.ports[0]->stops()[0].code() == absl::StatusCode::kCancelled);
+  // No grace: the task was not asked to stop first.
+  CHECK_FALSE(internal::stop_requested(rig.worker(0).page()));
+}
+
 TEST_CASE("claims: a cancelled call's unstarted tasks fail kCancelled; started ones deliver") {
   bool answered_later = false;
   SUBCASE("the revoke is answered at once (shared memory)") {}

@@ -70,35 +70,40 @@ void Scheduler::cancel_all(const absl::Status& status) {
 
 void Scheduler::stop_running(const Call* call, const absl::Status& reason) {
   const bool grace = config_.cancel_grace > absl::ZeroDuration();
-  const int64_t kill_at = grace ? monotonic_now_ns() + to_ns(config_.cancel_grace) : 0;
+  const int64_t now = monotonic_now_ns();
+  const int64_t kill_at = grace ? now + to_ns(config_.cancel_grace) : now;
   for (Worker& worker : workers_) {
-    if (worker.port == nullptr) continue;
+    if (worker.port == nullptr || worker.batches.empty()) continue;
     const WorkerProgress progress = worker.port->progress();
-    if (grace && !progress.exact && !worker.batches.empty()) {
-      // Progress that comes late (TCP) may not show the task begun yet: the request covers the
-      // front batch from its first task not known to be done, and the kill waits for progress
-      // that shows one of them running past the grace (check_worker).
-      const Batch& front = worker.batches.front();
-      if (front.tasks.call.get() != call || front.reported >= front.limit) continue;
-      const uint32_t from =
-          progress.batch_seq == front.seq ? std::max(front.reported, progress.task_index)
-                                          : front.reported;
-      if (from < front.limit) request_stop(worker, front, from, front.limit, reason, kill_at);
-      continue;
-    }
-    if (!progress.running) continue;
+    const Batch* running = nullptr;
     for (const Batch& batch : worker.batches) {
-      if (batch.seq == progress.batch_seq && batch.tasks.call.get() == call &&
+      if (progress.running && batch.seq == progress.batch_seq && batch.tasks.call.get() == call &&
           progress.task_index >= batch.reported && progress.task_index < batch.limit) {
-        if (grace) {
-          // The rest of the batch too: its worker may have claimed more than the one it runs.
-          request_stop(worker, batch, progress.task_index, batch.limit, reason, kill_at);
-        } else {
-          worker.port->stop(reason);
-        }
+        running = &batch;
         break;
       }
     }
+    if (running != nullptr && (progress.exact || !grace)) {
+      if (grace) {
+        // The rest of the batch too: its worker may have claimed more than the one it runs.
+        request_stop(worker, *running, progress.task_index, running->limit, reason, kill_at);
+      } else {
+        worker.port->stop(reason);
+      }
+      continue;
+    }
+    if (progress.exact) continue;
+    // Progress that comes late (TCP) may not show the task begun yet: the stop covers the front
+    // batch from its first task not known to be done, and the kill waits for progress that shows
+    // one of them running past the grace, or at once without one (check_worker, which allows for
+    // the report's lag). Only with a grace is the worker asked to stop them.
+    const Batch& front = worker.batches.front();
+    if (front.tasks.call.get() != call || front.reported >= front.limit) continue;
+    const uint32_t from =
+        progress.batch_seq == front.seq ? std::max(front.reported, progress.task_index)
+                                        : front.reported;
+    if (from >= front.limit) continue;
+    request_stop(worker, front, from, front.limit, reason, kill_at, /*ask_worker=*/grace);
   }
 }
 
@@ -120,7 +125,7 @@ void Scheduler::ask_to_stop(const Call* call, const absl::Status& reason) {
 }
 
 void Scheduler::request_stop(Worker& worker, const Batch& batch, uint32_t from, uint32_t to,
-                             const absl::Status& reason, int64_t kill_at_ns) {
+                             const absl::Status& reason, int64_t kill_at_ns, bool ask_worker) {
   if (worker.stop && worker.stop->seq == batch.seq) {
     // Asked again (a cancel after a soft timeout): the first reason stands for the tasks it
     // named, the range grows, the earlier deadline holds.
@@ -131,7 +136,7 @@ void Scheduler::request_stop(Worker& worker, const Batch& batch, uint32_t from, 
     worker.stop = Worker::StopRequest{batch.seq, from, to, reason, kill_at_ns};
   }
   worker.check_at_ns = INT64_MIN;
-  worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
+  if (ask_worker) worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
 }
 
 const absl::Status* Scheduler::stopped_outcome(const Worker& worker, const Batch& batch,
@@ -231,6 +236,10 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
                     (results.getSeq() == worker.batches.front().seq &&
                      results.getStart() < worker.batches.front().reported))) {
     return absl::OkStatus();  // came through the channel already
+  }
+  if (worker.port == nullptr) {
+    // Not attached: it never said it was ready, and was given nothing.
+    return absl::DataLossError("reported results before it was ready");
   }
   if (worker.batches.empty() || worker.batches.front().seq != results.getSeq()) {
     // After terminate() the batches were settled already: late results are dropped.

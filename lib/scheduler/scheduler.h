@@ -115,7 +115,8 @@ class Scheduler {
   // Stops (through its port) every worker running a task of `call` now, with `reason` for that
   // task. With cancel(), this is AsyncResult::cancel(): nothing of the call runs on. With a
   // cancel_grace, the task is asked to stop first (ask_to_stop) and its worker is stopped only if
-  // it still runs it when the grace ends.
+  // it still runs it when the grace ends. A worker whose progress comes late (TCP) and does not
+  // show such a task yet is stopped once it does (check_worker).
   void stop_running(const Call* call, const absl::Status& reason);
   // Asks every task of `call` (null: of every call) that runs now, or was claimed by its worker,
   // to stop (this_task::stop_requested), without a deadline: leaving an imap loop, a signal's
@@ -301,9 +302,10 @@ class Scheduler {
   // Sends `tasks` (already on their next attempt) back: to the front of the queue, or after their
   // call's retry_backoff.
   void retry(TaskRange tasks);
-  // Asks tasks [from, to) of `batch` at `worker` to stop (see Worker::StopRequest).
+  // Asks tasks [from, to) of `batch` at `worker` to stop (see Worker::StopRequest); without
+  // `ask_worker`, only records them (they are stopped with their worker: no grace to wait out).
   void request_stop(Worker& worker, const Batch& batch, uint32_t from, uint32_t to,
-                    const absl::Status& reason, int64_t kill_at_ns);
+                    const absl::Status& reason, int64_t kill_at_ns, bool ask_worker = true);
   // The outcome a task delivered by its worker reports instead, if it was asked to stop.
   const absl::Status* stopped_outcome(const Worker& worker, const Batch& batch,
                                       uint32_t index) const;

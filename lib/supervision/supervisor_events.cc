@@ -15,6 +15,13 @@
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
+namespace {
+
+// The most a worker's own count (tasks done, resident bytes) shows in stats: 4096 workers of a
+// host summed stay below INT64_MAX.
+constexpr int64_t kMaxReportedCount = INT64_MAX / 8192;
+
+}  // namespace
 
 void Supervisor::Events::on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) {
   owner_.scheduler_.on_revoked(slot_.index, slot, tag, claimed);
@@ -74,6 +81,9 @@ void Supervisor::on_frame(Slot& slot, kj::ArrayPtr<const capnp::word> words, boo
         scheduler_.attach(slot.index, &slot.port);
         break;
       case wire::FromWorker::ENTER_FAILED: {
+        // Said instead of READY (also after a shutdown sent while it started); a worker that was
+        // ready cannot fail to start, and is not taken for one that did (calls would fail).
+        if (slot.state != State::kStarting && slot.state != State::kShutdownSent) break;
         absl::Status failure = status_from_wire(frame.getEnterFailed());
         if (failure.ok()) failure = absl::UnknownError("enter() failed without a status");
         record_start_failure(slot,
@@ -203,12 +213,15 @@ void Supervisor::fill_stats(PoolStats& stats) const {
       worker.state = WorkerState::kBusy;
     }
     if (slot->link) {
+      // Counts a worker gives of itself (its control page, or a remote host's report): never
+      // below zero, nor so large that the per-host sums below could overflow.
       const WorkerProgress progress = slot->link->progress();
-      worker.tasks_done = progress.tasks_done;
-      worker.time_busy = absl::Nanoseconds(progress.busy_ns);
+      worker.tasks_done = std::clamp<int64_t>(progress.tasks_done, 0, kMaxReportedCount);
+      worker.time_busy = absl::Nanoseconds(std::max<int64_t>(progress.busy_ns, 0));
       worker.current_task = scheduler_.current_task(slot->index);
       worker.host = slot->link->host();
-      worker.resident_bytes = static_cast<int64_t>(slot->link->resident_bytes());
+      worker.resident_bytes = static_cast<int64_t>(
+          std::min<size_t>(slot->link->resident_bytes(), kMaxReportedCount));
     }
     worker.restarts = slot->generation > 1 ? static_cast<int64_t>(slot->generation - 1) : 0;
     worker.last_exit = slot->last_exit;

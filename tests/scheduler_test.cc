@@ -241,6 +241,37 @@ TEST_CASE("the stall rule gives a stalled worker's unstarted tasks to another wo
   CHECK(rig.ports[0]->stops().empty());
 }
 
+// A worker's results carry its own account of their run time, which sets the stall rule's
+// threshold (a multiple of the call's mean). One claiming 73 years switched the rule off for the
+// call on every worker: a stalled worker kept its unstarted tasks.
+TEST_CASE("a worker's claim of years of run time does not switch the stall rule off") {
+  Rig rig(2);
+  auto call = rig.submit(8, chunks(4));
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(0).batches().size() == 1);
+  REQUIRE(rig.worker(1).batches().size() == 1);
+  const uint64_t stalled = rig.front(0).seq;
+  const uint64_t forging = rig.front(1).seq;
+  REQUIRE(rig.worker(1).start(forging, internal::monotonic_now_ns()) == 0u);
+  rig.worker(1).finish();
+  {
+    capnp::MallocMessageBuilder message;
+    auto results = init_results(message, forging, 0, 1);
+    results.initOutcomes(1)[0].initOk().setInt(40);
+    results.setBusyNs(uint64_t{1} << 61);
+    REQUIRE(deliver_results(rig.scheduler, 1, capnp::messageToFlatArray(message)).ok());
+  }
+  for (uint32_t i = 1; i < 4; ++i) rig.run_one(1, forging);
+  rig.worker(1).batches().clear();
+  const int64_t started = internal::monotonic_now_ns();
+  REQUIRE(rig.worker(0).start(stalled, started) == 0u);
+  rig.scheduler.check(started + Scheduler::kStallFloorNs);
+  rig.scheduler.dispatch();
+  REQUIRE(rig.worker(1).batches().size() == 1);
+  CHECK(rig.front(1).jobs == std::vector<int64_t>{1, 2, 3});
+  CHECK(call->outcome(4).value_or(-1) == 40);
+}
+
 TEST_CASE("a task timeout stops the worker through its port, naming the task") {
   Rig rig(1);
   CallSettings settings = chunks(2);

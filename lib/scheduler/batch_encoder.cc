@@ -270,8 +270,9 @@ void Scheduler::hand_over(Worker& worker, TaskRange sent, BatchFrame frame) {
   batch.soft_timeout = batch.tasks.call->settings().soft_timeout;
   batch.blob_bytes = frame.blob_bytes;
   worker.blob_bytes += batch.blob_bytes;
+  batch.sent_ns = monotonic_now_ns();
   if (worker.batches.empty()) {
-    batch.front_since_ns = monotonic_now_ns();
+    batch.front_since_ns = batch.sent_ns;
     worker.stall_taken_back = false;
   }
   ++worker.batches_sent;

@@ -266,9 +266,13 @@ absl::Status Scheduler::on_results(int slot, wire::ResultBatch::Reader results, 
   absl::Status delivered = results.hasWordResults() ? deliver_word_results(worker, batch, results)
                                                     : deliver_outcomes(worker, batch, results);
   if (!delivered.ok()) return delivered;
-  // The worker's own account of the time these took: clamped, as every time it writes, so that
-  // sums and the stall rule's multiple of the mean cannot overflow.
-  const auto busy_ns = static_cast<int64_t>(std::min<uint64_t>(results.getBusyNs(), kMaxObservedNs));
+  // The worker's own account of the time these took, which it cannot have spent before the batch
+  // was sent: clamped to that, so that a worker claiming years (a bug, or a hostile host) cannot
+  // raise the call's mean and with it switch off the stall rule for the call's every worker;
+  // and, as every time it writes, so that sums and the multiple of the mean cannot overflow.
+  const int64_t since_sent = std::clamp<int64_t>(monotonic_now_ns() - batch.sent_ns, 0, kMaxObservedNs);
+  const auto busy_ns = static_cast<int64_t>(
+      std::min<uint64_t>(results.getBusyNs(), static_cast<uint64_t>(since_sent)));
   call.observed_tasks += count;
   call.observed_busy_ns = std::min(call.observed_busy_ns + busy_ns, kMaxObservedNs);
   run_time_.add(count, absl::Nanoseconds(busy_ns));

@@ -225,6 +225,7 @@ class Scheduler {
     absl::Duration timeout = absl::InfiniteDuration();
     absl::Duration soft_timeout = absl::InfiniteDuration();
     int64_t front_since_ns = 0;  // when it became the worker's first batch in hand
+    int64_t sent_ns = 0;         // when it was handed to the worker
     size_t blob_bytes = 0;       // its jobs' bytes in the worker's shared region
   };
   struct Worker {

@@ -952,6 +952,39 @@ TEST_CASE("a worker SIGSTOPped while idle does not hold tasks forever when a tas
   }
 }
 
+// A worker host (what the pool launched) that is SIGSTOPped never ends on its own: once join()
+// has given up on its worker, the pool's destructor sends it SIGTERM and SIGKILL after kill_grace
+// each, as it does a worker. It waited a fixed 2 s and then 1 s.
+TEST_CASE("after join(), the destructor stops a SIGSTOPped worker host within a few kill_graces") {
+  if (!testing::remote_link()) {
+    MESSAGE("remote only: a forked pool's stopped worker is the case below");
+    return;
+  }
+  const absl::Duration grace = absl::Milliseconds(200);
+  absl::Time start;
+  pid_t host = 0;
+  {
+    ProcessPool<PidWorker> pool(
+        quiet({.workers = 2, .join_timeout = absl::Milliseconds(300), .kill_grace = grace}));
+    REQUIRE(map_within(pool, std::vector<int64_t>(10, 1), {}, absl::Seconds(10)).ok());
+    REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
+    const pid_t worker = pool.stats().workers[1].pid;
+    REQUIRE(worker > 0);
+    host = testing::parent_of(worker);
+    REQUIRE(host > 1);
+    REQUIRE(host != ::getpid());
+    REQUIRE(::kill(host, SIGSTOP) == 0);
+    REQUIRE(wait_until([&] { return testing::process_state(host) == 'T'; }));
+    REQUIRE(pool.close().ok());
+    CHECK(pool.join().code() == absl::StatusCode::kDeadlineExceeded);
+    start = absl::Now();
+  }
+  const absl::Duration took = absl::Now() - start;
+  MESSAGE("the destructor after join took ", absl::FormatDuration(took));
+  CHECK(took < 3 * grace + absl::Seconds(1));
+  CHECK_FALSE(process_alive(host));
+}
+
 TEST_CASE("join() with a SIGSTOPped worker returns within join_timeout + kill_grace and names it") {
   const absl::Duration join_timeout = absl::Milliseconds(300);
   const absl::Duration grace = absl::Milliseconds(200);

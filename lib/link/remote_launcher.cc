@@ -181,25 +181,27 @@ absl::StatusOr<std::unique_ptr<RemoteLauncher>> RemoteLauncher::start(Config con
 
 RemoteLauncher::~RemoteLauncher() {
   // Every relay sees end of file, ends its worker and exits; then what we launched (an srun
-  // step, an ssh) ends with it.
+  // step, an ssh) ends with it. One that has not within kill_grace (a stopped or hung launch
+  // command) gets SIGTERM, and SIGKILL after another kill_grace, as a worker would: the pool's
+  // destructor ends within join_timeout and a few kill_graces (guide, "Exit").
   for (TcpLink* link : links_) {
     link->on_destroy(nullptr);
     link->on_stopped_waiting(nullptr);
   }
   hosts_.clear();
   if (launched_.empty()) return;
-  const int64_t give_up = monotonic_now_ns() + 2'000'000'000;
-  while (!launched_.empty() && monotonic_now_ns() < give_up) {
-    reap_launched(nullptr);
-    if (!launched_.empty()) ::usleep(10'000);
-  }
-  for (int signal : {SIGTERM, SIGKILL}) {
-    for (Launched& process : launched_) signal_child(process.pid, process.pidfd.get(), signal);
-    const int64_t until = monotonic_now_ns() + 1'000'000'000;
+  const int64_t grace = std::max<int64_t>(to_ns(config_.kill_grace), 100'000'000);
+  auto reap_within = [this](int64_t ns) {
+    const int64_t until = monotonic_now_ns() + ns;
     while (!launched_.empty() && monotonic_now_ns() < until) {
       reap_launched(nullptr);
       if (!launched_.empty()) ::usleep(10'000);
     }
+  };
+  reap_within(grace);
+  for (int signal : {SIGTERM, SIGKILL}) {
+    for (Launched& process : launched_) signal_child(process.pid, process.pidfd.get(), signal);
+    reap_within(signal == SIGTERM ? grace : 1'000'000'000);
   }
 }
 

@@ -267,7 +267,7 @@ int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
   // frame_timeout lives on without it (a task exec'd another program: the channel is
   // close-on-exec; or closed fd 3) and can never report: its stream is broken, and it is stopped.
   if (channel_closed_) {
-    const int64_t due = channel_closed_ns_ + absl::ToInt64Nanoseconds(limits_.frame_timeout);
+    const int64_t due = channel_closed_ns_ + to_ns(limits_.frame_timeout);
     if (now_ns < due) return std::min(next, due);
     broken_ = true;
     events.on_broken_stream(absl::DataLossError(

@@ -62,7 +62,8 @@ struct LogEvent {
 };
 
 /// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it
-/// must be quick and must not call back into the pool.
+/// must be quick and must not call back into the pool (on the pool's thread such calls fail
+/// kFailedPrecondition rather than wait for themselves).
 using LogSink = std::function<void(const LogEvent&)>;
 
 /// The default sink: the pool's warnings and errors to stderr, one line each, as

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <memory>
 #include <string>
 
@@ -25,6 +26,7 @@ constexpr int kBorrowPollMs = 100;
 }  // namespace
 
 absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, size_t count) {
+  if (called_from_own_loop()) return own_loop_error("a call");
   if (foreign()) return foreign_error();
   {
     MutexLock lock(mu_);
@@ -41,6 +43,7 @@ absl::Status PoolCore::Impl::submit(std::shared_ptr<Call> call, size_t first, si
 
 absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
                                      const std::function<bool()>& done) {
+  if (called_from_own_loop()) return own_loop_error("a call");
   if (foreign()) return foreign_error();
   MutexLock lock(mu_);
   if (absl::Status admitted = admit(call->settings()); !admitted.ok()) return admitted;
@@ -148,6 +151,7 @@ void PoolCore::Impl::cancel_pending(absl::Status status) {
 
 bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,
                                  const std::function<bool()>& settle) {
+  if (called_from_own_loop()) return false;
   if (foreign()) return false;
   {
     MutexLock lock(mu_);
@@ -168,6 +172,7 @@ bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,
 }
 
 absl::Status PoolCore::Impl::close() {
+  if (called_from_own_loop()) return own_loop_error("close()");
   if (foreign()) return foreign_error();
   MutexLock lock(mu_);
   closed_ = true;
@@ -190,6 +195,7 @@ absl::Status PoolCore::Impl::begin_join(bool with_deadline) {
 }
 
 absl::Status PoolCore::Impl::join() {
+  if (called_from_own_loop()) return own_loop_error("join()");
   if (foreign()) return foreign_error();
   {
     MutexLock lock(mu_);
@@ -203,6 +209,7 @@ absl::Status PoolCore::Impl::join() {
 }
 
 absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
+  if (called_from_own_loop()) return own_loop_error("join()");
   if (foreign()) return foreign_error();
   {
     MutexLock lock(mu_);
@@ -233,6 +240,7 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
 }
 
 absl::Status PoolCore::Impl::resize(int workers) {
+  if (called_from_own_loop()) return own_loop_error("resize()");
   if (foreign()) return foreign_error();
   if (absl::Status checked = check_resize(workers); !checked.ok()) return checked;
   {
@@ -253,6 +261,10 @@ absl::Status PoolCore::Impl::resize(int workers) {
 }
 
 void PoolCore::Impl::terminate() {
+  if (called_from_own_loop()) {
+    std::fprintf(stderr, "procpool: %s\n", std::string(own_loop_error("terminate()").message()).c_str());
+    return;
+  }
   if (foreign()) return;
   {
     MutexLock lock(mu_);
@@ -282,6 +294,7 @@ std::string PoolCore::Impl::remote_token() const {
 
 PoolStats PoolCore::Impl::stats() const {
   PoolStats stats;
+  if (called_from_own_loop()) return stats;  // empty, as in a worker
   if (foreign()) return stats;
   MutexLock lock(mu_);
   if (!scheduler_) return stats;

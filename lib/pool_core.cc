@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <thread>
 #include <vector>
 
@@ -44,6 +45,9 @@ namespace {
 
 // The loop wakes at least this often even with nothing to wait for, as a safety net.
 constexpr int64_t kMaxPollNs = 1'000'000'000;
+
+// The pool whose event loop this thread runs, if any (PoolCore::Impl::called_from_own_loop).
+thread_local const void* loop_of_this_thread = nullptr;
 
 int cpu_count() {
   cpu_set_t set;
@@ -306,7 +310,22 @@ void PoolCore::Impl::call_sink(const LogEvent& event) const {
   }
 }
 
+bool PoolCore::Impl::called_from_own_loop() const { return loop_of_this_thread == this; }
+
+absl::Status PoolCore::Impl::own_loop_error(const char* what) const {
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, " was called on the pool's own thread (from a progress function or the log sink), "
+            "where it would wait for itself: call it from another thread or a result callback"));
+}
+
 void PoolCore::Impl::loop() {
+  // What the loop calls of the user's (a progress function, the log sink) runs here, with mu_
+  // held: calls of this pool from there are refused rather than left to wait for themselves.
+  struct LoopMark {
+    explicit LoopMark(const void* pool) : outer(std::exchange(loop_of_this_thread, pool)) {}
+    ~LoopMark() { loop_of_this_thread = outer; }
+    const void* const outer;
+  } mark(this);
   if (fork_from_pool_thread_) supervisor_->start_due(monotonic_now_ns());
   // Only this thread waits on it; other threads touch the supervisor under mu_, never the set.
   PollSet& poll_set = supervisor_->poll_set();

@@ -13,7 +13,6 @@
 #include <memory>
 #include <span>
 #include <string>
-#include <string_view>
 #include <thread>
 
 #include "absl/status/status.h"
@@ -73,6 +72,10 @@ class PoolCore::Impl {
   // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
   // not even its lock, which another thread may have held at the fork.
   bool foreign() const { return current_pid() != owner_pid_; }
+  // True on a thread running this pool's event loop: in a progress function or the log sink,
+  // which the loop calls holding mu_. A call of the pool from there would wait for itself.
+  bool called_from_own_loop() const;
+  absl::Status own_loop_error(const char* what) const;
 
   const PoolOptions options_;
   const int worker_count_;  // the size the pool was made with

@@ -985,6 +985,34 @@ TEST_CASE("after join(), the destructor stops a SIGSTOPped worker host within a 
   CHECK_FALSE(process_alive(host));
 }
 
+// With no other worker, the stall rule hands what it took back to the same stopped worker: the
+// timeout still counts from when that worker stopped starting tasks, not from each hand-back.
+TEST_CASE("the only worker, SIGSTOPped while idle, is replaced at the task timeout") {
+  const absl::Duration timeout = absl::Milliseconds(300);
+  OutcomePool<BigJobWorker> pool(quiet({.workers = 1,
+                                        .join_timeout = absl::Seconds(1),
+                                        .task_timeout = timeout,
+                                        .kill_grace = absl::Milliseconds(200)}),
+                                 [] { return std::make_unique<BigJobWorker>(); });
+  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
+  const pid_t stopped = pool.stats().workers[0].pid;
+  REQUIRE(stopped > 0);  // kill(0, ...) would stop this whole process group
+  REQUIRE(::kill(stopped, SIGSTOP) == 0);
+  REQUIRE(wait_until([&] { return testing::process_state(stopped) == 'T'; }));
+  const std::vector<std::string> jobs = big_jobs(3, 99);
+  auto call = pool.submit(jobs, {.chunksize = 1});
+  REQUIRE(call.ok());
+  const bool settled = (*call)->wait(absl::Seconds(10));
+  ::kill(stopped, SIGCONT);  // whatever happened, let the pool shut down
+  REQUIRE(settled);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CAPTURE(i);
+    const auto& outcome = (*call)->outcome(i);
+    CHECK((outcome.ok() || outcome.status().code() == absl::StatusCode::kDeadlineExceeded));
+  }
+  CHECK(pool.stats().workers_restarted >= 1);
+}
+
 TEST_CASE("join() with a SIGSTOPped worker returns within join_timeout + kill_grace and names it") {
   const absl::Duration join_timeout = absl::Milliseconds(300);
   const absl::Duration grace = absl::Milliseconds(200);

@@ -220,6 +220,30 @@ TEST_CASE("a failing enter() is a clear error on the next call, naming the worke
   CHECK(testing::worker_children().empty());
 }
 
+// A worker whose enter() failed never ran exit(): join has nothing of it to report, however soon
+// after the failure it comes (the worker is still exiting then, with its start failure's status).
+TEST_CASE("join right after a failed enter() reports no death during exit()") {
+  SUBCASE("enter returns an error") {
+    for (int round = 0; round < 3; ++round) {
+      ProcessPool<FailingEnter> pool(quiet({.workers = 1}));
+      CHECK(pool.apply(1).status().code() == absl::StatusCode::kUnavailable);
+      REQUIRE(pool.close().ok());
+      const absl::Status joined = pool.join();
+      CHECK_MESSAGE(joined.ok(), joined.ToString());
+    }
+  }
+  SUBCASE("enter throws") {
+    for (int round = 0; round < 3; ++round) {
+      ProcessPool<ThrowingEnter> pool(quiet({.workers = 1}));
+      CHECK(pool.apply(1).status().code() == absl::StatusCode::kUnknown);
+      REQUIRE(pool.close().ok());
+      const absl::Status joined = pool.join();
+      CHECK_MESSAGE(joined.ok(), joined.ToString());
+    }
+  }
+  CHECK(testing::wait_until([] { return testing::worker_children().empty(); }));
+}
+
 struct HangingEnter {
   void enter() {
     while (true) pause();

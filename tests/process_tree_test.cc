@@ -54,6 +54,8 @@ constexpr int64_t kDaemonAndReturn = -3;  // the same daemon, then returns 0
 constexpr int64_t kAllocate = -4;     // touches 512 MiB, returns 0
 constexpr int64_t kPid = -5;          // returns its pid
 constexpr int64_t kAllocateTwoGiB = -6;  // 1 if allocating 2 GiB (untouched) failed, else 0
+constexpr int64_t kExecSleep = -7;    // the worker itself execs `sleep 1000`
+constexpr int64_t kCloseChannel = -8;  // closes the worker's channel (fd 3), then hangs
 
 constexpr size_t kAllocateBytes = size_t{512} << 20;
 
@@ -113,6 +115,13 @@ struct TreeWorker {
       }
       case kPid:
         return ::getpid();
+      case kExecSleep: {
+        const char* argv[] = {"sleep", "1000", nullptr};
+        exec_marked(argv);
+      }
+      case kCloseChannel:
+        ::close(3);
+        while (true) ::pause();
       case kAllocateTwoGiB: {
         char* bytes = new (std::nothrow) char[size_t{2} << 30];
         delete[] bytes;
@@ -220,6 +229,30 @@ TEST_CASE("a task that times out leaves none of the processes it started behind"
                     "the task returned ", result.value_or(-1000));
       check_tree_gone(variant.name);
       // The pool goes on with a fresh worker.
+      CHECK(pool.apply(7).value_or(0) == 7);
+    }
+  }
+}
+
+// A worker's channel closes when it exits, and it is gone moments later. One that lives on without
+// it can never report again: a task that exec()s another program (the channel is close-on-exec)
+// or closes fd 3. Its task fails within frame_timeout, and what it runs is stopped.
+TEST_CASE("a task that execs another program, or closes its worker's channel, fails at frame_timeout") {
+  for (const int64_t job : {kExecSleep, kCloseChannel}) {
+    SUBCASE(job == kExecSleep ? "exec sleep 1000" : "close fd 3, then hang") {
+      ProcessPool<TreeWorker> pool({.workers = 1,
+                                    .join_timeout = absl::Seconds(5),
+                                    .name = "tree",
+                                    .log_sink = nullptr,
+                                    .frame_timeout = absl::Milliseconds(500)});
+      AsyncResult<int64_t> running = pool.apply_async(job);
+      // Past the bound, this wait ends the test instead (the pool kills the program at join).
+      absl::StatusOr<int64_t> result = running.get(absl::Seconds(30));
+      REQUIRE_MESSAGE(running.done(), "the call did not end: ", result.status().ToString());
+      CHECK(result.status().code() == absl::StatusCode::kDataLoss);
+      CHECK_MESSAGE(absl::StrContains(result.status().message(), "closed its channel"),
+                    result.status().ToString());
+      check_tree_gone("the exec'd program");
       CHECK(pool.apply(7).value_or(0) == 7);
     }
   }

@@ -10,11 +10,14 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -197,6 +200,41 @@ TEST_CASE("a map reports through a ProgressBar given as its progress option") {
   REQUIRE_FALSE(lines.empty());
   CHECK(lines.back().rfind("squares: 100/100 (100%) ", 0) == 0);
   CHECK(contents(out.path).back() == '\n');
+}
+
+// A progress function runs on the pool's own thread, which holds the pool while it runs: a call
+// of the pool from there must be refused, not left waiting for itself (which wedged the pool, its
+// destructor included, for ever).
+TEST_CASE("a progress function that calls back into its pool is refused, and the map goes on") {
+  ProcessPool<Squarer> pool({.workers = 1, .log_sink = nullptr});
+  std::vector<absl::Status> seen;
+  std::vector<int64_t> workers_seen;
+  AsyncResult<std::vector<int64_t>> squares = pool.map_async(
+      std::vector<int64_t>{1, 2, 3}, {.chunksize = 1, .progress = [&](size_t done, size_t) {
+        if (done != 1) return;
+        seen.push_back(pool.apply(4).status());
+        seen.push_back(pool.resize(2));
+        seen.push_back(pool.close());
+        seen.push_back(pool.join());
+        workers_seen.push_back(static_cast<int64_t>(pool.stats().workers.size()));
+      }});
+  if (!squares.wait(absl::Seconds(30))) {
+    std::fprintf(stderr, "the map did not end: its progress function waits for its own pool\n");
+    std::fflush(stderr);
+    std::_Exit(1);  // the pool's thread is wedged: its destructor would wait for ever
+  }
+  REQUIRE(squares.get().ok());
+  REQUIRE(seen.size() == 4);
+  for (const absl::Status& status : seen) {
+    CHECK(status.code() == absl::StatusCode::kFailedPrecondition);
+    CHECK_MESSAGE(absl::StrContains(status.message(), "pool's own thread"), status.ToString());
+  }
+  CHECK(workers_seen == std::vector<int64_t>{0});
+  // Refused there, everything works from here.
+  CHECK(pool.apply(5).value_or(0) == 25);
+  CHECK(pool.resize(2).ok());
+  CHECK(pool.close().ok());
+  CHECK(pool.join().ok());
 }
 
 }  // namespace

@@ -43,6 +43,7 @@ enum Mode : int64_t {
   kPattern = 5,      // pattern_line(0 .. n-1), in one write() of them all
   kFlood = 6,        // n MiB of 'x' without a newline, then one newline, in writes of 1 MiB
   kWholePieces = 7,  // a line of exactly 64 KiB, one of 128 KiB, then "after"
+  kLogPieces = 8,    // procpool::log of views that do not end a string: "piece n", 100 KiB of 'P'
 };
 
 int64_t job(Mode mode, int64_t n) { return mode + 10 * n; }
@@ -106,6 +107,14 @@ struct Printer {
       case kWholePieces:
         write_all(std::string(65536, 'A') + "\n" + std::string(131072, 'B') + "\nafter\n");
         break;
+      case kLogPieces: {
+        // Views into longer strings: no NUL after their last byte.
+        const std::string text = absl::StrCat("piece ", n, " and what follows it");
+        procpool::log(LogSeverity::kInfo, std::string_view(text).substr(0, text.find(" and")));
+        procpool::log(LogSeverity::kInfo, std::string(100 << 10, 'P'));
+        procpool::log(LogSeverity::kInfo, absl::StrCat("after ", n));
+        break;
+      }
     }
     return n;
   }
@@ -443,6 +452,24 @@ TEST_CASE("procpool::log in a task reaches the sink, naming worker and task, bef
   SUBCASE("forked") { check_log_before_outcome({}); }
   SUBCASE("fork server") { check_log_before_outcome({.start_method = StartMethod::kForkServer}); }
   SUBCASE("remote") { check_log_before_outcome(remote({})); }
+}
+
+TEST_CASE("procpool::log takes any string_view: a piece of a longer string, and one over 64 KiB (cut)") {
+  testing::LogCapture events;
+  {
+    ProcessPool<Printer> pool({.workers = 1, .log_sink = events.sink()});
+    absl::StatusOr<int64_t> logged = pool.apply(job(kLogPieces, 5));
+    REQUIRE_MESSAGE(logged.ok(), logged.status().ToString());
+    CHECK(*logged == 5);
+  }
+  std::vector<std::string> records;
+  for (const LogEvent& event : events.from(LogSource::kWorker)) {
+    if (event.message != "entered") records.push_back(event.message);
+  }
+  REQUIRE(records.size() == 3);
+  CHECK(records[0] == "piece 5");
+  CHECK(records[1] == std::string(64 << 10, 'P'));
+  CHECK(records[2] == "after 5");
 }
 
 TEST_CASE("procpool::log outside a worker writes to stderr as the default sink does") {

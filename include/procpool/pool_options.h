@@ -62,7 +62,8 @@ struct LogEvent {
 };
 
 /// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it
-/// must be quick and must not call back into the pool.
+/// must be quick and must not call back into the pool (on the pool's thread such calls fail
+/// kFailedPrecondition rather than wait for themselves).
 using LogSink = std::function<void(const LogEvent&)>;
 
 /// The default sink: the pool's warnings and errors to stderr, one line each, as
@@ -291,7 +292,9 @@ struct PoolOptions {
   bool crash_backtraces = true;
   /// A frame a worker has begun to send must be complete within this; otherwise its stream is
   /// broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge
-  /// the pool by writing half a frame. Positive.
+  /// the pool by writing half a frame. The same holds for a worker that closed its channel and
+  /// is still there this long after (a task that exec'd another program, or closed fd 3): it is
+  /// stopped with what it runs. Positive.
   absl::Duration frame_timeout = absl::Seconds(10);
   /// The crash guard (README, "When workers cannot start"). A worker that could not be started
   /// (fork failed), or that died or failed before it was ready (its constructor, enter(),

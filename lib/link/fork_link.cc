@@ -152,6 +152,7 @@ void ForkLink::read_channel(LinkEvents& events, bool to_the_end) {
     channel_.reset();
     writer_.clear();
     channel_closed_ = true;
+    channel_closed_ns_ = monotonic_now_ns();
     next_look_ns_ = 0;
   }
 }
@@ -262,6 +263,19 @@ int64_t ForkLink::check(int64_t now_ns, LinkEvents& events) {
     }
   }
   if (broken_ || ended_) return next;
+  // A worker's channel closes as it exits, moments before it is gone. One still there after
+  // frame_timeout lives on without it (a task exec'd another program: the channel is
+  // close-on-exec; or closed fd 3) and can never report: its stream is broken, and it is stopped.
+  if (channel_closed_) {
+    const int64_t due = channel_closed_ns_ + to_ns(limits_.frame_timeout);
+    if (now_ns < due) return std::min(next, due);
+    broken_ = true;
+    events.on_broken_stream(absl::DataLossError(
+        absl::StrCat(name_, " closed its channel but had not exited ",
+                     absl::FormatDuration(limits_.frame_timeout),
+                     " later (frame_timeout): did a task exec another program or close fd 3?")));
+    return INT64_MAX;
+  }
   const absl::Status late = stream_.check(now_ns, next);
   if (late.ok()) return next;
   broken_ = true;

@@ -131,6 +131,7 @@ class ForkLink final : public WorkerLink {
   bool polled_channel_ = false;   // what add_pollfds added, for service()
   bool polled_pidfd_ = false;
   bool channel_closed_ = false;   // the worker closed its end of the channel
+  int64_t channel_closed_ns_ = 0;  // when we saw that (check() gives it frame_timeout to exit)
   int64_t next_look_ns_ = 0;      // without a pidfd: when to look for the worker's exit again
   std::unique_ptr<OutputLines> output_[2];  // stdout, stderr; null unless forwarded
   bool polled_output_[2] = {false, false};

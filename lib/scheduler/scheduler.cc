@@ -576,8 +576,10 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
     } else {
       // Not started yet, or between tasks. A worker that stays so past the timeout (and the
       // grace) is stuck or stopped: it holds tasks it will never run, so it goes too.
+      const int64_t stuck_since =
+          worker.suspect ? std::min(waiting_since, worker.suspect_since_ns) : waiting_since;
       const int64_t deadline =
-          waiting_since + to_ns(front.timeout) + to_ns(config_.kill_grace) + lag;
+          stuck_since + to_ns(front.timeout) + to_ns(config_.kill_grace) + lag;
       if (now >= deadline) {
         worker.port->stop(absl::DeadlineExceededError(absl::StrFormat(
             "%s did not start its next task within the task timeout of %s; it is stuck or "
@@ -601,6 +603,7 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
     return;
   }
   worker.stall_taken_back = true;
+  if (!worker.suspect) worker.suspect_since_ns = waiting_since;
   worker.suspect = true;
   take_back_unstarted(slot);
 }

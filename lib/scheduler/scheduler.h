@@ -238,6 +238,11 @@ class Scheduler {
     size_t blob_bytes = 0;  // in its shared region, for the batches it holds
     bool stall_taken_back = false;  // the stall rule acted on its current front batch
     bool suspect = false;           // its work was taken back for stalling; no results since
+    // While suspect: since when it has not started a task (the stall rule's measure). When no
+    // other worker can take them, what the stall rule took back is handed back to it, every
+    // kWorkerRecheckNs; its task timeout counts from then, not from each hand-back (a stopped
+    // only worker would otherwise hold its tasks for ever).
+    int64_t suspect_since_ns = 0;
     // Tasks [from, to) of batch `seq` were asked to stop (WorkerPort::request_stop): they report
     // `reason` whatever they return; one still running at `kill_at_ns` has its worker stopped.
     struct StopRequest {

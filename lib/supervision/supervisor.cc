@@ -268,7 +268,10 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
       join_problems_.push_back(absl::StrCat(how, " after join_timeout (",
                                             absl::FormatDuration(config_.join_timeout), ") passed"));
       join_code_ = absl::StatusCode::kDeadlineExceeded;
-    } else if (state == State::kShutdownSent && !end.clean && !slot.stop_reason) {
+    } else if (state == State::kShutdownSent && !end.clean && !slot.stop_reason &&
+               !slot.start_failed) {
+      // (One that reported a failed start, and was told to leave as it exited, never ran exit():
+      // its failure was the calls' already.)
       join_problems_.push_back(absl::StrCat(how, " during exit()"));
       if (join_code_ == absl::StatusCode::kOk) join_code_ = absl::StatusCode::kAborted;
     }

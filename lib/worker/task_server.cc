@@ -569,7 +569,11 @@ bool send_worker_log(int severity, std::string_view message) {
   auto log = frame.initRoot<wire::FromWorker>().initLog();
   log.setSeverity(static_cast<uint8_t>(severity));
   message = message.substr(0, channel.max_message_bytes);
-  log.setMessage(capnp::Text::Reader(message.data(), message.size()));
+  // Copied, not wrapped in a Text::Reader: a view need not end at a NUL (a piece of a longer
+  // string, a message cut above), which a Reader requires (KJ checks it, throwing, in builds
+  // without optimisation).
+  capnp::Text::Builder text = log.initMessage(static_cast<unsigned int>(message.size()));
+  std::copy(message.begin(), message.end(), text.begin());
   const ControlPage& page = *channel.page;
   log.setRunning(page.running.load(std::memory_order_acquire) != 0);
   log.setBatchSeq(page.batch_seq.load(std::memory_order_relaxed));

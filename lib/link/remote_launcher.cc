@@ -183,14 +183,15 @@ RemoteLauncher::~RemoteLauncher() {
   // Every relay sees end of file, ends its worker and exits; then what we launched (an srun
   // step, an ssh) ends with it. One that has not within kill_grace (a stopped or hung launch
   // command) gets SIGTERM, and SIGKILL after another kill_grace, as a worker would: the pool's
-  // destructor ends within join_timeout and a few kill_graces (guide, "Exit").
+  // destructor ends within join_timeout and a few kill_graces (guide, "Exit"). Each wait is
+  // 0.1-10 s whatever kill_grace says: an infinite one must not hold the destructor forever.
   for (TcpLink* link : links_) {
     link->on_destroy(nullptr);
     link->on_stopped_waiting(nullptr);
   }
   hosts_.clear();
   if (launched_.empty()) return;
-  const int64_t grace = std::max<int64_t>(to_ns(config_.kill_grace), 100'000'000);
+  const int64_t grace = std::clamp<int64_t>(to_ns(config_.kill_grace), 100'000'000, 10'000'000'000);
   auto reap_within = [this](int64_t ns) {
     const int64_t until = monotonic_now_ns() + ns;
     while (!launched_.empty() && monotonic_now_ns() < until) {

@@ -927,11 +927,13 @@ TEST_CASE("a worker SIGSTOPped mid-task while 4 MiB jobs queue up for it: its ta
   CHECK(pool.stats().workers_restarted == 1);
 }
 
-TEST_CASE("a worker SIGSTOPped while idle does not hold tasks forever when a task timeout is set") {
-  const absl::Duration timeout = absl::Milliseconds(300);
-  OutcomePool<BigJobWorker> pool(quiet({.workers = 2,
+// SIGSTOPs an idle worker of a `workers`-worker pool with a 300 ms task timeout, then maps
+// `count` 4 MiB jobs with chunksize 1: each task succeeds or fails kDeadlineExceeded, and the
+// call ends within `settle`. Returns the pool's restarts.
+int64_t map_past_a_stopped_idle_worker(int workers, size_t count, absl::Duration settle) {
+  OutcomePool<BigJobWorker> pool(quiet({.workers = workers,
                                         .join_timeout = absl::Seconds(1),
-                                        .task_timeout = timeout,
+                                        .task_timeout = absl::Milliseconds(300),
                                         .kill_grace = absl::Milliseconds(200)}),
                                  [] { return std::make_unique<BigJobWorker>(); });
   REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
@@ -939,10 +941,10 @@ TEST_CASE("a worker SIGSTOPped while idle does not hold tasks forever when a tas
   REQUIRE(stopped > 0);  // kill(0, ...) would stop this whole process group
   REQUIRE(::kill(stopped, SIGSTOP) == 0);
   REQUIRE(wait_until([&] { return testing::process_state(stopped) == 'T'; }));
-  const std::vector<std::string> jobs = big_jobs(6, 99);
+  const std::vector<std::string> jobs = big_jobs(count, 99);
   auto call = pool.submit(jobs, {.chunksize = 1});
   REQUIRE(call.ok());
-  const bool settled = (*call)->wait(absl::Seconds(5));
+  const bool settled = (*call)->wait(settle);
   ::kill(stopped, SIGCONT);  // whatever happened, let the pool shut down
   REQUIRE(settled);
   for (size_t i = 0; i < jobs.size(); ++i) {
@@ -950,6 +952,11 @@ TEST_CASE("a worker SIGSTOPped while idle does not hold tasks forever when a tas
     const auto& outcome = (*call)->outcome(i);
     CHECK((outcome.ok() || outcome.status().code() == absl::StatusCode::kDeadlineExceeded));
   }
+  return pool.stats().workers_restarted;
+}
+
+TEST_CASE("a worker SIGSTOPped while idle does not hold tasks forever when a task timeout is set") {
+  map_past_a_stopped_idle_worker(2, 6, absl::Seconds(5));
 }
 
 // A worker host (what the pool launched) that is SIGSTOPped never ends on its own: once join()
@@ -988,29 +995,7 @@ TEST_CASE("after join(), the destructor stops a SIGSTOPped worker host within a 
 // With no other worker, the stall rule hands what it took back to the same stopped worker: the
 // timeout still counts from when that worker stopped starting tasks, not from each hand-back.
 TEST_CASE("the only worker, SIGSTOPped while idle, is replaced at the task timeout") {
-  const absl::Duration timeout = absl::Milliseconds(300);
-  OutcomePool<BigJobWorker> pool(quiet({.workers = 1,
-                                        .join_timeout = absl::Seconds(1),
-                                        .task_timeout = timeout,
-                                        .kill_grace = absl::Milliseconds(200)}),
-                                 [] { return std::make_unique<BigJobWorker>(); });
-  REQUIRE(wait_until([&] { return all_serving(pool.stats()); }));
-  const pid_t stopped = pool.stats().workers[0].pid;
-  REQUIRE(stopped > 0);  // kill(0, ...) would stop this whole process group
-  REQUIRE(::kill(stopped, SIGSTOP) == 0);
-  REQUIRE(wait_until([&] { return testing::process_state(stopped) == 'T'; }));
-  const std::vector<std::string> jobs = big_jobs(3, 99);
-  auto call = pool.submit(jobs, {.chunksize = 1});
-  REQUIRE(call.ok());
-  const bool settled = (*call)->wait(absl::Seconds(10));
-  ::kill(stopped, SIGCONT);  // whatever happened, let the pool shut down
-  REQUIRE(settled);
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    CAPTURE(i);
-    const auto& outcome = (*call)->outcome(i);
-    CHECK((outcome.ok() || outcome.status().code() == absl::StatusCode::kDeadlineExceeded));
-  }
-  CHECK(pool.stats().workers_restarted >= 1);
+  CHECK(map_past_a_stopped_idle_worker(1, 3, absl::Seconds(10)) >= 1);
 }
 
 TEST_CASE("join() with a SIGSTOPped worker returns within join_timeout + kill_grace and names it") {

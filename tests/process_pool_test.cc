@@ -222,25 +222,22 @@ TEST_CASE("a failing enter() is a clear error on the next call, naming the worke
 
 // A worker whose enter() failed never ran exit(): join has nothing of it to report, however soon
 // after the failure it comes (the worker is still exiting then, with its start failure's status).
+template <typename W>
+void join_after_failed_enter(absl::StatusCode apply_fails_with) {
+  for (int round = 0; round < 3; ++round) {
+    ProcessPool<W> pool(quiet({.workers = 1}));
+    CHECK(pool.apply(1).status().code() == apply_fails_with);
+    REQUIRE(pool.close().ok());
+    const absl::Status joined = pool.join();
+    CHECK_MESSAGE(joined.ok(), joined.ToString());
+  }
+}
+
 TEST_CASE("join right after a failed enter() reports no death during exit()") {
   SUBCASE("enter returns an error") {
-    for (int round = 0; round < 3; ++round) {
-      ProcessPool<FailingEnter> pool(quiet({.workers = 1}));
-      CHECK(pool.apply(1).status().code() == absl::StatusCode::kUnavailable);
-      REQUIRE(pool.close().ok());
-      const absl::Status joined = pool.join();
-      CHECK_MESSAGE(joined.ok(), joined.ToString());
-    }
+    join_after_failed_enter<FailingEnter>(absl::StatusCode::kUnavailable);
   }
-  SUBCASE("enter throws") {
-    for (int round = 0; round < 3; ++round) {
-      ProcessPool<ThrowingEnter> pool(quiet({.workers = 1}));
-      CHECK(pool.apply(1).status().code() == absl::StatusCode::kUnknown);
-      REQUIRE(pool.close().ok());
-      const absl::Status joined = pool.join();
-      CHECK_MESSAGE(joined.ok(), joined.ToString());
-    }
-  }
+  SUBCASE("enter throws") { join_after_failed_enter<ThrowingEnter>(absl::StatusCode::kUnknown); }
   CHECK(testing::wait_until([] { return testing::worker_children().empty(); }));
 }
 

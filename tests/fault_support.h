@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -67,6 +68,26 @@ inline void write_all(int fd, const void* data, size_t size) {
 inline void disable_core_dumps() {
   rlimit none{0, 0};
   ::setrlimit(RLIMIT_CORE, &none);
+}
+
+// The calling worker's control mapping (lib/wire/control_page.h: its ControlPage, then its held
+// frames), for a task that scribbles on it as a buggy or hostile one might: the one mapping of a
+// memfd "...-control" in this process (a worker maps only its own). Null if there is none, or
+// several.
+inline void* own_control_mapping() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  void* found = nullptr;
+  int mappings = 0;
+  while (std::getline(maps, line)) {
+    const bool control = absl::EndsWith(line, "-control (deleted)") || absl::EndsWith(line, "-control");
+    if (line.find("/memfd:") == std::string::npos || !control) continue;
+    unsigned long start = 0;
+    if (std::sscanf(line.c_str(), "%lx-", &start) != 1) continue;
+    ++mappings;
+    found = reinterpret_cast<void*>(start);
+  }
+  return mappings == 1 ? found : nullptr;
 }
 
 inline int64_t monotonic_ns() {

@@ -96,25 +96,11 @@ TEST_CASE("results held while the worker runs a long task reach the caller befor
   CHECK(quick_done < absl::Milliseconds(700));
 }
 
-// The held-frames area of the calling worker: after its control page, in the one mapping of a
-// memfd "procpool-wN-control" it has (a worker maps only its own). Null if it finds none, or
-// several.
+// The held-frames area of the calling worker, after its control page.
 internal::HeldFrames* own_held_frames() {
-  std::ifstream maps("/proc/self/maps");
-  std::string line;
-  internal::HeldFrames* found = nullptr;
-  int mappings = 0;
-  while (std::getline(maps, line)) {
-    if (line.find("/memfd:procpool-") == std::string::npos ||
-        line.find("-control") == std::string::npos) {
-      continue;
-    }
-    unsigned long start = 0;
-    if (std::sscanf(line.c_str(), "%lx-", &start) != 1) continue;
-    ++mappings;
-    found = internal::held_frames(reinterpret_cast<internal::ControlPage*>(start));
-  }
-  return mappings == 1 ? found : nullptr;
+  void* mapping = testing::own_control_mapping();
+  if (mapping == nullptr) return nullptr;
+  return internal::held_frames(static_cast<internal::ControlPage*>(mapping));
 }
 
 constexpr int64_t kScribble = -2;

@@ -382,7 +382,12 @@ void ForkLink::end(int wait_status, LinkEvents& events) {
         name_, " was killed by the kernel's OOM killer: its memory reached max_worker_memory_bytes (",
         cgroup_->memory_bytes(), " bytes, its ", cgroup_->cap_name(), ")"));
   }
-  end.crash_stack = crash_stack_text(*page_.get());
+  // A stack in its page counts only after a death by a signal whose handler writes one.
+  const int signal = wait_status == WorkerProcess::kNoWaitStatus
+                         ? page_.get()->fatal_signal.load(std::memory_order_relaxed)
+                     : WIFSIGNALED(wait_status) ? WTERMSIG(wait_status)
+                                                : 0;
+  if (is_crash_signal(signal)) end.crash_stack = crash_stack_text(*page_.get());
   events.on_ended(std::move(end));
 }
 

@@ -98,11 +98,13 @@ void Scheduler::send_batch(int slot, bool awaited) {
     ++tasks_failed_;
   }
   if (frame.taken > 0) range.call->last_batch_tasks = frame.taken;
-  TaskRange sent{range.call, range.first, frame.taken, range.attempt, range.number};
+  TaskRange sent{range.call, range.first, frame.taken, range.attempt, range.number,
+                 range.unplaced_losses};
   const size_t consumed = frame.taken + (frame.unencodable ? 1 : 0);
   range.first += consumed;
   range.number += consumed;
   range.count -= consumed;
+  range.unplaced_losses = 0;  // it counts for task `first` only
   if (range.count == 0) pending_.pop_front();  // `range` is gone
   if (frame.taken == 0) {
     if (SharedRegion* region = frame.region) region->release_batch(frame.seq);

@@ -205,7 +205,15 @@ class Scheduler {
     // The pool-wide number of task `first` (tasks are numbered in the order they were submitted,
     // from 0; a task keeps its number when it runs again): what stats and log events call a task.
     uint64_t number = 0;
+    // Workers lost, on this attempt, while task `first` was the first of theirs without an
+    // outcome and their record of what they ran placed no task running (overwritten, perhaps by
+    // the task itself): at kMaxUnplacedLosses it is taken as the task that ended them
+    // (settlement.cc). Such a range holds that one task; a batch sent from it carries the count.
+    int unplaced_losses = 0;
   };
+  // See TaskRange::unplaced_losses: so many workers lost in a row with a task first in line and
+  // no task placed running, and the task is deemed to have run (and failed) on the last.
+  static constexpr int kMaxUnplacedLosses = 3;
   // What becomes of a batch's tasks taken back by a revoke.
   enum class TakeBack { kNone, kRequeue, kFail };
   // One bit per claim slot of a worker's control page.

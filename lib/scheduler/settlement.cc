@@ -2,8 +2,17 @@
 // stopped for a timeout or a broken stream) leaves tasks in three states, told apart by its last
 // progress: finished but unreported (their results died with it), the one it was running, and
 // not started. Tasks taken back by a revoke are exactly the unstarted ones.
+//
+// Its last progress is its own record (its control page), which a task with a wild pointer may
+// have overwritten before it killed the worker. A record that places a task running, or tasks
+// finished, costs those tasks an attempt each (bounded by `retries`); one that places none would
+// requeue everything as unstarted, the killer included, without end. So a worker lost with no task
+// placed counts against the first task it held without an outcome (TaskRange::unplaced_losses):
+// after kMaxUnplacedLosses in a row, that task is deemed to have run and ended them.
 
 #include <algorithm>
+#include <cstddef>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -116,7 +125,8 @@ void Scheduler::settle_taken_back(Worker& /*worker*/, Batch& batch, uint32_t cla
   claimed = std::clamp(claimed, batch.reported, batch.limit);
   if (claimed < batch.limit) {
     TaskRange rest{batch.tasks.call, batch.tasks.first + claimed, batch.limit - claimed,
-                   batch.tasks.attempt, batch.tasks.number + claimed};
+                   batch.tasks.attempt, batch.tasks.number + claimed,
+                   claimed == 0 ? batch.tasks.unplaced_losses : 0};
     if (batch.take_back == TakeBack::kFail) {
       fail(rest, rest.first, rest.count, batch.take_back_status);
     } else {
@@ -177,6 +187,17 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
   const absl::Status maybe_ran = absl::Status(
       lost_code, absl::StrCat(how.ended, "; this task may have started before, its outcome is unknown"));
   const bool known = current < worker.batches.size();
+  // Whether its record placed a task running (or its stream broke on one): that task answers for
+  // the loss. If none did, the first task requeued unstarted below is the one the worker was
+  // most likely on: see TaskRange::unplaced_losses.
+  bool placed = false;
+  struct FirstUnstarted {
+    size_t requeued;  // its range's index in `requeue`
+    size_t batch;
+    uint32_t index;   // in that batch
+    int losses;       // unplaced losses before this one
+  };
+  std::optional<FirstUnstarted> first_unstarted;
   for (size_t b = 0; b < worker.batches.size(); ++b) {
     const Batch& batch = worker.batches[b];
     const uint32_t end = batch.limit;  // tasks past it were settled when taken back
@@ -190,6 +211,10 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
       if (last.running && started >= batch.reported && started < end) running = started;
     }
     if (running && *running < finished) running.reset();
+    if (running || (how.blamed_task && how.blamed_task->first == batch.seq &&
+                    how.blamed_task->second >= batch.reported && how.blamed_task->second < end)) {
+      placed = true;
+    }
     settle_ran(batch, batch.reported, finished, lost_result, /*retry_allowed=*/true);
     uint32_t not_started = finished;
     if (running) {
@@ -204,9 +229,44 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
       continue;
     }
     if (not_started < end) {
+      if (!first_unstarted) {
+        first_unstarted = FirstUnstarted{requeue.size(), b, not_started,
+                                         not_started == 0 ? batch.tasks.unplaced_losses : 0};
+      }
       requeue.push_back(TaskRange{batch.tasks.call, batch.tasks.first + not_started,
                                   end - not_started, batch.tasks.attempt,
                                   batch.tasks.number + not_started});
+    }
+  }
+  if (!placed && first_unstarted) {
+    // One task of the requeued range at its head gets the loss: alone in its range (and the
+    // batch sent from it), so the count follows it and no other.
+    TaskRange& range = requeue[first_unstarted->requeued];
+    TaskRange head{range.call, range.first, 1, range.attempt, range.number,
+                   first_unstarted->losses + 1};
+    ++range.first;
+    ++range.number;
+    --range.count;
+    if (head.unplaced_losses >= kMaxUnplacedLosses) {
+      // Deemed to have run, and ended them: it fails (or runs again under the call's retries)
+      // like a task its worker died running.
+      const absl::Status& cause = how.running_failure;
+      absl::Status failure(
+          cause.code(),
+          absl::StrCat(cause.message(), "; its worker's record of the task it ran placed none (it "
+                       "was overwritten, perhaps by a task), and this task was the first without "
+                       "an outcome at the ",
+                       kMaxUnplacedLosses, " workers so lost in a row: taken as the task that "
+                       "ended them"));
+      cause.ForEachPayload([&failure](absl::string_view url, const absl::Cord& payload) {
+        failure.SetPayload(url, payload);
+      });
+      const Batch& batch = worker.batches[first_unstarted->batch];
+      settle_ran(batch, first_unstarted->index, first_unstarted->index + 1, failure,
+                 how.retry_allowed);
+    } else {
+      requeue.insert(requeue.begin() + static_cast<ptrdiff_t>(first_unstarted->requeued),
+                     std::move(head));
     }
   }
   worker.batches.clear();

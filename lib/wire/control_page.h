@@ -49,6 +49,8 @@
 #ifndef PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_
 #define PROCPOOL_LIB_WIRE_CONTROL_PAGE_H_
 
+#include <signal.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -116,6 +118,17 @@ struct HeldFrames {
 };
 
 static_assert(sizeof(ControlPage) <= HeldFrames::kOffset, "the page must end before the held frames");
+
+// The fatal signals whose deaths come with a crash stack: the worker's handlers record one for
+// these only, and only a death by one of them is described with the stack found in its page (a
+// stack there after any other death was written by no handler).
+inline constexpr int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+constexpr bool is_crash_signal(int signal) {
+  for (const int crash : kCrashSignals) {
+    if (crash == signal) return true;
+  }
+  return false;
+}
 
 // The stack a dead worker recorded in `page` (see the top of this file), or "" if none: at most
 // kCrashStackBytes, with every byte but a newline or a printable ASCII character replaced by '?'

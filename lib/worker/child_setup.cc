@@ -40,15 +40,8 @@ pid_t parent_pid = 0;
 pid_t own_pid = 0;
 bool record_stacks = false;
 
-// The signals whose deaths come with a stack, and whose handlers of the program's are chained.
-constexpr int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
-
-bool is_crash_signal(int signal) {
-  for (int crash : kCrashSignals) {
-    if (crash == signal) return true;
-  }
-  return false;
-}
+// The signals whose deaths come with a stack (kCrashSignals, control_page.h) are also those whose
+// handlers of the program's are chained.
 
 // The program's handlers for the crash signals, called after the stack is recorded. Only those it
 // installed itself count: a handler already there when this library was loaded (a sanitizer's,

@@ -1,0 +1,204 @@
+// A task that scribbles on its worker's control page (lib/wire/control_page.h), as code with a wild
+// pointer might, can fail only itself. The page is the worker's record of which task it runs and
+// since when; the pool reads it to tell, after a death, which task died and which never started,
+// and to time tasks. A record that was overwritten must never make a call run the task that kills
+// its workers again and again (the call would never end), nor let a task outlive its timeout.
+// Real workers, real kills; the same suite runs over remote (TCP) workers (scribbled_page_tcp_test).
+
+#include "procpool/process_pool.h"
+#include "procpool/logging.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "doctest/doctest.h"
+#include "lib/wire/control_page.h"
+#include "tests/fault_support.h"
+#include "tests/test_link.h"
+#include "tests/test_support.h"
+
+namespace procpool {
+namespace {
+
+using internal::ControlPage;
+using testing::map_within;
+using testing::message_has;
+
+// Jobs below 0 scribble, then die or hang; others return job * 10.
+constexpr int64_t kWipeThenDie = -1;       // says it runs nothing, then SIGKILLs itself
+constexpr int64_t kRandomThenCrash = -2;   // random bytes over the whole page, then SIGSEGV
+constexpr int64_t kForeignClaimsThenDie = -3;  // every claim word another batch's, then SIGKILL
+constexpr int64_t kWipeThenHang = -4;      // says it runs nothing, then sleeps 60 s
+constexpr int64_t kFutureStartThenHang = -5;  // says it started in a year, then sleeps 60 s
+constexpr int64_t kFakeStackThenDie = -6;  // writes a crash stack, then SIGKILLs itself
+
+// Where each run of a scribbling task leaves one byte: how many times the pool ran it. The
+// workers (forked, or launched by the pool) inherit the test's environment.
+std::string runs_path() {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return absl::StrCat(dir != nullptr ? dir : "/tmp", "/procpool_scribbled_page_runs");
+}
+
+void count_run() {
+  const int fd = ::open(runs_path().c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return;
+  testing::write_all(fd, "x", 1);
+  ::close(fd);
+}
+
+size_t runs() {
+  std::error_code error;
+  const auto size = std::filesystem::file_size(runs_path(), error);
+  return error ? 0 : static_cast<size_t>(size);
+}
+
+void reset_runs() { std::filesystem::remove(runs_path()); }
+
+void wipe_stamps(ControlPage& page) {
+  page.batch_seq.store(ControlPage::kNoBatch);
+  page.task_index.store(0);
+  page.running.store(0);
+}
+
+struct Scribbler {
+  int64_t run(int64_t job) {
+    if (job >= 0) return job * 10;
+    count_run();
+    auto* page = static_cast<ControlPage*>(testing::own_control_mapping());
+    if (page == nullptr) return -1;  // found no page: the test sees the wrong value
+    switch (job) {
+      case kWipeThenDie:
+        wipe_stamps(*page);
+        ::raise(SIGKILL);
+        break;
+      case kRandomThenCrash: {
+        std::mt19937_64 random(std::random_device{}());
+        auto* words = reinterpret_cast<uint64_t*>(page);
+        for (size_t i = 0; i < sizeof(ControlPage) / sizeof(uint64_t); ++i) words[i] = random();
+        ::raise(SIGSEGV);
+        break;
+      }
+      case kForeignClaimsThenDie:
+        for (auto& word : page->claims) {
+          const uint64_t seen = word.load();
+          word.store(internal::pack_claim(internal::claim_tag(seen) ^ 0x5a5a, 0, 0));
+        }
+        wipe_stamps(*page);
+        ::raise(SIGKILL);
+        break;
+      case kWipeThenHang:
+        wipe_stamps(*page);
+        absl::SleepFor(absl::Seconds(60));
+        break;
+      case kFakeStackThenDie: {
+        const std::string_view fake = "#0 0x1234 a stack no crash handler wrote\n";
+        fake.copy(page->crash_stack, fake.size());
+        page->crash_stack_bytes.store(static_cast<uint32_t>(fake.size()));
+        ::raise(SIGKILL);
+        break;
+      }
+      case kFutureStartThenHang:
+        page->started_ns.store(page->started_ns.load() + int64_t{365} * 24 * 3600 * 1'000'000'000);
+        absl::SleepFor(absl::Seconds(60));
+        break;
+    }
+    return job * 10;
+  }
+};
+
+struct Setup {
+  Setup() { testing::disable_core_dumps(); }
+};
+const Setup setup;
+
+PoolOptions options() {
+  return testing::on_link(PoolOptions{.workers = 2, .log_sink = nullptr});
+}
+
+std::vector<int64_t> jobs_around(int64_t scribble) {
+  std::vector<int64_t> jobs;
+  for (int64_t i = 0; i < 12; ++i) jobs.push_back(i == 5 ? scribble : i);
+  return jobs;
+}
+
+// The pool goes on serving after the scribbler is gone.
+void check_serves_on(ProcessPool<Scribbler>& pool) {
+  auto next = map_within(pool, std::vector<int64_t>{1, 2, 3, 4}, {}, absl::Seconds(60));
+  REQUIRE_MESSAGE(next.ok(), next.status());
+  CHECK(*next == std::vector<int64_t>{10, 20, 30, 40});
+}
+
+TEST_CASE("a task that scribbles on its worker's record and dies fails; it is not run again and again") {
+  for (const int64_t scribble : {kWipeThenDie, kRandomThenCrash, kForeignClaimsThenDie}) {
+    for (const int retries : {0, 1}) {
+      CAPTURE(scribble);
+      CAPTURE(retries);
+      reset_runs();
+      ProcessPool<Scribbler> pool(options());
+      const absl::Time start = absl::Now();
+      auto result =
+          map_within(pool, jobs_around(scribble), {.chunksize = 3, .retries = retries}, absl::Seconds(60));
+      MESSAGE("after ", absl::FormatDuration(absl::Now() - start), " and ", runs(),
+              " runs of the scribbler: ", result.status());
+      REQUIRE_FALSE(result.ok());
+      // (A remote worker's host may judge the random record a task past its timeout, and stop it
+      // before it crashes.)
+      const bool random_on_tcp = scribble == kRandomThenCrash && testing::remote_link();
+      CHECK((result.status().code() == absl::StatusCode::kAborted ||
+             (random_on_tcp && result.status().code() == absl::StatusCode::kDeadlineExceeded)));
+      CHECK(message_has(result.status(), "job 5"));
+      // Each run of it is a death: at most a few per attempt, never without end. (Three losses in
+      // a row with it first in line and no task placed running; before those, its two
+      // batch-mates before it, whose outcomes the overwritten record lost too, may each be first
+      // in line once.)
+      CHECK(runs() >= static_cast<size_t>(1 + retries));
+      CHECK(runs() <= static_cast<size_t>(2 + 3 * (1 + retries)));
+      check_serves_on(pool);
+    }
+  }
+}
+
+TEST_CASE("a stack in the page of a worker that no crash killed is not reported as its crash stack") {
+  ProcessPool<Scribbler> pool(options());
+  // One task a batch: the tasks before it keep their results (held where the pool finds them).
+  auto result = map_within(pool, jobs_around(kFakeStackThenDie), {.chunksize = 1}, absl::Seconds(60));
+  REQUIRE_FALSE(result.ok());
+  CHECK(result.status().code() == absl::StatusCode::kAborted);
+  CHECK(message_has(result.status(), "job 5"));
+  CHECK_FALSE(backtrace_of(result.status()).has_value());
+  check_serves_on(pool);
+}
+
+TEST_CASE("a task that scribbles on its worker's record and hangs still ends at its task_timeout") {
+  for (const int64_t scribble : {kWipeThenHang, kFutureStartThenHang}) {
+    CAPTURE(scribble);
+    reset_runs();
+    ProcessPool<Scribbler> pool(options());
+    const absl::Time start = absl::Now();
+    auto result = map_within(pool, jobs_around(scribble),
+                             {.chunksize = 3, .task_timeout = absl::Milliseconds(300)}, absl::Seconds(60));
+    MESSAGE("after ", absl::FormatDuration(absl::Now() - start), " and ", runs(),
+            " runs of the scribbler: ", result.status());
+    REQUIRE_FALSE(result.ok());
+    CHECK(result.status().code() == absl::StatusCode::kDeadlineExceeded);
+    CHECK(runs() >= 1);
+    CHECK(runs() <= 3);
+    check_serves_on(pool);
+  }
+}
+
+}  // namespace
+}  // namespace procpool

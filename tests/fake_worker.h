@@ -192,6 +192,7 @@ class FakeWorker {
       return std::nullopt;
     }
     const uint32_t index = batch->next++;
+    running_seq_ = seq;
     page_->batch_seq.store(seq);
     page_->task_index.store(index);
     page_->started_ns.store(now_ns);
@@ -200,9 +201,14 @@ class FakeWorker {
   }
   // The task started last has ended.
   void finish() {
+    running_seq_.reset();
     page_->running.store(0);
     page_->tasks_done.fetch_add(1);
   }
+
+  // The batch of the task it runs, if it runs one: its own state, whatever its page says (a test
+  // may overwrite the page, as a task with a wild pointer might).
+  std::optional<uint64_t> running_seq() const { return running_seq_; }
 
   WorkerProgress progress() const {
     WorkerProgress progress;
@@ -228,6 +234,7 @@ class FakeWorker {
   std::string name_;
   std::unique_ptr<ControlPage> page_ = std::make_unique<ControlPage>();
   std::deque<Batch> batches_;
+  std::optional<uint64_t> running_seq_;
   int shutdowns_ = 0;
   bool exact_ = true;
 };

@@ -6,7 +6,8 @@
 //
 // The input is a script of steps for two workers: start or finish a task, report honestly, send
 // arbitrary bytes or an honest results frame with bytes changed, let time pass (task timeouts,
-// the stall rule), dispatch, cancel a call, die (with frames recovered after death). When it runs
+// the stall rule), dispatch, cancel a call, die (with frames recovered after death), have its
+// record in the control page overwritten (as a task with a wild pointer might). When it runs
 // out, every worker dies, fresh honest workers run whatever was queued again, and every task of
 // both calls (a plain one and a word one) must have exactly one outcome: else it aborts.
 
@@ -92,12 +93,12 @@ class Harness {
     const uint8_t op = in.byte();
     const int slot = in.byte() % kWorkers;
     FakeWorkerLink* link = live_[slot];
-    switch (op % 10) {
+    switch (op % 11) {
       case 0:  // the worker starts its next task
         if (link != nullptr) start_next(link->worker());
         break;
       case 1:  // it finishes the task it runs
-        if (link != nullptr && link->worker().page().running.load() != 0) link->worker().finish();
+        if (link != nullptr && link->worker().running_seq()) link->worker().finish();
         break;
       case 2:  // it reports what it finished, honestly
         if (link != nullptr) {
@@ -157,6 +158,20 @@ class Harness {
       case 9:  // a frame of another kind
         if (link != nullptr) link->deliver(other_frame(in.byte()));
         break;
+      case 10: {  // its record is overwritten: what it runs, since when, and a claim word
+        if (link == nullptr) break;
+        procpool::internal::ControlPage& page = link->worker().page();
+        const uint8_t what = in.byte();
+        page.batch_seq.store((what & 1) ? procpool::internal::ControlPage::kNoBatch : in.u16());
+        page.task_index.store(in.u16());
+        page.running.store((what >> 1) & 1);
+        page.started_ns.store(now_ + int64_t{static_cast<int16_t>(in.u16())} * 1'000'000);
+        if (what & 4) {
+          page.claims[in.byte() % procpool::internal::ControlPage::kClaimSlots].store(
+              uint64_t{in.u16()} << 48 | uint64_t{in.u16()} << 24 | in.u16());
+        }
+        break;
+      }
     }
   }
 
@@ -223,7 +238,7 @@ class Harness {
   }
 
   static void start_next(FakeWorker& worker) {
-    if (worker.page().running.load() != 0) return;
+    if (worker.running_seq()) return;
     for (FakeWorker::Batch& batch : worker.batches()) {
       if (batch.next < batch.count) {
         worker.start(batch.seq, procpool::internal::monotonic_now_ns());
@@ -235,10 +250,9 @@ class Harness {
   // Results for the tasks of the first batch with finished, unsent ones (as words for a word
   // batch, unless `style` says otherwise); with `advance`, they count as sent.
   static kj::Array<capnp::word> honest_frame(FakeWorker& worker, bool advance, uint8_t style) {
-    const bool running = worker.page().running.load() != 0;
     for (FakeWorker::Batch& batch : worker.batches()) {
       uint32_t finished = batch.next;
-      if (running && worker.page().batch_seq.load() == batch.seq) --finished;
+      if (worker.running_seq() == batch.seq) --finished;
       if (batch.sent >= finished) continue;
       std::vector<int64_t> values;
       for (uint32_t i = batch.sent; i < finished; ++i) values.push_back(batch.jobs[i] * 10);
@@ -256,7 +270,7 @@ class Harness {
     FakeWorker& worker = link.worker();
     while (!worker.batches().empty() && !link.ended()) {
       FakeWorker::Batch& batch = worker.batches().front();
-      if (worker.page().running.load() != 0) worker.finish();
+      if (worker.running_seq()) worker.finish();
       while (worker.start(batch.seq, procpool::internal::monotonic_now_ns())) worker.finish();
       kj::Array<capnp::word> frame = honest_frame(worker, /*advance=*/true, 0);
       worker.batches().pop_front();

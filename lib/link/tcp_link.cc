@@ -238,6 +238,7 @@ void TcpLink::on_ended(wire::Ended::Reader ended, LinkEvents& events) {
       std::string_view(ended.getCrashStack().cStr(), ended.getCrashStack().size()));
   if (ended.hasTimedOut() && ended.getTimedOut().size() > 0) {
     end_of.cause = absl::DeadlineExceededError(absl::StrCat(name_, ": ", peer_text(ended.getTimedOut())));
+    end_of.timed_out_by_host = true;
   } else if (ended.hasMemoryExhausted() && ended.getMemoryExhausted().size() > 0) {
     end_of.cause =
         absl::ResourceExhaustedError(absl::StrCat(name_, ": ", peer_text(ended.getMemoryExhausted())));

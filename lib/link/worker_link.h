@@ -52,6 +52,10 @@ struct WorkerEnd {
   // the way): `cause` says so (kDataLoss). Not its doing, nor its task's: what it held runs again
   // as after a death.
   bool corrupted = false;
+  // `cause` is a remote worker host's watchdog's: the running task (the link's last progress)
+  // passed its task_timeout there. The pool names the task in its own words (as when it stops a
+  // forked worker itself), where it still knows the task.
+  bool timed_out_by_host = false;
 };
 
 // What a worker is doing, as far as its link knows.

@@ -471,6 +471,24 @@ std::optional<uint64_t> Scheduler::task_number(int slot, uint64_t seq, uint32_t 
   return std::nullopt;
 }
 
+std::optional<absl::Status> Scheduler::host_timeout_failure(int slot, uint64_t seq, uint32_t index,
+                                                            absl::string_view worker) const {
+  if (slot < 0 || slot >= static_cast<int>(workers_.size())) return std::nullopt;
+  for (const Batch& batch : workers_[slot].batches) {
+    if (batch.seq != seq || index >= batch.limit || batch.timeout == absl::InfiniteDuration()) {
+      continue;
+    }
+    return timeout_failure(batch, index, absl::StrCat(worker, " was stopped by its host's watchdog"));
+  }
+  return std::nullopt;
+}
+
+absl::Status Scheduler::timeout_failure(const Batch& batch, uint32_t index, absl::string_view stopped) {
+  return absl::DeadlineExceededError(absl::StrFormat("task %d of its call ran past its timeout of %s; %s",
+                                                     batch.tasks.first + index,
+                                                     absl::FormatDuration(batch.timeout), stopped));
+}
+
 int64_t Scheduler::check(int64_t now_ns) {
   int64_t next = INT64_MAX;
   // Retries whose backoff ended go to the front of the queue, in the order they failed.
@@ -570,10 +588,8 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
       const int64_t deadline =
           progress.started_ns + to_ns(front.timeout) + coarse_clock_slack_ns() + lag;
       if (now >= deadline) {
-        worker.port->stop(absl::DeadlineExceededError(absl::StrFormat(
-            "task %d of its call ran past its timeout of %s; %s was stopped",
-            front.tasks.first + progress.task_index, absl::FormatDuration(front.timeout),
-            worker.port->name())));
+        worker.port->stop(timeout_failure(front, progress.task_index,
+                                          absl::StrCat(worker.port->name(), " was stopped")));
         return;
       }
       next = std::min(next, deadline);

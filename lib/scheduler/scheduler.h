@@ -31,6 +31,7 @@
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "capnp/message.h"
 #include "lib/link/worker_link.h"
@@ -182,6 +183,12 @@ class Scheduler {
   // The pool-wide number of task `index` of batch `seq` at `slot`'s worker, while the batch is
   // there (a worker's own stamps, for its log records); nothing if it is not.
   std::optional<uint64_t> task_number(int slot, uint64_t seq, uint32_t index) const;
+  // The failure of task `index` of batch `seq` at `slot`'s worker, stopped by its host's
+  // watchdog for its timeout, in the words of the pool's own timeout ("task 5 of its call ran
+  // past its timeout of 300ms; worker 1 on h (pid 9) was stopped by its host's watchdog"); nothing
+  // if the batch is no longer there or has no timeout.
+  std::optional<absl::Status> host_timeout_failure(int slot, uint64_t seq, uint32_t index,
+                                                   absl::string_view worker) const;
   int64_t tasks_submitted() const { return tasks_submitted_; }
   int64_t tasks_done() const { return tasks_done_; }
   int64_t tasks_failed() const { return tasks_failed_; }
@@ -333,6 +340,8 @@ class Scheduler {
   void settle_taken_back(Worker& worker, Batch& batch, uint32_t claimed);
   void erase_batch(Worker& worker, size_t index);
   void check_worker(int slot, int64_t now, int64_t& next);
+  // "task N of its call ran past its timeout of T; <stopped>": one wording, whoever stopped it.
+  static absl::Status timeout_failure(const Batch& batch, uint32_t index, absl::string_view stopped);
   // A worker is looked at again at least this often (the stall rule's threshold follows the
   // mean of every worker's tasks, which may fall).
   static constexpr int64_t kWorkerRecheckNs = 100'000'000;

@@ -234,6 +234,13 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   if (end.cause && !slot.stop_reason) {
     slot.stop_reason = *end.cause;
     slot.corrupted = end.corrupted;
+    if (end.timed_out_by_host) {
+      const WorkerProgress last = slot.link->progress();
+      if (std::optional<absl::Status> failure = scheduler_.host_timeout_failure(
+              slot.index, last.batch_seq, last.task_index, slot.display())) {
+        slot.stop_reason = *std::move(failure);
+      }
+    }
   }
   const State state = slot.state;
   const bool expected = state == State::kShutdownSent && end.clean && !slot.stop_reason;

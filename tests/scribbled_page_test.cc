@@ -160,10 +160,10 @@ TEST_CASE("a task that scribbles on its worker's record and dies fails; it is no
       CHECK((result.status().code() == absl::StatusCode::kAborted ||
              (random_on_tcp && result.status().code() == absl::StatusCode::kDeadlineExceeded)));
       CHECK(message_has(result.status(), "job 5"));
-      // Each run of it is a death: at most a few per attempt, never without end. (Three losses in
-      // a row with it first in line and no task placed running; before those, its two
-      // batch-mates before it, whose outcomes the overwritten record lost too, may each be first
-      // in line once.)
+      // Each run of it is a death: at most a few per attempt, never without end. (Three losses
+      // with it first in line and no task placed running; before those, its two batch-mates
+      // before it, whose outcomes the overwritten record lost too, may each be first in line
+      // once.)
       CHECK(runs() >= static_cast<size_t>(1 + retries));
       CHECK(runs() <= static_cast<size_t>(2 + 3 * (1 + retries)));
       check_serves_on(pool);

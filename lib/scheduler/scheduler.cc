@@ -541,8 +541,11 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   WorkerProgress progress = worker.port->progress();
   // A start after now is no worker's: its record was overwritten (by a task, perhaps). The
   // deadlines below then count from when the front batch became the front, a time that does not
-  // move: a record that keeps saying "just started" cannot hold a task past its timeout.
-  if (progress.started_ns > now) progress.started_ns = front.front_since_ns;
+  // move: a record that keeps saying "just started" cannot hold a task past its timeout. (`now`
+  // was read before the record: a task may have begun since, so the clock is read again.)
+  if (progress.started_ns > now && progress.started_ns > monotonic_now_ns()) {
+    progress.started_ns = front.front_since_ns;
+  }
   const bool on_front = progress.batch_seq == front.seq;
   const bool running = on_front && progress.running;
   // A worker sends a task's outcome only after the task ended. One whose exact progress says it

@@ -218,8 +218,8 @@ class Scheduler {
     // (settlement.cc). Such a range holds that one task; a batch sent from it carries the count.
     int unplaced_losses = 0;
   };
-  // See TaskRange::unplaced_losses: so many workers lost in a row with a task first in line and
-  // no task placed running, and the task is deemed to have run (and failed) on the last.
+  // See TaskRange::unplaced_losses: so many workers lost with a task first in line and no task
+  // placed running, and the task is deemed to have run (and failed) on the last.
   static constexpr int kMaxUnplacedLosses = 3;
   // What becomes of a batch's tasks taken back by a revoke.
   enum class TakeBack { kNone, kRequeue, kFail };

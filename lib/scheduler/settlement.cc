@@ -8,7 +8,7 @@
 // finished, costs those tasks an attempt each (bounded by `retries`); one that places none would
 // requeue everything as unstarted, the killer included, without end. So a worker lost with no task
 // placed counts against the first task it held without an outcome (TaskRange::unplaced_losses):
-// after kMaxUnplacedLosses in a row, that task is deemed to have run and ended them.
+// after kMaxUnplacedLosses of them, that task is deemed to have run and ended them.
 
 #include <algorithm>
 #include <cstddef>
@@ -256,8 +256,7 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
           absl::StrCat(cause.message(), "; its worker's record of the task it ran placed none (it "
                        "was overwritten, perhaps by a task), and this task was the first without "
                        "an outcome at the ",
-                       kMaxUnplacedLosses, " workers so lost in a row: taken as the task that "
-                       "ended them"));
+                       kMaxUnplacedLosses, " workers so lost: taken as the task that ended them"));
       cause.ForEachPayload([&failure](absl::string_view url, const absl::Cord& payload) {
         failure.SetPayload(url, payload);
       });

@@ -450,10 +450,14 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
   }
   next = std::min(next, slot.stop_sequence.check(*slot.link, now));
   if (slot.terminate_at_ns != INT64_MAX && !slot.stop_reason) {
-    // terminate() with a cancel_grace: the task asked to stop returned, or its time is up.
+    // terminate() with a cancel_grace: the task asked to stop returned, or its time is up. A
+    // report learnt late (a remote worker's) tells so only once it may be newer than the request:
+    // before, the worker may have begun another task since, which is owed its grace.
     const WorkerProgress progress = slot.link->progress();
+    const int64_t asked_ns = slot.terminate_at_ns - to_ns(config_.cancel_grace);
     const bool returned = progress.batch_seq != ControlPage::kNoBatch &&
-                          progress.batch_seq >= slot.terminate_after_batch && !progress.running;
+                          progress.batch_seq >= slot.terminate_after_batch && !progress.running &&
+                          (progress.exact || now >= asked_ns + kInexactProgressLagNs);
     if (now >= slot.terminate_at_ns || returned) {
       stop(slot, absl::CancelledError("the pool was terminated"), StopMode::kTerminate);
     } else {

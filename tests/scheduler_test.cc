@@ -370,35 +370,6 @@ TEST_CASE("a call cancelled before a late report shows its task begun: without a
   CHECK_FALSE(internal::stop_requested(rig.worker(0).page()));
 }
 
-TEST_CASE("a call cancelled while late reports show its worker between two of its batches: the "
-          "stop follows it to the next batch, which it began unseen") {
-  Rig rig(1);
-  rig.ports[0]->answer_revokes_later();
-  rig.worker(0).set_exact(false);
-  auto call = rig.submit(2, chunks(1));
-  // Short tasks: the worker holds both batches at once.
-  call->observed_tasks = 1000;
-  call->observed_busy_ns = 1000;
-  rig.scheduler.dispatch();
-  REQUIRE(rig.worker(0).batches().size() == 2);
-  const uint64_t first = rig.worker(0).batches()[0].seq;
-  const uint64_t second = rig.worker(0).batches()[1].seq;
-  // The last report: the first batch's task has ended, its result not yet in.
-  REQUIRE(rig.worker(0).start(first, internal::monotonic_now_ns()) == 0u);
-  rig.worker(0).finish();
-  rig.scheduler.cancel(call.get(), absl::CancelledError("cancelled before it started"));
-  rig.scheduler.stop_running(call.get(), absl::CancelledError("the task was cancelled"));
-  const int64_t cancelled = internal::monotonic_now_ns();
-  // Meanwhile the worker began the second batch's task, before the revoke reached it; then the
-  // first batch's result came.
-  REQUIRE(rig.worker(0).start(second, cancelled) == 0u);
-  rig.ports[0]->answer_revokes();
-  REQUIRE(rig.report(0, first, 0, {0}).ok());
-  rig.scheduler.check(cancelled + internal::kInexactProgressLagNs);
-  REQUIRE(rig.ports[0]->stops().size() == 1);
-  CHECK(rig.ports[0]->stops()[0].code() == absl::StatusCode::kCancelled);
-}
-
 TEST_CASE("claims: a cancelled call's unstarted tasks fail kCancelled; started ones deliver") {
   bool answered_later = false;
   SUBCASE("the revoke is answered at once (shared memory)") {}

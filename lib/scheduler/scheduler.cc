@@ -104,7 +104,6 @@ void Scheduler::stop_running(const Call* call, const absl::Status& reason) {
                                         : front.reported;
     if (from >= front.limit) continue;
     request_stop(worker, front, from, front.limit, reason, kill_at, /*ask_worker=*/grace);
-    worker.stop->follows_call = true;
   }
 }
 
@@ -137,10 +136,7 @@ void Scheduler::request_stop(Worker& worker, const Batch& batch, uint32_t from, 
     worker.stop = Worker::StopRequest{batch.seq, from, to, reason, kill_at_ns};
   }
   worker.check_at_ns = INT64_MIN;
-  if (ask_worker) {
-    worker.stop->asked_worker = true;
-    worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
-  }
+  if (ask_worker) worker.port->request_stop(batch.seq, worker.stop->from, worker.stop->to);
 }
 
 const absl::Status* Scheduler::stopped_outcome(const Worker& worker, const Batch& batch,
@@ -439,22 +435,9 @@ void Scheduler::on_revoked(int slot, uint32_t claim_slot, uint16_t tag, uint32_t
 void Scheduler::erase_batch(Worker& worker, size_t index) {
   worker.check_at_ns = INT64_MIN;
   if (worker.stop && worker.stop->seq == worker.batches[index].seq) {
-    // Its tasks are settled: the request is withdrawn (the worker's page forgets it), or, for a
-    // cancel made from late progress, moves to the call's next batch here, whose tasks may have
-    // begun since that progress.
-    Worker::StopRequest settled = *std::move(worker.stop);
+    // Its tasks are settled: the request is withdrawn (the worker's page forgets it).
     worker.stop.reset();
     if (worker.port != nullptr) worker.port->request_stop(0, 0, 0);
-    const Call* call = worker.batches[index].tasks.call.get();
-    for (size_t next = index + 1; settled.follows_call && next < worker.batches.size(); ++next) {
-      const Batch& batch = worker.batches[next];
-      if (batch.tasks.call.get() != call) break;
-      if (batch.reported >= batch.limit) continue;
-      request_stop(worker, batch, batch.reported, batch.limit, settled.reason, settled.kill_at_ns,
-                   settled.asked_worker);
-      worker.stop->follows_call = true;
-      break;
-    }
   }
   worker.claim_slots_used &= ~(ClaimMask{1} << worker.batches[index].claim_slot);
   worker.blob_bytes -= worker.batches[index].blob_bytes;

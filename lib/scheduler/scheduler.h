@@ -266,10 +266,6 @@ class Scheduler {
       uint32_t to = 0;
       absl::Status reason;
       int64_t kill_at_ns = INT64_MAX;
-      // A cancel's stop, made from late progress (stop_running): the worker may have gone on to
-      // the call's next batch unseen, so when this batch is settled the stop moves there.
-      bool follows_call = false;
-      bool asked_worker = false;  // the worker was asked (WorkerPort::request_stop)
     };
     std::optional<StopRequest> stop;
     // When check() looks at it next (INT64_MIN: at the next check): each look reads its progress

@@ -45,7 +45,6 @@ TEST_CASE("a worker cannot claim in a slot that holds another batch") {
   auto page = std::make_unique<ControlPage>();
   open_claims(*page, 2, 2, 4);
   CHECK(claim_tasks(*page, 2, 34, 0, 1) == 0);  // a late reader of an older batch in slot 2
-  CHECK(revoke_claims(*page, 2, 34) == 0);     // never opened for that batch: nothing to take
   CHECK(claim_tasks(*page, 2, 2, 0, 1) == 1);  // the slot's own batch is untouched
 }
 
@@ -76,11 +75,19 @@ TEST_CASE("a revoke that comes before its batch takes the whole batch back") {
   }
 }
 
-TEST_CASE("without worker_opens_claims a revoke of an unopened batch writes nothing") {
+TEST_CASE("without worker_opens_claims a word the parent did not open as found is overwritten: "
+          "all counts as claimed, and the revoke writes nothing") {
+  // The parent opens every batch's word before it sends the batch, and revokes only batches it
+  // sent: a word that does not hold the batch's tag then was overwritten (by a task, perhaps).
+  // Nothing can be known to be unstarted: taking tasks back could run them twice.
   auto page = std::make_unique<ControlPage>();
-  CHECK(revoke_claims(*page, 1, 1) == 0);
+  CHECK(revoke_claims(*page, 1, 1) == ControlPage::kMaxBatchTasks);  // a zeroed word
   open_claims(*page, 1, 1, 2);
   CHECK(claim_all(*page, 1, 1, 2) == 2);
+  open_claims(*page, 2, 2, 4);
+  page->claims[2].store(pack_claim(0x5a5a, 0, 0));  // another tag
+  CHECK(revoke_claims(*page, 2, 2) == ControlPage::kMaxBatchTasks);
+  CHECK(page->claims[2].load() == pack_claim(0x5a5a, 0, 0));
 }
 
 // Exactly-once under contention: the worker claims while the parent revokes at a random

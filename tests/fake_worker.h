@@ -133,6 +133,7 @@ class FakeWorker {
     uint32_t count = 0;
     bool words = false;
     int64_t timeout_ns = 0;
+    bool publish_each = false;  // TaskBatch.publishEach
     std::vector<int64_t> jobs;
     uint32_t next = 0;  // the next task it starts
     uint32_t sent = 0;  // results sent for tasks [0, sent) (the test keeps it)
@@ -157,6 +158,7 @@ class FakeWorker {
     batch.claim_slot = tasks.getClaimSlot();
     batch.claim_tag = tasks.getClaimTag();
     batch.timeout_ns = static_cast<int64_t>(tasks.getTimeoutNs());
+    batch.publish_each = tasks.getPublishEach();
     batch.words = tasks.hasWordJobs();
     if (batch.words) {
       auto blob = tasks.getWordJobs();

@@ -210,6 +210,66 @@ TEST_CASE("a lost worker's tasks are settled by its progress: finished, running,
   }
 }
 
+// What a task with a wild pointer may leave in its worker's record before it kills the worker.
+void wipe_record(FakeWorker& worker) {
+  worker.page().batch_seq.store(ControlPage::kNoBatch);
+  worker.page().task_index.store(0);
+  worker.page().running.store(0);
+}
+
+TEST_CASE("a task that wipes its worker's record and kills it: first in line at three such "
+          "losses, it fails; the tasks behind it run once more, publishing each outcome") {
+  for (const int retries : {0, 1}) {
+    CAPTURE(retries);
+    Rig rig(1);
+    auto call = rig.submit(3, chunks(3, retries));
+    int losses = 0;
+    // Task 0 is the killer: every run of it wipes the record and ends the worker.
+    while (call->count(0) == 0 && losses < 20) {
+      rig.scheduler.dispatch();
+      auto& batches = rig.worker(0).batches();
+      REQUIRE_FALSE(batches.empty());
+      const FakeWorker::Batch& batch = batches.front();
+      REQUIRE(batch.jobs.front() == 0);
+      if (losses > 0) {
+        // Alone since its first loss; what was behind it publishes each outcome.
+        CHECK(batch.count == 1);
+        for (size_t b = 1; b < batches.size(); ++b) CHECK(batches[b].publish_each);
+      }
+      REQUIRE(rig.worker(0).start(batch.seq, internal::monotonic_now_ns()) == 0u);
+      wipe_record(rig.worker(0));
+      rig.lose(0);
+      ++losses;
+    }
+    CHECK(losses == 3 * (1 + retries));
+    REQUIRE(call->count(0) == 1);
+    CHECK(call->outcome(0).status().code() == absl::StatusCode::kAborted);
+    CHECK(absl::StrContains(call->outcome(0).status().message(), "taken as the task that ended"));
+    rig.run_all();
+    CHECK(call->ended_once());
+    CHECK(*call->outcome(1) == 10);
+    CHECK(*call->outcome(2) == 20);
+  }
+}
+
+TEST_CASE("a loss whose record places a finished task charges no task first in line") {
+  Rig rig(1);
+  auto call = rig.submit(2, chunks(2, /*retries=*/10));
+  for (int loss = 0; loss < 5; ++loss) {
+    rig.scheduler.dispatch();
+    // It finishes its first task, and is killed before its result goes: that task answers for
+    // the loss (an attempt), not the one behind it.
+    const uint64_t seq = rig.front(0).seq;
+    REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 0u);
+    rig.worker(0).finish();
+    rig.lose(0);
+  }
+  rig.run_all();
+  CHECK(call->ended_once());
+  CHECK(*call->outcome(0) == 0);
+  CHECK(*call->outcome(1) == 10);
+}
+
 TEST_CASE("the stall rule gives a stalled worker's unstarted tasks to another worker, once") {
   Rig rig(2);
   auto call = rig.submit(4, chunks(4));

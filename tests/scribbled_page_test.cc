@@ -44,6 +44,7 @@ constexpr int64_t kForeignClaimsThenDie = -3;  // every claim word another batch
 constexpr int64_t kWipeThenHang = -4;      // says it runs nothing, then sleeps 60 s
 constexpr int64_t kFutureStartThenHang = -5;  // says it started in a year, then sleeps 60 s
 constexpr int64_t kFakeStackThenDie = -6;  // writes a crash stack, then SIGKILLs itself
+constexpr int64_t kForeignClaimsThenHang = -7;  // every claim word another batch's, then 60 s
 
 // Where each run of a scribbling task leaves one byte: how many times the pool ran it. The
 // workers (forked, or launched by the pool) inherit the test's environment.
@@ -92,12 +93,14 @@ struct Scribbler {
         break;
       }
       case kForeignClaimsThenDie:
+      case kForeignClaimsThenHang:
         for (auto& word : page->claims) {
           const uint64_t seen = word.load();
           word.store(internal::pack_claim(internal::claim_tag(seen) ^ 0x5a5a, 0, 0));
         }
         wipe_stamps(*page);
-        ::raise(SIGKILL);
+        if (job == kForeignClaimsThenDie) ::raise(SIGKILL);
+        absl::SleepFor(absl::Seconds(60));
         break;
       case kWipeThenHang:
         wipe_stamps(*page);
@@ -160,15 +163,33 @@ TEST_CASE("a task that scribbles on its worker's record and dies fails; it is no
       CHECK((result.status().code() == absl::StatusCode::kAborted ||
              (random_on_tcp && result.status().code() == absl::StatusCode::kDeadlineExceeded)));
       CHECK(message_has(result.status(), "job 5"));
-      // Each run of it is a death: at most a few per attempt, never without end. (Three losses
-      // with it first in line and no task placed running; before those, its two batch-mates
-      // before it, whose outcomes the overwritten record lost too, may each be first in line
-      // once.)
+      // Each run of it is a death: a few per attempt, never without end. (Its first run loses
+      // its batch-mates' outcomes with it, so the first of them is charged; they run again
+      // publishing each outcome, and it is first in line from its second run: three losses so.)
       CHECK(runs() >= static_cast<size_t>(1 + retries));
-      CHECK(runs() <= static_cast<size_t>(2 + 3 * (1 + retries)));
+      CHECK(runs() <= static_cast<size_t>(1 + 3 * (1 + retries)));
       check_serves_on(pool);
     }
   }
+}
+
+TEST_CASE("a task deep in a large batch that wipes its worker's record and dies costs a few "
+          "workers, not one per task before it") {
+  reset_runs();
+  ProcessPool<Scribbler> pool(options());
+  std::vector<int64_t> jobs;
+  for (int64_t i = 0; i < 64; ++i) jobs.push_back(i == 40 ? kWipeThenDie : i);
+  const absl::Time start = absl::Now();
+  auto result = map_within(pool, jobs, {.chunksize = 64}, absl::Seconds(60));
+  MESSAGE("after ", absl::FormatDuration(absl::Now() - start), " and ", runs(),
+          " runs of the scribbler: ", result.status());
+  REQUIRE_FALSE(result.ok());
+  CHECK(result.status().code() == absl::StatusCode::kAborted);
+  CHECK(message_has(result.status(), "job 40"));
+  // Its first run loses its batch-mates' outcomes with it; they run again publishing each, so
+  // its second run puts it first in line; then three runs alone.
+  CHECK(runs() <= 5);
+  check_serves_on(pool);
 }
 
 TEST_CASE("a stack in the page of a worker that no crash killed is not reported as its crash stack") {
@@ -183,8 +204,14 @@ TEST_CASE("a stack in the page of a worker that no crash killed is not reported 
 }
 
 TEST_CASE("a task that scribbles on its worker's record and hangs still ends at its task_timeout") {
-  for (const int64_t scribble : {kWipeThenHang, kFutureStartThenHang}) {
+  for (const int64_t scribble : {kWipeThenHang, kFutureStartThenHang, kForeignClaimsThenHang}) {
     CAPTURE(scribble);
+    if (scribble == kForeignClaimsThenHang && testing::remote_link()) {
+      // A remote worker opens its batches' claims itself: a word it overwrote cannot be told
+      // from one it has not read yet (lib/wire/control_page.h, revoke_claims).
+      MESSAGE("skipped with remote workers: claims overwritten by a remote worker's task");
+      continue;
+    }
     reset_runs();
     ProcessPool<Scribbler> pool(options());
     const absl::Time start = absl::Now();

@@ -293,6 +293,14 @@ WorkerProgress ForkLink::progress() const {
   progress.tasks_done = page.tasks_done.load(std::memory_order_relaxed);
   progress.busy_ns = page.busy_ns.load(std::memory_order_relaxed);
   progress.timeout_ns = page.timeout_ns.load(std::memory_order_relaxed);
+  // The worker's own words, which a task may have overwritten: times within [0, 2^61] ns (73
+  // years), so that the sums and differences its readers make of them (a start plus a timeout,
+  // now less a start) cannot overflow. Whether they are plausible is the readers' to judge.
+  constexpr int64_t kFar = int64_t{1} << 61;
+  progress.started_ns = std::clamp<int64_t>(progress.started_ns, 0, kFar);
+  progress.timeout_ns = std::clamp<int64_t>(progress.timeout_ns, 0, kFar);
+  progress.busy_ns = std::clamp<int64_t>(progress.busy_ns, 0, kFar);
+  progress.tasks_done = std::max<int64_t>(progress.tasks_done, 0);
   return progress;
 }
 
@@ -382,11 +390,12 @@ void ForkLink::end(int wait_status, LinkEvents& events) {
         name_, " was killed by the kernel's OOM killer: its memory reached max_worker_memory_bytes (",
         cgroup_->memory_bytes(), " bytes, its ", cgroup_->cap_name(), ")"));
   }
-  // A stack in its page counts only after a death by a signal whose handler writes one.
-  const int signal = wait_status == WorkerProcess::kNoWaitStatus
-                         ? page_.get()->fatal_signal.load(std::memory_order_relaxed)
-                     : WIFSIGNALED(wait_status) ? WTERMSIG(wait_status)
-                                                : 0;
+  // A stack in its page counts only after a death by a signal whose handler writes one: killed
+  // by it, or (a program's own handler, chained after ours, that _exits) exited with the page
+  // naming it.
+  const int signal = WIFSIGNALED(wait_status) && wait_status != WorkerProcess::kNoWaitStatus
+                         ? WTERMSIG(wait_status)
+                         : page_.get()->fatal_signal.load(std::memory_order_relaxed);
   if (is_crash_signal(signal)) end.crash_stack = crash_stack_text(*page_.get());
   events.on_ended(std::move(end));
 }

@@ -217,15 +217,7 @@ void TcpLink::on_output(wire::OutputLines::Reader output, LinkEvents& events) {
 }
 
 void TcpLink::on_pong(wire::Progress::Reader progress) {
-  WorkerProgress next = read_progress(progress, monotonic_now_ns());
-  // A report's start is "received less running for". A later report of the same running task
-  // never moves it later: a host whose worker's record says the task has run for no time (it
-  // was overwritten) must not restart the task's clock with each report.
-  if (next.running && progress_.running && next.batch_seq == progress_.batch_seq &&
-      next.task_index == progress_.task_index) {
-    next.started_ns = std::min(next.started_ns, progress_.started_ns);
-  }
-  progress_ = next;
+  progress_ = read_progress(progress, monotonic_now_ns());
   resident_bytes_ = progress.getResidentBytes();
 }
 

@@ -99,7 +99,7 @@ void Scheduler::send_batch(int slot, bool awaited) {
   }
   if (frame.taken > 0) range.call->last_batch_tasks = frame.taken;
   TaskRange sent{range.call, range.first, frame.taken, range.attempt, range.number,
-                 range.unplaced_losses};
+                 range.unplaced_losses, range.publish_each};
   const size_t consumed = frame.taken + (frame.unencodable ? 1 : 0);
   range.first += consumed;
   range.number += consumed;
@@ -194,6 +194,7 @@ Scheduler::BatchFrame Scheduler::build_batch(Worker& worker, const TaskRange& ra
       tasks.setSoftTimeoutNs(to_ns(settings.soft_timeout));
     }
     tasks.setAttempt(static_cast<uint32_t>(range.attempt));
+    if (range.publish_each) tasks.setPublishEach(true);
     tasks.setAwaited(awaited);
     tasks.setSeq(seq);
     tasks.setClaimSlot(claim_slot);

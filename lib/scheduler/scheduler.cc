@@ -522,13 +522,16 @@ void Scheduler::check_worker(int slot, int64_t now, int64_t& next) {
   Worker& worker = workers_[slot];
   const Batch& front = worker.batches.front();
   WorkerProgress progress = worker.port->progress();
-  // A start after now is no worker's: its record was overwritten (by a task, perhaps). The
-  // deadlines below then count from when the front batch became the front, a time that does not
-  // move: a record that keeps saying "just started" cannot hold a task past its timeout. (`now`
-  // was read before the record: a task may have begun since, so the clock is read again.)
-  if (progress.started_ns > now && progress.started_ns > monotonic_now_ns()) {
-    progress.started_ns = front.front_since_ns;
+  // Its start, as first seen (Worker::seen_start). (`now` was read before the record: a task may
+  // have begun since, so the clock is read again before a start after it is doubted.)
+  int64_t start = progress.started_ns;
+  if (start > now) start = std::min(start, monotonic_now_ns());
+  Worker::SeenStart& seen = worker.seen_start;
+  if (seen.seq == progress.batch_seq && seen.index == progress.task_index) {
+    start = std::min(start, seen.start_ns);
   }
+  seen = Worker::SeenStart{progress.batch_seq, progress.task_index, start};
+  progress.started_ns = start;
   const bool on_front = progress.batch_seq == front.seq;
   const bool running = on_front && progress.running;
   // A worker sends a task's outcome only after the task ended. One whose exact progress says it

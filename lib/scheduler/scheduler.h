@@ -217,6 +217,9 @@ class Scheduler {
     // the task itself): at kMaxUnplacedLosses it is taken as the task that ended them
     // (settlement.cc). Such a range holds that one task; a batch sent from it carries the count.
     int unplaced_losses = 0;
+    // Its batches ask the worker to publish each task's outcome before the next task starts
+    // (TaskBatch.publishEach): tasks that were behind such a first task (settlement.cc).
+    bool publish_each = false;
   };
   // See TaskRange::unplaced_losses: so many workers lost with a task first in line and no task
   // placed running, and the task is deemed to have run (and failed) on the last.
@@ -252,6 +255,16 @@ class Scheduler {
     int64_t tasks_assigned = 0;
     size_t blob_bytes = 0;  // in its shared region, for the batches it holds
     bool stall_taken_back = false;  // the stall rule acted on its current front batch
+    // The start of the task its record names (batch, index), as first seen here (check_worker):
+    // a later look at the same task never moves it later, nor past the clock. A record that
+    // says "just started" again and again, or a start in the future (overwritten, perhaps by the
+    // task), cannot hold a task past its timeout.
+    struct SeenStart {
+      uint64_t seq = ControlPage::kNoBatch;
+      uint32_t index = 0;
+      int64_t start_ns = 0;
+    };
+    SeenStart seen_start;
     bool suspect = false;           // its work was taken back for stalling; no results since
     // While suspect: since when it has not started a task (the stall rule's measure). When no
     // other worker can take them, what the stall rule took back is handed back to it, every

@@ -8,7 +8,11 @@
 // finished, costs those tasks an attempt each (bounded by `retries`); one that places none would
 // requeue everything as unstarted, the killer included, without end. So a worker lost with no task
 // placed counts against the first task it held without an outcome (TaskRange::unplaced_losses):
-// after kMaxUnplacedLosses of them, that task is deemed to have run and ended them.
+// after kMaxUnplacedLosses of them, that task is deemed to have run and ended them. The tasks
+// behind it in its batch run again publishing each outcome before the next task starts
+// (TaskRange::publish_each), so that the one among them that ended the worker, if it ends the
+// next, is first in line then: a killer anywhere in a large batch costs a few workers, not one
+// per task before it.
 
 #include <algorithm>
 #include <cstddef>
@@ -187,15 +191,14 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
   const absl::Status maybe_ran = absl::Status(
       lost_code, absl::StrCat(how.ended, "; this task may have started before, its outcome is unknown"));
   const bool known = current < worker.batches.size();
-  // Whether its record placed a task running (or its stream broke on one): that task answers for
-  // the loss. If none did, the first task requeued unstarted below is the one the worker was
-  // most likely on: see TaskRange::unplaced_losses.
+  // Whether its record placed a task running or tasks finished (or its stream broke on one):
+  // those answer for the loss. If none did, the first task requeued unstarted below is the one
+  // the worker was most likely on: see TaskRange::unplaced_losses.
   bool placed = false;
   struct FirstUnstarted {
     size_t requeued;  // its range's index in `requeue`
     size_t batch;
     uint32_t index;   // in that batch
-    int losses;       // unplaced losses before this one
   };
   std::optional<FirstUnstarted> first_unstarted;
   for (size_t b = 0; b < worker.batches.size(); ++b) {
@@ -211,8 +214,10 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
       if (last.running && started >= batch.reported && started < end) running = started;
     }
     if (running && *running < finished) running.reset();
-    if (running || (how.blamed_task && how.blamed_task->first == batch.seq &&
-                    how.blamed_task->second >= batch.reported && how.blamed_task->second < end)) {
+    // (Finished tasks it placed count too: they answer for the loss, an attempt each.)
+    if (running || finished > batch.reported ||
+        (how.blamed_task && how.blamed_task->first == batch.seq &&
+         how.blamed_task->second >= batch.reported && how.blamed_task->second < end)) {
       placed = true;
     }
     settle_ran(batch, batch.reported, finished, lost_result, /*retry_allowed=*/true);
@@ -230,23 +235,29 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
     }
     if (not_started < end) {
       if (!first_unstarted) {
-        first_unstarted = FirstUnstarted{requeue.size(), b, not_started,
-                                         not_started == 0 ? batch.tasks.unplaced_losses : 0};
+        first_unstarted = FirstUnstarted{requeue.size(), b, not_started};
       }
       requeue.push_back(TaskRange{batch.tasks.call, batch.tasks.first + not_started,
                                   end - not_started, batch.tasks.attempt,
-                                  batch.tasks.number + not_started});
+                                  batch.tasks.number + not_started,
+                                  not_started == 0 ? batch.tasks.unplaced_losses : 0,
+                                  batch.tasks.publish_each});
     }
   }
   if (!placed && first_unstarted) {
     // One task of the requeued range at its head gets the loss: alone in its range (and the
-    // batch sent from it), so the count follows it and no other.
+    // batch sent from it), so the count follows it and no other. The rest of the range ran
+    // behind it, perhaps the task that ended the worker among them, their outcomes lost with the
+    // record: they run again publishing each outcome before the next task starts, so that if one
+    // of them ends a worker again, it is first in line then.
     TaskRange& range = requeue[first_unstarted->requeued];
     TaskRange head{range.call, range.first, 1, range.attempt, range.number,
-                   first_unstarted->losses + 1};
+                   range.unplaced_losses + 1};
     ++range.first;
     ++range.number;
     --range.count;
+    range.unplaced_losses = 0;
+    range.publish_each = true;
     if (head.unplaced_losses >= kMaxUnplacedLosses) {
       // Deemed to have run, and ended them: it fails (or runs again under the call's retries)
       // like a task its worker died running.

@@ -81,8 +81,11 @@ struct Supervisor::ProcessState {
   bool corrupted = false;
   absl::Status exit_hook_status;
   // terminate() with a cancel_grace: stopped once it has begun batch `terminate_after_batch` (the
-  // last it was sent) and runs no task, or at terminate_at_ns.
+  // last it was sent) and runs no task, or at terminate_at_ns. Progress learnt late (a remote
+  // worker's) says so only from kInexactProgressLagNs after terminate_asked_ns: an older report
+  // may miss a task begun since, which is owed its grace.
   int64_t terminate_at_ns = INT64_MAX;
+  int64_t terminate_asked_ns = 0;
   uint64_t terminate_after_batch = 0;
 };
 

@@ -235,11 +235,14 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
     slot.stop_reason = *end.cause;
     slot.corrupted = end.corrupted;
     if (end.timed_out_by_host) {
+      // The task its host read running as it stopped it.
       const WorkerProgress last = slot.link->progress();
-      if (std::optional<absl::Status> failure = scheduler_.host_timeout_failure(
-              slot.index, last.batch_seq, last.task_index, slot.display())) {
-        slot.stop_reason = *std::move(failure);
+      std::optional<absl::Status> failure;
+      if (last.running) {
+        failure = scheduler_.host_timeout_failure(slot.index, last.batch_seq, last.task_index,
+                                                  slot.display());
       }
+      if (failure) slot.stop_reason = *std::move(failure);
     }
   }
   const State state = slot.state;
@@ -454,10 +457,9 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
     // report learnt late (a remote worker's) tells so only once it may be newer than the request:
     // before, the worker may have begun another task since, which is owed its grace.
     const WorkerProgress progress = slot.link->progress();
-    const int64_t asked_ns = slot.terminate_at_ns - to_ns(config_.cancel_grace);
     const bool returned = progress.batch_seq != ControlPage::kNoBatch &&
                           progress.batch_seq >= slot.terminate_after_batch && !progress.running &&
-                          (progress.exact || now >= asked_ns + kInexactProgressLagNs);
+                          (progress.exact || now >= slot.terminate_asked_ns + kInexactProgressLagNs);
     if (now >= slot.terminate_at_ns || returned) {
       stop(slot, absl::CancelledError("the pool was terminated"), StopMode::kTerminate);
     } else {
@@ -701,14 +703,15 @@ void Supervisor::terminate() {
   std::vector<uint64_t> newest(slots_.size(), 0);
   for (auto& slot : slots_) newest[slot->index] = scheduler_.newest_batch(slot->index);
   scheduler_.abandon_all(cancelled);
-  const int64_t grace_ends = config_.cancel_grace > absl::ZeroDuration()
-                                 ? monotonic_now_ns() + to_ns(config_.cancel_grace)
-                                 : 0;
+  const int64_t asked = monotonic_now_ns();
+  const int64_t grace_ends =
+      config_.cancel_grace > absl::ZeroDuration() ? asked + to_ns(config_.cancel_grace) : 0;
   for (auto& slot : slots_) {
     if (!slot->link) continue;
     if (grace_ends != 0 && slot->state != State::kStarting && newest[slot->index] != 0) {
       slot->link->request_stop(ControlPage::kStopEveryTask, 0, 0);
       slot->terminate_at_ns = grace_ends;
+      slot->terminate_asked_ns = asked;
       slot->terminate_after_batch = newest[slot->index];
       scheduler_.stop_accepting(slot->index);
       continue;

@@ -75,7 +75,10 @@ uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag) {
     // Opened for this batch? A fresh word is all zero, like no batch's open claims.
     const bool opened = claim_tag(seen) == tag && seen != 0;
     if (!opened) {
-      if (!worker_opens) return 0;  // the parent opens before it sends: never sent
+      // The parent opened it before it sent the batch, and no one but the worker's claims
+      // changed it since: another tag is a word overwritten (by a task, perhaps). Nothing can be
+      // known to be unstarted then: taken as all claimed, so none of it runs twice.
+      if (!worker_opens) return ControlPage::kMaxBatchTasks;
       // Not read by its worker yet (the slot is not reused while the batch is in flight).
       if (word.compare_exchange_weak(seen, taken_back_before_arrival(tag),
                                      std::memory_order_acq_rel, std::memory_order_acquire)) {

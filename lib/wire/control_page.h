@@ -182,7 +182,9 @@ uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t ne
 
 // Parent: ends the batch in (`slot`, `tag`) after the tasks already claimed, and returns how many
 // were claimed; the worker will start none of the rest. With `worker_opens_claims`, a batch the
-// worker has not read yet is taken back whole (0).
+// worker has not read yet is taken back whole (0). A word the parent opened that now holds
+// another batch's tag was overwritten: kMaxBatchTasks (every task counts as claimed; the caller
+// bounds it by the batch's size).
 uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag);
 
 // Parent (or relay): asks tasks [from, to) of batch `seq` to stop (`seq` kStopEveryTask: every

@@ -86,6 +86,12 @@ struct TaskBatch {
   # The tasks' soft timeout in ns (0: none; CallOptions::soft_timeout): the worker stamps every
   # task's start as for timeoutNs, and the pool asks a task past it to stop (StopTasks).
   softTimeoutNs @12 :Int64;
+  # Each task's outcome is made safe (held where the parent finds it, or sent) before the next
+  # task starts, as in a batch with a timeout, though it has none. Set on tasks run again after a
+  # worker was lost whose record placed no task running (lib/scheduler/settlement.cc): if one of
+  # them ends the next worker too, the tasks before it are not lost with it, and it is first in
+  # line.
+  publishEach @13 :Bool;
 }
 
 # What the 8-byte words of `wordJobs` / `wordResults` hold.

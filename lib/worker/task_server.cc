@@ -186,7 +186,7 @@ class BatchRunner {
     const uint32_t count = jobs.size();
     seq_ = batch.getSeq();
     first_unsent_ = 0;
-    timed_ = batch.getTimeoutNs() != 0 || batch.getSoftTimeoutNs() != 0;
+    timed_ = publishes_each(batch);
     Claims claims(page_, batch, count);
     TaskPacer<monotonic_now_ns> pacer(page_, seq_);
     start_listed_piece(count);
@@ -320,7 +320,7 @@ class BatchRunner {
     const uint32_t claim_slot = batch.getClaimSlot();
     const uint16_t claim_tag = batch.getClaimTag();
     open_claims_if_worker_opens(page_, batch, count);
-    timed_ = batch.getTimeoutNs() != 0 || batch.getSoftTimeoutNs() != 0;
+    timed_ = publishes_each(batch);
     grown_ = 0;
     errors_.clear();
     error_bytes_ = 0;
@@ -521,7 +521,12 @@ class BatchRunner {
   const size_t piece_budget_;
   uint64_t seq_ = 0;
   uint32_t first_unsent_ = 0;
-  bool timed_ = false;  // the batch has a task timeout
+  // Each task's outcome is published before the next starts: the batch has a task timeout or a
+  // soft timeout, or asks so (TaskBatch.publishEach).
+  static bool publishes_each(wire::TaskBatch::Reader batch) {
+    return batch.getTimeoutNs() != 0 || batch.getSoftTimeoutNs() != 0 || batch.getPublishEach();
+  }
+  bool timed_ = false;  // publishes_each(batch)
   uint32_t grown_ = 0;         // results from first_unsent_ in the growing frame held last
   uint32_t growing_room_ = 0;  // the room it has
   bool can_grow_ = true;       // false once the transport could not hold a growing frame

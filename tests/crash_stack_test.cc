@@ -13,8 +13,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <latch>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -46,6 +48,20 @@
   __asm__ volatile("" ::"r"(by) : "memory");
 }
 
+// Several threads that segfault at once, released together.
+[[gnu::noinline]] void crash_stack_test_threads_segfault() {
+  constexpr int kThreads = 8;
+  std::latch go(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&go] {
+      go.arrive_and_wait();
+      crash_stack_test_segfault();
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+}
+
 namespace procpool {
 namespace {
 
@@ -54,6 +70,7 @@ struct Crasher {
     if (how == 1) crash_stack_test_segfault();
     if (how == 2) crash_stack_test_throws_through_noexcept();
     if (how == 3) crash_stack_test_divides(0);
+    if (how == 4) crash_stack_test_threads_segfault();
     return how;
   }
 };
@@ -99,6 +116,13 @@ TEST_CASE("an exception that reaches std::terminate in a worker reports the stac
   testing::LogCapture events;
   ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
   check_crash_reported(pool, events, 2, "SIGABRT", "crash_stack_test_throws_through_noexcept");
+}
+
+TEST_CASE("of threads that crash at once, one reports its stack: the others wait for it, not end the worker first") {
+  testing::DefaultCrashHandlers quiet;
+  testing::LogCapture events;
+  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
+  check_crash_reported(pool, events, 4, "SIGSEGV", "crash_stack_test_segfault");
 }
 
 TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {

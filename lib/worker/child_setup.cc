@@ -9,11 +9,13 @@
 #include <unistd.h>
 #include <unwind.h>
 
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 
 #include "absl/debugging/symbolize.h"
 
@@ -39,6 +41,8 @@ pid_t pool_pid = 0;
 pid_t parent_pid = 0;
 pid_t own_pid = 0;
 bool record_stacks = false;
+// The thread (its tid) recording a crash's stack now, or 0 (on_fatal_signal).
+std::atomic<pid_t> recording_thread{0};
 
 // The signals whose deaths come with a stack, and whose handlers of the program's are chained.
 constexpr int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
@@ -335,12 +339,25 @@ void record_fatal_signal(int signal) {
 // the default action, and raise the signal again. It is blocked while this handler runs, so it is
 // delivered as the handler returns, with its default action. A chained handler that does not
 // return (it _exits, or raises another signal) ends the worker its own way.
+//
+// Several threads may crash at once (a loop a task spread over threads, on corrupt data): the
+// first records its stack, and any other waits here until it is written, rather than end the
+// process (by its own default action) before it is. (So the handler is not SA_RESETHAND.)
 void on_fatal_signal(int signal, siginfo_t* info, void* context) {
   record_fatal_signal(signal);
   const bool crash = is_crash_signal(signal);
-  if (crash && record_stacks && control_page != nullptr && ::getpid() == own_pid &&
-      control_page->crash_stack_bytes.load(std::memory_order_relaxed) == 0) {
-    record_crash_stack(context);
+  if (crash && record_stacks && control_page != nullptr && ::getpid() == own_pid) {
+    const auto self = static_cast<pid_t>(::syscall(SYS_gettid));
+    pid_t recorder = 0;
+    if (recording_thread.compare_exchange_strong(recorder, self)) {
+      if (control_page->crash_stack_bytes.load(std::memory_order_relaxed) == 0) {
+        record_crash_stack(context);
+      }
+      recording_thread.store(0);
+    } else if (recorder != self) {
+      const timespec a_while{0, 1'000'000};
+      while (recording_thread.load() != 0) ::nanosleep(&a_while, nullptr);
+    }
   }
   if (crash && chained[signal]) {
     const struct sigaction& action = chained_actions[signal];
@@ -390,7 +407,7 @@ void reset_signals() {
 
   struct sigaction fatal {};
   fatal.sa_sigaction = on_fatal_signal;
-  fatal.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESETHAND;
+  fatal.sa_flags = SA_SIGINFO | SA_ONSTACK;
   sigemptyset(&fatal.sa_mask);
   if (control_page != nullptr) {
     for (int signal : kRecordedSignals) ::sigaction(signal, &fatal, nullptr);

@@ -328,8 +328,10 @@ struct PoolOptions {
   /// Called in the pool (on the thread that starts workers) before each worker process of `slot`
   /// starts, replacements included: the variables it returns are set (setenv) in that worker
   /// before W's constructor runs, e.g. {{"CUDA_VISIBLE_DEVICES", std::to_string(slot % 4)}}. For
-  /// remote workers they are sent to the worker's host and set there. A name that is empty or
-  /// holds '=' or a NUL, or an exception thrown, fails that worker's start (kInvalidArgument).
+  /// remote workers they are sent to the worker's host and set there: at most 64 KiB of them in
+  /// all (with `name`). A name that is empty or holds '=' or a NUL, a value that holds a NUL, more
+  /// than a remote worker takes, or an exception thrown, fails that worker's start
+  /// (kInvalidArgument).
   std::function<std::vector<std::pair<std::string, std::string>>(int slot)> worker_env;
   /// Pin each worker to a CPU: see CpuAffinity.
   CpuAffinity cpu_affinity = CpuAffinity::kNone;

@@ -288,7 +288,9 @@ struct PoolOptions {
   /// std::terminate included) records the crashing thread's stack, symbolized, before it dies:
   /// the failed task's kAborted status carries it (`procpool::backtrace_of`, logging.h), and one
   /// kError LogEvent shows it. A handler for those signals that the program installed before the
-  /// pool forked runs after the stack is recorded. False: nothing is recorded.
+  /// pool forked runs after the stack is recorded. A stack an overrun scribbled on is shown up to
+  /// the frame it spoiled. A stack overflow in a thread the task started (a thread without an
+  /// alternate signal stack) ends the worker with none. False: nothing is recorded.
   bool crash_backtraces = true;
   /// A frame a worker has begun to send must be complete within this; otherwise its stream is
   /// broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge

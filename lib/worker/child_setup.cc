@@ -1,6 +1,8 @@
 #include "lib/worker/child_setup.h"
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdio_ext.h>
 #include <sys/prctl.h>
@@ -43,6 +45,10 @@ pid_t own_pid = 0;
 bool record_stacks = false;
 // The thread (its tid) recording a crash's stack now, or 0 (on_fatal_signal).
 std::atomic<pid_t> recording_thread{0};
+// Set while that thread unwinds, and where a fault of the unwinder's escapes to
+// (record_crash_stack).
+volatile sig_atomic_t unwinding = 0;
+sigjmp_buf unwind_escape;
 
 // The signals whose deaths come with a stack, and whose handlers of the program's are chained.
 constexpr int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
@@ -277,12 +283,33 @@ __attribute__((no_sanitize("address"))) void continue_past_clang_call_terminate(
 // clang's __clang_call_terminate (code built by clang without -g: an exception that left a
 // noexcept function), frame pointers carry the stack on past it, on x86-64.
 // absl::Symbolize is async-signal-safe.
+//
+// A stack an overrun scribbled on leads the unwinder to a return address that is garbage, which
+// it reads as code (looking for a signal frame there): a fault inside this handler, which would
+// end the worker with no stack at all (and as SIGSEGV, whatever the crash was). The unwind is
+// done with those faults let in and escapes them (on_fatal_signal): the frames found up to the
+// garbage are written.
 void record_crash_stack(const void* context) {
-  UnwoundStack stack;
-  _Unwind_Backtrace(record_frame, &stack);
+  // Static, not on this frame: what the unwind wrote before an escape is still there after it.
+  static UnwoundStack stack;
+  static sigset_t outside_unwind;
+  stack = UnwoundStack();
+  if (sigsetjmp(unwind_escape, /*savemask=*/1) == 0) {
+    sigset_t faults;
+    sigemptyset(&faults);
+    sigaddset(&faults, SIGSEGV);
+    sigaddset(&faults, SIGBUS);
+    ::pthread_sigmask(SIG_UNBLOCK, &faults, &outside_unwind);
+    unwinding = 1;
+    _Unwind_Backtrace(record_frame, &stack);
 #if defined(__x86_64__)
-  continue_past_clang_call_terminate(stack);
+    continue_past_clang_call_terminate(stack);
 #endif
+    unwinding = 0;
+    ::pthread_sigmask(SIG_SETMASK, &outside_unwind, nullptr);
+  }
+  // After an escape, siglongjmp restored the mask sigsetjmp saved.
+  unwinding = 0;
   const int depth = stack.depth;
   const uintptr_t* frames = stack.pcs;
   // Frames of this handler come first: start at the interrupted instruction if it is found.
@@ -344,6 +371,10 @@ void record_fatal_signal(int signal) {
 // first records its stack, and any other waits here until it is written, rather than end the
 // process (by its own default action) before it is. (So the handler is not SA_RESETHAND.)
 void on_fatal_signal(int signal, siginfo_t* info, void* context) {
+  if (unwinding && (signal == SIGSEGV || signal == SIGBUS) &&
+      recording_thread.load() == static_cast<pid_t>(::syscall(SYS_gettid))) {
+    siglongjmp(unwind_escape, 1);  // the unwinder read garbage (record_crash_stack)
+  }
   record_fatal_signal(signal);
   const bool crash = is_crash_signal(signal);
   if (crash && record_stacks && control_page != nullptr && ::getpid() == own_pid) {

@@ -45,8 +45,11 @@ enum Mode : int64_t {
   kFlood = 6,        // n MiB of 'x' without a newline, then one newline, in writes of 1 MiB
   kWholePieces = 7,  // a line of exactly 64 KiB, one of 128 KiB, then "after"
   kLogPieces = 8,    // procpool::log of views that do not end a string: "piece n", 100 KiB of 'P'
-  kThreadLogs = 9,   // kLogThreads threads each procpool::log kLogsPerThread "n/thread/i", joined
+  kThreadLogs = 9,   // kLogThreads threads each procpool::log kLogsPerThread "n/thread/i", joined;
+                     // n = kThenDie: one thread logs "last words of a thread", then SIGKILL
 };
+
+constexpr int64_t kThenDie = 1000;
 
 constexpr int kLogThreads = 4;
 constexpr int kLogsPerThread = 250;
@@ -121,6 +124,10 @@ struct Printer {
         break;
       }
       case kThreadLogs: {
+        if (n == kThenDie) {
+          std::thread([] { procpool::log(LogSeverity::kError, "last words of a thread"); }).join();
+          ::raise(SIGKILL);
+        }
         std::vector<std::thread> threads;
         for (int t = 0; t < kLogThreads; ++t) {
           threads.emplace_back([n, t] {
@@ -515,6 +522,16 @@ void check_logs_from_threads(PoolOptions options) {
 TEST_CASE("procpool::log from several threads of a task at once: every record, once, before the task's outcome") {
   SUBCASE("forked") { check_logs_from_threads({}); }
   SUBCASE("remote") { check_logs_from_threads(remote({})); }
+}
+
+TEST_CASE("procpool::log from a thread of a forked worker that dies at once still reaches the sink") {
+  testing::LogCapture events;
+  ProcessPool<Printer> pool({.workers = 1, .log_sink = events.sink()});
+  absl::StatusOr<int64_t> died = pool.apply(job(kThreadLogs, kThenDie));
+  REQUIRE_FALSE(died.ok());
+  CHECK(died.status().code() == absl::StatusCode::kAborted);
+  // Before the death was reported: it waited where the pool reads what a dead worker left.
+  CHECK(events.contains("last words of a thread"));
 }
 
 TEST_CASE("procpool::log takes any string_view: a piece of a longer string, and one over 64 KiB (cut)") {

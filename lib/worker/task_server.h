@@ -30,9 +30,11 @@ class WorkerTransport {
   // From any other thread of the worker (a thread a task started): a frame to go out after
   // those sent so far. The task thread writes what was posted before its own next frame (so a
   // record a task's thread logged reaches the parent before that task's outcome), or at once
-  // when it waits for the parent (posting wakes it). Takes a lock around a queue, never waits
-  // for the parent. False, and nothing queued, once the frames posted and not yet written hold
-  // kMaxPostedBytes (the task thread is busy and other threads post faster than that).
+  // when it waits for the parent (posting wakes it). Where frames are held in shared memory (a
+  // forked worker), it is put there when it fits, so that the parent finds it even if the worker
+  // dies right after; else it waits in a queue. Takes a lock around that, never waits for the
+  // parent. False, and nothing queued, once the frames queued hold kMaxPostedBytes (the task
+  // thread is busy and other threads post faster than that).
   virtual bool post(std::unique_ptr<capnp::MessageBuilder> message) = 0;
   static constexpr size_t kMaxPostedBytes = size_t{8} << 20;
   // The next frame from the parent, borrowed until the next call. kUnavailable when the parent

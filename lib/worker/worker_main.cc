@@ -57,9 +57,14 @@ class ChannelTransport final : public WorkerTransport {
     const size_t size = capnp::computeSerializedSizeInWords(*message) * sizeof(capnp::word);
     {
       MutexLock lock(posted_mu_);
-      if (posted_bytes_ + size > kMaxPostedBytes) return false;
-      posted_bytes_ += size;
-      posted_.push_back(std::move(message));
+      // Among the frames held, where the parent finds it even if this worker dies next (a thread
+      // that logs, then crashes it), unless frames posted before it wait (they go first) or it
+      // does not fit. The task thread is woken all the same, to write them out.
+      if (!posted_.empty() || !hold_posted(*message, size)) {
+        if (posted_bytes_ + size > kMaxPostedBytes) return false;
+        posted_bytes_ += size;
+        posted_.push_back(std::move(message));
+      }
       // Only the first frame of a batch wakes the task thread: one write for many records.
       if (any_posted_.exchange(true, std::memory_order_release)) return true;
     }
@@ -265,6 +270,30 @@ class ChannelTransport final : public WorkerTransport {
       if (!flushed) return std::nullopt;
       bytes = held_->bytes.load(std::memory_order_relaxed);
     }
+    put_locked(message, bytes, size);
+    return bytes;
+  }
+
+  // From a thread other than the task thread (post): appends `message` to the frames held if it
+  // fits as they are (it cannot write them out). Leaves growing_ (the task thread's) alone: grow()
+  // sees that the area changed.
+  // Only if the area is free now: the task thread may hold it while it writes to the parent.
+  bool hold_posted(capnp::MessageBuilder& message, size_t size) {
+    if (held_ == nullptr || size > HeldFrames::capacity()) return false;
+    uint32_t expected = HeldFrames::kFree;
+    if (!held_->lock.compare_exchange_strong(expected, HeldFrames::kWorker,
+                                             std::memory_order_acquire)) {
+      return false;
+    }
+    const uint32_t bytes = held_->bytes.load(std::memory_order_relaxed);
+    const bool fits = bytes + size <= HeldFrames::capacity();
+    if (fits) put_locked(message, bytes, size);
+    unlock();
+    return fits;
+  }
+
+  // Writes `message` (`size` bytes) into the area at `bytes`, its end, and makes it count there.
+  void put_locked(capnp::MessageBuilder& message, uint32_t bytes, size_t size) {
     if (bytes == held_->taken.load(std::memory_order_relaxed)) {
       held_->since_ns.store(monotonic_now_ns(), std::memory_order_relaxed);
     }
@@ -282,7 +311,6 @@ class ChannelTransport final : public WorkerTransport {
       at += segment.size() * sizeof(capnp::word);
     }
     held_->bytes.store(bytes + static_cast<uint32_t>(size), std::memory_order_release);
-    return bytes;
   }
 
   // Writes the frames held that the parent has not taken, then `message` if any, in one write,

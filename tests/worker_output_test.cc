@@ -506,7 +506,7 @@ void check_logs_from_threads(PoolOptions options) {
       CHECK(event.task.value_or(~uint64_t{0}) == static_cast<uint64_t>(n));
     }
     CHECK(seen.size() == size_t{kLogThreads} * kLogsPerThread);
-    for (const auto& [message, times] : seen) CHECK_MESSAGE(times == 1, message);
+    for (const auto& entry : seen) CHECK_MESSAGE(entry.second == 1, entry.first);
     ++n;
   }
   CHECK(n == 6);

@@ -21,7 +21,9 @@
 /// any thread too: a record from a thread a task started goes out with the next frame of the
 /// thread that runs tasks (before that task's outcome, if the thread logged before the task
 /// returned), or at once while the worker waits for work; one logged just before the worker dies
-/// still arrives from a forked worker, not always from a remote one. Fork safety: nothing to do.
+/// still arrives from a forked worker, not always from a remote one. Not async-signal-safe (it
+/// allocates, and may wait for the worker's stream): never call it from a signal handler. Fork
+/// safety: nothing to do.
 ///
 /// It also offers `metrics_text` (metrics.h), the pool's counters as Prometheus text.
 

@@ -13,8 +13,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <latch>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -46,6 +48,29 @@
   __asm__ volatile("" ::"r"(by) : "memory");
 }
 
+// Scribbles over its callers' frames (their saved frame pointers and return addresses become
+// 0x4141...: a buffer overrun on the stack), then segfaults. Not instrumented: the overrun is
+// the point.
+[[gnu::noinline]] __attribute__((no_sanitize("address"))) void crash_stack_test_scribbles() {
+  auto* frame = static_cast<volatile unsigned char*>(__builtin_frame_address(0));
+  for (int i = 0; i < 512; ++i) frame[i] = 0x41;
+  crash_stack_test_segfault();
+}
+
+// Several threads that segfault at once, released together.
+[[gnu::noinline]] void crash_stack_test_threads_segfault() {
+  constexpr int kThreads = 8;
+  std::latch go(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&go] {
+      go.arrive_and_wait();
+      crash_stack_test_segfault();
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+}
+
 namespace procpool {
 namespace {
 
@@ -54,6 +79,8 @@ struct Crasher {
     if (how == 1) crash_stack_test_segfault();
     if (how == 2) crash_stack_test_throws_through_noexcept();
     if (how == 3) crash_stack_test_divides(0);
+    if (how == 4) crash_stack_test_threads_segfault();
+    if (how == 6) crash_stack_test_scribbles();
     return how;
   }
 };
@@ -99,6 +126,20 @@ TEST_CASE("an exception that reaches std::terminate in a worker reports the stac
   testing::LogCapture events;
   ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
   check_crash_reported(pool, events, 2, "SIGABRT", "crash_stack_test_throws_through_noexcept");
+}
+
+TEST_CASE("of threads that crash at once, one reports its stack: the others wait for it, not end the worker first") {
+  testing::DefaultCrashHandlers quiet;
+  testing::LogCapture events;
+  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
+  check_crash_reported(pool, events, 4, "SIGSEGV", "crash_stack_test_segfault");
+}
+
+TEST_CASE("a crash after an overrun scribbled over its callers' frames reports the frames up to them") {
+  testing::DefaultCrashHandlers quiet;
+  testing::LogCapture events;
+  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
+  check_crash_reported(pool, events, 6, "SIGSEGV", "crash_stack_test_scribbles");
 }
 
 TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {

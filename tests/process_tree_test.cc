@@ -400,6 +400,41 @@ TEST_CASE("a remote worker that crosses max_worker_memory_bytes fails kResourceE
   CHECK(pool.apply(7).value_or(0) == 49);
 }
 
+// The path of `pid`'s cgroup in the hierarchy that stops trees here: v2's ("0::/a/b"), or the v1
+// freezer's ("7:freezer:/a/b").
+std::string kill_cgroup_of(pid_t pid, internal::CgroupPlan::Kill kill) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/cgroup"));
+  const std::string wanted = kill == internal::CgroupPlan::Kill::kV2Kill ? "0::" : ":freezer:";
+  for (std::string line; std::getline(in, line);) {
+    const size_t at = line.find(wanted);
+    if (at != std::string::npos && (wanted != "0::" || at == 0)) return line.substr(at + wanted.size());
+  }
+  return "";
+}
+
+TEST_CASE("a pool named with '/', '..' or a newline still gives each worker a cgroup of its own, right below the pool's") {
+  const internal::CgroupPlan plan = internal::CgroupPlan::detect(true, 0);
+  if (plan.kill == internal::CgroupPlan::Kill::kNone) {
+    MESSAGE(absl::StrCat("skipped: no kill cgroup can be made here (", plan.describe(), ")"));
+    return;
+  }
+  // A cgroup's name is one directory: the kernel refuses a newline, and a '/' would name one
+  // elsewhere (above the pool's own, with "../").
+  ProcessPool<TreeWorker> pool({.workers = 1, .name = "../../nightly/db\nsync", .log_sink = nullptr});
+  AsyncResult<int64_t> pid = pool.apply_async(kPid);
+  REQUIRE_MESSAGE(pid.wait(absl::Seconds(30)), "the worker never started");
+  REQUIRE_MESSAGE(pid.get().ok(), pid.get().status());
+  const std::string own = kill_cgroup_of(::getpid(), plan.kill);
+  const std::string worker = kill_cgroup_of(static_cast<pid_t>(*pid.get()), plan.kill);
+  const std::string own_dir = own == "/" ? "/" : own + "/";
+  INFO("the pool's cgroup: ", own, "; its worker's: ", worker);
+  REQUIRE(absl::StartsWith(worker, own_dir));
+  const std::string name = worker.substr(own_dir.size());
+  CHECK_FALSE(name.empty());
+  CHECK(name.find('/') == std::string::npos);
+  CHECK(absl::StrContains(name, "nightly"));
+}
+
 TEST_CASE("max_worker_memory_bytes below 16 MiB is refused by name") {
   ProcessPool<TreeWorker> pool({.workers = 1, .max_worker_memory_bytes = 4096, .log_sink = nullptr});
   const absl::StatusOr<int64_t> result = pool.apply(1);

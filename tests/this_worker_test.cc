@@ -180,6 +180,28 @@ TEST_CASE("a worker_env the pool cannot set fails the calls with kInvalidArgumen
   CHECK(absl::StrContains(said.status().message(), "worker_env"));
 }
 
+struct EnvLength {
+  int64_t run(int64_t) { return static_cast<int64_t>(getenv_or("PROCPOOL_TEST_BIG_ENV", "").size()); }
+};
+
+TEST_CASE("a worker_env value of 1 MiB is set in a forked worker; a remote pool refuses it by name") {
+  PoolOptions options = quiet({.workers = 1});
+  options.worker_env = [](int) {
+    return std::vector<std::pair<std::string, std::string>>{
+        {"PROCPOOL_TEST_BIG_ENV", std::string(size_t{1} << 20, 'e')}};
+  };
+  ProcessPool<EnvLength> pool(options);
+  absl::StatusOr<int64_t> length = pool.apply(0);
+  if (!testing::remote_link()) {
+    CHECK(length.value_or(-1) == int64_t{1} << 20);
+    return;
+  }
+  // A remote worker's env travels in its host's spawn request, a frame of at most 65 KiB: one
+  // larger would make the host drop the pool's connection, and with it every worker it runs.
+  CHECK(length.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(absl::StrContains(length.status().message(), "worker_env"));
+}
+
 TEST_CASE("CpuAffinity::kSpread pins slot i to the i-th allowed CPU; a replacement keeps it") {
   cpu_set_t set;
   CPU_ZERO(&set);

@@ -19,6 +19,7 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -44,7 +45,14 @@ enum Mode : int64_t {
   kFlood = 6,        // n MiB of 'x' without a newline, then one newline, in writes of 1 MiB
   kWholePieces = 7,  // a line of exactly 64 KiB, one of 128 KiB, then "after"
   kLogPieces = 8,    // procpool::log of views that do not end a string: "piece n", 100 KiB of 'P'
+  kThreadLogs = 9,   // kLogThreads threads each procpool::log kLogsPerThread "n/thread/i", joined;
+                     // n = kThenDie: one thread logs "last words of a thread", then SIGKILL
 };
+
+constexpr int64_t kThenDie = 1000;
+
+constexpr int kLogThreads = 4;
+constexpr int kLogsPerThread = 250;
 
 int64_t job(Mode mode, int64_t n) { return mode + 10 * n; }
 
@@ -113,6 +121,28 @@ struct Printer {
         procpool::log(LogSeverity::kInfo, std::string_view(text).substr(0, text.find(" and")));
         procpool::log(LogSeverity::kInfo, std::string(100 << 10, 'P'));
         procpool::log(LogSeverity::kInfo, absl::StrCat("after ", n));
+        break;
+      }
+      case kThreadLogs: {
+        if (n == kThenDie) {
+          std::thread([] { procpool::log(LogSeverity::kError, "last words of a thread"); }).join();
+          ::raise(SIGKILL);
+        }
+        std::vector<std::thread> threads;
+        for (int t = 0; t < kLogThreads; ++t) {
+          threads.emplace_back([n, t] {
+            for (int i = 0; i < kLogsPerThread; ++i) {
+              procpool::log(LogSeverity::kInfo, absl::StrCat(n, "/", t, "/", i));
+            }
+          });
+        }
+        for (std::thread& thread : threads) thread.join();
+        // One more, after the task returned, while its worker waits for work: it is sent then,
+        // not held until another task comes.
+        std::thread([n] {
+          absl::SleepFor(absl::Milliseconds(20));
+          procpool::log(LogSeverity::kInfo, absl::StrCat(n, "/late"));
+        }).detach();
         break;
       }
     }
@@ -452,6 +482,56 @@ TEST_CASE("procpool::log in a task reaches the sink, naming worker and task, bef
   SUBCASE("forked") { check_log_before_outcome({}); }
   SUBCASE("fork server") { check_log_before_outcome({.start_method = StartMethod::kForkServer}); }
   SUBCASE("remote") { check_log_before_outcome(remote({})); }
+}
+
+void check_logs_from_threads(PoolOptions options) {
+  testing::LogCapture events;
+  options.workers = 2;
+  options.log_sink = events.sink();
+  ProcessPool<Printer> pool(options);
+  std::vector<int64_t> jobs;
+  for (int64_t n = 0; n < 6; ++n) jobs.push_back(job(kThreadLogs, n));
+  int64_t n = 0;
+  for (absl::StatusOr<int64_t> result : pool.imap(jobs, {.chunksize = 1})) {
+    REQUIRE_MESSAGE(result.ok(), result.status().ToString());
+    REQUIRE(*result == n);
+    // Every record its threads logged reached the sink once, before its outcome reached us.
+    std::map<std::string, int> seen;
+    for (const LogEvent& event : events.from(LogSource::kWorker)) {
+      if (!absl::StartsWith(event.message, absl::StrCat(n, "/")) ||
+          absl::EndsWith(event.message, "/late")) {
+        continue;
+      }
+      ++seen[event.message];
+      CHECK(event.task.value_or(~uint64_t{0}) == static_cast<uint64_t>(n));
+    }
+    CHECK(seen.size() == size_t{kLogThreads} * kLogsPerThread);
+    for (const auto& entry : seen) CHECK_MESSAGE(entry.second == 1, entry.first);
+    ++n;
+  }
+  CHECK(n == 6);
+  // Each task's late record, logged while its worker waited for work.
+  auto late = [&events] {
+    return events.events([](const LogEvent& event) {
+      return event.source == LogSource::kWorker && absl::EndsWith(event.message, "/late");
+    });
+  };
+  CHECK(testing::wait_until([&] { return late().size() == 6; }, absl::Seconds(30)));
+}
+
+TEST_CASE("procpool::log from several threads of a task at once: every record, once, before the task's outcome") {
+  SUBCASE("forked") { check_logs_from_threads({}); }
+  SUBCASE("remote") { check_logs_from_threads(remote({})); }
+}
+
+TEST_CASE("procpool::log from a thread of a forked worker that dies at once still reaches the sink") {
+  testing::LogCapture events;
+  ProcessPool<Printer> pool({.workers = 1, .log_sink = events.sink()});
+  absl::StatusOr<int64_t> died = pool.apply(job(kThreadLogs, kThenDie));
+  REQUIRE_FALSE(died.ok());
+  CHECK(died.status().code() == absl::StatusCode::kAborted);
+  // Before the death was reported: it waited where the pool reads what a dead worker left.
+  CHECK(events.contains("last words of a thread"));
 }
 
 TEST_CASE("procpool::log takes any string_view: a piece of a longer string, and one over 64 KiB (cut)") {

@@ -17,8 +17,13 @@
 /// `LogSource::kWorker`, naming the worker (slot, pid, host) and the pool-wide number of the task
 /// it was running; one logged while task N runs reaches the sink before N's outcome reaches the
 /// caller (it travels in the same stream as the results). Forked, fork-server and remote workers
-/// alike. Thread safety: `log` may be called from any thread of the program; in a worker, from the
-/// thread that runs its tasks (workers are single-threaded). Fork safety: nothing to do.
+/// alike. Thread safety: `log` may be called from any thread of the program, and in a worker from
+/// any thread too: a record from a thread a task started goes out with the next frame of the
+/// thread that runs tasks (before that task's outcome, if the thread logged before the task
+/// returned), or at once while the worker waits for work; one logged just before the worker dies
+/// still arrives from a forked worker, not always from a remote one. Not async-signal-safe (it
+/// allocates, and may wait for the worker's stream): never call it from a signal handler. Fork
+/// safety: nothing to do.
 ///
 /// It also offers `metrics_text` (metrics.h), the pool's counters as Prometheus text.
 

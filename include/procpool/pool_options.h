@@ -288,7 +288,9 @@ struct PoolOptions {
   /// std::terminate included) records the crashing thread's stack, symbolized, before it dies:
   /// the failed task's kAborted status carries it (`procpool::backtrace_of`, logging.h), and one
   /// kError LogEvent shows it. A handler for those signals that the program installed before the
-  /// pool forked runs after the stack is recorded. False: nothing is recorded.
+  /// pool forked runs after the stack is recorded. A stack an overrun scribbled on is shown up to
+  /// the frame it spoiled. A stack overflow in a thread the task started (a thread without an
+  /// alternate signal stack) ends the worker with none. False: nothing is recorded.
   bool crash_backtraces = true;
   /// A frame a worker has begun to send must be complete within this; otherwise its stream is
   /// broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge
@@ -328,8 +330,10 @@ struct PoolOptions {
   /// Called in the pool (on the thread that starts workers) before each worker process of `slot`
   /// starts, replacements included: the variables it returns are set (setenv) in that worker
   /// before W's constructor runs, e.g. {{"CUDA_VISIBLE_DEVICES", std::to_string(slot % 4)}}. For
-  /// remote workers they are sent to the worker's host and set there. A name that is empty or
-  /// holds '=' or a NUL, or an exception thrown, fails that worker's start (kInvalidArgument).
+  /// remote workers they are sent to the worker's host and set there: at most 64 KiB of them in
+  /// all (with `name`). A name that is empty or holds '=' or a NUL, a value that holds a NUL, more
+  /// than a remote worker takes, or an exception thrown, fails that worker's start
+  /// (kInvalidArgument).
   std::function<std::vector<std::pair<std::string, std::string>>(int slot)> worker_env;
   /// Pin each worker to a CPU: see CpuAffinity.
   CpuAffinity cpu_affinity = CpuAffinity::kNone;

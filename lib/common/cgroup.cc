@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -208,6 +209,18 @@ int kill_listed(const std::string& procs) {
   return killed;
 }
 
+// `name` as one directory's name: a '/' would put the cgroup elsewhere (above our own, after a
+// "../"), and the kernel refuses a newline.
+std::string directory_name(absl::string_view name) {
+  std::string safe(name);
+  for (char& c : safe) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
+      c = '_';
+    }
+  }
+  return safe;
+}
+
 }  // namespace
 
 void remove_abandoned_cgroups(const std::string& parent) {
@@ -317,6 +330,7 @@ std::string CgroupPlan::describe() const {
 }
 
 absl::StatusOr<WorkerCgroup> WorkerCgroup::create(const CgroupPlan& plan, const std::string& name) {
+  const std::string safe_name = directory_name(name);
   WorkerCgroup made;
   made.kill_kind_ = plan.kill;
   made.memory_kind_ = plan.memory;
@@ -326,7 +340,7 @@ absl::StatusOr<WorkerCgroup> WorkerCgroup::create(const CgroupPlan& plan, const 
     // (one that was killed, or one in another pid namespace): another number is taken.
     std::string dir;
     for (int tries = 0;; ++tries) {
-      dir = absl::StrCat(parent, "/", name, "-", next_cgroup_number.fetch_add(1));
+      dir = absl::StrCat(parent, "/", safe_name, "-", next_cgroup_number.fetch_add(1));
       if (::mkdir(dir.c_str(), 0755) == 0) break;
       if (errno != EEXIST || tries == kNameTries) {
         return absl::ErrnoToStatus(errno, absl::StrCat("could not make the worker's cgroup ", dir));

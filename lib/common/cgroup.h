@@ -62,6 +62,9 @@ struct CgroupPlan {
 class WorkerCgroup {
  public:
   // Makes the cgroups `plan` asks for, named `name` ("procpool-4242-w3-17"), and sets the cap.
+  // `name` comes from PoolOptions::name: each byte that cannot be in one directory's name (a '/',
+  // a newline, anything but letters, digits, '.', '_' and '-') is made a '_', so that the cgroup
+  // is always one directory right below `plan`'s parents.
   static absl::StatusOr<WorkerCgroup> create(const CgroupPlan& plan, const std::string& name);
   WorkerCgroup(WorkerCgroup&& other) noexcept;
   WorkerCgroup& operator=(WorkerCgroup&& other) noexcept;

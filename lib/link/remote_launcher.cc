@@ -23,7 +23,9 @@
 #include "lib/common/child_process.h"
 #include "lib/common/clock.h"
 #include "lib/link/handshake.h"
+#include "lib/link/remote_frames.h"
 #include "lib/link/worker_process.h"
+#include "lib/worker/worker_placement.h"
 
 extern char** environ;
 
@@ -66,6 +68,9 @@ constexpr int64_t kAcceptPauseNs = 200'000'000;
 // pool's descriptors stay within 2 a worker plus 64 (bench_scale: 583 at 256 workers over
 // loopback with 64 spares, beyond the 576 allowed).
 constexpr int kSpareHosts = 16;
+// The most a worker's placement (its env, the pool's name) may take in its host's spawn request,
+// a control frame (remote_frames.h): what is left of one after the request's other fields.
+constexpr size_t kMaxPlacementBytes = kControlFrameBytes - 1024;
 // A launch command whose worker came is watched without its pidfd (a pool of many launched workers
 // would hold a third descriptor a worker for it): its exit now only needs reaping, which a look
 // this often does (a waitpid each, for as many commands as workers: 256 a second at 256).
@@ -302,12 +307,22 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> RemoteLauncher::launch(int slot,
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> env =
       evaluate_worker_env(config_.worker_env, slot);
   if (!env.ok()) return env.status();
+  WorkerPlacement placement{.generation = generations_[slot],
+                            .workers = config_.workers,
+                            .pool_name = config_.name,
+                            .env = *std::move(env),
+                            .spread_cpus = config_.spread_cpus};
+  // It goes in the host's spawn request, a control frame: a relay refuses a larger one by
+  // dropping the pool's connection, and with it every worker on that host.
+  if (const size_t bytes = placement_wire_bytes(placement); bytes > kMaxPlacementBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PoolOptions::worker_env for slot ", slot, ": its variables (with PoolOptions::name) take ",
+        bytes, " bytes, more than the ", kMaxPlacementBytes,
+        " a remote worker's spawn request carries"));
+  }
+  ++generations_[slot];
   auto link = std::make_unique<TcpLink>(name, slot, wait_until, host_config_.limits);
-  link->set_placement(WorkerPlacement{.generation = generations_[slot]++,
-                                      .workers = config_.workers,
-                                      .pool_name = config_.name,
-                                      .env = *std::move(env),
-                                      .spread_cpus = config_.spread_cpus});
+  link->set_placement(std::move(placement));
   TcpLink* raw = link.get();
   links_.push_back(raw);
   link->on_destroy([this, raw] {

@@ -1,6 +1,8 @@
 #include "lib/worker/child_setup.h"
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdio_ext.h>
 #include <sys/prctl.h>
@@ -9,11 +11,13 @@
 #include <unistd.h>
 #include <unwind.h>
 
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 
 #include "absl/debugging/symbolize.h"
 
@@ -39,6 +43,12 @@ pid_t pool_pid = 0;
 pid_t parent_pid = 0;
 pid_t own_pid = 0;
 bool record_stacks = false;
+// The thread (its tid) recording a crash's stack now, or 0 (on_fatal_signal).
+std::atomic<pid_t> recording_thread{0};
+// Set while that thread unwinds, and where a fault of the unwinder's escapes to
+// (record_crash_stack).
+volatile sig_atomic_t unwinding = 0;
+sigjmp_buf unwind_escape;
 
 // The signals whose deaths come with a stack (kCrashSignals, control_page.h) are also those whose
 // handlers of the program's are chained.
@@ -266,12 +276,33 @@ __attribute__((no_sanitize("address"))) void continue_past_clang_call_terminate(
 // clang's __clang_call_terminate (code built by clang without -g: an exception that left a
 // noexcept function), frame pointers carry the stack on past it, on x86-64.
 // absl::Symbolize is async-signal-safe.
+//
+// A stack an overrun scribbled on leads the unwinder to a return address that is garbage, which
+// it reads as code (looking for a signal frame there): a fault inside this handler, which would
+// end the worker with no stack at all (and as SIGSEGV, whatever the crash was). The unwind is
+// done with those faults let in and escapes them (on_fatal_signal): the frames found up to the
+// garbage are written.
 void record_crash_stack(const void* context) {
-  UnwoundStack stack;
-  _Unwind_Backtrace(record_frame, &stack);
+  // Static, not on this frame: what the unwind wrote before an escape is still there after it.
+  static UnwoundStack stack;
+  static sigset_t outside_unwind;
+  stack = UnwoundStack();
+  if (sigsetjmp(unwind_escape, /*savemask=*/1) == 0) {
+    sigset_t faults;
+    sigemptyset(&faults);
+    sigaddset(&faults, SIGSEGV);
+    sigaddset(&faults, SIGBUS);
+    ::pthread_sigmask(SIG_UNBLOCK, &faults, &outside_unwind);
+    unwinding = 1;
+    _Unwind_Backtrace(record_frame, &stack);
 #if defined(__x86_64__)
-  continue_past_clang_call_terminate(stack);
+    continue_past_clang_call_terminate(stack);
 #endif
+    unwinding = 0;
+    ::pthread_sigmask(SIG_SETMASK, &outside_unwind, nullptr);
+  }
+  // After an escape, siglongjmp restored the mask sigsetjmp saved.
+  unwinding = 0;
   const int depth = stack.depth;
   const uintptr_t* frames = stack.pcs;
   // Frames of this handler come first: start at the interrupted instruction if it is found.
@@ -328,12 +359,29 @@ void record_fatal_signal(int signal) {
 // the default action, and raise the signal again. It is blocked while this handler runs, so it is
 // delivered as the handler returns, with its default action. A chained handler that does not
 // return (it _exits, or raises another signal) ends the worker its own way.
+//
+// Several threads may crash at once (a loop a task spread over threads, on corrupt data): the
+// first records its stack, and any other waits here until it is written, rather than end the
+// process (by its own default action) before it is. (So the handler is not SA_RESETHAND.)
 void on_fatal_signal(int signal, siginfo_t* info, void* context) {
+  if (unwinding && (signal == SIGSEGV || signal == SIGBUS) &&
+      recording_thread.load() == static_cast<pid_t>(::syscall(SYS_gettid))) {
+    siglongjmp(unwind_escape, 1);  // the unwinder read garbage (record_crash_stack)
+  }
   record_fatal_signal(signal);
   const bool crash = is_crash_signal(signal);
-  if (crash && record_stacks && control_page != nullptr && ::getpid() == own_pid &&
-      control_page->crash_stack_bytes.load(std::memory_order_relaxed) == 0) {
-    record_crash_stack(context);
+  if (crash && record_stacks && control_page != nullptr && ::getpid() == own_pid) {
+    const auto self = static_cast<pid_t>(::syscall(SYS_gettid));
+    pid_t recorder = 0;
+    if (recording_thread.compare_exchange_strong(recorder, self)) {
+      if (control_page->crash_stack_bytes.load(std::memory_order_relaxed) == 0) {
+        record_crash_stack(context);
+      }
+      recording_thread.store(0);
+    } else if (recorder != self) {
+      const timespec a_while{0, 1'000'000};
+      while (recording_thread.load() != 0) ::nanosleep(&a_while, nullptr);
+    }
   }
   if (crash && chained[signal]) {
     const struct sigaction& action = chained_actions[signal];
@@ -383,7 +431,7 @@ void reset_signals() {
 
   struct sigaction fatal {};
   fatal.sa_sigaction = on_fatal_signal;
-  fatal.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESETHAND;
+  fatal.sa_flags = SA_SIGINFO | SA_ONSTACK;
   sigemptyset(&fatal.sa_mask);
   if (control_page != nullptr) {
     for (int signal : kRecordedSignals) ::sigaction(signal, &fatal, nullptr);

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -553,25 +554,27 @@ bool send_status_frame(WorkerTransport& transport, bool enter_failed, const absl
 
 namespace {
 
-// Where procpool::log sends, while run_worker runs (one worker per process, one thread).
+// Where procpool::log sends, while run_worker runs (one worker per process). Set before any code
+// of the user's runs, so before any thread that reads it is started; read-only after that.
 struct LogChannel {
   WorkerTransport* transport = nullptr;
   ControlPage* page = nullptr;
   size_t max_message_bytes = 0;
   pid_t pid = 0;
-  bool sending = false;
+  std::thread::id task_thread;  // the thread that runs run_worker and uses the transport
 };
 LogChannel log_channel;
 
 }  // namespace
 
 bool send_worker_log(int severity, std::string_view message) {
-  LogChannel& channel = log_channel;
+  const LogChannel& channel = log_channel;
   if (channel.transport == nullptr || channel.pid != ::getpid()) return false;
-  if (channel.sending) return true;
-  channel.sending = true;
-  capnp::MallocMessageBuilder frame(64 + message.size() / sizeof(capnp::word));
-  auto log = frame.initRoot<wire::FromWorker>().initLog();
+  thread_local bool sending = false;
+  if (sending) return true;
+  sending = true;
+  auto frame = std::make_unique<capnp::MallocMessageBuilder>(64 + message.size() / sizeof(capnp::word));
+  auto log = frame->initRoot<wire::FromWorker>().initLog();
   log.setSeverity(static_cast<uint8_t>(severity));
   message = message.substr(0, channel.max_message_bytes);
   // Copied, not wrapped in a Text::Reader: a view need not end at a NUL (a piece of a longer
@@ -583,9 +586,15 @@ bool send_worker_log(int severity, std::string_view message) {
   log.setRunning(page.running.load(std::memory_order_acquire) != 0);
   log.setBatchSeq(page.batch_seq.load(std::memory_order_relaxed));
   log.setTaskIndex(page.task_index.load(std::memory_order_relaxed));
-  (void)channel.transport->send(frame);
-  channel.sending = false;
-  return true;
+  // Only the task thread writes to the transport; another thread's record waits for it there.
+  bool taken = true;
+  if (std::this_thread::get_id() == channel.task_thread) {
+    (void)channel.transport->send(*frame);
+  } else {
+    taken = channel.transport->post(std::move(frame));
+  }
+  sending = false;
+  return taken;
 }
 
 int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
@@ -596,7 +605,8 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
                            .page = &page,
                            .max_message_bytes = std::min<size_t>(
                                size_t{64} << 10, max_frame_bytes > 1024 ? max_frame_bytes - 1024 : 0),
-                           .pid = ::getpid()};
+                           .pid = ::getpid(),
+                           .task_thread = std::this_thread::get_id()};
   // Jobs' blobs are read where the parent left them (a Bytes job views them there: its bytes
   // stay put until the batch's results are in); results' blobs are written to the results area.
   BlobContext blobs{.region = region != nullptr ? &region->worker() : nullptr,

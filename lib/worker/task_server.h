@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string_view>
 
 #include "absl/status/statusor.h"
@@ -21,10 +22,21 @@
 
 namespace procpool::internal {
 
-// How a worker reads and writes frames. Used from one thread.
+// How a worker reads and writes frames. Used from one thread, the one that runs run_worker (the
+// task thread), except post().
 class WorkerTransport {
  public:
   virtual ~WorkerTransport() = default;
+  // From any other thread of the worker (a thread a task started): a frame to go out after
+  // those sent so far. The task thread writes what was posted before its own next frame (so a
+  // record a task's thread logged reaches the parent before that task's outcome), or at once
+  // when it waits for the parent (posting wakes it). Where frames are held in shared memory (a
+  // forked worker), it is put there when it fits, so that the parent finds it even if the worker
+  // dies right after; else it waits in a queue. Takes a lock around that, never waits for the
+  // parent. False, and nothing queued, once the frames queued hold kMaxPostedBytes (the task
+  // thread is busy and other threads post faster than that).
+  virtual bool post(std::unique_ptr<capnp::MessageBuilder> message) = 0;
+  static constexpr size_t kMaxPostedBytes = size_t{8} << 20;
   // The next frame from the parent, borrowed until the next call. kUnavailable when the parent
   // is gone; another error when the stream cannot be read.
   virtual absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() = 0;
@@ -76,9 +88,11 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
 
 // procpool::log in a worker (include/procpool/logging.h): sends a `log` frame to the pool on the
 // worker's stream (after any results held, so order is kept), stamped with the task the control
-// page says runs, `message` cut to 64 KiB (and to what max_frame_bytes allows). False when this
-// process is not a worker serving tasks (the program itself, or a process a task forked): nothing
-// is sent then. Not reentrant (a record logged while one is being sent is not sent).
+// page says runs, `message` cut to 64 KiB (and to what max_frame_bytes allows); from a thread
+// other than the task thread, posted (WorkerTransport::post). False when this process is not a
+// worker serving tasks (the program itself, or a process a task forked), or the posted records
+// are too many: nothing is sent then. Not reentrant within a thread (a record logged while the
+// same thread sends one is not sent).
 bool send_worker_log(int severity, std::string_view message);
 
 }  // namespace procpool::internal

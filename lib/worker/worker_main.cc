@@ -9,10 +9,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -23,6 +25,7 @@
 
 #include "lib/common/cgroup.h"
 #include "lib/common/clock.h"
+#include "lib/common/mutex.h"
 #include "lib/common/process_tree.h"
 #include "lib/common/spin.h"
 #include "lib/wire/frame_io.h"
@@ -45,6 +48,29 @@ class ChannelTransport final : public WorkerTransport {
       : fd_(fd), stream_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held),
         flush_stdout_(flush_stdout) {
     if (tls != nullptr) stream_ = ByteStream(*tls);
+    // Made now, before any code of the user's runs (which may have closed 0-2 by then).
+    absl::StatusOr<UniqueFd> wake = make_event_fd();
+    if (wake.ok()) posted_wake_ = *std::move(wake);
+  }
+
+  bool post(std::unique_ptr<capnp::MessageBuilder> message) override {
+    const size_t size = capnp::computeSerializedSizeInWords(*message) * sizeof(capnp::word);
+    {
+      MutexLock lock(posted_mu_);
+      // Among the frames held, where the parent finds it even if this worker dies next (a thread
+      // that logs, then crashes it), unless frames posted before it wait (they go first) or it
+      // does not fit. The task thread is woken all the same, to write them out.
+      if (!posted_.empty() || !hold_posted(*message, size)) {
+        if (posted_bytes_ + size > kMaxPostedBytes) return false;
+        posted_bytes_ += size;
+        posted_.push_back(std::move(message));
+      }
+      // Only the first frame of a batch wakes the task thread: one write for many records.
+      if (any_posted_.exchange(true, std::memory_order_release)) return true;
+    }
+    const uint64_t one = 1;
+    if (posted_wake_) (void)!::write(posted_wake_.get(), &one, sizeof(one));
+    return true;
   }
 
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
@@ -65,15 +91,31 @@ class ChannelTransport final : public WorkerTransport {
       // Wait in poll() for input only, never in read(): a reader blocked in read() is woken each
       // time the parent consumes what this worker sent (the kernel signals write space on the
       // same wait queue), a context switch for nothing per result frame. poll() filters those.
-      pollfd readable{fd_, POLLIN, 0};
+      // Frames other threads post while this one waits wake it (post()).
+      pollfd readable[2] = {{fd_, POLLIN, 0}, {posted_wake_.get(), POLLIN, 0}};
       // Only waits for a batch that may come soon count towards spinning (and none ask the
       // kernel how many CPUs there are before one does).
       const bool timed = spin_next_ && spin_.enabled();
       const int64_t waiting_since = timed ? monotonic_now_ns() : 0;
       // Over TLS, what the session holds already poll() does not see: take it first.
       const bool in_hand = stream_.tls != nullptr && stream_.tls->buffered();
-      if (!in_hand && ::poll(&readable, 1, -1) < 0 && errno != EINTR) {
-        return absl::ErrnoToStatus(errno, "waiting for the parent");
+      if (!in_hand) {
+        if (!any_posted_.load(std::memory_order_acquire)) {
+          const int polled = ::poll(readable, posted_wake_ ? 2 : 1, -1);
+          if (polled < 0 && errno != EINTR) {
+            return absl::ErrnoToStatus(errno, "waiting for the parent");
+          }
+          // (A wake-up may be for frames sent already, with this thread's own.)
+          if (polled > 0 && readable[1].revents != 0) {
+            uint64_t count = 0;
+            (void)!::read(posted_wake_.get(), &count, sizeof(count));
+          }
+        }
+        if (any_posted_.load(std::memory_order_acquire) && !flush()) {
+          return absl::UnavailableError("the peer closed the channel");
+        }
+        // Nothing to read yet: the read below would block, deaf to what is posted meanwhile.
+        if (readable[0].revents == 0) continue;
       }
       if (timed) spin_.blocked(monotonic_now_ns() - waiting_since);
       absl::StatusOr<FrameReader::Fill> filled = reader_.fill(stream_);
@@ -87,23 +129,17 @@ class ChannelTransport final : public WorkerTransport {
 
   bool send(capnp::MessageBuilder& message) override {
     flush_stdout();
-    if (held_ == nullptr) return write_frame(stream_, message).ok();
-    return write_held(&message);
+    return send_posted() && send_now(message);
   }
 
   bool hold(capnp::MessageBuilder& message) override {
-    if (held_ == nullptr) return send(message);
-    const size_t size = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
-    if (size > HeldFrames::capacity()) return send(message);
-    lock();
-    const bool held = append_locked(message, size).has_value();
-    unlock();
-    return held;
+    return send_posted() && hold_now(message);
   }
 
   bool hold_growing(capnp::MessageBuilder& message, const void* count_field,
                     const uint64_t* first_word, uint32_t room) override {
     if (held_ == nullptr) return false;
+    if (!send_posted()) return false;
     auto segments = message.getSegmentsForOutput();
     const size_t size = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
     if (segments.size() != 1 || size > HeldFrames::capacity()) return false;
@@ -133,7 +169,8 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool grow(uint32_t count, const uint64_t* words, uint32_t from, uint32_t n) override {
-    if (!growing_) return false;
+    // A frame posted meanwhile goes before these results: they take a frame of their own.
+    if (!growing_ || any_posted_.load(std::memory_order_relaxed)) return false;
     lock();
     const bool intact = held_->taken.load(std::memory_order_relaxed) <= growing_->frame_at &&
                         held_->bytes.load(std::memory_order_relaxed) == growing_->frame_end &&
@@ -153,6 +190,7 @@ class ChannelTransport final : public WorkerTransport {
 
   bool flush() override {
     flush_stdout();  // called before the worker waits for the parent, too
+    if (!send_posted()) return false;
     if (held_ == nullptr || held_->bytes.load(std::memory_order_relaxed) == 0) return true;
     return write_held(nullptr);
   }
@@ -168,6 +206,38 @@ class ChannelTransport final : public WorkerTransport {
   bool frames_writable() const override { return true; }
 
  private:
+  bool send_now(capnp::MessageBuilder& message) {
+    if (held_ == nullptr) return write_frame(stream_, message).ok();
+    return write_held(&message);
+  }
+
+  bool hold_now(capnp::MessageBuilder& message) {
+    if (held_ == nullptr) return send_now(message);
+    const size_t size = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
+    if (size > HeldFrames::capacity()) return send_now(message);
+    lock();
+    const bool held = append_locked(message, size).has_value();
+    unlock();
+    return held;
+  }
+
+  // What other threads posted, in the order posted, ahead of this thread's next frame: held
+  // with the frames held (written with them), or written. One relaxed load when there is none.
+  bool send_posted() {
+    if (!any_posted_.load(std::memory_order_acquire)) return true;
+    std::vector<std::unique_ptr<capnp::MessageBuilder>> posted;
+    {
+      MutexLock lock(posted_mu_);
+      posted.swap(posted_);
+      posted_bytes_ = 0;
+      any_posted_.store(false, std::memory_order_relaxed);
+    }
+    for (const std::unique_ptr<capnp::MessageBuilder>& message : posted) {
+      if (!hold_now(*message)) return false;
+    }
+    return true;
+  }
+
   // Forwarded output (PoolOptions::worker_output): stdout is a pipe, so stdio buffers it whole
   // (a write per line would cost a tiny task several times its run). What a task printed goes
   // out with its results, and before the worker waits for more work: lines of a task reach the
@@ -200,6 +270,30 @@ class ChannelTransport final : public WorkerTransport {
       if (!flushed) return std::nullopt;
       bytes = held_->bytes.load(std::memory_order_relaxed);
     }
+    put_locked(message, bytes, size);
+    return bytes;
+  }
+
+  // From a thread other than the task thread (post): appends `message` to the frames held if it
+  // fits as they are (it cannot write them out). Leaves growing_ (the task thread's) alone: grow()
+  // sees that the area changed.
+  // Only if the area is free now: the task thread may hold it while it writes to the parent.
+  bool hold_posted(capnp::MessageBuilder& message, size_t size) {
+    if (held_ == nullptr || size > HeldFrames::capacity()) return false;
+    uint32_t expected = HeldFrames::kFree;
+    if (!held_->lock.compare_exchange_strong(expected, HeldFrames::kWorker,
+                                             std::memory_order_acquire)) {
+      return false;
+    }
+    const uint32_t bytes = held_->bytes.load(std::memory_order_relaxed);
+    const bool fits = bytes + size <= HeldFrames::capacity();
+    if (fits) put_locked(message, bytes, size);
+    unlock();
+    return fits;
+  }
+
+  // Writes `message` (`size` bytes) into the area at `bytes`, its end, and makes it count there.
+  void put_locked(capnp::MessageBuilder& message, uint32_t bytes, size_t size) {
     if (bytes == held_->taken.load(std::memory_order_relaxed)) {
       held_->since_ns.store(monotonic_now_ns(), std::memory_order_relaxed);
     }
@@ -217,7 +311,6 @@ class ChannelTransport final : public WorkerTransport {
       at += segment.size() * sizeof(capnp::word);
     }
     held_->bytes.store(bytes + static_cast<uint32_t>(size), std::memory_order_release);
-    return bytes;
   }
 
   // Writes the frames held that the parent has not taken, then `message` if any, in one write,
@@ -264,6 +357,12 @@ class ChannelTransport final : public WorkerTransport {
   SpinPolicy spin_;
   bool spin_next_ = false;
   const bool flush_stdout_;  // the parent's caller waited for the last batch (TaskBatch.awaited)
+  // Frames other threads posted (post()), not yet sent.
+  Mutex posted_mu_;
+  std::vector<std::unique_ptr<capnp::MessageBuilder>> posted_ ABSL_GUARDED_BY(posted_mu_);
+  size_t posted_bytes_ ABSL_GUARDED_BY(posted_mu_) = 0;
+  std::atomic<bool> any_posted_{false};  // posted_ is not empty; set under posted_mu_
+  UniqueFd posted_wake_;                 // an eventfd: written when posted_ stops being empty
 };
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "capnp/message.h"
+#include "capnp/serialize.h"
 #include "procpool/internal/worker_body.h"
 
 namespace procpool::internal {
@@ -21,6 +23,12 @@ void placement_to_wire(const WorkerPlacement& placement, wire::Placement::Builde
   }
   out.setCpu(placement.cpu);
   out.setSpreadCpus(placement.spread_cpus);
+}
+
+size_t placement_wire_bytes(const WorkerPlacement& placement) {
+  capnp::MallocMessageBuilder message;
+  placement_to_wire(placement, message.initRoot<wire::Placement>());
+  return capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
 }
 
 namespace {

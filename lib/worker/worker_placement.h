@@ -6,6 +6,7 @@
 #ifndef PROCPOOL_LIB_WORKER_WORKER_PLACEMENT_H_
 #define PROCPOOL_LIB_WORKER_WORKER_PLACEMENT_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -29,6 +30,8 @@ struct WorkerPlacement {
 };
 
 void placement_to_wire(const WorkerPlacement& placement, wire::Placement::Builder out);
+// The bytes `placement` takes in a frame (its env and the pool's name, mostly).
+size_t placement_wire_bytes(const WorkerPlacement& placement);
 // Reads what a pool (or the process that forks for it) sent; names the env refuses are dropped.
 WorkerPlacement placement_from_wire(wire::Placement::Reader in);
 

@@ -56,6 +56,7 @@ constexpr int64_t kPid = -5;          // returns its pid
 constexpr int64_t kAllocateTwoGiB = -6;  // 1 if allocating 2 GiB (untouched) failed, else 0
 constexpr int64_t kExecSleep = -7;    // the worker itself execs `sleep 1000`
 constexpr int64_t kCloseChannel = -8;  // closes the worker's channel (fd 3), then hangs
+constexpr int64_t kChildAllocates = -9;  // a child of the task touches 512 MiB; its wait status
 
 constexpr size_t kAllocateBytes = size_t{512} << 20;
 
@@ -105,6 +106,13 @@ struct TreeWorker {
         ::waitpid(first, nullptr, 0);
         if (job == kDaemonAndReturn) return 0;
         while (true) ::pause();
+      }
+      case kChildAllocates: {
+        const pid_t child = ::fork();
+        if (child == 0) ::_exit(static_cast<int>(run(kAllocate)));
+        int status = 0;
+        if (::waitpid(child, &status, 0) < 0) return -errno;
+        return status;
       }
       case kAllocate: {
         auto* bytes = new char[kAllocateBytes];
@@ -337,6 +345,20 @@ TEST_CASE("a task that crosses max_worker_memory_bytes fails kResourceExhausted,
   const absl::StatusOr<int64_t> second_pid = pool.apply(kPid);
   REQUIRE(second_pid.ok());
   CHECK(*second_pid != *first_pid);
+
+  SUBCASE("so does one whose child process crosses it: the cap is the task's whole tree's") {
+    // The kernel's OOM killer picks the largest process: the child. As under cgroup v2's
+    // memory.oom.group (and on cgroup v1 by the pool's own watch), the whole worker goes with it
+    // and the task fails for the cap, not for whatever its child's death made it return.
+    const absl::StatusOr<int64_t> by_child = pool.apply(kChildAllocates);
+    MESSAGE(by_child.status());
+    REQUIRE_FALSE(by_child.ok());
+    CHECK(by_child.status().code() == absl::StatusCode::kResourceExhausted);
+    CHECK(absl::StrContains(by_child.status().message(), "max_worker_memory_bytes"));
+    const absl::StatusOr<int64_t> third_pid = pool.apply(kPid);
+    REQUIRE(third_pid.ok());
+    CHECK(*third_pid != *second_pid);
+  }
 }
 
 TEST_CASE("without a memory cgroup, max_worker_memory_bytes is RLIMIT_AS: the allocation fails in the task") {

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -376,6 +377,16 @@ absl::StatusOr<WorkerCgroup> WorkerCgroup::create(const CgroupPlan& plan, const 
         set = write_text(made.memory_dir_ + "/memory.memsw.limit_in_bytes", bytes);
       }
       (void)write_text(made.memory_dir_ + "/memory.swappiness", "0");
+      // The OOM watch (oom_event_fd). Without one, a child of the task that crosses the cap dies
+      // alone: the cap still holds, only the task's failure is then its own to report.
+      UniqueFd event = own_fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+      UniqueFd control =
+          own_fd(::open((made.memory_dir_ + "/memory.oom_control").c_str(), O_RDONLY | O_CLOEXEC));
+      if (event && control &&
+          write_text(made.memory_dir_ + "/cgroup.event_control",
+                     absl::StrCat(event.get(), " ", control.get()))) {
+        made.oom_event_ = std::move(event);
+      }
     }
     if (!set) {
       return absl::ErrnoToStatus(errno, absl::StrCat("could not set the memory cap (",
@@ -397,7 +408,13 @@ WorkerCgroup& WorkerCgroup::operator=(WorkerCgroup&& other) noexcept {
   kill_dir_ = std::exchange(other.kill_dir_, {});
   memory_dir_ = std::exchange(other.memory_dir_, {});
   procs_files_ = std::exchange(other.procs_files_, {});
+  oom_event_ = std::move(other.oom_event_);
   return *this;
+}
+
+void WorkerCgroup::clear_oom_event() const {
+  uint64_t count = 0;
+  if (oom_event_) (void)!::read(oom_event_.get(), &count, sizeof(count));
 }
 
 WorkerCgroup::~WorkerCgroup() { remove(); }

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "lib/common/unique_fd.h"
 
 namespace procpool::internal {
 
@@ -86,6 +87,13 @@ class WorkerCgroup {
   bool oom_killed() const;
   // "cgroup v2 memory.max" / "cgroup v1 memory.limit_in_bytes", for messages.
   const char* cap_name() const;
+  // cgroup v1 memory: an eventfd that becomes readable when the OOM killer acts in the worker's
+  // memory cgroup (its memory.oom_control, registered through cgroup.event_control). v1 has no
+  // memory.oom.group: the killer takes the largest process, often a child of the task, and the
+  // worker lives on; the pool, woken by this, kills the whole worker as v2 does. -1 otherwise.
+  int oom_event_fd() const { return oom_event_.get(); }
+  // Reads the eventfd's count out, so that a level-triggered wait does not report it again.
+  void clear_oom_event() const;
   size_t memory_bytes() const { return memory_bytes_; }
 
  private:
@@ -98,6 +106,7 @@ class WorkerCgroup {
   std::string kill_dir_;
   std::string memory_dir_;  // empty without a memory cgroup; may equal kill_dir_
   std::vector<std::string> procs_files_;
+  UniqueFd oom_event_;
 };
 
 // Removes the cgroups below `parent` that a pool which is gone left behind (one SIGKILLed cannot

@@ -80,6 +80,8 @@ void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
                              output_[stream]->open() && now >= output_rest_until_ns_[stream];
     if (polled_output_[stream]) fds.push_back({output_[stream]->fd(), POLLIN, 0});
   }
+  polled_oom_ = !ended_ && cgroup_ && cgroup_->oom_event_fd() >= 0;
+  if (polled_oom_) fds.push_back({cgroup_->oom_event_fd(), POLLIN, 0});
 }
 
 void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
@@ -96,6 +98,15 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
       read_output(stream, events, /*drain=*/false);
       output_rest_until_ns_[stream] = monotonic_now_ns() + kOutputRestNs;
     }
+  }
+  if (polled_oom_ && next < count && polled[next++].revents != 0 && !ended_) {
+    // The OOM killer acted in its cgroup (v1): the whole worker goes, as under v2's
+    // memory.oom.group, and its end says the cap killed it (end, oom_killed).
+    // (It wakes as the cgroup runs out, before the OOM killer picks a victim: that kill may
+    // never come, ours being first.)
+    cgroup_->clear_oom_event();
+    out_of_memory_ = true;
+    cgroup_->kill();
   }
   next = pidfd_at;
   if (polled_pidfd_ && next < count && polled[next].revents != 0 && !ended_) {
@@ -385,7 +396,7 @@ void ForkLink::end(int wait_status, LinkEvents& events) {
   // of someone else's.
   const bool killed = wait_status == WorkerProcess::kNoWaitStatus ||
                       (WIFSIGNALED(wait_status) && WTERMSIG(wait_status) == SIGKILL);
-  if (killed && cgroup_ && cgroup_->oom_killed()) {
+  if (killed && cgroup_ && (out_of_memory_ || cgroup_->oom_killed())) {
     end.cause = absl::ResourceExhaustedError(absl::StrCat(
         name_, " was killed by the kernel's OOM killer: its memory reached max_worker_memory_bytes (",
         cgroup_->memory_bytes(), " bytes, its ", cgroup_->cap_name(), ")"));

@@ -135,6 +135,8 @@ class ForkLink final : public WorkerLink {
   int64_t next_look_ns_ = 0;      // without a pidfd: when to look for the worker's exit again
   std::unique_ptr<OutputLines> output_[2];  // stdout, stderr; null unless forwarded
   bool polled_output_[2] = {false, false};
+  bool polled_oom_ = false;  // its cgroup's OOM watch (WorkerCgroup::oom_event_fd)
+  bool out_of_memory_ = false;  // that watch woke: the pool killed it for the cap
   int64_t output_rest_until_ns_[2] = {0, 0};
   bool output_paused_ = false;
   std::function<void()> on_destroy_;

@@ -233,7 +233,8 @@ struct PoolOptions {
   /// Number of worker processes; 0 means one per CPU this process may run on. At most 4096.
   int workers = 0;
   /// join() (and so the destructor) waits this long for work in flight and every exit() hook,
-  /// then sends SIGTERM, waits `kill_grace`, then SIGKILL. Not negative.
+  /// then sends SIGTERM, waits `kill_grace`, then SIGKILL. A worker told to leave before join
+  /// (resize(), idle_timeout, max_tasks_per_worker) gets as long for its exit(). Not negative.
   absl::Duration join_timeout = absl::Seconds(30);
   /// A task running longer than this has its worker killed and fails with kDeadlineExceeded.
   /// Overridable per call. Infinite by default; positive.

@@ -226,6 +226,10 @@ void Supervisor::send_shutdown(Slot& slot) {
   slot.link->flush();
   slot.state = State::kShutdownSent;
   scheduler_.stop_accepting(slot.index);
+  // join() bounds the exit() of those it tells to leave by its deadline; the others get as long.
+  if (!joining_ && config_.join_timeout != absl::InfiniteDuration()) {
+    slot.leave_by_ns = monotonic_now_ns() + to_ns(config_.join_timeout);
+  }
 }
 
 void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
@@ -308,9 +312,11 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   slot.borrowed = false;
   if (!slot.start_failed) slot.next_start_ns = now;
   // A worker that left as asked at join, or for a resize or idle_timeout, is not replaced
-  // (start_due checks wanted() and skips retired slots; parked ones start when work needs them).
+  // (start_due checks wanted() and skips retired slots; parked ones start when work needs them),
+  // also when its exit() failed or was stopped (a replacement would idle and fail the same way).
   // One whose slot a resize took back meanwhile is.
-  if ((expected || deliberate) && !slot.recycling && (joining_ || slot.retired || slot.parked)) {
+  if ((expected || deliberate || state == State::kShutdownSent) && !slot.recycling &&
+      (joining_ || slot.retired || slot.parked)) {
     slot.next_start_ns = INT64_MAX;
   }
   if (!wanted() && !any_alive() && scheduler_.has_pending()) {
@@ -451,6 +457,17 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
       stop(slot, absl::CancelledError("the pool was terminated"), StopMode::kTerminate);
     } else {
       next = std::min(next, std::min(slot.terminate_at_ns, now + 1'000'000));
+    }
+  }
+  if (slot.state == State::kShutdownSent && !slot.stop_reason && slot.leave_by_ns != INT64_MAX) {
+    if (now >= slot.leave_by_ns) {
+      stop(slot,
+           absl::DeadlineExceededError(absl::StrCat(
+               "told to leave, it did not finish exit() within join_timeout (",
+               absl::FormatDuration(config_.join_timeout), ")")),
+           StopMode::kTerminate);
+    } else {
+      next = std::min(next, slot.leave_by_ns);
     }
   }
   // Counted from when the worker was asked for: a remote slot's wait for a host is bounded by

@@ -1,16 +1,21 @@
 // resize() and idle_timeout at their edges (issue 19, items 2 and 3), tried from outside: workers
-// whose exit() hangs or crashes as they leave for idleness or a resize. Real forked workers; every
-// enter() and exit() is counted in a file that every worker appends to.
+// whose exit() hangs or crashes as they leave for idleness or a resize, and resize() or stats()
+// called from the log sink or a progress function while a caller's thread holds the pool. Real
+// forked workers; every enter() and exit() is counted in a file that every worker appends to.
 
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -129,6 +134,81 @@ TEST_CASE("idle_timeout: a worker whose exit() crashes as it leaves is not start
   CHECK(pool.apply(4).value_or(-1) == 12);
   CHECK_MESSAGE(events.count("enter") == 3, events.all());
   pool.terminate();
+}
+
+// Runs `call` on a thread of its own and says whether it returned within kPatience. One that
+// never returns (a thread waiting for a lock it holds itself) cannot be joined or undone: the
+// binary ends, failing, rather than hang until the test runner's timeout.
+template <typename F>
+void require_returns(const char* what, F call) {
+  std::atomic<bool> returned{false};
+  std::thread thread([&] {
+    call();
+    returned = true;
+  });
+  if (!wait_until([&] { return returned.load(); }, kPatience)) {
+    std::fprintf(stderr, "%s never returned: the thread waits for itself\n", what);
+    std::fflush(stderr);
+    std::_Exit(1);
+  }
+  thread.join();
+}
+
+TEST_CASE("a log sink that calls resize() or stats() while a caller's resize() logs through it "
+          "gets kFailedPrecondition and empty stats, not a thread that waits for itself") {
+  Events events(ExitMode::kReturn);
+  std::atomic<ProcessPool<Recorder>*> reachable{nullptr};
+  std::atomic<int> refused{0};
+  std::atomic<int> empty_stats{0};
+  PoolOptions options{.workers = 2};
+  options.log_sink = [&](const LogEvent& event) {
+    ProcessPool<Recorder>* const pool = reachable.load();
+    if (pool == nullptr || !absl::StrContains(event.message, "retired by resize()")) return;
+    if (pool->resize(3).code() == absl::StatusCode::kFailedPrecondition) ++refused;
+    if (pool->stats().workers.empty()) ++empty_stats;
+  };
+  ProcessPool<Recorder> pool(options);
+  REQUIRE(wait_until([&] { return serving(pool.stats()) == 2; }, kPatience));
+  reachable = &pool;
+  // The retirement is logged on this thread (the caller's), under the pool's lock.
+  require_returns("resize(1)", [&] { CHECK(pool.resize(1).ok()); });
+  reachable = nullptr;
+  CHECK(refused == 1);
+  CHECK(empty_stats == 1);
+  CHECK(pool.workers() == 1);
+  CHECK(pool.apply(2).value_or(-1) == 6);
+}
+
+// A job too large for max_frame_bytes fails as it is encoded, in the dispatch that submit() runs
+// on the caller's thread: the call's progress function runs there, under the pool's lock.
+struct Measurer {
+  using Job = std::string;
+  using Result = int64_t;
+  int64_t run(const std::string& job) { return static_cast<int64_t>(job.size()); }
+};
+
+TEST_CASE("a progress function run on a caller's thread that calls stats() or resize() gets empty "
+          "stats and kFailedPrecondition, not a thread that waits for itself") {
+  ProcessPool<Measurer> pool(quiet({.workers = 1, .max_frame_bytes = 4096}));
+  CHECK(pool.apply(std::string("abc")).value_or(-1) == 3);
+  std::atomic<int> progress_calls{0};
+  std::atomic<int> refused{0};
+  std::atomic<int> empty_stats{0};
+  CallOptions options;
+  options.progress = [&](size_t, size_t) {
+    ++progress_calls;
+    if (pool.stats().workers.empty()) ++empty_stats;
+    if (pool.resize(2).code() == absl::StatusCode::kFailedPrecondition) ++refused;
+  };
+  const std::vector<std::string> jobs = {std::string(100'000, 'x'), "ab"};
+  require_returns("map", [&] {
+    const absl::StatusOr<std::vector<int64_t>> sizes = pool.map(jobs, options);
+    CHECK(sizes.status().code() == absl::StatusCode::kResourceExhausted);
+  });
+  CHECK(progress_calls == 2);
+  CHECK(empty_stats == 2);
+  CHECK(refused == 2);
+  CHECK(pool.workers() == 1);
 }
 
 }  // namespace

@@ -61,9 +61,9 @@ struct LogEvent {
   std::optional<uint64_t> task;
 };
 
-/// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it
-/// must be quick and must not call back into the pool (on the pool's thread such calls fail
-/// kFailedPrecondition rather than wait for themselves).
+/// Receives every event. Runs on the pool's own thread (or a caller's: close/join, resize,
+/// terminate, apply), holding the pool: it must be quick and must not call back into the pool
+/// (such calls fail kFailedPrecondition, and stats() is empty, rather than wait for themselves).
 using LogSink = std::function<void(const LogEvent&)>;
 
 /// The default sink: the pool's warnings and errors to stderr, one line each, as

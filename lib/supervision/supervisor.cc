@@ -312,10 +312,12 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   slot.borrowed = false;
   if (!slot.start_failed) slot.next_start_ns = now;
   // A worker that left as asked at join, or for a resize or idle_timeout, is not replaced
-  // (start_due checks wanted() and skips retired slots; parked ones start when work needs them),
-  // also when its exit() failed or was stopped (a replacement would idle and fail the same way).
-  // One whose slot a resize took back meanwhile is.
-  if ((expected || deliberate || state == State::kShutdownSent) && !slot.recycling &&
+  // (start_due checks wanted() and skips retired slots; parked ones start when work needs them);
+  // one told to leave for a resize or idle_timeout not either when its exit() crashed or was
+  // stopped (a replacement would idle and fail the same way). One whose slot a resize took back
+  // meanwhile is.
+  const bool told_to_leave = state == State::kShutdownSent && (slot.retired || slot.parked);
+  if ((expected || deliberate || told_to_leave) && !slot.recycling &&
       (joining_ || slot.retired || slot.parked)) {
     slot.next_start_ns = INT64_MAX;
   }

@@ -39,11 +39,19 @@ enum class ExitMode { kReturn, kHangIgnoringSigterm, kAbort };
 ExitMode g_exit_mode = ExitMode::kReturn;
 std::string g_events;  // "enter <pid>", "exit <pid>"
 
+std::string g_enter_fails;  // enter() fails while this file exists
+
 // A worker that records its life; run(job) returns job * 3.
 struct Recorder {
   using Job = int64_t;
   using Result = int64_t;
-  void enter() { testing::append_line(g_events, absl::StrCat("enter ", ::getpid())); }
+  absl::Status enter() {
+    testing::append_line(g_events, absl::StrCat("enter ", ::getpid()));
+    if (!g_enter_fails.empty() && testing::file_exists(g_enter_fails)) {
+      return absl::UnavailableError("enter() fails on purpose");
+    }
+    return absl::OkStatus();
+  }
   int64_t run(int64_t job) { return job * 3; }
   void exit() {
     testing::append_line(g_events, absl::StrCat("exit ", ::getpid()));
@@ -64,6 +72,7 @@ struct Events {
   explicit Events(ExitMode mode) {
     g_exit_mode = mode;
     g_events = dir.file("events");
+    g_enter_fails = dir.file("enter_fails");
   }
   ~Events() { g_exit_mode = ExitMode::kReturn; }
   // The pids that ran `what` ("enter", "exit"), in order.
@@ -133,6 +142,27 @@ TEST_CASE("idle_timeout: a worker whose exit() crashes as it leaves is not start
   CHECK(serving(pool.stats()) == 0);
   CHECK(pool.apply(4).value_or(-1) == 12);
   CHECK_MESSAGE(events.count("enter") == 3, events.all());
+  pool.terminate();
+}
+
+TEST_CASE("idle_timeout leaves min_workers workers running: a place whose worker cannot start "
+          "is not one of them") {
+  Events events(ExitMode::kReturn);
+  ProcessPool<Recorder> pool(quiet({.workers = 3,
+                                    .respawn_delay = absl::Milliseconds(50),
+                                    .respawn_max_delay = absl::Milliseconds(200),
+                                    .min_workers = 2,
+                                    .idle_timeout = absl::Milliseconds(100)}));
+  REQUIRE(wait_until([&] { return serving(pool.stats()) == 3; }, kPatience));
+  // Every start fails from now on; one worker dies: its place stays empty.
+  testing::append_line(g_enter_fails, "yes");
+  const PoolStats before = pool.stats();
+  REQUIRE(::kill(before.workers.back().pid, SIGKILL) == 0);
+  // One of the two left idles out as the third place's starts fail; two would leave one.
+  REQUIRE(wait_until([&] { return events.count("enter") >= 6; }, kPatience));
+  absl::SleepFor(absl::Milliseconds(300));
+  CHECK_MESSAGE(events.count("exit") == 0, events.all());
+  CHECK(serving(pool.stats()) == 2);
   pool.terminate();
 }
 

@@ -653,10 +653,14 @@ int64_t Supervisor::check_idle(int64_t now_ns) {
     }
   }
   if (joining_) return next;
-  // Idle workers leave, highest slots first, while more than min_workers remain.
+  // Idle workers leave, highest slots first, while more than min_workers remain: workers that
+  // started, not places (one whose worker is still starting, may fail to, or waits for a worker
+  // host, is none yet).
   const int64_t timeout_ns = to_ns(config_.idle_timeout);
   int remaining = 0;
-  for (const auto& slot : slots_) remaining += !slot->retired && !slot->parked;
+  for (const auto& slot : slots_) {
+    remaining += !slot->retired && !slot->parked && slot->link && slot->state != State::kStarting;
+  }
   const int keep = std::min(config_.min_workers, target_);
   for (auto it = slots_.rbegin(); it != slots_.rend(); ++it) {
     Slot& slot = **it;

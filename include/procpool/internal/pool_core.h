@@ -140,7 +140,10 @@ class PoolCore {
   // Logs through the pool's sink, stamped with the parent's name and the time since start.
   void log(LogSeverity severity, std::string message) const;
 
+ private:
   class Impl;
+
+ public:
   // While one lives, this thread runs the program's code (a progress function, the log sink)
   // under the core's lock, on the pool thread or a caller's: calls of this pool from that code
   // are refused (kFailedPrecondition; stats() is empty, terminate() does nothing) rather than
@@ -148,7 +151,7 @@ class PoolCore {
   class HeldLockMark {
    public:
     explicit HeldLockMark(const PoolCore& core) : HeldLockMark(core.impl_.get()) {}
-    explicit HeldLockMark(const Impl* pool);
+    explicit HeldLockMark(const Impl* pool);  // the pool's own code (its loop, its sink)
     ~HeldLockMark();
     HeldLockMark(const HeldLockMark&) = delete;
     HeldLockMark& operator=(const HeldLockMark&) = delete;

@@ -46,7 +46,8 @@ namespace {
 // The loop wakes at least this often even with nothing to wait for, as a safety net.
 constexpr int64_t kMaxPollNs = 1'000'000'000;
 
-// The pool whose event loop this thread runs, if any (PoolCore::Impl::called_from_own_loop).
+// The pool whose event loop this thread runs, or whose lock it holds while it runs the
+// program's code (PoolCore::HeldLockMark), if any (PoolCore::Impl::called_from_own_loop).
 thread_local const void* loop_of_this_thread = nullptr;
 
 int cpu_count() {
@@ -57,6 +58,10 @@ int cpu_count() {
 }
 
 }  // namespace
+
+PoolCore::HeldLockMark::HeldLockMark(const Impl* pool)
+    : outer_(std::exchange(loop_of_this_thread, pool)) {}
+PoolCore::HeldLockMark::~HeldLockMark() { loop_of_this_thread = outer_; }
 
 PoolCore::Impl::Impl(PoolOptions options, WorkerBodyFactory factory, std::string worker_type,
                      PoolCore::Features features)
@@ -300,7 +305,9 @@ void PoolCore::Impl::emit_lines(LogEvent& event, std::span<const std::string_vie
 void PoolCore::Impl::call_sink(const LogEvent& event) const {
   // The sink is the program's code, called on the pool thread (and callers'), under the pool's
   // lock: an exception escaping it would end the program (std::terminate) or leave the pool's
-  // state half changed. Say so on stderr, the one place left to say it, and go on.
+  // state half changed. Say so on stderr, the one place left to say it, and go on. Calls of the
+  // pool from it are refused, on a caller's thread as on the pool's.
+  const HeldLockMark mark(this);
   try {
     options_.log_sink(event);
   } catch (...) {
@@ -314,18 +321,15 @@ bool PoolCore::Impl::called_from_own_loop() const { return loop_of_this_thread =
 
 absl::Status PoolCore::Impl::own_loop_error(const char* what) const {
   return absl::FailedPreconditionError(absl::StrCat(
-      what, " was called on the pool's own thread (from a progress function or the log sink), "
-            "where it would wait for itself: call it from another thread or a result callback"));
+      what, " was called from a progress function or the log sink, which run holding the pool "
+            "(on the pool's own thread or a caller's), where it would wait for itself: call it "
+            "from another thread or a result callback"));
 }
 
 void PoolCore::Impl::loop() {
   // What the loop calls of the user's (a progress function, the log sink) runs here, with mu_
   // held: calls of this pool from there are refused rather than left to wait for themselves.
-  struct LoopMark {
-    explicit LoopMark(const void* pool) : outer(std::exchange(loop_of_this_thread, pool)) {}
-    ~LoopMark() { loop_of_this_thread = outer; }
-    const void* const outer;
-  } mark(this);
+  const HeldLockMark mark(this);
   if (fork_from_pool_thread_) supervisor_->start_due(monotonic_now_ns());
   // Only this thread waits on it; other threads touch the supervisor under mu_, never the set.
   PollSet& poll_set = supervisor_->poll_set();

@@ -72,8 +72,9 @@ class PoolCore::Impl {
   // True in a process the pool was inherited by (a worker): nothing of it may be touched there,
   // not even its lock, which another thread may have held at the fork.
   bool foreign() const { return current_pid() != owner_pid_; }
-  // True on a thread running this pool's event loop: in a progress function or the log sink,
-  // which the loop calls holding mu_. A call of the pool from there would wait for itself.
+  // True on a thread running this pool's event loop, or the program's code under mu_ on a
+  // caller's thread (PoolCore::HeldLockMark: a progress function, the log sink). A call of the
+  // pool from there would wait for itself.
   bool called_from_own_loop() const;
   absl::Status own_loop_error(const char* what) const;
 

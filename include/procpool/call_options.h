@@ -56,10 +56,11 @@ struct CallOptions {
   size_t max_in_flight = 0;
   /// map and starmap (and their `_async` forms) only; apply and imap, whose callers see each
   /// result as it comes, do not call it.
-  /// Called after each task finishes, with (tasks finished, total). Runs on the pool thread: keep
-  /// it quick and do not call back into the pool from it (such calls fail kFailedPrecondition,
-  /// `stats()` is empty and `terminate()` does nothing there: the pool thread cannot wait for
-  /// itself). An exception it throws is logged as an error and the call goes on.
+  /// Called after each task finishes, with (tasks finished, total). Runs on the pool thread (or a
+  /// caller's, holding the pool): keep it quick and do not call back into the pool from it (such
+  /// calls fail kFailedPrecondition, `stats()` is empty and `terminate()` does nothing there:
+  /// the thread holding the pool cannot wait for itself). An exception it throws is logged as an
+  /// error and the call goes on.
   /// `procpool::ProgressBar` is a ready one.
   std::function<void(size_t done, size_t total)> progress;
   /// A task running longer than this is asked to stop (procpool::this_task::stop_requested()):

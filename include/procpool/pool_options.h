@@ -61,9 +61,9 @@ struct LogEvent {
   std::optional<uint64_t> task;
 };
 
-/// Receives every event. Runs on the pool's own thread (or the thread calling close/join): it
-/// must be quick and must not call back into the pool (on the pool's thread such calls fail
-/// kFailedPrecondition rather than wait for themselves).
+/// Receives every event. Runs on the pool's own thread (or a caller's: close/join, resize,
+/// terminate, apply), holding the pool: it must be quick and must not call back into the pool
+/// (such calls fail kFailedPrecondition, and stats() is empty, rather than wait for themselves).
 using LogSink = std::function<void(const LogEvent&)>;
 
 /// The default sink: the pool's warnings and errors to stderr, one line each, as
@@ -233,7 +233,8 @@ struct PoolOptions {
   /// Number of worker processes; 0 means one per CPU this process may run on. At most 4096.
   int workers = 0;
   /// join() (and so the destructor) waits this long for work in flight and every exit() hook,
-  /// then sends SIGTERM, waits `kill_grace`, then SIGKILL. Not negative.
+  /// then sends SIGTERM, waits `kill_grace`, then SIGKILL. A worker told to leave before join
+  /// (resize(), idle_timeout, max_tasks_per_worker) gets as long for its exit(). Not negative.
   absl::Duration join_timeout = absl::Seconds(30);
   /// A task running longer than this has its worker killed and fails with kDeadlineExceeded.
   /// Overridable per call. Infinite by default; positive.

@@ -87,6 +87,10 @@ struct Supervisor::ProcessState {
   int64_t terminate_at_ns = INT64_MAX;
   int64_t terminate_asked_ns = 0;
   uint64_t terminate_after_batch = 0;
+  // Told to leave before join (a resize, idle_timeout, a recycling, its host leaving): stopped as
+  // join stops one if it is still there then, so that an exit() that hangs cannot keep its place
+  // (and the work waiting for it) for good.
+  int64_t leave_by_ns = INT64_MAX;
 };
 
 // A slot: one worker's place in the pool across its successive processes. Its own fields outlive

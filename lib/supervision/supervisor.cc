@@ -226,6 +226,10 @@ void Supervisor::send_shutdown(Slot& slot) {
   slot.link->flush();
   slot.state = State::kShutdownSent;
   scheduler_.stop_accepting(slot.index);
+  // join() bounds the exit() of those it tells to leave by its deadline; the others get as long.
+  if (!joining_ && config_.join_timeout != absl::InfiniteDuration()) {
+    slot.leave_by_ns = monotonic_now_ns() + to_ns(config_.join_timeout);
+  }
 }
 
 void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
@@ -318,9 +322,13 @@ void Supervisor::on_ended(Slot& slot, WorkerEnd end) {
   slot.borrowed = false;
   if (!slot.start_failed) slot.next_start_ns = now;
   // A worker that left as asked at join, or for a resize or idle_timeout, is not replaced
-  // (start_due checks wanted() and skips retired slots; parked ones start when work needs them).
-  // One whose slot a resize took back meanwhile is.
-  if ((expected || deliberate) && !slot.recycling && (joining_ || slot.retired || slot.parked)) {
+  // (start_due checks wanted() and skips retired slots; parked ones start when work needs them);
+  // one told to leave for a resize or idle_timeout not either when its exit() crashed or was
+  // stopped (a replacement would idle and fail the same way). One whose slot a resize took back
+  // meanwhile is.
+  const bool told_to_leave = state == State::kShutdownSent && (slot.retired || slot.parked);
+  if ((expected || deliberate || told_to_leave) && !slot.recycling &&
+      (joining_ || slot.retired || slot.parked)) {
     slot.next_start_ns = INT64_MAX;
   }
   if (!wanted() && !any_alive() && scheduler_.has_pending()) {
@@ -464,6 +472,17 @@ void Supervisor::check_slot(Slot& slot, int64_t now, int64_t& next) {
       stop(slot, absl::CancelledError("the pool was terminated"), StopMode::kTerminate);
     } else {
       next = std::min(next, std::min(slot.terminate_at_ns, now + 1'000'000));
+    }
+  }
+  if (slot.state == State::kShutdownSent && !slot.stop_reason && slot.leave_by_ns != INT64_MAX) {
+    if (now >= slot.leave_by_ns) {
+      stop(slot,
+           absl::DeadlineExceededError(absl::StrCat(
+               "told to leave, it did not finish exit() within join_timeout (",
+               absl::FormatDuration(config_.join_timeout), ")")),
+           StopMode::kTerminate);
+    } else {
+      next = std::min(next, slot.leave_by_ns);
     }
   }
   // Counted from when the worker was asked for: a remote slot's wait for a host is bounded by
@@ -647,10 +666,14 @@ int64_t Supervisor::check_idle(int64_t now_ns) {
     }
   }
   if (joining_) return next;
-  // Idle workers leave, highest slots first, while more than min_workers remain.
+  // Idle workers leave, highest slots first, while more than min_workers remain: workers that
+  // started, not places (one whose worker is still starting, may fail to, or waits for a worker
+  // host, is none yet).
   const int64_t timeout_ns = to_ns(config_.idle_timeout);
   int remaining = 0;
-  for (const auto& slot : slots_) remaining += !slot->retired && !slot->parked;
+  for (const auto& slot : slots_) {
+    remaining += !slot->retired && !slot->parked && slot->link && slot->state != State::kStarting;
+  }
   const int keep = std::min(config_.min_workers, target_);
   for (auto it = slots_.rbegin(); it != slots_.rend(); ++it) {
     Slot& slot = **it;

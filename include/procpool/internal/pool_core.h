@@ -142,6 +142,25 @@ class PoolCore {
 
  private:
   class Impl;
+
+ public:
+  // While one lives, this thread runs the program's code (a progress function, the log sink)
+  // under the core's lock, on the pool thread or a caller's: calls of this pool from that code
+  // are refused (kFailedPrecondition; stats() is empty, terminate() does nothing) rather than
+  // left to wait for the lock this thread holds. (The pool thread has one for its whole loop.)
+  class HeldLockMark {
+   public:
+    explicit HeldLockMark(const PoolCore& core) : HeldLockMark(core.impl_.get()) {}
+    explicit HeldLockMark(const Impl* pool);  // the pool's own code (its loop, its sink)
+    ~HeldLockMark();
+    HeldLockMark(const HeldLockMark&) = delete;
+    HeldLockMark& operator=(const HeldLockMark&) = delete;
+
+   private:
+    const void* const outer_;
+  };
+
+ private:
   std::unique_ptr<Impl> impl_;
   std::shared_ptr<CoreLink> link_ = std::make_shared<CoreLink>();
 };

@@ -130,10 +130,11 @@ void set_callbacks(Completion<Stored<T>>& completion, Callbacks<T> callbacks) {
 // A call's progress function, as the pool runs it: on the pool thread (or a caller's, in a
 // dispatch), under the core's lock, where an exception escaping it would end the program
 // (std::terminate) or leave a borrowed worker unreturned. It is logged as an error instead, like a
-// callback's, and the call goes on.
+// callback's, and the call goes on. Calls of the pool from it are refused (HeldLockMark).
 inline std::function<void(size_t, size_t)> guard_progress(
     PoolCore& core, std::function<void(size_t, size_t)> progress) {
   return [&core, progress = std::move(progress)](size_t done, size_t total) {
+    const PoolCore::HeldLockMark mark(core);
     try {
       progress(done, total);
     } catch (...) {

@@ -535,8 +535,12 @@ TEST_CASE("terminate(): undelivered tasks fail kCancelled, delivered ones are ke
     const auto& outcome = (*call)->outcome(i);
     if (i < 4) {
       CHECK(outcome.ok());
-    } else {
+    } else if (jobs[i] > 0) {
       CHECK(outcome.status().code() == absl::StatusCode::kCancelled);
+    } else {
+      // A quick one after the long ones may have run already (a worker that became ready late
+      // takes them while the other runs a long one): delivered, it keeps its value.
+      CHECK((outcome.ok() || outcome.status().code() == absl::StatusCode::kCancelled));
     }
   }
   const absl::Status joined = pool.core().join();

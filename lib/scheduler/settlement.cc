@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "lib/common/clock.h"
 #include "lib/scheduler/scheduler.h"
+#include "procpool/internal/reworded.h"
 
 namespace procpool::internal {
 
@@ -262,15 +263,12 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
       // Deemed to have run, and ended them: it fails (or runs again under the call's retries)
       // like a task its worker died running.
       const absl::Status& cause = how.running_failure;
-      absl::Status failure(
-          cause.code(),
+      const absl::Status failure = reworded(
+          cause,
           absl::StrCat(cause.message(), "; its worker's record of the task it ran placed none (it "
                        "was overwritten, perhaps by a task), and this task was the first without "
                        "an outcome at the ",
                        kMaxUnplacedLosses, " workers so lost: taken as the task that ended them"));
-      cause.ForEachPayload([&failure](absl::string_view url, const absl::Cord& payload) {
-        failure.SetPayload(url, payload);
-      });
       const Batch& batch = worker.batches[first_unstarted->batch];
       settle_ran(batch, first_unstarted->index, first_unstarted->index + 1, failure,
                  how.retry_allowed);

@@ -12,6 +12,7 @@
 #include "kj/exception.h"
 #include "lib/common/clock.h"
 #include "procpool/internal/protocol.capnp.h"
+#include "procpool/internal/reworded.h"
 #include "procpool/internal/worker_body.h"
 #include "procpool/logging.h"
 
@@ -123,12 +124,10 @@ void Supervisor::launch(Slot& slot, int64_t now_ns) {
   slot.no_capacity = !link.ok();
   slot.waits_for_host = false;
   if (!link.ok()) {
-    absl::Status failure(link.status().code(), absl::StrCat(slot.name, ": ", link.status().message()));
     // What the launcher marked it with (is_waiting_for_host) goes with it.
-    link.status().ForEachPayload([&failure](absl::string_view url, const absl::Cord& payload) {
-      failure.SetPayload(url, payload);
-    });
-    record_start_failure(slot, std::move(failure), now_ns);
+    record_start_failure(
+        slot, reworded(link.status(), absl::StrCat(slot.name, ": ", link.status().message())),
+        now_ns);
     return;
   }
   if (slot.generation > 0) ++workers_restarted_;

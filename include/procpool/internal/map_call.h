@@ -26,6 +26,7 @@
 #include "procpool/internal/completion.h"
 #include "procpool/internal/memory.h"
 #include "procpool/internal/packed.h"
+#include "procpool/internal/reworded.h"
 #include "procpool/internal/worker_body.h"
 #include "procpool/internal/worker_traits.h"
 
@@ -233,12 +234,8 @@ class MapCall final : public Call, public Completion<Gathered<Result>> {
   // The results in job order, or the first failing job's status (in job order), naming its index.
   absl::StatusOr<Gathered<Result>> gather() {
     if (first_error_index_ != kNoError) {
-      absl::Status named(first_error_.code(),
-                         absl::StrCat("job ", first_error_index_, ": ", first_error_.message()));
-      // What the status carries (a crashed worker's stack, logging.h) stays with it.
-      first_error_.ForEachPayload(
-          [&named](absl::string_view url, const absl::Cord& payload) { named.SetPayload(url, payload); });
-      return named;
+      return reworded(first_error_,
+                      absl::StrCat("job ", first_error_index_, ": ", first_error_.message()));
     }
     if constexpr (std::is_void_v<Result>) {
       return std::monostate();

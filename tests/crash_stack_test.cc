@@ -114,40 +114,36 @@ void check_crash_reported(ProcessPool<Crasher>& pool, testing::LogCapture& event
   CHECK(pool.apply(5).value_or(-1) == 5);
 }
 
-TEST_CASE("a worker killed by SIGSEGV reports its symbolized stack on the task's status and in one error event") {
+// The same, in a fresh pool of one worker made with `options` (its log_sink is the capture's).
+void check_crash_reported(PoolOptions options, int64_t how, const char* signal_name,
+                          const char* function) {
   testing::DefaultCrashHandlers quiet;
   testing::LogCapture events;
-  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
-  check_crash_reported(pool, events, 1, "SIGSEGV", "crash_stack_test_segfault");
+  options.workers = 1;
+  options.log_sink = events.sink();
+  ProcessPool<Crasher> pool(options);
+  check_crash_reported(pool, events, how, signal_name, function);
+}
+
+TEST_CASE("a worker killed by SIGSEGV reports its symbolized stack on the task's status and in one error event") {
+  check_crash_reported(PoolOptions{}, 1, "SIGSEGV", "crash_stack_test_segfault");
 }
 
 TEST_CASE("an exception that reaches std::terminate in a worker reports the stack that threw it") {
-  testing::DefaultCrashHandlers quiet;
-  testing::LogCapture events;
-  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
-  check_crash_reported(pool, events, 2, "SIGABRT", "crash_stack_test_throws_through_noexcept");
+  check_crash_reported(PoolOptions{}, 2, "SIGABRT", "crash_stack_test_throws_through_noexcept");
 }
 
 TEST_CASE("of threads that crash at once, one reports its stack: the others wait for it, not end the worker first") {
-  testing::DefaultCrashHandlers quiet;
-  testing::LogCapture events;
-  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
-  check_crash_reported(pool, events, 4, "SIGSEGV", "crash_stack_test_segfault");
+  check_crash_reported(PoolOptions{}, 4, "SIGSEGV", "crash_stack_test_segfault");
 }
 
 TEST_CASE("a crash after an overrun scribbled over its callers' frames reports the frames up to them") {
-  testing::DefaultCrashHandlers quiet;
-  testing::LogCapture events;
-  ProcessPool<Crasher> pool({.workers = 1, .log_sink = events.sink()});
-  check_crash_reported(pool, events, 6, "SIGSEGV", "crash_stack_test_scribbles");
+  check_crash_reported(PoolOptions{}, 6, "SIGSEGV", "crash_stack_test_scribbles");
 }
 
 TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {
-  testing::DefaultCrashHandlers quiet;
-  testing::LogCapture events;
-  ProcessPool<Crasher> pool(
-      {.workers = 1, .start_method = StartMethod::kForkServer, .log_sink = events.sink()});
-  check_crash_reported(pool, events, 3, "SIGFPE", "crash_stack_test_divides");
+  check_crash_reported({.start_method = StartMethod::kForkServer}, 3, "SIGFPE",
+                       "crash_stack_test_divides");
 }
 
 TEST_CASE("map's first failure keeps the crashed worker's stack") {

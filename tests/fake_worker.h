@@ -230,7 +230,9 @@ class FakeWorker {
   void open_claims(uint32_t slot, uint16_t tag, uint32_t count) {
     internal::open_claims(*page_, slot, tag, count);
   }
-  uint32_t revoke(uint32_t slot, uint16_t tag) { return internal::revoke_claims(*page_, slot, tag); }
+  uint32_t revoke(uint32_t slot, uint16_t tag) {
+    return internal::revoke_claims(*page_, slot, tag, /*worker_opens=*/false);
+  }
 
  private:
   std::string name_;

@@ -221,7 +221,7 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
       ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
   // Its batches come over `channel` from elsewhere, not through us: it opens their claims.
-  page->get()->worker_opens_claims.store(1, std::memory_order_relaxed);
+  page->set_worker_opens_claims();
   const pid_t parent = ::getpid();
   absl::StatusOr<pid_t> pid = fork_child("a worker");
   if (!pid.ok()) return pid.status();

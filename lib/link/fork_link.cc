@@ -348,7 +348,8 @@ void ForkLink::open_claims(uint32_t slot, uint16_t tag, uint32_t count) {
 }
 
 void ForkLink::revoke(uint32_t slot, uint16_t tag, LinkEvents& events) {
-  events.on_revoked(slot, tag, revoke_claims(*page_.get(), slot, tag));
+  events.on_revoked(slot, tag,
+                    revoke_claims(*page_.get(), slot, tag, page_.worker_opens_claims()));
 }
 
 void ForkLink::request_stop(uint64_t seq, uint32_t from, uint32_t to) {

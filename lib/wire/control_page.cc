@@ -66,10 +66,9 @@ uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t ne
   }
 }
 
-uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag) {
+uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag, bool worker_opens) {
   std::atomic<uint64_t>& word = page.claims[slot % ControlPage::kClaimSlots];
   uint64_t seen = word.load(std::memory_order_acquire);
-  const bool worker_opens = page.worker_opens_claims.load(std::memory_order_relaxed) != 0;
   while (true) {
     if (seen == taken_back_before_arrival(tag)) return 0;
     // Opened for this batch? A fresh word is all zero, like no batch's open claims.
@@ -137,15 +136,23 @@ absl::StatusOr<ControlPageMapping> ControlPageMapping::map(int fd) {
 }
 
 ControlPageMapping::ControlPageMapping(ControlPageMapping&& other) noexcept
-    : page_(std::exchange(other.page_, nullptr)), fd_(std::move(other.fd_)) {}
+    : page_(std::exchange(other.page_, nullptr)),
+      fd_(std::move(other.fd_)),
+      worker_opens_claims_(other.worker_opens_claims_) {}
 
 ControlPageMapping& ControlPageMapping::operator=(ControlPageMapping&& other) noexcept {
   if (this != &other) {
     if (page_ != nullptr) ::munmap(page_, kControlMappingBytes);
     page_ = std::exchange(other.page_, nullptr);
     fd_ = std::move(other.fd_);
+    worker_opens_claims_ = other.worker_opens_claims_;
   }
   return *this;
+}
+
+void ControlPageMapping::set_worker_opens_claims() {
+  page_->worker_opens_claims.store(1, std::memory_order_relaxed);
+  worker_opens_claims_ = true;
 }
 
 ControlPageMapping::~ControlPageMapping() {

@@ -181,11 +181,12 @@ void open_claims_on_arrival(ControlPage& page, uint32_t slot, uint16_t tag, uint
 uint32_t claim_tasks(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t next, uint32_t want);
 
 // Parent: ends the batch in (`slot`, `tag`) after the tasks already claimed, and returns how many
-// were claimed; the worker will start none of the rest. With `worker_opens_claims`, a batch the
-// worker has not read yet is taken back whole (0). A word the parent opened that now holds
-// another batch's tag was overwritten: kMaxBatchTasks (every task counts as claimed; the caller
-// bounds it by the batch's size).
-uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag);
+// were claimed; the worker will start none of the rest. If `worker_opens` (its worker opens its
+// batches' claims: `worker_opens_claims` as the parent set it, never as read back from the page,
+// which the worker's tasks can overwrite), a batch the worker has not read yet is taken back whole
+// (0). Otherwise a word the parent opened that now holds another batch's tag was overwritten:
+// kMaxBatchTasks (every task counts as claimed; the caller bounds it by the batch's size).
+uint32_t revoke_claims(ControlPage& page, uint32_t slot, uint16_t tag, bool worker_opens);
 
 // Parent (or relay): asks tasks [from, to) of batch `seq` to stop (`seq` kStopEveryTask: every
 // task), replacing any request before; `seq` 0 withdraws it.
@@ -237,9 +238,16 @@ class ControlPageMapping {
   // Forgets the mapping without unmapping it (a worker that never returns keeps it).
   ControlPage* release();
 
+  // Before the worker starts: it opens its batches' claims itself (ControlPage::
+  // worker_opens_claims). The parent keeps its own copy, which no task can overwrite: what
+  // revoke_claims is told.
+  void set_worker_opens_claims();
+  bool worker_opens_claims() const { return worker_opens_claims_; }
+
  private:
   ControlPage* page_ = nullptr;
   UniqueFd fd_;
+  bool worker_opens_claims_ = false;
 };
 
 }  // namespace procpool::internal

@@ -122,9 +122,13 @@ class TaskPacer {
 };
 
 // A worker whose batches do not come through the pool that owns its page (a remote worker) opens
-// each batch's claims itself as it reads it (control_page.h).
+// each batch's claims itself as it reads it (control_page.h). Read from the page once, before any
+// of the user's code runs (run_worker): a task that overwrites the page cannot make this worker
+// open, and so run, a batch the parent took back before it read it.
+bool worker_opens_claims = false;
+
 void open_claims_if_worker_opens(ControlPage& page, wire::TaskBatch::Reader batch, uint32_t count) {
-  if (page.worker_opens_claims.load(std::memory_order_relaxed) != 0) {
+  if (worker_opens_claims) {
     open_claims_on_arrival(page, batch.getClaimSlot(), batch.getClaimTag(), count);
   }
 }
@@ -614,6 +618,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
                     .max_blob_bytes = max_frame_bytes};
   BlobScope blob_scope(&blobs);
   bind_task_page(&page);  // this_task (this_worker.h) reads the running task's stamps there
+  worker_opens_claims = page.worker_opens_claims.load(std::memory_order_relaxed) != 0;
   std::unique_ptr<WorkerBody> body = factory();
   absl::Status entered = body->enter();
   if (!entered.ok()) {

@@ -45,6 +45,10 @@ pid_t own_pid = 0;
 bool record_stacks = false;
 // The thread (its tid) recording a crash's stack now, or 0 (on_fatal_signal).
 std::atomic<pid_t> recording_thread{0};
+// Whether a crash's stack was recorded in this process: only the first is. Ours, not the page's
+// crash_stack_bytes, which a task may have overwritten before it crashed (its stack would then be
+// whatever the task left there).
+bool crash_stack_recorded = false;
 // Set while that thread unwinds, and where a fault of the unwinder's escapes to
 // (record_crash_stack).
 volatile sig_atomic_t unwinding = 0;
@@ -374,7 +378,8 @@ void on_fatal_signal(int signal, siginfo_t* info, void* context) {
     const auto self = static_cast<pid_t>(::syscall(SYS_gettid));
     pid_t recorder = 0;
     if (recording_thread.compare_exchange_strong(recorder, self)) {
-      if (control_page->crash_stack_bytes.load(std::memory_order_relaxed) == 0) {
+      if (!crash_stack_recorded) {
+        crash_stack_recorded = true;
         record_crash_stack(context);
       }
       recording_thread.store(0);

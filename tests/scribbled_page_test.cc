@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <filesystem>
 #include <random>
 #include <string>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -29,6 +31,16 @@
 #include "tests/fault_support.h"
 #include "tests/test_link.h"
 #include "tests/test_support.h"
+
+// Named so that the crash stack shows it (not inlined): random bytes over the whole page, its
+// crash stack and the words that say who opens claims included, then SIGSEGV.
+[[gnu::noinline]] void scribbled_page_test_random_then_crash(void* page, size_t bytes) {
+  std::mt19937_64 random(std::random_device{}());
+  auto* words = static_cast<uint64_t*>(page);
+  for (size_t i = 0; i < bytes / sizeof(uint64_t); ++i) words[i] = random();
+  ::raise(SIGSEGV);
+  __asm__ volatile("" ::: "memory");
+}
 
 namespace procpool {
 namespace {
@@ -46,12 +58,37 @@ constexpr int64_t kFutureStartThenHang = -5;  // says it started in a year, then
 constexpr int64_t kFakeStackThenDie = -6;  // writes a crash stack, then SIGKILLs itself
 constexpr int64_t kForeignClaimsThenHang = -7;  // every claim word another batch's, then 60 s
 
-// Where each run of a scribbling task leaves one byte: how many times the pool ran it. The
-// workers (forked, or launched by the pool) inherit the test's environment.
-std::string runs_path() {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return absl::StrCat(dir != nullptr ? dir : "/tmp", "/procpool_scribbled_page_runs");
-}
+// Where each run of a scribbling task leaves one byte: how many times the pool ran it. A file of
+// this test process's own (ctest runs the suite's cases at once, each in a process of its own,
+// without a TEST_TMPDIR apart), named in the environment, which the workers (forked, or launched
+// by the pool) inherit; it is removed when the test process ends.
+constexpr char kRunsPathVariable[] = "PROCPOOL_SCRIBBLED_PAGE_RUNS";
+
+class RunsFile {
+ public:
+  RunsFile() {
+    if (const char* inherited = std::getenv(kRunsPathVariable)) {
+      path_ = inherited;
+      return;
+    }
+    const char* dir = std::getenv("TEST_TMPDIR");
+    path_ = absl::StrCat(dir != nullptr ? dir : "/tmp", "/procpool_scribbled_page_runs.", ::getpid());
+    owner_ = ::getpid();
+    ::setenv(kRunsPathVariable, path_.c_str(), 1);
+  }
+  ~RunsFile() {
+    std::error_code ignored;
+    if (::getpid() == owner_) std::filesystem::remove(path_, ignored);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  pid_t owner_ = -1;
+};
+const RunsFile runs_file;
+
+const std::string& runs_path() { return runs_file.path(); }
 
 void count_run() {
   const int fd = ::open(runs_path().c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
@@ -66,7 +103,10 @@ size_t runs() {
   return error ? 0 : static_cast<size_t>(size);
 }
 
-void reset_runs() { std::filesystem::remove(runs_path()); }
+void reset_runs() {
+  std::error_code ignored;
+  std::filesystem::remove(runs_path(), ignored);
+}
 
 void wipe_stamps(ControlPage& page) {
   page.batch_seq.store(ControlPage::kNoBatch);
@@ -85,13 +125,9 @@ struct Scribbler {
         wipe_stamps(*page);
         ::raise(SIGKILL);
         break;
-      case kRandomThenCrash: {
-        std::mt19937_64 random(std::random_device{}());
-        auto* words = reinterpret_cast<uint64_t*>(page);
-        for (size_t i = 0; i < sizeof(ControlPage) / sizeof(uint64_t); ++i) words[i] = random();
-        ::raise(SIGSEGV);
+      case kRandomThenCrash:
+        scribbled_page_test_random_then_crash(page, sizeof(ControlPage));
         break;
-      }
       case kForeignClaimsThenDie:
       case kForeignClaimsThenHang:
         for (auto& word : page->claims) {
@@ -163,6 +199,14 @@ TEST_CASE("a task that scribbles on its worker's record and dies fails; it is no
       CHECK((result.status().code() == absl::StatusCode::kAborted ||
              (random_on_tcp && result.status().code() == absl::StatusCode::kDeadlineExceeded)));
       CHECK(message_has(result.status(), "job 5"));
+      if (scribble == kRandomThenCrash && result.status().code() == absl::StatusCode::kAborted) {
+        // Its stack is the one it crashed with, not the bytes it left where the stack goes.
+        const std::optional<std::string> stack = backtrace_of(result.status());
+        REQUIRE(stack.has_value());
+        INFO("the stack: ", *stack);
+        CHECK(absl::StartsWith(*stack, "#0 0x"));
+        CHECK(absl::StrContains(*stack, "scribbled_page_test_random_then_crash"));
+      }
       // Each run of it is a death: a few per attempt, never without end. (Its first run loses
       // its batch-mates' outcomes with it, so the first of them is charged; they run again
       // publishing each outcome, and it is first in line from its second run: three losses so.)

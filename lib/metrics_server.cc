@@ -204,6 +204,20 @@ bool MetricsServer::write_response(Client& client) {
   return false;
 }
 
+absl::string_view MetricsServer::request_path(absl::string_view target) {
+  // The absolute form (section 3.2.2), which a server must accept and a proxy sends:
+  // http://host:port/path?query. Its path is what follows the authority ("/" if nothing does).
+  const size_t scheme_end = target.find("://");
+  if (scheme_end != absl::string_view::npos && scheme_end > 0 &&
+      (absl::EqualsIgnoreCase(target.substr(0, scheme_end), "http") ||
+       absl::EqualsIgnoreCase(target.substr(0, scheme_end), "https"))) {
+    const size_t path_start = target.find_first_of("/?", scheme_end + 3);
+    if (path_start == absl::string_view::npos || target[path_start] == '?') return "/";
+    target.remove_prefix(path_start);
+  }
+  return target.substr(0, target.find('?'));
+}
+
 std::string MetricsServer::respond(absl::string_view head) {
   // The request line: METHOD SP TARGET SP HTTP/1.x (RFC 9112, section 3).
   const absl::string_view line = head.substr(0, head.find_first_of("\r\n"));
@@ -212,7 +226,7 @@ std::string MetricsServer::respond(absl::string_view head) {
     return http_response("400 Bad Request", "text/plain", "bad request\n", true);
   }
   const absl::string_view method = parts[0];
-  const absl::string_view path = parts[1].substr(0, parts[1].find('?'));
+  const absl::string_view path = request_path(parts[1]);
   if (path != "/metrics") {
     return http_response("404 Not Found", "text/plain", "not found; metrics are at /metrics\n",
                          method != "HEAD");

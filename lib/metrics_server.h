@@ -72,6 +72,9 @@ class MetricsServer {
   // Writes what the socket takes. False: drop it (done, or the peer is gone).
   bool write_response(Client& client);
   std::string respond(absl::string_view head);
+  // The path of a request target, in origin form (/metrics?x) or absolute form
+  // (http://host:port/metrics?x, as a proxy sends it), without its query.
+  static absl::string_view request_path(absl::string_view target);
 
   const UniqueFd listener_;
   const UniqueFd wake_;

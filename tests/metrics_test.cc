@@ -307,6 +307,13 @@ TEST_CASE("GET /metrics serves the pool's counters: tasks done equal the tasks i
   const std::string head = http_exchange(address, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
   CHECK(http_status(head) == 200);
   CHECK(http_body(head).empty());
+  // The absolute form, which a server must accept (RFC 9112, 3.2.2) and a proxy sends.
+  const std::string absolute = http_exchange(
+      address, absl::StrCat("GET http://", address, "/metrics?x=1 HTTP/1.1\r\nHost: ", address,
+                            "\r\n\r\n"));
+  CHECK(http_status(absolute) == 200);
+  CHECK(sample_value(http_body(absolute), "procpool_tasks_done_total") == 320);
+  CHECK(http_status(http_exchange(address, "GET HTTP://x/metrics HTTP/1.1\r\n\r\n")) == 200);
 }
 
 TEST_CASE("the metrics endpoint answers 404 for other paths, 405, 400 and 431 for bad requests") {
@@ -315,6 +322,10 @@ TEST_CASE("the metrics endpoint answers 404 for other paths, 405, 400 and 431 fo
   CHECK(http_status(http_get(address, "/")) == 404);
   CHECK(http_status(http_get(address, "/metricsx")) == 404);
   CHECK(http_status(http_get(address, "/api/v1/query")) == 404);
+  CHECK(http_status(http_get(address, "http://x")) == 404);  // absolute form, path "/"
+  CHECK(http_status(http_get(address, "http://x?metrics")) == 404);
+  CHECK(http_status(http_get(address, "http://x/other/metrics")) == 404);
+  CHECK(http_status(http_get(address, "ftp://x/metrics")) == 404);
   CHECK(http_status(http_exchange(address, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")) ==
         405);
   CHECK(http_status(http_exchange(address, "garbage\r\n\r\n")) == 400);

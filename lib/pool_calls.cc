@@ -118,35 +118,75 @@ absl::Status PoolCore::Impl::run_one(std::shared_ptr<Call> call,
   return absl::OkStatus();
 }
 
-void PoolCore::Impl::cancel(const Call* call) {
+void PoolCore::Impl::cancel(std::shared_ptr<const Call> call) {
   if (foreign()) return;
+  if (called_from_own_loop()) {
+    // This thread may hold mu_, in the middle of the scheduler's work: the pool thread does it.
+    {
+      MutexLock lock(deferred_mu_);
+      deferred_cancels_.calls.push_back(call);
+    }
+    wake();
+    return;
+  }
   {
     MutexLock lock(mu_);
-    if (scheduler_) {
-      scheduler_->cancel(call, absl::CancelledError("cancelled before it started"));
-      // The tasks running go on (their worker is not stopped), asked to stop.
-      scheduler_->ask_to_stop(call, absl::CancelledError("the call was cancelled"));
-    }
+    cancel_locked(call.get());
   }
   wake();
 }
 
+void PoolCore::Impl::cancel_locked(const Call* call) {
+  if (!scheduler_) return;
+  scheduler_->cancel(call, absl::CancelledError("cancelled before it started"));
+  // The tasks running go on (their worker is not stopped), asked to stop.
+  scheduler_->ask_to_stop(call, absl::CancelledError("the call was cancelled"));
+}
+
 void PoolCore::Impl::release_borrowed(const Call* call) {
   if (foreign()) return;
+  // From the pool's own code no call can have lent anything: a call made there is refused
+  // before it sends a frame.
+  if (called_from_own_loop()) return;
   MutexLock lock(mu_);
   if (supervisor_) supervisor_->release_borrowed(call);
 }
 
 void PoolCore::Impl::cancel_pending(absl::Status status) {
   if (foreign()) return;
+  if (called_from_own_loop()) {
+    {
+      MutexLock lock(deferred_mu_);
+      deferred_cancels_.pending = std::move(status);
+    }
+    wake();
+    return;
+  }
   {
     MutexLock lock(mu_);
-    if (scheduler_) {
-      scheduler_->cancel_all(status);
-      scheduler_->ask_to_stop(nullptr, status);
-    }
+    cancel_pending_locked(status);
   }
   wake();
+}
+
+void PoolCore::Impl::cancel_pending_locked(const absl::Status& status) {
+  if (!scheduler_) return;
+  scheduler_->cancel_all(status);
+  scheduler_->ask_to_stop(nullptr, status);
+}
+
+void PoolCore::Impl::run_deferred_cancels() {
+  DeferredCancels due;
+  {
+    MutexLock lock(deferred_mu_);
+    if (deferred_cancels_.calls.empty() && !deferred_cancels_.pending) return;
+    std::swap(due, deferred_cancels_);
+  }
+  for (const std::weak_ptr<const Call>& weak : due.calls) {
+    // A call gone meanwhile has no tasks left to drop (queued tasks hold their call).
+    if (const std::shared_ptr<const Call> call = weak.lock()) cancel_locked(call.get());
+  }
+  if (due.pending) cancel_pending_locked(*due.pending);
 }
 
 bool PoolCore::Impl::cancel_call(Call* call, const absl::Status& status,

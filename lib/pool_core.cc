@@ -336,6 +336,7 @@ void PoolCore::Impl::loop() {
   const pollfd wake{wake_fd_.get(), POLLIN, 0};
   poll_set.set(Supervisor::kPoolGroup, &wake, 1);
   while (true) {
+    run_deferred_cancels();
     const int64_t now = monotonic_now_ns();
     supervisor_->start_due(now);
     scheduler_->dispatch();
@@ -425,7 +426,7 @@ absl::Status PoolCore::submit(std::shared_ptr<Call> call, size_t first, size_t c
 absl::Status PoolCore::run_one(std::shared_ptr<Call> call, const std::function<bool()>& done) {
   return impl_->run_one(std::move(call), done);
 }
-void PoolCore::cancel(const Call* call) { impl_->cancel(call); }
+void PoolCore::cancel(std::shared_ptr<const Call> call) { impl_->cancel(std::move(call)); }
 void PoolCore::release_borrowed(const Call* call) { impl_->release_borrowed(call); }
 void PoolCore::post_callback(std::function<void()> callback) {
   impl_->post_callback(std::move(callback));

@@ -11,9 +11,11 @@
 #include <condition_variable>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -45,7 +47,7 @@ class PoolCore::Impl {
 
   absl::Status submit(std::shared_ptr<Call> call, size_t first, size_t count);
   absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
-  void cancel(const Call* call);
+  void cancel(std::shared_ptr<const Call> call);
   void release_borrowed(const Call* call);
   void cancel_pending(absl::Status status);
   bool cancel_call(Call* call, const absl::Status& status, const std::function<bool()>& settle);
@@ -77,6 +79,12 @@ class PoolCore::Impl {
   // pool from there would wait for itself.
   bool called_from_own_loop() const;
   absl::Status own_loop_error(const char* what) const;
+  // What cancel() and cancel_pending() do, under mu_.
+  void cancel_locked(const Call* call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void cancel_pending_locked(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The pool thread, at the top of each turn of its loop: the cancels asked for from the pool's
+  // own code (deferred_cancels_).
+  void run_deferred_cancels() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PoolOptions options_;
   const int worker_count_;  // the size the pool was made with
@@ -124,6 +132,16 @@ class PoolCore::Impl {
   bool loop_done_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status thread_failure_ ABSL_GUARDED_BY(mu_);
   SpinPolicy spin_ ABSL_GUARDED_BY(mu_);  // for apply's borrowed round trips
+  // cancel() and cancel_pending() asked for from the pool's own code (a log sink, a progress
+  // function), which runs in the middle of the scheduler's work: the pool thread does them at its
+  // next turn (run_deferred_cancels). Their own lock, taken after mu_ if both are: a sink may run
+  // on a caller's thread that does not hold mu_ (while it reads a borrowed channel).
+  struct DeferredCancels {
+    std::vector<std::weak_ptr<const Call>> calls;
+    std::optional<absl::Status> pending;
+  };
+  Mutex deferred_mu_;
+  DeferredCancels deferred_cancels_ ABSL_GUARDED_BY(deferred_mu_);
   std::thread thread_;
 
   CallbackRunner callbacks_;

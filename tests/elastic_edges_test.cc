@@ -1,6 +1,7 @@
 // resize() and idle_timeout at their edges (issue 19, items 2 and 3), tried from outside: workers
 // whose exit() hangs or crashes as they leave for idleness or a resize, and resize() or stats()
-// called from the log sink or a progress function while a caller's thread holds the pool. Real
+// called from the log sink or a progress function while a caller's thread holds the pool (and an
+// imap dropped from the log sink, on the pool's thread). Real
 // forked workers; every enter() and exit() is counted in a file that every worker appends to.
 
 #include <signal.h>
@@ -11,6 +12,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -240,6 +243,64 @@ TEST_CASE("a progress function run on a caller's thread that calls stats() or re
   CHECK(empty_stats == 2);
   CHECK(refused == 2);
   CHECK(pool.workers() == 1);
+}
+
+// Sleeps, then returns job * 3; a negative job kills its worker after 300 ms.
+struct SlowOrKilled {
+  using Job = int64_t;
+  using Result = int64_t;
+  int64_t run(int64_t job) {
+    absl::SleepFor(absl::Milliseconds(job < 0 ? 300 : 20));
+    if (job < 0) ::raise(SIGKILL);
+    return job * 3;
+  }
+};
+
+// A log sink a program might write: it drops the imap it watches when a worker dies. The sink
+// runs on the pool's thread holding the pool; dropping the range cancels its call there.
+TEST_CASE("an imap dropped from the log sink as a worker's death is logged ends its unstarted "
+          "tasks, not a pool thread that waits for itself") {
+  using Range = decltype(std::declval<ProcessPool<SlowOrKilled>&>().imap(
+      std::declval<std::vector<int64_t>>(), CallOptions{}));
+  std::mutex held_mu;
+  std::optional<Range> held;
+  std::atomic<bool> dropped{false};
+  PoolOptions options{.workers = 1};
+  options.log_sink = [&](const LogEvent& event) {
+    if (!absl::StrContains(event.message, "killed by signal")) return;
+    std::optional<Range> range;
+    {
+      std::lock_guard lock(held_mu);
+      range.swap(held);
+    }
+    if (!range) return;
+    range.reset();  // the call is cancelled: its tasks not started never run
+    dropped = true;
+  };
+  ProcessPool<SlowOrKilled> pool(options);
+  std::vector<int64_t> jobs = {1, -1};
+  for (int64_t i = 2; i < 40; ++i) jobs.push_back(i);
+  {
+    Range range = pool.imap(std::move(jobs), {.max_in_flight = 40});
+    auto first = range.begin();
+    REQUIRE(first != range.end());
+    CHECK((*first).value_or(-1) == 3);
+    std::lock_guard lock(held_mu);
+    held.emplace(std::move(range));  // before the second task kills its worker, 300 ms on
+  }
+  if (!wait_until([&] { return dropped.load(); }, kPatience)) {
+    std::fprintf(stderr, "the log sink never returned from dropping the imap: the pool's thread "
+                         "waits for itself\n");
+    std::fflush(stderr);
+    std::_Exit(1);
+  }
+  // The pool goes on; the dropped call's tasks not started never ran (all 40 would be done by
+  // now: 38 of 20 ms).
+  absl::SleepFor(absl::Seconds(1));
+  require_returns("apply", [&] { CHECK(pool.apply(5).value_or(-1) == 15); });
+  const PoolStats stats = pool.stats();
+  CHECK(stats.tasks_done < 20);
+  CHECK(stats.tasks_done + stats.tasks_failed == stats.tasks_submitted);
 }
 
 }  // namespace

@@ -136,7 +136,7 @@ class ImapRange : public std::ranges::view_base {
     State(const State&) = delete;
     State& operator=(const State&) = delete;
     ~State() {
-      if (submitted > consumed) core->cancel(call.get());
+      if (submitted > consumed) core->cancel(call);
     }
 
     std::optional<Outcome>& fetch() {

@@ -85,14 +85,17 @@ class PoolCore {
   // otherwise (no idle worker, a task timeout to enforce) it is queued as by submit. Either way
   // the call gets exactly one outcome. Errors as for submit.
   absl::Status run_one(std::shared_ptr<Call> call, const std::function<bool()>& done);
-  // Drops the call's tasks that no worker has started; each gets on_error(kCancelled).
-  void cancel(const Call* call);
+  // Drops the call's tasks that no worker has started; each gets on_error(kCancelled). From the
+  // pool's own code (a log sink or progress function that drops an imap), where the pool is held,
+  // it is done by the pool's thread at its next turn, if the call is still alive then.
+  void cancel(std::shared_ptr<const Call> call);
   // The call's frames still queued for a worker stop referencing memory it lent (its caller's
   // array of jobs, sent in place): their unsent bytes are copied. Call before that memory may go
   // away, after the call has its outcome (then no new frame of it is made). Does not block on
   // workers.
   void release_borrowed(const Call* call);
   // Drops every queued task that no worker has started, of every call; each gets on_error(status).
+  // From the pool's own code, done by the pool's thread at its next turn, as cancel().
   void cancel_pending(absl::Status status);
 
   // --- Added for AsyncResult::cancel() and join(timeout) (issue 11); see lib/pool_calls.cc. ---

@@ -57,6 +57,18 @@
   crash_stack_test_segfault();
 }
 
+// Recurses until the stack runs out: each frame keeps a buffer the compiler cannot drop, and
+// the call is not in tail position. (The limit, which no stack reaches, is only there for the
+// compilers' infinite-recursion warning.)
+volatile int crash_stack_test_depth_limit = 1 << 30;
+[[gnu::noinline]] int crash_stack_test_recurses(int depth) {
+  if (depth >= crash_stack_test_depth_limit) return 0;
+  volatile char frame[1024];
+  frame[0] = static_cast<char>(depth);
+  const int below = crash_stack_test_recurses(depth + 1);
+  return below + frame[0];
+}
+
 // Several threads that segfault at once, released together.
 [[gnu::noinline]] void crash_stack_test_threads_segfault() {
   constexpr int kThreads = 8;
@@ -81,6 +93,7 @@ struct Crasher {
     if (how == 3) crash_stack_test_divides(0);
     if (how == 4) crash_stack_test_threads_segfault();
     if (how == 6) crash_stack_test_scribbles();
+    if (how == 7) return crash_stack_test_recurses(0);
     return how;
   }
 };
@@ -139,6 +152,10 @@ TEST_CASE("of threads that crash at once, one reports its stack: the others wait
 
 TEST_CASE("a crash after an overrun scribbled over its callers' frames reports the frames up to them") {
   check_crash_reported(PoolOptions{}, 6, "SIGSEGV", "crash_stack_test_scribbles");
+}
+
+TEST_CASE("a stack overflow in a task reports its stack (the handler runs on a stack of its own)") {
+  check_crash_reported(PoolOptions{}, 7, "SIGSEGV", "crash_stack_test_recurses");
 }
 
 TEST_CASE("a worker killed by SIGFPE under a fork server reports its stack") {

@@ -49,6 +49,7 @@ const int filter_error = [] {
 }();
 
 constexpr int64_t kCrash = -11;               // raise(SIGSEGV)
+constexpr int64_t kForkHolderThenCrash = -12;  // a child that keeps the channel 20 s, then SIGSEGV
 constexpr int64_t kHang = -100;               // sleeps until killed
 constexpr int64_t kIgnoreTermAndHang = -101;  // ignores SIGTERM, sleeps until killed
 constexpr int64_t kFdProbe = 1'000'000;       // kFdProbe + n: descriptor n's inode, 0 if closed
@@ -62,6 +63,13 @@ struct Probe {
   int64_t run(int64_t job) {
     switch (job) {
       case kCrash:
+        ::raise(SIGSEGV);
+        return 0;
+      case kForkHolderThenCrash:
+        if (::fork() == 0) {
+          ::sleep(20);  // holds every descriptor of the worker's, its channel included
+          ::_exit(0);
+        }
         ::raise(SIGSEGV);
         return 0;
       case kIgnoreTermAndHang:
@@ -167,6 +175,29 @@ TEST_CASE("without pidfds, a worker killed by a signal fails its task kAborted n
   }
   if (sigchld_ignored) ::sigaction(SIGCHLD, &previous, nullptr);
   CHECK(no_children_left());
+}
+
+TEST_CASE("without pidfds, in a program that ignores SIGCHLD, a worker that dies while a process "
+          "it started holds its channel is still found gone") {
+  // Its exit leaves no zombie (the kernel reaps it at once) and its channel stays open: only
+  // looking at the worker itself finds it gone, not a look for any exited child.
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  struct sigaction previous {};
+  ::sigaction(SIGCHLD, &ignore, &previous);
+  {
+    ProcessPool<Probe> pool({.workers = 2, .log_sink = nullptr});
+    const absl::Time start = absl::Now();
+    auto result = map_within(pool, std::vector<int64_t>{1, kForkHolderThenCrash, 3}, {.chunksize = 1},
+                             absl::Seconds(60));
+    const absl::Duration took = absl::Now() - start;
+    CHECK_MESSAGE(result.status().code() == absl::StatusCode::kAborted, result.status());
+    CHECK_MESSAGE(message_has(result.status(), "job 1: "), result.status());
+    // Before its child lets the channel go, 20 s on.
+    CHECK_MESSAGE(took < absl::Seconds(15), absl::FormatDuration(took));
+    CHECK(map_within(pool, range(4), {}, absl::Seconds(30)).ok());
+  }
+  ::sigaction(SIGCHLD, &previous, nullptr);
 }
 
 TEST_CASE("without pidfds, a task past its timeout is stopped, with SIGKILL when it ignores "

@@ -97,6 +97,27 @@ ChildState child_state(pid_t pid) {
   return info.si_pid == 0 ? ChildState::kRunning : ChildState::kExited;
 }
 
+bool any_child_exited(int64_t now_ns) {
+  struct Seen {
+    int64_t at_ns = 0;
+    bool valid = false;
+    bool exited = false;
+  };
+  thread_local Seen seen;
+  if (seen.valid && now_ns >= seen.at_ns && now_ns - seen.at_ns < kAnyChildExitedReuseNs) {
+    return seen.exited;
+  }
+  siginfo_t info{};
+  int result;
+  do {
+    result = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT);
+  } while (result != 0 && errno == EINTR);
+  // ECHILD (no child at all: each look says so itself) or an exited child (si_pid set).
+  const bool exited = result != 0 || info.si_pid != 0;
+  seen = Seen{now_ns, true, exited};
+  return exited;
+}
+
 bool signal_through_pidfd(int pidfd, int signal) {
   if (!pidfd_send_signal_call.maybe_available()) return false;
   if (::syscall(SYS_pidfd_send_signal, pidfd, signal, nullptr, 0) == 0 || errno != ENOSYS) {

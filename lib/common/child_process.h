@@ -36,6 +36,8 @@ namespace procpool::internal {
 // closed (it is exiting: the kernel closes its descriptors just before it becomes a zombie).
 inline constexpr int64_t kChildLookIntervalNs = 20'000'000;
 inline constexpr int64_t kChildExitingLookIntervalNs = 1'000'000;
+// How often a child is looked at itself even when any_child_exited() says no child has exited.
+inline constexpr int64_t kChildOwnLookIntervalNs = 1'000'000'000;
 
 // A pidfd for `pid` (O_CLOEXEC, never 0-2), or an invalid one with errno set: ENOSYS when the
 // kernel has none (remembered: no further call is made), ESRCH when the process is gone.
@@ -52,6 +54,15 @@ enum class ChildState {
   kGone,     // not our child any more: reaped (by someone else: SIGCHLD ignored, waitpid(-1))
 };
 ChildState child_state(pid_t pid);
+
+// Whether any child of this process may have exited and not been reaped yet: one
+// waitid(P_ALL, WNOWAIT), which reaps nothing, where looking at each child would take one call
+// each. A caller that looks at many children on the same wakeup (every worker of a pool, without
+// pidfds) skips them all when none has exited. The answer is kept for kAnyChildExitedReuseNs on
+// the calling thread: a child that exits just after it is seen at the next look. True when the
+// program has exited children of its own that it has not reaped (then each is looked at).
+bool any_child_exited(int64_t now_ns);
+inline constexpr int64_t kAnyChildExitedReuseNs = 500'000;
 
 // Sends `signal` to the process of `pidfd`. False only when the kernel has no pidfd_send_signal
 // (remembered); the caller then signals by other means.

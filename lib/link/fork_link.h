@@ -133,6 +133,7 @@ class ForkLink final : public WorkerLink {
   bool channel_closed_ = false;   // the worker closed its end of the channel
   int64_t channel_closed_ns_ = 0;  // when we saw that (check() gives it frame_timeout to exit)
   int64_t next_look_ns_ = 0;      // without a pidfd: when to look for the worker's exit again
+  int64_t next_own_look_ns_ = 0;  // ... at it alone, whatever any_child_exited() says (look_for_exit)
   std::unique_ptr<OutputLines> output_[2];  // stdout, stderr; null unless forwarded
   bool polled_output_[2] = {false, false};
   bool polled_oom_ = false;  // its cgroup's OOM watch (WorkerCgroup::oom_event_fd)

@@ -1,0 +1,175 @@
+// Hostile workers: tasks that do to their own process what careless or hostile user code does
+// (fork and return from both sides, scribble on or replace the channel, set signal handlers and
+// timers, change limits): every call ends with a clear status, other tasks keep their values,
+// nothing hangs, and the pool carries on.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "doctest/doctest.h"
+#include "procpool/process_pool.h"
+#include "tests/test_support.h"
+
+namespace procpool {
+namespace {
+
+constexpr int64_t kForkReturnBoth = -1;   // fork(); both processes return from run()
+constexpr int64_t kGarbageChannel = -2;   // writes bytes that are no frame to the channel (fd 3)
+constexpr int64_t kDevNullChannel = -3;   // dup2s /dev/null over the channel
+constexpr int64_t kAlarmStorm = -4;       // SIGALRM handler without SA_RESTART, a 1 ms itimer
+constexpr int64_t kBlockAll = -5;         // blocks every signal, returns
+constexpr int64_t kNoFiles = -6;          // RLIMIT_NOFILE to 4, returns
+constexpr int64_t kNonBlocking = -7;      // O_NONBLOCK on the channel
+constexpr int64_t kThrowInForkChild = -8; // fork(); the child throws out of run()
+
+void on_alarm(int) {}
+
+struct Hostile {
+  int64_t run(int64_t job) {
+    switch (job) {
+      case kForkReturnBoth:
+        (void)::fork();
+        return job;
+      case kThrowInForkChild:
+        if (::fork() == 0) throw std::runtime_error("from the child");
+        return job;
+      case kGarbageChannel: {
+        const char garbage[] = "\xff\xff\xff\x7fnot a frame at all, just bytes";
+        (void)!::write(3, garbage, sizeof(garbage));
+        return job;
+      }
+      case kDevNullChannel: {
+        const int null_fd = ::open("/dev/null", O_RDWR);
+        ::dup2(null_fd, 3);
+        ::close(null_fd);
+        return job;
+      }
+      case kAlarmStorm: {
+        struct sigaction action {};
+        action.sa_handler = on_alarm;  // no SA_RESTART
+        sigemptyset(&action.sa_mask);
+        ::sigaction(SIGALRM, &action, nullptr);
+        const itimerval every_ms{{0, 1000}, {0, 1000}};
+        ::setitimer(ITIMER_REAL, &every_ms, nullptr);
+        return job;
+      }
+      case kBlockAll: {
+        sigset_t all;
+        sigfillset(&all);
+        ::sigprocmask(SIG_SETMASK, &all, nullptr);
+        return job;
+      }
+      case kNoFiles: {
+        const rlimit few{4, 4};
+        ::setrlimit(RLIMIT_NOFILE, &few);
+        return job;
+      }
+      case kNonBlocking:
+        ::fcntl(3, F_SETFL, ::fcntl(3, F_GETFL) | O_NONBLOCK);
+        return job;
+      default:
+        return job * 2;
+    }
+  }
+};
+
+PoolOptions options(int workers) {
+  PoolOptions options;
+  options.workers = workers;
+  options.log_sink = nullptr;
+  options.frame_timeout = absl::Seconds(3);
+  options.join_timeout = absl::Seconds(20);
+  return options;
+}
+
+// The same over the listed path (strings are not sent as words).
+struct HostileText {
+  std::string run(const std::string& job) {
+    if (job == "fork") {
+      (void)::fork();
+      return job;
+    }
+    return job + job;
+  }
+};
+
+// Runs `hostile` among ordinary jobs, several times; each call must end, ordinary jobs keep their
+// values, and the pool answers a plain call after.
+void check_survives(int64_t hostile, bool hostile_may_succeed, bool hostile_succeeds = false) {
+  ProcessPool<Hostile> pool(options(2));
+  for (int round = 0; round < 8; ++round) {
+    std::vector<AsyncResult<int64_t>> results;
+    for (int64_t i = 0; i < 20; ++i) {
+      results.push_back(pool.apply_async(i == 5 ? hostile : i, {.task_timeout = absl::Seconds(20)}));
+    }
+    for (int64_t i = 0; i < 20; ++i) {
+      absl::StatusOr<int64_t> got = results[i].get();
+      if (i == 5) {
+        INFO("hostile task: " << got.status());
+        if (!hostile_may_succeed) CHECK_FALSE(got.ok());
+        if (hostile_succeeds) CHECK((got.ok() && *got == hostile));
+        continue;
+      }
+      INFO("job " << i << ": " << got.status());
+      REQUIRE(got.ok());
+      CHECK(*got == i * 2);
+    }
+  }
+  absl::StatusOr<std::vector<int64_t>> after = pool.map(std::vector<int64_t>{1, 2, 3, 4, 5, 6});
+  REQUIRE(after.ok());
+  CHECK(*after == std::vector<int64_t>{2, 4, 6, 8, 10, 12});
+}
+
+// The fork leaves as it returns into procpool: the worker's answer is the only one.
+TEST_CASE("a task that forks and returns from both processes: its value and every other arrive") {
+  check_survives(kForkReturnBoth, true, /*hostile_succeeds=*/true);
+}
+TEST_CASE("a task whose forked child throws: its value and every other arrive") {
+  check_survives(kThrowInForkChild, true, /*hostile_succeeds=*/true);
+}
+TEST_CASE("a listed task that forks and returns from both processes: every value arrives") {
+  ProcessPool<HostileText> pool(options(2));
+  for (int round = 0; round < 8; ++round) {
+    std::vector<std::string> jobs;
+    for (int i = 0; i < 20; ++i) jobs.push_back(i == 5 ? "fork" : absl::StrCat(i));
+    absl::StatusOr<std::vector<std::string>> got = pool.map(jobs, {.task_timeout = absl::Seconds(20)});
+    INFO(got.status());
+    REQUIRE(got.ok());
+    for (int i = 0; i < 20; ++i) CHECK((*got)[i] == (i == 5 ? "fork" : absl::StrCat(i, i)));
+  }
+}
+// A pool made inside a worker forks workers of its own there: they serve, not leave.
+struct Nesting {
+  int64_t run(int64_t job) {
+    ProcessPool<Hostile> inner(options(1));
+    absl::StatusOr<std::vector<int64_t>> got = inner.map(std::vector<int64_t>{job, job + 1});
+    return got.ok() ? (*got)[0] + (*got)[1] : -1000;
+  }
+};
+TEST_CASE("a pool made inside a worker still works") {
+  ProcessPool<Nesting> pool(options(1));
+  absl::StatusOr<std::vector<int64_t>> got = pool.map(std::vector<int64_t>{1, 10});
+  REQUIRE(got.ok());
+  CHECK(*got == std::vector<int64_t>{6, 42});
+}
+TEST_CASE("a task that writes garbage to the channel") { check_survives(kGarbageChannel, false); }
+TEST_CASE("a task that puts /dev/null over the channel") { check_survives(kDevNullChannel, false); }
+TEST_CASE("a task that starts a SIGALRM storm") { check_survives(kAlarmStorm, true); }
+TEST_CASE("a task that blocks every signal") { check_survives(kBlockAll, true); }
+TEST_CASE("a task that lowers RLIMIT_NOFILE") { check_survives(kNoFiles, true); }
+TEST_CASE("a task that makes the channel non-blocking") { check_survives(kNonBlocking, true); }
+
+}  // namespace
+}  // namespace procpool

@@ -33,6 +33,7 @@ constexpr int64_t kBlockAll = -5;         // blocks every signal, returns
 constexpr int64_t kNoFiles = -6;          // RLIMIT_NOFILE to 4, returns
 constexpr int64_t kNonBlocking = -7;      // O_NONBLOCK on the channel
 constexpr int64_t kThrowInForkChild = -8; // fork(); the child throws out of run()
+constexpr int64_t kKillSelf = -9;         // SIGKILLs its own process
 
 void on_alarm(int) {}
 
@@ -76,6 +77,9 @@ struct Hostile {
         ::setrlimit(RLIMIT_NOFILE, &few);
         return job;
       }
+      case kKillSelf:
+        ::kill(::getpid(), SIGKILL);
+        return job;
       case kNonBlocking:
         ::fcntl(3, F_SETFL, ::fcntl(3, F_GETFL) | O_NONBLOCK);
         return job;
@@ -170,6 +174,55 @@ TEST_CASE("a task that starts a SIGALRM storm") { check_survives(kAlarmStorm, tr
 TEST_CASE("a task that blocks every signal") { check_survives(kBlockAll, true); }
 TEST_CASE("a task that lowers RLIMIT_NOFILE") { check_survives(kNoFiles, true); }
 TEST_CASE("a task that makes the channel non-blocking") { check_survives(kNonBlocking, true); }
+
+// The program around the pool reaps children itself (a server's SIGCHLD handler, or SIGCHLD
+// ignored): the pool's workers are reaped behind its back.
+void reap_all(int) {
+  const int saved = errno;
+  while (::waitpid(-1, nullptr, WNOHANG) > 0) {
+  }
+  errno = saved;
+}
+
+void check_with_sigchld(void (*handler)(int), StartMethod method) {
+  struct sigaction action {};
+  action.sa_handler = handler;
+  action.sa_flags = SA_RESTART;
+  sigemptyset(&action.sa_mask);
+  struct sigaction before {};
+  ::sigaction(SIGCHLD, &action, &before);
+  {
+    PoolOptions opts = options(2);
+    opts.start_method = method;
+    ProcessPool<Hostile> pool(opts);
+    for (int round = 0; round < 3; ++round) {
+      std::vector<int64_t> jobs;
+      for (int64_t i = 0; i < 10; ++i) jobs.push_back(i == 3 ? kKillSelf : i);
+      std::vector<absl::StatusOr<int64_t>> got;
+      for (int64_t job : jobs) got.push_back(pool.apply(job, {.task_timeout = absl::Seconds(20)}));
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        INFO("job " << i << ": " << got[i].status());
+        if (i == 3) {
+          CHECK(got[i].status().code() == absl::StatusCode::kAborted);
+        } else {
+          REQUIRE(got[i].ok());
+          CHECK(*got[i] == jobs[i] * 2);
+        }
+      }
+    }
+  }
+  ::sigaction(SIGCHLD, &before, nullptr);
+}
+
+TEST_CASE("a program that reaps every child in its SIGCHLD handler: deaths are still reported") {
+  SUBCASE("fork") { check_with_sigchld(reap_all, StartMethod::kFork); }
+  SUBCASE("fork server") { check_with_sigchld(reap_all, StartMethod::kForkServer); }
+}
+
+TEST_CASE("a program that ignores SIGCHLD: deaths are still reported") {
+  SUBCASE("fork") { check_with_sigchld(SIG_IGN, StartMethod::kFork); }
+  SUBCASE("fork server") { check_with_sigchld(SIG_IGN, StartMethod::kForkServer); }
+}
 
 }  // namespace
 }  // namespace procpool

@@ -10,15 +10,18 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "doctest/doctest.h"
+#include "procpool/logging.h"
 #include "procpool/process_pool.h"
 #include "tests/test_support.h"
 
@@ -34,6 +37,8 @@ constexpr int64_t kNoFiles = -6;          // RLIMIT_NOFILE to 4, returns
 constexpr int64_t kNonBlocking = -7;      // O_NONBLOCK on the channel
 constexpr int64_t kThrowInForkChild = -8; // fork(); the child throws out of run()
 constexpr int64_t kKillSelf = -9;         // SIGKILLs its own process
+constexpr int64_t kLogFlood = -10;        // starts a thread that logs 4 KiB records without end
+constexpr int64_t kLogFloodHere = -11;    // logs 4 KiB records for 3 s, then returns
 
 void on_alarm(int) {}
 
@@ -80,6 +85,18 @@ struct Hostile {
       case kKillSelf:
         ::kill(::getpid(), SIGKILL);
         return job;
+      case kLogFlood:
+        std::thread([] {
+          const std::string record(4096, 'x');
+          while (true) procpool::log(LogSeverity::kInfo, record);
+        }).detach();
+        return job;
+      case kLogFloodHere: {
+        const std::string record(4096, 'y');
+        const absl::Time until = absl::Now() + absl::Seconds(3);
+        while (absl::Now() < until) procpool::log(LogSeverity::kInfo, record);
+        return job;
+      }
       case kNonBlocking:
         ::fcntl(3, F_SETFL, ::fcntl(3, F_GETFL) | O_NONBLOCK);
         return job;
@@ -174,6 +191,66 @@ TEST_CASE("a task that starts a SIGALRM storm") { check_survives(kAlarmStorm, tr
 TEST_CASE("a task that blocks every signal") { check_survives(kBlockAll, true); }
 TEST_CASE("a task that lowers RLIMIT_NOFILE") { check_survives(kNoFiles, true); }
 TEST_CASE("a task that makes the channel non-blocking") { check_survives(kNonBlocking, true); }
+
+// Hooks that fork and return from both processes: the worker starts once and leaves once.
+struct ForkingHooks {
+  bool fork_in_exit = false;
+  void enter() { (void)::fork(); }
+  int64_t run(int64_t job) { return job * 3; }
+  void exit() {
+    if (fork_in_exit) (void)::fork();
+  }
+};
+
+TEST_CASE("enter() and exit() that fork and return from both processes: the pool serves, joins "
+          "cleanly, and no worker start failed") {
+  for (bool fork_in_exit : {false, true}) {
+    CAPTURE(fork_in_exit);
+    ProcessPool<ForkingHooks> pool(options(2), [fork_in_exit] {
+      ForkingHooks hooks;
+      hooks.fork_in_exit = fork_in_exit;
+      return hooks;
+    });
+    for (int round = 0; round < 5; ++round) {
+      std::vector<int64_t> jobs(200);
+      for (size_t i = 0; i < jobs.size(); ++i) jobs[i] = static_cast<int64_t>(i);
+      absl::StatusOr<std::vector<int64_t>> got = pool.map(jobs);
+      INFO(got.status());
+      REQUIRE(got.ok());
+      for (size_t i = 0; i < jobs.size(); ++i) CHECK((*got)[i] == jobs[i] * 3);
+    }
+    for (const WorkerStats& worker : pool.stats().workers) CHECK(worker.restarts == 0);
+    CHECK(pool.close().ok());
+    const absl::Status joined = pool.join();
+    CHECK_MESSAGE(joined.ok(), joined);
+  }
+}
+
+// One worker floods the log (from a thread its task left running, or from the task itself):
+// the other serves a long call meanwhile, and the pool closes and joins.
+void check_log_flood(int64_t flood) {
+  std::atomic<int64_t> records{0};
+  PoolOptions opts = options(2);
+  opts.log_sink = [&records](const LogEvent&) { records.fetch_add(1, std::memory_order_relaxed); };
+  ProcessPool<Hostile> pool(opts);
+  AsyncResult<int64_t> flooding = pool.apply_async(flood);
+  REQUIRE(testing::wait_until([&] { return records.load() > 100; }, absl::Seconds(30)));
+  std::vector<int64_t> jobs(20000);
+  for (size_t i = 0; i < jobs.size(); ++i) jobs[i] = static_cast<int64_t>(i);
+  absl::StatusOr<std::vector<int64_t>> got = pool.map(jobs, {.task_timeout = absl::Seconds(60)});
+  INFO(got.status());
+  REQUIRE(got.ok());
+  for (size_t i = 0; i < jobs.size(); ++i) REQUIRE((*got)[i] == jobs[i] * 2);
+  CHECK(flooding.get().value_or(0) == flood);
+  MESSAGE(records.load() << " records");
+  CHECK(pool.close().ok());
+  CHECK(pool.join().ok());
+}
+
+TEST_CASE("a thread a task left logging without end does not starve the pool; join ends") {
+  check_log_flood(kLogFlood);
+}
+TEST_CASE("a task that floods the log does not starve the pool") { check_log_flood(kLogFloodHere); }
 
 // The program around the pool reaps children itself (a server's SIGCHLD handler, or SIGCHLD
 // ignored): the pool's workers are reaped behind its back.

@@ -37,6 +37,7 @@ constexpr int64_t kNoFiles = -6;          // RLIMIT_NOFILE to 4, returns
 constexpr int64_t kNonBlocking = -7;      // O_NONBLOCK on the channel
 constexpr int64_t kThrowInForkChild = -8; // fork(); the child throws out of run()
 constexpr int64_t kKillSelf = -9;         // SIGKILLs its own process
+constexpr int64_t kForkChildExits = -12;  // fork(); the child calls exit(0), the task waits for it
 constexpr int64_t kLogFlood = -10;        // starts a thread that logs 4 KiB records without end
 constexpr int64_t kLogFloodHere = -11;    // logs 4 KiB records for 3 s, then returns
 
@@ -81,6 +82,16 @@ struct Hostile {
         const rlimit few{4, 4};
         ::setrlimit(RLIMIT_NOFILE, &few);
         return job;
+      }
+      case kForkChildExits: {
+        const pid_t child = ::fork();
+        if (child == 0) {
+          std::printf("from the child\n");
+          std::exit(0);  // destructors and atexit handlers of the worker's copy run
+        }
+        int status = 0;
+        ::waitpid(child, &status, 0);
+        return WIFEXITED(status) ? job : 1000;
       }
       case kKillSelf:
         ::kill(::getpid(), SIGKILL);
@@ -184,6 +195,9 @@ TEST_CASE("a pool made inside a worker still works") {
   absl::StatusOr<std::vector<int64_t>> got = pool.map(std::vector<int64_t>{1, 10});
   REQUIRE(got.ok());
   CHECK(*got == std::vector<int64_t>{6, 42});
+}
+TEST_CASE("a task whose forked child calls exit()") {
+  check_survives(kForkChildExits, true, /*hostile_succeeds=*/true);
 }
 TEST_CASE("a task that writes garbage to the channel") { check_survives(kGarbageChannel, false); }
 TEST_CASE("a task that puts /dev/null over the channel") { check_survives(kDevNullChannel, false); }

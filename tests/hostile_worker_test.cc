@@ -23,6 +23,7 @@
 #include "doctest/doctest.h"
 #include "procpool/logging.h"
 #include "procpool/process_pool.h"
+#include "tests/test_link.h"
 #include "tests/test_support.h"
 
 namespace procpool {
@@ -137,10 +138,17 @@ struct HostileText {
   }
 };
 
+// Remote workers: this binary, launched over loopback (tests/test_main.cc serves).
+PoolOptions remote(PoolOptions options) {
+  options.remote = testing::self_launched(absl::Seconds(60), absl::Seconds(10));
+  return options;
+}
+
 // Runs `hostile` among ordinary jobs, several times; each call must end, ordinary jobs keep their
 // values, and the pool answers a plain call after.
-void check_survives(int64_t hostile, bool hostile_may_succeed, bool hostile_succeeds = false) {
-  ProcessPool<Hostile> pool(options(2));
+void check_survives(int64_t hostile, bool hostile_may_succeed, bool hostile_succeeds = false,
+                    bool remote_workers = false) {
+  ProcessPool<Hostile> pool(remote_workers ? remote(options(2)) : options(2));
   for (int round = 0; round < 8; ++round) {
     std::vector<AsyncResult<int64_t>> results;
     for (int64_t i = 0; i < 20; ++i) {
@@ -170,6 +178,11 @@ TEST_CASE("a task that forks and returns from both processes: its value and ever
 }
 TEST_CASE("a task whose forked child throws: its value and every other arrive") {
   check_survives(kThrowInForkChild, true, /*hostile_succeeds=*/true);
+}
+// A remote worker's fork shares its TLS session too: its records would break the connection.
+TEST_CASE("a remote task that forks and returns from both processes: its value and every other "
+          "arrive") {
+  check_survives(kForkReturnBoth, true, /*hostile_succeeds=*/true, /*remote_workers=*/true);
 }
 TEST_CASE("a listed task that forks and returns from both processes: every value arrives") {
   ProcessPool<HostileText> pool(options(2));

@@ -13,6 +13,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -39,6 +42,8 @@ constexpr int64_t kNonBlocking = -7;      // O_NONBLOCK on the channel
 constexpr int64_t kThrowInForkChild = -8; // fork(); the child throws out of run()
 constexpr int64_t kKillSelf = -9;         // SIGKILLs its own process
 constexpr int64_t kForkChildExits = -12;  // fork(); the child calls exit(0), the task waits for it
+constexpr int64_t kCloseOthers = -13;     // closes every descriptor of its worker above the channel
+constexpr int64_t kCloseReopen = -14;     // the same, then opens /dev/zero on those numbers
 constexpr int64_t kLogFlood = -10;        // starts a thread that logs 4 KiB records without end
 constexpr int64_t kLogFloodHere = -11;    // logs 4 KiB records for 3 s, then returns
 
@@ -94,6 +99,14 @@ struct Hostile {
         ::waitpid(child, &status, 0);
         return WIFEXITED(status) ? job : 1000;
       }
+      case kCloseOthers:
+        // As code about to exec, or a double close() that hits a number it does not own.
+        for (int fd = 4; fd < 1024; ++fd) ::close(fd);
+        return ::getpid();
+      case kCloseReopen:
+        for (int fd = 4; fd < 1024; ++fd) ::close(fd);
+        for (int i = 0; i < 16; ++i) (void)::open("/dev/zero", O_RDONLY);  // always readable
+        return ::getpid();
       case kKillSelf:
         ::kill(::getpid(), SIGKILL);
         return job;
@@ -250,6 +263,43 @@ TEST_CASE("enter() and exit() that fork and return from both processes: the pool
     CHECK(pool.close().ok());
     const absl::Status joined = pool.join();
     CHECK_MESSAGE(joined.ok(), joined);
+  }
+}
+
+// CPU seconds `pid` has used (user + system), from /proc/<pid>/stat.
+double cpu_seconds(pid_t pid) {
+  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  const size_t after_name = text.rfind(')');
+  if (after_name == std::string::npos) return -1;
+  std::istringstream fields(text.substr(after_name + 2));
+  std::string field;
+  unsigned long long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && fields >> field; ++i) {
+    if (i == 14) utime = std::stoull(field);
+    if (i == 15) stime = std::stoull(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+TEST_CASE("a task that closes its worker's other descriptors leaves it idle, not spinning; it "
+          "serves on") {
+  for (const int64_t hostile : {kCloseOthers, kCloseReopen}) {
+    CAPTURE(hostile);
+    ProcessPool<Hostile> pool(options(1));
+    absl::StatusOr<int64_t> pid = pool.apply(hostile);
+    REQUIRE(pid.ok());
+    // Idle now, waiting for work: it must wait, not poll a closed descriptor (or a file opened on
+    // its number) again and again.
+    absl::SleepFor(absl::Milliseconds(200));
+    const double before = cpu_seconds(static_cast<pid_t>(*pid));
+    absl::SleepFor(absl::Seconds(2));
+    const double used = cpu_seconds(static_cast<pid_t>(*pid)) - before;
+    MESSAGE("the idle worker used ", used, " s of CPU in 2 s");
+    CHECK(used < 0.4);  // a spinning worker takes most of a core, even on a loaded machine
+    absl::StatusOr<std::vector<int64_t>> after = pool.map(std::vector<int64_t>{1, 2, 3});
+    REQUIRE(after.ok());
+    CHECK(*after == std::vector<int64_t>{2, 4, 6});
   }
 }
 

@@ -44,6 +44,7 @@ constexpr int64_t kKillSelf = -9;         // SIGKILLs its own process
 constexpr int64_t kForkChildExits = -12;  // fork(); the child calls exit(0), the task waits for it
 constexpr int64_t kCloseOthers = -13;     // closes every descriptor of its worker above the channel
 constexpr int64_t kCloseReopen = -14;     // the same, then opens /dev/zero on those numbers
+constexpr int64_t kJoinPoolGroup = -15;   // moves into the pool's process group, then hangs
 constexpr int64_t kLogFlood = -10;        // starts a thread that logs 4 KiB records without end
 constexpr int64_t kLogFloodHere = -11;    // logs 4 KiB records for 3 s, then returns
 
@@ -107,6 +108,10 @@ struct Hostile {
         for (int fd = 4; fd < 1024; ++fd) ::close(fd);
         for (int i = 0; i < 16; ++i) (void)::open("/dev/zero", O_RDONLY);  // always readable
         return ::getpid();
+      case kJoinPoolGroup:
+        ::setpgid(0, ::getpgid(::getppid()));
+        absl::SleepFor(absl::Seconds(60));
+        return job;
       case kKillSelf:
         ::kill(::getpid(), SIGKILL);
         return job;
@@ -301,6 +306,18 @@ TEST_CASE("a task that closes its worker's other descriptors leaves it idle, not
     REQUIRE(after.ok());
     CHECK(*after == std::vector<int64_t>{2, 4, 6});
   }
+}
+
+// Stopping a worker stops its process group, the one it was started in: a task that moved its
+// worker into the pool's own group is stopped alone, not the pool with it.
+TEST_CASE("a task that moves its worker into the pool's process group and hangs: it ends at its "
+          "timeout, and only it") {
+  ProcessPool<Hostile> pool(options(2));
+  absl::StatusOr<int64_t> hung = pool.apply(kJoinPoolGroup, {.task_timeout = absl::Seconds(1)});
+  CHECK(hung.status().code() == absl::StatusCode::kDeadlineExceeded);
+  absl::StatusOr<std::vector<int64_t>> after = pool.map(std::vector<int64_t>{1, 2, 3});
+  REQUIRE(after.ok());
+  CHECK(*after == std::vector<int64_t>{2, 4, 6});
 }
 
 // One worker floods the log (from a thread its task left running, or from the task itself):

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -100,7 +101,16 @@ class Proxy {
     tamper_side_ = toward_worker ? 1 : 0;
     tamper_connection_ = connection;
   }
+  // Instead of changing a byte: appends a record the session never sealed to the next bytes that
+  // pass from the worker on the connection accepted last (a worker's data connection), sent with
+  // them (an attacker on the path who adds bytes rather than changes them).
+  void inject_newest() {
+    inject_ = true;
+    tamper(accepted_ - 1);
+  }
   bool tampered() const { return tampered_; }
+  // Ready to tamper again (on the connections accepted from now on, by their index).
+  void reset_tamper() { tampered_ = false; }
   std::string seen() {
     std::lock_guard<std::mutex> lock(mu_);
     return seen_;
@@ -133,6 +143,7 @@ class Proxy {
             pair->worker = *std::move(worker);
             pair->pool = *std::move(pool);
             pair->index = accepted++;
+            accepted_ = accepted;
             pairs.push_back(std::move(pair));
           }
         }
@@ -144,22 +155,35 @@ class Proxy {
           if (fds[2 + 2 * i + side].revents == 0) continue;
           const int from = side == 0 ? pair.worker.get() : pair.pool.get();
           const int to = side == 0 ? pair.pool.get() : pair.worker.get();
-          char buffer[65536];
-          const ssize_t n = ::read(from, buffer, sizeof(buffer));
+          char buffer[65536 + 64];
+          const ssize_t n = ::read(from, buffer, 65536);
           if (n <= 0) {
             closed = true;
             break;
           }
+          ssize_t forward = n;
           if (side == tamper_side_ && pair.index == tamper_connection_ && !tampered_) {
-            buffer[std::min<ssize_t>(1000, n - 1)] ^= 0x20;
-            tampered_ = true;
+            if (inject_) {
+              // An application-data record of 32 bytes: its header, then what fails its check.
+              const char forged[] = "\x17\x03\x03\x00\x20" "0123456789abcdef0123456789abcdef";
+              const ssize_t size = sizeof(forged) - 1;
+              if (n + size <= static_cast<ssize_t>(sizeof(buffer))) {
+                std::memcpy(buffer + n, forged, static_cast<size_t>(size));
+                forward = n + size;
+                tampered_ = true;
+              }
+            } else {
+              buffer[std::min<ssize_t>(1000, n - 1)] ^= 0x20;
+              tampered_ = true;
+            }
           }
           {
             std::lock_guard<std::mutex> lock(mu_);
-            seen_.append(buffer, static_cast<size_t>(n));
+            seen_.append(buffer, static_cast<size_t>(forward));
           }
-          for (ssize_t put = 0; put < n;) {
-            const ssize_t m = ::send(to, buffer + put, static_cast<size_t>(n - put), MSG_NOSIGNAL);
+          for (ssize_t put = 0; put < forward;) {
+            const ssize_t m =
+                ::send(to, buffer + put, static_cast<size_t>(forward - put), MSG_NOSIGNAL);
             if (m <= 0) {
               closed = true;
               break;
@@ -183,6 +207,8 @@ class Proxy {
   std::atomic<int> tamper_connection_{-1};
   std::atomic<int> tamper_side_{0};
   std::atomic<bool> tampered_{false};
+  std::atomic<bool> inject_{false};
+  std::atomic<int> accepted_{0};
   std::mutex mu_;
   std::string seen_;
   std::thread thread_;
@@ -268,6 +294,40 @@ TEST_CASE("a byte changed on the way between worker and pool breaks that connect
     CHECK_MESSAGE(after.ok(), after.status());
     MESSAGE("calls failed: ", failed);
   }
+}
+
+// The pool reads the worker's sound results and the forged record in one read: it frees the worker
+// and, in the same turn of its loop, writes the next batch to the session the record broke.
+TEST_CASE("a record added on the way after a worker's results breaks that connection alone: the "
+          "pool does not abort writing the next batch to it, and serves on") {
+  ProxiedPool proxied(1);
+  REQUIRE(wait_until([&] { return proxied.pool->stats().workers[0].state == WorkerState::kIdle; },
+                     absl::Seconds(30)));
+  int failed = 0;
+  int injected = 0;
+  for (int round = 0; round < 20; ++round) {
+    // Many single-task calls queued: whenever a result comes, the next batch is ready to go.
+    std::vector<AsyncResult<int64_t>> calls;
+    for (int64_t i = 0; i < 200; ++i) calls.push_back(proxied.pool->apply_async(kMarker + i));
+    if (round % 2 == 0) proxied.proxy->inject_newest();  // the worker's data connection
+    for (int64_t i = 0; i < 200; ++i) {
+      absl::StatusOr<int64_t> got = calls[static_cast<size_t>(i)].get();
+      if (got.ok()) {
+        CHECK(*got == (kMarker + i) * (kMarker + i));
+      } else {
+        ++failed;
+        CHECK_MESSAGE(got.status().code() == absl::StatusCode::kDataLoss, got.status());
+      }
+    }
+    injected += proxied.proxy->tampered() ? 1 : 0;
+    proxied.proxy->reset_tamper();
+  }
+  MESSAGE("tasks failed: ", failed, "; records added: ", injected);
+  CHECK(injected >= 5);
+  // Each broke its connection: the worker was replaced.
+  CHECK(proxied.pool->stats().workers[0].restarts >= 5);
+  auto after = map_within(*proxied.pool, marked_jobs(10), {}, absl::Seconds(60));
+  CHECK_MESSAGE(after.ok(), after.status());
 }
 
 TEST_CASE("a byte changed on the way from pool to worker: the worker runs no forged job, the "

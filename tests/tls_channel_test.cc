@@ -157,5 +157,34 @@ TEST_CASE("the bytes a write says it took reach the peer even if the rest is nev
   CHECK(received == bulk.substr(0, received.size()));
 }
 
+
+// A session whose peer sent a record that fails its check is over: a write to it after that is an
+// error, not a success and not an abort (the pool writes a batch to a worker in the same turn of
+// its loop as it read that worker's forged record; absl aborts on a StatusOr made from OK).
+TEST_CASE("a write after a record failed its check fails with a status") {
+  Pair pair = connected_pair();
+  // An application-data record of 32 bytes the session never sealed.
+  std::string forged = "\x17\x03\x03";
+  forged += '\0';
+  forged += '\x20';
+  forged += pattern(32, 9);
+  REQUIRE(::send(pair.reader->fd(), forged.data(), forged.size(), MSG_NOSIGNAL) ==
+          static_cast<ssize_t>(forged.size()));
+  pollfd ready{pair.writer->fd(), POLLIN, 0};
+  REQUIRE(::poll(&ready, 1, 10000) == 1);
+  char buffer[256];
+  absl::StatusOr<ssize_t> got = pair.writer->read(buffer, sizeof(buffer));
+  REQUIRE_FALSE(got.ok());
+  CHECK(got.status().code() == absl::StatusCode::kDataLoss);
+  CHECK(pair.writer->record_failed());
+  for (size_t size : {size_t{24}, size_t{200} * 1024}) {
+    CAPTURE(size);
+    const std::string bytes = pattern(size, 10);
+    iovec piece{const_cast<char*>(bytes.data()), bytes.size()};
+    absl::StatusOr<size_t> taken = pair.writer->write(&piece, 1);
+    CHECK_FALSE(taken.ok());
+  }
+}
+
 }  // namespace
 }  // namespace procpool::internal

@@ -43,8 +43,10 @@ namespace procpool {
 /// From code running in a worker (W's constructor, enter, run, exit; a Pool function): sends the
 /// record to the pool's log_sink (source kWorker). A message longer than 64 KiB is cut there. If
 /// the pool is gone the record is dropped. Elsewhere (in the program itself, or in a process a
-/// task forked) it is written to stderr as `log_to_stderr` writes a kWorker event. Never fails;
-/// blocks only as long as a write to the pool (or to stderr) does.
+/// task forked) it is written to stderr as `log_to_stderr` writes a kWorker event. Records from
+/// threads other than the task's wait for the task thread to send them; while 8 MiB of them wait
+/// (threads log faster than the worker sends), a new one is written to stderr instead. Never
+/// fails; blocks only as long as a write to the pool (or to stderr) does.
 void log(LogSeverity severity, std::string_view message);
 
 /// The symbolized stack (one frame a line, innermost first) that a worker killed by a fatal

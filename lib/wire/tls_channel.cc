@@ -395,6 +395,10 @@ absl::StatusOr<size_t> TlsChannel::send_unsent() {
 }
 
 absl::StatusOr<size_t> TlsChannel::write(const iovec* pieces, size_t count) {
+  // A session a record broke writes nothing more (OpenSSL would refuse it, saying no more than
+  // SSL_ERROR_SYSCALL with errno 0). The pool may write to a link in the same turn of its loop as
+  // it read the record that broke it.
+  if (!failed_.ok()) return failed_;
   // Records of an earlier write first: what they hold was offered again, and is taken once sent.
   size_t taken = 0;
   if (unsent_from_ < unsent_.size()) {
@@ -448,7 +452,9 @@ absl::StatusOr<size_t> TlsChannel::write(const iovec* pieces, size_t count) {
     if (rc != 1) {
       const int error = SSL_get_error(ssl_, rc);
       if (error == SSL_ERROR_WANT_WRITE || error == SSL_ERROR_WANT_READ) return taken;
-      if (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+      // errno 0 too: a session OpenSSL holds as failed (after an alert it sent, say) refuses
+      // writes without a reason, and a status made from errno 0 would be OK.
+      if (error == SSL_ERROR_SYSCALL && ERR_peek_error() == 0 && errno != 0) {
         return absl::ErrnoToStatus(errno, "sending a TLS record");
       }
       return absl::UnavailableError(absl::StrCat("sending a TLS record: ", openssl_errors()));

@@ -1,5 +1,6 @@
 #include "lib/worker/task_server.h"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -56,6 +57,25 @@ constexpr int64_t kPerTaskClockNs = 100;
 // The most results a growing frame has room for (WorkerTransport::hold_growing): a timed word
 // batch of quick tasks makes a frame per this many tasks, not one per task.
 constexpr uint32_t kGrowingResults = 1024;
+
+// Set in a process that user code forked from the worker (a task, a hook, W's constructor): see
+// leave_if_forked_by_user_code.
+volatile bool forked_by_user_code = false;
+
+// A fork that user code made shares the worker's channel, held-frames area and control page. If
+// it returns into this loop instead of calling _exit() or exec() (a child that forgets to, or
+// throws), two processes would answer the same tasks and read the same frames: the pool saw
+// results for batches the worker was not running and failed innocent tasks kDataLoss. Such a
+// process leaves here, before it touches any of them, without flushing the stdio buffers it
+// shares with the worker. Called after each return from user code; costs a load.
+void leave_if_forked_by_user_code() {
+  if (!forked_by_user_code) [[likely]] return;
+  std::fprintf(stderr,
+               "[procpool] process %d, forked by user code in a worker, returned into the "
+               "worker's loop instead of calling _exit(); it exits\n",
+               ::getpid());
+  ::_exit(kWorkerExitOk);
+}
 
 // Where ResultBatch.count lies in the struct's data section, in bytes.
 size_t count_field_offset() {
@@ -200,6 +220,7 @@ class BatchRunner {
       pacer.begin(i);
       const size_t blobs_before = blob_bytes();
       body_.run(batch, jobs[i], outcomes_[i - first_unsent_]);
+      leave_if_forked_by_user_code();
       last_blob_bytes_ = blob_bytes() - blobs_before;
       piece_blob_bytes_ += last_blob_bytes_;
       const bool due = pacer.end();
@@ -357,6 +378,7 @@ class BatchRunner {
       const size_t errors_before = errors_.size();
       const uint32_t ran =
           body_.run_words(jobs, kind, results, i, claimed_until, stamps, errors_);
+      leave_if_forked_by_user_code();
       page_.running.store(0, std::memory_order_release);
       const int64_t end = monotonic_now_ns();
       const int64_t took = end - start;
@@ -619,8 +641,14 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
   BlobScope blob_scope(&blobs);
   bind_task_page(&page);  // this_task (this_worker.h) reads the running task's stamps there
   worker_opens_claims = page.worker_opens_claims.load(std::memory_order_relaxed) != 0;
+  // This process is the worker (a pool made inside a worker forks workers of its own).
+  forked_by_user_code = false;
+  static const bool watching_forks =
+      ::pthread_atfork(nullptr, nullptr, [] { forked_by_user_code = true; }) == 0;
+  (void)watching_forks;
   std::unique_ptr<WorkerBody> body = factory();
   absl::Status entered = body->enter();
+  leave_if_forked_by_user_code();
   if (!entered.ok()) {
     send_status_frame(transport, /*enter_failed=*/true, entered);
     return kWorkerExitEnterFailed;
@@ -673,6 +701,7 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
     if (shutdown) {
       absl::Status exited = body->exit();
       body.reset();
+      leave_if_forked_by_user_code();
       send_status_frame(transport, /*enter_failed=*/false, exited);
       return exited.ok() ? kWorkerExitOk : kWorkerExitExitHookFailed;
     }

@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <sched.h>
 
@@ -51,6 +52,15 @@ class ChannelTransport final : public WorkerTransport {
     // Made now, before any code of the user's runs (which may have closed 0-2 by then).
     absl::StatusOr<UniqueFd> wake = make_event_fd();
     if (wake.ok()) posted_wake_ = *std::move(wake);
+    struct stat made {};
+    if (posted_wake_ && ::fstat(posted_wake_.get(), &made) == 0) {
+      wake_device_ = made.st_dev;
+      wake_inode_ = made.st_ino;
+    }
+  }
+  ~ChannelTransport() override {
+    // Its number may be a descriptor of the user's by now: never closed from here.
+    if (wake_lost_.load(std::memory_order_relaxed)) (void)posted_wake_.release();
   }
 
   bool post(std::unique_ptr<capnp::MessageBuilder> message) override {
@@ -69,7 +79,9 @@ class ChannelTransport final : public WorkerTransport {
       if (any_posted_.exchange(true, std::memory_order_release)) return true;
     }
     const uint64_t one = 1;
-    if (posted_wake_) (void)!::write(posted_wake_.get(), &one, sizeof(one));
+    if (posted_wake_ && !wake_lost_.load(std::memory_order_relaxed)) {
+      (void)!::write(posted_wake_.get(), &one, sizeof(one));
+    }
     return true;
   }
 
@@ -92,6 +104,7 @@ class ChannelTransport final : public WorkerTransport {
       // time the parent consumes what this worker sent (the kernel signals write space on the
       // same wait queue), a context switch for nothing per result frame. poll() filters those.
       // Frames other threads post while this one waits wake it (post()).
+      const bool wake = posted_wake_ && !wake_lost_.load(std::memory_order_relaxed);
       pollfd readable[2] = {{fd_, POLLIN, 0}, {posted_wake_.get(), POLLIN, 0}};
       // Only waits for a batch that may come soon count towards spinning (and none ask the
       // kernel how many CPUs there are before one does).
@@ -101,14 +114,21 @@ class ChannelTransport final : public WorkerTransport {
       const bool in_hand = stream_.tls != nullptr && stream_.tls->buffered();
       if (!in_hand) {
         if (!any_posted_.load(std::memory_order_acquire)) {
-          const int polled = ::poll(readable, posted_wake_ ? 2 : 1, -1);
+          const int polled = ::poll(readable, wake ? 2 : 1, -1);
           if (polled < 0 && errno != EINTR) {
             return absl::ErrnoToStatus(errno, "waiting for the parent");
           }
           // (A wake-up may be for frames sent already, with this thread's own.)
-          if (polled > 0 && readable[1].revents != 0) {
-            uint64_t count = 0;
-            (void)!::read(posted_wake_.get(), &count, sizeof(count));
+          if (polled > 0 && wake && readable[1].revents != 0) {
+            if (wake_still_ours()) {
+              uint64_t count = 0;
+              (void)!::read(posted_wake_.get(), &count, sizeof(count));
+            } else {
+              // User code closed it (or closed it and opened something else there): polled
+              // again, it would be ready at once, every time, and the idle worker would spin.
+              // Frames other threads post now go with the task thread's next frame.
+              wake_lost_.store(true, std::memory_order_relaxed);
+            }
           }
         }
         if (any_posted_.load(std::memory_order_acquire) && !flush()) {
@@ -206,6 +226,13 @@ class ChannelTransport final : public WorkerTransport {
   bool frames_writable() const override { return true; }
 
  private:
+  // Whether the wake-up descriptor's number still names the eventfd made for it.
+  bool wake_still_ours() const {
+    struct stat now {};
+    return ::fstat(posted_wake_.get(), &now) == 0 && now.st_dev == wake_device_ &&
+           now.st_ino == wake_inode_;
+  }
+
   bool send_now(capnp::MessageBuilder& message) {
     if (held_ == nullptr) return write_frame(stream_, message).ok();
     return write_held(&message);
@@ -363,6 +390,9 @@ class ChannelTransport final : public WorkerTransport {
   size_t posted_bytes_ ABSL_GUARDED_BY(posted_mu_) = 0;
   std::atomic<bool> any_posted_{false};  // posted_ is not empty; set under posted_mu_
   UniqueFd posted_wake_;                 // an eventfd: written when posted_ stops being empty
+  dev_t wake_device_ = 0;                // what fstat() said of it when it was made
+  ino_t wake_inode_ = 0;
+  std::atomic<bool> wake_lost_{false};   // user code closed posted_wake_'s number
 };
 
 }  // namespace

@@ -425,6 +425,7 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
   // Before anything that could fork: whatever the worker starts is in its cgroups and below it.
   if (!join_cgroups(launch.cgroup_procs)) leave(kWorkerExitProtocolError);
   become_tree_root();
+  end_tree_with_parent(launch.cgroup_procs);
   if (launch.address_space_limit > 0) {
     const rlimit limit{launch.address_space_limit, launch.address_space_limit};
     ::setrlimit(RLIMIT_AS, &limit);

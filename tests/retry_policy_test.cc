@@ -114,6 +114,43 @@ TEST_CASE("retry_backoff delays a retry by a timer; other tasks run meanwhile") 
   }
 }
 
+// Its first run waits to be asked to stop, then returns (its value is dropped); later runs return
+// their attempt.
+struct StopsWhenAsked {
+  absl::StatusOr<int64_t> run(int64_t) {
+    if (this_task::attempt() == 1) {
+      while (!this_task::stop_requested()) ::usleep(1000);
+      return -1;
+    }
+    return this_task::attempt();
+  }
+};
+
+TEST_CASE("a task that returns after its soft_timeout is retried under retry_on kDeadlineExceeded, as one killed at it") {
+  const CallOptions retrying{.retries = 2,
+                             .soft_timeout = absl::Milliseconds(200),
+                             .retry_on = {absl::StatusCode::kDeadlineExceeded}};
+  for (const absl::Duration grace : {absl::ZeroDuration(), absl::Seconds(30)}) {
+    CAPTURE(grace);
+    // Without a grace the worker is killed at the soft timeout; with one, the task returns.
+    ProcessPool<StopsWhenAsked> pool(quiet({.workers = 1, .cancel_grace = grace}));
+    const absl::StatusOr<int64_t> applied = pool.apply(1, retrying);
+    CHECK_MESSAGE(applied.value_or(-1) == 2, applied.status());
+    const absl::StatusOr<std::vector<int64_t>> mapped =
+        pool.map(std::vector<int64_t>{1, 2}, {.chunksize = 2,
+                                              .retries = 2,
+                                              .soft_timeout = absl::Milliseconds(200),
+                                              .retry_on = {absl::StatusCode::kDeadlineExceeded}});
+    CHECK_MESSAGE(mapped.ok(), mapped.status());
+    if (mapped.ok()) CHECK(*mapped == std::vector<int64_t>{2, 2});
+    // Not listed: the soft timeout is the task's outcome.
+    CHECK(pool.apply(1, {.retries = 2, .soft_timeout = absl::Milliseconds(200),
+                         .retry_on = {absl::StatusCode::kUnavailable}})
+              .status()
+              .code() == absl::StatusCode::kDeadlineExceeded);
+  }
+}
+
 TEST_CASE("retry_on and its backoff out of range fail the call with kInvalidArgument") {
   ProcessPool<Flaky> pool(quiet({.workers = 1}));
   const std::vector<CallOptions> bad = {

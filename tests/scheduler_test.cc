@@ -704,5 +704,41 @@ TEST_CASE("a soft_timeout asks the task to stop; without a cancel_grace its work
   CHECK(absl::StrContains(rig.ports[0]->stops()[0].message(), "soft_timeout"));
 }
 
+
+// Without a cancel_grace the worker is stopped at the soft timeout; the task may see the request
+// and return just before the kill lands, its result unsent. It reports its soft timeout (and runs
+// again when retry_on lists kDeadlineExceeded), not a death after it finished.
+TEST_CASE("a task asked to stop that finished as its worker was stopped reports why it was asked") {
+  int retries = 0;
+  SUBCASE("kDeadlineExceeded not listed") {}
+  SUBCASE("retry_on kDeadlineExceeded") { retries = 1; }
+  Rig rig(1);
+  CallSettings settings = chunks(1, retries);
+  settings.soft_timeout = absl::Milliseconds(50);
+  if (retries > 0) settings.retry_on = {absl::StatusCode::kDeadlineExceeded};
+  auto call = rig.submit(1, settings);
+  rig.scheduler.dispatch();
+  const int64_t start = internal::monotonic_now_ns();
+  REQUIRE(rig.worker(0).start(rig.front(0).seq, start) == 0u);
+  rig.scheduler.check(start + 60'000'000 + internal::coarse_clock_slack_ns());
+  REQUIRE(rig.ports[0]->stops().size() == 1);
+  const absl::Status reason = rig.ports[0]->stops()[0];
+  rig.worker(0).finish();  // it saw the request and returned; then the kill
+  LostWorker how;
+  how.ended = absl::StrCat("worker 0 was stopped: ", reason.message());
+  how.running_failure = reason;
+  how.retry_allowed = false;
+  rig.lose(0, how);
+  if (retries == 0) {
+    CHECK(call->outcome(0).status().code() == absl::StatusCode::kDeadlineExceeded);
+    CHECK(absl::StrContains(call->outcome(0).status().message(), "soft_timeout"));
+  } else {
+    CHECK(call->count(0) == 0);
+    rig.run_all();
+    CHECK(call->outcome(0).value_or(-1) == 0);
+  }
+  CHECK(call->ended_once());
+}
+
 }  // namespace
 }  // namespace procpool::testing

@@ -12,10 +12,30 @@
 
 #include <sys/types.h>
 
+#include <string>
+#include <vector>
+
 namespace procpool::internal {
 
 // In a worker just forked: leads a process group of its own and becomes a child subreaper.
 void become_tree_root();
+
+// In a worker that is its tree's root (after become_tree_root and joining its cgroups, whose
+// cgroup.procs files are `cgroup_procs`) and that dies with its parent (PR_SET_PDEATHSIG, set by
+// prepare_child): the parent's death kills the whole tree, not only the worker. A parent that is
+// SIGKILLed (kill -9, the OOM killer) cannot stop its workers' trees itself: the SIGKILL the
+// worker got as its death signal left what its task started running (reparented to init). The
+// death signal becomes tree_death_signal(), whose handler (system calls only: the task may be
+// anywhere, in malloc too) kills the worker's cgroup (v2 cgroup.kill, or each member of its
+// cgroup.procs), every descendant (orphans come to the worker as their subreaper), its process
+// group, and the worker itself. Does nothing where no death signal is set. A task that blocks
+// or takes over that signal keeps its worker alive past its parent until the task returns (the
+// worker then finds its channel closed, ends its tree and leaves).
+void end_tree_with_parent(const std::vector<std::string>& cgroup_procs);
+
+// The signal a worker's parent's death sends it once end_tree_with_parent ran (a real-time
+// signal: no program's own handler is likely to take it).
+int tree_death_signal();
 
 // SIGKILLs every living descendant of `root` (not `root` itself), again and again until none is
 // left alive (those that fork as they die are found on the next pass), for at most about 100 ms.

@@ -378,10 +378,17 @@ absl::Status Scheduler::deliver_outcomes(Worker& worker, Batch& batch,
   for (uint32_t i = 0; i < count; ++i) {
     const wire::Outcome::Reader outcome = listed[i];
     const size_t index = batch.tasks.first + batch.reported;
-    // Asked to stop: whatever it returned, it reports why it was asked (its worker lives on).
+    // Asked to stop: whatever it returned, it reports why it was asked (its worker lives on),
+    // and a soft timeout listed in retry_on runs it again, as the word path and a kill at the
+    // soft timeout (no cancel_grace) do.
     if (const absl::Status* stopped = stopped_outcome(worker, batch, batch.reported)) {
-      call.on_error(index, *stopped);
-      ++tasks_failed_;
+      if (may_retry(batch.tasks, *stopped, /*by_default=*/false)) {
+        retry(TaskRange{batch.tasks.call, index, 1, batch.tasks.attempt + 1,
+                        batch.tasks.number + (index - batch.tasks.first)});
+      } else {
+        call.on_error(index, *stopped);
+        ++tasks_failed_;
+      }
       ++batch.reported;
       continue;
     }

@@ -221,7 +221,19 @@ void Scheduler::on_worker_lost(int slot, const LostWorker& how) {
          how.blamed_task->second >= batch.reported && how.blamed_task->second < end)) {
       placed = true;
     }
-    settle_ran(batch, batch.reported, finished, lost_result, /*retry_allowed=*/true);
+    // Finished tasks the pool had asked to stop report why they were asked, as when their
+    // results arrive (a kill at a soft timeout without cancel_grace may land just after the
+    // task, seeing the request, returned); the others lost their results with the worker.
+    uint32_t stop_from = finished;
+    uint32_t stop_to = finished;
+    if (worker.stop && worker.stop->seq == batch.seq) {
+      stop_from = std::clamp(worker.stop->from, batch.reported, finished);
+      stop_to = std::clamp(worker.stop->to, stop_from, finished);
+    }
+    settle_ran(batch, batch.reported, stop_from, lost_result, /*retry_allowed=*/true);
+    settle_ran(batch, stop_from, stop_to, worker.stop ? worker.stop->reason : lost_result,
+               /*retry_allowed=*/false);
+    settle_ran(batch, stop_to, finished, lost_result, /*retry_allowed=*/true);
     uint32_t not_started = finished;
     if (running) {
       settle_ran(batch, *running, *running + 1, how.running_failure, how.retry_allowed);

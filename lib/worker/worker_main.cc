@@ -439,10 +439,26 @@ void apply_placement(const WorkerLaunch& launch) {
                              .workers = placement.workers});
 }
 
-}  // namespace
+// An exception escaped the worker's own code: says so on its stderr (where the pool forwards it)
+// and leaves. Describing it may fail as the throw did (an allocation): then a fixed line.
+[[noreturn]] void leave_after_exception() {
+  try {
+    const std::string line = absl::StrCat("procpool worker (pid ", ::getpid(), "): ",
+                                          describe_current_exception(), "; the worker leaves\n");
+    (void)!::write(STDERR_FILENO, line.data(), line.size());
+  } catch (...) {
+    constexpr char kLine[] = "procpool worker: an exception escaped its own code; it leaves\n";
+    (void)!::write(STDERR_FILENO, kLine, sizeof(kLine) - 1);
+  }
+  try {
+    end_own_tree();  // what its tasks started goes too
+  } catch (...) {
+  }
+  leave(kWorkerExitProtocolError);
+}
 
-void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, pid_t parent_pid,
-                 SharedRegion* region, TlsChannel* tls) {
+[[noreturn]] void serve_as_worker(int channel_fd, ControlPage* page, const WorkerLaunch& launch,
+                                  pid_t parent_pid, SharedRegion* region, TlsChannel* tls) {
   prepare_child({.process_name = launch.process_name,
                  .parent_death_signal = launch.parent_death_signal,
                  .parent_pid = parent_pid,
@@ -455,6 +471,7 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
   // Before anything that could fork: whatever the worker starts is in its cgroups and below it.
   if (!join_cgroups(launch.cgroup_procs)) leave(kWorkerExitProtocolError);
   become_tree_root();
+  end_tree_with_parent(launch.cgroup_procs);
   if (launch.address_space_limit > 0) {
     const rlimit limit{launch.address_space_limit, launch.address_space_limit};
     ::setrlimit(RLIMIT_AS, &limit);
@@ -467,6 +484,21 @@ void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, 
   const int status = run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region);
   end_own_tree();
   leave(status);
+}
+
+}  // namespace
+
+void worker_main(int channel_fd, ControlPage* page, const WorkerLaunch& launch, pid_t parent_pid,
+                 SharedRegion* region, TlsChannel* tls) {
+  // Nothing unwinds past here: above this frame is the stack of the program that forked the worker
+  // (or of the fork server), and an exception that got there would run a second copy of that
+  // program. The worker's own code throws where its allocations fail (std::bad_alloc under
+  // RLIMIT_AS, which counts the address space it inherited); user code is caught nearer.
+  try {
+    serve_as_worker(channel_fd, page, launch, parent_pid, region, tls);
+  } catch (...) {
+    leave_after_exception();
+  }
 }
 
 }  // namespace procpool::internal

@@ -7,7 +7,6 @@
 // SIGKILLed once the tree runs. Every process a task starts carries PROCPOOL_KILL_TREE_MARK=<mark>
 // in its environment, so the test finds them in /proc whoever their parent is by then.
 
-#include <dirent.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,9 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <string>
 #include <vector>
 
@@ -77,27 +74,7 @@ struct TreeWorker {
 
 // The living processes, anywhere on the machine, that carry this test's mark.
 std::vector<pid_t> marked_processes() {
-  const std::string wanted = absl::StrCat("PROCPOOL_KILL_TREE_MARK=", mark_of_this_test());
-  std::vector<pid_t> found;
-  DIR* proc = ::opendir("/proc");
-  if (proc == nullptr) return found;
-  while (dirent* entry = ::readdir(proc)) {
-    const int pid = std::atoi(entry->d_name);
-    if (pid <= 0) continue;
-    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"), std::ios::binary);
-    const std::string environment((std::istreambuf_iterator<char>(in)),
-                                  std::istreambuf_iterator<char>());
-    if (environment.find(wanted) == std::string::npos) continue;
-    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-    const std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-    const size_t name_end = text.rfind(')');
-    if (name_end != std::string::npos && name_end + 2 < text.size() && text[name_end + 2] == 'Z') {
-      continue;  // its parent (init, by now) reaps it
-    }
-    found.push_back(pid);
-  }
-  ::closedir(proc);
-  return found;
+  return testing::processes_with_environment(absl::StrCat("PROCPOOL_KILL_TREE_MARK=", mark_of_this_test()));
 }
 
 // Forks the program: a pool of one worker running `job`. Returns its pid once its task's tree

@@ -7,7 +7,6 @@
 // finds them in /proc whoever their parent is by then (tests run as root: every environ is
 // readable).
 
-#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -16,7 +15,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
-#include <iterator>
 #include <memory>
 #include <new>
 #include <string>
@@ -32,14 +30,6 @@
 #include "procpool/process_pool.h"
 #include "tests/remote_worker.h"
 #include "tests/test_support.h"
-
-#if defined(__SANITIZE_ADDRESS__)
-#define PROCPOOL_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define PROCPOOL_TEST_ASAN 1
-#endif
-#endif
 
 namespace procpool {
 namespace {
@@ -141,30 +131,9 @@ struct TreeWorker {
   }
 };
 
-// The processes, anywhere on the machine, that carry this test's mark.
+// The living processes, anywhere on the machine, that carry this test's mark.
 std::vector<pid_t> marked_processes() {
-  const std::string wanted = absl::StrCat("PROCPOOL_TREE_MARK=", mark_of_this_test());
-  std::vector<pid_t> found;
-  DIR* proc = ::opendir("/proc");
-  if (proc == nullptr) return found;
-  while (dirent* entry = ::readdir(proc)) {
-    const int pid = std::atoi(entry->d_name);
-    if (pid <= 0) continue;
-    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"), std::ios::binary);
-    const std::string environment((std::istreambuf_iterator<char>(in)),
-                                  std::istreambuf_iterator<char>());
-    if (environment.find(wanted) == std::string::npos) continue;
-    // A zombie has left nothing running; its parent reaps it.
-    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-    const std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-    const size_t name_end = text.rfind(')');
-    if (name_end != std::string::npos && name_end + 2 < text.size() && text[name_end + 2] == 'Z') {
-      continue;
-    }
-    found.push_back(pid);
-  }
-  ::closedir(proc);
-  return found;
+  return testing::processes_with_environment(absl::StrCat("PROCPOOL_TREE_MARK=", mark_of_this_test()));
 }
 
 // Waits (generously) for the tree to vanish; returns how long it took, or an infinite duration.

@@ -1,5 +1,6 @@
 #include "tests/test_support.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
@@ -7,6 +8,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 
@@ -70,6 +72,29 @@ std::vector<pid_t> child_pids(pid_t parent) {
     }
   }
   return children;
+}
+
+std::vector<pid_t> processes_with_environment(const std::string& entry) {
+  std::vector<pid_t> found;
+  DIR* proc = ::opendir("/proc");
+  if (proc == nullptr) return found;
+  while (dirent* item = ::readdir(proc)) {
+    const int pid = std::atoi(item->d_name);
+    if (pid <= 0) continue;
+    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"), std::ios::binary);
+    const std::string environment((std::istreambuf_iterator<char>(in)),
+                                  std::istreambuf_iterator<char>());
+    if (environment.find(entry) == std::string::npos) continue;
+    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+    const std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    const size_t name_end = text.rfind(')');
+    if (name_end != std::string::npos && name_end + 2 < text.size() && text[name_end + 2] == 'Z') {
+      continue;
+    }
+    found.push_back(pid);
+  }
+  ::closedir(proc);
+  return found;
 }
 
 std::vector<pid_t> worker_children() {

@@ -27,6 +27,15 @@
 #define PROCPOOL_TEST_STD_VIEWS 0
 #endif
 
+// 1 in a build with AddressSanitizer (g++ or clang).
+#if defined(__SANITIZE_ADDRESS__)
+#define PROCPOOL_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PROCPOOL_TEST_ASAN 1
+#endif
+#endif
+
 namespace procpool::testing {
 
 // A fresh directory under $TEST_TMPDIR (or /tmp), removed with its files when destroyed.
@@ -55,6 +64,9 @@ std::vector<pid_t> child_pids(pid_t parent);
 // This process's children named like pool workers or fork servers ("procpool-w3"), zombies
 // included. A child names itself just after fork: wait for the count rather than race it.
 std::vector<pid_t> worker_children();
+// Living processes (zombies left out: they run nothing), anywhere on the machine, whose
+// environment holds `entry` ("NAME=value"): what a test marked before it started them.
+std::vector<pid_t> processes_with_environment(const std::string& entry);
 // True if `pid` exists (a zombie counts).
 bool process_exists(pid_t pid);
 // Polls `condition` every few ms until it holds or `timeout` passes; returns whether it held.

@@ -21,14 +21,6 @@
 #include "procpool/process_pool.h"
 #include "tests/test_support.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define PROCPOOL_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define PROCPOOL_TEST_ASAN 1
-#endif
-#endif
-
 namespace procpool {
 namespace {
 

@@ -21,14 +21,21 @@ and defines as a test's compile gets from these deps. Where g++ judges it unusab
 macro that differs; -Winvalid-pch says so) it parses the header's text instead, which is the same
 code. A compiler other than g++ (--repo_env=CC=clang) builds and reads its own kind of file.
 
-Not for the library itself or anything a consumer builds: it is a build-speed device for this
-workspace's tests and benchmarks only.
+Built only in this workspace: where procpool is an external repository (a consumer's build of
+@procpool), the rule gives nothing (no action, no file), and .bazelrc's --per_file_copt, which
+matches this workspace's paths only (lib/..., not external/procpool/lib/...), adds no -include.
+So the library's own files may use one too (//lib:third_party_pch), and a consumer compiles them
+exactly as before. Other builds of the same files without it (CMake, the consumer workspaces)
+catch an include a file lacks.
 """
 
 load("@bazel_tools//tools/build_defs/cc:action_names.bzl", "CPP_COMPILE_ACTION_NAME")
 load("@bazel_tools//tools/cpp:toolchain_utils.bzl", "find_cpp_toolchain")
 
 def _cc_precompiled_header_impl(ctx):
+    if ctx.label.workspace_name:
+        # procpool is an external repository here: see the file's doc.
+        return [DefaultInfo(), CcInfo()]
     cc_toolchain = find_cpp_toolchain(ctx)
     feature_configuration = cc_common.configure_features(
         ctx = ctx,

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(bazel-bootstrap libabsl-dev libcapnp-dev capnproto doctest-dev g++ python3 clang libclang-rt-14-dev libssl-dev
-  cmake pkg-config prometheus iproute2)
+  ccache cmake pkg-config prometheus iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -37,12 +37,25 @@ BAZEL="${BAZEL:-bazel}"
 # about half of g++'s CPU for it. This workspace's suites stay with g++ (the system compiler):
 # with clang 14 the std::views checks compile out (test_support.h), and CI builds them with
 # clang through CMake as well (tools/test_clang.sh).
+# Both go through ccache (installed by install_deps.sh), with a cache that lives only as long as
+# this run ($WORK/ccache): the second workspace compiles the library's files with the same
+# preprocessed text, flags and compiler as the first, so ccache hands it the first's objects
+# (measured: the second's build took 46 CPU-seconds instead of 135; the first's, 147 instead of
+# 135, for filling the cache). Any file whose preprocessed text differs (its own Abseil's
+# headers, a define of its own that procpool's code reads) is compiled afresh. The cache is
+# keyed on the preprocessed text, not on the command line: that is what lets the two workspaces'
+# differing -iquote paths share it.
 CONSUMER_CC=()
 if [[ -z "${CC:-}" ]] && command -v clang >/dev/null 2>&1; then
   CONSUMER_CC=(--repo_env=CC=clang)
 fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
+if [[ ${#CONSUMER_CC[@]} -gt 0 && -x /usr/lib/ccache/clang ]]; then
+  mkdir -p "$WORK/ccache"
+  CONSUMER_CC=(--repo_env=CC=/usr/lib/ccache/clang --action_env=CCACHE_DIR="$WORK/ccache"
+    --sandbox_writable_path="$WORK/ccache")
+fi
 BEP="$WORK/bep.json"
 
 passed=0

@@ -381,6 +381,9 @@ TEST_CASE("an elastic pool with fewer hosts than workers logs its empty places o
   options.respawn_max_delay = absl::Milliseconds(200);
   OutcomePool<RemoteWorker> pool(options, make_worker);
   Host host = start_host(pool.core().remote_address());
+  // The host dials in first: a call made while no worker at all has connected fails after
+  // connect_timeout (300 ms here), and a loaded machine can take longer than that to start it.
+  REQUIRE(wait_until([&] { return worker_of(pool.stats(), host.pid) != 0; }, absl::Seconds(60)));
   // Several connect_timeout periods, with work going on the one host all along.
   const absl::Time until = absl::Now() + absl::Seconds(2);
   int maps = 0;

@@ -1,8 +1,9 @@
 // What //lib:third_party_pch precompiles (bazel/precompiled_header.bzl): the Abseil, Cap'n Proto
 // and standard headers that most of the library's files include, parsed once for all of them.
-// .bazelrc puts it in front of each file of lib/ in this workspace's builds only (-include
-// lib/third_party_pch.h); a consumer's build of @procpool compiles every file without it. Only
-// third-party headers: none of procpool's own, whose layering the build checks.
+// .bazelrc puts it in front of each file of lib/ and examples/ in this workspace's builds only
+// (-include lib/third_party_pch.h; the examples reach it through //:procpool); a consumer's
+// build of @procpool compiles every file without it, and CMake builds the examples without it.
+// Only third-party headers: none of procpool's own, whose layering the build checks.
 #ifndef PROCPOOL_LIB_THIRD_PARTY_PCH_SOURCE_H_
 #define PROCPOOL_LIB_THIRD_PARTY_PCH_SOURCE_H_
 

@@ -10,7 +10,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -28,31 +27,58 @@ struct ProcessEntry {
   bool alive = false;  // not a zombie
 };
 
-// Every process's parent and whether it still runs, from /proc/PID/stat ("pid (comm) S ppid ...":
-// the name may hold spaces and parentheses, so the fields after the last ')' are read).
+// "/proc/<pid>/stat" into `path`.
+void stat_path(pid_t pid, char (&path)[32]) {
+  char digits[16];
+  int n = 0;
+  for (unsigned long rest = static_cast<unsigned long>(pid); n == 0 || rest != 0; rest /= 10) {
+    digits[n++] = static_cast<char>('0' + rest % 10);
+  }
+  std::memcpy(path, "/proc/", 6);
+  int at = 6;
+  while (n > 0) path[at++] = digits[--n];
+  std::memcpy(path + at, "/stat", 6);
+}
+
+// A process's parent and whether it still runs (not a zombie), from /proc/PID/stat: "pid (comm)
+// S ppid ...", where the name may hold anything, so the fields after the last ')' are read. System
+// calls and stack buffers only: the parent-death handler reads processes with it too.
+bool read_process_entry(pid_t pid, ProcessEntry* entry) {
+  char path[32];
+  stat_path(pid, path);
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char text[512];
+  const ssize_t length = ::read(fd, text, sizeof(text));
+  ::close(fd);
+  if (length <= 0) return false;
+  const char* after_name = nullptr;
+  for (ssize_t i = 0; i < length; ++i) {
+    if (text[i] == ')') after_name = text + i;
+  }
+  if (after_name == nullptr || after_name + 4 >= text + length) return false;
+  const char state = after_name[2];
+  long parent = 0;
+  for (const char* p = after_name + 4; p < text + length && *p >= '0' && *p <= '9'; ++p) {
+    parent = parent * 10 + (*p - '0');
+  }
+  *entry = {static_cast<pid_t>(parent), state != 'Z' && state != 'X'};
+  return true;
+}
+
+// Every process's entry (read_process_entry).
 std::unordered_map<pid_t, ProcessEntry> read_processes() {
   std::unordered_map<pid_t, ProcessEntry> processes;
   DIR* proc = ::opendir("/proc");
   if (proc == nullptr) return processes;
-  while (dirent* entry = ::readdir(proc)) {
+  while (dirent* dir_entry = ::readdir(proc)) {
     char* end = nullptr;
-    const long pid = std::strtol(entry->d_name, &end, 10);
+    const long pid = std::strtol(dir_entry->d_name, &end, 10);
     if (pid <= 0 || *end != '\0') continue;
-    char path[64];
-    std::snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
-    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) continue;
-    char text[512];
-    const ssize_t got = ::read(fd, text, sizeof(text) - 1);
-    ::close(fd);
-    if (got <= 0) continue;
-    text[got] = '\0';
-    const char* after_name = std::strrchr(text, ')');
-    if (after_name == nullptr) continue;
-    char state = 0;
-    long parent = 0;
-    if (std::sscanf(after_name + 1, " %c %ld", &state, &parent) != 2) continue;
-    processes[static_cast<pid_t>(pid)] = {static_cast<pid_t>(parent), state != 'Z' && state != 'X'};
+    ProcessEntry entry;
+    if (read_process_entry(static_cast<pid_t>(pid), &entry)) {
+      processes[static_cast<pid_t>(pid)] = entry;
+    }
   }
   ::closedir(proc);
   return processes;
@@ -74,19 +100,6 @@ bool copy_path(char (&to)[kMaxPath], const std::string& from) {
 
 // The rest of this namespace runs in a signal handler that may have interrupted anything (malloc
 // included): system calls and stack buffers only.
-
-// "/proc/<pid>/stat" into `path`.
-void stat_path(pid_t pid, char (&path)[32]) {
-  char digits[16];
-  int n = 0;
-  for (unsigned long rest = static_cast<unsigned long>(pid); n == 0 || rest != 0; rest /= 10) {
-    digits[n++] = static_cast<char>('0' + rest % 10);
-  }
-  std::memcpy(path, "/proc/", 6);
-  int at = 6;
-  while (n > 0) path[at++] = digits[--n];
-  std::memcpy(path + at, "/stat", 6);
-}
 
 // SIGKILLs every process a cgroup.procs file lists but `self`. Returns how many.
 int kill_listed_members(const char* procs, pid_t self) {
@@ -143,26 +156,9 @@ int kill_living_children(pid_t self) {
       const char* c = entry->name;
       for (; *c >= '0' && *c <= '9'; ++c) pid = pid * 10 + (*c - '0');
       if (*c != '\0' || pid <= 0 || pid == self) continue;
-      char path[32];
-      stat_path(static_cast<pid_t>(pid), path);
-      const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-      if (fd < 0) continue;
-      char text[512];
-      const ssize_t length = ::read(fd, text, sizeof(text) - 1);
-      ::close(fd);
-      if (length <= 0) continue;
-      // "pid (comm) S ppid ...": the name may hold anything, so read after the last ')'.
-      const char* after_name = nullptr;
-      for (ssize_t i = 0; i < length; ++i) {
-        if (text[i] == ')') after_name = text + i;
-      }
-      if (after_name == nullptr || after_name + 4 >= text + length) continue;
-      const char state = after_name[2];
-      long parent = 0;
-      for (const char* p = after_name + 4; p < text + length && *p >= '0' && *p <= '9'; ++p) {
-        parent = parent * 10 + (*p - '0');
-      }
-      if (parent != self || state == 'Z' || state == 'X') continue;
+      ProcessEntry process;
+      if (!read_process_entry(static_cast<pid_t>(pid), &process)) continue;
+      if (process.parent != self || !process.alive) continue;
       ::kill(static_cast<pid_t>(pid), SIGKILL);
       ++living;
     }

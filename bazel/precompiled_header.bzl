@@ -19,7 +19,8 @@ Correctness never depends on it: the .gch is compiled by the target configuratio
 toolchain, with the same features, --copt/--cxxopt (a sanitizer config included), include paths
 and defines as a test's compile gets from these deps. Where g++ judges it unusable (a flag or a
 macro that differs; -Winvalid-pch says so) it parses the header's text instead, which is the same
-code. A compiler other than g++ (--repo_env=CC=clang) builds and reads its own kind of file.
+code. With clang (--repo_env=CC=clang) the rule runs clang, which writes its own kind of
+file under that name; such a build compiles and links as well.
 
 Built only in this workspace: where procpool is an external repository (a consumer's build of
 @procpool), the rule gives nothing (no action, no file), and .bazelrc's --per_file_copt, which

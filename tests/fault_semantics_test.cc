@@ -21,7 +21,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <memory>
 #include <set>
 #include <string>
@@ -632,11 +631,7 @@ TEST_CASE("a program thread printing while pools come and go prints every line o
   CHECK(WEXITSTATUS(status) == 0);
   // Up to 3 million lines: checked in one pass over the file's bytes, counting each number's
   // copies in a flat table (a std::map and a string per line took 10 CPU-seconds at -O0).
-  std::string text;
-  {
-    std::ifstream in(path, std::ios::binary);
-    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
+  const std::string text = testing::read_file(path);
   std::vector<uint8_t> copies(3'000'000, 0);
   size_t lines = 0, distinct = 0, duplicated = 0, out_of_order = 0;
   int64_t last = -1;

@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
-#include <iterator>
 #include <optional>
 #include <set>
 #include <string>
@@ -701,8 +700,7 @@ TEST_CASE("serve() reads its token from PROCPOOL_TOKEN_FILE; a file it cannot re
     MESSAGE(result.status());
     CHECK(result.status().code() == absl::StatusCode::kUnavailable);
     CHECK(message_has(result.status(), "exited with status 2"));
-    std::ifstream in(dir.file("stderr"));
-    const std::string said((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string said = testing::read_file(dir.file("stderr"));
     MESSAGE(said);
     CHECK(absl::StrContains(said, "PROCPOOL_TOKEN_FILE"));
     CHECK(absl::StrContains(said, "cannot be read"));
@@ -722,8 +720,7 @@ TEST_CASE("a launched worker's tasks cannot read the token from their environmen
   const pid_t worker = static_cast<pid_t>((*seen)[1]);
   for (const pid_t pid : {worker, parent_of(worker)}) {
     CAPTURE(pid);
-    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"), std::ios::binary);
-    const std::string environment((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string environment = testing::read_file(absl::StrCat("/proc/", pid, "/environ"));
     CHECK(absl::StrContains(environment, "PROCPOOL_CONNECT="));  // it read the right file
     CHECK_FALSE(absl::StrContains(environment, token));
     CHECK_FALSE(absl::StrContains(environment, "PROCPOOL_TOKEN"));

@@ -216,10 +216,7 @@ struct ExampleJob {
   testing::TempDir dir;
   std::string id;
   std::string out_file() const { return dir.file(absl::StrCat("procpool-example-", id, ".out")); }
-  std::string output() const {
-    std::ifstream in(out_file());
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
+  std::string output() const { return testing::read_file(out_file()); }
   bool ended(absl::Duration timeout) const {
     return wait_until([&] { return run(absl::StrCat("squeue -h -j ", id, " 2>/dev/null")).empty(); },
                       timeout);

@@ -41,6 +41,11 @@ std::vector<std::string> read_lines(const std::string& path) {
   return lines;
 }
 
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
 bool file_exists(const std::string& path) { return std::filesystem::exists(path); }
 
 std::string helper_program(const std::string& name) {
@@ -81,9 +86,7 @@ std::vector<pid_t> processes_with_environment(const std::string& entry) {
   while (dirent* item = ::readdir(proc)) {
     const int pid = std::atoi(item->d_name);
     if (pid <= 0) continue;
-    std::ifstream in(absl::StrCat("/proc/", pid, "/environ"), std::ios::binary);
-    const std::string environment((std::istreambuf_iterator<char>(in)),
-                                  std::istreambuf_iterator<char>());
+    const std::string environment = read_file(absl::StrCat("/proc/", pid, "/environ"));
     if (environment.find(entry) == std::string::npos) continue;
     std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
     const std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());

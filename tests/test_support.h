@@ -53,6 +53,8 @@ class TempDir {
 // Appends one line to a file with a single write(), so lines from many processes never mix.
 void append_line(const std::string& path, const std::string& line);
 std::vector<std::string> read_lines(const std::string& path);
+// The whole file's bytes; "" if it cannot be read.
+std::string read_file(const std::string& path);
 bool file_exists(const std::string& path);
 // The path of helper program `name` (a `data` dependency of the test): in Bazel's runfiles tree,
 // else next to this binary (run by hand from bazel-bin, or built by CMake, which puts helpers

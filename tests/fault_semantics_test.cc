@@ -92,7 +92,7 @@ TEST_CASE("1,000 jobs that each crash their worker give 1,000 kAborted outcomes;
   for (int i = 0; i < 1000; ++i) jobs.push_back(i % 2 == 0 ? kAbort : kSegv);
   auto call = pool.submit(jobs, {.chunksize = 1});
   REQUIRE(call.ok());
-  // About 25 ms of CPU per crash and fresh worker here; a deadline for a machine loaded 10x over.
+  // About 16 ms of CPU per crash and fresh worker here; a deadline for a machine loaded 10x over.
   REQUIRE((*call)->wait(absl::Seconds(300)));
   size_t aborted = 0;
   for (size_t i = 0; i < jobs.size(); ++i) {

@@ -286,12 +286,14 @@ struct PoolOptions {
   /// forked workers and forwards them, line by line, to `log_sink` for remote ones.
   WorkerOutput worker_output = WorkerOutput::kAuto;
   /// A worker killed by SIGSEGV, SIGBUS, SIGFPE, SIGILL or SIGABRT (an uncaught exception's
-  /// std::terminate included) records the crashing thread's stack, symbolized, before it dies:
-  /// the failed task's kAborted status carries it (`procpool::backtrace_of`, logging.h), and one
-  /// kError LogEvent shows it. A handler for those signals that the program installed before the
-  /// pool forked runs after the stack is recorded. A stack an overrun scribbled on is shown up to
-  /// the frame it spoiled. A stack overflow in a thread the task started (a thread without an
-  /// alternate signal stack) ends the worker with none. False: nothing is recorded.
+  /// std::terminate included) records the crashing thread's stack before it dies, and the pool
+  /// (or a remote worker's relay) names its functions from the binaries' symbol tables, which it
+  /// reads once: the failed task's kAborted status carries it (`procpool::backtrace_of`,
+  /// logging.h), and one kError LogEvent shows it. A handler for those signals that the program
+  /// installed before the pool forked runs after the stack is recorded. A stack an overrun
+  /// scribbled on is shown up to the frame it spoiled. A stack overflow in a thread the task
+  /// started (a thread without an alternate signal stack) ends the worker with none. False:
+  /// nothing is recorded.
   bool crash_backtraces = true;
   /// A frame a worker has begun to send must be complete within this; otherwise its stream is
   /// broken: the task it runs fails kDataLoss and the worker is replaced. A worker cannot wedge

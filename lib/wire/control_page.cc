@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <new>
+#include <optional>
 #include <utility>
 
 #include "absl/status/status.h"
+#include "lib/common/elf_symbols.h"
 #include "lib/common/shared_memory.h"
 
 namespace procpool::internal {
@@ -21,10 +23,87 @@ std::string clean_crash_stack(std::string_view raw) {
   return text;
 }
 
+namespace {
+
+bool parse_number(std::string_view text, int base, uint64_t& value) {
+  if (text.empty() || text.size() > 16) return false;
+  value = 0;
+  for (const char c : text) {
+    int digit;
+    if (c >= '0' && c <= '9') {
+      digit = c - '0';
+    } else if (base == 16 && c >= 'a' && c <= 'f') {
+      digit = c - 'a' + 10;
+    } else {
+      return false;
+    }
+    value = value * static_cast<uint64_t>(base) + static_cast<uint64_t>(digit);
+  }
+  return true;
+}
+
+// A frame's place as the worker wrote it: "<file>+0x<offset>".
+bool parse_place(std::string_view place, uint64_t& file, uint64_t& offset) {
+  const size_t plus = place.find("+0x");
+  return plus != std::string_view::npos && parse_number(place.substr(0, plus), 10, file) &&
+         parse_number(place.substr(plus + 3), 16, offset);
+}
+
+}  // namespace
+
+std::string symbolize_crash_stack(std::string_view stack) {
+  constexpr uint64_t kMaxFiles = 16;
+  std::string files[kMaxFiles];
+  std::string out;
+  while (!stack.empty()) {
+    const size_t end = std::min(stack.find('\n'), stack.size());
+    std::string_view line = stack.substr(0, end);
+    stack.remove_prefix(std::min(end + 1, stack.size()));
+    if (line.empty()) continue;
+    if (line[0] == '@') {
+      const size_t space = line.find(' ');
+      uint64_t file = 0;
+      if (space != std::string_view::npos && parse_number(line.substr(1, space - 1), 10, file) &&
+          file < kMaxFiles) {
+        files[file] = std::string(line.substr(space + 1));
+      }
+      continue;
+    }
+    // "#3 0x55d0c2a1b2c3 <place>": the number and address stay, the place becomes a name.
+    const size_t first_space = line.find(' ');
+    const size_t second_space =
+        first_space == std::string_view::npos ? first_space : line.find(' ', first_space + 1);
+    if (line[0] == '#' && second_space != std::string_view::npos) {
+      out.append(line.substr(0, second_space + 1));
+      const std::string_view place = line.substr(second_space + 1);
+      uint64_t file = 0;
+      uint64_t offset = 0;
+      if (place == "?") {
+        out.append("(unknown)\n");
+        continue;
+      }
+      if (parse_place(place, file, offset) && file < kMaxFiles && !files[file].empty()) {
+        const std::optional<std::string> name = elf_function_at(files[file], offset);
+        if (name) {
+          out.append(clean_crash_stack(*name));
+        } else {
+          out.append("(unknown) ").append(files[file]).append(place.substr(place.find('+')));
+        }
+        out.append("\n");
+        continue;
+      }
+      out.append(place).append("\n");  // not a place: as it is
+      continue;
+    }
+    out.append(line).append("\n");  // not a frame: as it is
+  }
+  return out;
+}
+
 std::string crash_stack_text(const ControlPage& page) {
   const uint32_t bytes = std::min(page.crash_stack_bytes.load(std::memory_order_acquire),
                                   ControlPage::kCrashStackBytes);
-  return clean_crash_stack(std::string_view(page.crash_stack, bytes));
+  return symbolize_crash_stack(clean_crash_stack(std::string_view(page.crash_stack, bytes)));
 }
 
 void open_claims(ControlPage& page, uint32_t slot, uint16_t tag, uint32_t count) {

@@ -35,10 +35,13 @@
 // it is freed when the worker and its link are gone.
 //
 // Crash stack. A worker killed by a fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT) writes
-// the crashing thread's stack, symbolized, into `crash_stack` from its signal handler, then stores
-// its length in `crash_stack_bytes` (release): whoever maps the page (the pool, or a remote
-// worker's relay) reads it once the worker is dead (crash_stack_text). Written by the worker only,
-// once; untrusted like everything it writes.
+// the crashing thread's stack into `crash_stack` from its signal handler, then stores its length
+// in `crash_stack_bytes` (release): whoever maps the page (the pool, or a remote worker's relay;
+// the same host) reads it once the worker is dead and names the functions (crash_stack_text).
+// Written by the worker only, once; untrusted like everything it writes. Its form: one line
+// "@<n> <path>" for each file the frames are in (n from 0), then one line a frame, innermost
+// first, "#<i> 0x<address> <n>+0x<offset in that file>", or "#<i> 0x<address> ?" for a frame in
+// no file.
 //
 // A remote worker shares its page with its relay, not with the pool (lib/link/relay.h), and its
 // batches come straight from the pool: the worker opens each batch's claims itself when it reads
@@ -130,11 +133,18 @@ constexpr bool is_crash_signal(int signal) {
   return false;
 }
 
-// The stack a dead worker recorded in `page` (see the top of this file), or "" if none: at most
-// kCrashStackBytes, with every byte but a newline or a printable ASCII character replaced by '?'
-// (it may be garbage, and goes into logs and statuses). Also cleans text a relay sent (`raw`).
+// The stack a dead worker recorded in `page` (see the top of this file), or "" if none, one frame
+// a line: "#3 0x55d0c2a1b2c3 Crasher::run(long)" (symbolize_crash_stack). Every byte but a
+// newline or a printable ASCII character is replaced by '?' (it may be garbage, and goes into
+// logs and statuses). clean_crash_stack does that (and cuts at kCrashStackBytes) to text a relay
+// sent (`raw`).
 std::string crash_stack_text(const ControlPage& page);
 std::string clean_crash_stack(std::string_view raw);
+// Names each frame of a stack in the page's form: "#3 0x55d0c2a1b2c3 1+0x1b2c3" becomes
+// "#3 0x55d0c2a1b2c3 Crasher::run(long)", from the symbol table of file 1 (elf_symbols.h), or
+// "#3 0x55d0c2a1b2c3 (unknown) /path/of/file+0x1b2c3" when it has none there; a frame in no
+// file is "(unknown)". The "@" lines go; any line of another form stays as it is.
+std::string symbolize_crash_stack(std::string_view stack);
 
 // Size of a worker's control mapping: the page, the held frames.
 inline constexpr size_t kControlMappingBytes = size_t{64} << 10;

@@ -12,14 +12,13 @@
 #include <unwind.h>
 
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
-
-#include "absl/debugging/symbolize.h"
 
 #include "lib/common/child_process.h"
 
@@ -273,13 +272,109 @@ __attribute__((no_sanitize("address"))) void continue_past_clang_call_terminate(
 }
 #endif
 
-// Writes the crashing thread's stack into the page, one frame a line, innermost first:
-// "#3 0x55d0c2a1b2c3 Crasher::run(long)". The unwinder (libgcc's, which glibc's backtrace() uses
-// too) follows the tables the compiler leaves (through the signal frame, and through code built
-// without frame pointers); prepare_crash_stacks ran it once before the crash. Where it stops in
-// clang's __clang_call_terminate (code built by clang without -g: an exception that left a
-// noexcept function), frame pointers carry the stack on past it, on x86-64.
-// absl::Symbolize is async-signal-safe.
+// Where each frame of a crash is: the file mapped there and the offset in it, from
+// /proc/self/maps (async-signal-safe: open, read and close, into static buffers). The process
+// that reads the stack names the functions (crash_stack_text, lib/common/elf_symbols.h).
+struct FramePlaces {
+  static constexpr int kMaxFiles = 16;
+  static constexpr size_t kMaxPathBytes = 512;
+  char paths[kMaxFiles][kMaxPathBytes];
+  int files = 0;
+  int file[UnwoundStack::kMaxFrames];  // index in `paths`, or -1: not in a file
+  uint64_t offset[UnwoundStack::kMaxFrames];
+};
+
+uint64_t parse_hex(const char*& at) {
+  uint64_t value = 0;
+  while (true) {
+    const char c = *at;
+    int digit;
+    if (c >= '0' && c <= '9') {
+      digit = c - '0';
+    } else if (c >= 'a' && c <= 'f') {
+      digit = c - 'a' + 10;
+    } else {
+      return value;
+    }
+    value = value * 16 + static_cast<uint64_t>(digit);
+    ++at;
+  }
+}
+
+const char* skip_field(const char* at) {
+  while (*at != '\0' && *at != ' ') ++at;
+  while (*at == ' ') ++at;
+  return at;
+}
+
+// One line of /proc/self/maps: "start-end perms offset dev inode path".
+void place_frames_in(const char* line, const uintptr_t* lookups, int depth, FramePlaces& places) {
+  const char* at = line;
+  const uint64_t start = parse_hex(at);
+  if (*at != '-') return;
+  ++at;
+  const uint64_t end = parse_hex(at);
+  if (*at != ' ') return;
+  ++at;
+  const bool executable = at[0] != '\0' && at[1] != '\0' && at[2] == 'x';
+  at = skip_field(at);
+  if (!executable) return;
+  const uint64_t file_offset = parse_hex(at);
+  at = skip_field(skip_field(skip_field(at)));  // the offset, dev and inode
+  if (*at != '/') return;  // anonymous, or [vdso] and the like
+  const size_t path_bytes = std::strlen(at);
+  if (path_bytes >= FramePlaces::kMaxPathBytes) return;
+  for (int i = 0; i < depth; ++i) {
+    if (places.file[i] >= 0 || lookups[i] < start || lookups[i] >= end) continue;
+    int file = 0;
+    while (file < places.files && std::strcmp(places.paths[file], at) != 0) ++file;
+    if (file == places.files) {
+      if (places.files == FramePlaces::kMaxFiles) return;
+      std::memcpy(places.paths[file], at, path_bytes + 1);
+      ++places.files;
+    }
+    places.file[i] = file;
+    places.offset[i] = lookups[i] - start + file_offset;
+  }
+}
+
+void place_frames(const uintptr_t* lookups, int depth, FramePlaces& places) {
+  places.files = 0;
+  for (int i = 0; i < depth; ++i) places.file[i] = -1;
+  const int maps = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (maps < 0) return;
+  static char chunk[4096];
+  static char line[FramePlaces::kMaxPathBytes + 128];
+  size_t length = 0;
+  bool too_long = false;
+  while (true) {
+    const ssize_t got = ::read(maps, chunk, sizeof chunk);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    for (ssize_t i = 0; i < got; ++i) {
+      if (chunk[i] == '\n') {
+        line[length] = '\0';
+        if (!too_long) place_frames_in(line, lookups, depth, places);
+        length = 0;
+        too_long = false;
+      } else if (length + 1 < sizeof line) {
+        line[length++] = chunk[i];
+      } else {
+        too_long = true;  // a path too long to keep: its frames stay unplaced
+      }
+    }
+  }
+  ::close(maps);
+}
+
+// Writes the crashing thread's stack into the page, innermost first, in the form
+// control_page.h describes: a line "@<file> <path>" for each file the frames are in, then one a
+// frame, "#3 0x55d0c2a1b2c3 <file>+0x1b2c3" (or "... ?" for a frame in no file). The unwinder
+// (libgcc's, which glibc's backtrace() uses too) follows the tables the compiler leaves (through
+// the signal frame, and through code built without frame pointers); prepare_crash_stacks ran it
+// once before the crash. Where it stops in clang's __clang_call_terminate (code built by clang
+// without -g: an exception that left a noexcept function), frame pointers carry the stack on
+// past it, on x86-64.
 //
 // A stack an overrun scribbled on leads the unwinder to a return address that is garbage, which
 // it reads as code (looking for a signal frame there): a fault inside this handler, which would
@@ -290,6 +385,8 @@ void record_crash_stack(const void* context) {
   // Static, not on this frame: what the unwind wrote before an escape is still there after it.
   static UnwoundStack stack;
   static sigset_t outside_unwind;
+  static FramePlaces places;
+  static uintptr_t lookups[UnwoundStack::kMaxFrames];
   stack = UnwoundStack();
   if (sigsetjmp(unwind_escape, /*savemask=*/1) == 0) {
     sigset_t faults;
@@ -307,34 +404,45 @@ void record_crash_stack(const void* context) {
   }
   // After an escape, siglongjmp restored the mask sigsetjmp saved.
   unwinding = 0;
-  const int depth = stack.depth;
   const uintptr_t* frames = stack.pcs;
   // Frames of this handler come first: start at the interrupted instruction if it is found.
   const uintptr_t pc = interrupted_pc(context);
-  int first = depth > 3 ? 3 : 0;
-  for (int i = 0; i < depth; ++i) {
+  int first = stack.depth > 3 ? 3 : 0;
+  for (int i = 0; i < stack.depth; ++i) {
     if (frames[i] == pc) {
       first = i;
       break;
     }
   }
-  StackWriter out(*control_page);
-  for (int i = first; i < depth; ++i) {
-    const uintptr_t address = frames[i];
-    out.text("#");
-    out.number(static_cast<uint64_t>(i - first), 10);
-    out.text(" 0x");
-    out.number(address, 16);
-    out.text(" ");
-    char symbol[256];
+  const int depth = stack.depth - first;
+  for (int i = 0; i < depth; ++i) {
     // A return address points past its call: look up the call itself (not for the crash's pc).
-    const void* lookup = reinterpret_cast<const void*>(i == first ? address : address - 1);
-    if (absl::Symbolize(lookup, symbol, sizeof(symbol))) {
-      out.text(symbol);
-    } else {
-      out.text("(unknown)");
-    }
+    lookups[i] = i == 0 ? frames[first] : frames[first + i] - 1;
+  }
+  place_frames(lookups, depth, places);
+
+  StackWriter out(*control_page);
+  for (int file = 0; file < places.files; ++file) {
+    out.text("@");
+    out.number(static_cast<uint64_t>(file), 10);
+    out.text(" ");
+    out.text(places.paths[file]);
     out.text("\n");
+  }
+  for (int i = 0; i < depth; ++i) {
+    out.text("#");
+    out.number(static_cast<uint64_t>(i), 10);
+    out.text(" 0x");
+    out.number(frames[first + i], 16);
+    if (places.file[i] >= 0) {
+      out.text(" ");
+      out.number(static_cast<uint64_t>(places.file[i]), 10);
+      out.text("+0x");
+      out.number(places.offset[i], 16);
+      out.text("\n");
+    } else {
+      out.text(" ?\n");
+    }
   }
   out.publish();
 }

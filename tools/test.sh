@@ -54,8 +54,10 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 if [[ ${#CONSUMER_CC[@]} -gt 0 && -x /usr/lib/ccache/clang ]]; then
   mkdir -p "$WORK/ccache"
+  # CCACHE_NOCPP2: a miss compiles the text ccache preprocessed to look it up, instead of
+  # preprocessing the file a second time (the first workspace: 108 CPU-seconds instead of 125).
   CONSUMER_CC=(--repo_env=CC=/usr/lib/ccache/clang --action_env=CCACHE_DIR="$WORK/ccache"
-    --sandbox_writable_path="$WORK/ccache")
+    --action_env=CCACHE_NOCPP2=1 --sandbox_writable_path="$WORK/ccache")
 fi
 BEP="$WORK/bep.json"
 

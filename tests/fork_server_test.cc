@@ -15,9 +15,11 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "doctest/doctest.h"
+#include "lib/fault_injection.h"
 #include "tests/test_support.h"
 
 namespace procpool {
@@ -73,6 +75,37 @@ TEST_CASE("a fork-server pool forks its workers from the zygote and shuts down c
     exits += entry.path().filename().string().rfind("exit.", 0) == 0;
   }
   CHECK(exits >= 2);
+}
+
+TEST_CASE("an exception in the fork server ends it there: no second copy of the program runs on") {
+  testing::TempDir dir;
+  const std::string marker = dir.path() + "/after_the_pool";
+  // The fork server this pool forks throws (std::bad_alloc) on its first spawn request.
+  internal::inject_fork_server_exceptions(1);
+  try {
+    ProcessPool<Exiter> pool(fork_server({.workers = 1}), [d = dir.path()] { return Exiter(d); });
+    internal::inject_fork_server_exceptions(0);  // those started after it serve as usual
+    // The call fails naming the fork server that left, or runs on one started again; the pool
+    // carries on with a new one either way.
+    bool served = false;
+    for (int i = 0; i < 100 && !served; ++i) {
+      absl::StatusOr<int64_t> pid = pool.apply(1);
+      INFO("call ", i, ": ", pid.status());
+      served = pid.ok();
+      if (!served) {
+        CHECK(pid.status().code() == absl::StatusCode::kUnavailable);
+        CHECK(absl::StrContains(pid.status().message(), "fork server"));
+        absl::SleepFor(absl::Milliseconds(100));
+      }
+    }
+    CHECK(served);
+  } catch (...) {
+    // Never in this process: the pool does not throw. In a copy of it, made by an exception
+    // unwinding out of the fork server into the program's own frames, this is where it lands.
+  }
+  testing::append_line(marker, absl::StrCat(getpid()));
+  absl::SleepFor(absl::Milliseconds(500));  // time for such a copy to write too
+  CHECK(testing::read_file(marker) == absl::StrCat(getpid(), "\n"));
 }
 
 // A lock the program's threads hold much of the time, and that a worker needs in enter() (as a

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <new>
 #include <string>
 
 #include "absl/status/status.h"
@@ -21,6 +22,7 @@
 #include "capnp/message.h"
 #include "capnp/serialize.h"
 #include "lib/common/child_process.h"
+#include "lib/fault_injection.h"
 #include "lib/link/fork_link.h"
 #include "lib/link/worker_process.h"
 #include "lib/worker/child_setup.h"
@@ -117,6 +119,7 @@ void reap_children() {
 // never returns here) and reports its pid.
 void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_count,
                    const WorkerLaunch& base, int signal_fd) {
+  if (take_injected_fork_server_exception()) throw std::bad_alloc();
   capnp::MallocMessageBuilder reply(32);
   auto report = reply.initRoot<wire::ForkServerReport>();
   bool replied = true;
@@ -170,8 +173,8 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
   if (replied) send_packet(kChildChannelFd, reply, nullptr, 0);
 }
 
-[[noreturn]] void fork_server_main(int control_fd, const WorkerLaunch& base, pid_t parent_pid,
-                                   bool parent_death_signal) {
+[[noreturn]] void serve_spawn_requests(int control_fd, const WorkerLaunch& base, pid_t parent_pid,
+                                       bool parent_death_signal) {
   prepare_child({.process_name = base.process_name,
                  .parent_death_signal = parent_death_signal,
                  .parent_pid = parent_pid,
@@ -206,6 +209,28 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
       serve_request(packet, static_cast<size_t>(got), received, received_count, base, signal_fd);
       reap_children();
     }
+  }
+}
+
+// The fork server's process, from the moment fork() returns in it. Nothing unwinds past here:
+// above this frame is the stack of the program that started the pool, and an exception that got
+// there would run a second copy of that program (as worker_main says of a worker). Its own code
+// throws where its allocations fail (std::bad_alloc); the pool sees it leave, and its workers
+// with it (their parent-death signal), as for any other death of the fork server.
+[[noreturn]] void fork_server_main(int control_fd, const WorkerLaunch& base, pid_t parent_pid,
+                                   bool parent_death_signal) {
+  try {
+    serve_spawn_requests(control_fd, base, parent_pid, parent_death_signal);
+  } catch (...) {
+    try {
+      const std::string line = absl::StrCat("procpool fork server (pid ", ::getpid(), "): ",
+                                            describe_current_exception(), "; it leaves\n");
+      (void)!::write(STDERR_FILENO, line.data(), line.size());
+    } catch (...) {
+      constexpr char kLine[] = "procpool fork server: an exception escaped its code; it leaves\n";
+      (void)!::write(STDERR_FILENO, kLine, sizeof(kLine) - 1);
+    }
+    ::_exit(kWorkerExitProtocolError);
   }
 }
 

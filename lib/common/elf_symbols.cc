@@ -22,7 +22,7 @@ namespace procpool::internal {
 namespace {
 
 // Limits on what a file may make this process read or keep.
-constexpr uint64_t kMaxSymbolTableBytes = uint64_t{256} << 20;
+constexpr uint64_t kMaxSymbolTableBytes = uint64_t{64} << 20;  // 2.8 million symbols
 constexpr uint16_t kMaxHeaders = 4096;  // program or section headers
 constexpr size_t kMaxNameBytes = 512;   // a longer name is cut, ending in "..."
 constexpr size_t kCachedFiles = 8;

@@ -222,14 +222,7 @@ void serve_request(const capnp::word* words, size_t bytes, int* fds, size_t fd_c
   try {
     serve_spawn_requests(control_fd, base, parent_pid, parent_death_signal);
   } catch (...) {
-    try {
-      const std::string line = absl::StrCat("procpool fork server (pid ", ::getpid(), "): ",
-                                            describe_current_exception(), "; it leaves\n");
-      (void)!::write(STDERR_FILENO, line.data(), line.size());
-    } catch (...) {
-      constexpr char kLine[] = "procpool fork server: an exception escaped its code; it leaves\n";
-      (void)!::write(STDERR_FILENO, kLine, sizeof(kLine) - 1);
-    }
+    report_escaped_exception("fork server");
     ::_exit(kWorkerExitProtocolError);
   }
 }

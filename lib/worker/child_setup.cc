@@ -19,8 +19,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <string>
+#include <string_view>
 
+#include "absl/strings/str_cat.h"
 #include "lib/common/child_process.h"
+#include "procpool/internal/worker_body.h"
 
 #if defined(__GLIBC__)
 // glibc's list of every open FILE (exported since 2.2.5; used by its own fork and exit). Declared
@@ -612,6 +616,18 @@ void prepare_crash_stacks() {
     return _Unwind_Backtrace(record_frame, &stack) == _URC_END_OF_STACK;
   }();
   (void)prepared;
+}
+
+void report_escaped_exception(const char* who) noexcept {
+  try {
+    const std::string line = absl::StrCat("procpool ", who, " (pid ", ::getpid(), "): ",
+                                          describe_current_exception(), "; it leaves\n");
+    (void)!::write(STDERR_FILENO, line.data(), line.size());
+  } catch (...) {
+    const std::string_view parts[] = {"procpool ", who,
+                                      ": an exception escaped its own code; it leaves\n"};
+    for (std::string_view part : parts) (void)!::write(STDERR_FILENO, part.data(), part.size());
+  }
 }
 
 void leave(int status) {

@@ -62,6 +62,12 @@ void prepare_child(const ChildSetup& setup);
 // own stdio output (the inherited buffers were discarded at the start).
 [[noreturn]] void leave(int status);
 
+// Says on stderr that an exception escaped a forked process's own code: "procpool <who> (pid N):
+// <the exception>; it leaves", or a fixed line when describing it fails as the throw did (an
+// allocation). Never throws. For the last catch-all of such a process (worker_main, the fork
+// server), called inside its catch block.
+void report_escaped_exception(const char* who) noexcept;
+
 }  // namespace procpool::internal
 
 #endif  // PROCPOOL_LIB_WORKER_CHILD_SETUP_H_

@@ -442,14 +442,7 @@ void apply_placement(const WorkerLaunch& launch) {
 // An exception escaped the worker's own code: says so on its stderr (where the pool forwards it)
 // and leaves. Describing it may fail as the throw did (an allocation): then a fixed line.
 [[noreturn]] void leave_after_exception() {
-  try {
-    const std::string line = absl::StrCat("procpool worker (pid ", ::getpid(), "): ",
-                                          describe_current_exception(), "; the worker leaves\n");
-    (void)!::write(STDERR_FILENO, line.data(), line.size());
-  } catch (...) {
-    constexpr char kLine[] = "procpool worker: an exception escaped its own code; it leaves\n";
-    (void)!::write(STDERR_FILENO, kLine, sizeof(kLine) - 1);
-  }
+  report_escaped_exception("worker");
   try {
     end_own_tree();  // what its tasks started goes too
   } catch (...) {

@@ -11,8 +11,9 @@
 //     SIGTERM is obeyed only when its pool (or its fork server, for the pool) sent it, and fatal
 //     signals are recorded in its control page before they kill it (so a death is described
 //     right even when the program reaps children itself and waitpid cannot tell the parent);
-//   - with crash_backtraces, records the crashing thread's stack, symbolized, in its control page
-//     when SIGSEGV, SIGBUS, SIGFPE, SIGILL or SIGABRT kills it, then calls the handler the program
+//   - with crash_backtraces, records the crashing thread's stack in its control page (each frame
+//     as a file and an offset, named by whoever reads the page: control_page.h) when SIGSEGV,
+//     SIGBUS, SIGFPE, SIGILL or SIGABRT kills it, then calls the handler the program
 //     had installed for that signal, if any (the one it inherited at fork; see on_fatal_signal);
 //   - keeps exactly one inherited descriptor, its channel, at fd 3, closes every other (close_range,
 //     or by walking /proc/self/fd on kernels before 5.9: lib/common/child_process.h), and opens

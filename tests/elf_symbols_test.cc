@@ -1,4 +1,4 @@
-// Unit tests of naming a crashed worker's frames where its stack is read: elf_function_at
+// Unit tests of naming a crashed worker's frames where its stack is read: ElfFunctions
 // (lib/common/elf_symbols.h) on this test's own code and on files a hostile worker could name
 // instead (a FIFO, a device, a directory, truncated and corrupted ELF files), and
 // symbolize_crash_stack (lib/wire/control_page.h) on the page's form and on garbage.
@@ -56,6 +56,13 @@ std::optional<Place> place_of(const void* address) {
     }
   }
   return std::nullopt;
+}
+
+// The one-shot form of what a stack's reader does for each frame.
+std::optional<std::string> elf_function_at(const std::string& path, uint64_t offset) {
+  std::optional<ElfFunctions> functions = ElfFunctions::open(path);
+  if (!functions) return std::nullopt;
+  return functions->function_at(offset);
 }
 
 std::string temp_dir() {

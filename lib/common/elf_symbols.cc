@@ -22,7 +22,7 @@ namespace procpool::internal {
 namespace {
 
 // Limits on what a file may make this process read or keep.
-constexpr uint64_t kMaxSymbolTableBytes = uint64_t{64} << 20;  // 2.8 million symbols
+constexpr uint64_t kMaxElfSymbolTableBytes = uint64_t{64} << 20;  // 2.8 million symbols
 constexpr uint16_t kMaxHeaders = 4096;  // program or section headers
 constexpr size_t kMaxNameBytes = 512;   // a longer name is cut, ending in "..."
 constexpr size_t kCachedFiles = 8;
@@ -49,13 +49,17 @@ struct Function {
   bool local = false;  // STB_LOCAL: a file's own name ("f() [clone .localalias]"), an alias
 };
 
-struct SymbolTable {
+}  // namespace
+
+struct ElfSymbolTable {
   FileIdentity identity;
   std::vector<LoadSegment> segments;
   std::vector<Function> functions;  // by address
   uint64_t names_offset = 0;        // the string table, in the file
   uint64_t names_size = 0;
 };
+
+namespace {
 
 bool read_at(int fd, void* out, uint64_t bytes, uint64_t offset) {
   auto* at = static_cast<char*>(out);
@@ -87,7 +91,7 @@ bool read_headers(int fd, uint64_t offset, uint16_t count, uint16_t entry_size, 
 }
 
 // The functions of a 64-bit ELF file, or null if it is none or is malformed.
-std::shared_ptr<const SymbolTable> read_symbol_table(int fd, const FileIdentity& identity) {
+std::shared_ptr<const ElfSymbolTable> read_symbol_table(int fd, const FileIdentity& identity) {
   const uint64_t file_size = identity.size;
   Elf64_Ehdr header;
   if (file_size < sizeof header || !read_at(fd, &header, sizeof header, 0)) return nullptr;
@@ -100,7 +104,7 @@ std::shared_ptr<const SymbolTable> read_symbol_table(int fd, const FileIdentity&
       !read_headers(fd, header.e_shoff, header.e_shnum, header.e_shentsize, file_size, sections)) {
     return nullptr;
   }
-  auto table = std::make_shared<SymbolTable>();
+  auto table = std::make_shared<ElfSymbolTable>();
   table->identity = identity;
   for (const Elf64_Phdr& program : programs) {
     if (program.p_type == PT_LOAD) {
@@ -120,7 +124,7 @@ std::shared_ptr<const SymbolTable> read_symbol_table(int fd, const FileIdentity&
     if (symbols != nullptr) break;
   }
   if (symbols == nullptr || symbols->sh_entsize != sizeof(Elf64_Sym) ||
-      symbols->sh_link >= sections.size() || symbols->sh_size > kMaxSymbolTableBytes ||
+      symbols->sh_link >= sections.size() || symbols->sh_size > kMaxElfSymbolTableBytes ||
       !within_file(symbols->sh_offset, symbols->sh_size, file_size)) {
     return nullptr;
   }
@@ -155,7 +159,7 @@ std::shared_ptr<const SymbolTable> read_symbol_table(int fd, const FileIdentity&
 }
 
 // The address a file offset is loaded at, per the file's own segments.
-std::optional<uint64_t> address_of(const SymbolTable& table, uint64_t offset) {
+std::optional<uint64_t> address_of(const ElfSymbolTable& table, uint64_t offset) {
   for (const LoadSegment& segment : table.segments) {
     if (offset >= segment.offset && offset - segment.offset < segment.size) {
       return offset - segment.offset + segment.address;
@@ -164,7 +168,7 @@ std::optional<uint64_t> address_of(const SymbolTable& table, uint64_t offset) {
   return std::nullopt;
 }
 
-const Function* function_at(const SymbolTable& table, uint64_t address) {
+const Function* function_at_address(const ElfSymbolTable& table, uint64_t address) {
   auto after = std::upper_bound(
       table.functions.begin(), table.functions.end(), address,
       [](uint64_t a, const Function& function) { return a < function.address; });
@@ -183,7 +187,7 @@ const Function* function_at(const SymbolTable& table, uint64_t address) {
   return found;
 }
 
-std::string name_at(int fd, const SymbolTable& table, uint32_t name) {
+std::string name_at(int fd, const ElfSymbolTable& table, uint32_t name) {
   const uint64_t bytes = std::min<uint64_t>(kMaxNameBytes, table.names_size - name);
   std::string raw(bytes, '\0');
   if (!read_at(fd, raw.data(), bytes, table.names_offset + name)) return {};
@@ -206,24 +210,24 @@ std::string name_at(int fd, const SymbolTable& table, uint32_t name) {
 
 Mutex cache_mutex;
 // The tables read last, the most recent at the end.
-std::vector<std::shared_ptr<const SymbolTable>>& cached_tables()
+std::vector<std::shared_ptr<const ElfSymbolTable>>& cached_tables()
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(cache_mutex) {
-  static auto* tables = new std::vector<std::shared_ptr<const SymbolTable>>();
+  static auto* tables = new std::vector<std::shared_ptr<const ElfSymbolTable>>();
   return *tables;
 }
 
-std::shared_ptr<const SymbolTable> table_for(int fd, const FileIdentity& identity) {
+std::shared_ptr<const ElfSymbolTable> table_for(int fd, const FileIdentity& identity) {
   MutexLock lock(cache_mutex);
   auto& tables = cached_tables();
   for (auto it = tables.begin(); it != tables.end(); ++it) {
     if ((*it)->identity == identity) {
-      std::shared_ptr<const SymbolTable> found = *it;
+      std::shared_ptr<const ElfSymbolTable> found = *it;
       tables.erase(it);
       tables.push_back(found);
       return found;
     }
   }
-  std::shared_ptr<const SymbolTable> table = read_symbol_table(fd, identity);
+  std::shared_ptr<const ElfSymbolTable> table = read_symbol_table(fd, identity);
   if (table == nullptr) return nullptr;
   if (tables.size() == kCachedFiles) tables.erase(tables.begin());
   tables.push_back(table);
@@ -242,7 +246,7 @@ UniqueFd open_regular_file(const std::string& path, struct stat& status) {
 
 }  // namespace
 
-std::optional<std::string> elf_function_at(const std::string& path, uint64_t offset) {
+std::optional<ElfFunctions> ElfFunctions::open(const std::string& path) {
   struct stat status {};
   UniqueFd file = open_regular_file(path, status);
   if (!file) return std::nullopt;
@@ -252,13 +256,17 @@ std::optional<std::string> elf_function_at(const std::string& path, uint64_t off
       .size = static_cast<uint64_t>(status.st_size),
       .modified_ns = int64_t{status.st_mtim.tv_sec} * 1'000'000'000 + status.st_mtim.tv_nsec,
   };
-  std::shared_ptr<const SymbolTable> table = table_for(file.get(), identity);
+  std::shared_ptr<const ElfSymbolTable> table = table_for(file.get(), identity);
   if (table == nullptr) return std::nullopt;
-  const std::optional<uint64_t> address = address_of(*table, offset);
+  return ElfFunctions(std::move(file), std::move(table));
+}
+
+std::optional<std::string> ElfFunctions::function_at(uint64_t offset) const {
+  const std::optional<uint64_t> address = address_of(*table_, offset);
   if (!address) return std::nullopt;
-  const Function* function = function_at(*table, *address);
+  const Function* function = function_at_address(*table_, *address);
   if (function == nullptr) return std::nullopt;
-  std::string name = name_at(file.get(), *table, function->name);
+  std::string name = name_at(file_.get(), *table_, function->name);
   if (name.empty()) return std::nullopt;
   return name;
 }

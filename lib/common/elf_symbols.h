@@ -17,17 +17,38 @@
 #define PROCPOOL_LIB_COMMON_ELF_SYMBOLS_H_
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+
+#include "lib/common/unique_fd.h"
 
 namespace procpool::internal {
 
-// The demangled name of the function that contains byte `offset` of the 64-bit ELF file at
-// `path` (an offset of executable code, as /proc/<pid>/maps relates addresses to files),
-// according to the file's symbol table, or its dynamic symbol table if it has none. nullopt if
-// the file cannot be read, is no such ELF file, or names no function there. Each file's table is
-// read once and kept while the file is unchanged (the last few files). Thread-safe.
-std::optional<std::string> elf_function_at(const std::string& path, uint64_t offset);
+struct ElfSymbolTable;
+
+// The functions of one 64-bit ELF file, opened once to name any number of places in it (the frames
+// of one stack that are in the same binary).
+class ElfFunctions {
+ public:
+  // The file at `path`, or nullopt if it cannot be read, is no regular file, or is no 64-bit ELF
+  // file with a symbol table (or a dynamic one, used when it has none). Its table is read once
+  // and kept while the file is unchanged (the last few files), for every later open. Thread-safe.
+  static std::optional<ElfFunctions> open(const std::string& path);
+
+  // The demangled name of the function that contains byte `offset` of the file (an offset of
+  // executable code, as /proc/<pid>/maps relates addresses to files), or nullopt if no function
+  // the table names covers it.
+  std::optional<std::string> function_at(uint64_t offset) const;
+
+ private:
+  ElfFunctions(UniqueFd file, std::shared_ptr<const ElfSymbolTable> table)
+      : file_(std::move(file)), table_(std::move(table)) {}
+
+  UniqueFd file_;  // for the names, read only when asked for
+  std::shared_ptr<const ElfSymbolTable> table_;
+};
 
 }  // namespace procpool::internal
 

@@ -53,7 +53,13 @@ bool parse_place(std::string_view place, uint64_t& file, uint64_t& offset) {
 
 std::string symbolize_crash_stack(std::string_view stack) {
   constexpr uint64_t kMaxFiles = 16;
-  std::string files[kMaxFiles];
+  // Each file the "@" lines name, opened once, when a frame first needs it.
+  struct File {
+    std::string path;
+    bool opened = false;
+    std::optional<ElfFunctions> functions;
+  };
+  File files[kMaxFiles];
   std::string out;
   while (!stack.empty()) {
     const size_t end = std::min(stack.find('\n'), stack.size());
@@ -65,7 +71,8 @@ std::string symbolize_crash_stack(std::string_view stack) {
       uint64_t file = 0;
       if (space != std::string_view::npos && parse_number(line.substr(1, space - 1), 10, file) &&
           file < kMaxFiles) {
-        files[file] = std::string(line.substr(space + 1));
+        files[file] = File{.path = std::string(line.substr(space + 1)), .opened = false,
+                           .functions = std::nullopt};
       }
       continue;
     }
@@ -82,12 +89,18 @@ std::string symbolize_crash_stack(std::string_view stack) {
         out.append("(unknown)\n");
         continue;
       }
-      if (parse_place(place, file, offset) && file < kMaxFiles && !files[file].empty()) {
-        const std::optional<std::string> name = elf_function_at(files[file], offset);
+      if (parse_place(place, file, offset) && file < kMaxFiles && !files[file].path.empty()) {
+        File& in = files[file];
+        if (!in.opened) {
+          in.functions = ElfFunctions::open(in.path);
+          in.opened = true;
+        }
+        const std::optional<std::string> name =
+            in.functions ? in.functions->function_at(offset) : std::nullopt;
         if (name) {
           out.append(clean_crash_stack(*name));
         } else {
-          out.append("(unknown) ").append(files[file]).append(place.substr(place.find('+')));
+          out.append("(unknown) ").append(in.path).append(place.substr(place.find('+')));
         }
         out.append("\n");
         continue;

@@ -8,7 +8,9 @@
 #                  pool whose connections are TLS, a failed handshake or a broken connection;
 # - scheduler:     whatever frames a worker sends (read by the pool's own path, supervision then
 #                  the scheduler, over fake links: no process), every call ends, each task with
-#                  exactly one outcome.
+#                  exactly one outcome;
+# - crash_stack:   whatever a dead worker left in its page's crash stack, and whatever ELF file
+#                  it names there, reading the stack ends in printable text.
 # Exits non-zero if any finds a crash, leak or UB. Outside Bazel on purpose: the Bazel build
 # uses GCC, and libFuzzer is clang's.
 set -euo pipefail
@@ -20,7 +22,7 @@ trap 'rm -rf "$OUT"' EXIT
 
 # The generated header goes where the sources include it from: procpool/internal/.
 mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-remote_host" \
-  "$OUT/corpus-scheduler"
+  "$OUT/corpus-scheduler" "$OUT/corpus-crash_stack"
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
@@ -57,7 +59,7 @@ ar rcs "$OUT/libfuzzed.a" "$OUT"/obj/*.o
 clang++ "${FLAGS[@]}" "${SANITIZE[@]}" -DPROCPOOL_FUZZ_SEEDS tests/fuzz/frame_decoder_fuzzer.cc \
   "$OUT/libfuzzed.a" "${LIBS[@]}" -o "$OUT/seeds"
 "$OUT/seeds" "$OUT/corpus-frame_decoder"
-for target in frame_decoder remote_host scheduler; do
+for target in frame_decoder remote_host scheduler crash_stack; do
   clang++ "${FLAGS[@]}" "${SANITIZE[@]}" -fsanitize=fuzzer "tests/fuzz/${target}_fuzzer.cc" \
     "$OUT/libfuzzed.a" "${LIBS[@]}" -o "$OUT/$target"
 done
@@ -74,6 +76,11 @@ printf '\x00' >"$OUT/corpus-remote_host/handshake"
 printf '\x04\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03' >"$OUT/corpus-remote_host/tls-hello"
 printf '\x04\x17\x03\x03\x00\x11\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\x10' \
   >"$OUT/corpus-remote_host/tls-record"
+# Seeds for the crash stack: a page as a worker writes it, naming this fuzzer's own binary (mode
+# 0), and a real ELF file's first 4 KiB (mode 1).
+printf '\x00\xff\xff@0 /proc/self/exe\n@1 /no/such/file\n#0 0x1 0+0x2000\n#1 0x2 ?\n#2 0x3 1+0x10\n' \
+  >"$OUT/corpus-crash_stack/page"
+{ printf '\x01'; head -c 4096 /bin/true; } >"$OUT/corpus-crash_stack/elf"
 cp "$OUT"/corpus-frame_decoder/* "$OUT/corpus-remote_host/" 2>/dev/null || true
 for seed in "$OUT"/corpus-frame_decoder/*; do
   { printf '\x01'; cat "$seed"; } >"$OUT/corpus-remote_host/connected-$(basename "$seed")"
@@ -81,7 +88,7 @@ for seed in "$OUT"/corpus-frame_decoder/*; do
 done
 
 failed=0
-for target in frame_decoder remote_host scheduler; do
+for target in frame_decoder remote_host scheduler crash_stack; do
   echo "=== fuzzing ${target} for ${SECONDS_TO_RUN}s"
   set +e
   "$OUT/$target" -max_total_time="$SECONDS_TO_RUN" -max_len=4096 -rss_limit_mb=2048 \

@@ -63,9 +63,12 @@ def _cc_precompiled_header_impl(ctx):
         system_include_directories = deps_context.system_includes,
         framework_include_directories = deps_context.framework_includes,
         preprocessor_defines = depset(transitive = [deps_context.defines]),
-        # Tests and benchmarks link the library as shared objects in fastbuild: their files are
-        # compiled position-independent, and the .gch must be too.
-        use_pic = True,
+        # The .gch must be compiled as the files that load it are. In fastbuild and dbg, tests
+        # and benchmarks link the library as shared objects, so their files are compiled
+        # position-independent; with -c opt, binaries link statically and Bazel compiles their
+        # objects without -fPIC. (Under --force_pic, which Starlark cannot see here, opt builds
+        # parse the headers' text: slower, the same code.)
+        use_pic = ctx.var["COMPILATION_MODE"] != "opt",
     )
     arguments = cc_common.get_memory_inefficient_command_line(
         feature_configuration = feature_configuration,

@@ -250,12 +250,6 @@ TEST_CASE("a stack in the page of a worker that no crash killed is not reported 
 TEST_CASE("a task that scribbles on its worker's record and hangs still ends at its task_timeout") {
   for (const int64_t scribble : {kWipeThenHang, kFutureStartThenHang, kForeignClaimsThenHang}) {
     CAPTURE(scribble);
-    if (scribble == kForeignClaimsThenHang && testing::remote_link()) {
-      // A remote worker opens its batches' claims itself: a word it overwrote cannot be told
-      // from one it has not read yet (lib/wire/control_page.h, revoke_claims).
-      MESSAGE("skipped with remote workers: claims overwritten by a remote worker's task");
-      continue;
-    }
     reset_runs();
     ProcessPool<Scribbler> pool(options());
     const absl::Time start = absl::Now();
@@ -266,7 +260,15 @@ TEST_CASE("a task that scribbles on its worker's record and hangs still ends at 
     REQUIRE_FALSE(result.ok());
     CHECK(result.status().code() == absl::StatusCode::kDeadlineExceeded);
     CHECK(runs() >= 1);
-    CHECK(runs() <= 3);
+    // A remote worker opens its batches' claims itself (lib/wire/control_page.h, revoke_claims):
+    // claim words its task overwrote cannot be told from words it has not read yet, so its whole
+    // batch (jobs 3, 4 and 5) comes back as never started, and the loss counts against job 3,
+    // first in line. Job 3 then runs alone, and 4 and 5 each publish their outcome before the
+    // next starts: job 5 is first without one at the next losses, and at the third of those
+    // (kMaxUnplacedLosses) it is taken as the task that ended them. So one run more than where
+    // the parent opens the claims, and never more.
+    const bool claims_lost_remotely = scribble == kForeignClaimsThenHang && testing::remote_link();
+    CHECK(runs() <= (claims_lost_remotely ? 4u : 3u));
     check_serves_on(pool);
   }
 }

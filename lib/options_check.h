@@ -7,6 +7,7 @@
 #include <cstddef>
 
 #include "absl/status/status.h"
+#include "lib/common/cgroup.h"
 #include "procpool/internal/call.h"
 #include "procpool/pool_options.h"
 
@@ -14,8 +15,6 @@ namespace procpool::internal {
 
 // The smallest max_frame_bytes any frame fits in, with room for a one-task batch.
 inline constexpr size_t kMinFrameBytes = 4096;
-// The smallest max_worker_memory_bytes (but 0, no cap): less leaves no room to start a worker.
-inline constexpr size_t kMinWorkerMemoryBytes = size_t{16} << 20;
 // The most workers a pool may have (PoolOptions::workers, resize()).
 inline constexpr int kMaxWorkers = 4096;
 

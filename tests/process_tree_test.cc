@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -350,6 +351,37 @@ TEST_CASE("without a memory cgroup, max_worker_memory_bytes is RLIMIT_AS: the al
   const absl::StatusOr<int64_t> same = pool.apply(kPid);
   REQUIRE(same.ok());
   CHECK(*same == *pid);
+}
+
+TEST_CASE("an RLIMIT_AS cap below the program's address space fails each task by name, and the pool stops") {
+  // The program holds more address space than the cap (as one with many threads' malloc arenas,
+  // or a GPU runtime's reservations, does): a worker under it could allocate nothing, so it
+  // refuses to start and says why, instead of failing somewhere in its own code.
+  constexpr size_t kReserved = size_t{1} << 30;
+  constexpr size_t kCap = size_t{64} << 20;
+  void* reserved =
+      ::mmap(nullptr, kReserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  REQUIRE(reserved != MAP_FAILED);
+  {
+    ProcessPool<TreeWorker> pool({.workers = 2,
+                                  .max_worker_memory_bytes = kCap,
+                                  .cgroups = Cgroups::kOff,
+                                  .name = "tree",
+                                  .log_sink = nullptr});
+    for (int i = 0; i < 2; ++i) {
+      const absl::StatusOr<int64_t> result = pool.apply(kPid);
+      CAPTURE(result.status());
+      REQUIRE_FALSE(result.ok());
+      CHECK(result.status().code() == absl::StatusCode::kFailedPrecondition);
+      CHECK(absl::StrContains(result.status().message(), "max_worker_memory_bytes (67108864)"));
+      CHECK(absl::StrContains(result.status().message(), "RLIMIT_AS"));
+    }
+    const absl::Time start = absl::Now();
+    CHECK(pool.close().ok());
+    (void)pool.join();  // every worker refused its start: join says so, and must not wait
+    CHECK(absl::Now() - start < absl::Seconds(10));
+  }
+  ::munmap(reserved, kReserved);
 }
 
 // Remote workers: the worker program (tests/remote_worker_helper) launched by the pool; its relay

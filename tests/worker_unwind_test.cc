@@ -4,6 +4,7 @@
 // under) ends that worker; an exception must not unwind out of fork() into the program's stack,
 // where a second copy of the program would run on.
 
+#include <malloc.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -11,6 +12,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -24,31 +26,58 @@
 namespace procpool {
 namespace {
 
+// The address space this process has mapped (VmSize), in bytes.
+int64_t mapped_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t pages = 0;
+  statm >> pages;
+  return pages * ::sysconf(_SC_PAGESIZE);
+}
+
+constexpr char kMappedBytes[] = "mapped bytes";
+
+// Returns the job's size, or for kMappedBytes its worker's address space.
 struct Echo {
   using Job = std::string;
   using Result = int64_t;
-  int64_t run(const std::string& job) { return static_cast<int64_t>(job.size()); }
+  int64_t run(const std::string& job) {
+    return job == kMappedBytes ? mapped_bytes() : static_cast<int64_t>(job.size());
+  }
 };
 
-constexpr size_t kReserved = size_t{1} << 30;  // the program's address space, untouched
-constexpr size_t kCap = size_t{64} << 20;
-
-// The program: holds more address space than the cap (as one with many threads' malloc arenas,
-// or a GPU runtime's reservations, does), and runs a pool capped below it, without cgroups.
-// Whichever process gets past the pool says so in `said`: only the program itself may.
-[[noreturn]] void program(const std::string& said) {
+// The program: runs a pool capped, without cgroups, 40 MiB above the address space its worker
+// starts with (measured by a first pool: so the worker starts,
+// lib/worker/worker_main.cc), and hands it a 64 MiB job, which the worker's own code must
+// allocate to read. Whichever process gets past the pool says so in `said`: only the program
+// itself may. What the task got is in `outcome`.
+[[noreturn]] void program(const std::string& said, const std::string& outcome) {
   const pid_t program_pid = ::getpid();
-  void* reserved = ::mmap(nullptr, kReserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                          -1, 0);
-  if (reserved == MAP_FAILED) ::_exit(3);
+  // One malloc arena: a thread's own (64 MiB of address space, kept after the thread ends) would
+  // make the second pool's worker start with more than the first's.
+  ::mallopt(M_ARENA_MAX, 1);
   try {
+    const std::string job(size_t{64} << 20, 'x');
+    int64_t worker_mapped = 0;
+    {
+      // Capped too (at 1 TiB), so that its worker starts as the next pool's does.
+      ProcessPool<Echo> measure({.workers = 1,
+                                 .max_worker_memory_bytes = size_t{1} << 40,
+                                 .cgroups = Cgroups::kOff,
+                                 .log_sink = nullptr});
+      worker_mapped = measure.apply(kMappedBytes).value_or(0);
+    }
+    if (worker_mapped <= 0) ::_exit(4);
     ProcessPool<Echo> pool({.workers = 1,
-                            .max_worker_memory_bytes = kCap,
+                            .max_worker_memory_bytes = static_cast<size_t>(worker_mapped) + (size_t{40} << 20),
                             .cgroups = Cgroups::kOff,
                             .log_sink = nullptr,
                             .respawn_max_delay = absl::Milliseconds(200)});
-    AsyncResult<int64_t> result = pool.apply_async(std::string(size_t{4} << 20, 'x'));
-    (void)result.wait(absl::Seconds(2));
+    // Its worker is up before the job is encoded here (workers are forked on the pool's thread):
+    // it does not inherit the job's frame.
+    if (pool.apply("x").value_or(0) != 1) ::_exit(5);
+    AsyncResult<int64_t> result = pool.apply_async(job);
+    testing::append_line(outcome, result.wait(absl::Seconds(5)) ? result.get().status().ToString()
+                                                                 : "no outcome within 5 s");
     pool.terminate();
   } catch (...) {
     testing::append_line(said, absl::StrCat(::getpid() == program_pid ? "program" : "worker",
@@ -66,11 +95,12 @@ TEST_CASE("a worker whose own allocations fail under RLIMIT_AS leaves, and never
 #endif
   testing::TempDir dir;
   const std::string said = dir.file("said");
+  const std::string outcome = dir.file("outcome");
   std::cout.flush();
   std::fflush(nullptr);
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
-  if (child == 0) program(said);
+  if (child == 0) program(said, outcome);
   int status = 0;
   const bool ended = testing::wait_until([&] { return ::waitpid(child, &status, WNOHANG) == child; },
                                          absl::Seconds(60));
@@ -84,6 +114,12 @@ TEST_CASE("a worker whose own allocations fail under RLIMIT_AS leaves, and never
   const std::vector<std::string> lines = testing::read_lines(said);
   CHECK(lines == std::vector<std::string>{"program"});
   for (const std::string& line : lines) MESSAGE(line);
+  // The task failed: its worker could not allocate what reading the job takes (and left), and
+  // its replacement, forked while the program held the job's frame, had no room to start.
+  const std::vector<std::string> outcomes = testing::read_lines(outcome);
+  REQUIRE(outcomes.size() == 1);
+  MESSAGE(outcomes[0]);
+  CHECK(outcomes[0] != "OK");
 }
 
 }  // namespace

@@ -268,8 +268,10 @@ struct PoolOptions {
   /// and the limit; the worker is replaced and its unstarted tasks run elsewhere. Without a usable
   /// cgroup (or with Cgroups::kOff) it is the worker's RLIMIT_AS instead: its address space, what
   /// it inherited from the parent included, and allocations past it fail inside the task
-  /// (std::bad_alloc, a null malloc; not under AddressSanitizer, whose shadow memory exceeds any
-  /// cap). A LogEvent at start says which is in force. Not below 16 MiB.
+  /// (std::bad_alloc, a null malloc). A worker that would start with less than 16 MiB below the
+  /// cap refuses to start, and the tasks sent to it fail kFailedPrecondition saying so (always
+  /// under AddressSanitizer, whose shadow memory exceeds any cap). A LogEvent at start says which
+  /// is in force. Not below 16 MiB.
   size_t max_worker_memory_bytes = 0;
   /// Whether each worker gets cgroups of its own (see `Cgroups`): by default wherever this
   /// process may make them below its own.

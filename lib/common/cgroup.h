@@ -36,6 +36,11 @@
 
 namespace procpool::internal {
 
+// The smallest max_worker_memory_bytes (but 0, no cap): less leaves no room to start a worker.
+// Under RLIMIT_AS it is also the least room a worker must have above the address space it starts
+// with (lib/worker/worker_main.cc).
+inline constexpr size_t kMinWorkerMemoryBytes = size_t{16} << 20;
+
 // Which cgroup mechanisms a pool's workers get on this host.
 struct CgroupPlan {
   enum class Kill { kNone, kV2Kill, kV1Freezer };

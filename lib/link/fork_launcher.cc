@@ -177,7 +177,10 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> ForkLauncher::launch(int slot,
       ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();
   std::unique_ptr<SharedRegion> region;
-  if (config_.blob_regions) {
+  // Not under RLIMIT_AS: the region's address space (hundreds of MiB, mostly never touched) would
+  // count against max_worker_memory_bytes there, and leave the worker no room below a cap that
+  // fits its tasks. Its blobs travel in frames instead.
+  if (config_.blob_regions && cgroup_plan_.memory != CgroupPlan::Memory::kRlimitAs) {
     absl::StatusOr<std::unique_ptr<SharedRegion>> made =
         SharedRegion::create(absl::StrCat(launch.process_name, "-blobs"));
     if (!made.ok()) return made.status();

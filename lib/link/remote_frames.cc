@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "lib/common/cgroup.h"
 #include "lib/common/clock.h"
 #include "lib/wire/tls_channel.h"
 #include "procpool/internal/packed.h"
@@ -40,7 +41,7 @@ RelayLimits relay_limits(wire::Welcome::Reader welcome) {
   limits.resident_bytes = welcome.getResidentBytes();
   // 0, or at least what options_check allows (a smaller cap would keep any worker from starting).
   const uint64_t memory = welcome.getMaxWorkerMemoryBytes();
-  limits.max_worker_memory_bytes = memory == 0 ? 0 : std::max<uint64_t>(memory, uint64_t{16} << 20);
+  limits.max_worker_memory_bytes = memory == 0 ? 0 : std::max<uint64_t>(memory, kMinWorkerMemoryBytes);
   limits.cgroups_off = welcome.getCgroupsOff();
   limits.forward_output = welcome.getForwardOutput();
   limits.crash_backtraces = welcome.getCrashBacktraces();

@@ -624,7 +624,7 @@ bool send_worker_log(int severity, std::string_view message) {
 }
 
 int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
-               size_t max_frame_bytes, SharedRegion* region) {
+               size_t max_frame_bytes, SharedRegion* region, const absl::Status& refused) {
   // procpool::log from here on (W's constructor included) goes to the pool. The frame's other
   // fields and its framing take well under 1 KiB.
   log_channel = LogChannel{.transport = &transport,
@@ -646,6 +646,10 @@ int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, Con
   static const bool watching_forks =
       ::pthread_atfork(nullptr, nullptr, [] { forked_by_user_code = true; }) == 0;
   (void)watching_forks;
+  if (!refused.ok()) {
+    send_status_frame(transport, /*enter_failed=*/true, refused);
+    return kWorkerExitEnterFailed;
+  }
   std::unique_ptr<WorkerBody> body = factory();
   absl::Status entered = body->enter();
   leave_if_forked_by_user_code();

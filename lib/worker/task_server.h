@@ -83,8 +83,12 @@ class WorkerTransport {
 // exit(): nobody waits for the hook.
 // `region`: where the parent leaves large byte strings of jobs and finds those of results
 // (lib/wire/shared_region.h); null where there is none (blobs then travel in frames).
+// `refused`: why this worker cannot serve, found before it started (an RLIMIT_AS that leaves it no
+// room): if not OK, it is sent as enter()'s failure, without making W, and the worker leaves with
+// kWorkerExitEnterFailed.
 int run_worker(const WorkerBodyFactory& factory, WorkerTransport& transport, ControlPage& page,
-               size_t max_frame_bytes, SharedRegion* region = nullptr);
+               size_t max_frame_bytes, SharedRegion* region = nullptr,
+               const absl::Status& refused = absl::OkStatus());
 
 // procpool::log in a worker (include/procpool/logging.h): sends a `log` frame to the pool on the
 // worker's stream (after any results held, so order is kept), stamped with the task the control

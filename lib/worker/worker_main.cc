@@ -1,5 +1,6 @@
 #include "lib/worker/worker_main.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -19,6 +20,7 @@
 #include <optional>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 
@@ -450,6 +452,42 @@ void apply_placement(const WorkerLaunch& launch) {
   leave(kWorkerExitProtocolError);
 }
 
+// The address space this process has mapped (VmSize), in bytes; 0 if /proc cannot say. Reads
+// with open/read/close only.
+size_t mapped_bytes() {
+  char text[128];
+  const int fd = ::open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  const ssize_t n = ::read(fd, text, sizeof(text) - 1);
+  ::close(fd);
+  if (n <= 0) return 0;
+  text[n] = '\0';
+  const unsigned long long pages = std::strtoull(text, nullptr, 10);
+  return static_cast<size_t>(pages) * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// max_worker_memory_bytes as RLIMIT_AS (no memory cgroup caps this worker; 0: none). RLIMIT_AS
+// counts the address space the worker inherited, the program's own (its heap, its threads'
+// stacks and malloc arenas, a runtime's reservations): a cap that leaves less than
+// kMinWorkerMemoryBytes above that would fail every allocation the worker makes, its own before
+// its tasks'. Such a worker sets no limit and refuses to start, saying why (run_worker sends it as
+// enter()'s failure, so the tasks sent to it fail with it).
+absl::Status limit_address_space(size_t limit) {
+  if (limit == 0) return absl::OkStatus();
+  const size_t mapped = mapped_bytes();
+  if (mapped > limit || limit - mapped < kMinWorkerMemoryBytes) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "max_worker_memory_bytes (", limit, ") is this worker's RLIMIT_AS (no memory cgroup holds ",
+        "it), which counts the address space it inherited from the program: ", mapped,
+        " bytes at its start, so the cap leaves it less than ", kMinWorkerMemoryBytes,
+        " bytes to allocate. Raise max_worker_memory_bytes above the program's address space, or ",
+        "run where a memory cgroup can be made (see PoolOptions::cgroups)"));
+  }
+  const rlimit as_limit{limit, limit};
+  ::setrlimit(RLIMIT_AS, &as_limit);
+  return absl::OkStatus();
+}
+
 [[noreturn]] void serve_as_worker(int channel_fd, ControlPage* page, const WorkerLaunch& launch,
                                   pid_t parent_pid, SharedRegion* region, TlsChannel* tls) {
   prepare_child({.process_name = launch.process_name,
@@ -465,16 +503,14 @@ void apply_placement(const WorkerLaunch& launch) {
   if (!join_cgroups(launch.cgroup_procs)) leave(kWorkerExitProtocolError);
   become_tree_root();
   end_tree_with_parent(launch.cgroup_procs);
-  if (launch.address_space_limit > 0) {
-    const rlimit limit{launch.address_space_limit, launch.address_space_limit};
-    ::setrlimit(RLIMIT_AS, &limit);
-  }
+  const absl::Status refused = limit_address_space(launch.address_space_limit);
   apply_placement(launch);
   if (tls != nullptr) tls->moved_to(kChildChannelFd);
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
                              launch.hold_results ? held_frames(page) : nullptr, tls,
                              /*flush_stdout=*/launch.stdout_fd >= 0);
-  const int status = run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region);
+  const int status =
+      run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region, refused);
   end_own_tree();
   leave(status);
 }

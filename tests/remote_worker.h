@@ -17,8 +17,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <vector>
 
@@ -55,13 +53,13 @@ inline constexpr int64_t kRemoteSecretInMemory = -15;
 // `needle` itself. Read through /proc/self/mem, which neither faults nor trips a sanitizer on
 // memory this process never allocated; huge reservations (a sanitizer's shadow) are left out.
 inline int64_t copies_in_memory(const std::string& needle) {
-  std::ifstream maps("/proc/self/maps");
+  if (needle.empty()) return -1;
+  const std::vector<std::string> maps = testing::read_lines("/proc/self/maps");
   const int mem = ::open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
-  if (mem < 0 || needle.empty()) return -1;
+  if (mem < 0) return -1;
   std::vector<char> chunk(size_t{1} << 20);
   int64_t found = 0;
-  std::string line;
-  while (std::getline(maps, line)) {
+  for (const std::string& line : maps) {
     uintptr_t begin = 0, end = 0;
     char perms[5] = {};
     unsigned long long offset = 0, inode = 0;
@@ -157,9 +155,9 @@ struct RemoteWorker {
         int64_t seen = 0;
         if (std::getenv("PROCPOOL_TOKEN") != nullptr) seen |= 1;
         if (std::getenv("PROCPOOL_TOKEN_FILE") != nullptr) seen |= 2;
-        std::ifstream in("/proc/self/environ", std::ios::binary);
-        const std::string environment((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-        if (environment.find("PROCPOOL_TOKEN") != std::string::npos) seen |= 4;
+        if (testing::read_file("/proc/self/environ").find("PROCPOOL_TOKEN") != std::string::npos) {
+          seen |= 4;
+        }
         return seen;
       }
       case kRemoteTokenInMemory: {

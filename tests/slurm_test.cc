@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -68,13 +67,8 @@ std::vector<pid_t> processes_with(const std::string& needle) {
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
     const pid_t pid = std::stoi(name);
     if (pid == ::getpid()) continue;
-    std::string cmdline;
-    try {
-      std::ifstream in(entry.path() / "cmdline");
-      cmdline.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    } catch (const std::exception&) {
-      continue;  // it ended meanwhile (reading its cmdline fails with ESRCH)
-    }
+    // Empty if it ended meanwhile (reading its cmdline fails with ESRCH).
+    const std::string cmdline = testing::read_file(entry.path() / "cmdline");
     if (absl::StrContains(cmdline, needle) && testing::process_alive(pid)) found.push_back(pid);
   }
   return found;

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <list>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -36,6 +37,35 @@ std::string http_response(absl::string_view status, absl::string_view content_ty
                                  "Connection: close\r\n\r\n");
   if (with_body) out.append(body.data(), body.size());
   return out;
+}
+
+// The request line of a head: up to its first line break (RFC 9112, section 3).
+absl::string_view request_line(absl::string_view head) {
+  return head.substr(0, head.find_first_of("\r\n"));
+}
+
+// Whether the request (its head, or as much of it as was read) is HEAD, whose response never has a
+// body (RFC 9112, section 6.3), also when the rest of its request line is bad or its head too long:
+// a client reads none after a HEAD, so bytes sent there are excess it reports or misreads.
+bool is_head(absl::string_view request) {
+  const absl::string_view line = request_line(request);
+  return line.substr(0, line.find(' ')) == "HEAD";
+}
+
+// The path of a request target, in origin form (/metrics?x) or absolute form
+// (http://host:port/metrics?x, as a proxy sends it), without its query.
+absl::string_view request_path(absl::string_view target) {
+  // The absolute form (section 3.2.2), which a server must accept and a proxy sends:
+  // http://host:port/path?query. Its path is what follows the authority ("/" if nothing does).
+  const size_t scheme_end = target.find("://");
+  if (scheme_end != absl::string_view::npos && scheme_end > 0 &&
+      (absl::EqualsIgnoreCase(target.substr(0, scheme_end), "http") ||
+       absl::EqualsIgnoreCase(target.substr(0, scheme_end), "https"))) {
+    const size_t path_start = target.find_first_of("/?", scheme_end + 3);
+    if (path_start == absl::string_view::npos || target[path_start] == '?') return "/";
+    target.remove_prefix(path_start);
+  }
+  return target.substr(0, target.find('?'));
 }
 
 }  // namespace
@@ -169,20 +199,11 @@ bool MetricsServer::read_request(Client& client) {
       if (errno == EINTR) continue;
       return errno == EAGAIN || errno == EWOULDBLOCK;
     }
-    // Only the head matters (a GET has no body): look for its end in what is new, and keep at
-    // most max_request_bytes of it.
-    const size_t room = limits_.max_request_bytes - client.request.size();
-    client.request.append(buffer, std::min(room, static_cast<size_t>(n)));
-    size_t head_end = client.request.find("\r\n\r\n");
-    if (head_end == std::string::npos) head_end = client.request.find("\n\n");
-    if (head_end != std::string::npos) {
-      client.response = respond(absl::string_view(client.request).substr(0, head_end));
-    } else if (client.request.size() >= limits_.max_request_bytes) {
-      client.response = http_response("431 Request Header Fields Too Large", "text/plain",
-                                      "request too large\n", true);
-    } else {
-      continue;
-    }
+    std::optional<std::string> response =
+        metrics_http_read(client.request, absl::string_view(buffer, static_cast<size_t>(n)),
+                          limits_.max_request_bytes, render_);
+    if (!response.has_value()) continue;
+    client.response = *std::move(response);
     client.request = std::string();  // its memory goes now
     client.responding = true;
     return write_response(client);
@@ -204,39 +225,44 @@ bool MetricsServer::write_response(Client& client) {
   return false;
 }
 
-absl::string_view MetricsServer::request_path(absl::string_view target) {
-  // The absolute form (section 3.2.2), which a server must accept and a proxy sends:
-  // http://host:port/path?query. Its path is what follows the authority ("/" if nothing does).
-  const size_t scheme_end = target.find("://");
-  if (scheme_end != absl::string_view::npos && scheme_end > 0 &&
-      (absl::EqualsIgnoreCase(target.substr(0, scheme_end), "http") ||
-       absl::EqualsIgnoreCase(target.substr(0, scheme_end), "https"))) {
-    const size_t path_start = target.find_first_of("/?", scheme_end + 3);
-    if (path_start == absl::string_view::npos || target[path_start] == '?') return "/";
-    target.remove_prefix(path_start);
-  }
-  return target.substr(0, target.find('?'));
-}
-
-std::string MetricsServer::respond(absl::string_view head) {
+std::string metrics_http_response(absl::string_view head,
+                                  const std::function<std::string()>& render) {
   // The request line: METHOD SP TARGET SP HTTP/1.x (RFC 9112, section 3).
-  const absl::string_view line = head.substr(0, head.find_first_of("\r\n"));
-  const std::vector<absl::string_view> parts = absl::StrSplit(line, ' ');
+  const std::vector<absl::string_view> parts = absl::StrSplit(request_line(head), ' ');
+  const bool with_body = !is_head(head);
   if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.")) {
-    return http_response("400 Bad Request", "text/plain", "bad request\n", true);
+    return http_response("400 Bad Request", "text/plain", "bad request\n", with_body);
   }
   const absl::string_view method = parts[0];
   const absl::string_view path = request_path(parts[1]);
   if (path != "/metrics") {
     return http_response("404 Not Found", "text/plain", "not found; metrics are at /metrics\n",
-                         method != "HEAD");
+                         with_body);
   }
   if (method != "GET" && method != "HEAD") {
-    return http_response("405 Method Not Allowed", "text/plain", "only GET\n", true,
+    return http_response("405 Method Not Allowed", "text/plain", "only GET\n", with_body,
                          "Allow: GET, HEAD\r\n");
   }
-  return http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", render_(),
-                       method == "GET");
+  return http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(),
+                       with_body);
+}
+
+std::optional<std::string> metrics_http_read(std::string& request, absl::string_view received,
+                                             size_t max_request_bytes,
+                                             const std::function<std::string()>& render) {
+  // Only the head matters (a GET has no body): keep at most max_request_bytes of it.
+  const size_t room = max_request_bytes - std::min(max_request_bytes, request.size());
+  request.append(received.data(), std::min(room, received.size()));
+  size_t head_end = request.find("\r\n\r\n");
+  if (head_end == std::string::npos) head_end = request.find("\n\n");
+  if (head_end != std::string::npos) {
+    return metrics_http_response(absl::string_view(request).substr(0, head_end), render);
+  }
+  if (request.size() >= max_request_bytes) {
+    return http_response("431 Request Header Fields Too Large", "text/plain",
+                         "request too large\n", !is_head(request));
+  }
+  return std::nullopt;
 }
 
 }  // namespace procpool::internal

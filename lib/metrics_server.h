@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -34,6 +35,27 @@ namespace procpool::internal {
 // Parses PoolOptions::metrics_listen: "host:port", "[v6]:port", or ":port" / "port" (loopback,
 // 127.0.0.1). kInvalidArgument names the field and says what is wrong.
 absl::StatusOr<HostPort> parse_metrics_listen(absl::string_view text);
+
+// The server's HTTP, apart from its sockets so that tests and tools/fuzz.sh reach it with bytes
+// alone. A peer's bytes are untrusted: neither function trusts a length or a delimiter in them.
+
+// The whole response (head and body, "Connection: close") to a request whose head, up to its
+// closing empty line, is `head`: 200 with what `render` returns for GET or HEAD of /metrics (in
+// origin form, /metrics?x, or absolute form, http://host/metrics?x), 404 for any other path, 405
+// for any other method, 400 if the request line is not METHOD SP TARGET SP HTTP/1.x. `render` is
+// called for a 200 only. A HEAD request (its method, the request line up to the first space, is
+// HEAD) gets no body, whatever the status.
+std::string metrics_http_response(absl::string_view head,
+                                  const std::function<std::string()>& render);
+
+// Adds `received` (one read of a client's bytes) to `request`, the request read so far, of which
+// at most `max_request_bytes` are ever kept. Returns the response once `request` holds the head's
+// end (an empty line: "\r\n\r\n" or "\n\n"; metrics_http_response) or has reached
+// `max_request_bytes` without it (431); nullopt while more is needed. Bytes after the head are
+// ignored: a GET has no body.
+std::optional<std::string> metrics_http_read(std::string& request, absl::string_view received,
+                                             size_t max_request_bytes,
+                                             const std::function<std::string()>& render);
 
 class MetricsServer {
  public:
@@ -71,10 +93,6 @@ class MetricsServer {
   bool read_request(Client& client);
   // Writes what the socket takes. False: drop it (done, or the peer is gone).
   bool write_response(Client& client);
-  std::string respond(absl::string_view head);
-  // The path of a request target, in origin form (/metrics?x) or absolute form
-  // (http://host:port/metrics?x, as a proxy sends it), without its query.
-  static absl::string_view request_path(absl::string_view target);
 
   const UniqueFd listener_;
   const UniqueFd wake_;

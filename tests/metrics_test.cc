@@ -338,6 +338,35 @@ TEST_CASE("the metrics endpoint answers 404 for other paths, 405, 400 and 431 fo
   CHECK(pool.apply("square 5").value() == 25);
 }
 
+TEST_CASE("a HEAD request gets no body, also when it is answered 400, 404 or 431") {
+  // A client reads nothing after the head of a HEAD response (RFC 9112, 6.3); a 400 or a 431
+  // used to carry its body anyway (found by tests/fuzz/metrics_request_fuzzer.cc).
+  ProcessPool<MetricsWorker> pool(testing::on_link({.workers = 1, .metrics_listen = "127.0.0.1:0"}));
+  const std::string address = pool.metrics_address();
+  SUBCASE("a bad request line: 400") {
+    const std::string answer = http_exchange(address, "HEAD /metrics HTTP/2.0\r\n\r\n");
+    CHECK(http_status(answer) == 400);
+    CHECK(http_body(answer).empty());
+  }
+  SUBCASE("another path: 404") {
+    const std::string answer = http_exchange(address, "HEAD /other HTTP/1.1\r\n\r\n");
+    CHECK(http_status(answer) == 404);
+    CHECK(http_body(answer).empty());
+  }
+  SUBCASE("a head too long: 431") {
+    const std::string answer = http_exchange(
+        address, "HEAD /metrics HTTP/1.1\r\nX: " + std::string(100'000, 'a'));
+    CHECK(http_status(answer) == 431);
+    CHECK(http_body(answer).empty());
+  }
+  SUBCASE("GET still gets the body of a 400 and of a 431") {
+    CHECK(http_body(http_exchange(address, "GET /metrics HTTP/2.0\r\n\r\n")) == "bad request\n");
+    CHECK(http_body(http_exchange(address, "GET /metrics HTTP/1.1\r\nX: " +
+                                               std::string(100'000, 'a'))) ==
+          "request too large\n");
+  }
+}
+
 TEST_CASE("clients that connect and send nothing stall neither map() nor the next scrape") {
   ProcessPool<MetricsWorker> pool(testing::on_link({.workers = 2, .metrics_listen = "127.0.0.1:0"}));
   const std::string address = pool.metrics_address();

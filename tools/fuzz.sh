@@ -10,7 +10,9 @@
 #                  the scheduler, over fake links: no process), every call ends, each task with
 #                  exactly one outcome;
 # - crash_stack:   whatever a dead worker left in its page's crash stack, and whatever ELF file
-#                  it names there, reading the stack ends in printable text.
+#                  it names there, reading the stack ends in printable text;
+# - metrics_request: whatever bytes a client of the metrics endpoint sends, in whatever pieces,
+#                  the server keeps at most its limit and answers one well-formed HTTP response.
 # Exits non-zero if any finds a crash, leak or UB. Outside Bazel on purpose: the Bazel build
 # uses GCC, and libFuzzer is clang's.
 set -euo pipefail
@@ -22,7 +24,7 @@ trap 'rm -rf "$OUT"' EXIT
 
 # The generated header goes where the sources include it from: procpool/internal/.
 mkdir -p "$OUT/gen/procpool/internal" "$OUT/corpus-frame_decoder" "$OUT/corpus-remote_host" \
-  "$OUT/corpus-scheduler" "$OUT/corpus-crash_stack"
+  "$OUT/corpus-scheduler" "$OUT/corpus-crash_stack" "$OUT/corpus-metrics_request"
 capnp compile -I/usr/include -oc++:"$OUT/gen/procpool/internal" --src-prefix="$ROOT/lib/wire" \
   "$ROOT/lib/wire/protocol.capnp"
 FLAGS=(-std=c++20 -O1 -g -I"$ROOT" -I"$ROOT/include" -I"$OUT/gen")
@@ -34,11 +36,12 @@ mapfile -t LIBS < <(pkg-config --libs absl_base absl_status absl_statusor absl_s
 SANITIZE=(-fsanitize=address,undefined -fno-sanitize-recover=all)
 
 # The library below the pool (every layer but pool_core and progress_bar, as CMakeLists.txt and
-# lib/BUILD.bazel place the files), each file compiled once, instrumented for the fuzzers, into one
-# archive: each program links what it uses of it. Found in the tree, not listed here, so a file a
-# fuzzed path comes to need is there without anyone adding it.
+# lib/BUILD.bazel place the files), and of pool_core the metrics endpoint's server, each file
+# compiled once, instrumented for the fuzzers, into one archive: each program links what it uses of
+# it. Found in the tree, not listed here, so a file a fuzzed path comes to need is there without
+# anyone adding it.
 mapfile -t LIB_SOURCES < <(find lib/common lib/wire lib/worker lib/link lib/scheduler \
-  lib/supervision -name '*.cc' | sort; echo lib/worker_registry.cc;
+  lib/supervision -name '*.cc' | sort; echo lib/worker_registry.cc; echo lib/metrics_server.cc;
   echo "$OUT/gen/procpool/internal/protocol.capnp.c++")
 echo "=== building the fuzzers (clang, libFuzzer, ASan, UBSan): ${#LIB_SOURCES[@]} library files"
 mkdir -p "$OUT/obj"
@@ -59,7 +62,7 @@ ar rcs "$OUT/libfuzzed.a" "$OUT"/obj/*.o
 clang++ "${FLAGS[@]}" "${SANITIZE[@]}" -DPROCPOOL_FUZZ_SEEDS tests/fuzz/frame_decoder_fuzzer.cc \
   "$OUT/libfuzzed.a" "${LIBS[@]}" -o "$OUT/seeds"
 "$OUT/seeds" "$OUT/corpus-frame_decoder"
-for target in frame_decoder remote_host scheduler crash_stack; do
+for target in frame_decoder remote_host scheduler crash_stack metrics_request; do
   clang++ "${FLAGS[@]}" "${SANITIZE[@]}" -fsanitize=fuzzer "tests/fuzz/${target}_fuzzer.cc" \
     "$OUT/libfuzzed.a" "${LIBS[@]}" -o "$OUT/$target"
 done
@@ -81,6 +84,20 @@ printf '\x04\x17\x03\x03\x00\x11\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b
 printf '\x00\xff\xff@0 /proc/self/exe\n@1 /no/such/file\n#0 0x1 0+0x2000\n#1 0x2 ?\n#2 0x3 1+0x10\n' \
   >"$OUT/corpus-crash_stack/page"
 { printf '\x01'; head -c 4096 /bin/true; } >"$OUT/corpus-crash_stack/elf"
+# Seeds for the metrics endpoint: a byte for the head's limit (0: 8 KiB; n: 8n bytes), a byte for
+# how many piece sizes follow, the sizes (each + 1) the client's bytes are cut into, those bytes.
+printf '\x00\x00GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n' >"$OUT/corpus-metrics_request/get"
+printf '\x00\x00HEAD /metrics HTTP/1.1\r\n\r\n' >"$OUT/corpus-metrics_request/head"
+printf '\x00\x00GET http://127.0.0.1:9464/metrics HTTP/1.1\r\n\r\n' \
+  >"$OUT/corpus-metrics_request/absolute"
+printf '\x00\x03\x00\x04\x01GET /metrics?name[]=x HTTP/1.0\n\n' \
+  >"$OUT/corpus-metrics_request/query-pieces"
+printf '\x00\x00POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n' \
+  >"$OUT/corpus-metrics_request/post"
+printf '\x00\x00\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n' \
+  >"$OUT/corpus-metrics_request/garbage"
+printf '\x04\x01\x07HEAD /metrics HTTP/1.1\r\nCookie: aaaaaaaaaaaaaaaaaaaaaaaa' \
+  >"$OUT/corpus-metrics_request/too-large"
 cp "$OUT"/corpus-frame_decoder/* "$OUT/corpus-remote_host/" 2>/dev/null || true
 for seed in "$OUT"/corpus-frame_decoder/*; do
   { printf '\x01'; cat "$seed"; } >"$OUT/corpus-remote_host/connected-$(basename "$seed")"
@@ -88,7 +105,7 @@ for seed in "$OUT"/corpus-frame_decoder/*; do
 done
 
 failed=0
-for target in frame_decoder remote_host scheduler crash_stack; do
+for target in frame_decoder remote_host scheduler crash_stack metrics_request; do
   echo "=== fuzzing ${target} for ${SECONDS_TO_RUN}s"
   set +e
   "$OUT/$target" -max_total_time="$SECONDS_TO_RUN" -max_len=4096 -rss_limit_mb=2048 \

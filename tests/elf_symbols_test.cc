@@ -5,6 +5,7 @@
 
 #include "lib/common/elf_symbols.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -95,6 +96,38 @@ TEST_CASE("a function of this program is named from the file and offset its code
   CHECK(absl::StrContains(*getpid_name, "getpid"));
 }
 
+TEST_CASE("a file rewritten in place, at its size and with its times set back, is read again") {
+  const auto* code = reinterpret_cast<const char*>(&elf_symbols_test_named_function);
+  std::optional<Place> place = place_of(code + 4);
+  REQUIRE(place.has_value());
+  const std::string original = testing::read_file(place->path);
+  const std::string dir = temp_dir();
+  const std::string path = dir + "/program";
+  write_file(path, original);
+  struct stat first {};
+  REQUIRE(::stat(path.c_str(), &first) == 0);
+  REQUIRE(elf_function_at(path, place->offset) == "elf_symbols_test_named_function(int)");
+  // The same bytes but the ELF magic, written over the same inode, and its modification time
+  // set back to the first version's: size, inode and mtime all as before.
+  std::string rewritten = original;
+  rewritten[1] = 'X';
+  {
+    std::fstream out(path, std::ios::binary | std::ios::in | std::ios::out);
+    out.write(rewritten.data(), static_cast<std::streamsize>(rewritten.size()));
+    REQUIRE(out.good());
+  }
+  const timespec times[2] = {first.st_atim, first.st_mtim};
+  REQUIRE(::utimensat(AT_FDCWD, path.c_str(), times, 0) == 0);
+  struct stat second {};
+  REQUIRE(::stat(path.c_str(), &second) == 0);
+  REQUIRE(second.st_ino == first.st_ino);
+  REQUIRE(second.st_size == first.st_size);
+  // No ELF file any more: nothing is named, not the first version's function.
+  CHECK_FALSE(elf_function_at(path, place->offset).has_value());
+  ::unlink(path.c_str());
+  ::rmdir(dir.c_str());
+}
+
 TEST_CASE("an offset no function covers, or outside every segment, names nothing") {
   const auto* code = reinterpret_cast<const char*>(&elf_symbols_test_named_function);
   std::optional<Place> place = place_of(code);
@@ -130,8 +163,7 @@ TEST_CASE("truncated and corrupted copies of a real ELF file give no name, or a 
   std::vector<std::string> written;
   int index = 0;
   auto try_file = [&](const std::string& bytes) {
-    // A new name each time (and kept until the end): a file of the same size, written within
-    // the same clock tick, at a reused inode would look unchanged.
+    // A new name each time (and kept until the end): each version is a file of its own.
     const std::string path = absl::StrCat(dir, "/copy", index++);
     write_file(path, bytes);
     written.push_back(path);

@@ -6,6 +6,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <time.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
@@ -28,13 +30,23 @@ constexpr size_t kMaxNameBytes = 512;   // a longer name is cut, ending in "..."
 constexpr size_t kCachedFiles = 8;
 
 // What a file's table is kept for: the same file, unchanged.
+// What tells a file's versions apart. The times come from the kernel's coarse clock: a file
+// rewritten in place within one of its ticks keeps them (and its size may be the same), so a
+// table is cached only once its file has been left alone for kSettledNs (table_for). The inode's
+// change time is kept too: a program can set a file's modification time back (utimes), never
+// its change time.
 struct FileIdentity {
   dev_t device = 0;
   ino_t inode = 0;
   uint64_t size = 0;
   int64_t modified_ns = 0;
+  int64_t changed_ns = 0;
   bool operator==(const FileIdentity&) const = default;
 };
+
+// How long a file must have gone unchanged before its table is cached: well over a tick of the
+// clock its times are stamped with (1-10 ms).
+constexpr int64_t kSettledNs = 2'000'000'000;
 
 struct LoadSegment {
   uint64_t offset = 0;  // in the file
@@ -229,6 +241,10 @@ std::shared_ptr<const ElfSymbolTable> table_for(int fd, const FileIdentity& iden
   }
   std::shared_ptr<const ElfSymbolTable> table = read_symbol_table(fd, identity);
   if (table == nullptr) return nullptr;
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  const int64_t now_ns = int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+  if (now_ns - std::max(identity.modified_ns, identity.changed_ns) < kSettledNs) return table;
   if (tables.size() == kCachedFiles) tables.erase(tables.begin());
   tables.push_back(table);
   return table;
@@ -255,6 +271,7 @@ std::optional<ElfFunctions> ElfFunctions::open(const std::string& path) {
       .inode = status.st_ino,
       .size = static_cast<uint64_t>(status.st_size),
       .modified_ns = int64_t{status.st_mtim.tv_sec} * 1'000'000'000 + status.st_mtim.tv_nsec,
+      .changed_ns = int64_t{status.st_ctim.tv_sec} * 1'000'000'000 + status.st_ctim.tv_nsec,
   };
   std::shared_ptr<const ElfSymbolTable> table = table_for(file.get(), identity);
   if (table == nullptr) return std::nullopt;

@@ -34,7 +34,9 @@ class ElfFunctions {
  public:
   // The file at `path`, or nullopt if it cannot be read, is no regular file, or is no 64-bit ELF
   // file with a symbol table (or a dynamic one, used when it has none). Its table is read once
-  // and kept while the file is unchanged (the last few files), for every later open. Thread-safe.
+  // and kept while the file is unchanged (the last few files; not one changed in the last two
+  // seconds, which a rewrite within one tick of the file times' clock could not be told from),
+  // for every later open. Thread-safe.
   static std::optional<ElfFunctions> open(const std::string& path);
 
   // The demangled name of the function that contains byte `offset` of the file (an offset of

@@ -25,6 +25,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "doctest/doctest.h"
 #include "procpool/procpool.h"
 #include "tests/fault_support.h"
@@ -217,6 +219,60 @@ TEST_CASE("forwarded output: every line of every task reaches the sink once, who
   SUBCASE("remote workers forward by default (kAuto), through their relay") {
     check_lines_of_every_job(remote({}), true);
   }
+}
+
+// Each task says its number three ways, and logs it: the log record's task is exact (it is
+// stamped in the worker), so each line must name the same task.
+struct Announcer {
+  int64_t run(int64_t n) {
+    write_all(absl::StrCat("raw ", n, "\n"));           // straight into the pipe
+    std::printf("stdio %lld\n", static_cast<long long>(n));  // buffered, flushed with the result
+    std::fprintf(stderr, "err %lld\n", static_cast<long long>(n));
+    procpool::log(LogSeverity::kInfo, absl::StrCat("log ", n));
+    return n;
+  }
+};
+
+void check_lines_name_their_task(PoolOptions options) {
+  testing::LogCapture events;
+  options.workers = 1;
+  options.log_sink = events.sink();
+  constexpr int64_t kTasks = 40;
+  {
+    ProcessPool<Announcer> pool(options);
+    // One at a time, as a caller that waits for each result does: quick tasks, back to back.
+    for (int64_t n = 0; n < kTasks; ++n) REQUIRE(pool.apply(n).value_or(-1) == n);
+  }
+  std::map<int64_t, uint64_t> task_of;  // n -> the task its log record names
+  for (const LogEvent& event : events.from(LogSource::kWorker)) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(absl::StripPrefix(event.message, "log "), &n)) continue;
+    REQUIRE(event.task.has_value());
+    task_of[n] = *event.task;
+  }
+  REQUIRE(task_of.size() == kTasks);
+  int lines = 0;
+  for (const LogSource source : {LogSource::kStdout, LogSource::kStderr}) {
+    for (const LogEvent& event : events.from(source)) {
+      const std::vector<std::string> words = absl::StrSplit(event.message, ' ');
+      int64_t n = 0;
+      if (words.size() != 2 || !absl::SimpleAtoi(words[1], &n)) continue;
+      CAPTURE(event.message);
+      ++lines;
+      REQUIRE(event.task.has_value());
+      CHECK(*event.task == task_of[n]);
+    }
+  }
+  CHECK(lines == 3 * kTasks);
+}
+
+TEST_CASE("forwarded output: each line names the task that wrote it, when tasks run one at a time") {
+  SUBCASE("forked workers") { check_lines_name_their_task({.worker_output = WorkerOutput::kForward}); }
+  SUBCASE("fork-server workers") {
+    check_lines_name_their_task(
+        {.start_method = StartMethod::kForkServer, .worker_output = WorkerOutput::kForward});
+  }
+  SUBCASE("remote workers, through their relay") { check_lines_name_their_task(remote({})); }
 }
 
 TEST_CASE("forwarded output: lines written just before a crash, and a last one without a newline, are not lost") {

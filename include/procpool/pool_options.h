@@ -57,7 +57,8 @@ struct LogEvent {
   int worker = -1;                      ///< The worker's slot; -1 for the pool itself.
   std::string host;                     ///< The worker's host name ("" for the pool).
   /// The pool-wide number of the task the worker ran then (as `WorkerStats::current_task`), if
-  /// it ran one.
+  /// it ran one. For a line of forwarded output, the task the worker had last started when the
+  /// line was read (WorkerOutput::kForward says when that can be a later one).
   std::optional<uint64_t> task;
 };
 
@@ -95,7 +96,10 @@ enum class WorkerOutput {
   /// is in the pipe before its outcome is sent (it reaches the sink within about a millisecond of
   /// the pool reading it, not necessarily before the outcome reaches the caller); for lines in the middle of a long task, fflush(stdout) or
   /// write to stderr (unbuffered). Output still in stdio's buffer when a worker crashes is lost,
-  /// as in any program; what reached the pipe is not.
+  /// as in any program; what reached the pipe is not. A line's LogEvent::task is the task the
+  /// worker had last started when the line was read; lines are read before the frames after
+  /// them, so that is the task that wrote it wherever tasks run one at a time or each takes
+  /// longer than a read; in a chunk of quick tasks it may be a later task of the chunk.
   kForward,
 };
 

@@ -220,6 +220,7 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
   absl::StatusOr<std::optional<OutputPipes>> output =
       make_output_pipes(config_.forward_output, launch);
   if (!output.ok()) return output.status();
+  launch.output_read_elsewhere = launch.stdout_fd >= 0;
   absl::StatusOr<ControlPageMapping> page =
       ControlPageMapping::create(absl::StrCat(launch.process_name, "-control"));
   if (!page.ok()) return page.status();

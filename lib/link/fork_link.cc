@@ -54,16 +54,20 @@ void ForkLink::forward_output(UniqueFd stdout_pipe, UniqueFd stderr_pipe) {
   output_[1] = std::make_unique<OutputLines>(std::move(stderr_pipe));
 }
 
-void ForkLink::read_output(size_t stream, LinkEvents& events, bool drain) {
-  if (output_[stream] == nullptr || !output_[stream]->open()) return;
-  const OutputLines::LineSink sink = [&events, stream](std::span<const std::string_view> lines) {
-    events.on_output(/*is_stderr=*/stream == 1, lines);
+size_t ForkLink::read_output(size_t stream, LinkEvents& events, bool drain) {
+  if (output_[stream] == nullptr || !output_[stream]->open()) return 0;
+  const ControlPage& page = *page_.get();
+  const OutputLines::LineSink sink = [&events, &page, stream](std::span<const std::string_view> lines) {
+    // Called once the bytes are read: the task named now started before they were read.
+    const uint64_t batch_seq = page.batch_seq.load(std::memory_order_acquire);
+    const OutputPlace place{batch_seq, page.task_index.load(std::memory_order_relaxed)};
+    events.on_output(/*is_stderr=*/stream == 1, lines, place);
   };
   if (drain) {
     output_[stream]->drain(sink);
-  } else {
-    output_[stream]->read(sink);
+    return 0;
   }
+  return output_[stream]->read(sink);
 }
 
 void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
@@ -87,17 +91,18 @@ void ForkLink::add_pollfds(std::vector<pollfd>& fds, bool with_channel) {
 void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
                        LinkEvents& events) {
   size_t next = 0;
-  if (polled_channel_ && next < count) {
-    const short revents = polled[next++].revents;
-    if (revents != 0 && with_channel) pump(revents, events);
-  }
+  const short channel_revents = polled_channel_ && next < count ? polled[next++].revents : 0;
+  const bool pumping = channel_revents != 0 && with_channel;
   const size_t pidfd_at = next;
   if (polled_pidfd_) ++next;
+  bool output_ready[2] = {false, false};
   for (size_t stream = 0; stream < 2; ++stream) {
-    if (polled_output_[stream] && next < count && polled[next++].revents != 0) {
-      read_output(stream, events, /*drain=*/false);
-      output_rest_until_ns_[stream] = monotonic_now_ns() + kOutputRestNs;
-    }
+    output_ready[stream] = polled_output_[stream] && next < count && polled[next++].revents != 0;
+  }
+  // (pump reads both pipes first.)
+  if (pumping) pump(channel_revents, events);
+  for (size_t stream = 0; stream < 2; ++stream) {
+    if (output_ready[stream] && !pumping) read_output_now(stream, events);
   }
   if (polled_oom_ && next < count && polled[next++].revents != 0 && !ended_) {
     // The OOM killer acted in its cgroup (v1): the whole worker goes, as under v2's
@@ -147,10 +152,24 @@ void ForkLink::look_for_exit(LinkEvents& events) {
   if (process_.exited()) on_exited(events);
 }
 
+void ForkLink::read_output_now(size_t stream, LinkEvents& events) {
+  if (read_output(stream, events, /*drain=*/false) >= kOutputFloodBytes) {
+    output_rest_until_ns_[stream] = monotonic_now_ns() + kOutputRestNs;
+  }
+}
+
 void ForkLink::pump(short revents, LinkEvents& events) {
   if (ended_ || !channel_) return;
   if ((revents & POLLOUT) && !writer_.write_some(channel_.get()).ok()) writer_.clear();
-  if (revents & (POLLIN | POLLHUP | POLLERR)) read_channel(events);
+  if (revents & (POLLIN | POLLHUP | POLLERR)) {
+    // Before frames from the worker are read, its output is (its pipes resting or not): a task
+    // writes its lines before it sends its outcome, and read now they are read while the
+    // worker's record still names that task, not one the outcome's settling lets it start.
+    for (size_t stream = 0; stream < 2; ++stream) {
+      if (output_[stream] != nullptr && output_[stream]->open()) read_output_now(stream, events);
+    }
+    read_channel(events);
+  }
 }
 
 void ForkLink::read_channel(LinkEvents& events, bool to_the_end) {

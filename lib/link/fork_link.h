@@ -40,11 +40,14 @@ inline constexpr int64_t kHeldCheckIntervalNs = 10'000'000;
 // what is in flight.
 inline constexpr int kChannelSendBufferBytes = 2 << 20;
 
-// Forwarded output: after reading a worker's pipe, the link leaves it this long before it looks
-// again. A line printed now and then arrives at once; a flood is read in batches, one wake of the
-// pool's thread per millisecond and pipe rather than one per line (the pipe, up to 1 MiB, holds
-// what comes meanwhile; a worker that fills it waits).
+// Forwarded output: after a read of at least kOutputFloodBytes from a worker's pipe, the link
+// leaves it kOutputRestNs before it looks again. A line printed now and then arrives at once; a
+// flood is read in batches, one wake of the pool's thread per millisecond and pipe rather than
+// one per line (the pipe, up to 1 MiB, holds what comes meanwhile; a worker that fills it waits).
+// Reads smaller than a flood leave the pipe watched: each line is read as it comes, while the
+// worker's record still names the task that wrote it (OutputPlace).
 inline constexpr int64_t kOutputRestNs = 1'000'000;
+inline constexpr size_t kOutputFloodBytes = 4096;
 
 class ForkLink final : public WorkerLink {
  public:
@@ -116,7 +119,10 @@ class ForkLink final : public WorkerLink {
   // The worker has exited and is not reaped yet: what it started goes too.
   void stop_tree_at_end();
   // Reads the output pipes (`drain`: everything, the worker is gone).
-  void read_output(size_t stream, LinkEvents& events, bool drain);
+  // Returns how many bytes it read.
+  size_t read_output(size_t stream, LinkEvents& events, bool drain);
+  // Reads what the pipe holds now; after a flood (kOutputFloodBytes), leaves it resting.
+  void read_output_now(size_t stream, LinkEvents& events);
 
   const std::string name_;
   WorkerProcess process_;

@@ -297,7 +297,8 @@ class Relay final : private LinkEvents {
     revoked.setClaimed(claimed);
     queue(message);
   }
-  void on_output(bool is_stderr, std::span<const std::string_view> lines) override;
+  void on_output(bool is_stderr, std::span<const std::string_view> lines,
+                 OutputPlace place) override;
   void on_ended(WorkerEnd end) override;
   // Sends the lines of forwarded output not sent yet.
   void flush_output();
@@ -334,6 +335,7 @@ class Relay final : private LinkEvents {
   // Forwarded output not sent yet: lines of one stream (a line of the other sends these first).
   std::vector<std::string> output_lines_;
   bool output_stderr_ = false;
+  OutputPlace output_place_;  // where they were read: one place a frame
   size_t output_bytes_ = 0;
 };
 
@@ -749,12 +751,17 @@ int64_t Relay::watchdog(int64_t now) {
   return child_stop_.kill_at_ns();
 }
 
-void Relay::on_output(bool is_stderr, std::span<const std::string_view> lines) {
+void Relay::on_output(bool is_stderr, std::span<const std::string_view> lines,
+                      OutputPlace place) {
   // Each piece fits a frame the pool accepts, with room for the frame's own words.
   const size_t piece =
       std::min(kOutputFrameBytes, limits_.max_frame_bytes > 1024 ? limits_.max_frame_bytes - 1024 : 1);
-  if (is_stderr != output_stderr_) flush_output();
+  if (is_stderr != output_stderr_ || place.batch_seq != output_place_.batch_seq ||
+      place.task_index != output_place_.task_index) {
+    flush_output();
+  }
   output_stderr_ = is_stderr;
+  output_place_ = place;
   for (const std::string_view line : lines) {
     for (size_t at = 0; at == 0 || at < line.size(); at += piece) {
       const std::string_view part = line.substr(at, piece);
@@ -770,6 +777,11 @@ void Relay::flush_output() {
   capnp::MallocMessageBuilder message(output_bytes_ / sizeof(capnp::word) + 64);
   auto output = message.initRoot<wire::FromWorker>().initOutput();
   output.setStderr(output_stderr_);
+  if (output_place_.batch_seq != ControlPage::kNoBatch) {
+    output.setHasPlace(true);
+    output.setBatchSeq(output_place_.batch_seq);
+    output.setTaskIndex(output_place_.task_index);
+  }
   auto lines = output.initLines(static_cast<unsigned>(output_lines_.size()));
   for (size_t i = 0; i < output_lines_.size(); ++i) {
     lines.set(static_cast<unsigned>(i),

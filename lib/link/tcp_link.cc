@@ -213,7 +213,11 @@ void TcpLink::on_output(wire::OutputLines::Reader output, LinkEvents& events) {
       lines.push_back(bytes.substr(at, OutputLines::kMaxLineBytes));
     }
   }
-  if (!lines.empty()) events.on_output(output.getStderr(), lines);
+  // Where its relay read them: the worker's own stamps, so no more trusted than they (a wrong
+  // place names another task of this worker, or none).
+  OutputPlace place;
+  if (output.getHasPlace()) place = {output.getBatchSeq(), output.getTaskIndex()};
+  if (!lines.empty()) events.on_output(output.getStderr(), lines, place);
 }
 
 void TcpLink::on_pong(wire::Progress::Reader progress) {

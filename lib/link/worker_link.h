@@ -39,6 +39,16 @@
 
 namespace procpool::internal {
 
+// Which task lines of a worker's output belong to: the batch and task its record (its control
+// page) named as last started when they were read, which the scheduler turns into a task number
+// (Scheduler::task_number). Read after the bytes were, so the lines were written in that task or
+// before it: in it when the worker ran one task at a time, or its tasks each took longer than the
+// reader's wake. kNoBatch: it had started none. The worker's own words, like all it writes.
+struct OutputPlace {
+  uint64_t batch_seq = ControlPage::kNoBatch;
+  uint32_t task_index = 0;
+};
+
 // How a worker ended, as its link saw it.
 struct WorkerEnd {
   std::string how;     // "was killed by signal 6 (SIGABRT)", "exited with status 3", ...
@@ -104,8 +114,10 @@ class LinkEvents {
   // Lines the worker wrote to its stdout (`is_stderr` false) or stderr, when its output is
   // forwarded (PoolOptions::worker_output), without their newlines, borrowed for the call: at
   // least one, those read at one time. Lines of one stream come in the order written, each once;
-  // all of them before on_ended.
-  virtual void on_output(bool /*is_stderr*/, std::span<const std::string_view> /*lines*/) {}
+  // all of them before on_ended. `place`: the task the worker had last started when they were
+  // read (OutputPlace).
+  virtual void on_output(bool /*is_stderr*/, std::span<const std::string_view> /*lines*/,
+                         OutputPlace /*place*/) {}
   // The worker is gone for good.
   virtual void on_ended(WorkerEnd end) = 0;
   // The worker's host is leaving (a remote worker's relay got SIGTERM, relay.h): the pool stops

@@ -454,6 +454,9 @@ void Scheduler::erase_batch(Worker& worker, size_t index) {
       region->release_batch(worker.batches[index].seq);
     }
   }
+  const Batch& done = worker.batches[index];
+  worker.recent_batches[worker.recent_next++ % kRecentBatches] = {done.seq, done.tasks.number,
+                                                                  done.tasks.count};
   worker.batches.erase(worker.batches.begin() + static_cast<ptrdiff_t>(index));
   if (index == 0 && !worker.batches.empty()) {
     worker.batches.front().front_since_ns = monotonic_now_ns();
@@ -474,6 +477,9 @@ std::optional<uint64_t> Scheduler::task_number(int slot, uint64_t seq, uint32_t 
   if (slot < 0 || slot >= static_cast<int>(workers_.size())) return std::nullopt;
   for (const Batch& batch : workers_[slot].batches) {
     if (batch.seq == seq && index < batch.tasks.count) return batch.tasks.number + index;
+  }
+  for (const Worker::RecentBatch& batch : workers_[slot].recent_batches) {
+    if (batch.seq == seq && index < batch.count) return batch.number + index;
   }
   return std::nullopt;
 }

@@ -20,6 +20,7 @@
 #ifndef PROCPOOL_LIB_SCHEDULER_SCHEDULER_H_
 #define PROCPOOL_LIB_SCHEDULER_SCHEDULER_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -181,7 +182,8 @@ class Scheduler {
   // For stats(): the call-relative index of the task the worker in `slot` runs, if any.
   std::optional<uint64_t> current_task(int slot) const;
   // The pool-wide number of task `index` of batch `seq` at `slot`'s worker, while the batch is
-  // there (a worker's own stamps, for its log records); nothing if it is not.
+  // there or was among its last kRecentBatches settled (a worker's own stamps, for its log
+  // records and the lines of output read from it); nothing if it is not.
   std::optional<uint64_t> task_number(int slot, uint64_t seq, uint32_t index) const;
   // The failure of task `index` of batch `seq` at `slot`'s worker, stopped by its host's
   // watchdog for its timeout, in the words of the pool's own timeout ("task 5 of its call ran
@@ -224,6 +226,8 @@ class Scheduler {
   // See TaskRange::unplaced_losses: so many workers lost with a task first in line and no task
   // placed running, and the task is deemed to have run (and failed) on the last.
   static constexpr int kMaxUnplacedLosses = 3;
+  // How many of a worker's finished batches task_number() still knows (Worker::recent_batches).
+  static constexpr size_t kRecentBatches = 8;
   // What becomes of a batch's tasks taken back by a revoke.
   enum class TakeBack { kNone, kRequeue, kFail };
   // One bit per claim slot of a worker's control page.
@@ -286,6 +290,16 @@ class Scheduler {
     // due or when what they derive from changed here (a batch sent, results, a stop asked), not at
     // every wake. Its progress alone only moves its deadlines later.
     int64_t check_at_ns = INT64_MIN;
+    // The batches it finished last (erase_batch), so that output it wrote in a task and that is
+    // read after the task's outcome (a pipe read later than the frame) is still placed. Batch
+    // numbers are pool-wide: a later process in the slot never matches these.
+    struct RecentBatch {
+      uint64_t seq = ControlPage::kNoBatch;
+      uint64_t number = 0;  // of its first task
+      size_t count = 0;
+    };
+    std::array<RecentBatch, kRecentBatches> recent_batches{};
+    size_t recent_next = 0;
   };
   // A task range waiting out its retry's backoff until `ready_ns`.
   struct DelayedRetry {

@@ -30,8 +30,9 @@ class Supervisor::Events final : public LinkEvents {
     owner_.on_corrupted_connection(slot_, std::move(why));
   }
   void on_revoked(uint32_t slot, uint16_t tag, uint32_t claimed) override;
-  void on_output(bool is_stderr, std::span<const std::string_view> lines) override {
-    owner_.on_output(slot_, is_stderr, lines);
+  void on_output(bool is_stderr, std::span<const std::string_view> lines,
+                 OutputPlace place) override {
+    owner_.on_output(slot_, is_stderr, lines, place);
   }
   void on_ended(WorkerEnd end) override { owner_.on_ended(slot_, std::move(end)); }
   void on_host_leaving() override { owner_.on_host_leaving(slot_); }

@@ -354,14 +354,18 @@ void Supervisor::on_host_leaving(Slot& slot) {
   scheduler_.take_back_unstarted(slot.index);
 }
 
-void Supervisor::on_output(Slot& slot, bool is_stderr, std::span<const std::string_view> lines) {
+void Supervisor::on_output(Slot& slot, bool is_stderr, std::span<const std::string_view> lines,
+                           OutputPlace place) {
   if (!config_.log_lines) return;
-  // Lines read at one time share everything but their text: the worker, and the task it runs
-  // now, are looked up once for all of them (a read holds thousands when tasks print a line each).
+  // Lines read at one time share everything but their text: the worker, and the task it had
+  // started when they were read, are looked up once for all of them (a read holds thousands when
+  // tasks print a line each).
   LogEvent& event = output_event_;
   event.severity = is_stderr ? LogSeverity::kWarning : LogSeverity::kInfo;
   event.source = is_stderr ? LogSource::kStderr : LogSource::kStdout;
-  event.task = scheduler_.current_task(slot.index);
+  event.task = place.batch_seq == ControlPage::kNoBatch
+                   ? std::nullopt
+                   : scheduler_.task_number(slot.index, place.batch_seq, place.task_index);
   identify(slot, event);
   config_.log_lines(event, lines);
 }

@@ -152,7 +152,8 @@ class Supervisor final : private LauncherEvents {
   void on_broken_stream(Slot& slot, absl::Status why);
   void on_corrupted_connection(Slot& slot, absl::Status why);
   void on_ended(Slot& slot, WorkerEnd end);
-  void on_output(Slot& slot, bool is_stderr, std::span<const std::string_view> lines);
+  void on_output(Slot& slot, bool is_stderr, std::span<const std::string_view> lines,
+                 OutputPlace place);
   // Its host is leaving (LinkEvents::on_host_leaving): retired as a recycled worker is, at once.
   void on_host_leaving(Slot& slot);
   void stop(Slot& slot, absl::Status reason, StopMode mode);

@@ -14,19 +14,22 @@ OutputLines::OutputLines(UniqueFd fd)
   if (fd_.valid()) (void)set_nonblocking(fd_.get(), true);
 }
 
-void OutputLines::read(const LineSink& sink, int max_reads) {
+size_t OutputLines::read(const LineSink& sink, int max_reads) {
+  size_t bytes = 0;
   for (int i = 0; i < max_reads && fd_.valid(); ++i) {
-    if (!read_once(sink)) return;
+    if (!read_once(sink, bytes)) break;
   }
+  return bytes;
 }
 
 void OutputLines::drain(const LineSink& sink) {
-  while (fd_.valid() && read_once(sink)) {
+  size_t bytes = 0;
+  while (fd_.valid() && read_once(sink, bytes)) {
   }
   finish(sink);
 }
 
-bool OutputLines::read_once(const LineSink& sink) {
+bool OutputLines::read_once(const LineSink& sink, size_t& bytes) {
   ssize_t got;
   do {
     got = ::read(fd_.get(), buffer_.get() + used_, kMaxLineBytes - used_);
@@ -52,6 +55,7 @@ bool OutputLines::read_once(const LineSink& sink) {
   }
   split_ = false;
   used_ += static_cast<size_t>(got);
+  bytes += static_cast<size_t>(got);
   lines_.clear();
   while (const void* found = std::memchr(scan, '\n', static_cast<size_t>(end - scan))) {
     const char* const newline = static_cast<const char*>(found);

@@ -47,14 +47,16 @@ class OutputLines {
 
   // Reads what the pipe holds, at most `max_reads` reads (a flood from one worker must not starve
   // the others), handing on every whole line. At end of file hands on the rest and closes.
-  void read(const LineSink& sink, int max_reads = 4);
+  // Returns how many bytes it read.
+  size_t read(const LineSink& sink, int max_reads = 4);
   // The worker is gone: reads everything it left in the pipe, hands on the rest, and closes,
   // without waiting for an end of file that a process the worker forked may hold off.
   void drain(const LineSink& sink);
 
  private:
-  // Reads once; false at end of file, when nothing is left, or on an error.
-  bool read_once(const LineSink& sink);
+  // Reads once, adding what it read to `bytes`; false at end of file, when nothing is left, or on
+  // an error.
+  bool read_once(const LineSink& sink, size_t& bytes);
   void finish(const LineSink& sink);
 
   UniqueFd fd_;

@@ -198,6 +198,11 @@ struct WorkerLog {
 struct OutputLines {
   stderr @0 :Bool;              # false: stdout
   lines @1 :List(Data);         # whole lines without their newline (or pieces of a long one)
+  # The task the worker had last started when its relay read them (its control page's stamps),
+  # if any: lib/link/worker_link.h, OutputPlace.
+  hasPlace @2 :Bool;
+  batchSeq @3 :UInt64;
+  taskIndex @4 :UInt32;
 }
 
 # A remote worker's frames (tasks, results, ready, exited) go over a connection of its own, opened

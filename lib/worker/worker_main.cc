@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -47,10 +48,19 @@ namespace {
 class ChannelTransport final : public WorkerTransport {
  public:
   ChannelTransport(int fd, size_t max_frame_bytes, HeldFrames* held, TlsChannel* tls,
-                   bool flush_stdout)
+                   bool flush_stdout, bool await_output_read)
       : fd_(fd), stream_(fd), reader_(max_frame_bytes, /*huge_buffers=*/true), held_(held),
         flush_stdout_(flush_stdout) {
     if (tls != nullptr) stream_ = ByteStream(*tls);
+    if (await_output_read) {
+      // Now, before any code of the user's runs: 1 and 2 are the pipes its relay reads.
+      for (int stream = 0; stream < 2; ++stream) {
+        struct stat pipe {};
+        if (::fstat(stream + 1, &pipe) == 0 && S_ISFIFO(pipe.st_mode)) {
+          output_pipes_[stream] = {stream + 1, pipe.st_dev, pipe.st_ino};
+        }
+      }
+    }
     // Made now, before any code of the user's runs (which may have closed 0-2 by then).
     absl::StatusOr<UniqueFd> wake = make_event_fd();
     if (wake.ok()) posted_wake_ = *std::move(wake);
@@ -151,6 +161,7 @@ class ChannelTransport final : public WorkerTransport {
 
   bool send(capnp::MessageBuilder& message) override {
     flush_stdout();
+    await_output_read();
     return send_posted() && send_now(message);
   }
 
@@ -212,6 +223,7 @@ class ChannelTransport final : public WorkerTransport {
 
   bool flush() override {
     flush_stdout();  // called before the worker waits for the parent, too
+    await_output_read();
     if (!send_posted()) return false;
     if (held_ == nullptr || held_->bytes.load(std::memory_order_relaxed) == 0) return true;
     return write_held(nullptr);
@@ -273,6 +285,31 @@ class ChannelTransport final : public WorkerTransport {
   // pool no later than its outcome is sent. (stderr is unbuffered.)
   void flush_stdout() {
     if (flush_stdout_) std::fflush(stdout);
+  }
+
+  // A remote worker's output is read by its relay, its frames by the pool: unless the relay reads
+  // the lines of a task before the pool has its outcome, the pool may start the next task first,
+  // and the relay then reads them while the record names that one. So before a frame goes out,
+  // each pipe that holds output is given up to kAwaitOutputReadNs to be emptied: one ioctl a pipe
+  // when it is empty (as after tasks that print nothing). A flood is not waited for (it is read
+  // in batches, its lines placed by the record then), nor a relay that does not read.
+  void await_output_read() {
+    for (const OutputPipe& pipe : output_pipes_) {
+      if (pipe.fd < 0) continue;
+      int pending = 0;
+      if (::ioctl(pipe.fd, FIONREAD, &pending) != 0 || pending <= 0) continue;
+      // Still the pipe it was (the user's code may have put something else on 1 or 2)?
+      struct stat now {};
+      if (pending > kAwaitOutputMaxBytes || ::fstat(pipe.fd, &now) != 0 ||
+          now.st_dev != pipe.device || now.st_ino != pipe.inode) {
+        continue;
+      }
+      const int64_t until = monotonic_now_ns() + kAwaitOutputReadNs;
+      while (::ioctl(pipe.fd, FIONREAD, &pending) == 0 && pending > 0 &&
+             monotonic_now_ns() < until) {
+        ::sched_yield();
+      }
+    }
   }
 
   // The parent takes the lock only briefly and never waits for it.
@@ -384,8 +421,18 @@ class ChannelTransport final : public WorkerTransport {
   };
   std::optional<Growing> growing_;
   SpinPolicy spin_;
-  bool spin_next_ = false;
-  const bool flush_stdout_;  // the parent's caller waited for the last batch (TaskBatch.awaited)
+  bool spin_next_ = false;  // the parent's caller waited for the last batch (TaskBatch.awaited)
+  const bool flush_stdout_;  // stdout is forwarded: what a task printed goes with its frames
+  // The pipes 1 and 2 were when the worker started, where its relay reads them
+  // (await_output_read); fd -1: none.
+  struct OutputPipe {
+    int fd = -1;
+    dev_t device = 0;
+    ino_t inode = 0;
+  };
+  OutputPipe output_pipes_[2];
+  static constexpr int kAwaitOutputMaxBytes = 64 << 10;
+  static constexpr int64_t kAwaitOutputReadNs = 2'000'000;
   // Frames other threads posted (post()), not yet sent.
   Mutex posted_mu_;
   std::vector<std::unique_ptr<capnp::MessageBuilder>> posted_ ABSL_GUARDED_BY(posted_mu_);
@@ -508,7 +555,8 @@ absl::Status limit_address_space(size_t limit) {
   if (tls != nullptr) tls->moved_to(kChildChannelFd);
   ChannelTransport transport(kChildChannelFd, launch.max_frame_bytes,
                              launch.hold_results ? held_frames(page) : nullptr, tls,
-                             /*flush_stdout=*/launch.stdout_fd >= 0);
+                             /*flush_stdout=*/launch.stdout_fd >= 0,
+                             /*await_output_read=*/launch.output_read_elsewhere);
   const int status =
       run_worker(*launch.factory, transport, *page, launch.max_frame_bytes, region, refused);
   end_own_tree();

@@ -53,6 +53,11 @@ struct WorkerLaunch {
   // stderr become in the child, or -1 to keep what it inherits. Owned by whoever forks.
   int stdout_fd = -1;
   int stderr_fd = -1;
+  // Its output pipes are read by its relay, not by whoever reads its frames (a remote worker):
+  // before a frame goes out, the worker gives the relay a moment to read what is in them
+  // (ChannelTransport), so that lines are read while its record still names the task that wrote
+  // them (lib/link/worker_link.h, OutputPlace).
+  bool output_read_elsewhere = false;
 };
 
 // Prepares the child (child_setup.h) around `channel_fd`, then serves tasks on it

@@ -14,7 +14,9 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <new>
@@ -48,6 +50,8 @@ constexpr int64_t kAllocateTwoGiB = -6;  // 1 if allocating 2 GiB (untouched) fa
 constexpr int64_t kExecSleep = -7;    // the worker itself execs `sleep 1000`
 constexpr int64_t kCloseChannel = -8;  // closes the worker's channel (fd 3), then hangs
 constexpr int64_t kChildAllocates = -9;  // a child of the task touches 512 MiB; its wait status
+constexpr int64_t kLeaveOrphan = -10;  // system("sh -c 'sleep 0.01 &'"): an orphan that exits soon
+constexpr int64_t kLeaveChild = -11;   // forks a child that exits at once, and returns unwaited
 
 constexpr size_t kAllocateBytes = size_t{512} << 20;
 
@@ -126,6 +130,11 @@ struct TreeWorker {
         delete[] bytes;
         return bytes == nullptr ? 1 : 0;
       }
+      case kLeaveOrphan:
+        return std::system("sh -c 'sleep 0.01 &'");
+      case kLeaveChild:
+        if (::fork() == 0) ::_exit(0);
+        return 0;
       default:
         return job;
     }
@@ -382,6 +391,46 @@ TEST_CASE("an RLIMIT_AS cap below the program's address space fails each task by
     CHECK(absl::Now() - start < absl::Seconds(10));
   }
   ::munmap(reserved, kReserved);
+}
+
+// The zombies among `parent`'s children (/proc/<pid>/stat: state Z, that parent).
+int zombies_of(pid_t parent) {
+  int zombies = 0;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
+    const std::string name = entry.path().filename();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string stat = testing::read_file(entry.path() / "stat");
+    // "pid (comm) S ppid ...": the command may hold spaces and parentheses; the last ')' ends it.
+    const size_t end = stat.rfind(')');
+    if (end == std::string::npos || end + 4 >= stat.size()) continue;
+    char state = 0;
+    long ppid = 0;
+    if (std::sscanf(stat.c_str() + end + 1, " %c %ld", &state, &ppid) != 2) continue;
+    if (state == 'Z' && ppid == parent) ++zombies;
+  }
+  return zombies;
+}
+
+TEST_CASE("a worker reaps the orphans its tasks leave, and children they leave unwaited: no zombies pile up") {
+  // It is their subreaper: what an intermediate parent leaves (system("tool &"), a daemon's
+  // double fork) is reparented to it, not to init, and only it can reap them.
+  for (const StartMethod method : {StartMethod::kFork, StartMethod::kForkServer}) {
+    for (const Cgroups cgroups : {Cgroups::kAuto, Cgroups::kOff}) {
+      CAPTURE(static_cast<int>(method));
+      CAPTURE(static_cast<int>(cgroups));
+      ProcessPool<TreeWorker> pool(
+          {.workers = 1, .cgroups = cgroups, .name = "tree", .start_method = method, .log_sink = nullptr});
+      const absl::StatusOr<int64_t> pid = pool.apply(kPid);
+      REQUIRE(pid.ok());
+      for (int i = 0; i < 60; ++i) {
+        REQUIRE(pool.apply(i % 2 == 0 ? kLeaveOrphan : kLeaveChild).ok());
+      }
+      // Busy with other work, and then idle: either way they are reaped, within moments.
+      CHECK(wait_until([&] { return zombies_of(static_cast<pid_t>(*pid)) == 0; }, absl::Seconds(5)));
+      CHECK(pool.apply(kPid).value_or(-1) == *pid);  // the same worker all along
+    }
+  }
 }
 
 // Remote workers: the worker program (tests/remote_worker_helper) launched by the pool; its relay

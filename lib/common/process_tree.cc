@@ -255,6 +255,16 @@ int kill_descendants(pid_t root) {
   return signalled;
 }
 
+bool reap_exited_children() {
+  while (true) {
+    const pid_t reaped = ::waitpid(-1, nullptr, WNOHANG | __WALL);
+    if (reaped > 0) continue;
+    if (reaped == 0) return true;  // children left, none exited
+    if (errno == EINTR) continue;
+    return false;  // ECHILD: none
+  }
+}
+
 void end_own_tree() {
   // No child at all, living or zombie: no descendant either (each would have an ancestor among
   // our children). The usual case, and it spares the scan of /proc.

@@ -46,6 +46,15 @@ int kill_descendants(pid_t root);
 // and those reparented to it), so that nothing it started outlives it, not even as a zombie.
 void end_own_tree();
 
+// In a living worker, between its tasks: reaps every child that has exited and that nothing
+// waited for. As its tree's subreaper it is handed the orphans of whatever its tasks started (a
+// `system("tool &")`, a daemon's double fork); unreaped, each would stay a zombie for as long as
+// the worker lives. A child that a task started and left is reaped too, once it has exited: code
+// that waits for a child after the task that started it returned (in a later task, or in exit())
+// must expect to find it reaped (ECHILD) if it exited meanwhile. Returns true while children are
+// left (living ones), false when there are none. Never blocks.
+bool reap_exited_children();
+
 }  // namespace procpool::internal
 
 #endif  // PROCPOOL_LIB_COMMON_PROCESS_TREE_H_

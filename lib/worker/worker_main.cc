@@ -98,6 +98,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   absl::StatusOr<kj::ArrayPtr<const capnp::word>> next_frame() override {
+    reap_children_if_due(/*waiting=*/false);
     if (spin_next_ && !reader_.has_complete_frame() && spin_.budget_ns() > 0) {
       // The next batch usually follows within microseconds (spin.h).
       const int64_t until = monotonic_now_ns() + spin_.budget_ns();
@@ -126,7 +127,9 @@ class ChannelTransport final : public WorkerTransport {
       const bool in_hand = stream_.tls != nullptr && stream_.tls->buffered();
       if (!in_hand) {
         if (!any_posted_.load(std::memory_order_acquire)) {
-          const int polled = ::poll(readable, wake ? 2 : 1, -1);
+          // While it has children, an idle worker still reaps those that exit now and then.
+          const int timeout_ms = reap_children_if_due(/*waiting=*/true) ? kIdleReapMs : -1;
+          const int polled = ::poll(readable, wake ? 2 : 1, timeout_ms);
           if (polled < 0 && errno != EINTR) {
             return absl::ErrnoToStatus(errno, "waiting for the parent");
           }
@@ -160,6 +163,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool send(capnp::MessageBuilder& message) override {
+    sent_since_reap_ = true;
     flush_stdout();
     await_output_read();
     return send_posted() && send_now(message);
@@ -222,6 +226,7 @@ class ChannelTransport final : public WorkerTransport {
   }
 
   bool flush() override {
+    sent_since_reap_ = true;
     flush_stdout();  // called before the worker waits for the parent, too
     await_output_read();
     if (!send_posted()) return false;
@@ -285,6 +290,20 @@ class ChannelTransport final : public WorkerTransport {
   // pool no later than its outcome is sent. (stderr is unbuffered.)
   void flush_stdout() {
     if (flush_stdout_) std::fflush(stdout);
+  }
+
+  // The worker's exited children are reaped (reap_exited_children: orphans its tasks left, which
+  // come to it as their subreaper) before it waits for work after tasks ran (a frame went out
+  // since), and every kReapIntervalNs while it is busy: a waitpid() that finds none costs well
+  // under a microsecond. Returns whether children were left (living).
+  bool reap_children_if_due(bool waiting) {
+    const int64_t now = monotonic_now_ns();
+    if ((waiting && sent_since_reap_) || now - last_reap_ns_ >= kReapIntervalNs) {
+      children_left_ = reap_exited_children();
+      last_reap_ns_ = now;
+      sent_since_reap_ = false;
+    }
+    return children_left_;
   }
 
   // A remote worker's output is read by its relay, its frames by the pool: unless the relay reads
@@ -431,6 +450,12 @@ class ChannelTransport final : public WorkerTransport {
     ino_t inode = 0;
   };
   OutputPipe output_pipes_[2];
+  // reap_children_if_due.
+  static constexpr int64_t kReapIntervalNs = 10'000'000;
+  static constexpr int kIdleReapMs = 100;
+  int64_t last_reap_ns_ = 0;
+  bool sent_since_reap_ = false;
+  bool children_left_ = false;
   static constexpr int kAwaitOutputMaxBytes = 64 << 10;
   static constexpr int64_t kAwaitOutputReadNs = 2'000'000;
   // Frames other threads posted (post()), not yet sent.

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -606,6 +607,42 @@ TEST_CASE("a worker whose progress says it still runs a task it reported is stop
   rig.run_all();
   CHECK(call->ended_once());
   for (int64_t i = 1; i < 4; ++i) CHECK(call->outcome(i).value_or(-1) == i * 10);
+}
+
+// The wait of one retry at a fresh scheduler whose backoff is `max` at once, spread by +-50 %.
+int64_t one_jittered_wait_ns(absl::Duration max) {
+  Rig rig(1);
+  CallSettings settings = chunks(1, /*retries=*/1);
+  settings.retry_on = {absl::StatusCode::kUnavailable};
+  settings.retry_backoff.initial = max;
+  settings.retry_backoff.max = max;
+  settings.retry_backoff.jitter = 0.5;
+  auto call = rig.submit(1, settings);
+  rig.scheduler.dispatch();
+  const uint64_t seq = rig.front(0).seq;
+  REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 0u);
+  rig.worker(0).finish();
+  const int64_t before = internal::monotonic_now_ns();
+  REQUIRE(deliver_results(rig.scheduler, 0,
+                          results_frame(seq, 0, {0}, {{0, absl::UnavailableError("busy")}}))
+              .ok());
+  rig.worker(0).batches().pop_front();
+  const int64_t wake = rig.scheduler.check(internal::monotonic_now_ns());
+  return wake - before;
+}
+
+TEST_CASE("the backoff's jitter differs from pool to pool, and no wait is longer than max") {
+  const absl::Duration max = absl::Hours(1);
+  std::set<int64_t> waits;
+  for (int pool = 0; pool < 8; ++pool) {
+    const int64_t wait = one_jittered_wait_ns(max);
+    // (Measured from before the result was delivered: the clock moved a little meanwhile.)
+    CHECK(wait <= absl::ToInt64Nanoseconds(max) + 1'000'000'000);
+    CHECK(wait >= absl::ToInt64Nanoseconds(max / 2) - 1'000'000'000);
+    waits.insert(wait / 1'000'000);  // to the millisecond: the clock moves between the pools
+  }
+  // Eight schedulers drawing from one sequence would wait the same (to the millisecond).
+  CHECK(waits.size() > 1);
 }
 
 TEST_CASE("a task sent back by retry_on waits out its backoff on the scheduler's timer") {

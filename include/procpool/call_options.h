@@ -27,7 +27,8 @@ namespace procpool {
 
 /// How long a task sent back by `CallOptions::retry_on` waits before it may run again: `initial`
 /// before the first retry, multiplied by `multiplier` for each one after, at most `max`; each wait
-/// is then spread by up to +-`jitter` of itself at random. The wait is a timer in the pool: other
+/// is then spread by up to +-`jitter` of itself at random (seeded afresh in each pool), and is
+/// never longer than `max` (a wait at `max` is spread downwards only). The wait is a timer in the pool: other
 /// tasks run meanwhile. Initial and max not negative, max not less than initial, multiplier at
 /// least 1, jitter from 0 to 1.
 struct RetryBackoff {

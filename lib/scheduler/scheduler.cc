@@ -3,7 +3,11 @@
 
 #include "lib/scheduler/scheduler.h"
 
+#include <sys/random.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -22,7 +26,24 @@ constexpr int64_t kMaxObservedNs = INT64_MAX / 4;
 
 }  // namespace
 
-Scheduler::Scheduler(Config config) : config_(config), workers_(config.workers) {}
+namespace {
+
+// A seed for the backoff's jitter that differs between pools and between runs: the point of
+// jitter is that clients retrying against the same failing service do not come back in step.
+uint64_t jitter_seed() {
+  uint64_t seed = 0;
+  if (::getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != static_cast<ssize_t>(sizeof(seed))) {
+    static std::atomic<uint64_t> pools{0};
+    seed = static_cast<uint64_t>(monotonic_now_ns()) ^ (static_cast<uint64_t>(::getpid()) << 32) ^
+           (pools.fetch_add(1, std::memory_order_relaxed) * 0x9e3779b97f4a7c15);
+  }
+  return seed != 0 ? seed : 0x9e3779b97f4a7c15;  // xorshift never leaves 0
+}
+
+}  // namespace
+
+Scheduler::Scheduler(Config config)
+    : config_(config), workers_(config.workers), jitter_state_(jitter_seed()) {}
 Scheduler::~Scheduler() = default;
 
 void Scheduler::submit(std::shared_ptr<Call> call, size_t first, size_t count) {

@@ -380,7 +380,7 @@ class Scheduler {
   std::vector<Worker> workers_;
   std::deque<TaskRange> pending_;
   std::vector<DelayedRetry> delayed_;  // retries waiting out their backoff
-  uint64_t jitter_state_ = 0x9e3779b97f4a7c15;  // xorshift for the backoff's jitter
+  uint64_t jitter_state_;  // xorshift for the backoff's jitter, seeded at random
   uint64_t next_seq_ = 1;
   bool abandoned_ = false;
   int64_t tasks_submitted_ = 0;

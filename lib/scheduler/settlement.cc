@@ -61,8 +61,8 @@ void Scheduler::retry(TaskRange tasks) {
     return;
   }
   // initial x multiplier^(retry - 1), at most max (options_check.cc bounds every term), then
-  // spread by up to +-jitter of itself: retries of tasks that failed together do not come back
-  // together.
+  // spread by up to +-jitter of itself (retries of tasks that failed together do not come back
+  // together), and at most max again: no wait is longer than max.
   double delay_ns = static_cast<double>(to_ns(backoff.initial));
   for (int i = 1; i < tasks.attempt && delay_ns < static_cast<double>(to_ns(backoff.max)); ++i) {
     delay_ns *= backoff.multiplier;
@@ -73,6 +73,7 @@ void Scheduler::retry(TaskRange tasks) {
   jitter_state_ ^= jitter_state_ << 17;
   const double unit = static_cast<double>(jitter_state_ >> 11) / static_cast<double>(1ull << 53);
   delay_ns *= 1 + backoff.jitter * (2 * unit - 1);
+  delay_ns = std::min(delay_ns, static_cast<double>(to_ns(backoff.max)));
   delayed_.push_back(
       DelayedRetry{monotonic_now_ns() + static_cast<int64_t>(std::max(delay_ns, 0.0)),
                    std::move(tasks)});

@@ -245,7 +245,9 @@ absl::Status PoolCore::Impl::join() {
   wake();
   MutexLock lock(mu_);
   run_loop_to_end();
-  return supervisor_->join_result();
+  absl::Status result = supervisor_->join_result();
+  if (!result.ok()) join_failure_reported_ = true;
+  return result;
 }
 
 absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
@@ -263,7 +265,9 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
     if (!loop_running_ && !loop_done_) {
       // No pool thread: this thread runs the shutdown to its end (it cannot give up midway).
       run_loop_to_end();
-      return supervisor_->join_result();
+      absl::Status result = supervisor_->join_result();
+      if (!result.ok()) join_failure_reported_ = true;
+      return result;
     }
   }
   wake();
@@ -273,7 +277,11 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
       native, absl::ToChronoNanoseconds(std::clamp(timeout, absl::ZeroDuration(), absl::Hours(24 * 365))),
       [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
   native.release();
-  if (done) return supervisor_->join_result();
+  if (done) {
+    absl::Status result = supervisor_->join_result();
+    if (!result.ok()) join_failure_reported_ = true;
+    return result;
+  }
   return absl::DeadlineExceededError(absl::StrCat(
       "join: workers still running after ", absl::FormatDuration(timeout),
       "; none was stopped, the shutdown goes on"));

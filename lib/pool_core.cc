@@ -238,11 +238,15 @@ void PoolCore::Impl::shutdown() {
                  "callback); destroy it from another thread or from a result callback\n");
     std::abort();
   }
+  bool reported = false;
   {
     MutexLock lock(mu_);
     closed_ = true;
+    reported = join_failure_reported_;
   }
-  if (absl::Status joined = join(); !joined.ok()) {
+  // A failed shutdown is logged once: not when the program's own join() returned it, nor again
+  // when this runs a second time (the core's destructor, then this object's).
+  if (absl::Status joined = join(); !joined.ok() && !reported) {
     log(LogSeverity::kError, "procpool", ::getpid(), std::string(joined.message()));
   }
   if (thread_.joinable()) thread_.join();

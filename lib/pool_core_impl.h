@@ -126,6 +126,9 @@ class PoolCore::Impl {
   std::unique_ptr<Scheduler> scheduler_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Supervisor> supervisor_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  // join() returned the shutdown's failure to a caller (or shutdown() logged it): the destructor
+  // does not log it (again).
+  bool join_failure_reported_ ABSL_GUARDED_BY(mu_) = false;
   bool joining_ ABSL_GUARDED_BY(mu_) = false;
   bool join_deadline_armed_ ABSL_GUARDED_BY(mu_) = false;
   bool loop_running_ ABSL_GUARDED_BY(mu_) = false;

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <stdexcept>
@@ -20,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -317,6 +319,31 @@ TEST_CASE("a hanging exit() is killed at join_timeout and reported") {
   CHECK(took >= absl::Milliseconds(300));
   CHECK(took < absl::Seconds(5));
   CHECK(testing::worker_children().empty());
+}
+
+TEST_CASE("a failed shutdown is logged once: by the destructor when nobody joined, not when join() returned it") {
+  for (const bool joined_by_caller : {false, true}) {
+    CAPTURE(joined_by_caller);
+    std::mutex mu;
+    int join_errors = 0;
+    {
+      PoolOptions options = quiet({.workers = 1,
+                                   .join_timeout = absl::Milliseconds(200),
+                                   .kill_grace = absl::Milliseconds(100)});
+      options.log_sink = [&](const LogEvent& event) {
+        std::lock_guard lock(mu);
+        if (event.severity == LogSeverity::kError && absl::StartsWith(event.message, "join: ")) {
+          ++join_errors;
+        }
+      };
+      ProcessPool<HangingExit> pool(options);
+      REQUIRE(pool.apply(1).ok());
+      REQUIRE(pool.close().ok());
+      if (joined_by_caller) CHECK(pool.join().code() == absl::StatusCode::kDeadlineExceeded);
+    }
+    std::lock_guard lock(mu);
+    CHECK(join_errors == (joined_by_caller ? 0 : 1));
+  }
 }
 
 struct Napper {

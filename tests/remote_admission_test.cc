@@ -676,7 +676,23 @@ TEST_CASE("token holders that begin huge frames cannot grow the pool's memory: c
 }
 
 // =============================================================================================
-// The token (item 2): not in a forked worker's memory.
+// The token (item 2): not in a forked worker's memory, nor readable in its relay's.
+
+TEST_CASE("a task cannot read its relay's memory, where the token is, as the same user (uid 65534); its worker stays dumpable") {
+  const std::string token = make_token();
+  ProcessPool<RemoteWorker> pool(remote_pool(
+      1, RemoteOptions{.token = token, .connect_timeout = absl::Seconds(30)}));
+  // The worker host runs as nobody (it switches as it starts; tests/remote_worker_helper.cc), as
+  // its workers and their tasks then do.
+  StartedWorker worker = start_worker(pool.remote_address(), token, {"REMOTE_RUN_AS_NOBODY=1"});
+  auto readable = map_within(pool, std::vector<int64_t>{testing::kRemoteRelayMemoryReadable}, {},
+                             absl::Seconds(30));
+  REQUIRE_MESSAGE(readable.ok(), readable.status());
+  CHECK((*readable)[0] == 0);  // not readable, and the worker is dumpable
+  REQUIRE(pool.close().ok());
+  CHECK(pool.join().ok());
+  CHECK(worker.reap(absl::Seconds(10)));
+}
 
 TEST_CASE("a worker forked by its relay holds no copy of the token, nor of the TLS key derived "
           "from it, in its memory") {

@@ -9,6 +9,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -48,6 +49,11 @@ inline constexpr int64_t kRemoteSlow = int64_t{1} << 40;
 // Returns how many copies of the bytes $REMOTE_SECRET_HEX spells in hex (so that the environment
 // does not hold them) its process holds in memory, as kRemoteTokenInMemory.
 inline constexpr int64_t kRemoteSecretInMemory = -15;
+// Whether this worker's task can read its relay's memory (/proc/<relay>/mem, as the same user
+// without CAP_SYS_PTRACE: the program runs as nobody, REMOTE_RUN_AS_NOBODY), in tens, plus 1 if
+// the worker itself is not dumpable; -1 if it does not run as nobody.
+inline constexpr int64_t kRemoteRelayMemoryReadable = -16;
+inline constexpr uid_t kNobody = 65534;
 
 // How many times `needle` occurs in this process's anonymous readable mappings, besides at
 // `needle` itself. Read through /proc/self/mem, which neither faults nor trips a sanitizer on
@@ -171,6 +177,12 @@ struct RemoteWorker {
         const char* hex = std::getenv("REMOTE_SECRET_HEX");
         if (hex == nullptr) return -1;
         return copies_in_memory(absl::HexStringToBytes(hex));
+      }
+      case kRemoteRelayMemoryReadable: {
+        if (::getuid() != kNobody) return -1;
+        const int mem = ::open(absl::StrCat("/proc/", ::getppid(), "/mem").c_str(), O_RDONLY | O_CLOEXEC);
+        if (mem >= 0) ::close(mem);
+        return (mem >= 0 ? 10 : 0) + (::prctl(PR_GET_DUMPABLE) == 1 ? 0 : 1);
       }
       default:
         break;

@@ -3,6 +3,8 @@
 // --hello-version=N, a worker of protocol version N: it sends its hello (with the launch id the
 // pool gave it, as every version does) and prints what the pool answered.
 
+#include <grp.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -61,6 +63,16 @@ int hello_of_version(uint32_t version) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (std::getenv("REMOTE_RUN_AS_NOBODY") != nullptr) {
+    // Started as root by the test: runs on as an ordinary user would, dumpable as any program
+    // (a change of uid leaves a process undumpable).
+    if (::setgroups(0, nullptr) != 0 || ::setresgid(procpool::testing::kNobody, procpool::testing::kNobody,
+                                                   procpool::testing::kNobody) != 0 ||
+        ::setresuid(procpool::testing::kNobody, procpool::testing::kNobody, procpool::testing::kNobody) != 0) {
+      return 3;
+    }
+    ::prctl(PR_SET_DUMPABLE, 1);
+  }
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--type=other") == 0) {
       return procpool::serve<procpool::testing::OtherRemoteWorker>(argc, argv);

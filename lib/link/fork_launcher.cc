@@ -1,6 +1,7 @@
 #include "lib/link/fork_launcher.h"
 
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -231,6 +232,9 @@ absl::StatusOr<std::unique_ptr<ForkLink>> ForkLauncher::launch_on(
   if (!pid.ok()) return pid.status();
   if (*pid == 0) {
     map_own_memory(*page, nullptr);
+    // Its relay is undumpable (it holds the token: relay.cc); the worker, which does not, is
+    // dumpable as any program: debuggers, core dumps and its own /proc files work as usual.
+    ::prctl(PR_SET_DUMPABLE, 1);
     // The session goes on in the worker (which never returns): ours is its only copy there.
     TlsChannel* session = channel.release();
     worker_main(session->fd(), page->get(), launch, parent, nullptr, session);

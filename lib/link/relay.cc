@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -835,6 +836,11 @@ int run_relay(int argc, char** argv, const WorkerTypeFinder& find, const std::st
     say(absl::StrCat("--procpool-connect: ", address.status().message()));
     return 2;
   }
+  // From here on this process's memory holds the token, and then the session's keys. Its workers
+  // (and what their tasks run) are the same user: undumpable, it is not theirs to read through
+  // /proc/<pid>/mem, environ or ptrace without CAP_SYS_PTRACE. Each worker is dumpable again
+  // (ForkLauncher::launch_on), and holds none of it (ForkProofSecret).
+  ::prctl(PR_SET_DUMPABLE, 0);
   // Taken before anything is forked: no worker of ours, nor what its tasks run, inherits it.
   absl::StatusOr<ForkProofSecret> token = take_token_from_environment();
   if (!token.ok()) {

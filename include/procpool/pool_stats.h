@@ -116,7 +116,9 @@ struct PoolStats {
   int64_t tasks_submitted = 0;         ///< Tasks accepted since the pool was made.
   int64_t tasks_done = 0;              ///< completed with a value
   int64_t tasks_failed = 0;            ///< completed with an error (any cause)
-  int64_t workers_restarted = 0;       ///< replacements forked after a death, timeout or recycling
+  /// Workers started in a slot that had one before: replacements after a death, a timeout or
+  /// recycling, and workers started again after `idle_timeout` retired the slot's last one.
+  int64_t workers_restarted = 0;
   /// Accepted and not started: in the pool's queue, or sent to a worker that has not begun them.
   int64_t tasks_queued = 0;
   /// Running in a worker now (those of `workers` with a `current_task`).

@@ -273,7 +273,8 @@ class ProcessPool {
 
   /// Stops every worker at once (SIGTERM, then SIGKILL after kill_grace) without running exit();
   /// tasks not finished fail with kCancelled, results already in are kept. Closes the pool. Blocks
-  /// until all are reaped. Idempotent; a later join() returns OK. Does nothing in a worker that
+  /// until all are reaped. With a `cancel_grace`, running tasks are first asked to stop
+  /// (this_task::stop_requested) and given that long to return, so it may block for as long. Idempotent; a later join() returns OK. Does nothing in a worker that
   /// inherited the pool.
   void terminate() { core_.terminate(); }
 

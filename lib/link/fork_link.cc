@@ -424,9 +424,13 @@ void ForkLink::end(int wait_status, LinkEvents& events) {
   const bool killed = wait_status == WorkerProcess::kNoWaitStatus ||
                       (WIFSIGNALED(wait_status) && WTERMSIG(wait_status) == SIGKILL);
   if (killed && cgroup_ && (out_of_memory_ || cgroup_->oom_killed())) {
+    // (On v1 the killer takes one process, often a child of the task, and the pool the worker.)
     end.cause = absl::ResourceExhaustedError(absl::StrCat(
-        name_, " was killed by the kernel's OOM killer: its memory reached max_worker_memory_bytes (",
-        cgroup_->memory_bytes(), " bytes, its ", cgroup_->cap_name(), ")"));
+        name_,
+        out_of_memory_ ? " was stopped: the kernel's OOM killer acted in its cgroup, whose memory"
+                       : " was killed by the kernel's OOM killer: its memory",
+        " reached max_worker_memory_bytes (", cgroup_->memory_bytes(), " bytes, its ",
+        cgroup_->cap_name(), ")"));
   }
   // A stack in its page counts only after a death by a signal whose handler writes one: killed
   // by it, or (a program's own handler, chained after ours, that _exits) exited with the page

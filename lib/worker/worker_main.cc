@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include <sched.h>
+#include <time.h>
 
 #include <unistd.h>
 
@@ -323,10 +324,18 @@ class ChannelTransport final : public WorkerTransport {
           now.st_dev != pipe.device || now.st_ino != pipe.inode) {
         continue;
       }
+      // The relay usually reads within microseconds: a few yields, then short sleeps, so that a
+      // relay that is slow to run costs this worker no CPU while it waits.
       const int64_t until = monotonic_now_ns() + kAwaitOutputReadNs;
-      while (::ioctl(pipe.fd, FIONREAD, &pending) == 0 && pending > 0 &&
-             monotonic_now_ns() < until) {
-        ::sched_yield();
+      for (int round = 0; ::ioctl(pipe.fd, FIONREAD, &pending) == 0 && pending > 0 &&
+                          monotonic_now_ns() < until;
+           ++round) {
+        if (round < 16) {
+          ::sched_yield();
+        } else {
+          const timespec pause{0, 50'000};
+          ::nanosleep(&pause, nullptr);
+        }
       }
     }
   }

@@ -226,8 +226,10 @@ class Scheduler {
   // See TaskRange::unplaced_losses: so many workers lost with a task first in line and no task
   // placed running, and the task is deemed to have run (and failed) on the last.
   static constexpr int kMaxUnplacedLosses = 3;
-  // How many of a worker's finished batches task_number() still knows (Worker::recent_batches).
-  static constexpr size_t kRecentBatches = 8;
+  // How many of a worker's finished batches task_number() still knows (Worker::recent_batches):
+  // a remote worker's lines come over its relay's connection, which a loaded relay may send some
+  // milliseconds after the worker's results (dozens of one-task batches, one at a time).
+  static constexpr size_t kRecentBatches = 32;
   // What becomes of a batch's tasks taken back by a revoke.
   enum class TakeBack { kNone, kRequeue, kFail };
   // One bit per claim slot of a worker's control page.

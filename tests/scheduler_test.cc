@@ -609,15 +609,21 @@ TEST_CASE("a worker whose progress says it still runs a task it reported is stop
   for (int64_t i = 1; i < 4; ++i) CHECK(call->outcome(i).value_or(-1) == i * 10);
 }
 
+// Chunks of one task, sent back on kUnavailable up to `retries` times, each wait `wait` (initial
+// and max) spread by +-`jitter`.
+CallSettings retried_on_unavailable(int retries, absl::Duration wait, double jitter) {
+  CallSettings settings = chunks(1, retries);
+  settings.retry_on = {absl::StatusCode::kUnavailable};
+  settings.retry_backoff.initial = wait;
+  settings.retry_backoff.max = wait;
+  settings.retry_backoff.jitter = jitter;
+  return settings;
+}
+
 // The wait of one retry at a fresh scheduler whose backoff is `max` at once, spread by +-50 %.
 int64_t one_jittered_wait_ns(absl::Duration max) {
   Rig rig(1);
-  CallSettings settings = chunks(1, /*retries=*/1);
-  settings.retry_on = {absl::StatusCode::kUnavailable};
-  settings.retry_backoff.initial = max;
-  settings.retry_backoff.max = max;
-  settings.retry_backoff.jitter = 0.5;
-  auto call = rig.submit(1, settings);
+  auto call = rig.submit(1, retried_on_unavailable(/*retries=*/1, max, /*jitter=*/0.5));
   rig.scheduler.dispatch();
   const uint64_t seq = rig.front(0).seq;
   REQUIRE(rig.worker(0).start(seq, internal::monotonic_now_ns()) == 0u);
@@ -647,12 +653,7 @@ TEST_CASE("the backoff's jitter differs from pool to pool, and no wait is longer
 
 TEST_CASE("a task sent back by retry_on waits out its backoff on the scheduler's timer") {
   Rig rig(1);
-  CallSettings settings = chunks(1, /*retries=*/2);
-  settings.retry_on = {absl::StatusCode::kUnavailable};
-  settings.retry_backoff.initial = absl::Hours(1);
-  settings.retry_backoff.max = absl::Hours(1);
-  settings.retry_backoff.jitter = 0;
-  auto call = rig.submit(2, settings);
+  auto call = rig.submit(2, retried_on_unavailable(/*retries=*/2, absl::Hours(1), /*jitter=*/0));
   rig.scheduler.dispatch();
   const uint64_t first = rig.front(0).seq;
   REQUIRE(rig.worker(0).start(first, internal::monotonic_now_ns()) == 0u);

@@ -266,9 +266,9 @@ bool reap_exited_children() {
 }
 
 void end_own_tree() {
-  // No child at all, living or zombie: no descendant either (each would have an ancestor among
-  // our children). The usual case, and it spares the scan of /proc.
-  if (::waitpid(-1, nullptr, WNOHANG | __WALL) < 0 && errno == ECHILD) return;
+  // No child left once the exited ones are reaped: no descendant either (each would have an
+  // ancestor among our children). The usual case, and it spares the scan of /proc.
+  if (!reap_exited_children()) return;
   kill_descendants(::getpid());
   // Our children, ours and adopted: every one is dead or dying now. One that cannot die (stuck
   // in the kernel) is not waited for long: it is reparented when we exit.

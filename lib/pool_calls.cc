@@ -245,6 +245,10 @@ absl::Status PoolCore::Impl::join() {
   wake();
   MutexLock lock(mu_);
   run_loop_to_end();
+  return returned_join_result();
+}
+
+absl::Status PoolCore::Impl::returned_join_result() {
   absl::Status result = supervisor_->join_result();
   if (!result.ok()) join_failure_reported_ = true;
   return result;
@@ -265,9 +269,7 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
     if (!loop_running_ && !loop_done_) {
       // No pool thread: this thread runs the shutdown to its end (it cannot give up midway).
       run_loop_to_end();
-      absl::Status result = supervisor_->join_result();
-      if (!result.ok()) join_failure_reported_ = true;
-      return result;
+      return returned_join_result();
     }
   }
   wake();
@@ -277,11 +279,7 @@ absl::Status PoolCore::Impl::join_for(absl::Duration timeout) {
       native, absl::ToChronoNanoseconds(std::clamp(timeout, absl::ZeroDuration(), absl::Hours(24 * 365))),
       [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return loop_done_; });
   native.release();
-  if (done) {
-    absl::Status result = supervisor_->join_result();
-    if (!result.ok()) join_failure_reported_ = true;
-    return result;
-  }
+  if (done) return returned_join_result();
   return absl::DeadlineExceededError(absl::StrCat(
       "join: workers still running after ", absl::FormatDuration(timeout),
       "; none was stopped, the shutdown goes on"));

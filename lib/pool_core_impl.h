@@ -54,6 +54,9 @@ class PoolCore::Impl {
   absl::Status close();
   absl::Status join();
   absl::Status join_for(absl::Duration timeout);
+  // The shutdown's outcome, as join() returns it to its caller: a failure counts as reported
+  // (join_failure_reported_), so the destructor does not log it.
+  absl::Status returned_join_result() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status resize(int workers);
   void terminate();
   PoolStats stats() const;

@@ -12,17 +12,21 @@
 
 namespace procpool::internal {
 
-inline int64_t monotonic_now_ns() {
-  timespec now;
-  ::clock_gettime(CLOCK_MONOTONIC, &now);
-  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+// A timespec (a clock's reading, a file's time) in nanoseconds.
+inline int64_t timespec_ns(const timespec& time) {
+  return int64_t{time.tv_sec} * 1'000'000'000 + time.tv_nsec;
 }
 
-inline int64_t coarse_now_ns() {
+// `clock`'s reading in nanoseconds.
+inline int64_t clock_now_ns(clockid_t clock) {
   timespec now;
-  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
-  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+  ::clock_gettime(clock, &now);
+  return timespec_ns(now);
 }
+
+inline int64_t monotonic_now_ns() { return clock_now_ns(CLOCK_MONOTONIC); }
+
+inline int64_t coarse_now_ns() { return clock_now_ns(CLOCK_MONOTONIC_COARSE); }
 
 // How far CLOCK_MONOTONIC_COARSE may lag CLOCK_MONOTONIC: a deadline measured from a coarse stamp
 // adds this, so no task is ever killed before its time.

@@ -6,8 +6,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <time.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
@@ -17,6 +15,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "lib/common/clock.h"
 #include "lib/common/mutex.h"
 #include "lib/common/unique_fd.h"
 
@@ -241,9 +240,8 @@ std::shared_ptr<const ElfSymbolTable> table_for(int fd, const FileIdentity& iden
   }
   std::shared_ptr<const ElfSymbolTable> table = read_symbol_table(fd, identity);
   if (table == nullptr) return nullptr;
-  timespec now{};
-  ::clock_gettime(CLOCK_REALTIME, &now);
-  const int64_t now_ns = int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+  // (File times are wall-clock times.)
+  const int64_t now_ns = clock_now_ns(CLOCK_REALTIME);
   if (now_ns - std::max(identity.modified_ns, identity.changed_ns) < kSettledNs) return table;
   if (tables.size() == kCachedFiles) tables.erase(tables.begin());
   tables.push_back(table);
@@ -270,8 +268,8 @@ std::optional<ElfFunctions> ElfFunctions::open(const std::string& path) {
       .device = status.st_dev,
       .inode = status.st_ino,
       .size = static_cast<uint64_t>(status.st_size),
-      .modified_ns = int64_t{status.st_mtim.tv_sec} * 1'000'000'000 + status.st_mtim.tv_nsec,
-      .changed_ns = int64_t{status.st_ctim.tv_sec} * 1'000'000'000 + status.st_ctim.tv_nsec,
+      .modified_ns = timespec_ns(status.st_mtim),
+      .changed_ns = timespec_ns(status.st_ctim),
   };
   std::shared_ptr<const ElfSymbolTable> table = table_for(file.get(), identity);
   if (table == nullptr) return std::nullopt;

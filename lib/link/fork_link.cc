@@ -99,10 +99,11 @@ void ForkLink::service(const pollfd* polled, size_t count, bool with_channel,
   for (size_t stream = 0; stream < 2; ++stream) {
     output_ready[stream] = polled_output_[stream] && next < count && polled[next++].revents != 0;
   }
-  // (pump reads both pipes first.)
   if (pumping) pump(channel_revents, events);
+  // (A pump that read frames read both pipes first.)
+  const bool read_by_pump = pumping && (channel_revents & kChannelReadable) != 0;
   for (size_t stream = 0; stream < 2; ++stream) {
-    if (output_ready[stream] && !pumping) read_output_now(stream, events);
+    if (output_ready[stream] && !read_by_pump) read_output_now(stream, events);
   }
   if (polled_oom_ && next < count && polled[next++].revents != 0 && !ended_) {
     // The OOM killer acted in its cgroup (v1): the whole worker goes, as under v2's
@@ -161,7 +162,7 @@ void ForkLink::read_output_now(size_t stream, LinkEvents& events) {
 void ForkLink::pump(short revents, LinkEvents& events) {
   if (ended_ || !channel_) return;
   if ((revents & POLLOUT) && !writer_.write_some(channel_.get()).ok()) writer_.clear();
-  if (revents & (POLLIN | POLLHUP | POLLERR)) {
+  if (revents & kChannelReadable) {
     // Before frames from the worker are read, its output is (its pipes resting or not): a task
     // writes its lines before it sends its outcome, and read now they are read while the
     // worker's record still names that task, not one the outcome's settling lets it start.

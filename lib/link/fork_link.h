@@ -47,6 +47,8 @@ inline constexpr int kChannelSendBufferBytes = 2 << 20;
 // Reads smaller than a flood leave the pipe watched: each line is read as it comes, while the
 // worker's record still names the task that wrote it (OutputPlace).
 inline constexpr int64_t kOutputRestNs = 1'000'000;
+// The poll events on which pump() reads the channel (and the output pipes before it).
+inline constexpr short kChannelReadable = POLLIN | POLLHUP | POLLERR;
 inline constexpr size_t kOutputFloodBytes = 4096;
 
 class ForkLink final : public WorkerLink {

@@ -337,7 +337,8 @@ void check_log_flood(int64_t flood) {
   INFO(got.status());
   REQUIRE(got.ok());
   for (size_t i = 0; i < jobs.size(); ++i) REQUIRE((*got)[i] == jobs[i] * 2);
-  CHECK(flooding.get().value_or(0) == flood);
+  const absl::StatusOr<int64_t> flooded = flooding.get();
+  CHECK_MESSAGE(flooded.value_or(0) == flood, flooded.status());
   MESSAGE(records.load() << " records");
   CHECK(pool.close().ok());
   CHECK(pool.join().ok());
